@@ -2,3 +2,26 @@
 //!
 //! Hospitals hand studies to each other by token instead of CD (MHLW HS043 "Cloud-PDI").
 //! This crate is the whole system; the binary `cloudpdi` is a thin CLI over it.
+//!
+//! Where a study goes, in order (outbound):
+//! 1. [`dicom::scp`] accepts associations on the AE titles of the configured routes
+//!    ([`route`]) and receives C-STORE requests;
+//! 2. [`spool`] writes each instance durably (temp file, fsync, rename, sled index) before
+//!    the Success response;
+//! 3. [`batch`] groups instances per route and study (or patient) and marks a batch stable
+//!    after a quiet period, queued for packing.
+//!
+//! [`serve`] is the daemon that runs these; [`admin`] answers `cloudpdi status`
+//! ([`status`]), health checks and Prometheus scrapes ([`metrics`]) on loopback.
+//! [`config`] holds every setting and its default; [`telemetry`] sets up the logs.
+
+pub mod admin;
+pub mod batch;
+pub mod config;
+pub mod dicom;
+pub mod metrics;
+pub mod route;
+pub mod serve;
+pub mod spool;
+pub mod status;
+pub mod telemetry;

@@ -1,0 +1,141 @@
+//! The loopback admin endpoint: what `cloudpdi status` reads, plus health and metrics.
+//!
+//! It has no authentication, so the configuration refuses any non-loopback address.
+//!
+//! - `GET /status`: JSON [`Status`] (routes, batches, counters)
+//! - `GET /healthz`: `ok` when the index answers
+//! - `GET /metrics`: Prometheus text format
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::batch::{BatchRecord, BatchState};
+use crate::metrics::Metrics;
+use crate::route::Routes;
+use crate::spool::Spool;
+
+/// What the daemon reports about itself.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    /// The daemon's version.
+    pub version: String,
+    /// Seconds since start.
+    pub uptime_seconds: u64,
+    /// DICOM associations open now.
+    pub associations_active: u64,
+    /// Configured routes.
+    pub routes: Vec<RouteStatus>,
+    /// Every batch known to the index, oldest first.
+    pub batches: Vec<BatchRecord>,
+}
+
+/// A route as shown by `cloudpdi status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RouteStatus {
+    /// Route name.
+    pub name: String,
+    /// Called AE title.
+    pub ae_title: String,
+    /// Quiet seconds before a batch is stable.
+    pub stable_after: u64,
+}
+
+/// Shared state of the admin handlers.
+pub struct AdminState {
+    /// The spool, for its index.
+    pub spool: Arc<Spool>,
+    /// The route table.
+    pub routes: Arc<Routes>,
+    /// Process counters.
+    pub metrics: Arc<Metrics>,
+    /// When the daemon started.
+    pub started: Instant,
+}
+
+/// Serves the admin endpoint on `listener` until `shutdown`.
+///
+/// # Errors
+/// The I/O error that ended the server.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<AdminState>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/status", get(status))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .with_state(state);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+fn unavailable(e: impl std::fmt::Display) -> Response {
+    (StatusCode::SERVICE_UNAVAILABLE, format!("index unavailable: {e}\n")).into_response()
+}
+
+async fn status(State(state): State<Arc<AdminState>>) -> Response {
+    let spool = state.spool.clone();
+    let batches = match tokio::task::spawn_blocking(move || spool.index().batches()).await {
+        Ok(Ok(batches)) => batches,
+        Ok(Err(e)) => return unavailable(e),
+        Err(e) => return unavailable(e),
+    };
+    Json(Status {
+        version: env!("CARGO_PKG_VERSION").into(),
+        uptime_seconds: state.started.elapsed().as_secs(),
+        associations_active: state
+            .metrics
+            .associations_active
+            .load(std::sync::atomic::Ordering::Relaxed),
+        routes: state
+            .routes
+            .iter()
+            .map(|r| RouteStatus {
+                name: r.name.clone(),
+                ae_title: r.ae_title.clone(),
+                stable_after: r.stable_after.as_secs(),
+            })
+            .collect(),
+        batches,
+    })
+    .into_response()
+}
+
+async fn healthz(State(state): State<Arc<AdminState>>) -> Response {
+    let spool = state.spool.clone();
+    match tokio::task::spawn_blocking(move || spool.index().ready()).await {
+        Ok(Ok(_)) => "ok\n".into_response(),
+        Ok(Err(e)) => unavailable(e),
+        Err(e) => unavailable(e),
+    }
+}
+
+async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
+    let spool = state.spool.clone();
+    let batches = tokio::task::spawn_blocking(move || spool.index().batches())
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_default();
+    let count = |s: BatchState| batches.iter().filter(|b| b.state == s).count() as u64;
+    let body = state.metrics.render(&[
+        ("batches_open", "Batches still receiving instances.", count(BatchState::Open)),
+        ("batches_stable", "Stable batches held in the spool.", count(BatchState::Stable)),
+    ]);
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        body,
+    )
+        .into_response()
+}

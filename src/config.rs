@@ -1,0 +1,400 @@
+//! Typed configuration of the gateway daemon, with every default in one place.
+//!
+//! The file is `conf/cloudpdi.toml` (every key present and commented there); any key can
+//! be overridden from the environment as `CLOUDPDI_<SECTION>__<KEY>`, e.g.
+//! `CLOUDPDI_DICOM__LISTEN=0.0.0.0:104` or `CLOUDPDI_ROUTE__CT__STABLE_AFTER=60`.
+//! Routes are a table keyed by a route name (`[route.ct]`) rather than an array, so that
+//! an environment override names a route that does not move when others are added;
+//! an array of `[[route]]` tables with a `name` key is accepted too.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// Why a configuration cannot be used; the message names the key to fix.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file or an environment override could not be read or has the wrong type.
+    #[error("cannot load configuration from {path}: {source}")]
+    Load {
+        /// The configuration file that was read.
+        path: PathBuf,
+        /// What the `config` crate reported (names the key).
+        source: config::ConfigError,
+    },
+    /// A value is well-formed but not usable.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// The whole daemon configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// DICOM network settings (the C-STORE SCP).
+    pub dicom: DicomConfig,
+    /// Where received instances and the job index live.
+    pub spool: SpoolConfig,
+    /// The loopback admin endpoint (`cloudpdi status`, health, metrics).
+    pub admin: AdminConfig,
+    /// Log output.
+    pub log: LogConfig,
+    /// Routes by name: each called AE title the gateway answers to.
+    #[serde(rename = "route", deserialize_with = "routes_from_table_or_list")]
+    pub routes: BTreeMap<String, RouteConfig>,
+}
+
+/// DICOM network settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DicomConfig {
+    /// Address the SCP listens on. Loopback by default; a hospital sets its LAN address.
+    pub listen: SocketAddr,
+    /// Associations served at once; further peers wait in the TCP backlog.
+    pub max_associations: usize,
+    /// Largest PDU we accept (bytes); bounds the memory one association can claim.
+    pub max_pdu_length: u32,
+    /// Seconds a peer has to complete association negotiation (ARTIM timer).
+    pub association_timeout: u64,
+    /// Seconds without any PDU after which an association is aborted (DIMSE timeout).
+    pub idle_timeout: u64,
+}
+
+/// Spool and state settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SpoolConfig {
+    /// Folder holding `spool/` (received instances) and `index/` (sled database).
+    pub data_dir: PathBuf,
+    /// Refuse new instances ("out of resources") when less than this many MiB are free,
+    /// so a burst of studies cannot fill the disk the operating system needs.
+    pub min_free_mb: u64,
+}
+
+/// Admin endpoint settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Loopback address of the admin HTTP endpoint; other addresses are refused.
+    pub listen: SocketAddr,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `plain` (one readable line per event, for journald) or `json`.
+    pub format: LogFormat,
+    /// A `tracing` filter such as `info` or `cloudpdi=debug`; `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable text.
+    Plain,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// One route: a called AE title and what happens to the studies sent to it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Route name when routes are given as a `[[route]]` list (ignored in table form).
+    pub name: Option<String>,
+    /// The called AE title that selects this route (1-16 characters).
+    pub ae_title: String,
+    /// Calling AE titles allowed to send; empty means any.
+    #[serde(deserialize_with = "list_or_comma_string")]
+    pub allowed_callers: Vec<String>,
+    /// How instances are grouped into batches.
+    pub batch_by: BatchBy,
+    /// Seconds without a new instance after which a batch is stable.
+    pub stable_after: u64,
+}
+
+/// The grouping key of a batch.
+#[derive(Debug, Clone, Copy, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum BatchBy {
+    /// One batch per Study Instance UID.
+    Study,
+    /// One batch per Patient ID (all studies of a patient travel together).
+    Patient,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            dicom: DicomConfig::default(),
+            spool: SpoolConfig::default(),
+            admin: AdminConfig::default(),
+            log: LogConfig::default(),
+            routes: BTreeMap::new(),
+        }
+    }
+}
+
+impl Default for DicomConfig {
+    fn default() -> Self {
+        DicomConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 11112)),
+            max_associations: 32,
+            max_pdu_length: 131_072,
+            association_timeout: 30,
+            idle_timeout: 120,
+        }
+    }
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        SpoolConfig {
+            data_dir: PathBuf::from("./data"),
+            min_free_mb: 1024,
+        }
+    }
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 11180)),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Plain,
+            level: "info".into(),
+        }
+    }
+}
+
+impl Default for RouteConfig {
+    fn default() -> Self {
+        RouteConfig {
+            name: None,
+            ae_title: String::new(),
+            allowed_callers: Vec::new(),
+            batch_by: BatchBy::Study,
+            stable_after: 30,
+        }
+    }
+}
+
+impl DicomConfig {
+    /// The ARTIM timer as a duration.
+    pub fn association_timeout(&self) -> Duration {
+        Duration::from_secs(self.association_timeout)
+    }
+
+    /// The DIMSE idle timeout as a duration.
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_timeout)
+    }
+}
+
+impl Config {
+    /// Loads `path` (TOML), applies `CLOUDPDI_<SECTION>__<KEY>` overrides, and validates.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the file, the key, or the value to fix.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let load = |source| ConfigError::Load {
+            path: path.to_owned(),
+            source,
+        };
+        let config: Config = config::Config::builder()
+            .add_source(config::File::from(path).format(config::FileFormat::Toml))
+            .add_source(
+                config::Environment::with_prefix("CLOUDPDI")
+                    .prefix_separator("_")
+                    .separator("__")
+                    .try_parsing(true),
+            )
+            .build()
+            .and_then(config::Config::try_deserialize)
+            .map_err(load)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot: AE title rules, unique routes, loopback admin address.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] with the offending key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |msg: String| Err(ConfigError::Invalid(msg));
+        if self.routes.is_empty() {
+            return invalid(
+                "no route is configured: add a [route.NAME] table with an ae_title".into(),
+            );
+        }
+        let mut seen = BTreeMap::new();
+        for (name, route) in &self.routes {
+            if name.is_empty()
+                || name.len() > 32
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            {
+                return invalid(format!(
+                    "route name {name:?} must be 1-32 characters of A-Z, a-z, 0-9, _ and -"
+                ));
+            }
+            check_ae_title(&format!("route.{name}.ae_title"), &route.ae_title)?;
+            for caller in &route.allowed_callers {
+                check_ae_title(&format!("route.{name}.allowed_callers"), caller)?;
+            }
+            if let Some(other) = seen.insert(route.ae_title.trim(), name) {
+                return invalid(format!(
+                    "routes {other} and {name} both use AE title {:?}: each route needs its own",
+                    route.ae_title
+                ));
+            }
+        }
+        if !self.admin.listen.ip().is_loopback() {
+            return invalid(format!(
+                "admin.listen = {} is not a loopback address: the admin endpoint has no \
+                 authentication and must stay on 127.0.0.1 or ::1",
+                self.admin.listen
+            ));
+        }
+        if !(4096..=16 * 1024 * 1024).contains(&self.dicom.max_pdu_length) {
+            return invalid("dicom.max_pdu_length must be between 4096 and 16777216".into());
+        }
+        if self.dicom.max_associations == 0 {
+            return invalid("dicom.max_associations must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// The sled database folder.
+    pub fn index_dir(&self) -> PathBuf {
+        self.spool.data_dir.join("index")
+    }
+
+    /// The folder of received instances.
+    pub fn spool_dir(&self) -> PathBuf {
+        self.spool.data_dir.join("spool")
+    }
+}
+
+/// AE titles are 1-16 characters of the Default Character Repertoire without backslash or
+/// control characters (PS3.5 §6.2, VR AE); leading/trailing spaces are not significant.
+fn check_ae_title(key: &str, title: &str) -> Result<(), ConfigError> {
+    let trimmed = title.trim();
+    if trimmed.is_empty()
+        || trimmed.len() > 16
+        || !trimmed.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'\\')
+    {
+        return Err(ConfigError::Invalid(format!(
+            "{key}: {title:?} is not a valid AE title (1-16 printable ASCII characters, no backslash)"
+        )));
+    }
+    Ok(())
+}
+
+/// Routes come as a table keyed by name, or as a list whose items carry `name`.
+fn routes_from_table_or_list<'de, D>(de: D) -> Result<BTreeMap<String, RouteConfig>, D::Error>
+where
+    D: Deserializer<'de>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Routes {
+        Table(BTreeMap<String, RouteConfig>),
+        List(Vec<RouteConfig>),
+    }
+    match Routes::deserialize(de)? {
+        Routes::Table(table) => Ok(table),
+        Routes::List(list) => list
+            .into_iter()
+            .enumerate()
+            .map(|(i, route)| {
+                let name = route.name.clone().unwrap_or_else(|| format!("route{}", i + 1));
+                Ok((name, route))
+            })
+            .collect(),
+    }
+}
+
+/// A list in TOML, or a comma-separated string (the only list form an environment
+/// variable can carry).
+fn list_or_comma_string<'de, D>(de: D) -> Result<Vec<String>, D::Error>
+where
+    D: Deserializer<'de>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum ListOrString {
+        List(Vec<String>),
+        Text(String),
+    }
+    Ok(match ListOrString::deserialize(de)? {
+        ListOrString::List(list) => list,
+        ListOrString::Text(text) => text
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(toml: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, toml).expect("write config");
+        Config::load(&path)
+    }
+
+    #[test]
+    fn table_and_list_routes_are_both_accepted() {
+        let table = parse("[route.ct]\nae_title = \"CLOUDPDI\"\nstable_after = 5\n")
+            .expect("table form");
+        assert_eq!(table.routes["ct"].stable_after, 5);
+        let list = parse("[[route]]\nname = \"mr\"\nae_title = \"MR\"\n").expect("list form");
+        assert_eq!(list.routes["mr"].ae_title, "MR");
+        assert_eq!(list.dicom.listen.port(), 11112);
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let err = parse("[route.ct]\nae_title = \"WAY_TOO_LONG_AE_TITLE\"\n")
+            .expect_err("long AE title");
+        assert!(err.to_string().contains("route.ct.ae_title"), "{err}");
+        let err = parse("[admin]\nlisten = \"0.0.0.0:1\"\n[route.ct]\nae_title = \"A\"\n")
+            .expect_err("public admin");
+        assert!(err.to_string().contains("loopback"), "{err}");
+        let err = parse("").expect_err("no route");
+        assert!(err.to_string().contains("no route"), "{err}");
+        let err = parse("[route.a]\nae_title = \"X\"\n[route.b]\nae_title = \"X\"\n")
+            .expect_err("duplicate AE");
+        assert!(err.to_string().contains("both use"), "{err}");
+        let err = parse("[dicom]\nlisen = \"1.2.3.4:1\"\n[route.a]\nae_title = \"X\"\n")
+            .expect_err("typo");
+        assert!(err.to_string().contains("lisen"), "{err}");
+    }
+
+    #[test]
+    fn allowed_callers_accept_a_comma_string() {
+        let c = parse("[route.ct]\nae_title = \"CLOUDPDI\"\nallowed_callers = \"PACS, MOD1\"\n")
+            .expect("comma list");
+        assert_eq!(c.routes["ct"].allowed_callers, ["PACS", "MOD1"]);
+    }
+}

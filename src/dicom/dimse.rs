@@ -1,0 +1,266 @@
+//! DIMSE command sets: the small Implicit VR Little Endian datasets of group 0000 that
+//! carry C-STORE and C-ECHO requests and their responses (PS3.7 §9, §E).
+//!
+//! Command sets are tiny and flat (no sequences), so they are decoded and encoded here
+//! directly, with every length checked, rather than through a general dataset parser.
+
+use std::fmt;
+
+/// Largest command set we accept; real ones are a few hundred bytes.
+pub const MAX_COMMAND_LENGTH: usize = 64 * 1024;
+
+/// Command Field values (PS3.7 §E.1).
+pub mod field {
+    /// C-STORE-RQ.
+    pub const C_STORE_RQ: u16 = 0x0001;
+    /// C-STORE-RSP.
+    pub const C_STORE_RSP: u16 = 0x8001;
+    /// C-ECHO-RQ.
+    pub const C_ECHO_RQ: u16 = 0x0030;
+    /// C-ECHO-RSP.
+    pub const C_ECHO_RSP: u16 = 0x8030;
+}
+
+/// Status codes we answer with (PS3.7 Annex C, PS3.4 §B.2.3).
+pub mod status {
+    /// The instance is stored durably.
+    pub const SUCCESS: u16 = 0x0000;
+    /// Refused: out of resources (disk full or below the configured reserve).
+    pub const OUT_OF_RESOURCES: u16 = 0xA700;
+    /// Error: the dataset does not match the SOP class or instance of the command.
+    pub const DATA_SET_DOES_NOT_MATCH: u16 = 0xA900;
+    /// Error: cannot understand (the dataset could not be parsed).
+    pub const CANNOT_UNDERSTAND: u16 = 0xC000;
+    /// Failure: processing failure (an unexpected local error).
+    pub const PROCESSING_FAILURE: u16 = 0x0110;
+}
+
+const NO_DATA_SET: u16 = 0x0101;
+
+/// Why a command set could not be used.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CommandError {
+    /// The bytes end inside an element.
+    #[error("command set is truncated at byte {0}")]
+    Truncated(usize),
+    /// A required element is absent.
+    #[error("command set lacks {0}")]
+    Missing(&'static str),
+    /// The command set is larger than [`MAX_COMMAND_LENGTH`].
+    #[error("command set is larger than {MAX_COMMAND_LENGTH} bytes")]
+    TooLarge,
+}
+
+/// The fields of a request command that the SCP acts on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Command {
+    /// Command Field (0000,0100).
+    pub field: u16,
+    /// Message ID (0000,0110), echoed in the response.
+    pub message_id: u16,
+    /// Affected SOP Class UID (0000,0002), without padding.
+    pub sop_class_uid: String,
+    /// Affected SOP Instance UID (0000,1000), without padding; empty for C-ECHO.
+    pub sop_instance_uid: String,
+    /// Whether a dataset follows (Command Data Set Type != 0x0101).
+    pub has_data_set: bool,
+}
+
+impl Command {
+    /// Decodes a complete command set.
+    ///
+    /// # Errors
+    /// [`CommandError`] when the bytes are truncated, too large or lack a required field.
+    pub fn decode(bytes: &[u8]) -> Result<Command, CommandError> {
+        if bytes.len() > MAX_COMMAND_LENGTH {
+            return Err(CommandError::TooLarge);
+        }
+        let (mut field, mut message_id, mut data_set_type) = (None, None, None);
+        let (mut sop_class_uid, mut sop_instance_uid) = (String::new(), String::new());
+        let mut at = 0;
+        while at < bytes.len() {
+            let header = bytes.get(at..at + 8).ok_or(CommandError::Truncated(at))?;
+            let tag = (le16(&header[0..2]), le16(&header[2..4]));
+            let len = le32(&header[4..8]) as usize;
+            let value = bytes
+                .get(at + 8..at + 8 + len)
+                .ok_or(CommandError::Truncated(at))?;
+            match tag {
+                (0x0000, 0x0002) => sop_class_uid = uid_text(value),
+                (0x0000, 0x0100) => field = us(value),
+                (0x0000, 0x0110) => message_id = us(value),
+                (0x0000, 0x0800) => data_set_type = us(value),
+                (0x0000, 0x1000) => sop_instance_uid = uid_text(value),
+                _ => {}
+            }
+            at += 8 + len;
+        }
+        Ok(Command {
+            field: field.ok_or(CommandError::Missing("Command Field (0000,0100)"))?,
+            message_id: message_id.ok_or(CommandError::Missing("Message ID (0000,0110)"))?,
+            sop_class_uid,
+            sop_instance_uid,
+            has_data_set: data_set_type
+                .ok_or(CommandError::Missing("Command Data Set Type (0000,0800)"))?
+                != NO_DATA_SET,
+        })
+    }
+
+    /// Encodes the response to this request with `status` and an optional error comment.
+    pub fn response(&self, status: u16, comment: Option<&str>) -> Vec<u8> {
+        let response_field = match self.field {
+            field::C_ECHO_RQ => field::C_ECHO_RSP,
+            _ => field::C_STORE_RSP,
+        };
+        let mut body = Vec::with_capacity(256);
+        put(&mut body, 0x0002, &uid_bytes(&self.sop_class_uid));
+        put(&mut body, 0x0100, &response_field.to_le_bytes());
+        put(&mut body, 0x0120, &self.message_id.to_le_bytes());
+        put(&mut body, 0x0800, &NO_DATA_SET.to_le_bytes());
+        put(&mut body, 0x0900, &status.to_le_bytes());
+        if let Some(comment) = comment {
+            put(&mut body, 0x0902, &error_comment(comment));
+        }
+        if !self.sop_instance_uid.is_empty() {
+            put(&mut body, 0x1000, &uid_bytes(&self.sop_instance_uid));
+        }
+        let mut out = Vec::with_capacity(body.len() + 12);
+        put(
+            &mut out,
+            0x0000,
+            &u32::try_from(body.len())
+                .expect("a response is a few hundred bytes")
+                .to_le_bytes(),
+        );
+        out.extend_from_slice(&body);
+        out
+    }
+}
+
+impl fmt::Display for Command {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = match self.field {
+            field::C_STORE_RQ => "C-STORE-RQ",
+            field::C_ECHO_RQ => "C-ECHO-RQ",
+            _ => return write!(f, "command 0x{:04X}", self.field),
+        };
+        write!(f, "{name} (message {})", self.message_id)
+    }
+}
+
+fn le16(b: &[u8]) -> u16 {
+    u16::from_le_bytes([b[0], b[1]])
+}
+
+fn le32(b: &[u8]) -> u32 {
+    u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+}
+
+fn us(value: &[u8]) -> Option<u16> {
+    (value.len() == 2).then(|| le16(value))
+}
+
+fn uid_text(value: &[u8]) -> String {
+    String::from_utf8_lossy(value)
+        .trim_end_matches(['\0', ' '])
+        .to_owned()
+}
+
+fn uid_bytes(uid: &str) -> Vec<u8> {
+    let mut bytes = uid.as_bytes().to_vec();
+    if bytes.len() % 2 == 1 {
+        bytes.push(0);
+    }
+    bytes
+}
+
+/// Error Comment is LO: at most 64 characters, padded with a space to even length.
+fn error_comment(comment: &str) -> Vec<u8> {
+    let mut bytes: Vec<u8> = comment
+        .chars()
+        .filter(|c| c.is_ascii() && !c.is_ascii_control() && *c != '\\')
+        .take(64)
+        .map(|c| c as u8)
+        .collect();
+    if bytes.len() % 2 == 1 {
+        bytes.push(b' ');
+    }
+    bytes
+}
+
+fn put(out: &mut Vec<u8>, element: u16, value: &[u8]) {
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out.extend_from_slice(&element.to_le_bytes());
+    out.extend_from_slice(
+        &u32::try_from(value.len())
+            .expect("command values are short")
+            .to_le_bytes(),
+    );
+    out.extend_from_slice(value);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store_rq() -> Vec<u8> {
+        let mut body = Vec::new();
+        put(&mut body, 0x0002, &uid_bytes("1.2.840.10008.5.1.4.1.1.2"));
+        put(&mut body, 0x0100, &field::C_STORE_RQ.to_le_bytes());
+        put(&mut body, 0x0110, &7u16.to_le_bytes());
+        put(&mut body, 0x0700, &0u16.to_le_bytes());
+        put(&mut body, 0x0800, &0u16.to_le_bytes());
+        put(&mut body, 0x1000, &uid_bytes("1.2.3.4"));
+        body
+    }
+
+    #[test]
+    fn decodes_a_store_request_and_answers_it() {
+        let command = Command::decode(&store_rq()).expect("valid command");
+        assert_eq!(command.field, field::C_STORE_RQ);
+        assert_eq!(command.message_id, 7);
+        assert_eq!(command.sop_class_uid, "1.2.840.10008.5.1.4.1.1.2");
+        assert_eq!(command.sop_instance_uid, "1.2.3.4");
+        assert!(command.has_data_set);
+
+        let rsp = command.response(status::CANNOT_UNDERSTAND, Some("bad"));
+        let decoded_len = le32(&rsp[8..12]) as usize;
+        assert_eq!(decoded_len, rsp.len() - 12, "group length covers the rest");
+        let rsp_values: Vec<(u16, Vec<u8>)> = {
+            let mut at = 0;
+            let mut out = Vec::new();
+            while at < rsp.len() {
+                let len = le32(&rsp[at + 4..at + 8]) as usize;
+                out.push((le16(&rsp[at + 2..at + 4]), rsp[at + 8..at + 8 + len].to_vec()));
+                at += 8 + len;
+            }
+            out
+        };
+        assert!(rsp_values.contains(&(0x0100, field::C_STORE_RSP.to_le_bytes().to_vec())));
+        assert!(rsp_values.contains(&(0x0120, 7u16.to_le_bytes().to_vec())));
+        assert!(rsp_values.contains(&(0x0900, 0xC000u16.to_le_bytes().to_vec())));
+        assert!(rsp_values.contains(&(0x0902, b"bad ".to_vec())));
+    }
+
+    #[test]
+    fn truncated_and_incomplete_commands_are_errors() {
+        let full = store_rq();
+        for cut in [3, 9, full.len() - 1] {
+            assert!(matches!(
+                Command::decode(&full[..cut]),
+                Err(CommandError::Truncated(_))
+            ));
+        }
+        let mut no_field = Vec::new();
+        put(&mut no_field, 0x0110, &1u16.to_le_bytes());
+        assert_eq!(
+            Command::decode(&no_field),
+            Err(CommandError::Missing("Command Field (0000,0100)"))
+        );
+        assert_eq!(
+            Command::decode(&vec![0; MAX_COMMAND_LENGTH + 1]),
+            Err(CommandError::TooLarge)
+        );
+    }
+}

@@ -1,0 +1,6 @@
+//! DICOM networking: the upper layer is dicom-ul's; DIMSE command sets and the service
+//! logic are here.
+
+pub mod dimse;
+pub mod scp;
+pub mod syntax;

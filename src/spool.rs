@@ -1,0 +1,445 @@
+//! The spool: received instances as DICOM Part 10 files, durable before acknowledgement.
+//!
+//! An instance is buffered while its P-DATA arrives (spilling to a temp file when large),
+//! parsed up to the pixel data to check it and to learn its study and patient, written to
+//! `spool/tmp/`, fsynced, renamed to `spool/<route>/<xx>/<hash>.dcm`, the folder fsynced,
+//! and recorded in the [`BatchIndex`] (sled, flushed). Only then may the SCP answer
+//! Success. The dataset bytes are kept exactly as received; the file meta header names the
+//! negotiated transfer syntax and the calling AE title.
+//!
+//! File names are a hash of route and SOP Instance UID, never a value from the peer, so a
+//! hostile UID cannot name a path, and a resend lands on the same file.
+
+use std::fs::{self, File};
+use std::io::{self, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+
+use dicom_dictionary_std::tags;
+use dicom_object::file::ReadPreamble;
+use dicom_object::{FileMetaTableBuilder, OpenFileOptions};
+use sha2::{Digest, Sha256};
+
+use crate::batch::{BatchId, BatchIndex, BatchState, IndexError, InstanceRecord, Recorded, now_ms};
+use crate::config::BatchBy;
+use crate::route::Route;
+
+/// Received bytes kept in memory before they spill to the temp file; a typical CT or MR
+/// slice never touches the disk before it is complete and checked.
+pub const SPILL_AT: usize = 4 * 1024 * 1024;
+
+/// Implementation Class UID written in the meta header of spooled files.
+pub const IMPLEMENTATION_CLASS_UID: &str = "1.2.826.0.1.3680043.10.1436.1";
+/// Implementation Version Name written in the meta header of spooled files.
+pub const IMPLEMENTATION_VERSION_NAME: &str = "CLOUDPDI_010";
+
+/// Why an instance could not be stored; each maps to a C-STORE status.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The disk is full, or below the configured reserve.
+    #[error("out of disk space in the spool: {0}")]
+    OutOfSpace(String),
+    /// The dataset could not be parsed.
+    #[error("dataset cannot be parsed: {0}")]
+    Unparsable(String),
+    /// The dataset is not the instance the command announced.
+    #[error("dataset does not match the command: {0}")]
+    Mismatch(String),
+    /// Any other I/O failure of the spool folder.
+    #[error("spool I/O error: {0}")]
+    Io(io::Error),
+    /// The index could not record the instance.
+    #[error(transparent)]
+    Index(#[from] IndexError),
+}
+
+impl From<io::Error> for StoreError {
+    fn from(err: io::Error) -> Self {
+        if is_out_of_space(&err) {
+            StoreError::OutOfSpace(err.to_string())
+        } else {
+            StoreError::Io(err)
+        }
+    }
+}
+
+fn is_out_of_space(err: &io::Error) -> bool {
+    matches!(
+        err.kind(),
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+    )
+}
+
+/// What the command set and the association tell about an instance before its data.
+#[derive(Debug, Clone)]
+pub struct InstanceHeader {
+    /// Affected SOP Class UID from the command.
+    pub sop_class_uid: String,
+    /// Affected SOP Instance UID from the command.
+    pub sop_instance_uid: String,
+    /// The presentation context's transfer syntax (how the data set is encoded).
+    pub transfer_syntax: String,
+    /// The calling AE title, written as Source Application Entity Title.
+    pub calling_ae: String,
+}
+
+/// An instance being received: meta header plus dataset bytes, in memory until it spills.
+pub struct Incoming {
+    header: InstanceHeader,
+    buffer: Vec<u8>,
+    spilled: Option<(File, PathBuf)>,
+    size: u64,
+    tmp_dir: PathBuf,
+}
+
+impl Incoming {
+    /// Appends received dataset bytes.
+    pub fn push(&mut self, data: &[u8]) {
+        self.buffer.extend_from_slice(data);
+        self.size += data.len() as u64;
+    }
+
+    /// Whether enough is buffered that [`Incoming::spill`] should run (off the runtime).
+    pub fn should_spill(&self) -> bool {
+        self.buffer.len() >= SPILL_AT
+    }
+
+    /// Writes the buffered bytes to the temp file (blocking).
+    ///
+    /// # Errors
+    /// [`StoreError::OutOfSpace`] or [`StoreError::Io`].
+    pub fn spill(&mut self) -> Result<(), StoreError> {
+        let file = match &mut self.spilled {
+            Some((file, _)) => file,
+            None => {
+                let (file, path) = create_temp(&self.tmp_dir)?;
+                &mut self.spilled.insert((file, path)).0
+            }
+        };
+        file.write_all(&self.buffer)?;
+        self.buffer.clear();
+        Ok(())
+    }
+
+    /// Size of the Part 10 file so far (meta header included).
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The command's view of the instance.
+    pub fn header(&self) -> &InstanceHeader {
+        &self.header
+    }
+}
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        if let Some((_, path)) = self.spilled.take() {
+            // Never acknowledged, so never needed: a leftover would only waste space.
+            let _ = fs::remove_file(path);
+        }
+    }
+}
+
+/// The outcome of a successful store.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    /// The batch holding the instance.
+    pub batch: BatchId,
+    /// What the index did (new, replaced in an open batch).
+    pub recorded: Option<Recorded>,
+    /// The Study Instance UID read from the dataset.
+    pub study_uid: String,
+    /// File size in bytes.
+    pub size: u64,
+}
+
+/// The durable instance store of one data folder.
+pub struct Spool {
+    dir: PathBuf,
+    tmp_dir: PathBuf,
+    index: BatchIndex,
+    min_free_bytes: u64,
+}
+
+/// Attributes read from the dataset that decide where it goes.
+struct Identity {
+    sop_class_uid: String,
+    sop_instance_uid: String,
+    study_uid: String,
+    series_uid: String,
+    patient_id: String,
+}
+
+impl Spool {
+    /// Opens the spool in `dir` with its index in `index_dir`, removing temp files that a
+    /// crash left behind (they were never acknowledged).
+    ///
+    /// # Errors
+    /// [`StoreError`] when the folders cannot be created or the index cannot be opened.
+    pub fn open(dir: &Path, index_dir: &Path, min_free_mb: u64) -> Result<Spool, StoreError> {
+        let tmp_dir = dir.join("tmp");
+        fs::create_dir_all(&tmp_dir)?;
+        for entry in fs::read_dir(&tmp_dir)? {
+            fs::remove_file(entry?.path())?;
+        }
+        let index = BatchIndex::open(index_dir)?;
+        Ok(Spool {
+            dir: dir.to_owned(),
+            tmp_dir,
+            index,
+            min_free_bytes: min_free_mb.saturating_mul(1024 * 1024),
+        })
+    }
+
+    /// The batch index.
+    pub fn index(&self) -> &BatchIndex {
+        &self.index
+    }
+
+    /// Absolute path of a spooled file from its index record.
+    pub fn path_of(&self, record: &InstanceRecord) -> PathBuf {
+        self.dir.join(&record.file)
+    }
+
+    /// Starts receiving an instance: the meta header is prepared from the command.
+    ///
+    /// # Errors
+    /// [`StoreError::Mismatch`] when the command's UIDs cannot form a meta header.
+    pub fn incoming(&self, header: InstanceHeader) -> Result<Incoming, StoreError> {
+        let meta = FileMetaTableBuilder::new()
+            .media_storage_sop_class_uid(header.sop_class_uid.as_str())
+            .media_storage_sop_instance_uid(header.sop_instance_uid.as_str())
+            .transfer_syntax(header.transfer_syntax.as_str())
+            .implementation_class_uid(IMPLEMENTATION_CLASS_UID)
+            .implementation_version_name(IMPLEMENTATION_VERSION_NAME)
+            .source_application_entity_title(header.calling_ae.as_str())
+            .build()
+            .map_err(|e| StoreError::Mismatch(e.to_string()))?;
+        let mut buffer = Vec::with_capacity(64 * 1024);
+        buffer.extend_from_slice(&[0; 128]);
+        buffer.extend_from_slice(b"DICM");
+        meta.write(&mut buffer)
+            .map_err(|e| StoreError::Mismatch(e.to_string()))?;
+        Ok(Incoming {
+            size: buffer.len() as u64,
+            header,
+            buffer,
+            spilled: None,
+            tmp_dir: self.tmp_dir.clone(),
+        })
+    }
+
+    /// Checks and durably stores a completely received instance (blocking: run it off
+    /// the async runtime). On error nothing of the instance remains on disk.
+    ///
+    /// # Errors
+    /// [`StoreError`]; its variant decides the C-STORE status.
+    pub fn commit(&self, mut incoming: Incoming, route: &Route) -> Result<Stored, StoreError> {
+        self.check_free_space()?;
+        let identity = match incoming.spilled.is_some() {
+            false => identify(incoming.buffer.as_slice())?,
+            true => {
+                incoming.spill()?;
+                let (_, path) = incoming.spilled.as_ref().expect("spilled above");
+                identify(BufReader::new(File::open(path)?))?
+            }
+        };
+        check_matches(incoming.header(), &identity)?;
+        let group_key = match route.batch_by {
+            BatchBy::Study => identity.study_uid.clone(),
+            BatchBy::Patient => identity.patient_id.clone(),
+        };
+        let previous = self.index.instance(&route.name, &identity.sop_instance_uid)?;
+        if let Some(previous) = previous {
+            let sealed = self
+                .index
+                .batch(previous.batch)?
+                .is_none_or(|b| b.state != BatchState::Open);
+            if sealed {
+                // Already on its way in a stable batch: acknowledge, keep the first copy.
+                return Ok(Stored {
+                    batch: previous.batch,
+                    recorded: None,
+                    study_uid: identity.study_uid,
+                    size: previous.size,
+                });
+            }
+        }
+        let relative = relative_path(&route.name, &identity.sop_instance_uid);
+        self.persist(&mut incoming, &relative)?;
+        let record = InstanceRecord {
+            batch: BatchId(0),
+            file: relative,
+            size: incoming.size(),
+            sop_class_uid: identity.sop_class_uid,
+            study_uid: identity.study_uid.clone(),
+            series_uid: identity.series_uid,
+            transfer_syntax: incoming.header().transfer_syntax.clone(),
+            calling_ae: incoming.header().calling_ae.clone(),
+            received_at: now_ms(),
+        };
+        let recorded = self
+            .index
+            .record(route, &group_key, &identity.sop_instance_uid, record)?;
+        self.index.flush()?;
+        let batch = match recorded {
+            Recorded::Added { batch, .. } | Recorded::Replaced(batch) => batch,
+        };
+        Ok(Stored {
+            batch,
+            recorded: Some(recorded),
+            study_uid: identity.study_uid,
+            size: incoming.size(),
+        })
+    }
+
+    /// Writes, fsyncs and renames the file into place, then fsyncs its folder.
+    fn persist(&self, incoming: &mut Incoming, relative: &str) -> Result<(), StoreError> {
+        incoming.spill()?;
+        let (file, tmp_path) = incoming.spilled.take().expect("spill creates the file");
+        let result = (|| {
+            file.sync_data()?;
+            drop(file);
+            let target = self.dir.join(relative);
+            let folder = target.parent().expect("spool paths have a folder");
+            create_dir_durably(folder)?;
+            fs::rename(&tmp_path, &target)?;
+            File::open(folder)?.sync_all()
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp_path);
+        }
+        Ok(result?)
+    }
+
+    fn check_free_space(&self) -> Result<(), StoreError> {
+        if self.min_free_bytes == 0 {
+            return Ok(());
+        }
+        let stat = rustix::fs::statvfs(&self.dir).map_err(io::Error::from)?;
+        let free = stat.f_bavail.saturating_mul(stat.f_frsize);
+        if free < self.min_free_bytes {
+            return Err(StoreError::OutOfSpace(format!(
+                "{} MiB free, below the reserve spool.min_free_mb = {}",
+                free / (1024 * 1024),
+                self.min_free_bytes / (1024 * 1024)
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// `<route>/<first two hex digits>/<32 hex digits>.dcm`, from a hash of the route and UID.
+fn relative_path(route: &str, sop_instance_uid: &str) -> String {
+    let digest = Sha256::new()
+        .chain_update(route.as_bytes())
+        .chain_update([0])
+        .chain_update(sop_instance_uid.as_bytes())
+        .finalize();
+    let hex = hex::encode(&digest[..16]);
+    format!("{route}/{}/{hex}.dcm", &hex[..2])
+}
+
+fn create_temp(dir: &Path) -> Result<(File, PathBuf), StoreError> {
+    for _ in 0..16 {
+        let name = format!("{:016x}.part", rand_u64());
+        let path = dir.join(name);
+        match File::options().write(true).create_new(true).open(&path) {
+            Ok(file) => return Ok((file, path)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(StoreError::Io(io::Error::other(
+        "cannot find a free temp file name in the spool",
+    )))
+}
+
+/// A unique-enough number for temp names: time, process and a counter, hashed.
+fn rand_u64() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let digest = Sha256::new()
+        .chain_update(now_ms().to_le_bytes())
+        .chain_update(std::process::id().to_le_bytes())
+        .chain_update(COUNTER.fetch_add(1, Ordering::Relaxed).to_le_bytes())
+        .finalize();
+    u64::from_le_bytes(digest[..8].try_into().expect("8 bytes"))
+}
+
+/// Creates `folder` (and missing parents) so that the new entries survive a crash.
+fn create_dir_durably(folder: &Path) -> io::Result<()> {
+    if folder.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = folder.parent() {
+        create_dir_durably(parent)?;
+    }
+    match fs::create_dir(folder) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    if let Some(parent) = folder.parent() {
+        File::open(parent)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Parses meta header and dataset up to the pixel data: enough to prove the dataset is
+/// readable and to learn where it belongs, without holding pixel data twice.
+fn identify(source: impl Read) -> Result<Identity, StoreError> {
+    let object = OpenFileOptions::new()
+        .read_preamble(ReadPreamble::Always)
+        .read_until(tags::PIXEL_DATA)
+        .from_reader(source)
+        .map_err(|e| StoreError::Unparsable(e.to_string()))?;
+    let text = |tag, name: &str| -> Result<String, StoreError> {
+        let value = object
+            .element(tag)
+            .map_err(|_| StoreError::Unparsable(format!("{name} is missing")))?
+            .to_str()
+            .map_err(|e| StoreError::Unparsable(format!("{name} is unreadable: {e}")))?;
+        Ok(value.trim_end_matches(['\0', ' ']).to_owned())
+    };
+    Ok(Identity {
+        sop_class_uid: text(tags::SOP_CLASS_UID, "SOP Class UID (0008,0016)")?,
+        sop_instance_uid: text(tags::SOP_INSTANCE_UID, "SOP Instance UID (0008,0018)")?,
+        study_uid: text(tags::STUDY_INSTANCE_UID, "Study Instance UID (0020,000D)")?,
+        series_uid: text(tags::SERIES_INSTANCE_UID, "Series Instance UID (0020,000E)")
+            .unwrap_or_default(),
+        patient_id: text(tags::PATIENT_ID, "Patient ID (0010,0020)").unwrap_or_default(),
+    })
+}
+
+fn check_matches(header: &InstanceHeader, identity: &Identity) -> Result<(), StoreError> {
+    if identity.sop_instance_uid != header.sop_instance_uid {
+        return Err(StoreError::Mismatch(format!(
+            "SOP Instance UID in the dataset ({}) differs from the command's ({})",
+            identity.sop_instance_uid, header.sop_instance_uid
+        )));
+    }
+    if identity.sop_class_uid != header.sop_class_uid {
+        return Err(StoreError::Mismatch(format!(
+            "SOP Class UID in the dataset ({}) differs from the command's ({})",
+            identity.sop_class_uid, header.sop_class_uid
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_hashed_and_stable() {
+        let a = relative_path("ct", "1.2.3");
+        assert_eq!(a, relative_path("ct", "1.2.3"));
+        assert_ne!(a, relative_path("mr", "1.2.3"));
+        assert!(a.starts_with("ct/") && a.ends_with(".dcm") && a.len() == 3 + 3 + 32 + 4);
+        let hostile = relative_path("ct", "../../etc/passwd");
+        assert!(!hostile.contains(".."), "{hostile}");
+    }
+}

@@ -1,0 +1,86 @@
+//! `cloudpdi status`: asks the running daemon's admin endpoint what it holds.
+
+use std::fmt::Write;
+use std::net::SocketAddr;
+
+use crate::admin::Status;
+use crate::batch::{BatchState, now_ms};
+
+/// Why the status could not be shown.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StatusError {
+    /// The daemon did not answer.
+    #[error("no answer from the cloudpdi daemon's admin endpoint at {addr}: {source} (is `cloudpdi serve` running with this configuration?)")]
+    Unreachable {
+        /// The admin address.
+        addr: SocketAddr,
+        /// The HTTP client's error.
+        source: reqwest::Error,
+    },
+}
+
+/// Fetches the status from the admin endpoint at `addr`.
+///
+/// # Errors
+/// [`StatusError::Unreachable`] when the daemon does not answer.
+pub async fn fetch(addr: SocketAddr) -> Result<Status, StatusError> {
+    let unreachable = |source| StatusError::Unreachable { addr, source };
+    reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(10))
+        .build()
+        .map_err(unreachable)?
+        .get(format!("http://{addr}/status"))
+        .send()
+        .await
+        .and_then(reqwest::Response::error_for_status)
+        .map_err(unreachable)?
+        .json()
+        .await
+        .map_err(unreachable)
+}
+
+/// Renders the status as a table for a person at a terminal.
+pub fn render(status: &Status) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "cloudpdi {} up {} s, {} association(s) open",
+        status.version, status.uptime_seconds, status.associations_active
+    );
+    for route in &status.routes {
+        let _ = writeln!(
+            out,
+            "route {:<12} AE {:<16} stable after {} s",
+            route.name, route.ae_title, route.stable_after
+        );
+    }
+    if status.batches.is_empty() {
+        out.push_str("no batches\n");
+        return out;
+    }
+    let _ = writeln!(
+        out,
+        "{:<9} {:<12} {:<7} {:>9} {:>11} {:>10}  KEY",
+        "BATCH", "ROUTE", "STATE", "INSTANCES", "SIZE", "IDLE"
+    );
+    let now = now_ms();
+    for batch in &status.batches {
+        let state = match batch.state {
+            BatchState::Open => "open",
+            BatchState::Stable => "stable",
+        };
+        let _ = writeln!(
+            out,
+            "{:<9} {:<12} {:<7} {:>9} {:>8.1} MB {:>8} s  {}",
+            batch.id.to_string(),
+            batch.route,
+            state,
+            batch.instances,
+            batch.bytes as f64 / 1e6,
+            now.saturating_sub(batch.last_instance_at) / 1000,
+            batch.key
+        );
+    }
+    out
+}
