@@ -121,15 +121,27 @@ pub struct InstanceRecord {
 /// What recording an instance did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Recorded {
-    /// A new instance in `batch`; `new_batch` when this instance opened it.
+    /// A new instance in `batch`.
     Added {
         /// The batch it joined.
         batch: BatchId,
-        /// Whether the batch was created for it.
-        new_batch: bool,
+        /// How the batch came to be open for it.
+        joined: Joined,
     },
     /// The instance was already in this open batch; the file was replaced.
     Replaced(BatchId),
+}
+
+/// How an instance found its batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Joined {
+    /// The group's batch was open.
+    Open,
+    /// No batch was open or waiting: this instance started one.
+    New,
+    /// The group's batch was stable but not yet packed: it is open again, so a study
+    /// interrupted (e.g. by a gateway restart) and resent still travels as one.
+    Reopened,
 }
 
 /// The sled-backed index of instances and batches.
@@ -247,14 +259,16 @@ impl BatchIndex {
         let open_key = instance_key(&route.name, group_key);
         // Used only if the transaction opens a batch; an unused id is simply skipped.
         let fresh_id = BatchId(self.db.generate_id()? + 1);
+        let waiting = self.waiting_batch(&route.name, group_key)?;
         let ikey = instance_key(&route.name, sop_instance_uid);
         (
             &self.instances,
             &self.members,
             &self.batches,
             &self.open,
+            &self.ready,
         )
-            .transaction(|(instances, members, batches, open)| {
+            .transaction(|(instances, members, batches, open, ready)| {
                 if let Some(previous) = instances.get(&ikey)? {
                     let previous: InstanceRecord = tx_decode(&ikey, &previous)?;
                     let mut batch = load_batch(batches, previous.batch)?;
@@ -270,17 +284,28 @@ impl BatchIndex {
                     }
                     return Ok(Recorded::Replaced(previous.batch));
                 }
-                let (mut batch, new_batch) = match open.get(&open_key)? {
+                let (mut batch, joined) = match open.get(&open_key)? {
                     Some(id) => {
                         let id = BatchId::from_key(&id).ok_or_else(|| {
                             ConflictableTransactionError::Abort(corrupt_id(&open_key))
                         })?;
-                        (load_batch(batches, id)?, false)
+                        (load_batch(batches, id)?, Joined::Open)
                     }
-                    None => {
-                        open.insert(open_key.as_slice(), &fresh_id.key())?;
-                        (new_batch(fresh_id, route, group_key, record.received_at), true)
-                    }
+                    None => match waiting.filter(|id| matches!(ready.get(id.key()), Ok(Some(_)))) {
+                        Some(id) => {
+                            ready.remove(&id.key())?;
+                            open.insert(open_key.as_slice(), &id.key())?;
+                            let mut batch = load_batch(batches, id)?;
+                            batch.state = BatchState::Open;
+                            batch.stable_at = None;
+                            (batch, Joined::Reopened)
+                        }
+                        None => {
+                            open.insert(open_key.as_slice(), &fresh_id.key())?;
+                            let batch = new_batch(fresh_id, route, group_key, record.received_at);
+                            (batch, Joined::New)
+                        }
+                    },
                 };
                 batch.instances += 1;
                 batch.bytes += record.size;
@@ -295,10 +320,22 @@ impl BatchIndex {
                 members.insert(member, &[])?;
                 Ok(Recorded::Added {
                     batch: batch.id,
-                    new_batch,
+                    joined,
                 })
             })
             .map_err(tx_error)
+    }
+
+    /// A stable batch of this route and group still waiting for packing, if any.
+    fn waiting_batch(&self, route: &str, group_key: &str) -> Result<Option<BatchId>, IndexError> {
+        for id in self.ready()? {
+            if let Some(batch) = self.batch(id)? {
+                if batch.route == route && batch.key == group_key {
+                    return Ok(Some(id));
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// Marks every open batch quiet for its route's `stable_after` as stable and queues it
@@ -463,19 +500,19 @@ mod tests {
         let routes = routes();
         let route = routes.by_name("ct").expect("route");
         let first = index.record(route, "study-1", "1.1", record(100, 1_000)).expect("record");
-        let Recorded::Added { batch, new_batch: true } = first else {
+        let Recorded::Added { batch, joined: Joined::New } = first else {
             panic!("first instance opens a batch: {first:?}");
         };
         assert_eq!(
             index.record(route, "study-1", "1.2", record(50, 2_000)).expect("second"),
-            Recorded::Added { batch, new_batch: false }
+            Recorded::Added { batch, joined: Joined::Open }
         );
         assert_eq!(
             index.record(route, "study-1", "1.1", record(120, 3_000)).expect("resend"),
             Recorded::Replaced(batch)
         );
         let other = index.record(route, "study-2", "2.1", record(10, 3_000)).expect("other");
-        assert!(matches!(other, Recorded::Added { new_batch: true, .. }));
+        assert!(matches!(other, Recorded::Added { joined: Joined::New, .. }));
 
         let b = index.batch(batch).expect("read").expect("exists");
         assert_eq!((b.instances, b.bytes, b.state), (2, 170, BatchState::Open));
@@ -486,14 +523,17 @@ mod tests {
         assert_eq!(sealed.len(), 2);
         assert_eq!(index.ready().expect("ready").len(), 2);
 
-        // After sealing, the same study opens a new batch; a resend stays where it was.
+        // A late instance reopens its stable batch while it waits for packing.
         let later = index.record(route, "study-1", "1.3", record(1, 20_000)).expect("later");
-        assert!(matches!(later, Recorded::Added { new_batch: true, .. }));
-        assert_eq!(
-            index.record(route, "study-1", "1.1", record(1, 20_000)).expect("late resend"),
-            Recorded::Replaced(batch)
-        );
+        assert_eq!(later, Recorded::Added { batch, joined: Joined::Reopened });
         let b = index.batch(batch).expect("read").expect("exists");
-        assert_eq!((b.instances, b.bytes, b.state), (2, 170, BatchState::Stable));
+        assert_eq!((b.instances, b.state, b.stable_at), (3, BatchState::Open, None));
+        assert_eq!(index.ready().expect("ready").len(), 1);
+
+        // Once packed (taken off the ready queue), the study starts a new batch.
+        assert_eq!(index.seal_quiet(&routes, 30_000).expect("seal").len(), 1);
+        index.ready.remove(batch.key()).expect("take");
+        let newer = index.record(route, "study-1", "1.4", record(1, 40_000)).expect("newer");
+        assert!(matches!(newer, Recorded::Added { joined: Joined::New, .. }));
     }
 }

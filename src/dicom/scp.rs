@@ -24,6 +24,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::dimse::{Command, MAX_COMMAND_LENGTH, field, status};
 use super::syntax::{ABSTRACT_SYNTAXES, TRANSFER_SYNTAXES, VERIFICATION};
+use crate::batch::{Joined, Recorded};
 use crate::config::DicomConfig;
 use crate::metrics::{Metrics, inc};
 use crate::route::{Route, RouteAccess, Routes};
@@ -443,13 +444,20 @@ impl AssociationState {
                 metrics
                     .bytes_stored
                     .fetch_add(stored.size, Ordering::Relaxed);
-                if matches!(recorded, crate::batch::Recorded::Added { new_batch: true, .. }) {
-                    info!(
-                        batch = %stored.batch,
-                        route = %self.route.name,
-                        study = %stored.study_uid,
-                        "batch opened"
-                    );
+                if let Recorded::Added { joined, .. } = recorded {
+                    let what = match joined {
+                        Joined::New => "batch opened",
+                        Joined::Reopened => "stable batch reopened for a late instance",
+                        Joined::Open => "",
+                    };
+                    if !what.is_empty() {
+                        info!(
+                            batch = %stored.batch,
+                            route = %self.route.name,
+                            study = %stored.study_uid,
+                            "{what}"
+                        );
+                    }
                 }
             }
             None => {

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Installs the test peers when they are missing, then runs every test.
+#
+# Peers (Debian packages): dcmtk (storescu, storescp, echoscu, dcmdump, dcmmkdir),
+# orthanc, dicom3tools (dciodvfy), zbar-tools (zbarimg), zip/unzip, curl, iproute2 and
+# util-linux (network/mount namespaces for peers that cannot bind loopback only).
+# Python packages (PyPI): pydicom, pydicom-data, pynetdicom, numpy, moto[server].
+# Needs root for apt-get and for the namespace tests (CI runs as root).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+missing=()
+need() { [ -x "$2" ] || missing+=("$1"); }
+need dcmtk /usr/bin/storescu
+need orthanc /usr/sbin/Orthanc
+need dicom3tools /usr/bin/dciodvfy
+need zbar-tools /usr/bin/zbarimg
+need zip /usr/bin/zip
+need unzip /usr/bin/unzip
+need curl /usr/bin/curl
+need iproute2 /usr/sbin/ip
+need util-linux /usr/bin/unshare
+need time /usr/bin/time
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing test peers: ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+if ! python3 -c 'import pydicom, pynetdicom, numpy, moto, data_store' 2>/dev/null; then
+  echo "installing Python test packages"
+  python3 -m pip install -q --disable-pip-version-check pydicom pydicom-data pynetdicom numpy 'moto[server]'
+fi
+
+cargo fmt --check
+cargo clippy --all-targets --locked -- -D warnings
+cargo test --locked --no-fail-fast "$@"

@@ -1,0 +1,338 @@
+//! Shared harness for integration tests: the real `cloudpdi serve` as a child process on
+//! loopback, real DICOM peers, and generated data.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::fs;
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Absolute path of a peer program; a missing peer fails the test (never skips it).
+pub fn require(program: &str) -> &str {
+    assert!(
+        Path::new(program).exists(),
+        "test peer {program} is missing: run scripts/test.sh, which installs the peers"
+    );
+    program
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral port")
+}
+
+/// The repository root (for scripts/ and tests/peers/).
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Generates a CT study of `slices` files into `dir`; returns its Study Instance UID.
+pub fn gen_ct(dir: &Path, slices: usize, extra: &[&str]) -> String {
+    let out = Command::new("python3")
+        .arg(root().join("scripts/gen_ct.py"))
+        .arg(dir)
+        .args(["--slices", &slices.to_string()])
+        .args(extra)
+        .output()
+        .expect("run python3 scripts/gen_ct.py");
+    assert!(
+        out.status.success(),
+        "gen_ct.py failed (pydicom and numpy installed?): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Sorted DICOM files of a folder.
+pub fn files_in(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    files
+}
+
+/// Runs a command to completion and returns its output.
+pub fn run(command: &mut Command) -> Output {
+    let out = command
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"));
+    out
+}
+
+/// A running `cloudpdi serve`.
+pub struct Daemon {
+    child: Option<Child>,
+    pub dicom: SocketAddr,
+    pub admin: SocketAddr,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    log: PathBuf,
+    wrapper: Vec<String>,
+}
+
+/// The configuration the tests run with: loopback ports, the given data folder, one route
+/// `ct` on AE title CLOUDPDI, plus `extra` TOML appended.
+pub fn config_text(dicom: u16, admin: u16, data: &Path, extra: &str) -> String {
+    format!(
+        "[dicom]\nlisten = \"127.0.0.1:{dicom}\"\nidle_timeout = 20\n\
+         [spool]\ndata_dir = \"{}\"\nmin_free_mb = 0\n\
+         [admin]\nlisten = \"127.0.0.1:{admin}\"\n\
+         [log]\nlevel = \"info\"\n\
+         {extra}\n",
+        data.display()
+    )
+}
+
+/// Default route used by most tests.
+pub const CT_ROUTE: &str = "[route.ct]\nae_title = \"CLOUDPDI\"\nstable_after = 2\n";
+
+impl Daemon {
+    /// Starts the daemon in `dir` (data under `dir/data`) with `routes` TOML.
+    pub fn start(dir: &Path, routes: &str) -> Daemon {
+        Daemon::start_wrapped(dir, routes, &[])
+    }
+
+    /// Starts the daemon through a wrapper command (e.g. `unshare ... sh -c`), whose last
+    /// argument receives the daemon's command line.
+    pub fn start_wrapped(dir: &Path, routes: &str, wrapper: &[&str]) -> Daemon {
+        let data = dir.join("data");
+        let config = dir.join("cloudpdi.toml");
+        let (dicom, admin) = (free_port(), free_port());
+        fs::write(&config, config_text(dicom, admin, &data, routes)).unwrap();
+        let mut daemon = Daemon {
+            child: None,
+            dicom: SocketAddr::from(([127, 0, 0, 1], dicom)),
+            admin: SocketAddr::from(([127, 0, 0, 1], admin)),
+            dir: dir.to_owned(),
+            config,
+            log: dir.join("daemon.log"),
+            wrapper: wrapper.iter().map(|s| s.to_string()).collect(),
+        };
+        daemon.spawn();
+        daemon
+    }
+
+    /// (Re)starts the process on the same configuration and waits until it answers.
+    pub fn spawn(&mut self) {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let binary = env!("CARGO_BIN_EXE_cloudpdi");
+        let mut command = if self.wrapper.is_empty() {
+            let mut c = Command::new(binary);
+            c.args(["serve", "--config"]).arg(&self.config);
+            c
+        } else {
+            let (last, first) = self.wrapper.split_last().unwrap();
+            let mut c = Command::new(&first[0]);
+            c.args(&first[1..]).arg(format!(
+                "{last} exec {binary} serve --config {}",
+                self.config.display()
+            ));
+            c
+        };
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .env("NO_COLOR", "1")
+            .spawn()
+            .expect("start cloudpdi serve");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        // The DICOM port is bound before the admin port, so one probe suffices (and a
+        // probe of the DICOM port would log a failed negotiation).
+        while TcpStream::connect(self.admin).is_err() {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("cloudpdi serve exited with {status}:\n{}", self.log());
+            }
+            assert!(Instant::now() < deadline, "daemon did not start:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Everything the daemon logged so far.
+    pub fn log(&self) -> String {
+        let mut text = String::new();
+        if let Ok(mut f) = fs::File::open(&self.log) {
+            let _ = f.read_to_string(&mut text);
+        }
+        text
+    }
+
+    /// `cloudpdi status --json` against this daemon.
+    pub fn status(&self) -> serde_json::Value {
+        let out = run(Command::new(env!("CARGO_BIN_EXE_cloudpdi")).args([
+            "status",
+            "--json",
+            "--admin",
+            &self.admin.to_string(),
+        ]));
+        assert!(
+            out.status.success(),
+            "cloudpdi status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Waits until some batch is stable with `instances` instances; returns the batch.
+    pub fn wait_stable_batch(&self, instances: u64, within: Duration) -> serde_json::Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let status = self.status();
+            let batches = status["batches"].as_array().unwrap().clone();
+            if let Some(b) = batches
+                .iter()
+                .find(|b| b["state"] == "stable" && b["instances"] == instances)
+            {
+                return b.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no stable batch of {instances} instances; status: {status:#}\nlog:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait for the exit status.
+    pub fn stop(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("daemon running");
+        run(Command::new("kill").args(["-TERM", &child.id().to_string()]));
+        let deadline = Instant::now() + Duration::from_secs(40);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "daemon ignored SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The spool's index, opened after the daemon stopped (sled allows one process).
+    pub fn index(&self) -> cloudpdi::batch::BatchIndex {
+        assert!(self.child.is_none(), "stop the daemon before opening its index");
+        cloudpdi::batch::BatchIndex::open(&self.dir.join("data/index")).unwrap()
+    }
+
+    /// Path of the spooled file for an index record.
+    pub fn spooled(&self, record: &cloudpdi::batch::InstanceRecord) -> PathBuf {
+        self.dir.join("data/spool").join(&record.file)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// DCMTK's storescu (not pynetdicom's script of the same name) to the daemon.
+pub fn storescu(daemon: &Daemon, calling: &str, args: &[&str], files: &[PathBuf]) -> Output {
+    run(Command::new(require("/usr/bin/storescu"))
+        .args(["-aet", calling, "-aec", "CLOUDPDI"])
+        .args(args)
+        .arg("127.0.0.1")
+        .arg(daemon.dicom.port().to_string())
+        .args(files))
+}
+
+/// One line of tests/peers/store.py output.
+#[derive(Debug, serde::Deserialize)]
+pub struct StoreResult {
+    pub file: String,
+    pub status: i64,
+    pub comment: String,
+}
+
+/// Sends files with pynetdicom over one association; returns each file's status.
+pub fn pynetdicom_store(daemon: &Daemon, calling: &str, files: &[PathBuf]) -> Vec<StoreResult> {
+    let out = run(Command::new("python3")
+        .arg(root().join("tests/peers/store.py"))
+        .args(["127.0.0.1", &daemon.dicom.port().to_string(), "CLOUDPDI", calling])
+        .args(files));
+    assert!(
+        out.status.success(),
+        "store.py failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The dataset of a Part 10 file without its meta group, for element-wise comparison.
+pub fn dataset(path: &Path) -> dicom_object::InMemDicomObject {
+    dicom_object::open_file(path)
+        .unwrap_or_else(|e| panic!("{} does not parse: {e}", path.display()))
+        .into_inner()
+}
+
+/// Asserts two files hold the same dataset element by element (group lengths aside:
+/// senders may add or drop them).
+pub fn assert_same_dataset(original: &Path, stored: &Path) {
+    let (a, b) = (dataset(original), dataset(stored));
+    let elements = |o: &dicom_object::InMemDicomObject| {
+        o.iter()
+            .filter(|e| e.header().tag.element() != 0x0000)
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let (ea, eb) = (elements(&a), elements(&b));
+    assert_eq!(
+        ea.len(),
+        eb.len(),
+        "{} and {} differ in element count",
+        original.display(),
+        stored.display()
+    );
+    for (x, y) in ea.iter().zip(&eb) {
+        assert!(
+            x == y,
+            "{} and {} differ at {}",
+            original.display(),
+            stored.display(),
+            x.header().tag
+        );
+    }
+}
+
+/// Meta header fields of a stored file: (transfer syntax, source AE title).
+pub fn meta_of(path: &Path) -> (String, String) {
+    let object = dicom_object::open_file(path).unwrap();
+    let meta = object.meta();
+    (
+        meta.transfer_syntax().trim_end_matches('\0').to_owned(),
+        meta.source_application_entity_title()
+            .unwrap_or("")
+            .trim()
+            .to_owned(),
+    )
+}

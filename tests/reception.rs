@@ -1,0 +1,483 @@
+//! Reception (issue: gateway daemon part 1): real DCMTK and pynetdicom peers send to the
+//! real `cloudpdi serve` on loopback; the spool and its index are checked afterwards.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+const CALLING: &str = "PACS";
+
+fn tempdir() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap()
+}
+
+/// Every file of `originals` is in the index under route `ct`, with the same dataset, the
+/// transfer syntax it was sent in and the calling AE title in its meta header.
+fn assert_all_spooled(daemon: &Daemon, originals: &[(PathBuf, String)]) {
+    let index = daemon.index();
+    for (original, sent_ts) in originals {
+        let uid = dataset(original)
+            .element(dicom_dictionary_std::tags::SOP_INSTANCE_UID)
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .trim_end_matches('\0')
+            .to_owned();
+        let record = index
+            .instance("ct", &uid)
+            .unwrap()
+            .unwrap_or_else(|| panic!("{} ({uid}) not in the index", original.display()));
+        let stored = daemon.spooled(&record);
+        assert_same_dataset(original, &stored);
+        let (ts, source_ae) = meta_of(&stored);
+        assert_eq!(&ts, sent_ts, "{}", original.display());
+        assert_eq!(source_ae, CALLING);
+        assert_eq!(record.transfer_syntax, *sent_ts);
+    }
+}
+
+#[test]
+fn echoscu_is_answered() {
+    let dir = tempdir();
+    let daemon = Daemon::start(dir.path(), CT_ROUTE);
+    let out = run(Command::new(require("/usr/bin/echoscu")).args([
+        "-aec",
+        "CLOUDPDI",
+        "127.0.0.1",
+        &daemon.dicom.port().to_string(),
+    ]));
+    assert!(out.status.success(), "{out:?}\n{}", daemon.log());
+    assert!(daemon.log().contains("association accepted"));
+}
+
+#[test]
+fn storescu_ct_study_of_210_slices_lands_unchanged_and_batches() {
+    let dir = tempdir();
+    let study = dir.path().join("study");
+    let study_uid = gen_ct(&study, 210, &["--charset", "iso2022"]);
+    let mut daemon = Daemon::start(dir.path(), CT_ROUTE);
+    let files = files_in(&study);
+    let out = storescu(&daemon, CALLING, &[], &files);
+    assert!(out.status.success(), "{out:?}\n{}", daemon.log());
+
+    let batch = daemon.wait_stable_batch(210, Duration::from_secs(30));
+    assert_eq!(batch["key"], study_uid.as_str());
+    assert_eq!(batch["route"], "ct");
+    let log = daemon.log();
+    assert!(log.contains("batch stable, ready for packing"), "{log}");
+    assert!(log.contains("instances=210"), "association summary line:\n{log}");
+    assert!(daemon.stop().success());
+
+    let explicit_le = "1.2.840.10008.1.2.1".to_owned();
+    let originals: Vec<_> = files.into_iter().map(|f| (f, explicit_le.clone())).collect();
+    assert_all_spooled(&daemon, &originals);
+    let index = daemon.index();
+    let ready = index.ready().unwrap();
+    assert_eq!(ready.len(), 1);
+    assert_eq!(index.members(ready[0]).unwrap().len(), 210);
+}
+
+/// DCMTK storescu option that proposes exactly one transfer syntax (DESIGN §9).
+fn storescu_option(ts: &str) -> Option<&'static str> {
+    Some(match ts {
+        "1.2.840.10008.1.2" => "-xi",
+        "1.2.840.10008.1.2.1" => "-xe",
+        "1.2.840.10008.1.2.2" => "-xb",
+        "1.2.840.10008.1.2.1.99" => "-xd",
+        "1.2.840.10008.1.2.4.50" => "-xy",
+        "1.2.840.10008.1.2.4.51" => "-xx",
+        "1.2.840.10008.1.2.4.70" => "-xs",
+        "1.2.840.10008.1.2.4.80" => "-xt",
+        "1.2.840.10008.1.2.4.81" => "-xu",
+        "1.2.840.10008.1.2.4.90" => "-xv",
+        "1.2.840.10008.1.2.4.91" => "-xw",
+        "1.2.840.10008.1.2.5" => "-xr",
+        "1.2.840.10008.1.2.4.100" => "-xm",
+        "1.2.840.10008.1.2.4.101" => "-xh",
+        "1.2.840.10008.1.2.4.102" => "-xn",
+        "1.2.840.10008.1.2.4.103" => "-xl",
+        "1.2.840.10008.1.2.4.107" => "-x4",
+        "1.2.840.10008.1.2.4.108" => "-x5",
+        _ => return None,
+    })
+}
+
+#[derive(serde::Deserialize)]
+struct CorpusItem {
+    path: PathBuf,
+    transfer_syntax: String,
+    charset: String,
+}
+
+#[test]
+fn storescu_pydicom_corpus_lands_unchanged_in_every_transfer_syntax() {
+    let out = run(Command::new("python3").arg(root().join("tests/peers/corpus.py")));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let corpus: Vec<CorpusItem> = serde_json::from_slice(&out.stdout).unwrap();
+    let mut by_ts: BTreeMap<String, Vec<PathBuf>> = BTreeMap::new();
+    for item in &corpus {
+        by_ts
+            .entry(item.transfer_syntax.clone())
+            .or_default()
+            .push(item.path.clone());
+    }
+    let charsets: BTreeSet<&str> = corpus.iter().map(|i| i.charset.as_str()).collect();
+    assert!(
+        charsets.iter().any(|c| c.contains("ISO 2022 IR 87")),
+        "the corpus must hold Japanese (ISO 2022 IR 87) files: {charsets:?}"
+    );
+    assert!(by_ts.len() >= 8, "too few transfer syntaxes: {:?}", by_ts.keys());
+
+    let dir = tempdir();
+    let mut daemon = Daemon::start(dir.path(), CT_ROUTE);
+    let mut originals = Vec::new();
+    for (ts, files) in &by_ts {
+        let option = storescu_option(ts)
+            .unwrap_or_else(|| panic!("no storescu option for transfer syntax {ts}"));
+        let out = storescu(&daemon, CALLING, &[option, "-R"], files);
+        assert!(
+            out.status.success(),
+            "storescu {option} failed for {ts}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            daemon.log()
+        );
+        originals.extend(files.iter().map(|f| (f.clone(), ts.clone())));
+    }
+    assert!(daemon.stop().success());
+    assert_all_spooled(&daemon, &originals);
+}
+
+#[test]
+fn eight_associations_at_once_all_stored() {
+    let dir = tempdir();
+    let study = dir.path().join("study");
+    gen_ct(&study, 200, &["--charset", "utf8"]);
+    let mut daemon = Daemon::start(dir.path(), CT_ROUTE);
+    let files = files_in(&study);
+    let children: Vec<_> = files
+        .chunks(25)
+        .map(|chunk| {
+            Command::new(require("/usr/bin/storescu"))
+                .args(["-aet", CALLING, "-aec", "CLOUDPDI", "127.0.0.1"])
+                .arg(daemon.dicom.port().to_string())
+                .args(chunk)
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(children.len(), 8);
+    for mut child in children {
+        assert!(child.wait().unwrap().success(), "{}", daemon.log());
+    }
+    daemon.wait_stable_batch(200, Duration::from_secs(30));
+    let metrics = ureq_metrics(&daemon);
+    assert!(
+        metrics.contains("cloudpdi_associations_accepted_total 8"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("cloudpdi_instances_total{outcome=\"stored\"} 200"));
+    assert!(daemon.stop().success());
+    let index = daemon.index();
+    let batch = index.ready().unwrap()[0];
+    assert_eq!(index.members(batch).unwrap().len(), 200);
+}
+
+fn ureq_metrics(daemon: &Daemon) -> String {
+    let out = run(Command::new(require("/usr/bin/curl")).args([
+        "-sf",
+        &format!("http://{}/metrics", daemon.admin),
+    ]));
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn unknown_called_ae_and_disallowed_caller_are_rejected_with_reasons() {
+    let dir = tempdir();
+    let routes = "[route.ct]\nae_title = \"CLOUDPDI\"\nallowed_callers = [\"PACS\"]\n";
+    let daemon = Daemon::start(dir.path(), routes);
+    let echo = |called: &str, calling: &str| {
+        run(Command::new(require("/usr/bin/echoscu")).args([
+            "-aec",
+            called,
+            "-aet",
+            calling,
+            "127.0.0.1",
+            &daemon.dicom.port().to_string(),
+        ]))
+    };
+    let unknown = echo("NOBODY", "PACS");
+    assert!(!unknown.status.success());
+    assert!(
+        String::from_utf8_lossy(&unknown.stderr).contains("Called AE Title Not Recognized"),
+        "{unknown:?}"
+    );
+    let stranger = echo("CLOUDPDI", "STRANGER");
+    assert!(!stranger.status.success());
+    assert!(
+        String::from_utf8_lossy(&stranger.stderr).contains("Calling AE Title Not Recognized"),
+        "{stranger:?}"
+    );
+    assert!(echo("CLOUDPDI", "PACS").status.success());
+    let log = daemon.log();
+    assert!(
+        log.contains("association rejected: called AE title not recognized")
+            && log.contains("called=\"NOBODY\""),
+        "{log}"
+    );
+    assert!(
+        log.contains("association rejected: calling AE title not allowed on this route")
+            && log.contains("calling=\"STRANGER\""),
+        "{log}"
+    );
+}
+
+/// A Part 10 file with a valid meta header but a dataset that ends inside an element.
+fn unparsable_file(dir: &Path) -> PathBuf {
+    let meta = dicom_object::FileMetaTableBuilder::new()
+        .media_storage_sop_class_uid("1.2.840.10008.5.1.4.1.1.7")
+        .media_storage_sop_instance_uid("1.2.826.0.1.3680043.10.1436.99.1")
+        .transfer_syntax("1.2.840.10008.1.2.1")
+        .build()
+        .unwrap();
+    let mut bytes = vec![0u8; 128];
+    bytes.extend_from_slice(b"DICM");
+    meta.write(&mut bytes).unwrap();
+    // (0008,0016) UI claiming 0xFFF0 bytes, followed by only a few.
+    bytes.extend_from_slice(&[0x08, 0x00, 0x16, 0x00, b'U', b'I', 0xF0, 0xFF]);
+    bytes.extend_from_slice(b"1.2.840.10008.5.1.4.1.1.7\0");
+    let path = dir.join("garbage.dcm");
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+#[test]
+fn unparsable_dataset_gets_a_failure_status_and_the_association_goes_on() {
+    let dir = tempdir();
+    let study = dir.path().join("study");
+    gen_ct(&study, 2, &[]);
+    let garbage = unparsable_file(dir.path());
+    let mut daemon = Daemon::start(dir.path(), CT_ROUTE);
+    let mut files = vec![garbage];
+    files.extend(files_in(&study));
+    let results = pynetdicom_store(&daemon, CALLING, &files);
+    assert_eq!(results.len(), 3);
+    assert!(
+        (0xC000..=0xCFFF).contains(&results[0].status),
+        "garbage got status {:#x}",
+        results[0].status
+    );
+    assert!(results[0].comment.contains("cannot be parsed"), "{results:?}");
+    assert_eq!(results[1].status, 0, "{results:?}");
+    assert_eq!(results[2].status, 0, "{results:?}");
+    assert!(daemon.log().contains("instance refused"));
+    assert!(daemon.stop().success());
+    let index = daemon.index();
+    assert!(index
+        .instance("ct", "1.2.826.0.1.3680043.10.1436.99.1")
+        .unwrap()
+        .is_none());
+    let spooled = walk(&dir.path().join("data/spool"));
+    assert_eq!(spooled.len(), 2, "only the good instances are on disk: {spooled:?}");
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
+#[test]
+fn full_disk_answers_out_of_resources_and_leaves_no_partial_file() {
+    require("/usr/bin/unshare");
+    let dir = tempdir();
+    let study = dir.path().join("study");
+    gen_ct(&study, 12, &[]);
+    let spool = dir.path().join("data/spool");
+    std::fs::create_dir_all(&spool).unwrap();
+    // A 3 MiB tmpfs holds about five 0.5 MB slices; the index lives outside it.
+    let mount = format!(
+        "mount -t tmpfs -o size=3m tmpfs {} &&",
+        spool.display()
+    );
+    let mut daemon = Daemon::start_wrapped(
+        dir.path(),
+        CT_ROUTE,
+        &["unshare", "--mount", "--propagation", "private", "sh", "-c", &mount],
+    );
+    let results = pynetdicom_store(&daemon, CALLING, &files_in(&study));
+    let ok = results.iter().filter(|r| r.status == 0).count();
+    let full: Vec<_> = results.iter().filter(|r| r.status == 0xA700).collect();
+    assert!(ok >= 2, "some instances fit: {results:?}\n{}", daemon.log());
+    assert!(!full.is_empty(), "the rest is refused with 0xA700: {results:?}");
+    assert_eq!(ok + full.len(), results.len(), "{results:?}");
+    assert!(full[0].comment.contains("out of disk space"), "{full:?}");
+    // Look inside the daemon's mount namespace before it goes away.
+    let inside = run(Command::new("nsenter")
+        .args(["-t", &daemon.pid().to_string(), "-m", "find"])
+        .arg(&spool)
+        .args(["-type", "f"]));
+    let listed = String::from_utf8_lossy(&inside.stdout).to_string();
+    assert_eq!(listed.lines().count(), ok, "no partial file remains:\n{listed}");
+    assert!(!listed.contains(".part"), "{listed}");
+    assert!(daemon.stop().success());
+    let index = daemon.index();
+    let batch = index.batches().unwrap();
+    assert_eq!(batch.len(), 1);
+    assert_eq!(batch[0].instances as usize, ok);
+}
+
+#[test]
+fn kill_9_mid_transfer_keeps_every_acknowledged_instance() {
+    let dir = tempdir();
+    let study = dir.path().join("study");
+    gen_ct(&study, 200, &[]);
+    let files = files_in(&study);
+    let routes = "[route.ct]\nae_title = \"CLOUDPDI\"\nstable_after = 4\n";
+    let mut daemon = Daemon::start(dir.path(), routes);
+
+    let mut sender = Command::new("python3")
+        .arg(root().join("tests/peers/store.py"))
+        .args(["127.0.0.1", &daemon.dicom.port().to_string(), "CLOUDPDI", CALLING])
+        .args(&files)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = sender.stdout.take().unwrap();
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // Kill once a good part of the study has been acknowledged.
+    let mut acknowledged = Vec::new();
+    while acknowledged.len() < 40 {
+        let line = lines_rx
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("sender stalled:\n{}", daemon.log()));
+        let result: StoreResult = serde_json::from_str(&line).unwrap();
+        assert_eq!(result.status, 0, "{result:?}");
+        acknowledged.push(result.file);
+    }
+    daemon.kill9();
+    let _ = sender.wait();
+    for line in lines_rx.iter() {
+        if let Ok(result) = serde_json::from_str::<StoreResult>(&line) {
+            if result.status == 0 {
+                acknowledged.push(result.file);
+            }
+        }
+    }
+    assert!(
+        !acknowledged.is_empty() && acknowledged.len() < files.len(),
+        "the kill must land mid-transfer: {} acknowledged",
+        acknowledged.len()
+    );
+
+    // Every acknowledged instance is in the index and its file parses.
+    {
+        let index = daemon.index();
+        for file in &acknowledged {
+            let uid = dataset(Path::new(file))
+                .element(dicom_dictionary_std::tags::SOP_INSTANCE_UID)
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .trim_end_matches('\0')
+                .to_owned();
+            let record = index
+                .instance("ct", &uid)
+                .unwrap()
+                .unwrap_or_else(|| panic!("acknowledged {file} lost after kill -9"));
+            assert_same_dataset(Path::new(file), &daemon.spooled(&record));
+        }
+    }
+
+    // Restart, resend the whole study (as a PACS retry would): one batch of 200.
+    daemon.spawn();
+    let out = storescu(&daemon, CALLING, &[], &files);
+    assert!(out.status.success(), "{out:?}");
+    let batch = daemon.wait_stable_batch(200, Duration::from_secs(30));
+    assert_eq!(batch["instances"], 200);
+    let status = daemon.status();
+    assert_eq!(status["batches"].as_array().unwrap().len(), 1, "{status:#}");
+}
+
+#[test]
+fn sigterm_stops_cleanly_with_exit_zero() {
+    let dir = tempdir();
+    let study = dir.path().join("study");
+    gen_ct(&study, 3, &[]);
+    let mut daemon = Daemon::start(dir.path(), CT_ROUTE);
+    assert!(storescu(&daemon, CALLING, &[], &files_in(&study)).status.success());
+    let status = daemon.stop();
+    assert!(status.success(), "exit status {status}");
+    let log = daemon.log();
+    assert!(log.contains("shutting down") && log.contains("index flushed"), "{log}");
+    assert_eq!(daemon.index().batches().unwrap()[0].instances, 3);
+}
+
+#[test]
+fn environment_overrides_reach_the_daemon() {
+    let dir = tempdir();
+    let data = dir.path().join("data");
+    let (dicom, admin) = (free_port(), free_port());
+    let config = dir.path().join("c.toml");
+    std::fs::write(&config, config_text(1, 2, &data, CT_ROUTE)).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_cloudpdi"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("CLOUDPDI_DICOM__LISTEN", format!("127.0.0.1:{dicom}"))
+        .env("CLOUDPDI_ADMIN__LISTEN", format!("127.0.0.1:{admin}"))
+        .env("CLOUDPDI_ROUTE__CT__AE_TITLE", "OVERRIDDEN")
+        .env("CLOUDPDI_LOG__FORMAT", "json")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let child = out;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", dicom)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "daemon did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let echo = |called: &str| {
+        run(Command::new(require("/usr/bin/echoscu")).args([
+            "-aec",
+            called,
+            "127.0.0.1",
+            &dicom.to_string(),
+        ]))
+        .status
+        .success()
+    };
+    assert!(echo("OVERRIDDEN"));
+    assert!(!echo("CLOUDPDI"));
+    run(Command::new("kill").args(["-TERM", &child.id().to_string()]));
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success());
+    let first = String::from_utf8_lossy(&output.stderr)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let line: serde_json::Value = serde_json::from_str(&first).expect("JSON log lines");
+    assert_eq!(line["message"], "cloudpdi serve ready");
+}
