@@ -81,7 +81,11 @@ pub async fn serve(
 }
 
 fn unavailable(e: impl std::fmt::Display) -> Response {
-    (StatusCode::SERVICE_UNAVAILABLE, format!("index unavailable: {e}\n")).into_response()
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("index unavailable: {e}\n"),
+    )
+        .into_response()
 }
 
 async fn status(State(state): State<Arc<AdminState>>) -> Response {
@@ -130,12 +134,16 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
         .unwrap_or_default();
     let count = |s: BatchState| batches.iter().filter(|b| b.state == s).count() as u64;
     let body = state.metrics.render(&[
-        ("batches_open", "Batches still receiving instances.", count(BatchState::Open)),
-        ("batches_stable", "Stable batches held in the spool.", count(BatchState::Stable)),
+        (
+            "batches_open",
+            "Batches still receiving instances.",
+            count(BatchState::Open),
+        ),
+        (
+            "batches_stable",
+            "Stable batches held in the spool.",
+            count(BatchState::Stable),
+        ),
     ]);
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        body,
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }

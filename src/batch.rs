@@ -31,7 +31,9 @@ pub enum IndexError {
     #[error("job index (sled) failed: {0}; check the disk holding the data folder")]
     Sled(#[from] sled::Error),
     /// A record could not be decoded: the index was written by an incompatible version.
-    #[error("job index record {key} is unreadable ({source}); was the data folder written by another version?")]
+    #[error(
+        "job index record {key} is unreadable ({source}); was the data folder written by another version?"
+    )]
     Corrupt {
         /// The record's key, printable.
         key: String,
@@ -366,7 +368,12 @@ impl BatchIndex {
         Ok(sealed)
     }
 
-    fn seal(&self, open_key: &[u8], id: BatchId, now: u64) -> Result<Option<BatchRecord>, IndexError> {
+    fn seal(
+        &self,
+        open_key: &[u8],
+        id: BatchId,
+        now: u64,
+    ) -> Result<Option<BatchRecord>, IndexError> {
         (&self.batches, &self.open, &self.ready)
             .transaction(|(batches, open, ready)| {
                 // Re-read inside the transaction: an instance may have arrived meanwhile.
@@ -499,20 +506,41 @@ mod tests {
         let index = BatchIndex::open(dir.path()).expect("open");
         let routes = routes();
         let route = routes.by_name("ct").expect("route");
-        let first = index.record(route, "study-1", "1.1", record(100, 1_000)).expect("record");
-        let Recorded::Added { batch, joined: Joined::New } = first else {
+        let first = index
+            .record(route, "study-1", "1.1", record(100, 1_000))
+            .expect("record");
+        let Recorded::Added {
+            batch,
+            joined: Joined::New,
+        } = first
+        else {
             panic!("first instance opens a batch: {first:?}");
         };
         assert_eq!(
-            index.record(route, "study-1", "1.2", record(50, 2_000)).expect("second"),
-            Recorded::Added { batch, joined: Joined::Open }
+            index
+                .record(route, "study-1", "1.2", record(50, 2_000))
+                .expect("second"),
+            Recorded::Added {
+                batch,
+                joined: Joined::Open
+            }
         );
         assert_eq!(
-            index.record(route, "study-1", "1.1", record(120, 3_000)).expect("resend"),
+            index
+                .record(route, "study-1", "1.1", record(120, 3_000))
+                .expect("resend"),
             Recorded::Replaced(batch)
         );
-        let other = index.record(route, "study-2", "2.1", record(10, 3_000)).expect("other");
-        assert!(matches!(other, Recorded::Added { joined: Joined::New, .. }));
+        let other = index
+            .record(route, "study-2", "2.1", record(10, 3_000))
+            .expect("other");
+        assert!(matches!(
+            other,
+            Recorded::Added {
+                joined: Joined::New,
+                ..
+            }
+        ));
 
         let b = index.batch(batch).expect("read").expect("exists");
         assert_eq!((b.instances, b.bytes, b.state), (2, 170, BatchState::Open));
@@ -524,16 +552,35 @@ mod tests {
         assert_eq!(index.ready().expect("ready").len(), 2);
 
         // A late instance reopens its stable batch while it waits for packing.
-        let later = index.record(route, "study-1", "1.3", record(1, 20_000)).expect("later");
-        assert_eq!(later, Recorded::Added { batch, joined: Joined::Reopened });
+        let later = index
+            .record(route, "study-1", "1.3", record(1, 20_000))
+            .expect("later");
+        assert_eq!(
+            later,
+            Recorded::Added {
+                batch,
+                joined: Joined::Reopened
+            }
+        );
         let b = index.batch(batch).expect("read").expect("exists");
-        assert_eq!((b.instances, b.state, b.stable_at), (3, BatchState::Open, None));
+        assert_eq!(
+            (b.instances, b.state, b.stable_at),
+            (3, BatchState::Open, None)
+        );
         assert_eq!(index.ready().expect("ready").len(), 1);
 
         // Once packed (taken off the ready queue), the study starts a new batch.
         assert_eq!(index.seal_quiet(&routes, 30_000).expect("seal").len(), 1);
         index.ready.remove(batch.key()).expect("take");
-        let newer = index.record(route, "study-1", "1.4", record(1, 40_000)).expect("newer");
-        assert!(matches!(newer, Recorded::Added { joined: Joined::New, .. }));
+        let newer = index
+            .record(route, "study-1", "1.4", record(1, 40_000))
+            .expect("newer");
+        assert!(matches!(
+            newer,
+            Recorded::Added {
+                joined: Joined::New,
+                ..
+            }
+        ));
     }
 }

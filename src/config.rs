@@ -32,7 +32,7 @@ pub enum ConfigError {
 }
 
 /// The whole daemon configuration.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// DICOM network settings (the C-STORE SCP).
@@ -128,18 +128,6 @@ pub enum BatchBy {
     Study,
     /// One batch per Patient ID (all studies of a patient travel together).
     Patient,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            dicom: DicomConfig::default(),
-            spool: SpoolConfig::default(),
-            admin: AdminConfig::default(),
-            log: LogConfig::default(),
-            routes: BTreeMap::new(),
-        }
-    }
 }
 
 impl Default for DicomConfig {
@@ -296,7 +284,9 @@ fn check_ae_title(key: &str, title: &str) -> Result<(), ConfigError> {
     let trimmed = title.trim();
     if trimmed.is_empty()
         || trimmed.len() > 16
-        || !trimmed.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'\\')
+        || !trimmed
+            .bytes()
+            .all(|b| (0x20..0x7f).contains(&b) && b != b'\\')
     {
         return Err(ConfigError::Invalid(format!(
             "{key}: {title:?} is not a valid AE title (1-16 printable ASCII characters, no backslash)"
@@ -322,7 +312,10 @@ where
             .into_iter()
             .enumerate()
             .map(|(i, route)| {
-                let name = route.name.clone().unwrap_or_else(|| format!("route{}", i + 1));
+                let name = route
+                    .name
+                    .clone()
+                    .unwrap_or_else(|| format!("route{}", i + 1));
                 Ok((name, route))
             })
             .collect(),
@@ -365,8 +358,8 @@ mod tests {
 
     #[test]
     fn table_and_list_routes_are_both_accepted() {
-        let table = parse("[route.ct]\nae_title = \"CLOUDPDI\"\nstable_after = 5\n")
-            .expect("table form");
+        let table =
+            parse("[route.ct]\nae_title = \"CLOUDPDI\"\nstable_after = 5\n").expect("table form");
         assert_eq!(table.routes["ct"].stable_after, 5);
         let list = parse("[[route]]\nname = \"mr\"\nae_title = \"MR\"\n").expect("list form");
         assert_eq!(list.routes["mr"].ae_title, "MR");
@@ -375,8 +368,8 @@ mod tests {
 
     #[test]
     fn bad_values_name_the_key() {
-        let err = parse("[route.ct]\nae_title = \"WAY_TOO_LONG_AE_TITLE\"\n")
-            .expect_err("long AE title");
+        let err =
+            parse("[route.ct]\nae_title = \"WAY_TOO_LONG_AE_TITLE\"\n").expect_err("long AE title");
         assert!(err.to_string().contains("route.ct.ae_title"), "{err}");
         let err = parse("[admin]\nlisten = \"0.0.0.0:1\"\n[route.ct]\nae_title = \"A\"\n")
             .expect_err("public admin");

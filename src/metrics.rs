@@ -76,8 +76,14 @@ impl Metrics {
             "counter",
             "DICOM associations rejected, by reason.",
             &[
-                ("{reason=\"unknown_called_ae\"}", get(&self.rejected_unknown_called)),
-                ("{reason=\"caller_not_allowed\"}", get(&self.rejected_caller_not_allowed)),
+                (
+                    "{reason=\"unknown_called_ae\"}",
+                    get(&self.rejected_unknown_called),
+                ),
+                (
+                    "{reason=\"caller_not_allowed\"}",
+                    get(&self.rejected_caller_not_allowed),
+                ),
             ],
         );
         metric(
@@ -88,7 +94,10 @@ impl Metrics {
                 ("{outcome=\"stored\"}", get(&self.instances_stored)),
                 ("{outcome=\"duplicate\"}", get(&self.instances_duplicate)),
                 ("{outcome=\"unparsable\"}", get(&self.instances_unparsable)),
-                ("{outcome=\"out_of_space\"}", get(&self.instances_out_of_space)),
+                (
+                    "{outcome=\"out_of_space\"}",
+                    get(&self.instances_out_of_space),
+                ),
                 ("{outcome=\"failed\"}", get(&self.instances_failed)),
             ],
         );
@@ -122,9 +131,11 @@ mod tests {
         metrics.refused(Refusal::CallerNotAllowed);
         let text = metrics.render(&[("batches_open", "Open batches.", 3)]);
         assert!(text.contains("cloudpdi_instances_total{outcome=\"stored\"} 1\n"));
-        assert!(text.contains(
-            "cloudpdi_associations_rejected_total{reason=\"caller_not_allowed\"} 1\n"
-        ));
+        assert!(
+            text.contains(
+                "cloudpdi_associations_rejected_total{reason=\"caller_not_allowed\"} 1\n"
+            )
+        );
         assert!(text.contains("# TYPE cloudpdi_batches_open gauge\ncloudpdi_batches_open 3\n"));
     }
 }

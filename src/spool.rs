@@ -250,7 +250,9 @@ impl Spool {
             BatchBy::Study => identity.study_uid.clone(),
             BatchBy::Patient => identity.patient_id.clone(),
         };
-        let previous = self.index.instance(&route.name, &identity.sop_instance_uid)?;
+        let previous = self
+            .index
+            .instance(&route.name, &identity.sop_instance_uid)?;
         if let Some(previous) = previous {
             let sealed = self
                 .index

@@ -11,7 +11,9 @@ use crate::batch::{BatchState, now_ms};
 #[non_exhaustive]
 pub enum StatusError {
     /// The daemon did not answer.
-    #[error("no answer from the cloudpdi daemon's admin endpoint at {addr}: {source} (is `cloudpdi serve` running with this configuration?)")]
+    #[error(
+        "no answer from the cloudpdi daemon's admin endpoint at {addr}: {source} (is `cloudpdi serve` running with this configuration?)"
+    )]
     Unreachable {
         /// The admin address.
         addr: SocketAddr,

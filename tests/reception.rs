@@ -71,11 +71,17 @@ fn storescu_ct_study_of_210_slices_lands_unchanged_and_batches() {
     assert_eq!(batch["route"], "ct");
     let log = daemon.log();
     assert!(log.contains("batch stable, ready for packing"), "{log}");
-    assert!(log.contains("instances=210"), "association summary line:\n{log}");
+    assert!(
+        log.contains("instances=210"),
+        "association summary line:\n{log}"
+    );
     assert!(daemon.stop().success());
 
     let explicit_le = "1.2.840.10008.1.2.1".to_owned();
-    let originals: Vec<_> = files.into_iter().map(|f| (f, explicit_le.clone())).collect();
+    let originals: Vec<_> = files
+        .into_iter()
+        .map(|f| (f, explicit_le.clone()))
+        .collect();
     assert_all_spooled(&daemon, &originals);
     let index = daemon.index();
     let ready = index.ready().unwrap();
@@ -118,7 +124,11 @@ struct CorpusItem {
 #[test]
 fn storescu_pydicom_corpus_lands_unchanged_in_every_transfer_syntax() {
     let out = run(Command::new("python3").arg(root().join("tests/peers/corpus.py")));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let corpus: Vec<CorpusItem> = serde_json::from_slice(&out.stdout).unwrap();
     let mut by_ts: BTreeMap<String, Vec<PathBuf>> = BTreeMap::new();
     for item in &corpus {
@@ -132,7 +142,11 @@ fn storescu_pydicom_corpus_lands_unchanged_in_every_transfer_syntax() {
         charsets.iter().any(|c| c.contains("ISO 2022 IR 87")),
         "the corpus must hold Japanese (ISO 2022 IR 87) files: {charsets:?}"
     );
-    assert!(by_ts.len() >= 8, "too few transfer syntaxes: {:?}", by_ts.keys());
+    assert!(
+        by_ts.len() >= 8,
+        "too few transfer syntaxes: {:?}",
+        by_ts.keys()
+    );
 
     let dir = tempdir();
     let mut daemon = Daemon::start(dir.path(), CT_ROUTE);
@@ -189,10 +203,8 @@ fn eight_associations_at_once_all_stored() {
 }
 
 fn ureq_metrics(daemon: &Daemon) -> String {
-    let out = run(Command::new(require("/usr/bin/curl")).args([
-        "-sf",
-        &format!("http://{}/metrics", daemon.admin),
-    ]));
+    let out = run(Command::new(require("/usr/bin/curl"))
+        .args(["-sf", &format!("http://{}/metrics", daemon.admin)]));
     assert!(out.status.success());
     String::from_utf8(out.stdout).unwrap()
 }
@@ -273,18 +285,27 @@ fn unparsable_dataset_gets_a_failure_status_and_the_association_goes_on() {
         "garbage got status {:#x}",
         results[0].status
     );
-    assert!(results[0].comment.contains("cannot be parsed"), "{results:?}");
+    assert!(
+        results[0].comment.contains("cannot be parsed"),
+        "{results:?}"
+    );
     assert_eq!(results[1].status, 0, "{results:?}");
     assert_eq!(results[2].status, 0, "{results:?}");
     assert!(daemon.log().contains("instance refused"));
     assert!(daemon.stop().success());
     let index = daemon.index();
-    assert!(index
-        .instance("ct", "1.2.826.0.1.3680043.10.1436.99.1")
-        .unwrap()
-        .is_none());
+    assert!(
+        index
+            .instance("ct", "1.2.826.0.1.3680043.10.1436.99.1")
+            .unwrap()
+            .is_none()
+    );
     let spooled = walk(&dir.path().join("data/spool"));
-    assert_eq!(spooled.len(), 2, "only the good instances are on disk: {spooled:?}");
+    assert_eq!(
+        spooled.len(),
+        2,
+        "only the good instances are on disk: {spooled:?}"
+    );
 }
 
 fn walk(dir: &Path) -> Vec<PathBuf> {
@@ -309,20 +330,28 @@ fn full_disk_answers_out_of_resources_and_leaves_no_partial_file() {
     let spool = dir.path().join("data/spool");
     std::fs::create_dir_all(&spool).unwrap();
     // A 3 MiB tmpfs holds about five 0.5 MB slices; the index lives outside it.
-    let mount = format!(
-        "mount -t tmpfs -o size=3m tmpfs {} &&",
-        spool.display()
-    );
+    let mount = format!("mount -t tmpfs -o size=3m tmpfs {} &&", spool.display());
     let mut daemon = Daemon::start_wrapped(
         dir.path(),
         CT_ROUTE,
-        &["unshare", "--mount", "--propagation", "private", "sh", "-c", &mount],
+        &[
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            &mount,
+        ],
     );
     let results = pynetdicom_store(&daemon, CALLING, &files_in(&study));
     let ok = results.iter().filter(|r| r.status == 0).count();
     let full: Vec<_> = results.iter().filter(|r| r.status == 0xA700).collect();
     assert!(ok >= 2, "some instances fit: {results:?}\n{}", daemon.log());
-    assert!(!full.is_empty(), "the rest is refused with 0xA700: {results:?}");
+    assert!(
+        !full.is_empty(),
+        "the rest is refused with 0xA700: {results:?}"
+    );
     assert_eq!(ok + full.len(), results.len(), "{results:?}");
     assert!(full[0].comment.contains("out of disk space"), "{full:?}");
     // Look inside the daemon's mount namespace before it goes away.
@@ -331,7 +360,11 @@ fn full_disk_answers_out_of_resources_and_leaves_no_partial_file() {
         .arg(&spool)
         .args(["-type", "f"]));
     let listed = String::from_utf8_lossy(&inside.stdout).to_string();
-    assert_eq!(listed.lines().count(), ok, "no partial file remains:\n{listed}");
+    assert_eq!(
+        listed.lines().count(),
+        ok,
+        "no partial file remains:\n{listed}"
+    );
     assert!(!listed.contains(".part"), "{listed}");
     assert!(daemon.stop().success());
     let index = daemon.index();
@@ -351,7 +384,12 @@ fn kill_9_mid_transfer_keeps_every_acknowledged_instance() {
 
     let mut sender = Command::new("python3")
         .arg(root().join("tests/peers/store.py"))
-        .args(["127.0.0.1", &daemon.dicom.port().to_string(), "CLOUDPDI", CALLING])
+        .args([
+            "127.0.0.1",
+            &daemon.dicom.port().to_string(),
+            "CLOUDPDI",
+            CALLING,
+        ])
         .args(&files)
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -427,11 +465,18 @@ fn sigterm_stops_cleanly_with_exit_zero() {
     let study = dir.path().join("study");
     gen_ct(&study, 3, &[]);
     let mut daemon = Daemon::start(dir.path(), CT_ROUTE);
-    assert!(storescu(&daemon, CALLING, &[], &files_in(&study)).status.success());
+    assert!(
+        storescu(&daemon, CALLING, &[], &files_in(&study))
+            .status
+            .success()
+    );
     let status = daemon.stop();
     assert!(status.success(), "exit status {status}");
     let log = daemon.log();
-    assert!(log.contains("shutting down") && log.contains("index flushed"), "{log}");
+    assert!(
+        log.contains("shutting down") && log.contains("index flushed"),
+        "{log}"
+    );
     assert_eq!(daemon.index().batches().unwrap()[0].instances, 3);
 }
 

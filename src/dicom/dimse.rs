@@ -232,7 +232,10 @@ mod tests {
             let mut out = Vec::new();
             while at < rsp.len() {
                 let len = le32(&rsp[at + 4..at + 8]) as usize;
-                out.push((le16(&rsp[at + 2..at + 4]), rsp[at + 8..at + 8 + len].to_vec()));
+                out.push((
+                    le16(&rsp[at + 2..at + 4]),
+                    rsp[at + 8..at + 8 + len].to_vec(),
+                ));
                 at += 8 + len;
             }
             out

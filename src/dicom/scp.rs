@@ -185,7 +185,9 @@ async fn serve_association(
         let _ = association.abort().await;
         return;
     };
-    ctx.metrics.associations_active.fetch_add(1, Ordering::Relaxed);
+    ctx.metrics
+        .associations_active
+        .fetch_add(1, Ordering::Relaxed);
     let _active = ActiveGuard(ctx.metrics.clone());
     inc(&ctx.metrics.associations_accepted);
     let calling = association.peer_ae_title().trim().to_owned();
@@ -272,7 +274,13 @@ impl AssociationState {
             .presentation_contexts()
             .iter()
             .filter(|pc| pc.reason == PresentationContextResultReason::Acceptance)
-            .map(|pc| (pc.id, pc.abstract_syntax.clone(), pc.transfer_syntax.clone()))
+            .map(|pc| {
+                (
+                    pc.id,
+                    pc.abstract_syntax.clone(),
+                    pc.transfer_syntax.clone(),
+                )
+            })
             .collect();
         loop {
             // Shutdown is honoured only between messages: an instance in flight finishes.
@@ -360,12 +368,19 @@ impl AssociationState {
         let Some((_, abstract_syntax, transfer_syntax)) =
             self.contexts.iter().find(|(id, _, _)| *id == context_id)
         else {
-            return Err(format!("{command} on presentation context {context_id}, which was not accepted"));
+            return Err(format!(
+                "{command} on presentation context {context_id}, which was not accepted"
+            ));
         };
         match command.field {
             field::C_ECHO_RQ => {
                 debug!("C-ECHO");
-                respond(association, context_id, command.response(status::SUCCESS, None)).await
+                respond(
+                    association,
+                    context_id,
+                    command.response(status::SUCCESS, None),
+                )
+                .await
             }
             field::C_STORE_RQ if command.has_data_set && abstract_syntax != VERIFICATION => {
                 let incoming = if &command.sop_class_uid == abstract_syntax {

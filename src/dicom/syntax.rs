@@ -52,11 +52,18 @@ mod tests {
                 "{uid:?}"
             );
             if let Some(entry) = StandardSopClassDictionary.by_uid(uid) {
-                assert!(entry.name().contains("Storage"), "{uid} is {}", entry.name());
+                assert!(
+                    entry.name().contains("Storage"),
+                    "{uid} is {}",
+                    entry.name()
+                );
                 known += 1;
             }
         }
-        assert!(known * 10 >= ABSTRACT_SYNTAXES.len() * 9, "only {known} known");
+        assert!(
+            known * 10 >= ABSTRACT_SYNTAXES.len() * 9,
+            "only {known} known"
+        );
     }
 
     #[test]

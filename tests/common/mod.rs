@@ -61,10 +61,9 @@ pub fn files_in(dir: &Path) -> Vec<PathBuf> {
 
 /// Runs a command to completion and returns its output.
 pub fn run(command: &mut Command) -> Output {
-    let out = command
+    command
         .output()
-        .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"));
-    out
+        .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"))
 }
 
 /// A running `cloudpdi serve`.
@@ -156,7 +155,11 @@ impl Daemon {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("cloudpdi serve exited with {status}:\n{}", self.log());
             }
-            assert!(Instant::now() < deadline, "daemon did not start:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not start:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -236,7 +239,10 @@ impl Daemon {
 
     /// The spool's index, opened after the daemon stopped (sled allows one process).
     pub fn index(&self) -> cloudpdi::batch::BatchIndex {
-        assert!(self.child.is_none(), "stop the daemon before opening its index");
+        assert!(
+            self.child.is_none(),
+            "stop the daemon before opening its index"
+        );
         cloudpdi::batch::BatchIndex::open(&self.dir.join("data/index")).unwrap()
     }
 
@@ -274,7 +280,12 @@ pub struct StoreResult {
 pub fn pynetdicom_store(daemon: &Daemon, calling: &str, files: &[PathBuf]) -> Vec<StoreResult> {
     let out = run(Command::new("python3")
         .arg(root().join("tests/peers/store.py"))
-        .args(["127.0.0.1", &daemon.dicom.port().to_string(), "CLOUDPDI", calling])
+        .args([
+            "127.0.0.1",
+            &daemon.dicom.port().to_string(),
+            "CLOUDPDI",
+            calling,
+        ])
         .args(files));
     assert!(
         out.status.success(),
@@ -295,32 +306,78 @@ pub fn dataset(path: &Path) -> dicom_object::InMemDicomObject {
         .into_inner()
 }
 
-/// Asserts two files hold the same dataset element by element (group lengths aside:
-/// senders may add or drop them).
+/// Asserts two files hold the same dataset element by element. Encoding details that
+/// senders legitimately change are ignored: group lengths, defined vs undefined sequence
+/// lengths, trailing padding of text (DESIGN §9: storescu re-encodes what it sends).
 pub fn assert_same_dataset(original: &Path, stored: &Path) {
     let (a, b) = (dataset(original), dataset(stored));
-    let elements = |o: &dicom_object::InMemDicomObject| {
+    if let Err(why) = same_object(&a, &b) {
+        panic!(
+            "{} and {} differ: {why}",
+            original.display(),
+            stored.display()
+        );
+    }
+}
+
+type Object = dicom_object::InMemDicomObject;
+type Element = dicom_object::mem::InMemElement;
+
+fn same_object(a: &Object, b: &Object) -> Result<(), String> {
+    let elements = |o: &Object| {
         o.iter()
-            .filter(|e| e.header().tag.element() != 0x0000)
+            // Group lengths and Data Set Trailing Padding carry no data; senders drop them.
+            .filter(|e| {
+                e.header().tag.element() != 0x0000
+                    && e.header().tag != dicom_core::Tag(0xFFFC, 0xFFFC)
+            })
             .cloned()
             .collect::<Vec<_>>()
     };
-    let (ea, eb) = (elements(&a), elements(&b));
-    assert_eq!(
-        ea.len(),
-        eb.len(),
-        "{} and {} differ in element count",
-        original.display(),
-        stored.display()
-    );
-    for (x, y) in ea.iter().zip(&eb) {
-        assert!(
-            x == y,
-            "{} and {} differ at {}",
-            original.display(),
-            stored.display(),
-            x.header().tag
-        );
+    let (ea, eb) = (elements(a), elements(b));
+    if ea.len() != eb.len() {
+        let tags = |v: &[Element]| v.iter().map(|e| e.header().tag).collect::<Vec<_>>();
+        let (ta, tb) = (tags(&ea), tags(&eb));
+        let only_a: Vec<_> = ta.iter().filter(|t| !tb.contains(t)).collect();
+        let only_b: Vec<_> = tb.iter().filter(|t| !ta.contains(t)).collect();
+        return Err(format!(
+            "elements only in the first: {only_a:?}, only in the second: {only_b:?}"
+        ));
+    }
+    ea.iter().zip(&eb).try_for_each(|(x, y)| same_element(x, y))
+}
+
+fn same_element(x: &Element, y: &Element) -> Result<(), String> {
+    use dicom_core::value::Value;
+    let tag = x.header().tag;
+    if tag != y.header().tag {
+        return Err(format!("{tag} vs {}", y.header().tag));
+    }
+    if x.value() == y.value() {
+        return Ok(());
+    }
+    let same = match (x.value(), y.value()) {
+        (Value::Primitive(a), Value::Primitive(b)) => {
+            a.to_str().trim_end_matches([' ', '\0']) == b.to_str().trim_end_matches([' ', '\0'])
+        }
+        (Value::Sequence(a), Value::Sequence(b)) => {
+            if a.items().len() != b.items().len() {
+                return Err(format!("{tag}: item counts differ"));
+            }
+            for (i, (p, q)) in a.items().iter().zip(b.items()).enumerate() {
+                same_object(p, q).map_err(|why| format!("{tag} item {i}: {why}"))?;
+            }
+            true
+        }
+        (Value::PixelSequence(a), Value::PixelSequence(b)) => {
+            a.fragments() == b.fragments() && a.offset_table() == b.offset_table()
+        }
+        _ => false,
+    };
+    if same {
+        Ok(())
+    } else {
+        Err(format!("{tag}: {:?} vs {:?}", x.value(), y.value()))
     }
 }
 

@@ -40,8 +40,15 @@ def describe(path):
 
 
 def dcmtk_reads(item):
-    """DCMTK must parse the file too: storescu refuses what dcmdump cannot read."""
-    return subprocess.run(["/usr/bin/dcmdump", "-q", item["path"]], capture_output=True).returncode == 0
+    """DCMTK must parse the file and find its SOP UIDs, or storescu refuses to send it
+    (e.g. explicit_VR-UN.dcm, whose UIDs are encoded as UN)."""
+    out = subprocess.run(
+        ["/usr/bin/dcmdump", "-q", "+P", "0008,0016", "+P", "0008,0018", item["path"]],
+        capture_output=True,
+        text=True,
+        errors="replace",
+    )
+    return out.returncode == 0 and out.stdout.count(" UI ") == 2
 
 
 def main():
