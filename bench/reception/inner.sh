@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Runs inside `unshare --net` (only `lo`): see run.sh.
+set -euo pipefail
+work=$1 rounds=$2
+ip link set lo up
+files=("$work"/study/*.dcm)
+n=${#files[@]}
+bin=target/release/cloudpdi
+
+now() { date +%s.%N; }
+wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return; sleep 0.05; done; echo "port $1 not up" >&2; exit 1; }
+
+storescp_round() {
+  rm -rf "$work/scp" && mkdir -p "$work/scp"
+  /usr/bin/storescp -od "$work/scp" 11113 & local pid=$!
+  sleep 0.3
+  local t0; t0=$(now)
+  /usr/bin/storescu -aec STORESCP 127.0.0.1 11113 "${files[@]}"
+  local t1; t1=$(now)
+  kill $pid; wait $pid 2>/dev/null || true
+  [ "$(ls "$work/scp" | wc -l)" -eq "$n" ] || { echo "storescp stored $(ls "$work/scp" | wc -l)/$n" >&2; exit 1; }
+  echo "$t1 - $t0" | bc -l
+}
+
+cloudpdi_round() {
+  rm -rf "$work/gw" && mkdir -p "$work/gw"
+  cat > "$work/gw/c.toml" <<TOML
+[dicom]
+listen = "127.0.0.1:11112"
+[spool]
+data_dir = "$work/gw/data"
+min_free_mb = 0
+[admin]
+listen = "127.0.0.1:11180"
+[log]
+level = "warn"
+[route.bench]
+ae_title = "CLOUDPDI"
+stable_after = 3600
+TOML
+  $bin serve --config "$work/gw/c.toml" & local pid=$!
+  wait_port 11180
+  local t0; t0=$(now)
+  /usr/bin/storescu -aec CLOUDPDI 127.0.0.1 11112 "${files[@]}"
+  local t1; t1=$(now)
+  local stored; stored=$($bin status --admin 127.0.0.1:11180 --json | python3 -c 'import json,sys; print(sum(b["instances"] for b in json.load(sys.stdin)["batches"]))')
+  kill $pid; wait $pid || true
+  [ "$stored" -eq "$n" ] || { echo "cloudpdi stored $stored/$n" >&2; exit 1; }
+  echo "$t1 - $t0" | bc -l
+}
+
+echo "study: $n instances, $(du -sh "$work/study" | cut -f1); rounds: $rounds (median reported)"
+scp_times=() gw_times=()
+for _ in $(seq "$rounds"); do
+  scp_times+=("$(storescp_round)")
+  gw_times+=("$(cloudpdi_round)")
+done
+median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+scp=$(median "${scp_times[@]}") gw=$(median "${gw_times[@]}")
+printf 'storescu -> storescp  : %6.3f s  %7.1f instances/s   (runs: %s)\n' "$scp" "$(echo "$n / $scp" | bc -l)" "${scp_times[*]}"
+printf 'storescu -> cloudpdi  : %6.3f s  %7.1f instances/s   (runs: %s)\n' "$gw" "$(echo "$n / $gw" | bc -l)" "${gw_times[*]}"
+printf 'ratio cloudpdi/storescp throughput: %.2f\n' "$(echo "$scp / $gw" | bc -l)"

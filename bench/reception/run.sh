@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Reception benchmark: DCMTK storescu -> `cloudpdi serve` (fsync + index per instance)
+# against DCMTK storescu -> DCMTK storescp (writing to disk, no fsync), same study, same
+# run, on loopback inside a private network namespace (storescp cannot bind loopback
+# only). Prints instances/s for both and the ratio. Needs root (unshare --net).
+#
+#   bench/reception/run.sh            # 500 slices, 3 rounds
+#   SLICES=200 ROUNDS=5 bench/reception/run.sh
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+cargo build --release --locked --quiet
+work=$(mktemp -d /var/tmp/cloudpdi-bench.XXXXXX)
+trap 'rm -rf "$work"' EXIT
+python3 scripts/gen_ct.py "$work/study" --slices "${SLICES:-500}" >/dev/null
+unshare --net bash bench/reception/inner.sh "$work" "${ROUNDS:-3}"

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Installs cloudpdi as a systemd service on this machine (run as root):
+# binary to /usr/local/bin, configuration to /etc/cloudpdi (kept if present),
+# units to /etc/systemd/system, then enables and starts the gateway.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release --locked
+install -m 0755 target/release/cloudpdi /usr/local/bin/cloudpdi
+install -d -m 0755 /etc/cloudpdi /usr/local/share/doc/cloudpdi
+[ -e /etc/cloudpdi/cloudpdi.toml ] || install -m 0644 conf/cloudpdi.toml /etc/cloudpdi/cloudpdi.toml
+install -m 0644 README.md /usr/local/share/doc/cloudpdi/README.md
+install -m 0644 systemd/cloudpdi.service /etc/systemd/system/cloudpdi.service
+systemctl daemon-reload
+systemctl enable --now cloudpdi.service
+systemctl --no-pager status cloudpdi.service
