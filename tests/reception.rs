@@ -526,3 +526,83 @@ fn environment_overrides_reach_the_daemon() {
     let line: serde_json::Value = serde_json::from_str(&first).expect("JSON log lines");
     assert_eq!(line["message"], "cloudpdi serve ready");
 }
+
+#[test]
+fn silent_peer_is_dropped_after_the_association_timeout() {
+    use std::io::Read;
+    let dir = tempdir();
+    let config = common::config_text(free_port(), free_port(), &dir.path().join("data"), CT_ROUTE)
+        .replace(
+            "idle_timeout = 20",
+            "idle_timeout = 20\nassociation_timeout = 1",
+        );
+    let path = dir.path().join("artim.toml");
+    std::fs::write(&path, &config).unwrap();
+    let parsed = cloudpdi::config::Config::load(&path).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cloudpdi"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut socket = loop {
+        if let Ok(s) = std::net::TcpStream::connect(parsed.dicom.listen) {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "daemon did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 16];
+    let read = socket.read(&mut buf);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        matches!(read, Ok(0)) || read.is_err() && started.elapsed() < Duration::from_secs(9),
+        "the daemon must close a silent connection: {read:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn readiness_is_notified_to_systemd_and_health_is_served() {
+    let dir = tempdir();
+    let socket_path = dir.path().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let (dicom, admin) = (free_port(), free_port());
+    let config = dir.path().join("c.toml");
+    std::fs::write(
+        &config,
+        common::config_text(dicom, admin, &dir.path().join("data"), CT_ROUTE),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cloudpdi"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("NOTIFY_SOCKET", &socket_path)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let received = notify.recv(&mut buf);
+    let message = received
+        .map(|n| String::from_utf8_lossy(&buf[..n]).into_owned())
+        .unwrap_or_default();
+    let health = run(Command::new(require("/usr/bin/curl"))
+        .args(["-sf", &format!("http://127.0.0.1:{admin}/healthz")]));
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(message.contains("READY=1"), "notify message: {message:?}");
+    assert_eq!(String::from_utf8_lossy(&health.stdout), "ok\n");
+}

@@ -10,12 +10,16 @@ bin=target/release/cloudpdi
 now() { date +%s.%N; }
 wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return; sleep 0.05; done; echo "port $1 not up" >&2; exit 1; }
 
+# DCMTK on Debian leaves Nagle's algorithm on unless TCP_NODELAY=1 is in the environment;
+# $1 is "nagle" (Debian default) or "nodelay" for both DCMTK tools.
+dcmtk_env() { if [ "$1" = nodelay ]; then echo TCP_NODELAY=1; else echo TCP_NODELAY_UNSET=1; fi; }
+
 storescp_round() {
   rm -rf "$work/scp" && mkdir -p "$work/scp"
-  /usr/bin/storescp -od "$work/scp" 11113 & local pid=$!
+  env "$(dcmtk_env "$1")" /usr/bin/storescp -od "$work/scp" 11113 & local pid=$!
   sleep 0.3
   local t0; t0=$(now)
-  /usr/bin/storescu -aec STORESCP 127.0.0.1 11113 "${files[@]}"
+  env "$(dcmtk_env "$1")" /usr/bin/storescu -aec STORESCP 127.0.0.1 11113 "${files[@]}"
   local t1; t1=$(now)
   kill $pid; wait $pid 2>/dev/null || true
   [ "$(ls "$work/scp" | wc -l)" -eq "$n" ] || { echo "storescp stored $(ls "$work/scp" | wc -l)/$n" >&2; exit 1; }
@@ -41,7 +45,7 @@ TOML
   $bin serve --config "$work/gw/c.toml" & local pid=$!
   wait_port 11180
   local t0; t0=$(now)
-  /usr/bin/storescu -aec CLOUDPDI 127.0.0.1 11112 "${files[@]}"
+  env "$(dcmtk_env "$1")" /usr/bin/storescu -aec CLOUDPDI 127.0.0.1 11112 "${files[@]}"
   local t1; t1=$(now)
   local stored; stored=$($bin status --admin 127.0.0.1:11180 --json | python3 -c 'import json,sys; print(sum(b["instances"] for b in json.load(sys.stdin)["batches"]))')
   kill $pid; wait $pid || true
@@ -50,13 +54,16 @@ TOML
 }
 
 echo "study: $n instances, $(du -sh "$work/study" | cut -f1); rounds: $rounds (median reported)"
-scp_times=() gw_times=()
-for _ in $(seq "$rounds"); do
-  scp_times+=("$(storescp_round)")
-  gw_times+=("$(cloudpdi_round)")
-done
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-scp=$(median "${scp_times[@]}") gw=$(median "${gw_times[@]}")
-printf 'storescu -> storescp  : %6.3f s  %7.1f instances/s   (runs: %s)\n' "$scp" "$(echo "$n / $scp" | bc -l)" "${scp_times[*]}"
-printf 'storescu -> cloudpdi  : %6.3f s  %7.1f instances/s   (runs: %s)\n' "$gw" "$(echo "$n / $gw" | bc -l)" "${gw_times[*]}"
-printf 'ratio cloudpdi/storescp throughput: %.2f\n' "$(echo "$scp / $gw" | bc -l)"
+for mode in nagle nodelay; do
+  scp_times=() gw_times=()
+  for _ in $(seq "$rounds"); do
+    scp_times+=("$(storescp_round $mode)")
+    gw_times+=("$(cloudpdi_round $mode)")
+  done
+  scp=$(median "${scp_times[@]}") gw=$(median "${gw_times[@]}")
+  echo "DCMTK with $mode:"
+  printf '  storescu -> storescp : %7.3f s %8.1f instances/s  (runs: %s)\n' "$scp" "$(echo "$n / $scp" | bc -l)" "${scp_times[*]}"
+  printf '  storescu -> cloudpdi : %7.3f s %8.1f instances/s  (runs: %s)\n' "$gw" "$(echo "$n / $gw" | bc -l)" "${gw_times[*]}"
+  printf '  ratio cloudpdi/storescp throughput: %.2f\n' "$(echo "$scp / $gw" | bc -l)"
+done
