@@ -275,14 +275,8 @@ impl BatchIndex {
                     let previous: InstanceRecord = tx_decode(&ikey, &previous)?;
                     let mut batch = load_batch(batches, previous.batch)?;
                     if batch.state == BatchState::Open {
-                        batch.bytes = batch.bytes - previous.size.min(batch.bytes) + record.size;
-                        batch.last_instance_at = record.received_at;
-                        batches.insert(&batch.id.key(), encode(&batch))?;
-                        let record = InstanceRecord {
-                            batch: batch.id,
-                            ..record.clone()
-                        };
-                        instances.insert(ikey.as_slice(), encode(&record))?;
+                        batch.bytes -= previous.size.min(batch.bytes);
+                        save(batches, instances, &ikey, &mut batch, &record)?;
                     }
                     return Ok(Recorded::Replaced(previous.batch));
                 }
@@ -293,7 +287,7 @@ impl BatchIndex {
                         })?;
                         (load_batch(batches, id)?, Joined::Open)
                     }
-                    None => match waiting.filter(|id| matches!(ready.get(id.key()), Ok(Some(_)))) {
+                    None => match still_waiting(ready, waiting)? {
                         Some(id) => {
                             ready.remove(&id.key())?;
                             open.insert(open_key.as_slice(), &id.key())?;
@@ -310,14 +304,7 @@ impl BatchIndex {
                     },
                 };
                 batch.instances += 1;
-                batch.bytes += record.size;
-                batch.last_instance_at = record.received_at;
-                batches.insert(&batch.id.key(), encode(&batch))?;
-                let record = InstanceRecord {
-                    batch: batch.id,
-                    ..record.clone()
-                };
-                instances.insert(ikey.as_slice(), encode(&record))?;
+                save(batches, instances, &ikey, &mut batch, &record)?;
                 let member = [&batch.id.key()[..], sop_instance_uid.as_bytes()].concat();
                 members.insert(member, &[])?;
                 Ok(Recorded::Added {
@@ -450,6 +437,36 @@ fn load_batch(batches: &TransactionalTree, id: BatchId) -> TxResult<BatchRecord>
         .get(id.key())?
         .ok_or_else(|| ConflictableTransactionError::Abort(corrupt_id(&id.key())))?;
     tx_decode(&id.key(), &bytes)
+}
+
+/// Adds the instance's size and time to its batch and writes both records.
+fn save(
+    batches: &TransactionalTree,
+    instances: &TransactionalTree,
+    instance_key: &[u8],
+    batch: &mut BatchRecord,
+    record: &InstanceRecord,
+) -> TxResult<()> {
+    batch.bytes += record.size;
+    batch.last_instance_at = record.received_at;
+    batches.insert(&batch.id.key(), encode(batch))?;
+    let record = InstanceRecord {
+        batch: batch.id,
+        ..record.clone()
+    };
+    instances.insert(instance_key, encode(&record))?;
+    Ok(())
+}
+
+/// The candidate batch, if it is still queued for packing inside this transaction.
+fn still_waiting(
+    ready: &TransactionalTree,
+    candidate: Option<BatchId>,
+) -> TxResult<Option<BatchId>> {
+    match candidate {
+        Some(id) if ready.get(id.key())?.is_some() => Ok(Some(id)),
+        _ => Ok(None),
+    }
 }
 
 fn new_batch(id: BatchId, route: &Route, group_key: &str, now: u64) -> BatchRecord {

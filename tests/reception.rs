@@ -22,13 +22,7 @@ fn tempdir() -> tempfile::TempDir {
 fn assert_all_spooled(daemon: &Daemon, originals: &[(PathBuf, String)]) {
     let index = daemon.index();
     for (original, sent_ts) in originals {
-        let uid = dataset(original)
-            .element(dicom_dictionary_std::tags::SOP_INSTANCE_UID)
-            .unwrap()
-            .to_str()
-            .unwrap()
-            .trim_end_matches('\0')
-            .to_owned();
+        let uid = sop_instance_uid(original);
         let record = index
             .instance("ct", &uid)
             .unwrap()
@@ -434,13 +428,7 @@ fn kill_9_mid_transfer_keeps_every_acknowledged_instance() {
     {
         let index = daemon.index();
         for file in &acknowledged {
-            let uid = dataset(Path::new(file))
-                .element(dicom_dictionary_std::tags::SOP_INSTANCE_UID)
-                .unwrap()
-                .to_str()
-                .unwrap()
-                .trim_end_matches('\0')
-                .to_owned();
+            let uid = sop_instance_uid(Path::new(file));
             let record = index
                 .instance("ct", &uid)
                 .unwrap()

@@ -306,6 +306,17 @@ pub fn dataset(path: &Path) -> dicom_object::InMemDicomObject {
         .into_inner()
 }
 
+/// The SOP Instance UID of a Part 10 file.
+pub fn sop_instance_uid(path: &Path) -> String {
+    dataset(path)
+        .element(dicom_dictionary_std::tags::SOP_INSTANCE_UID)
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .trim_end_matches('\0')
+        .to_owned()
+}
+
 /// Asserts two files hold the same dataset element by element. Encoding details that
 /// senders legitimately change are ignored: group lengths, defined vs undefined sequence
 /// lengths, trailing padding of text (DESIGN §9: storescu re-encodes what it sends).
