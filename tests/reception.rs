@@ -519,44 +519,23 @@ fn environment_overrides_reach_the_daemon() {
 fn silent_peer_is_dropped_after_the_association_timeout() {
     use std::io::Read;
     let dir = tempdir();
-    let config = common::config_text(free_port(), free_port(), &dir.path().join("data"), CT_ROUTE)
-        .replace(
-            "idle_timeout = 20",
-            "idle_timeout = 20\nassociation_timeout = 1",
-        );
-    let path = dir.path().join("artim.toml");
-    std::fs::write(&path, &config).unwrap();
-    let parsed = cloudpdi::config::Config::load(&path).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cloudpdi"))
-        .args(["serve", "--config"])
-        .arg(&path)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let mut socket = loop {
-        if let Ok(s) = std::net::TcpStream::connect(parsed.dicom.listen) {
-            break s;
-        }
-        assert!(std::time::Instant::now() < deadline, "daemon did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let daemon = Daemon::start_tuned(dir.path(), CT_ROUTE, "association_timeout = 1");
+    let mut socket = std::net::TcpStream::connect(daemon.dicom).unwrap();
     socket
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
     let started = std::time::Instant::now();
-    let mut buf = [0u8; 16];
-    let read = socket.read(&mut buf);
-    let _ = child.kill();
-    let _ = child.wait();
+    let read = socket.read(&mut [0u8; 16]);
+    let waited = started.elapsed();
     assert!(
-        matches!(read, Ok(0)) || read.is_err() && started.elapsed() < Duration::from_secs(9),
+        matches!(read, Ok(0)) || (read.is_err() && waited < Duration::from_secs(9)),
         "the daemon must close a silent connection: {read:?}"
     );
+    assert!(waited < Duration::from_secs(5), "closed after {waited:?}");
     assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "{:?}",
-        started.elapsed()
+        daemon
+            .log()
+            .contains("did not complete association negotiation")
     );
 }
 
@@ -593,4 +572,55 @@ fn readiness_is_notified_to_systemd_and_health_is_served() {
     let _ = child.wait();
     assert!(message.contains("READY=1"), "notify message: {message:?}");
     assert_eq!(String::from_utf8_lossy(&health.stdout), "ok\n");
+}
+
+/// Starts tests/peers/hold.py and waits until its association is established.
+fn hold_association(daemon: &Daemon, seconds: f64) -> std::process::Child {
+    use std::io::BufRead;
+    let mut holder = Command::new("python3")
+        .arg(root().join("tests/peers/hold.py"))
+        .args(["127.0.0.1", &daemon.dicom.port().to_string(), "CLOUDPDI"])
+        .arg(seconds.to_string())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufReader::new(holder.stdout.as_mut().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.contains("\"established\": true"), "{first}");
+    holder
+}
+
+#[test]
+fn association_limit_makes_further_peers_wait() {
+    let dir = tempdir();
+    let daemon = Daemon::start_tuned(dir.path(), CT_ROUTE, "max_associations = 1");
+    let holder = hold_association(&daemon, 3.0);
+    let started = std::time::Instant::now();
+    let echo = run(Command::new(require("/usr/bin/echoscu")).args([
+        "-aec",
+        "CLOUDPDI",
+        "127.0.0.1",
+        &daemon.dicom.port().to_string(),
+    ]));
+    let waited = started.elapsed();
+    let held = holder.wait_with_output().unwrap();
+    assert!(echo.status.success(), "{echo:?}");
+    assert!(
+        waited >= Duration::from_millis(2500),
+        "the second peer was served after {waited:?}, before the first released"
+    );
+    assert!(String::from_utf8_lossy(&held.stdout).contains("\"echo_after_wait\": 0"));
+}
+
+#[test]
+fn idle_association_is_aborted_after_the_idle_timeout() {
+    let dir = tempdir();
+    let daemon = Daemon::start_tuned(dir.path(), CT_ROUTE, "idle_timeout = 1");
+    let holder = hold_association(&daemon, 3.0);
+    let held = holder.wait_with_output().unwrap();
+    let report = String::from_utf8_lossy(&held.stdout);
+    assert!(report.contains("\"aborted\": true"), "{report}");
+    assert!(daemon.log().contains("connection lost") || daemon.log().contains("aborted"));
 }

@@ -99,13 +99,30 @@ impl Daemon {
         Daemon::start_wrapped(dir, routes, &[])
     }
 
+    /// Starts the daemon with extra `[dicom]` settings (e.g. `max_associations = 1`).
+    pub fn start_tuned(dir: &Path, routes: &str, dicom_settings: &str) -> Daemon {
+        Daemon::launch(dir, routes, dicom_settings, &[])
+    }
+
     /// Starts the daemon through a wrapper command (e.g. `unshare ... sh -c`), whose last
     /// argument receives the daemon's command line.
     pub fn start_wrapped(dir: &Path, routes: &str, wrapper: &[&str]) -> Daemon {
+        Daemon::launch(dir, routes, "", wrapper)
+    }
+
+    fn launch(dir: &Path, routes: &str, dicom_settings: &str, wrapper: &[&str]) -> Daemon {
         let data = dir.join("data");
         let config = dir.join("cloudpdi.toml");
         let (dicom, admin) = (free_port(), free_port());
-        fs::write(&config, config_text(dicom, admin, &data, routes)).unwrap();
+        // `dicom_settings` may replace the harness's idle timeout (TOML forbids repeats).
+        let settings = if dicom_settings.contains("idle_timeout") {
+            format!("{dicom_settings}\n")
+        } else {
+            format!("idle_timeout = 20\n{dicom_settings}\n")
+        };
+        let text =
+            config_text(dicom, admin, &data, routes).replacen("idle_timeout = 20\n", &settings, 1);
+        fs::write(&config, text).unwrap();
         let mut daemon = Daemon {
             child: None,
             dicom: SocketAddr::from(([127, 0, 0, 1], dicom)),
