@@ -21,6 +21,30 @@ enum Command {
     Serve(ConfigArg),
     /// Show what the running daemon holds (batches, instance counts, state).
     Status(StatusArgs),
+    /// Send DICOM files or folders (e.g. a PDI read from disc) into a PACS with C-STORE.
+    Import(ImportArgs),
+}
+
+#[derive(Args)]
+struct ImportArgs {
+    /// PACS address, host:port.
+    #[arg(long)]
+    pacs: String,
+    /// The PACS's AE title.
+    #[arg(long)]
+    called: String,
+    /// Our AE title, as the PACS knows it.
+    #[arg(long, default_value = "CLOUDPDI")]
+    calling: String,
+    /// Associations used in parallel.
+    #[arg(long, default_value_t = 4)]
+    associations: usize,
+    /// Attempts per instance when the PACS is unreachable or out of resources.
+    #[arg(long, default_value_t = 3)]
+    attempts: u32,
+    /// Files or folders (walked recursively; DICOMDIR and non-DICOM files are skipped).
+    #[arg(required = true)]
+    paths: Vec<PathBuf>,
 }
 
 #[derive(Args)]
@@ -46,7 +70,42 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Serve(args) => serve(&args),
         Command::Status(args) => status(&args),
+        Command::Import(args) => import(args),
     }
+}
+
+fn import(args: ImportArgs) -> anyhow::Result<()> {
+    use cloudpdi::dicom::scu::{Outcome, StoreTarget, collect, store_all};
+    let (instances, skipped) = collect(&args.paths);
+    for not_dicom in &skipped {
+        eprintln!("skipped: {not_dicom}");
+    }
+    let total = instances.len();
+    let target = StoreTarget {
+        address: args.pacs,
+        called_ae: args.called,
+        calling_ae: args.calling,
+        associations: args.associations,
+        max_pdu_length: 131_072,
+        timeout: std::time::Duration::from_secs(30),
+        max_attempts: args.attempts,
+        backoff: std::time::Duration::from_millis(500),
+    };
+    let results = runtime()?.block_on(store_all(std::sync::Arc::new(target), instances));
+    let mut refused = 0;
+    for (instance, outcome) in &results {
+        if let Outcome::Refused { reason, .. } = outcome {
+            refused += 1;
+            eprintln!("refused: {}: {reason}", instance.path.display());
+        }
+    }
+    println!(
+        "{} of {total} instances stored, {refused} refused, {} files skipped",
+        total - refused,
+        skipped.len()
+    );
+    anyhow::ensure!(refused == 0, "{refused} instances were not stored");
+    Ok(())
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

@@ -67,17 +67,25 @@ pub struct Command {
     pub has_data_set: bool,
 }
 
-impl Command {
-    /// Decodes a complete command set.
-    ///
-    /// # Errors
-    /// [`CommandError`] when the bytes are truncated, too large or lack a required field.
-    pub fn decode(bytes: &[u8]) -> Result<Command, CommandError> {
+/// Every element of a command set that either side acts on, as found.
+#[derive(Debug, Default)]
+struct Fields {
+    field: Option<u16>,
+    message_id: Option<u16>,
+    responding_to: Option<u16>,
+    data_set_type: Option<u16>,
+    status: Option<u16>,
+    sop_class_uid: String,
+    sop_instance_uid: String,
+    error_comment: String,
+}
+
+impl Fields {
+    fn decode(bytes: &[u8]) -> Result<Fields, CommandError> {
         if bytes.len() > MAX_COMMAND_LENGTH {
             return Err(CommandError::TooLarge);
         }
-        let (mut field, mut message_id, mut data_set_type) = (None, None, None);
-        let (mut sop_class_uid, mut sop_instance_uid) = (String::new(), String::new());
+        let mut fields = Fields::default();
         let mut at = 0;
         while at < bytes.len() {
             let header = bytes.get(at..at + 8).ok_or(CommandError::Truncated(at))?;
@@ -87,21 +95,87 @@ impl Command {
                 .get(at + 8..at + 8 + len)
                 .ok_or(CommandError::Truncated(at))?;
             match tag {
-                (0x0000, 0x0002) => sop_class_uid = uid_text(value),
-                (0x0000, 0x0100) => field = us(value),
-                (0x0000, 0x0110) => message_id = us(value),
-                (0x0000, 0x0800) => data_set_type = us(value),
-                (0x0000, 0x1000) => sop_instance_uid = uid_text(value),
+                (0x0000, 0x0002) => fields.sop_class_uid = uid_text(value),
+                (0x0000, 0x0100) => fields.field = us(value),
+                (0x0000, 0x0110) => fields.message_id = us(value),
+                (0x0000, 0x0120) => fields.responding_to = us(value),
+                (0x0000, 0x0800) => fields.data_set_type = us(value),
+                (0x0000, 0x0900) => fields.status = us(value),
+                (0x0000, 0x0902) => fields.error_comment = uid_text(value),
+                (0x0000, 0x1000) => fields.sop_instance_uid = uid_text(value),
                 _ => {}
             }
             at += 8 + len;
         }
+        Ok(fields)
+    }
+}
+
+/// A response from a peer SCP, as the SCU needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    /// Command Field (0000,0100), e.g. [`field::C_STORE_RSP`].
+    pub field: u16,
+    /// Message ID Being Responded To (0000,0120).
+    pub responding_to: u16,
+    /// Status (0000,0900).
+    pub status: u16,
+    /// Error Comment (0000,0902), empty when absent.
+    pub error_comment: String,
+}
+
+impl Response {
+    /// Decodes a complete response command set.
+    ///
+    /// # Errors
+    /// [`CommandError`] when the bytes are truncated, too large or lack a required field.
+    pub fn decode(bytes: &[u8]) -> Result<Response, CommandError> {
+        let fields = Fields::decode(bytes)?;
+        Ok(Response {
+            field: fields
+                .field
+                .ok_or(CommandError::Missing("Command Field (0000,0100)"))?,
+            responding_to: fields.responding_to.ok_or(CommandError::Missing(
+                "Message ID Being Responded To (0000,0120)",
+            ))?,
+            status: fields
+                .status
+                .ok_or(CommandError::Missing("Status (0000,0900)"))?,
+            error_comment: fields.error_comment,
+        })
+    }
+}
+
+/// Encodes a C-STORE-RQ (medium priority, a dataset follows).
+pub fn store_request(message_id: u16, sop_class_uid: &str, sop_instance_uid: &str) -> Vec<u8> {
+    let mut body = Vec::with_capacity(256);
+    put(&mut body, 0x0002, &uid_bytes(sop_class_uid));
+    put(&mut body, 0x0100, &field::C_STORE_RQ.to_le_bytes());
+    put(&mut body, 0x0110, &message_id.to_le_bytes());
+    put(&mut body, 0x0700, &0u16.to_le_bytes());
+    put(&mut body, 0x0800, &0u16.to_le_bytes());
+    put(&mut body, 0x1000, &uid_bytes(sop_instance_uid));
+    with_group_length(body)
+}
+
+impl Command {
+    /// Decodes a complete request command set.
+    ///
+    /// # Errors
+    /// [`CommandError`] when the bytes are truncated, too large or lack a required field.
+    pub fn decode(bytes: &[u8]) -> Result<Command, CommandError> {
+        let fields = Fields::decode(bytes)?;
         Ok(Command {
-            field: field.ok_or(CommandError::Missing("Command Field (0000,0100)"))?,
-            message_id: message_id.ok_or(CommandError::Missing("Message ID (0000,0110)"))?,
-            sop_class_uid,
-            sop_instance_uid,
-            has_data_set: data_set_type
+            field: fields
+                .field
+                .ok_or(CommandError::Missing("Command Field (0000,0100)"))?,
+            message_id: fields
+                .message_id
+                .ok_or(CommandError::Missing("Message ID (0000,0110)"))?,
+            sop_class_uid: fields.sop_class_uid,
+            sop_instance_uid: fields.sop_instance_uid,
+            has_data_set: fields
+                .data_set_type
                 .ok_or(CommandError::Missing("Command Data Set Type (0000,0800)"))?
                 != NO_DATA_SET,
         })
@@ -125,17 +199,22 @@ impl Command {
         if !self.sop_instance_uid.is_empty() {
             put(&mut body, 0x1000, &uid_bytes(&self.sop_instance_uid));
         }
-        let mut out = Vec::with_capacity(body.len() + 12);
-        put(
-            &mut out,
-            0x0000,
-            &u32::try_from(body.len())
-                .expect("a response is a few hundred bytes")
-                .to_le_bytes(),
-        );
-        out.extend_from_slice(&body);
-        out
+        with_group_length(body)
     }
+}
+
+/// Prefixes a command body with its Command Group Length (0000,0000).
+fn with_group_length(body: Vec<u8>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + 12);
+    put(
+        &mut out,
+        0x0000,
+        &u32::try_from(body.len())
+            .expect("a command set is a few hundred bytes")
+            .to_le_bytes(),
+    );
+    out.extend_from_slice(&body);
+    out
 }
 
 impl fmt::Display for Command {
@@ -205,14 +284,7 @@ mod tests {
     use super::*;
 
     fn store_rq() -> Vec<u8> {
-        let mut body = Vec::new();
-        put(&mut body, 0x0002, &uid_bytes("1.2.840.10008.5.1.4.1.1.2"));
-        put(&mut body, 0x0100, &field::C_STORE_RQ.to_le_bytes());
-        put(&mut body, 0x0110, &7u16.to_le_bytes());
-        put(&mut body, 0x0700, &0u16.to_le_bytes());
-        put(&mut body, 0x0800, &0u16.to_le_bytes());
-        put(&mut body, 0x1000, &uid_bytes("1.2.3.4"));
-        body
+        store_request(7, "1.2.840.10008.5.1.4.1.1.2", "1.2.3.4")
     }
 
     #[test]
@@ -225,6 +297,15 @@ mod tests {
         assert!(command.has_data_set);
 
         let rsp = command.response(status::CANNOT_UNDERSTAND, Some("bad"));
+        assert_eq!(
+            Response::decode(&rsp),
+            Ok(Response {
+                field: field::C_STORE_RSP,
+                responding_to: 7,
+                status: status::CANNOT_UNDERSTAND,
+                error_comment: "bad".into(),
+            })
+        );
         let decoded_len = le32(&rsp[8..12]) as usize;
         assert_eq!(decoded_len, rsp.len() - 12, "group length covers the rest");
         let rsp_values: Vec<(u16, Vec<u8>)> = {
@@ -249,7 +330,7 @@ mod tests {
     #[test]
     fn truncated_and_incomplete_commands_are_errors() {
         let full = store_rq();
-        for cut in [3, 9, full.len() - 1] {
+        for cut in [3, 9, 13, full.len() - 1] {
             assert!(matches!(
                 Command::decode(&full[..cut]),
                 Err(CommandError::Truncated(_))

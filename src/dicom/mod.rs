@@ -3,4 +3,5 @@
 
 pub mod dimse;
 pub mod scp;
+pub mod scu;
 pub mod syntax;

@@ -1,0 +1,537 @@
+//! The C-STORE service class user: sends DICOM files into the local PACS.
+//!
+//! Several associations run in parallel, each carrying many instances (one association
+//! per image is slow). Presentation contexts are proposed from what the files hold: each
+//! (SOP class, transfer syntax) pair as it is, plus the uncompressed syntaxes per SOP
+//! class so that an uncompressed file can be converted when the PACS wants another byte
+//! order or VR encoding. Compressed data is never decompressed here: a PACS that refuses
+//! the file's syntax gets a clear refusal naming it.
+//!
+//! Failures are sorted: a lost connection or "out of resources" is retried with
+//! exponential back-off on a fresh association; any other failure status is permanent
+//! and reported with the PACS's own reason, so the instance can be set aside.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dicom_object::meta::FileMetaTable;
+use dicom_ul::Pdu;
+use dicom_ul::association::client::{AsyncClientAssociation, ClientAssociationOptions};
+use dicom_ul::pdu::{PDataValue, PDataValueType, PresentationContextResultReason};
+use tokio::io::{AsyncSeekExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tracing::{debug, info, warn};
+
+use super::dimse::{Response, field, status, store_request};
+
+/// Implicit VR Little Endian.
+const IMPLICIT_LE: &str = "1.2.840.10008.1.2";
+/// Explicit VR Little Endian.
+const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
+/// Explicit VR Big Endian (retired, still found on old media).
+const EXPLICIT_BE: &str = "1.2.840.10008.1.2.2";
+/// Deflated Explicit VR Little Endian.
+const DEFLATED: &str = "1.2.840.10008.1.2.1.99";
+/// At most this many presentation contexts per association (PS3.8 allows 128 ids).
+const MAX_CONTEXTS: usize = 120;
+
+/// Where and how to store.
+#[derive(Debug, Clone)]
+pub struct StoreTarget {
+    /// `host:port` of the PACS.
+    pub address: String,
+    /// The PACS's AE title.
+    pub called_ae: String,
+    /// Our AE title, as the PACS knows it.
+    pub calling_ae: String,
+    /// Associations used in parallel.
+    pub associations: usize,
+    /// Largest PDU we accept from the PACS.
+    pub max_pdu_length: u32,
+    /// Timeout of every network wait.
+    pub timeout: Duration,
+    /// Attempts per instance for transient failures (at least 1).
+    pub max_attempts: u32,
+    /// First back-off delay; doubled after each failed attempt.
+    pub backoff: Duration,
+}
+
+/// Why a file cannot be sent at all.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ScuError {
+    /// The file is not a DICOM Part 10 file with a usable meta header.
+    #[error("{path}: not a DICOM Part 10 file ({reason})")]
+    NotDicom {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// A Part 10 file ready to send: what its meta header says and where its dataset starts.
+#[derive(Debug, Clone)]
+pub struct Instance {
+    /// The file.
+    pub path: PathBuf,
+    /// Media Storage SOP Class UID.
+    pub sop_class_uid: String,
+    /// Media Storage SOP Instance UID.
+    pub sop_instance_uid: String,
+    /// Transfer syntax of the dataset.
+    pub transfer_syntax: String,
+    dataset_offset: u64,
+}
+
+impl Instance {
+    /// Reads the meta header of `path` (with or without the 128-byte preamble).
+    ///
+    /// # Errors
+    /// [`ScuError::NotDicom`] with the reason.
+    pub fn probe(path: &Path) -> Result<Instance, ScuError> {
+        let not_dicom = |reason: String| ScuError::NotDicom {
+            path: path.to_owned(),
+            reason,
+        };
+        let mut file = std::fs::File::open(path).map_err(|e| not_dicom(e.to_string()))?;
+        let mut head = [0u8; 132];
+        let read = file.read(&mut head).map_err(|e| not_dicom(e.to_string()))?;
+        let start = if read == 132 && &head[128..132] == b"DICM" {
+            128
+        } else if read >= 4 && &head[0..4] == b"DICM" {
+            0
+        } else {
+            return Err(not_dicom("no DICM magic code".into()));
+        };
+        file.seek(SeekFrom::Start(start))
+            .map_err(|e| not_dicom(e.to_string()))?;
+        let meta = FileMetaTable::from_reader(std::io::BufReader::new(file))
+            .map_err(|e| not_dicom(e.to_string()))?;
+        let trim = |s: &str| s.trim_end_matches(['\0', ' ']).to_owned();
+        Ok(Instance {
+            path: path.to_owned(),
+            sop_class_uid: trim(meta.media_storage_sop_class_uid()),
+            sop_instance_uid: trim(meta.media_storage_sop_instance_uid()),
+            transfer_syntax: trim(meta.transfer_syntax()),
+            // "DICM" + the group length element (12 bytes) + the group it measures.
+            dataset_offset: start + 4 + 12 + u64::from(meta.information_group_length),
+        })
+    }
+}
+
+/// The Media Storage Directory SOP class: a DICOMDIR describes files, it is not sent.
+const DICOMDIR_CLASS: &str = "1.2.840.10008.1.3.10";
+
+/// Every DICOM Part 10 file under `paths` (files, or folders walked recursively), except
+/// DICOMDIRs; files that are not DICOM are returned apart so the caller can report them.
+pub fn collect(paths: &[PathBuf]) -> (Vec<Instance>, Vec<ScuError>) {
+    let mut found = Vec::new();
+    let mut stack: Vec<PathBuf> = paths.to_vec();
+    while let Some(path) = stack.pop() {
+        match std::fs::read_dir(&path) {
+            Ok(entries) => stack.extend(entries.filter_map(|e| e.ok().map(|e| e.path()))),
+            Err(_) => found.push(path),
+        }
+    }
+    found.sort();
+    let mut instances = Vec::new();
+    let mut skipped = Vec::new();
+    for path in found {
+        match Instance::probe(&path) {
+            Ok(instance) if instance.sop_class_uid == DICOMDIR_CLASS => {}
+            Ok(instance) => instances.push(instance),
+            Err(e) => skipped.push(e),
+        }
+    }
+    (instances, skipped)
+}
+
+/// What happened to one instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The PACS answered Success (0x0000) or a Warning (0x0001, 0xBxxx): it holds it.
+    Stored {
+        /// The status, kept because a warning (e.g. coercion) is worth showing.
+        status: u16,
+    },
+    /// Not stored, for good: set it aside with this reason.
+    Refused {
+        /// The PACS's failure status, when it gave one.
+        status: Option<u16>,
+        /// A sentence an admin can act on.
+        reason: String,
+    },
+}
+
+/// How one instance travels on an accepted association.
+enum Plan {
+    /// As stored, on this presentation context.
+    AsIs(u8),
+    /// Re-encoded into this uncompressed syntax, on this context.
+    Convert(u8, String),
+}
+
+/// Sends every instance and reports each outcome, in no particular order.
+pub async fn store_all(
+    target: Arc<StoreTarget>,
+    instances: Vec<Instance>,
+) -> Vec<(Instance, Outcome)> {
+    let mut results = Vec::with_capacity(instances.len());
+    for group in by_context_budget(instances) {
+        let lanes = target.associations.max(1).min(group.len().max(1));
+        let mut buckets: Vec<Vec<Instance>> = vec![Vec::new(); lanes];
+        for (i, instance) in group.into_iter().enumerate() {
+            buckets[i % lanes].push(instance);
+        }
+        let tasks: Vec<_> = buckets
+            .into_iter()
+            .filter(|b| !b.is_empty())
+            .map(|bucket| tokio::spawn(Lane::new(target.clone(), bucket).run()))
+            .collect();
+        for task in tasks {
+            match task.await {
+                Ok(lane) => results.extend(lane),
+                Err(e) => warn!("a PACS sending task failed: {e}"),
+            }
+        }
+    }
+    results
+}
+
+/// Splits instances so that no association needs more than [`MAX_CONTEXTS`] contexts.
+fn by_context_budget(mut instances: Vec<Instance>) -> Vec<Vec<Instance>> {
+    instances.sort_by(|a, b| {
+        (&a.sop_class_uid, &a.transfer_syntax).cmp(&(&b.sop_class_uid, &b.transfer_syntax))
+    });
+    let mut groups: Vec<Vec<Instance>> = Vec::new();
+    let mut pairs = BTreeSet::new();
+    for instance in instances {
+        let pair = (
+            instance.sop_class_uid.clone(),
+            instance.transfer_syntax.clone(),
+        );
+        // Each new pair may need two contexts: as-is and the uncompressed fallback.
+        if !pairs.contains(&pair) && (pairs.len() + 1) * 2 > MAX_CONTEXTS {
+            pairs.clear();
+            groups.push(Vec::new());
+        }
+        pairs.insert(pair);
+        match groups.last_mut() {
+            Some(group) => group.push(instance),
+            None => groups.push(vec![instance]),
+        }
+    }
+    groups
+}
+
+/// One association's worth of work, with its retries.
+struct Lane {
+    target: Arc<StoreTarget>,
+    queue: VecDeque<(Instance, u32)>,
+    contexts: Vec<(String, Vec<String>)>,
+    association: Option<AsyncClientAssociation<TcpStream>>,
+    message_id: u16,
+    results: Vec<(Instance, Outcome)>,
+}
+
+type Association = AsyncClientAssociation<TcpStream>;
+
+impl Lane {
+    fn new(target: Arc<StoreTarget>, instances: Vec<Instance>) -> Lane {
+        let mut pairs = BTreeSet::new();
+        let mut classes = BTreeSet::new();
+        for instance in &instances {
+            pairs.insert((
+                instance.sop_class_uid.clone(),
+                instance.transfer_syntax.clone(),
+            ));
+            classes.insert(instance.sop_class_uid.clone());
+        }
+        // Deflated datasets travel inflated: files in the wild carry bytes after the deflate
+        // stream, on which DCMTK-based PACS (Orthanc) wait forever; inflating loses nothing.
+        let mut contexts: Vec<(String, Vec<String>)> = pairs
+            .into_iter()
+            .filter(|(_, ts)| ts != DEFLATED)
+            .map(|(class, ts)| (class, vec![ts]))
+            .collect();
+        contexts.extend(
+            classes
+                .into_iter()
+                .map(|class| (class, vec![EXPLICIT_LE.to_owned(), IMPLICIT_LE.to_owned()])),
+        );
+        Lane {
+            target,
+            queue: instances.into_iter().map(|i| (i, 0)).collect(),
+            contexts,
+            association: None,
+            message_id: 0,
+            results: Vec::new(),
+        }
+    }
+
+    async fn run(mut self) -> Vec<(Instance, Outcome)> {
+        while let Some((instance, attempts)) = self.queue.pop_front() {
+            let result = self.send(&instance).await;
+            match result {
+                Ok(outcome) => self.results.push((instance, outcome)),
+                Err(transient) => {
+                    let attempts = attempts + 1;
+                    if attempts >= self.target.max_attempts.max(1) {
+                        warn!(file = %instance.path.display(), "giving up after {attempts} attempts: {transient}");
+                        let reason =
+                            format!("PACS unavailable after {attempts} attempts: {transient}");
+                        self.results.push((
+                            instance,
+                            Outcome::Refused {
+                                status: None,
+                                reason,
+                            },
+                        ));
+                    } else {
+                        let delay = self.target.backoff * 2u32.saturating_pow(attempts - 1);
+                        info!(file = %instance.path.display(), "PACS did not take the instance ({transient}); retrying in {delay:?}");
+                        tokio::time::sleep(delay).await;
+                        self.queue.push_front((instance, attempts));
+                    }
+                }
+            }
+        }
+        if let Some(association) = self.association.take() {
+            let _ = association.release().await;
+        }
+        self.results
+    }
+
+    /// Sends one instance. `Err` is a transient failure (retry), `Ok` a final outcome.
+    async fn send(&mut self, instance: &Instance) -> Result<Outcome, String> {
+        let association = self.association().await?;
+        let plan = match plan_for(association, instance) {
+            Ok(plan) => plan,
+            Err(reason) => {
+                return Ok(Outcome::Refused {
+                    status: None,
+                    reason,
+                });
+            }
+        };
+        self.message_id = self.message_id.wrapping_add(1).max(1);
+        let message_id = self.message_id;
+        let association = self.association.as_mut().expect("connected above");
+        let sent = transmit(association, instance, &plan, message_id).await;
+        let response = match sent {
+            Ok(response) => response,
+            Err(e) => {
+                self.association = None;
+                return Err(e);
+            }
+        };
+        match response.status {
+            status::SUCCESS | 0x0001 | 0xB000..=0xBFFF => Ok(Outcome::Stored {
+                status: response.status,
+            }),
+            0xA700..=0xA7FF => Err(format!(
+                "out of resources (0x{:04X}) {}",
+                response.status, response.error_comment
+            )),
+            other => Ok(Outcome::Refused {
+                status: Some(other),
+                reason: format!(
+                    "PACS refused the instance with status 0x{other:04X}{}",
+                    if response.error_comment.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", response.error_comment)
+                    }
+                ),
+            }),
+        }
+    }
+
+    async fn association(&mut self) -> Result<&mut Association, String> {
+        if self.association.is_none() {
+            let mut options = ClientAssociationOptions::new()
+                .calling_ae_title(self.target.calling_ae.clone())
+                .called_ae_title(self.target.called_ae.clone())
+                .max_pdu_length(self.target.max_pdu_length)
+                .connection_timeout(self.target.timeout)
+                .read_timeout(self.target.timeout)
+                .write_timeout(self.target.timeout);
+            for (class, syntaxes) in &self.contexts {
+                options = options.with_presentation_context(class.clone(), syntaxes.clone());
+            }
+            let mut association = options
+                .establish_async(self.target.address.as_str())
+                .await
+                .map_err(|e| {
+                    format!(
+                        "cannot open an association to {} ({}): {e}",
+                        self.target.called_ae, self.target.address
+                    )
+                })?;
+            if let Err(e) = association.inner_stream().set_nodelay(true) {
+                debug!("cannot set TCP_NODELAY: {e}");
+            }
+            self.association = Some(association);
+        }
+        Ok(self.association.as_mut().expect("set above"))
+    }
+}
+
+/// Syntaxes whose datasets can be re-encoded without touching compressed pixel data.
+fn is_uncompressed(ts: &str) -> bool {
+    matches!(ts, IMPLICIT_LE | EXPLICIT_LE | EXPLICIT_BE | DEFLATED)
+}
+
+/// Picks the accepted presentation context for an instance, or says why there is none.
+fn plan_for(association: &Association, instance: &Instance) -> Result<Plan, String> {
+    let accepted: Vec<_> = association
+        .presentation_contexts()
+        .iter()
+        .filter(|pc| {
+            pc.reason == PresentationContextResultReason::Acceptance
+                && pc.abstract_syntax == instance.sop_class_uid
+        })
+        .collect();
+    if let Some(pc) = accepted
+        .iter()
+        .find(|pc| pc.transfer_syntax == instance.transfer_syntax)
+    {
+        return Ok(Plan::AsIs(pc.id));
+    }
+    if is_uncompressed(&instance.transfer_syntax) {
+        if let Some(pc) = accepted
+            .iter()
+            .find(|pc| is_uncompressed(&pc.transfer_syntax))
+        {
+            return Ok(Plan::Convert(pc.id, pc.transfer_syntax.clone()));
+        }
+    }
+    Err(if accepted.is_empty() {
+        format!(
+            "the PACS does not accept SOP class {} at all",
+            instance.sop_class_uid
+        )
+    } else {
+        format!(
+            "the PACS does not accept transfer syntax {} for SOP class {}, and the data \
+             cannot be converted without decompressing it; configure the PACS to accept it",
+            instance.transfer_syntax, instance.sop_class_uid
+        )
+    })
+}
+
+/// Sends the command and the dataset, and waits for the response.
+async fn transmit(
+    association: &mut Association,
+    instance: &Instance,
+    plan: &Plan,
+    message_id: u16,
+) -> Result<Response, String> {
+    let (context_id, converted) = match plan {
+        Plan::AsIs(id) => (*id, None),
+        Plan::Convert(id, ts) => (*id, Some(convert(instance, ts).await?)),
+    };
+    let command = store_request(
+        message_id,
+        &instance.sop_class_uid,
+        &instance.sop_instance_uid,
+    );
+    association
+        .send(&Pdu::PData {
+            data: vec![PDataValue {
+                presentation_context_id: context_id,
+                value_type: PDataValueType::Command,
+                is_last: true,
+                data: command,
+            }],
+        })
+        .await
+        .map_err(|e| format!("sending the command failed: {e}"))?;
+    {
+        let mut writer = association.send_pdata(context_id);
+        match converted {
+            Some(bytes) => writer.write_all(&bytes).await,
+            None => {
+                let mut file = tokio::fs::File::open(&instance.path)
+                    .await
+                    .map_err(|e| format!("cannot read {}: {e}", instance.path.display()))?;
+                file.seek(SeekFrom::Start(instance.dataset_offset))
+                    .await
+                    .map_err(|e| format!("cannot read {}: {e}", instance.path.display()))?;
+                tokio::io::copy(&mut file, &mut writer).await.map(|_| ())
+            }
+        }
+        .map_err(|e| format!("sending the dataset failed: {e}"))?;
+        writer
+            .finish()
+            .await
+            .map_err(|e| format!("sending the dataset failed: {e}"))?;
+    }
+    receive_response(association, message_id).await
+}
+
+async fn receive_response(
+    association: &mut Association,
+    message_id: u16,
+) -> Result<Response, String> {
+    let mut command = Vec::new();
+    loop {
+        let pdu = association
+            .receive()
+            .await
+            .map_err(|e| format!("no response from the PACS: {e}"))?;
+        match pdu {
+            Pdu::PData { data } => {
+                for value in data {
+                    if value.value_type != PDataValueType::Command {
+                        continue;
+                    }
+                    command.extend_from_slice(&value.data);
+                    if value.is_last {
+                        let response = Response::decode(&command).map_err(|e| e.to_string())?;
+                        if response.field == field::C_STORE_RSP
+                            && response.responding_to == message_id
+                        {
+                            return Ok(response);
+                        }
+                        command.clear();
+                    }
+                }
+            }
+            Pdu::AbortRQ { .. } => return Err("the PACS aborted the association".into()),
+            Pdu::ReleaseRQ => return Err("the PACS released the association".into()),
+            other => {
+                return Err(format!(
+                    "unexpected {} from the PACS",
+                    other.short_description()
+                ));
+            }
+        }
+    }
+}
+
+/// Re-encodes a dataset of native pixel data into another uncompressed syntax (blocking
+/// work, the whole instance in memory: only for the rare PACS that needs it).
+async fn convert(instance: &Instance, ts: &str) -> Result<Vec<u8>, String> {
+    let path = instance.path.clone();
+    let ts = ts.to_owned();
+    tokio::task::spawn_blocking(move || {
+        use dicom_encoding::TransferSyntaxIndex;
+        let target = dicom_transfer_syntax_registry::TransferSyntaxRegistry
+            .get(&ts)
+            .ok_or_else(|| format!("unknown transfer syntax {ts}"))?;
+        let object = dicom_object::open_file(&path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let mut bytes = Vec::new();
+        object
+            .write_dataset_with_ts(&mut bytes, target)
+            .map_err(|e| format!("cannot convert {} to {ts}: {e}", path.display()))?;
+        Ok(bytes)
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}

@@ -1,0 +1,206 @@
+//! The C-STORE SCU (`cloudpdi import`) against real PACS peers: our own SCP, Orthanc,
+//! and a DCMTK storescp that accepts only Implicit VR Little Endian.
+//!
+//! Orthanc and storescp cannot bind loopback only, so they run with `cloudpdi import`
+//! inside a private network namespace whose only interface is `lo`.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::*;
+
+fn corpus_files() -> Vec<PathBuf> {
+    let out = run(Command::new("python3").arg(root().join("tests/peers/corpus.py")));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let corpus: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    corpus
+        .iter()
+        .map(|item| PathBuf::from(item["path"].as_str().unwrap()))
+        .collect()
+}
+
+/// Runs a bash script in a new network namespace with only `lo` up (needs root). The
+/// script starts its peer in the background as `$peer`, which is stopped at the end.
+fn in_netns(script: &str) -> Output {
+    run(Command::new(require("/usr/bin/unshare"))
+        .args(["--net", "bash", "-euc"])
+        .arg(format!(
+            "ip link set lo up\ntrap 'kill $peer 2>/dev/null; wait $peer 2>/dev/null' EXIT\n{script}"
+        )))
+}
+
+fn import_command(pacs: &str, called: &str, paths: &[PathBuf]) -> String {
+    let paths: Vec<String> = paths.iter().map(|p| format!("'{}'", p.display())).collect();
+    format!(
+        "{} import --pacs {pacs} --called {called} --associations 3 {}",
+        env!("CARGO_BIN_EXE_cloudpdi"),
+        paths.join(" ")
+    )
+}
+
+#[test]
+fn import_into_cloudpdi_sends_every_transfer_syntax_as_is_over_parallel_associations() {
+    let dir = tempfile::tempdir().unwrap();
+    let study = dir.path().join("study");
+    gen_ct(&study, 30, &[]);
+    let mut daemon = Daemon::start(dir.path(), CT_ROUTE);
+    let mut files = corpus_files();
+    files.push(study.clone());
+    let out = run(Command::new(env!("CARGO_BIN_EXE_cloudpdi"))
+        .args([
+            "import",
+            "--called",
+            "CLOUDPDI",
+            "--associations",
+            "4",
+            "--pacs",
+        ])
+        .arg(daemon.dicom.to_string())
+        .args(&files));
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(daemon.stop().success());
+    let log = daemon.log();
+    assert!(log.matches("association accepted").count() >= 4, "{log}");
+    let index = daemon.index();
+    let mut sent: Vec<PathBuf> = files_in(&study);
+    sent.extend(corpus_files());
+    for file in &sent {
+        let record = index
+            .instance("ct", &sop_instance_uid(file))
+            .unwrap()
+            .unwrap_or_else(|| panic!("{} not received", file.display()));
+        let (ts, _) = meta_of(file);
+        assert_eq!(
+            record.transfer_syntax,
+            ts,
+            "{} was re-encoded",
+            file.display()
+        );
+        assert_same_dataset(file, &daemon.spooled(&record));
+    }
+}
+
+#[test]
+fn import_into_orthanc_stores_every_instance() {
+    require("/usr/sbin/Orthanc");
+    let dir = tempfile::tempdir().unwrap();
+    let study = dir.path().join("study");
+    gen_ct(&study, 40, &["--charset", "iso2022"]);
+    let corpus = corpus_files();
+    let mut files = vec![study.clone()];
+    files.extend(corpus.iter().cloned());
+    let expected = files_in(&study).len() + corpus.len();
+    let storage = dir.path().join("orthanc");
+    std::fs::create_dir_all(&storage).unwrap();
+    let config = storage.join("orthanc.json");
+    std::fs::write(
+        &config,
+        serde_json::json!({
+            "Name": "cloudpdi-test",
+            "StorageDirectory": storage.join("db"),
+            "IndexDirectory": storage.join("db"),
+            "HttpPort": 8042,
+            "DicomPort": 4242,
+            "DicomAet": "ORTHANC",
+            "RemoteAccessAllowed": false,
+            "AuthenticationEnabled": false,
+            "DicomCheckCalledAet": true,
+            "DicomAlwaysAllowStore": true,
+            "Plugins": []
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let out = in_netns(&format!(
+        "/usr/sbin/Orthanc '{}' >'{}/orthanc.log' 2>&1 & peer=$!
+         for i in $(seq 100); do curl -sf http://127.0.0.1:8042/system >/dev/null && break; sleep 0.1; done
+         {}
+         curl -sf http://127.0.0.1:8042/statistics",
+        config.display(),
+        storage.display(),
+        import_command("127.0.0.1:4242", "ORTHANC", &files)
+    ));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json_start = stdout.find('{').expect("Orthanc statistics in the output");
+    let statistics: serde_json::Value = serde_json::from_str(&stdout[json_start..]).unwrap();
+    assert_eq!(
+        statistics["CountInstances"].as_u64().unwrap() as usize,
+        expected,
+        "{stdout}"
+    );
+}
+
+#[test]
+fn implicit_only_pacs_gets_converted_data_and_compressed_data_is_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let study = dir.path().join("study");
+    gen_ct(&study, 3, &[]);
+    let jpeg: PathBuf = corpus_files()
+        .into_iter()
+        .find(|f| meta_of(f).0 == "1.2.840.10008.1.2.4.50")
+        .expect("the corpus has a JPEG baseline file");
+    let received = dir.path().join("received");
+    std::fs::create_dir_all(&received).unwrap();
+    let out = in_netns(&format!(
+        "{} +xi -od '{}' 11113 & peer=$!
+         for i in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/11113) 2>/dev/null && break; sleep 0.05; done
+         {} || echo import-exit=$?",
+        require("/usr/bin/storescp"),
+        received.display(),
+        import_command(
+            "127.0.0.1:11113",
+            "ANY-SCP",
+            &[study.clone(), jpeg.clone()]
+        )
+    ));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stdout.contains("import-exit=1"),
+        "a refusal fails the import: {stdout}"
+    );
+    assert!(
+        stdout.contains("3 of 4 instances stored, 1 refused"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains(&format!("refused: {}", jpeg.display()))
+            && stderr.contains("does not accept transfer syntax 1.2.840.10008.1.2.4.50"),
+        "{stderr}"
+    );
+    let stored = files_in(&received);
+    assert_eq!(stored.len(), 3);
+    for file in &stored {
+        assert_eq!(
+            meta_of(file).0,
+            "1.2.840.10008.1.2",
+            "converted to implicit VR"
+        );
+    }
+    let originals = files_in(&study);
+    for original in &originals {
+        let uid = sop_instance_uid(original);
+        let copy = stored
+            .iter()
+            .find(|f| sop_instance_uid(f) == uid)
+            .unwrap_or_else(|| panic!("{uid} missing"));
+        assert_same_dataset(original, Path::new(copy));
+    }
+}
