@@ -11,6 +11,9 @@
 //! 3. [`batch`] groups instances per route and study (or patient) and marks a batch stable
 //!    after a quiet period, queued for packing.
 //!
+//! Inbound, the last step: [`dicom::scu`] stores a study into the local PACS
+//! (`cloudpdi import`), after [`reconcile`] gave it a local Patient ID if asked.
+//!
 //! [`serve`] is the daemon that runs these; [`admin`] answers `cloudpdi status`
 //! ([`status`]), health checks and Prometheus scrapes ([`metrics`]) on loopback.
 //! [`config`] holds every setting and its default; [`telemetry`] sets up the logs.
@@ -20,6 +23,7 @@ pub mod batch;
 pub mod config;
 pub mod dicom;
 pub mod metrics;
+pub mod reconcile;
 pub mod route;
 pub mod serve;
 pub mod spool;

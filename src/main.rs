@@ -42,6 +42,16 @@ struct ImportArgs {
     /// Attempts per instance when the PACS is unreachable or out of resources.
     #[arg(long, default_value_t = 3)]
     attempts: u32,
+    /// Replace the sender's Patient ID with this local one (the original is kept in
+    /// Other Patient IDs Sequence).
+    #[arg(long, conflicts_with = "patient_id_prefix")]
+    patient_id: Option<String>,
+    /// Prefix the sender's Patient ID with this text (e.g. the sending hospital's code).
+    #[arg(long)]
+    patient_id_prefix: Option<String>,
+    /// Issuer of Patient ID written with a changed Patient ID (the local ID domain).
+    #[arg(long, default_value = "LOCAL")]
+    issuer: String,
     /// Files or folders (walked recursively; DICOMDIR and non-DICOM files are skipped).
     #[arg(required = true)]
     paths: Vec<PathBuf>,
@@ -76,6 +86,7 @@ fn main() -> anyhow::Result<()> {
 
 fn import(args: ImportArgs) -> anyhow::Result<()> {
     use cloudpdi::dicom::scu::{Outcome, StoreTarget, collect, store_all};
+    use cloudpdi::reconcile::{PatientIdPolicy, Reconciler};
     let (instances, skipped) = collect(&args.paths);
     for not_dicom in &skipped {
         eprintln!("skipped: {not_dicom}");
@@ -90,6 +101,14 @@ fn import(args: ImportArgs) -> anyhow::Result<()> {
         timeout: std::time::Duration::from_secs(30),
         max_attempts: args.attempts,
         backoff: std::time::Duration::from_millis(500),
+        reconcile: Some(Reconciler {
+            policy: match (args.patient_id, args.patient_id_prefix) {
+                (Some(id), _) => PatientIdPolicy::Local(id),
+                (None, Some(prefix)) => PatientIdPolicy::Prefix(prefix),
+                (None, None) => PatientIdPolicy::Keep,
+            },
+            local_issuer: args.issuer,
+        }),
     };
     let results = runtime()?.block_on(store_all(std::sync::Arc::new(target), instances));
     let mut refused = 0;

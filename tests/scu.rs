@@ -92,17 +92,9 @@ fn import_into_cloudpdi_sends_every_transfer_syntax_as_is_over_parallel_associat
     }
 }
 
-#[test]
-fn import_into_orthanc_stores_every_instance() {
-    require("/usr/sbin/Orthanc");
-    let dir = tempfile::tempdir().unwrap();
-    let study = dir.path().join("study");
-    gen_ct(&study, 40, &["--charset", "iso2022"]);
-    let corpus = corpus_files();
-    let mut files = vec![study.clone()];
-    files.extend(corpus.iter().cloned());
-    let expected = files_in(&study).len() + corpus.len();
-    let storage = dir.path().join("orthanc");
+/// Writes an Orthanc configuration (HTTP 8042, DICOM 4242, AE ORTHANC) under `dir`.
+fn orthanc_config(dir: &Path) -> PathBuf {
+    let storage = dir.join("orthanc");
     std::fs::create_dir_all(&storage).unwrap();
     let config = storage.join("orthanc.json");
     std::fs::write(
@@ -123,15 +115,38 @@ fn import_into_orthanc_stores_every_instance() {
         .to_string(),
     )
     .unwrap();
-    let out = in_netns(&format!(
-        "/usr/sbin/Orthanc '{}' >'{}/orthanc.log' 2>&1 & peer=$!
+    config
+}
+
+/// Starts Orthanc in a private network namespace, runs `import` (a `cloudpdi import`
+/// command line) against it, then `query` (shell, may use curl on 127.0.0.1:8042).
+fn with_orthanc(dir: &Path, import: &str, query: &str) -> Output {
+    require("/usr/sbin/Orthanc");
+    let config = orthanc_config(dir);
+    in_netns(&format!(
+        "/usr/sbin/Orthanc '{}' >'{}.log' 2>&1 & peer=$!
          for i in $(seq 100); do curl -sf http://127.0.0.1:8042/system >/dev/null && break; sleep 0.1; done
-         {}
-         curl -sf http://127.0.0.1:8042/statistics",
+         {import}
+         {query}",
         config.display(),
-        storage.display(),
-        import_command("127.0.0.1:4242", "ORTHANC", &files)
-    ));
+        config.display(),
+    ))
+}
+
+#[test]
+fn import_into_orthanc_stores_every_instance() {
+    let dir = tempfile::tempdir().unwrap();
+    let study = dir.path().join("study");
+    gen_ct(&study, 40, &["--charset", "iso2022"]);
+    let corpus = corpus_files();
+    let mut files = vec![study.clone()];
+    files.extend(corpus.iter().cloned());
+    let expected = files_in(&study).len() + corpus.len();
+    let out = with_orthanc(
+        dir.path(),
+        &import_command("127.0.0.1:4242", "ORTHANC", &files),
+        "curl -sf http://127.0.0.1:8042/statistics",
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -145,6 +160,70 @@ fn import_into_orthanc_stores_every_instance() {
         expected,
         "{stdout}"
     );
+}
+
+#[test]
+fn import_with_a_local_patient_id_reconciles_every_instance_in_orthanc() {
+    let dir = tempfile::tempdir().unwrap();
+    let study = dir.path().join("study");
+    gen_ct(
+        &study,
+        3,
+        &["--charset", "iso2022", "--patient-id", "OSAKA-42"],
+    );
+    let compressed: Vec<PathBuf> = corpus_files()
+        .into_iter()
+        .filter(|f| {
+            let ts = meta_of(f).0;
+            ts == "1.2.840.10008.1.2.4.50" || ts == "1.2.840.10008.1.2.4.90"
+        })
+        .take(2)
+        .collect();
+    assert_eq!(
+        compressed.len(),
+        2,
+        "JPEG and JPEG 2000 files in the corpus"
+    );
+    let mut files = vec![study.clone()];
+    files.extend(compressed);
+    let import = format!(
+        "{} --patient-id L-777 --issuer KYOTO-UH",
+        import_command("127.0.0.1:4242", "ORTHANC", &files)
+    );
+    let query = "for i in $(curl -sf http://127.0.0.1:8042/instances | python3 -c 'import json,sys; print(\" \".join(json.load(sys.stdin)))'); do
+           curl -sf http://127.0.0.1:8042/instances/$i/simplified-tags | python3 -c 'import json,sys; print(json.dumps(json.load(sys.stdin)))'
+         done";
+    let out = with_orthanc(dir.path(), &import, query);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let instances: Vec<serde_json::Value> = stdout
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(instances.len(), 5, "{stdout}");
+    for tags in &instances {
+        assert_eq!(tags["PatientID"], "L-777", "{tags}");
+        assert_eq!(tags["IssuerOfPatientID"], "KYOTO-UH", "{tags}");
+        let others = tags["OtherPatientIDsSequence"]
+            .as_array()
+            .expect("sequence");
+        assert_eq!(others.len(), 1, "{tags}");
+        assert!(others[0]["PatientID"].is_string() && others[0]["PatientID"] != "L-777");
+    }
+    let generated: Vec<_> = instances
+        .iter()
+        .filter(|t| t["OtherPatientIDsSequence"][0]["PatientID"] == "OSAKA-42")
+        .collect();
+    assert_eq!(generated.len(), 3, "the original ID is kept: {instances:?}");
+    for tags in generated {
+        let name = tags["PatientName"].as_str().unwrap();
+        assert!(name.contains("山田^太郎"), "Japanese name survived: {name}");
+    }
 }
 
 #[test]

@@ -26,6 +26,7 @@ use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use super::dimse::{Response, field, status, store_request};
+use crate::reconcile::{PatientIdPolicy, Reconciler};
 
 /// Implicit VR Little Endian.
 const IMPLICIT_LE: &str = "1.2.840.10008.1.2";
@@ -57,6 +58,8 @@ pub struct StoreTarget {
     pub max_attempts: u32,
     /// First back-off delay; doubled after each failed attempt.
     pub backoff: Duration,
+    /// Patient ID reconciliation applied to every instance, if any.
+    pub reconcile: Option<Reconciler>,
 }
 
 /// Why a file cannot be sent at all.
@@ -168,11 +171,14 @@ pub enum Outcome {
 }
 
 /// How one instance travels on an accepted association.
-enum Plan {
-    /// As stored, on this presentation context.
-    AsIs(u8),
-    /// Re-encoded into this uncompressed syntax, on this context.
-    Convert(u8, String),
+struct Plan {
+    /// The accepted presentation context.
+    context_id: u8,
+    /// Its transfer syntax.
+    syntax: String,
+    /// Whether the dataset must be re-encoded (other syntax, or reconciled identity)
+    /// rather than streamed from the file as it is.
+    rewrite: bool,
 }
 
 /// Sends every instance and reports each outcome, in no particular order.
@@ -308,20 +314,33 @@ impl Lane {
 
     /// Sends one instance. `Err` is a transient failure (retry), `Ok` a final outcome.
     async fn send(&mut self, instance: &Instance) -> Result<Outcome, String> {
+        let reconcile = self
+            .target
+            .reconcile
+            .clone()
+            .filter(|r| r.policy != PatientIdPolicy::Keep);
         let association = self.association().await?;
-        let plan = match plan_for(association, instance) {
+        let refused = |reason| {
+            Ok(Outcome::Refused {
+                status: None,
+                reason,
+            })
+        };
+        let plan = match plan_for(association, instance, reconcile.is_some()) {
             Ok(plan) => plan,
-            Err(reason) => {
-                return Ok(Outcome::Refused {
-                    status: None,
-                    reason,
-                });
-            }
+            Err(reason) => return refused(reason),
+        };
+        let payload = match plan.rewrite {
+            false => None,
+            true => match rewrite(instance, &plan.syntax, reconcile).await {
+                Ok(bytes) => Some(bytes),
+                Err(reason) => return refused(reason),
+            },
         };
         self.message_id = self.message_id.wrapping_add(1).max(1);
         let message_id = self.message_id;
         let association = self.association.as_mut().expect("connected above");
-        let sent = transmit(association, instance, &plan, message_id).await;
+        let sent = transmit(association, instance, plan.context_id, payload, message_id).await;
         let response = match sent {
             Ok(response) => response,
             Err(e) => {
@@ -387,7 +406,7 @@ fn is_uncompressed(ts: &str) -> bool {
 }
 
 /// Picks the accepted presentation context for an instance, or says why there is none.
-fn plan_for(association: &Association, instance: &Instance) -> Result<Plan, String> {
+fn plan_for(association: &Association, instance: &Instance, rewrite: bool) -> Result<Plan, String> {
     let accepted: Vec<_> = association
         .presentation_contexts()
         .iter()
@@ -400,14 +419,22 @@ fn plan_for(association: &Association, instance: &Instance) -> Result<Plan, Stri
         .iter()
         .find(|pc| pc.transfer_syntax == instance.transfer_syntax)
     {
-        return Ok(Plan::AsIs(pc.id));
+        return Ok(Plan {
+            context_id: pc.id,
+            syntax: pc.transfer_syntax.clone(),
+            rewrite,
+        });
     }
     if is_uncompressed(&instance.transfer_syntax) {
         if let Some(pc) = accepted
             .iter()
             .find(|pc| is_uncompressed(&pc.transfer_syntax))
         {
-            return Ok(Plan::Convert(pc.id, pc.transfer_syntax.clone()));
+            return Ok(Plan {
+                context_id: pc.id,
+                syntax: pc.transfer_syntax.clone(),
+                rewrite: true,
+            });
         }
     }
     Err(if accepted.is_empty() {
@@ -424,17 +451,15 @@ fn plan_for(association: &Association, instance: &Instance) -> Result<Plan, Stri
     })
 }
 
-/// Sends the command and the dataset, and waits for the response.
+/// Sends the command and the dataset (`payload`, or the file's own bytes), and waits
+/// for the response. Every error is a network failure: worth a retry.
 async fn transmit(
     association: &mut Association,
     instance: &Instance,
-    plan: &Plan,
+    context_id: u8,
+    payload: Option<Vec<u8>>,
     message_id: u16,
 ) -> Result<Response, String> {
-    let (context_id, converted) = match plan {
-        Plan::AsIs(id) => (*id, None),
-        Plan::Convert(id, ts) => (*id, Some(convert(instance, ts).await?)),
-    };
     let command = store_request(
         message_id,
         &instance.sop_class_uid,
@@ -453,7 +478,7 @@ async fn transmit(
         .map_err(|e| format!("sending the command failed: {e}"))?;
     {
         let mut writer = association.send_pdata(context_id);
-        match converted {
+        match payload {
             Some(bytes) => writer.write_all(&bytes).await,
             None => {
                 let mut file = tokio::fs::File::open(&instance.path)
@@ -514,9 +539,15 @@ async fn receive_response(
     }
 }
 
-/// Re-encodes a dataset of native pixel data into another uncompressed syntax (blocking
-/// work, the whole instance in memory: only for the rare PACS that needs it).
-async fn convert(instance: &Instance, ts: &str) -> Result<Vec<u8>, String> {
+/// Re-encodes a dataset into `ts` (its own syntax or another uncompressed one), after
+/// reconciling its patient identity. Blocking work with the whole instance in memory:
+/// only for reconciliation and for the rare PACS that needs another byte order.
+/// Compressed pixel data is carried over as it is, never decoded.
+async fn rewrite(
+    instance: &Instance,
+    ts: &str,
+    reconcile: Option<Reconciler>,
+) -> Result<Vec<u8>, String> {
     let path = instance.path.clone();
     let ts = ts.to_owned();
     tokio::task::spawn_blocking(move || {
@@ -524,8 +555,13 @@ async fn convert(instance: &Instance, ts: &str) -> Result<Vec<u8>, String> {
         let target = dicom_transfer_syntax_registry::TransferSyntaxRegistry
             .get(&ts)
             .ok_or_else(|| format!("unknown transfer syntax {ts}"))?;
-        let object = dicom_object::open_file(&path)
+        let mut object = dicom_object::open_file(&path)
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        if let Some(reconciler) = reconcile {
+            reconciler
+                .apply(&mut object)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+        }
         let mut bytes = Vec::new();
         object
             .write_dataset_with_ts(&mut bytes, target)
