@@ -129,10 +129,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 async fn open_spool(config: &Config) -> Result<Arc<Spool>, ServeError> {
     let (spool_dir, index_dir) = (config.spool_dir(), config.index_dir());
     let min_free_mb = config.spool.min_free_mb;
-    let opened =
-        tokio::task::spawn_blocking(move || Spool::open(&spool_dir, &index_dir, min_free_mb))
-            .await
-            .unwrap_or_else(|e| Err(StoreError::Io(io::Error::other(e))));
+    let routes: Vec<String> = config.routes.keys().cloned().collect();
+    let opened = tokio::task::spawn_blocking(move || {
+        let spool = Spool::open(&spool_dir, &index_dir, min_free_mb)?;
+        routes.iter().try_for_each(|route| spool.prepare_route(route))?;
+        Ok(spool)
+    })
+    .await
+    .unwrap_or_else(|e| Err(StoreError::Io(io::Error::other(e))));
     opened.map(Arc::new).map_err(|source| ServeError::Spool {
         dir: config.spool.data_dir.clone(),
         source,

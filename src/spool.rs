@@ -192,6 +192,18 @@ impl Spool {
         })
     }
 
+    /// Creates a route's 256 fan-out folders ahead of time (durably), so that no instance
+    /// pays for a folder creation while a sender waits for its response.
+    ///
+    /// # Errors
+    /// [`StoreError`] when the folders cannot be created.
+    pub fn prepare_route(&self, route: &str) -> Result<(), StoreError> {
+        for fan in 0..=255u8 {
+            create_dir_durably(&self.dir.join(route).join(format!("{fan:02x}")))?;
+        }
+        Ok(())
+    }
+
     /// The batch index.
     pub fn index(&self) -> &BatchIndex {
         &self.index
