@@ -132,7 +132,9 @@ async fn open_spool(config: &Config) -> Result<Arc<Spool>, ServeError> {
     let routes: Vec<String> = config.routes.keys().cloned().collect();
     let opened = tokio::task::spawn_blocking(move || {
         let spool = Spool::open(&spool_dir, &index_dir, min_free_mb)?;
-        routes.iter().try_for_each(|route| spool.prepare_route(route))?;
+        routes
+            .iter()
+            .try_for_each(|route| spool.prepare_route(route))?;
         Ok(spool)
     })
     .await

@@ -624,3 +624,39 @@ fn idle_association_is_aborted_after_the_idle_timeout() {
     assert!(report.contains("\"aborted\": true"), "{report}");
     assert!(daemon.log().contains("connection lost") || daemon.log().contains("aborted"));
 }
+
+#[test]
+fn patient_route_batches_all_studies_of_a_patient_together() {
+    let dir = tempdir();
+    let (first, second) = (dir.path().join("first"), dir.path().join("second"));
+    let study_a = gen_ct(&first, 3, &["--patient-id", "P-1", "--seed", "1"]);
+    let study_b = gen_ct(&second, 2, &["--patient-id", "P-1", "--seed", "2"]);
+    assert_ne!(study_a, study_b);
+    let other = dir.path().join("other");
+    gen_ct(&other, 1, &["--patient-id", "P-2", "--seed", "3"]);
+    let routes = "[route.ct]\nae_title = \"CLOUDPDI\"\nbatch_by = \"patient\"\nstable_after = 1\n";
+    let mut daemon = Daemon::start(dir.path(), routes);
+    for folder in [&first, &second, &other] {
+        assert!(
+            storescu(&daemon, CALLING, &[], &files_in(folder))
+                .status
+                .success()
+        );
+    }
+    let batch = daemon.wait_stable_batch(5, Duration::from_secs(20));
+    assert_eq!(batch["key"], "P-1");
+    assert_eq!(batch["batch_by"], "patient");
+    daemon.wait_stable_batch(1, Duration::from_secs(20));
+    assert!(daemon.stop().success());
+    let index = daemon.index();
+    let batches = index.batches().unwrap();
+    assert_eq!(batches.len(), 2, "{batches:?}");
+    let p1 = batches.iter().find(|b| b.key == "P-1").unwrap();
+    let studies: BTreeSet<String> = index
+        .members(p1.id)
+        .unwrap()
+        .iter()
+        .map(|uid| index.instance("ct", uid).unwrap().unwrap().study_uid)
+        .collect();
+    assert_eq!(studies, BTreeSet::from([study_a, study_b]));
+}

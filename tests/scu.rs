@@ -82,9 +82,14 @@ fn import_into_cloudpdi_sends_every_transfer_syntax_as_is_over_parallel_associat
             .unwrap()
             .unwrap_or_else(|| panic!("{} not received", file.display()));
         let (ts, _) = meta_of(file);
+        // Deflate is a transport encoding: it travels inflated (see dicom::scu).
+        let expected = match ts.as_str() {
+            "1.2.840.10008.1.2.1.99" => "1.2.840.10008.1.2.1",
+            other => other,
+        };
         assert_eq!(
             record.transfer_syntax,
-            ts,
+            expected,
             "{} was re-encoded",
             file.display()
         );
