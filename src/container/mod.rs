@@ -1,0 +1,372 @@
+//! The encrypted container: what the repository stores and never can read.
+//!
+//! A container is a 48-byte [`header`] followed by the plaintext (the PDI ZIP, optionally
+//! zstd-compressed first) cut into chunks of 2^n bytes, each sealed by [`stream`]
+//! (AES-256-GCM, STREAM construction) under a per-file key derived from the
+//! [`ContainerKey`] and the header's random salt. Memory use is one chunk, whatever the
+//! size of the study. See docs/container.md for the byte layout.
+//!
+//! Decryption hands out only authenticated chunks, and reports a container that ends
+//! before its last-flagged chunk as truncated; [`decrypt_file`] writes a temp file and
+//! renames it only after the last chunk authenticated, so nothing is committed from a
+//! container that fails.
+
+pub mod header;
+pub mod keys;
+pub mod stream;
+
+use std::fs::File;
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::path::Path;
+
+pub use header::{Compression, Header};
+pub use keys::ContainerKey;
+use stream::{Stream, TAG_LEN};
+
+/// Default chunk size: 1 MiB (2^20), large enough for AES-GCM's full speed.
+pub const DEFAULT_CHUNK_LOG2: u8 = 20;
+
+/// Why a container cannot be written or read. The messages are meant for the person
+/// holding the token.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ContainerError {
+    /// The input does not start with the container magic.
+    #[error("this is not a cloudpdi container (wrong magic bytes)")]
+    NotAContainer,
+    /// A header field this version does not know.
+    #[error("unsupported container: {0}; a newer cloudpdi may read it")]
+    Unsupported(String),
+    /// A chunk failed authentication.
+    #[error("container is damaged or the token is wrong (chunk {chunk} failed authentication)")]
+    Damaged {
+        /// Zero-based chunk index.
+        chunk: u64,
+    },
+    /// The input ended before the last chunk.
+    #[error("container is truncated after chunk {chunks}: the download is incomplete")]
+    Truncated {
+        /// Chunks that authenticated before the end.
+        chunks: u64,
+    },
+    /// More than 2^64 chunks.
+    #[error("container too large")]
+    TooLarge,
+    /// Reading or writing failed (message of the I/O error).
+    #[error("I/O error: {0}")]
+    Io(String),
+}
+
+impl From<io::Error> for ContainerError {
+    fn from(err: io::Error) -> Self {
+        match err
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<ContainerError>())
+        {
+            Some(inner) => inner.clone(),
+            None => ContainerError::Io(err.to_string()),
+        }
+    }
+}
+
+impl From<ContainerError> for io::Error {
+    fn from(err: ContainerError) -> Self {
+        io::Error::new(io::ErrorKind::InvalidData, err)
+    }
+}
+
+/// How to write a container.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// Compression inside the encryption.
+    pub compression: Compression,
+    /// zstd level when compressing (1..=19; 3 is zstd's default).
+    pub zstd_level: i32,
+    /// log2 of the chunk size (16..=24).
+    pub chunk_log2: u8,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            compression: Compression::None,
+            zstd_level: 3,
+            chunk_log2: DEFAULT_CHUNK_LOG2,
+        }
+    }
+}
+
+/// Seals a plaintext stream into chunks. The last chunk is only written by
+/// [`Encryptor::finish`]: you **must** call it, or the container is truncated.
+pub struct Encryptor<W: Write> {
+    inner: W,
+    stream: Stream,
+    chunk: Vec<u8>,
+    chunk_size: usize,
+}
+
+impl<W: Write> Encryptor<W> {
+    /// Writes the header (with a fresh random salt) and returns the sealing writer.
+    ///
+    /// # Errors
+    /// [`ContainerError`] on an invalid chunk size or a failed write.
+    pub fn new(key: &ContainerKey, options: &Options, inner: W) -> Result<Self, ContainerError> {
+        let mut salt = [0u8; 32];
+        getrandom::fill(&mut salt)
+            .map_err(|e| ContainerError::Io(format!("no randomness from the OS: {e}")))?;
+        Self::with_salt(key, options, salt, inner)
+    }
+
+    /// As [`Encryptor::new`] with a given salt: for test vectors only (a salt must never
+    /// repeat under one key).
+    ///
+    /// # Errors
+    /// [`ContainerError`] on an invalid chunk size or a failed write.
+    pub fn with_salt(
+        key: &ContainerKey,
+        options: &Options,
+        salt: [u8; 32],
+        mut inner: W,
+    ) -> Result<Self, ContainerError> {
+        let header = Header {
+            compression: options.compression,
+            chunk_log2: options.chunk_log2,
+            salt,
+        };
+        let encoded = header.encode();
+        Header::decode(&encoded)?;
+        inner.write_all(&encoded)?;
+        let chunk_size = header.chunk_size();
+        Ok(Encryptor {
+            inner,
+            stream: Stream::new(&key.payload_key(&salt), encoded),
+            chunk: Vec::with_capacity(chunk_size + TAG_LEN),
+            chunk_size,
+        })
+    }
+
+    /// Seals and writes the final chunk; returns the inner writer, flushed.
+    ///
+    /// # Errors
+    /// [`ContainerError`] when writing fails.
+    pub fn finish(mut self) -> Result<W, ContainerError> {
+        self.stream.seal(&mut self.chunk, true)?;
+        self.inner.write_all(&self.chunk)?;
+        self.inner.flush()?;
+        Ok(self.inner)
+    }
+}
+
+impl<W: Write> Write for Encryptor<W> {
+    fn write(&mut self, mut data: &[u8]) -> io::Result<usize> {
+        let written = data.len();
+        while !data.is_empty() {
+            if self.chunk.len() == self.chunk_size {
+                // More data follows a full chunk: it is not the last one.
+                self.stream.seal(&mut self.chunk, false)?;
+                self.inner.write_all(&self.chunk)?;
+                self.chunk.clear();
+            }
+            let take = (self.chunk_size - self.chunk.len()).min(data.len());
+            self.chunk.extend_from_slice(&data[..take]);
+            data = &data[take..];
+        }
+        Ok(written)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Opens a container as a stream of authenticated plaintext (before decompression).
+/// Bytes are returned only from chunks that authenticated; the final `Ok(0)` comes only
+/// after the last-flagged chunk did, so a truncated container ends in an error.
+pub struct Decryptor<R: Read> {
+    inner: R,
+    header: Header,
+    stream: Stream,
+    plain: Vec<u8>,
+    offset: usize,
+    lookahead: Option<u8>,
+    done: bool,
+}
+
+impl<R: Read> Decryptor<R> {
+    /// Reads and checks the header.
+    ///
+    /// # Errors
+    /// [`ContainerError::NotAContainer`], [`ContainerError::Unsupported`] or I/O.
+    pub fn new(key: &ContainerKey, mut inner: R) -> Result<Self, ContainerError> {
+        let mut encoded = [0u8; header::HEADER_LEN];
+        inner.read_exact(&mut encoded).map_err(|e| match e.kind() {
+            io::ErrorKind::UnexpectedEof => ContainerError::NotAContainer,
+            _ => e.into(),
+        })?;
+        let header = Header::decode(&encoded)?;
+        Ok(Decryptor {
+            inner,
+            stream: Stream::new(&key.payload_key(&header.salt), encoded),
+            header,
+            plain: Vec::with_capacity(header.chunk_size() + TAG_LEN),
+            offset: 0,
+            lookahead: None,
+            done: false,
+        })
+    }
+
+    /// The container's header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    fn next_chunk(&mut self) -> Result<(), ContainerError> {
+        let want = self.header.chunk_size() + TAG_LEN;
+        self.plain.clear();
+        self.offset = 0;
+        if let Some(byte) = self.lookahead.take() {
+            self.plain.push(byte);
+        }
+        fill(&mut self.inner, &mut self.plain, want)?;
+        let mut peek = [0u8; 1];
+        let last = self.plain.len() < want || read_some(&mut self.inner, &mut peek)? == 0;
+        if !last {
+            self.lookahead = Some(peek[0]);
+        }
+        let index = self.stream.position();
+        if last && self.plain.len() == TAG_LEN && index > 0 {
+            // Only an empty container has an empty last chunk.
+            return Err(ContainerError::Damaged { chunk: index });
+        }
+        match self.stream.open(&mut self.plain, last) {
+            Ok(()) => {
+                self.done = last;
+                Ok(())
+            }
+            Err(damaged) if last && self.plain.len() == want => {
+                // A full chunk at the end that opens as a middle chunk: cut at a boundary.
+                match self.stream.open(&mut self.plain, false) {
+                    Ok(()) => Err(ContainerError::Truncated { chunks: index + 1 }),
+                    Err(_) => Err(damaged),
+                }
+            }
+            Err(_) if last && self.plain.len() < TAG_LEN => {
+                Err(ContainerError::Truncated { chunks: index })
+            }
+            Err(damaged) => Err(damaged),
+        }
+    }
+}
+
+impl<R: Read> Read for Decryptor<R> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        while self.offset == self.plain.len() {
+            if self.done {
+                return Ok(0);
+            }
+            self.next_chunk()?;
+        }
+        let n = out.len().min(self.plain.len() - self.offset);
+        out[..n].copy_from_slice(&self.plain[self.offset..self.offset + n]);
+        self.offset += n;
+        Ok(n)
+    }
+}
+
+/// Reads until `buf` holds `want` bytes or the input ends.
+fn fill(reader: &mut impl Read, buf: &mut Vec<u8>, want: usize) -> io::Result<()> {
+    let start = buf.len();
+    buf.resize(want, 0);
+    let mut at = start;
+    while at < want {
+        match reader.read(&mut buf[at..]) {
+            Ok(0) => break,
+            Ok(n) => at += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf.truncate(at);
+    Ok(())
+}
+
+fn read_some(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        match reader.read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            other => return other,
+        }
+    }
+}
+
+/// Encrypts everything `reader` yields into `writer` (compressing first if asked).
+///
+/// # Errors
+/// [`ContainerError`] on I/O failure.
+pub fn encrypt<R: Read, W: Write>(
+    key: &ContainerKey,
+    options: &Options,
+    mut reader: R,
+    writer: W,
+) -> Result<W, ContainerError> {
+    let encryptor = Encryptor::new(key, options, writer)?;
+    match options.compression {
+        Compression::None => {
+            let mut encryptor = encryptor;
+            io::copy(&mut reader, &mut encryptor)?;
+            encryptor.finish()
+        }
+        Compression::Zstd => {
+            let mut compressor = zstd::stream::write::Encoder::new(encryptor, options.zstd_level)?;
+            io::copy(&mut reader, &mut compressor)?;
+            compressor.finish()?.finish()
+        }
+    }
+}
+
+/// Decrypts (and decompresses) a container from `reader` into `writer`. Bytes already
+/// written are authenticated, but the whole is only valid when this returns `Ok`.
+///
+/// # Errors
+/// [`ContainerError`]: damaged, truncated, wrong key, or I/O.
+pub fn decrypt<R: Read, W: Write>(
+    key: &ContainerKey,
+    reader: R,
+    mut writer: W,
+) -> Result<W, ContainerError> {
+    let mut decryptor = Decryptor::new(key, reader)?;
+    match decryptor.header().compression {
+        Compression::None => {
+            io::copy(&mut decryptor, &mut writer)?;
+        }
+        Compression::Zstd => {
+            let mut decompressor = zstd::stream::read::Decoder::new(decryptor)?;
+            io::copy(&mut decompressor, &mut writer)?;
+        }
+    }
+    writer.flush()?;
+    Ok(writer)
+}
+
+/// Decrypts the container at `input` into `output`: written to a temp file beside it,
+/// fsynced, and renamed only after the last chunk authenticated.
+///
+/// # Errors
+/// [`ContainerError`]; on error `output` is not created and the temp file is removed.
+pub fn decrypt_file(key: &ContainerKey, input: &Path, output: &Path) -> Result<(), ContainerError> {
+    let temp = output.with_extension("part");
+    let result = (|| {
+        let reader = BufReader::new(File::open(input)?);
+        let writer = BufWriter::new(File::create(&temp)?);
+        let file = decrypt(key, reader, writer)?
+            .into_inner()
+            .map_err(|e| ContainerError::Io(e.to_string()))?;
+        file.sync_all()?;
+        std::fs::rename(&temp, output)?;
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&temp);
+    }
+    result
+}
