@@ -258,6 +258,25 @@ impl<R: Read> Decryptor<R> {
     }
 }
 
+impl<R: Read> Decryptor<R> {
+    /// The next authenticated chunk's plaintext, or `None` after the last chunk; lets a
+    /// consumer write chunks out without another copy.
+    ///
+    /// # Errors
+    /// [`ContainerError`] naming the chunk that failed, or truncation.
+    pub fn next_plaintext(&mut self) -> Result<Option<&[u8]>, ContainerError> {
+        while self.offset == self.plain.len() {
+            if self.done {
+                return Ok(None);
+            }
+            self.next_chunk()?;
+        }
+        let rest = &self.plain[self.offset..];
+        self.offset = self.plain.len();
+        Ok(Some(rest))
+    }
+}
+
 impl<R: Read> Read for Decryptor<R> {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         while self.offset == self.plain.len() {
@@ -337,7 +356,9 @@ pub fn decrypt<R: Read, W: Write>(
     let mut decryptor = Decryptor::new(key, reader)?;
     match decryptor.header().compression {
         Compression::None => {
-            io::copy(&mut decryptor, &mut writer)?;
+            while let Some(plain) = decryptor.next_plaintext()? {
+                writer.write_all(plain)?;
+            }
         }
         Compression::Zstd => {
             let mut decompressor = zstd::stream::read::Decoder::new(decryptor)?;
