@@ -200,7 +200,7 @@ fn committed_vectors_match_exactly() {
         let digest = hex::encode(Sha256::digest(&sealed));
         let head = hex::encode(&sealed[..sealed.len().min(96)]);
         let text = format!("len {}\nsha256 {digest}\nhead {head}\n", sealed.len());
-        if std::env::var_os("CLOUDPDI_WRITE_VECTORS").is_some() {
+        if std::env::var_os("WRITE_TEST_VECTORS").is_some() {
             // Only when the format version changes (docs/container.md).
             std::fs::write(dir.join(format!("{name}.hex")), &text).unwrap();
             if name == "one_chunk_plus_one" {

@@ -288,3 +288,42 @@ fn implicit_only_pacs_gets_converted_data_and_compressed_data_is_refused_clearly
         assert_same_dataset(original, Path::new(copy));
     }
 }
+
+#[test]
+fn unreachable_pacs_fails_every_instance_quickly_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let study = dir.path().join("study");
+    gen_ct(&study, 20, &[]);
+    let started = std::time::Instant::now();
+    let out = run(Command::new(env!("CARGO_BIN_EXE_cloudpdi"))
+        .args([
+            "import",
+            "--called",
+            "PACS",
+            "--attempts",
+            "2",
+            "--associations",
+            "2",
+        ])
+        .arg("--pacs")
+        .arg(format!("127.0.0.1:{}", free_port()))
+        .arg(&study));
+    let elapsed = started.elapsed();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stdout.contains("0 of 20 instances stored, 20 refused"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("cannot open an association to PACS"),
+        "{stderr}"
+    );
+    // Refused connections are immediate; one 0.5 s back-off per lane takes ~0.5 s, while
+    // a back-off per instance (10 per lane) would take 5 s or more.
+    assert!(
+        elapsed < std::time::Duration::from_secs(3),
+        "one back-off per lane, not per instance: {elapsed:?}"
+    );
+}

@@ -290,13 +290,17 @@ impl Lane {
                         warn!(file = %instance.path.display(), "giving up after {attempts} attempts: {transient}");
                         let reason =
                             format!("PACS unavailable after {attempts} attempts: {transient}");
-                        self.results.push((
-                            instance,
-                            Outcome::Refused {
-                                status: None,
-                                reason,
-                            },
-                        ));
+                        let refused = Outcome::Refused {
+                            status: None,
+                            reason,
+                        };
+                        self.results.push((instance, refused.clone()));
+                        if self.association.is_none() {
+                            // No association could be opened: the rest would only wait
+                            // through the same back-off, so they fail now, with the reason.
+                            let rest = self.queue.drain(..).map(|(i, _)| (i, refused.clone()));
+                            self.results.extend(rest);
+                        }
                     } else {
                         let delay = self.target.backoff * 2u32.saturating_pow(attempts - 1);
                         info!(file = %instance.path.display(), "PACS did not take the instance ({transient}); retrying in {delay:?}");
