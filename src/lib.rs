@@ -11,6 +11,9 @@
 //! 3. [`batch`] groups instances per route and study (or patient) and marks a batch stable
 //!    after a quiet period, queued for packing.
 //!
+//! Between the two sides travels a [`container`]: the PDI ZIP, optionally compressed,
+//! sealed in chunks with AES-256-GCM so that the repository can never read it.
+//!
 //! Inbound, the last step: [`dicom::scu`] stores a study into the local PACS
 //! (`cloudpdi import`), after [`reconcile`] gave it a local Patient ID if asked.
 //!
