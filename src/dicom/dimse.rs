@@ -146,6 +146,19 @@ impl Response {
     }
 }
 
+/// Wraps an encoded command set in the single P-DATA PDU that carries it (command sets
+/// are small: one PDV, last fragment).
+pub fn command_pdu(context_id: u8, command: Vec<u8>) -> dicom_ul::Pdu {
+    dicom_ul::Pdu::PData {
+        data: vec![dicom_ul::pdu::PDataValue {
+            presentation_context_id: context_id,
+            value_type: dicom_ul::pdu::PDataValueType::Command,
+            is_last: true,
+            data: command,
+        }],
+    }
+}
+
 /// Encodes a C-STORE-RQ (medium priority, a dataset follows).
 pub fn store_request(message_id: u16, sop_class_uid: &str, sop_instance_uid: &str) -> Vec<u8> {
     let mut body = Vec::with_capacity(256);

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use super::dimse::{Command, MAX_COMMAND_LENGTH, field, status};
+use super::dimse::{Command, MAX_COMMAND_LENGTH, command_pdu, field, status};
 use super::syntax::{ABSTRACT_SYNTAXES, TRANSFER_SYNTAXES, VERIFICATION};
 use crate::batch::{Joined, Recorded};
 use crate::config::DicomConfig;
@@ -546,14 +546,7 @@ async fn respond(
     command: Vec<u8>,
 ) -> Result<(), String> {
     association
-        .send(&Pdu::PData {
-            data: vec![PDataValue {
-                presentation_context_id: context_id,
-                value_type: PDataValueType::Command,
-                is_last: true,
-                data: command,
-            }],
-        })
+        .send(&command_pdu(context_id, command))
         .await
         .map_err(|e| format!("cannot send the response: {e}"))
 }

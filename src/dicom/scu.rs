@@ -20,12 +20,12 @@ use std::time::Duration;
 use dicom_object::meta::FileMetaTable;
 use dicom_ul::Pdu;
 use dicom_ul::association::client::{AsyncClientAssociation, ClientAssociationOptions};
-use dicom_ul::pdu::{PDataValue, PDataValueType, PresentationContextResultReason};
+use dicom_ul::pdu::{PDataValueType, PresentationContextResultReason};
 use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
-use super::dimse::{Response, field, status, store_request};
+use super::dimse::{Response, command_pdu, field, status, store_request};
 use crate::reconcile::{PatientIdPolicy, Reconciler};
 
 /// Implicit VR Little Endian.
@@ -470,14 +470,7 @@ async fn transmit(
         &instance.sop_instance_uid,
     );
     association
-        .send(&Pdu::PData {
-            data: vec![PDataValue {
-                presentation_context_id: context_id,
-                value_type: PDataValueType::Command,
-                is_last: true,
-                data: command,
-            }],
-        })
+        .send(&command_pdu(context_id, command))
         .await
         .map_err(|e| format!("sending the command failed: {e}"))?;
     {
