@@ -90,6 +90,7 @@ pub struct Incoming {
     spilled: Option<(File, PathBuf)>,
     size: u64,
     tmp_dir: PathBuf,
+    min_free_bytes: u64,
 }
 
 impl Incoming {
@@ -109,6 +110,8 @@ impl Incoming {
     /// # Errors
     /// [`StoreError::OutOfSpace`] or [`StoreError::Io`].
     pub fn spill(&mut self) -> Result<(), StoreError> {
+        // A single huge instance must not eat the reserve either.
+        ensure_free(&self.tmp_dir, self.min_free_bytes)?;
         let file = match &mut self.spilled {
             Some((file, _)) => file,
             None => {
@@ -239,6 +242,7 @@ impl Spool {
             buffer,
             spilled: None,
             tmp_dir: self.tmp_dir.clone(),
+            min_free_bytes: self.min_free_bytes,
         })
     }
 
@@ -248,7 +252,7 @@ impl Spool {
     /// # Errors
     /// [`StoreError`]; its variant decides the C-STORE status.
     pub fn commit(&self, mut incoming: Incoming, route: &Route) -> Result<Stored, StoreError> {
-        self.check_free_space()?;
+        ensure_free(&self.dir, self.min_free_bytes)?;
         let identity = match incoming.spilled.is_some() {
             false => identify(incoming.buffer.as_slice())?,
             true => {
@@ -326,22 +330,23 @@ impl Spool {
         }
         Ok(result?)
     }
+}
 
-    fn check_free_space(&self) -> Result<(), StoreError> {
-        if self.min_free_bytes == 0 {
-            return Ok(());
-        }
-        let stat = rustix::fs::statvfs(&self.dir).map_err(io::Error::from)?;
-        let free = stat.f_bavail.saturating_mul(stat.f_frsize);
-        if free < self.min_free_bytes {
-            return Err(StoreError::OutOfSpace(format!(
-                "{} MiB free, below the reserve spool.min_free_mb = {}",
-                free / (1024 * 1024),
-                self.min_free_bytes / (1024 * 1024)
-            )));
-        }
-        Ok(())
+/// Refuses to write when the spool's file system has less than `min_free_bytes` free.
+fn ensure_free(dir: &Path, min_free_bytes: u64) -> Result<(), StoreError> {
+    if min_free_bytes == 0 {
+        return Ok(());
     }
+    let stat = rustix::fs::statvfs(dir).map_err(io::Error::from)?;
+    let free = stat.f_bavail.saturating_mul(stat.f_frsize);
+    if free < min_free_bytes {
+        return Err(StoreError::OutOfSpace(format!(
+            "{} MiB free, below the reserve spool.min_free_mb = {}",
+            free / (1024 * 1024),
+            min_free_bytes / (1024 * 1024)
+        )));
+    }
+    Ok(())
 }
 
 /// `<route>/<first two hex digits>/<32 hex digits>.dcm`, from a hash of the route and UID.
@@ -446,6 +451,37 @@ fn check_matches(header: &InstanceHeader, identity: &Identity) -> Result<(), Sto
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_free_space_reserve_refuses_before_writing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let huge_reserve = u64::MAX >> 20;
+        let spool = Spool::open(
+            &dir.path().join("spool"),
+            &dir.path().join("index"),
+            huge_reserve,
+        )
+        .expect("open");
+        let mut incoming = spool
+            .incoming(InstanceHeader {
+                sop_class_uid: "1.2.840.10008.5.1.4.1.1.7".into(),
+                sop_instance_uid: "1.2.3".into(),
+                transfer_syntax: "1.2.840.10008.1.2.1".into(),
+                calling_ae: "PACS".into(),
+            })
+            .expect("meta header");
+        incoming.push(&[0; 16]);
+        let err = incoming.spill().expect_err("reserve");
+        assert!(
+            err.to_string()
+                .contains("below the reserve spool.min_free_mb"),
+            "{err}"
+        );
+        let tmp_files = fs::read_dir(dir.path().join("spool/tmp"))
+            .expect("tmp")
+            .count();
+        assert_eq!(tmp_files, 0);
+    }
 
     #[test]
     fn paths_are_hashed_and_stable() {
