@@ -14,6 +14,8 @@
 //! Between the two sides travels a [`container`]: the PDI ZIP, optionally compressed,
 //! sealed in chunks with AES-256-GCM so that the repository can never read it.
 //!
+//! The patient carries a [`token`] instead of the disc (so far its text form only).
+//!
 //! Inbound, the last step: [`dicom::scu`] stores a study into the local PACS
 //! (`cloudpdi import`), after [`reconcile`] gave it a local Patient ID if asked.
 //!
@@ -33,3 +35,4 @@ pub mod serve;
 pub mod spool;
 pub mod status;
 pub mod telemetry;
+pub mod token;

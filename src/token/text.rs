@@ -1,0 +1,175 @@
+//! Text form of a token: Crockford base32 upper case in hyphen groups, one check symbol per
+//! group, so a misread group can be named to the person typing it.
+//!
+//! Each group is 4 data symbols followed by 1 check symbol computed with ISO 7064 hybrid
+//! MOD 33,32 over the group's data. That system detects every single-symbol substitution
+//! and every adjacent transposition inside a group; a transposition across a group
+//! boundary changes one symbol in each of two groups, so it is caught too.
+
+use thiserror::Error;
+
+/// Version prefix, so a later (e.g. ISO/TS 22691 conformant) encoding can coexist.
+pub const PREFIX: &str = "HT1-";
+const ALPHABET: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
+const DATA_PER_GROUP: usize = 4;
+const GROUP: usize = DATA_PER_GROUP + 1;
+/// Bound on accepted text so hostile input cannot make parsing costly.
+const MAX_TEXT: usize = 4096;
+
+/// Why token text was rejected; messages say what the reader should do.
+#[derive(Debug, Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TextError {
+    /// The text does not start with a known version prefix.
+    #[error("this is not an HI-TOKEN (it must start with {PREFIX})")]
+    Prefix,
+    /// A character outside Crockford base32.
+    #[error("character {position} is not a valid token character")]
+    BadChar {
+        /// 1-based position among the token's symbols.
+        position: usize,
+    },
+    /// Symbols missing or extra.
+    #[error("the token has a wrong number of characters; check for a missing or extra group")]
+    Length,
+    /// A group's check symbol does not match.
+    #[error("check code does not match: group {group} looks mistyped")]
+    Check {
+        /// 1-based group number after the prefix.
+        group: usize,
+    },
+    /// Input longer than any token.
+    #[error("the token text is too long")]
+    TooLong,
+}
+
+fn value(c: char) -> Option<u8> {
+    let c = match c.to_ascii_uppercase() {
+        'O' => '0',
+        'I' | 'L' => '1',
+        other => other,
+    };
+    ALPHABET
+        .iter()
+        .position(|&a| a as char == c)
+        .map(|p| p as u8)
+}
+
+/// ISO 7064 hybrid MOD 33,32 check symbol for `data` (values 0..32).
+fn check_symbol(data: &[u8]) -> u8 {
+    const M: u32 = 32;
+    let mut p = M;
+    for &a in data {
+        let mut s = (p + u32::from(a)) % M;
+        if s == 0 {
+            s = M;
+        }
+        p = (2 * s) % (M + 1);
+    }
+    ((M + 1 - p) % M) as u8
+}
+
+/// Encodes symbol values (each < 32) as grouped text; the value count must be a multiple of 4.
+pub fn encode_symbols(values: &[u8]) -> String {
+    assert!(
+        values.len() % DATA_PER_GROUP == 0,
+        "caller pads to whole groups"
+    );
+    let groups: Vec<String> = values
+        .chunks(DATA_PER_GROUP)
+        .map(|g| {
+            g.iter()
+                .chain(std::iter::once(&check_symbol(g)))
+                .map(|&v| ALPHABET[usize::from(v)] as char)
+                .collect()
+        })
+        .collect();
+    format!("{PREFIX}{}", groups.join("-"))
+}
+
+/// Parses grouped text back to symbol values, ignoring case, spaces and hyphens.
+pub fn decode_symbols(text: &str) -> Result<Vec<u8>, TextError> {
+    if text.len() > MAX_TEXT {
+        return Err(TextError::TooLong);
+    }
+    let trimmed = text.trim_start();
+    let code = PREFIX.trim_end_matches('-');
+    let head = trimmed.get(..code.len()).ok_or(TextError::Prefix)?;
+    if !head.eq_ignore_ascii_case(code) {
+        return Err(TextError::Prefix);
+    }
+    let symbols = trimmed[code.len()..]
+        .chars()
+        .filter(|c| !c.is_whitespace() && *c != '-')
+        .enumerate()
+        .map(|(i, c)| value(c).ok_or(TextError::BadChar { position: i + 1 }))
+        .collect::<Result<Vec<u8>, _>>()?;
+    if symbols.is_empty() || symbols.len() % GROUP != 0 {
+        return Err(TextError::Length);
+    }
+    let mut out = Vec::with_capacity(symbols.len() / GROUP * DATA_PER_GROUP);
+    for (i, g) in symbols.chunks(GROUP).enumerate() {
+        if check_symbol(&g[..DATA_PER_GROUP]) != g[DATA_PER_GROUP] {
+            return Err(TextError::Check { group: i + 1 });
+        }
+        out.extend_from_slice(&g[..DATA_PER_GROUP]);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Vec<u8> {
+        (0..32u8).map(|i| (i * 7 + 3) % 32).collect()
+    }
+
+    #[test]
+    fn round_trip_and_lenient_parsing() {
+        let text = encode_symbols(&sample());
+        assert_eq!(decode_symbols(&text), Ok(sample()));
+        let sloppy = text.to_lowercase().replace('-', " ");
+        assert_eq!(decode_symbols(&sloppy), Ok(sample()));
+    }
+
+    #[test]
+    fn every_substitution_and_adjacent_swap_is_rejected() {
+        let text = encode_symbols(&sample());
+        let body: Vec<u8> = text[PREFIX.len()..]
+            .bytes()
+            .filter(|&b| b != b'-')
+            .collect();
+        let rebuild = |b: &[u8]| format!("{PREFIX}{}", String::from_utf8_lossy(b));
+        for i in 0..body.len() {
+            for &c in ALPHABET {
+                if c != body[i] {
+                    let mut m = body.clone();
+                    m[i] = c;
+                    assert!(decode_symbols(&rebuild(&m)).is_err(), "substitution at {i}");
+                }
+            }
+            if i + 1 < body.len() && body[i] != body[i + 1] {
+                let mut m = body.clone();
+                m.swap(i, i + 1);
+                assert!(decode_symbols(&rebuild(&m)).is_err(), "swap at {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn bad_check_names_the_group() {
+        let text = encode_symbols(&sample());
+        let mut body: Vec<u8> = text[PREFIX.len()..]
+            .bytes()
+            .filter(|&b| b != b'-')
+            .collect();
+        body[3 * GROUP + 1] = if body[3 * GROUP + 1] == b'Z' {
+            b'Y'
+        } else {
+            b'Z'
+        };
+        let bad = format!("{PREFIX}{}", String::from_utf8_lossy(&body));
+        assert_eq!(decode_symbols(&bad), Err(TextError::Check { group: 4 }));
+    }
+}
