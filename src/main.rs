@@ -23,6 +23,61 @@ enum Command {
     Status(StatusArgs),
     /// Send DICOM files or folders (e.g. a PDI read from disc) into a PACS with C-STORE.
     Import(ImportArgs),
+    /// Create or inspect HI-TOKENs.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Encrypt a file into a container that the token opens (for operators).
+    Encrypt(CryptArgs),
+    /// Decrypt a container with its token (for operators); nothing is written unless
+    /// every chunk authenticates.
+    Decrypt(CryptArgs),
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Issue a token with a fresh random secret and write it to a file (mode 0600).
+    New {
+        /// Repository base URL.
+        #[arg(long)]
+        repository: String,
+        /// Document ID assigned by the repository.
+        #[arg(long)]
+        document_id: String,
+        /// Issuing facility code.
+        #[arg(long)]
+        facility: String,
+        /// Days until the token expires.
+        #[arg(long, default_value_t = 30)]
+        expires_in_days: u32,
+        /// Description of the content, without patient data.
+        #[arg(long, default_value = "")]
+        summary: String,
+        /// Where to write the token (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Show a token's fields, validity and time to expiry.
+    Inspect {
+        /// The token, or @FILE (preferred: arguments are visible in the process list).
+        token: String,
+        /// Also print the secret.
+        #[arg(long)]
+        show_secret: bool,
+    },
+}
+
+#[derive(Args)]
+struct CryptArgs {
+    /// The token, or @FILE.
+    #[arg(long)]
+    token: String,
+    /// Compress with zstd inside the encryption (encrypt only).
+    #[arg(long)]
+    zstd: bool,
+    /// Input file.
+    input: PathBuf,
+    /// Output file (must not be the input).
+    output: PathBuf,
 }
 
 #[derive(Args)]
@@ -81,7 +136,73 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => serve(&args),
         Command::Status(args) => status(&args),
         Command::Import(args) => import(args),
+        Command::Token(command) => token(command),
+        Command::Encrypt(args) => encrypt(&args),
+        Command::Decrypt(args) => decrypt(&args),
     }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn token(command: TokenCommand) -> anyhow::Result<()> {
+    use cloudpdi::token::{Token, cli};
+    match command {
+        TokenCommand::New {
+            repository,
+            document_id,
+            facility,
+            expires_in_days,
+            summary,
+            out,
+        } => {
+            let expires = unix_now() + u64::from(expires_in_days) * 86_400;
+            let expires = u32::try_from(expires).context("expiry beyond 2106")?;
+            let token = Token::issue(&repository, &document_id, expires, &facility, &summary)?;
+            cli::write_token_file(&token, &out)?;
+            println!("token written to {}", out.display());
+        }
+        TokenCommand::Inspect { token, show_secret } => {
+            let token = cli::read_token(&token)?;
+            print!("{}", cli::describe(&token, unix_now(), show_secret));
+        }
+    }
+    Ok(())
+}
+
+fn encrypt(args: &CryptArgs) -> anyhow::Result<()> {
+    use cloudpdi::container::{Compression, Options};
+    let token = cloudpdi::token::cli::read_token(&args.token)?;
+    token.check_not_expired(unix_now())?;
+    let options = Options {
+        compression: if args.zstd {
+            Compression::Zstd
+        } else {
+            Compression::None
+        },
+        ..Options::default()
+    };
+    let input = std::io::BufReader::new(
+        std::fs::File::open(&args.input).with_context(|| format!("{}", args.input.display()))?,
+    );
+    let output = std::io::BufWriter::new(
+        std::fs::File::create_new(&args.output)
+            .with_context(|| format!("{} (must not exist)", args.output.display()))?,
+    );
+    let file = cloudpdi::container::encrypt(&token.container_key(), &options, input, output)?
+        .into_inner()
+        .map_err(|e| anyhow::anyhow!("writing {}: {e}", args.output.display()))?;
+    file.sync_all()?;
+    Ok(())
+}
+
+fn decrypt(args: &CryptArgs) -> anyhow::Result<()> {
+    let token = cloudpdi::token::cli::read_token(&args.token)?;
+    cloudpdi::container::decrypt_file(&token.container_key(), &args.input, &args.output)?;
+    Ok(())
 }
 
 fn import(args: ImportArgs) -> anyhow::Result<()> {

@@ -17,7 +17,7 @@ const GROUP: usize = DATA_PER_GROUP + 1;
 const MAX_TEXT: usize = 4096;
 
 /// Why token text was rejected; messages say what the reader should do.
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum TextError {
     /// The text does not start with a known version prefix.

@@ -1,0 +1,86 @@
+//! What the `cloudpdi token` commands and `encrypt`/`decrypt` need besides the codec:
+//! reading a token from an argument or a file, writing a token file, and a readable
+//! description of a token.
+
+use std::io::Write;
+use std::path::Path;
+
+use super::{Token, TokenError, date};
+
+/// Why a token could not be read or written by the CLI.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CliError {
+    /// The token itself is wrong.
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    /// The token file cannot be read or written.
+    #[error("token file {path}: {source}")]
+    File {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+/// Reads a token given as text or as `@FILE` (preferred: a token on the command line is
+/// visible to other users in the process list).
+///
+/// # Errors
+/// [`CliError`] when the file cannot be read or the token is invalid.
+pub fn read_token(arg: &str) -> Result<Token, CliError> {
+    let text = match arg.strip_prefix('@') {
+        Some(path) => std::fs::read_to_string(path).map_err(|source| CliError::File {
+            path: path.to_owned(),
+            source,
+        })?,
+        None => arg.to_owned(),
+    };
+    Ok(Token::from_text(text.trim())?)
+}
+
+/// Writes the token's text to `path`, readable by its owner only, durably.
+///
+/// # Errors
+/// [`CliError::File`] when the file cannot be written.
+pub fn write_token_file(token: &Token, path: &Path) -> Result<(), CliError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file_error = |source| CliError::File {
+        path: path.display().to_string(),
+        source,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(file_error)?;
+    file.write_all(format!("{}\n", token.to_text()).as_bytes())
+        .and_then(|()| file.sync_all())
+        .map_err(file_error)
+}
+
+/// A description of a token for a person; the secret only when asked.
+pub fn describe(token: &Token, now: u64, show_secret: bool) -> String {
+    let expiry = u64::from(token.expires_at);
+    let validity = if now > expiry {
+        format!("EXPIRED on {} (UTC)", date(expiry))
+    } else {
+        let left = expiry - now;
+        format!(
+            "valid until {} (UTC), {} days {} hours left",
+            date(expiry),
+            left / 86_400,
+            left % 86_400 / 3_600
+        )
+    };
+    let mut out = format!(
+        "repository:  {}\ndocument ID: {}\nissuer:      {}\nsummary:     {}\nvalidity:    {validity}\n",
+        token.repository, token.document_id, token.issuer, token.summary
+    );
+    if show_secret {
+        out.push_str(&format!("secret:      {}\n", hex::encode(&token.secret.0)));
+    }
+    out
+}
