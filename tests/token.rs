@@ -52,7 +52,10 @@ fn a_new_token_is_private_inspectable_and_keeps_its_secret_quiet() {
     let shown_text = text(&shown);
     assert!(shown.status.success(), "{shown_text}");
     assert!(shown_text.contains("D7K2M9Q4X1Z8") && shown_text.contains("valid until"));
-    assert!(shown_text.contains("29 days") || shown_text.contains("30 days"), "{shown_text}");
+    assert!(
+        shown_text.contains("29 days") || shown_text.contains("30 days"),
+        "{shown_text}"
+    );
     assert!(!shown_text.contains("secret:"), "{shown_text}");
     let secret = cloudpdi(&["token", "inspect", &token, "--show-secret"]);
     assert!(text(&secret).contains("secret:"));
@@ -66,7 +69,10 @@ fn a_new_token_is_private_inspectable_and_keeps_its_secret_quiet() {
     let bad_text = text(&bad);
     assert!(!bad.status.success());
     assert!(bad_text.contains("group 4 looks mistyped"), "{bad_text}");
-    assert!(!bad_text.contains(&typo[4..20]), "error echoes the token: {bad_text}");
+    assert!(
+        !bad_text.contains(&typo[4..20]),
+        "error echoes the token: {bad_text}"
+    );
 }
 
 #[test]
@@ -108,4 +114,85 @@ fn encrypt_and_decrypt_with_the_token_and_refuse_the_wrong_one() {
         text(&out)
     );
     assert!(!refused.exists());
+}
+
+mod vectors {
+    use cloudpdi::token::Token;
+    use proptest::prelude::*;
+
+    fn vector_dir() -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vectors/token")
+    }
+
+    fn sample() -> Token {
+        Token::with_secret(
+            "https://repo.example.jp/v1",
+            "D7K2M9Q4X1Z8",
+            1_796_083_200,
+            "KYOTO-UH",
+            "CT chest, 1 study",
+            *b"0123456789abcdef",
+        )
+        .unwrap()
+    }
+
+    /// tests/vectors/token/sample.txt: fixed fields and secret -> exact text, download
+    /// proof hash and the container key's first sealed bytes; fail_*.txt must not parse.
+    #[test]
+    fn committed_token_vector_matches_exactly() {
+        let token = sample();
+        let mut sealed = cloudpdi::container::Encryptor::with_salt(
+            &token.container_key(),
+            &cloudpdi::container::Options::default(),
+            [9; 32],
+            Vec::new(),
+        )
+        .unwrap();
+        std::io::Write::write_all(&mut sealed, b"cloudpdi").unwrap();
+        let sealed = sealed.finish().unwrap();
+        let actual = format!(
+            "text {}\nproof_sha256 {}\nsealed_cloudpdi {}\n",
+            token.to_text(),
+            hex::encode(token.download_proof().hash()),
+            hex::encode(&sealed[48..])
+        );
+        let path = vector_dir().join("sample.txt");
+        if std::env::var_os("WRITE_TEST_VECTORS").is_some() {
+            std::fs::write(&path, &actual).unwrap();
+        }
+        assert_eq!(actual, std::fs::read_to_string(&path).unwrap_or_default());
+        let text = actual.lines().next().unwrap().trim_start_matches("text ");
+        assert_eq!(Token::from_text(text).unwrap(), token);
+        for entry in std::fs::read_dir(vector_dir()).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().to_string();
+            if name.starts_with("fail_") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                assert!(Token::from_text(text.trim()).is_err(), "{name} parsed");
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn any_valid_token_round_trips_through_text(
+            repository in "[ -~]{1,120}",
+            document_id in "[A-Za-z0-9_-]{1,64}",
+            issuer in "[ -~]{0,32}",
+            summary in "\\PC{0,16}",
+            expires_at in any::<u32>(),
+            secret in any::<[u8; 16]>(),
+        ) {
+            let token = Token::with_secret(&repository, &document_id, expires_at, &issuer, &summary, secret).unwrap();
+            let text = token.to_text();
+            prop_assert!(text.bytes().all(|b| b.is_ascii_digit() || b.is_ascii_uppercase() || b == b'-'));
+            prop_assert_eq!(Token::from_text(&text).unwrap(), token.clone());
+            prop_assert_eq!(Token::from_text(&text.to_lowercase().replace('-', " ")).unwrap(), token);
+        }
+
+        #[test]
+        fn arbitrary_text_never_panics(text in "\\PC{0,300}") {
+            let _ = Token::from_text(&text);
+        }
+    }
 }
