@@ -88,12 +88,21 @@ fn unavailable(e: impl std::fmt::Display) -> Response {
         .into_response()
 }
 
-async fn status(State(state): State<Arc<AdminState>>) -> Response {
+/// Every batch from the index (off the runtime), or the 503 to answer instead: a scrape
+/// or status must never report an unreadable index as "no batches".
+async fn batches(state: &AdminState) -> Result<Vec<BatchRecord>, Response> {
     let spool = state.spool.clone();
-    let batches = match tokio::task::spawn_blocking(move || spool.index().batches()).await {
-        Ok(Ok(batches)) => batches,
-        Ok(Err(e)) => return unavailable(e),
-        Err(e) => return unavailable(e),
+    match tokio::task::spawn_blocking(move || spool.index().batches()).await {
+        Ok(Ok(batches)) => Ok(batches),
+        Ok(Err(e)) => Err(unavailable(e)),
+        Err(e) => Err(unavailable(e)),
+    }
+}
+
+async fn status(State(state): State<Arc<AdminState>>) -> Response {
+    let batches = match batches(&state).await {
+        Ok(batches) => batches,
+        Err(response) => return response,
     };
     Json(Status {
         version: env!("CARGO_PKG_VERSION").into(),
@@ -126,12 +135,10 @@ async fn healthz(State(state): State<Arc<AdminState>>) -> Response {
 }
 
 async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
-    let spool = state.spool.clone();
-    let batches = tokio::task::spawn_blocking(move || spool.index().batches())
-        .await
-        .ok()
-        .and_then(Result::ok)
-        .unwrap_or_default();
+    let batches = match batches(&state).await {
+        Ok(batches) => batches,
+        Err(response) => return response,
+    };
     let count = |s: BatchState| batches.iter().filter(|b| b.state == s).count() as u64;
     let body = state.metrics.render(&[
         (
