@@ -3,7 +3,8 @@
 #
 # Peers (Debian packages): dcmtk (storescu, storescp, echoscu, dcmdump, dcmmkdir),
 # orthanc, dicom3tools (dciodvfy), zbar-tools (zbarimg), zip/unzip, curl, iproute2 and
-# util-linux (network/mount namespaces for peers that cannot bind loopback only).
+# util-linux (network/mount namespaces for peers that cannot bind loopback only),
+# poppler-utils, poppler-data, qpdf, librsvg2-bin (checking the token slip's PDF and SVG).
 # Python packages (PyPI): pydicom, pydicom-data, pynetdicom, numpy, moto[server].
 # Needs root for apt-get and for the namespace tests (CI runs as root).
 set -euo pipefail
@@ -15,6 +16,10 @@ need dcmtk /usr/bin/storescu
 need orthanc /usr/sbin/Orthanc
 need dicom3tools /usr/bin/dciodvfy
 need zbar-tools /usr/bin/zbarimg
+need poppler-utils /usr/bin/pdftoppm
+need qpdf /usr/bin/qpdf
+need librsvg2-bin /usr/bin/rsvg-convert
+[ -e /usr/share/poppler/cMap/Adobe-Japan1/UniJIS-UCS2-H ] || missing+=(poppler-data)
 need zip /usr/bin/zip
 need unzip /usr/bin/unzip
 need curl /usr/bin/curl

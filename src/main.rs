@@ -23,7 +23,7 @@ enum Command {
     Status(StatusArgs),
     /// Send DICOM files or folders (e.g. a PDI read from disc) into a PACS with C-STORE.
     Import(ImportArgs),
-    /// Create or inspect HI-TOKENs.
+    /// Create, inspect or print HI-TOKENs.
     #[command(subcommand)]
     Token(TokenCommand),
     /// Encrypt a file into a container that the token opens (for operators).
@@ -64,6 +64,30 @@ enum TokenCommand {
         #[arg(long)]
         show_secret: bool,
     },
+    /// Render the printable slip for the patient (QR code, grouped text, expiry, issuing
+    /// facility, instructions in Japanese and English); .png holds only the QR code.
+    Slip(SlipArgs),
+}
+
+#[derive(Args)]
+struct SlipArgs {
+    /// The token, or @FILE (preferred: arguments are visible in the process list).
+    token: String,
+    /// Output file: .html, .pdf, .png or .svg (written with mode 0600: it holds the token).
+    #[arg(long)]
+    out: PathBuf,
+    /// Facility name as patients know it (default: the token's issuer code).
+    #[arg(long)]
+    facility_name: Option<String>,
+    /// How to reach the facility (phone, department).
+    #[arg(long)]
+    contact: Option<String>,
+    /// Patient name, printed on the paper only (never in the QR code).
+    #[arg(long)]
+    patient_name: Option<String>,
+    /// Description of the content (default: the token's summary).
+    #[arg(long)]
+    content: Option<String>,
 }
 
 #[derive(Args)]
@@ -169,7 +193,23 @@ fn token(command: TokenCommand) -> anyhow::Result<()> {
             let token = cli::read_token(&token)?;
             print!("{}", cli::describe(&token, unix_now(), show_secret));
         }
+        TokenCommand::Slip(args) => slip(args)?,
     }
+    Ok(())
+}
+
+fn slip(args: SlipArgs) -> anyhow::Result<()> {
+    use cloudpdi::token::slip::{SlipDetails, SlipError, SlipFormat, render};
+    let token = cloudpdi::token::cli::read_token(&args.token)?;
+    let format = SlipFormat::from_path(&args.out).ok_or(SlipError::Format)?;
+    let details = SlipDetails {
+        facility_name: args.facility_name.unwrap_or_else(|| token.issuer.clone()),
+        facility_contact: args.contact,
+        patient_name: args.patient_name,
+        content: args.content.unwrap_or_else(|| token.summary.clone()),
+    };
+    render(&token, &details, format, &args.out)?;
+    println!("slip written to {}", args.out.display());
     Ok(())
 }
 

@@ -196,3 +196,193 @@ mod vectors {
         }
     }
 }
+
+/// `cloudpdi token slip`: each rendering is checked by independent tools from Debian:
+/// zbarimg (zbar-tools) decodes the QR code from the PNG and from the SVG, HTML and PDF
+/// rasterized by rsvg-convert (librsvg2-bin) and pdftoppm (poppler-utils); qpdf checks the
+/// PDF's structure, pdftotext reads its text, Python's XML parser the SVG and HTML.
+mod slip {
+    use super::*;
+    use std::path::Path;
+
+    fn run(program: &str, args: &[&str]) -> String {
+        let out = Command::new(program)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("{program} is required (scripts/test.sh installs it): {e}"));
+        assert!(out.status.success(), "{program} {args:?}: {}", text(&out));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// The QR code's content as zbarimg reads it from a raster image.
+    fn decode_qr(image: &Path) -> String {
+        run("zbarimg", &["--raw", "-q", image.to_str().unwrap()])
+            .trim_end()
+            .to_owned()
+    }
+
+    fn make_slip(dir: &Path, token: &str, name: &str) -> std::path::PathBuf {
+        let out = dir.join(name);
+        let result = cloudpdi(&[
+            "token",
+            "slip",
+            token,
+            "--out",
+            out.to_str().unwrap(),
+            "--facility-name",
+            "京都大学医学部附属病院 放射線部",
+            "--contact",
+            "075-000-0000",
+            "--patient-name",
+            "山田 太郎",
+            "--content",
+            "CT 胸部 2026-11-20",
+        ]);
+        assert!(result.status.success(), "{}", text(&result));
+        let mode = std::fs::metadata(&out).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{name} holds the token");
+        out
+    }
+
+    fn xml_well_formed(path: &Path) {
+        let script = "import sys, xml.dom.minidom; xml.dom.minidom.parse(sys.argv[1])";
+        run("python3", &["-c", script, path.to_str().unwrap()]);
+    }
+
+    fn token_text(dir: &Path) -> (String, String) {
+        let token = new_token(dir, "t.txt");
+        let text = std::fs::read_to_string(dir.join("t.txt")).unwrap();
+        (token, text.trim().to_owned())
+    }
+
+    #[test]
+    fn png_qr_decodes_to_exactly_the_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let (token, expected) = token_text(dir.path());
+        let png = make_slip(dir.path(), &token, "slip.png");
+        let decoded = decode_qr(&png);
+        assert_eq!(decoded, expected, "the QR holds the token and nothing else");
+        assert!(cloudpdi::token::Token::from_text(&decoded).is_ok());
+    }
+
+    #[test]
+    fn svg_and_html_are_well_formed_complete_and_their_qr_decodes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (token, expected) = token_text(dir.path());
+        let svg = make_slip(dir.path(), &token, "slip.svg");
+        let html = make_slip(dir.path(), &token, "slip.html");
+        for page in [&svg, &html] {
+            xml_well_formed(page);
+            let content = std::fs::read_to_string(page).unwrap();
+            for needle in [
+                "京都大学医学部附属病院 放射線部",
+                "山田 太郎",
+                "075-000-0000",
+                "有効期限 / Valid until",
+                "受け取る",
+                "hospital or clinic",
+                &expected[..14],
+            ] {
+                assert!(
+                    content.contains(needle),
+                    "{} lacks {needle}",
+                    page.display()
+                );
+            }
+        }
+        let raster = dir.path().join("svg.png");
+        run(
+            "rsvg-convert",
+            &[
+                "-w",
+                "900",
+                "-o",
+                raster.to_str().unwrap(),
+                svg.to_str().unwrap(),
+            ],
+        );
+        assert_eq!(decode_qr(&raster), expected);
+
+        // The HTML's inline QR code, cut out and rasterized alone.
+        let qr_svg = dir.path().join("html-qr.svg");
+        let script = "import re, sys; page = open(sys.argv[1], encoding='utf-8').read(); \
+                      open(sys.argv[2], 'w').write(re.search(r'<svg class=\"qr\".*?</svg>', page, re.S).group(0))";
+        run(
+            "python3",
+            &[
+                "-c",
+                script,
+                html.to_str().unwrap(),
+                qr_svg.to_str().unwrap(),
+            ],
+        );
+        let raster = dir.path().join("html.png");
+        run(
+            "rsvg-convert",
+            &[
+                "-w",
+                "400",
+                "-b",
+                "white",
+                "-o",
+                raster.to_str().unwrap(),
+                qr_svg.to_str().unwrap(),
+            ],
+        );
+        assert_eq!(decode_qr(&raster), expected);
+    }
+
+    #[test]
+    fn pdf_passes_qpdf_shows_the_text_and_its_qr_decodes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (token, expected) = token_text(dir.path());
+        let pdf = make_slip(dir.path(), &token, "slip.pdf");
+        run("qpdf", &["--check", pdf.to_str().unwrap()]);
+        let text = run("pdftotext", &["-layout", pdf.to_str().unwrap(), "-"]);
+        for needle in [
+            "Valid until",
+            "hospital or clinic",
+            &expected[..14],
+            "山田 太郎",
+        ] {
+            assert!(text.contains(needle), "PDF text lacks {needle}:\n{text}");
+        }
+        let prefix = dir.path().join("page");
+        run(
+            "pdftoppm",
+            &[
+                "-r",
+                "200",
+                "-png",
+                "-singlefile",
+                pdf.to_str().unwrap(),
+                prefix.to_str().unwrap(),
+            ],
+        );
+        assert_eq!(decode_qr(&dir.path().join("page.png")), expected);
+    }
+
+    #[test]
+    fn an_unknown_extension_or_a_bad_token_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (token, _) = token_text(dir.path());
+        let out = dir.path().join("slip.txt");
+        let result = cloudpdi(&["token", "slip", &token, "--out", out.to_str().unwrap()]);
+        assert!(!result.status.success());
+        assert!(
+            text(&result).contains(".html, .pdf, .png or .svg"),
+            "{}",
+            text(&result)
+        );
+        let out = dir.path().join("slip.pdf");
+        let result = cloudpdi(&[
+            "token",
+            "slip",
+            "HT1-00000-00000",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(!result.status.success());
+        assert!(!out.exists());
+    }
+}

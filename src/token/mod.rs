@@ -23,6 +23,8 @@
 //! last group); a parser accepts at most two trailing zero bytes.
 
 pub mod cli;
+pub mod qr;
+pub mod slip;
 pub mod text;
 
 use std::fmt;
