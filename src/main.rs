@@ -232,9 +232,10 @@ fn encrypt(args: &CryptArgs) -> anyhow::Result<()> {
         std::fs::File::create_new(&args.output)
             .with_context(|| format!("{} (must not exist)", args.output.display()))?,
     );
-    let file = cloudpdi::container::encrypt(&token.container_key(), &options, input, output)?
-        .into_inner()
-        .map_err(|e| anyhow::anyhow!("writing {}: {e}", args.output.display()))?;
+    let file =
+        cloudpdi::container::encrypt_parallel(&token.container_key(), &options, input, output, 0)?
+            .into_inner()
+            .map_err(|e| anyhow::anyhow!("writing {}: {e}", args.output.display()))?;
     file.sync_all()?;
     Ok(())
 }

@@ -6,8 +6,8 @@
 use std::io::{Read, Write};
 
 use cloudpdi::container::{
-    Compression, ContainerError, ContainerKey, Decryptor, Encryptor, Options, decrypt,
-    decrypt_file, encrypt,
+    Compression, ContainerError, ContainerKey, Decryptor, Encryptor, Options, ParallelDecryptor,
+    ParallelEncryptor, decrypt, decrypt_file, decrypt_parallel, encrypt, encrypt_parallel,
 };
 use sha2::{Digest, Sha256};
 
@@ -42,8 +42,16 @@ fn seal(data: &[u8], compression: Compression) -> Vec<u8> {
     encrypt(&key(1), &options(compression), data, Vec::new()).unwrap()
 }
 
+/// Opens with the sequential reader and with the 3-thread one, which must agree exactly
+/// (same plaintext, same error), so every rejection test below covers both.
 fn open(container: &[u8]) -> Result<Vec<u8>, ContainerError> {
-    decrypt(&key(1), container, Vec::new())
+    let sequential = decrypt(&key(1), container, Vec::new());
+    let parallel = decrypt_parallel(&key(1), container, Vec::new(), 3);
+    assert_eq!(
+        sequential, parallel,
+        "sequential and parallel opening differ"
+    );
+    sequential
 }
 
 #[test]
@@ -62,6 +70,44 @@ fn round_trips_at_every_size_edge_with_and_without_zstd() {
 }
 
 #[test]
+fn parallel_round_trips_at_every_size_edge_and_matches_the_sequential_bytes() {
+    for compression in [Compression::None, Compression::Zstd] {
+        for len in [
+            0,
+            1,
+            CHUNK - 1,
+            CHUNK,
+            CHUNK + 1,
+            3 * CHUNK + 5,
+            20 * CHUNK + 9,
+        ] {
+            let data = plaintext(len);
+            for threads in [1, 2, 5] {
+                let container = encrypt_parallel(
+                    &key(1),
+                    &options(compression),
+                    data.as_slice(),
+                    Vec::new(),
+                    threads,
+                )
+                .unwrap();
+                assert_eq!(
+                    open(&container).unwrap(),
+                    data,
+                    "{len} bytes, {threads} threads"
+                );
+                let sequential = seal(&data, compression);
+                assert_eq!(container.len(), sequential.len());
+                assert_eq!(
+                    decrypt_parallel(&key(1), sequential.as_slice(), Vec::new(), threads).unwrap(),
+                    data
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn chunk_layout_is_header_plus_sealed_chunks() {
     for (len, chunks) in [(0, 1), (1, 1), (CHUNK, 1), (CHUNK + 1, 2), (3 * CHUNK, 3)] {
         let container = seal(&plaintext(len), Compression::None);
@@ -72,9 +118,15 @@ fn chunk_layout_is_header_plus_sealed_chunks() {
 #[test]
 fn every_truncation_is_rejected() {
     let container = seal(&plaintext(3 * CHUNK + 100), Compression::None);
+    // Every cut inside the header and the first bytes, around every chunk boundary and
+    // tag, and a sample of cuts everywhere else.
     let boundaries = (0..4).map(|i| 48 + i * (CHUNK + 16));
+    let around = boundaries.clone().flat_map(|b| {
+        [-17isize, -16, -15, -1, 0, 1, 15, 16, 17].map(|d| b.saturating_add_signed(d))
+    });
     let inside = (0..container.len()).step_by(997);
-    for cut in boundaries.chain(inside).filter(|&c| c < container.len()) {
+    let cuts = (0..=80).chain(boundaries).chain(around).chain(inside);
+    for cut in cuts.filter(|&c| c < container.len()) {
         let result = open(&container[..cut]);
         assert!(result.is_err(), "cut at {cut} accepted");
     }
@@ -103,6 +155,23 @@ fn extension_reordering_and_a_wrong_key_are_rejected() {
     swapped[a].copy_from_slice(&container[b.clone()]);
     swapped[b].copy_from_slice(&first);
     assert_eq!(open(&swapped), Err(ContainerError::Damaged { chunk: 0 }));
+
+    let mut swapped = container.clone();
+    let (b, c) = (
+        48 + CHUNK + 16..48 + 2 * (CHUNK + 16),
+        48 + 2 * (CHUNK + 16)..container.len(),
+    );
+    let middle = container[b.clone()].to_vec();
+    swapped[b].copy_from_slice(&container[c.clone()]);
+    swapped[c].copy_from_slice(&middle);
+    assert_eq!(open(&swapped), Err(ContainerError::Damaged { chunk: 1 }));
+
+    let mut last_again = container.clone();
+    last_again.extend_from_slice(&container[48 + 2 * (CHUNK + 16)..]);
+    assert!(open(&last_again).is_err());
+    let mut zeros = container.clone();
+    zeros.extend_from_slice(&[0; 16]);
+    assert!(open(&zeros).is_err());
 
     let wrong = decrypt(&key(2), container.as_slice(), Vec::new());
     assert_eq!(wrong, Err(ContainerError::Damaged { chunk: 0 }));
@@ -147,6 +216,26 @@ fn the_reader_yields_nothing_from_a_chunk_that_fails() {
 }
 
 #[test]
+fn the_parallel_reader_yields_only_chunks_before_the_first_failure() {
+    let mut container = seal(&plaintext(6 * CHUNK), Compression::None);
+    let third = 48 + 2 * (CHUNK + 16) + 5;
+    let fifth = 48 + 4 * (CHUNK + 16) + 5;
+    container[third] ^= 0x01;
+    container[fifth] ^= 0x01;
+    let mut reader = ParallelDecryptor::new(&key(1), 4, container.as_slice()).unwrap();
+    let mut out = Vec::new();
+    let err = reader.read_to_end(&mut out).unwrap_err();
+    assert_eq!(
+        out,
+        plaintext(2 * CHUNK),
+        "only the chunks before the damage"
+    );
+    assert!(err.to_string().contains("chunk 2 failed"), "{err}");
+    let again = reader.read(&mut [0u8; 16]).unwrap_err();
+    assert!(again.to_string().contains("chunk 2 failed"), "{again}");
+}
+
+#[test]
 fn decrypt_file_commits_nothing_on_failure() {
     let dir = tempfile::tempdir().unwrap();
     let data = plaintext(CHUNK * 2 + 3);
@@ -168,6 +257,62 @@ fn decrypt_file_commits_nothing_on_failure() {
     );
 }
 
+#[derive(Debug, Clone, Copy)]
+enum Sealer {
+    Sequential,
+    /// `read`: the copy-free `read_from` path (only without compression) instead of `Write`.
+    Parallel {
+        threads: usize,
+        read: bool,
+    },
+}
+
+/// Seals `data` under key 7 and salt 9 with one of the sealers.
+fn seal_with_salt(data: &[u8], compression: Compression, sealer: Sealer) -> Vec<u8> {
+    let options = options(compression);
+    let compress = |writer: &mut dyn Write| match compression {
+        Compression::None => writer.write_all(data).unwrap(),
+        Compression::Zstd => {
+            let mut z = zstd::stream::write::Encoder::new(writer, 3).unwrap();
+            z.write_all(data).unwrap();
+            z.finish().unwrap();
+        }
+    };
+    match sealer {
+        Sealer::Sequential => {
+            let mut w = Encryptor::with_salt(&key(7), &options, [9; 32], Vec::new()).unwrap();
+            compress(&mut w);
+            w.finish().unwrap()
+        }
+        Sealer::Parallel { threads, read } => {
+            let mut w =
+                ParallelEncryptor::with_salt(&key(7), &options, [9; 32], threads, Vec::new())
+                    .unwrap();
+            if read && compression == Compression::None {
+                w.read_from(&mut &data[..]).unwrap();
+            } else {
+                compress(&mut w);
+            }
+            w.finish().unwrap()
+        }
+    }
+}
+
+#[test]
+fn parallel_sealing_is_byte_identical_over_many_chunks() {
+    for compression in [Compression::None, Compression::Zstd] {
+        let data = plaintext(20 * CHUNK + 9);
+        let sequential = seal_with_salt(&data, compression, Sealer::Sequential);
+        for threads in [2, 3, 8] {
+            for read in [false, true] {
+                let sealer = Sealer::Parallel { threads, read };
+                let parallel = seal_with_salt(&data, compression, sealer);
+                assert!(parallel == sequential, "{sealer:?} {compression:?}");
+            }
+        }
+    }
+}
+
 /// tests/vectors/container/*.hex: fixed key, salt and plaintext -> exact bytes. A change
 /// of the format must change the version, not silently these bytes.
 #[test]
@@ -181,22 +326,28 @@ fn committed_vectors_match_exactly() {
     for (name, len, compression) in cases {
         let expected = std::fs::read_to_string(dir.join(format!("{name}.hex"))).unwrap_or_default();
         let data = plaintext(len);
-        let sealed = match compression {
-            Compression::None => {
-                let mut w =
-                    Encryptor::with_salt(&key(7), &options(compression), [9; 32], Vec::new())
-                        .unwrap();
-                w.write_all(&data).unwrap();
-                w.finish().unwrap()
-            }
-            Compression::Zstd => {
-                let w = Encryptor::with_salt(&key(7), &options(compression), [9; 32], Vec::new())
-                    .unwrap();
-                let mut z = zstd::stream::write::Encoder::new(w, 3).unwrap();
-                z.write_all(&data).unwrap();
-                z.finish().unwrap().finish().unwrap()
-            }
-        };
+        let sealed = seal_with_salt(&data, compression, Sealer::Sequential);
+        for sealer in [
+            Sealer::Parallel {
+                threads: 1,
+                read: false,
+            },
+            Sealer::Parallel {
+                threads: 3,
+                read: false,
+            },
+            Sealer::Parallel {
+                threads: 1,
+                read: true,
+            },
+            Sealer::Parallel {
+                threads: 4,
+                read: true,
+            },
+        ] {
+            let other = seal_with_salt(&data, compression, sealer);
+            assert!(other == sealed, "vector {name}: {sealer:?} differs");
+        }
         let digest = hex::encode(Sha256::digest(&sealed));
         let head = hex::encode(&sealed[..sealed.len().min(96)]);
         let text = format!("len {}\nsha256 {digest}\nhead {head}\n", sealed.len());
@@ -231,13 +382,17 @@ impl Read for Zeros {
     }
 }
 
-/// A writer that only hashes.
-struct Hasher(Sha256, u64);
+/// A writer that counts bytes and checks that every one is zero.
+struct ZeroCheck(u64);
 
-impl Write for Hasher {
+impl Write for ZeroCheck {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.update(buf);
-        self.1 += buf.len() as u64;
+        assert!(
+            buf.iter().all(|&b| b == 0),
+            "non-zero plaintext after {}",
+            self.0
+        );
+        self.0 += buf.len() as u64;
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -245,40 +400,75 @@ impl Write for Hasher {
     }
 }
 
+/// Peak resident memory of this test process (VmHWM), in bytes.
+fn peak_memory() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kib * 1024
+}
+
+/// 2.5 GiB (+3 bytes) of zeros sealed on two threads, piped through the kernel and opened
+/// on two threads: every byte comes back, and the process never holds more than a few
+/// chunks (peak memory stays far below the stream's size).
 #[test]
-fn a_multi_gib_stream_round_trips_in_constant_memory() {
-    const LEN: u64 = (2 << 30) + 3;
+fn a_multi_gib_stream_round_trips_in_parallel_in_constant_memory() {
+    const LEN: u64 = (5 << 29) + 3;
     let (reader, writer) = std::io::pipe().unwrap();
     let sealer = std::thread::spawn(move || {
-        let options = Options {
-            chunk_log2: 20,
-            ..Options::default()
-        };
-        encrypt(
-            &key(3),
-            &options,
-            Zeros(LEN),
-            std::io::BufWriter::new(writer),
-        )
-        .map(|_| ())
+        encrypt_parallel(&key(3), &Options::default(), Zeros(LEN), writer, 2).map(|_| ())
     });
-    let out = decrypt(
-        &key(3),
-        std::io::BufReader::new(reader),
-        Hasher(Sha256::new(), 0),
-    )
-    .unwrap();
+    let out = decrypt_parallel(&key(3), reader, ZeroCheck(0), 2).unwrap();
     sealer.join().unwrap().unwrap();
-    let mut expected = Sha256::new();
-    let mut zeros = Zeros(LEN);
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = zeros.read(&mut buf).unwrap();
-        if n == 0 {
-            break;
+    assert_eq!(out.0, LEN);
+    let peak = peak_memory();
+    assert!(peak < 256 << 20, "peak memory {} MiB", peak >> 20);
+}
+
+/// The tokio adapters: files in, files out, on the runtime without blocking it; damage is
+/// reported and `decrypt_file_async` commits nothing.
+#[test]
+fn the_tokio_adapters_round_trip_and_reject_damage() {
+    use cloudpdi::container::{decrypt_async, decrypt_file_async, encrypt_async};
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (plain, sealed, opened) = (
+        dir.path().join("plain.zip"),
+        dir.path().join("sealed.cpdi"),
+        dir.path().join("opened.zip"),
+    );
+    let data = plaintext(7 * CHUNK + 11);
+    std::fs::write(&plain, &data).unwrap();
+    runtime.block_on(async {
+        for compression in [Compression::None, Compression::Zstd] {
+            let input = tokio::fs::File::open(&plain).await.unwrap();
+            let output = tokio::fs::File::create(&sealed).await.unwrap();
+            encrypt_async(&key(4), &options(compression), input, output, 0)
+                .await
+                .unwrap()
+                .sync_all()
+                .await
+                .unwrap();
+            let input = tokio::fs::File::open(&sealed).await.unwrap();
+            let opened_bytes = decrypt_async(&key(4), input, Vec::new(), 2).await.unwrap();
+            assert_eq!(opened_bytes, data, "{compression:?}");
         }
-        expected.update(&buf[..n]);
-    }
-    assert_eq!(out.1, LEN);
-    assert_eq!(out.0.finalize(), expected.finalize());
+        let mut container = std::fs::read(&sealed).unwrap();
+        container[48 + CHUNK + 16 + 3] ^= 0x40;
+        std::fs::write(&sealed, &container).unwrap();
+        let input = tokio::fs::File::open(&sealed).await.unwrap();
+        let err = decrypt_async(&key(4), input, Vec::new(), 2)
+            .await
+            .unwrap_err();
+        assert_eq!(err, ContainerError::Damaged { chunk: 1 });
+        let err = decrypt_file_async(&key(4), sealed.clone(), opened.clone())
+            .await
+            .unwrap_err();
+        assert_eq!(err, ContainerError::Damaged { chunk: 1 });
+    });
+    assert!(!opened.exists());
 }

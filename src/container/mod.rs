@@ -13,6 +13,8 @@
 
 pub mod header;
 pub mod keys;
+pub mod nonblocking;
+pub mod parallel;
 pub mod stream;
 
 use std::fs::File;
@@ -21,6 +23,8 @@ use std::path::Path;
 
 pub use header::{Compression, Header};
 pub use keys::ContainerKey;
+pub use nonblocking::{decrypt_async, decrypt_file_async, encrypt_async};
+pub use parallel::{ParallelDecryptor, ParallelEncryptor, decrypt_parallel, encrypt_parallel};
 use stream::{Stream, TAG_LEN};
 
 /// Default chunk size: 1 MiB (2^20), large enough for AES-GCM's full speed.
@@ -222,40 +226,36 @@ impl<R: Read> Decryptor<R> {
 
     fn next_chunk(&mut self) -> Result<(), ContainerError> {
         let want = self.header.chunk_size() + TAG_LEN;
-        self.plain.clear();
         self.offset = 0;
-        if let Some(byte) = self.lookahead.take() {
-            self.plain.push(byte);
-        }
-        fill(&mut self.inner, &mut self.plain, want)?;
-        let mut peek = [0u8; 1];
-        let last = self.plain.len() < want || read_some(&mut self.inner, &mut peek)? == 0;
-        if !last {
-            self.lookahead = Some(peek[0]);
-        }
+        let last = read_sealed_chunk(&mut self.inner, &mut self.lookahead, &mut self.plain, want)?;
         let index = self.stream.position();
-        if last && self.plain.len() == TAG_LEN && index > 0 {
-            // Only an empty container has an empty last chunk.
-            return Err(ContainerError::Damaged { chunk: index });
-        }
-        match self.stream.open(&mut self.plain, last) {
-            Ok(()) => {
-                self.done = last;
-                Ok(())
-            }
-            Err(damaged) if last && self.plain.len() == want => {
-                // A full chunk at the end that opens as a middle chunk: cut at a boundary.
-                match self.stream.open(&mut self.plain, false) {
-                    Ok(()) => Err(ContainerError::Truncated { chunks: index + 1 }),
-                    Err(_) => Err(damaged),
-                }
-            }
-            Err(_) if last && self.plain.len() < TAG_LEN => {
-                Err(ContainerError::Truncated { chunks: index })
-            }
-            Err(damaged) => Err(damaged),
-        }
+        self.stream.open_read(index, &mut self.plain, last, want)?;
+        self.stream.advance()?;
+        self.done = last;
+        Ok(())
     }
+}
+
+/// Reads one sealed chunk (at most `want` bytes, starting with the look-ahead byte) into
+/// `buf`, and says whether the input ends with it; the byte after a full chunk is kept in
+/// `lookahead`.
+fn read_sealed_chunk(
+    reader: &mut impl Read,
+    lookahead: &mut Option<u8>,
+    buf: &mut Vec<u8>,
+    want: usize,
+) -> io::Result<bool> {
+    buf.clear();
+    if let Some(byte) = lookahead.take() {
+        buf.push(byte);
+    }
+    fill(reader, buf, want)?;
+    let mut peek = [0u8; 1];
+    let last = buf.len() < want || read_some(reader, &mut peek)? == 0;
+    if !last {
+        *lookahead = Some(peek[0]);
+    }
+    Ok(last)
 }
 
 impl<R: Read> Decryptor<R> {
@@ -292,20 +292,11 @@ impl<R: Read> Read for Decryptor<R> {
     }
 }
 
-/// Reads until `buf` holds `want` bytes or the input ends.
+/// Reads until `buf` holds `want` bytes or the input ends, into the buffer's spare
+/// capacity (readers such as files and slices then fill it without zeroing it first).
 fn fill(reader: &mut impl Read, buf: &mut Vec<u8>, want: usize) -> io::Result<()> {
-    let start = buf.len();
-    buf.resize(want, 0);
-    let mut at = start;
-    while at < want {
-        match reader.read(&mut buf[at..]) {
-            Ok(0) => break,
-            Ok(n) => at += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    buf.truncate(at);
+    let need = want.saturating_sub(buf.len());
+    reader.by_ref().take(need as u64).read_to_end(buf)?;
     Ok(())
 }
 
@@ -318,29 +309,18 @@ fn read_some(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
-/// Encrypts everything `reader` yields into `writer` (compressing first if asked).
+/// Encrypts everything `reader` yields into `writer` (compressing first if asked), on
+/// the caller's thread; [`encrypt_parallel`] uses several.
 ///
 /// # Errors
 /// [`ContainerError`] on I/O failure.
 pub fn encrypt<R: Read, W: Write>(
     key: &ContainerKey,
     options: &Options,
-    mut reader: R,
+    reader: R,
     writer: W,
 ) -> Result<W, ContainerError> {
-    let encryptor = Encryptor::new(key, options, writer)?;
-    match options.compression {
-        Compression::None => {
-            let mut encryptor = encryptor;
-            io::copy(&mut reader, &mut encryptor)?;
-            encryptor.finish()
-        }
-        Compression::Zstd => {
-            let mut compressor = zstd::stream::write::Encoder::new(encryptor, options.zstd_level)?;
-            io::copy(&mut reader, &mut compressor)?;
-            compressor.finish()?.finish()
-        }
-    }
+    encrypt_parallel(key, options, reader, writer, 1)
 }
 
 /// Decrypts (and decompresses) a container from `reader` into `writer`. Bytes already
@@ -369,8 +349,8 @@ pub fn decrypt<R: Read, W: Write>(
     Ok(writer)
 }
 
-/// Decrypts the container at `input` into `output`: written to a temp file beside it,
-/// fsynced, and renamed only after the last chunk authenticated.
+/// Decrypts the container at `input` into `output` on all cores: written to a temp file
+/// beside it, fsynced, and renamed only after the last chunk authenticated.
 ///
 /// # Errors
 /// [`ContainerError`]; on error `output` is not created and the temp file is removed.
@@ -379,7 +359,7 @@ pub fn decrypt_file(key: &ContainerKey, input: &Path, output: &Path) -> Result<(
     let result = (|| {
         let reader = BufReader::new(File::open(input)?);
         let writer = BufWriter::new(File::create(&temp)?);
-        let file = decrypt(key, reader, writer)?
+        let file = decrypt_parallel(key, reader, writer, 0)?
             .into_inner()
             .map_err(|e| ContainerError::Io(e.to_string()))?;
         file.sync_all()?;
