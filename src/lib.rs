@@ -15,6 +15,8 @@
 //! sealed in chunks with AES-256-GCM so that the repository can never read it.
 //!
 //! The patient carries a [`token`] instead of the disc (so far its text form only).
+//! The container travels through the [`repository`] (`cloudpdi repository serve`, or
+//! embedded in the gateway), which keeps it until it expires and never sees the token.
 //!
 //! Inbound, the last step: [`dicom::scu`] stores a study into the local PACS
 //! (`cloudpdi import`), after [`reconcile`] gave it a local Patient ID if asked.
@@ -30,6 +32,7 @@ pub mod container;
 pub mod dicom;
 pub mod metrics;
 pub mod reconcile;
+pub mod repository;
 pub mod route;
 pub mod serve;
 pub mod spool;

@@ -31,6 +31,50 @@ enum Command {
     /// Decrypt a container with its token (for operators); nothing is written unless
     /// every chunk authenticates.
     Decrypt(CryptArgs),
+    /// The Cloud-PDI repository: run it, make facility keys, upload and download.
+    #[command(subcommand)]
+    Repository(RepositoryCommand),
+}
+
+#[derive(Subcommand)]
+enum RepositoryCommand {
+    /// Run the repository HTTP service.
+    Serve {
+        /// Configuration file; every key can be overridden as CLOUDPDI_REPO_<SECTION>__<KEY>.
+        #[arg(long, default_value = "conf/repository.toml")]
+        config: PathBuf,
+    },
+    /// Make a facility API key: the key goes to the facility, the hash into the config.
+    NewKey,
+    /// Upload a container: creates the document from the token's expiry and proof, and
+    /// writes the token again with the document ID the repository assigned.
+    Upload {
+        /// Repository base URL.
+        #[arg(long)]
+        url: String,
+        /// File holding the facility API key (or set CLOUDPDI_REPOSITORY_API_KEY).
+        #[arg(long)]
+        api_key_file: Option<PathBuf>,
+        /// The token made for this upload, or @FILE.
+        #[arg(long)]
+        token: String,
+        /// Downloads allowed.
+        #[arg(long, default_value_t = 3)]
+        max_downloads: u32,
+        /// Where to write the issued token (must not exist).
+        #[arg(long)]
+        token_out: PathBuf,
+        /// The container to upload.
+        file: PathBuf,
+    },
+    /// Download a token's container (resumes a partial output file).
+    Download {
+        /// The token, or @FILE.
+        #[arg(long)]
+        token: String,
+        /// Output file.
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -163,6 +207,70 @@ fn main() -> anyhow::Result<()> {
         Command::Token(command) => token(command),
         Command::Encrypt(args) => encrypt(&args),
         Command::Decrypt(args) => decrypt(&args),
+        Command::Repository(command) => repository(command),
+    }
+}
+
+fn repository(command: RepositoryCommand) -> anyhow::Result<()> {
+    use cloudpdi::repository;
+    match command {
+        RepositoryCommand::Serve { config } => {
+            let config = repository::config::RepositoryConfig::load(&config)?;
+            cloudpdi::telemetry::init(&config.log);
+            runtime()?.block_on(async {
+                let listener = tokio::net::TcpListener::bind(config.server.listen)
+                    .await
+                    .with_context(|| format!("cannot listen on {}", config.server.listen))?;
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+                repository::server::run(config, listener, shutdown_signal()).await?;
+                anyhow::Ok(())
+            })
+        }
+        RepositoryCommand::NewKey => {
+            let (key, hash) = repository::auth::new_api_key()?;
+            println!(
+                "API key (give it to the facility, shown once): {}",
+                key.as_str()
+            );
+            println!("api_key_sha256 = \"{hash}\"");
+            Ok(())
+        }
+        RepositoryCommand::Upload {
+            url,
+            api_key_file,
+            token,
+            max_downloads,
+            token_out,
+            file,
+        } => {
+            let api_key = match api_key_file {
+                Some(path) => {
+                    std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?
+                }
+                None => std::env::var("CLOUDPDI_REPOSITORY_API_KEY")
+                    .context("give --api-key-file or set CLOUDPDI_REPOSITORY_API_KEY")?,
+            };
+            let token = cloudpdi::token::cli::read_token(&token)?;
+            let id = runtime()?.block_on(repository::cli::upload(
+                &url,
+                api_key.trim().to_owned(),
+                &token,
+                max_downloads,
+                &file,
+                &token_out,
+            ))?;
+            println!(
+                "document {id} uploaded; token written to {}",
+                token_out.display()
+            );
+            Ok(())
+        }
+        RepositoryCommand::Download { token, out } => {
+            let token = cloudpdi::token::cli::read_token(&token)?;
+            let size = runtime()?.block_on(repository::cli::download(&token, &out))?;
+            println!("{size} bytes written to {}", out.display());
+            Ok(())
+        }
     }
 }
 

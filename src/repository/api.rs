@@ -1,0 +1,185 @@
+//! API v1 of the repository: the JSON bodies and header names that server and client
+//! share, so the two cannot drift apart. `docs/repository-api.yaml` describes the same.
+//!
+//! | method + path                          | who       | what                          |
+//! |----------------------------------------|-----------|-------------------------------|
+//! | `POST /v1/documents`                   | facility  | [`NewDocument`] -> [`Created`] |
+//! | `GET /v1/documents/{id}`               | facility  | [`DocumentStatus`]            |
+//! | `PUT /v1/documents/{id}/parts/{n}`     | facility  | part bytes                    |
+//! | `POST /v1/documents/{id}/complete`     | facility  | [`Complete`] -> status        |
+//! | `DELETE /v1/documents/{id}`            | facility  | revoke -> status              |
+//! | `GET /v1/documents/{id}/content`       | receiver  | bytes (Range), [`PROOF_HEADER`] |
+//! | `POST /v1/documents/{id}/receipts`     | receiver  | [`Receipt`], [`PROOF_HEADER`] |
+//!
+//! Every refusal is an [`ErrorBody`] with a stable [`ErrorBody::error`] code.
+
+use serde::{Deserialize, Serialize};
+
+/// Header carrying the download proof (64 hex digits); never in the URL, which proxies log.
+pub const PROOF_HEADER: &str = "x-download-proof";
+/// Header carrying the SHA-256 (hex) of the whole ciphertext on downloads, so the
+/// receiver can check what it assembled from resumed pieces.
+pub const SHA256_HEADER: &str = "x-content-sha256";
+/// Longest free-text note accepted in a receipt (bytes).
+pub const MAX_NOTE_LEN: usize = 200;
+
+/// What a sending facility asks for when it creates a document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewDocument {
+    /// Exact size of the ciphertext in bytes.
+    pub size: u64,
+    /// When the document expires, Unix seconds (UTC); the token's expiry.
+    pub expires_at: u64,
+    /// How many downloads are allowed (a resumed download counts once).
+    pub max_downloads: u32,
+    /// SHA-256 of the download proof: all the repository learns of the token.
+    #[serde(with = "hex32")]
+    pub proof_hash: [u8; 32],
+}
+
+/// The server's answer to a create.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Created {
+    /// The unguessable ID to put in the token.
+    pub document_id: String,
+    /// Size of every part but the last (bytes).
+    pub part_size: u64,
+    /// Number of parts to upload, numbered from 0.
+    pub parts: u32,
+}
+
+/// Where a document is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    /// Created, parts arriving.
+    Uploading,
+    /// Every part held and the hash checked: downloadable.
+    Complete,
+    /// Revoked by the sender; content deleted.
+    Revoked,
+    /// Past its expiry; content deleted (or about to be, by the sweep).
+    Expired,
+}
+
+/// A receipt the receiver sends after importing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Receipt {
+    /// Instances stored into the receiving PACS.
+    pub instances_imported: u64,
+    /// Instances the receiving PACS refused.
+    #[serde(default)]
+    pub instances_refused: u64,
+    /// Short free text for the sender (no patient data), at most [`MAX_NOTE_LEN`] bytes.
+    #[serde(default)]
+    pub note: String,
+}
+
+/// A receipt as the sender sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReceiptRecord {
+    /// When the repository received it, Unix seconds.
+    pub received_at: u64,
+    /// What the receiver reported.
+    #[serde(flatten)]
+    pub receipt: Receipt,
+}
+
+/// What the sender sees of its document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DocumentStatus {
+    /// The document ID.
+    pub document_id: String,
+    /// Life-cycle state.
+    pub state: State,
+    /// Declared size in bytes.
+    pub size: u64,
+    /// Size of every part but the last.
+    pub part_size: u64,
+    /// Numbers of the parts held, ascending: an interrupted upload sends the others.
+    pub parts_held: Vec<u32>,
+    /// SHA-256 (hex) of the ciphertext, once complete.
+    pub sha256: Option<String>,
+    /// Creation time, Unix seconds.
+    pub created_at: u64,
+    /// Expiry, Unix seconds.
+    pub expires_at: u64,
+    /// Downloads allowed.
+    pub max_downloads: u32,
+    /// Downloads started so far.
+    pub downloads: u32,
+    /// Receipts from receivers, oldest first.
+    pub receipts: Vec<ReceiptRecord>,
+}
+
+/// The body of a complete call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Complete {
+    /// SHA-256 of the whole ciphertext, as the uploader computed it.
+    #[serde(with = "hex32")]
+    pub sha256: [u8; 32],
+}
+
+/// Every refusal: a stable machine code and a sentence for a person.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// Stable code, e.g. `not_available`, `unauthorized`, `too_large`.
+    pub error: String,
+    /// What happened and what to do, without any secret.
+    pub message: String,
+}
+
+/// Error code of a download or receipt that cannot be served: wrong proof, unknown ID,
+/// expired, revoked or out of downloads all answer this, alike.
+pub const NOT_AVAILABLE: &str = "not_available";
+
+/// Serde for 32-byte values as 64 lower-case hex digits.
+pub mod hex32 {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    /// Writes the bytes as hex.
+    pub fn serialize<S: Serializer>(bytes: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(bytes))
+    }
+
+    /// Reads exactly 64 hex digits.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
+        let text = String::deserialize(d)?;
+        parse(&text).ok_or_else(|| D::Error::custom("expected 64 hex digits"))
+    }
+
+    /// Parses 64 hex digits.
+    pub fn parse(text: &str) -> Option<[u8; 32]> {
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(text, &mut out).ok()?;
+        Some(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_document_round_trips_and_refuses_bad_hash() {
+        let doc = NewDocument {
+            size: 5,
+            expires_at: 7,
+            max_downloads: 1,
+            proof_hash: [0xab; 32],
+        };
+        let json = serde_json::to_string(&doc).expect("serialize");
+        assert!(json.contains(&"ab".repeat(32)));
+        assert_eq!(
+            serde_json::from_str::<NewDocument>(&json).expect("parse"),
+            doc
+        );
+        let short = json.replace(&"ab".repeat(32), "abcd");
+        assert!(serde_json::from_str::<NewDocument>(&short).is_err());
+        let extra = json.replace('}', ",\"x\":1}");
+        assert!(serde_json::from_str::<NewDocument>(&extra).is_err());
+    }
+}

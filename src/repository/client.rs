@@ -1,0 +1,739 @@
+//! The repository client the gateway uses: create, resumable part upload, ranged resumable
+//! download, receipt, status, revoke.
+//!
+//! Memory does not grow with the document: parts are streamed from the file and
+//! downloads are streamed to it. Transient failures (connection refused or dropped,
+//! timeouts, 5xx, 408, 429) are retried with exponential back-off and jitter; a refusal
+//! (other 4xx) is not. [`ClientError::is_permanent`] tells a job whether waiting can help.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::{StreamExt, TryStreamExt};
+use reqwest::header::{CONTENT_LENGTH, CONTENT_RANGE, HeaderValue, RANGE};
+use reqwest::{Method, RequestBuilder, Response, StatusCode};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use zeroize::Zeroizing;
+
+use crate::repository::api::{
+    self, Complete, Created, DocumentStatus, ErrorBody, NOT_AVAILABLE, NewDocument, Receipt, State,
+};
+use crate::token::DownloadProof;
+
+/// Read size when streaming a part from the file being uploaded.
+const UPLOAD_READ_CHUNK: usize = 256 * 1024;
+/// Buffer in front of the file being downloaded, so the disk sees large writes.
+const DOWNLOAD_WRITE_BUFFER: usize = 1024 * 1024;
+
+/// Why a repository call failed, and whether trying again later can help.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The repository does not offer the document to this proof: the token is wrong,
+    /// expired or revoked, or its downloads are used up. Permanent.
+    #[error(
+        "the token is wrong, expired or revoked (or its downloads are used up); \
+         ask the sending hospital for a new token"
+    )]
+    NotAvailable,
+    /// The repository refused the request (4xx). Permanent.
+    #[error("the repository refused the request ({status} {code}): {message}")]
+    Refused {
+        /// HTTP status.
+        status: u16,
+        /// Stable error code from the repository.
+        code: String,
+        /// The repository's sentence.
+        message: String,
+    },
+    /// The repository could not be reached or kept failing. Transient: retry later.
+    #[error(
+        "the repository is unreachable or failing after {attempts} attempts ({last}); it will be retried later"
+    )]
+    Unavailable {
+        /// Attempts made.
+        attempts: u32,
+        /// The last failure.
+        last: String,
+    },
+    /// What arrived or was stored does not match its SHA-256 or size (the partial
+    /// download was removed, or the server dropped the parts). Transient: start over.
+    #[error("transfer check failed: {0}; the transfer will start over")]
+    Integrity(String),
+    /// The local file cannot be read or written. Transient (disk full, permissions).
+    #[error("local file {path}: {source}")]
+    File {
+        /// The file.
+        path: String,
+        /// The operating system's error.
+        source: std::io::Error,
+    },
+    /// The local file does not fit the document (wrong size). Permanent.
+    #[error("{0}")]
+    Mismatch(String),
+    /// The client cannot be built (bad URL, certificate). Permanent.
+    #[error("repository client setup: {0}")]
+    Setup(String),
+}
+
+impl ClientError {
+    /// Whether retrying later cannot help (the job should stop and report).
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            ClientError::NotAvailable
+                | ClientError::Refused { .. }
+                | ClientError::Mismatch(_)
+                | ClientError::Setup(_)
+        )
+    }
+}
+
+fn file_error(path: &Path) -> impl Fn(std::io::Error) -> ClientError + '_ {
+    move |source| ClientError::File {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Timeouts, retries and TLS material of a [`Client`].
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Time to open a connection.
+    pub connect_timeout: Duration,
+    /// Whole-request limit of small JSON calls.
+    pub request_timeout: Duration,
+    /// Longest silence while reading an answer (transfers have no total limit).
+    pub read_timeout: Duration,
+    /// Whole-request limit of one part upload.
+    pub part_timeout: Duration,
+    /// Attempts per call (a download that makes progress starts counting again).
+    pub max_attempts: u32,
+    /// First back-off delay; doubled each attempt, with jitter.
+    pub backoff_base: Duration,
+    /// Longest back-off delay.
+    pub backoff_max: Duration,
+    /// Extra CA certificate (PEM) to trust, e.g. a hospital network's own CA.
+    pub ca_certificate_pem: Option<Vec<u8>>,
+    /// Client certificate and key (PEM), for facilities authenticated by certificate.
+    pub identity_pem: Option<Zeroizing<Vec<u8>>>,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            connect_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(60),
+            read_timeout: Duration::from_secs(60),
+            part_timeout: Duration::from_secs(600),
+            max_attempts: 6,
+            backoff_base: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(30),
+            ca_certificate_pem: None,
+            identity_pem: None,
+        }
+    }
+}
+
+/// A failed attempt: retry, or give up with this error.
+enum Failure {
+    Transient(String),
+    Permanent(ClientError),
+}
+
+impl From<reqwest::Error> for Failure {
+    fn from(e: reqwest::Error) -> Self {
+        Failure::Transient(describe(&e))
+    }
+}
+
+/// A reqwest error with its causes, which hold the useful part ("connection refused").
+fn describe(e: &reqwest::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// A repository client; cheap to clone and share between jobs.
+#[derive(Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    api_key: Option<Arc<Zeroizing<String>>>,
+    options: Arc<ClientOptions>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").field("base", &self.base).finish()
+    }
+}
+
+impl Client {
+    /// A client for the repository at `base_url` (`https://...`, or `http://` on
+    /// loopback), sending `api_key` on facility calls.
+    ///
+    /// # Errors
+    /// [`ClientError::Setup`] for a bad URL or TLS material.
+    pub fn new(
+        base_url: &str,
+        api_key: Option<String>,
+        options: ClientOptions,
+    ) -> Result<Client, ClientError> {
+        let base = base_url.trim_end_matches('/').to_owned();
+        let url = reqwest::Url::parse(&base)
+            .map_err(|e| ClientError::Setup(format!("repository URL {base:?}: {e}")))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(ClientError::Setup(format!(
+                "repository URL {base:?} must start with https:// (or http://)"
+            )));
+        }
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(options.connect_timeout)
+            .read_timeout(options.read_timeout)
+            .tcp_nodelay(true)
+            .use_rustls_tls();
+        if let Some(pem) = &options.ca_certificate_pem {
+            let cert = reqwest::Certificate::from_pem(pem)
+                .map_err(|e| ClientError::Setup(format!("CA certificate: {e}")))?;
+            builder = builder.add_root_certificate(cert);
+        }
+        if let Some(pem) = &options.identity_pem {
+            let identity = reqwest::Identity::from_pem(pem)
+                .map_err(|e| ClientError::Setup(format!("client certificate: {e}")))?;
+            builder = builder.identity(identity);
+        }
+        let http = builder
+            .build()
+            .map_err(|e| ClientError::Setup(describe(&e)))?;
+        Ok(Client {
+            http,
+            base,
+            api_key: api_key.map(|k| Arc::new(Zeroizing::new(k))),
+            options: Arc::new(options),
+        })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}/v1/documents{path}", self.base)
+    }
+
+    /// A facility request with the API key.
+    fn facility(&self, method: Method, path: &str) -> RequestBuilder {
+        let request = self.http.request(method, self.url(path));
+        match &self.api_key {
+            Some(key) => {
+                let mut value = HeaderValue::from_str(&format!("Bearer {}", key.as_str()))
+                    .unwrap_or_else(|_| HeaderValue::from_static(""));
+                value.set_sensitive(true);
+                request.header(reqwest::header::AUTHORIZATION, value)
+            }
+            None => request,
+        }
+    }
+
+    /// A receiver request with the download proof.
+    fn receiver(&self, method: Method, path: &str, proof: &DownloadProof) -> RequestBuilder {
+        let hex = Zeroizing::new(hex::encode(proof.bytes()));
+        let mut value = HeaderValue::from_str(&hex).expect("hex is a valid header value");
+        value.set_sensitive(true);
+        self.http
+            .request(method, self.url(path))
+            .header(api::PROOF_HEADER, value)
+    }
+
+    async fn backoff(&self, attempt: u32) {
+        let exp = self
+            .options
+            .backoff_base
+            .saturating_mul(1u32 << attempt.min(16))
+            .min(self.options.backoff_max);
+        let mut random = [0u8; 8];
+        let jitter = match getrandom::fill(&mut random) {
+            Ok(()) => u64::from_le_bytes(random) % 1000,
+            Err(_) => 500,
+        };
+        // Equal jitter: between half and all of the exponential delay.
+        let delay = exp / 2 + exp.mul_f64(jitter as f64 / 2000.0);
+        tokio::time::sleep(delay).await;
+    }
+
+    /// Runs `attempt` until it succeeds, fails permanently, or attempts run out.
+    async fn retrying<T, F, Fut>(&self, mut attempt: F) -> Result<T, ClientError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, Failure>>,
+    {
+        let mut tries = 0;
+        loop {
+            match attempt().await {
+                Ok(value) => return Ok(value),
+                Err(Failure::Permanent(e)) => return Err(e),
+                Err(Failure::Transient(last)) => {
+                    tries += 1;
+                    if tries >= self.options.max_attempts {
+                        return Err(ClientError::Unavailable {
+                            attempts: tries,
+                            last,
+                        });
+                    }
+                    tracing::debug!("repository call failed ({last}); retrying");
+                    self.backoff(tries - 1).await;
+                }
+            }
+        }
+    }
+
+    /// Sends a JSON call and reads a JSON answer, with retries.
+    async fn json<T: for<'de> serde::Deserialize<'de>>(
+        &self,
+        build: impl Fn() -> RequestBuilder,
+    ) -> Result<T, ClientError> {
+        self.retrying(|| async {
+            let response = build().timeout(self.options.request_timeout).send().await?;
+            let response = check(response).await?;
+            Ok(response.json::<T>().await?)
+        })
+        .await
+    }
+
+    /// Creates a document; the answer carries its ID and part layout.
+    ///
+    /// Not idempotent: a create whose answer was lost leaves an unused document that
+    /// expires on its own.
+    ///
+    /// # Errors
+    /// [`ClientError`]; `Refused` for limits (size, expiry) or a wrong key.
+    pub async fn create(&self, document: &NewDocument) -> Result<Created, ClientError> {
+        self.json(|| self.facility(Method::POST, "").json(document))
+            .await
+    }
+
+    /// The sender's view of a document.
+    ///
+    /// # Errors
+    /// [`ClientError`].
+    pub async fn status(&self, document_id: &str) -> Result<DocumentStatus, ClientError> {
+        let path = format!("/{}", checked_id(document_id)?);
+        self.json(|| self.facility(Method::GET, &path)).await
+    }
+
+    /// Revokes a document: no more downloads, content deleted. Idempotent.
+    ///
+    /// # Errors
+    /// [`ClientError`].
+    pub async fn revoke(&self, document_id: &str) -> Result<DocumentStatus, ClientError> {
+        let path = format!("/{}", checked_id(document_id)?);
+        self.json(|| self.facility(Method::DELETE, &path)).await
+    }
+
+    /// Sends a receipt after import.
+    ///
+    /// # Errors
+    /// [`ClientError`]; `NotAvailable` when the proof does not open the document.
+    pub async fn receipt(
+        &self,
+        document_id: &str,
+        proof: &DownloadProof,
+        receipt: &Receipt,
+    ) -> Result<(), ClientError> {
+        let path = format!("/{}/receipts", checked_id(document_id)?);
+        self.json::<serde_json::Value>(|| self.receiver(Method::POST, &path, proof).json(receipt))
+            .await
+            .map(drop)
+    }
+
+    /// Uploads `path` as the content of `document_id`, resuming from the parts the
+    /// server already holds, and completes it with the file's SHA-256. Idempotent: a
+    /// complete document is left as it is. `progress` gets the bytes done so far.
+    ///
+    /// # Errors
+    /// [`ClientError`]; `Mismatch` when the file size differs from the document's.
+    pub async fn upload_file(
+        &self,
+        document_id: &str,
+        path: &Path,
+        progress: impl Fn(u64),
+    ) -> Result<DocumentStatus, ClientError> {
+        let status = self.status(document_id).await?;
+        match status.state {
+            State::Complete => return Ok(status),
+            State::Revoked | State::Expired => {
+                return Err(ClientError::Refused {
+                    status: 409,
+                    code: format!("{:?}", status.state).to_lowercase(),
+                    message: "the document can no longer be uploaded".into(),
+                });
+            }
+            State::Uploading => {}
+        }
+        let size = tokio::fs::metadata(path)
+            .await
+            .map_err(file_error(path))?
+            .len();
+        if size != status.size {
+            return Err(ClientError::Mismatch(format!(
+                "{} has {size} bytes but the document was created for {}",
+                path.display(),
+                status.size
+            )));
+        }
+        let part_size = status.part_size.max(1);
+        let parts = u32::try_from(size.div_ceil(part_size))
+            .map_err(|_| ClientError::Mismatch("too many parts".into()))?;
+        let held: std::collections::BTreeSet<u32> = status.parts_held.iter().copied().collect();
+        let mut hasher = Sha256::new();
+        let mut done = 0;
+        for n in 0..parts {
+            let offset = u64::from(n) * part_size;
+            let len = (size - offset).min(part_size);
+            hasher = if held.contains(&n) {
+                hash_range(path, offset, len, hasher).await?
+            } else {
+                self.retrying(|| self.put_part(document_id, path, n, offset, len, &hasher))
+                    .await?
+            };
+            done += len;
+            progress(done);
+        }
+        let sha256: [u8; 32] = hasher.finalize().into();
+        let complete_path = format!("/{}/complete", checked_id(document_id)?);
+        let result = self
+            .json(|| {
+                self.facility(Method::POST, &complete_path)
+                    .json(&Complete { sha256 })
+            })
+            .await;
+        match result {
+            Err(ClientError::Refused { code, message, .. }) if code == "hash_mismatch" => {
+                Err(ClientError::Integrity(message))
+            }
+            other => other,
+        }
+    }
+
+    /// One attempt at part `n`, streamed from the file; returns `base` updated with the
+    /// part's bytes once the server has stored them.
+    async fn put_part(
+        &self,
+        document_id: &str,
+        path: &Path,
+        n: u32,
+        offset: u64,
+        len: u64,
+        base: &Sha256,
+    ) -> Result<Sha256, Failure> {
+        let mut file = tokio::fs::File::open(path)
+            .await
+            .map_err(|e| Failure::Permanent(file_error(path)(e)))?;
+        file.seek(std::io::SeekFrom::Start(offset))
+            .await
+            .map_err(|e| Failure::Permanent(file_error(path)(e)))?;
+        let hasher = Arc::new(Mutex::new(base.clone()));
+        let feed = hasher.clone();
+        let stream = tokio_util::io::ReaderStream::with_capacity(file.take(len), UPLOAD_READ_CHUNK)
+            .inspect_ok(move |chunk| {
+                feed.lock().unwrap_or_else(|e| e.into_inner()).update(chunk);
+            });
+        let response = self
+            .facility(Method::PUT, &format!("/{document_id}/parts/{n}"))
+            .header(CONTENT_LENGTH, len)
+            .timeout(self.options.part_timeout)
+            .body(reqwest::Body::wrap_stream(stream))
+            .send()
+            .await?;
+        check(response).await?;
+        let hasher = hasher.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        Ok(hasher)
+    }
+
+    /// Downloads the document into `partial`, appending to what an earlier attempt left
+    /// there (HTTP Range), until the whole document is there; the file is synced and its
+    /// size and SHA-256 checked. `progress` gets the bytes held so far. Returns the size.
+    ///
+    /// # Errors
+    /// [`ClientError`]; `NotAvailable` when the proof does not open the document;
+    /// `Integrity` (partial file removed) when the result does not match.
+    pub async fn download_to(
+        &self,
+        document_id: &str,
+        proof: &DownloadProof,
+        partial: &Path,
+        progress: impl Fn(u64),
+    ) -> Result<u64, ClientError> {
+        let path = format!("/{}/content", checked_id(document_id)?);
+        let mut hashed = Hashed::default();
+        let mut tries = 0;
+        loop {
+            let before = file_len(partial).await?;
+            match self
+                .download_attempt(&path, proof, partial, &mut hashed, &progress)
+                .await
+            {
+                Ok(size) => return Ok(size),
+                Err(Failure::Permanent(e)) => return Err(e),
+                Err(Failure::Transient(last)) => {
+                    if file_len(partial).await? > before {
+                        tries = 0;
+                    }
+                    tries += 1;
+                    if tries >= self.options.max_attempts {
+                        return Err(ClientError::Unavailable {
+                            attempts: tries,
+                            last,
+                        });
+                    }
+                    tracing::debug!("download interrupted ({last}); resuming");
+                    self.backoff(tries - 1).await;
+                }
+            }
+        }
+    }
+
+    async fn download_attempt(
+        &self,
+        path: &str,
+        proof: &DownloadProof,
+        partial: &Path,
+        hashed: &mut Hashed,
+        progress: &impl Fn(u64),
+    ) -> Result<u64, Failure> {
+        let have = file_len(partial).await.map_err(Failure::Permanent)?;
+        let mut request = self.receiver(Method::GET, path, proof);
+        if have > 0 {
+            request = request.header(RANGE, format!("bytes={have}-"));
+        }
+        let response = request.send().await?;
+        if response.status() == StatusCode::RANGE_NOT_SATISFIABLE {
+            let total = content_range(&response).map(|(_, total)| total);
+            if total == Some(have) {
+                // An earlier attempt got every byte but stopped before the checks.
+                let expected = expected_sha256(&response);
+                return finish(partial, hashed, have, have, expected).await;
+            }
+            truncate(partial).await.map_err(Failure::Permanent)?;
+            return Err(Failure::Transient(
+                "partial file longer than the document".into(),
+            ));
+        }
+        let response = check(response).await?;
+        let expected = expected_sha256(&response);
+        let (start, total) = if response.status() == StatusCode::PARTIAL_CONTENT {
+            content_range(&response)
+                .ok_or_else(|| Failure::Transient("206 without a Content-Range".into()))?
+        } else {
+            let total = response
+                .content_length()
+                .ok_or_else(|| Failure::Transient("answer without a length".into()))?;
+            (0, total)
+        };
+        if start != have {
+            if start != 0 {
+                return Err(Failure::Transient("the server sent another range".into()));
+            }
+            truncate(partial).await.map_err(Failure::Permanent)?;
+        }
+        hashed
+            .catch_up(partial, start)
+            .await
+            .map_err(Failure::Permanent)?;
+        let file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(partial)
+            .await
+            .map_err(|e| Failure::Permanent(file_error(partial)(e)))?;
+        let mut writer = tokio::io::BufWriter::with_capacity(DOWNLOAD_WRITE_BUFFER, file);
+        let mut body = response.bytes_stream();
+        let mut held = start;
+        let mut failure = None;
+        while let Some(chunk) = body.next().await {
+            match chunk {
+                Ok(chunk) => {
+                    if held + chunk.len() as u64 > total {
+                        failure = Some("the server sent more than the document".to_owned());
+                        break;
+                    }
+                    if let Err(e) = writer.write_all(&chunk).await {
+                        return Err(Failure::Permanent(file_error(partial)(e)));
+                    }
+                    hashed.hasher.update(&chunk);
+                    held += chunk.len() as u64;
+                    hashed.len = held;
+                    progress(held);
+                }
+                Err(e) => {
+                    failure = Some(describe(&e));
+                    break;
+                }
+            }
+        }
+        let file_failed = |e| Failure::Permanent(file_error(partial)(e));
+        writer.flush().await.map_err(file_failed)?;
+        writer.get_ref().sync_all().await.map_err(file_failed)?;
+        if let Some(failure) = failure {
+            return Err(Failure::Transient(failure));
+        }
+        finish(partial, hashed, held, total, expected).await
+    }
+}
+
+/// SHA-256 of the first `len` bytes of the partial file, kept across attempts so that a
+/// resume only hashes what it adds.
+#[derive(Default)]
+struct Hashed {
+    hasher: Sha256,
+    len: u64,
+}
+
+impl Hashed {
+    async fn catch_up(&mut self, partial: &Path, upto: u64) -> Result<(), ClientError> {
+        if self.len == upto {
+            return Ok(());
+        }
+        self.hasher = hash_range(partial, 0, upto, Sha256::new()).await?;
+        self.len = upto;
+        Ok(())
+    }
+}
+
+/// Checks size and hash once the partial file holds `held` of `total` bytes.
+async fn finish(
+    partial: &Path,
+    hashed: &mut Hashed,
+    held: u64,
+    total: u64,
+    expected: Option<[u8; 32]>,
+) -> Result<u64, Failure> {
+    if held != total {
+        return Err(Failure::Transient(format!(
+            "the answer ended after {held} of {total} bytes"
+        )));
+    }
+    hashed
+        .catch_up(partial, held)
+        .await
+        .map_err(Failure::Permanent)?;
+    let actual: [u8; 32] = hashed.hasher.clone().finalize().into();
+    if expected.is_some_and(|e| e != actual) {
+        truncate(partial).await.map_err(Failure::Permanent)?;
+        *hashed = Hashed::default();
+        return Err(Failure::Permanent(ClientError::Integrity(
+            "the downloaded bytes do not have the repository's SHA-256".into(),
+        )));
+    }
+    Ok(total)
+}
+
+/// Feeds `len` bytes of `path` from `offset` into `hasher`.
+async fn hash_range(
+    path: &Path,
+    offset: u64,
+    len: u64,
+    mut hasher: Sha256,
+) -> Result<Sha256, ClientError> {
+    let mut file = tokio::fs::File::open(path)
+        .await
+        .map_err(file_error(path))?;
+    file.seek(std::io::SeekFrom::Start(offset))
+        .await
+        .map_err(file_error(path))?;
+    let mut reader = file.take(len);
+    let mut buffer = vec![0u8; UPLOAD_READ_CHUNK];
+    let mut read_total = 0;
+    loop {
+        let n = reader.read(&mut buffer).await.map_err(file_error(path))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buffer[..n]);
+        read_total += n as u64;
+    }
+    if read_total != len {
+        return Err(ClientError::Mismatch(format!(
+            "{} changed while it was being sent",
+            path.display()
+        )));
+    }
+    Ok(hasher)
+}
+
+async fn file_len(path: &Path) -> Result<u64, ClientError> {
+    match tokio::fs::metadata(path).await {
+        Ok(meta) => Ok(meta.len()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(file_error(path)(e)),
+    }
+}
+
+async fn truncate(path: &Path) -> Result<(), ClientError> {
+    match tokio::fs::remove_file(path).await {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(file_error(path)(e)),
+    }
+}
+
+fn checked_id(id: &str) -> Result<&str, ClientError> {
+    if crate::repository::is_document_id(id) {
+        Ok(id)
+    } else {
+        Err(ClientError::Mismatch(format!(
+            "{id:?} is not a document ID of this repository"
+        )))
+    }
+}
+
+/// `Content-Range: bytes a-b/total` or `bytes */total` -> (a, total).
+fn content_range(response: &Response) -> Option<(u64, u64)> {
+    let value = response.headers().get(CONTENT_RANGE)?.to_str().ok()?;
+    let spec = value.strip_prefix("bytes ")?;
+    let (range, total) = spec.split_once('/')?;
+    let total = total.parse().ok()?;
+    let start = match range {
+        "*" => total,
+        range => range.split_once('-')?.0.parse().ok()?,
+    };
+    Some((start, total))
+}
+
+fn expected_sha256(response: &Response) -> Option<[u8; 32]> {
+    let value = response.headers().get(api::SHA256_HEADER)?.to_str().ok()?;
+    api::hex32::parse(value)
+}
+
+/// Sorts an answer: success passes, 410 `not_available` and other 4xx are permanent,
+/// 408, 429 and 5xx transient.
+async fn check(response: Response) -> Result<Response, Failure> {
+    let status = response.status();
+    if status.is_success() {
+        return Ok(response);
+    }
+    let body = response.json::<ErrorBody>().await.ok();
+    let (code, message) = body.map_or_else(
+        || (String::new(), status.to_string()),
+        |b| (b.error, b.message),
+    );
+    if status == StatusCode::GONE && code == NOT_AVAILABLE {
+        return Err(Failure::Permanent(ClientError::NotAvailable));
+    }
+    if status.is_server_error()
+        || status == StatusCode::REQUEST_TIMEOUT
+        || status == StatusCode::TOO_MANY_REQUESTS
+    {
+        return Err(Failure::Transient(format!("{status}: {message}")));
+    }
+    Err(Failure::Permanent(ClientError::Refused {
+        status: status.as_u16(),
+        code,
+        message,
+    }))
+}

@@ -1,0 +1,64 @@
+//! The Cloud-PDI repository: keeps encrypted containers by document ID until they expire,
+//! and can never read them.
+//!
+//! A sending facility ([`auth`]: API key or client certificate) creates a document with
+//! its size, expiry, download limit and the SHA-256 of the token's download proof, uploads
+//! it in parts that can be re-sent in any order, and completes it with the SHA-256 of the
+//! whole ciphertext, which the server checks. A receiver downloads it (ranged, resumable)
+//! by showing the proof, and sends a receipt. The sender asks for its status or revokes it.
+//!
+//! - [`api`]: the JSON types and header names shared by server and client (API v1,
+//!   written up in `docs/repository-api.yaml`);
+//! - [`server`]: the axum HTTP service (`cloudpdi repository serve`, or embedded in the
+//!   gateway), with [`storage`] on the `object_store` crate (local files or S3), the
+//!   append-only [`audit`] trail, and its settings in [`config`];
+//! - [`client`]: what the gateway uses to upload and download, streamed and resumable.
+//!
+//! Servers keep no state of their own besides an in-memory rate limiter: every fact
+//! about a document is an object written once, so several servers can share one bucket.
+
+pub mod api;
+pub mod audit;
+pub mod auth;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod server;
+pub mod storage;
+mod tls;
+
+/// Length of a document ID: 128 random bits as lower-case hex.
+pub const DOCUMENT_ID_LEN: usize = 32;
+
+/// Whether `id` has the exact form of a document ID the server assigns, so nothing else
+/// (`..`, `/`, encoded separators) ever reaches a storage path.
+pub fn is_document_id(id: &str) -> bool {
+    id.len() == DOCUMENT_ID_LEN && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// Seconds since the Unix epoch (0 if the clock is before it).
+pub(crate) fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn document_ids_are_strict() {
+        assert!(is_document_id("0123456789abcdef0123456789abcdef"));
+        for bad in [
+            "",
+            "..",
+            "0123456789ABCDEF0123456789ABCDEF",
+            "0123456789abcdef0123456789abcde/",
+            "0123456789abcdef0123456789abcdef0",
+            "%2e%2e",
+        ] {
+            assert!(!is_document_id(bad), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,584 @@
+//! Where documents live: an `object_store` (a local folder, or an S3-compatible bucket).
+//!
+//! Every fact about a document is an object written once and never updated in place, so
+//! that several servers can share one bucket without coordination:
+//!
+//! ```text
+//! documents/{id}/meta.json          created: facility, size, expiry, proof hash
+//! documents/{id}/parts/{n:08}       ciphertext part n (idempotent overwrite)
+//! documents/{id}/complete.json      whole-ciphertext SHA-256, after the server checked it
+//! documents/{id}/revoked.json       the sender revoked it
+//! documents/{id}/expired.json       the sweep deleted its content
+//! documents/{id}/downloads/{n:08}   download slot n, created only if absent
+//! documents/{id}/receipts/{t}-{r}   one receipt
+//! index/expiry/{t:011}-{id}         when the sweep deletes the content
+//! index/purge/{t:011}-{id}          when the sweep deletes the rest
+//! ```
+//!
+//! The download limit is enforced with create-if-absent slots (`If-None-Match: *` on S3,
+//! a hard link on local files), so two servers cannot both hand out the last download.
+//! On the local backend each object is synced to disk before the call returns.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::stream::{BoxStream, StreamExt, TryStreamExt};
+use object_store::path::Path;
+use object_store::{GetOptions, GetRange, GetResultPayload, ObjectStore, PutMode, PutPayload};
+use serde::{Deserialize, Serialize};
+
+use crate::repository::api::{ReceiptRecord, hex32};
+use crate::repository::config::{Backend, StorageConfig};
+
+/// Read size when streaming a part from the local backend.
+const LOCAL_READ_CHUNK: usize = 256 * 1024;
+
+/// Why storage failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StorageError {
+    /// The store could not be reached or refused the operation.
+    #[error("document storage is unavailable: {0}")]
+    Backend(#[from] object_store::Error),
+    /// The configured store cannot be opened.
+    #[error("cannot open document storage: {0}")]
+    Open(String),
+    /// An object has content this server cannot read.
+    #[error("stored object {0} is unreadable; it was not written by this repository")]
+    Corrupt(String),
+    /// A local file could not be synced.
+    #[error("cannot sync {path} to disk: {source}")]
+    Sync {
+        /// The file.
+        path: PathBuf,
+        /// The operating system's error.
+        source: std::io::Error,
+    },
+}
+
+/// What a document was created with; written once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DocumentMeta {
+    /// Document ID.
+    pub id: String,
+    /// Facility that created it.
+    pub facility: String,
+    /// Declared ciphertext size.
+    pub size: u64,
+    /// Part size.
+    pub part_size: u64,
+    /// Creation time, Unix seconds.
+    pub created_at: u64,
+    /// Expiry, Unix seconds.
+    pub expires_at: u64,
+    /// Downloads allowed.
+    pub max_downloads: u32,
+    /// SHA-256 of the download proof (a hash of a hash of the secret's derived key).
+    #[serde(with = "hex32")]
+    pub proof_sha256: [u8; 32],
+}
+
+impl DocumentMeta {
+    /// Number of parts.
+    pub fn parts(&self) -> u32 {
+        u32::try_from(self.size.div_ceil(self.part_size)).unwrap_or(u32::MAX)
+    }
+
+    /// Exact length of part `n`, or `None` when there is no such part.
+    pub fn part_len(&self, n: u32) -> Option<u64> {
+        let start = u64::from(n).checked_mul(self.part_size)?;
+        (start < self.size).then(|| (self.size - start).min(self.part_size))
+    }
+}
+
+/// Record of the server's hash check.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CompleteRecord {
+    /// SHA-256 of the whole ciphertext.
+    #[serde(with = "hex32")]
+    pub sha256: [u8; 32],
+    /// When, Unix seconds.
+    pub completed_at: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct TimeRecord {
+    at: u64,
+}
+
+/// Everything known about a document, read with one listing.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// Creation record.
+    pub meta: DocumentMeta,
+    /// Parts held: number -> size.
+    pub parts: BTreeMap<u32, u64>,
+    /// Download slots taken.
+    pub downloads: u32,
+    /// Whether the hash was checked.
+    pub complete: bool,
+    /// Whether the sender revoked it.
+    pub revoked: bool,
+    /// Whether the sweep deleted its content.
+    pub expired: bool,
+    receipts: Vec<Path>,
+}
+
+/// The document store.
+#[derive(Debug, Clone)]
+pub struct Storage {
+    store: Arc<dyn ObjectStore>,
+    local_root: Option<PathBuf>,
+}
+
+/// Which time index a sweep reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Index {
+    /// Content deletion at expiry.
+    Expiry,
+    /// Final deletion after the tombstone period.
+    Purge,
+}
+
+fn doc_path(id: &str, rest: &str) -> Path {
+    Path::from(format!("documents/{id}/{rest}"))
+}
+
+fn index_path(index: Index, at: u64, id: &str) -> Path {
+    let name = match index {
+        Index::Expiry => "expiry",
+        Index::Purge => "purge",
+    };
+    Path::from(format!("index/{name}/{at:011}-{id}"))
+}
+
+impl Storage {
+    /// Opens the configured backend (creating the local folder).
+    ///
+    /// # Errors
+    /// [`StorageError::Open`] naming what is wrong.
+    pub fn open(config: &StorageConfig) -> Result<Storage, StorageError> {
+        match config.backend {
+            Backend::Local => {
+                std::fs::create_dir_all(&config.path)
+                    .map_err(|e| StorageError::Open(format!("{}: {e}", config.path.display())))?;
+                let root = std::fs::canonicalize(&config.path)
+                    .map_err(|e| StorageError::Open(format!("{}: {e}", config.path.display())))?;
+                let store = object_store::local::LocalFileSystem::new_with_prefix(&root)
+                    .map_err(|e| StorageError::Open(e.to_string()))?;
+                Ok(Storage {
+                    store: Arc::new(store),
+                    local_root: Some(root),
+                })
+            }
+            Backend::S3 => {
+                let mut builder = object_store::aws::AmazonS3Builder::from_env()
+                    .with_bucket_name(&config.bucket)
+                    .with_region(&config.region)
+                    .with_allow_http(config.allow_http);
+                if !config.endpoint.is_empty() {
+                    builder = builder.with_endpoint(&config.endpoint);
+                }
+                if !config.access_key_id.is_empty() {
+                    builder = builder
+                        .with_access_key_id(&config.access_key_id)
+                        .with_secret_access_key(&config.secret_access_key);
+                }
+                let store = builder
+                    .build()
+                    .map_err(|e| StorageError::Open(e.to_string()))?;
+                let store: Arc<dyn ObjectStore> = if config.prefix.is_empty() {
+                    Arc::new(store)
+                } else {
+                    Arc::new(object_store::prefix::PrefixStore::new(
+                        store,
+                        config.prefix.as_str(),
+                    ))
+                };
+                Ok(Storage {
+                    store,
+                    local_root: None,
+                })
+            }
+        }
+    }
+
+    async fn put(&self, path: &Path, bytes: Bytes, mode: PutMode) -> Result<(), StorageError> {
+        self.store
+            .put_opts(path, PutPayload::from_bytes(bytes), mode.into())
+            .await?;
+        self.sync_local(path).await
+    }
+
+    /// On the local backend, syncs the file and every folder up to the root, so an
+    /// acknowledged object survives a power cut.
+    async fn sync_local(&self, path: &Path) -> Result<(), StorageError> {
+        let Some(root) = &self.local_root else {
+            return Ok(());
+        };
+        let root = root.clone();
+        let file = root.join(path.as_ref());
+        tokio::task::spawn_blocking(move || {
+            let sync = |p: &std::path::Path| {
+                std::fs::File::open(p)
+                    .and_then(|f| f.sync_all())
+                    .map_err(|source| StorageError::Sync {
+                        path: p.to_owned(),
+                        source,
+                    })
+            };
+            sync(&file)?;
+            let mut dir = file.parent();
+            while let Some(d) = dir {
+                sync(d)?;
+                if d == root {
+                    break;
+                }
+                dir = d.parent();
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| StorageError::Open(e.to_string()))?
+    }
+
+    async fn put_json<T: Serialize>(
+        &self,
+        path: &Path,
+        value: &T,
+        mode: PutMode,
+    ) -> Result<(), StorageError> {
+        let bytes = serde_json::to_vec(value).expect("storage records always serialize");
+        self.put(path, bytes.into(), mode).await
+    }
+
+    async fn get_json<T: for<'de> Deserialize<'de>>(
+        &self,
+        path: &Path,
+    ) -> Result<Option<T>, StorageError> {
+        match self.store.get(path).await {
+            Ok(result) => {
+                let bytes = result.bytes().await?;
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|_| StorageError::Corrupt(path.to_string()))
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Records a new document and its two index entries.
+    ///
+    /// # Errors
+    /// [`StorageError`] when the store fails.
+    pub async fn create(&self, meta: &DocumentMeta, purge_at: u64) -> Result<(), StorageError> {
+        self.put_json(&doc_path(&meta.id, "meta.json"), meta, PutMode::Create)
+            .await?;
+        let empty = || Bytes::from_static(b"");
+        self.put(
+            &index_path(Index::Expiry, meta.expires_at, &meta.id),
+            empty(),
+            PutMode::Overwrite,
+        )
+        .await?;
+        self.put(
+            &index_path(Index::Purge, purge_at, &meta.id),
+            empty(),
+            PutMode::Overwrite,
+        )
+        .await
+    }
+
+    /// Everything about document `id`, or `None` when it does not exist.
+    ///
+    /// # Errors
+    /// [`StorageError`] when the store fails.
+    pub async fn snapshot(&self, id: &str) -> Result<Option<Snapshot>, StorageError> {
+        let Some(meta) = self
+            .get_json::<DocumentMeta>(&doc_path(id, "meta.json"))
+            .await?
+        else {
+            return Ok(None);
+        };
+        let mut snapshot = Snapshot {
+            meta,
+            parts: BTreeMap::new(),
+            downloads: 0,
+            complete: false,
+            revoked: false,
+            expired: false,
+            receipts: Vec::new(),
+        };
+        let prefix = Path::from(format!("documents/{id}"));
+        let mut listing = self.store.list(Some(&prefix));
+        while let Some(object) = listing.try_next().await? {
+            let parts: Vec<_> = object.location.parts().collect();
+            let names: Vec<&str> = parts.iter().map(|p| p.as_ref()).collect();
+            match names.as_slice() {
+                [_, _, "parts", n] => {
+                    if let Ok(n) = n.parse::<u32>() {
+                        snapshot.parts.insert(n, object.size);
+                    }
+                }
+                [_, _, "downloads", _] => snapshot.downloads += 1,
+                [_, _, "receipts", _] => snapshot.receipts.push(object.location.clone()),
+                [_, _, "complete.json"] => snapshot.complete = true,
+                [_, _, "revoked.json"] => snapshot.revoked = true,
+                [_, _, "expired.json"] => snapshot.expired = true,
+                _ => {}
+            }
+        }
+        snapshot.receipts.sort();
+        Ok(Some(snapshot))
+    }
+
+    /// Stores part `n` (replacing an earlier copy).
+    ///
+    /// # Errors
+    /// [`StorageError`] when the store fails.
+    pub async fn put_part(&self, id: &str, n: u32, bytes: Bytes) -> Result<(), StorageError> {
+        self.put(
+            &doc_path(id, &format!("parts/{n:08}")),
+            bytes,
+            PutMode::Overwrite,
+        )
+        .await
+    }
+
+    /// Streams `range` (within the part) of part `n`.
+    ///
+    /// # Errors
+    /// [`StorageError`] when the part is missing or the store fails.
+    pub async fn part_stream(
+        &self,
+        id: &str,
+        n: u32,
+        range: Range<u64>,
+    ) -> Result<BoxStream<'static, Result<Bytes, StorageError>>, StorageError> {
+        let options = GetOptions {
+            range: Some(GetRange::Bounded(range)),
+            ..GetOptions::default()
+        };
+        let result = self
+            .store
+            .get_opts(&doc_path(id, &format!("parts/{n:08}")), options)
+            .await?;
+        let range = result.range.clone();
+        Ok(match result.payload {
+            GetResultPayload::File(file, _) => local_stream(file, range),
+            GetResultPayload::Stream(stream) => stream.map_err(StorageError::from).boxed(),
+        })
+    }
+
+    /// The complete record, when the hash was checked.
+    ///
+    /// # Errors
+    /// [`StorageError`] when the store fails.
+    pub async fn complete_record(&self, id: &str) -> Result<Option<CompleteRecord>, StorageError> {
+        self.get_json(&doc_path(id, "complete.json")).await
+    }
+
+    /// Marks the document complete (idempotent).
+    ///
+    /// # Errors
+    /// [`StorageError`] when the store fails.
+    pub async fn put_complete(
+        &self,
+        id: &str,
+        record: &CompleteRecord,
+    ) -> Result<(), StorageError> {
+        self.put_json(&doc_path(id, "complete.json"), record, PutMode::Overwrite)
+            .await
+    }
+
+    /// Marks the document revoked and deletes its content.
+    ///
+    /// # Errors
+    /// [`StorageError`] when the store fails.
+    pub async fn revoke(&self, id: &str, at: u64) -> Result<(), StorageError> {
+        self.put_json(
+            &doc_path(id, "revoked.json"),
+            &TimeRecord { at },
+            PutMode::Overwrite,
+        )
+        .await?;
+        self.delete_prefix(&format!("documents/{id}/parts")).await
+    }
+
+    /// Marks the document expired and deletes its content.
+    ///
+    /// # Errors
+    /// [`StorageError`] when the store fails.
+    pub async fn expire(&self, id: &str, at: u64) -> Result<(), StorageError> {
+        self.put_json(
+            &doc_path(id, "expired.json"),
+            &TimeRecord { at },
+            PutMode::Overwrite,
+        )
+        .await?;
+        self.delete_prefix(&format!("documents/{id}/parts")).await
+    }
+
+    /// Deletes every object of the document.
+    ///
+    /// # Errors
+    /// [`StorageError`] when the store fails.
+    pub async fn purge(&self, id: &str) -> Result<(), StorageError> {
+        self.delete_prefix(&format!("documents/{id}")).await
+    }
+
+    /// Deletes every part (after a failed hash check).
+    ///
+    /// # Errors
+    /// [`StorageError`] when the store fails.
+    pub async fn delete_parts(&self, id: &str) -> Result<(), StorageError> {
+        self.delete_prefix(&format!("documents/{id}/parts")).await
+    }
+
+    async fn delete_prefix(&self, prefix: &str) -> Result<(), StorageError> {
+        let prefix = Path::from(prefix);
+        let locations = self
+            .store
+            .list(Some(&prefix))
+            .map_ok(|object| object.location)
+            .boxed();
+        self.store
+            .delete_stream(locations)
+            .try_collect::<Vec<_>>()
+            .await?;
+        Ok(())
+    }
+
+    /// Takes a download slot; `false` when all `max` are taken.
+    ///
+    /// # Errors
+    /// [`StorageError`] when the store fails.
+    pub async fn claim_download(&self, snapshot: &Snapshot, at: u64) -> Result<bool, StorageError> {
+        let id = &snapshot.meta.id;
+        let record = serde_json::to_vec(&TimeRecord { at }).expect("time records serialize");
+        for n in snapshot.downloads..snapshot.meta.max_downloads {
+            let path = doc_path(id, &format!("downloads/{n:08}"));
+            match self
+                .store
+                .put_opts(
+                    &path,
+                    PutPayload::from(record.clone()),
+                    PutMode::Create.into(),
+                )
+                .await
+            {
+                Ok(_) => {
+                    self.sync_local(&path).await?;
+                    return Ok(true);
+                }
+                Err(object_store::Error::AlreadyExists { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(false)
+    }
+
+    /// Stores a receipt.
+    ///
+    /// # Errors
+    /// [`StorageError`] when the store fails.
+    pub async fn add_receipt(&self, id: &str, record: &ReceiptRecord) -> Result<(), StorageError> {
+        let mut random = [0u8; 8];
+        getrandom::fill(&mut random).map_err(|e| StorageError::Open(e.to_string()))?;
+        let name = format!(
+            "receipts/{:011}-{}",
+            record.received_at,
+            hex::encode(random)
+        );
+        self.put_json(&doc_path(id, &name), record, PutMode::Create)
+            .await
+    }
+
+    /// The receipts listed in `snapshot`, oldest first.
+    ///
+    /// # Errors
+    /// [`StorageError`] when the store fails.
+    pub async fn receipts(&self, snapshot: &Snapshot) -> Result<Vec<ReceiptRecord>, StorageError> {
+        let mut receipts = Vec::with_capacity(snapshot.receipts.len());
+        for path in &snapshot.receipts {
+            if let Some(record) = self.get_json(path).await? {
+                receipts.push(record);
+            }
+        }
+        Ok(receipts)
+    }
+
+    /// Documents whose `index` time is at or before `now`: (index object, document ID).
+    ///
+    /// # Errors
+    /// [`StorageError`] when the store fails.
+    pub async fn due(&self, index: Index, now: u64) -> Result<Vec<(Path, String)>, StorageError> {
+        let prefix = Path::from(match index {
+            Index::Expiry => "index/expiry",
+            Index::Purge => "index/purge",
+        });
+        let objects: Vec<_> = self.store.list(Some(&prefix)).try_collect().await?;
+        Ok(objects
+            .into_iter()
+            .filter_map(|object| {
+                let name = object.location.filename()?.to_owned();
+                let (at, id) = name.split_once('-')?;
+                let at: u64 = at.parse().ok()?;
+                (at <= now && crate::repository::is_document_id(id))
+                    .then(|| (object.location, id.to_owned()))
+            })
+            .collect())
+    }
+
+    /// Deletes an index entry once its work is done.
+    ///
+    /// # Errors
+    /// [`StorageError`] when the store fails.
+    pub async fn delete_index(&self, entry: &Path) -> Result<(), StorageError> {
+        match self.store.delete(entry).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Whether the store answers (for `/healthz`).
+    ///
+    /// # Errors
+    /// [`StorageError`] when it does not.
+    pub async fn ready(&self) -> Result<(), StorageError> {
+        let prefix = Path::from("index");
+        let mut listing = self.store.list(Some(&prefix));
+        listing.try_next().await?;
+        Ok(())
+    }
+}
+
+/// Streams a local file's `range` in large reads (object_store's own stream reads 8 KiB
+/// at a time, a blocking task each).
+fn local_stream(
+    file: std::fs::File,
+    range: Range<u64>,
+) -> BoxStream<'static, Result<Bytes, StorageError>> {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let open = async move {
+        let mut file = tokio::fs::File::from_std(file);
+        file.seek(std::io::SeekFrom::Start(range.start)).await?;
+        Ok::<_, std::io::Error>(tokio_util::io::ReaderStream::with_capacity(
+            file.take(range.end - range.start),
+            LOCAL_READ_CHUNK,
+        ))
+    };
+    futures_util::stream::once(open)
+        .try_flatten()
+        .map_err(|e| {
+            StorageError::Backend(object_store::Error::Generic {
+                store: "LocalFileSystem",
+                source: Box::new(e),
+            })
+        })
+        .boxed()
+}

@@ -1,0 +1,874 @@
+//! The repository over real HTTP on loopback, on both storage backends: local files and
+//! S3 (moto's server mode, started here on 127.0.0.1), with our client, curl, and the
+//! real `cloudpdi repository serve` killed in the middle of transfers.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use cloudpdi::repository::api::{NewDocument, Receipt, State};
+use cloudpdi::repository::client::{Client, ClientError, ClientOptions};
+use cloudpdi::repository::config::{
+    AuditConfig, Backend, FacilityConfig, RepositoryConfig, ServerConfig, StorageConfig,
+};
+use cloudpdi::token::Token;
+use sha2::{Digest, Sha256};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+const SECRET: [u8; 16] = *b"\x5a\x17\xc3\x88\x01\xfe\x42\x9d\x6b\x20\xaa\x13\x77\xe4\x0c\x31";
+const MIB: u64 = 1 << 20;
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn token(expires_in: u64) -> Token {
+    let expires = u32::try_from(unix_now() + expires_in).unwrap();
+    Token::with_secret("http://127.0.0.1", "pending", expires, "HOSP_A", "", SECRET).unwrap()
+}
+
+fn fast_options() -> ClientOptions {
+    ClientOptions {
+        backoff_base: Duration::from_millis(50),
+        backoff_max: Duration::from_millis(500),
+        max_attempts: 12,
+        ..ClientOptions::default()
+    }
+}
+
+fn random_file(path: &Path, len: u64) -> [u8; 32] {
+    let mut data = vec![0u8; usize::try_from(len).unwrap()];
+    getrandom::fill(&mut data).unwrap();
+    std::fs::write(path, &data).unwrap();
+    Sha256::digest(&data).into()
+}
+
+fn sha256_file(path: &Path) -> [u8; 32] {
+    Sha256::digest(std::fs::read(path).unwrap()).into()
+}
+
+/// moto's S3 server on loopback, killed when dropped.
+struct Moto {
+    child: Child,
+    endpoint: String,
+}
+
+impl Moto {
+    fn start(bucket: &str) -> Moto {
+        let port = common::free_port();
+        let child = Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("moto_server (pip install 'moto[server]') is a required test peer");
+        let moto = Moto {
+            child,
+            endpoint: format!("http://127.0.0.1:{port}"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = Command::new(common::require("/usr/bin/curl"))
+                .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "PUT"])
+                .arg(format!("{}/{bucket}", moto.endpoint))
+                .output()
+                .unwrap();
+            if String::from_utf8_lossy(&out.stdout) == "200" {
+                return moto;
+            }
+            assert!(Instant::now() < deadline, "moto_server did not start");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn storage(&self, bucket: &str) -> StorageConfig {
+        StorageConfig {
+            backend: Backend::S3,
+            bucket: bucket.into(),
+            endpoint: self.endpoint.clone(),
+            allow_http: true,
+            access_key_id: "testing".into(),
+            secret_access_key: "testing".into(),
+            ..StorageConfig::default()
+        }
+    }
+
+    /// Every object in the bucket: (key, bytes).
+    fn objects(&self, bucket: &str) -> Vec<(String, Vec<u8>)> {
+        let list = Command::new("/usr/bin/curl")
+            .arg("-s")
+            .arg(format!("{}/{bucket}?list-type=2", self.endpoint))
+            .output()
+            .unwrap();
+        let xml = String::from_utf8_lossy(&list.stdout).into_owned();
+        xml.split("<Key>")
+            .skip(1)
+            .map(|rest| {
+                let key = rest.split("</Key>").next().unwrap().to_owned();
+                let body = Command::new("/usr/bin/curl")
+                    .arg("-s")
+                    .arg(format!("{}/{bucket}/{key}", self.endpoint))
+                    .output()
+                    .unwrap()
+                    .stdout;
+                (key, body)
+            })
+            .collect()
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A repository served in this process on 127.0.0.1:0.
+struct Repo {
+    url: String,
+    key_a: String,
+    key_b: String,
+    dir: tempfile::TempDir,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), cloudpdi::repository::server::ServerError>>,
+    _moto: Option<Moto>,
+}
+
+fn facility(hash: String) -> FacilityConfig {
+    FacilityConfig {
+        api_key_sha256: hash,
+        client_cert_sha256: String::new(),
+    }
+}
+
+fn config(dir: &Path, storage: StorageConfig) -> (RepositoryConfig, String, String) {
+    let (key_a, hash_a) = cloudpdi::repository::auth::new_api_key().unwrap();
+    let (key_b, hash_b) = cloudpdi::repository::auth::new_api_key().unwrap();
+    let config = RepositoryConfig {
+        server: ServerConfig {
+            part_size_mb: 1,
+            max_document_mb: 64,
+            sweep_interval: 1,
+            failed_proofs_per_window: 50,
+            ..ServerConfig::default()
+        },
+        storage,
+        audit: AuditConfig {
+            path: dir.join("audit.jsonl"),
+        },
+        facility: [
+            ("HOSP_A".to_owned(), facility(hash_a)),
+            ("HOSP_B".to_owned(), facility(hash_b)),
+        ]
+        .into(),
+        ..RepositoryConfig::default()
+    };
+    (config, key_a.to_string(), key_b.to_string())
+}
+
+impl Repo {
+    async fn start(backend: Backend) -> Repo {
+        let dir = tempfile::tempdir().unwrap();
+        let (moto, storage) = match backend {
+            Backend::Local => (
+                None,
+                StorageConfig {
+                    path: dir.path().join("store"),
+                    ..StorageConfig::default()
+                },
+            ),
+            Backend::S3 => {
+                let moto = Moto::start("pdi");
+                let storage = moto.storage("pdi");
+                (Some(moto), storage)
+            }
+        };
+        let (config, key_a, key_b) = config(dir.path(), storage);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let stop = CancellationToken::new();
+        let shutdown = stop.clone();
+        let task = tokio::spawn(cloudpdi::repository::server::run(
+            config,
+            listener,
+            async move { shutdown.cancelled().await },
+        ));
+        Repo {
+            url,
+            key_a,
+            key_b,
+            dir,
+            stop,
+            task,
+            _moto: moto,
+        }
+    }
+
+    fn client(&self, key: Option<&str>) -> Client {
+        Client::new(&self.url, key.map(str::to_owned), fast_options()).unwrap()
+    }
+
+    /// Every stored object (path or key, bytes), plus the audit trail.
+    fn stored(&self) -> Vec<(String, Vec<u8>)> {
+        let mut objects = match &self._moto {
+            Some(moto) => moto.objects("pdi"),
+            None => walk(&self.dir.path().join("store")),
+        };
+        let audit = self.dir.path().join("audit.jsonl");
+        objects.push(("audit".into(), std::fs::read(audit).unwrap_or_default()));
+        objects
+    }
+
+    fn audit(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("audit.jsonl")).unwrap_or_default()
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+fn walk(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for entry in entries {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push((path.display().to_string(), std::fs::read(&path).unwrap()));
+        }
+    }
+    out.sort();
+    out
+}
+
+fn new_document(size: u64, token: &Token, max_downloads: u32) -> NewDocument {
+    NewDocument {
+        size,
+        expires_at: u64::from(token.expires_at),
+        max_downloads,
+        proof_hash: token.download_proof().hash(),
+    }
+}
+
+/// Upload, status, download (whole, twice), receipt, download limit, revoke.
+async fn life_cycle(backend: Backend) {
+    let repo = Repo::start(backend).await;
+    let work = tempfile::tempdir().unwrap();
+    let source = work.path().join("container");
+    let size = 2 * MIB + 12_345;
+    let sha = random_file(&source, size);
+    let token = token(3600);
+    let sender = repo.client(Some(&repo.key_a));
+    let created = sender.create(&new_document(size, &token, 2)).await.unwrap();
+    assert_eq!(created.parts, 3);
+    let id = created.document_id;
+
+    let before = sender.status(&id).await.unwrap();
+    assert_eq!(before.state, State::Uploading);
+    assert!(before.parts_held.is_empty());
+    let progress = Mutex::new(Vec::new());
+    let done = sender
+        .upload_file(&id, &source, |n| progress.lock().unwrap().push(n))
+        .await
+        .unwrap();
+    assert_eq!(done.state, State::Complete);
+    assert_eq!(done.sha256.as_deref(), Some(hex::encode(sha).as_str()));
+    assert_eq!(progress.lock().unwrap().last(), Some(&size));
+    // Idempotent: a second upload of a complete document changes nothing.
+    let again = sender.upload_file(&id, &source, |_| {}).await.unwrap();
+    assert_eq!(again.state, State::Complete);
+
+    let receiver = repo.client(None);
+    let proof = token.download_proof();
+    for round in 0..2 {
+        let out = work.path().join(format!("download{round}"));
+        let got = receiver
+            .download_to(&id, &proof, &out, |_| {})
+            .await
+            .unwrap();
+        assert_eq!(got, size);
+        assert_eq!(sha256_file(&out), sha, "round {round}");
+    }
+    let third = receiver
+        .download_to(&id, &proof, &work.path().join("third"), |_| {})
+        .await
+        .unwrap_err();
+    assert!(matches!(third, ClientError::NotAvailable), "{third}");
+    assert!(third.is_permanent());
+    assert!(!work.path().join("third").exists());
+
+    let receipt = Receipt {
+        instances_imported: 42,
+        instances_refused: 1,
+        note: "imported into PACS-2".into(),
+    };
+    receiver.receipt(&id, &proof, &receipt).await.unwrap();
+    let status = sender.status(&id).await.unwrap();
+    assert_eq!(status.downloads, 2);
+    assert_eq!(status.receipts.len(), 1);
+    assert_eq!(status.receipts[0].receipt, receipt);
+
+    let revoked = sender.revoke(&id).await.unwrap();
+    assert_eq!(revoked.state, State::Revoked);
+    assert!(revoked.parts_held.is_empty());
+    let after = receiver
+        .download_to(&id, &proof, &work.path().join("after"), |_| {})
+        .await
+        .unwrap_err();
+    assert!(matches!(after, ClientError::NotAvailable), "{after}");
+    let audit = repo.audit();
+    for action in [
+        "create",
+        "upload_part",
+        "complete",
+        "download",
+        "receipt",
+        "revoke",
+    ] {
+        assert!(
+            audit.contains(&format!("\"action\":\"{action}\"")),
+            "{action} missing from the audit trail"
+        );
+    }
+    assert!(audit.contains("\"from\":\"127.0.0.1:"));
+    assert_no_secret(&repo, &token);
+    repo.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn life_cycle_on_local_files() {
+    life_cycle(Backend::Local).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn life_cycle_on_s3() {
+    life_cycle(Backend::S3).await;
+}
+
+/// Nothing stored by the repository (objects, metadata, audit) holds the token's secret,
+/// the keys derived from it, or a facility's API key, raw or in hex.
+fn assert_no_secret(repo: &Repo, token: &Token) {
+    let proof = token.download_proof();
+    let mut container_key = [0u8; 32];
+    hkdf::Hkdf::<Sha256>::new(None, &SECRET)
+        .expand(b"cloudpdi token v1 container key", &mut container_key)
+        .unwrap();
+    let secrets: Vec<(&str, Vec<u8>)> = vec![
+        ("secret", SECRET.to_vec()),
+        ("secret hex", hex::encode(SECRET).into_bytes()),
+        ("proof", proof.bytes().to_vec()),
+        ("proof hex", hex::encode(proof.bytes()).into_bytes()),
+        ("container key", container_key.to_vec()),
+        ("container key hex", hex::encode(container_key).into_bytes()),
+        ("token text", token.to_text().into_bytes()),
+        ("API key A", repo.key_a.clone().into_bytes()),
+        ("API key B", repo.key_b.clone().into_bytes()),
+    ];
+    let stored = repo.stored();
+    assert!(stored.len() > 3, "nothing stored?");
+    for (name, bytes) in &stored {
+        for (what, secret) in &secrets {
+            assert!(
+                !bytes.windows(secret.len()).any(|w| w == secret.as_slice()),
+                "{what} found in {name}"
+            );
+        }
+    }
+}
+
+/// A short expiry: downloadable before, 410 after, content deleted by the sweep.
+async fn expiry(backend: Backend) {
+    let repo = Repo::start(backend).await;
+    let work = tempfile::tempdir().unwrap();
+    let source = work.path().join("container");
+    let sha = random_file(&source, 1000);
+    let token = token(3);
+    let sender = repo.client(Some(&repo.key_a));
+    let id = sender
+        .create(&new_document(1000, &token, 5))
+        .await
+        .unwrap()
+        .document_id;
+    sender.upload_file(&id, &source, |_| {}).await.unwrap();
+    let receiver = repo.client(None);
+    let proof = token.download_proof();
+    let out = work.path().join("before");
+    receiver
+        .download_to(&id, &proof, &out, |_| {})
+        .await
+        .unwrap();
+    assert_eq!(sha256_file(&out), sha);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let status = sender.status(&id).await.unwrap();
+        if status.state == State::Expired && status.parts_held.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not swept: {status:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let gone = receiver
+        .download_to(&id, &proof, &work.path().join("after"), |_| {})
+        .await
+        .unwrap_err();
+    assert!(matches!(gone, ClientError::NotAvailable), "{gone}");
+    let parts: Vec<_> = repo
+        .stored()
+        .into_iter()
+        .filter(|(name, _)| name.contains("/parts/"))
+        .collect();
+    assert!(parts.is_empty(), "content left after expiry");
+    assert!(repo.audit().contains("\"action\":\"expire\""));
+    repo.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_on_local_files() {
+    expiry(Backend::Local).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_on_s3() {
+    expiry(Backend::S3).await;
+}
+
+/// curl's answer: (status, JSON body).
+fn curl(args: &[&str]) -> (u16, serde_json::Value) {
+    let out = Command::new(common::require("/usr/bin/curl"))
+        .args(["-s", "-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    let json = serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {body:?}"));
+    (code.parse().unwrap(), json)
+}
+
+fn assert_refused(answer: (u16, serde_json::Value), status: u16, code: &str) {
+    assert_eq!(answer.0, status, "{}", answer.1);
+    assert_eq!(answer.1["error"], code, "{}", answer.1);
+    assert!(
+        answer.1["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{}",
+        answer.1
+    );
+}
+
+/// Every kind of wrong request is refused with a JSON error, and none stores anything.
+async fn refusals(backend: Backend) {
+    let repo = Repo::start(backend).await;
+    let work = tempfile::tempdir().unwrap();
+    let source = work.path().join("container");
+    random_file(&source, 3000);
+    let token = token(3600);
+    let sender = repo.client(Some(&repo.key_a));
+    let id = sender
+        .create(&new_document(3000, &token, 1))
+        .await
+        .unwrap()
+        .document_id;
+    sender.upload_file(&id, &source, |_| {}).await.unwrap();
+    let stored_before = repo.stored();
+    let content = format!("{}/v1/documents/{id}/content", repo.url);
+    let proof_header = |p: &str| format!("x-download-proof: {p}");
+    let wrong = hex::encode([7u8; 32]);
+    let bearer = |k: &str| format!("Authorization: Bearer {k}");
+
+    assert_refused(
+        curl(&["-H", &proof_header(&wrong), &content]),
+        410,
+        "not_available",
+    );
+    assert_refused(curl(&[&content]), 401, "proof_required");
+    assert_refused(
+        curl(&["-H", &proof_header("zz"), &content]),
+        400,
+        "invalid_proof",
+    );
+    let unknown = format!("{}/v1/documents/{}/content", repo.url, "0".repeat(32));
+    let right = hex::encode(token.download_proof().bytes());
+    assert_refused(
+        curl(&["-H", &proof_header(&right), &unknown]),
+        410,
+        "not_available",
+    );
+    for trick in [
+        "..%2f..%2fstore",
+        "%2e%2e",
+        "..",
+        &format!("{id}%2f..%2f{id}"),
+        &format!("{id}%00"),
+    ] {
+        let url = format!("{}/v1/documents/{trick}/content", repo.url);
+        let answer = curl(&["--path-as-is", "-H", &proof_header(&right), &url]);
+        assert!(
+            [400, 404].contains(&answer.0) && answer.1["error"].is_string(),
+            "{trick}: {answer:?}"
+        );
+    }
+    let status_url = format!("{}/v1/documents/{id}", repo.url);
+    assert_refused(curl(&[&status_url]), 401, "unauthorized");
+    assert_refused(
+        curl(&["-H", &bearer("cpdi_forged"), &status_url]),
+        401,
+        "unauthorized",
+    );
+    assert_refused(
+        curl(&["-H", &bearer(&repo.key_b), &status_url]),
+        404,
+        "not_found",
+    );
+    assert_refused(
+        curl(&["-X", "DELETE", "-H", &bearer(&repo.key_b), &status_url]),
+        404,
+        "not_found",
+    );
+    let create_url = format!("{}/v1/documents", repo.url);
+    let huge = serde_json::json!({
+        "size": 1u64 << 60,
+        "expires_at": token.expires_at,
+        "max_downloads": 1,
+        "proof_hash": hex::encode(token.download_proof().hash()),
+    })
+    .to_string();
+    let json = "Content-Type: application/json";
+    let a = bearer(&repo.key_a);
+    assert_refused(
+        curl(&["-H", &a, "-H", json, "--data-binary", &huge, &create_url]),
+        413,
+        "too_large",
+    );
+    let past = huge
+        .replace(&(1u64 << 60).to_string(), "10")
+        .replace(&token.expires_at.to_string(), "1000");
+    assert_refused(
+        curl(&["-H", &a, "-H", json, "--data-binary", &past, &create_url]),
+        400,
+        "invalid_expiry",
+    );
+    let big_json = format!("{{\"pad\":\"{}\"}}", "x".repeat(20_000));
+    assert_refused(
+        curl(&[
+            "-H",
+            &a,
+            "-H",
+            json,
+            "--data-binary",
+            &big_json,
+            &create_url,
+        ]),
+        413,
+        "too_large",
+    );
+
+    // A second document, still uploading: parts that do not fit are refused.
+    let open = sender
+        .create(&new_document(1000, &token, 1))
+        .await
+        .unwrap()
+        .document_id;
+    let stored_before = [stored_before, repo.stored()].concat();
+    let part = |n: &str| format!("{}/v1/documents/{open}/parts/{n}", repo.url);
+    let body_1001 = work.path().join("1001");
+    std::fs::write(&body_1001, vec![1u8; 1001]).unwrap();
+    let upload = format!("@{}", body_1001.display());
+    assert_refused(
+        curl(&["-X", "PUT", "-H", &a, "--data-binary", &upload, &part("0")]),
+        413,
+        "too_large",
+    );
+    assert_refused(
+        curl(&[
+            "-X",
+            "PUT",
+            "-H",
+            &a,
+            "-H",
+            "Transfer-Encoding: chunked",
+            "--data-binary",
+            &upload,
+            &part("0"),
+        ]),
+        411,
+        "length_required",
+    );
+    assert_refused(
+        curl(&["-X", "PUT", "-H", &a, "--data-binary", &upload, &part("1")]),
+        400,
+        "invalid_part",
+    );
+    assert_refused(
+        curl(&[
+            "-X",
+            "PUT",
+            "-H",
+            &bearer(&repo.key_b),
+            "--data-binary",
+            &upload,
+            &part("0"),
+        ]),
+        404,
+        "not_found",
+    );
+    let complete = format!("{}/v1/documents/{open}/complete", repo.url);
+    let zero_hash = format!("{{\"sha256\":\"{}\"}}", "0".repeat(64));
+    assert_refused(
+        curl(&["-H", &a, "-H", json, "--data-binary", &zero_hash, &complete]),
+        409,
+        "incomplete",
+    );
+    let open_content = format!("{}/v1/documents/{open}/content", repo.url);
+    assert_refused(
+        curl(&["-H", &proof_header(&right), &open_content]),
+        410,
+        "not_available",
+    );
+    let after: Vec<_> = repo
+        .stored()
+        .into_iter()
+        .filter(|(name, _)| name != "audit")
+        .collect();
+    let before: Vec<_> = stored_before
+        .into_iter()
+        .filter(|(name, _)| name != "audit")
+        .collect();
+    for object in &after {
+        assert!(before.contains(object), "{} was stored", object.0);
+    }
+    assert!(repo.audit().contains("\"outcome\":\"not_available\""));
+    assert_no_secret(&repo, &token);
+    repo.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_on_local_files() {
+    refusals(Backend::Local).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_on_s3() {
+    refusals(Backend::S3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_proofs_are_rate_limited() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut config, _, _) = config(
+        dir.path(),
+        StorageConfig {
+            path: dir.path().join("store"),
+            ..StorageConfig::default()
+        },
+    );
+    config.server.failed_proofs_per_window = 3;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!(
+        "http://{}/v1/documents/{}/content",
+        listener.local_addr().unwrap(),
+        "1".repeat(32)
+    );
+    let stop = CancellationToken::new();
+    let shutdown = stop.clone();
+    let task = tokio::spawn(cloudpdi::repository::server::run(
+        config,
+        listener,
+        async move { shutdown.cancelled().await },
+    ));
+    let header = format!("x-download-proof: {}", "2".repeat(64));
+    for _ in 0..3 {
+        assert_refused(curl(&["-H", &header, &url]), 410, "not_available");
+    }
+    assert_refused(curl(&["-H", &header, &url]), 429, "rate_limited");
+    let metrics_url = url.split("/v1/").next().unwrap().to_owned() + "/metrics";
+    let metrics = Command::new("/usr/bin/curl")
+        .args(["-s", &metrics_url])
+        .output()
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    assert!(
+        metrics.contains("cloudpdi_repository_rate_limited_total 1\n"),
+        "{metrics}"
+    );
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+/// The real binary, restarted on the same port and storage.
+struct Process {
+    config: PathBuf,
+    child: Option<Child>,
+}
+
+impl Process {
+    fn spawn(&mut self) {
+        let child = Command::new(env!("CARGO_BIN_EXE_cloudpdi"))
+            .args(["repository", "serve", "--config"])
+            .arg(&self.config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn wait_healthy(url: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = Command::new("/usr/bin/curl")
+            .args(["-s", &format!("{url}/healthz")])
+            .output()
+            .unwrap();
+        if out.stdout == b"ok\n" {
+            return;
+        }
+        assert!(Instant::now() < deadline, "repository did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `kill -9` of the server in the middle of an upload and of a download: the client
+/// resumes against the restarted server and the bytes are identical.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_killed_mid_transfer_client_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key_a, hash_a) = cloudpdi::repository::auth::new_api_key().unwrap();
+    let port = common::free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let config = dir.path().join("repository.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\npart_size_mb = 1\n\
+             [storage]\npath = \"{}\"\n[audit]\npath = \"{}\"\n\
+             [facility.HOSP_A]\napi_key_sha256 = \"{hash_a}\"\n",
+            dir.path().join("store").display(),
+            dir.path().join("audit.jsonl").display()
+        ),
+    )
+    .unwrap();
+    let server = Mutex::new(Process {
+        config,
+        child: None,
+    });
+    server.lock().unwrap().spawn();
+    wait_healthy(&url);
+
+    let source = dir.path().join("container");
+    let size = 48 * MIB + 7;
+    let sha = random_file(&source, size);
+    let token = token(3600);
+    let sender = Client::new(&url, Some(key_a.to_string()), fast_options()).unwrap();
+    let id = sender
+        .create(&new_document(size, &token, 2))
+        .await
+        .unwrap()
+        .document_id;
+
+    // Kill and restart once a fifth of the bytes went through.
+    let restart_at = |threshold: u64| {
+        let server = &server;
+        let done = Mutex::new(false);
+        move |n: u64| {
+            let mut done = done.lock().unwrap();
+            if n >= threshold && n < size && !*done {
+                *done = true;
+                let mut server = server.lock().unwrap();
+                server.kill9();
+                server.spawn();
+            }
+        }
+    };
+    let uploaded = sender
+        .upload_file(&id, &source, restart_at(size / 5))
+        .await
+        .unwrap();
+    assert_eq!(uploaded.state, State::Complete);
+    assert_eq!(uploaded.sha256, Some(hex::encode(sha)));
+
+    let out = dir.path().join("download.partial");
+    let receiver = Client::new(&url, None, fast_options()).unwrap();
+    let proof = token.download_proof();
+    let got = receiver
+        .download_to(&id, &proof, &out, restart_at(size / 5))
+        .await
+        .unwrap();
+    assert_eq!(got, size);
+    assert_eq!(sha256_file(&out), sha, "downloaded bytes differ");
+    // The resumed download counted once.
+    assert_eq!(sender.status(&id).await.unwrap().downloads, 1);
+    let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+    let ranged = audit
+        .lines()
+        .filter(|l| l.contains("\"action\":\"download\"") && !l.contains("bytes 0-"))
+        .count();
+    assert!(
+        ranged >= 1,
+        "the download did not resume with a range:\n{audit}"
+    );
+}
+
+/// The gateway's embedded mode: a whole repository in-process under a data folder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_repository_serves_the_gateway() {
+    let dir = tempfile::tempdir().unwrap();
+    let stop = CancellationToken::new();
+    let shutdown = stop.clone();
+    let embedded = cloudpdi::repository::server::start_embedded(dir.path(), async move {
+        shutdown.cancelled().await;
+    })
+    .await
+    .unwrap();
+    let source = dir.path().join("container");
+    let sha = random_file(&source, 5000);
+    let token = token(600);
+    let client = Client::new(
+        &embedded.base_url,
+        Some(embedded.api_key.to_string()),
+        fast_options(),
+    )
+    .unwrap();
+    let id = client
+        .create(&new_document(5000, &token, 1))
+        .await
+        .unwrap()
+        .document_id;
+    client.upload_file(&id, &source, |_| {}).await.unwrap();
+    let out = dir.path().join("out");
+    client
+        .download_to(&id, &token.download_proof(), &out, |_| {})
+        .await
+        .unwrap();
+    assert_eq!(sha256_file(&out), sha);
+    assert!(dir.path().join("repository/audit.jsonl").exists());
+    stop.cancel();
+    embedded.task.await.unwrap().unwrap();
+}
