@@ -31,7 +31,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
-if ! python3 -c 'import pydicom, pynetdicom, numpy, moto, data_store' 2>/dev/null; then
+if ! python3 -c 'import pydicom, pynetdicom, numpy, moto.server, data_store' 2>/dev/null; then
   echo "installing Python test packages"
   python3 -m pip install -q --disable-pip-version-check pydicom pydicom-data pynetdicom numpy 'moto[server]'
 fi
