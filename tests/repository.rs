@@ -757,20 +757,27 @@ fn wait_healthy(url: &str) {
 
 /// `kill -9` of the server in the middle of an upload and of a download: the client
 /// resumes against the restarted server and the bytes are identical.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn server_killed_mid_transfer_client_resumes() {
+async fn server_killed_mid_transfer(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let (key_a, hash_a) = cloudpdi::repository::auth::new_api_key().unwrap();
     let port = common::free_port();
     let url = format!("http://127.0.0.1:{port}");
     let config = dir.path().join("repository.toml");
+    let moto = (backend == Backend::S3).then(|| Moto::start("pdi"));
+    let storage = match &moto {
+        Some(moto) => format!(
+            "backend = \"s3\"\nbucket = \"pdi\"\nendpoint = \"{}\"\nallow_http = true\n\
+             access_key_id = \"testing\"\nsecret_access_key = \"testing\"\n",
+            moto.endpoint
+        ),
+        None => format!("path = \"{}\"\n", dir.path().join("store").display()),
+    };
     std::fs::write(
         &config,
         format!(
             "[server]\nlisten = \"127.0.0.1:{port}\"\npart_size_mb = 1\n\
-             [storage]\npath = \"{}\"\n[audit]\npath = \"{}\"\n\
+             [storage]\n{storage}[audit]\npath = \"{}\"\n\
              [facility.HOSP_A]\napi_key_sha256 = \"{hash_a}\"\n",
-            dir.path().join("store").display(),
             dir.path().join("audit.jsonl").display()
         ),
     )
@@ -783,7 +790,7 @@ async fn server_killed_mid_transfer_client_resumes() {
     wait_healthy(&url);
 
     let source = dir.path().join("container");
-    let size = 48 * MIB + 7;
+    let size = 24 * MIB + 7;
     let sha = random_file(&source, size);
     let token = token(3600);
     let sender = Client::new(&url, Some(key_a.to_string()), fast_options()).unwrap();
@@ -836,6 +843,16 @@ async fn server_killed_mid_transfer_client_resumes() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_killed_mid_transfer_on_local_files() {
+    server_killed_mid_transfer(Backend::Local).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_killed_mid_transfer_on_s3() {
+    server_killed_mid_transfer(Backend::S3).await;
+}
+
 /// The gateway's embedded mode: a whole repository in-process under a data folder.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_repository_serves_the_gateway() {
@@ -871,4 +888,151 @@ async fn embedded_repository_serves_the_gateway() {
     assert!(dir.path().join("repository/audit.jsonl").exists());
     stop.cancel();
     embedded.task.await.unwrap().unwrap();
+}
+
+/// Makes a CA, a server certificate for 127.0.0.1 and a client certificate with openssl.
+fn make_certificates(dir: &Path) {
+    let openssl = common::require("/usr/bin/openssl");
+    let sh = |script: &str| {
+        let out = Command::new("sh")
+            .arg("-ec")
+            .arg(script)
+            .current_dir(dir)
+            .env("OPENSSL", openssl)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
+    sh(&format!(
+        "$OPENSSL req -x509 {ec} -keyout ca.key -out ca.crt -days 2 -subj /CN=test-ca\n\
+         printf 'subjectAltName=IP:127.0.0.1\\nextendedKeyUsage=serverAuth\\n' > server.ext\n\
+         $OPENSSL req {ec} -keyout server.key -out server.csr -subj /CN=127.0.0.1\n\
+         $OPENSSL x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial \
+           -out server.crt -days 2 -extfile server.ext\n\
+         printf 'extendedKeyUsage=clientAuth\\n' > client.ext\n\
+         $OPENSSL req {ec} -keyout client.key -out client.csr -subj /CN=HOSP_A\n\
+         $OPENSSL x509 -req -in client.csr -CA ca.crt -CAkey ca.key -CAcreateserial \
+           -out client.crt -days 2 -extfile client.ext\n\
+         $OPENSSL x509 -in client.crt -outform DER -out client.der"
+    ));
+}
+
+/// TLS with rustls: a facility authenticated by its client certificate, another by key,
+/// and curl as a TLS peer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_client_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    make_certificates(d);
+    let (mut config, _, key_b) = config(
+        d,
+        StorageConfig {
+            path: d.join("store"),
+            ..StorageConfig::default()
+        },
+    );
+    config.tls.cert = Some(d.join("server.crt"));
+    config.tls.key = Some(d.join("server.key"));
+    config.tls.client_ca = Some(d.join("ca.crt"));
+    let fingerprint = hex::encode(Sha256::digest(std::fs::read(d.join("client.der")).unwrap()));
+    config.facility.insert(
+        "HOSP_A".into(),
+        FacilityConfig {
+            api_key_sha256: String::new(),
+            client_cert_sha256: fingerprint,
+        },
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://{}", listener.local_addr().unwrap());
+    let stop = CancellationToken::new();
+    let shutdown = stop.clone();
+    let task = tokio::spawn(cloudpdi::repository::server::run(
+        config,
+        listener,
+        async move { shutdown.cancelled().await },
+    ));
+
+    let ca = std::fs::read(d.join("ca.crt")).unwrap();
+    let identity = [
+        std::fs::read(d.join("client.key")).unwrap(),
+        std::fs::read(d.join("client.crt")).unwrap(),
+    ]
+    .concat();
+    let with_cert = Client::new(
+        &url,
+        None,
+        ClientOptions {
+            ca_certificate_pem: Some(ca.clone()),
+            identity_pem: Some(identity.into()),
+            ..fast_options()
+        },
+    )
+    .unwrap();
+    let source = d.join("container");
+    let sha = random_file(&source, 70_000);
+    let token = token(600);
+    let id = with_cert
+        .create(&new_document(70_000, &token, 1))
+        .await
+        .unwrap()
+        .document_id;
+    let done = with_cert.upload_file(&id, &source, |_| {}).await.unwrap();
+    assert_eq!(done.sha256, Some(hex::encode(sha)));
+    let audit = std::fs::read_to_string(d.join("audit.jsonl")).unwrap();
+    assert!(audit.contains("\"kind\":\"facility\",\"name\":\"HOSP_A\""));
+
+    let other = Client::new(
+        &url,
+        Some(key_b),
+        ClientOptions {
+            ca_certificate_pem: Some(ca.clone()),
+            ..fast_options()
+        },
+    )
+    .unwrap();
+    let err = other.status(&id).await.unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Refused { status: 404, .. }),
+        "{err}"
+    );
+    let anonymous = Client::new(
+        &url,
+        None,
+        ClientOptions {
+            ca_certificate_pem: Some(ca),
+            ..fast_options()
+        },
+    )
+    .unwrap();
+    let err = anonymous.status(&id).await.unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Refused { status: 401, .. }),
+        "{err}"
+    );
+    let out = d.join("out");
+    anonymous
+        .download_to(&id, &token.download_proof(), &out, |_| {})
+        .await
+        .unwrap();
+    assert_eq!(sha256_file(&out), sha);
+
+    let cacert = d.join("ca.crt").display().to_string();
+    let health = Command::new("/usr/bin/curl")
+        .args(["-s", "--cacert", &cacert, &format!("{url}/healthz")])
+        .output()
+        .unwrap();
+    assert_eq!(health.stdout, b"ok\n");
+    let plain = Command::new("/usr/bin/curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+        .arg(url.replace("https://", "http://") + "/healthz")
+        .output()
+        .unwrap();
+    assert_eq!(plain.stdout, b"000", "plain HTTP must not be answered");
+    stop.cancel();
+    task.await.unwrap().unwrap();
 }
