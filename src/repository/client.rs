@@ -7,7 +7,7 @@
 //! (other 4xx) is not. [`ClientError::is_permanent`] tells a job whether waiting can help.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{StreamExt, TryStreamExt};
@@ -109,6 +109,8 @@ pub struct ClientOptions {
     pub read_timeout: Duration,
     /// Whole-request limit of one part upload.
     pub part_timeout: Duration,
+    /// Parts uploaded at once, so the server's per-part fsync overlaps the transfers.
+    pub parallel_parts: usize,
     /// Attempts per call (a download that makes progress starts counting again).
     pub max_attempts: u32,
     /// First back-off delay; doubled each attempt, with jitter.
@@ -128,6 +130,7 @@ impl Default for ClientOptions {
             request_timeout: Duration::from_secs(60),
             read_timeout: Duration::from_secs(60),
             part_timeout: Duration::from_secs(600),
+            parallel_parts: 4,
             max_attempts: 6,
             backoff_base: Duration::from_millis(500),
             backoff_max: Duration::from_secs(30),
@@ -389,20 +392,30 @@ impl Client {
         let parts = u32::try_from(size.div_ceil(part_size))
             .map_err(|_| ClientError::Mismatch("too many parts".into()))?;
         let held: std::collections::BTreeSet<u32> = status.parts_held.iter().copied().collect();
-        let mut hasher = Sha256::new();
-        let mut done = 0;
-        for n in 0..parts {
-            let offset = u64::from(n) * part_size;
-            let len = (size - offset).min(part_size);
-            hasher = if held.contains(&n) {
-                hash_range(path, offset, len, hasher).await?
-            } else {
-                self.retrying(|| self.put_part(document_id, path, n, offset, len, &hasher))
-                    .await?
-            };
-            done += len;
-            progress(done);
-        }
+        let part_len = |n: u32| (size - u64::from(n) * part_size).min(part_size);
+        let missing: Vec<u32> = (0..parts).filter(|n| !held.contains(n)).collect();
+        let mut done: u64 = held.iter().map(|&n| part_len(n)).sum();
+        progress(done);
+        // The hash is read from the file beside the uploads, so parts can go in any
+        // order and several at once; the server checks it against what it stored.
+        let hashing = hash_range(path, 0, size, Sha256::new());
+        let uploading = async {
+            let mut sends = futures_util::stream::iter(missing)
+                .map(|n| async move {
+                    let offset = u64::from(n) * part_size;
+                    let len = part_len(n);
+                    self.retrying(|| self.put_part(document_id, path, n, offset, len))
+                        .await
+                        .map(|()| len)
+                })
+                .buffer_unordered(self.options.parallel_parts.max(1));
+            while let Some(len) = sends.try_next().await? {
+                done += len;
+                progress(done);
+            }
+            Ok::<(), ClientError>(())
+        };
+        let (hasher, ()) = tokio::try_join!(hashing, uploading)?;
         let sha256: [u8; 32] = hasher.finalize().into();
         let complete_path = format!("/{}/complete", checked_id(document_id)?);
         let result = self
@@ -419,8 +432,7 @@ impl Client {
         }
     }
 
-    /// One attempt at part `n`, streamed from the file; returns `base` updated with the
-    /// part's bytes once the server has stored them.
+    /// One attempt at part `n`, streamed from the file.
     async fn put_part(
         &self,
         document_id: &str,
@@ -428,20 +440,14 @@ impl Client {
         n: u32,
         offset: u64,
         len: u64,
-        base: &Sha256,
-    ) -> Result<Sha256, Failure> {
+    ) -> Result<(), Failure> {
         let mut file = tokio::fs::File::open(path)
             .await
             .map_err(|e| Failure::Permanent(file_error(path)(e)))?;
         file.seek(std::io::SeekFrom::Start(offset))
             .await
             .map_err(|e| Failure::Permanent(file_error(path)(e)))?;
-        let hasher = Arc::new(Mutex::new(base.clone()));
-        let feed = hasher.clone();
-        let stream = tokio_util::io::ReaderStream::with_capacity(file.take(len), UPLOAD_READ_CHUNK)
-            .inspect_ok(move |chunk| {
-                feed.lock().unwrap_or_else(|e| e.into_inner()).update(chunk);
-            });
+        let stream = tokio_util::io::ReaderStream::with_capacity(file.take(len), UPLOAD_READ_CHUNK);
         let response = self
             .facility(Method::PUT, &format!("/{document_id}/parts/{n}"))
             .header(CONTENT_LENGTH, len)
@@ -450,8 +456,7 @@ impl Client {
             .send()
             .await?;
         check(response).await?;
-        let hasher = hasher.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        Ok(hasher)
+        Ok(())
     }
 
     /// Downloads the document into `partial`, appending to what an earlier attempt left
