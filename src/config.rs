@@ -118,6 +118,9 @@ pub struct RouteConfig {
     pub batch_by: BatchBy,
     /// Seconds without a new instance after which a batch is stable.
     pub stable_after: u64,
+    /// What happens to AI support images (CAD overlays, AI results) in this route's file
+    /// sets; defaults in [`crate::pdi::AiPolicy::default`].
+    pub ai_support: crate::pdi::AiPolicy,
 }
 
 /// The grouping key of a batch.
@@ -176,6 +179,7 @@ impl Default for RouteConfig {
             allowed_callers: Vec::new(),
             batch_by: BatchBy::Study,
             stable_after: 30,
+            ai_support: crate::pdi::AiPolicy::default(),
         }
     }
 }
@@ -244,6 +248,10 @@ impl Config {
             for caller in &route.allowed_callers {
                 check_ae_title(&format!("route.{name}.allowed_callers"), caller)?;
             }
+            route
+                .ai_support
+                .validate()
+                .map_err(|e| ConfigError::Invalid(format!("route.{name}.ai_support: {e}")))?;
             if let Some(other) = seen.insert(route.ae_title.trim(), name) {
                 return invalid(format!(
                     "routes {other} and {name} both use AE title {:?}: each route needs its own",

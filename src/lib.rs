@@ -11,6 +11,9 @@
 //! 3. [`batch`] groups instances per route and study (or patient) and marks a batch stable
 //!    after a quiet period, queued for packing.
 //!
+//! A batch is packed as a [`pdi`] file set (DICOMDIR, files, manifest; AI support images
+//! included, labelled or left out by the route's policy), streamed into a ZIP.
+//!
 //! Between the two sides travels a [`container`]: the PDI ZIP, optionally compressed,
 //! sealed in chunks with AES-256-GCM so that the repository can never read it.
 //!
@@ -31,6 +34,7 @@ pub mod config;
 pub mod container;
 pub mod dicom;
 pub mod metrics;
+pub mod pdi;
 pub mod reconcile;
 pub mod repository;
 pub mod route;

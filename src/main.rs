@@ -34,6 +34,9 @@ enum Command {
     /// The Cloud-PDI repository: run it, make facility keys, upload and download.
     #[command(subcommand)]
     Repository(RepositoryCommand),
+    /// Build or verify IHE PDI file sets (DICOMDIR + DICOM files + manifest).
+    #[command(subcommand)]
+    Pdi(PdiCommand),
 }
 
 #[derive(Subcommand)]
@@ -75,6 +78,47 @@ enum RepositoryCommand {
         /// Output file.
         out: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum PdiCommand {
+    /// Build a file set from DICOM files or folders, as a folder or a ZIP (`--out X.zip`).
+    Build(PdiBuildArgs),
+    /// Check a file set (folder or ZIP) against its DICOMDIR and manifest; print a summary.
+    Verify {
+        /// The file set: a folder or a .zip file.
+        path: PathBuf,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct PdiBuildArgs {
+    /// DICOM files or folders (walked; non-DICOM files and DICOMDIRs are skipped).
+    #[arg(required = true)]
+    inputs: Vec<PathBuf>,
+    /// Output: a new folder, or a file ending in .zip.
+    #[arg(long)]
+    out: PathBuf,
+    /// Non-DICOM file to carry in ATTACH/ (referral letter, FHIR JSON, lab results).
+    #[arg(long)]
+    attach: Vec<PathBuf>,
+    /// Issuing facility, shown in README.TXT, INDEX.HTM and the manifest.
+    #[arg(long, default_value = "")]
+    facility: String,
+    /// What happens to AI support images: include, exclude or label.
+    #[arg(long, default_value = "label")]
+    ai_action: String,
+    /// A rule recognising AI support images, `key=value,...` with keys sop_class,
+    /// image_type, manufacturer, series_description, private_tag (ggggeeee),
+    /// private_creator, private_value; repeatable. Replaces the default rules.
+    #[arg(long)]
+    ai_rule: Vec<String>,
+    /// With `label`: also prefix the Series Description of AI support images.
+    #[arg(long)]
+    ai_mark_series: bool,
 }
 
 #[derive(Subcommand)]
@@ -208,6 +252,7 @@ fn main() -> anyhow::Result<()> {
         Command::Encrypt(args) => encrypt(&args),
         Command::Decrypt(args) => decrypt(&args),
         Command::Repository(command) => repository(command),
+        Command::Pdi(command) => pdi(command),
     }
 }
 
@@ -351,6 +396,108 @@ fn encrypt(args: &CryptArgs) -> anyhow::Result<()> {
 fn decrypt(args: &CryptArgs) -> anyhow::Result<()> {
     let token = cloudpdi::token::cli::read_token(&args.token)?;
     cloudpdi::container::decrypt_file(&token.container_key(), &args.input, &args.output)?;
+    Ok(())
+}
+
+fn pdi(command: PdiCommand) -> anyhow::Result<()> {
+    use cloudpdi::pdi;
+    match command {
+        PdiCommand::Build(args) => {
+            let mut policy = pdi::AiPolicy {
+                action: serde_json::from_value(serde_json::Value::String(args.ai_action.clone()))
+                    .map_err(|_| {
+                    anyhow::anyhow!("--ai-action must be include, exclude or label")
+                })?,
+                mark_series_description: args.ai_mark_series,
+                ..pdi::AiPolicy::default()
+            };
+            if !args.ai_rule.is_empty() {
+                policy.rules = args
+                    .ai_rule
+                    .iter()
+                    .map(|r| {
+                        pdi::policy::parse_rule(r).map_err(|e| anyhow::anyhow!("--ai-rule {e}"))
+                    })
+                    .collect::<anyhow::Result<_>>()?;
+            }
+            let options = pdi::BuildOptions {
+                facility: args.facility,
+                attachments: args.attach,
+                policy,
+                ..pdi::BuildOptions::default()
+            };
+            let is_zip = args
+                .out
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("zip"));
+            let report = if is_zip {
+                let file = std::fs::File::create_new(&args.out)
+                    .with_context(|| format!("{} (must not exist)", args.out.display()))?;
+                let built = pdi::build_zip(&args.inputs, &options, std::io::BufWriter::new(&file))
+                    .map_err(anyhow::Error::from)
+                    .and_then(|report| {
+                        file.sync_all()?;
+                        Ok(report)
+                    });
+                match built {
+                    Ok(report) => report,
+                    Err(e) => {
+                        let _ = std::fs::remove_file(&args.out);
+                        return Err(e);
+                    }
+                }
+            } else {
+                pdi::build_dir(&args.inputs, &options, &args.out)?
+            };
+            for skipped in &report.skipped {
+                eprintln!("skipped (not DICOM): {}", skipped.display());
+            }
+            for warning in &report.warnings {
+                eprintln!("warning: {warning}");
+            }
+            println!(
+                "{}: {} patients, {} studies, {} series, {} instances ({} labelled, {} excluded as AI support images, {} duplicates), {} attachments, {} bytes",
+                args.out.display(),
+                report.patients,
+                report.studies,
+                report.series,
+                report.instances,
+                report.labelled,
+                report.excluded,
+                report.duplicates,
+                report.attachments,
+                report.bytes
+            );
+        }
+        PdiCommand::Verify { path, json } => {
+            let summary = pdi::verify(&path)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&summary)?);
+            } else {
+                println!(
+                    "{}: OK\npatients: {}\nstudies: {}\nseries: {}\ninstances: {}\nmodalities: {}\nsize: {} bytes in {} files\nmanifest: {}\nAI support images: {} labelled, {} left out",
+                    path.display(),
+                    summary.patients,
+                    summary.studies,
+                    summary.series,
+                    summary.instances,
+                    summary.modalities.join(", "),
+                    summary.bytes,
+                    summary.files,
+                    if summary.manifest {
+                        "present, every file matches"
+                    } else {
+                        "absent (not a cloudpdi set)"
+                    },
+                    summary.ai_labelled,
+                    summary.ai_excluded,
+                );
+                for problem in &summary.problems {
+                    println!("note: {problem}");
+                }
+            }
+        }
+    }
     Ok(())
 }
 

@@ -1,0 +1,680 @@
+//! ZIP for file sets: a streaming writer of stored entries (ZIP64 when an entry, an offset
+//! or the entry count needs it) and a safe, bounded extractor.
+//!
+//! The writer never seeks: each entry's CRC-32 and size are known before it is written
+//! (the builder hashes every file first), so it writes straight into a pipe, a socket or
+//! the encrypting container. The extractor trusts nothing in the archive: every name is
+//! checked to stay inside the target folder, every declared size is checked against the
+//! bytes actually there, and entry count and total size are bounded.
+
+use std::collections::HashSet;
+use std::fs::{self, File};
+use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Component, Path, PathBuf};
+
+const LOCAL: u32 = 0x0403_4b50;
+const CENTRAL: u32 = 0x0201_4b50;
+const END: u32 = 0x0605_4b50;
+const END64: u32 = 0x0606_4b50;
+const LOCATOR64: u32 = 0x0706_4b50;
+const MAX32: u64 = 0xFFFF_FFFF;
+const COPY_BUFFER: usize = 256 * 1024;
+
+/// Why an archive cannot be written or extracted.
+#[derive(Debug, thiserror::Error)]
+pub enum ZipError {
+    /// Reading or writing failed.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    /// The file is not a ZIP archive this reader understands.
+    #[error("not a usable ZIP archive: {0}")]
+    NotZip(String),
+    /// An entry name would leave the target folder or is not a plain file name.
+    #[error("unsafe entry name {name:?} in the ZIP: {why}; nothing of the archive was kept")]
+    UnsafeName {
+        /// The name as found.
+        name: String,
+        /// Why it is refused.
+        why: &'static str,
+    },
+    /// The archive's declared sizes or checksums do not match its content.
+    #[error("ZIP entry {name:?}: {why}; the archive is damaged or forged")]
+    Lying {
+        /// The entry.
+        name: String,
+        /// What does not match.
+        why: String,
+    },
+    /// The archive exceeds a limit of the extractor.
+    #[error("ZIP archive refused: {0}")]
+    TooLarge(String),
+    /// A file changed while it was being written into the archive.
+    #[error("{0} changed while the archive was written")]
+    Changed(String),
+}
+
+/// Bounds for extraction, so an archive cannot exhaust the disk or the memory.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Most entries.
+    pub max_entries: u64,
+    /// Most bytes in all entries together (uncompressed).
+    pub max_total_bytes: u64,
+}
+
+impl Default for Limits {
+    /// 1 million entries, 1 TiB: far above any study, far below what breaks a server.
+    fn default() -> Self {
+        Limits {
+            max_entries: 1_000_000,
+            max_total_bytes: 1 << 40,
+        }
+    }
+}
+
+struct Counting<W> {
+    inner: W,
+    written: u64,
+}
+
+impl<W: Write> Write for Counting<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.written += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+struct CentralEntry {
+    name: String,
+    crc: u32,
+    size: u64,
+    offset: u64,
+}
+
+/// Writes stored entries to any `Write`, without seeking.
+pub struct ZipWriter<W: Write> {
+    out: Counting<W>,
+    entries: Vec<CentralEntry>,
+    dos_time: u16,
+    dos_date: u16,
+}
+
+impl<W: Write> ZipWriter<W> {
+    /// Starts an archive; entries carry the modification time `unix_seconds` (UTC).
+    pub fn new(out: W, unix_seconds: u64) -> ZipWriter<W> {
+        let (y, mo, d, h, mi, s) = super::manifest::civil(unix_seconds);
+        let year = y.clamp(1980, 2107) - 1980;
+        ZipWriter {
+            out: Counting {
+                inner: out,
+                written: 0,
+            },
+            entries: Vec::new(),
+            dos_time: ((h << 11) | (mi << 5) | (s / 2)) as u16,
+            dos_date: ((year << 9) | (mo << 5) | d) as u16,
+        }
+    }
+
+    /// Bytes written so far.
+    pub fn written(&self) -> u64 {
+        self.out.written
+    }
+
+    /// Adds an entry of `size` bytes whose CRC-32 is `crc`, copying from `data`.
+    ///
+    /// # Errors
+    /// I/O errors, or [`ZipError::Changed`] when `data` does not hold exactly `size` bytes
+    /// with that CRC (the file changed since it was hashed).
+    pub fn add(
+        &mut self,
+        name: &str,
+        size: u64,
+        crc: u32,
+        data: &mut dyn Read,
+    ) -> Result<(), ZipError> {
+        let offset = self.out.written;
+        let zip64 = size >= MAX32;
+        let mut header = Vec::with_capacity(64 + name.len());
+        put32(&mut header, LOCAL);
+        put16(&mut header, if zip64 { 45 } else { 20 });
+        put16(&mut header, 0x0800); // names are UTF-8 (ours are ASCII anyway)
+        put16(&mut header, 0); // stored
+        put16(&mut header, self.dos_time);
+        put16(&mut header, self.dos_date);
+        put32(&mut header, crc);
+        let small = if zip64 { MAX32 as u32 } else { size as u32 };
+        put32(&mut header, small);
+        put32(&mut header, small);
+        put16(&mut header, name.len() as u16);
+        put16(&mut header, if zip64 { 20 } else { 0 });
+        header.extend_from_slice(name.as_bytes());
+        if zip64 {
+            put16(&mut header, 0x0001);
+            put16(&mut header, 16);
+            put64(&mut header, size);
+            put64(&mut header, size);
+        }
+        self.out.write_all(&header)?;
+        let mut hasher = crc32fast::Hasher::new();
+        let mut buffer = vec![0u8; COPY_BUFFER];
+        let mut left = size;
+        while left > 0 {
+            let want = usize::try_from(left.min(COPY_BUFFER as u64)).expect("bounded");
+            let n = data.read(&mut buffer[..want])?;
+            if n == 0 {
+                return Err(ZipError::Changed(name.to_owned()));
+            }
+            hasher.update(&buffer[..n]);
+            self.out.write_all(&buffer[..n])?;
+            left -= n as u64;
+        }
+        if hasher.finalize() != crc {
+            return Err(ZipError::Changed(name.to_owned()));
+        }
+        self.entries.push(CentralEntry {
+            name: name.to_owned(),
+            crc,
+            size,
+            offset,
+        });
+        Ok(())
+    }
+
+    /// Adds an entry from memory.
+    ///
+    /// # Errors
+    /// I/O errors of the output.
+    pub fn add_bytes(&mut self, name: &str, bytes: &[u8]) -> Result<(), ZipError> {
+        let crc = crc32fast::hash(bytes);
+        self.add(name, bytes.len() as u64, crc, &mut &bytes[..])
+    }
+
+    /// Writes the central directory and gives back the output.
+    ///
+    /// # Errors
+    /// I/O errors of the output.
+    pub fn finish(mut self) -> Result<W, ZipError> {
+        let start = self.out.written;
+        let mut central = Vec::new();
+        for entry in &self.entries {
+            let mut extra = Vec::new();
+            if entry.size >= MAX32 {
+                put64(&mut extra, entry.size);
+                put64(&mut extra, entry.size);
+            }
+            if entry.offset >= MAX32 {
+                put64(&mut extra, entry.offset);
+            }
+            let zip64 = !extra.is_empty();
+            let small = if entry.size >= MAX32 {
+                MAX32 as u32
+            } else {
+                entry.size as u32
+            };
+            put32(&mut central, CENTRAL);
+            put16(&mut central, 0x0300 | 45); // made by: Unix, spec 4.5
+            put16(&mut central, if zip64 { 45 } else { 20 });
+            put16(&mut central, 0x0800);
+            put16(&mut central, 0);
+            put16(&mut central, self.dos_time);
+            put16(&mut central, self.dos_date);
+            put32(&mut central, entry.crc);
+            put32(&mut central, small);
+            put32(&mut central, small);
+            put16(&mut central, entry.name.len() as u16);
+            put16(&mut central, if zip64 { extra.len() as u16 + 4 } else { 0 });
+            put16(&mut central, 0); // comment
+            put16(&mut central, 0); // disk
+            put16(&mut central, 0); // internal attributes
+            put32(&mut central, 0o100_644 << 16); // regular file, rw-r--r--
+            put32(
+                &mut central,
+                if entry.offset >= MAX32 {
+                    MAX32 as u32
+                } else {
+                    entry.offset as u32
+                },
+            );
+            central.extend_from_slice(entry.name.as_bytes());
+            if zip64 {
+                put16(&mut central, 0x0001);
+                put16(&mut central, extra.len() as u16);
+                central.extend_from_slice(&extra);
+            }
+            if central.len() >= COPY_BUFFER {
+                self.out.write_all(&central)?;
+                central.clear();
+            }
+        }
+        self.out.write_all(&central)?;
+        let size = self.out.written - start;
+        let count = self.entries.len() as u64;
+        let mut end = Vec::new();
+        if count >= 0xFFFF || size >= MAX32 || start >= MAX32 {
+            let end64 = self.out.written;
+            put32(&mut end, END64);
+            put64(&mut end, 44);
+            put16(&mut end, 0x0300 | 45);
+            put16(&mut end, 45);
+            put32(&mut end, 0);
+            put32(&mut end, 0);
+            put64(&mut end, count);
+            put64(&mut end, count);
+            put64(&mut end, size);
+            put64(&mut end, start);
+            put32(&mut end, LOCATOR64);
+            put32(&mut end, 0);
+            put64(&mut end, end64);
+            put32(&mut end, 1);
+        }
+        put32(&mut end, END);
+        put16(&mut end, 0);
+        put16(&mut end, 0);
+        put16(&mut end, count.min(0xFFFF) as u16);
+        put16(&mut end, count.min(0xFFFF) as u16);
+        put32(&mut end, size.min(MAX32) as u32);
+        put32(&mut end, start.min(MAX32) as u32);
+        put16(&mut end, 0);
+        self.out.write_all(&end)?;
+        self.out.flush()?;
+        Ok(self.out.inner)
+    }
+}
+
+fn put16(out: &mut Vec<u8>, v: u16) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+fn put32(out: &mut Vec<u8>, v: u32) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+fn put64(out: &mut Vec<u8>, v: u64) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+fn get16(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+fn get32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+fn get64(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(a)
+}
+
+/// One entry of the central directory, checked.
+#[derive(Debug, Clone)]
+struct Entry {
+    name: String,
+    method: u16,
+    crc: u32,
+    compressed: u64,
+    size: u64,
+    offset: u64,
+    directory: bool,
+}
+
+/// What an extraction produced.
+#[derive(Debug, Clone, Default)]
+pub struct Extracted {
+    /// Files written.
+    pub files: u64,
+    /// Bytes written.
+    pub bytes: u64,
+}
+
+/// Extracts `zip` into `dest`, which must not exist yet; on any error `dest` is removed
+/// again, so a refused archive leaves nothing behind.
+///
+/// # Errors
+/// [`ZipError`] naming the entry and what is wrong with it.
+pub fn extract(zip: &Path, dest: &Path, limits: Limits) -> Result<Extracted, ZipError> {
+    fs::create_dir(dest).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot create {} (must not exist): {e}", dest.display()),
+        )
+    })?;
+    let result = extract_into(zip, dest, limits);
+    if result.is_err() {
+        let _ = fs::remove_dir_all(dest);
+    }
+    result
+}
+
+fn extract_into(zip: &Path, dest: &Path, limits: Limits) -> Result<Extracted, ZipError> {
+    let mut file = File::open(zip)?;
+    let entries = central_directory(&mut file, limits)?;
+    let mut done = Extracted::default();
+    for entry in &entries {
+        let target = dest.join(&entry.name);
+        if entry.directory {
+            fs::create_dir_all(&target)?;
+            continue;
+        }
+        if let Some(parent) = target.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        let out = File::create_new(&target).map_err(|e| {
+            io::Error::new(e.kind(), format!("cannot create {}: {e}", target.display()))
+        })?;
+        let mut out = io::BufWriter::with_capacity(COPY_BUFFER, out);
+        done.bytes += copy_entry(&mut file, entry, &mut out)?;
+        out.flush()?;
+        done.files += 1;
+    }
+    Ok(done)
+}
+
+/// Copies one entry's data into `out`, checking its local header, sizes and CRC.
+fn copy_entry(file: &mut File, entry: &Entry, out: &mut dyn Write) -> Result<u64, ZipError> {
+    let lying = |why: String| ZipError::Lying {
+        name: entry.name.clone(),
+        why,
+    };
+    file.seek(SeekFrom::Start(entry.offset))?;
+    let mut local = [0u8; 30];
+    file.read_exact(&mut local)
+        .map_err(|_| lying("its local header is outside the archive".into()))?;
+    if get32(&local, 0) != LOCAL {
+        return Err(lying("its offset does not point at a local header".into()));
+    }
+    let flags = get16(&local, 6);
+    let name_len = u64::from(get16(&local, 26));
+    let extra_len = u64::from(get16(&local, 28));
+    let mut name = vec![0u8; name_len as usize];
+    file.read_exact(&mut name)?;
+    if name != entry.name.as_bytes() {
+        return Err(lying("the local header names another file".into()));
+    }
+    if flags & 0x0008 == 0 {
+        let (crc, csize, usize_) = (
+            get32(&local, 14),
+            u64::from(get32(&local, 18)),
+            u64::from(get32(&local, 22)),
+        );
+        let sizes_agree = (csize == MAX32 || csize == entry.compressed)
+            && (usize_ == MAX32 || usize_ == entry.size);
+        if crc != entry.crc || !sizes_agree {
+            return Err(lying(
+                "its local header and the central directory declare different sizes or CRC".into(),
+            ));
+        }
+    }
+    file.seek(SeekFrom::Current(extra_len as i64))?;
+    let data = BufReader::with_capacity(COPY_BUFFER, (&*file).take(entry.compressed));
+    let mut reader: Box<dyn Read> = match entry.method {
+        0 => Box::new(data),
+        _ => Box::new(flate2::read::DeflateDecoder::new(data)),
+    };
+    let mut hasher = crc32fast::Hasher::new();
+    let mut buffer = vec![0u8; COPY_BUFFER];
+    let mut total = 0u64;
+    loop {
+        let n = reader
+            .read(&mut buffer)
+            .map_err(|e| lying(format!("its data cannot be read: {e}")))?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+        if total > entry.size {
+            return Err(lying(format!(
+                "it holds more than the {} bytes it declares",
+                entry.size
+            )));
+        }
+        hasher.update(&buffer[..n]);
+        out.write_all(&buffer[..n])?;
+    }
+    if total != entry.size {
+        return Err(lying(format!(
+            "it declares {} bytes but holds {total}",
+            entry.size
+        )));
+    }
+    if hasher.finalize() != entry.crc {
+        return Err(lying("its CRC-32 does not match its data".into()));
+    }
+    Ok(total)
+}
+
+/// Finds and checks the central directory: names, sizes, limits, overlaps.
+fn central_directory(file: &mut File, limits: Limits) -> Result<Vec<Entry>, ZipError> {
+    let len = file.metadata()?.len();
+    let tail_len = len.min(22 + 0xFFFF);
+    file.seek(SeekFrom::Start(len - tail_len))?;
+    let mut tail = vec![0u8; tail_len as usize];
+    file.read_exact(&mut tail)?;
+    let end_at = (0..tail.len().saturating_sub(21))
+        .rev()
+        .find(|&i| get32(&tail, i) == END && i + 22 + get16(&tail, i + 20) as usize == tail.len())
+        .ok_or_else(|| ZipError::NotZip("no end of central directory record".into()))?;
+    let end = &tail[end_at..];
+    let end_offset = len - tail_len + end_at as u64;
+    if get16(end, 4) != 0 || get16(end, 6) != 0 {
+        return Err(ZipError::NotZip(
+            "multi-volume archives are not supported".into(),
+        ));
+    }
+    let mut count = u64::from(get16(end, 10));
+    let mut cd_size = u64::from(get32(end, 12));
+    let mut cd_offset = u64::from(get32(end, 16));
+    let mut cd_limit = end_offset;
+    if count == 0xFFFF || cd_size == MAX32 || cd_offset == MAX32 {
+        if end_at < 20 || get32(&tail, end_at - 20) != LOCATOR64 {
+            return Err(ZipError::NotZip("ZIP64 end record locator missing".into()));
+        }
+        let end64 = get64(&tail, end_at - 12);
+        if end64 + 56 > end_offset {
+            return Err(ZipError::NotZip(
+                "ZIP64 end record outside the archive".into(),
+            ));
+        }
+        file.seek(SeekFrom::Start(end64))?;
+        let mut record = [0u8; 56];
+        file.read_exact(&mut record)?;
+        if get32(&record, 0) != END64 {
+            return Err(ZipError::NotZip("ZIP64 end record not found".into()));
+        }
+        count = get64(&record, 32);
+        cd_size = get64(&record, 40);
+        cd_offset = get64(&record, 48);
+        cd_limit = end64;
+    }
+    if count > limits.max_entries {
+        return Err(ZipError::TooLarge(format!(
+            "{count} entries (at most {} allowed)",
+            limits.max_entries
+        )));
+    }
+    if cd_offset.checked_add(cd_size).is_none_or(|e| e > cd_limit) || cd_size > 512 << 20 {
+        return Err(ZipError::NotZip(
+            "the central directory lies outside the archive".into(),
+        ));
+    }
+    file.seek(SeekFrom::Start(cd_offset))?;
+    let mut cd = vec![0u8; cd_size as usize];
+    file.read_exact(&mut cd)?;
+    let mut entries = Vec::new();
+    let mut at = 0usize;
+    let mut names = HashSet::new();
+    let mut total = 0u64;
+    for _ in 0..count {
+        let entry = parse_central(&cd, &mut at)?;
+        total = total.saturating_add(entry.size);
+        if total > limits.max_total_bytes {
+            return Err(ZipError::TooLarge(format!(
+                "its entries hold more than {} bytes",
+                limits.max_total_bytes
+            )));
+        }
+        if !names.insert(entry.name.to_ascii_lowercase()) {
+            return Err(ZipError::UnsafeName {
+                name: entry.name,
+                why: "the name occurs twice",
+            });
+        }
+        if entry.offset >= cd_offset
+            || entry
+                .offset
+                .checked_add(30 + entry.compressed)
+                .is_none_or(|e| e > cd_offset)
+        {
+            return Err(ZipError::Lying {
+                name: entry.name,
+                why: "its declared size runs past the data area of the archive".into(),
+            });
+        }
+        entries.push(entry);
+    }
+    let mut spans: Vec<(u64, u64, &str)> = entries
+        .iter()
+        .map(|e| (e.offset, e.offset + 30 + e.compressed, e.name.as_str()))
+        .collect();
+    spans.sort_unstable();
+    for pair in spans.windows(2) {
+        if pair[1].0 < pair[0].1 {
+            return Err(ZipError::Lying {
+                name: pair[1].2.to_owned(),
+                why: "its data overlaps another entry's".into(),
+            });
+        }
+    }
+    Ok(entries)
+}
+
+fn parse_central(cd: &[u8], at: &mut usize) -> Result<Entry, ZipError> {
+    let broken = || ZipError::NotZip("the central directory is truncated or damaged".into());
+    let fixed = cd.get(*at..*at + 46).ok_or_else(broken)?;
+    if get32(fixed, 0) != CENTRAL {
+        return Err(broken());
+    }
+    let made_by = get16(fixed, 4);
+    let flags = get16(fixed, 8);
+    let method = get16(fixed, 10);
+    let crc = get32(fixed, 16);
+    let mut compressed = u64::from(get32(fixed, 20));
+    let mut size = u64::from(get32(fixed, 24));
+    let name_len = usize::from(get16(fixed, 28));
+    let extra_len = usize::from(get16(fixed, 30));
+    let comment_len = usize::from(get16(fixed, 32));
+    let external = get32(fixed, 38);
+    let mut offset = u64::from(get32(fixed, 42));
+    let name_bytes = cd.get(*at + 46..*at + 46 + name_len).ok_or_else(broken)?;
+    let extra = cd
+        .get(*at + 46 + name_len..*at + 46 + name_len + extra_len)
+        .ok_or_else(broken)?;
+    *at += 46 + name_len + extra_len + comment_len;
+    if *at > cd.len() {
+        return Err(broken());
+    }
+    let name = String::from_utf8(name_bytes.to_vec()).map_err(|_| ZipError::UnsafeName {
+        name: String::from_utf8_lossy(name_bytes).into_owned(),
+        why: "the name is not UTF-8 text",
+    })?;
+    let mut x = 0;
+    while x + 4 <= extra.len() {
+        let (id, len) = (get16(extra, x), usize::from(get16(extra, x + 2)));
+        let body = extra.get(x + 4..x + 4 + len).ok_or_else(broken)?;
+        if id == 0x0001 {
+            let mut b = 0;
+            for field in [&mut size, &mut compressed, &mut offset] {
+                if *field == MAX32 {
+                    *field = body
+                        .get(b..b + 8)
+                        .map(|_| get64(body, b))
+                        .ok_or_else(broken)?;
+                    b += 8;
+                }
+            }
+        }
+        x += 4 + len;
+    }
+    let unsafe_name = |why| ZipError::UnsafeName {
+        name: name.clone(),
+        why,
+    };
+    if flags & 0x0001 != 0 {
+        return Err(unsafe_name("the entry is encrypted"));
+    }
+    if method != 0 && method != 8 {
+        return Err(unsafe_name(
+            "the entry uses a compression method other than stored or deflate",
+        ));
+    }
+    if method == 0 && compressed != size {
+        return Err(ZipError::Lying {
+            name,
+            why: "a stored entry declares different compressed and uncompressed sizes".into(),
+        });
+    }
+    if made_by >> 8 == 3 && (external >> 16) & 0o170_000 == 0o120_000 {
+        return Err(unsafe_name("the entry is a symbolic link"));
+    }
+    let directory = name.ends_with('/');
+    check_name(name.trim_end_matches('/')).map_err(unsafe_name)?;
+    Ok(Entry {
+        name,
+        method,
+        crc,
+        compressed,
+        size,
+        offset,
+        directory,
+    })
+}
+
+/// Checks that an archive or manifest name is a relative path that stays inside its
+/// folder: no absolute path, no `..`, no backslash, no drive letter, no control characters.
+///
+/// # Errors
+/// Why the name is refused.
+pub fn check_name(name: &str) -> Result<PathBuf, &'static str> {
+    if name.is_empty() || name.len() > 1024 {
+        return Err("the name is empty or too long");
+    }
+    if name.contains('\\') || name.contains(':') || name.chars().any(char::is_control) {
+        return Err("the name holds a backslash, a colon or a control character");
+    }
+    let path = Path::new(name);
+    let mut out = PathBuf::new();
+    for component in path.components() {
+        match component {
+            Component::Normal(part) => out.push(part),
+            Component::ParentDir => return Err("the name climbs out of the folder with ..")?,
+            Component::RootDir | Component::Prefix(_) => return Err("the name is absolute"),
+            Component::CurDir => return Err("the name holds a . component"),
+        }
+    }
+    if out.as_os_str().is_empty() {
+        return Err("the name is empty");
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_that_escape_are_refused() {
+        for bad in [
+            "../x",
+            "a/../../x",
+            "/etc/passwd",
+            "C:\\x",
+            "a\\..\\b",
+            "./a",
+            "",
+        ] {
+            assert!(check_name(bad).is_err(), "{bad}");
+        }
+        assert!(check_name("DICOM/PA000001/ST000001").is_ok());
+    }
+}
