@@ -564,3 +564,78 @@ fn policy_from_route_configuration() {
     let report = pdi::build_dir(&[study], &options, &dir.path().join("set")).unwrap();
     assert_eq!((report.instances, report.excluded), (3, 1));
 }
+
+/// A set made by DCMTK `dcmmkdir`, then treated like a disc burner's: names in lower case
+/// and an extra folder with a viewer program. Our reader finds every instance.
+#[test]
+fn reads_a_dcmmkdir_set_with_lower_case_names_and_extra_folders() {
+    let dir = tempfile::tempdir().unwrap();
+    let ct = dir.path().join("ct");
+    gen_ct(&ct, 5, &["--charset", "iso2022"]);
+    let disc = dir.path().join("disc");
+    fs::create_dir_all(disc.join("IMAGES")).unwrap();
+    for (i, file) in files_in(&ct).iter().enumerate() {
+        fs::copy(file, disc.join(format!("IMAGES/IM{}", i + 1))).unwrap();
+    }
+    let out = run(Command::new(require("/usr/bin/dcmmkdir"))
+        .current_dir(&disc)
+        .args(["+r", "IMAGES"]));
+    assert!(out.status.success(), "dcmmkdir: {}", text(&out));
+    fs::rename(disc.join("IMAGES"), disc.join("images")).unwrap();
+    for i in 1..=5 {
+        fs::rename(
+            disc.join(format!("images/IM{i}")),
+            disc.join(format!("images/im{i}")),
+        )
+        .unwrap();
+    }
+    fs::rename(disc.join("DICOMDIR"), disc.join("dicomdir")).unwrap();
+    fs::create_dir(disc.join("VIEWER")).unwrap();
+    fs::write(disc.join("VIEWER/viewer.exe"), b"MZ").unwrap();
+
+    let set = FileSet::open(&disc).unwrap();
+    let found: BTreeSet<String> = set
+        .instances()
+        .iter()
+        .map(|i| i.sop_instance_uid.clone())
+        .collect();
+    assert_eq!(found, uids_of(&[ct]));
+    assert!(set.missing().is_empty() && set.manifest().unwrap().is_none());
+    let out = verify(&disc);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("instances: 5"), "{}", text(&out));
+}
+
+/// Orthanc imports our ZIP through its REST API (POST /instances with the archive) and
+/// then holds exactly the instances of the set.
+#[test]
+fn orthanc_imports_our_zip_with_exactly_its_instances() {
+    require("/usr/sbin/Orthanc");
+    let dir = tempfile::tempdir().unwrap();
+    let ct = dir.path().join("ct");
+    gen_ct(&ct, 20, &["--charset", "iso2022"]);
+    let (study, cad_uid) = cad_study(dir.path());
+    let zip = dir.path().join("set.zip");
+    build(&[&ct, &study], &zip, &["--ai-action", "exclude"]);
+    let config = orthanc_config(dir.path());
+    let out = in_netns(&format!(
+        "/usr/sbin/Orthanc '{}' >'{}.log' 2>&1 & peer=$!
+         for i in $(seq 100); do curl -sf http://127.0.0.1:8042/system >/dev/null && break; sleep 0.1; done
+         curl -sf -X POST --data-binary @'{}' http://127.0.0.1:8042/instances >/dev/null
+         for i in $(curl -sf http://127.0.0.1:8042/instances | python3 -c 'import json,sys; print(\" \".join(json.load(sys.stdin)))'); do
+           curl -sf http://127.0.0.1:8042/instances/$i/simplified-tags | python3 -c 'import json,sys; print(\"UID\", json.load(sys.stdin)[\"SOPInstanceUID\"])'
+         done",
+        config.display(),
+        config.display(),
+        zip.display()
+    ));
+    assert!(out.status.success(), "{}", text(&out));
+    let stored: BTreeSet<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.strip_prefix("UID "))
+        .map(str::to_owned)
+        .collect();
+    let mut expected = uids_of(&[ct, study]);
+    assert!(expected.remove(&cad_uid), "the CAD overlay was an input");
+    assert_eq!(stored, expected, "{}", text(&out));
+}

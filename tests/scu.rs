@@ -26,16 +26,6 @@ fn corpus_files() -> Vec<PathBuf> {
         .collect()
 }
 
-/// Runs a bash script in a new network namespace with only `lo` up (needs root). The
-/// script starts its peer in the background as `$peer`, which is stopped at the end.
-fn in_netns(script: &str) -> Output {
-    run(Command::new(require("/usr/bin/unshare"))
-        .args(["--net", "bash", "-euc"])
-        .arg(format!(
-            "ip link set lo up\ntrap 'kill $peer 2>/dev/null; wait $peer 2>/dev/null' EXIT\n{script}"
-        )))
-}
-
 fn import_command(pacs: &str, called: &str, paths: &[PathBuf]) -> String {
     let paths: Vec<String> = paths.iter().map(|p| format!("'{}'", p.display())).collect();
     format!(
@@ -95,32 +85,6 @@ fn import_into_cloudpdi_sends_every_transfer_syntax_as_is_over_parallel_associat
         );
         assert_same_dataset(file, &daemon.spooled(&record));
     }
-}
-
-/// Writes an Orthanc configuration (HTTP 8042, DICOM 4242, AE ORTHANC) under `dir`.
-fn orthanc_config(dir: &Path) -> PathBuf {
-    let storage = dir.join("orthanc");
-    std::fs::create_dir_all(&storage).unwrap();
-    let config = storage.join("orthanc.json");
-    std::fs::write(
-        &config,
-        serde_json::json!({
-            "Name": "cloudpdi-test",
-            "StorageDirectory": storage.join("db"),
-            "IndexDirectory": storage.join("db"),
-            "HttpPort": 8042,
-            "DicomPort": 4242,
-            "DicomAet": "ORTHANC",
-            "RemoteAccessAllowed": false,
-            "AuthenticationEnabled": false,
-            "DicomCheckCalledAet": true,
-            "DicomAlwaysAllowStore": true,
-            "Plugins": []
-        })
-        .to_string(),
-    )
-    .unwrap();
-    config
 }
 
 /// Starts Orthanc in a private network namespace, runs `import` (a `cloudpdi import`

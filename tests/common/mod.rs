@@ -421,3 +421,39 @@ pub fn meta_of(path: &Path) -> (String, String) {
             .to_owned(),
     )
 }
+
+/// Runs a bash script in a new network namespace with only `lo` up (needs root). The
+/// script starts its peer in the background as `$peer`, which is stopped at the end.
+pub fn in_netns(script: &str) -> Output {
+    run(Command::new(require("/usr/bin/unshare"))
+        .args(["--net", "bash", "-euc"])
+        .arg(format!(
+            "ip link set lo up\ntrap 'kill $peer 2>/dev/null; wait $peer 2>/dev/null' EXIT\n{script}"
+        )))
+}
+
+/// Writes an Orthanc configuration (HTTP 8042, DICOM 4242, AE ORTHANC) under `dir`.
+pub fn orthanc_config(dir: &Path) -> PathBuf {
+    let storage = dir.join("orthanc");
+    std::fs::create_dir_all(&storage).unwrap();
+    let config = storage.join("orthanc.json");
+    std::fs::write(
+        &config,
+        serde_json::json!({
+            "Name": "cloudpdi-test",
+            "StorageDirectory": storage.join("db"),
+            "IndexDirectory": storage.join("db"),
+            "HttpPort": 8042,
+            "DicomPort": 4242,
+            "DicomAet": "ORTHANC",
+            "RemoteAccessAllowed": false,
+            "AuthenticationEnabled": false,
+            "DicomCheckCalledAet": true,
+            "DicomAlwaysAllowStore": true,
+            "Plugins": []
+        })
+        .to_string(),
+    )
+    .unwrap();
+    config
+}
