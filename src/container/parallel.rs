@@ -429,8 +429,10 @@ impl<R: Read> Read for ParallelDecryptor<R> {
 }
 
 /// Encrypts everything `reader` yields into `writer` (compressing first if asked) on
-/// `threads` threads (0: one per core). The bytes are those of [`super::encrypt`] for the
-/// same salt.
+/// `threads` threads (0: one per core). Without compression the bytes are those of
+/// [`super::encrypt`] for the same salt; with zstd and several threads, zstd compresses on
+/// that many threads too (a different but equally standard zstd frame inside the same
+/// container format).
 ///
 /// # Errors
 /// [`ContainerError`] on I/O failure.
@@ -449,6 +451,12 @@ pub fn encrypt_parallel<R: Read, W: Write>(
         }
         Compression::Zstd => {
             let mut compressor = zstd::stream::write::Encoder::new(encryptor, options.zstd_level)?;
+            let workers = self::threads(threads);
+            if workers > 1 {
+                // zstd's own workers compress blocks in parallel: still one standard frame,
+                // but not the same bytes as single-threaded zstd.
+                compressor.multithread(u32::try_from(workers).unwrap_or(u32::MAX))?;
+            }
             io::copy(&mut reader, &mut compressor)?;
             compressor.finish()?.finish()
         }
