@@ -19,7 +19,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::batch::{BatchRecord, BatchState};
+use crate::inbound::Inbound;
+use crate::jobs::JobSummary;
 use crate::metrics::Metrics;
+use crate::outbound::Outbound;
 use crate::route::Routes;
 use crate::spool::Spool;
 
@@ -36,6 +39,8 @@ pub struct Status {
     pub routes: Vec<RouteStatus>,
     /// Every batch known to the index, oldest first.
     pub batches: Vec<BatchRecord>,
+    /// Outbound then inbound jobs, with state, progress, age and last error.
+    pub jobs: Vec<JobSummary>,
 }
 
 /// A route as shown by `cloudpdi status`.
@@ -59,6 +64,28 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// When the daemon started.
     pub started: Instant,
+    /// The outbound pipeline, for its jobs.
+    pub outbound: Arc<Outbound>,
+    /// The inbound pipeline, when a local PACS is configured.
+    pub inbound: Option<Arc<Inbound>>,
+}
+
+/// Every job of both pipelines (off the runtime).
+async fn jobs(state: &Arc<AdminState>) -> Result<Vec<JobSummary>, Response> {
+    let state = state.clone();
+    let read = tokio::task::spawn_blocking(move || {
+        let mut jobs = state.outbound.summaries()?;
+        if let Some(inbound) = &state.inbound {
+            jobs.extend(inbound.summaries()?);
+        }
+        Ok::<_, crate::batch::IndexError>(jobs)
+    })
+    .await;
+    match read {
+        Ok(Ok(jobs)) => Ok(jobs),
+        Ok(Err(e)) => Err(unavailable(e)),
+        Err(e) => Err(unavailable(e)),
+    }
 }
 
 /// Serves the admin endpoint on `listener` until `shutdown`.
@@ -104,6 +131,10 @@ async fn status(State(state): State<Arc<AdminState>>) -> Response {
         Ok(batches) => batches,
         Err(response) => return response,
     };
+    let jobs = match jobs(&state).await {
+        Ok(jobs) => jobs,
+        Err(response) => return response,
+    };
     Json(Status {
         version: env!("CARGO_PKG_VERSION").into(),
         uptime_seconds: state.started.elapsed().as_secs(),
@@ -121,6 +152,7 @@ async fn status(State(state): State<Arc<AdminState>>) -> Response {
             })
             .collect(),
         batches,
+        jobs,
     })
     .into_response()
 }
@@ -150,6 +182,11 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
             "batches_stable",
             "Stable batches held in the spool.",
             count(BatchState::Stable),
+        ),
+        (
+            "batches_sent",
+            "Batches taken by the outbound pipeline.",
+            count(BatchState::Sent),
         ),
     ]);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()

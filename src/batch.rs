@@ -70,6 +70,9 @@ pub enum BatchState {
     Open,
     /// Quiet for the route's `stable_after`: ready for packing.
     Stable,
+    /// Taken by the outbound pipeline (its job says how far it got); late instances of
+    /// the study start a new batch.
+    Sent,
 }
 
 /// What the index knows about a batch.
@@ -207,6 +210,85 @@ impl BatchIndex {
             ready: db.open_tree("ready")?,
             db,
         })
+    }
+
+    /// The database, for the job stores that live beside the batches.
+    pub fn database(&self) -> &sled::Db {
+        &self.db
+    }
+
+    /// Takes a stable batch off the ready queue for the outbound pipeline, in one
+    /// transaction; `None` when it is no longer waiting (reopened, or claimed).
+    ///
+    /// # Errors
+    /// [`IndexError`] when the index cannot be changed.
+    pub fn claim(&self, id: BatchId) -> Result<Option<BatchRecord>, IndexError> {
+        let claimed = (&self.batches, &self.ready)
+            .transaction(|(batches, ready)| {
+                if ready.remove(&id.key())?.is_none() {
+                    return Ok(None);
+                }
+                let mut batch = load_batch(batches, id)?;
+                batch.state = BatchState::Sent;
+                batches.insert(&id.key(), encode(&batch))?;
+                Ok(Some(batch))
+            })
+            .map_err(tx_error)?;
+        self.flush()?;
+        Ok(claimed)
+    }
+
+    /// Batches taken by the outbound pipeline.
+    ///
+    /// # Errors
+    /// [`IndexError`] when the index cannot be read.
+    pub fn claimed(&self) -> Result<Vec<BatchRecord>, IndexError> {
+        Ok(self
+            .batches()?
+            .into_iter()
+            .filter(|b| b.state == BatchState::Sent)
+            .collect())
+    }
+
+    /// The instance records of a batch, in UID order.
+    ///
+    /// # Errors
+    /// [`IndexError`] when the index cannot be read.
+    pub fn member_records(&self, id: BatchId) -> Result<Vec<(String, InstanceRecord)>, IndexError> {
+        let Some(batch) = self.batch(id)? else {
+            return Ok(Vec::new());
+        };
+        let mut records = Vec::new();
+        for uid in self.members(id)? {
+            if let Some(record) = self.instance(&batch.route, &uid)? {
+                records.push((uid, record));
+            }
+        }
+        Ok(records)
+    }
+
+    /// Forgets a sent batch's instances (their files are already removed), so that a
+    /// later resend of the same instances starts a new batch.
+    ///
+    /// # Errors
+    /// [`IndexError`] when the index cannot be changed.
+    pub fn forget_members(&self, id: BatchId) -> Result<(), IndexError> {
+        let Some(batch) = self.batch(id)? else {
+            return Ok(());
+        };
+        for uid in self.members(id)? {
+            let ikey = instance_key(&batch.route, &uid);
+            let owned = match self.instances.get(&ikey)? {
+                Some(bytes) => decode::<InstanceRecord>(&ikey, &bytes)?.batch == id,
+                None => false,
+            };
+            if owned {
+                self.instances.remove(ikey)?;
+            }
+            self.members
+                .remove([&id.key()[..], uid.as_bytes()].concat())?;
+        }
+        self.flush()
     }
 
     /// Makes every recorded change durable (fsync); called before acknowledging.

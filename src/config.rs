@@ -46,6 +46,93 @@ pub struct Config {
     /// Routes by name: each called AE title the gateway answers to.
     #[serde(rename = "route", deserialize_with = "routes_from_table_or_list")]
     pub routes: BTreeMap<String, RouteConfig>,
+    /// Who we are, as printed in tokens and slips.
+    pub facility: FacilityConfig,
+    /// Where containers are uploaded and downloaded.
+    pub repository: RepositoryLink,
+    /// The outbound pipeline (stable batch -> token).
+    pub outbound: OutboundConfig,
+    /// The inbound pipeline (token -> local PACS).
+    pub inbound: InboundConfig,
+}
+
+/// The issuing facility.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FacilityConfig {
+    /// Short code carried in every token (0-32 printable ASCII characters).
+    pub code: String,
+    /// Name printed on the patient's slip and in README.TXT.
+    pub name: String,
+}
+
+/// How the gateway reaches the Cloud-PDI repository.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RepositoryLink {
+    /// `embedded` (run the repository inside the daemon, on local disk: one machine,
+    /// quick start) or the repository's base URL (`https://pdi.example.jp`).
+    pub url: String,
+    /// Loopback address of the embedded repository.
+    pub embedded_listen: SocketAddr,
+    /// File holding this facility's API key (one line); empty for the embedded
+    /// repository. Kept out of this file so that the configuration may be readable.
+    pub api_key_file: PathBuf,
+}
+
+/// Outbound pipeline settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutboundConfig {
+    /// Whether stable batches are sent; `false` holds them in the spool (e.g. while the
+    /// repository is being set up) and `cloudpdi status` shows them as stable.
+    pub enabled: bool,
+    /// Jobs worked on at once.
+    pub workers: usize,
+    /// Longest wait (seconds) between retries of a failing step.
+    pub max_backoff: u64,
+}
+
+/// Inbound pipeline settings: the watch queue and the local PACS.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct InboundConfig {
+    /// Folder watched for token files (empty: `<data_dir>/inbox`).
+    pub watch_dir: PathBuf,
+    /// Seconds between scans of the watch folder when inotify is unavailable.
+    pub poll_interval: u64,
+    /// The local PACS, `host:port`; empty disables the inbound pipeline.
+    pub pacs: String,
+    /// The PACS's AE title.
+    pub pacs_ae_title: String,
+    /// Our AE title as the PACS knows it.
+    pub calling_ae_title: String,
+    /// Associations used in parallel for one study.
+    pub associations: usize,
+    /// Attempts per instance when the PACS is unreachable or out of resources.
+    pub attempts: u32,
+    /// `keep` the sender's Patient ID, or `prefix` it with the sender's facility code.
+    /// A local ID given with the token (`cloudpdi receive --patient-id`) always wins.
+    pub patient_id: PatientIdMode,
+    /// Issuer of Patient ID written when the Patient ID changes.
+    pub issuer: String,
+    /// Jobs worked on at once.
+    pub workers: usize,
+    /// Repository URL prefixes tokens may point at; empty allows any. A token naming
+    /// another repository is rejected, so a forged token cannot make the gateway fetch
+    /// from an arbitrary address.
+    #[serde(deserialize_with = "list_or_comma_string")]
+    pub allowed_repositories: Vec<String>,
+}
+
+/// What the inbound pipeline does with the sender's Patient ID.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PatientIdMode {
+    /// Keep it as sent.
+    Keep,
+    /// Prefix it with the sender's facility code and a hyphen.
+    Prefix,
 }
 
 /// DICOM network settings.
@@ -118,6 +205,22 @@ pub struct RouteConfig {
     pub batch_by: BatchBy,
     /// Seconds without a new instance after which a batch is stable.
     pub stable_after: u64,
+    /// Days a token (and its container in the repository) stays valid.
+    pub expires_in_days: u32,
+    /// Downloads the repository allows per document.
+    pub max_downloads: u32,
+    /// Folder receiving token files and slips (empty: `<data_dir>/tokens/<route>`).
+    pub token_dir: PathBuf,
+    /// Slip format: `html`, `svg`, `png` or `pdf`.
+    pub slip: String,
+    /// Command run with the slip's path as last argument once a token is issued (e.g.
+    /// `["lp", "-d", "reception"]`); empty for none.
+    #[serde(deserialize_with = "list_or_comma_string")]
+    pub deliver_command: Vec<String>,
+    /// Hours the spooled instances of a sent batch are kept before removal.
+    pub retention_hours: u64,
+    /// Compress the PDI with zstd inside the encryption.
+    pub compress: bool,
     /// What happens to AI support images (CAD overlays, AI results) in this route's file
     /// sets; defaults in [`crate::pdi::AiPolicy::default`].
     pub ai_support: crate::pdi::AiPolicy,
@@ -180,6 +283,60 @@ impl Default for RouteConfig {
             batch_by: BatchBy::Study,
             stable_after: 30,
             ai_support: crate::pdi::AiPolicy::default(),
+            expires_in_days: 14,
+            max_downloads: 5,
+            token_dir: PathBuf::new(),
+            slip: "html".into(),
+            deliver_command: Vec::new(),
+            retention_hours: 168,
+            compress: true,
+        }
+    }
+}
+
+impl Default for FacilityConfig {
+    fn default() -> Self {
+        FacilityConfig {
+            code: "HOSPITAL".into(),
+            name: "Hospital".into(),
+        }
+    }
+}
+
+impl Default for RepositoryLink {
+    fn default() -> Self {
+        RepositoryLink {
+            url: "embedded".into(),
+            embedded_listen: SocketAddr::from(([127, 0, 0, 1], 11190)),
+            api_key_file: PathBuf::new(),
+        }
+    }
+}
+
+impl Default for OutboundConfig {
+    fn default() -> Self {
+        OutboundConfig {
+            enabled: true,
+            workers: 2,
+            max_backoff: 300,
+        }
+    }
+}
+
+impl Default for InboundConfig {
+    fn default() -> Self {
+        InboundConfig {
+            watch_dir: PathBuf::new(),
+            poll_interval: 5,
+            pacs: String::new(),
+            pacs_ae_title: "PACS".into(),
+            calling_ae_title: "CLOUDPDI".into(),
+            associations: 4,
+            attempts: 5,
+            patient_id: PatientIdMode::Keep,
+            issuer: "LOCAL".into(),
+            workers: 1,
+            allowed_repositories: Vec::new(),
         }
     }
 }
@@ -272,6 +429,46 @@ impl Config {
         if self.dicom.max_associations == 0 {
             return invalid("dicom.max_associations must be at least 1".into());
         }
+        self.validate_pipelines()
+    }
+
+    fn validate_pipelines(&self) -> Result<(), ConfigError> {
+        let invalid = |msg: String| Err(ConfigError::Invalid(msg));
+        let facility = &self.facility.code;
+        if facility.len() > 32 || !facility.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+            return invalid("facility.code: up to 32 printable ASCII characters".into());
+        }
+        let url = &self.repository.url;
+        if url != "embedded" && !(url.starts_with("https://") || url.starts_with("http://")) {
+            return invalid(format!(
+                "repository.url = {url:?}: use \"embedded\" or the repository's http(s):// address"
+            ));
+        }
+        if url == "embedded" && !self.repository.embedded_listen.ip().is_loopback() {
+            return invalid(
+                "repository.embedded_listen must be a loopback address (127.0.0.1 or ::1)".into(),
+            );
+        }
+        for (name, route) in &self.routes {
+            if !["html", "svg", "png", "pdf"].contains(&route.slip.as_str()) {
+                return invalid(format!(
+                    "route.{name}.slip = {:?}: use html, svg, png or pdf",
+                    route.slip
+                ));
+            }
+            if route.expires_in_days == 0 || route.max_downloads == 0 {
+                return invalid(format!(
+                    "route.{name}: expires_in_days and max_downloads must be at least 1"
+                ));
+            }
+        }
+        if self.outbound.workers == 0 || self.inbound.workers == 0 {
+            return invalid("outbound.workers and inbound.workers must be at least 1".into());
+        }
+        if !self.inbound.pacs.is_empty() {
+            check_ae_title("inbound.pacs_ae_title", &self.inbound.pacs_ae_title)?;
+            check_ae_title("inbound.calling_ae_title", &self.inbound.calling_ae_title)?;
+        }
         Ok(())
     }
 
@@ -283,6 +480,40 @@ impl Config {
     /// The folder of received instances.
     pub fn spool_dir(&self) -> PathBuf {
         self.spool.data_dir.join("spool")
+    }
+
+    /// The folder of job working files (PDI, containers, pending tokens).
+    pub fn jobs_dir(&self) -> PathBuf {
+        self.spool.data_dir.join("jobs")
+    }
+
+    /// The API key file of the embedded repository (written by `cloudpdi serve`, read
+    /// by `cloudpdi send`; mode 0600).
+    pub fn embedded_key_file(&self) -> PathBuf {
+        self.spool.data_dir.join("repository").join("api-key")
+    }
+
+    /// The watched folder of the inbound pipeline.
+    pub fn watch_dir(&self) -> PathBuf {
+        non_empty_or(&self.inbound.watch_dir, || {
+            self.spool.data_dir.join("inbox")
+        })
+    }
+
+    /// Where a route's tokens and slips are written.
+    pub fn token_dir(&self, route: &str) -> PathBuf {
+        let configured = self.routes.get(route).map(|r| r.token_dir.as_path());
+        non_empty_or(configured.unwrap_or(Path::new("")), || {
+            self.spool.data_dir.join("tokens").join(route)
+        })
+    }
+}
+
+fn non_empty_or(path: &Path, default: impl FnOnce() -> PathBuf) -> PathBuf {
+    if path.as_os_str().is_empty() {
+        default()
+    } else {
+        path.to_owned()
     }
 }
 

@@ -37,6 +37,12 @@ enum Command {
     /// Build or verify IHE PDI file sets (DICOMDIR + DICOM files + manifest).
     #[command(subcommand)]
     Pdi(PdiCommand),
+    /// Send files or folders through a route's outbound pipeline: PDI, encryption,
+    /// upload; prints where the token and the slip were written.
+    Send(SendArgs),
+    /// Receive a token: hand it to the running daemon (its watch folder), or with --out
+    /// download, decrypt and write the PDI folder here, as if reading the disc.
+    Receive(ReceiveArgs),
 }
 
 #[derive(Subcommand)]
@@ -78,6 +84,36 @@ enum RepositoryCommand {
         /// Output file.
         out: PathBuf,
     },
+}
+
+#[derive(Args)]
+struct SendArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// The route whose settings apply (expiry, downloads, AI-image policy, slip).
+    #[arg(long)]
+    route: String,
+    /// Non-DICOM attachment (referral letter PDF, FHIR JSON, ...); repeatable.
+    #[arg(long)]
+    attach: Vec<PathBuf>,
+    /// DICOM files or folders.
+    #[arg(required = true)]
+    paths: Vec<PathBuf>,
+}
+
+#[derive(Args)]
+struct ReceiveArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// The token, or @FILE (preferred: arguments are visible in the process list).
+    token: String,
+    /// Write the PDI folder here instead of handing the token to the daemon.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// File the study under this local Patient ID (the sender's is kept in Other
+    /// Patient IDs Sequence).
+    #[arg(long, conflicts_with = "out")]
+    patient_id: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -253,6 +289,8 @@ fn main() -> anyhow::Result<()> {
         Command::Decrypt(args) => decrypt(&args),
         Command::Repository(command) => repository(command),
         Command::Pdi(command) => pdi(command),
+        Command::Send(args) => send(args),
+        Command::Receive(args) => receive(&args),
     }
 }
 
@@ -586,4 +624,90 @@ async fn shutdown_signal() {
             let _ = tokio::signal::ctrl_c().await;
         }
     }
+}
+
+fn send(args: SendArgs) -> anyhow::Result<()> {
+    use cloudpdi::outbound::{Sender, send_files};
+    let config = std::sync::Arc::new(Config::load(&args.config.config)?);
+    anyhow::ensure!(
+        config.routes.contains_key(&args.route),
+        "route {:?} is not in {}: use one of {}",
+        args.route,
+        args.config.config.display(),
+        config.routes.keys().cloned().collect::<Vec<_>>().join(", ")
+    );
+    let sender = std::sync::Arc::new(Sender::from_config(config.clone())?);
+    let workdir = config
+        .jobs_dir()
+        .join("send")
+        .join(std::process::id().to_string());
+    let bar = progress_bar("uploading");
+    let report = |bytes: u64| bar.set_position(bytes);
+    let (_, job) = runtime()?.block_on(send_files(
+        sender,
+        &args.route,
+        args.paths,
+        args.attach,
+        workdir,
+        &report,
+    ))?;
+    bar.finish_and_clear();
+    println!(
+        "sent {} instances ({} left out by the AI-image policy) as document {}",
+        job.instances,
+        job.excluded,
+        job.document_id.as_deref().unwrap_or("?")
+    );
+    if let Some(token) = &job.token_file {
+        println!("token: {}", token.display());
+    }
+    if let Some(slip) = &job.slip_file {
+        println!("slip:  {}", slip.display());
+    }
+    Ok(())
+}
+
+fn receive(args: &ReceiveArgs) -> anyhow::Result<()> {
+    let token = cloudpdi::token::cli::read_token(&args.token)?;
+    token.check_not_expired(unix_now())?;
+    match &args.out {
+        Some(out) => {
+            let bar = progress_bar("downloading");
+            let report = |bytes: u64| bar.set_position(bytes);
+            let summary =
+                runtime()?.block_on(cloudpdi::inbound::receive_to_folder(&token, out, &report))?;
+            bar.finish_and_clear();
+            println!(
+                "{}: {} patient(s), {} study(ies), {} series, {} instances ({}), {:.1} MB",
+                out.display(),
+                summary.patients,
+                summary.studies,
+                summary.series,
+                summary.instances,
+                summary.modalities.join(", "),
+                summary.bytes as f64 / 1e6
+            );
+        }
+        None => {
+            let config = Config::load(&args.config.config)?;
+            let dir = config.watch_dir();
+            let path = cloudpdi::watch::drop_token(&dir, &token, args.patient_id.as_deref())
+                .with_context(|| format!("cannot write into the watch folder {}", dir.display()))?;
+            println!(
+                "handed to the daemon: {} (see `cloudpdi status`)",
+                path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn progress_bar(what: &'static str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} {bytes} ({bytes_per_sec}) {elapsed}")
+            .expect("the template is valid"),
+    );
+    bar.set_message(what);
+    bar
 }

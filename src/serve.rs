@@ -20,9 +20,12 @@ use crate::admin::{self, AdminState};
 use crate::batch::now_ms;
 use crate::config::Config;
 use crate::dicom::scp::{Listener, ScpContext};
+use crate::inbound::Inbound;
 use crate::metrics::Metrics;
+use crate::outbound::{Outbound, Sender};
 use crate::route::Routes;
 use crate::spool::{Spool, StoreError};
+use crate::watch::Watch;
 
 /// How long shutdown waits for associations to finish their instance in flight.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
@@ -39,6 +42,12 @@ pub enum ServeError {
         /// What failed.
         source: StoreError,
     },
+    /// The repository cannot be used (key file, embedded repository).
+    #[error("repository: {0}")]
+    Repository(String),
+    /// A job store cannot be opened.
+    #[error("cannot open the job index: {0}")]
+    Jobs(#[from] crate::batch::IndexError),
     /// A listening socket cannot be bound.
     #[error("cannot listen on {addr} for {what}: {source} (is another program using this port?)")]
     Bind {
@@ -57,6 +66,7 @@ pub enum ServeError {
 /// [`ServeError`] when the spool cannot be opened or a port cannot be bound.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
     let started = Instant::now();
+    let config = Arc::new(config);
     let spool = open_spool(&config).await?;
     let dicom = bind(config.dicom.listen, "DICOM").await?;
     let admin_listener = bind(config.admin.listen, "admin").await?;
@@ -64,6 +74,37 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let metrics = Arc::new(Metrics::default());
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
+
+    let repository_stop = CancellationToken::new();
+    let repository = match config.repository.url.as_str() {
+        "embedded" => Some(embedded_repository(&config, repository_stop.clone()).await?),
+        _ => None,
+    };
+    let sender =
+        Sender::from_config(config.clone()).map_err(|e| ServeError::Repository(e.to_string()))?;
+    let outbound = Arc::new(Outbound::new(sender, spool.clone())?);
+    let outbound_task = config
+        .outbound
+        .enabled
+        .then(|| tokio::spawn(outbound.clone().run(cancel.clone())));
+    let inbound = match config.inbound.pacs.is_empty() {
+        true => None,
+        false => Some(Arc::new(Inbound::new(
+            config.clone(),
+            spool.index().database(),
+        )?)),
+    };
+    let inbound_tasks = inbound.clone().map(|inbound| {
+        let watch = Watch::new(
+            config.watch_dir(),
+            inbound.clone(),
+            Duration::from_secs(config.inbound.poll_interval.max(1)),
+        );
+        (
+            tokio::spawn(inbound.run(cancel.clone())),
+            tokio::spawn(watch.run(cancel.clone())),
+        )
+    });
 
     let ctx = Arc::new(ScpContext {
         routes: routes.clone(),
@@ -84,6 +125,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         routes: routes.clone(),
         metrics,
         started,
+        outbound,
+        inbound,
     });
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state, cancel.clone()));
 
@@ -93,6 +136,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         admin = %config.admin.listen,
         data = %config.spool.data_dir.display(),
         routes = %routes.iter().map(|r| format!("{}={}", r.ae_title, r.name)).collect::<Vec<_>>().join(","),
+        repository = %config.repository.url,
+        watch = %config.watch_dir().display(),
         "cloudpdi serve ready"
     );
 
@@ -112,6 +157,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         );
     }
     let _ = stabilizer.await;
+    if let Some(outbound) = outbound_task {
+        let _ = outbound.await;
+    }
+    if let Some((inbound, watch)) = inbound_tasks {
+        let _ = inbound.await;
+        let _ = watch.await;
+    }
+    repository_stop.cancel();
+    if let Some(repository) = repository {
+        let _ = repository.await;
+    }
     match admin_task.await {
         Ok(Err(e)) => warn!("admin endpoint ended with an error: {e}"),
         Err(e) => warn!("admin endpoint task failed: {e}"),
@@ -143,6 +199,49 @@ async fn open_spool(config: &Config) -> Result<Arc<Spool>, ServeError> {
         dir: config.spool.data_dir.clone(),
         source,
     })
+}
+
+/// Starts the in-process repository on local storage under the data folder. Its address
+/// is fixed (tokens name it) and this facility's API key is kept in a 0600 file, created
+/// once, that `cloudpdi send` reads too.
+async fn embedded_repository(
+    config: &Config,
+    stop: CancellationToken,
+) -> Result<tokio::task::JoinHandle<()>, ServeError> {
+    let repository_error = |e: &dyn std::fmt::Display| ServeError::Repository(e.to_string());
+    let key_file = config.embedded_key_file();
+    let key = match std::fs::read_to_string(&key_file) {
+        Ok(key) => zeroize::Zeroizing::new(key.trim().to_owned()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let (key, _) =
+                crate::repository::auth::new_api_key().map_err(|e| repository_error(&e))?;
+            crate::jobs::write_durably(&key_file, format!("{}\n", key.as_str()).as_bytes(), 0o600)
+                .map_err(|e| ServeError::Repository(format!("{}: {e}", key_file.display())))?;
+            key
+        }
+        Err(e) => {
+            return Err(ServeError::Repository(format!(
+                "{}: {e}",
+                key_file.display()
+            )));
+        }
+    };
+    let listener = bind(config.repository.embedded_listen, "embedded repository").await?;
+    let embedded = crate::repository::server::start_embedded(
+        &config.spool.data_dir,
+        listener,
+        &crate::repository::auth::api_key_hash(&key),
+        stop.cancelled_owned(),
+    )
+    .await
+    .map_err(|e| repository_error(&e))?;
+    Ok(tokio::spawn(async move {
+        match embedded.task.await {
+            Ok(Err(e)) => error!("embedded repository stopped: {e}"),
+            Err(e) => error!("embedded repository task failed: {e}"),
+            Ok(Ok(())) => {}
+        }
+    }))
 }
 
 async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, ServeError> {

@@ -217,6 +217,40 @@ impl Spool {
         self.dir.join(&record.file)
     }
 
+    /// The spooled files of a batch, for packing.
+    ///
+    /// # Errors
+    /// [`IndexError`] when the index cannot be read.
+    pub fn batch_files(&self, id: BatchId) -> Result<Vec<PathBuf>, IndexError> {
+        Ok(self
+            .index
+            .member_records(id)?
+            .iter()
+            .map(|(_, record)| self.path_of(record))
+            .collect())
+    }
+
+    /// Removes a sent batch's files and then its index entries (repeatable: a file
+    /// already gone is fine). Returns how many files were removed.
+    ///
+    /// # Errors
+    /// [`StoreError`] when a file or the index cannot be changed.
+    pub fn remove_batch(&self, id: BatchId) -> Result<usize, StoreError> {
+        let mut removed = 0;
+        for (_, record) in self.index.member_records(id)? {
+            if record.batch != id {
+                continue;
+            }
+            match fs::remove_file(self.path_of(&record)) {
+                Ok(()) => removed += 1,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.index.forget_members(id)?;
+        Ok(removed)
+    }
+
     /// Starts receiving an instance: the meta header is prepared from the command.
     ///
     /// # Errors

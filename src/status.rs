@@ -57,6 +57,7 @@ pub fn render(status: &Status) -> String {
             route.name, route.ae_title, route.stable_after
         );
     }
+    render_jobs(&mut out, status);
     if status.batches.is_empty() {
         out.push_str("no batches\n");
         return out;
@@ -71,6 +72,7 @@ pub fn render(status: &Status) -> String {
         let state = match batch.state {
             BatchState::Open => "open",
             BatchState::Stable => "stable",
+            BatchState::Sent => "sent",
         };
         let _ = writeln!(
             out,
@@ -85,4 +87,33 @@ pub fn render(status: &Status) -> String {
         );
     }
     out
+}
+
+fn render_jobs(out: &mut String, status: &Status) {
+    if status.jobs.is_empty() {
+        out.push_str("no jobs\n");
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "{:<14} {:<8} {:<8} {:>8}  PROGRESS / LAST ERROR",
+        "JOB", "SIDE", "STATE", "AGE"
+    );
+    let now = now_ms();
+    for job in &status.jobs {
+        let b = &job.bookkeeping;
+        let _ = writeln!(
+            out,
+            "{:<14} {:<8} {:<8} {:>6} s  {}{}",
+            job.id,
+            job.direction,
+            job.state,
+            now.saturating_sub(b.created_at) / 1000,
+            job.progress,
+            b.last_error
+                .as_deref()
+                .map(|e| format!(" | attempt {}: {e}", b.attempts))
+                .unwrap_or_default()
+        );
+    }
 }

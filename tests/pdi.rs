@@ -49,16 +49,6 @@ fn assert_broken(path: &Path, expected: &str) {
     );
 }
 
-fn corpus_files() -> Vec<PathBuf> {
-    let out = run(Command::new("python3").arg(root().join("tests/peers/corpus.py")));
-    assert!(out.status.success(), "{}", text(&out));
-    let corpus: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
-    corpus
-        .iter()
-        .map(|item| PathBuf::from(item["path"].as_str().unwrap()))
-        .collect()
-}
-
 /// SOP Instance UIDs of every DICOM file of a list of files and folders.
 fn uids_of(paths: &[PathBuf]) -> BTreeSet<String> {
     let mut out = BTreeSet::new();

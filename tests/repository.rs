@@ -859,17 +859,20 @@ async fn embedded_repository_serves_the_gateway() {
     let dir = tempfile::tempdir().unwrap();
     let stop = CancellationToken::new();
     let shutdown = stop.clone();
-    let embedded = cloudpdi::repository::server::start_embedded(dir.path(), async move {
-        shutdown.cancelled().await;
-    })
-    .await
-    .unwrap();
+    let (api_key, hash) = cloudpdi::repository::auth::new_api_key().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let embedded =
+        cloudpdi::repository::server::start_embedded(dir.path(), listener, &hash, async move {
+            shutdown.cancelled().await;
+        })
+        .await
+        .unwrap();
     let source = dir.path().join("container");
     let sha = random_file(&source, 5000);
     let token = token(600);
     let client = Client::new(
         &embedded.base_url,
-        Some(embedded.api_key.to_string()),
+        Some(api_key.to_string()),
         fast_options(),
     )
     .unwrap();

@@ -12,20 +12,6 @@ use std::process::{Command, Output};
 
 use common::*;
 
-fn corpus_files() -> Vec<PathBuf> {
-    let out = run(Command::new("python3").arg(root().join("tests/peers/corpus.py")));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let corpus: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
-    corpus
-        .iter()
-        .map(|item| PathBuf::from(item["path"].as_str().unwrap()))
-        .collect()
-}
-
 fn import_command(pacs: &str, called: &str, paths: &[PathBuf]) -> String {
     let paths: Vec<String> = paths.iter().map(|p| format!("'{}'", p.display())).collect();
     format!(

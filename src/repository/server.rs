@@ -1138,24 +1138,26 @@ pub async fn run(
 
 /// The repository running inside the gateway (`repository.url = "embedded"`).
 pub struct Embedded {
-    /// Base URL on loopback, e.g. `http://127.0.0.1:40123`.
+    /// Base URL on loopback, e.g. `http://127.0.0.1:11190`: what tokens name.
     pub base_url: String,
-    /// API key of the built-in facility `embedded`, fresh at every start.
-    pub api_key: Zeroizing<String>,
     /// The server task; it ends after the shutdown future completes.
     pub task: tokio::task::JoinHandle<Result<(), ServerError>>,
 }
 
-/// Starts an in-process repository on loopback, storing under `data_dir/repository/`,
-/// so a single machine has a whole working system without another service.
+/// Starts an in-process repository on `listener` (loopback), storing under
+/// `data_dir/repository/`, with one facility `embedded` whose API key hashes to
+/// `api_key_sha256`, so a single machine has a whole working system without another
+/// service. The gateway keeps the address and the key stable across restarts: tokens
+/// name the address.
 ///
 /// # Errors
 /// [`ServerError`] when the folder, the audit trail or the listener cannot be set up.
 pub async fn start_embedded(
     data_dir: &Path,
+    listener: TcpListener,
+    api_key_sha256: &str,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<Embedded, ServerError> {
-    let (api_key, hash) = crate::repository::auth::new_api_key()?;
     let root = data_dir.join("repository");
     let config = RepositoryConfig {
         storage: StorageConfig {
@@ -1168,24 +1170,19 @@ pub async fn start_embedded(
         facility: [(
             "embedded".to_owned(),
             FacilityConfig {
-                api_key_sha256: hash,
+                api_key_sha256: api_key_sha256.to_owned(),
                 client_cert_sha256: String::new(),
             },
         )]
         .into(),
         ..RepositoryConfig::default()
     };
-    let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
     let base_url = format!("http://{}", listener.local_addr()?);
     // Open storage and audit here, so a bad folder fails the start, not the task.
     Storage::open(&config.storage)?;
     Audit::open(&config.audit.path)?;
     let task = tokio::spawn(run(config, listener, shutdown));
-    Ok(Embedded {
-        base_url,
-        api_key,
-        task,
-    })
+    Ok(Embedded { base_url, task })
 }
 
 #[cfg(test)]

@@ -70,6 +70,46 @@ pub enum TokenError {
 #[derive(Clone, PartialEq, Eq, Zeroize, ZeroizeOnDrop)]
 pub struct Secret([u8; SECRET_LEN]);
 
+impl Secret {
+    /// A fresh secret from the OS CSPRNG.
+    ///
+    /// # Errors
+    /// [`TokenError::Random`] without entropy.
+    pub fn generate() -> Result<Secret, TokenError> {
+        let mut secret = Secret([0u8; SECRET_LEN]);
+        getrandom::fill(&mut secret.0).map_err(|e| TokenError::Random(e.to_string()))?;
+        Ok(secret)
+    }
+
+    /// The secret kept in a pending token file (see [`Secret::to_bytes`]).
+    pub fn from_bytes(bytes: [u8; SECRET_LEN]) -> Secret {
+        Secret(bytes)
+    }
+
+    /// The raw secret, only for the file that holds the pending token.
+    pub fn to_bytes(&self) -> [u8; SECRET_LEN] {
+        self.0
+    }
+
+    /// The key that opens the container sealed under this secret.
+    pub fn container_key(&self) -> ContainerKey {
+        ContainerKey::from_bytes(self.derive(CONTAINER_KEY_INFO))
+    }
+
+    /// The proof of possession shown to the repository when downloading.
+    pub fn download_proof(&self) -> DownloadProof {
+        DownloadProof(self.derive(DOWNLOAD_PROOF_INFO))
+    }
+
+    fn derive(&self, info: &[u8]) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        hkdf::Hkdf::<Sha256>::new(None, &self.0)
+            .expand(info, &mut out)
+            .expect("32 bytes is a valid HKDF-SHA-256 output length");
+        out
+    }
+}
+
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Secret(..)")
@@ -139,12 +179,15 @@ impl Token {
         issuer: &str,
         summary: &str,
     ) -> Result<Token, TokenError> {
-        let mut secret = [0u8; SECRET_LEN];
-        getrandom::fill(&mut secret).map_err(|e| TokenError::Random(e.to_string()))?;
-        let token =
-            Token::with_secret(repository, document_id, expires_at, issuer, summary, secret);
-        secret.zeroize();
-        token
+        let secret = Secret::generate()?;
+        Token::for_secret(
+            repository,
+            document_id,
+            expires_at,
+            issuer,
+            summary,
+            &secret,
+        )
     }
 
     /// A token with a given secret: for test vectors and for re-reading.
@@ -201,20 +244,35 @@ impl Token {
 
     /// The key that opens this token's container.
     pub fn container_key(&self) -> ContainerKey {
-        ContainerKey::from_bytes(self.derive(CONTAINER_KEY_INFO))
+        self.secret.container_key()
     }
 
     /// The proof of possession shown to the repository when downloading.
     pub fn download_proof(&self) -> DownloadProof {
-        DownloadProof(self.derive(DOWNLOAD_PROOF_INFO))
+        self.secret.download_proof()
     }
 
-    fn derive(&self, info: &[u8]) -> [u8; 32] {
-        let mut out = [0u8; 32];
-        hkdf::Hkdf::<Sha256>::new(None, &self.secret.0)
-            .expand(info, &mut out)
-            .expect("32 bytes is a valid HKDF-SHA-256 output length");
-        out
+    /// A token for a secret chosen before the document ID was known: the sender seals
+    /// the container and registers the proof first, and learns the ID only then.
+    ///
+    /// # Errors
+    /// [`TokenError::Field`] for invalid fields.
+    pub fn for_secret(
+        repository: &str,
+        document_id: &str,
+        expires_at: u32,
+        issuer: &str,
+        summary: &str,
+        secret: &Secret,
+    ) -> Result<Token, TokenError> {
+        Token::with_secret(
+            repository,
+            document_id,
+            expires_at,
+            issuer,
+            summary,
+            secret.0,
+        )
     }
 
     /// Fails if the token is past its expiry at `now` (Unix seconds).
@@ -395,7 +453,7 @@ mod tests {
     fn derived_keys_are_separate_and_stable() {
         let token = sample();
         let proof = token.download_proof();
-        assert_ne!(proof.bytes(), &token.derive(CONTAINER_KEY_INFO));
+        assert_ne!(proof.bytes(), &token.secret.derive(CONTAINER_KEY_INFO));
         assert_eq!(proof.bytes(), token.download_proof().bytes());
         assert_ne!(proof.hash(), *proof.bytes());
         let other = Token::with_secret("u", "d", 0, "", "", [0x43; SECRET_LEN]).expect("valid");

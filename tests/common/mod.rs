@@ -85,8 +85,10 @@ pub fn config_text(dicom: u16, admin: u16, data: &Path, extra: &str) -> String {
          [spool]\ndata_dir = \"{}\"\nmin_free_mb = 0\n\
          [admin]\nlisten = \"127.0.0.1:{admin}\"\n\
          [log]\nlevel = \"info\"\n\
+         [repository]\nembedded_listen = \"127.0.0.1:{}\"\n\
          {extra}\n",
-        data.display()
+        data.display(),
+        free_port()
     )
 }
 
@@ -111,6 +113,7 @@ impl Daemon {
     }
 
     fn launch(dir: &Path, routes: &str, dicom_settings: &str, wrapper: &[&str]) -> Daemon {
+        fs::create_dir_all(dir).unwrap();
         let data = dir.join("data");
         let config = dir.join("cloudpdi.toml");
         let (dicom, admin) = (free_port(), free_port());
@@ -120,8 +123,15 @@ impl Daemon {
         } else {
             format!("idle_timeout = 20\n{dicom_settings}\n")
         };
+        // Reception tests look at stable batches: the outbound pipeline holds them unless
+        // the test configures it.
+        let routes = if routes.contains("[outbound]") {
+            routes.to_owned()
+        } else {
+            format!("{routes}\n[outbound]\nenabled = false\n")
+        };
         let text =
-            config_text(dicom, admin, &data, routes).replacen("idle_timeout = 20\n", &settings, 1);
+            config_text(dicom, admin, &data, &routes).replacen("idle_timeout = 20\n", &settings, 1);
         fs::write(&config, text).unwrap();
         let mut daemon = Daemon {
             child: None,
@@ -456,4 +466,135 @@ pub fn orthanc_config(dir: &Path) -> PathBuf {
     )
     .unwrap();
     config
+}
+
+/// Runs the calling test again inside private network and mount namespaces (needs root):
+/// the only interface is `lo`, for peers that cannot bind loopback only (Orthanc), and
+/// mounts (a small tmpfs for a full disk) stay private. Returns true
+/// in the copy that runs inside, which does the work; false in the outer one, after it
+/// asserted that the inner run passed.
+pub fn isolated(test: &str) -> bool {
+    if std::env::var_os("INSIDE_TEST_NETNS").is_some() {
+        return true;
+    }
+    let status = Command::new(require("/usr/bin/unshare"))
+        .args([
+            "--net",
+            "--mount",
+            "sh",
+            "-c",
+            "ip link set lo up && exec \"$0\" \"$@\"",
+        ])
+        .arg(std::env::current_exe().unwrap())
+        .args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .env("INSIDE_TEST_NETNS", "1")
+        .status()
+        .expect("run the test in a network namespace");
+    assert!(
+        status.success(),
+        "{test} failed inside its network namespace"
+    );
+    false
+}
+
+/// Orthanc, the durable PACS peer, on 127.0.0.1:8042 (REST) and :4242 (DICOM, AE
+/// ORTHANC); only inside [`isolated`].
+pub struct Orthanc {
+    child: Option<Child>,
+    config: PathBuf,
+}
+
+impl Orthanc {
+    /// Starts Orthanc with its database under `dir` and waits until REST answers.
+    pub fn start(dir: &Path) -> Orthanc {
+        let config = orthanc_config(dir);
+        let mut orthanc = Orthanc {
+            child: None,
+            config,
+        };
+        orthanc.spawn();
+        orthanc
+    }
+
+    /// (Re)starts the process on the same database.
+    pub fn spawn(&mut self) {
+        let log = fs::File::create(self.config.with_extension("log")).unwrap();
+        let child = Command::new(require("/usr/sbin/Orthanc"))
+            .arg(&self.config)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.try_get("/system").is_none() {
+            assert!(Instant::now() < deadline, "Orthanc did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Stops the process (its database stays).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn try_get(&self, path: &str) -> Option<Vec<u8>> {
+        let out = Command::new(require("/usr/bin/curl"))
+            .args(["-sf", &format!("http://127.0.0.1:8042{path}")])
+            .output()
+            .ok()?;
+        out.status.success().then_some(out.stdout)
+    }
+
+    /// GET a REST path as JSON.
+    pub fn get(&self, path: &str) -> serde_json::Value {
+        let body = self
+            .try_get(path)
+            .unwrap_or_else(|| panic!("Orthanc GET {path} failed"));
+        serde_json::from_slice(&body).unwrap()
+    }
+
+    /// Every instance Orthanc holds, downloaded as Part 10 files into `dir`.
+    pub fn download_all(&self, dir: &Path) -> Vec<PathBuf> {
+        fs::create_dir_all(dir).unwrap();
+        let ids = self.get("/instances");
+        ids.as_array()
+            .unwrap()
+            .iter()
+            .map(|id| {
+                let id = id.as_str().unwrap();
+                let path = dir.join(id);
+                let body = self
+                    .try_get(&format!("/instances/{id}/file"))
+                    .expect("instance file");
+                fs::write(&path, body).unwrap();
+                path
+            })
+            .collect()
+    }
+}
+
+impl Drop for Orthanc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The pydicom corpus (tests/peers/corpus.py): varied transfer syntaxes, SOP classes and
+/// character sets, one file per SOP Instance UID.
+pub fn corpus_files() -> Vec<PathBuf> {
+    let out = run(Command::new("python3").arg(root().join("tests/peers/corpus.py")));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let corpus: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    corpus
+        .iter()
+        .map(|item| PathBuf::from(item["path"].as_str().unwrap()))
+        .collect()
 }

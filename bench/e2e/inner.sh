@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Runs inside `unshare --net` (only `lo`): see run.sh.
+set -euo pipefail
+work=$1
+ip link set lo up
+bin=$PWD/target/release/cloudpdi
+n=$(ls "$work/study" | wc -l)
+now() { date +%s.%N; }
+count() { curl -sf http://127.0.0.1:8042/statistics | python3 -c 'import json,sys; print(json.load(sys.stdin)["CountInstances"])'; }
+
+orthanc() { # $1: storage folder
+  mkdir -p "$1"
+  cat >"$1/orthanc.json" <<JSON
+{"Name":"bench","StorageDirectory":"$1/db","IndexDirectory":"$1/db","HttpPort":8042,"DicomPort":4242,
+ "DicomAet":"ORTHANC","RemoteAccessAllowed":false,"AuthenticationEnabled":false,"DicomAlwaysAllowStore":true,"Plugins":[]}
+JSON
+  /usr/sbin/Orthanc "$1/orthanc.json" >"$1/log" 2>&1 &
+  peer=$!
+  for i in $(seq 200); do curl -sf http://127.0.0.1:8042/system >/dev/null && return; sleep 0.1; done
+  echo "Orthanc did not start" >&2; exit 1
+}
+site() { # $1: folder, $2: dicom port, $3: admin port, $4: embedded repository port, $5: extra TOML
+  mkdir -p "$1"
+  cat >"$1/c.toml" <<TOML
+[dicom]
+listen = "127.0.0.1:$2"
+[spool]
+data_dir = "$1/data"
+min_free_mb = 0
+[admin]
+listen = "127.0.0.1:$3"
+[repository]
+embedded_listen = "127.0.0.1:$4"
+[route.ct]
+ae_title = "CLOUDPDI"
+stable_after = 2
+compress = false
+$5
+TOML
+  "$bin" serve --config "$1/c.toml" >"$1/log" 2>&1 &
+  for i in $(seq 200); do curl -sf "http://127.0.0.1:$3/healthz" >/dev/null && return; sleep 0.05; done
+  echo "cloudpdi did not start: $(cat "$1/log")" >&2; exit 1
+}
+
+# (a) storescu straight into Orthanc.
+orthanc "$work/orthanc-a"
+t0=$(now)
+TCP_NODELAY=1 /usr/bin/storescu -aec ORTHANC 127.0.0.1 4242 "$work"/study/* 
+t1=$(now)
+[ "$(count)" = "$n" ] || { echo "Orthanc holds $(count) of $n" >&2; exit 1; }
+kill $peer; wait $peer 2>/dev/null || true
+direct=$(echo "$t1 - $t0" | bc)
+
+# (b) through cloudpdi.
+orthanc "$work/orthanc-b"
+site "$work/a" 11112 11180 11190 "[outbound]
+enabled = true"
+site "$work/b" 11113 11181 11191 "[inbound]
+pacs = \"127.0.0.1:4242\"
+pacs_ae_title = \"ORTHANC\"
+poll_interval = 1"
+TCP_NODELAY=1 /usr/bin/storescu -aec CLOUDPDI 127.0.0.1 11112 "$work"/study/*
+t0=$(now)
+until "$bin" status --admin 127.0.0.1:11180 --json | grep -q '"direction": "outbound"'; do sleep 0.02; done
+tstable=$(now)
+until ls "$work"/a/data/tokens/ct/*.token >/dev/null 2>&1; do sleep 0.02; done
+ttoken=$(now)
+cp "$work"/a/data/tokens/ct/*.token "$work/b/data/inbox/"
+until [ "$(count)" = "$n" ]; do sleep 0.05; done
+tdone=$(now)
+kill $peer
+stable=$(echo "$tstable - $t0" | bc)
+pipeline=$(echo "$tdone - $tstable" | bc)
+echo "study: $n instances, $(du -sm "$work/study" | cut -f1) MB"
+printf '(a) storescu -> Orthanc:                         %6.2f s\n' "$direct"
+printf '(b) cloudpdi A -> repository -> B -> Orthanc:    %6.2f s  (stable wait %.2f s excluded; token after %.2f s)\n' \
+  "$pipeline" "$stable" "$(echo "$ttoken - $tstable" | bc)"
+printf 'ratio (b)/(a): %.2f; one disc at the hospital: 20 min = 1200 s (%.0fx faster)\n' \
+  "$(echo "$pipeline / $direct" | bc -l)" "$(echo "1200 / ($pipeline + $stable)" | bc -l)"

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# End-to-end benchmark (issue 6): for one generated CT study, in one run,
+#  (a) DCMTK storescu straight into Orthanc (the best one machine can do), and
+#  (b) storescu -> site A (cloudpdi serve) -> embedded repository -> site B -> Orthanc,
+#      timed from the end of the C-STOREs at site A to the last instance in Orthanc; the
+#      stable wait (route stable_after) is measured apart and excluded.
+# Runs inside a private network namespace (Orthanc cannot bind loopback only): needs root.
+# Usage: bench/e2e/run.sh            (500 slices)
+#        SLICES=200 bench/e2e/run.sh
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+cargo build --release --quiet
+work=$(mktemp -d /tmp/cloudpdi-bench-e2e.XXXXXX)
+trap 'rm -rf "$work"' EXIT
+python3 scripts/gen_ct.py "$work/study" --slices "${SLICES:-500}" >/dev/null
+exec unshare --net bash bench/e2e/inner.sh "$work"

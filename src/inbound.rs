@@ -1,0 +1,556 @@
+//! The inbound pipeline: a token becomes a study in the local PACS.
+//!
+//! A token enters through the watch queue ([`crate::watch`]) and becomes a job whose id
+//! is derived from its repository and document ID, so the same token dropped twice is
+//! imported once. Steps, each repeated safely after a crash:
+//! 1. **download**: ranged, resumable download of the container (`jobs/in/<id>/container`);
+//! 2. **open**: decrypt and authenticate; nothing goes further from a container that
+//!    fails (`pdi.zip`, committed only when every chunk authenticated);
+//! 3. **unpack**: extract the PDI safely and check it against its DICOMDIR and manifest;
+//! 4. **import**: Patient ID reconciliation, C-STORE into the local PACS; instances the
+//!    PACS refuses for good are set aside (`set-aside/<id>/`) with their reason;
+//! 5. **receipt**: tell the repository what arrived; the job folder is removed.
+//!
+//! The token itself stays only in the job folder (mode 0600) while the job runs.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::batch::{IndexError, now_ms};
+use crate::config::{Config, PatientIdMode};
+use crate::dicom::scu::{Instance, Outcome, StoreTarget, store_all};
+use crate::jobs::{JobStore, JobSummary, Progress, StepError, remove_folder, write_durably};
+use crate::outbound::blocking;
+use crate::reconcile::{PatientIdPolicy, Reconciler};
+use crate::repository::api::Receipt;
+use crate::repository::client::{Client, ClientOptions};
+use crate::token::Token;
+
+/// Where an inbound job is; the step named is the next one to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InStep {
+    /// Download the container.
+    Download,
+    /// Decrypt and authenticate it.
+    Open,
+    /// Extract and verify the PDI.
+    Unpack,
+    /// C-STORE into the local PACS.
+    Import,
+    /// Send the receipt to the repository.
+    Receipt,
+    /// Finished.
+    Done,
+    /// Stopped for good; `last_error` says why.
+    Failed,
+}
+
+/// An instance the PACS refused for good.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetAside {
+    /// SOP Instance UID.
+    pub sop_instance_uid: String,
+    /// Where the file was put.
+    pub file: PathBuf,
+    /// The PACS's reason.
+    pub reason: String,
+}
+
+/// The durable record of one inbound job. No secret: the token is in the job folder.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InboundJob {
+    /// `R` + 12 hex digits of SHA-256(repository, document ID).
+    pub id: String,
+    /// The sending facility's code (from the token).
+    pub issuer: String,
+    /// The document ID (not secret: useless without the token's secret).
+    pub document_id: String,
+    /// The token's expiry (Unix seconds).
+    pub expires_at: u32,
+    /// A local Patient ID given with the token, if any.
+    pub local_patient_id: Option<String>,
+    /// The next step.
+    pub step: InStep,
+    /// Times, attempts, last error.
+    pub progress: Progress,
+    /// Instances listed by the PDI.
+    pub instances: u64,
+    /// Instances the PACS holds.
+    pub stored: u64,
+    /// Instances refused for good.
+    pub set_aside: Vec<SetAside>,
+}
+
+impl InboundJob {
+    /// The job as `cloudpdi status` lists it.
+    pub fn summary(&self) -> JobSummary {
+        JobSummary {
+            id: self.id.clone(),
+            direction: "inbound".into(),
+            state: serde_json::to_value(self.step)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default(),
+            progress: format!(
+                "from {}: {} of {} stored, {} set aside",
+                self.issuer,
+                self.stored,
+                self.instances,
+                self.set_aside.len()
+            ),
+            bookkeeping: self.progress.clone(),
+        }
+    }
+}
+
+/// The job id of a token: the same for every copy of it.
+pub fn job_id(token: &Token) -> String {
+    let digest = Sha256::new()
+        .chain_update(token.repository.as_bytes())
+        .chain_update([0])
+        .chain_update(token.document_id.as_bytes())
+        .finalize();
+    format!("R{}", &hex::encode(digest)[..12])
+}
+
+/// Files of one inbound job's working folder.
+struct Workdir(PathBuf);
+
+impl Workdir {
+    fn token(&self) -> PathBuf {
+        self.0.join("token")
+    }
+    fn container(&self) -> PathBuf {
+        self.0.join("container")
+    }
+    fn partial(&self) -> PathBuf {
+        self.0.join("container.part")
+    }
+    fn pdi_zip(&self) -> PathBuf {
+        self.0.join("pdi.zip")
+    }
+    fn pdi(&self) -> PathBuf {
+        self.0.join("pdi")
+    }
+}
+
+/// Why a token was not queued.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum QueueError {
+    /// The token's repository is not on `inbound.allowed_repositories`.
+    #[error(
+        "the token points at repository {0}, which is not in inbound.allowed_repositories; add it if this hospital trusts it"
+    )]
+    Repository(String),
+    /// The token has expired.
+    #[error(transparent)]
+    Token(#[from] crate::token::TokenError),
+    /// The job could not be recorded.
+    #[error(transparent)]
+    Index(#[from] IndexError),
+    /// The job folder could not be written.
+    #[error("cannot write the job folder: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// What queueing a token did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Queued {
+    /// A new job.
+    New(String),
+    /// This token already has a job (running or done): not imported twice. (A failed
+    /// job is queued again instead: dropping its token again is how staff retry.)
+    Known(String),
+}
+
+/// The inbound worker of the daemon.
+pub struct Inbound {
+    config: Arc<Config>,
+    jobs: JobStore,
+    dir: PathBuf,
+}
+
+impl Inbound {
+    /// Opens the inbound job store in the daemon's database.
+    ///
+    /// # Errors
+    /// [`IndexError`] when the store cannot be opened.
+    pub fn new(config: Arc<Config>, db: &sled::Db) -> Result<Inbound, IndexError> {
+        let dir = config.jobs_dir().join("in");
+        Ok(Inbound {
+            jobs: JobStore::open(db, "inbound_jobs")?,
+            config,
+            dir,
+        })
+    }
+
+    /// Every inbound job, for `cloudpdi status`.
+    ///
+    /// # Errors
+    /// [`IndexError`] when the store cannot be read.
+    pub fn summaries(&self) -> Result<Vec<JobSummary>, IndexError> {
+        Ok(self
+            .jobs
+            .all::<InboundJob>()?
+            .iter()
+            .map(InboundJob::summary)
+            .collect())
+    }
+
+    /// Records a token as a job (blocking): token file into the job folder first, then
+    /// the record, so a crash in between only repeats this call.
+    ///
+    /// # Errors
+    /// [`QueueError`] when the token is expired, from a repository not allowed, or the
+    /// job cannot be written.
+    pub fn queue(
+        &self,
+        token: &Token,
+        local_patient_id: Option<String>,
+    ) -> Result<Queued, QueueError> {
+        let id = job_id(token);
+        let retry = match self.jobs.get::<InboundJob>(&id)? {
+            Some(job) if job.step == InStep::Failed => true,
+            Some(_) => return Ok(Queued::Known(id)),
+            None => false,
+        };
+        token.check_not_expired(now_ms() / 1000)?;
+        let allowed = &self.config.inbound.allowed_repositories;
+        if !allowed.is_empty()
+            && !allowed
+                .iter()
+                .any(|a| token.repository.starts_with(a.as_str()))
+        {
+            return Err(QueueError::Repository(token.repository.clone()));
+        }
+        let dir = Workdir(self.dir.join(&id));
+        write_durably(
+            &dir.token(),
+            format!("{}\n", token.to_text()).as_bytes(),
+            0o600,
+        )?;
+        let job = InboundJob {
+            id: id.clone(),
+            issuer: token.issuer.clone(),
+            document_id: token.document_id.clone(),
+            expires_at: token.expires_at,
+            local_patient_id,
+            step: InStep::Download,
+            progress: Progress::new(),
+            instances: 0,
+            stored: 0,
+            set_aside: Vec::new(),
+        };
+        if retry {
+            self.jobs.put(&id, &job)?;
+            info!(job = %id, from = %token.issuer, "failed inbound job queued again");
+            Ok(Queued::New(id))
+        } else if self.jobs.create(&id, &job)? {
+            info!(job = %id, from = %token.issuer, "inbound job created");
+            Ok(Queued::New(id))
+        } else {
+            Ok(Queued::Known(id))
+        }
+    }
+
+    /// Runs until `cancel`, driving due jobs one after another per worker.
+    pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
+        let running = Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
+        let slots = Arc::new(tokio::sync::Semaphore::new(self.config.inbound.workers));
+        let tracker = tokio_util::task::TaskTracker::new();
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = cancel.cancelled() => break,
+            }
+            let this = self.clone();
+            let due = match tokio::task::spawn_blocking(move || this.due_jobs()).await {
+                Ok(Ok(due)) => due,
+                Ok(Err(e)) => {
+                    error!("inbound: cannot read the job index: {e}");
+                    continue;
+                }
+                Err(e) => {
+                    error!("inbound: job scan failed: {e}");
+                    continue;
+                }
+            };
+            for job in due {
+                let Ok(permit) = slots.clone().try_acquire_owned() else {
+                    break;
+                };
+                let key = job.id.clone();
+                if !lock(&running).insert(key.clone()) {
+                    continue;
+                }
+                let (this, running, cancel) = (self.clone(), running.clone(), cancel.clone());
+                tracker.spawn(async move {
+                    this.drive(job, &cancel).await;
+                    lock(&running).remove(&key);
+                    drop(permit);
+                });
+            }
+        }
+        tracker.close();
+        tracker.wait().await;
+    }
+
+    fn due_jobs(&self) -> Result<Vec<InboundJob>, IndexError> {
+        let now = now_ms();
+        Ok(self
+            .jobs
+            .all::<InboundJob>()?
+            .into_iter()
+            .filter(|j| !matches!(j.step, InStep::Done | InStep::Failed) && j.progress.due(now))
+            .collect())
+    }
+
+    async fn drive(self: &Arc<Self>, mut job: InboundJob, cancel: &CancellationToken) {
+        while !cancel.is_cancelled() && !matches!(job.step, InStep::Done | InStep::Failed) {
+            let step = job.step;
+            let result = tokio::select! {
+                r = self.step(&mut job) => r,
+                () = cancel.cancelled() => return,
+            };
+            match result {
+                Ok(next) => {
+                    job.step = next;
+                    job.progress.advanced();
+                    info!(job = %job.id, from = ?step, to = ?next, stored = job.stored, "inbound step done");
+                }
+                Err(StepError::Permanent(reason)) => {
+                    error!(job = %job.id, step = ?step, "inbound job failed: {reason}");
+                    job.progress
+                        .failed(&StepError::Permanent(reason), Duration::ZERO);
+                    job.step = InStep::Failed;
+                    let _ = remove_folder(&self.dir.join(&job.id));
+                }
+                Err(e) => {
+                    warn!(job = %job.id, step = ?step, attempt = job.progress.attempts + 1, "inbound step failed: {e}");
+                    let max = Duration::from_secs(self.config.outbound.max_backoff);
+                    job.progress.failed(&e, max);
+                }
+            }
+            let (this, record) = (self.clone(), job.clone());
+            let saved =
+                tokio::task::spawn_blocking(move || this.jobs.put(&record.id, &record)).await;
+            if !matches!(saved, Ok(Ok(()))) {
+                error!(job = %job.id, "cannot record the inbound job; it will be repeated from its last recorded step");
+                return;
+            }
+            if job.progress.attempts > 0 {
+                return;
+            }
+        }
+    }
+
+    fn token(dir: &Workdir) -> Result<Token, StepError> {
+        let text = std::fs::read_to_string(dir.token())?;
+        Token::from_text(text.trim()).map_err(StepError::permanent)
+    }
+
+    async fn step(self: &Arc<Self>, job: &mut InboundJob) -> Result<InStep, StepError> {
+        let dir = Workdir(self.dir.join(&job.id));
+        match job.step {
+            InStep::Download => {
+                let token = Self::token(&dir)?;
+                let client = client(&token)?;
+                client
+                    .download_to(
+                        &token.document_id,
+                        &token.download_proof(),
+                        &dir.partial(),
+                        |_| {},
+                    )
+                    .await
+                    .map_err(repo_error)?;
+                std::fs::rename(dir.partial(), dir.container())?;
+                crate::jobs::sync_dir(&dir.0)?;
+                Ok(InStep::Open)
+            }
+            InStep::Open => {
+                blocking(move || {
+                    let token = Self::token(&dir)?;
+                    crate::container::decrypt_file(
+                        &token.container_key(),
+                        &dir.container(),
+                        &dir.pdi_zip(),
+                    )
+                    .map_err(StepError::permanent)?;
+                    Ok(())
+                })
+                .await?;
+                Ok(InStep::Unpack)
+            }
+            InStep::Unpack => {
+                let count = blocking(move || {
+                    remove_folder(&dir.pdi())?;
+                    crate::pdi::extract_zip(&dir.pdi_zip(), &dir.pdi())
+                        .map_err(StepError::permanent)?;
+                    let summary = crate::pdi::verify(&dir.pdi()).map_err(StepError::permanent)?;
+                    let _ = std::fs::remove_file(dir.container());
+                    Ok(summary.instances)
+                })
+                .await?;
+                job.instances = count as u64;
+                Ok(InStep::Import)
+            }
+            InStep::Import => {
+                self.import(&dir, job).await?;
+                Ok(InStep::Receipt)
+            }
+            InStep::Receipt => {
+                let token = Self::token(&dir)?;
+                let receipt = Receipt {
+                    instances_imported: job.stored,
+                    instances_refused: job.set_aside.len() as u64,
+                    note: String::new(),
+                };
+                match client(&token)?
+                    .receipt(&token.document_id, &token.download_proof(), &receipt)
+                    .await
+                {
+                    Ok(()) => {}
+                    Err(e) if e.is_permanent() => {
+                        warn!(job = %job.id, "the repository did not take the receipt: {e}");
+                    }
+                    Err(e) => return Err(StepError::transient(e)),
+                }
+                remove_folder(&dir.0)?;
+                info!(job = %job.id, from = %job.issuer, stored = job.stored, set_aside = job.set_aside.len(), "import done");
+                Ok(InStep::Done)
+            }
+            InStep::Done | InStep::Failed => Ok(job.step),
+        }
+    }
+
+    /// C-STOREs every instance the PDI lists; refused ones are set aside.
+    async fn import(&self, dir: &Workdir, job: &mut InboundJob) -> Result<(), StepError> {
+        let pdi = dir.pdi();
+        let instances = blocking(move || {
+            let set = crate::pdi::FileSet::open(&pdi).map_err(StepError::permanent)?;
+            set.instances()
+                .iter()
+                .map(|i| Instance::probe(&i.path).map_err(StepError::permanent))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await?;
+        let total = instances.len() as u64;
+        let results = store_all(Arc::new(self.target(job)), instances).await;
+        let unreachable = results
+            .iter()
+            .filter(|(_, o)| matches!(o, Outcome::Refused { status: None, .. }))
+            .count();
+        if unreachable > 0 {
+            return Err(StepError::transient(format!(
+                "the PACS at {} did not take {unreachable} of {total} instances (connection)",
+                self.config.inbound.pacs
+            )));
+        }
+        let set_aside_dir = self.config.spool.data_dir.join("set-aside").join(&job.id);
+        job.set_aside.clear();
+        for (instance, outcome) in &results {
+            if let Outcome::Refused { reason, .. } = outcome {
+                let file = set_aside_dir.join(format!("{}.dcm", job.set_aside.len() + 1));
+                std::fs::create_dir_all(&set_aside_dir)?;
+                std::fs::copy(&instance.path, &file)?;
+                warn!(job = %job.id, sop_instance = %instance.sop_instance_uid, "instance set aside: {reason}");
+                job.set_aside.push(SetAside {
+                    sop_instance_uid: instance.sop_instance_uid.clone(),
+                    file,
+                    reason: reason.clone(),
+                });
+            }
+        }
+        job.stored = total - job.set_aside.len() as u64;
+        Ok(())
+    }
+
+    fn target(&self, job: &InboundJob) -> StoreTarget {
+        let inbound = &self.config.inbound;
+        let policy = match (&job.local_patient_id, inbound.patient_id) {
+            (Some(id), _) => PatientIdPolicy::Local(id.clone()),
+            (None, PatientIdMode::Prefix) => PatientIdPolicy::Prefix(format!("{}-", job.issuer)),
+            (None, PatientIdMode::Keep) => PatientIdPolicy::Keep,
+        };
+        StoreTarget {
+            address: inbound.pacs.clone(),
+            called_ae: inbound.pacs_ae_title.clone(),
+            calling_ae: inbound.calling_ae_title.clone(),
+            associations: inbound.associations,
+            max_pdu_length: 131_072,
+            timeout: Duration::from_secs(30),
+            max_attempts: inbound.attempts,
+            backoff: Duration::from_millis(500),
+            reconcile: Some(Reconciler {
+                policy,
+                local_issuer: inbound.issuer.clone(),
+            }),
+        }
+    }
+}
+
+/// A repository client for the token's own repository (no API key: the proof is the
+/// authorization).
+pub fn client(token: &Token) -> Result<Client, StepError> {
+    Client::new(&token.repository, None, ClientOptions::default()).map_err(StepError::permanent)
+}
+
+fn repo_error(e: crate::repository::client::ClientError) -> StepError {
+    if e.is_permanent() {
+        StepError::permanent(e)
+    } else {
+        StepError::transient(e)
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Downloads, decrypts and extracts a token's PDI into `out` without a daemon, as if
+/// reading the disc (`cloudpdi receive --out`).
+///
+/// # Errors
+/// [`StepError`] saying what failed; nothing is left in `out` from a container that
+/// fails authentication.
+pub async fn receive_to_folder(
+    token: &Token,
+    out: &Path,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<crate::pdi::Summary, StepError> {
+    token
+        .check_not_expired(now_ms() / 1000)
+        .map_err(StepError::permanent)?;
+    let work = Workdir(out.with_extension("cloudpdi-download"));
+    std::fs::create_dir_all(&work.0)?;
+    client(token)?
+        .download_to(
+            &token.document_id,
+            &token.download_proof(),
+            &work.partial(),
+            progress,
+        )
+        .await
+        .map_err(repo_error)?;
+    let (key, out) = (token.container_key(), out.to_owned());
+    blocking(move || {
+        crate::container::decrypt_file(&key, &work.partial(), &work.pdi_zip())
+            .map_err(StepError::permanent)?;
+        crate::pdi::extract_zip(&work.pdi_zip(), &out).map_err(StepError::permanent)?;
+        let summary = crate::pdi::verify(&out).map_err(StepError::permanent)?;
+        remove_folder(&work.0)?;
+        Ok(summary)
+    })
+    .await
+}

@@ -1,0 +1,302 @@
+//! Durable jobs: where each study is in the outbound and inbound pipelines.
+//!
+//! A job is one record in a sled tree of the daemon's database, rewritten (and flushed)
+//! after every step, so that after a crash or `kill -9` each job resumes at the step it
+//! had not finished. Every step is written to be repeated safely: it produces its result
+//! under a fixed name (temp file + rename) and the record moves on only once that result
+//! is durable.
+//!
+//! The records hold no secret: the secret of an outbound study stays in its job folder's
+//! pending token file, an inbound token in its job folder's token file (both mode 0600).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::batch::{IndexError, now_ms};
+
+/// What a job's step reports when it cannot go on.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StepError {
+    /// Worth another attempt later (repository or PACS unreachable, disk full, ...).
+    #[error("{0} (will retry)")]
+    Transient(String),
+    /// Another attempt would fail the same way; the job stops with this reason.
+    #[error("{0}")]
+    Permanent(String),
+}
+
+impl StepError {
+    /// A transient error from anything printable.
+    pub fn transient(e: impl std::fmt::Display) -> StepError {
+        StepError::Transient(e.to_string())
+    }
+
+    /// A permanent error from anything printable.
+    pub fn permanent(e: impl std::fmt::Display) -> StepError {
+        StepError::Permanent(e.to_string())
+    }
+}
+
+impl From<std::io::Error> for StepError {
+    /// Local I/O errors (full disk, permissions) are fixed by an admin, then retried.
+    fn from(e: std::io::Error) -> Self {
+        StepError::Transient(format!("local file error: {e}"))
+    }
+}
+
+impl From<IndexError> for StepError {
+    fn from(e: IndexError) -> Self {
+        StepError::Transient(e.to_string())
+    }
+}
+
+/// Bookkeeping shared by both directions: attempts, errors and times.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    /// When the job was created (Unix milliseconds).
+    pub created_at: u64,
+    /// When the job last changed (Unix milliseconds).
+    pub updated_at: u64,
+    /// Failed attempts of the current step.
+    pub attempts: u32,
+    /// The last error, for `cloudpdi status`.
+    pub last_error: Option<String>,
+    /// Not before this time (Unix milliseconds) is the step tried again.
+    pub retry_at: u64,
+}
+
+impl Progress {
+    /// A fresh job's bookkeeping.
+    pub fn new() -> Progress {
+        let now = now_ms();
+        Progress {
+            created_at: now,
+            updated_at: now,
+            ..Progress::default()
+        }
+    }
+
+    /// Records a step that succeeded: the next step starts with a clean slate.
+    pub fn advanced(&mut self) {
+        self.updated_at = now_ms();
+        self.attempts = 0;
+        self.last_error = None;
+        self.retry_at = 0;
+    }
+
+    /// Records a transient failure and schedules the retry with exponential back-off
+    /// (1 s doubling, at most `max_backoff`).
+    pub fn failed(&mut self, error: &StepError, max_backoff: Duration) {
+        self.updated_at = now_ms();
+        self.attempts = self.attempts.saturating_add(1);
+        self.last_error = Some(error.to_string());
+        let backoff = Duration::from_secs(1u64 << self.attempts.min(16)).min(max_backoff);
+        self.retry_at = self.updated_at + u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX);
+    }
+
+    /// Whether the job may run now.
+    pub fn due(&self, now: u64) -> bool {
+        now >= self.retry_at
+    }
+}
+
+/// A sled tree of job records of one kind, keyed by job id.
+#[derive(Clone)]
+pub struct JobStore {
+    db: sled::Db,
+    tree: sled::Tree,
+}
+
+impl JobStore {
+    /// Opens the tree `name` in the daemon's database.
+    ///
+    /// # Errors
+    /// [`IndexError::Sled`] when the tree cannot be opened.
+    pub fn open(db: &sled::Db, name: &str) -> Result<JobStore, IndexError> {
+        Ok(JobStore {
+            db: db.clone(),
+            tree: db.open_tree(name)?,
+        })
+    }
+
+    /// The job `id`, if recorded.
+    ///
+    /// # Errors
+    /// [`IndexError`] when the record cannot be read.
+    pub fn get<T: DeserializeOwned>(&self, id: &str) -> Result<Option<T>, IndexError> {
+        self.tree
+            .get(id.as_bytes())?
+            .map(|bytes| decode(id.as_bytes(), &bytes))
+            .transpose()
+    }
+
+    /// Writes the job `id` durably (flushed before returning).
+    ///
+    /// # Errors
+    /// [`IndexError`] when the record cannot be written or flushed.
+    pub fn put<T: Serialize>(&self, id: &str, job: &T) -> Result<(), IndexError> {
+        let bytes = serde_json::to_vec(job).expect("job records serialize to JSON");
+        self.tree.insert(id.as_bytes(), bytes)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Inserts the job `id` unless one exists; true when this call created it.
+    ///
+    /// # Errors
+    /// [`IndexError`] when the record cannot be written or flushed.
+    pub fn create<T: Serialize>(&self, id: &str, job: &T) -> Result<bool, IndexError> {
+        let bytes = serde_json::to_vec(job).expect("job records serialize to JSON");
+        let created = self
+            .tree
+            .compare_and_swap(id.as_bytes(), None as Option<&[u8]>, Some(bytes))?
+            .is_ok();
+        self.db.flush()?;
+        Ok(created)
+    }
+
+    /// Every job, in id order.
+    ///
+    /// # Errors
+    /// [`IndexError`] when a record cannot be read.
+    pub fn all<T: DeserializeOwned>(&self) -> Result<Vec<T>, IndexError> {
+        self.tree
+            .iter()
+            .map(|entry| {
+                let (key, bytes) = entry?;
+                decode(&key, &bytes)
+            })
+            .collect()
+    }
+}
+
+fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, IndexError> {
+    serde_json::from_slice(bytes).map_err(|source| IndexError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        source,
+    })
+}
+
+/// One job as `cloudpdi status` lists it, whatever its direction.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobSummary {
+    /// The job id (`B000042` outbound, `R1a2b3c4d5e6f` inbound).
+    pub id: String,
+    /// `outbound` or `inbound`.
+    pub direction: String,
+    /// The step the job is at (or `done` / `failed`).
+    pub state: String,
+    /// A short progress text ("120 instances", "35 of 120 stored").
+    pub progress: String,
+    /// Bookkeeping: times, attempts, last error.
+    #[serde(flatten)]
+    pub bookkeeping: Progress,
+}
+
+/// Writes `bytes` to `path` durably: temp file, fsync, rename, folder fsync. `mode`
+/// 0o600 for files that hold a token or its secret.
+///
+/// # Errors
+/// The I/O error.
+pub fn write_durably(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let tmp = temp_name(path);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&tmp, path)?;
+    sync_dir(dir)
+}
+
+/// The temp name beside `path` under which its next version is written.
+pub fn temp_name(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    path.with_file_name(name)
+}
+
+/// Makes a rename or removal in `dir` durable.
+///
+/// # Errors
+/// The I/O error.
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Removes a job folder and everything in it; a folder already gone is fine (the step
+/// is repeated after a crash).
+///
+/// # Errors
+/// The I/O error.
+pub fn remove_folder(dir: &Path) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_is_capped() {
+        let mut p = Progress::new();
+        let err = StepError::transient("repository unreachable");
+        p.failed(&err, Duration::from_secs(60));
+        assert_eq!(p.attempts, 1);
+        assert_eq!(p.retry_at - p.updated_at, 2_000);
+        for _ in 0..10 {
+            p.failed(&err, Duration::from_secs(60));
+        }
+        assert_eq!(p.retry_at - p.updated_at, 60_000);
+        assert!(!p.due(p.updated_at));
+        assert!(p.due(p.retry_at));
+        p.advanced();
+        assert_eq!((p.attempts, p.last_error.as_deref()), (0, None));
+    }
+
+    #[test]
+    fn create_only_once_and_records_survive_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let db = sled::open(dir.path()).expect("db");
+            let store = JobStore::open(&db, "jobs").expect("store");
+            assert!(store.create("a", &1u32).expect("create"));
+            assert!(!store.create("a", &2u32).expect("again"));
+            store.put("b", &3u32).expect("put");
+        }
+        let db = sled::open(dir.path()).expect("reopen");
+        let store = JobStore::open(&db, "jobs").expect("store");
+        assert_eq!(store.get::<u32>("a").expect("get"), Some(1));
+        assert_eq!(store.all::<u32>().expect("all"), [1, 3]);
+    }
+
+    #[test]
+    fn durable_writes_replace_and_keep_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("sub").join("token");
+        write_durably(&path, b"one", 0o600).expect("write");
+        write_durably(&path, b"two", 0o600).expect("rewrite");
+        assert_eq!(std::fs::read(&path).expect("read"), b"two");
+        let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(!temp_name(&path).exists());
+        remove_folder(&dir.path().join("sub")).expect("remove");
+        remove_folder(&dir.path().join("sub")).expect("remove twice");
+    }
+}

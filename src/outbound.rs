@@ -1,0 +1,687 @@
+//! The outbound pipeline: a stable batch becomes a token.
+//!
+//! Steps of a job (one per batch, id = the batch id), each repeated safely after a crash:
+//! 1. **pack**: the batch's spooled instances -> AI-image policy -> PDI ZIP
+//!    (`jobs/out/<batch>/pdi.zip`);
+//! 2. **seal**: a fresh secret (kept in the job's pending token file, mode 0600, until the
+//!    token is issued) -> compress + encrypt -> `container`;
+//! 3. **upload**: the repository assigns a document ID (kept in the job record at once),
+//!    the container is uploaded in parts, resuming after any interruption;
+//! 4. **issue**: the token (document ID + secret) is written to the route's token folder,
+//!    with the patient's slip; the job folder is removed;
+//! 5. **deliver**: the route's delivery command, if any, is run with the slip's path.
+//!
+//! The spooled instances are removed once the route's retention has passed.
+//! Exactly one token per batch: the secret and the document ID are fixed the first time
+//! their step completes, so a repeated issue step writes the same token again.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::batch::{BatchId, now_ms};
+use crate::config::Config;
+use crate::container::{self, Compression, Options};
+use crate::jobs::{JobStore, JobSummary, Progress, StepError, remove_folder, write_durably};
+use crate::pdi::{self, BuildOptions};
+use crate::repository::api::NewDocument;
+use crate::repository::client::{Client, ClientOptions};
+use crate::spool::Spool;
+use crate::token::slip::{self, SlipDetails, SlipFormat};
+use crate::token::{SECRET_LEN, Secret, Token};
+
+/// Where an outbound job is; the step named is the next one to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutStep {
+    /// Build the PDI ZIP.
+    Pack,
+    /// Encrypt it.
+    Seal,
+    /// Register and upload the container.
+    Upload,
+    /// Write the token and the slip.
+    Issue,
+    /// Run the delivery command.
+    Deliver,
+    /// Finished.
+    Done,
+    /// Stopped for good; `last_error` says why.
+    Failed,
+}
+
+/// The durable record of one outbound job.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OutboundJob {
+    /// `B000042` for a batch of the daemon, `S20261125-083000` for `cloudpdi send`;
+    /// names the token file and the slip.
+    pub id: String,
+    /// The batch this job sends, if it came from the spool.
+    pub batch: Option<BatchId>,
+    /// The batch's route.
+    pub route: String,
+    /// The next step.
+    pub step: OutStep,
+    /// Times, attempts, last error.
+    pub progress: Progress,
+    /// Instances in the PDI.
+    pub instances: u64,
+    /// Instances left out by the AI-image policy.
+    pub excluded: u64,
+    /// Size of the sealed container.
+    pub container_bytes: u64,
+    /// Expiry of token and document (Unix seconds), fixed when the document is created.
+    pub expires_at: u32,
+    /// The repository's document ID, once assigned.
+    pub document_id: Option<String>,
+    /// The token file, once issued.
+    pub token_file: Option<PathBuf>,
+    /// The slip, once rendered.
+    pub slip_file: Option<PathBuf>,
+    /// Whether the spooled instances were removed after the retention period.
+    pub spool_removed: bool,
+}
+
+impl OutboundJob {
+    fn new(id: String, batch: Option<BatchId>, route: &str) -> OutboundJob {
+        OutboundJob {
+            id,
+            batch,
+            route: route.to_owned(),
+            step: OutStep::Pack,
+            progress: Progress::new(),
+            instances: 0,
+            excluded: 0,
+            container_bytes: 0,
+            expires_at: 0,
+            document_id: None,
+            token_file: None,
+            slip_file: None,
+            spool_removed: false,
+        }
+    }
+
+    /// The job as `cloudpdi status` lists it.
+    pub fn summary(&self) -> JobSummary {
+        JobSummary {
+            id: self.id.clone(),
+            direction: "outbound".into(),
+            state: serde_json::to_value(self.step)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default(),
+            progress: match self.step {
+                OutStep::Pack => format!("route {}", self.route),
+                _ => format!(
+                    "{} instances, {} excluded, {:.1} MB",
+                    self.instances,
+                    self.excluded,
+                    self.container_bytes as f64 / 1e6
+                ),
+            },
+            bookkeeping: self.progress.clone(),
+        }
+    }
+}
+
+/// Everything the outbound steps need, shared by the daemon and `cloudpdi send`.
+pub struct Sender {
+    /// The daemon's configuration (facility, routes, folders).
+    pub config: Arc<Config>,
+    /// The repository client (its base URL goes into the tokens).
+    pub repository: Client,
+    /// The repository URL written into tokens.
+    pub repository_url: String,
+}
+
+impl Sender {
+    /// The sender of a configuration: the repository URL and this facility's API key
+    /// (from `repository.api_key_file`, or the embedded repository's key file).
+    ///
+    /// # Errors
+    /// [`StepError::Permanent`] naming the key file to fix.
+    pub fn from_config(config: Arc<Config>) -> Result<Sender, StepError> {
+        let (url, key_file) = if config.repository.url == "embedded" {
+            (
+                format!("http://{}", config.repository.embedded_listen),
+                config.embedded_key_file(),
+            )
+        } else {
+            (
+                config.repository.url.trim_end_matches('/').to_owned(),
+                config.repository.api_key_file.clone(),
+            )
+        };
+        let key = std::fs::read_to_string(&key_file).map_err(|e| {
+            StepError::permanent(format!(
+                "cannot read the repository API key from {} ({e}): set repository.api_key_file",
+                key_file.display()
+            ))
+        })?;
+        let repository = Client::new(&url, Some(key.trim().to_owned()), ClientOptions::default())
+            .map_err(StepError::permanent)?;
+        Ok(Sender {
+            config,
+            repository,
+            repository_url: url,
+        })
+    }
+}
+
+/// Files of one job's working folder.
+struct Workdir(PathBuf);
+
+impl Workdir {
+    fn pdi(&self) -> PathBuf {
+        self.0.join("pdi.zip")
+    }
+    fn container(&self) -> PathBuf {
+        self.0.join("container")
+    }
+    fn secret(&self) -> PathBuf {
+        self.0.join("pending-token")
+    }
+}
+
+impl Sender {
+    fn route_options(&self, route: &str) -> Result<&crate::config::RouteConfig, StepError> {
+        self.config.routes.get(route).ok_or_else(|| {
+            StepError::permanent(format!(
+                "route {route} is no longer configured: add it back to send this batch"
+            ))
+        })
+    }
+
+    /// Builds the PDI ZIP of `instances` into the job folder (blocking).
+    fn pack(
+        &self,
+        dir: &Workdir,
+        route: &str,
+        instances: &[PathBuf],
+        attachments: &[PathBuf],
+    ) -> Result<pdi::BuildReport, StepError> {
+        let options = BuildOptions {
+            facility: self.config.facility.name.clone(),
+            attachments: attachments.to_vec(),
+            policy: self.route_options(route)?.ai_support.clone(),
+            ..BuildOptions::default()
+        };
+        std::fs::create_dir_all(&dir.0)?;
+        let path = dir.pdi();
+        let temp = crate::jobs::temp_name(&path);
+        let file = std::io::BufWriter::new(std::fs::File::create(&temp)?);
+        let report = pdi::build_zip(instances, &options, file).map_err(StepError::permanent)?;
+        std::fs::File::open(&temp)?.sync_all()?;
+        std::fs::rename(&temp, &path)?;
+        crate::jobs::sync_dir(&dir.0)?;
+        Ok(report)
+    }
+
+    /// The job's secret: created once, then read back on every later attempt.
+    fn secret(dir: &Workdir) -> Result<Secret, StepError> {
+        let path = dir.secret();
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                let bytes: [u8; SECRET_LEN] = bytes.as_slice().try_into().map_err(|_| {
+                    StepError::permanent(format!(
+                        "{} is damaged; remove the job folder to start the batch again",
+                        path.display()
+                    ))
+                })?;
+                Ok(Secret::from_bytes(bytes))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let secret = Secret::generate().map_err(StepError::transient)?;
+                write_durably(&path, &secret.to_bytes(), 0o600)?;
+                Ok(secret)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Encrypts the PDI into the container (blocking); returns its size.
+    fn seal(&self, dir: &Workdir, compress: bool) -> Result<u64, StepError> {
+        let secret = Self::secret(dir)?;
+        let options = Options {
+            compression: if compress {
+                Compression::Zstd
+            } else {
+                Compression::None
+            },
+            ..Options::default()
+        };
+        let input = std::io::BufReader::new(std::fs::File::open(dir.pdi())?);
+        let path = dir.container();
+        let temp = crate::jobs::temp_name(&path);
+        let output = std::io::BufWriter::new(std::fs::File::create(&temp)?);
+        let file = container::encrypt(&secret.container_key(), &options, input, output)
+            .map_err(StepError::transient)?
+            .into_inner()
+            .map_err(|e| StepError::transient(e.error()))?;
+        file.sync_all()?;
+        let size = file.metadata()?.len();
+        drop(file);
+        std::fs::rename(&temp, &path)?;
+        crate::jobs::sync_dir(&dir.0)?;
+        Ok(size)
+    }
+
+    /// Registers the document (once) and uploads the container, resuming.
+    async fn upload(
+        &self,
+        dir: &Workdir,
+        job: &mut OutboundJob,
+        store: Option<&JobStore>,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<(), StepError> {
+        let route = self.route_options(&job.route)?;
+        if job.document_id.is_none() {
+            let secret = Self::secret(dir)?;
+            let expires = now_ms() / 1000 + u64::from(route.expires_in_days) * 86_400;
+            job.expires_at = u32::try_from(expires)
+                .map_err(|_| StepError::permanent("expiry beyond the year 2106"))?;
+            let request = NewDocument {
+                size: job.container_bytes,
+                expires_at: u64::from(job.expires_at),
+                max_downloads: route.max_downloads,
+                proof_hash: secret.download_proof().hash(),
+            };
+            let created = self.repository.create(&request).await.map_err(repo_error)?;
+            job.document_id = Some(created.document_id);
+            if let Some(store) = store {
+                store.put(&job.id, job)?;
+            }
+        }
+        let id = job.document_id.clone().unwrap_or_default();
+        self.repository
+            .upload_file(&id, &dir.container(), progress)
+            .await
+            .map(drop)
+            .map_err(repo_error)
+    }
+
+    /// Writes the token file and the slip (blocking); the same files on a repeat.
+    fn issue(&self, dir: &Workdir, job: &mut OutboundJob) -> Result<Token, StepError> {
+        let route = self.route_options(&job.route)?;
+        let secret = Self::secret(dir)?;
+        let document_id = job.document_id.as_deref().unwrap_or_default();
+        let summary = format!("{} DICOM instances", job.instances);
+        let token = Token::for_secret(
+            &self.repository_url,
+            document_id,
+            job.expires_at,
+            &self.config.facility.code,
+            &summary,
+            &secret,
+        )
+        .map_err(StepError::permanent)?;
+        let folder = self.config.token_dir(&job.route);
+        let token_file = folder.join(format!("{}.token", job.id));
+        write_durably(
+            &token_file,
+            format!("{}\n", token.to_text()).as_bytes(),
+            0o600,
+        )?;
+        let slip_file = folder.join(format!("{}.{}", job.id, route.slip));
+        let details = SlipDetails {
+            facility_name: self.config.facility.name.clone(),
+            content: summary,
+            ..SlipDetails::default()
+        };
+        let format = SlipFormat::from_path(&slip_file).ok_or_else(|| {
+            StepError::permanent(format!("route.{}.slip: unknown format", job.route))
+        })?;
+        slip::render(&token, &details, format, &slip_file).map_err(StepError::transient)?;
+        job.token_file = Some(token_file);
+        job.slip_file = Some(slip_file);
+        Ok(token)
+    }
+}
+
+fn repo_error(e: crate::repository::client::ClientError) -> StepError {
+    if e.is_permanent() {
+        StepError::permanent(e)
+    } else {
+        StepError::transient(e)
+    }
+}
+
+/// The outbound worker of the daemon.
+pub struct Outbound {
+    sender: Sender,
+    spool: Arc<Spool>,
+    jobs: JobStore,
+    dir: PathBuf,
+}
+
+impl Outbound {
+    /// Opens the outbound job store in the daemon's database.
+    ///
+    /// # Errors
+    /// [`crate::batch::IndexError`] when the store cannot be opened.
+    pub fn new(sender: Sender, spool: Arc<Spool>) -> Result<Outbound, crate::batch::IndexError> {
+        let jobs = JobStore::open(spool.index().database(), "outbound_jobs")?;
+        let dir = sender.config.jobs_dir().join("out");
+        Ok(Outbound {
+            sender,
+            spool,
+            jobs,
+            dir,
+        })
+    }
+
+    /// Every outbound job, for `cloudpdi status`.
+    ///
+    /// # Errors
+    /// [`crate::batch::IndexError`] when the store cannot be read.
+    pub fn summaries(&self) -> Result<Vec<JobSummary>, crate::batch::IndexError> {
+        Ok(self
+            .jobs
+            .all::<OutboundJob>()?
+            .iter()
+            .map(OutboundJob::summary)
+            .collect())
+    }
+
+    /// Runs until `cancel`: takes stable batches, drives their jobs, removes spooled
+    /// instances after their retention.
+    pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
+        let running = Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
+        let slots = Arc::new(tokio::sync::Semaphore::new(
+            self.sender.config.outbound.workers,
+        ));
+        let tracker = tokio_util::task::TaskTracker::new();
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = cancel.cancelled() => break,
+            }
+            let this = self.clone();
+            let due = tokio::task::spawn_blocking(move || this.due_jobs()).await;
+            let due = match due {
+                Ok(Ok(due)) => due,
+                Ok(Err(e)) => {
+                    error!("outbound: cannot read the job index: {e}");
+                    continue;
+                }
+                Err(e) => {
+                    error!("outbound: job scan failed: {e}");
+                    continue;
+                }
+            };
+            for job in due {
+                let key = job.id.clone();
+                let Ok(permit) = slots.clone().try_acquire_owned() else {
+                    break;
+                };
+                if !lock(&running).insert(key.clone()) {
+                    continue;
+                }
+                let (this, running, cancel) = (self.clone(), running.clone(), cancel.clone());
+                tracker.spawn(async move {
+                    this.drive(job, &cancel).await;
+                    lock(&running).remove(&key);
+                    drop(permit);
+                });
+            }
+        }
+        tracker.close();
+        tracker.wait().await;
+    }
+
+    /// Claims newly stable batches and returns the jobs that may run now.
+    fn due_jobs(&self) -> Result<Vec<OutboundJob>, crate::batch::IndexError> {
+        let index = self.spool.index();
+        for id in index.ready()? {
+            if let Some(batch) = index.claim(id)? {
+                let job = OutboundJob::new(batch.id.to_string(), Some(batch.id), &batch.route);
+                if self.jobs.create(&job.id, &job)? {
+                    info!(job = %batch.id, route = %batch.route, instances = batch.instances, "outbound job created");
+                }
+            }
+        }
+        for batch in index.claimed()? {
+            // A crash between claim and job creation: create the job now.
+            let job = OutboundJob::new(batch.id.to_string(), Some(batch.id), &batch.route);
+            if self.jobs.create(&job.id, &job)? {
+                info!(job = %batch.id, "outbound job recovered");
+            }
+        }
+        let now = now_ms();
+        let mut due = Vec::new();
+        for mut job in self.jobs.all::<OutboundJob>()? {
+            match job.step {
+                OutStep::Done => self.expire_spool(&mut job, now)?,
+                OutStep::Failed => {}
+                _ if job.progress.due(now) => due.push(job),
+                _ => {}
+            }
+        }
+        Ok(due)
+    }
+
+    /// Removes a sent batch's spooled instances once the route's retention has passed.
+    fn expire_spool(
+        &self,
+        job: &mut OutboundJob,
+        now: u64,
+    ) -> Result<(), crate::batch::IndexError> {
+        let retention = self
+            .sender
+            .config
+            .routes
+            .get(&job.route)
+            .map_or(0, |r| r.retention_hours);
+        let Some(batch) = job.batch else {
+            return Ok(());
+        };
+        if job.spool_removed || now < job.progress.updated_at + retention * 3_600_000 {
+            return Ok(());
+        }
+        let removed = self.spool.remove_batch(batch);
+        match removed {
+            Ok(count) => {
+                job.spool_removed = true;
+                self.jobs.put(&job.id, job)?;
+                info!(job = %job.id, instances = count, "retention over: spooled instances removed");
+            }
+            Err(e) => warn!(job = %job.id, "cannot remove spooled instances: {e}"),
+        }
+        Ok(())
+    }
+
+    /// Runs a job's steps until it is done, fails, must wait, or the daemon stops.
+    async fn drive(self: &Arc<Self>, mut job: OutboundJob, cancel: &CancellationToken) {
+        while !cancel.is_cancelled() && !matches!(job.step, OutStep::Done | OutStep::Failed) {
+            let step = job.step;
+            let result = tokio::select! {
+                r = self.step(&mut job) => r,
+                () = cancel.cancelled() => return,
+            };
+            match result {
+                Ok(next) => {
+                    job.step = next;
+                    job.progress.advanced();
+                    info!(job = %job.id, route = %job.route, from = ?step, to = ?next, "outbound step done");
+                }
+                Err(StepError::Permanent(reason)) => {
+                    error!(job = %job.id, step = ?step, "outbound job failed: {reason}");
+                    job.progress
+                        .failed(&StepError::Permanent(reason), Duration::ZERO);
+                    job.step = OutStep::Failed;
+                }
+                Err(e) => {
+                    warn!(job = %job.id, step = ?step, attempt = job.progress.attempts + 1, "outbound step failed: {e}");
+                    let max = Duration::from_secs(self.sender.config.outbound.max_backoff);
+                    job.progress.failed(&e, max);
+                }
+            }
+            if let Err(e) = self.save(&job).await {
+                error!(job = %job.id, "cannot record the outbound job: {e}");
+                return;
+            }
+            if job.progress.attempts > 0 {
+                return;
+            }
+        }
+    }
+
+    async fn save(self: &Arc<Self>, job: &OutboundJob) -> Result<(), crate::batch::IndexError> {
+        let (this, job) = (self.clone(), job.clone());
+        tokio::task::spawn_blocking(move || this.jobs.put(&job.id, &job))
+            .await
+            .unwrap_or_else(|e| {
+                Err(crate::batch::IndexError::Sled(sled::Error::ReportableBug(
+                    e.to_string(),
+                )))
+            })
+    }
+
+    /// Runs one step; returns the next.
+    async fn step(self: &Arc<Self>, job: &mut OutboundJob) -> Result<OutStep, StepError> {
+        let dir = Workdir(self.dir.join(&job.id));
+        match job.step {
+            OutStep::Pack => {
+                let this = self.clone();
+                let (batch, route) = (job.batch, job.route.clone());
+                let report = blocking(move || {
+                    let files = match batch {
+                        Some(batch) => this.spool.batch_files(batch)?,
+                        None => Vec::new(),
+                    };
+                    this.sender.pack(&Workdir(dir.0), &route, &files, &[])
+                })
+                .await?;
+                job.instances = report.instances as u64;
+                job.excluded = report.excluded as u64;
+                if report.instances == 0 {
+                    return Err(StepError::permanent(
+                        "no instance left to send after the AI-image policy",
+                    ));
+                }
+                Ok(OutStep::Seal)
+            }
+            OutStep::Seal => {
+                let this = self.clone();
+                let compress = self.sender.route_options(&job.route)?.compress;
+                job.container_bytes = blocking(move || this.sender.seal(&dir, compress)).await?;
+                Ok(OutStep::Upload)
+            }
+            OutStep::Upload => {
+                let _ = std::fs::remove_file(dir.pdi());
+                let jobs = self.jobs.clone();
+                self.sender.upload(&dir, job, Some(&jobs), &|_| {}).await?;
+                Ok(OutStep::Issue)
+            }
+            OutStep::Issue => {
+                let this = self.clone();
+                let mut issued = job.clone();
+                let issued = blocking(move || {
+                    this.sender.issue(&dir, &mut issued)?;
+                    Ok(issued)
+                })
+                .await?;
+                *job = issued;
+                info!(job = %job.id, route = %job.route, document = job.document_id.as_deref().unwrap_or(""),
+                      token_file = %job.token_file.as_deref().unwrap_or(Path::new("")).display(), "token issued");
+                Ok(OutStep::Deliver)
+            }
+            OutStep::Deliver => {
+                remove_folder(&dir.0)?;
+                self.deliver(job).await?;
+                Ok(OutStep::Done)
+            }
+            OutStep::Done | OutStep::Failed => Ok(job.step),
+        }
+    }
+
+    /// Runs the route's delivery command with the slip's path.
+    async fn deliver(&self, job: &OutboundJob) -> Result<(), StepError> {
+        let command = &self.sender.route_options(&job.route)?.deliver_command;
+        let (Some(program), Some(slip)) = (command.first(), job.slip_file.as_ref()) else {
+            return Ok(());
+        };
+        let status = tokio::process::Command::new(program)
+            .args(&command[1..])
+            .arg(slip)
+            .kill_on_drop(true)
+            .status();
+        let status = tokio::time::timeout(Duration::from_secs(120), status)
+            .await
+            .map_err(|_| {
+                StepError::transient(format!(
+                    "delivery command {program} did not finish in 120 s"
+                ))
+            })?
+            .map_err(|e| {
+                StepError::transient(format!("delivery command {program} cannot start: {e}"))
+            })?;
+        if !status.success() {
+            return Err(StepError::transient(format!(
+                "delivery command {program} failed ({status})"
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Runs blocking step work off the async runtime.
+pub(crate) async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, StepError> + Send + 'static,
+) -> Result<T, StepError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .unwrap_or_else(|e| Err(StepError::transient(format!("worker thread failed: {e}"))))
+}
+
+/// The outbound pipeline from the command line (`cloudpdi send`): pack, seal, upload and
+/// issue in one go, in `workdir` (removed at the end). Returns the token and the job
+/// with the token and slip paths.
+///
+/// # Errors
+/// [`StepError`] of the step that failed; the work folder is kept for a retry.
+pub async fn send_files(
+    sender: Arc<Sender>,
+    route: &str,
+    files: Vec<PathBuf>,
+    attachments: Vec<PathBuf>,
+    workdir: PathBuf,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<(Token, OutboundJob), StepError> {
+    let secs = now_ms() / 1000;
+    let id = format!(
+        "S{}-{:02}{:02}{:02}",
+        crate::token::date(secs).replace('-', ""),
+        secs / 3600 % 24,
+        secs / 60 % 60,
+        secs % 60
+    );
+    let mut job = OutboundJob::new(id, None, route);
+    let compress = sender.route_options(route)?.compress;
+    let (this, dir, route_name) = (sender.clone(), workdir.clone(), route.to_owned());
+    let (report, bytes) = blocking(move || {
+        let dir = Workdir(dir);
+        let report = this.pack(&dir, &route_name, &files, &attachments)?;
+        let bytes = this.seal(&dir, compress)?;
+        Ok((report, bytes))
+    })
+    .await?;
+    job.instances = report.instances as u64;
+    job.excluded = report.excluded as u64;
+    job.container_bytes = bytes;
+    let dir = Workdir(workdir);
+    sender.upload(&dir, &mut job, None, progress).await?;
+    let token = sender.issue(&dir, &mut job)?;
+    remove_folder(&dir.0)?;
+    Ok((token, job))
+}

@@ -1,0 +1,573 @@
+//! Two sites on one machine: site A's daemon receives a study from DCMTK `storescu`,
+//! packs, seals and uploads it to its embedded repository and issues a token; the token
+//! file is dropped into site B's watch folder; site B downloads, decrypts, verifies and
+//! imports into Orthanc. Each test runs in its own network namespace (Orthanc cannot bind
+//! loopback only), so the fixed Orthanc ports never collide.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::*;
+use dicom_dictionary_std::tags;
+
+/// Site A: sends what arrives on AE CLOUDPDI after 1 quiet second, "prints" each slip
+/// by copying it to `printed/`, and removes spooled instances once sent.
+fn site_a(dir: &Path) -> String {
+    let printed = dir.join("printed");
+    std::fs::create_dir_all(&printed).unwrap();
+    format!(
+        "[route.ct]\nae_title = \"CLOUDPDI\"\nstable_after = 1\nretention_hours = 0\n\
+         deliver_command = [\"cp\", \"-t\", \"{}\"]\n\
+         [outbound]\nenabled = true\n\
+         [facility]\ncode = \"HOSPA\"\nname = \"Hospital A\"\n",
+        printed.display()
+    )
+}
+
+/// Site B: imports tokens into Orthanc, prefixing Patient IDs with the sender's code.
+fn site_b() -> String {
+    "[route.ct]\nae_title = \"CLOUDPDI\"\n\
+     [facility]\ncode = \"HOSPB\"\nname = \"Hospital B\"\n\
+     [inbound]\npacs = \"127.0.0.1:4242\"\npacs_ae_title = \"ORTHANC\"\n\
+     patient_id = \"prefix\"\nissuer = \"HOSPB\"\npoll_interval = 1\nattempts = 2\n"
+        .into()
+}
+
+fn wait_for<T>(what: &str, within: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(found) = probe() {
+            return found;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The token files site A issued so far.
+fn tokens(site: &Daemon) -> Vec<PathBuf> {
+    let dir = site.dir.join("data/tokens/ct");
+    let mut found: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .map(|entries| {
+            entries
+                .map(|e| e.unwrap().path())
+                .filter(|p| p.extension().is_some_and(|e| e == "token"))
+                .collect()
+        })
+        .unwrap_or_default();
+    found.sort();
+    found
+}
+
+/// Site B's inbound jobs from `cloudpdi status`.
+fn inbound_jobs(site: &Daemon) -> Vec<serde_json::Value> {
+    site.status()["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|j| j["direction"] == "inbound")
+        .cloned()
+        .collect()
+}
+
+fn wait_job_state(site: &Daemon, state: &str, within: Duration) -> serde_json::Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let jobs = inbound_jobs(site);
+        if let Some(job) = jobs.iter().find(|j| j["state"] == state) {
+            return job.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no inbound job in state {state}: {jobs:#?}\n{}",
+            site.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Drops a copy of a token file into site B's watch folder.
+fn hand_over(token: &Path, site: &Daemon) {
+    let inbox = site.dir.join("data/inbox");
+    std::fs::create_dir_all(&inbox).unwrap();
+    let name = token.file_name().unwrap();
+    std::fs::copy(token, inbox.join(name)).unwrap();
+}
+
+/// Checks that Orthanc holds exactly the originals (by SOP Instance UID), with identical
+/// pixel data and the Patient ID prefixed with the sender's code, the original kept.
+fn assert_imported(orthanc: &Orthanc, originals: &[PathBuf], work: &Path) {
+    let originals: BTreeMap<String, &PathBuf> =
+        originals.iter().map(|p| (sop_instance_uid(p), p)).collect();
+    let held = orthanc.download_all(&work.join("from-orthanc"));
+    let held_uids: Vec<String> = held.iter().map(|f| sop_instance_uid(f)).collect();
+    let missing: Vec<_> = originals
+        .iter()
+        .filter(|(uid, _)| !held_uids.contains(uid))
+        .collect();
+    assert!(missing.is_empty(), "not in Orthanc: {missing:?}");
+    assert_eq!(held.len(), originals.len(), "instances in Orthanc");
+    for file in &held {
+        let uid = sop_instance_uid(file);
+        let original = originals
+            .get(&uid)
+            .unwrap_or_else(|| panic!("Orthanc holds {uid}, which was not sent"));
+        let (a, b) = (dataset(original), dataset(file));
+        let pixels = |o: &dicom_object::InMemDicomObject| {
+            o.element(tags::PIXEL_DATA).ok().map(|e| e.value().clone())
+        };
+        assert_eq!(pixels(&a), pixels(&b), "pixel data of {uid}");
+        let id = |o: &dicom_object::InMemDicomObject| {
+            o.element(tags::PATIENT_ID)
+                .map(|e| e.to_str().unwrap().trim_end().to_owned())
+                .unwrap_or_default()
+        };
+        assert_eq!(id(&b), format!("HOSPA-{}", id(&a)), "reconciled Patient ID");
+        let others = b.element(tags::OTHER_PATIENT_I_DS_SEQUENCE).unwrap();
+        let kept: Vec<String> = others.items().unwrap().iter().map(id).collect();
+        assert!(kept.contains(&id(&a)), "original Patient ID kept: {kept:?}");
+    }
+}
+
+#[test]
+fn a_ct_study_travels_from_storescu_at_site_a_to_orthanc_at_site_b() {
+    if !isolated("a_ct_study_travels_from_storescu_at_site_a_to_orthanc_at_site_b") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let study = dir.path().join("study");
+    gen_ct(&study, 20, &["--charset", "iso2022"]);
+    let originals = files_in(&study);
+    let orthanc = Orthanc::start(dir.path());
+    let a = Daemon::start(&dir.path().join("a"), &site_a(dir.path()));
+    let b = Daemon::start(&dir.path().join("b"), &site_b());
+
+    let out = storescu(&a, "MODALITY", &[], &originals);
+    assert!(out.status.success(), "{out:?}");
+    let token = wait_for("site A's token", Duration::from_secs(60), || {
+        tokens(&a).into_iter().next()
+    });
+    let slip = token.with_extension("html");
+    let slip_text = std::fs::read_to_string(&slip).unwrap();
+    assert!(slip_text.contains("Hospital A"), "slip names the facility");
+    let printed = dir.path().join("printed").join(slip.file_name().unwrap());
+    wait_for("the delivery command", Duration::from_secs(20), || {
+        printed.exists().then_some(())
+    });
+    wait_for(
+        "the spool to be emptied after retention",
+        Duration::from_secs(20),
+        || {
+            spooled_files(&a.dir.join("data/spool/ct"))
+                .is_empty()
+                .then_some(())
+        },
+    );
+    let text = std::fs::read_to_string(&token).unwrap();
+    assert!(
+        !a.log().contains(text.trim()),
+        "the token text never reaches a log"
+    );
+
+    hand_over(&token, &b);
+    let job = wait_job_state(&b, "done", Duration::from_secs(90));
+    assert_eq!(
+        job["progress"],
+        format!(
+            "from HOSPA: {0} of {0} stored, 0 set aside",
+            originals.len()
+        )
+    );
+    assert_imported(&orthanc, &originals, dir.path());
+    assert!(
+        !b.dir.join("data/jobs/in").read_dir().unwrap().any(|_| true),
+        "the local copy is removed"
+    );
+
+    // The same token again: recognised, not imported twice.
+    hand_over(&token, &b);
+    wait_for(
+        "the repeated token to be taken",
+        Duration::from_secs(10),
+        || {
+            b.log()
+                .contains("token already received: not imported twice")
+                .then_some(())
+        },
+    );
+    assert_eq!(inbound_jobs(&b).len(), 1);
+    assert_eq!(
+        orthanc.get("/statistics")["CountInstances"],
+        originals.len()
+    );
+    for log in [a.log(), b.log()] {
+        assert!(!log.contains(text.trim()), "no token text in any log");
+    }
+
+    // The command line: `send` through site A's route, `receive --out` without a daemon.
+    let more = dir.path().join("more");
+    gen_ct(&more, 4, &[]);
+    let config = a.dir.join("cloudpdi.toml");
+    let (ok, out) = cloudpdi(&[
+        "send",
+        "--config",
+        config.to_str().unwrap(),
+        "--route",
+        "ct",
+        more.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}");
+    assert!(out.contains("sent 4 instances"), "{out}");
+    let sent_token = out
+        .lines()
+        .find_map(|l| l.strip_prefix("token: "))
+        .unwrap_or_else(|| panic!("no token path in {out}"));
+    let folder = dir.path().join("as-from-disc");
+    let (ok, out) = cloudpdi(&[
+        "receive",
+        &format!("@{sent_token}"),
+        "--out",
+        folder.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}");
+    assert!(out.contains("4 instances"), "{out}");
+    assert!(folder.join("DICOMDIR").is_file());
+}
+
+/// DICOM files left in a spool folder.
+fn spooled_files(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                found.push(path);
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn the_pydicom_corpus_travels_study_by_study_into_orthanc() {
+    if !isolated("the_pydicom_corpus_travels_study_by_study_into_orthanc") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = corpus_files();
+    let orthanc = Orthanc::start(dir.path());
+    let a = Daemon::start(&dir.path().join("a"), &site_a(dir.path()));
+    let b = Daemon::start(&dir.path().join("b"), &site_b());
+    let results = pynetdicom_store(&a, "MODALITY", &corpus);
+    assert!(results.iter().all(|r| r.status == 0), "{results:?}");
+    // A slow sender may split a study over two batches: wait until every instance is in
+    // a sent batch and every outbound job is done, then hand over every token.
+    let issued = wait_for("every instance sent", Duration::from_secs(120), || {
+        let status = a.status();
+        let sent: u64 = status["batches"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|b| b["state"] == "sent")
+            .map(|b| b["instances"].as_u64().unwrap())
+            .sum();
+        let jobs = status["jobs"].as_array().unwrap();
+        let done = jobs.iter().all(|j| j["state"] == "done");
+        (sent == corpus.len() as u64 && done).then(|| tokens(&a))
+    });
+    for token in &issued {
+        hand_over(token, &b);
+    }
+    wait_for("every import", Duration::from_secs(180), || {
+        let jobs = inbound_jobs(&b);
+        assert!(
+            jobs.iter().all(|j| j["state"] != "failed"),
+            "{jobs:#?}\n{}",
+            b.log()
+        );
+        (jobs.iter().filter(|j| j["state"] == "done").count() == issued.len()).then_some(())
+    });
+    assert_imported(&orthanc, &corpus, dir.path());
+}
+
+/// A small deterministic generator, so that a failing crash run can be replayed from
+/// its printed seed (`CRASH_SEED=...`).
+struct Chaos(u64);
+
+impl Chaos {
+    fn next(&mut self, below: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % below
+    }
+}
+
+#[test]
+fn kill_9_of_either_site_at_random_moments_loses_nothing_and_repeats_nothing() {
+    if !isolated("kill_9_of_either_site_at_random_moments_loses_nothing_and_repeats_nothing") {
+        return;
+    }
+    let seed = std::env::var("CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1
+        });
+    println!("crash run seed: CRASH_SEED={seed}");
+    let mut chaos = Chaos(seed);
+    let dir = tempfile::tempdir().unwrap();
+    let mut originals = Vec::new();
+    for n in 0..3 {
+        let study = dir.path().join(format!("study{n}"));
+        gen_ct(&study, 25, &["--patient-id", &format!("P{n}")]);
+        originals.extend(files_in(&study));
+    }
+    let orthanc = Orthanc::start(dir.path());
+    let mut a = Daemon::start(&dir.path().join("a"), &site_a(dir.path()));
+    let mut b = Daemon::start(&dir.path().join("b"), &site_b());
+    for n in 0..3 {
+        let study = files_in(&dir.path().join(format!("study{n}")));
+        let out = storescu(&a, "MODALITY", &[], &study);
+        assert!(out.status.success(), "{out:?}");
+    }
+    for kill in 0..24 {
+        std::thread::sleep(Duration::from_millis(chaos.next(900)));
+        for token in tokens(&a) {
+            hand_over(&token, &b);
+        }
+        let site = if chaos.next(2) == 0 { &mut a } else { &mut b };
+        println!("kill {kill}: {}", site.dir.display());
+        site.kill9();
+        site.spawn();
+    }
+    let done = wait_for("3 imports done", Duration::from_secs(180), || {
+        for token in tokens(&a) {
+            hand_over(&token, &b);
+        }
+        let jobs = inbound_jobs(&b);
+        (jobs.iter().filter(|j| j["state"] == "done").count() == 3).then_some(jobs)
+    });
+    assert_eq!(done.len(), 3, "one inbound job per token: {done:?}");
+    assert_eq!(tokens(&a).len(), 3, "exactly one token per batch");
+    let outbound: Vec<_> = a.status()["jobs"].as_array().unwrap().clone();
+    assert!(
+        outbound.iter().all(|j| j["state"] == "done"),
+        "no outbound job stuck: {outbound:?}"
+    );
+    assert_eq!(outbound.len(), 3);
+    let mut held: Vec<String> = orthanc
+        .download_all(&dir.path().join("held"))
+        .iter()
+        .map(|f| sop_instance_uid(f))
+        .collect();
+    let mut sent: Vec<String> = originals.iter().map(|f| sop_instance_uid(f)).collect();
+    held.sort();
+    sent.sort();
+    assert_eq!(held, sent, "every instance in Orthanc exactly once");
+}
+
+/// Runs `cloudpdi` with arguments; returns (success, stdout + stderr).
+fn cloudpdi(args: &[&str]) -> (bool, String) {
+    let out = run(std::process::Command::new(env!("CARGO_BIN_EXE_cloudpdi")).args(args));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// The document ID a token file names (from `cloudpdi token inspect`).
+fn document_id(token: &Path) -> String {
+    let (ok, text) = cloudpdi(&["token", "inspect", &format!("@{}", token.display())]);
+    assert!(ok, "{text}");
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("document ID:"))
+        .unwrap_or_else(|| panic!("no document ID in {text}"))
+        .trim()
+        .to_owned()
+}
+
+/// Sends a generated study to site A and waits for its token.
+fn send_study(a: &Daemon, dir: &Path, name: &str, slices: usize) -> (PathBuf, Vec<PathBuf>) {
+    let before = tokens(a);
+    let study = dir.join(name);
+    gen_ct(&study, slices, &["--patient-id", name]);
+    let files = files_in(&study);
+    let out = storescu(a, "MODALITY", &[], &files);
+    assert!(out.status.success(), "{out:?}");
+    let token = wait_for("a new token", Duration::from_secs(60), || {
+        tokens(a).into_iter().find(|t| !before.contains(t))
+    });
+    (token, files)
+}
+
+fn rejected_reason(b: &Daemon, name: &str) -> String {
+    let reason = b.dir.join(format!("data/inbox/rejected/{name}.reason.txt"));
+    wait_for(
+        &format!("{name} to be rejected"),
+        Duration::from_secs(20),
+        || std::fs::read_to_string(&reason).ok(),
+    )
+}
+
+#[test]
+fn bad_tokens_damaged_containers_and_outages_end_clearly_and_lose_nothing() {
+    if !isolated("bad_tokens_damaged_containers_and_outages_end_clearly_and_lose_nothing") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut orthanc = Orthanc::start(dir.path());
+    let mut a = Daemon::start(&dir.path().join("a"), &site_a(dir.path()));
+    let b = Daemon::start(&dir.path().join("b"), &site_b());
+    let inbox = b.dir.join("data/inbox");
+    std::fs::create_dir_all(&inbox).unwrap();
+
+    // A typo: rejected with the group named, the file kept, no job.
+    let (good, good_files) = send_study(&a, dir.path(), "GOOD", 5);
+    let mut text = std::fs::read_to_string(&good).unwrap();
+    let at = text.find('-').unwrap() + 2;
+    let swapped = if &text[at..=at] == "7" { "8" } else { "7" };
+    text.replace_range(at..=at, swapped);
+    std::fs::write(inbox.join("typo.txt"), &text).unwrap();
+    let reason = rejected_reason(&b, "typo.txt");
+    assert!(reason.contains("group 1 looks mistyped"), "{reason}");
+    assert!(inbox.join("rejected/typo.txt").exists());
+
+    // An expired token.
+    let expired = dir.path().join("expired.token");
+    let (ok, out) = cloudpdi(&[
+        "token",
+        "new",
+        "--repository",
+        "http://127.0.0.1:9",
+        "--document-id",
+        "X",
+        "--facility",
+        "HOSPA",
+        "--expires-in-days",
+        "0",
+        "--out",
+        expired.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}");
+    std::thread::sleep(Duration::from_millis(1100));
+    std::fs::copy(&expired, inbox.join("expired.token")).unwrap();
+    let reason = rejected_reason(&b, "expired.token");
+    assert!(reason.contains("token expired on"), "{reason}");
+    assert!(inbound_jobs(&b).is_empty(), "no job from a bad token");
+
+    // A container altered in the repository together with its recorded hash (as a
+    // compromised repository could): authentication fails, nothing is imported.
+    let (damaged, _) = send_study(&a, dir.path(), "DAMAGED", 5);
+    tamper(
+        &a.dir
+            .join("data/repository/store/documents")
+            .join(document_id(&damaged)),
+    );
+    hand_over(&damaged, &b);
+    let failed = wait_job_state(&b, "failed", Duration::from_secs(60));
+    let error = failed["last_error"].as_str().unwrap();
+    assert!(error.contains("failed authentication"), "{error}");
+    assert_eq!(orthanc.get("/statistics")["CountInstances"], 0);
+
+    // The PACS down: the job waits at import, and finishes once Orthanc is back.
+    orthanc.stop();
+    hand_over(&good, &b);
+    let waiting = wait_for(
+        "the import to wait for the PACS",
+        Duration::from_secs(60),
+        || {
+            inbound_jobs(&b).into_iter().find(|j| {
+                j["state"] == "import"
+                    && j["last_error"].as_str().is_some_and(|e| e.contains("PACS"))
+            })
+        },
+    );
+    assert!(waiting["attempts"].as_u64().unwrap() >= 1);
+    orthanc.spawn();
+    wait_for(
+        "the import after the PACS came back",
+        Duration::from_secs(90),
+        || {
+            (inbound_jobs(&b)
+                .iter()
+                .filter(|j| j["state"] == "done")
+                .count()
+                == 1)
+                .then_some(())
+        },
+    );
+    assert_eq!(
+        orthanc.get("/statistics")["CountInstances"],
+        good_files.len()
+    );
+
+    // The repository down: the download waits, and resumes once it is back.
+    let (late, late_files) = send_study(&a, dir.path(), "LATE", 5);
+    assert!(a.stop().success());
+    hand_over(&late, &b);
+    wait_for(
+        "the download to wait for the repository",
+        Duration::from_secs(60),
+        || {
+            inbound_jobs(&b)
+                .into_iter()
+                .find(|j| j["state"] == "download" && j["last_error"].is_string())
+        },
+    );
+    a.spawn();
+    wait_for(
+        "the download after the repository came back",
+        Duration::from_secs(120),
+        || {
+            (inbound_jobs(&b)
+                .iter()
+                .filter(|j| j["state"] == "done")
+                .count()
+                == 2)
+                .then_some(())
+        },
+    );
+    assert_eq!(
+        orthanc.get("/statistics")["CountInstances"],
+        good_files.len() + late_files.len()
+    );
+}
+
+/// Flips one bit in the middle of a stored document's ciphertext and records the hash of
+/// the altered bytes, so that only the container's own authentication can notice.
+fn tamper(document: &Path) {
+    use sha2::Digest;
+    let mut parts: Vec<PathBuf> = std::fs::read_dir(document.join("parts"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    parts.sort();
+    let middle = &parts[parts.len() / 2];
+    let mut bytes = std::fs::read(middle).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x01;
+    std::fs::write(middle, bytes).unwrap();
+    let mut whole = sha2::Sha256::new();
+    for part in &parts {
+        whole.update(std::fs::read(part).unwrap());
+    }
+    let record = document.join("complete.json");
+    let mut complete: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
+    complete["sha256"] = hex::encode(whole.finalize()).into();
+    std::fs::write(&record, complete.to_string()).unwrap();
+}
