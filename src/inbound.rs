@@ -105,6 +105,18 @@ impl InboundJob {
                 self.instances,
                 self.set_aside.len()
             ),
+            notes: self
+                .set_aside
+                .iter()
+                .map(|s| {
+                    format!(
+                        "set aside {} in {}: {}",
+                        s.sop_instance_uid,
+                        s.file.display(),
+                        s.reason
+                    )
+                })
+                .collect(),
             bookkeeping: self.progress.clone(),
         }
     }
@@ -385,8 +397,7 @@ impl Inbound {
                         &token.container_key(),
                         &dir.container(),
                         &dir.pdi_zip(),
-                    )
-                    .map_err(StepError::permanent)?;
+                    )?;
                     Ok(())
                 })
                 .await?;
@@ -395,9 +406,8 @@ impl Inbound {
             InStep::Unpack => {
                 let count = blocking(move || {
                     remove_folder(&dir.pdi())?;
-                    crate::pdi::extract_zip(&dir.pdi_zip(), &dir.pdi())
-                        .map_err(StepError::permanent)?;
-                    let summary = crate::pdi::verify(&dir.pdi()).map_err(StepError::permanent)?;
+                    crate::pdi::extract_zip(&dir.pdi_zip(), &dir.pdi())?;
+                    let summary = crate::pdi::verify(&dir.pdi())?;
                     let _ = std::fs::remove_file(dir.container());
                     Ok(summary.instances)
                 })
@@ -438,7 +448,7 @@ impl Inbound {
     async fn import(&self, dir: &Workdir, job: &mut InboundJob) -> Result<(), StepError> {
         let pdi = dir.pdi();
         let instances = blocking(move || {
-            let set = crate::pdi::FileSet::open(&pdi).map_err(StepError::permanent)?;
+            let set = crate::pdi::FileSet::open(&pdi)?;
             set.instances()
                 .iter()
                 .map(|i| Instance::probe(&i.path).map_err(StepError::permanent))
@@ -449,7 +459,7 @@ impl Inbound {
         let results = store_all(Arc::new(self.target(job)), instances).await;
         let unreachable = results
             .iter()
-            .filter(|(_, o)| matches!(o, Outcome::Refused { status: None, .. }))
+            .filter(|(_, o)| matches!(o, Outcome::Unavailable { .. }))
             .count();
         if unreachable > 0 {
             return Err(StepError::transient(format!(
@@ -545,10 +555,9 @@ pub async fn receive_to_folder(
         .map_err(repo_error)?;
     let (key, out) = (token.container_key(), out.to_owned());
     blocking(move || {
-        crate::container::decrypt_file(&key, &work.partial(), &work.pdi_zip())
-            .map_err(StepError::permanent)?;
-        crate::pdi::extract_zip(&work.pdi_zip(), &out).map_err(StepError::permanent)?;
-        let summary = crate::pdi::verify(&out).map_err(StepError::permanent)?;
+        crate::container::decrypt_file(&key, &work.partial(), &work.pdi_zip())?;
+        crate::pdi::extract_zip(&work.pdi_zip(), &out)?;
+        let summary = crate::pdi::verify(&out)?;
         remove_folder(&work.0)?;
         Ok(summary)
     })

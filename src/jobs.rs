@@ -41,6 +41,31 @@ impl StepError {
     }
 }
 
+impl From<crate::container::ContainerError> for StepError {
+    /// A container that does not authenticate is final; a failed read or write (disk
+    /// full) is not.
+    fn from(e: crate::container::ContainerError) -> Self {
+        match e {
+            crate::container::ContainerError::Io(_) => StepError::Transient(e.to_string()),
+            _ => StepError::Permanent(e.to_string()),
+        }
+    }
+}
+
+impl From<crate::pdi::PdiError> for StepError {
+    /// A file set that is broken or unsafe is final; a failed read or write (disk full)
+    /// is not.
+    fn from(e: crate::pdi::PdiError) -> Self {
+        use crate::pdi::{PdiError, zip::ZipError};
+        match e {
+            PdiError::Io { .. } | PdiError::Zip(ZipError::Io(_)) => {
+                StepError::Transient(e.to_string())
+            }
+            _ => StepError::Permanent(e.to_string()),
+        }
+    }
+}
+
 impl From<std::io::Error> for StepError {
     /// Local I/O errors (full disk, permissions) are fixed by an admin, then retried.
     fn from(e: std::io::Error) -> Self {
@@ -192,6 +217,9 @@ pub struct JobSummary {
     pub state: String,
     /// A short progress text ("120 instances", "35 of 120 stored").
     pub progress: String,
+    /// What needs a person's attention, one line each (instances set aside and why).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
     /// Bookkeeping: times, attempts, last error.
     #[serde(flatten)]
     pub bookkeeping: Progress,

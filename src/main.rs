@@ -568,7 +568,7 @@ fn import(args: ImportArgs) -> anyhow::Result<()> {
     let results = runtime()?.block_on(store_all(std::sync::Arc::new(target), instances));
     let mut refused = 0;
     for (instance, outcome) in &results {
-        if let Outcome::Refused { reason, .. } = outcome {
+        if let Outcome::Refused { reason, .. } | Outcome::Unavailable { reason } = outcome {
             refused += 1;
             eprintln!("refused: {}: {reason}", instance.path.display());
         }

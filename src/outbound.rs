@@ -123,6 +123,7 @@ impl OutboundJob {
                     self.container_bytes as f64 / 1e6
                 ),
             },
+            notes: Vec::new(),
             bookkeeping: self.progress.clone(),
         }
     }
@@ -214,7 +215,7 @@ impl Sender {
         let path = dir.pdi();
         let temp = crate::jobs::temp_name(&path);
         let file = std::io::BufWriter::new(std::fs::File::create(&temp)?);
-        let report = pdi::build_zip(instances, &options, file).map_err(StepError::permanent)?;
+        let report = pdi::build_zip(instances, &options, file)?;
         std::fs::File::open(&temp)?.sync_all()?;
         std::fs::rename(&temp, &path)?;
         crate::jobs::sync_dir(&dir.0)?;
@@ -258,8 +259,7 @@ impl Sender {
         let path = dir.container();
         let temp = crate::jobs::temp_name(&path);
         let output = std::io::BufWriter::new(std::fs::File::create(&temp)?);
-        let file = container::encrypt(&secret.container_key(), &options, input, output)
-            .map_err(StepError::transient)?
+        let file = container::encrypt(&secret.container_key(), &options, input, output)?
             .into_inner()
             .map_err(|e| StepError::transient(e.error()))?;
         file.sync_all()?;

@@ -115,5 +115,8 @@ fn render_jobs(out: &mut String, status: &Status) {
                 .map(|e| format!(" | attempt {}: {e}", b.attempts))
                 .unwrap_or_default()
         );
+        for note in &job.notes {
+            let _ = writeln!(out, "{:<14} {note}", "");
+        }
     }
 }

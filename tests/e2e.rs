@@ -431,6 +431,10 @@ fn bad_tokens_damaged_containers_and_outages_end_clearly_and_lose_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let mut orthanc = Orthanc::start(dir.path());
     let mut a = Daemon::start(&dir.path().join("a"), &site_a(dir.path()));
+    // Site B's working files live on a small file system that the test can fill.
+    let jobs = dir.path().join("b/data/jobs");
+    std::fs::create_dir_all(&jobs).unwrap();
+    mount_tmpfs(&jobs, "size=64m");
     let b = Daemon::start(&dir.path().join("b"), &site_b());
     let inbox = b.dir.join("data/inbox");
     std::fs::create_dir_all(&inbox).unwrap();
@@ -545,6 +549,48 @@ fn bad_tokens_damaged_containers_and_outages_end_clearly_and_lose_nothing() {
         orthanc.get("/statistics")["CountInstances"],
         good_files.len() + late_files.len()
     );
+
+    // A full disk: the download waits, and resumes once there is room.
+    let (full, full_files) = send_study(&a, dir.path(), "FULL", 5);
+    mount_tmpfs(&jobs, "remount,size=1m");
+    hand_over(&full, &b);
+    wait_for(
+        "the download to wait for disk space",
+        Duration::from_secs(60),
+        || {
+            inbound_jobs(&b).into_iter().find(|j| {
+                j["state"] == "download"
+                    && j["last_error"]
+                        .as_str()
+                        .is_some_and(|e| e.contains("No space left"))
+            })
+        },
+    );
+    mount_tmpfs(&jobs, "remount,size=64m");
+    wait_for(
+        "the import after room was made",
+        Duration::from_secs(120),
+        || {
+            (inbound_jobs(&b)
+                .iter()
+                .filter(|j| j["state"] == "done")
+                .count()
+                == 3)
+                .then_some(())
+        },
+    );
+    assert_eq!(
+        orthanc.get("/statistics")["CountInstances"],
+        good_files.len() + late_files.len() + full_files.len()
+    );
+}
+
+/// Mounts (or remounts) a tmpfs on `dir` in the test's private mount namespace.
+fn mount_tmpfs(dir: &Path, options: &str) {
+    let out = run(std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", options, "tmpfs"])
+        .arg(dir));
+    assert!(out.status.success(), "mount: {out:?}");
 }
 
 /// Flips one bit in the middle of a stored document's ciphertext and records the hash of
@@ -570,4 +616,67 @@ fn tamper(document: &Path) {
         serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
     complete["sha256"] = hex::encode(whole.finalize()).into();
     std::fs::write(&record, complete.to_string()).unwrap();
+}
+
+#[test]
+fn instances_the_pacs_refuses_are_set_aside_with_the_reason() {
+    if !isolated("instances_the_pacs_refuses_are_set_aside_with_the_reason") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // The PACS: DCMTK storescp taking Implicit VR Little Endian only, so it refuses
+    // JPEG data (which is never decompressed on the way).
+    let received = dir.path().join("pacs");
+    std::fs::create_dir_all(&received).unwrap();
+    let mut pacs = std::process::Command::new(require("/usr/bin/storescp"))
+        .args(["+xi", "-od"])
+        .arg(&received)
+        .arg("11113")
+        .spawn()
+        .unwrap();
+    let jpeg = corpus_files()
+        .into_iter()
+        .find(|f| meta_of(f).0 == "1.2.840.10008.1.2.4.50")
+        .expect("the corpus has a JPEG baseline file");
+    let study = dir.path().join("study");
+    gen_ct(&study, 3, &[]);
+    let a = Daemon::start(&dir.path().join("a"), &site_a(dir.path()));
+    let b = Daemon::start(
+        &dir.path().join("b"),
+        &site_b().replace("127.0.0.1:4242", "127.0.0.1:11113"),
+    );
+    let mut files = files_in(&study);
+    files.push(jpeg.clone());
+    let results = pynetdicom_store(&a, "MODALITY", &files);
+    assert!(results.iter().all(|r| r.status == 0), "{results:?}");
+    let issued = wait_for("two tokens (two studies)", Duration::from_secs(60), || {
+        let found = tokens(&a);
+        (found.len() == 2).then_some(found)
+    });
+    for token in &issued {
+        hand_over(token, &b);
+    }
+    let jobs = wait_for("both imports", Duration::from_secs(90), || {
+        let jobs = inbound_jobs(&b);
+        (jobs.iter().filter(|j| j["state"] == "done").count() == 2).then_some(jobs)
+    });
+    let _ = pacs.kill();
+    let _ = pacs.wait();
+    let notes: Vec<String> = jobs
+        .iter()
+        .flat_map(|j| j["notes"].as_array().cloned().unwrap_or_default())
+        .map(|n| n.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(notes.len(), 1, "one instance set aside: {jobs:#?}");
+    let uid = sop_instance_uid(&jpeg);
+    assert!(
+        notes[0].contains(&uid) && notes[0].contains("1.2.840.10008.1.2.4.50"),
+        "the note names the instance and the refused syntax: {}",
+        notes[0]
+    );
+    let kept = b.dir.join("data/set-aside");
+    assert_eq!(spooled_files(&kept).len(), 1, "the refused file is kept");
+    assert_eq!(files_in(&received).len(), 3, "the PACS holds the CT study");
+    let (ok, table) = cloudpdi(&["status", "--admin", &b.admin.to_string()]);
+    assert!(ok && table.contains(&uid), "{table}");
 }

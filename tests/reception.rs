@@ -506,13 +506,14 @@ fn environment_overrides_reach_the_daemon() {
     run(Command::new("kill").args(["-TERM", &child.id().to_string()]));
     let output = child.wait_with_output().unwrap();
     assert!(output.status.success());
-    let first = String::from_utf8_lossy(&output.stderr)
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&output.stderr)
         .lines()
-        .next()
-        .unwrap_or_default()
-        .to_owned();
-    let line: serde_json::Value = serde_json::from_str(&first).expect("JSON log lines");
-    assert_eq!(line["message"], "cloudpdi serve ready");
+        .map(|l| serde_json::from_str(l).expect("JSON log lines"))
+        .collect();
+    assert!(
+        lines.iter().any(|l| l["message"] == "cloudpdi serve ready"),
+        "{lines:?}"
+    );
 }
 
 #[test]
@@ -532,11 +533,19 @@ fn silent_peer_is_dropped_after_the_association_timeout() {
         "the daemon must close a silent connection: {read:?}"
     );
     assert!(waited < Duration::from_secs(5), "closed after {waited:?}");
-    assert!(
-        daemon
-            .log()
-            .contains("did not complete association negotiation")
-    );
+    // The line is written as the connection closes: give it a moment under load.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !daemon
+        .log()
+        .contains("did not complete association negotiation")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no log line for the silent peer:\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]

@@ -168,6 +168,12 @@ pub enum Outcome {
         /// A sentence an admin can act on.
         reason: String,
     },
+    /// Not stored because the PACS could not be reached (or kept answering "out of
+    /// resources") through every attempt: worth trying again later, unlike a refusal.
+    Unavailable {
+        /// What the last attempt met.
+        reason: String,
+    },
 }
 
 /// How one instance travels on an accepted association.
@@ -290,10 +296,7 @@ impl Lane {
                         warn!(file = %instance.path.display(), "giving up after {attempts} attempts: {transient}");
                         let reason =
                             format!("PACS unavailable after {attempts} attempts: {transient}");
-                        let refused = Outcome::Refused {
-                            status: None,
-                            reason,
-                        };
+                        let refused = Outcome::Unavailable { reason };
                         self.results.push((instance, refused.clone()));
                         if self.association.is_none() {
                             // No association could be opened: the rest would only wait
