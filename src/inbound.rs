@@ -25,7 +25,9 @@ use tracing::{error, info, warn};
 use crate::batch::{IndexError, now_ms};
 use crate::config::{Config, PatientIdMode};
 use crate::dicom::scu::{Instance, Outcome, StoreTarget, store_all};
-use crate::jobs::{JobStore, JobSummary, Progress, StepError, remove_folder, write_durably};
+use crate::jobs::{
+    JobStore, JobSummary, Pipeline, Progress, StepError, remove_folder, write_durably,
+};
 use crate::outbound::blocking;
 use crate::reconcile::{PatientIdPolicy, Reconciler};
 use crate::repository::api::Receipt;
@@ -273,61 +275,7 @@ impl Inbound {
         }
     }
 
-    /// Runs until `cancel`, driving due jobs one after another per worker.
-    pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
-        let running = Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
-        let slots = Arc::new(tokio::sync::Semaphore::new(self.config.inbound.workers));
-        let tracker = tokio_util::task::TaskTracker::new();
-        let mut tick = tokio::time::interval(Duration::from_millis(500));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                () = cancel.cancelled() => break,
-            }
-            let this = self.clone();
-            let due = match tokio::task::spawn_blocking(move || this.due_jobs()).await {
-                Ok(Ok(due)) => due,
-                Ok(Err(e)) => {
-                    error!("inbound: cannot read the job index: {e}");
-                    continue;
-                }
-                Err(e) => {
-                    error!("inbound: job scan failed: {e}");
-                    continue;
-                }
-            };
-            for job in due {
-                let Ok(permit) = slots.clone().try_acquire_owned() else {
-                    break;
-                };
-                let key = job.id.clone();
-                if !lock(&running).insert(key.clone()) {
-                    continue;
-                }
-                let (this, running, cancel) = (self.clone(), running.clone(), cancel.clone());
-                tracker.spawn(async move {
-                    this.drive(job, &cancel).await;
-                    lock(&running).remove(&key);
-                    drop(permit);
-                });
-            }
-        }
-        tracker.close();
-        tracker.wait().await;
-    }
-
-    fn due_jobs(&self) -> Result<Vec<InboundJob>, IndexError> {
-        let now = now_ms();
-        Ok(self
-            .jobs
-            .all::<InboundJob>()?
-            .into_iter()
-            .filter(|j| !matches!(j.step, InStep::Done | InStep::Failed) && j.progress.due(now))
-            .collect())
-    }
-
-    async fn drive(self: &Arc<Self>, mut job: InboundJob, cancel: &CancellationToken) {
+    async fn drive_job(self: &Arc<Self>, mut job: InboundJob, cancel: &CancellationToken) {
         while !cancel.is_cancelled() && !matches!(job.step, InStep::Done | InStep::Failed) {
             let step = job.step;
             let result = tokio::select! {
@@ -384,8 +332,7 @@ impl Inbound {
                         &dir.partial(),
                         |_| {},
                     )
-                    .await
-                    .map_err(repo_error)?;
+                    .await?;
                 std::fs::rename(dir.partial(), dir.container())?;
                 crate::jobs::sync_dir(&dir.0)?;
                 Ok(InStep::Open)
@@ -510,22 +457,33 @@ impl Inbound {
     }
 }
 
+impl Pipeline for Inbound {
+    type Job = InboundJob;
+    const NAME: &'static str = "inbound";
+
+    fn due(&self) -> Result<Vec<InboundJob>, IndexError> {
+        let now = now_ms();
+        Ok(self
+            .jobs
+            .all::<InboundJob>()?
+            .into_iter()
+            .filter(|j| !matches!(j.step, InStep::Done | InStep::Failed) && j.progress.due(now))
+            .collect())
+    }
+
+    fn id(job: &InboundJob) -> String {
+        job.id.clone()
+    }
+
+    async fn drive(self: Arc<Self>, job: InboundJob, cancel: CancellationToken) {
+        self.drive_job(job, &cancel).await;
+    }
+}
+
 /// A repository client for the token's own repository (no API key: the proof is the
 /// authorization).
 pub fn client(token: &Token) -> Result<Client, StepError> {
     Client::new(&token.repository, None, ClientOptions::default()).map_err(StepError::permanent)
-}
-
-fn repo_error(e: crate::repository::client::ClientError) -> StepError {
-    if e.is_permanent() {
-        StepError::permanent(e)
-    } else {
-        StepError::transient(e)
-    }
-}
-
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Downloads, decrypts and extracts a token's PDI into `out` without a daemon, as if
@@ -551,8 +509,7 @@ pub async fn receive_to_folder(
             &work.partial(),
             progress,
         )
-        .await
-        .map_err(repo_error)?;
+        .await?;
     let (key, out) = (token.container_key(), out.to_owned());
     blocking(move || {
         crate::container::decrypt_file(&key, &work.partial(), &work.pdi_zip())?;

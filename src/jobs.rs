@@ -9,8 +9,15 @@
 //! The records hold no secret: the secret of an outbound study stays in its job folder's
 //! pending token file, an inbound token in its job folder's token file (both mode 0600).
 
+use std::collections::BTreeSet;
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
+
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -180,7 +187,9 @@ impl JobStore {
             .tree
             .compare_and_swap(id.as_bytes(), None as Option<&[u8]>, Some(bytes))?
             .is_ok();
-        self.db.flush()?;
+        if created {
+            self.db.flush()?;
+        }
         Ok(created)
     }
 
@@ -204,6 +213,88 @@ fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, IndexError
         key: String::from_utf8_lossy(key).into_owned(),
         source,
     })
+}
+
+impl From<crate::repository::client::ClientError> for StepError {
+    /// The client already retried what can be retried soon; its own verdict decides.
+    fn from(e: crate::repository::client::ClientError) -> Self {
+        if e.is_permanent() {
+            StepError::Permanent(e.to_string())
+        } else {
+            StepError::Transient(e.to_string())
+        }
+    }
+}
+
+/// A pipeline whose jobs [`work`] drives.
+pub trait Pipeline: Send + Sync + 'static {
+    /// The job record.
+    type Job: Send + 'static;
+    /// Name in log lines (`outbound`, `inbound`).
+    const NAME: &'static str;
+    /// The jobs that may run now (blocking: reads the database).
+    ///
+    /// # Errors
+    /// [`IndexError`] when the job store cannot be read.
+    fn due(&self) -> Result<Vec<Self::Job>, IndexError>;
+    /// The job's id.
+    fn id(job: &Self::Job) -> String;
+    /// Runs a job's steps until it is done, fails, must wait, or `cancel` fires.
+    fn drive(
+        self: Arc<Self>,
+        job: Self::Job,
+        cancel: CancellationToken,
+    ) -> impl Future<Output = ()> + Send;
+}
+
+/// Runs a pipeline until `cancel`: every half second, starts its due jobs, at most
+/// `workers` at once and each job once; on cancel, waits for the running jobs to reach
+/// a safe point.
+pub async fn work<P: Pipeline>(pipeline: Arc<P>, workers: usize, cancel: CancellationToken) {
+    let running = Arc::new(Mutex::new(BTreeSet::new()));
+    let slots = Arc::new(Semaphore::new(workers.max(1)));
+    let tracker = TaskTracker::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = cancel.cancelled() => break,
+        }
+        let scan = pipeline.clone();
+        let due = match tokio::task::spawn_blocking(move || scan.due()).await {
+            Ok(Ok(due)) => due,
+            Ok(Err(e)) => {
+                tracing::error!("{}: cannot read the job index: {e}", P::NAME);
+                continue;
+            }
+            Err(e) => {
+                tracing::error!("{}: job scan failed: {e}", P::NAME);
+                continue;
+            }
+        };
+        for job in due {
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                break;
+            };
+            let id = P::id(&job);
+            if !lock(&running).insert(id.clone()) {
+                continue;
+            }
+            let (pipeline, running, cancel) = (pipeline.clone(), running.clone(), cancel.clone());
+            tracker.spawn(async move {
+                pipeline.drive(job, cancel).await;
+                lock(&running).remove(&id);
+                drop(permit);
+            });
+        }
+    }
+    tracker.close();
+    tracker.wait().await;
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// One job as `cloudpdi status` lists it, whatever its direction.

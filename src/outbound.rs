@@ -26,7 +26,9 @@ use tracing::{error, info, warn};
 use crate::batch::{BatchId, now_ms};
 use crate::config::Config;
 use crate::container::{self, Compression, Options};
-use crate::jobs::{JobStore, JobSummary, Progress, StepError, remove_folder, write_durably};
+use crate::jobs::{
+    JobStore, JobSummary, Pipeline, Progress, StepError, remove_folder, write_durably,
+};
 use crate::pdi::{self, BuildOptions};
 use crate::repository::api::NewDocument;
 use crate::repository::client::{Client, ClientOptions};
@@ -290,7 +292,7 @@ impl Sender {
                 max_downloads: route.max_downloads,
                 proof_hash: secret.download_proof().hash(),
             };
-            let created = self.repository.create(&request).await.map_err(repo_error)?;
+            let created = self.repository.create(&request).await?;
             job.document_id = Some(created.document_id);
             if let Some(store) = store {
                 store.put(&job.id, job)?;
@@ -301,7 +303,7 @@ impl Sender {
             .upload_file(&id, &dir.container(), progress)
             .await
             .map(drop)
-            .map_err(repo_error)
+            .map_err(StepError::from)
     }
 
     /// Writes the token file and the slip (blocking); the same files on a repeat.
@@ -342,14 +344,6 @@ impl Sender {
     }
 }
 
-fn repo_error(e: crate::repository::client::ClientError) -> StepError {
-    if e.is_permanent() {
-        StepError::permanent(e)
-    } else {
-        StepError::transient(e)
-    }
-}
-
 /// The outbound worker of the daemon.
 pub struct Outbound {
     sender: Sender,
@@ -387,85 +381,6 @@ impl Outbound {
             .collect())
     }
 
-    /// Runs until `cancel`: takes stable batches, drives their jobs, removes spooled
-    /// instances after their retention.
-    pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
-        let running = Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
-        let slots = Arc::new(tokio::sync::Semaphore::new(
-            self.sender.config.outbound.workers,
-        ));
-        let tracker = tokio_util::task::TaskTracker::new();
-        let mut tick = tokio::time::interval(Duration::from_millis(500));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                () = cancel.cancelled() => break,
-            }
-            let this = self.clone();
-            let due = tokio::task::spawn_blocking(move || this.due_jobs()).await;
-            let due = match due {
-                Ok(Ok(due)) => due,
-                Ok(Err(e)) => {
-                    error!("outbound: cannot read the job index: {e}");
-                    continue;
-                }
-                Err(e) => {
-                    error!("outbound: job scan failed: {e}");
-                    continue;
-                }
-            };
-            for job in due {
-                let key = job.id.clone();
-                let Ok(permit) = slots.clone().try_acquire_owned() else {
-                    break;
-                };
-                if !lock(&running).insert(key.clone()) {
-                    continue;
-                }
-                let (this, running, cancel) = (self.clone(), running.clone(), cancel.clone());
-                tracker.spawn(async move {
-                    this.drive(job, &cancel).await;
-                    lock(&running).remove(&key);
-                    drop(permit);
-                });
-            }
-        }
-        tracker.close();
-        tracker.wait().await;
-    }
-
-    /// Claims newly stable batches and returns the jobs that may run now.
-    fn due_jobs(&self) -> Result<Vec<OutboundJob>, crate::batch::IndexError> {
-        let index = self.spool.index();
-        for id in index.ready()? {
-            if let Some(batch) = index.claim(id)? {
-                let job = OutboundJob::new(batch.id.to_string(), Some(batch.id), &batch.route);
-                if self.jobs.create(&job.id, &job)? {
-                    info!(job = %batch.id, route = %batch.route, instances = batch.instances, "outbound job created");
-                }
-            }
-        }
-        for batch in index.claimed()? {
-            // A crash between claim and job creation: create the job now.
-            let job = OutboundJob::new(batch.id.to_string(), Some(batch.id), &batch.route);
-            if self.jobs.create(&job.id, &job)? {
-                info!(job = %batch.id, "outbound job recovered");
-            }
-        }
-        let now = now_ms();
-        let mut due = Vec::new();
-        for mut job in self.jobs.all::<OutboundJob>()? {
-            match job.step {
-                OutStep::Done => self.expire_spool(&mut job, now)?,
-                OutStep::Failed => {}
-                _ if job.progress.due(now) => due.push(job),
-                _ => {}
-            }
-        }
-        Ok(due)
-    }
-
     /// Removes a sent batch's spooled instances once the route's retention has passed.
     fn expire_spool(
         &self,
@@ -497,7 +412,7 @@ impl Outbound {
     }
 
     /// Runs a job's steps until it is done, fails, must wait, or the daemon stops.
-    async fn drive(self: &Arc<Self>, mut job: OutboundJob, cancel: &CancellationToken) {
+    async fn drive_job(self: &Arc<Self>, mut job: OutboundJob, cancel: &CancellationToken) {
         while !cancel.is_cancelled() && !matches!(job.step, OutStep::Done | OutStep::Failed) {
             let step = job.step;
             let result = tokio::select! {
@@ -631,8 +546,48 @@ impl Outbound {
     }
 }
 
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+impl Pipeline for Outbound {
+    type Job = OutboundJob;
+    const NAME: &'static str = "outbound";
+
+    /// Claims newly stable batches and returns the jobs that may run now.
+    fn due(&self) -> Result<Vec<OutboundJob>, crate::batch::IndexError> {
+        let index = self.spool.index();
+        for id in index.ready()? {
+            if let Some(batch) = index.claim(id)? {
+                let job = OutboundJob::new(batch.id.to_string(), Some(batch.id), &batch.route);
+                if self.jobs.create(&job.id, &job)? {
+                    info!(job = %batch.id, route = %batch.route, instances = batch.instances, "outbound job created");
+                }
+            }
+        }
+        for batch in index.claimed()? {
+            // A crash between claim and job creation: create the job now.
+            let job = OutboundJob::new(batch.id.to_string(), Some(batch.id), &batch.route);
+            if self.jobs.create(&job.id, &job)? {
+                info!(job = %batch.id, "outbound job recovered");
+            }
+        }
+        let now = now_ms();
+        let mut due = Vec::new();
+        for mut job in self.jobs.all::<OutboundJob>()? {
+            match job.step {
+                OutStep::Done => self.expire_spool(&mut job, now)?,
+                OutStep::Failed => {}
+                _ if job.progress.due(now) => due.push(job),
+                _ => {}
+            }
+        }
+        Ok(due)
+    }
+
+    fn id(job: &OutboundJob) -> String {
+        job.id.clone()
+    }
+
+    async fn drive(self: Arc<Self>, job: OutboundJob, cancel: CancellationToken) {
+        self.drive_job(job, &cancel).await;
+    }
 }
 
 /// Runs blocking step work off the async runtime.

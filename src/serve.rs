@@ -83,10 +83,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let sender =
         Sender::from_config(config.clone()).map_err(|e| ServeError::Repository(e.to_string()))?;
     let outbound = Arc::new(Outbound::new(sender, spool.clone())?);
-    let outbound_task = config
-        .outbound
-        .enabled
-        .then(|| tokio::spawn(outbound.clone().run(cancel.clone())));
+    let outbound_task = config.outbound.enabled.then(|| {
+        tokio::spawn(crate::jobs::work(
+            outbound.clone(),
+            config.outbound.workers,
+            cancel.clone(),
+        ))
+    });
     let inbound = match config.inbound.pacs.is_empty() {
         true => None,
         false => Some(Arc::new(Inbound::new(
@@ -101,7 +104,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             Duration::from_secs(config.inbound.poll_interval.max(1)),
         );
         (
-            tokio::spawn(inbound.run(cancel.clone())),
+            tokio::spawn(crate::jobs::work(
+                inbound,
+                config.inbound.workers,
+                cancel.clone(),
+            )),
             tokio::spawn(watch.run(cancel.clone())),
         )
     });
