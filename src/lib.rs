@@ -17,12 +17,14 @@
 //! Between the two sides travels a [`container`]: the PDI ZIP, optionally compressed,
 //! sealed in chunks with AES-256-GCM so that the repository can never read it.
 //!
-//! The patient carries a [`token`] instead of the disc (so far its text form only).
+//! The patient carries a [`token`] (text, QR code, printed slip) instead of the disc.
 //! The container travels through the [`repository`] (`cloudpdi repository serve`, or
 //! embedded in the gateway), which keeps it until it expires and never sees the token.
 //!
-//! Inbound, the last step: [`dicom::scu`] stores a study into the local PACS
-//! (`cloudpdi import`), after [`reconcile`] gave it a local Patient ID if asked.
+//! [`outbound`] drives a stable batch through PDI, sealing, upload and token; [`watch`]
+//! turns token files dropped into a folder into [`inbound`] jobs: download, open, verify,
+//! then [`dicom::scu`] stores the study into the local PACS (also `cloudpdi import`),
+//! after [`reconcile`] gave it a local Patient ID. Both are durable [`jobs`] in sled.
 //!
 //! [`serve`] is the daemon that runs these; [`admin`] answers `cloudpdi status`
 //! ([`status`]), health checks and Prometheus scrapes ([`metrics`]) on loopback.
