@@ -62,7 +62,7 @@ pub fn parse_drop(text: &str) -> Result<TokenDrop, TokenError> {
 }
 
 /// Writes a token into the watch folder for the running daemon (`cloudpdi receive`):
-/// hidden temp file, fsync, rename.
+/// temp file (`.tmp`, which the watch leaves alone), fsync, rename.
 ///
 /// # Errors
 /// The I/O error.
@@ -71,12 +71,8 @@ pub fn drop_token(dir: &Path, token: &Token, patient_id: Option<&str>) -> std::i
     if let Some(id) = patient_id {
         text.push_str(&format!("patient-id: {id}\n"));
     }
-    let name = format!("{}.token", crate::inbound::job_id(token));
-    let path = dir.join(name);
-    let hidden = dir.join(format!(".{}", crate::inbound::job_id(token)));
-    write_durably(&hidden, text.as_bytes(), 0o600)?;
-    std::fs::rename(&hidden, &path)?;
-    sync_dir(dir)?;
+    let path = dir.join(format!("{}.token", crate::inbound::job_id(token)));
+    write_durably(&path, text.as_bytes(), 0o600)?;
     Ok(path)
 }
 

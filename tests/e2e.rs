@@ -173,7 +173,15 @@ fn a_ct_study_travels_from_storescu_at_site_a_to_orthanc_at_site_b() {
         "the token text never reaches a log"
     );
 
-    hand_over(&token, &b);
+    // Handed to site B's daemon with `cloudpdi receive` (into its watch folder).
+    let b_config = b.dir.join("cloudpdi.toml");
+    let (ok, out) = cloudpdi(&[
+        "receive",
+        "--config",
+        b_config.to_str().unwrap(),
+        &format!("@{}", token.display()),
+    ]);
+    assert!(ok && out.contains("handed to the daemon"), "{out}");
     let job = wait_job_state(&b, "done", Duration::from_secs(90));
     assert_eq!(
         job["progress"],
