@@ -26,7 +26,7 @@ use crate::batch::{IndexError, now_ms};
 use crate::config::{Config, PatientIdMode};
 use crate::dicom::scu::{Instance, Outcome, StoreTarget, store_all};
 use crate::jobs::{
-    JobStore, JobSummary, Pipeline, Progress, StepError, remove_folder, write_durably,
+    JobStore, JobSummary, Pipeline, Progress, StepError, remove_folder, state_name, write_durably,
 };
 use crate::outbound::blocking;
 use crate::reconcile::{PatientIdPolicy, Reconciler};
@@ -96,10 +96,7 @@ impl InboundJob {
         JobSummary {
             id: self.id.clone(),
             direction: "inbound".into(),
-            state: serde_json::to_value(self.step)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_owned))
-                .unwrap_or_default(),
+            state: state_name(self.step),
             progress: format!(
                 "from {}: {} of {} stored, {} set aside",
                 self.issuer,

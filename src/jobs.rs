@@ -297,6 +297,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// The name a step has in status and in the job records (its serde name, e.g. `upload`).
+pub fn state_name(step: impl serde::Serialize) -> String {
+    serde_json::to_value(step)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
 /// One job as `cloudpdi status` lists it, whatever its direction.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JobSummary {

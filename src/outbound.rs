@@ -27,7 +27,7 @@ use crate::batch::{BatchId, now_ms};
 use crate::config::Config;
 use crate::container::{self, Compression, Options};
 use crate::jobs::{
-    JobStore, JobSummary, Pipeline, Progress, StepError, remove_folder, write_durably,
+    JobStore, JobSummary, Pipeline, Progress, StepError, remove_folder, state_name, write_durably,
 };
 use crate::pdi::{self, BuildOptions};
 use crate::repository::api::NewDocument;
@@ -112,10 +112,7 @@ impl OutboundJob {
         JobSummary {
             id: self.id.clone(),
             direction: "outbound".into(),
-            state: serde_json::to_value(self.step)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_owned))
-                .unwrap_or_default(),
+            state: state_name(self.step),
             progress: match self.step {
                 OutStep::Pack => format!("route {}", self.route),
                 _ => format!(
