@@ -138,6 +138,7 @@ struct Repo {
     key_a: String,
     key_b: String,
     dir: tempfile::TempDir,
+    storage: StorageConfig,
     stop: CancellationToken,
     task: tokio::task::JoinHandle<Result<(), cloudpdi::repository::server::ServerError>>,
     _moto: Option<Moto>,
@@ -177,6 +178,11 @@ fn config(dir: &Path, storage: StorageConfig) -> (RepositoryConfig, String, Stri
 
 impl Repo {
     async fn start(backend: Backend) -> Repo {
+        Repo::start_with(backend, |_| {}).await
+    }
+
+    /// A repository on `backend` whose configuration `tweak` adjusts.
+    async fn start_with(backend: Backend, tweak: impl FnOnce(&mut RepositoryConfig)) -> Repo {
         let dir = tempfile::tempdir().unwrap();
         let (moto, storage) = match backend {
             Backend::Local => (
@@ -192,7 +198,24 @@ impl Repo {
                 (Some(moto), storage)
             }
         };
-        let (config, key_a, key_b) = config(dir.path(), storage);
+        Repo::serve(dir, storage, moto, tweak).await
+    }
+
+    /// A second server on the same storage (as behind a load balancer), with its own
+    /// facility keys and audit trail.
+    async fn beside(&self) -> Repo {
+        let dir = tempfile::tempdir().unwrap();
+        Repo::serve(dir, self.storage.clone(), None, |_| {}).await
+    }
+
+    async fn serve(
+        dir: tempfile::TempDir,
+        storage: StorageConfig,
+        moto: Option<Moto>,
+        tweak: impl FnOnce(&mut RepositoryConfig),
+    ) -> Repo {
+        let (mut config, key_a, key_b) = config(dir.path(), storage.clone());
+        tweak(&mut config);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let stop = CancellationToken::new();
@@ -207,6 +230,7 @@ impl Repo {
             key_a,
             key_b,
             dir,
+            storage,
             stop,
             task,
             _moto: moto,
@@ -667,36 +691,15 @@ async fn refusals_on_s3() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_proofs_are_rate_limited() {
-    let dir = tempfile::tempdir().unwrap();
-    let (mut config, _, _) = config(
-        dir.path(),
-        StorageConfig {
-            path: dir.path().join("store"),
-            ..StorageConfig::default()
-        },
-    );
-    config.server.failed_proofs_per_window = 3;
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!(
-        "http://{}/v1/documents/{}/content",
-        listener.local_addr().unwrap(),
-        "1".repeat(32)
-    );
-    let stop = CancellationToken::new();
-    let shutdown = stop.clone();
-    let task = tokio::spawn(cloudpdi::repository::server::run(
-        config,
-        listener,
-        async move { shutdown.cancelled().await },
-    ));
+    let repo = Repo::start_with(Backend::Local, |c| c.server.failed_proofs_per_window = 3).await;
+    let url = format!("{}/v1/documents/{}/content", repo.url, "1".repeat(32));
     let header = format!("x-download-proof: {}", "2".repeat(64));
     for _ in 0..3 {
         assert_refused(curl(&["-H", &header, &url]), 410, "not_available");
     }
     assert_refused(curl(&["-H", &header, &url]), 429, "rate_limited");
-    let metrics_url = url.split("/v1/").next().unwrap().to_owned() + "/metrics";
     let metrics = Command::new("/usr/bin/curl")
-        .args(["-s", &metrics_url])
+        .args(["-s", &format!("{}/metrics", repo.url)])
         .output()
         .unwrap();
     let metrics = String::from_utf8_lossy(&metrics.stdout);
@@ -704,8 +707,196 @@ async fn failed_proofs_are_rate_limited() {
         metrics.contains("cloudpdi_repository_rate_limited_total 1\n"),
         "{metrics}"
     );
-    stop.cancel();
-    task.await.unwrap().unwrap();
+    repo.stop().await;
+}
+
+/// A document of `size` random bytes, uploaded by facility A: (ID, token, bytes).
+async fn uploaded(repo: &Repo, size: u64, max_downloads: u32) -> (String, Token, Vec<u8>) {
+    let work = tempfile::tempdir().unwrap();
+    let source = work.path().join("container");
+    random_file(&source, size);
+    let token = token(3600);
+    let sender = repo.client(Some(&repo.key_a));
+    let id = sender
+        .create(&new_document(size, &token, max_downloads))
+        .await
+        .unwrap()
+        .document_id;
+    sender.upload_file(&id, &source, |_| {}).await.unwrap();
+    (id, token, std::fs::read(&source).unwrap())
+}
+
+/// A download with curl, optionally of a range: (HTTP status, headers, body).
+fn fetch(url: &str, token: &Token, range: Option<&str>) -> (u16, String, Vec<u8>) {
+    let work = tempfile::tempdir().unwrap();
+    let (body, headers) = (work.path().join("body"), work.path().join("headers"));
+    let proof = format!(
+        "x-download-proof: {}",
+        hex::encode(token.download_proof().bytes())
+    );
+    let mut command = Command::new(common::require("/usr/bin/curl"));
+    command.args(["-s", "-w", "%{http_code}", "-H", &proof, "-o"]);
+    command.arg(&body).arg("-D").arg(&headers);
+    if let Some(range) = range {
+        command.args(["-r", range]);
+    }
+    let out = command.arg(url).output().unwrap();
+    let status = String::from_utf8_lossy(&out.stdout).parse().unwrap();
+    (
+        status,
+        std::fs::read_to_string(headers).unwrap_or_default(),
+        std::fs::read(body).unwrap_or_default(),
+    )
+}
+
+/// Resuming a download (a range not starting at byte 0) is allowed a limited number of
+/// times within a window after the download began; any other range request counts as a
+/// new download, served from byte 0; once the downloads are used up nothing is served,
+/// whatever the range. A range outside the document answers 416 and uses no download.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resumed_downloads_are_bounded() {
+    let repo = Repo::start_with(Backend::Local, |c| {
+        c.server.max_resumes_per_download = 2;
+        c.server.download_resume_window = 3;
+    })
+    .await;
+    let (id, token, data) = uploaded(&repo, 3000, 2).await;
+    let url = format!("{}/v1/documents/{id}/content", repo.url);
+    let sender = repo.client(Some(&repo.key_a));
+    let downloads = || async { sender.status(&id).await.unwrap().downloads };
+
+    let (status, headers, _) = fetch(&url, &token, Some("5000-"));
+    assert_eq!(status, 416);
+    assert!(
+        headers
+            .to_lowercase()
+            .contains("content-range: bytes */3000"),
+        "{headers}"
+    );
+    assert_eq!(downloads().await, 0, "a 416 must not use a download");
+
+    // No download has begun: a range is a new download, from byte 0.
+    let (status, _, body) = fetch(&url, &token, Some("1000-"));
+    assert_eq!((status, body.as_slice()), (200, data.as_slice()));
+    assert_eq!(downloads().await, 1);
+    for range in ["1000-", "2000-2099"] {
+        let (status, headers, body) = fetch(&url, &token, Some(range));
+        assert_eq!(status, 206, "{range}");
+        let (start, end) = range.split_once('-').unwrap();
+        let start: usize = start.parse().unwrap();
+        let end = end.parse::<usize>().map_or(data.len(), |e| e + 1);
+        assert_eq!(body, data[start..end], "{range}");
+        let content_range = format!("content-range: bytes {start}-{}/3000", end - 1);
+        assert!(headers.to_lowercase().contains(&content_range), "{headers}");
+    }
+    assert_eq!(downloads().await, 1, "resumes are not new downloads");
+    // Resumes used up: the next range starts the second (last) download.
+    let (status, _, body) = fetch(&url, &token, Some("1000-"));
+    assert_eq!((status, body.as_slice()), (200, data.as_slice()));
+    assert_eq!(downloads().await, 2);
+    let (status, _, body) = fetch(&url, &token, Some("500-"));
+    assert_eq!((status, body.as_slice()), (206, &data[500..]));
+    // The resume window closes; no download is left, so nothing more, by any range.
+    std::thread::sleep(Duration::from_secs(4));
+    for range in [Some("500-"), Some("1-"), None] {
+        let (status, _, body) = fetch(&url, &token, range);
+        assert_eq!(status, 410, "{range:?}: {}", String::from_utf8_lossy(&body));
+    }
+    assert_eq!(downloads().await, 2);
+    assert!(repo.audit().contains("resumed"));
+    repo.stop().await;
+}
+
+/// Two servers on one storage (behind a load balancer) and many receivers racing for a
+/// document's only download: exactly one gets it.
+async fn servers_race_for_the_last_download(backend: Backend) {
+    let first = Repo::start(backend).await;
+    let second = first.beside().await;
+    let (id, token, data) = uploaded(&first, 3000, 1).await;
+    let racers: Vec<_> = (0..8)
+        .map(|i| {
+            let server = if i % 2 == 0 { &first } else { &second };
+            let url = format!("{}/v1/documents/{id}/content", server.url);
+            let token = token.clone();
+            std::thread::spawn(move || fetch(&url, &token, None))
+        })
+        .collect();
+    let answers: Vec<_> = racers.into_iter().map(|r| r.join().unwrap()).collect();
+    let served: Vec<_> = answers.iter().filter(|a| a.0 == 200).collect();
+    assert_eq!(
+        served.len(),
+        1,
+        "{:?}",
+        answers.iter().map(|a| a.0).collect::<Vec<_>>()
+    );
+    assert_eq!(served[0].2, data);
+    assert!(answers.iter().all(|a| a.0 == 200 || a.0 == 410));
+    let status = first.client(Some(&first.key_a)).status(&id).await.unwrap();
+    assert_eq!(status.downloads, 1);
+    second.stop().await;
+    first.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_race_for_the_last_download_on_local_files() {
+    servers_race_for_the_last_download(Backend::Local).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_race_for_the_last_download_on_s3() {
+    servers_race_for_the_last_download(Backend::S3).await;
+}
+
+/// A client that never finishes its headers is cut off after `header_timeout`; while it
+/// holds the only connection slot, the next client waits, and is served once it is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_clients_are_cut_off() {
+    use std::io::{Read, Write};
+    let repo = Repo::start_with(Backend::Local, |c| {
+        c.server.header_timeout = 1;
+        c.server.max_connections = 1;
+    })
+    .await;
+    let healthz = format!("{}/healthz", repo.url);
+    let mut silent = std::net::TcpStream::connect(repo.url.trim_start_matches("http://")).unwrap();
+    silent
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        .unwrap();
+    let opened = Instant::now();
+    let waiting = {
+        let healthz = healthz.clone();
+        std::thread::spawn(move || {
+            let out = Command::new("/usr/bin/curl")
+                .args(["-s", "--max-time", "10", &healthz])
+                .output()
+                .unwrap();
+            (
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                Instant::now(),
+            )
+        })
+    };
+    silent
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut rest = Vec::new();
+    let closed = silent.read_to_end(&mut rest);
+    let cut_after = opened.elapsed();
+    assert!(
+        closed.is_ok(),
+        "the server did not close the connection: {closed:?}"
+    );
+    assert!(
+        cut_after >= Duration::from_millis(900) && cut_after < Duration::from_secs(5),
+        "cut off after {cut_after:?}"
+    );
+    let (answer, served_at) = waiting.join().unwrap();
+    assert_eq!(answer, "ok\n");
+    assert!(
+        served_at.duration_since(opened) >= Duration::from_millis(900),
+        "the second client was served while the only slot was taken"
+    );
+    repo.stop().await;
 }
 
 /// The real binary, restarted on the same port and storage.

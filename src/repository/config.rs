@@ -78,6 +78,16 @@ pub struct ServerConfig {
     pub failed_proofs_per_window: u32,
     /// Length of the failed-proof window, in seconds.
     pub failed_proof_window: u64,
+    /// Seconds after a download began during which it may be resumed (a range not
+    /// starting at byte 0); later, such a request counts as a new download.
+    pub download_resume_window: u64,
+    /// Resumes allowed per download; beyond, a request counts as a new download. With
+    /// `max_downloads` this bounds what one token can fetch.
+    pub max_resumes_per_download: u32,
+    /// Seconds a client has to send a request's headers (slow clients hold sockets).
+    pub header_timeout: u64,
+    /// Connections served at once; more wait in the kernel's accept queue.
+    pub max_connections: usize,
 }
 
 /// TLS settings; plain HTTP when `cert` is empty (loopback, or behind a TLS proxy).
@@ -175,6 +185,10 @@ impl Default for ServerConfig {
             tombstone_days: 30,
             failed_proofs_per_window: 20,
             failed_proof_window: 600,
+            download_resume_window: 24 * 3600,
+            max_resumes_per_download: 20,
+            header_timeout: 30,
+            max_connections: 512,
         }
     }
 }

@@ -35,6 +35,7 @@ use crate::repository::auth::{Facilities, ProofLimiter, same_hash};
 use crate::repository::config::{
     AuditConfig, FacilityConfig, RepositoryConfig, ServerConfig, StorageConfig,
 };
+use crate::repository::listener::{self, Limits};
 use crate::repository::storage::{CompleteRecord, DocumentMeta, Index, Snapshot, Storage};
 use crate::repository::tls::{Peer, TlsListener};
 use crate::repository::{is_document_id, unix_now};
@@ -858,38 +859,43 @@ async fn download(
         return Err(app.not_available(record).await);
     }
     let size = snapshot.meta.size;
-    let range = parse_range(&headers);
-    let (start, end) = match range {
-        None => (0, size),
+    let range = match parse_range(&headers) {
+        None => None,
         Some((start, end)) if start < size && end.is_none_or(|e| e >= start) => {
-            (start, end.map_or(size, |e| e.saturating_add(1).min(size)))
+            Some((start, end.map_or(size, |e| e.saturating_add(1).min(size))))
         }
-        Some(_) => {
-            let mut response = refuse(
-                StatusCode::RANGE_NOT_SATISFIABLE,
-                "range_not_satisfiable",
-                format!("the document has {size} bytes"),
-            )
-            .into_response();
-            response.headers_mut().insert(
-                header::CONTENT_RANGE,
-                HeaderValue::from_str(&format!("bytes */{size}")).expect("digits are a header"),
-            );
-            app.audit(record, "range_not_satisfiable", None).await?;
-            return Ok(response);
-        }
+        Some(_) => return range_not_satisfiable(&app, record, size).await,
     };
-    let allowed = if start == 0 {
-        app.storage
+    let resumed = match range {
+        Some((start, _)) if start > 0 => app
+            .storage
+            .claim_resume(
+                &snapshot,
+                unix_now(),
+                app.server.download_resume_window,
+                app.server.max_resumes_per_download,
+            )
+            .await
+            .map_err(unavailable)?,
+        _ => false,
+    };
+    // A range that is not a resume of an open download is answered as a new download
+    // from byte 0 (a server may ignore Range); the client then starts its file over.
+    let range = if resumed {
+        range
+    } else {
+        if !app
+            .storage
             .claim_download(&snapshot, unix_now())
             .await
             .map_err(unavailable)?
-    } else {
-        snapshot.downloads > 0
+        {
+            return Err(app.not_available(record).await);
+        }
+        add(&app.counters.downloads, 1);
+        range.filter(|&(start, _)| start == 0)
     };
-    if !allowed {
-        return Err(app.not_available(record).await);
-    }
+    let (start, end) = range.unwrap_or((0, size));
     let sha256 = app
         .storage
         .complete_record(&snapshot.meta.id)
@@ -900,12 +906,13 @@ async fn download(
     app.audit(
         record,
         "ok",
-        Some(format!("bytes {start}-{}/{size}", end - 1)),
+        Some(format!(
+            "bytes {start}-{}/{size}{}",
+            end - 1,
+            if resumed { " resumed" } else { "" }
+        )),
     )
     .await?;
-    if start == 0 {
-        add(&app.counters.downloads, 1);
-    }
     add(&app.counters.bytes_downloaded, end - start);
     let body = Body::from_stream(content_stream(
         app.storage.clone(),
@@ -931,6 +938,22 @@ async fn download(
         );
         *response.status_mut() = StatusCode::PARTIAL_CONTENT;
     }
+    Ok(response)
+}
+
+/// 416 with the document's size, for a range that lies outside it.
+async fn range_not_satisfiable(app: &App, record: Record, size: u64) -> Result<Response, Refusal> {
+    let mut response = refuse(
+        StatusCode::RANGE_NOT_SATISFIABLE,
+        "range_not_satisfiable",
+        format!("the document has {size} bytes"),
+    )
+    .into_response();
+    response.headers_mut().insert(
+        header::CONTENT_RANGE,
+        HeaderValue::from_str(&format!("bytes */{size}")).expect("digits are a header"),
+    );
+    app.audit(record, "range_not_satisfiable", None).await?;
     Ok(response)
 }
 
@@ -1116,23 +1139,22 @@ pub async fn run(
         Duration::from_secs(app.server.sweep_interval),
         stop.clone(),
     ));
-    let service = router(app).into_make_service_with_connect_info::<Peer>();
+    let limits = Limits {
+        max_connections: app.server.max_connections,
+        header_timeout: Duration::from_secs(app.server.header_timeout),
+    };
+    let router = router(app);
     let local = listener.local_addr()?;
-    let served = if config.tls.cert.is_some() {
+    if config.tls.cert.is_some() {
         let tls = crate::repository::tls::server_config(&config.tls).map_err(ServerError::Tls)?;
         tracing::info!("repository: listening on https://{local}");
-        axum::serve(TlsListener::new(listener, tls)?, service)
-            .with_graceful_shutdown(shutdown)
-            .await
+        listener::serve(TlsListener::new(listener, tls)?, router, limits, shutdown).await;
     } else {
         tracing::info!("repository: listening on http://{local}");
-        axum::serve(listener, service)
-            .with_graceful_shutdown(shutdown)
-            .await
-    };
+        listener::serve(listener, router, limits, shutdown).await;
+    }
     stop.cancel();
     let _ = sweeper.await;
-    served?;
     Ok(())
 }
 

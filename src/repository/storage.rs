@@ -10,6 +10,7 @@
 //! documents/{id}/revoked.json       the sender revoked it
 //! documents/{id}/expired.json       the sweep deleted its content
 //! documents/{id}/downloads/{n:08}   download slot n, created only if absent
+//! documents/{id}/resumes/{n:08}-{k:03}  resume k of download n, created only if absent
 //! documents/{id}/receipts/{t}-{r}   one receipt
 //! index/expiry/{t:011}-{id}         when the sweep deletes the content
 //! index/purge/{t:011}-{id}          when the sweep deletes the rest
@@ -17,6 +18,9 @@
 //!
 //! The download limit is enforced with create-if-absent slots (`If-None-Match: *` on S3,
 //! a hard link on local files), so two servers cannot both hand out the last download.
+//! A download interrupted part-way may be resumed (a range not starting at byte 0) a
+//! limited number of times within a limited window after its slot was taken; the resume
+//! records are create-if-absent as well, so that limit holds across servers too.
 //! On the local backend each object is synced to disk before the call returns.
 
 use std::collections::BTreeMap;
@@ -118,6 +122,8 @@ pub struct Snapshot {
     pub parts: BTreeMap<u32, u64>,
     /// Download slots taken.
     pub downloads: u32,
+    /// Resumes recorded against the latest download slot.
+    pub resumes_of_latest: u32,
     /// Whether the hash was checked.
     pub complete: bool,
     /// Whether the sender revoked it.
@@ -308,12 +314,14 @@ impl Storage {
             meta,
             parts: BTreeMap::new(),
             downloads: 0,
+            resumes_of_latest: 0,
             complete: false,
             revoked: false,
             expired: false,
             receipts: Vec::new(),
         };
         let prefix = Path::from(format!("documents/{id}"));
+        let mut resumed_slots = Vec::new();
         let mut listing = self.store.list(Some(&prefix));
         while let Some(object) = listing.try_next().await? {
             let parts: Vec<_> = object.location.parts().collect();
@@ -325,6 +333,11 @@ impl Storage {
                     }
                 }
                 [_, _, "downloads", _] => snapshot.downloads += 1,
+                [_, _, "resumes", name] => {
+                    if let Some(slot) = name.split_once('-').and_then(|(n, _)| n.parse().ok()) {
+                        resumed_slots.push(slot);
+                    }
+                }
                 [_, _, "receipts", _] => snapshot.receipts.push(object.location.clone()),
                 [_, _, "complete.json"] => snapshot.complete = true,
                 [_, _, "revoked.json"] => snapshot.revoked = true,
@@ -333,6 +346,13 @@ impl Storage {
             }
         }
         snapshot.receipts.sort();
+        let latest = snapshot.downloads.checked_sub(1);
+        snapshot.resumes_of_latest = resumed_slots
+            .iter()
+            .filter(|&&slot| Some(slot) == latest)
+            .count()
+            .try_into()
+            .unwrap_or(u32::MAX);
         Ok(Some(snapshot))
     }
 
@@ -461,25 +481,64 @@ impl Storage {
         let id = &snapshot.meta.id;
         let record = serde_json::to_vec(&TimeRecord { at }).expect("time records serialize");
         for n in snapshot.downloads..snapshot.meta.max_downloads {
-            let path = doc_path(id, &format!("downloads/{n:08}"));
-            match self
-                .store
-                .put_opts(
-                    &path,
-                    PutPayload::from(record.clone()),
-                    PutMode::Create.into(),
-                )
-                .await
+            if self
+                .create_once(&doc_path(id, &format!("downloads/{n:08}")), &record)
+                .await?
             {
-                Ok(_) => {
-                    self.sync_local(&path).await?;
-                    return Ok(true);
-                }
-                Err(object_store::Error::AlreadyExists { .. }) => continue,
-                Err(e) => return Err(e.into()),
+                return Ok(true);
             }
         }
         Ok(false)
+    }
+
+    /// Records a resume of the latest download slot, when that slot was taken at most
+    /// `window` seconds before `at` and has had fewer than `max_resumes` resumes; `false`
+    /// otherwise (the caller then serves a new download from byte 0).
+    ///
+    /// # Errors
+    /// [`StorageError`] when the store fails.
+    pub async fn claim_resume(
+        &self,
+        snapshot: &Snapshot,
+        at: u64,
+        window: u64,
+        max_resumes: u32,
+    ) -> Result<bool, StorageError> {
+        let Some(slot) = snapshot.downloads.checked_sub(1) else {
+            return Ok(false);
+        };
+        let id = &snapshot.meta.id;
+        let taken: Option<TimeRecord> = self
+            .get_json(&doc_path(id, &format!("downloads/{slot:08}")))
+            .await?;
+        if taken.is_none_or(|t| at > t.at.saturating_add(window)) {
+            return Ok(false);
+        }
+        let record = serde_json::to_vec(&TimeRecord { at }).expect("time records serialize");
+        for k in snapshot.resumes_of_latest..max_resumes {
+            let path = doc_path(id, &format!("resumes/{slot:08}-{k:03}"));
+            if self.create_once(&path, &record).await? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Writes `bytes` at `path` only if nothing is there; `false` when something was.
+    async fn create_once(&self, path: &Path, bytes: &[u8]) -> Result<bool, StorageError> {
+        let payload = PutPayload::from(bytes.to_vec());
+        match self
+            .store
+            .put_opts(path, payload, PutMode::Create.into())
+            .await
+        {
+            Ok(_) => {
+                self.sync_local(path).await?;
+                Ok(true)
+            }
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Stores a receipt.

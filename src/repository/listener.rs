@@ -1,0 +1,102 @@
+//! The repository's accept loop. It owns what protects the server from its clients before
+//! any handler runs: how many connections are served at once (back-pressure: the rest
+//! wait in the kernel's accept queue), how long a client may take to send its headers
+//! (a slow or silent client must not hold a socket forever), and a graceful stop that
+//! lets transfers in flight finish for a bounded time.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::ConnectInfo;
+use axum::serve::Listener;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::sync::Semaphore;
+use tower::ServiceExt;
+
+use crate::repository::tls::Peer;
+
+/// How long a stop waits for requests in flight (a download may be long) before the
+/// remaining connections are dropped; clients resume them.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Limits applied to every connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections served at once.
+    pub max_connections: usize,
+    /// Time a client has to send a request's headers, also between keep-alive requests.
+    pub header_timeout: Duration,
+}
+
+/// Serves `router` on the connections `listener` accepts until `shutdown` completes,
+/// then waits for requests in flight (at most [`DRAIN_TIMEOUT`]).
+pub async fn serve<L>(
+    mut listener: L,
+    router: Router,
+    limits: Limits,
+    shutdown: impl Future<Output = ()>,
+) where
+    L: Listener,
+    L::Addr: Into<Peer>,
+{
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = accept(&mut listener, &slots) => accepted,
+        };
+        let (io, peer, slot) = accepted;
+        let router = router.clone();
+        let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
+            let mut request = request.map(Body::new);
+            request.extensions_mut().insert(ConnectInfo(peer));
+            router.clone().oneshot(request)
+        });
+        let connection = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_timeout)
+            .serve_connection(TokioIo::new(io), service);
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!("repository: connection from {} ended: {e}", peer.addr);
+            }
+            drop(slot);
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "repository: stopped with transfers still running after {} s; clients resume them",
+            DRAIN_TIMEOUT.as_secs()
+        );
+    }
+}
+
+/// The next connection, once a slot is free for it.
+async fn accept<L>(
+    listener: &mut L,
+    slots: &Arc<Semaphore>,
+) -> (L::Io, Peer, tokio::sync::OwnedSemaphorePermit)
+where
+    L: Listener,
+    L::Addr: Into<Peer>,
+{
+    let slot = slots
+        .clone()
+        .acquire_owned()
+        .await
+        .expect("the connection semaphore is never closed");
+    let (io, addr) = listener.accept().await;
+    (io, addr.into(), slot)
+}
