@@ -5,14 +5,15 @@
 //! - `GET /status`: JSON [`Status`] (routes, batches, counters)
 //! - `GET /healthz`: `ok` when the index answers
 //! - `GET /metrics`: Prometheus text format
+//! - `POST /jobs/{id}/retry`: puts a failed outbound job back to the step that failed
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
@@ -22,7 +23,7 @@ use crate::batch::{BatchRecord, BatchState};
 use crate::inbound::Inbound;
 use crate::jobs::JobSummary;
 use crate::metrics::Metrics;
-use crate::outbound::Outbound;
+use crate::outbound::{Outbound, RetryError};
 use crate::route::Routes;
 use crate::spool::Spool;
 
@@ -101,6 +102,7 @@ pub async fn serve(
         .route("/status", get(status))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
+        .route("/jobs/{id}/retry", post(retry))
         .with_state(state);
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
@@ -123,6 +125,30 @@ async fn batches(state: &AdminState) -> Result<Vec<BatchRecord>, Response> {
         Ok(Ok(batches)) => Ok(batches),
         Ok(Err(e)) => Err(unavailable(e)),
         Err(e) => Err(unavailable(e)),
+    }
+}
+
+async fn retry(State(state): State<Arc<AdminState>>, Path(id): Path<String>) -> Response {
+    let outbound = state.outbound.clone();
+    let asked = id.clone();
+    let retried = tokio::task::spawn_blocking(move || outbound.retry(&asked)).await;
+    match retried {
+        Ok(Ok(step)) => (
+            StatusCode::OK,
+            format!(
+                "job {id} runs again from step {}\n",
+                crate::jobs::state_name(step)
+            ),
+        )
+            .into_response(),
+        Ok(Err(e @ RetryError::Unknown(_))) => {
+            (StatusCode::NOT_FOUND, format!("{e}\n")).into_response()
+        }
+        Ok(Err(e @ RetryError::NotFailed(..))) => {
+            (StatusCode::CONFLICT, format!("{e}\n")).into_response()
+        }
+        Ok(Err(RetryError::Index(e))) => unavailable(e),
+        Err(e) => unavailable(e),
     }
 }
 

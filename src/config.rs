@@ -221,6 +221,11 @@ pub struct RouteConfig {
     pub retention_hours: u64,
     /// Compress the PDI with zstd inside the encryption.
     pub compress: bool,
+    /// Base URL of the repository this route uploads to, when it is not the daemon's
+    /// `[repository]` (e.g. a regional repository for one partner); empty for that one.
+    pub repository_url: String,
+    /// File holding this facility's API key for `repository_url` (one line).
+    pub repository_api_key_file: PathBuf,
     /// What happens to AI support images (CAD overlays, AI results) in this route's file
     /// sets; defaults in [`crate::pdi::AiPolicy::default`].
     pub ai_support: crate::pdi::AiPolicy,
@@ -290,6 +295,8 @@ impl Default for RouteConfig {
             deliver_command: Vec::new(),
             retention_hours: 168,
             compress: true,
+            repository_url: String::new(),
+            repository_api_key_file: PathBuf::new(),
         }
     }
 }
@@ -439,7 +446,7 @@ impl Config {
             return invalid("facility.code: up to 32 printable ASCII characters".into());
         }
         let url = &self.repository.url;
-        if url != "embedded" && !(url.starts_with("https://") || url.starts_with("http://")) {
+        if url != "embedded" && !is_http(url) {
             return invalid(format!(
                 "repository.url = {url:?}: use \"embedded\" or the repository's http(s):// address"
             ));
@@ -454,6 +461,17 @@ impl Config {
                 return invalid(format!(
                     "route.{name}.slip = {:?}: use html, svg, png or pdf",
                     route.slip
+                ));
+            }
+            if !route.repository_url.is_empty()
+                && (!is_http(&route.repository_url)
+                    || route.repository_api_key_file.as_os_str().is_empty())
+            {
+                return invalid(format!(
+                    "route.{name}.repository_url = {:?}: give the repository's http(s):// \
+                     address and route.{name}.repository_api_key_file, or leave both out to \
+                     use [repository]",
+                    route.repository_url
                 ));
             }
             if route.expires_in_days == 0 || route.max_downloads == 0 {
@@ -493,6 +511,21 @@ impl Config {
         self.spool.data_dir.join("repository").join("api-key")
     }
 
+    /// The repository a route uploads to: its base URL (what tokens name) and the file
+    /// holding this facility's API key there.
+    pub fn repository_of(&self, route: &RouteConfig) -> (String, PathBuf) {
+        if !route.repository_url.is_empty() {
+            let url = route.repository_url.trim_end_matches('/').to_owned();
+            return (url, route.repository_api_key_file.clone());
+        }
+        if self.repository.url == "embedded" {
+            let url = format!("http://{}", self.repository.embedded_listen);
+            return (url, self.embedded_key_file());
+        }
+        let url = self.repository.url.trim_end_matches('/').to_owned();
+        (url, self.repository.api_key_file.clone())
+    }
+
     /// The watched folder of the inbound pipeline.
     pub fn watch_dir(&self) -> PathBuf {
         non_empty_or(&self.inbound.watch_dir, || {
@@ -507,6 +540,10 @@ impl Config {
             self.spool.data_dir.join("tokens").join(route)
         })
     }
+}
+
+fn is_http(url: &str) -> bool {
+    url.starts_with("https://") || url.starts_with("http://")
 }
 
 fn non_empty_or(path: &Path, default: impl FnOnce() -> PathBuf) -> PathBuf {
@@ -621,6 +658,30 @@ mod tests {
         let err = parse("[dicom]\nlisen = \"1.2.3.4:1\"\n[route.a]\nae_title = \"X\"\n")
             .expect_err("typo");
         assert!(err.to_string().contains("lisen"), "{err}");
+    }
+
+    #[test]
+    fn a_route_may_have_its_own_repository() {
+        let c = parse(
+            "[repository]\nurl = \"https://main.example.jp/\"\napi_key_file = \"/k\"\n\
+             [route.ct]\nae_title = \"CT\"\n[route.far]\nae_title = \"FAR\"\n\
+             repository_url = \"https://far.example.jp/\"\nrepository_api_key_file = \"/f\"\n",
+        )
+        .expect("route repository");
+        let of = |route: &str| c.repository_of(&c.routes[route]);
+        assert_eq!(of("ct"), ("https://main.example.jp".into(), "/k".into()));
+        assert_eq!(of("far"), ("https://far.example.jp".into(), "/f".into()));
+        let err = parse("[route.far]\nae_title = \"FAR\"\nrepository_url = \"https://far\"\n")
+            .expect_err("no key file");
+        assert!(
+            err.to_string()
+                .contains("route.far.repository_api_key_file"),
+            "{err}"
+        );
+        let embedded = parse("[route.ct]\nae_title = \"CT\"\n").expect("embedded");
+        let (url, key) = embedded.repository_of(&embedded.routes["ct"]);
+        assert_eq!(url, "http://127.0.0.1:11190");
+        assert!(key.ends_with("repository/api-key"), "{}", key.display());
     }
 
     #[test]

@@ -21,6 +21,9 @@ enum Command {
     Serve(ConfigArg),
     /// Show what the running daemon holds (batches, instance counts, state).
     Status(StatusArgs),
+    /// Run a failed outbound job again from the step that failed, once its cause (API
+    /// key, route, repository) is fixed.
+    Retry(RetryArgs),
     /// Send DICOM files or folders (e.g. a PDI read from disc) into a PACS with C-STORE.
     Import(ImportArgs),
     /// Create, inspect or print HI-TOKENs.
@@ -279,10 +282,22 @@ struct StatusArgs {
     json: bool,
 }
 
+#[derive(Args)]
+struct RetryArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// Admin endpoint address (default: admin.listen from the configuration).
+    #[arg(long)]
+    admin: Option<SocketAddr>,
+    /// The job, as `cloudpdi status` lists it (e.g. B000042).
+    job: String,
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Serve(args) => serve(&args),
         Command::Status(args) => status(&args),
+        Command::Retry(args) => retry(&args),
         Command::Import(args) => import(args),
         Command::Token(command) => token(command),
         Command::Encrypt(args) => encrypt(&args),
@@ -596,11 +611,33 @@ fn serve(args: &ConfigArg) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn status(args: &StatusArgs) -> anyhow::Result<()> {
-    let addr = match args.admin {
+/// The admin endpoint: given, or from the configuration.
+fn admin_addr(given: Option<SocketAddr>, config: &ConfigArg) -> anyhow::Result<SocketAddr> {
+    Ok(match given {
         Some(addr) => addr,
-        None => Config::load(&args.config.config)?.admin.listen,
-    };
+        None => Config::load(&config.config)?.admin.listen,
+    })
+}
+
+fn retry(args: &RetryArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !args.job.is_empty()
+            && args
+                .job
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-'),
+        "{:?} is not a job ID: `cloudpdi status` lists them (e.g. B000042)",
+        args.job
+    );
+    let addr = admin_addr(args.admin, &args.config)?;
+    let (accepted, answer) = runtime()?.block_on(cloudpdi::status::retry(addr, &args.job))?;
+    anyhow::ensure!(accepted, "{}", answer.trim_end());
+    print!("{answer}");
+    Ok(())
+}
+
+fn status(args: &StatusArgs) -> anyhow::Result<()> {
+    let addr = admin_addr(args.admin, &args.config)?;
     let status = runtime()?.block_on(cloudpdi::status::fetch(addr))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&status)?);

@@ -15,6 +15,7 @@
 //! Exactly one token per batch: the secret and the document ID are fixed the first time
 //! their step completes, so a repeated issue step writes the same token again.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -86,6 +87,9 @@ pub struct OutboundJob {
     pub slip_file: Option<PathBuf>,
     /// Whether the spooled instances were removed after the retention period.
     pub spool_removed: bool,
+    /// The step that failed for good, where `cloudpdi retry` starts again.
+    #[serde(default)]
+    pub failed_at: Option<OutStep>,
 }
 
 impl OutboundJob {
@@ -104,6 +108,7 @@ impl OutboundJob {
             token_file: None,
             slip_file: None,
             spool_removed: false,
+            failed_at: None,
         }
     }
 
@@ -128,48 +133,69 @@ impl OutboundJob {
     }
 }
 
+/// Why a job could not be retried.
+#[derive(Debug, thiserror::Error)]
+pub enum RetryError {
+    /// No outbound job has this ID.
+    #[error("no outbound job {0}: `cloudpdi status` lists the jobs")]
+    Unknown(String),
+    /// The job is still running or done.
+    #[error("job {0} is {1}, not failed: only failed jobs are retried")]
+    NotFailed(String, String),
+    /// The job store failed.
+    #[error(transparent)]
+    Index(#[from] crate::batch::IndexError),
+}
+
 /// Everything the outbound steps need, shared by the daemon and `cloudpdi send`.
 pub struct Sender {
     /// The daemon's configuration (facility, routes, folders).
     pub config: Arc<Config>,
-    /// The repository client (its base URL goes into the tokens).
-    pub repository: Client,
-    /// The repository URL written into tokens.
-    pub repository_url: String,
+    /// Each route's repository.
+    links: BTreeMap<String, Link>,
+}
+
+/// A repository a route uploads to.
+struct Link {
+    client: Client,
+    /// Base URL written into tokens.
+    url: String,
 }
 
 impl Sender {
-    /// The sender of a configuration: the repository URL and this facility's API key
-    /// (from `repository.api_key_file`, or the embedded repository's key file).
+    /// The sender of a configuration: for each route its repository (the route's own,
+    /// else `[repository]`) and this facility's API key there.
     ///
     /// # Errors
     /// [`StepError::Permanent`] naming the key file to fix.
     pub fn from_config(config: Arc<Config>) -> Result<Sender, StepError> {
-        let (url, key_file) = if config.repository.url == "embedded" {
-            (
-                format!("http://{}", config.repository.embedded_listen),
-                config.embedded_key_file(),
-            )
-        } else {
-            (
-                config.repository.url.trim_end_matches('/').to_owned(),
-                config.repository.api_key_file.clone(),
-            )
-        };
-        let key = std::fs::read_to_string(&key_file).map_err(|e| {
-            StepError::permanent(format!(
-                "cannot read the repository API key from {} ({e}): set repository.api_key_file",
-                key_file.display()
-            ))
-        })?;
-        let repository = Client::new(&url, Some(key.trim().to_owned()), ClientOptions::default())
-            .map_err(StepError::permanent)?;
-        Ok(Sender {
-            config,
-            repository,
-            repository_url: url,
-        })
+        let mut links = BTreeMap::new();
+        for (name, route) in &config.routes {
+            let (url, key_file) = config.repository_of(route);
+            let key = std::fs::read_to_string(&key_file).map_err(|e| {
+                StepError::permanent(format!(
+                    "route {name}: cannot read the repository API key from {} ({e}): set \
+                     repository.api_key_file (or route.{name}.repository_api_key_file)",
+                    key_file.display()
+                ))
+            })?;
+            let client = Client::new(&url, Some(key.trim().to_owned()), ClientOptions::default())
+                .map_err(StepError::permanent)?;
+            links.insert(name.clone(), Link { client, url });
+        }
+        Ok(Sender { config, links })
     }
+
+    fn link(&self, route: &str) -> Result<&Link, StepError> {
+        self.links.get(route).ok_or_else(|| gone(route))
+    }
+}
+
+/// A job's route is no longer in the configuration.
+fn gone(route: &str) -> StepError {
+    StepError::permanent(format!(
+        "route {route} is no longer configured: add it back to send this batch"
+    ))
 }
 
 /// Files of one job's working folder.
@@ -189,11 +215,7 @@ impl Workdir {
 
 impl Sender {
     fn route_options(&self, route: &str) -> Result<&crate::config::RouteConfig, StepError> {
-        self.config.routes.get(route).ok_or_else(|| {
-            StepError::permanent(format!(
-                "route {route} is no longer configured: add it back to send this batch"
-            ))
-        })
+        self.config.routes.get(route).ok_or_else(|| gone(route))
     }
 
     /// Builds the PDI ZIP of `instances` into the job folder (blocking).
@@ -289,14 +311,15 @@ impl Sender {
                 max_downloads: route.max_downloads,
                 proof_hash: secret.download_proof().hash(),
             };
-            let created = self.repository.create(&request).await?;
+            let created = self.link(&job.route)?.client.create(&request).await?;
             job.document_id = Some(created.document_id);
             if let Some(store) = store {
                 store.put(&job.id, job)?;
             }
         }
         let id = job.document_id.clone().unwrap_or_default();
-        self.repository
+        self.link(&job.route)?
+            .client
             .upload_file(&id, &dir.container(), progress)
             .await
             .map(drop)
@@ -310,7 +333,7 @@ impl Sender {
         let document_id = job.document_id.as_deref().unwrap_or_default();
         let summary = format!("{} DICOM instances", job.instances);
         let token = Token::for_secret(
-            &self.repository_url,
+            &self.link(&job.route)?.url,
             document_id,
             job.expires_at,
             &self.config.facility.code,
@@ -378,6 +401,26 @@ impl Outbound {
             .collect())
     }
 
+    /// Puts a failed job back to the step that failed (after the admin fixed the cause,
+    /// e.g. the API key or a route), with its attempts reset; the workers take it up on
+    /// their next scan. Returns the step it will run.
+    ///
+    /// # Errors
+    /// [`RetryError`] when there is no such job or it has not failed.
+    pub fn retry(&self, id: &str) -> Result<OutStep, RetryError> {
+        let Some(mut job) = self.jobs.get::<OutboundJob>(id)? else {
+            return Err(RetryError::Unknown(id.to_owned()));
+        };
+        if job.step != OutStep::Failed {
+            return Err(RetryError::NotFailed(id.to_owned(), state_name(job.step)));
+        }
+        job.step = job.failed_at.take().unwrap_or(OutStep::Pack);
+        job.progress.advanced();
+        self.jobs.put(&job.id, &job)?;
+        info!(job = %job.id, step = ?job.step, "outbound job retried by the admin");
+        Ok(job.step)
+    }
+
     /// Removes a sent batch's spooled instances once the route's retention has passed.
     fn expire_spool(
         &self,
@@ -426,6 +469,7 @@ impl Outbound {
                     error!(job = %job.id, step = ?step, "outbound job failed: {reason}");
                     job.progress
                         .failed(&StepError::Permanent(reason), Duration::ZERO);
+                    job.failed_at = Some(step);
                     job.step = OutStep::Failed;
                 }
                 Err(e) => {

@@ -42,6 +42,25 @@ pub async fn fetch(addr: SocketAddr) -> Result<Status, StatusError> {
         .map_err(unreachable)
 }
 
+/// Asks the daemon at `addr` to run failed outbound job `id` again; returns its answer
+/// (a sentence for the admin) and whether it was accepted.
+///
+/// # Errors
+/// [`StatusError::Unreachable`] when the daemon does not answer.
+pub async fn retry(addr: SocketAddr, id: &str) -> Result<(bool, String), StatusError> {
+    let unreachable = |source| StatusError::Unreachable { addr, source };
+    let response = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(10))
+        .build()
+        .map_err(unreachable)?
+        .post(format!("http://{addr}/jobs/{id}/retry"))
+        .send()
+        .await
+        .map_err(unreachable)?;
+    let accepted = response.status().is_success();
+    Ok((accepted, response.text().await.map_err(unreachable)?))
+}
+
 /// Renders the status as a table for a person at a terminal.
 pub fn render(status: &Status) -> String {
     let mut out = String::new();

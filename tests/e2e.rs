@@ -143,7 +143,14 @@ fn a_ct_study_travels_from_storescu_at_site_a_to_orthanc_at_site_b() {
     gen_ct(&study, 20, &["--charset", "iso2022"]);
     let originals = files_in(&study);
     let orthanc = Orthanc::start(dir.path());
-    let a = Daemon::start(&dir.path().join("a"), &site_a(dir.path()));
+    let far = Repository::start(&dir.path().join("far"));
+    let far_route = format!(
+        "[route.far]\nae_title = \"FAR\"\nrepository_url = \"{}\"\n\
+         repository_api_key_file = \"{}\"\n",
+        far.url,
+        far.key_file.display()
+    );
+    let a = Daemon::start(&dir.path().join("a"), &(site_a(dir.path()) + &far_route));
     let b = Daemon::start(&dir.path().join("b"), &site_b());
 
     let out = storescu(&a, "MODALITY", &[], &originals);
@@ -244,6 +251,103 @@ fn a_ct_study_travels_from_storescu_at_site_a_to_orthanc_at_site_b() {
     assert!(ok, "{out}");
     assert!(out.contains("4 instances"), "{out}");
     assert!(folder.join("DICOMDIR").is_file());
+
+    // A route with its own repository: the token names it, and it holds the document.
+    let (ok, out) = cloudpdi(&[
+        "send",
+        "--config",
+        config.to_str().unwrap(),
+        "--route",
+        "far",
+        more.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}");
+    let far_token = out
+        .lines()
+        .find_map(|l| l.strip_prefix("token: "))
+        .unwrap_or_else(|| panic!("no token path in {out}"));
+    let (ok, inspected) = cloudpdi(&["token", "inspect", &format!("@{far_token}")]);
+    assert!(ok && inspected.contains(&far.url), "{inspected}");
+    let far_id = document_id(Path::new(far_token));
+    let audit = std::fs::read_to_string(far.dir.join("audit.jsonl")).unwrap();
+    assert!(
+        audit.contains(&format!("\"document\":\"{far_id}\"")) && audit.contains("HOSPA"),
+        "{audit}"
+    );
+    let folder = dir.path().join("from-far");
+    let (ok, out) = cloudpdi(&[
+        "receive",
+        &format!("@{far_token}"),
+        "--out",
+        folder.to_str().unwrap(),
+    ]);
+    assert!(ok && out.contains("4 instances"), "{out}");
+}
+
+/// A standalone `cloudpdi repository serve` that knows facility HOSPA (its key in
+/// `key_file`), stopped when dropped.
+struct Repository {
+    child: std::process::Child,
+    url: String,
+    dir: PathBuf,
+    key_file: PathBuf,
+}
+
+impl Repository {
+    fn start(dir: &Path) -> Repository {
+        std::fs::create_dir_all(dir).unwrap();
+        let (ok, out) = cloudpdi(&["repository", "new-key"]);
+        assert!(ok, "{out}");
+        let key = out
+            .lines()
+            .find_map(|l| l.split_once("shown once): ").map(|(_, k)| k.trim()))
+            .unwrap();
+        let hash_line = out
+            .lines()
+            .find(|l| l.starts_with("api_key_sha256"))
+            .unwrap();
+        let key_file = dir.join("key");
+        std::fs::write(&key_file, key).unwrap();
+        let url = format!("http://127.0.0.1:{}", free_port());
+        let config = dir.join("repository.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[server]\nlisten = \"{}\"\n[storage]\npath = \"{}\"\n\
+                 [audit]\npath = \"{}\"\n[facility.HOSPA]\n{hash_line}\n",
+                url.trim_start_matches("http://"),
+                dir.join("store").display(),
+                dir.join("audit.jsonl").display()
+            ),
+        )
+        .unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_cloudpdi"))
+            .args(["repository", "serve", "--config"])
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join("log")).unwrap())
+            .spawn()
+            .unwrap();
+        let repository = Repository {
+            child,
+            url,
+            dir: dir.to_owned(),
+            key_file,
+        };
+        wait_for("the standalone repository", Duration::from_secs(20), || {
+            let out = run(std::process::Command::new("/usr/bin/curl")
+                .args(["-s", &format!("{}/healthz", repository.url)]));
+            (out.stdout == b"ok\n").then_some(())
+        });
+        repository
+    }
+}
+
+impl Drop for Repository {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// DICOM files left in a spool folder.
@@ -687,4 +791,68 @@ fn instances_the_pacs_refuses_are_set_aside_with_the_reason() {
     assert_eq!(files_in(&received).len(), 3, "the PACS holds the CT study");
     let (ok, table) = cloudpdi(&["status", "--admin", &b.admin.to_string()]);
     assert!(ok && table.contains(&uid), "{table}");
+}
+
+/// Site A's jobs (both directions) from `cloudpdi status`.
+fn jobs(site: &Daemon) -> Vec<serde_json::Value> {
+    site.status()["jobs"].as_array().unwrap().clone()
+}
+
+/// A job that failed for good (here: the repository refuses the API key) stays failed
+/// across a restart; once the key is fixed, `cloudpdi retry` runs it again from the step
+/// that failed and the token is issued. Retrying an unknown or a finished job is refused
+/// with a sentence.
+#[test]
+fn a_failed_outbound_job_is_retried_by_the_admin() {
+    let dir = tempfile::tempdir().unwrap();
+    let repository = Repository::start(&dir.path().join("repository"));
+    let wrong_key = dir.path().join("wrong-key");
+    std::fs::write(&wrong_key, "cpdi_not_the_key\n").unwrap();
+    let route = format!(
+        "[route.ct]\nae_title = \"CLOUDPDI\"\nstable_after = 1\n\
+         repository_url = \"{}\"\nrepository_api_key_file = \"{}\"\n\
+         [outbound]\nenabled = true\n[facility]\ncode = \"HOSPA\"\n",
+        repository.url,
+        wrong_key.display()
+    );
+    let mut a = Daemon::start(&dir.path().join("a"), &route);
+    let study = dir.path().join("study");
+    gen_ct(&study, 2, &[]);
+    let out = storescu(&a, "MODALITY", &[], &files_in(&study));
+    assert!(out.status.success(), "{out:?}");
+    let failed = wait_for("the job to fail", Duration::from_secs(60), || {
+        jobs(&a).into_iter().find(|j| j["state"] == "failed")
+    });
+    let id = failed["id"].as_str().unwrap().to_owned();
+    let error = failed["last_error"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        error.contains("key") || error.contains("unauthorized"),
+        "{failed:#}"
+    );
+    let admin = a.admin.to_string();
+    let (ok, out) = cloudpdi(&["retry", "--admin", &admin, "B999999"]);
+    assert!(!ok && out.contains("no outbound job B999999"), "{out}");
+
+    // The admin fixes the key file and restarts the daemon: the job is still failed.
+    std::fs::copy(&repository.key_file, &wrong_key).unwrap();
+    a.stop();
+    a.spawn();
+    std::thread::sleep(Duration::from_secs(2));
+    let job = jobs(&a)
+        .into_iter()
+        .find(|j| j["id"] == id.as_str())
+        .unwrap();
+    assert_eq!(job["state"], "failed", "{job:#}");
+    let (ok, out) = cloudpdi(&["retry", "--admin", &admin, &id]);
+    assert!(ok && out.contains("runs again from step upload"), "{out}");
+    let token = wait_for("the token after the retry", Duration::from_secs(60), || {
+        tokens(&a).into_iter().next()
+    });
+    let (ok, inspected) = cloudpdi(&["token", "inspect", &format!("@{}", token.display())]);
+    assert!(ok && inspected.contains(&repository.url), "{inspected}");
+    let (ok, out) = cloudpdi(&["retry", "--admin", &admin, &id]);
+    assert!(!ok && out.contains("not failed"), "{out}");
+    assert!(a.log().contains("retried by the admin"), "{}", a.log());
 }
