@@ -22,6 +22,8 @@ use crate::repository::api::{
 };
 use crate::token::DownloadProof;
 
+/// How long an idle connection is kept for the next request.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Read size when streaming a part from the file being uploaded.
 const UPLOAD_READ_CHUNK: usize = 256 * 1024;
 /// Buffer in front of the file being downloaded, so the disk sees large writes.
@@ -201,6 +203,9 @@ impl Client {
         let mut builder = reqwest::Client::builder()
             .connect_timeout(options.connect_timeout)
             .read_timeout(options.read_timeout)
+            // Below the server's default header_timeout (30 s), which also closes idle
+            // keep-alive connections: the client drops them first rather than race it.
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .tcp_nodelay(true)
             .use_rustls_tls();
         if let Some(pem) = &options.ca_certificate_pem {
