@@ -14,7 +14,7 @@ use futures_util::{StreamExt, TryStreamExt};
 use reqwest::header::{CONTENT_LENGTH, CONTENT_RANGE, HeaderValue, RANGE};
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use zeroize::Zeroizing;
 
 use crate::repository::api::{
@@ -26,6 +26,8 @@ use crate::token::DownloadProof;
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Read size when streaming a part from the file being uploaded.
 const UPLOAD_READ_CHUNK: usize = 256 * 1024;
+/// Received chunks waiting for the download's writer thread.
+const SINK_QUEUE: usize = 8;
 /// Buffer in front of the file being downloaded, so the disk sees large writes.
 const DOWNLOAD_WRITE_BUFFER: usize = 1024 * 1024;
 
@@ -554,14 +556,8 @@ impl Client {
             .catch_up(partial, start)
             .await
             .map_err(Failure::Permanent)?;
-        let file = tokio::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(partial)
-            .await
+        let sink = FileSink::open(partial, std::mem::take(&mut hashed.hasher))
             .map_err(|e| Failure::Permanent(file_error(partial)(e)))?;
-        let mut writer = tokio::io::BufWriter::with_capacity(DOWNLOAD_WRITE_BUFFER, file);
         let mut body = response.bytes_stream();
         let mut held = start;
         let mut failure = None;
@@ -572,12 +568,10 @@ impl Client {
                         failure = Some("the server sent more than the document".to_owned());
                         break;
                     }
-                    if let Err(e) = writer.write_all(&chunk).await {
-                        return Err(Failure::Permanent(file_error(partial)(e)));
-                    }
-                    hashed.hasher.update(&chunk);
                     held += chunk.len() as u64;
-                    hashed.len = held;
+                    if !sink.send(chunk).await {
+                        break;
+                    }
                     progress(held);
                 }
                 Err(e) => {
@@ -586,9 +580,17 @@ impl Client {
                 }
             }
         }
-        let file_failed = |e| Failure::Permanent(file_error(partial)(e));
-        writer.flush().await.map_err(file_failed)?;
-        writer.get_ref().sync_all().await.map_err(file_failed)?;
+        match sink.finish().await {
+            Ok((hasher, written)) => {
+                hashed.hasher = hasher;
+                hashed.len = start + written;
+                held = hashed.len;
+            }
+            Err(e) => {
+                *hashed = Hashed::default();
+                return Err(Failure::Permanent(file_error(partial)(e)));
+            }
+        }
         if let Some(failure) = failure {
             return Err(Failure::Transient(failure));
         }
@@ -612,6 +614,54 @@ impl Hashed {
         self.hasher = hash_range(partial, 0, upto, Sha256::new()).await?;
         self.len = upto;
         Ok(())
+    }
+}
+
+/// Chunks of a download on their way to the partial file: appended and hashed on a
+/// blocking thread, so that receiving, writing and hashing overlap; a bounded queue keeps
+/// memory to a few chunks.
+struct FileSink {
+    chunks: tokio::sync::mpsc::Sender<bytes::Bytes>,
+    writer: tokio::task::JoinHandle<std::io::Result<(Sha256, u64)>>,
+}
+
+impl FileSink {
+    /// Opens `partial` for appending (mode 0600); `hasher` holds the bytes already there.
+    fn open(partial: &Path, mut hasher: Sha256) -> std::io::Result<FileSink> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(partial)?;
+        let (chunks, mut queue) = tokio::sync::mpsc::channel::<bytes::Bytes>(SINK_QUEUE);
+        let writer = tokio::task::spawn_blocking(move || {
+            let mut out = std::io::BufWriter::with_capacity(DOWNLOAD_WRITE_BUFFER, file);
+            let mut written = 0;
+            while let Some(chunk) = queue.blocking_recv() {
+                out.write_all(&chunk)?;
+                hasher.update(&chunk);
+                written += chunk.len() as u64;
+            }
+            out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+            Ok((hasher, written))
+        });
+        Ok(FileSink { chunks, writer })
+    }
+
+    /// Queues a chunk; `false` when the writer stopped (its error comes from `finish`).
+    async fn send(&self, chunk: bytes::Bytes) -> bool {
+        self.chunks.send(chunk).await.is_ok()
+    }
+
+    /// Waits until every queued chunk is written and synced: the hash of the whole file
+    /// and the bytes this sink appended.
+    async fn finish(self) -> std::io::Result<(Sha256, u64)> {
+        drop(self.chunks);
+        self.writer
+            .await
+            .map_err(|e| std::io::Error::other(format!("download writer stopped: {e}")))?
     }
 }
 
