@@ -28,9 +28,7 @@ pub enum StatusError {
 /// [`StatusError::Unreachable`] when the daemon does not answer.
 pub async fn fetch(addr: SocketAddr) -> Result<Status, StatusError> {
     let unreachable = |source| StatusError::Unreachable { addr, source };
-    reqwest::Client::builder()
-        .timeout(std::time::Duration::from_secs(10))
-        .build()
+    admin_client()
         .map_err(unreachable)?
         .get(format!("http://{addr}/status"))
         .send()
@@ -42,6 +40,13 @@ pub async fn fetch(addr: SocketAddr) -> Result<Status, StatusError> {
         .map_err(unreachable)
 }
 
+/// A client for the loopback admin endpoint, which answers at once or not at all.
+fn admin_client() -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(10))
+        .build()
+}
+
 /// Asks the daemon at `addr` to run failed outbound job `id` again; returns its answer
 /// (a sentence for the admin) and whether it was accepted.
 ///
@@ -49,9 +54,7 @@ pub async fn fetch(addr: SocketAddr) -> Result<Status, StatusError> {
 /// [`StatusError::Unreachable`] when the daemon does not answer.
 pub async fn retry(addr: SocketAddr, id: &str) -> Result<(bool, String), StatusError> {
     let unreachable = |source| StatusError::Unreachable { addr, source };
-    let response = reqwest::Client::builder()
-        .timeout(std::time::Duration::from_secs(10))
-        .build()
+    let response = admin_client()
         .map_err(unreachable)?
         .post(format!("http://{addr}/jobs/{id}/retry"))
         .send()

@@ -227,61 +227,56 @@ fn a_ct_study_travels_from_storescu_at_site_a_to_orthanc_at_site_b() {
     let more = dir.path().join("more");
     gen_ct(&more, 4, &[]);
     let config = a.dir.join("cloudpdi.toml");
-    let (ok, out) = cloudpdi(&[
-        "send",
-        "--config",
-        config.to_str().unwrap(),
-        "--route",
-        "ct",
-        more.to_str().unwrap(),
-    ]);
-    assert!(ok, "{out}");
+    let (out, sent_token) = send(&config, "ct", &more);
     assert!(out.contains("sent 4 instances"), "{out}");
-    let sent_token = out
-        .lines()
-        .find_map(|l| l.strip_prefix("token: "))
-        .unwrap_or_else(|| panic!("no token path in {out}"));
     let folder = dir.path().join("as-from-disc");
-    let (ok, out) = cloudpdi(&[
-        "receive",
-        &format!("@{sent_token}"),
-        "--out",
-        folder.to_str().unwrap(),
-    ]);
-    assert!(ok, "{out}");
+    let out = receive_out(&sent_token, &folder);
     assert!(out.contains("4 instances"), "{out}");
     assert!(folder.join("DICOMDIR").is_file());
 
     // A route with its own repository: the token names it, and it holds the document.
-    let (ok, out) = cloudpdi(&[
-        "send",
-        "--config",
-        config.to_str().unwrap(),
-        "--route",
-        "far",
-        more.to_str().unwrap(),
-    ]);
-    assert!(ok, "{out}");
-    let far_token = out
-        .lines()
-        .find_map(|l| l.strip_prefix("token: "))
-        .unwrap_or_else(|| panic!("no token path in {out}"));
+    let (_, far_token) = send(&config, "far", &more);
     let (ok, inspected) = cloudpdi(&["token", "inspect", &format!("@{far_token}")]);
     assert!(ok && inspected.contains(&far.url), "{inspected}");
-    let far_id = document_id(Path::new(far_token));
+    let far_id = document_id(Path::new(&far_token));
     let audit = std::fs::read_to_string(far.dir.join("audit.jsonl")).unwrap();
     assert!(
         audit.contains(&format!("\"document\":\"{far_id}\"")) && audit.contains("HOSPA"),
         "{audit}"
     );
-    let folder = dir.path().join("from-far");
+    let out = receive_out(&far_token, &dir.path().join("from-far"));
+    assert!(out.contains("4 instances"), "{out}");
+}
+
+/// `cloudpdi send` of `files` through `route`: its output and the token file it names.
+fn send(config: &Path, route: &str, files: &Path) -> (String, String) {
+    let (ok, out) = cloudpdi(&[
+        "send",
+        "--config",
+        config.to_str().unwrap(),
+        "--route",
+        route,
+        files.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}");
+    let token = out
+        .lines()
+        .find_map(|l| l.strip_prefix("token: "))
+        .unwrap_or_else(|| panic!("no token path in {out}"))
+        .to_owned();
+    (out, token)
+}
+
+/// `cloudpdi receive @TOKEN --out FOLDER` (no daemon): its output.
+fn receive_out(token: &str, folder: &Path) -> String {
     let (ok, out) = cloudpdi(&[
         "receive",
-        &format!("@{far_token}"),
+        &format!("@{token}"),
         "--out",
         folder.to_str().unwrap(),
     ]);
-    assert!(ok && out.contains("4 instances"), "{out}");
+    assert!(ok, "{out}");
+    out
 }
 
 /// A standalone `cloudpdi repository serve` that knows facility HOSPA (its key in
@@ -824,9 +819,7 @@ fn a_failed_outbound_job_is_retried_by_the_admin() {
         jobs(&a).into_iter().find(|j| j["state"] == "failed")
     });
     let id = failed["id"].as_str().unwrap().to_owned();
-    let error = failed["last_error"]
-        .as_str()
-        .unwrap_or_default();
+    let error = failed["last_error"].as_str().unwrap_or_default();
     assert!(
         error.contains("key") || error.contains("unauthorized"),
         "{failed:#}"
