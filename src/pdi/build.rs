@@ -93,6 +93,8 @@ struct Scanned {
     size: u64,
     sha256: String,
     crc: u32,
+    /// What the AI-image policy does with it, decided on the whole header.
+    ai: Option<AiAction>,
     labelled: bool,
 }
 
@@ -142,7 +144,7 @@ pub(crate) fn hash_file(path: &Path) -> io::Result<(u64, String, u32)> {
 type ScanResult = Result<Option<Scanned>, PdiError>;
 
 /// Reads every header and hashes every file, on all cores.
-fn scan(files: &[PathBuf]) -> Vec<ScanResult> {
+fn scan(files: &[PathBuf], policy: &AiPolicy) -> Vec<ScanResult> {
     let next = AtomicUsize::new(0);
     let workers = std::thread::available_parallelism()
         .map_or(2, usize::from)
@@ -158,7 +160,7 @@ fn scan(files: &[PathBuf]) -> Vec<ScanResult> {
                         let Some(path) = files.get(i) else {
                             return mine;
                         };
-                        mine.push((i, scan_one(path)));
+                        mine.push((i, scan_one(path, policy)));
                     }
                 })
             })
@@ -177,19 +179,24 @@ fn scan(files: &[PathBuf]) -> Vec<ScanResult> {
         .collect()
 }
 
-fn scan_one(path: &Path) -> ScanResult {
-    let header = match instance::read(path) {
+/// Reads and hashes one input, decides what the AI-image policy does with it, then keeps
+/// only the header elements the file set needs.
+fn scan_one(path: &Path, policy: &AiPolicy) -> ScanResult {
+    let mut header = match instance::read(path) {
         Ok(header) => header,
         Err(InstanceError::NotDicom(_)) => return Ok(None),
         Err(e) => return Err(e.into()),
     };
     let (size, sha256, crc) = hash_file(path).map_err(|e| PdiError::io(path, e))?;
+    let ai = policy.decide(&header);
+    header.retain(needed_after_scan);
     Ok(Some(Scanned {
         header,
         source: path.to_owned(),
         size,
         sha256,
         crc,
+        ai,
         labelled: false,
     }))
 }
@@ -340,7 +347,7 @@ fn build(
     let mut scanned = Vec::new();
     let mut seen = HashSet::new();
     let mut excluded = Vec::new();
-    for (path, result) in files.iter().zip(scan(&files)) {
+    for (path, result) in files.iter().zip(scan(&files, &options.policy)) {
         let Some(mut item) = result? else {
             report.skipped.push(path.clone());
             continue;
@@ -349,7 +356,7 @@ fn build(
             report.duplicates += 1;
             continue;
         }
-        match options.policy.decide(&item.header) {
+        match item.ai {
             Some(AiAction::Exclude) => {
                 excluded.push(Excluded {
                     sop_instance_uid: item.header.sop_instance_uid.clone(),
@@ -554,6 +561,46 @@ fn add_verification_datetime(elements: &mut Vec<element::Element>, instance: &In
     }
 }
 
+/// Where a missing date key is taken from, in order: Series, Acquisition, Content and
+/// Study Date.
+const DATE_STAND_INS: [u32; 4] = [
+    0x0008_0021,
+    0x0008_0022,
+    tags::CONTENT_DATE,
+    tags::STUDY_DATE,
+];
+/// The same for a missing time key.
+const TIME_STAND_INS: [u32; 4] = [
+    0x0008_0031,
+    0x0008_0032,
+    tags::CONTENT_TIME,
+    tags::STUDY_TIME,
+];
+
+/// What a file set still reads of a scanned instance's header besides the record keys:
+/// the character set, the stand-ins for missing dates and times, an SR's verification,
+/// what orders the tree and what README.TXT shows.
+const KEPT_BESIDES_KEYS: [u32; 10] = [
+    tags::SPECIFIC_CHARACTER_SET,
+    tags::PATIENT_ID,
+    tags::STUDY_DESCRIPTION,
+    tags::SERIES_NUMBER,
+    tags::SERIES_DESCRIPTION,
+    tags::MODALITY,
+    tags::INSTANCE_NUMBER,
+    tags::VERIFICATION_FLAG,
+    tags::VERIFYING_OBSERVER_SEQUENCE,
+    tags::VERIFICATION_DATETIME,
+];
+
+/// Whether the build reads `tag` of an instance after scanning it.
+fn needed_after_scan(tag: u32) -> bool {
+    dicomdir::is_record_key(tag)
+        || KEPT_BESIDES_KEYS.contains(&tag)
+        || DATE_STAND_INS.contains(&tag)
+        || TIME_STAND_INS.contains(&tag)
+}
+
 /// A value for a type 1 key the instance lacks: a date or time from the instance's other
 /// dates (series, acquisition, content, study), else a neutral constant.
 fn stand_in(instance: &Instance, tag: u32) -> Option<String> {
@@ -564,24 +611,12 @@ fn stand_in(instance: &Instance, tag: u32) -> Option<String> {
             .find(|v| !v.is_empty())
     };
     match tag {
-        tags::STUDY_DATE | tags::CONTENT_DATE | tags::PRESENTATION_CREATION_DATE => Some(
-            first_of(&[
-                0x0008_0021,
-                0x0008_0022,
-                tags::CONTENT_DATE,
-                tags::STUDY_DATE,
-            ])
-            .unwrap_or_else(|| "19000101".into()),
-        ),
-        tags::STUDY_TIME | tags::CONTENT_TIME | tags::PRESENTATION_CREATION_TIME => Some(
-            first_of(&[
-                0x0008_0031,
-                0x0008_0032,
-                tags::CONTENT_TIME,
-                tags::STUDY_TIME,
-            ])
-            .unwrap_or_else(|| "000000".into()),
-        ),
+        tags::STUDY_DATE | tags::CONTENT_DATE | tags::PRESENTATION_CREATION_DATE => {
+            Some(first_of(&DATE_STAND_INS).unwrap_or_else(|| "19000101".into()))
+        }
+        tags::STUDY_TIME | tags::CONTENT_TIME | tags::PRESENTATION_CREATION_TIME => {
+            Some(first_of(&TIME_STAND_INS).unwrap_or_else(|| "000000".into()))
+        }
         tags::PATIENT_ID => Some("UNKNOWN".into()),
         tags::MODALITY => Some("OT".into()),
         tags::COMPLETION_FLAG => Some("PARTIAL".into()),
@@ -741,7 +776,8 @@ fn records(
 /// `scratch`; the item then points at the copy. `None` when the file cannot be edited in
 /// place (deflated, group lengths, non-ASCII description).
 fn mark(item: &mut Scanned, scratch: &Path) -> Result<Option<()>, PdiError> {
-    let h = &item.header;
+    // The scan kept only the record keys; editing needs every element's offset.
+    let h = &instance::read(&item.source)?;
     if h.deflated || h.element(0x0008_0000).is_some() {
         return Ok(None);
     }
@@ -802,7 +838,8 @@ fn mark(item: &mut Scanned, scratch: &Path) -> Result<Option<()>, PdiError> {
     io::copy(&mut source, &mut out).map_err(io_err)?;
     out.flush().map_err(io_err)?;
     drop(out);
-    let header = instance::read(&target)?;
+    let mut header = instance::read(&target)?;
+    header.retain(needed_after_scan);
     let (size, sha256, crc) = hash_file(&target).map_err(io_err)?;
     *item = Scanned {
         header,
@@ -810,6 +847,7 @@ fn mark(item: &mut Scanned, scratch: &Path) -> Result<Option<()>, PdiError> {
         size,
         sha256,
         crc,
+        ai: item.ai,
         labelled: true,
     };
     Ok(Some(()))

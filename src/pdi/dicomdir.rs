@@ -195,6 +195,32 @@ const SPECTROSCOPY_KEYS: &[Key] = &[
     key(tags::COLUMNS, b"US", V),
 ];
 
+/// The keys of every record type.
+const ALL_KEYS: &[&[Key]] = &[
+    PATIENT_KEYS,
+    STUDY_KEYS,
+    SERIES_KEYS,
+    IMAGE_KEYS,
+    SR_KEYS,
+    KEY_OBJECT_KEYS,
+    PRESENTATION_KEYS,
+    ENCAP_DOC_KEYS,
+    CONTENT_KEYS,
+    CONTENT_ID_KEYS,
+    RT_DOSE_KEYS,
+    RT_STRUCTURE_KEYS,
+    RT_PLAN_KEYS,
+    RT_TREAT_KEYS,
+    SPECTROSCOPY_KEYS,
+];
+
+/// Whether some directory record copies `tag` from an instance.
+pub fn is_record_key(tag: u32) -> bool {
+    ALL_KEYS
+        .iter()
+        .any(|keys| keys.iter().any(|k| k.tag == tag))
+}
+
 /// The directory record type of an instance and the keys it carries.
 pub fn leaf_kind(sop_class_uid: &str) -> (&'static str, &'static [Key]) {
     let storage = sop_class_uid.strip_prefix("1.2.840.10008.5.1.4.1.1.");

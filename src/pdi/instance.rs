@@ -62,6 +62,14 @@ pub struct Instance {
 }
 
 impl Instance {
+    /// Keeps only the elements whose tag `keep` accepts. Once an instance is scanned its
+    /// record keys are all a file set needs of its header, and a study of thousands of
+    /// instances should not hold every header whole until the DICOMDIR is written.
+    pub fn retain(&mut self, keep: impl Fn(u32) -> bool) {
+        self.elements.retain(|e| keep(e.tag));
+        self.elements.shrink_to_fit();
+    }
+
     /// Text of a top-level element (trimmed), empty when absent.
     pub fn text(&self, tag: u32) -> String {
         text_of(&self.elements, tag)
