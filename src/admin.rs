@@ -5,7 +5,8 @@
 //! - `GET /status`: JSON [`Status`] (routes, batches, counters)
 //! - `GET /healthz`: `ok` when the index answers
 //! - `GET /metrics`: Prometheus text format
-//! - `POST /jobs/{id}/retry`: puts a failed outbound job back to the step that failed
+//! - `POST /jobs/{id}/retry` (with the `x-cloudpdi-admin` header): puts a failed
+//!   outbound job back to the step that failed
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -128,7 +129,19 @@ async fn batches(state: &AdminState) -> Result<Vec<BatchRecord>, Response> {
     }
 }
 
-async fn retry(State(state): State<Arc<AdminState>>, Path(id): Path<String>) -> Response {
+/// Header a retry must carry: a web page in a browser on this host cannot add it to a
+/// cross-site POST without a preflight the endpoint never answers.
+pub const ADMIN_HEADER: &str = "x-cloudpdi-admin";
+
+async fn retry(
+    State(state): State<Arc<AdminState>>,
+    Path(id): Path<String>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    if !headers.contains_key(ADMIN_HEADER) {
+        let refusal = format!("a retry needs the {ADMIN_HEADER} header: use `cloudpdi retry`\n");
+        return (StatusCode::FORBIDDEN, refusal).into_response();
+    }
     let outbound = state.outbound.clone();
     let asked = id.clone();
     let retried = tokio::task::spawn_blocking(move || outbound.retry(&asked)).await;

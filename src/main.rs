@@ -21,8 +21,8 @@ enum Command {
     Serve(ConfigArg),
     /// Show what the running daemon holds (batches, instance counts, state).
     Status(StatusArgs),
-    /// Run a failed outbound job again from the step that failed, once its cause (API
-    /// key, route, repository) is fixed.
+    /// Run a failed outbound job again from the step that failed, once its cause is fixed
+    /// (after a change to the configuration or a key file, restart the daemon first).
     Retry(RetryArgs),
     /// Send DICOM files or folders (e.g. a PDI read from disc) into a PACS with C-STORE.
     Import(ImportArgs),
@@ -673,7 +673,7 @@ fn send(args: SendArgs) -> anyhow::Result<()> {
         args.config.config.display(),
         config.routes.keys().cloned().collect::<Vec<_>>().join(", ")
     );
-    let sender = std::sync::Arc::new(Sender::from_config(config.clone())?);
+    let sender = std::sync::Arc::new(Sender::from_config(config.clone()));
     let workdir = config
         .jobs_dir()
         .join("send")

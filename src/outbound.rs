@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::batch::{BatchId, now_ms};
-use crate::config::Config;
+use crate::config::{Config, RouteConfig};
 use crate::container::{self, Compression, Options};
 use crate::jobs::{
     JobStore, JobSummary, Pipeline, Progress, StepError, remove_folder, state_name, write_durably,
@@ -90,6 +90,9 @@ pub struct OutboundJob {
     /// The step that failed for good, where `cloudpdi retry` starts again.
     #[serde(default)]
     pub failed_at: Option<OutStep>,
+    /// Base URL of the repository that holds `document_id` (what the token names).
+    #[serde(default)]
+    pub repository: Option<String>,
 }
 
 impl OutboundJob {
@@ -109,6 +112,7 @@ impl OutboundJob {
             slip_file: None,
             spool_removed: false,
             failed_at: None,
+            repository: None,
         }
     }
 
@@ -151,8 +155,9 @@ pub enum RetryError {
 pub struct Sender {
     /// The daemon's configuration (facility, routes, folders).
     pub config: Arc<Config>,
-    /// Each route's repository.
-    links: BTreeMap<String, Link>,
+    /// Each route's repository, or why it cannot be used (that route's jobs fail with
+    /// the reason; the others go on).
+    links: BTreeMap<String, Result<Link, String>>,
 }
 
 /// A repository a route uploads to.
@@ -164,30 +169,46 @@ struct Link {
 
 impl Sender {
     /// The sender of a configuration: for each route its repository (the route's own,
-    /// else `[repository]`) and this facility's API key there.
-    ///
-    /// # Errors
-    /// [`StepError::Permanent`] naming the key file to fix.
-    pub fn from_config(config: Arc<Config>) -> Result<Sender, StepError> {
-        let mut links = BTreeMap::new();
-        for (name, route) in &config.routes {
-            let (url, key_file) = config.repository_of(route);
-            let key = std::fs::read_to_string(&key_file).map_err(|e| {
-                StepError::permanent(format!(
-                    "route {name}: cannot read the repository API key from {} ({e}): set \
-                     repository.api_key_file (or route.{name}.repository_api_key_file)",
-                    key_file.display()
-                ))
-            })?;
-            let client = Client::new(&url, Some(key.trim().to_owned()), ClientOptions::default())
-                .map_err(StepError::permanent)?;
-            links.insert(name.clone(), Link { client, url });
-        }
-        Ok(Sender { config, links })
+    /// else `[repository]`) and this facility's API key there. A route whose key cannot be
+    /// read is logged and its jobs fail with the reason; the other routes work.
+    pub fn from_config(config: Arc<Config>) -> Sender {
+        let links = config
+            .routes
+            .iter()
+            .map(|(name, route)| {
+                let link = Self::link_of(&config, name, route);
+                if let Err(reason) = &link
+                    && config.outbound.enabled
+                {
+                    error!(route = %name, "{reason}");
+                }
+                (name.clone(), link)
+            })
+            .collect();
+        Sender { config, links }
+    }
+
+    fn link_of(config: &Config, name: &str, route: &RouteConfig) -> Result<Link, String> {
+        let (url, key_file) = config.repository_of(route);
+        let key = std::fs::read_to_string(&key_file).map_err(|e| {
+            format!(
+                "route {name}: cannot read the repository API key from {} ({e}): set \
+                 repository.api_key_file (or route.{name}.repository_api_key_file), restart \
+                 the daemon, then `cloudpdi retry` the failed jobs",
+                key_file.display()
+            )
+        })?;
+        let client = Client::new(&url, Some(key.trim().to_owned()), ClientOptions::default())
+            .map_err(|e| format!("route {name}: {e}"))?;
+        Ok(Link { client, url })
     }
 
     fn link(&self, route: &str) -> Result<&Link, StepError> {
-        self.links.get(route).ok_or_else(|| gone(route))
+        match self.links.get(route) {
+            Some(Ok(link)) => Ok(link),
+            Some(Err(reason)) => Err(StepError::permanent(reason.clone())),
+            None => Err(gone(route)),
+        }
     }
 }
 
@@ -300,6 +321,11 @@ impl Sender {
         progress: &(dyn Fn(u64) + Sync),
     ) -> Result<(), StepError> {
         let route = self.route_options(&job.route)?;
+        let link = self.link(&job.route)?;
+        if job.repository.as_deref() != Some(link.url.as_str()) {
+            // Created at a repository the route no longer uses: start a new document.
+            job.document_id = None;
+        }
         if job.document_id.is_none() {
             let secret = Self::secret(dir)?;
             let expires = now_ms() / 1000 + u64::from(route.expires_in_days) * 86_400;
@@ -311,15 +337,15 @@ impl Sender {
                 max_downloads: route.max_downloads,
                 proof_hash: secret.download_proof().hash(),
             };
-            let created = self.link(&job.route)?.client.create(&request).await?;
+            let created = link.client.create(&request).await?;
             job.document_id = Some(created.document_id);
+            job.repository = Some(link.url.clone());
             if let Some(store) = store {
                 store.put(&job.id, job)?;
             }
         }
         let id = job.document_id.clone().unwrap_or_default();
-        self.link(&job.route)?
-            .client
+        link.client
             .upload_file(&id, &dir.container(), progress)
             .await
             .map(drop)
@@ -332,8 +358,12 @@ impl Sender {
         let secret = Self::secret(dir)?;
         let document_id = job.document_id.as_deref().unwrap_or_default();
         let summary = format!("{} DICOM instances", job.instances);
+        let repository = match &job.repository {
+            Some(url) => url.clone(),
+            None => self.link(&job.route)?.url.clone(),
+        };
         let token = Token::for_secret(
-            &self.link(&job.route)?.url,
+            &repository,
             document_id,
             job.expires_at,
             &self.config.facility.code,
@@ -401,9 +431,10 @@ impl Outbound {
             .collect())
     }
 
-    /// Puts a failed job back to the step that failed (after the admin fixed the cause,
-    /// e.g. the API key or a route), with its attempts reset; the workers take it up on
-    /// their next scan. Returns the step it will run.
+    /// Puts a failed job back to the step that failed, with its attempts reset, once the
+    /// admin fixed the cause (a key file or the configuration: the daemon reads those at
+    /// start, so after a restart); the workers take it up on their next scan. Returns the
+    /// step it will run.
     ///
     /// # Errors
     /// [`RetryError`] when there is no such job or it has not failed.
@@ -415,6 +446,12 @@ impl Outbound {
             return Err(RetryError::NotFailed(id.to_owned(), state_name(job.step)));
         }
         job.step = job.failed_at.take().unwrap_or(OutStep::Pack);
+        if job.step == OutStep::Upload {
+            // The document may be the cause (refused, gone): upload into a new one; the
+            // old one expires in the repository by itself.
+            job.document_id = None;
+            job.repository = None;
+        }
         job.progress.advanced();
         self.jobs.put(&job.id, &job)?;
         info!(job = %job.id, step = ?job.step, "outbound job retried by the admin");

@@ -80,8 +80,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         "embedded" => Some(embedded_repository(&config, repository_stop.clone()).await?),
         _ => None,
     };
-    let sender =
-        Sender::from_config(config.clone()).map_err(|e| ServeError::Repository(e.to_string()))?;
+    let sender = Sender::from_config(config.clone());
     let outbound = Arc::new(Outbound::new(sender, spool.clone())?);
     let outbound_task = config.outbound.enabled.then(|| {
         tokio::spawn(crate::jobs::work(

@@ -57,6 +57,7 @@ pub async fn retry(addr: SocketAddr, id: &str) -> Result<(bool, String), StatusE
     let response = admin_client()
         .map_err(unreachable)?
         .post(format!("http://{addr}/jobs/{id}/retry"))
+        .header(crate::admin::ADMIN_HEADER, "1")
         .send()
         .await
         .map_err(unreachable)?;

@@ -793,22 +793,21 @@ fn jobs(site: &Daemon) -> Vec<serde_json::Value> {
     site.status()["jobs"].as_array().unwrap().clone()
 }
 
-/// A job that failed for good (here: the repository refuses the API key) stays failed
-/// across a restart; once the key is fixed, `cloudpdi retry` runs it again from the step
-/// that failed and the token is issued. Retrying an unknown or a finished job is refused
-/// with a sentence.
+/// A job that failed for good (here: its route's API key file is missing) stays failed
+/// across a restart; once the key is in place and the daemon restarted, `cloudpdi retry`
+/// runs it again from the step that failed and the token is issued. Retrying an unknown
+/// or a finished job, or without the admin header, is refused with a sentence.
 #[test]
 fn a_failed_outbound_job_is_retried_by_the_admin() {
     let dir = tempfile::tempdir().unwrap();
     let repository = Repository::start(&dir.path().join("repository"));
-    let wrong_key = dir.path().join("wrong-key");
-    std::fs::write(&wrong_key, "cpdi_not_the_key\n").unwrap();
+    let key_file = dir.path().join("partner-key");
     let route = format!(
         "[route.ct]\nae_title = \"CLOUDPDI\"\nstable_after = 1\n\
          repository_url = \"{}\"\nrepository_api_key_file = \"{}\"\n\
          [outbound]\nenabled = true\n[facility]\ncode = \"HOSPA\"\n",
         repository.url,
-        wrong_key.display()
+        key_file.display()
     );
     let mut a = Daemon::start(&dir.path().join("a"), &route);
     let study = dir.path().join("study");
@@ -821,15 +820,19 @@ fn a_failed_outbound_job_is_retried_by_the_admin() {
     let id = failed["id"].as_str().unwrap().to_owned();
     let error = failed["last_error"].as_str().unwrap_or_default();
     assert!(
-        error.contains("key") || error.contains("unauthorized"),
+        error.contains("cannot read the repository API key"),
         "{failed:#}"
     );
     let admin = a.admin.to_string();
     let (ok, out) = cloudpdi(&["retry", "--admin", &admin, "B999999"]);
     assert!(!ok && out.contains("no outbound job B999999"), "{out}");
+    let forged = run(std::process::Command::new("/usr/bin/curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST"])
+        .arg(format!("http://{admin}/jobs/{id}/retry")));
+    assert_eq!(forged.stdout, b"403", "a retry without the admin header");
 
-    // The admin fixes the key file and restarts the daemon: the job is still failed.
-    std::fs::copy(&repository.key_file, &wrong_key).unwrap();
+    // The admin puts the key file in place and restarts the daemon: still failed.
+    std::fs::copy(&repository.key_file, &key_file).unwrap();
     a.stop();
     a.spawn();
     std::thread::sleep(Duration::from_secs(2));

@@ -84,7 +84,8 @@ pub struct ServerConfig {
     /// Resumes allowed per download; beyond, a request counts as a new download. With
     /// `max_downloads` this bounds what one token can fetch.
     pub max_resumes_per_download: u32,
-    /// Seconds a client has to send a request's headers (slow clients hold sockets).
+    /// Seconds a client has to send a request's headers, also between keep-alive requests
+    /// (slow clients hold sockets); 25 to 3600, above the client's 20 s idle pool.
     pub header_timeout: u64,
     /// Connections served at once; more wait in the kernel's accept queue.
     pub max_connections: usize,
@@ -283,6 +284,18 @@ impl RepositoryConfig {
                  must be at least 1 second",
             );
         }
+        if !(25..=3600).contains(&s.header_timeout) {
+            return invalid(
+                "server.header_timeout must be between 25 and 3600 seconds (clients keep \
+                 idle connections 20 s; the server must not close them first)",
+            );
+        }
+        if !(1..=65_536).contains(&s.max_connections) {
+            return invalid("server.max_connections must be between 1 and 65536");
+        }
+        if s.max_resumes_per_download > 1000 {
+            return invalid("server.max_resumes_per_download must be at most 1000");
+        }
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return invalid("tls.cert and tls.key go together: set both or neither");
         }
@@ -357,5 +370,13 @@ mod tests {
         assert!(err.to_string().contains("bucket"), "{err}");
         let err = parse("[server]\nlisen = \"1.2.3.4:1\"\n").expect_err("typo");
         assert!(err.to_string().contains("lisen"), "{err}");
+        for (setting, key) in [
+            ("header_timeout = 0", "header_timeout"),
+            ("header_timeout = 99999999999", "header_timeout"),
+            ("max_connections = 0", "max_connections"),
+        ] {
+            let err = parse(&format!("[server]\n{setting}\n")).expect_err(setting);
+            assert!(err.to_string().contains(key), "{setting}: {err}");
+        }
     }
 }

@@ -21,7 +21,7 @@ use tower::ServiceExt;
 use crate::repository::tls::Peer;
 
 /// How long a stop waits for requests in flight (a download may be long) before the
-/// remaining connections are dropped; clients resume them.
+/// remaining connections are closed; clients resume them.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Limits applied to every connection.
@@ -46,6 +46,7 @@ pub async fn serve<L>(
 {
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let graceful = GracefulShutdown::new();
+    let mut connections = tokio::task::JoinSet::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let accepted = tokio::select! {
@@ -64,7 +65,8 @@ pub async fn serve<L>(
             .header_read_timeout(limits.header_timeout)
             .serve_connection(TokioIo::new(io), service);
         let connection = graceful.watch(connection);
-        tokio::spawn(async move {
+        while connections.try_join_next().is_some() {}
+        connections.spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!("repository: connection from {} ended: {e}", peer.addr);
             }
@@ -77,10 +79,12 @@ pub async fn serve<L>(
         .is_err()
     {
         tracing::warn!(
-            "repository: stopped with transfers still running after {} s; clients resume them",
+            "repository: {} connection(s) still busy after {} s; closed (clients resume)",
+            connections.len(),
             DRAIN_TIMEOUT.as_secs()
         );
     }
+    connections.shutdown().await;
 }
 
 /// The next connection, once a slot is free for it.

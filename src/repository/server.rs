@@ -1148,7 +1148,8 @@ pub async fn run(
     if config.tls.cert.is_some() {
         let tls = crate::repository::tls::server_config(&config.tls).map_err(ServerError::Tls)?;
         tracing::info!("repository: listening on https://{local}");
-        listener::serve(TlsListener::new(listener, tls)?, router, limits, shutdown).await;
+        let tls = TlsListener::new(listener, tls, limits.max_connections)?;
+        listener::serve(tls, router, limits, shutdown).await;
     } else {
         tracing::info!("repository: listening on http://{local}");
         listener::serve(listener, router, limits, shutdown).await;

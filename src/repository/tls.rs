@@ -12,7 +12,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use sha2::{Digest, Sha256};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
@@ -100,11 +100,18 @@ impl TlsListener {
     ///
     /// # Errors
     /// The listener's address cannot be read.
-    pub fn new(tcp: TcpListener, config: rustls::ServerConfig) -> std::io::Result<TlsListener> {
+    /// At most `max_pending` connections are in their handshake or waiting to be served
+    /// at once; further ones wait in the kernel's accept queue.
+    pub fn new(
+        tcp: TcpListener,
+        config: rustls::ServerConfig,
+        max_pending: usize,
+    ) -> std::io::Result<TlsListener> {
         let local = tcp.local_addr()?;
         let acceptor = TlsAcceptor::from(Arc::new(config));
         let (tx, ready) = mpsc::channel(READY_QUEUE);
-        tokio::spawn(accept_loop(tcp, acceptor, tx));
+        let pending = Arc::new(Semaphore::new(max_pending.max(1)));
+        tokio::spawn(accept_loop(tcp, acceptor, tx, pending));
         Ok(TlsListener { ready, local })
     }
 }
@@ -113,12 +120,14 @@ async fn accept_loop(
     tcp: TcpListener,
     acceptor: TlsAcceptor,
     tx: mpsc::Sender<(TlsStream<TcpStream>, Peer)>,
+    pending: Arc<Semaphore>,
 ) {
     loop {
         let accepted = tokio::select! {
-            accepted = tcp.accept() => accepted,
+            accepted = accept_with(&tcp, &pending) => accepted,
             () = tx.closed() => return,
         };
+        let (accepted, permit) = accepted;
         let (stream, addr) = match accepted {
             Ok(accepted) => accepted,
             Err(e) => {
@@ -131,6 +140,7 @@ async fn accept_loop(
         let acceptor = acceptor.clone();
         let tx = tx.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => {
                     let cert_sha256 = tls
@@ -139,13 +149,35 @@ async fn accept_loop(
                         .peer_certificates()
                         .and_then(|certs| certs.first())
                         .map(|cert| Sha256::digest(cert.as_ref()).into());
-                    let _ = tx.send((tls, Peer { addr, cert_sha256 })).await;
+                    let handed = tx.send((tls, Peer { addr, cert_sha256 }));
+                    if tokio::time::timeout(HANDSHAKE_TIMEOUT, handed)
+                        .await
+                        .is_err()
+                    {
+                        tracing::info!("repository: no free connection slot for {addr}; closed");
+                    }
                 }
                 Ok(Err(e)) => tracing::info!("repository: TLS handshake from {addr} failed: {e}"),
                 Err(_) => tracing::info!("repository: TLS handshake from {addr} timed out"),
             }
         });
     }
+}
+
+/// The next TCP connection, once a pending slot is free for it.
+async fn accept_with(
+    tcp: &TcpListener,
+    pending: &Arc<Semaphore>,
+) -> (
+    std::io::Result<(TcpStream, SocketAddr)>,
+    OwnedSemaphorePermit,
+) {
+    let permit = pending
+        .clone()
+        .acquire_owned()
+        .await
+        .expect("the pending semaphore is never closed");
+    (tcp.accept().await, permit)
 }
 
 impl Listener for TlsListener {
