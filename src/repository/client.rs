@@ -470,6 +470,11 @@ impl Client {
     /// there (HTTP Range), until the whole document is there; the file is synced and its
     /// size and SHA-256 checked. `progress` gets the bytes held so far. Returns the size.
     ///
+    /// Not cancel-safe: when the future is dropped mid-transfer, the writer thread still
+    /// appends the chunks it was handed (at most a few MiB) before it stops, so a new
+    /// download into the same file must not start in the same process until it has (the
+    /// daemon only drops it when it stops).
+    ///
     /// # Errors
     /// [`ClientError`]; `NotAvailable` when the proof does not open the document;
     /// `Integrity` (partial file removed) when the result does not match.
