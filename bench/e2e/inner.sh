@@ -6,6 +6,9 @@ ip link set lo up
 bin=$PWD/target/release/cloudpdi
 n=$(ls "$work/study" | wc -l)
 now() { date +%s.%N; }
+# Every process started here (Orthanc, both sites) is stopped when the script ends.
+started=()
+trap 'kill "${started[@]}" 2>/dev/null; wait 2>/dev/null' EXIT
 count() { curl -sf http://127.0.0.1:8042/statistics | python3 -c 'import json,sys; print(json.load(sys.stdin)["CountInstances"])'; }
 
 orthanc() { # $1: storage folder
@@ -16,6 +19,7 @@ orthanc() { # $1: storage folder
 JSON
   /usr/sbin/Orthanc "$1/orthanc.json" >"$1/log" 2>&1 &
   peer=$!
+  started+=("$peer")
   for i in $(seq 200); do curl -sf http://127.0.0.1:8042/system >/dev/null && return; sleep 0.1; done
   echo "Orthanc did not start" >&2; exit 1
 }
@@ -38,6 +42,7 @@ compress = false
 $5
 TOML
   "$bin" serve --config "$1/c.toml" >"$1/log" 2>&1 &
+  started+=("$!")
   for i in $(seq 200); do curl -sf "http://127.0.0.1:$3/healthz" >/dev/null && return; sleep 0.05; done
   echo "cloudpdi did not start: $(cat "$1/log")" >&2; exit 1
 }
