@@ -141,5 +141,13 @@ fn render_jobs(out: &mut String, status: &Status) {
         for note in &job.notes {
             let _ = writeln!(out, "{:<14} {note}", "");
         }
+        if job.state == "failed" {
+            let hint = if job.direction == "outbound" {
+                format!("fix the cause, then: cloudpdi retry {}", job.id)
+            } else {
+                "fix the cause, then drop the token into the watch folder again".to_owned()
+            };
+            let _ = writeln!(out, "{:<14} {hint}", "");
+        }
     }
 }

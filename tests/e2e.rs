@@ -824,6 +824,11 @@ fn a_failed_outbound_job_is_retried_by_the_admin() {
         "{failed:#}"
     );
     let admin = a.admin.to_string();
+    let (ok, table) = cloudpdi(&["status", "--admin", &admin]);
+    assert!(
+        ok && table.contains(&format!("then: cloudpdi retry {id}")),
+        "{table}"
+    );
     let (ok, out) = cloudpdi(&["retry", "--admin", &admin, "B999999"]);
     assert!(!ok && out.contains("no outbound job B999999"), "{out}");
     let forged = run(std::process::Command::new("/usr/bin/curl")
