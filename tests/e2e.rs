@@ -90,6 +90,24 @@ fn wait_job_state(site: &Daemon, state: &str, within: Duration) -> serde_json::V
     }
 }
 
+/// How many of the jobs are done.
+fn done(jobs: &[serde_json::Value]) -> usize {
+    jobs.iter().filter(|j| j["state"] == "done").count()
+}
+
+/// Waits until `count` inbound jobs of `site` are done; returns its inbound jobs.
+fn wait_imports_done(
+    site: &Daemon,
+    count: usize,
+    what: &str,
+    within: Duration,
+) -> Vec<serde_json::Value> {
+    wait_for(what, within, || {
+        let jobs = inbound_jobs(site);
+        (done(&jobs) == count).then_some(jobs)
+    })
+}
+
 /// Drops a copy of a token file into site B's watch folder.
 fn hand_over(token: &Path, site: &Daemon) {
     let inbox = site.dir.join("data/inbox");
@@ -246,6 +264,50 @@ fn a_ct_study_travels_from_storescu_at_site_a_to_orthanc_at_site_b() {
     );
     let out = receive_out(&far_token, &dir.path().join("from-far"));
     assert!(out.contains("4 instances"), "{out}");
+
+    // Staff at site B file a study under the local Patient ID they know for the patient.
+    let (ok, out) = cloudpdi(&[
+        "receive",
+        "--config",
+        b_config.to_str().unwrap(),
+        "--patient-id",
+        "LOCAL-7",
+        &format!("@{sent_token}"),
+    ]);
+    assert!(ok, "{out}");
+    wait_imports_done(
+        &b,
+        2,
+        "the import under a local ID",
+        Duration::from_secs(90),
+    );
+    let text_of = |o: &dicom_object::InMemDicomObject, tag| {
+        o.element(tag)
+            .map(|e| e.to_str().unwrap().trim_end().to_owned())
+            .unwrap_or_default()
+    };
+    let original = text_of(&dataset(&files_in(&more)[0]), tags::PATIENT_ID);
+    let held = orthanc.download_all(&dir.path().join("after-local-id"));
+    let local: Vec<_> = held
+        .iter()
+        .map(|f| dataset(f))
+        .filter(|o| text_of(o, tags::PATIENT_ID) == "LOCAL-7")
+        .collect();
+    assert_eq!(local.len(), 4, "the study under the local Patient ID");
+    for object in &local {
+        assert_eq!(text_of(object, tags::ISSUER_OF_PATIENT_ID), "HOSPB");
+        let others = object.element(tags::OTHER_PATIENT_I_DS_SEQUENCE).unwrap();
+        let kept: Vec<String> = others
+            .items()
+            .unwrap()
+            .iter()
+            .map(|item| text_of(item, tags::PATIENT_ID))
+            .collect();
+        assert!(
+            kept.contains(&original),
+            "original {original} kept: {kept:?}"
+        );
+    }
 }
 
 /// `cloudpdi send` of `files` through `route`: its output and the token file it names.
@@ -399,7 +461,7 @@ fn the_pydicom_corpus_travels_study_by_study_into_orthanc() {
             "{jobs:#?}\n{}",
             b.log()
         );
-        (jobs.iter().filter(|j| j["state"] == "done").count() == issued.len()).then_some(())
+        (done(&jobs) == issued.len()).then_some(())
     });
     assert_imported(&orthanc, &corpus, dir.path());
 }
@@ -464,7 +526,7 @@ fn kill_9_of_either_site_at_random_moments_loses_nothing_and_repeats_nothing() {
             hand_over(&token, &b);
         }
         let jobs = inbound_jobs(&b);
-        (jobs.iter().filter(|j| j["state"] == "done").count() == 3).then_some(jobs)
+        (done(&jobs) == 3).then_some(jobs)
     });
     assert_eq!(done.len(), 3, "one inbound job per token: {done:?}");
     assert_eq!(tokens(&a).len(), 3, "exactly one token per batch");
@@ -609,17 +671,11 @@ fn bad_tokens_damaged_containers_and_outages_end_clearly_and_lose_nothing() {
     );
     assert!(waiting["attempts"].as_u64().unwrap() >= 1);
     orthanc.spawn();
-    wait_for(
+    wait_imports_done(
+        &b,
+        1,
         "the import after the PACS came back",
         Duration::from_secs(90),
-        || {
-            (inbound_jobs(&b)
-                .iter()
-                .filter(|j| j["state"] == "done")
-                .count()
-                == 1)
-                .then_some(())
-        },
     );
     assert_eq!(
         orthanc.get("/statistics")["CountInstances"],
@@ -640,17 +696,11 @@ fn bad_tokens_damaged_containers_and_outages_end_clearly_and_lose_nothing() {
         },
     );
     a.spawn();
-    wait_for(
+    wait_imports_done(
+        &b,
+        2,
         "the download after the repository came back",
         Duration::from_secs(120),
-        || {
-            (inbound_jobs(&b)
-                .iter()
-                .filter(|j| j["state"] == "done")
-                .count()
-                == 2)
-                .then_some(())
-        },
     );
     assert_eq!(
         orthanc.get("/statistics")["CountInstances"],
@@ -674,17 +724,11 @@ fn bad_tokens_damaged_containers_and_outages_end_clearly_and_lose_nothing() {
         },
     );
     mount_tmpfs(&jobs, "remount,size=64m");
-    wait_for(
+    wait_imports_done(
+        &b,
+        3,
         "the import after room was made",
         Duration::from_secs(120),
-        || {
-            (inbound_jobs(&b)
-                .iter()
-                .filter(|j| j["state"] == "done")
-                .count()
-                == 3)
-                .then_some(())
-        },
     );
     assert_eq!(
         orthanc.get("/statistics")["CountInstances"],
@@ -763,10 +807,7 @@ fn instances_the_pacs_refuses_are_set_aside_with_the_reason() {
     for token in &issued {
         hand_over(token, &b);
     }
-    let jobs = wait_for("both imports", Duration::from_secs(90), || {
-        let jobs = inbound_jobs(&b);
-        (jobs.iter().filter(|j| j["state"] == "done").count() == 2).then_some(jobs)
-    });
+    let jobs = wait_imports_done(&b, 2, "both imports", Duration::from_secs(90));
     let _ = pacs.kill();
     let _ = pacs.wait();
     let notes: Vec<String> = jobs
