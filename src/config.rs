@@ -118,9 +118,9 @@ pub struct InboundConfig {
     pub issuer: String,
     /// Jobs worked on at once.
     pub workers: usize,
-    /// Repository URL prefixes tokens may point at; empty allows any. A token naming
-    /// another repository is rejected, so a forged token cannot make the gateway fetch
-    /// from an arbitrary address.
+    /// Repositories tokens may point at (a URL, matching it and the paths below it; the
+    /// match ends at a `/`); empty allows any. A token naming another repository is
+    /// rejected, so a forged token cannot make the gateway fetch from an arbitrary address.
     #[serde(deserialize_with = "list_or_comma_string")]
     pub allowed_repositories: Vec<String>,
 }

@@ -235,11 +235,7 @@ impl Inbound {
         };
         token.check_not_expired(now_ms() / 1000)?;
         let allowed = &self.config.inbound.allowed_repositories;
-        if !allowed.is_empty()
-            && !allowed
-                .iter()
-                .any(|a| token.repository.starts_with(a.as_str()))
-        {
+        if !allowed.is_empty() && !allowed.iter().any(|a| within(&token.repository, a)) {
             return Err(QueueError::Repository(token.repository.clone()));
         }
         let dir = Workdir(self.dir.join(&id));
@@ -290,7 +286,6 @@ impl Inbound {
                     job.progress
                         .failed(&StepError::Permanent(reason), Duration::ZERO);
                     job.step = InStep::Failed;
-                    let _ = remove_folder(&self.dir.join(&job.id));
                 }
                 Err(e) => {
                     warn!(job = %job.id, step = ?step, attempt = job.progress.attempts + 1, "inbound step failed: {e}");
@@ -304,6 +299,11 @@ impl Inbound {
             if !matches!(saved, Ok(Ok(()))) {
                 error!(job = %job.id, "cannot record the inbound job; it will be repeated from its last recorded step");
                 return;
+            }
+            if matches!(job.step, InStep::Done | InStep::Failed) {
+                // Only once the end is recorded: a crash before leaves the folder for
+                // the step to run again, a crash after is swept by `due`.
+                self.remove_leftovers(&job.id);
             }
             if job.progress.attempts > 0 {
                 return;
@@ -320,6 +320,11 @@ impl Inbound {
         let dir = Workdir(self.dir.join(&job.id));
         match job.step {
             InStep::Download => {
+                if dir.container().exists() {
+                    // Renamed before a crash, not yet recorded: downloading again would
+                    // use one more of the document's downloads.
+                    return Ok(InStep::Open);
+                }
                 let token = Self::token(&dir)?;
                 let client = client(&token)?;
                 client
@@ -342,6 +347,7 @@ impl Inbound {
                         &dir.container(),
                         &dir.pdi_zip(),
                     )?;
+                    crate::jobs::sync_dir(&dir.0)?;
                     Ok(())
                 })
                 .await?;
@@ -352,6 +358,10 @@ impl Inbound {
                     remove_folder(&dir.pdi())?;
                     crate::pdi::extract_zip(&dir.pdi_zip(), &dir.pdi())?;
                     let summary = crate::pdi::verify(&dir.pdi())?;
+                    // One flush of the file system for every extracted file and folder,
+                    // before Import is recorded (a file each would be hundreds of fsyncs).
+                    rustix::fs::syncfs(std::fs::File::open(dir.pdi())?)
+                        .map_err(std::io::Error::from)?;
                     let _ = std::fs::remove_file(dir.container());
                     Ok(summary.instances)
                 })
@@ -380,7 +390,6 @@ impl Inbound {
                     }
                     Err(e) => return Err(StepError::transient(e)),
                 }
-                remove_folder(&dir.0)?;
                 info!(job = %job.id, from = %job.issuer, stored = job.stored, set_aside = job.set_aside.len(), "import done");
                 Ok(InStep::Done)
             }
@@ -417,7 +426,7 @@ impl Inbound {
             if let Outcome::Refused { reason, .. } = outcome {
                 let file = set_aside_dir.join(format!("{}.dcm", job.set_aside.len() + 1));
                 std::fs::create_dir_all(&set_aside_dir)?;
-                std::fs::copy(&instance.path, &file)?;
+                keep_aside(&instance.path, &file)?;
                 warn!(job = %job.id, sop_instance = %instance.sop_instance_uid, "instance set aside: {reason}");
                 job.set_aside.push(SetAside {
                     sop_instance_uid: instance.sop_instance_uid.clone(),
@@ -426,8 +435,21 @@ impl Inbound {
                 });
             }
         }
+        if !job.set_aside.is_empty() {
+            crate::jobs::sync_dir(&set_aside_dir)?;
+            if let Some(parent) = set_aside_dir.parent() {
+                crate::jobs::sync_dir(parent)?;
+            }
+        }
         job.stored = total - job.set_aside.len() as u64;
         Ok(())
+    }
+
+    /// Removes what a finished job left in its folder (the token, the PDI).
+    fn remove_leftovers(&self, id: &str) {
+        if let Err(e) = remove_folder(&self.dir.join(id)) {
+            warn!(job = %id, "cannot remove the job folder: {e}");
+        }
     }
 
     fn target(&self, job: &InboundJob) -> StoreTarget {
@@ -460,12 +482,18 @@ impl Pipeline for Inbound {
 
     fn due(&self) -> Result<Vec<InboundJob>, IndexError> {
         let now = now_ms();
-        Ok(self
-            .jobs
-            .all::<InboundJob>()?
-            .into_iter()
-            .filter(|j| !matches!(j.step, InStep::Done | InStep::Failed) && j.progress.due(now))
-            .collect())
+        let mut due = Vec::new();
+        for job in self.jobs.all::<InboundJob>()? {
+            if !matches!(job.step, InStep::Done | InStep::Failed) {
+                if job.progress.due(now) {
+                    due.push(job);
+                }
+            } else if self.dir.join(&job.id).exists() {
+                // Finished, but a crash came before its folder was removed.
+                self.remove_leftovers(&job.id);
+            }
+        }
+        Ok(due)
     }
 
     fn id(job: &InboundJob) -> String {
@@ -475,6 +503,28 @@ impl Pipeline for Inbound {
     async fn drive(self: Arc<Self>, job: InboundJob, cancel: CancellationToken) {
         self.drive_job(job, &cancel).await;
     }
+}
+
+/// Whether repository URL `url` is `allowed` or below it: the match ends at a `/`, so
+/// `https://repo.example` does not let `https://repo.example.evil.com` through.
+fn within(url: &str, allowed: &str) -> bool {
+    let allowed = allowed.trim_end_matches('/');
+    url.strip_prefix(allowed)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
+/// Keeps a refused instance at `to` (a link to the extracted file when the folder is on
+/// the same file system, else a synced copy): the job folder goes once the job is done.
+fn keep_aside(from: &Path, to: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(to) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    if std::fs::hard_link(from, to).is_err() {
+        std::fs::copy(from, to)?;
+        std::fs::File::open(to)?.sync_all()?;
+    }
+    Ok(())
 }
 
 /// A repository client for the token's own repository (no API key: the proof is the
@@ -516,4 +566,37 @@ pub async fn receive_to_folder(
         Ok(summary)
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allowed_repositories_match_at_a_path_boundary() {
+        let allowed = "https://repo.example/";
+        assert!(within("https://repo.example", allowed));
+        assert!(within("https://repo.example/tenant-a", allowed));
+        assert!(!within("https://repo.example.evil.com", allowed));
+        assert!(!within("https://repo.example:8443", allowed));
+        assert!(!within("http://repo.example", allowed));
+        assert!(within("https://repo.example/a/b", "https://repo.example/a"));
+        assert!(!within("https://repo.example/ab", "https://repo.example/a"));
+    }
+
+    #[test]
+    fn a_set_aside_file_is_kept_when_the_job_folder_goes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (from, to) = (
+            dir.path().join("job/pdi/IM1"),
+            dir.path().join("aside/1.dcm"),
+        );
+        std::fs::create_dir_all(from.parent().expect("parent")).expect("mkdir");
+        std::fs::create_dir_all(to.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&from, b"refused instance").expect("write");
+        std::fs::write(&to, b"left by an earlier attempt").expect("write");
+        keep_aside(&from, &to).expect("kept");
+        remove_folder(&dir.path().join("job")).expect("job folder removed");
+        assert_eq!(std::fs::read(&to).expect("read"), b"refused instance");
+    }
 }
