@@ -251,6 +251,9 @@ impl Sender {
             facility: self.config.facility.name.clone(),
             attachments: attachments.to_vec(),
             policy: self.route_options(route)?.ai_support.clone(),
+            // On the data disk with the job, not in a tmpfs /tmp; removed by the build,
+            // or with the job's folder after a crash.
+            scratch: Some(dir.0.clone()),
             ..BuildOptions::default()
         };
         std::fs::create_dir_all(&dir.0)?;

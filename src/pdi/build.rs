@@ -1,32 +1,32 @@
-//! Building a file set: scan the instances (header + SHA-256 + CRC-32, in parallel),
-//! apply the AI support-image policy, lay out File IDs, write the DICOMDIR, README.TXT,
-//! INDEX.HTM and the manifest, then stream every file into a ZIP or a folder.
+//! Building a file set: scan the instances (header + SHA-256 + CRC-32, on all cores) into
+//! a catalog on disk, apply the AI support-image policy, lay out File IDs, write the
+//! DICOMDIR, README.TXT, INDEX.HTM and the manifest, then stream every file into a ZIP
+//! or a folder.
 //!
-//! Memory holds one header and a copy buffer per worker plus a few hundred bytes per
-//! instance, never file contents: a 2000-slice study needs no more than a 50-slice one.
+//! Memory holds a few headers and a copy buffer per worker, the keys of each patient,
+//! study and series, and a few dozen bytes per instance (its place in the tree, its
+//! catalog offset, a digest of its UID to drop duplicates, its ZIP directory entry):
+//! never file contents, and not the instances' headers or records, which are read back
+//! from the catalog when each is written.
 
 use std::collections::HashSet;
 use std::fs::{self, File};
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use super::dicomdir::{self, Record};
-use super::element::{self, Syntax};
-use super::instance::{self, Instance, InstanceError};
-use super::layout::{self, ATTACHMENT_FOLDER, DICOM_FOLDER};
-use super::manifest::{self, DicomIds, Excluded, Manifest, ManifestFile};
+use super::catalog::{Catalog, CatalogWriter, Entry};
+use super::instance::Instance;
+use super::layout::{self, ATTACHMENT_FOLDER, Layout, Position};
+use super::manifest::{self, DicomIds, Excluded, ManifestFile};
+use super::mark::{self, Marked};
 use super::policy::{AiAction, AiPolicy, LABEL};
-use super::readme::{self, Contents, LabelledLine, StudyLine};
+use super::readme::{self, Contents, LabelledLine};
+use super::scan::{self, FileHash, hash_file};
 use super::zip::ZipWriter;
-use super::{PdiError, tags};
-
-const HASH_BUFFER: usize = 256 * 1024;
-/// The prefix written into a marked Series Description (LO: at most 64 characters).
-const SERIES_MARK: &str = "[AI support, not a diagnosis] ";
+use super::{PdiError, records, tags};
 
 /// How to build a file set.
 #[derive(Debug, Clone)]
@@ -44,6 +44,10 @@ pub struct BuildOptions {
     pub index_htm: bool,
     /// Creation time (Unix seconds); `None` for now. Fixed in tests for repeatable output.
     pub created: Option<u64>,
+    /// Where the build keeps its temporary files (the catalog of instances, the DICOMDIR
+    /// and manifest before they are added, marked copies); `None` for the system's
+    /// temporary folder. The daemon uses the job's folder, on the data disk.
+    pub scratch: Option<PathBuf>,
 }
 
 impl Default for BuildOptions {
@@ -55,6 +59,7 @@ impl Default for BuildOptions {
             file_set_id: "CLOUDPDI".into(),
             index_htm: true,
             created: None,
+            scratch: None,
         }
     }
 }
@@ -86,121 +91,6 @@ pub struct BuildReport {
     pub warnings: Vec<String>,
 }
 
-/// One instance after scanning.
-struct Scanned {
-    header: Instance,
-    source: PathBuf,
-    size: u64,
-    sha256: String,
-    crc: u32,
-    /// What the AI-image policy does with it, decided on the whole header.
-    ai: Option<AiAction>,
-    labelled: bool,
-}
-
-/// Files and folders (walked, sorted) into files; DICOMDIR files are left out.
-fn expand(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, PdiError> {
-    let mut out = Vec::new();
-    for input in inputs {
-        let meta = fs::metadata(input).map_err(|e| PdiError::io(input, e))?;
-        if meta.is_dir() {
-            let mut children: Vec<PathBuf> = fs::read_dir(input)
-                .map_err(|e| PdiError::io(input, e))?
-                .map(|e| e.map(|e| e.path()))
-                .collect::<Result<_, _>>()
-                .map_err(|e| PdiError::io(input, e))?;
-            children.sort();
-            out.extend(expand(&children)?);
-        } else if !input
-            .file_name()
-            .is_some_and(|n| n.eq_ignore_ascii_case("DICOMDIR"))
-        {
-            out.push(input.clone());
-        }
-    }
-    Ok(out)
-}
-
-/// SHA-256, CRC-32 and size of a file in one read.
-pub(crate) fn hash_file(path: &Path) -> io::Result<(u64, String, u32)> {
-    let mut file = File::open(path)?;
-    let mut sha = Sha256::new();
-    let mut crc = crc32fast::Hasher::new();
-    let mut buffer = vec![0u8; HASH_BUFFER];
-    let mut size = 0u64;
-    loop {
-        let n = file.read(&mut buffer)?;
-        if n == 0 {
-            break;
-        }
-        sha.update(&buffer[..n]);
-        crc.update(&buffer[..n]);
-        size += n as u64;
-    }
-    Ok((size, hex::encode(sha.finalize()), crc.finalize()))
-}
-
-/// The scan of one input: `Ok(None)` when it is not DICOM.
-type ScanResult = Result<Option<Scanned>, PdiError>;
-
-/// Reads every header and hashes every file, on all cores.
-fn scan(files: &[PathBuf], policy: &AiPolicy) -> Vec<ScanResult> {
-    let next = AtomicUsize::new(0);
-    let workers = std::thread::available_parallelism()
-        .map_or(2, usize::from)
-        .min(files.len().max(1));
-    let mut results: Vec<Option<ScanResult>> = (0..files.len()).map(|_| None).collect();
-    let chunks: Vec<Vec<(usize, ScanResult)>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..workers)
-            .map(|_| {
-                s.spawn(|| {
-                    let mut mine = Vec::new();
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(path) = files.get(i) else {
-                            return mine;
-                        };
-                        mine.push((i, scan_one(path, policy)));
-                    }
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("a scan worker does not panic"))
-            .collect()
-    });
-    for (i, result) in chunks.into_iter().flatten() {
-        results[i] = Some(result);
-    }
-    results
-        .into_iter()
-        .map(|r| r.expect("every file was scanned"))
-        .collect()
-}
-
-/// Reads and hashes one input, decides what the AI-image policy does with it, then keeps
-/// only the header elements the file set needs.
-fn scan_one(path: &Path, policy: &AiPolicy) -> ScanResult {
-    let mut header = match instance::read(path) {
-        Ok(header) => header,
-        Err(InstanceError::NotDicom(_)) => return Ok(None),
-        Err(e) => return Err(e.into()),
-    };
-    let (size, sha256, crc) = hash_file(path).map_err(|e| PdiError::io(path, e))?;
-    let ai = policy.decide(&header);
-    header.retain(needed_after_scan);
-    Ok(Some(Scanned {
-        header,
-        source: path.to_owned(),
-        size,
-        sha256,
-        crc,
-        ai,
-        labelled: false,
-    }))
-}
-
 /// Where the built files go.
 trait Sink {
     fn file(&mut self, name: &str, source: &Path, size: u64, crc: u32) -> Result<(), PdiError>;
@@ -211,9 +101,8 @@ struct ZipSink<W: Write>(ZipWriter<W>);
 
 impl<W: Write> Sink for ZipSink<W> {
     fn file(&mut self, name: &str, source: &Path, size: u64, crc: u32) -> Result<(), PdiError> {
-        let file = File::open(source).map_err(|e| PdiError::io(source, e))?;
-        let mut reader = BufReader::with_capacity(HASH_BUFFER, file);
-        Ok(self.0.add(name, size, crc, &mut reader)?)
+        let mut file = File::open(source).map_err(|e| PdiError::io(source, e))?;
+        Ok(self.0.add(name, size, crc, &mut file)?)
     }
     fn bytes(&mut self, name: &str, bytes: &[u8]) -> Result<(), PdiError> {
         Ok(self.0.add_bytes(name, bytes)?)
@@ -311,27 +200,33 @@ fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// A temporary folder removed on drop (for rewritten, marked instances).
-struct Scratch(Option<PathBuf>);
+/// The build's temporary folder, removed on drop.
+struct Scratch(PathBuf);
 
 impl Scratch {
-    fn dir(&mut self) -> Result<&Path, PdiError> {
-        if self.0.is_none() {
-            let dir =
-                std::env::temp_dir().join(format!("cloudpdi-pdi-{}", &dicomdir::new_uid()[5..21]));
-            fs::create_dir(&dir).map_err(|e| PdiError::io(&dir, e))?;
-            self.0 = Some(dir);
-        }
-        Ok(self.0.as_deref().expect("just created"))
+    fn new(parent: Option<&Path>) -> Result<Scratch, PdiError> {
+        let parent = parent.map_or_else(std::env::temp_dir, Path::to_owned);
+        let mut random = [0u8; 8];
+        getrandom::fill(&mut random).map_err(|e| PdiError::io(&parent, io::Error::other(e)))?;
+        let dir = parent.join(format!("cloudpdi-pdi-{}", hex::encode(random)));
+        fs::create_dir(&dir).map_err(|e| PdiError::io(&dir, e))?;
+        Ok(Scratch(dir))
     }
 }
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        if let Some(dir) = &self.0 {
-            let _ = fs::remove_dir_all(dir);
-        }
+        let _ = fs::remove_dir_all(&self.0);
     }
+}
+
+/// What the scan leaves: the catalog, the layout, and what the policy did.
+struct Collected {
+    catalog: Catalog,
+    layout: Layout,
+    excluded: Vec<Excluded>,
+    /// Labelled instances (catalog number) with their Series Description.
+    labelled: Vec<(u32, String)>,
 }
 
 fn build(
@@ -342,73 +237,28 @@ fn build(
 ) -> Result<BuildReport, PdiError> {
     options.policy.validate()?;
     check_file_set_id(&options.file_set_id)?;
-    let files = expand(inputs)?;
+    let files = scan::expand(inputs)?;
+    let scratch = Scratch::new(options.scratch.as_deref())?;
     let mut report = BuildReport::default();
-    let mut scanned = Vec::new();
-    let mut seen = HashSet::new();
-    let mut excluded = Vec::new();
-    for (path, result) in files.iter().zip(scan(&files, &options.policy)) {
-        let Some(mut item) = result? else {
-            report.skipped.push(path.clone());
-            continue;
-        };
-        if !seen.insert(item.header.sop_instance_uid.clone()) {
-            report.duplicates += 1;
-            continue;
-        }
-        match item.ai {
-            Some(AiAction::Exclude) => {
-                excluded.push(Excluded {
-                    sop_instance_uid: item.header.sop_instance_uid.clone(),
-                    reason: "AI support image, left out by the sender's policy".into(),
-                });
-                continue;
-            }
-            Some(AiAction::Label) => item.labelled = true,
-            Some(AiAction::Include) | None => {}
-        }
-        scanned.push(item);
-    }
-    let mut scratch = Scratch(None);
-    if options.policy.mark_series_description {
-        for item in scanned.iter_mut().filter(|i| i.labelled) {
-            match mark(item, scratch.dir()?)? {
-                Some(()) => {}
-                None => report.warnings.push(format!(
-                    "{}: Series Description not marked (deflated or with group lengths); \
-                     labelled in README.TXT, INDEX.HTM and the manifest only",
-                    item.source.display()
-                )),
-            }
-        }
-    }
-    report.excluded = excluded.len();
-    report.instances = scanned.len();
-    report.labelled = scanned.iter().filter(|i| i.labelled).count();
+    let collected = collect(&files, options, &scratch.0, &mut report)?;
+    let catalog = &collected.catalog;
+    report.excluded = collected.excluded.len();
+    report.instances = catalog.count();
+    report.labelled = collected.labelled.len();
 
-    let placements: Vec<layout::Placement> = scanned.iter().map(placement).collect();
-    let tree = layout::group(&placements);
-    let (records, file_ids, studies) = records(&tree, &scanned, &mut report);
-    let dicomdir = dicomdir::write(&options.file_set_id, &records);
+    let tree = collected.layout.finish();
+    let dicomdir_path = scratch.0.join("DICOMDIR");
+    let studies = records::write(
+        &dicomdir_path,
+        &options.file_set_id,
+        &tree,
+        catalog,
+        &mut report,
+    )?;
+    let positions = layout::positions(&tree, catalog.count());
+    drop(tree);
 
-    let mut taken = Vec::new();
-    let attachments: Vec<(String, PathBuf)> = options
-        .attachments
-        .iter()
-        .map(|path| {
-            let name = path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            (
-                format!(
-                    "{ATTACHMENT_FOLDER}/{}",
-                    layout::attachment_name(&name, &mut taken)
-                ),
-                path.clone(),
-            )
-        })
-        .collect();
+    let attachments = attachments(&options.attachments)?;
     report.attachments = attachments.len();
     let created_text = manifest::rfc3339(created);
     let contents = Contents {
@@ -416,86 +266,227 @@ fn build(
         created: created_text.clone(),
         patients: report.patients,
         studies,
-        labelled: scanned
+        labelled: collected
+            .labelled
             .iter()
-            .zip(&file_ids)
-            .filter(|(i, _)| i.labelled)
-            .map(|(i, id)| LabelledLine {
-                path: id.clone(),
-                series_description: i.header.text(tags::SERIES_DESCRIPTION),
+            .map(|(number, description)| LabelledLine {
+                path: path_of(positions[*number as usize]),
+                series_description: description.clone(),
             })
             .collect(),
-        excluded: excluded.len(),
-        attachments: attachments.iter().map(|(n, _)| n.clone()).collect(),
+        excluded: collected.excluded.len(),
+        attachments: attachments.iter().map(|a| a.name.clone()).collect(),
     };
     let readme_txt = readme::readme(&contents);
     let index_htm = options.index_htm.then(|| readme::index(&contents));
 
-    let mut entries = vec![
-        small("DICOMDIR", &dicomdir),
-        small("README.TXT", &readme_txt),
+    let dicomdir_hash = hash_file(&dicomdir_path).map_err(|e| PdiError::io(&dicomdir_path, e))?;
+    let mut leading = vec![
+        listed("DICOMDIR", dicomdir_hash),
+        listed("README.TXT", hash_bytes(&readme_txt)),
     ];
     if let Some(index) = &index_htm {
-        entries.push(small("INDEX.HTM", index));
+        leading.push(listed("INDEX.HTM", hash_bytes(index)));
     }
-    for (item, id) in scanned.iter().zip(&file_ids) {
-        entries.push(ManifestFile {
-            path: id.clone(),
-            size: item.size,
-            sha256: item.sha256.clone(),
-            dicom: Some(DicomIds {
-                sop_class_uid: item.header.sop_class_uid.clone(),
-                sop_instance_uid: item.header.sop_instance_uid.clone(),
-                study_instance_uid: item.header.study_uid.clone(),
-                series_instance_uid: item.header.series_uid.clone(),
-                transfer_syntax_uid: item.header.transfer_syntax.clone(),
-            }),
-            ai_support: item.labelled.then(|| LABEL.to_owned()),
-        });
-    }
-    let mut attachment_hashes = Vec::new();
-    for (name, path) in &attachments {
-        let (size, sha256, crc) = hash_file(path).map_err(|e| PdiError::io(path, e))?;
-        attachment_hashes.push((size, crc));
-        entries.push(ManifestFile {
-            path: name.clone(),
-            size,
-            sha256,
-            dicom: None,
-            ai_support: None,
-        });
-    }
-    let manifest = Manifest {
-        format: manifest::FORMAT.into(),
-        version: 1,
-        file_set_id: options.file_set_id.clone(),
-        facility: options.facility.clone(),
-        created: created_text,
-        files: entries,
-        excluded,
+    let manifest_path = scratch.0.join("MANIFEST.JSON");
+    let head = manifest::Head {
+        file_set_id: &options.file_set_id,
+        facility: &options.facility,
+        created: &created_text,
+        excluded: &collected.excluded,
     };
-    let manifest_json = serde_json::to_vec_pretty(&manifest).expect("a manifest always serializes");
+    let instances = (0..catalog.count()).map(|i| {
+        let number = u32::try_from(i).map_err(io::Error::other)?;
+        let entry = catalog.get(number).map_err(io::Error::other)?;
+        Ok(manifest_entry(&entry, positions[i]))
+    });
+    let trailing = attachments.iter().map(|a| Ok(listed(&a.name, a.hash)));
+    let file = File::create_new(&manifest_path).map_err(|e| PdiError::io(&manifest_path, e))?;
+    manifest::write(
+        BufWriter::new(file),
+        &head,
+        leading.into_iter().map(Ok).chain(instances).chain(trailing),
+    )
+    .map_err(|e| PdiError::io(&manifest_path, e))?;
+    let manifest_hash = hash_file(&manifest_path).map_err(|e| PdiError::io(&manifest_path, e))?;
 
-    sink.bytes("DICOMDIR", &dicomdir)?;
+    sink.file(
+        "DICOMDIR",
+        &dicomdir_path,
+        dicomdir_hash.size,
+        dicomdir_hash.crc,
+    )?;
     sink.bytes("README.TXT", &readme_txt)?;
     if let Some(index) = &index_htm {
         sink.bytes("INDEX.HTM", index)?;
     }
-    for (item, id) in scanned.iter().zip(&file_ids) {
-        sink.file(id, &item.source, item.size, item.crc)?;
+    for (number, position) in (0u32..).zip(positions) {
+        let entry = catalog.get(number)?;
+        sink.file(
+            &path_of(position),
+            &entry.header.path,
+            entry.size,
+            entry.crc,
+        )?;
     }
-    for ((name, path), (size, crc)) in attachments.iter().zip(&attachment_hashes) {
-        sink.file(name, path, *size, *crc)?;
+    for a in &attachments {
+        sink.file(&a.name, &a.source, a.hash.size, a.hash.crc)?;
     }
-    sink.bytes(manifest::PATH, &manifest_json)?;
+    sink.file(
+        manifest::PATH,
+        &manifest_path,
+        manifest_hash.size,
+        manifest_hash.crc,
+    )?;
     Ok(report)
 }
 
-fn small(path: &str, bytes: &[u8]) -> ManifestFile {
+/// Scans `files` into the catalog in `scratch`: duplicates dropped, the AI policy applied
+/// (labelled instances marked when asked), each instance placed in the layout.
+fn collect(
+    files: &[PathBuf],
+    options: &BuildOptions,
+    scratch: &Path,
+    report: &mut BuildReport,
+) -> Result<Collected, PdiError> {
+    let catalog_path = scratch.join("catalog");
+    let io = |e| PdiError::io(&catalog_path, e);
+    let mut catalog = CatalogWriter::create(&catalog_path).map_err(io)?;
+    let mut layout = Layout::default();
+    let mut seen: HashSet<[u8; 16]> = HashSet::new();
+    let mut excluded = Vec::new();
+    let mut labelled = Vec::new();
+    scan::scan(files, &options.policy, &mut |path, result| {
+        let Some(item) = result? else {
+            report.skipped.push(path.to_owned());
+            return Ok(());
+        };
+        let uid = Sha256::digest(item.header.sop_instance_uid.as_bytes());
+        if !seen.insert(uid[..16].try_into().expect("16 of 32 bytes")) {
+            report.duplicates += 1;
+            return Ok(());
+        }
+        let mut entry = Entry {
+            header: item.header,
+            size: item.hash.size,
+            sha256: item.hash.sha256,
+            crc: item.hash.crc,
+            labelled: false,
+        };
+        match item.ai {
+            Some(AiAction::Exclude) => {
+                excluded.push(Excluded {
+                    sop_instance_uid: entry.header.sop_instance_uid,
+                    reason: "AI support image, left out by the sender's policy".into(),
+                });
+                return Ok(());
+            }
+            Some(AiAction::Label) => {
+                entry.labelled = true;
+                if options.policy.mark_series_description {
+                    mark_copy(&mut entry, scratch, report)?;
+                }
+            }
+            Some(AiAction::Include) | None => {}
+        }
+        let number = catalog.push(&entry).map_err(io)?;
+        if entry.labelled {
+            labelled.push((number, entry.header.text(tags::SERIES_DESCRIPTION)));
+        }
+        layout.add(&placement(&entry.header));
+        Ok(())
+    })?;
+    Ok(Collected {
+        catalog: catalog.finish().map_err(io)?,
+        layout,
+        excluded,
+        labelled,
+    })
+}
+
+/// Lets a labelled instance travel as its marked copy (or says why it cannot).
+fn mark_copy(entry: &mut Entry, scratch: &Path, report: &mut BuildReport) -> Result<(), PdiError> {
+    match mark::mark(&entry.header.path, scratch)? {
+        Marked::Already => {}
+        Marked::Copied { header, hash } => {
+            entry.header = *header;
+            entry.size = hash.size;
+            entry.sha256 = hash.sha256;
+            entry.crc = hash.crc;
+        }
+        Marked::NotEditable => report.warnings.push(format!(
+            "{}: Series Description not marked (deflated or with group lengths); \
+             labelled in README.TXT, INDEX.HTM and the manifest only",
+            entry.header.path.display()
+        )),
+    }
+    Ok(())
+}
+
+/// A non-DICOM file carried in [`ATTACHMENT_FOLDER`].
+struct Attachment {
+    name: String,
+    source: PathBuf,
+    hash: FileHash,
+}
+
+fn attachments(paths: &[PathBuf]) -> Result<Vec<Attachment>, PdiError> {
+    let mut taken = Vec::new();
+    paths
+        .iter()
+        .map(|path| {
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            Ok(Attachment {
+                name: format!(
+                    "{ATTACHMENT_FOLDER}/{}",
+                    layout::attachment_name(&name, &mut taken)
+                ),
+                source: path.clone(),
+                hash: hash_file(path).map_err(|e| PdiError::io(path, e))?,
+            })
+        })
+        .collect()
+}
+
+/// The `/`-separated path of the instance at `position`.
+fn path_of(position: Position) -> String {
+    layout::file_id(position).join("/")
+}
+
+fn manifest_entry(entry: &Entry, position: Position) -> ManifestFile {
+    let h = &entry.header;
+    ManifestFile {
+        path: path_of(position),
+        size: entry.size,
+        sha256: hex::encode(entry.sha256),
+        dicom: Some(DicomIds {
+            sop_class_uid: h.sop_class_uid.clone(),
+            sop_instance_uid: h.sop_instance_uid.clone(),
+            study_instance_uid: h.study_uid.clone(),
+            series_instance_uid: h.series_uid.clone(),
+            transfer_syntax_uid: h.transfer_syntax.clone(),
+        }),
+        ai_support: entry.labelled.then(|| LABEL.to_owned()),
+    }
+}
+
+fn hash_bytes(bytes: &[u8]) -> FileHash {
+    FileHash {
+        size: bytes.len() as u64,
+        sha256: Sha256::digest(bytes).into(),
+        crc: crc32fast::hash(bytes),
+    }
+}
+
+/// A manifest entry for a file that is not a DICOM instance.
+fn listed(path: &str, hash: FileHash) -> ManifestFile {
     ManifestFile {
         path: path.into(),
-        size: bytes.len() as u64,
-        sha256: hex::encode(Sha256::digest(bytes)),
+        size: hash.size,
+        sha256: hex::encode(hash.sha256),
         dicom: None,
         ai_support: None,
     }
@@ -519,8 +510,7 @@ fn number(instance: &Instance, tag: u32) -> i64 {
     instance.text(tag).trim().parse().unwrap_or(i64::MAX)
 }
 
-fn placement(item: &Scanned) -> layout::Placement {
-    let h = &item.header;
+fn placement(h: &Instance) -> layout::Placement {
     layout::Placement {
         patient_id: h.text(tags::PATIENT_ID),
         study_uid: h.study_uid.clone(),
@@ -529,349 +519,4 @@ fn placement(item: &Scanned) -> layout::Placement {
         series_number: number(h, tags::SERIES_NUMBER),
         instance_number: number(h, tags::INSTANCE_NUMBER),
     }
-}
-
-/// A verified SR's record needs Verification DateTime (type 1C); documents keep it in
-/// Verifying Observer Sequence, so the latest one is taken from there.
-fn add_verification_datetime(elements: &mut Vec<element::Element>, instance: &Instance) {
-    let verified = instance.text(tags::VERIFICATION_FLAG) == "VERIFIED";
-    if !verified
-        || elements
-            .iter()
-            .any(|e| e.tag == tags::VERIFICATION_DATETIME)
-    {
-        return;
-    }
-    let Some(element::Value::Items(observers)) = instance
-        .element(tags::VERIFYING_OBSERVER_SEQUENCE)
-        .map(|e| &e.value)
-    else {
-        return;
-    };
-    let latest = observers
-        .iter()
-        .map(|item| element::text_of(&item.elements, tags::VERIFICATION_DATETIME))
-        .max();
-    if let Some(latest) = latest.filter(|v| !v.is_empty()) {
-        elements.push(element::text_element(
-            tags::VERIFICATION_DATETIME,
-            b"DT",
-            latest.as_bytes(),
-        ));
-    }
-}
-
-/// Where a missing date key is taken from, in order: Series, Acquisition, Content and
-/// Study Date.
-const DATE_STAND_INS: [u32; 4] = [
-    0x0008_0021,
-    0x0008_0022,
-    tags::CONTENT_DATE,
-    tags::STUDY_DATE,
-];
-/// The same for a missing time key.
-const TIME_STAND_INS: [u32; 4] = [
-    0x0008_0031,
-    0x0008_0032,
-    tags::CONTENT_TIME,
-    tags::STUDY_TIME,
-];
-
-/// What a file set still reads of a scanned instance's header besides the record keys:
-/// the character set, the stand-ins for missing dates and times, an SR's verification,
-/// what orders the tree and what README.TXT shows.
-const KEPT_BESIDES_KEYS: [u32; 10] = [
-    tags::SPECIFIC_CHARACTER_SET,
-    tags::PATIENT_ID,
-    tags::STUDY_DESCRIPTION,
-    tags::SERIES_NUMBER,
-    tags::SERIES_DESCRIPTION,
-    tags::MODALITY,
-    tags::INSTANCE_NUMBER,
-    tags::VERIFICATION_FLAG,
-    tags::VERIFYING_OBSERVER_SEQUENCE,
-    tags::VERIFICATION_DATETIME,
-];
-
-/// Whether the build reads `tag` of an instance after scanning it.
-fn needed_after_scan(tag: u32) -> bool {
-    dicomdir::is_record_key(tag)
-        || KEPT_BESIDES_KEYS.contains(&tag)
-        || DATE_STAND_INS.contains(&tag)
-        || TIME_STAND_INS.contains(&tag)
-}
-
-/// A value for a type 1 key the instance lacks: a date or time from the instance's other
-/// dates (series, acquisition, content, study), else a neutral constant.
-fn stand_in(instance: &Instance, tag: u32) -> Option<String> {
-    let first_of = |candidates: &[u32]| {
-        candidates
-            .iter()
-            .map(|&t| instance.text(t))
-            .find(|v| !v.is_empty())
-    };
-    match tag {
-        tags::STUDY_DATE | tags::CONTENT_DATE | tags::PRESENTATION_CREATION_DATE => {
-            Some(first_of(&DATE_STAND_INS).unwrap_or_else(|| "19000101".into()))
-        }
-        tags::STUDY_TIME | tags::CONTENT_TIME | tags::PRESENTATION_CREATION_TIME => {
-            Some(first_of(&TIME_STAND_INS).unwrap_or_else(|| "000000".into()))
-        }
-        tags::PATIENT_ID => Some("UNKNOWN".into()),
-        tags::MODALITY => Some("OT".into()),
-        tags::COMPLETION_FLAG => Some("PARTIAL".into()),
-        tags::VERIFICATION_FLAG => Some("UNVERIFIED".into()),
-        tags::CONTENT_LABEL => Some("UNLABELLED".into()),
-        _ => None,
-    }
-}
-
-/// DICOMDIR records, the File ID path of each scanned instance, and study lines.
-fn records(
-    tree: &layout::Tree,
-    scanned: &[Scanned],
-    report: &mut BuildReport,
-) -> (Vec<Record>, Vec<String>, Vec<StudyLine>) {
-    let mut file_ids = vec![String::new(); scanned.len()];
-    let mut lines = Vec::new();
-    let mut warn = |level: &str, item: &Scanned, missing: Vec<&str>| {
-        if !missing.is_empty() {
-            report.warnings.push(format!(
-                "{}: no {} for its {level} record (a stand-in value was written)",
-                item.source.display(),
-                missing.join(", ")
-            ));
-        }
-    };
-    let mut patients = Vec::new();
-    let (mut study_count, mut series_count) = (0, 0);
-    for (p, patient) in tree.patients.iter().enumerate() {
-        let first = &scanned[patient.first];
-        let (elements, missing) = dicomdir::keys_from(
-            &first.header.elements,
-            first.header.syntax,
-            dicomdir::PATIENT_KEYS,
-            &|_| Some("UNKNOWN".into()),
-        );
-        warn("PATIENT", first, missing);
-        let mut patient_record = Record {
-            kind: "PATIENT",
-            elements,
-            children: Vec::new(),
-        };
-        for (s, study) in patient.members.iter().enumerate() {
-            study_count += 1;
-            let first = &scanned[study.first];
-            let (elements, missing) = dicomdir::keys_from(
-                &first.header.elements,
-                first.header.syntax,
-                dicomdir::STUDY_KEYS,
-                &|tag| match tag {
-                    tags::STUDY_ID => Some((s + 1).to_string()),
-                    _ => stand_in(&first.header, tag),
-                },
-            );
-            warn("STUDY", first, missing);
-            let mut study_record = Record {
-                kind: "STUDY",
-                elements,
-                children: Vec::new(),
-            };
-            let mut line = StudyLine {
-                date: first.header.text(tags::STUDY_DATE),
-                description: first.header.text(tags::STUDY_DESCRIPTION),
-                modalities: Vec::new(),
-                series: study.members.len(),
-                instances: 0,
-            };
-            for (e, series) in study.members.iter().enumerate() {
-                series_count += 1;
-                let first = &scanned[series.first];
-                let (elements, missing) = dicomdir::keys_from(
-                    &first.header.elements,
-                    first.header.syntax,
-                    dicomdir::SERIES_KEYS,
-                    &|tag| match tag {
-                        tags::SERIES_NUMBER => Some((e + 1).to_string()),
-                        _ => stand_in(&first.header, tag),
-                    },
-                );
-                warn("SERIES", first, missing);
-                let modality = first.header.text(tags::MODALITY);
-                if !line.modalities.contains(&modality) {
-                    line.modalities.push(modality);
-                }
-                let mut series_record = Record {
-                    kind: "SERIES",
-                    elements,
-                    children: Vec::new(),
-                };
-                for (n, &i) in series.members.iter().enumerate() {
-                    line.instances += 1;
-                    let item = &scanned[i];
-                    let components = [
-                        DICOM_FOLDER.to_owned(),
-                        layout::component("PA", p),
-                        layout::component("ST", s),
-                        layout::component("SE", e),
-                        layout::component("IM", n),
-                    ];
-                    file_ids[i] = components.join("/");
-                    let (kind, keys) = dicomdir::leaf_kind(&item.header.sop_class_uid);
-                    let (mut elements, missing) = dicomdir::keys_from(
-                        &item.header.elements,
-                        item.header.syntax,
-                        keys,
-                        &|tag| match tag {
-                            tags::INSTANCE_NUMBER => Some((n + 1).to_string()),
-                            _ => stand_in(&item.header, tag),
-                        },
-                    );
-                    warn(kind, item, missing);
-                    if kind == "SR DOCUMENT" {
-                        add_verification_datetime(&mut elements, &item.header);
-                    }
-                    elements.extend([
-                        element::text_element(
-                            tags::REFERENCED_FILE_ID,
-                            b"CS",
-                            components.join("\\").as_bytes(),
-                        ),
-                        element::text_element(
-                            tags::REFERENCED_SOP_CLASS,
-                            b"UI",
-                            item.header.sop_class_uid.as_bytes(),
-                        ),
-                        element::text_element(
-                            tags::REFERENCED_SOP_INSTANCE,
-                            b"UI",
-                            item.header.sop_instance_uid.as_bytes(),
-                        ),
-                        element::text_element(
-                            tags::REFERENCED_TRANSFER_SYNTAX,
-                            b"UI",
-                            item.header.transfer_syntax.as_bytes(),
-                        ),
-                    ]);
-                    series_record.children.push(Record {
-                        kind,
-                        elements,
-                        children: Vec::new(),
-                    });
-                }
-                study_record.children.push(series_record);
-            }
-            lines.push(line);
-            patient_record.children.push(study_record);
-        }
-        patients.push(patient_record);
-    }
-    report.patients = patients.len();
-    report.studies = study_count;
-    report.series = series_count;
-    (patients, file_ids, lines)
-}
-
-/// Rewrites a labelled instance with its Series Description prefixed by the label, into
-/// `scratch`; the item then points at the copy. `None` when the file cannot be edited in
-/// place (deflated, group lengths, non-ASCII description).
-fn mark(item: &mut Scanned, scratch: &Path) -> Result<Option<()>, PdiError> {
-    // The scan kept only the record keys; editing needs every element's offset.
-    let h = &instance::read(&item.source)?;
-    if h.deflated || h.element(0x0008_0000).is_some() {
-        return Ok(None);
-    }
-    let old = h.text(tags::SERIES_DESCRIPTION);
-    if !old.is_ascii() {
-        return Ok(None);
-    }
-    if old.starts_with(SERIES_MARK.trim_end()) {
-        return Ok(Some(()));
-    }
-    let new: String = format!("{SERIES_MARK}{old}").chars().take(64).collect();
-    let value = element::padded(new.as_bytes(), *b"LO");
-    let mut encoded = Vec::new();
-    let big = h.syntax == Syntax::ExplicitBig;
-    let (g, e) = (0x0008u16, 0x103Eu16);
-    let u16b = |v: u16| {
-        if big {
-            v.to_be_bytes()
-        } else {
-            v.to_le_bytes()
-        }
-    };
-    encoded.extend_from_slice(&u16b(g));
-    encoded.extend_from_slice(&u16b(e));
-    if h.syntax == Syntax::ImplicitLittle {
-        encoded.extend_from_slice(&(value.len() as u32).to_le_bytes());
-    } else {
-        encoded.extend_from_slice(b"LO");
-        encoded.extend_from_slice(&u16b(value.len() as u16));
-    }
-    encoded.extend_from_slice(&value);
-    // The byte range to replace: the old element, or an empty range where it belongs.
-    let (start, end) = match h
-        .elements
-        .iter()
-        .position(|el| el.tag >= tags::SERIES_DESCRIPTION)
-    {
-        Some(i) if h.elements[i].tag == tags::SERIES_DESCRIPTION => {
-            let end = h
-                .elements
-                .get(i + 1)
-                .map_or_else(|| stop_offset(&item.source, h), |n| Ok(n.offset))?;
-            (h.elements[i].offset, end)
-        }
-        Some(i) => (h.elements[i].offset, h.elements[i].offset),
-        None => {
-            let at = stop_offset(&item.source, h)?;
-            (at, at)
-        }
-    };
-    let target = scratch.join(format!("{}.dcm", h.sop_instance_uid));
-    let mut source = File::open(&item.source).map_err(|e| PdiError::io(&item.source, e))?;
-    let mut out = io::BufWriter::new(File::create(&target).map_err(|e| PdiError::io(&target, e))?);
-    let io_err = |e| PdiError::io(&target, e);
-    io::copy(&mut (&mut source).take(start), &mut out).map_err(io_err)?;
-    out.write_all(&encoded).map_err(io_err)?;
-    std::io::Seek::seek(&mut source, io::SeekFrom::Start(end)).map_err(io_err)?;
-    io::copy(&mut source, &mut out).map_err(io_err)?;
-    out.flush().map_err(io_err)?;
-    drop(out);
-    let mut header = instance::read(&target)?;
-    header.retain(needed_after_scan);
-    let (size, sha256, crc) = hash_file(&target).map_err(io_err)?;
-    *item = Scanned {
-        header,
-        source: target,
-        size,
-        sha256,
-        crc,
-        ai: item.ai,
-        labelled: true,
-    };
-    Ok(Some(()))
-}
-
-/// Offset of the first element after the header the reader stopped at (pixel data or
-/// the end of the file).
-fn stop_offset(path: &Path, header: &Instance) -> Result<u64, PdiError> {
-    let Some(last) = header.elements.last() else {
-        return Err(PdiError::Invalid(format!(
-            "{}: no dataset elements to mark",
-            path.display()
-        )));
-    };
-    // Re-read the last element to learn where it ends.
-    let mut file = File::open(path).map_err(|e| PdiError::io(path, e))?;
-    std::io::Seek::seek(&mut file, io::SeekFrom::Start(last.offset))
-        .map_err(|e| PdiError::io(path, e))?;
-    let mut parser = element::Parser::new(BufReader::new(file), last.offset, 64 << 20);
-    parser.element(header.syntax).map_err(|source| {
-        PdiError::Instance(InstanceError::Malformed {
-            path: path.to_owned(),
-            source,
-        })
-    })?;
-    Ok(parser.position())
 }

@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
-use std::io::{BufReader, Read};
+use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use super::element::{self, Element, ElementError, Item, Parser, Syntax, Value, text_element};
@@ -249,17 +249,6 @@ pub fn leaf_kind(sop_class_uid: &str) -> (&'static str, &'static [Key]) {
     }
 }
 
-/// One directory record to write: its type, its keys (any order) and its children.
-#[derive(Debug, Clone)]
-pub struct Record {
-    /// Directory Record Type, e.g. `STUDY`.
-    pub kind: &'static str,
-    /// Record elements other than the offsets, in-use flag and record type.
-    pub elements: Vec<Element>,
-    /// Lower-level records, in order.
-    pub children: Vec<Record>,
-}
-
 /// Builds a record's keys from an instance's top-level elements: values are copied byte
 /// for byte (so names keep their character set), with the instance's Specific Character
 /// Set when a copied text is not plain ASCII. A type 1 key the instance lacks gets
@@ -368,94 +357,161 @@ fn us(tag: u32, value: u16) -> Element {
     text_element(tag, b"US", &value.to_le_bytes())
 }
 
-/// Encodes a DICOMDIR for `roots` (the PATIENT records) with every offset right.
-pub fn write(file_set_id: &str, roots: &[Record]) -> Vec<u8> {
-    let mut flat: Vec<(&Record, Vec<usize>)> = Vec::new();
-    flatten(roots, &mut flat);
-    // Index of each record's next sibling and first child in `flat`.
-    let mut next = vec![None; flat.len()];
-    let mut lower = vec![None; flat.len()];
-    for (i, (_, children)) in flat.iter().enumerate() {
-        lower[i] = children.first().copied();
-        for pair in children.windows(2) {
-            next[pair[0]] = Some(pair[1]);
-        }
-    }
-    let roots_idx: Vec<usize> = root_indices(roots);
-    for pair in roots_idx.windows(2) {
-        next[pair[0]] = Some(pair[1]);
-    }
-    let encode = |offsets: &[u64]| -> Vec<Vec<u8>> {
-        flat.iter()
-            .enumerate()
-            .map(|(i, (record, _))| {
-                let at = |idx: Option<usize>| idx.map_or(0, |j| offsets[j] as u32);
-                let mut elements = vec![
-                    ul(tags::NEXT_RECORD, at(next[i])),
-                    us(tags::IN_USE, 0xFFFF),
-                    ul(tags::LOWER_LEVEL, at(lower[i])),
-                    text_element(tags::RECORD_TYPE, b"CS", record.kind.as_bytes()),
-                ];
-                elements.extend(record.elements.iter().cloned());
-                elements.sort_by_key(|e| e.tag);
-                let mut item = Vec::new();
-                element::write_item(&mut item, &elements);
-                item
-            })
-            .collect()
-    };
-    let uid = new_uid();
-    let head = header(&uid, file_set_id, 0, 0, 0);
-    let sequence_start = head.len() as u64;
-    let sizes = encode(&vec![0; flat.len()]);
-    let mut offsets = Vec::with_capacity(flat.len());
-    let mut at = sequence_start;
-    for item in &sizes {
-        offsets.push(at);
-        at += item.len() as u64;
-    }
-    let items = encode(&offsets);
-    let body_len: usize = items.iter().map(Vec::len).sum();
-    let first = roots_idx.first().map_or(0, |&i| offsets[i]);
-    let last = roots_idx.last().map_or(0, |&i| offsets[i]);
-    let mut out = header(
-        &uid,
-        file_set_id,
-        first as u32,
-        last as u32,
-        body_len as u32,
-    );
-    for item in items {
-        out.extend_from_slice(&item);
-    }
-    out
+/// Where the value of Offset of the Next Directory Record (0004,1400) is in an encoded
+/// record: after the item header (8 bytes) and the element header (8 bytes), since it is
+/// always the record's first element.
+const NEXT_AT: usize = 16;
+/// Where the value of Offset of Referenced Lower-Level Directory Entity (0004,1420) is:
+/// after the next-record element (12 bytes) and Record In-use Flag (10 bytes).
+const LOWER_AT: usize = 38;
+
+/// A record encoded but not yet written: its offsets wait for the record after it.
+struct Held {
+    depth: usize,
+    offset: u64,
+    bytes: Vec<u8>,
 }
 
-fn flatten<'a>(records: &'a [Record], flat: &mut Vec<(&'a Record, Vec<usize>)>) -> Vec<usize> {
-    let mut mine = Vec::new();
-    for record in records {
-        let index = flat.len();
-        mine.push(index);
-        flat.push((record, Vec::new()));
-        let children = flatten(&record.children, flat);
-        flat[index].1 = children;
-    }
-    mine
+/// Writes a DICOMDIR one record at a time, in file order (each record followed by its
+/// lower-level records), so that a file set of any size is written without holding its
+/// records in memory.
+///
+/// Each record is held until the next one arrives, which tells whether it has lower-level
+/// records or a next sibling right after it. Only a record with lower-level records must
+/// wait longer for its next sibling; those offsets (one per patient, study and series) are
+/// written by [`Writer::finish`], which seeks back, as it does for the header's first and
+/// last record offsets.
+pub struct Writer<W: Write + Seek> {
+    out: W,
+    uid: String,
+    file_set_id: String,
+    sequence_start: u64,
+    /// Offset of the next record (bytes written plus the held record).
+    at: u64,
+    held: Option<Held>,
+    /// Per depth: where the next-record offset of a record with lower-level records is,
+    /// until its next sibling arrives.
+    open: Vec<Option<u64>>,
+    /// Offsets learnt after their record was written: (position, value).
+    patches: Vec<(u64, u32)>,
+    roots: Option<(u64, u64)>,
 }
 
-fn root_indices(roots: &[Record]) -> Vec<usize> {
-    fn count(r: &Record) -> usize {
-        1 + r.children.iter().map(count).sum::<usize>()
-    }
-    let mut at = 0;
-    roots
-        .iter()
-        .map(|r| {
-            let here = at;
-            at += count(r);
-            here
+impl<W: Write + Seek> Writer<W> {
+    /// Starts a DICOMDIR with File-set ID `file_set_id` at the start of `out`.
+    ///
+    /// # Errors
+    /// When `out` cannot be written.
+    pub fn new(mut out: W, file_set_id: &str) -> io::Result<Writer<W>> {
+        let uid = new_uid();
+        let head = header(&uid, file_set_id, 0, 0, 0);
+        out.write_all(&head)?;
+        Ok(Writer {
+            out,
+            uid,
+            file_set_id: file_set_id.to_owned(),
+            sequence_start: head.len() as u64,
+            at: head.len() as u64,
+            held: None,
+            open: Vec::new(),
+            patches: Vec::new(),
+            roots: None,
         })
-        .collect()
+    }
+
+    /// Adds the record after the previous one: at `depth` 0 a root (PATIENT) record, one
+    /// deeper than the previous record a lower-level record of it, otherwise a next
+    /// sibling of the previous record at that depth. `elements` are its keys (any order).
+    ///
+    /// # Errors
+    /// When a depth skips a level, when the DICOMDIR would exceed 4 GiB (offsets are 32
+    /// bits), or when `out` cannot be written.
+    pub fn record(&mut self, depth: usize, kind: &str, elements: Vec<Element>) -> io::Result<()> {
+        let offset = self.at;
+        let offset32 = u32::try_from(offset)
+            .map_err(|_| io::Error::other("a DICOMDIR cannot exceed 4 GiB: split the file set"))?;
+        let deepest = self.held.as_ref().map_or(0, |h| h.depth + 1);
+        if depth > deepest {
+            return Err(io::Error::other(format!(
+                "DICOMDIR record at depth {depth} after one at depth {}",
+                deepest.saturating_sub(1)
+            )));
+        }
+        if let Some(mut held) = self.held.take() {
+            if depth == held.depth + 1 {
+                put_u32(&mut held.bytes, LOWER_AT, offset32);
+                self.open.resize(held.depth + 1, None);
+                self.open[held.depth] = Some(held.offset + NEXT_AT as u64);
+            } else if depth == held.depth {
+                put_u32(&mut held.bytes, NEXT_AT, offset32);
+            }
+            self.out.write_all(&held.bytes)?;
+        }
+        self.open.truncate(depth + 1);
+        if let Some(pending) = self.open.get_mut(depth).and_then(Option::take) {
+            self.patches.push((pending, offset32));
+        }
+        self.roots = match (depth, self.roots) {
+            (0, None) => Some((offset, offset)),
+            (0, Some((first, _))) => Some((first, offset)),
+            (_, roots) => roots,
+        };
+        let bytes = encode_record(kind, elements);
+        self.at += bytes.len() as u64;
+        self.held = Some(Held {
+            depth,
+            offset,
+            bytes,
+        });
+        Ok(())
+    }
+
+    /// Writes the last record and the offsets learnt late, and gives back the output.
+    ///
+    /// # Errors
+    /// When `out` cannot be written or is larger than a DICOMDIR can be.
+    pub fn finish(mut self) -> io::Result<W> {
+        if let Some(held) = self.held.take() {
+            self.out.write_all(&held.bytes)?;
+        }
+        for (position, value) in std::mem::take(&mut self.patches) {
+            self.out.seek(SeekFrom::Start(position))?;
+            self.out.write_all(&value.to_le_bytes())?;
+        }
+        let too_large = || io::Error::other("a DICOMDIR cannot exceed 4 GiB: split the file set");
+        let (first, last) = self.roots.unwrap_or((0, 0));
+        let head = header(
+            &self.uid,
+            &self.file_set_id,
+            u32::try_from(first).map_err(|_| too_large())?,
+            u32::try_from(last).map_err(|_| too_large())?,
+            u32::try_from(self.at - self.sequence_start).map_err(|_| too_large())?,
+        );
+        self.out.seek(SeekFrom::Start(0))?;
+        self.out.write_all(&head)?;
+        self.out.seek(SeekFrom::Start(self.at))?;
+        self.out.flush()?;
+        Ok(self.out)
+    }
+}
+
+fn put_u32(bytes: &mut [u8], at: usize, value: u32) {
+    bytes[at..at + 4].copy_from_slice(&value.to_le_bytes());
+}
+
+/// A directory record item with zero offsets, in use, its keys sorted by tag.
+fn encode_record(kind: &str, mut keys: Vec<Element>) -> Vec<u8> {
+    keys.sort_by_key(|e| e.tag);
+    let mut elements = vec![
+        ul(tags::NEXT_RECORD, 0),
+        us(tags::IN_USE, 0xFFFF),
+        ul(tags::LOWER_LEVEL, 0),
+        text_element(tags::RECORD_TYPE, b"CS", kind.as_bytes()),
+    ];
+    elements.extend(keys);
+    let mut item = Vec::new();
+    element::write_item(&mut item, &elements);
+    item
 }
 
 /// Preamble, meta information and the dataset up to the first item of the record
@@ -691,5 +747,59 @@ impl Walk<'_> {
             self.last_root_offset = last_offset;
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(value: &str) -> Vec<Element> {
+        vec![text_element(tags::PATIENT_ID, b"LO", value.as_bytes())]
+    }
+
+    /// Two patients, the first with two studies (one with two series), and records read
+    /// back through their offsets in the order and nesting they were written.
+    #[test]
+    fn records_written_one_at_a_time_read_back_as_a_tree() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("DICOMDIR");
+        let file = File::create(&path).expect("create");
+        let mut writer = Writer::new(io::BufWriter::new(file), "TREE").expect("start");
+        let layout: [(usize, &str, &str); 10] = [
+            (0, "PATIENT", "P1"),
+            (1, "STUDY", "P1S1"),
+            (2, "SERIES", "P1S1E1"),
+            (3, "IMAGE", "P1S1E1I1"),
+            (3, "IMAGE", "P1S1E1I2"),
+            (2, "SERIES", "P1S1E2"),
+            (3, "IMAGE", "P1S1E2I1"),
+            (1, "STUDY", "P1S2"),
+            (0, "PATIENT", "P2"),
+            (1, "STUDY", "P2S1"),
+        ];
+        for (depth, kind, name) in layout {
+            writer.record(depth, kind, id(name)).expect("record");
+        }
+        assert!(writer.record(3, "IMAGE", id("skips a level")).is_err());
+        writer.finish().expect("finish");
+
+        let read = read(&path).expect("reads");
+        assert!(read.problems.is_empty(), "{:?}", read.problems);
+        assert_eq!(read.file_set_id, "TREE");
+        fn walk(d: &Dicomdir, at: &[usize], depth: usize, out: &mut Vec<(usize, String, String)>) {
+            for &i in at {
+                let r = &d.records[i];
+                out.push((depth, r.kind.clone(), r.text(tags::PATIENT_ID)));
+                walk(d, &r.children, depth + 1, out);
+            }
+        }
+        let mut walked = Vec::new();
+        walk(&read, &read.roots, 0, &mut walked);
+        let expected: Vec<(usize, String, String)> = layout
+            .iter()
+            .map(|(d, k, n)| (*d, (*k).to_owned(), (*n).to_owned()))
+            .collect();
+        assert_eq!(walked, expected);
     }
 }

@@ -13,10 +13,10 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use super::build::hash_file;
 use super::dicomdir::{self, Dicomdir};
 use super::instance;
 use super::manifest::{self, Manifest};
+use super::scan::hash_file;
 use super::zip::{self, Limits};
 use super::{PdiError, tags};
 
@@ -472,8 +472,8 @@ fn check_manifest(set: &FileSet, manifest: &Manifest, files: &[PathBuf]) -> Resu
                 meta.len()
             )));
         }
-        let (_, sha256, _) = hash_file(&path).map_err(|e| PdiError::io(&path, e))?;
-        if !sha256.eq_ignore_ascii_case(&file.sha256) {
+        let hash = hash_file(&path).map_err(|e| PdiError::io(&path, e))?;
+        if !hex::encode(hash.sha256).eq_ignore_ascii_case(&file.sha256) {
             return Err(broken(
                 "its SHA-256 does not match the manifest: the file was altered or damaged".into(),
             ));

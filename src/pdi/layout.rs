@@ -9,22 +9,34 @@ pub const DICOM_FOLDER: &str = "DICOM";
 /// The folder of non-DICOM attachments (never inside the DICOM tree).
 pub const ATTACHMENT_FOLDER: &str = "ATTACH";
 
-/// Instances grouped: patients -> studies -> series -> instance indices.
+/// Instances grouped: patients -> studies -> series -> instance numbers (the order in
+/// which they were added).
 #[derive(Debug, Default)]
 pub struct Tree {
     /// Patients in order.
-    pub patients: Vec<Group<Group<Group<usize>>>>,
+    pub patients: Vec<Group<Group<Group<u32>>>>,
 }
 
-/// One level of the hierarchy: its key and its members, in order.
+/// One level of the hierarchy: its members, in order.
 #[derive(Debug)]
 pub struct Group<T> {
-    /// The grouping key (Patient ID, Study or Series Instance UID).
-    pub key: String,
-    /// The index of the instance the group's record keys are taken from.
-    pub first: usize,
+    /// The instance the group's record keys are taken from (the first one added).
+    pub first: u32,
     /// Members in order.
     pub members: Vec<T>,
+    /// What orders the group among its siblings: (Study Date + Time, 0) for a study,
+    /// ("", Series Number) for a series.
+    order: (String, i64),
+}
+
+impl<T> Group<T> {
+    fn new(first: u32, order: (String, i64)) -> Group<T> {
+        Group {
+            first,
+            members: Vec::new(),
+            order,
+        }
+    }
 }
 
 /// What the layout needs to know of each instance.
@@ -44,59 +56,101 @@ pub struct Placement {
     pub instance_number: i64,
 }
 
-/// Groups and orders instances: studies by date, series by number, instances by number
-/// (ties keep the input order).
-pub fn group(items: &[Placement]) -> Tree {
-    let mut tree = Tree::default();
-    let mut patients: HashMap<&str, usize> = HashMap::new();
-    let mut studies: HashMap<&str, (usize, usize)> = HashMap::new();
-    let mut series: HashMap<&str, (usize, usize, usize)> = HashMap::new();
-    for (i, item) in items.iter().enumerate() {
-        let p = *patients.entry(&item.patient_id).or_insert_with(|| {
-            tree.patients.push(Group {
-                key: item.patient_id.clone(),
-                first: i,
-                members: Vec::new(),
+/// Groups instances as they are added and orders them when done: studies by date, series
+/// by number, instances by number (ties keep the order of adding). It keeps a few numbers
+/// per instance and the keys of each patient, study and series, never the instances.
+#[derive(Debug, Default)]
+pub struct Layout {
+    tree: Tree,
+    patients: HashMap<String, usize>,
+    studies: HashMap<String, (usize, usize)>,
+    series: HashMap<String, (usize, usize, usize)>,
+    /// Instance Number of each instance added.
+    numbers: Vec<i64>,
+}
+
+impl Layout {
+    /// Adds the next instance; its number in the tree is the count of instances before it.
+    pub fn add(&mut self, item: &Placement) {
+        let i = u32::try_from(self.numbers.len()).unwrap_or(u32::MAX);
+        self.numbers.push(item.instance_number);
+        let tree = &mut self.tree;
+        let p = *self
+            .patients
+            .entry(item.patient_id.clone())
+            .or_insert_with(|| {
+                tree.patients.push(Group::new(i, (String::new(), 0)));
+                tree.patients.len() - 1
             });
-            tree.patients.len() - 1
-        });
-        let (p, s) = *studies.entry(&item.study_uid).or_insert_with(|| {
-            let list = &mut tree.patients[p].members;
-            list.push(Group {
-                key: item.study_uid.clone(),
-                first: i,
-                members: Vec::new(),
+        let (p, s) = *self
+            .studies
+            .entry(item.study_uid.clone())
+            .or_insert_with(|| {
+                let list = &mut tree.patients[p].members;
+                list.push(Group::new(i, (item.study_when.clone(), 0)));
+                (p, list.len() - 1)
             });
-            (p, list.len() - 1)
-        });
-        let (p, s, e) = *series.entry(&item.series_uid).or_insert_with(|| {
-            let list = &mut tree.patients[p].members[s].members;
-            list.push(Group {
-                key: item.series_uid.clone(),
-                first: i,
-                members: Vec::new(),
+        let (p, s, e) = *self
+            .series
+            .entry(item.series_uid.clone())
+            .or_insert_with(|| {
+                let list = &mut tree.patients[p].members[s].members;
+                list.push(Group::new(i, (String::new(), item.series_number)));
+                (p, s, list.len() - 1)
             });
-            (p, s, list.len() - 1)
-        });
         tree.patients[p].members[s].members[e].members.push(i);
     }
-    for patient in &mut tree.patients {
-        patient
-            .members
-            .sort_by(|a, b| items[a.first].study_when.cmp(&items[b.first].study_when));
-        for study in &mut patient.members {
-            study.members.sort_by_key(|s| items[s.first].series_number);
-            for series in &mut study.members {
-                series.members.sort_by_key(|&i| items[i].instance_number);
+
+    /// The ordered tree.
+    pub fn finish(self) -> Tree {
+        let mut tree = self.tree;
+        for patient in &mut tree.patients {
+            patient.members.sort_by(|a, b| a.order.cmp(&b.order));
+            for study in &mut patient.members {
+                study.members.sort_by(|a, b| a.order.cmp(&b.order));
+                for series in &mut study.members {
+                    series.members.sort_by_key(|&i| self.numbers[i as usize]);
+                }
+            }
+        }
+        tree
+    }
+}
+
+/// Where an instance is in the tree: (patient, study, series, instance), each 0-based.
+pub type Position = [u32; 4];
+
+/// The position of every instance, by instance number.
+pub fn positions(tree: &Tree, count: usize) -> Vec<Position> {
+    let mut out = vec![[0; 4]; count];
+    for (p, patient) in (0u32..).zip(&tree.patients) {
+        for (s, study) in (0u32..).zip(&patient.members) {
+            for (e, series) in (0u32..).zip(&study.members) {
+                for (n, &i) in (0u32..).zip(&series.members) {
+                    out[i as usize] = [p, s, e, n];
+                }
             }
         }
     }
-    tree
+    out
+}
+
+/// The File ID of the instance at `position`:
+/// `[DICOM, PA000001, ST000001, SE000001, IM000001]`.
+pub fn file_id(position: Position) -> [String; 5] {
+    let [p, s, e, n] = position;
+    [
+        DICOM_FOLDER.to_owned(),
+        component("PA", p),
+        component("ST", s),
+        component("SE", e),
+        component("IM", n),
+    ]
 }
 
 /// The File ID components of the `n`-th (0-based) member of a level with `prefix`.
-pub fn component(prefix: &str, n: usize) -> String {
-    format!("{prefix}{:06}", n + 1)
+fn component(prefix: &str, n: u32) -> String {
+    format!("{prefix}{:06}", u64::from(n) + 1)
 }
 
 /// Whether `id` is a valid File ID: 1-8 components of 1-8 characters of A-Z, 0-9, `_`.

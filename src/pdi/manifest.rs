@@ -2,7 +2,11 @@
 //! DICOM files, its UIDs, so that the receiver can prove the set is whole before anything
 //! reaches its PACS (a DICOMDIR alone cannot: it has no checksums).
 
-use serde::{Deserialize, Serialize};
+use std::cell::RefCell;
+use std::io::{self, Write};
+
+use serde::ser::{Error as _, SerializeSeq};
+use serde::{Deserialize, Serialize, Serializer};
 
 /// Path of the manifest inside a file set.
 pub const PATH: &str = "CLOUDPDI/MANIFEST.JSON";
@@ -72,6 +76,73 @@ pub struct Excluded {
     pub reason: String,
 }
 
+/// What a manifest says besides its list of files.
+#[derive(Debug, Clone)]
+pub struct Head<'a> {
+    /// File-set ID of the DICOMDIR.
+    pub file_set_id: &'a str,
+    /// Issuing facility.
+    pub facility: &'a str,
+    /// When the set was built (UTC, RFC 3339).
+    pub created: &'a str,
+    /// Instances left out by the AI support-image policy.
+    pub excluded: &'a [Excluded],
+}
+
+/// The same fields in the same order as [`Manifest`], with the files from an iterator.
+#[derive(Serialize)]
+#[serde(bound(serialize = "I: Iterator<Item = io::Result<ManifestFile>>"))]
+struct Streamed<'a, I> {
+    format: &'a str,
+    version: u32,
+    file_set_id: &'a str,
+    facility: &'a str,
+    created: &'a str,
+    files: Files<I>,
+    #[serde(skip_serializing_if = "nothing_excluded")]
+    excluded: &'a [Excluded],
+}
+
+fn nothing_excluded(excluded: &&[Excluded]) -> bool {
+    excluded.is_empty()
+}
+
+/// A list serialized as its iterator yields it (once).
+struct Files<I>(RefCell<Option<I>>);
+
+impl<I: Iterator<Item = io::Result<ManifestFile>>> Serialize for Files<I> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut seq = serializer.serialize_seq(None)?;
+        for file in self.0.borrow_mut().take().into_iter().flatten() {
+            seq.serialize_element(&file.map_err(S::Error::custom)?)?;
+        }
+        seq.end()
+    }
+}
+
+/// Writes the manifest of `head` and `files` to `out`, one file entry at a time, byte for
+/// byte as `serde_json::to_writer_pretty` writes a [`Manifest`]: a set of any size is
+/// described without holding its list.
+///
+/// # Errors
+/// What `files` or `out` report.
+pub fn write(
+    out: impl Write,
+    head: &Head<'_>,
+    files: impl Iterator<Item = io::Result<ManifestFile>>,
+) -> io::Result<()> {
+    let streamed = Streamed {
+        format: FORMAT,
+        version: 1,
+        file_set_id: head.file_set_id,
+        facility: head.facility,
+        created: head.created,
+        files: Files(RefCell::new(Some(files))),
+        excluded: head.excluded,
+    };
+    serde_json::to_writer_pretty(out, &streamed).map_err(io::Error::other)
+}
+
 /// Date and time of a Unix timestamp (UTC): (year, month, day, hour, minute, second).
 pub fn civil(unix_seconds: u64) -> (u64, u64, u64, u64, u64, u64) {
     let days = unix_seconds / 86_400;
@@ -98,6 +169,76 @@ pub fn rfc3339(unix_seconds: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn file(path: &str, uid: Option<&str>) -> ManifestFile {
+        ManifestFile {
+            path: path.into(),
+            size: 42,
+            sha256: "ab".repeat(32),
+            dicom: uid.map(|uid| DicomIds {
+                sop_class_uid: "1.2.840.10008.5.1.4.1.1.2".into(),
+                sop_instance_uid: uid.into(),
+                study_instance_uid: "1.2.3".into(),
+                series_instance_uid: "1.2.3.4".into(),
+                transfer_syntax_uid: "1.2.840.10008.1.2.1".into(),
+            }),
+            ai_support: uid.map(|_| "AI support image, not a diagnosis".into()),
+        }
+    }
+
+    #[test]
+    fn streamed_manifest_is_the_same_bytes_as_the_whole_one() {
+        for excluded in [
+            vec![],
+            vec![Excluded {
+                sop_instance_uid: "1.2.9".into(),
+                reason: "AI support image".into(),
+            }],
+        ] {
+            let files = vec![
+                file("DICOMDIR", None),
+                file("DICOM/PA000001", Some("1.2.5")),
+            ];
+            let whole = Manifest {
+                format: FORMAT.into(),
+                version: 1,
+                file_set_id: "CLOUDPDI".into(),
+                facility: "Kanto Hospital".into(),
+                created: rfc3339(1_795_000_000),
+                files: files.clone(),
+                excluded: excluded.clone(),
+            };
+            let mut streamed = Vec::new();
+            let head = Head {
+                file_set_id: "CLOUDPDI",
+                facility: "Kanto Hospital",
+                created: &rfc3339(1_795_000_000),
+                excluded: &excluded,
+            };
+            write(&mut streamed, &head, files.into_iter().map(Ok)).expect("writes");
+            let expected = serde_json::to_vec_pretty(&whole).expect("serializes");
+            assert_eq!(
+                String::from_utf8_lossy(&streamed),
+                String::from_utf8_lossy(&expected)
+            );
+        }
+    }
+
+    #[test]
+    fn a_failing_entry_fails_the_manifest() {
+        let files = [
+            Ok(file("DICOMDIR", None)),
+            Err(io::Error::other("disk gone")),
+        ];
+        let head = Head {
+            file_set_id: "CLOUDPDI",
+            facility: "",
+            created: "",
+            excluded: &[],
+        };
+        let error = write(Vec::new(), &head, files.into_iter()).expect_err("fails");
+        assert!(error.to_string().contains("disk gone"), "{error}");
+    }
 
     #[test]
     fn civil_dates() {

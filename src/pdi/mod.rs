@@ -12,14 +12,18 @@
 //! Format details and the validation done with real tools: `docs/pdi.md`.
 
 mod build;
+mod catalog;
 pub mod dicomdir;
 pub mod element;
 mod fileset;
 pub mod instance;
 pub mod layout;
 pub mod manifest;
+mod mark;
 pub mod policy;
 pub mod readme;
+mod records;
+mod scan;
 pub mod tags;
 pub mod zip;
 

@@ -1,0 +1,230 @@
+//! The first step of a build: find the input files, read each header and hash each file
+//! on all cores, and hand the results over one at a time in input order.
+//!
+//! At most [`WINDOW`] files are scanned ahead of the one being handed over, so memory
+//! holds a few headers whatever the number of inputs.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, mpsc};
+
+use sha2::{Digest, Sha256};
+
+use super::dicomdir;
+use super::instance::{self, Instance, InstanceError};
+use super::policy::{AiAction, AiPolicy};
+use super::{PdiError, tags};
+
+const HASH_BUFFER: usize = 256 * 1024;
+/// Files scanned ahead of the one handed over.
+const WINDOW: usize = 32;
+
+/// Size, SHA-256 and CRC-32 of a file, from one read.
+#[derive(Debug, Clone, Copy)]
+pub struct FileHash {
+    /// Bytes.
+    pub size: u64,
+    /// SHA-256.
+    pub sha256: [u8; 32],
+    /// CRC-32 (what a ZIP entry declares).
+    pub crc: u32,
+}
+
+/// One DICOM input after scanning.
+pub struct Scanned {
+    /// The header, pruned to what the file set reads later ([`needed_after_scan`]).
+    pub header: Instance,
+    /// The file's hashes.
+    pub hash: FileHash,
+    /// What the AI support-image policy does with it, decided on the whole header.
+    pub ai: Option<AiAction>,
+}
+
+/// Files and folders (walked, sorted) into files; DICOMDIR files are left out.
+///
+/// # Errors
+/// [`PdiError::Io`] for an input that cannot be read.
+pub fn expand(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, PdiError> {
+    let mut out = Vec::new();
+    for input in inputs {
+        let meta = fs::metadata(input).map_err(|e| PdiError::io(input, e))?;
+        if meta.is_dir() {
+            let mut children: Vec<PathBuf> = fs::read_dir(input)
+                .map_err(|e| PdiError::io(input, e))?
+                .map(|e| e.map(|e| e.path()))
+                .collect::<Result<_, _>>()
+                .map_err(|e| PdiError::io(input, e))?;
+            children.sort();
+            out.extend(expand(&children)?);
+        } else if !input
+            .file_name()
+            .is_some_and(|n| n.eq_ignore_ascii_case("DICOMDIR"))
+        {
+            out.push(input.clone());
+        }
+    }
+    Ok(out)
+}
+
+/// SHA-256, CRC-32 and size of a file in one read. The buffer is allocated per file on
+/// purpose: one reused buffer made reading from the page cache measurably slower in
+/// bench/pdi (twice the system time).
+///
+/// # Errors
+/// When the file cannot be read.
+pub fn hash_file(path: &Path) -> io::Result<FileHash> {
+    let mut file = File::open(path)?;
+    let mut sha = Sha256::new();
+    let mut crc = crc32fast::Hasher::new();
+    let mut buffer = vec![0u8; HASH_BUFFER];
+    let mut size = 0u64;
+    loop {
+        let n = file.read(&mut buffer)?;
+        if n == 0 {
+            break;
+        }
+        sha.update(&buffer[..n]);
+        crc.update(&buffer[..n]);
+        size += n as u64;
+    }
+    Ok(FileHash {
+        size,
+        sha256: sha.finalize().into(),
+        crc: crc.finalize(),
+    })
+}
+
+/// The scan of one input: `Ok(None)` when it is not DICOM.
+pub type ScanResult = Result<Option<Scanned>, PdiError>;
+
+/// Scans `files` on all cores and calls `each` with every file and its result, in the
+/// order of `files`. The first error `each` returns stops the scan and is returned.
+///
+/// # Errors
+/// What `each` returns.
+pub fn scan(
+    files: &[PathBuf],
+    policy: &AiPolicy,
+    each: &mut dyn FnMut(&Path, ScanResult) -> Result<(), PdiError>,
+) -> Result<(), PdiError> {
+    let workers = std::thread::available_parallelism()
+        .map_or(2, usize::from)
+        .min(files.len().max(1));
+    let (job_tx, job_rx) = mpsc::channel::<usize>();
+    let job_rx = Mutex::new(job_rx);
+    let (done_tx, done_rx) = mpsc::channel::<(usize, ScanResult)>();
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            let done_tx = done_tx.clone();
+            let job_rx = &job_rx;
+            s.spawn(move || {
+                loop {
+                    let job = match job_rx.lock() {
+                        Ok(rx) => rx.recv(),
+                        Err(_) => return,
+                    };
+                    let Ok(i) = job else { return };
+                    if done_tx.send((i, scan_guarded(&files[i], policy))).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        drop(done_tx);
+        let mut hand_over = || -> Result<(), PdiError> {
+            let mut queued = 0;
+            let mut early: HashMap<usize, ScanResult> = HashMap::new();
+            for (next, path) in files.iter().enumerate() {
+                while queued < files.len() && queued < next + WINDOW {
+                    job_tx.send(queued).map_err(|_| stopped())?;
+                    queued += 1;
+                }
+                let result = loop {
+                    if let Some(result) = early.remove(&next) {
+                        break result;
+                    }
+                    let (i, result) = done_rx.recv().map_err(|_| stopped())?;
+                    early.insert(i, result);
+                };
+                each(path, result)?;
+            }
+            Ok(())
+        };
+        let outcome = hand_over();
+        // Workers stop when the queue closes (at the end, or early on an error).
+        drop(job_tx);
+        outcome
+    })
+}
+
+fn stopped() -> PdiError {
+    PdiError::Invalid("a scan worker stopped unexpectedly; build again".into())
+}
+
+/// [`scan_one`], with a panic turned into an error for that file: the hand-over waits for
+/// every file in order and would otherwise wait forever.
+fn scan_guarded(path: &Path, policy: &AiPolicy) -> ScanResult {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| scan_one(path, policy)))
+        .unwrap_or_else(|_| {
+            Err(PdiError::Invalid(format!(
+                "{}: reading this file failed unexpectedly; report it with the file",
+                path.display()
+            )))
+        })
+}
+
+/// Reads and hashes one input, decides what the AI-image policy does with it, then keeps
+/// only the header elements the file set needs.
+fn scan_one(path: &Path, policy: &AiPolicy) -> ScanResult {
+    let mut header = match instance::read(path) {
+        Ok(header) => header,
+        Err(InstanceError::NotDicom(_)) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let hash = hash_file(path).map_err(|e| PdiError::io(path, e))?;
+    let ai = policy.decide(&header);
+    header.retain(needed_after_scan);
+    Ok(Some(Scanned { header, hash, ai }))
+}
+
+/// Where a missing date key is taken from, in order: Series, Acquisition, Content and
+/// Study Date.
+pub const DATE_STAND_INS: [u32; 4] = [
+    0x0008_0021,
+    0x0008_0022,
+    tags::CONTENT_DATE,
+    tags::STUDY_DATE,
+];
+/// The same for a missing time key.
+pub const TIME_STAND_INS: [u32; 4] = [
+    0x0008_0031,
+    0x0008_0032,
+    tags::CONTENT_TIME,
+    tags::STUDY_TIME,
+];
+
+/// What a file set still reads of a scanned instance's header besides the record keys:
+/// the character set, the stand-ins for missing dates and times, an SR's verification,
+/// what orders the tree and what README.TXT shows.
+const KEPT_BESIDES_KEYS: [u32; 10] = [
+    tags::SPECIFIC_CHARACTER_SET,
+    tags::PATIENT_ID,
+    tags::STUDY_DESCRIPTION,
+    tags::SERIES_NUMBER,
+    tags::SERIES_DESCRIPTION,
+    tags::MODALITY,
+    tags::INSTANCE_NUMBER,
+    tags::VERIFICATION_FLAG,
+    tags::VERIFYING_OBSERVER_SEQUENCE,
+    tags::VERIFICATION_DATETIME,
+];
+
+/// Whether the build reads `tag` of an instance after scanning it.
+pub fn needed_after_scan(tag: u32) -> bool {
+    dicomdir::is_record_key(tag)
+        || KEPT_BESIDES_KEYS.contains(&tag)
+        || DATE_STAND_INS.contains(&tag)
+        || TIME_STAND_INS.contains(&tag)
+}
