@@ -6,7 +6,7 @@ study is about the size of a real chest CT. The patient name can be written in J
 (ISO 2022 IR 87 or ISO_IR 192) to exercise character-set handling downstream.
 
 Usage: gen_ct.py OUT_DIR [--slices N] [--patient-id ID] [--charset latin|iso2022|utf8]
-                 [--study-uid UID] [--seed N]
+                 [--study-uid UID] [--seed N] [--matrix 512]
 """
 import argparse
 import datetime
@@ -59,17 +59,18 @@ def make_slice(i, n, args, study_uid, series_uid, frame_uid, rng):
     ds.KVP = 120
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows = ds.Columns = 512
+    m = args.matrix
+    ds.Rows = ds.Columns = m
     ds.BitsAllocated = 16
     ds.BitsStored = 12
     ds.HighBit = 11
     ds.PixelRepresentation = 0
     ds.RescaleIntercept = -1024
     ds.RescaleSlope = 1
-    yy, xx = np.mgrid[0:512, 0:512]
-    body = ((xx - 256) ** 2 + (yy - 256) ** 2) < (200 - (i % 50)) ** 2
+    yy, xx = np.mgrid[0:m, 0:m]
+    body = ((xx - m // 2) ** 2 + (yy - m // 2) ** 2) < ((200 - (i % 50)) * m // 512) ** 2
     pixels = np.where(body, 1000, 0).astype(np.uint16)
-    pixels += rng.integers(0, 64, size=(512, 512), dtype=np.uint16)
+    pixels += rng.integers(0, 64, size=(m, m), dtype=np.uint16)
     ds.PixelData = pixels.tobytes()
     return ds
 
@@ -82,6 +83,8 @@ def main():
     p.add_argument("--charset", choices=sorted(NAMES), default="iso2022")
     p.add_argument("--study-uid", default=None)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--matrix", type=int, default=512,
+                   help="rows and columns (smaller for studies of many small instances)")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     rng = np.random.default_rng(args.seed)

@@ -629,3 +629,102 @@ fn orthanc_imports_our_zip_with_exactly_its_instances() {
     assert!(expected.remove(&cad_uid), "the CAD overlay was an input");
     assert_eq!(stored, expected, "{}", text(&out));
 }
+
+/// A file written with holes where the data is zeros: a ZIP64-sized entry of zeros costs
+/// no disk space and little time.
+struct Sparse {
+    file: fs::File,
+    zeros: Vec<u8>,
+}
+
+impl std::io::Write for Sparse {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if buf.len() <= self.zeros.len() && buf == &self.zeros[..buf.len()] {
+            use std::io::Seek;
+            self.file
+                .seek(std::io::SeekFrom::Current(buf.len() as i64))?;
+            Ok(buf.len())
+        } else {
+            self.file.write(buf)
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
+#[test]
+fn zip64_archives_are_read_by_info_zip_python_and_our_extractor() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    // An entry of 4 GiB + 10 bytes (ZIP64 sizes), and one after it at an offset past
+    // 4 GiB (ZIP64 offset; the central directory starts there too).
+    let big = dir.path().join("big.zip");
+    let size = (4u64 << 30) + 10;
+    let chunk = vec![0u8; 1 << 20];
+    let mut crc = crc32fast::Hasher::new();
+    for _ in 0..size / chunk.len() as u64 {
+        crc.update(&chunk);
+    }
+    crc.update(&chunk[..(size % chunk.len() as u64) as usize]);
+    let sparse = Sparse {
+        file: fs::File::create(&big).unwrap(),
+        zeros: vec![0u8; 1 << 20],
+    };
+    let mut zip = pdi::zip::ZipWriter::new(sparse, 1_795_000_000);
+    zip.add(
+        "DICOM/BIG",
+        size,
+        crc.finalize(),
+        &mut std::io::repeat(0).take(size),
+    )
+    .unwrap();
+    zip.add_bytes("README.TXT", b"after the big one").unwrap();
+    zip.finish().unwrap();
+    let test = run(Command::new(require("/usr/bin/unzip")).arg("-tq").arg(&big));
+    assert!(test.status.success(), "unzip -t: {}", text(&test));
+    let python = run(Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import sys, zipfile\n\
+         z = zipfile.ZipFile(sys.argv[1])\n\
+         assert z.testzip() is None\n\
+         for i in z.infolist(): print(i.filename, i.file_size, i.header_offset)\n",
+        )
+        .arg(&big));
+    assert!(python.status.success(), "python zipfile: {}", text(&python));
+    let listed = String::from_utf8_lossy(&python.stdout).into_owned();
+    let lines: Vec<&str> = listed.lines().collect();
+    assert_eq!(lines.len(), 2, "{listed}");
+    assert_eq!(lines[0], format!("DICOM/BIG {size} 0"));
+    let after: Vec<&str> = lines[1].split(' ').collect();
+    assert_eq!(&after[..2], ["README.TXT", "17"]);
+    assert!(after[2].parse::<u64>().unwrap() > size, "{listed}");
+
+    // More entries than the 16-bit count of the classic end record holds.
+    let many = dir.path().join("many.zip");
+    let count = 65_540u64;
+    let mut zip = pdi::zip::ZipWriter::new(
+        std::io::BufWriter::new(fs::File::create(&many).unwrap()),
+        1_795_000_000,
+    );
+    for i in 0..count {
+        zip.add_bytes(
+            &format!("F{}/{i}", i % 100),
+            format!("entry {i}").as_bytes(),
+        )
+        .unwrap();
+    }
+    zip.finish().unwrap();
+    let test = run(Command::new(require("/usr/bin/unzip"))
+        .arg("-tq")
+        .arg(&many));
+    assert!(test.status.success(), "unzip -t: {}", text(&test));
+    let out = dir.path().join("many");
+    let extracted = pdi::zip::extract(&many, &out, pdi::zip::Limits::default()).unwrap();
+    assert_eq!(extracted.files, count);
+    assert_eq!(
+        fs::read_to_string(out.join("F39/65539")).unwrap(),
+        "entry 65539"
+    );
+}
