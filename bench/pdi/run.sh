@@ -3,14 +3,16 @@
 # `dcmmkdir` on the same files (already copied to conformant File IDs, which is not timed)
 # plus `zip -0 -r`, in one run. ROUNDS rounds alternate the two; the median of each is
 # reported with the ratio. Then peak memory (max RSS, GNU time) of `cloudpdi pdi build`
-# for SLICES and BIG_SLICES, to show it does not grow with the study.
+# for SLICES and BIG_SLICES, to show it does not grow with the study, and for MANY small
+# (32x32) instances, to show what is left per instance.
 #
-#   bench/pdi/run.sh                          # 500 and 2000 slices, 3 rounds
-#   SLICES=200 BIG_SLICES=800 ROUNDS=5 bench/pdi/run.sh
+#   bench/pdi/run.sh                          # 500 and 2000 slices, 20 000 small, 3 rounds
+#   SLICES=200 BIG_SLICES=800 MANY=5000 ROUNDS=5 bench/pdi/run.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 slices=${SLICES:-500}
 big=${BIG_SLICES:-2000}
+many=${MANY:-20000}
 rounds=${ROUNDS:-3}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -48,11 +50,12 @@ echo "cloudpdi pdi build --out set.zip: ${ours} s"
 echo "dcmmkdir + zip -0:                 ${dcmtk} s"
 echo "speed-up (dcmtk / cloudpdi):       $(python3 -c "print(round($dcmtk / $ours, 2))")x"
 
-rss() { # max RSS in MiB of cloudpdi pdi build on a study of $1 slices
+rss() { # max RSS in MiB of cloudpdi pdi build on a study of $1 slices (gen_ct options after)
   rm -rf "$work/rss" "$work/rss.zip"
-  python3 scripts/gen_ct.py "$work/rss" --slices "$1" >/dev/null
+  python3 scripts/gen_ct.py "$work/rss" --slices "$@" >/dev/null
   /usr/bin/time -f %M "$bin" pdi build "$work/rss" --out "$work/rss.zip" 2>&1 >/dev/null \
     | tail -1 | awk '{printf "%.1f", $1 / 1024}'
 }
 echo "max RSS, $slices slices:  $(rss "$slices") MiB"
 echo "max RSS, $big slices: $(rss "$big") MiB"
+echo "max RSS, $many small (32x32) instances: $(rss "$many" --matrix 32) MiB"

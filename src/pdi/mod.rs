@@ -5,6 +5,9 @@
 //!   `README.TXT`, `INDEX.HTM`, attachments in `ATTACH/`, and `CLOUDPDI/MANIFEST.JSON`
 //!   (size, SHA-256 and UIDs of every file); as a streamed ZIP of stored entries or a
 //!   folder. Files are read twice (hash, copy) and never held in memory.
+//!   A build goes scan (headers, hashes, on all cores) -> catalog (each instance's record,
+//!   on disk) -> layout (tree, File IDs) -> records (the DICOMDIR, one record at a time)
+//!   -> manifest -> ZIP or folder, so memory does not grow with the study.
 //! - [`FileSet`]: reads any set through its DICOMDIR (ours, DCMTK's, disc burners').
 //! - [`verify`]: proves a set (folder or ZIP) whole; [`extract_zip`] unpacks a ZIP safely.
 //! - [`policy`]: the AI support-image policy (include, exclude, label).
