@@ -229,6 +229,18 @@ struct Collected {
     labelled: Vec<(u32, String)>,
 }
 
+/// The parts of a built set, ready to be written out in order.
+struct Pieces<'a> {
+    catalog: &'a Catalog,
+    /// Where each catalog entry goes in the tree.
+    positions: &'a [Position],
+    /// The DICOMDIR in the scratch folder.
+    dicomdir: (&'a Path, FileHash),
+    readme: &'a [u8],
+    index: Option<&'a [u8]>,
+    attachments: &'a [Attachment],
+}
+
 fn build(
     inputs: &[PathBuf],
     options: &BuildOptions,
@@ -240,88 +252,114 @@ fn build(
     let files = scan::expand(inputs)?;
     let scratch = Scratch::new(options.scratch.as_deref())?;
     let mut report = BuildReport::default();
-    let collected = collect(&files, options, &scratch.0, &mut report)?;
-    let catalog = &collected.catalog;
-    report.excluded = collected.excluded.len();
+    let Collected {
+        catalog,
+        layout,
+        excluded,
+        labelled,
+    } = collect(&files, options, &scratch.0, &mut report)?;
+    report.excluded = excluded.len();
     report.instances = catalog.count();
-    report.labelled = collected.labelled.len();
+    report.labelled = labelled.len();
 
-    let tree = collected.layout.finish();
-    let dicomdir_path = scratch.0.join("DICOMDIR");
+    let tree = layout.finish();
+    let dicomdir = scratch.0.join("DICOMDIR");
     let studies = records::write(
-        &dicomdir_path,
+        &dicomdir,
         &options.file_set_id,
         &tree,
-        catalog,
+        &catalog,
         &mut report,
     )?;
     let positions = layout::positions(&tree, catalog.count());
     drop(tree);
+    let dicomdir_hash = hash_file(&dicomdir).map_err(|e| PdiError::io(&dicomdir, e))?;
 
     let attachments = attachments(&options.attachments)?;
     report.attachments = attachments.len();
-    let created_text = manifest::rfc3339(created);
+    let created = manifest::rfc3339(created);
     let contents = Contents {
         facility: options.facility.clone(),
-        created: created_text.clone(),
+        created: created.clone(),
         patients: report.patients,
         studies,
-        labelled: collected
-            .labelled
-            .iter()
-            .map(|(number, description)| LabelledLine {
-                path: path_of(positions[*number as usize]),
-                series_description: description.clone(),
+        labelled: labelled
+            .into_iter()
+            .map(|(number, series_description)| LabelledLine {
+                path: path_of(positions[number as usize]),
+                series_description,
             })
             .collect(),
-        excluded: collected.excluded.len(),
+        excluded: excluded.len(),
         attachments: attachments.iter().map(|a| a.name.clone()).collect(),
     };
-    let readme_txt = readme::readme(&contents);
-    let index_htm = options.index_htm.then(|| readme::index(&contents));
-
-    let dicomdir_hash = hash_file(&dicomdir_path).map_err(|e| PdiError::io(&dicomdir_path, e))?;
-    let mut leading = vec![
-        listed("DICOMDIR", dicomdir_hash),
-        listed("README.TXT", hash_bytes(&readme_txt)),
-    ];
-    if let Some(index) = &index_htm {
-        leading.push(listed("INDEX.HTM", hash_bytes(index)));
-    }
-    let manifest_path = scratch.0.join("MANIFEST.JSON");
+    let readme = readme::readme(&contents);
+    let index = options.index_htm.then(|| readme::index(&contents));
+    let pieces = Pieces {
+        catalog: &catalog,
+        positions: &positions,
+        dicomdir: (&dicomdir, dicomdir_hash),
+        readme: &readme,
+        index: index.as_deref(),
+        attachments: &attachments,
+    };
     let head = manifest::Head {
         file_set_id: &options.file_set_id,
         facility: &options.facility,
-        created: &created_text,
-        excluded: &collected.excluded,
+        created: &created,
+        excluded: &excluded,
     };
-    let instances = (0..catalog.count()).map(|i| {
-        let number = u32::try_from(i).map_err(io::Error::other)?;
-        let entry = catalog.get(number).map_err(io::Error::other)?;
-        Ok(manifest_entry(&entry, positions[i]))
+    let manifest = scratch.0.join("MANIFEST.JSON");
+    write_manifest(&manifest, &head, &pieces)?;
+    write_out(sink, &pieces, &manifest)?;
+    Ok(report)
+}
+
+/// Writes the manifest of `pieces` into the new file `path`, one entry at a time.
+fn write_manifest(
+    path: &Path,
+    head: &manifest::Head<'_>,
+    pieces: &Pieces<'_>,
+) -> Result<(), PdiError> {
+    let mut leading = vec![
+        listed("DICOMDIR", pieces.dicomdir.1),
+        listed("README.TXT", hash_bytes(pieces.readme)),
+    ];
+    if let Some(index) = pieces.index {
+        leading.push(listed("INDEX.HTM", hash_bytes(index)));
+    }
+    let instances = (0u32..).zip(pieces.positions).map(|(number, &position)| {
+        let entry = pieces.catalog.get(number).map_err(io::Error::other)?;
+        Ok(manifest_entry(&entry, position))
     });
-    let trailing = attachments.iter().map(|a| Ok(listed(&a.name, a.hash)));
-    let file = File::create_new(&manifest_path).map_err(|e| PdiError::io(&manifest_path, e))?;
+    let attachments = pieces
+        .attachments
+        .iter()
+        .map(|a| Ok(listed(&a.name, a.hash)));
+    let file = File::create_new(path).map_err(|e| PdiError::io(path, e))?;
     manifest::write(
         BufWriter::new(file),
-        &head,
-        leading.into_iter().map(Ok).chain(instances).chain(trailing),
+        head,
+        leading
+            .into_iter()
+            .map(Ok)
+            .chain(instances)
+            .chain(attachments),
     )
-    .map_err(|e| PdiError::io(&manifest_path, e))?;
-    let manifest_hash = hash_file(&manifest_path).map_err(|e| PdiError::io(&manifest_path, e))?;
+    .map_err(|e| PdiError::io(path, e))
+}
 
-    sink.file(
-        "DICOMDIR",
-        &dicomdir_path,
-        dicomdir_hash.size,
-        dicomdir_hash.crc,
-    )?;
-    sink.bytes("README.TXT", &readme_txt)?;
-    if let Some(index) = &index_htm {
+/// Writes the set into `sink` in its order: DICOMDIR, README.TXT, INDEX.HTM, the
+/// instances, the attachments, and the manifest (at `manifest`) last.
+fn write_out(sink: &mut dyn Sink, pieces: &Pieces<'_>, manifest: &Path) -> Result<(), PdiError> {
+    let (dicomdir, hash) = pieces.dicomdir;
+    sink.file("DICOMDIR", dicomdir, hash.size, hash.crc)?;
+    sink.bytes("README.TXT", pieces.readme)?;
+    if let Some(index) = pieces.index {
         sink.bytes("INDEX.HTM", index)?;
     }
-    for (number, position) in (0u32..).zip(positions) {
-        let entry = catalog.get(number)?;
+    for (number, &position) in (0u32..).zip(pieces.positions) {
+        let entry = pieces.catalog.get(number)?;
         sink.file(
             &path_of(position),
             &entry.header.path,
@@ -329,16 +367,11 @@ fn build(
             entry.crc,
         )?;
     }
-    for a in &attachments {
+    for a in pieces.attachments {
         sink.file(&a.name, &a.source, a.hash.size, a.hash.crc)?;
     }
-    sink.file(
-        manifest::PATH,
-        &manifest_path,
-        manifest_hash.size,
-        manifest_hash.crc,
-    )?;
-    Ok(report)
+    let hash = hash_file(manifest).map_err(|e| PdiError::io(manifest, e))?;
+    sink.file(manifest::PATH, manifest, hash.size, hash.crc)
 }
 
 /// Scans `files` into the catalog in `scratch`: duplicates dropped, the AI policy applied

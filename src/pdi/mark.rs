@@ -5,6 +5,8 @@ use std::fs::File;
 use std::io::{self, BufReader, Read, Seek, Write};
 use std::path::Path;
 
+use sha2::{Digest, Sha256};
+
 use super::element::{self, Syntax};
 use super::instance::{self, Instance, InstanceError};
 use super::scan::{FileHash, hash_file, needed_after_scan};
@@ -87,7 +89,9 @@ pub fn mark(source: &Path, scratch: &Path) -> Result<Marked, PdiError> {
             (at, at)
         }
     };
-    let target = scratch.join(format!("{}.dcm", h.sop_instance_uid));
+    // Named by a digest: a UID from the data never becomes a path.
+    let digest = Sha256::digest(h.sop_instance_uid.as_bytes());
+    let target = scratch.join(format!("marked-{}.dcm", hex::encode(&digest[..16])));
     let mut input = File::open(source).map_err(|e| PdiError::io(source, e))?;
     let mut out = io::BufWriter::new(File::create(&target).map_err(|e| PdiError::io(&target, e))?);
     let io_err = |e| PdiError::io(&target, e);

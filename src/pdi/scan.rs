@@ -228,3 +228,43 @@ pub fn needed_after_scan(tag: u32) -> bool {
         || DATE_STAND_INS.contains(&tag)
         || TIME_STAND_INS.contains(&tag)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files(dir: &Path, count: usize) -> Vec<PathBuf> {
+        (0..count)
+            .map(|i| {
+                let path = dir.join(format!("f{i:03}.txt"));
+                fs::write(&path, vec![b'x'; i * 1000]).expect("write");
+                path
+            })
+            .collect()
+    }
+
+    #[test]
+    fn results_come_in_input_order_and_an_error_stops_the_scan() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let files = files(dir.path(), 3 * WINDOW + 5);
+        let mut seen = Vec::new();
+        scan(&files, &AiPolicy::default(), &mut |path, result| {
+            assert!(matches!(result, Ok(None)), "not DICOM: skipped");
+            seen.push(path.to_owned());
+            Ok(())
+        })
+        .expect("scans");
+        assert_eq!(seen, files);
+
+        let mut calls = 0;
+        let error = scan(&files, &AiPolicy::default(), &mut |_, _| {
+            calls += 1;
+            if calls == 10 {
+                return Err(PdiError::Invalid("stop here".into()));
+            }
+            Ok(())
+        })
+        .expect_err("stops");
+        assert_eq!((calls, error.to_string()), (10, "stop here".to_owned()));
+    }
+}
