@@ -728,3 +728,57 @@ fn zip64_archives_are_read_by_info_zip_python_and_our_extractor() {
         "entry 65539"
     );
 }
+
+/// A SOP Instance UID is data: one written as a path must not place the marked copy of
+/// an AI support image outside the build's scratch folder.
+#[test]
+fn a_marked_copy_stays_in_the_scratch_folder_whatever_its_uid() {
+    let dir = tempfile::tempdir().unwrap();
+    let (study, _) = cad_study(dir.path());
+    let cad = study.join("CAD.dcm");
+    let rewrite = run(Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import sys, pydicom\n\
+             ds = pydicom.dcmread(sys.argv[1])\n\
+             ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = '../../escape'\n\
+             ds.save_as(sys.argv[1])\n",
+        )
+        .arg(&cad));
+    assert!(rewrite.status.success(), "{}", text(&rewrite));
+    let tmp = dir.path().join("tmp");
+    fs::create_dir(&tmp).unwrap();
+    let set = dir.path().join("set");
+    let out = run(Command::new(env!("CARGO_BIN_EXE_cloudpdi"))
+        .env("TMPDIR", &tmp)
+        .args(["pdi", "build"])
+        .arg(&study)
+        .arg("--out")
+        .arg(&set)
+        .arg("--ai-mark-series"));
+    assert!(out.status.success(), "pdi build: {}", text(&out));
+    assert!(!dir.path().join("escape.dcm").exists(), "the copy escaped");
+    assert_eq!(
+        fs::read_dir(&tmp).unwrap().count(),
+        0,
+        "scratch left behind"
+    );
+    let manifest = manifest_of(&set);
+    let marked: Vec<&serde_json::Value> = manifest["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["dicom"]["sop_instance_uid"] == "../../escape")
+        .collect();
+    assert_eq!(marked.len(), 1, "{manifest}");
+    assert_eq!(marked[0]["ai_support"], "AI support image, not a diagnosis");
+    let copy = set.join(marked[0]["path"].as_str().unwrap());
+    let dump = run(Command::new(require("/usr/bin/dcmdump"))
+        .args(["+P", "0008,103e"])
+        .arg(&copy));
+    assert!(
+        text(&dump).contains("[AI support, not a diagnosis]"),
+        "{}",
+        text(&dump)
+    );
+}
