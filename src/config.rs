@@ -118,6 +118,9 @@ pub struct InboundConfig {
     pub issuer: String,
     /// Jobs worked on at once.
     pub workers: usize,
+    /// Longest wait (seconds) between retries of a failing step (PACS or repository
+    /// unreachable, disk full).
+    pub max_backoff: u64,
     /// Repositories tokens may point at (a URL, matching it and the paths below it; the
     /// match ends at a `/`); empty allows any. A token naming another repository is
     /// rejected, so a forged token cannot make the gateway fetch from an arbitrary address.
@@ -343,6 +346,7 @@ impl Default for InboundConfig {
             patient_id: PatientIdMode::Keep,
             issuer: "LOCAL".into(),
             workers: 1,
+            max_backoff: 300,
             allowed_repositories: Vec::new(),
         }
     }

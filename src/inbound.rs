@@ -19,14 +19,14 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use crate::batch::{IndexError, now_ms};
 use crate::config::{Config, PatientIdMode};
 use crate::dicom::scu::{Instance, Outcome, StoreTarget, store_all};
 use crate::jobs::{
-    JobStore, JobSummary, Pipeline, Progress, StepError, remove_folder, state_name, write_durably,
+    JobRecord, JobStore, JobSummary, Pipeline, Progress, StepError, remove_folder, state_name,
+    write_durably,
 };
 use crate::outbound::blocking;
 use crate::reconcile::{PatientIdPolicy, Reconciler};
@@ -268,55 +268,13 @@ impl Inbound {
         }
     }
 
-    async fn drive_job(self: &Arc<Self>, mut job: InboundJob, cancel: &CancellationToken) {
-        while !cancel.is_cancelled() && !matches!(job.step, InStep::Done | InStep::Failed) {
-            let step = job.step;
-            let result = tokio::select! {
-                r = self.step(&mut job) => r,
-                () = cancel.cancelled() => return,
-            };
-            match result {
-                Ok(next) => {
-                    job.step = next;
-                    job.progress.advanced();
-                    info!(job = %job.id, from = ?step, to = ?next, stored = job.stored, "inbound step done");
-                }
-                Err(StepError::Permanent(reason)) => {
-                    error!(job = %job.id, step = ?step, "inbound job failed: {reason}");
-                    job.progress
-                        .failed(&StepError::Permanent(reason), Duration::ZERO);
-                    job.step = InStep::Failed;
-                }
-                Err(e) => {
-                    warn!(job = %job.id, step = ?step, attempt = job.progress.attempts + 1, "inbound step failed: {e}");
-                    let max = Duration::from_secs(self.config.outbound.max_backoff);
-                    job.progress.failed(&e, max);
-                }
-            }
-            let (this, record) = (self.clone(), job.clone());
-            let saved =
-                tokio::task::spawn_blocking(move || this.jobs.put(&record.id, &record)).await;
-            if !matches!(saved, Ok(Ok(()))) {
-                error!(job = %job.id, "cannot record the inbound job; it will be repeated from its last recorded step");
-                return;
-            }
-            if matches!(job.step, InStep::Done | InStep::Failed) {
-                // Only once the end is recorded: a crash before leaves the folder for
-                // the step to run again, a crash after is swept by `due`.
-                self.remove_leftovers(&job.id);
-            }
-            if job.progress.attempts > 0 {
-                return;
-            }
-        }
-    }
-
     fn token(dir: &Workdir) -> Result<Token, StepError> {
         let text = std::fs::read_to_string(dir.token())?;
         Token::from_text(text.trim()).map_err(StepError::permanent)
     }
 
-    async fn step(self: &Arc<Self>, job: &mut InboundJob) -> Result<InStep, StepError> {
+    /// Runs one step; returns the next.
+    async fn run_step(self: &Arc<Self>, job: &mut InboundJob) -> Result<InStep, StepError> {
         let dir = Workdir(self.dir.join(&job.id));
         match job.step {
             InStep::Download => {
@@ -496,12 +454,50 @@ impl Pipeline for Inbound {
         Ok(due)
     }
 
-    fn id(job: &InboundJob) -> String {
-        job.id.clone()
+    fn store(&self) -> &JobStore {
+        &self.jobs
     }
 
-    async fn drive(self: Arc<Self>, job: InboundJob, cancel: CancellationToken) {
-        self.drive_job(job, &cancel).await;
+    fn max_backoff(&self) -> Duration {
+        Duration::from_secs(self.config.inbound.max_backoff)
+    }
+
+    async fn step(self: &Arc<Self>, job: &mut InboundJob) -> Result<InStep, StepError> {
+        self.run_step(job).await
+    }
+
+    /// Only once the end is recorded: a crash before leaves the folder for the step to
+    /// run again, a crash after is swept by `due`.
+    fn ended(&self, job: &InboundJob) {
+        self.remove_leftovers(&job.id);
+    }
+}
+
+impl JobRecord for InboundJob {
+    type Step = InStep;
+
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn step(&self) -> InStep {
+        self.step
+    }
+
+    fn set_step(&mut self, next: InStep) {
+        self.step = next;
+    }
+
+    fn ended(&self) -> bool {
+        matches!(self.step, InStep::Done | InStep::Failed)
+    }
+
+    fn fail(&mut self, _at: InStep) {
+        self.step = InStep::Failed;
+    }
+
+    fn progress(&mut self) -> &mut Progress {
+        &mut self.progress
     }
 }
 

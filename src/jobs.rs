@@ -226,10 +226,28 @@ impl From<crate::repository::client::ClientError> for StepError {
     }
 }
 
+/// What the shared step loop ([`drive`]) needs of a job record.
+pub trait JobRecord: Clone + Serialize + Send + Sync + 'static {
+    /// The job's steps (the record's `step` field).
+    type Step: Copy + std::fmt::Debug + Send + Sync + 'static;
+    /// The job's id (its key in the store).
+    fn id(&self) -> &str;
+    /// The next step.
+    fn step(&self) -> Self::Step;
+    /// Moves the record to `next` (a step done, or the job's end).
+    fn set_step(&mut self, next: Self::Step);
+    /// Whether the job has ended (done, or failed for good).
+    fn ended(&self) -> bool;
+    /// Ends the job for good after `at` failed permanently.
+    fn fail(&mut self, at: Self::Step);
+    /// Times, attempts, last error.
+    fn progress(&mut self) -> &mut Progress;
+}
+
 /// A pipeline whose jobs [`work`] drives.
 pub trait Pipeline: Send + Sync + 'static {
     /// The job record.
-    type Job: Send + 'static;
+    type Job: JobRecord;
     /// Name in log lines (`outbound`, `inbound`).
     const NAME: &'static str;
     /// The jobs that may run now (blocking: reads the database).
@@ -237,14 +255,64 @@ pub trait Pipeline: Send + Sync + 'static {
     /// # Errors
     /// [`IndexError`] when the job store cannot be read.
     fn due(&self) -> Result<Vec<Self::Job>, IndexError>;
-    /// The job's id.
-    fn id(job: &Self::Job) -> String;
-    /// Runs a job's steps until it is done, fails, must wait, or `cancel` fires.
-    fn drive(
-        self: Arc<Self>,
-        job: Self::Job,
-        cancel: CancellationToken,
-    ) -> impl Future<Output = ()> + Send;
+    /// Where the job records are kept.
+    fn store(&self) -> &JobStore;
+    /// Longest wait between retries of a failing step.
+    fn max_backoff(&self) -> Duration;
+    /// Runs the job's next step; returns the step after it.
+    fn step(
+        self: &Arc<Self>,
+        job: &mut Self::Job,
+    ) -> impl Future<Output = Result<<Self::Job as JobRecord>::Step, StepError>> + Send;
+    /// Called once the job's end is recorded (e.g. to remove its working folder).
+    fn ended(&self, _job: &Self::Job) {}
+}
+
+/// Runs a job's steps until it ends, a step fails (it is retried after its back-off), or
+/// `cancel` fires. The record is written after every step, before the next one starts.
+pub async fn drive<P: Pipeline>(pipeline: Arc<P>, mut job: P::Job, cancel: CancellationToken) {
+    let name = P::NAME;
+    while !cancel.is_cancelled() && !job.ended() {
+        let step = job.step();
+        let result = tokio::select! {
+            r = pipeline.step(&mut job) => r,
+            () = cancel.cancelled() => return,
+        };
+        match result {
+            Ok(next) => {
+                job.set_step(next);
+                job.progress().advanced();
+                tracing::info!(job = job.id(), from = ?step, to = ?next, "{name} step done");
+            }
+            Err(StepError::Permanent(reason)) => {
+                tracing::error!(job = job.id(), step = ?step, "{name} job failed: {reason}");
+                job.progress()
+                    .failed(&StepError::Permanent(reason), Duration::ZERO);
+                job.fail(step);
+            }
+            Err(e) => {
+                let attempt = job.progress().attempts + 1;
+                tracing::warn!(job = job.id(), step = ?step, attempt, "{name} step failed: {e}");
+                let max = pipeline.max_backoff();
+                job.progress().failed(&e, max);
+            }
+        }
+        let (store, record) = (pipeline.store().clone(), job.clone());
+        let saved = tokio::task::spawn_blocking(move || store.put(record.id(), &record)).await;
+        if !matches!(saved, Ok(Ok(()))) {
+            tracing::error!(
+                job = job.id(),
+                "cannot record the {name} job; it will be repeated from its last recorded step"
+            );
+            return;
+        }
+        if job.ended() {
+            pipeline.ended(&job);
+        }
+        if job.progress().attempts > 0 {
+            return;
+        }
+    }
 }
 
 /// Runs a pipeline until `cancel`: every half second, starts its due jobs, at most
@@ -277,13 +345,13 @@ pub async fn work<P: Pipeline>(pipeline: Arc<P>, workers: usize, cancel: Cancell
             let Ok(permit) = slots.clone().try_acquire_owned() else {
                 break;
             };
-            let id = P::id(&job);
+            let id = job.id().to_owned();
             if !lock(&running).insert(id.clone()) {
                 continue;
             }
             let (pipeline, running, cancel) = (pipeline.clone(), running.clone(), cancel.clone());
             tracker.spawn(async move {
-                pipeline.drive(job, cancel).await;
+                drive(pipeline, job, cancel).await;
                 lock(&running).remove(&id);
                 drop(permit);
             });
@@ -330,7 +398,21 @@ pub struct JobSummary {
 /// # Errors
 /// The I/O error.
 pub fn write_durably(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
-    use std::io::Write;
+    create_durably(path, mode, |file| std::io::Write::write_all(file, bytes))
+}
+
+/// Creates the file `path` with what `write` writes into it, durably: `write` fills a
+/// temp file beside it (created with `mode`), which is fsynced, renamed to `path`, and the
+/// folder fsynced. `path` holds either its old content or all of the new, even after a
+/// crash; a failed `write` leaves only the temp file, which the next attempt truncates.
+///
+/// # Errors
+/// What `write` returns, or the I/O error.
+pub fn create_durably<T, E: From<std::io::Error>>(
+    path: &Path,
+    mode: u32,
+    write: impl FnOnce(&mut std::fs::File) -> Result<T, E>,
+) -> Result<T, E> {
     use std::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
@@ -341,11 +423,12 @@ pub fn write_durably(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()
         .truncate(true)
         .mode(mode)
         .open(&tmp)?;
-    file.write_all(bytes)?;
+    let value = write(&mut file)?;
     file.sync_all()?;
     drop(file);
     std::fs::rename(&tmp, path)?;
-    sync_dir(dir)
+    sync_dir(dir)?;
+    Ok(value)
 }
 
 /// The temp name beside `path` under which its next version is written.

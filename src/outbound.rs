@@ -21,14 +21,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::batch::{BatchId, now_ms};
 use crate::config::{Config, RouteConfig};
 use crate::container::{self, Compression, Options};
 use crate::jobs::{
-    JobStore, JobSummary, Pipeline, Progress, StepError, remove_folder, state_name, write_durably,
+    JobRecord, JobStore, JobSummary, Pipeline, Progress, StepError, create_durably, remove_folder,
+    state_name, write_durably,
 };
 use crate::pdi::{self, BuildOptions};
 use crate::repository::api::NewDocument;
@@ -257,14 +257,13 @@ impl Sender {
             ..BuildOptions::default()
         };
         std::fs::create_dir_all(&dir.0)?;
-        let path = dir.pdi();
-        let temp = crate::jobs::temp_name(&path);
-        let file = std::io::BufWriter::new(std::fs::File::create(&temp)?);
-        let report = pdi::build_zip(instances, &options, file)?;
-        std::fs::File::open(&temp)?.sync_all()?;
-        std::fs::rename(&temp, &path)?;
-        crate::jobs::sync_dir(&dir.0)?;
-        Ok(report)
+        create_durably(&dir.pdi(), 0o600, |file| {
+            Ok(pdi::build_zip(
+                instances,
+                &options,
+                std::io::BufWriter::new(file),
+            )?)
+        })
     }
 
     /// The job's secret: created once, then read back on every later attempt.
@@ -301,18 +300,13 @@ impl Sender {
             ..Options::default()
         };
         let input = std::io::BufReader::new(std::fs::File::open(dir.pdi())?);
-        let path = dir.container();
-        let temp = crate::jobs::temp_name(&path);
-        let output = std::io::BufWriter::new(std::fs::File::create(&temp)?);
-        let file = container::encrypt(&secret.container_key(), &options, input, output)?
-            .into_inner()
-            .map_err(|e| StepError::transient(e.error()))?;
-        file.sync_all()?;
-        let size = file.metadata()?.len();
-        drop(file);
-        std::fs::rename(&temp, &path)?;
-        crate::jobs::sync_dir(&dir.0)?;
-        Ok(size)
+        create_durably(&dir.container(), 0o600, |file| {
+            let output = std::io::BufWriter::new(&mut *file);
+            container::encrypt(&secret.container_key(), &options, input, output)?
+                .into_inner()
+                .map_err(|e| StepError::transient(e.error()))?;
+            Ok(file.metadata()?.len())
+        })
     }
 
     /// Registers the document (once) and uploads the container, resuming.
@@ -491,56 +485,8 @@ impl Outbound {
         Ok(())
     }
 
-    /// Runs a job's steps until it is done, fails, must wait, or the daemon stops.
-    async fn drive_job(self: &Arc<Self>, mut job: OutboundJob, cancel: &CancellationToken) {
-        while !cancel.is_cancelled() && !matches!(job.step, OutStep::Done | OutStep::Failed) {
-            let step = job.step;
-            let result = tokio::select! {
-                r = self.step(&mut job) => r,
-                () = cancel.cancelled() => return,
-            };
-            match result {
-                Ok(next) => {
-                    job.step = next;
-                    job.progress.advanced();
-                    info!(job = %job.id, route = %job.route, from = ?step, to = ?next, "outbound step done");
-                }
-                Err(StepError::Permanent(reason)) => {
-                    error!(job = %job.id, step = ?step, "outbound job failed: {reason}");
-                    job.progress
-                        .failed(&StepError::Permanent(reason), Duration::ZERO);
-                    job.failed_at = Some(step);
-                    job.step = OutStep::Failed;
-                }
-                Err(e) => {
-                    warn!(job = %job.id, step = ?step, attempt = job.progress.attempts + 1, "outbound step failed: {e}");
-                    let max = Duration::from_secs(self.sender.config.outbound.max_backoff);
-                    job.progress.failed(&e, max);
-                }
-            }
-            if let Err(e) = self.save(&job).await {
-                error!(job = %job.id, "cannot record the outbound job: {e}");
-                return;
-            }
-            if job.progress.attempts > 0 {
-                return;
-            }
-        }
-    }
-
-    async fn save(self: &Arc<Self>, job: &OutboundJob) -> Result<(), crate::batch::IndexError> {
-        let (this, job) = (self.clone(), job.clone());
-        tokio::task::spawn_blocking(move || this.jobs.put(&job.id, &job))
-            .await
-            .unwrap_or_else(|e| {
-                Err(crate::batch::IndexError::Sled(sled::Error::ReportableBug(
-                    e.to_string(),
-                )))
-            })
-    }
-
     /// Runs one step; returns the next.
-    async fn step(self: &Arc<Self>, job: &mut OutboundJob) -> Result<OutStep, StepError> {
+    async fn run_step(self: &Arc<Self>, job: &mut OutboundJob) -> Result<OutStep, StepError> {
         let dir = Workdir(self.dir.join(&job.id));
         match job.step {
             OutStep::Pack => {
@@ -662,12 +608,45 @@ impl Pipeline for Outbound {
         Ok(due)
     }
 
-    fn id(job: &OutboundJob) -> String {
-        job.id.clone()
+    fn store(&self) -> &JobStore {
+        &self.jobs
     }
 
-    async fn drive(self: Arc<Self>, job: OutboundJob, cancel: CancellationToken) {
-        self.drive_job(job, &cancel).await;
+    fn max_backoff(&self) -> Duration {
+        Duration::from_secs(self.sender.config.outbound.max_backoff)
+    }
+
+    async fn step(self: &Arc<Self>, job: &mut OutboundJob) -> Result<OutStep, StepError> {
+        self.run_step(job).await
+    }
+}
+
+impl JobRecord for OutboundJob {
+    type Step = OutStep;
+
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn step(&self) -> OutStep {
+        self.step
+    }
+
+    fn set_step(&mut self, next: OutStep) {
+        self.step = next;
+    }
+
+    fn ended(&self) -> bool {
+        matches!(self.step, OutStep::Done | OutStep::Failed)
+    }
+
+    fn fail(&mut self, at: OutStep) {
+        self.failed_at = Some(at);
+        self.step = OutStep::Failed;
+    }
+
+    fn progress(&mut self) -> &mut Progress {
+        &mut self.progress
     }
 }
 
