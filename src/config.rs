@@ -636,6 +636,22 @@ mod tests {
         Config::load(&path)
     }
 
+    /// The shipped file lists every key with its default: it must load, and its pipeline
+    /// sections must say what the code does when a key is left out.
+    #[test]
+    fn the_shipped_configuration_loads_and_shows_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/cloudpdi.toml");
+        let shipped = Config::load(&path).expect("conf/cloudpdi.toml loads");
+        assert_eq!(
+            format!("{:?}", shipped.outbound),
+            format!("{:?}", OutboundConfig::default())
+        );
+        assert_eq!(
+            format!("{:?}", shipped.inbound),
+            format!("{:?}", InboundConfig::default())
+        );
+    }
+
     #[test]
     fn table_and_list_routes_are_both_accepted() {
         let table =
