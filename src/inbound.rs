@@ -196,11 +196,22 @@ impl Inbound {
     /// [`IndexError`] when the store cannot be opened.
     pub fn new(config: Arc<Config>, db: &sled::Db) -> Result<Inbound, IndexError> {
         let dir = config.jobs_dir().join("in");
-        Ok(Inbound {
-            jobs: JobStore::open(db, "inbound_jobs")?,
-            config,
-            dir,
-        })
+        let jobs = JobStore::open(db, "inbound_jobs")?;
+        jobs.reindex::<InboundJob>()?;
+        let inbound = Inbound { jobs, config, dir };
+        inbound.sweep()?;
+        Ok(inbound)
+    }
+
+    /// Removes the folders of jobs that ended just before a crash (the end is recorded
+    /// first); run once at start, since only a crash leaves one.
+    fn sweep(&self) -> Result<(), IndexError> {
+        for job in self.jobs.all::<InboundJob>()? {
+            if job.ended() && self.dir.join(&job.id).exists() {
+                self.remove_leftovers(&job.id);
+            }
+        }
+        Ok(())
     }
 
     /// Every inbound job, for `cloudpdi status`.
@@ -257,10 +268,10 @@ impl Inbound {
             set_aside: Vec::new(),
         };
         if retry {
-            self.jobs.put(&id, &job)?;
+            self.jobs.put(&job)?;
             info!(job = %id, from = %token.issuer, "failed inbound job queued again");
             Ok(Queued::New(id))
-        } else if self.jobs.create(&id, &job)? {
+        } else if self.jobs.create(&job)? {
             info!(job = %id, from = %token.issuer, "inbound job created");
             Ok(Queued::New(id))
         } else {
@@ -440,18 +451,12 @@ impl Pipeline for Inbound {
 
     fn due(&self) -> Result<Vec<InboundJob>, IndexError> {
         let now = now_ms();
-        let mut due = Vec::new();
-        for job in self.jobs.all::<InboundJob>()? {
-            if !matches!(job.step, InStep::Done | InStep::Failed) {
-                if job.progress.due(now) {
-                    due.push(job);
-                }
-            } else if self.dir.join(&job.id).exists() {
-                // Finished, but a crash came before its folder was removed.
-                self.remove_leftovers(&job.id);
-            }
-        }
-        Ok(due)
+        Ok(self
+            .jobs
+            .active::<InboundJob>()?
+            .into_iter()
+            .filter(|job| !job.ended() && job.progress.due(now))
+            .collect())
     }
 
     fn store(&self) -> &JobStore {
@@ -467,7 +472,7 @@ impl Pipeline for Inbound {
     }
 
     /// Only once the end is recorded: a crash before leaves the folder for the step to
-    /// run again, a crash after is swept by `due`.
+    /// run again, a crash after is swept at the next start.
     fn ended(&self, job: &InboundJob) {
         self.remove_leftovers(&job.id);
     }

@@ -21,6 +21,7 @@ use tokio_util::task::TaskTracker;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use sled::transaction::{TransactionError, Transactional};
 
 use crate::batch::{IndexError, now_ms};
 
@@ -136,23 +137,43 @@ impl Progress {
     }
 }
 
-/// A sled tree of job records of one kind, keyed by job id.
+/// A sled tree of job records of one kind, keyed by job id, beside an index of the jobs
+/// that still need the pipeline (`<name>.active`): the due-scan twice a second reads
+/// those, not the years of finished jobs.
 #[derive(Clone)]
 pub struct JobStore {
     db: sled::Db,
     tree: sled::Tree,
+    active: sled::Tree,
 }
 
 impl JobStore {
-    /// Opens the tree `name` in the daemon's database.
+    /// Opens the tree `name` and its index of active jobs in the daemon's database.
     ///
     /// # Errors
-    /// [`IndexError::Sled`] when the tree cannot be opened.
+    /// [`IndexError::Sled`] when the trees cannot be opened.
     pub fn open(db: &sled::Db, name: &str) -> Result<JobStore, IndexError> {
         Ok(JobStore {
             db: db.clone(),
             tree: db.open_tree(name)?,
+            active: db.open_tree(format!("{name}.active"))?,
         })
+    }
+
+    /// Rebuilds the index of active jobs from the records. Run once at start: a store
+    /// written before the index existed gets one, and any drift is repaired by one scan.
+    ///
+    /// # Errors
+    /// [`IndexError`] when a record cannot be read or the index written.
+    pub fn reindex<T: JobRecord + DeserializeOwned>(&self) -> Result<(), IndexError> {
+        self.active.clear()?;
+        for job in self.all::<T>()? {
+            if job.needs_pipeline() {
+                self.active.insert(job.id().as_bytes(), &[])?;
+            }
+        }
+        self.db.flush()?;
+        Ok(())
     }
 
     /// The job `id`, if recorded.
@@ -166,31 +187,48 @@ impl JobStore {
             .transpose()
     }
 
-    /// Writes the job `id` durably (flushed before returning).
+    /// Writes `job` durably (flushed before returning), with its place in the index.
     ///
     /// # Errors
     /// [`IndexError`] when the record cannot be written or flushed.
-    pub fn put<T: Serialize>(&self, id: &str, job: &T) -> Result<(), IndexError> {
-        let bytes = serde_json::to_vec(job).expect("job records serialize to JSON");
-        self.tree.insert(id.as_bytes(), bytes)?;
-        self.db.flush()?;
+    pub fn put<T: JobRecord>(&self, job: &T) -> Result<(), IndexError> {
+        self.write(job, false)?;
         Ok(())
     }
 
-    /// Inserts the job `id` unless one exists; true when this call created it.
+    /// Inserts `job` unless one with its id exists; true when this call created it.
     ///
     /// # Errors
     /// [`IndexError`] when the record cannot be written or flushed.
-    pub fn create<T: Serialize>(&self, id: &str, job: &T) -> Result<bool, IndexError> {
+    pub fn create<T: JobRecord>(&self, job: &T) -> Result<bool, IndexError> {
+        self.write(job, true)
+    }
+
+    fn write<T: JobRecord>(&self, job: &T, only_new: bool) -> Result<bool, IndexError> {
+        let id = job.id().as_bytes();
         let bytes = serde_json::to_vec(job).expect("job records serialize to JSON");
-        let created = self
-            .tree
-            .compare_and_swap(id.as_bytes(), None as Option<&[u8]>, Some(bytes))?
-            .is_ok();
-        if created {
+        let active = job.needs_pipeline();
+        let written = (&self.tree, &self.active)
+            .transaction(|(tree, index)| {
+                if only_new && tree.get(id)?.is_some() {
+                    return Ok(false);
+                }
+                tree.insert(id, bytes.as_slice())?;
+                if active {
+                    index.insert(id, &[])?;
+                } else {
+                    index.remove(id)?;
+                }
+                Ok(true)
+            })
+            .map_err(|e: TransactionError<IndexError>| match e {
+                TransactionError::Abort(e) => e,
+                TransactionError::Storage(e) => IndexError::Sled(e),
+            })?;
+        if written {
             self.db.flush()?;
         }
-        Ok(created)
+        Ok(written)
     }
 
     /// Every job, in id order.
@@ -205,6 +243,21 @@ impl JobStore {
                 decode(&key, &bytes)
             })
             .collect()
+    }
+
+    /// The jobs that still need the pipeline ([`JobRecord::needs_pipeline`]), in id order.
+    ///
+    /// # Errors
+    /// [`IndexError`] when a record cannot be read.
+    pub fn active<T: DeserializeOwned>(&self) -> Result<Vec<T>, IndexError> {
+        let mut jobs = Vec::new();
+        for key in self.active.iter().keys() {
+            let key = key?;
+            if let Some(bytes) = self.tree.get(&key)? {
+                jobs.push(decode(&key, &bytes)?);
+            }
+        }
+        Ok(jobs)
     }
 }
 
@@ -242,6 +295,11 @@ pub trait JobRecord: Clone + Serialize + Send + Sync + 'static {
     fn fail(&mut self, at: Self::Step);
     /// Times, attempts, last error.
     fn progress(&mut self) -> &mut Progress;
+    /// Whether the pipeline still has work for the job (it is listed in the store's
+    /// index of active jobs): by default, until it ends.
+    fn needs_pipeline(&self) -> bool {
+        !self.ended()
+    }
 }
 
 /// A pipeline whose jobs [`work`] drives.
@@ -298,7 +356,7 @@ pub async fn drive<P: Pipeline>(pipeline: Arc<P>, mut job: P::Job, cancel: Cance
             }
         }
         let (store, record) = (pipeline.store().clone(), job.clone());
-        let saved = tokio::task::spawn_blocking(move || store.put(record.id(), &record)).await;
+        let saved = tokio::task::spawn_blocking(move || store.put(&record)).await;
         if !matches!(saved, Ok(Ok(()))) {
             tracing::error!(
                 job = job.id(),
@@ -479,20 +537,87 @@ mod tests {
         assert_eq!((p.attempts, p.last_error.as_deref()), (0, None));
     }
 
+    #[derive(Clone, Serialize, serde::Deserialize, Debug, PartialEq)]
+    struct TestJob {
+        id: String,
+        value: u32,
+        done: bool,
+        progress: Progress,
+    }
+
+    impl JobRecord for TestJob {
+        type Step = bool;
+        fn id(&self) -> &str {
+            &self.id
+        }
+        fn step(&self) -> bool {
+            self.done
+        }
+        fn set_step(&mut self, next: bool) {
+            self.done = next;
+        }
+        fn ended(&self) -> bool {
+            self.done
+        }
+        fn fail(&mut self, _at: bool) {
+            self.done = true;
+        }
+        fn progress(&mut self) -> &mut Progress {
+            &mut self.progress
+        }
+    }
+
+    fn job(id: &str, value: u32, done: bool) -> TestJob {
+        TestJob {
+            id: id.into(),
+            value,
+            done,
+            progress: Progress::new(),
+        }
+    }
+
+    fn values(jobs: &[TestJob]) -> Vec<u32> {
+        jobs.iter().map(|j| j.value).collect()
+    }
+
     #[test]
     fn create_only_once_and_records_survive_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");
         {
             let db = sled::open(dir.path()).expect("db");
             let store = JobStore::open(&db, "jobs").expect("store");
-            assert!(store.create("a", &1u32).expect("create"));
-            assert!(!store.create("a", &2u32).expect("again"));
-            store.put("b", &3u32).expect("put");
+            assert!(store.create(&job("a", 1, false)).expect("create"));
+            assert!(!store.create(&job("a", 2, false)).expect("again"));
+            store.put(&job("b", 3, false)).expect("put");
         }
         let db = sled::open(dir.path()).expect("reopen");
         let store = JobStore::open(&db, "jobs").expect("store");
-        assert_eq!(store.get::<u32>("a").expect("get"), Some(1));
-        assert_eq!(store.all::<u32>().expect("all"), [1, 3]);
+        assert_eq!(
+            store.get::<TestJob>("a").expect("get").map(|j| j.value),
+            Some(1)
+        );
+        assert_eq!(values(&store.all::<TestJob>().expect("all")), [1, 3]);
+    }
+
+    #[test]
+    fn only_jobs_that_need_the_pipeline_are_active() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = sled::open(dir.path()).expect("db");
+        let store = JobStore::open(&db, "jobs").expect("store");
+        store.create(&job("a", 1, false)).expect("create");
+        store.create(&job("b", 2, true)).expect("create ended");
+        store.put(&job("c", 3, false)).expect("put");
+        assert_eq!(values(&store.active::<TestJob>().expect("active")), [1, 3]);
+        store.put(&job("a", 1, true)).expect("a ends");
+        store.put(&job("b", 2, false)).expect("b is retried");
+        assert_eq!(values(&store.active::<TestJob>().expect("active")), [2, 3]);
+        // A store written before the index existed: rebuilt from the records.
+        db.drop_tree("jobs.active").expect("drop the index");
+        let store = JobStore::open(&db, "jobs").expect("store");
+        assert!(store.active::<TestJob>().expect("empty").is_empty());
+        store.reindex::<TestJob>().expect("reindex");
+        assert_eq!(values(&store.active::<TestJob>().expect("active")), [2, 3]);
+        assert_eq!(values(&store.all::<TestJob>().expect("all")), [1, 2, 3]);
     }
 
     #[test]

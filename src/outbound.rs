@@ -338,7 +338,7 @@ impl Sender {
             job.document_id = Some(created.document_id);
             job.repository = Some(link.url.clone());
             if let Some(store) = store {
-                store.put(&job.id, job)?;
+                store.put(job)?;
             }
         }
         let id = job.document_id.clone().unwrap_or_default();
@@ -406,13 +406,28 @@ impl Outbound {
     /// [`crate::batch::IndexError`] when the store cannot be opened.
     pub fn new(sender: Sender, spool: Arc<Spool>) -> Result<Outbound, crate::batch::IndexError> {
         let jobs = JobStore::open(spool.index().database(), "outbound_jobs")?;
+        jobs.reindex::<OutboundJob>()?;
         let dir = sender.config.jobs_dir().join("out");
-        Ok(Outbound {
+        let outbound = Outbound {
             sender,
             spool,
             jobs,
             dir,
-        })
+        };
+        outbound.recover()?;
+        Ok(outbound)
+    }
+
+    /// Creates the job of a batch claimed just before a crash (claim and job creation
+    /// are two writes); run once at start, since only a crash leaves such a batch.
+    fn recover(&self) -> Result<(), crate::batch::IndexError> {
+        for batch in self.spool.index().claimed()? {
+            let job = OutboundJob::new(batch.id.to_string(), Some(batch.id), &batch.route);
+            if self.jobs.create(&job)? {
+                info!(job = %batch.id, "outbound job recovered");
+            }
+        }
+        Ok(())
     }
 
     /// Every outbound job, for `cloudpdi status`.
@@ -450,7 +465,7 @@ impl Outbound {
             job.repository = None;
         }
         job.progress.advanced();
-        self.jobs.put(&job.id, &job)?;
+        self.jobs.put(&job)?;
         info!(job = %job.id, step = ?job.step, "outbound job retried by the admin");
         Ok(job.step)
     }
@@ -477,7 +492,7 @@ impl Outbound {
         match removed {
             Ok(count) => {
                 job.spool_removed = true;
-                self.jobs.put(&job.id, job)?;
+                self.jobs.put(job)?;
                 info!(job = %job.id, instances = count, "retention over: spooled instances removed");
             }
             Err(e) => warn!(job = %job.id, "cannot remove spooled instances: {e}"),
@@ -583,21 +598,14 @@ impl Pipeline for Outbound {
         for id in index.ready()? {
             if let Some(batch) = index.claim(id)? {
                 let job = OutboundJob::new(batch.id.to_string(), Some(batch.id), &batch.route);
-                if self.jobs.create(&job.id, &job)? {
+                if self.jobs.create(&job)? {
                     info!(job = %batch.id, route = %batch.route, instances = batch.instances, "outbound job created");
                 }
             }
         }
-        for batch in index.claimed()? {
-            // A crash between claim and job creation: create the job now.
-            let job = OutboundJob::new(batch.id.to_string(), Some(batch.id), &batch.route);
-            if self.jobs.create(&job.id, &job)? {
-                info!(job = %batch.id, "outbound job recovered");
-            }
-        }
         let now = now_ms();
         let mut due = Vec::new();
-        for mut job in self.jobs.all::<OutboundJob>()? {
+        for mut job in self.jobs.active::<OutboundJob>()? {
             match job.step {
                 OutStep::Done => self.expire_spool(&mut job, now)?,
                 OutStep::Failed => {}
@@ -647,6 +655,11 @@ impl JobRecord for OutboundJob {
 
     fn progress(&mut self) -> &mut Progress {
         &mut self.progress
+    }
+
+    /// A sent batch's spooled instances still wait for their retention to pass.
+    fn needs_pipeline(&self) -> bool {
+        !self.ended() || (self.step == OutStep::Done && self.batch.is_some() && !self.spool_removed)
     }
 }
 
