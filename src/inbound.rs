@@ -473,7 +473,7 @@ impl Pipeline for Inbound {
 
     /// Only once the end is recorded: a crash before leaves the folder for the step to
     /// run again, a crash after is swept at the next start.
-    fn ended(&self, job: &InboundJob) {
+    fn job_ended(&self, job: &InboundJob) {
         self.remove_leftovers(&job.id);
     }
 }

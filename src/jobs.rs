@@ -323,7 +323,7 @@ pub trait Pipeline: Send + Sync + 'static {
         job: &mut Self::Job,
     ) -> impl Future<Output = Result<<Self::Job as JobRecord>::Step, StepError>> + Send;
     /// Called once the job's end is recorded (e.g. to remove its working folder).
-    fn ended(&self, _job: &Self::Job) {}
+    fn job_ended(&self, _job: &Self::Job) {}
 }
 
 /// Runs a job's steps until it ends, a step fails (it is retried after its back-off), or
@@ -365,7 +365,7 @@ pub async fn drive<P: Pipeline>(pipeline: Arc<P>, mut job: P::Job, cancel: Cance
             return;
         }
         if job.ended() {
-            pipeline.ended(&job);
+            pipeline.job_ended(&job);
         }
         if job.progress().attempts > 0 {
             return;
@@ -471,7 +471,7 @@ pub fn create_durably<T, E: From<std::io::Error>>(
     mode: u32,
     write: impl FnOnce(&mut std::fs::File) -> Result<T, E>,
 ) -> Result<T, E> {
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
     let tmp = temp_name(path);
@@ -481,6 +481,8 @@ pub fn create_durably<T, E: From<std::io::Error>>(
         .truncate(true)
         .mode(mode)
         .open(&tmp)?;
+    // A temp file left by a crash keeps the mode it was created with.
+    file.set_permissions(std::fs::Permissions::from_mode(mode))?;
     let value = write(&mut file)?;
     file.sync_all()?;
     drop(file);

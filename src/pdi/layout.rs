@@ -194,6 +194,67 @@ pub fn attachment_name(original: &str, taken: &mut Vec<String>) -> String {
 mod tests {
     use super::*;
 
+    fn place(
+        patient: &str,
+        study: &str,
+        when: &str,
+        series: &str,
+        number: i64,
+        n: i64,
+    ) -> Placement {
+        Placement {
+            patient_id: patient.into(),
+            study_uid: study.into(),
+            series_uid: series.into(),
+            study_when: when.into(),
+            series_number: number,
+            instance_number: n,
+        }
+    }
+
+    #[test]
+    fn studies_series_and_instances_are_ordered_ties_keep_the_order_of_adding() {
+        let mut layout = Layout::default();
+        for p in [
+            place("P1", "S-late", "20260102", "E2", 2, 1),
+            place("P1", "S-early", "20260101", "E9", 1, 5),
+            place("P1", "S-late", "20260102", "E1", 1, 3),
+            place("P1", "S-late", "20260102", "E1", 1, 1),
+            place("P2", "S-other", "20250101", "E3", 1, 1),
+            place("P1", "S-late", "20260102", "E1", 1, 1),
+        ] {
+            layout.add(&p);
+        }
+        let tree = layout.finish();
+        let shape: Vec<Vec<Vec<Vec<u32>>>> = tree
+            .patients
+            .iter()
+            .map(|p| {
+                p.members
+                    .iter()
+                    .map(|s| s.members.iter().map(|e| e.members.clone()).collect())
+                    .collect()
+            })
+            .collect();
+        // P1 first (added first); its early study first; in the late study series 1 (E1)
+        // before series 2; in E1 instance number 1 (added 4th, then 6th) before 3.
+        assert_eq!(
+            shape,
+            vec![
+                vec![vec![vec![1]], vec![vec![3, 5, 2], vec![0]]],
+                vec![vec![vec![4]]]
+            ]
+        );
+        let firsts: Vec<u32> = tree.patients[0].members.iter().map(|s| s.first).collect();
+        assert_eq!(firsts, [1, 0]);
+        let positions = positions(&tree, 6);
+        assert_eq!(positions[2], [0, 1, 0, 2]);
+        assert_eq!(
+            file_id(positions[4]).join("/"),
+            "DICOM/PA000002/ST000001/SE000001/IM000001"
+        );
+    }
+
     #[test]
     fn file_ids_follow_the_rules() {
         let id = [DICOM_FOLDER, &component("PA", 0), &component("IM", 999_998)];
