@@ -13,6 +13,7 @@
 //!
 //! The token itself stays only in the job folder (mode 0600) while the job runs.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -149,6 +150,10 @@ impl Workdir {
     }
     fn pdi(&self) -> PathBuf {
         self.0.join("pdi")
+    }
+    /// SOP Instance UIDs the PACS took in an attempt that did not finish, one per line.
+    fn stored(&self) -> PathBuf {
+        self.0.join("stored")
     }
 }
 
@@ -378,15 +383,35 @@ impl Inbound {
         })
         .await?;
         let total = instances.len() as u64;
+        // What an earlier attempt already stored is not sent again.
+        let mut stored: HashSet<String> = match std::fs::read_to_string(dir.stored()) {
+            Ok(text) => text.lines().map(str::to_owned).collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => HashSet::new(),
+            Err(e) => return Err(e.into()),
+        };
+        let mut instances = instances;
+        instances.retain(|i| !stored.contains(&i.sop_instance_uid));
         let results = store_all(Arc::new(self.target(job)), instances).await;
         let unreachable = results
             .iter()
             .filter(|(_, o)| matches!(o, Outcome::Unavailable { .. }))
             .count();
         if unreachable > 0 {
+            stored.extend(
+                results
+                    .iter()
+                    .filter(|(_, o)| matches!(o, Outcome::Stored { .. }))
+                    .map(|(i, _)| i.sop_instance_uid.clone()),
+            );
+            let mut list: Vec<&String> = stored.iter().collect();
+            list.sort();
+            let text: String = list.iter().map(|uid| format!("{uid}\n")).collect();
+            write_durably(&dir.stored(), text.as_bytes(), 0o600)?;
             return Err(StepError::transient(format!(
-                "the PACS at {} did not take {unreachable} of {total} instances (connection)",
-                self.config.inbound.pacs
+                "the PACS at {} did not take {unreachable} of {total} instances (unreachable \
+                 or out of resources); {} are stored and will not be sent again",
+                self.config.inbound.pacs,
+                stored.len()
             )));
         }
         let set_aside_dir = self.config.spool.data_dir.join("set-aside").join(&job.id);

@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -827,6 +827,96 @@ fn instances_the_pacs_refuses_are_set_aside_with_the_reason() {
     assert_eq!(files_in(&received).len(), 3, "the PACS holds the CT study");
     let (ok, table) = cloudpdi(&["status", "--admin", &b.admin.to_string()]);
     assert!(ok && table.contains(&uid), "{table}");
+}
+
+/// A PACS that fills up in the middle of a study: the job waits and retries, and the
+/// retry sends only what the PACS did not take (not the whole study again).
+#[test]
+fn an_interrupted_import_sends_only_what_the_pacs_does_not_hold() {
+    if !isolated("an_interrupted_import_sends_only_what_the_pacs_does_not_hold") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let first = dir.path().join("busy");
+    std::fs::create_dir_all(&first).unwrap();
+    let mut busy = std::process::Command::new("python3")
+        .arg(root().join("tests/peers/busy_pacs.py"))
+        .arg("11114")
+        .arg(&first)
+        .arg("4")
+        .spawn()
+        .unwrap();
+    let study = dir.path().join("study");
+    gen_ct(&study, 10, &[]);
+    let a = Daemon::start(&dir.path().join("a"), &site_a(dir.path()));
+    let b = Daemon::start(
+        &dir.path().join("b"),
+        &site_b().replace("127.0.0.1:4242", "127.0.0.1:11114"),
+    );
+    let files = files_in(&study);
+    let results = pynetdicom_store(&a, "MODALITY", &files);
+    assert!(results.iter().all(|r| r.status == 0), "{results:?}");
+    let token = wait_for("the token", Duration::from_secs(60), || {
+        tokens(&a).into_iter().next()
+    });
+    hand_over(&token, &b);
+    let waiting = wait_for(
+        "the import to wait for the PACS",
+        Duration::from_secs(90),
+        || {
+            inbound_jobs(&b).into_iter().find(|j| {
+                j["last_error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("did not take 6 of 10"))
+            })
+        },
+    );
+    assert!(
+        waiting["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("4 are stored"),
+        "{waiting:#}"
+    );
+    let _ = busy.kill();
+    let _ = busy.wait();
+    let second = dir.path().join("pacs");
+    std::fs::create_dir_all(&second).unwrap();
+    let mut pacs = std::process::Command::new(require("/usr/bin/storescp"))
+        .arg("-od")
+        .arg(&second)
+        .arg("11114")
+        .spawn()
+        .unwrap();
+    let jobs = wait_imports_done(&b, 1, "the import", Duration::from_secs(120));
+    let _ = pacs.kill();
+    let _ = pacs.wait();
+    assert!(
+        jobs[0]["progress"]
+            .as_str()
+            .unwrap()
+            .contains("10 of 10 stored"),
+        "{jobs:#?}"
+    );
+    let all: BTreeSet<String> = files.iter().map(|f| sop_instance_uid(f)).collect();
+    let before: BTreeSet<String> = files_in(&first)
+        .iter()
+        .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    let after: BTreeSet<String> = files_in(&second)
+        .iter()
+        .map(|f| sop_instance_uid(f))
+        .collect();
+    assert_eq!(before.len(), 4, "the busy PACS took 4");
+    assert!(
+        before.is_disjoint(&after),
+        "sent again: {:?}",
+        before.intersection(&after).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        before.union(&after).cloned().collect::<BTreeSet<String>>(),
+        all
+    );
 }
 
 /// Site A's jobs (both directions) from `cloudpdi status`.
