@@ -15,7 +15,7 @@ use axum::serve::Listener;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::ServiceExt;
 
 use crate::repository::tls::Peer;
@@ -88,19 +88,25 @@ pub async fn serve<L>(
 }
 
 /// The next connection, once a slot is free for it.
-async fn accept<L>(
-    listener: &mut L,
-    slots: &Arc<Semaphore>,
-) -> (L::Io, Peer, tokio::sync::OwnedSemaphorePermit)
+async fn accept<L>(listener: &mut L, slots: &Arc<Semaphore>) -> (L::Io, Peer, OwnedSemaphorePermit)
 where
     L: Listener,
     L::Addr: Into<Peer>,
 {
+    let ((io, addr), slot) = when_free(slots, listener.accept()).await;
+    (io, addr.into(), slot)
+}
+
+/// Runs `next` once one of `slots` is free; the slot is held until the permit is dropped.
+/// Taking the slot first keeps waiting connections in the kernel's accept queue.
+pub(super) async fn when_free<F: Future>(
+    slots: &Arc<Semaphore>,
+    next: F,
+) -> (F::Output, OwnedSemaphorePermit) {
     let slot = slots
         .clone()
         .acquire_owned()
         .await
-        .expect("the connection semaphore is never closed");
-    let (io, addr) = listener.accept().await;
-    (io, addr.into(), slot)
+        .expect("a connection semaphore is never closed");
+    (next.await, slot)
 }

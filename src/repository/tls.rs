@@ -12,11 +12,12 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use sha2::{Digest, Sha256};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
 use crate::repository::config::TlsConfig;
+use crate::repository::listener::when_free;
 
 /// Time a client has to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -124,7 +125,7 @@ async fn accept_loop(
 ) {
     loop {
         let accepted = tokio::select! {
-            accepted = accept_with(&tcp, &pending) => accepted,
+            accepted = when_free(&pending, tcp.accept()) => accepted,
             () = tx.closed() => return,
         };
         let (accepted, permit) = accepted;
@@ -162,22 +163,6 @@ async fn accept_loop(
             }
         });
     }
-}
-
-/// The next TCP connection, once a pending slot is free for it.
-async fn accept_with(
-    tcp: &TcpListener,
-    pending: &Arc<Semaphore>,
-) -> (
-    std::io::Result<(TcpStream, SocketAddr)>,
-    OwnedSemaphorePermit,
-) {
-    let permit = pending
-        .clone()
-        .acquire_owned()
-        .await
-        .expect("the pending semaphore is never closed");
-    (tcp.accept().await, permit)
 }
 
 impl Listener for TlsListener {
