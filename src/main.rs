@@ -158,6 +158,9 @@ struct PdiBuildArgs {
     /// With `label`: also prefix the Series Description of AI support images.
     #[arg(long)]
     ai_mark_series: bool,
+    /// Leave out INDEX.HTM (README.TXT says the same in plain text).
+    #[arg(long)]
+    no_index_htm: bool,
 }
 
 #[derive(Subcommand)]
@@ -477,6 +480,7 @@ fn pdi(command: PdiCommand) -> anyhow::Result<()> {
                 facility: args.facility,
                 attachments: args.attach,
                 policy,
+                index_htm: !args.no_index_htm,
                 ..pdi::BuildOptions::default()
             };
             let is_zip = args

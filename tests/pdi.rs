@@ -782,3 +782,28 @@ fn a_marked_copy_stays_in_the_scratch_folder_whatever_its_uid() {
         text(&dump)
     );
 }
+
+/// INDEX.HTM is optional: left out, it is neither in the set nor in its manifest, and the
+/// set still verifies.
+#[test]
+fn index_htm_can_be_left_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let ct = dir.path().join("ct");
+    gen_ct(&ct, 2, &[]);
+    let with = dir.path().join("with");
+    build(&[&ct], &with, &[]);
+    assert!(with.join("INDEX.HTM").is_file());
+    let without = dir.path().join("without");
+    build(&[&ct], &without, &["--no-index-htm"]);
+    assert!(!without.join("INDEX.HTM").exists());
+    assert!(without.join("README.TXT").is_file());
+    let listed: Vec<String> = manifest_of(&without)["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["path"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(!listed.iter().any(|p| p == "INDEX.HTM"), "{listed:?}");
+    let out = verify(&without);
+    assert!(out.status.success(), "{}", text(&out));
+}
