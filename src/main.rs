@@ -2,10 +2,12 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use cloudpdi::config::Config;
+use cloudpdi::telemetry::Escaped;
 
 /// Cloud-PDI gateway: hand studies to other hospitals by token instead of CD.
 #[derive(Parser)]
@@ -296,8 +298,28 @@ struct RetryArgs {
     job: String,
 }
 
-fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+/// Errors are printed here rather than by the runtime so that text from outside in them
+/// (a file name, a UID, a PACS's comment) is escaped.
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", Escaped(&e.to_string()));
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {}", Escaped(&cause.to_string()));
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A path named in output: escaped, as a file name may come from a disc or a ZIP.
+fn shown(path: &std::path::Path) -> String {
+    cloudpdi::telemetry::escape(&path.display().to_string())
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
         Command::Serve(args) => serve(&args),
         Command::Status(args) => status(&args),
         Command::Retry(args) => retry(&args),
@@ -507,10 +529,10 @@ fn pdi(command: PdiCommand) -> anyhow::Result<()> {
                 pdi::build_dir(&args.inputs, &options, &args.out)?
             };
             for skipped in &report.skipped {
-                eprintln!("skipped (not DICOM): {}", skipped.display());
+                eprintln!("skipped (not DICOM): {}", shown(skipped));
             }
             for warning in &report.warnings {
-                eprintln!("warning: {warning}");
+                eprintln!("warning: {}", Escaped(warning));
             }
             println!(
                 "{}: {} patients, {} studies, {} series, {} instances ({} labelled, {} excluded as AI support images, {} duplicates), {} attachments, {} bytes",
@@ -550,7 +572,7 @@ fn pdi(command: PdiCommand) -> anyhow::Result<()> {
                     summary.ai_excluded,
                 );
                 for problem in &summary.problems {
-                    println!("note: {problem}");
+                    println!("note: {}", Escaped(problem));
                 }
             }
         }
@@ -563,7 +585,7 @@ fn import(args: ImportArgs) -> anyhow::Result<()> {
     use cloudpdi::reconcile::{PatientIdPolicy, Reconciler};
     let (instances, skipped) = collect(&args.paths);
     for not_dicom in &skipped {
-        eprintln!("skipped: {not_dicom}");
+        eprintln!("skipped: {}", Escaped(&not_dicom.to_string()));
     }
     let total = instances.len();
     let target = StoreTarget {
@@ -589,7 +611,7 @@ fn import(args: ImportArgs) -> anyhow::Result<()> {
     for (instance, outcome) in &results {
         if let Outcome::Refused { reason, .. } | Outcome::Unavailable { reason } = outcome {
             refused += 1;
-            eprintln!("refused: {}: {reason}", instance.path.display());
+            eprintln!("refused: {}: {}", shown(&instance.path), Escaped(reason));
         }
     }
     println!(
@@ -636,7 +658,7 @@ fn retry(args: &RetryArgs) -> anyhow::Result<()> {
     let addr = admin_addr(args.admin, &args.config)?;
     let (accepted, answer) = runtime()?.block_on(cloudpdi::status::retry(addr, &args.job))?;
     anyhow::ensure!(accepted, "{}", answer.trim_end());
-    print!("{answer}");
+    println!("{}", Escaped(answer.trim_end()));
     Ok(())
 }
 

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 
 use crate::admin::Status;
 use crate::batch::{BatchState, now_ms};
+use crate::telemetry::{Escaped, escape};
 
 /// Why the status could not be shown.
 #[derive(Debug, thiserror::Error)]
@@ -77,7 +78,9 @@ pub fn render(status: &Status) -> String {
         let _ = writeln!(
             out,
             "route {:<12} AE {:<16} stable after {} s",
-            route.name, route.ae_title, route.stable_after
+            escape(&route.name),
+            escape(&route.ae_title),
+            route.stable_after
         );
     }
     render_jobs(&mut out, status);
@@ -101,12 +104,12 @@ pub fn render(status: &Status) -> String {
             out,
             "{:<9} {:<12} {:<7} {:>9} {:>8.1} MB {:>8} s  {}",
             batch.id.to_string(),
-            batch.route,
+            escape(&batch.route),
             state,
             batch.instances,
             batch.bytes as f64 / 1e6,
             now.saturating_sub(batch.last_instance_at) / 1000,
-            batch.key
+            Escaped(&batch.key)
         );
     }
     out
@@ -128,22 +131,22 @@ fn render_jobs(out: &mut String, status: &Status) {
         let _ = writeln!(
             out,
             "{:<14} {:<8} {:<8} {:>6} s  {}{}",
-            job.id,
+            escape(&job.id),
             job.direction,
-            job.state,
+            escape(&job.state),
             now.saturating_sub(b.created_at) / 1000,
-            job.progress,
+            Escaped(&job.progress),
             b.last_error
                 .as_deref()
-                .map(|e| format!(" | attempt {}: {e}", b.attempts))
+                .map(|e| format!(" | attempt {}: {}", b.attempts, Escaped(e)))
                 .unwrap_or_default()
         );
         for note in &job.notes {
-            let _ = writeln!(out, "{:<14} {note}", "");
+            let _ = writeln!(out, "{:<14} {}", "", Escaped(note));
         }
         if job.state == "failed" {
             let hint = if job.direction == "outbound" {
-                format!("fix the cause, then: cloudpdi retry {}", job.id)
+                format!("fix the cause, then: cloudpdi retry {}", Escaped(&job.id))
             } else {
                 "fix the cause, then drop the token into the watch folder again".to_owned()
             };

@@ -246,9 +246,14 @@ fn unknown_called_ae_and_disallowed_caller_are_rejected_with_reasons() {
 
 /// A Part 10 file with a valid meta header but a dataset that ends inside an element.
 fn unparsable_file(dir: &Path) -> PathBuf {
+    unparsable_file_with_uid(dir, "1.2.826.0.1.3680043.10.1436.99.1")
+}
+
+/// [`unparsable_file`] whose meta header (and so the C-STORE request) carries `uid`.
+fn unparsable_file_with_uid(dir: &Path, uid: &str) -> PathBuf {
     let meta = dicom_object::FileMetaTableBuilder::new()
         .media_storage_sop_class_uid("1.2.840.10008.5.1.4.1.1.7")
-        .media_storage_sop_instance_uid("1.2.826.0.1.3680043.10.1436.99.1")
+        .media_storage_sop_instance_uid(uid)
         .transfer_syntax("1.2.840.10008.1.2.1")
         .build()
         .unwrap();
@@ -668,4 +673,28 @@ fn patient_route_batches_all_studies_of_a_patient_together() {
         .map(|uid| index.instance("ct", uid).unwrap().unwrap().study_uid)
         .collect();
     assert_eq!(studies, BTreeSet::from([study_a, study_b]));
+}
+
+#[test]
+fn a_uid_with_control_characters_cannot_forge_a_log_line() {
+    let dir = tempdir();
+    let hostile = unparsable_file_with_uid(
+        dir.path(),
+        "1.2.3\n2026-01-01T00:00:00Z ERROR FORGED-LINE \u{1b}[31mred",
+    );
+    let daemon = Daemon::start(dir.path(), CT_ROUTE);
+    let results = pynetdicom_store(&daemon, CALLING, &[hostile]);
+    assert!(
+        (0xA000..=0xCFFF).contains(&results[0].status),
+        "{results:?}"
+    );
+    let log = daemon.log();
+    assert!(
+        log.contains("1.2.3\\n2026-01-01T00:00:00Z ERROR FORGED-LINE \\x1b[31mred"),
+        "the UID should be in the log, escaped:\n{log}"
+    );
+    assert!(
+        !log.lines().any(|l| l.starts_with("2026-01-01")) && !log.contains('\u{1b}'),
+        "{log}"
+    );
 }

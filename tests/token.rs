@@ -20,6 +20,10 @@ fn text(out: &Output) -> String {
 }
 
 fn new_token(dir: &std::path::Path, name: &str) -> String {
+    new_token_with_summary(dir, name, "CT chest")
+}
+
+fn new_token_with_summary(dir: &std::path::Path, name: &str, summary: &str) -> String {
     let path = dir.join(name);
     let out = cloudpdi(&[
         "token",
@@ -31,7 +35,7 @@ fn new_token(dir: &std::path::Path, name: &str) -> String {
         "--facility",
         "KYOTO-UH",
         "--summary",
-        "CT chest",
+        summary,
         "--out",
         path.to_str().unwrap(),
     ]);
@@ -72,6 +76,38 @@ fn a_new_token_is_private_inspectable_and_keeps_its_secret_quiet() {
     assert!(
         !bad_text.contains(&typo[4..20]),
         "error echoes the token: {bad_text}"
+    );
+}
+
+#[test]
+fn a_summary_with_terminal_escapes_cannot_fake_a_line_of_inspect() {
+    let dir = tempfile::tempdir().unwrap();
+    // Whoever issued the token chose its summary: it tries to erase the line and print a
+    // repository of its own.
+    let token = new_token_with_summary(
+        dir.path(),
+        "t.txt",
+        "CT\u{1b}[2K\rrepository:  https://evil.example\u{202e}",
+    );
+    let shown = cloudpdi(&["token", "inspect", &token]);
+    let shown_text = text(&shown);
+    assert!(shown.status.success(), "{shown_text}");
+    assert!(
+        !shown_text.contains('\u{1b}') && !shown_text.contains('\r'),
+        "{shown_text:?}"
+    );
+    assert!(!shown_text.contains('\u{202e}'), "{shown_text:?}");
+    assert_eq!(
+        shown_text
+            .lines()
+            .filter(|l| l.starts_with("repository:"))
+            .count(),
+        1,
+        "{shown_text}"
+    );
+    assert!(
+        shown_text.contains("CT\\x1b[2K\\rrepository:"),
+        "{shown_text}"
     );
 }
 

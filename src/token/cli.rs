@@ -6,6 +6,7 @@ use std::io::Write;
 use std::path::Path;
 
 use super::{Token, TokenError, date};
+use crate::telemetry::Escaped;
 
 /// Why a token could not be read or written by the CLI.
 #[derive(Debug, thiserror::Error)]
@@ -77,7 +78,10 @@ pub fn describe(token: &Token, now: u64, show_secret: bool) -> String {
     };
     let mut out = format!(
         "repository:  {}\ndocument ID: {}\nissuer:      {}\nsummary:     {}\nvalidity:    {validity}\n",
-        token.repository, token.document_id, token.issuer, token.summary
+        Escaped(&token.repository),
+        Escaped(&token.document_id),
+        Escaped(&token.issuer),
+        Escaped(&token.summary)
     );
     if show_secret {
         out.push_str(&format!("secret:      {}\n", hex::encode(&token.secret.0)));
