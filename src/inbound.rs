@@ -255,11 +255,7 @@ impl Inbound {
             return Err(QueueError::Repository(token.repository.clone()));
         }
         let dir = Workdir(self.dir.join(&id));
-        write_durably(
-            &dir.token(),
-            format!("{}\n", token.to_text()).as_bytes(),
-            0o600,
-        )?;
+        write_durably(&dir.token(), token.to_line().as_bytes(), 0o600)?;
         let job = InboundJob {
             id: id.clone(),
             issuer: token.issuer.clone(),
@@ -285,7 +281,7 @@ impl Inbound {
     }
 
     fn token(dir: &Workdir) -> Result<Token, StepError> {
-        let text = std::fs::read_to_string(dir.token())?;
+        let text = zeroize::Zeroizing::new(std::fs::read_to_string(dir.token())?);
         Token::from_text(text.trim()).map_err(StepError::permanent)
     }
 

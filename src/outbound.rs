@@ -269,7 +269,7 @@ impl Sender {
     /// The job's secret: created once, then read back on every later attempt.
     fn secret(dir: &Workdir) -> Result<Secret, StepError> {
         let path = dir.secret();
-        match std::fs::read(&path) {
+        match std::fs::read(&path).map(zeroize::Zeroizing::new) {
             Ok(bytes) => {
                 let bytes: [u8; SECRET_LEN] = bytes.as_slice().try_into().map_err(|_| {
                     StepError::permanent(format!(
@@ -281,7 +281,7 @@ impl Sender {
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let secret = Secret::generate().map_err(StepError::transient)?;
-                write_durably(&path, &secret.to_bytes(), 0o600)?;
+                write_durably(&path, secret.to_bytes().as_slice(), 0o600)?;
                 Ok(secret)
             }
             Err(e) => Err(e.into()),
@@ -370,11 +370,7 @@ impl Sender {
         .map_err(StepError::permanent)?;
         let folder = self.config.token_dir(&job.route);
         let token_file = folder.join(format!("{}.token", job.id));
-        write_durably(
-            &token_file,
-            format!("{}\n", token.to_text()).as_bytes(),
-            0o600,
-        )?;
+        write_durably(&token_file, token.to_line().as_bytes(), 0o600)?;
         let slip_file = folder.join(format!("{}.{}", job.id, route.slip));
         let details = SlipDetails {
             facility_name: self.config.facility.name.clone(),

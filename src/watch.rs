@@ -67,10 +67,13 @@ pub fn parse_drop(text: &str) -> Result<TokenDrop, TokenError> {
 /// # Errors
 /// The I/O error.
 pub fn drop_token(dir: &Path, token: &Token, patient_id: Option<&str>) -> std::io::Result<PathBuf> {
-    let mut text = format!("{}\n", token.to_text());
-    if let Some(id) = patient_id {
-        text.push_str(&format!("patient-id: {id}\n"));
-    }
+    let line = token.to_line();
+    let id_line = patient_id.map(|id| format!("patient-id: {id}\n"));
+    let mut text = zeroize::Zeroizing::new(String::with_capacity(
+        line.len() + id_line.as_ref().map_or(0, String::len),
+    ));
+    text.push_str(&line);
+    text.push_str(id_line.as_deref().unwrap_or_default());
     let path = dir.join(format!("{}.token", crate::inbound::job_id(token)));
     write_durably(&path, text.as_bytes(), 0o600)?;
     Ok(path)
@@ -217,11 +220,14 @@ enum Rejection {
     Queue(QueueError),
 }
 
-fn read_bounded(path: &Path) -> Result<String, Rejection> {
+/// The file's text, wiped when dropped (it holds the token); read into a buffer that never
+/// grows, so no copy is left behind.
+fn read_bounded(path: &Path) -> Result<zeroize::Zeroizing<String>, Rejection> {
     use std::io::Read;
     let file =
         std::fs::File::open(path).map_err(|e| Rejection::File(format!("cannot read: {e}")))?;
-    let mut text = String::new();
+    let capacity = usize::try_from(MAX_DROP_BYTES + 1).expect("a small constant");
+    let mut text = zeroize::Zeroizing::new(String::with_capacity(capacity));
     file.take(MAX_DROP_BYTES + 1)
         .read_to_string(&mut text)
         .map_err(|_| {
@@ -264,7 +270,7 @@ mod tests {
 
     #[test]
     fn a_damaged_drop_is_an_error_without_the_token_text() {
-        let mut text = sample().to_text();
+        let mut text = sample().to_text().to_string();
         text.replace_range(8..9, if &text[8..9] == "A" { "B" } else { "A" });
         let err = parse_drop(&text).err().expect("typo is rejected");
         let message = err.to_string();

@@ -398,7 +398,7 @@ fn assert_no_secret(repo: &Repo, token: &Token) {
         ("proof hex", hex::encode(proof.bytes()).into_bytes()),
         ("container key", container_key.to_vec()),
         ("container key hex", hex::encode(container_key).into_bytes()),
-        ("token text", token.to_text().into_bytes()),
+        ("token text", token.to_text().as_bytes().to_vec()),
         ("API key A", repo.key_a.clone().into_bytes()),
         ("API key B", repo.key_b.clone().into_bytes()),
     ];

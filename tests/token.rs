@@ -188,7 +188,7 @@ mod vectors {
         let sealed = sealed.finish().unwrap();
         let actual = format!(
             "text {}\nproof_sha256 {}\nsealed_cloudpdi {}\n",
-            token.to_text(),
+            token.to_text().as_str(),
             hex::encode(token.download_proof().hash()),
             hex::encode(&sealed[48..])
         );

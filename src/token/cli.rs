@@ -57,7 +57,7 @@ pub fn write_token_file(token: &Token, path: &Path) -> Result<(), CliError> {
         .mode(0o600)
         .open(path)
         .map_err(file_error)?;
-    file.write_all(format!("{}\n", token.to_text()).as_bytes())
+    file.write_all(token.to_line().as_bytes())
         .and_then(|()| file.sync_all())
         .map_err(file_error)
 }

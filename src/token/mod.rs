@@ -30,7 +30,7 @@ pub mod text;
 use std::fmt;
 
 use sha2::{Digest, Sha256};
-use zeroize::{Zeroize, ZeroizeOnDrop};
+use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 use crate::container::ContainerKey;
 pub use text::TextError;
@@ -86,9 +86,9 @@ impl Secret {
         Secret(bytes)
     }
 
-    /// The raw secret, only for the file that holds the pending token.
-    pub fn to_bytes(&self) -> [u8; SECRET_LEN] {
-        self.0
+    /// The raw secret, only for the file that holds the pending token; wiped when dropped.
+    pub fn to_bytes(&self) -> Zeroizing<[u8; SECRET_LEN]> {
+        Zeroizing::new(self.0)
     }
 
     /// The key that opens the container sealed under this secret.
@@ -286,9 +286,9 @@ impl Token {
         Ok(())
     }
 
-    /// The binary envelope.
-    pub fn to_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(128);
+    /// The binary envelope. It holds the secret, so it is wiped when dropped.
+    pub fn to_bytes(&self) -> Zeroizing<Vec<u8>> {
+        let mut out = Zeroizing::new(Vec::with_capacity(128));
         out.push(VERSION);
         out.extend_from_slice(&self.expires_at.to_be_bytes());
         out.extend_from_slice(&self.secret.0);
@@ -350,8 +350,18 @@ impl Token {
 
     /// The text form to print, show as QR code, or send. It is the secret: handle it like
     /// a password (never log it).
-    pub fn to_text(&self) -> String {
-        text::encode_symbols(&to_symbols(&self.to_bytes()))
+    pub fn to_text(&self) -> Zeroizing<String> {
+        Zeroizing::new(text::encode_symbols(&to_symbols(&self.to_bytes())))
+    }
+
+    /// [`Token::to_text`] with a line end, as a token file holds it (built in place, so no
+    /// copy of the text is left behind unwiped).
+    pub fn to_line(&self) -> Zeroizing<String> {
+        let text = self.to_text();
+        let mut line = Zeroizing::new(String::with_capacity(text.len() + 1));
+        line.push_str(&text);
+        line.push('\n');
+        line
     }
 
     /// Parses the text form (case, spaces and hyphens ignored; O read as 0, I and L as 1).
@@ -359,14 +369,14 @@ impl Token {
     /// # Errors
     /// [`TokenError`]: a mistyped group is named.
     pub fn from_text(text: &str) -> Result<Token, TokenError> {
-        let symbols = text::decode_symbols(text)?;
+        let symbols = Zeroizing::new(text::decode_symbols(text)?);
         Token::from_bytes(&from_symbols(&symbols))
     }
 }
 
 /// Bytes to 5-bit symbols, padded with zero bits and then zero symbols to whole groups.
-fn to_symbols(bytes: &[u8]) -> Vec<u8> {
-    let mut symbols = Vec::with_capacity(bytes.len() * 8 / 5 + 4);
+fn to_symbols(bytes: &[u8]) -> Zeroizing<Vec<u8>> {
+    let mut symbols = Zeroizing::new(Vec::with_capacity(bytes.len() * 8 / 5 + 4));
     let (mut acc, mut bits) = (0u32, 0u32);
     for &b in bytes {
         acc = (acc << 8) | u32::from(b);
@@ -386,8 +396,8 @@ fn to_symbols(bytes: &[u8]) -> Vec<u8> {
 }
 
 /// 5-bit symbols back to bytes (trailing partial bits dropped).
-fn from_symbols(symbols: &[u8]) -> Vec<u8> {
-    let mut bytes = Vec::with_capacity(symbols.len() * 5 / 8);
+fn from_symbols(symbols: &[u8]) -> Zeroizing<Vec<u8>> {
+    let mut bytes = Zeroizing::new(Vec::with_capacity(symbols.len() * 5 / 8));
     let (mut acc, mut bits) = (0u32, 0u32);
     for &s in symbols {
         acc = (acc << 5) | u32::from(s & 31);

@@ -611,7 +611,7 @@ mod tests {
         };
         let lines = slip.text_lines();
         let joined: Vec<&str> = lines.iter().map(|(_, l)| l.as_str()).collect();
-        assert_eq!(joined.join("-"), text);
+        assert_eq!(joined.join("-"), *text);
         assert_eq!(lines[1].0, GROUPS_PER_LINE + 1);
     }
 
