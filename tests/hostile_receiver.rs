@@ -142,10 +142,11 @@ fn text(out: &Output) -> String {
     )
 }
 
-/// A configuration with only an [inbound] section.
+/// A configuration with these [inbound] keys (and the one route a configuration needs).
 fn config(dir: &Path, inbound: &str) -> PathBuf {
     let path = dir.join("cloudpdi.toml");
-    std::fs::write(&path, format!("[inbound]\n{inbound}\n")).unwrap();
+    let text = format!("[inbound]\n{inbound}\n[route.ct]\nae_title = \"CLOUDPDI\"\n");
+    std::fs::write(&path, text).unwrap();
     path
 }
 
