@@ -173,11 +173,7 @@ fn an_endless_error_body_is_cut_short_and_escaped() {
         !shown.contains('\u{1b}'),
         "no raw control characters: {shown}"
     );
-    assert!(
-        shown.len() < 4096,
-        "only an excerpt: {} bytes",
-        shown.len()
-    );
+    assert!(shown.len() < 4096, "only an excerpt: {} bytes", shown.len());
     assert!(took < Duration::from_secs(30), "took {took:?}");
     assert!(!dir.path().join("study.cloudpdi-download").exists());
 }
@@ -294,8 +290,8 @@ fn a_decompression_bomb_is_stopped_while_streaming() {
     assert!(sealed.len() < 1 << 20, "{} bytes", sealed.len());
     let (input, output) = (dir.path().join("bomb.cpdi"), dir.path().join("bomb.zip"));
     std::fs::write(&input, &sealed).unwrap();
-    let err = cloudpdi::container::decrypt_file(&token.container_key(), &input, &output)
-        .unwrap_err();
+    let err =
+        cloudpdi::container::decrypt_file(&token.container_key(), &input, &output).unwrap_err();
     assert!(
         matches!(err, ContainerError::Expansion { ratio: 1000, .. }),
         "{err}"
@@ -342,11 +338,19 @@ fn decrypt_does_not_follow_a_planted_link_and_writes_0600() {
     let wrong = format!("@{}", dir.path().join("wrong").display());
     let right = format!("@{}", dir.path().join("right").display());
     let (input_s, output_s) = (input.to_str().unwrap(), output.to_str().unwrap());
-    let (refused, _) = cloudpdi_capped(4 << 20, 60, &["decrypt", "--token", &wrong, input_s, output_s]);
+    let (refused, _) = cloudpdi_capped(
+        4 << 20,
+        60,
+        &["decrypt", "--token", &wrong, input_s, output_s],
+    );
     assert!(!refused.status.success(), "{}", text(&refused));
     assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
     std::os::unix::fs::symlink(&victim, dir.path().join("study.part")).unwrap_or(());
-    let (opened, _) = cloudpdi_capped(4 << 20, 60, &["decrypt", "--token", &right, input_s, output_s]);
+    let (opened, _) = cloudpdi_capped(
+        4 << 20,
+        60,
+        &["decrypt", "--token", &right, input_s, output_s],
+    );
     assert!(opened.status.success(), "{}", text(&opened));
     assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
     let mode = std::fs::metadata(&output).unwrap().permissions().mode();
@@ -441,7 +445,10 @@ fn an_endless_json_answer_is_refused_at_its_bound() {
     );
     let shown = text(&result);
     assert!(!result.status.success(), "{shown}");
-    assert!(shown.contains("answer is larger than 4194304 bytes"), "{shown}");
+    assert!(
+        shown.contains("answer is larger than 4194304 bytes"),
+        "{shown}"
+    );
     assert!(took < Duration::from_secs(30), "{took:?}");
 }
 

@@ -131,9 +131,7 @@ impl Names {
         names.sort();
         let mut index = HashMap::with_capacity(names.len());
         for name in names {
-            index
-                .entry(folded(&name.to_string_lossy()))
-                .or_insert(name);
+            index.entry(folded(&name.to_string_lossy())).or_insert(name);
         }
         index
     }

@@ -339,8 +339,8 @@ impl Client {
         match &self.api_key {
             Some(key) => {
                 let bearer = Zeroizing::new(format!("Bearer {}", key.as_str()));
-                let mut value = HeaderValue::from_str(&bearer)
-                    .unwrap_or_else(|_| HeaderValue::from_static(""));
+                let mut value =
+                    HeaderValue::from_str(&bearer).unwrap_or_else(|_| HeaderValue::from_static(""));
                 value.set_sensitive(true);
                 request.header(reqwest::header::AUTHORIZATION, value)
             }
