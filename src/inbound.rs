@@ -606,11 +606,13 @@ fn unpack(zip: &Path, dest: &Path, max_bytes: u64) -> Result<(), StepError> {
         Some(parent) if !parent.as_os_str().is_empty() => parent,
         _ => Path::new("."),
     };
-    let free = crate::repository::client::available_space(parent)?;
-    let reserve = crate::repository::client::DEFAULT_DISK_RESERVE_BYTES;
+    let (free, reserve) = crate::repository::client::disk_room(
+        parent,
+        crate::repository::client::DEFAULT_DISK_RESERVE_BYTES,
+    )?;
     if declared.bytes.saturating_add(reserve) > free {
         return Err(StepError::transient(format!(
-            "not enough disk space to extract the PDI: {} bytes needed in {}, {free} free \
+            "No space left to extract the PDI: {} bytes needed in {}, {free} free \
              (of which {reserve} stay free for the rest of the system); nothing was \
              extracted; free disk space, the step is tried again later",
             declared.bytes,

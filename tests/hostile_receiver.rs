@@ -260,7 +260,7 @@ fn a_document_larger_than_the_free_disk_is_refused_before_writing() {
     );
     let shown = text(&result);
     assert!(!result.status.success(), "{shown}");
-    assert!(shown.contains("not enough disk space"), "{shown}");
+    assert!(shown.contains("No space left for the download"), "{shown}");
     assert!(took < Duration::from_secs(10), "refused at once: {took:?}");
     assert!(!dir.path().join("study.cloudpdi-download").exists());
 }

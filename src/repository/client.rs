@@ -125,9 +125,9 @@ pub enum ClientError {
     },
     /// The disk cannot hold the document. Transient: it is tried again later.
     #[error(
-        "not enough disk space for the download: {need} bytes needed in {dir}, {free} free \
-         (of which {reserve} stay free for the rest of the system); nothing was kept; free \
-         disk space, the download is tried again later"
+        "No space left for the download: {need} bytes needed in {dir}, {free} free (of \
+         which {reserve} stay free for the rest of the system); nothing was kept; free disk \
+         space, the download is tried again later"
     )]
     NoSpace {
         /// Bytes still to be written.
@@ -198,8 +198,9 @@ pub struct ClientOptions {
     pub max_download_bytes: u64,
     /// The configuration key of [`ClientOptions::max_download_bytes`], named in the refusal.
     pub max_download_key: &'static str,
-    /// Bytes of the download's file system that stay free: a download that would leave
-    /// less is refused before anything is written.
+    /// Bytes of the download's file system that stay free (at most; never more than 5%
+    /// of the file system): a download that would leave less is refused before anything
+    /// is written.
     pub disk_reserve_bytes: u64,
 }
 
@@ -228,8 +229,8 @@ impl Default for ClientOptions {
 /// Default of [`ClientOptions::max_download_bytes`]: 20 GiB, the default of
 /// `inbound.max_document_mb` (a CT/MR study can be several GB).
 pub const DEFAULT_MAX_DOWNLOAD_BYTES: u64 = 20 << 30;
-/// Default of [`ClientOptions::disk_reserve_bytes`]: 1 GiB stays free for the database,
-/// the spool and the logs.
+/// Default of [`ClientOptions::disk_reserve_bytes`]: 1 GiB (or 5% of a smaller file
+/// system) stays free for the database, the spool and the logs.
 pub const DEFAULT_DISK_RESERVE_BYTES: u64 = 1 << 30;
 
 /// A failed attempt: retry, or give up with this error.
@@ -731,9 +732,9 @@ impl Client {
             Some(dir) if !dir.as_os_str().is_empty() => dir,
             _ => Path::new("."),
         };
-        let free = available_space(dir).map_err(|e| Failure::Permanent(file_error(dir)(e)))?;
+        let (free, reserve) = disk_room(dir, self.options.disk_reserve_bytes)
+            .map_err(|e| Failure::Permanent(file_error(dir)(e)))?;
         let need = total.saturating_sub(start);
-        let reserve = self.options.disk_reserve_bytes;
         if need.saturating_add(reserve) > free {
             truncate(partial).await.map_err(Failure::Permanent)?;
             return Err(Failure::Permanent(ClientError::NoSpace {
@@ -747,13 +748,19 @@ impl Client {
     }
 }
 
-/// Bytes an unprivileged writer can still put on the file system of `dir`.
+/// Bytes an unprivileged writer can still put on the file system of `dir`, and the
+/// bytes that must stay free there: `reserve`, but at most 5% of the file system (a
+/// small volume is not refused outright).
 ///
 /// # Errors
 /// The I/O error of `statvfs`.
-pub fn available_space(dir: &Path) -> std::io::Result<u64> {
+pub fn disk_room(dir: &Path, reserve: u64) -> std::io::Result<(u64, u64)> {
     let stat = rustix::fs::statvfs(dir).map_err(std::io::Error::from)?;
-    Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
+    let size = stat.f_blocks.saturating_mul(stat.f_frsize);
+    Ok((
+        stat.f_bavail.saturating_mul(stat.f_frsize),
+        reserve.min(size / 20),
+    ))
 }
 
 /// Whether a URL's host is this machine (`localhost`, 127.0.0.0/8, `::1`).
