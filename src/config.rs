@@ -126,6 +126,20 @@ pub struct InboundConfig {
     /// rejected, so a forged token cannot make the gateway fetch from an arbitrary address.
     #[serde(deserialize_with = "list_or_comma_string")]
     pub allowed_repositories: Vec<String>,
+    /// Largest document received, in MiB (1 MiB = 1,048,576 bytes): the download, the
+    /// opened container and the extracted PDI are each refused beyond it, so a hostile
+    /// token or repository cannot fill the disk. A CT/MR study can be several GB.
+    pub max_document_mb: u64,
+    /// Whether a token may point at an `http://` repository on another host: the
+    /// download proof would cross the network unencrypted. Loopback is always allowed.
+    pub allow_plain_http: bool,
+}
+
+impl InboundConfig {
+    /// [`InboundConfig::max_document_mb`] in bytes.
+    pub fn max_document_bytes(&self) -> u64 {
+        self.max_document_mb.saturating_mul(1 << 20)
+    }
 }
 
 /// What the inbound pipeline does with the sender's Patient ID.
@@ -348,6 +362,8 @@ impl Default for InboundConfig {
             workers: 1,
             max_backoff: 300,
             allowed_repositories: Vec::new(),
+            max_document_mb: 20_480,
+            allow_plain_http: false,
         }
     }
 }
@@ -486,6 +502,9 @@ impl Config {
         }
         if self.outbound.workers == 0 || self.inbound.workers == 0 {
             return invalid("outbound.workers and inbound.workers must be at least 1".into());
+        }
+        if self.inbound.max_document_mb == 0 {
+            return invalid("inbound.max_document_mb must be at least 1 (MiB)".into());
         }
         if !self.inbound.pacs.is_empty() {
             check_ae_title("inbound.pacs_ae_title", &self.inbound.pacs_ae_title)?;

@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
 use crate::batch::{IndexError, now_ms};
-use crate::config::{Config, PatientIdMode};
+use crate::config::{Config, InboundConfig, PatientIdMode};
 use crate::dicom::scu::{Instance, Outcome, StoreTarget, store_all};
 use crate::jobs::{
     JobRecord, JobStore, JobSummary, Pipeline, Progress, StepError, remove_folder, state_name,
@@ -255,6 +255,7 @@ impl Inbound {
             return Err(QueueError::Repository(token.repository.clone()));
         }
         let dir = Workdir(self.dir.join(&id));
+        private_dir(&dir.0)?;
         write_durably(&dir.token(), token.to_line().as_bytes(), 0o600)?;
         let job = InboundJob {
             id: id.clone(),
@@ -296,7 +297,7 @@ impl Inbound {
                     return Ok(InStep::Open);
                 }
                 let token = Self::token(&dir)?;
-                let client = client(&token)?;
+                let client = client(&token, &self.config.inbound)?;
                 client
                     .download_to(
                         &token.document_id,
@@ -310,12 +311,14 @@ impl Inbound {
                 Ok(InStep::Open)
             }
             InStep::Open => {
+                let limits = decrypt_limits(&self.config.inbound);
                 blocking(move || {
                     let token = Self::token(&dir)?;
-                    crate::container::decrypt_file(
+                    crate::container::decrypt_file_limited(
                         &token.container_key(),
                         &dir.container(),
                         &dir.pdi_zip(),
+                        limits,
                     )?;
                     crate::jobs::sync_dir(&dir.0)?;
                     Ok(())
@@ -324,9 +327,10 @@ impl Inbound {
                 Ok(InStep::Unpack)
             }
             InStep::Unpack => {
+                let max_bytes = self.config.inbound.max_document_bytes();
                 let count = blocking(move || {
                     remove_folder(&dir.pdi())?;
-                    crate::pdi::extract_zip(&dir.pdi_zip(), &dir.pdi())?;
+                    unpack(&dir.pdi_zip(), &dir.pdi(), max_bytes)?;
                     let summary = crate::pdi::verify(&dir.pdi())?;
                     // One flush of the file system for every extracted file and folder,
                     // before Import is recorded (a file each would be hundreds of fsyncs).
@@ -350,7 +354,7 @@ impl Inbound {
                     instances_refused: job.set_aside.len() as u64,
                     note: String::new(),
                 };
-                match client(&token)?
+                match client(&token, &self.config.inbound)?
                     .receipt(&token.document_id, &token.download_proof(), &receipt)
                     .await
                 {
@@ -550,9 +554,69 @@ fn keep_aside(from: &Path, to: &Path) -> std::io::Result<()> {
 }
 
 /// A repository client for the token's own repository (no API key: the proof is the
-/// authorization).
-pub fn client(token: &Token) -> Result<Client, StepError> {
-    Client::new(&token.repository, None, ClientOptions::default()).map_err(StepError::permanent)
+/// authorization), within the receiving side's bounds.
+///
+/// # Errors
+/// A permanent [`StepError`] for a URL the client refuses (plain http to another host).
+pub fn client(token: &Token, inbound: &InboundConfig) -> Result<Client, StepError> {
+    let options = ClientOptions {
+        allow_plain_http: inbound.allow_plain_http,
+        plain_http_key: "inbound.allow_plain_http",
+        max_download_bytes: inbound.max_document_bytes(),
+        max_download_key: "inbound.max_document_mb",
+        ..ClientOptions::default()
+    };
+    Client::new(&token.repository, None, options).map_err(StepError::permanent)
+}
+
+/// What opening a container may write on the receiving side.
+fn decrypt_limits(inbound: &InboundConfig) -> crate::container::DecryptLimits {
+    crate::container::DecryptLimits {
+        max_output: inbound.max_document_bytes(),
+        ..crate::container::DecryptLimits::default()
+    }
+}
+
+/// Creates a job or work folder readable by its owner only (it holds the token and
+/// patient data), and makes an existing one so.
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+/// Extracts the PDI ZIP into `dest` after checking what it declares against
+/// `max_bytes` (`inbound.max_document_mb`) and the free disk space, so a ZIP that would
+/// fill the disk is refused before anything is written.
+fn unpack(zip: &Path, dest: &Path, max_bytes: u64) -> Result<(), StepError> {
+    use crate::pdi::{PdiError, zip};
+    let limits = zip::Limits {
+        max_total_bytes: max_bytes,
+        ..zip::Limits::default()
+    };
+    let declared = zip::declared(zip, limits).map_err(PdiError::from)?;
+    let parent = match dest.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    let (free, reserve) = crate::repository::client::disk_room(
+        parent,
+        crate::repository::client::DEFAULT_DISK_RESERVE_BYTES,
+    )?;
+    if declared.bytes.saturating_add(reserve) > free {
+        return Err(StepError::transient(format!(
+            "No space left to extract the PDI: {} bytes needed in {}, {free} free \
+             (of which {reserve} stay free for the rest of the system); nothing was \
+             extracted; free disk space, the step is tried again later",
+            declared.bytes,
+            parent.display()
+        )));
+    }
+    zip::extract(zip, dest, limits).map_err(PdiError::from)?;
+    Ok(())
 }
 
 /// Downloads, decrypts and extracts a token's PDI into `out` without a daemon, as if
@@ -564,30 +628,48 @@ pub fn client(token: &Token) -> Result<Client, StepError> {
 pub async fn receive_to_folder(
     token: &Token,
     out: &Path,
+    inbound: &InboundConfig,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<crate::pdi::Summary, StepError> {
     token
         .check_not_expired(now_ms() / 1000)
         .map_err(StepError::permanent)?;
     let work = Workdir(out.with_extension("cloudpdi-download"));
-    std::fs::create_dir_all(&work.0)?;
-    client(token)?
+    private_dir(&work.0)?;
+    let download = client(token, inbound)?
         .download_to(
             &token.document_id,
             &token.download_proof(),
             &work.partial(),
             progress,
         )
-        .await?;
-    let (key, out) = (token.container_key(), out.to_owned());
-    blocking(move || {
-        crate::container::decrypt_file(&key, &work.partial(), &work.pdi_zip())?;
-        crate::pdi::extract_zip(&work.pdi_zip(), &out)?;
-        let summary = crate::pdi::verify(&out)?;
+        .await
+        .map_err(StepError::from);
+    let result = match download {
+        Ok(_) => {
+            let (key, out) = (token.container_key(), out.to_owned());
+            let (limits, max_bytes) = (decrypt_limits(inbound), inbound.max_document_bytes());
+            let work = Workdir(work.0.clone());
+            blocking(move || {
+                crate::container::decrypt_file_limited(
+                    &key,
+                    &work.partial(),
+                    &work.pdi_zip(),
+                    limits,
+                )?;
+                unpack(&work.pdi_zip(), &out, max_bytes)?;
+                Ok(crate::pdi::verify(&out)?)
+            })
+            .await
+        }
+        Err(e) => Err(e),
+    };
+    // A partial download is kept to be resumed by the next run; after a refusal or once
+    // done, nothing is.
+    if !matches!(result, Err(StepError::Transient(_))) || !work.partial().exists() {
         remove_folder(&work.0)?;
-        Ok(summary)
-    })
-    .await
+    }
+    result
 }
 
 #[cfg(test)]

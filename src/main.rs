@@ -737,8 +737,15 @@ fn receive(args: &ReceiveArgs) -> anyhow::Result<()> {
         Some(out) => {
             let bar = progress_bar("downloading");
             let report = |bytes: u64| bar.set_position(bytes);
-            let summary =
-                runtime()?.block_on(cloudpdi::inbound::receive_to_folder(&token, out, &report))?;
+            // The [inbound] bounds apply when a configuration is there; else their defaults.
+            let inbound = if args.config.config.exists() {
+                Config::load(&args.config.config)?.inbound
+            } else {
+                cloudpdi::config::InboundConfig::default()
+            };
+            let summary = runtime()?.block_on(cloudpdi::inbound::receive_to_folder(
+                &token, out, &inbound, &report,
+            ))?;
             bar.finish_and_clear();
             println!(
                 "{}: {} patient(s), {} study(ies), {} series, {} instances ({}), {:.1} MB",

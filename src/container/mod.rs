@@ -30,6 +30,59 @@ use stream::{Stream, TAG_LEN};
 /// Default chunk size: 1 MiB (2^20), large enough for AES-GCM's full speed.
 pub const DEFAULT_CHUNK_LOG2: u8 = 20;
 
+/// Bounds of what opening one container may write, so that a small hostile container
+/// cannot fill the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecryptLimits {
+    /// Most plaintext bytes written (after decompression); `inbound.max_document_mb`.
+    pub max_output: u64,
+    /// Most bytes a zstd-compressed container may expand to per byte of container.
+    pub max_ratio: u64,
+    /// Plaintext always allowed whatever the ratio (small sets of blank images compress
+    /// extremely well).
+    pub ratio_floor: u64,
+}
+
+/// Default of [`DecryptLimits::max_ratio`]: real studies compress 1.5 to 10 times; a
+/// decompression bomb, thousands of times.
+pub const MAX_EXPANSION_RATIO: u64 = 1000;
+/// Default of [`DecryptLimits::ratio_floor`]: 256 MiB.
+pub const EXPANSION_FLOOR: u64 = 256 << 20;
+
+impl Default for DecryptLimits {
+    /// 20 GiB (the default of `inbound.max_document_mb`), ratio 1000 above 256 MiB.
+    fn default() -> Self {
+        DecryptLimits {
+            max_output: 20 << 30,
+            max_ratio: MAX_EXPANSION_RATIO,
+            ratio_floor: EXPANSION_FLOOR,
+        }
+    }
+}
+
+/// A writer that refuses to write past its bound, counting while it streams.
+struct Bounded<W> {
+    inner: W,
+    written: u64,
+    limit: u64,
+    error: ContainerError,
+}
+
+impl<W: Write> Write for Bounded<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let after = self.written.checked_add(buf.len() as u64);
+        if after.is_none_or(|after| after > self.limit) {
+            return Err(self.error.clone().into());
+        }
+        let n = self.inner.write(buf)?;
+        self.written += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// Why a container cannot be written or read. The messages are meant for the person
 /// holding the token.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -56,6 +109,28 @@ pub enum ContainerError {
     /// More than 2^64 chunks.
     #[error("container too large")]
     TooLarge,
+    /// The plaintext is larger than the receiver accepts.
+    #[error(
+        "the container holds more than {limit} bytes once opened, the most this receiver \
+         accepts (inbound.max_document_mb); nothing was kept; raise inbound.max_document_mb \
+         if the study is expected to be this large"
+    )]
+    OutputTooLarge {
+        /// The bound (bytes).
+        limit: u64,
+    },
+    /// The compressed plaintext expands far more than any study does: a decompression bomb.
+    #[error(
+        "the container's compressed content expands to more than {ratio} times its size \
+         ({limit} bytes), far beyond any study: refused as a decompression bomb; nothing \
+         was kept; ask the sender to send the study again"
+    )]
+    Expansion {
+        /// The bound on output bytes per container byte.
+        ratio: u64,
+        /// The bound it gave for this container (bytes).
+        limit: u64,
+    },
     /// Reading or writing failed (message of the I/O error).
     #[error("I/O error: {0}")]
     Io(String),
@@ -349,25 +424,105 @@ pub fn decrypt<R: Read, W: Write>(
     Ok(writer)
 }
 
-/// Decrypts the container at `input` into `output` on all cores: written to a temp file
-/// beside it, fsynced, and renamed only after the last chunk authenticated.
+/// Decrypts the container at `input` into `output` on all cores within
+/// [`DecryptLimits::default`]; see [`decrypt_file_limited`].
 ///
 /// # Errors
 /// [`ContainerError`]; on error `output` is not created and the temp file is removed.
 pub fn decrypt_file(key: &ContainerKey, input: &Path, output: &Path) -> Result<(), ContainerError> {
+    decrypt_file_limited(key, input, output, DecryptLimits::default())
+}
+
+/// Decrypts the container at `input` into `output` on all cores: written to a temp file
+/// beside it (`<output>.part`, created anew with mode 0600, never through a link left
+/// there), fsynced, and renamed only after the last chunk authenticated. The plaintext is
+/// counted while it is written (after decompression) and refused past `limits`.
+///
+/// # Errors
+/// [`ContainerError`]; on error `output` is not created and the temp file is removed.
+pub fn decrypt_file_limited(
+    key: &ContainerKey,
+    input: &Path,
+    output: &Path,
+    limits: DecryptLimits,
+) -> Result<(), ContainerError> {
     let temp = output.with_extension("part");
+    let mut created = false;
     let result = (|| {
-        let reader = BufReader::new(File::open(input)?);
-        let writer = BufWriter::new(File::create(&temp)?);
-        let file = decrypt_parallel(key, reader, writer, 0)?
+        let source = File::open(input)?;
+        let input_len = source.metadata()?.len();
+        let reader = BufReader::new(source);
+        let file = create_exclusive(&temp)?;
+        created = true;
+        let writer = Bounded {
+            inner: BufWriter::new(file),
+            written: 0,
+            limit: limits.max_output,
+            error: ContainerError::OutputTooLarge {
+                limit: limits.max_output,
+            },
+        };
+        let mut decryptor = ParallelDecryptor::new(key, 0, reader)?;
+        let writer = match decryptor.header().compression {
+            Compression::None => copy_plaintext(&mut decryptor, writer)?,
+            Compression::Zstd => {
+                let expansion = input_len
+                    .saturating_mul(limits.max_ratio)
+                    .max(limits.ratio_floor);
+                let mut writer = writer;
+                if expansion < writer.limit {
+                    writer.limit = expansion;
+                    writer.error = ContainerError::Expansion {
+                        ratio: limits.max_ratio,
+                        limit: expansion,
+                    };
+                }
+                let mut decompressor = zstd::stream::read::Decoder::new(decryptor)?;
+                io::copy(&mut decompressor, &mut writer)?;
+                writer
+            }
+        };
+        let file = writer
+            .inner
             .into_inner()
             .map_err(|e| ContainerError::Io(e.to_string()))?;
         file.sync_all()?;
         std::fs::rename(&temp, output)?;
         Ok(())
     })();
-    if result.is_err() {
+    if result.is_err() && created {
         let _ = std::fs::remove_file(&temp);
     }
     result
+}
+
+/// Writes every authenticated chunk of an uncompressed container to `writer`.
+fn copy_plaintext<R: Read, W: Write>(
+    decryptor: &mut ParallelDecryptor<R>,
+    mut writer: W,
+) -> Result<W, ContainerError> {
+    while let Some(plain) = decryptor.next_plaintext()? {
+        writer.write_all(plain)?;
+    }
+    writer.flush()?;
+    Ok(writer)
+}
+
+/// Creates a temp file that is ours alone: a file (or link) left at `path` is removed
+/// first, the new one is created exclusively (`O_EXCL`, no link followed) with mode 0600.
+///
+/// # Errors
+/// The I/O error.
+pub fn create_exclusive(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(path)
 }

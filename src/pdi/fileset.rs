@@ -88,37 +88,52 @@ pub struct Summary {
     pub problems: Vec<String>,
 }
 
-/// Case-insensitive lookups of names in folders, cached per folder.
+/// Case-insensitive lookups of names in folders: each folder is read once into a map
+/// from its folded names, so resolving every File ID of a set is linear in its files.
 #[derive(Default)]
-struct Names(HashMap<PathBuf, Vec<std::ffi::OsString>>);
+struct Names(HashMap<PathBuf, HashMap<String, std::ffi::OsString>>);
+
+/// A name as File IDs are compared: upper case, without an ISO 9660 version suffix
+/// (`;1`) or trailing dots.
+fn folded(name: &str) -> String {
+    let name = name.split(';').next().unwrap_or(name);
+    name.trim_end_matches('.').to_ascii_uppercase()
+}
 
 impl Names {
     /// The entry of `dir` matching `component`: exact, else ignoring case and an ISO 9660
-    /// version suffix (`;1`) and trailing dot.
+    /// version suffix (`;1`) and trailing dot (of several such names, the first in
+    /// byte order).
     fn find(&mut self, dir: &Path, component: &str) -> Option<PathBuf> {
         let exact = dir.join(component);
         if fs::symlink_metadata(&exact).is_ok_and(|m| !m.file_type().is_symlink()) {
             return Some(exact);
         }
-        let names = self.0.entry(dir.to_owned()).or_insert_with(|| {
-            fs::read_dir(dir)
-                .map(|entries| {
-                    entries
-                        .filter_map(|e| e.ok().map(|e| e.file_name()))
-                        .collect()
-                })
-                .unwrap_or_default()
-        });
-        let plain = |name: &str| {
-            let name = name.split(';').next().unwrap_or(name);
-            name.trim_end_matches('.').to_ascii_uppercase()
-        };
-        let want = plain(component);
+        let names = self
+            .0
+            .entry(dir.to_owned())
+            .or_insert_with(|| Self::index(dir));
         names
-            .iter()
-            .find(|n| plain(&n.to_string_lossy()) == want)
+            .get(&folded(component))
             .map(|n| dir.join(n))
             .filter(|p| fs::symlink_metadata(p).is_ok_and(|m| !m.file_type().is_symlink()))
+    }
+
+    /// One read of `dir`: folded name -> name (an unreadable folder has none).
+    fn index(dir: &Path) -> HashMap<String, std::ffi::OsString> {
+        let mut names: Vec<std::ffi::OsString> = fs::read_dir(dir)
+            .map(|entries| {
+                entries
+                    .filter_map(|e| e.ok().map(|e| e.file_name()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        let mut index = HashMap::with_capacity(names.len());
+        for name in names {
+            index.entry(folded(&name.to_string_lossy())).or_insert(name);
+        }
+        index
     }
 }
 
@@ -510,4 +525,65 @@ fn check_manifest(set: &FileSet, manifest: &Manifest, files: &[PathBuf]) -> Resu
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn names_are_found_ignoring_case_version_and_trailing_dot() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for name in ["im000001.;1", "Im000002", "IM000003."] {
+            fs::write(dir.path().join(name), b"x").expect("write");
+        }
+        let mut names = Names::default();
+        for (want, found) in [
+            ("IM000001", "im000001.;1"),
+            ("IM000002", "Im000002"),
+            ("im000003", "IM000003."),
+        ] {
+            assert_eq!(
+                names.find(dir.path(), want),
+                Some(dir.path().join(found)),
+                "{want}"
+            );
+        }
+        assert_eq!(names.find(dir.path(), "IM000004"), None);
+    }
+
+    /// Time to resolve every name of a folder of `count` lower-case files by its
+    /// upper-case File ID component (the best of three runs).
+    fn lookup_time(count: usize) -> Duration {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for n in 0..count {
+            fs::write(dir.path().join(format!("im{n:06}")), b"").expect("write");
+        }
+        (0..3)
+            .map(|_| {
+                let mut names = Names::default();
+                let started = Instant::now();
+                for n in 0..count {
+                    let found = names.find(dir.path(), &format!("IM{n:06}"));
+                    assert!(found.is_some());
+                }
+                started.elapsed()
+            })
+            .min()
+            .expect("three runs")
+    }
+
+    /// Issue 12 item 10: resolving all names is linear in the folder's size (was: each
+    /// lookup scanned the folder, so 8 times the files took 64 times as long).
+    #[test]
+    fn resolving_every_name_of_a_folder_is_linear() {
+        let small = lookup_time(1_000);
+        let large = lookup_time(8_000);
+        // Linear: about 8 times; quadratic: about 64. The bound leaves room for noise.
+        assert!(
+            large < small * 24,
+            "1000 names: {small:?}, 8000 names: {large:?}"
+        );
+    }
 }

@@ -46,7 +46,7 @@ pub enum ZipError {
         why: String,
     },
     /// The archive exceeds a limit of the extractor.
-    #[error("ZIP archive refused: {0}")]
+    #[error("ZIP archive refused: {0}; nothing of it was kept")]
     TooLarge(String),
     /// A file changed while it was being written into the archive.
     #[error("{0} changed while the archive was written")]
@@ -328,13 +328,41 @@ pub struct Extracted {
     pub bytes: u64,
 }
 
-/// Extracts `zip` into `dest`, which must not exist yet; on any error `dest` is removed
-/// again, so a refused archive leaves nothing behind.
+/// What extracting `zip` would write (files and bytes, as its central directory
+/// declares them), checked as [`extract`] checks it, without writing anything: lets a
+/// caller compare it with the free disk space first.
+///
+/// # Errors
+/// [`ZipError`] as [`extract`].
+pub fn declared(zip: &Path, limits: Limits) -> Result<Extracted, ZipError> {
+    let entries = central_directory(&mut File::open(zip)?, limits)?;
+    let mut out = Extracted::default();
+    for entry in entries.iter().filter(|e| !e.directory) {
+        out.files += 1;
+        out.bytes = out.bytes.saturating_add(entry.size);
+    }
+    Ok(out)
+}
+
+/// Creates a folder (and missing parents) readable by its owner only: an extracted set
+/// holds patient data.
+fn private_dir(path: &Path, recursive: bool) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new()
+        .recursive(recursive)
+        .mode(0o700)
+        .create(path)
+}
+
+/// Extracts `zip` into `dest`, which must not exist yet; folders are created with mode
+/// 0700 and files with 0600 (each exclusively: nothing existing is overwritten or
+/// followed). On any error `dest` is removed again, so a refused archive leaves nothing
+/// behind.
 ///
 /// # Errors
 /// [`ZipError`] naming the entry and what is wrong with it.
 pub fn extract(zip: &Path, dest: &Path, limits: Limits) -> Result<Extracted, ZipError> {
-    fs::create_dir(dest).map_err(|e| {
+    private_dir(dest, false).map_err(|e| {
         io::Error::new(
             e.kind(),
             format!("cannot create {} (must not exist): {e}", dest.display()),
@@ -354,13 +382,13 @@ fn extract_into(zip: &Path, dest: &Path, limits: Limits) -> Result<Extracted, Zi
     for entry in &entries {
         let target = dest.join(&entry.name);
         if entry.directory {
-            fs::create_dir_all(&target)?;
+            private_dir(&target, true)?;
             continue;
         }
         if let Some(parent) = target.parent() {
-            fs::create_dir_all(parent)?;
+            private_dir(parent, true)?;
         }
-        let out = File::create_new(&target).map_err(|e| {
+        let out = private_file(&target).map_err(|e| {
             io::Error::new(e.kind(), format!("cannot create {}: {e}", target.display()))
         })?;
         let mut out = io::BufWriter::with_capacity(COPY_BUFFER, out);
@@ -369,6 +397,16 @@ fn extract_into(zip: &Path, dest: &Path, limits: Limits) -> Result<Extracted, Zi
         done.files += 1;
     }
     Ok(done)
+}
+
+/// Creates a new file with mode 0600; an existing file or link at `path` is an error.
+fn private_file(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
 }
 
 /// Copies one entry's data into `out`, checking its local header, sizes and CRC.
@@ -471,7 +509,7 @@ fn central_directory(file: &mut File, limits: Limits) -> Result<Vec<Entry>, ZipE
             return Err(ZipError::NotZip("ZIP64 end record locator missing".into()));
         }
         let end64 = get64(&tail, end_at - 12);
-        if end64 + 56 > end_offset {
+        if end64.checked_add(56).is_none_or(|end| end > end_offset) {
             return Err(ZipError::NotZip(
                 "ZIP64 end record outside the archive".into(),
             ));
@@ -489,7 +527,7 @@ fn central_directory(file: &mut File, limits: Limits) -> Result<Vec<Entry>, ZipE
     }
     if count > limits.max_entries {
         return Err(ZipError::TooLarge(format!(
-            "{count} entries (at most {} allowed)",
+            "{count} entries (at most {} allowed, far more than any study)",
             limits.max_entries
         )));
     }
@@ -510,7 +548,8 @@ fn central_directory(file: &mut File, limits: Limits) -> Result<Vec<Entry>, ZipE
         total = total.saturating_add(entry.size);
         if total > limits.max_total_bytes {
             return Err(ZipError::TooLarge(format!(
-                "its entries hold more than {} bytes",
+                "its entries hold more than {} bytes, the most allowed (when receiving: \
+                 inbound.max_document_mb; raise it if the study is expected to be this large)",
                 limits.max_total_bytes
             )));
         }
@@ -523,7 +562,8 @@ fn central_directory(file: &mut File, limits: Limits) -> Result<Vec<Entry>, ZipE
         if entry.offset >= cd_offset
             || entry
                 .offset
-                .checked_add(30 + entry.compressed)
+                .checked_add(30)
+                .and_then(|e| e.checked_add(entry.compressed))
                 .is_none_or(|e| e > cd_offset)
         {
             return Err(ZipError::Lying {
@@ -535,7 +575,11 @@ fn central_directory(file: &mut File, limits: Limits) -> Result<Vec<Entry>, ZipE
     }
     let mut spans: Vec<(u64, u64, &str)> = entries
         .iter()
-        .map(|e| (e.offset, e.offset + 30 + e.compressed, e.name.as_str()))
+        .map(|e| {
+            // Checked above: offset + 30 + compressed stays within the archive.
+            let end = e.offset.saturating_add(30).saturating_add(e.compressed);
+            (e.offset, end, e.name.as_str())
+        })
         .collect();
     spans.sort_unstable();
     for pair in spans.windows(2) {

@@ -30,6 +30,14 @@ const UPLOAD_READ_CHUNK: usize = 256 * 1024;
 const SINK_QUEUE: usize = 8;
 /// Buffer in front of the file being downloaded, so the disk sees large writes.
 const DOWNLOAD_WRITE_BUFFER: usize = 1024 * 1024;
+/// Most bytes of an error answer that are read: the repository's JSON error is a few
+/// hundred bytes; the rest of a longer (or endless) body is never read.
+pub const MAX_ERROR_BODY: usize = 8 * 1024;
+/// Most bytes of a JSON answer (a document's status lists the parts it holds: a few
+/// hundred KiB for the largest documents); a longer answer is refused unread.
+pub const MAX_JSON_BODY: usize = 4 << 20;
+/// Characters of a refused answer shown in an error message (escaped).
+const EXCERPT_CHARS: usize = 200;
 
 /// Why a repository call failed, and whether trying again later can help.
 #[derive(Debug, thiserror::Error)]
@@ -77,9 +85,60 @@ pub enum ClientError {
     /// The local file does not fit the document (wrong size). Permanent.
     #[error("{0}")]
     Mismatch(String),
-    /// The client cannot be built (bad URL, certificate). Permanent.
+    /// The client cannot be built (bad URL, certificate, plain http). Permanent.
     #[error("repository client setup: {0}")]
     Setup(String),
+    /// The repository answered with a redirect, which is never followed: the API key or
+    /// download proof must not reach another address. Permanent.
+    #[error(
+        "the repository answered {status} redirecting to {to}; redirects are not followed \
+         (the API key or download proof must not go to another address): use the final \
+         address as the repository URL if it is trusted"
+    )]
+    Redirected {
+        /// HTTP status.
+        status: u16,
+        /// The origin (scheme, host, port) the answer pointed at.
+        to: String,
+    },
+    /// The repository's answer is longer than any answer of a repository. Permanent.
+    #[error(
+        "the repository's answer is larger than {limit} bytes, more than any valid answer; \
+         check that the repository URL points at a Cloud-PDI repository"
+    )]
+    AnswerTooLarge {
+        /// The bound that was reached.
+        limit: usize,
+    },
+    /// The document is larger than this receiver accepts. Permanent.
+    #[error(
+        "the document has {size} bytes, more than the {limit} bytes this receiver accepts \
+         ({key}); nothing was kept; raise {key} if the study is expected to be this large"
+    )]
+    DocumentTooLarge {
+        /// The size the repository announced.
+        size: u64,
+        /// The configured bound.
+        limit: u64,
+        /// The configuration key of the bound.
+        key: &'static str,
+    },
+    /// The disk cannot hold the document. Transient: it is tried again later.
+    #[error(
+        "No space left for the download: {need} bytes needed in {dir}, {free} free (of \
+         which {reserve} stay free for the rest of the system); nothing was kept; free disk \
+         space, the download is tried again later"
+    )]
+    NoSpace {
+        /// Bytes still to be written.
+        need: u64,
+        /// Bytes free for an unprivileged writer.
+        free: u64,
+        /// Bytes that always stay free.
+        reserve: u64,
+        /// The folder of the download.
+        dir: String,
+    },
 }
 
 impl ClientError {
@@ -91,6 +150,9 @@ impl ClientError {
                 | ClientError::Refused { .. }
                 | ClientError::Mismatch(_)
                 | ClientError::Setup(_)
+                | ClientError::Redirected { .. }
+                | ClientError::AnswerTooLarge { .. }
+                | ClientError::DocumentTooLarge { .. }
         )
     }
 }
@@ -125,6 +187,21 @@ pub struct ClientOptions {
     pub ca_certificate_pem: Option<Vec<u8>>,
     /// Client certificate and key (PEM), for facilities authenticated by certificate.
     pub identity_pem: Option<Zeroizing<Vec<u8>>>,
+    /// Whether an `http://` repository on a non-loopback host is allowed: the API key or
+    /// download proof would cross the network in clear text.
+    pub allow_plain_http: bool,
+    /// The configuration key that sets [`ClientOptions::allow_plain_http`], named in
+    /// the refusal so that the administrator knows what to change.
+    pub plain_http_key: &'static str,
+    /// Largest document downloaded (bytes); a larger one is refused before anything is
+    /// written.
+    pub max_download_bytes: u64,
+    /// The configuration key of [`ClientOptions::max_download_bytes`], named in the refusal.
+    pub max_download_key: &'static str,
+    /// Bytes of the download's file system that stay free (at most; never more than 5%
+    /// of the file system): a download that would leave less is refused before anything
+    /// is written.
+    pub disk_reserve_bytes: u64,
 }
 
 impl Default for ClientOptions {
@@ -140,9 +217,21 @@ impl Default for ClientOptions {
             backoff_max: Duration::from_secs(30),
             ca_certificate_pem: None,
             identity_pem: None,
+            allow_plain_http: false,
+            plain_http_key: "inbound.allow_plain_http",
+            max_download_bytes: DEFAULT_MAX_DOWNLOAD_BYTES,
+            max_download_key: "inbound.max_document_mb",
+            disk_reserve_bytes: DEFAULT_DISK_RESERVE_BYTES,
         }
     }
 }
+
+/// Default of [`ClientOptions::max_download_bytes`]: 20 GiB, the default of
+/// `inbound.max_document_mb` (a CT/MR study can be several GB).
+pub const DEFAULT_MAX_DOWNLOAD_BYTES: u64 = 20 << 30;
+/// Default of [`ClientOptions::disk_reserve_bytes`]: 1 GiB (or 5% of a smaller file
+/// system) stays free for the database, the spool and the logs.
+pub const DEFAULT_DISK_RESERVE_BYTES: u64 = 1 << 30;
 
 /// A failed attempt: retry, or give up with this error.
 enum Failure {
@@ -202,7 +291,17 @@ impl Client {
                 "repository URL {base:?} must start with https:// (or http://)"
             )));
         }
+        if url.scheme() == "http" && !is_loopback(&url) && !options.allow_plain_http {
+            return Err(ClientError::Setup(format!(
+                "repository URL {base:?} is plain http:// to another host: the API key or \
+                 download proof would cross the network unencrypted; use https://, or set {} \
+                 = true if this network is trusted",
+                options.plain_http_key
+            )));
+        }
         let mut builder = reqwest::Client::builder()
+            // A redirect would carry the proof or key to another address: none is followed.
+            .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(options.connect_timeout)
             .read_timeout(options.read_timeout)
             // Below the server's default header_timeout (30 s), which also closes idle
@@ -240,8 +339,9 @@ impl Client {
         let request = self.http.request(method, self.url(path));
         match &self.api_key {
             Some(key) => {
-                let mut value = HeaderValue::from_str(&format!("Bearer {}", key.as_str()))
-                    .unwrap_or_else(|_| HeaderValue::from_static(""));
+                let bearer = Zeroizing::new(format!("Bearer {}", key.as_str()));
+                let mut value =
+                    HeaderValue::from_str(&bearer).unwrap_or_else(|_| HeaderValue::from_static(""));
                 value.set_sensitive(true);
                 request.header(reqwest::header::AUTHORIZATION, value)
             }
@@ -309,7 +409,15 @@ impl Client {
         self.retrying(|| async {
             let response = build().timeout(self.options.request_timeout).send().await?;
             let response = check(response).await?;
-            Ok(response.json::<T>().await?)
+            let (body, complete) = read_limited(response, MAX_JSON_BODY).await?;
+            if !complete {
+                return Err(Failure::Permanent(ClientError::AnswerTooLarge {
+                    limit: MAX_JSON_BODY,
+                }));
+            }
+            serde_json::from_slice::<T>(&body).map_err(|e| {
+                Failure::Transient(format!("the answer is not the expected JSON: {e}"))
+            })
         })
         .await
     }
@@ -557,6 +665,7 @@ impl Client {
             }
             truncate(partial).await.map_err(Failure::Permanent)?;
         }
+        self.check_room(partial, start, total).await?;
         hashed
             .catch_up(partial, start)
             .await
@@ -569,7 +678,10 @@ impl Client {
         while let Some(chunk) = body.next().await {
             match chunk {
                 Ok(chunk) => {
-                    if held + chunk.len() as u64 > total {
+                    if held
+                        .checked_add(chunk.len() as u64)
+                        .is_none_or(|after| after > total)
+                    {
                         failure = Some("the server sent more than the document".to_owned());
                         break;
                     }
@@ -601,6 +713,101 @@ impl Client {
         }
         finish(partial, hashed, held, total, expected).await
     }
+}
+
+impl Client {
+    /// Refuses, before anything more is written, a document larger than the configured
+    /// bound or than the disk can hold; the partial file is removed then.
+    async fn check_room(&self, partial: &Path, start: u64, total: u64) -> Result<(), Failure> {
+        let limit = self.options.max_download_bytes;
+        if total > limit {
+            truncate(partial).await.map_err(Failure::Permanent)?;
+            return Err(Failure::Permanent(ClientError::DocumentTooLarge {
+                size: total,
+                limit,
+                key: self.options.max_download_key,
+            }));
+        }
+        let dir = match partial.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        };
+        let (free, reserve) = disk_room(dir, self.options.disk_reserve_bytes)
+            .map_err(|e| Failure::Permanent(file_error(dir)(e)))?;
+        let need = total.saturating_sub(start);
+        if need.saturating_add(reserve) > free {
+            truncate(partial).await.map_err(Failure::Permanent)?;
+            return Err(Failure::Permanent(ClientError::NoSpace {
+                need,
+                free,
+                reserve,
+                dir: dir.display().to_string(),
+            }));
+        }
+        Ok(())
+    }
+}
+
+/// Bytes an unprivileged writer can still put on the file system of `dir`, and the
+/// bytes that must stay free there: `reserve`, but at most 5% of the file system (a
+/// small volume is not refused outright).
+///
+/// # Errors
+/// The I/O error of `statvfs`.
+pub fn disk_room(dir: &Path, reserve: u64) -> std::io::Result<(u64, u64)> {
+    let stat = rustix::fs::statvfs(dir).map_err(std::io::Error::from)?;
+    let size = stat.f_blocks.saturating_mul(stat.f_frsize);
+    Ok((
+        stat.f_bavail.saturating_mul(stat.f_frsize),
+        reserve.min(size / 20),
+    ))
+}
+
+/// Whether a URL's host is this machine (`localhost`, 127.0.0.0/8, `::1`).
+fn is_loopback(url: &reqwest::Url) -> bool {
+    let Some(host) = url.host_str() else {
+        return false;
+    };
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || bare
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Reads at most `limit` bytes of an answer's body; the flag says whether the body
+/// ended within them (what follows is never read).
+async fn read_limited(response: Response, limit: usize) -> Result<(Vec<u8>, bool), Failure> {
+    let mut body = Vec::new();
+    let mut stream = response.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk?;
+        let room = limit - body.len();
+        if chunk.len() > room {
+            body.extend_from_slice(&chunk[..room]);
+            return Ok((body, false));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok((body, true))
+}
+
+/// Text from a server made safe to show: control characters escaped, cut after
+/// [`EXCERPT_CHARS`] characters.
+fn excerpt(text: &str) -> String {
+    let mut out = String::new();
+    for (n, c) in text.chars().enumerate() {
+        if n == EXCERPT_CHARS {
+            out.push_str("...");
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// SHA-256 of the first `len` bytes of the partial file, kept across attempts so that a
@@ -759,13 +966,24 @@ fn checked_id(id: &str) -> Result<&str, ClientError> {
 
 /// `Content-Range: bytes a-b/total` or `bytes */total` -> (a, total).
 fn content_range(response: &Response) -> Option<(u64, u64)> {
-    let value = response.headers().get(CONTENT_RANGE)?.to_str().ok()?;
+    parse_content_range(response.headers().get(CONTENT_RANGE)?.to_str().ok()?)
+}
+
+/// Parses a Content-Range value; `None` unless `a <= b < total` (or `*/total`).
+pub fn parse_content_range(value: &str) -> Option<(u64, u64)> {
     let spec = value.strip_prefix("bytes ")?;
     let (range, total) = spec.split_once('/')?;
-    let total = total.parse().ok()?;
+    let total: u64 = total.parse().ok()?;
     let start = match range {
         "*" => total,
-        range => range.split_once('-')?.0.parse().ok()?,
+        range => {
+            let (first, last) = range.split_once('-')?;
+            let (first, last): (u64, u64) = (first.parse().ok()?, last.parse().ok()?);
+            if first > last || last >= total {
+                return None;
+            }
+            first
+        }
     };
     Some((start, total))
 }
@@ -782,11 +1000,31 @@ async fn check(response: Response) -> Result<Response, Failure> {
     if status.is_success() {
         return Ok(response);
     }
-    let body = response.json::<ErrorBody>().await.ok();
-    let (code, message) = body.map_or_else(
-        || (String::new(), status.to_string()),
-        |b| (b.error, b.message),
-    );
+    if status.is_redirection() {
+        let to = response
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .and_then(|l| l.to_str().ok())
+            .and_then(|l| response.url().join(l).ok())
+            .map_or_else(
+                || "an address it did not give".to_owned(),
+                |url| excerpt(&url.origin().ascii_serialization()),
+            );
+        return Err(Failure::Permanent(ClientError::Redirected {
+            status: status.as_u16(),
+            to,
+        }));
+    }
+    // Only the start of an error answer is read: a hostile server's body may be endless.
+    let (body, _) = read_limited(response, MAX_ERROR_BODY).await?;
+    let (code, message) = match serde_json::from_slice::<ErrorBody>(&body) {
+        Ok(b) => (excerpt(&b.error), excerpt(&b.message)),
+        Err(_) if body.is_empty() => (String::new(), status.to_string()),
+        Err(_) => (
+            String::new(),
+            format!("{status}: {}", excerpt(&String::from_utf8_lossy(&body))),
+        ),
+    };
     if status == StatusCode::GONE && code == NOT_AVAILABLE {
         return Err(Failure::Permanent(ClientError::NotAvailable));
     }

@@ -6,6 +6,8 @@ use std::io::Write;
 use std::path::Path;
 
 use super::{Token, TokenError, date};
+use zeroize::Zeroizing;
+
 use crate::telemetry::Escaped;
 
 /// Why a token could not be read or written by the CLI.
@@ -32,13 +34,47 @@ pub enum CliError {
 /// [`CliError`] when the file cannot be read or the token is invalid.
 pub fn read_token(arg: &str) -> Result<Token, CliError> {
     let text = match arg.strip_prefix('@') {
-        Some(path) => std::fs::read_to_string(path).map_err(|source| CliError::File {
-            path: path.to_owned(),
-            source,
-        })?,
-        None => arg.to_owned(),
+        Some(path) => read_token_file(Path::new(path))?,
+        None => Zeroizing::new(arg.to_owned()),
     };
     Ok(Token::from_text(text.trim())?)
+}
+
+/// Most bytes read from a token file: a token is a few hundred bytes, so a larger file
+/// (or `/dev/zero`) is not a token file and is not read further.
+pub const MAX_TOKEN_FILE: u64 = 64 * 1024;
+
+/// Reads a token file, at most [`MAX_TOKEN_FILE`] bytes.
+/// The text is wiped when dropped, and read into a buffer that never grows, so no copy is
+/// left behind.
+fn read_token_file(path: &Path) -> Result<Zeroizing<String>, CliError> {
+    use std::io::Read;
+    let file_error = |source| CliError::File {
+        path: path.display().to_string(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(file_error)?;
+    let capacity = usize::try_from(MAX_TOKEN_FILE + 1).expect("a small constant");
+    let mut bytes = Zeroizing::new(Vec::with_capacity(capacity));
+    file.take(MAX_TOKEN_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(file_error)?;
+    if bytes.len() as u64 > MAX_TOKEN_FILE {
+        return Err(file_error(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "larger than {MAX_TOKEN_FILE} bytes, so not a token file (a token is a few \
+                 hundred bytes); give the file the sending hospital issued"
+            ),
+        )));
+    }
+    let text = std::str::from_utf8(&bytes).map_err(|_| {
+        file_error(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "not text, so not a token file; give the file the sending hospital issued",
+        ))
+    })?;
+    Ok(Zeroizing::new(text.to_owned()))
 }
 
 /// Writes the token's text to `path`, readable by its owner only, durably.
