@@ -78,6 +78,9 @@ pub struct RepositoryLink {
     /// File holding this facility's API key (one line); empty for the embedded
     /// repository. Kept out of this file so that the configuration may be readable.
     pub api_key_file: PathBuf,
+    /// Whether the API key may be sent to an `http://` repository on another host (it
+    /// would cross the network unencrypted). Loopback is always allowed.
+    pub allow_plain_http: bool,
 }
 
 /// Outbound pipeline settings.
@@ -333,6 +336,7 @@ impl Default for RepositoryLink {
             url: "embedded".into(),
             embedded_listen: SocketAddr::from(([127, 0, 0, 1], 11190)),
             api_key_file: PathBuf::new(),
+            allow_plain_http: false,
         }
     }
 }

@@ -198,7 +198,12 @@ impl Sender {
                 key_file.display()
             )
         })?;
-        let client = Client::new(&url, Some(key.trim().to_owned()), ClientOptions::default())
+        let options = ClientOptions {
+            allow_plain_http: config.repository.allow_plain_http,
+            plain_http_key: "repository.allow_plain_http",
+            ..ClientOptions::default()
+        };
+        let client = Client::new(&url, Some(key.trim().to_owned()), options)
             .map_err(|e| format!("route {name}: {e}"))?;
         Ok(Link { client, url })
     }
