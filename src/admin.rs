@@ -163,8 +163,7 @@ fn is_loopback_host(host: &str) -> bool {
         _ => (host, None),
     };
     let port_ok = port.is_none_or(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
-    port_ok
-        && (name.eq_ignore_ascii_case("localhost") || name == "127.0.0.1" || name == "[::1]")
+    port_ok && (name.eq_ignore_ascii_case("localhost") || name == "127.0.0.1" || name == "[::1]")
 }
 
 fn unavailable(e: impl std::fmt::Display) -> Response {

@@ -201,7 +201,8 @@ impl Listener {
             let span = info_span!("association", id = next_id, peer = %peer);
             self.tracker.spawn(
                 async move {
-                    let Some((slot, socket)) = take_slot(&ctx, &slots, socket, peer, &shutdown).await
+                    let Some((slot, socket)) =
+                        take_slot(&ctx, &slots, socket, peer, &shutdown).await
                     else {
                         return;
                     };

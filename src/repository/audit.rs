@@ -310,7 +310,10 @@ mod tests {
             audit.rejected(refusal("unauthorized"), a).await.expect("a");
         }
         audit.rejected(refusal("unauthorized"), b).await.expect("b");
-        audit.rejected(refusal("invalid"), a).await.expect("a invalid");
+        audit
+            .rejected(refusal("invalid"), a)
+            .await
+            .expect("a invalid");
         let text = std::fs::read_to_string(&path).expect("read");
         assert_eq!(text.lines().count(), 3, "{text}");
         audit.flush_rejections().await.expect("flush");
@@ -318,8 +321,18 @@ mod tests {
         let lines: Vec<_> = text.lines().collect();
         assert_eq!(lines.len(), 4, "{text}");
         assert!(lines[3].contains("999 more refused"), "{}", lines[3]);
-        assert!(lines[3].contains("\"client\":\"192.0.2.1\""), "{}", lines[3]);
+        assert!(
+            lines[3].contains("\"client\":\"192.0.2.1\""),
+            "{}",
+            lines[3]
+        );
         audit.flush_rejections().await.expect("empty flush");
-        assert_eq!(std::fs::read_to_string(&path).expect("read").lines().count(), 4);
+        assert_eq!(
+            std::fs::read_to_string(&path)
+                .expect("read")
+                .lines()
+                .count(),
+            4
+        );
     }
 }

@@ -125,17 +125,19 @@ impl TrustedProxies {
     /// Whether `addr` is one of the trusted proxies.
     pub fn contains(&self, addr: IpAddr) -> bool {
         let addr = canonical(addr);
-        self.0.iter().any(|&(net, prefix)| match (canonical(net), addr) {
-            (IpAddr::V4(net), IpAddr::V4(a)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
-                u32::from(net) & mask == u32::from(a) & mask
-            }
-            (IpAddr::V6(net), IpAddr::V6(a)) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
-                u128::from(net) & mask == u128::from(a) & mask
-            }
-            _ => false,
-        })
+        self.0
+            .iter()
+            .any(|&(net, prefix)| match (canonical(net), addr) {
+                (IpAddr::V4(net), IpAddr::V4(a)) => {
+                    let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+                    u32::from(net) & mask == u32::from(a) & mask
+                }
+                (IpAddr::V6(net), IpAddr::V6(a)) => {
+                    let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+                    u128::from(net) & mask == u128::from(a) & mask
+                }
+                _ => false,
+            })
     }
 
     /// The client behind a request from `peer`: `peer` itself, unless `peer` is a trusted
@@ -256,8 +258,14 @@ mod tests {
         assert!(!limiter.is_blocked("d", addr));
         limiter.record_failure("d", addr);
         assert!(limiter.is_blocked("d", addr));
-        assert!(!limiter.is_blocked("d", other), "another client is not blocked");
-        assert!(!limiter.is_blocked("e", addr), "another document is not blocked");
+        assert!(
+            !limiter.is_blocked("d", other),
+            "another client is not blocked"
+        );
+        assert!(
+            !limiter.is_blocked("e", addr),
+            "another document is not blocked"
+        );
         std::thread::sleep(Duration::from_millis(60));
         assert!(!limiter.is_blocked("d", addr));
     }
@@ -278,7 +286,11 @@ mod tests {
         assert_eq!(proxies.client(ip("::ffff:192.0.2.9"), xff), ip("192.0.2.9"));
         assert!(TrustedProxies::parse(&["10.0.0.0/33"]).is_err());
         assert!(TrustedProxies::parse(&["example.org"]).is_err());
-        assert!(TrustedProxies::parse(&["0.0.0.0/0"]).expect("all").contains(ip("1.2.3.4")));
+        assert!(
+            TrustedProxies::parse(&["0.0.0.0/0"])
+                .expect("all")
+                .contains(ip("1.2.3.4"))
+        );
     }
 
     #[test]

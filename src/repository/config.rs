@@ -394,7 +394,10 @@ mod tests {
             ("header_timeout = 0", "header_timeout"),
             ("header_timeout = 99999999999", "header_timeout"),
             ("max_connections = 0", "max_connections"),
-            ("max_connections_per_address = 0", "max_connections_per_address"),
+            (
+                "max_connections_per_address = 0",
+                "max_connections_per_address",
+            ),
             ("trusted_proxies = [\"10.0.0.0/99\"]", "trusted_proxies"),
         ] {
             let err = parse(&format!("[server]\n{setting}\n")).expect_err(setting);
