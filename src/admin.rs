@@ -124,7 +124,6 @@ pub async fn serve(
         .with_state(state);
     let limits = Limits {
         max_connections: MAX_CONNECTIONS,
-        max_per_address: MAX_CONNECTIONS,
         header_timeout: HEADER_TIMEOUT,
     };
     listener::serve(

@@ -32,8 +32,6 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
 pub struct Limits {
     /// Connections served at once.
     pub max_connections: usize,
-    /// Connections one client address may hold at once (TLS handshakes included).
-    pub max_per_address: usize,
     /// Time a client has to send a request's headers, also between keep-alive requests.
     pub header_timeout: Duration,
 }

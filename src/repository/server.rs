@@ -1244,10 +1244,9 @@ pub async fn run(
     let summaries = tokio::spawn(rejection_loop(app.audit.clone(), stop.clone()));
     let limits = Limits {
         max_connections: app.server.max_connections,
-        max_per_address: app.server.max_connections_per_address,
         header_timeout: Duration::from_secs(app.server.header_timeout),
     };
-    let per_address = PerAddress::new(limits.max_per_address);
+    let per_address = PerAddress::new(app.server.max_connections_per_address);
     let router = router(app);
     let local = listener.local_addr()?;
     if config.tls.cert.is_some() {
