@@ -1,6 +1,12 @@
 //! The loopback admin endpoint: what `cloudpdi status` reads, plus health and metrics.
 //!
-//! It has no authentication, so the configuration refuses any non-loopback address.
+//! It has no authentication, so the configuration refuses any non-loopback address, and
+//! it answers only requests addressed to a loopback name (`localhost`, `127.0.0.1`,
+//! `[::1]`, with or without the port): a web page that rebinds its own DNS name to
+//! 127.0.0.1 gets 421, so a browser on this host cannot be used to read the status or
+//! trigger retries. At most [`MAX_CONNECTIONS`] connections are served at once and each
+//! must send its headers within [`HEADER_TIMEOUT`] (also between keep-alive requests), so
+//! idle sockets cannot pile up and take the file descriptors the DICOM listener needs.
 //!
 //! - `GET /status`: JSON [`Status`] (routes, batches, counters)
 //! - `GET /healthz`: `ok` when the index answers
@@ -9,10 +15,11 @@
 //!   outbound job back to the step that failed
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -25,6 +32,7 @@ use crate::inbound::Inbound;
 use crate::jobs::JobSummary;
 use crate::metrics::Metrics;
 use crate::outbound::{Outbound, RetryError};
+use crate::repository::listener::{self, Limits, PerAddress};
 use crate::route::Routes;
 use crate::spool::Spool;
 
@@ -90,10 +98,18 @@ async fn jobs(state: &Arc<AdminState>) -> Result<Vec<JobSummary>, Response> {
     }
 }
 
+/// Connections the admin endpoint serves at once (status, health checks, a Prometheus
+/// scrape need a few); further ones wait in the kernel's accept queue.
+pub const MAX_CONNECTIONS: usize = 16;
+
+/// Time a client has to send a request's headers, and to send the next one on a
+/// keep-alive connection, before the connection is closed.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Serves the admin endpoint on `listener` until `shutdown`.
 ///
 /// # Errors
-/// The I/O error that ended the server.
+/// None today; the signature keeps room for listener errors.
 pub async fn serve(
     listener: TcpListener,
     state: Arc<AdminState>,
@@ -104,10 +120,49 @@ pub async fn serve(
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/jobs/{id}/retry", post(retry))
+        .layer(axum::middleware::from_fn(loopback_host))
         .with_state(state);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    let limits = Limits {
+        max_connections: MAX_CONNECTIONS,
+        header_timeout: HEADER_TIMEOUT,
+    };
+    listener::serve(
+        listener,
+        app,
+        limits,
+        PerAddress::new(MAX_CONNECTIONS),
+        async move { shutdown.cancelled().await },
+    )
+    .await;
+    Ok(())
+}
+
+/// Refuses requests whose `Host` is not a loopback name (DNS rebinding).
+async fn loopback_host(request: Request, next: Next) -> Response {
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok());
+    if host.is_some_and(is_loopback_host) {
+        return next.run(request).await;
+    }
+    (
+        StatusCode::MISDIRECTED_REQUEST,
+        "the admin endpoint answers only requests addressed to localhost, 127.0.0.1 or \
+         [::1] (the Host header named something else, as a web page using DNS rebinding \
+         would); use `cloudpdi status` on this machine\n",
+    )
+        .into_response()
+}
+
+/// Whether `host` (a `Host` header: name, optional `:port`) names this machine's loopback.
+fn is_loopback_host(host: &str) -> bool {
+    let (name, port) = match host.rsplit_once(':') {
+        Some((name, port)) if !name.contains(':') || name.ends_with(']') => (name, Some(port)),
+        _ => (host, None),
+    };
+    let port_ok = port.is_none_or(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+    port_ok && (name.eq_ignore_ascii_case("localhost") || name == "127.0.0.1" || name == "[::1]")
 }
 
 fn unavailable(e: impl std::fmt::Display) -> Response {
@@ -229,4 +284,36 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
         ),
     ]);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_names_are_hosts() {
+        for host in [
+            "localhost",
+            "LOCALHOST:11180",
+            "127.0.0.1",
+            "127.0.0.1:11180",
+            "[::1]",
+            "[::1]:11180",
+        ] {
+            assert!(is_loopback_host(host), "{host}");
+        }
+        for host in [
+            "evil.example",
+            "evil.example:11180",
+            "127.0.0.1.evil.example",
+            "localhost.evil.example",
+            "127.0.0.1:",
+            "127.0.0.1:x",
+            "::1",
+            "[::1]x",
+            "",
+        ] {
+            assert!(!is_loopback_host(host), "{host}");
+        }
+    }
 }

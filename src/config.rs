@@ -161,14 +161,26 @@ pub enum PatientIdMode {
 pub struct DicomConfig {
     /// Address the SCP listens on. Loopback by default; a hospital sets its LAN address.
     pub listen: SocketAddr,
-    /// Associations served at once; further peers wait in the TCP backlog.
+    /// Associations served at once for any caller; further callers wait (at most
+    /// `association_timeout` seconds, then a transient "local limit exceeded" rejection).
     pub max_associations: usize,
+    /// Associations, on top of `max_associations`, that only a caller named in the
+    /// called route's `allowed_callers` may use: the PACS still gets in while others
+    /// have taken every general slot.
+    pub reserved_associations: usize,
+    /// Associations (open or negotiating) one peer IP address may hold at once; further
+    /// connections from it get a transient "local limit exceeded" rejection.
+    pub max_associations_per_peer: usize,
     /// Largest PDU we accept (bytes); bounds the memory one association can claim.
     pub max_pdu_length: u32,
     /// Seconds a peer has to complete association negotiation (ARTIM timer).
     pub association_timeout: u64,
     /// Seconds without any PDU after which an association is aborted (DIMSE timeout).
     pub idle_timeout: u64,
+    /// Seconds an association may stay open without sending a C-STORE (C-ECHOs do not
+    /// count; an instance in flight is never cut) before the gateway aborts it, so a peer
+    /// keeping itself alive with C-ECHO cannot hold a slot forever.
+    pub store_idle_timeout: u64,
 }
 
 /// Spool and state settings.
@@ -266,9 +278,12 @@ impl Default for DicomConfig {
         DicomConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 11112)),
             max_associations: 32,
+            reserved_associations: 4,
+            max_associations_per_peer: 8,
             max_pdu_length: 131_072,
             association_timeout: 30,
             idle_timeout: 120,
+            store_idle_timeout: 300,
         }
     }
 }
@@ -382,6 +397,11 @@ impl DicomConfig {
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_secs(self.idle_timeout)
     }
+
+    /// The longest time without a C-STORE as a duration.
+    pub fn store_idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.store_idle_timeout)
+    }
 }
 
 impl Config {
@@ -459,6 +479,15 @@ impl Config {
         }
         if self.dicom.max_associations == 0 {
             return invalid("dicom.max_associations must be at least 1".into());
+        }
+        if self.dicom.max_associations_per_peer == 0 {
+            return invalid("dicom.max_associations_per_peer must be at least 1".into());
+        }
+        if self.dicom.reserved_associations > 1024 {
+            return invalid("dicom.reserved_associations must be at most 1024".into());
+        }
+        if self.dicom.store_idle_timeout == 0 {
+            return invalid("dicom.store_idle_timeout must be at least 1 second".into());
         }
         self.validate_pipelines()
     }

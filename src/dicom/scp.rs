@@ -1,23 +1,34 @@
 //! The C-STORE / C-ECHO service class provider: the front door of the gateway.
 //!
-//! [`Listener`] owns accept and back-pressure (at most `max_associations` at once; further
-//! peers wait in the TCP backlog). Each association runs in its own task as an
+//! [`Listener`] owns accept and back-pressure. At most `max_associations` associations
+//! run at once for any caller, plus `reserved_associations` that only callers named in
+//! the called route's `allowed_callers` may use, so the PACS still gets in when other
+//! hosts hold every general slot. Whether a caller may use the reserve is known only from
+//! its A-ASSOCIATE-RQ, so when the general slots are full the request's head is peeked
+//! (not consumed) before deciding. One peer address holds at most
+//! `max_associations_per_peer` connections; a caller that finds no slot within
+//! `association_timeout` seconds, or a peer over its limit, gets a transient A-ASSOCIATE-RJ
+//! ("local limit exceeded"), logged once while that peer is at its limit. An association
+//! that sends no C-STORE for `store_idle_timeout` seconds is aborted (C-ECHO keep-alives
+//! cannot hold a slot forever). Each association runs in its own task as an
 //! [`AssociationState`] that reassembles P-DATA fragments into command sets and datasets,
 //! hands complete instances to the [`Spool`] off the async runtime, and answers only once
 //! the instance is durable. A bad dataset gets a failure status and the association goes
 //! on; a protocol violation aborts that association only; nothing ends the listener.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dicom_ul::Pdu;
 use dicom_ul::association::server::{DefaultNegotiation, ServerAssociationOptions};
 use dicom_ul::association::{Association as _, AsyncServerAssociation, Error as UlError};
 use dicom_ul::pdu::{PDataValue, PDataValueType, PresentationContextResultReason};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -42,13 +53,107 @@ pub struct ScpContext {
     pub config: DicomConfig,
 }
 
+/// Bytes of an A-ASSOCIATE-RQ up to the end of the calling AE title (type, reserved,
+/// length, version, reserved, called AE, calling AE).
+const RQ_HEAD: usize = 42;
+
+/// A-ASSOCIATE-RJ: rejected-transient (2), by the service provider's presentation
+/// function (3), local limit exceeded (2). A DICOM peer retries later.
+const REJECT_LOCAL_LIMIT: [u8; 10] = [0x03, 0x00, 0, 0, 0, 4, 0x00, 0x02, 0x03, 0x02];
+
+/// Connections being turned away at once; beyond, a connection over its peer's limit is
+/// closed without an answer (a flood must not cost more than this).
+const MAX_TURNING_AWAY: usize = 64;
+
+/// Time a turned-away peer has to read the rejection before the socket is closed.
+const REJECT_LINGER: Duration = Duration::from_secs(1);
+
 /// Accepts TCP connections and starts one association task per connection.
 pub struct Listener {
     listener: TcpListener,
     ctx: Arc<ScpContext>,
-    limit: Arc<Semaphore>,
+    slots: Arc<Slots>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
+}
+
+/// The association slots and what each peer address holds.
+struct Slots {
+    /// Slots for any caller (`max_associations`).
+    general: Arc<Semaphore>,
+    /// Slots only for callers on the called route's allow-list (`reserved_associations`).
+    reserve: Arc<Semaphore>,
+    /// Connections that hold no slot yet (negotiating or waiting for one), so that
+    /// waiting connections cannot pile up: as many as there are slots.
+    waiting: Arc<Semaphore>,
+    /// Connections being answered "local limit exceeded" ([`MAX_TURNING_AWAY`]).
+    turning_away: Arc<Semaphore>,
+    /// Connections per peer address, and whether its refusal was logged.
+    peers: Mutex<HashMap<IpAddr, PeerHeld>>,
+    per_peer: usize,
+}
+
+#[derive(Default)]
+struct PeerHeld {
+    connections: usize,
+    warned: bool,
+}
+
+/// One connection counted against its peer address; released when dropped.
+struct PeerSlot {
+    slots: Arc<Slots>,
+    ip: IpAddr,
+}
+
+impl Slots {
+    fn new(config: &DicomConfig) -> Slots {
+        let total = config
+            .max_associations
+            .saturating_add(config.reserved_associations);
+        Slots {
+            general: Arc::new(Semaphore::new(config.max_associations)),
+            reserve: Arc::new(Semaphore::new(config.reserved_associations)),
+            waiting: Arc::new(Semaphore::new(total)),
+            turning_away: Arc::new(Semaphore::new(MAX_TURNING_AWAY)),
+            peers: Mutex::new(HashMap::new()),
+            per_peer: config.max_associations_per_peer.max(1),
+        }
+    }
+
+    /// Counts a connection from `ip`, or `None` when `ip` already holds its limit.
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<PeerSlot> {
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        let held = peers.entry(ip).or_default();
+        if held.connections >= self.per_peer {
+            return None;
+        }
+        held.connections += 1;
+        Some(PeerSlot {
+            slots: self.clone(),
+            ip,
+        })
+    }
+
+    /// Whether a refusal of `ip` should be logged: the first while it holds connections.
+    fn first_refusal(&self, ip: IpAddr) -> bool {
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        match peers.get_mut(&ip) {
+            Some(held) => !std::mem::replace(&mut held.warned, true),
+            None => true,
+        }
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut peers = self.slots.peers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(held) = peers.get_mut(&self.ip) {
+            held.connections = held.connections.saturating_sub(1);
+            if held.connections == 0 {
+                peers.remove(&self.ip);
+            }
+        }
+    }
 }
 
 impl Listener {
@@ -60,11 +165,11 @@ impl Listener {
         shutdown: CancellationToken,
         tracker: TaskTracker,
     ) -> Listener {
-        let limit = Arc::new(Semaphore::new(ctx.config.max_associations));
+        let slots = Arc::new(Slots::new(&ctx.config));
         Listener {
             listener,
             ctx,
-            limit,
+            slots,
             shutdown,
             tracker,
         }
@@ -74,9 +179,9 @@ impl Listener {
     pub async fn run(self) {
         let mut next_id: u64 = 0;
         loop {
-            let permit = tokio::select! {
-                permit = self.limit.clone().acquire_owned() => {
-                    permit.expect("the association semaphore is never closed")
+            let waiting = tokio::select! {
+                permit = self.slots.waiting.clone().acquire_owned() => {
+                    permit.expect("the connection semaphore is never closed")
                 }
                 () = self.shutdown.cancelled() => return,
             };
@@ -85,17 +190,50 @@ impl Listener {
                 () = self.shutdown.cancelled() => return,
             };
             next_id += 1;
+            let Some(peer_slot) = self.slots.admit(peer.ip()) else {
+                drop(waiting);
+                self.turn_away(socket, peer);
+                continue;
+            };
             let ctx = self.ctx.clone();
+            let slots = self.slots.clone();
             let shutdown = self.shutdown.clone();
             let span = info_span!("association", id = next_id, peer = %peer);
             self.tracker.spawn(
                 async move {
+                    let Some((slot, socket)) =
+                        take_slot(&ctx, &slots, socket, peer, &shutdown).await
+                    else {
+                        return;
+                    };
+                    drop(waiting);
                     serve_association(ctx, socket, peer, shutdown).await;
-                    drop(permit);
+                    drop((slot, peer_slot));
                 }
                 .instrument(span),
             );
         }
+    }
+
+    /// Answers a peer over its connection limit "local limit exceeded" (logged once while
+    /// it stays at its limit), or just closes the connection during a flood.
+    fn turn_away(&self, socket: TcpStream, peer: SocketAddr) {
+        if self.slots.first_refusal(peer.ip()) {
+            warn!(
+                %peer,
+                "association refused: this address already holds {} connections \
+                 (dicom.max_associations_per_peer); further ones are rejected (transient, \
+                 local limit exceeded) until some end",
+                self.slots.per_peer
+            );
+        }
+        let Ok(permit) = self.slots.turning_away.clone().try_acquire_owned() else {
+            return;
+        };
+        self.tracker.spawn(async move {
+            reject_local_limit(socket).await;
+            drop(permit);
+        });
     }
 
     async fn accept(&self) -> (TcpStream, SocketAddr) {
@@ -117,6 +255,96 @@ impl Listener {
             }
         }
     }
+}
+
+/// An association slot for the connection from `peer`: a general one at once if free;
+/// otherwise the caller's A-ASSOCIATE-RQ is peeked to see whether it may use the reserve,
+/// and it waits up to `association_timeout` for a slot it may use. `None` when it was
+/// rejected (transient, local limit exceeded) or the gateway is stopping.
+async fn take_slot(
+    ctx: &ScpContext,
+    slots: &Arc<Slots>,
+    socket: TcpStream,
+    peer: SocketAddr,
+    shutdown: &CancellationToken,
+) -> Option<(OwnedSemaphorePermit, TcpStream)> {
+    if let Ok(slot) = slots.general.clone().try_acquire_owned() {
+        return Some((slot, socket));
+    }
+    let wait = ctx.config.association_timeout();
+    let callers = tokio::time::timeout(wait, peek_callers(&socket)).await;
+    let privileged = match &callers {
+        Ok(Some((called, calling))) => ctx
+            .routes
+            .by_called(called)
+            .is_some_and(|route| route.allowed_callers.iter().any(|c| c == calling)),
+        _ => false,
+    };
+    if privileged && let Ok(slot) = slots.reserve.clone().try_acquire_owned() {
+        return Some((slot, socket));
+    }
+    let free = async {
+        if privileged {
+            tokio::select! {
+                slot = slots.general.clone().acquire_owned() => slot,
+                slot = slots.reserve.clone().acquire_owned() => slot,
+            }
+        } else {
+            slots.general.clone().acquire_owned().await
+        }
+    };
+    tokio::select! {
+        slot = free => Some((slot.expect("the association semaphores are never closed"), socket)),
+        () = tokio::time::sleep(wait) => {
+            if slots.first_refusal(peer.ip()) {
+                let calling = callers.ok().flatten().map(|(_, calling)| calling);
+                warn!(
+                    calling = ?calling.as_deref().unwrap_or("?"),
+                    "association refused: all {} association slots stayed busy for {} s \
+                     (dicom.max_associations; dicom.reserved_associations serve only a \
+                     route's allowed_callers); rejected (transient, local limit exceeded)",
+                    ctx.config.max_associations,
+                    ctx.config.association_timeout
+                );
+            }
+            reject_local_limit(socket).await;
+            None
+        }
+        () = shutdown.cancelled() => None,
+    }
+}
+
+/// The called and calling AE titles of the A-ASSOCIATE-RQ waiting on `socket`, read
+/// without consuming it (the association negotiation reads it again); `None` when the
+/// connection closes or sends something else.
+async fn peek_callers(socket: &TcpStream) -> Option<(String, String)> {
+    let mut head = [0u8; RQ_HEAD];
+    loop {
+        let n = socket.peek(&mut head).await.ok()?;
+        if n == 0 || head[0] != 0x01 {
+            return None;
+        }
+        if n >= RQ_HEAD {
+            break;
+        }
+        // Part of the head arrived; peek returns at once until more does.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let ae = |bytes: &[u8]| String::from_utf8_lossy(bytes).trim().to_owned();
+    Some((ae(&head[10..26]), ae(&head[26..42])))
+}
+
+/// Sends a transient A-ASSOCIATE-RJ ("local limit exceeded") and closes the connection
+/// once the peer has had [`REJECT_LINGER`] to read it.
+async fn reject_local_limit(mut socket: TcpStream) {
+    let _ = tokio::time::timeout(REJECT_LINGER, async {
+        socket.write_all(&REJECT_LOCAL_LIMIT).await?;
+        socket.shutdown().await?;
+        let mut sink = [0u8; 4096];
+        while socket.read(&mut sink).await? > 0 {}
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
 }
 
 type Options = ServerAssociationOptions<'static, RouteAccess, DefaultNegotiation>;
@@ -208,6 +436,7 @@ async fn serve_association(
 /// How an association ended.
 enum End {
     Released,
+    NoStore(u64),
     PeerAborted,
     Shutdown,
     Lost(String),
@@ -216,12 +445,16 @@ enum End {
 
 impl End {
     fn needs_abort(&self) -> bool {
-        matches!(self, End::Shutdown | End::Protocol(_))
+        matches!(self, End::Shutdown | End::Protocol(_) | End::NoStore(_))
     }
 
     fn describe(&self) -> String {
         match self {
             End::Released => "released".into(),
+            End::NoStore(seconds) => format!(
+                "aborted: no C-STORE for {seconds} s (dicom.store_idle_timeout); \
+                 a C-ECHO does not keep an association open"
+            ),
             End::PeerAborted => "aborted by the peer".into(),
             End::Shutdown => "aborted: the gateway is shutting down".into(),
             End::Lost(why) => format!("connection lost: {why}"),
@@ -249,6 +482,8 @@ struct AssociationState {
     bytes: u64,
     failures: u64,
     started: Instant,
+    /// When the association began or its last C-STORE was answered.
+    last_store: Instant,
 }
 
 type Association = AsyncServerAssociation<TcpStream>;
@@ -266,6 +501,7 @@ impl AssociationState {
             bytes: 0,
             failures: 0,
             started: Instant::now(),
+            last_store: Instant::now(),
         }
     }
 
@@ -285,10 +521,15 @@ impl AssociationState {
         loop {
             // Shutdown is honoured only between messages: an instance in flight finishes.
             let between_messages = self.pending.is_none() && self.command.is_empty();
+            let store_idle = self.ctx.config.store_idle_timeout();
+            let no_store_until = tokio::time::Instant::from_std(self.last_store + store_idle);
             let received = if between_messages {
                 tokio::select! {
                     biased;
                     () = shutdown.cancelled() => return End::Shutdown,
+                    () = tokio::time::sleep_until(no_store_until) => {
+                        return End::NoStore(store_idle.as_secs());
+                    }
                     received = association.receive() => received,
                 }
             } else {
@@ -443,6 +684,7 @@ impl AssociationState {
                 (code, Some(e.to_string()))
             }
         };
+        self.last_store = Instant::now();
         respond(
             association,
             context_id,

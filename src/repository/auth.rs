@@ -19,9 +19,13 @@ use crate::repository::config::FacilityConfig;
 /// Prefix of API keys, so a leaked one is recognisable in a scanner.
 pub const API_KEY_PREFIX: &str = "cpdi_";
 
-/// Addresses remembered by the failed-proof limiter at most; beyond, stale ones go first
-/// and then the oldest, so a flood of addresses cannot exhaust memory.
+/// (document, client) pairs remembered by the failed-proof limiter at most; beyond, stale
+/// ones go first and then the oldest, so a flood of addresses cannot exhaust memory.
 const MAX_TRACKED_ADDRESSES: usize = 100_000;
+
+/// Addresses read from one `X-Forwarded-For` header at most (a proxy chain is short; a
+/// client can prepend anything, so the list is read from the right and cut here).
+const MAX_FORWARDED_HOPS: usize = 16;
 
 /// Why a key cannot be made.
 #[derive(Debug, thiserror::Error)]
@@ -88,16 +92,101 @@ impl Facilities {
     }
 }
 
-/// Counts failed download proofs per address and blocks an address that guesses.
+/// Proxies (addresses or CIDR blocks) whose `X-Forwarded-For` header is believed: a load
+/// balancer or TLS proxy in front of the repository. From any other peer the header is
+/// ignored, since a client can write whatever it likes there.
+#[derive(Debug, Clone, Default)]
+pub struct TrustedProxies(Vec<(IpAddr, u8)>);
+
+impl TrustedProxies {
+    /// Parses `server.trusted_proxies` entries: `10.0.0.5`, `10.0.0.0/8`, `::1`, `fd00::/8`.
+    ///
+    /// # Errors
+    /// The entry that is neither an address nor an address/prefix.
+    pub fn parse<S: AsRef<str>>(entries: &[S]) -> Result<TrustedProxies, String> {
+        let mut nets = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let entry = entry.as_ref().trim();
+            let (addr, prefix) = match entry.split_once('/') {
+                Some((addr, prefix)) => (addr, Some(prefix)),
+                None => (entry, None),
+            };
+            let addr: IpAddr = addr.parse().map_err(|_| entry.to_owned())?;
+            let max = if addr.is_ipv4() { 32 } else { 128 };
+            let prefix = match prefix {
+                None => max,
+                Some(p) => p.parse::<u8>().ok().filter(|p| *p <= max).ok_or(entry)?,
+            };
+            nets.push((addr, prefix));
+        }
+        Ok(TrustedProxies(nets))
+    }
+
+    /// Whether `addr` is one of the trusted proxies.
+    pub fn contains(&self, addr: IpAddr) -> bool {
+        let addr = canonical(addr);
+        self.0
+            .iter()
+            .any(|&(net, prefix)| match (canonical(net), addr) {
+                (IpAddr::V4(net), IpAddr::V4(a)) => {
+                    let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+                    u32::from(net) & mask == u32::from(a) & mask
+                }
+                (IpAddr::V6(net), IpAddr::V6(a)) => {
+                    let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+                    u128::from(net) & mask == u128::from(a) & mask
+                }
+                _ => false,
+            })
+    }
+
+    /// The client behind a request from `peer`: `peer` itself, unless `peer` is a trusted
+    /// proxy, in which case the `X-Forwarded-For` list is read from the right, skipping
+    /// trusted proxies, and the first other address is the client. A malformed header
+    /// leaves the last trusted hop as the client.
+    pub fn client(&self, peer: IpAddr, forwarded_for: Option<&[u8]>) -> IpAddr {
+        let mut client = canonical(peer);
+        if !self.contains(client) {
+            return client;
+        }
+        let Some(list) = forwarded_for.and_then(|v| std::str::from_utf8(v).ok()) else {
+            return client;
+        };
+        for hop in list.rsplit(',').take(MAX_FORWARDED_HOPS) {
+            let Ok(hop) = hop.trim().parse::<IpAddr>() else {
+                return client;
+            };
+            client = canonical(hop);
+            if !self.contains(client) {
+                return client;
+            }
+        }
+        client
+    }
+}
+
+/// IPv4-mapped IPv6 addresses as IPv4, so one client has one key.
+fn canonical(addr: IpAddr) -> IpAddr {
+    match addr {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(addr, IpAddr::V4),
+        IpAddr::V4(_) => addr,
+    }
+}
+
+/// Counts failed download proofs per (document, client) and blocks that pair once it has
+/// guessed `limit` times within the window.
 ///
-/// Per server: with N servers behind a load balancer, an address gets up to N times the
-/// limit, which with 256-bit proofs still makes guessing hopeless; the limit is there to
-/// make scanning loud and slow, not to protect the proof.
+/// Per document and client, so that behind a NAT or a load balancer (with
+/// `trusted_proxies`) one guesser blocks itself, not every receiver of every document;
+/// the right proof from another client keeps working. Per server: with N servers behind
+/// a load balancer, a client gets up to N times the limit, which with 256-bit proofs
+/// still makes guessing hopeless; the limit is there to make scanning loud and slow, not
+/// to protect the proof.
 #[derive(Debug)]
 pub struct ProofLimiter {
     limit: u32,
     window: Duration,
-    failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+    failures: Mutex<HashMap<(String, IpAddr), (u32, Instant)>>,
 }
 
 impl ProofLimiter {
@@ -110,30 +199,31 @@ impl ProofLimiter {
         }
     }
 
-    /// Whether `addr` is blocked now.
-    pub fn is_blocked(&self, addr: IpAddr) -> bool {
+    /// Whether `client` is blocked now for `document`.
+    pub fn is_blocked(&self, document: &str, client: IpAddr) -> bool {
         let failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
         failures
-            .get(&addr)
+            .get(&(document.to_owned(), client))
             .is_some_and(|(count, since)| *count >= self.limit && since.elapsed() < self.window)
     }
 
-    /// Records one failed proof from `addr`.
-    pub fn record_failure(&self, addr: IpAddr) {
+    /// Records one failed proof from `client` for `document`.
+    pub fn record_failure(&self, document: &str, client: IpAddr) {
+        let key = (document.to_owned(), client);
         let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        if failures.len() >= MAX_TRACKED_ADDRESSES && !failures.contains_key(&addr) {
+        if failures.len() >= MAX_TRACKED_ADDRESSES && !failures.contains_key(&key) {
             let window = self.window;
             failures.retain(|_, (_, since)| since.elapsed() < window);
             if failures.len() >= MAX_TRACKED_ADDRESSES
                 && let Some(oldest) = failures
                     .iter()
                     .min_by_key(|(_, (_, since))| *since)
-                    .map(|(a, _)| *a)
+                    .map(|(k, _)| k.clone())
             {
                 failures.remove(&oldest);
             }
         }
-        let entry = failures.entry(addr).or_insert((0, Instant::now()));
+        let entry = failures.entry(key).or_insert((0, Instant::now()));
         if entry.1.elapsed() >= self.window {
             *entry = (0, Instant::now());
         }
@@ -163,12 +253,44 @@ mod tests {
     fn limiter_blocks_after_the_limit_and_forgets_after_the_window() {
         let limiter = ProofLimiter::new(2, Duration::from_millis(50));
         let addr = IpAddr::from([127, 0, 0, 1]);
-        limiter.record_failure(addr);
-        assert!(!limiter.is_blocked(addr));
-        limiter.record_failure(addr);
-        assert!(limiter.is_blocked(addr));
+        let other = IpAddr::from([127, 0, 0, 2]);
+        limiter.record_failure("d", addr);
+        assert!(!limiter.is_blocked("d", addr));
+        limiter.record_failure("d", addr);
+        assert!(limiter.is_blocked("d", addr));
+        assert!(
+            !limiter.is_blocked("d", other),
+            "another client is not blocked"
+        );
+        assert!(
+            !limiter.is_blocked("e", addr),
+            "another document is not blocked"
+        );
         std::thread::sleep(Duration::from_millis(60));
-        assert!(!limiter.is_blocked(addr));
+        assert!(!limiter.is_blocked("d", addr));
+    }
+
+    #[test]
+    fn forwarded_for_is_believed_only_from_trusted_proxies() {
+        let proxies = TrustedProxies::parse(&["10.0.0.0/8", "::1"]).expect("parse");
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        let xff = Some(&b"6.6.6.6, 192.0.2.7, 10.1.1.1"[..]);
+        assert_eq!(proxies.client(ip("10.0.0.5"), xff), ip("192.0.2.7"));
+        assert_eq!(proxies.client(ip("::1"), xff), ip("192.0.2.7"));
+        assert_eq!(proxies.client(ip("192.0.2.9"), xff), ip("192.0.2.9"));
+        assert_eq!(proxies.client(ip("10.0.0.5"), None), ip("10.0.0.5"));
+        assert_eq!(
+            proxies.client(ip("10.0.0.5"), Some(&b"junk"[..])),
+            ip("10.0.0.5")
+        );
+        assert_eq!(proxies.client(ip("::ffff:192.0.2.9"), xff), ip("192.0.2.9"));
+        assert!(TrustedProxies::parse(&["10.0.0.0/33"]).is_err());
+        assert!(TrustedProxies::parse(&["example.org"]).is_err());
+        assert!(
+            TrustedProxies::parse(&["0.0.0.0/0"])
+                .expect("all")
+                .contains(ip("1.2.3.4"))
+        );
     }
 
     #[test]

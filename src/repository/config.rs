@@ -73,8 +73,9 @@ pub struct ServerConfig {
     /// Days an expired or revoked document's metadata and receipts stay for the sender's
     /// status calls before they are deleted too.
     pub tombstone_days: u64,
-    /// Failed download proofs from one address within `failed_proof_window` seconds
-    /// after which that address is answered 429 until the window ends.
+    /// Failed download proofs for one document from one client within
+    /// `failed_proof_window` seconds after which that client is answered 429 for that
+    /// document until the window ends (other clients and documents are not affected).
     pub failed_proofs_per_window: u32,
     /// Length of the failed-proof window, in seconds.
     pub failed_proof_window: u64,
@@ -89,6 +90,12 @@ pub struct ServerConfig {
     pub header_timeout: u64,
     /// Connections served at once; more wait in the kernel's accept queue.
     pub max_connections: usize,
+    /// Connections one client address may hold at once; further ones from it are closed
+    /// at once, so one host cannot take every slot (1 to `max_connections`).
+    pub max_connections_per_address: usize,
+    /// Addresses or CIDR blocks of load balancers / TLS proxies in front of the server,
+    /// whose `X-Forwarded-For` names the client; from other peers it is ignored.
+    pub trusted_proxies: Vec<String>,
 }
 
 /// TLS settings; plain HTTP when `cert` is empty (loopback, or behind a TLS proxy).
@@ -190,6 +197,8 @@ impl Default for ServerConfig {
             max_resumes_per_download: 20,
             header_timeout: 30,
             max_connections: 512,
+            max_connections_per_address: 32,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -293,6 +302,17 @@ impl RepositoryConfig {
         if !(1..=65_536).contains(&s.max_connections) {
             return invalid("server.max_connections must be between 1 and 65536");
         }
+        if !(1..=s.max_connections).contains(&s.max_connections_per_address) {
+            return invalid(
+                "server.max_connections_per_address must be between 1 and server.max_connections",
+            );
+        }
+        if let Err(entry) = crate::repository::auth::TrustedProxies::parse(&s.trusted_proxies) {
+            return Err(RepositoryConfigError::Invalid(format!(
+                "server.trusted_proxies: {entry:?} is not an address or address/prefix \
+                 (e.g. \"10.0.0.5\" or \"10.0.0.0/8\")"
+            )));
+        }
         if s.max_resumes_per_download > 1000 {
             return invalid("server.max_resumes_per_download must be at most 1000");
         }
@@ -374,6 +394,11 @@ mod tests {
             ("header_timeout = 0", "header_timeout"),
             ("header_timeout = 99999999999", "header_timeout"),
             ("max_connections = 0", "max_connections"),
+            (
+                "max_connections_per_address = 0",
+                "max_connections_per_address",
+            ),
+            ("trusted_proxies = [\"10.0.0.0/99\"]", "trusted_proxies"),
         ] {
             let err = parse(&format!("[server]\n{setting}\n")).expect_err(setting);
             assert!(err.to_string().contains(key), "{setting}: {err}");

@@ -1,11 +1,14 @@
 //! The repository's accept loop. It owns what protects the server from its clients before
 //! any handler runs: how many connections are served at once (back-pressure: the rest
-//! wait in the kernel's accept queue), how long a client may take to send its headers
-//! (a slow or silent client must not hold a socket forever), and a graceful stop that
-//! lets transfers in flight finish for a bounded time.
+//! wait in the kernel's accept queue), how many of them one client address may hold (one
+//! host must not take every slot), how long a client may take to send its headers (a
+//! slow or silent client must not hold a socket forever), and a graceful stop that lets
+//! transfers in flight finish for a bounded time.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
@@ -35,10 +38,12 @@ pub struct Limits {
 
 /// Serves `router` on the connections `listener` accepts until `shutdown` completes,
 /// then waits for requests in flight (at most [`DRAIN_TIMEOUT`]).
+/// `per_address` is shared with the TLS handshakes, so both count against one limit.
 pub async fn serve<L>(
     mut listener: L,
     router: Router,
     limits: Limits,
+    per_address: Arc<PerAddress>,
     shutdown: impl Future<Output = ()>,
 ) where
     L: Listener,
@@ -54,6 +59,10 @@ pub async fn serve<L>(
             accepted = accept(&mut listener, &slots) => accepted,
         };
         let (io, peer, slot) = accepted;
+        let Some(held) = per_address.admit(peer.addr.ip()) else {
+            drop(io);
+            continue;
+        };
         let router = router.clone();
         let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
             let mut request = request.map(Body::new);
@@ -70,7 +79,7 @@ pub async fn serve<L>(
             if let Err(e) = connection.await {
                 tracing::debug!("repository: connection from {} ended: {e}", peer.addr);
             }
-            drop(slot);
+            drop((slot, held));
         });
     }
     drop(listener);
@@ -109,4 +118,93 @@ pub(super) async fn when_free<F: Future>(
         .await
         .expect("a connection semaphore is never closed");
     (next.await, slot)
+}
+
+/// Connections open per client address, so that one host (a scanner, a stuck client, an
+/// attacker opening sockets and sending nothing) cannot take every connection slot.
+#[derive(Debug)]
+pub struct PerAddress {
+    limit: usize,
+    open: Mutex<HashMap<IpAddr, Held>>,
+}
+
+#[derive(Debug)]
+struct Held {
+    count: usize,
+    warned: bool,
+}
+
+/// One connection counted against its address; released when dropped.
+#[derive(Debug)]
+pub struct AddressSlot {
+    table: Arc<PerAddress>,
+    addr: IpAddr,
+}
+
+impl PerAddress {
+    /// At most `limit` connections per address.
+    pub fn new(limit: usize) -> Arc<PerAddress> {
+        Arc::new(PerAddress {
+            limit: limit.max(1),
+            open: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Counts a connection from `addr`, or `None` when `addr` already holds the limit
+    /// (the caller closes the connection). The first refusal while an address is at its
+    /// limit is logged; the rest of the flood is not.
+    pub fn admit(self: &Arc<Self>, addr: IpAddr) -> Option<AddressSlot> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let held = open.entry(addr).or_insert(Held {
+            count: 0,
+            warned: false,
+        });
+        if held.count >= self.limit {
+            if !held.warned {
+                held.warned = true;
+                tracing::warn!(
+                    "repository: {addr} already holds {} connections \
+                     (server.max_connections_per_address); further connections from it are \
+                     closed until some end",
+                    self.limit
+                );
+            }
+            return None;
+        }
+        held.count += 1;
+        Some(AddressSlot {
+            table: self.clone(),
+            addr,
+        })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut open = self.table.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(held) = open.get_mut(&self.addr) {
+            held.count = held.count.saturating_sub(1);
+            if held.count == 0 {
+                open.remove(&self.addr);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_address_limit_counts_and_releases() {
+        let table = PerAddress::new(2);
+        let a = IpAddr::from([192, 0, 2, 1]);
+        let b = IpAddr::from([192, 0, 2, 2]);
+        let first = table.admit(a).expect("first");
+        let _second = table.admit(a).expect("second");
+        assert!(table.admit(a).is_none(), "third from the same address");
+        assert!(table.admit(b).is_some(), "another address is not affected");
+        drop(first);
+        assert!(table.admit(a).is_some(), "a slot is free again");
+    }
 }

@@ -23,7 +23,7 @@ pub mod auth;
 pub mod cli;
 pub mod client;
 pub mod config;
-mod listener;
+pub(crate) mod listener;
 pub mod server;
 pub mod storage;
 mod tls;

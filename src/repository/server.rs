@@ -2,11 +2,12 @@
 //!
 //! Every answer that is not a success is a JSON [`ErrorBody`]. A download or receipt that
 //! cannot be served (wrong proof, unknown document, expired, revoked, out of downloads)
-//! always answers `410 not_available`, so a guesser learns nothing; addresses that keep
-//! failing are answered 429 for a while. A background sweep deletes expired content.
+//! always answers `410 not_available`, so a guesser learns nothing; a client that keeps
+//! failing for a document is answered 429 for that document for a while. A receipt is
+//! accepted once per download. A background sweep deletes expired content.
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,12 +31,12 @@ use crate::repository::api::{
     self, Complete, Created, DocumentStatus, ErrorBody, NOT_AVAILABLE, NewDocument, Receipt,
     ReceiptRecord, State as DocState,
 };
-use crate::repository::audit::{Actor, Audit, AuditError, AuditEvent};
-use crate::repository::auth::{Facilities, ProofLimiter, same_hash};
+use crate::repository::audit::{Actor, Audit, AuditError, AuditEvent, REJECTION_WINDOW};
+use crate::repository::auth::{Facilities, ProofLimiter, TrustedProxies, same_hash};
 use crate::repository::config::{
     AuditConfig, FacilityConfig, RepositoryConfig, ServerConfig, StorageConfig,
 };
-use crate::repository::listener::{self, Limits};
+use crate::repository::listener::{self, Limits, PerAddress};
 use crate::repository::storage::{CompleteRecord, DocumentMeta, Index, Snapshot, Storage};
 use crate::repository::tls::{Peer, TlsListener};
 use crate::repository::{is_document_id, unix_now};
@@ -44,6 +45,11 @@ use crate::repository::{is_document_id, unix_now};
 const MAX_JSON_BODY: usize = 16 * 1024;
 /// How long a part upload waits for a free upload slot before answering 503.
 const UPLOAD_SLOT_WAIT: Duration = Duration::from_secs(30);
+/// Largest instance count a receipt may report (imported plus refused): a PDI holds at
+/// most a million files (`pdi::fileset`), so more is a made-up number.
+const MAX_RECEIPT_INSTANCES: u64 = 1_000_000;
+/// Header in which a trusted proxy names the client.
+const FORWARDED_FOR: &str = "x-forwarded-for";
 
 /// Why the server cannot start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +70,9 @@ pub enum ServerError {
     /// A key could not be made (embedded mode).
     #[error(transparent)]
     Auth(#[from] crate::repository::auth::AuthError),
+    /// A setting cannot be used (when the configuration was not validated).
+    #[error("invalid repository configuration: {0}")]
+    Config(String),
 }
 
 /// Counters for `/metrics`, from the same events as the audit lines.
@@ -173,6 +182,7 @@ struct App {
     facilities: Facilities,
     audit: Audit,
     limiter: ProofLimiter,
+    proxies: TrustedProxies,
     uploads: Semaphore,
     counters: Counters,
 }
@@ -234,6 +244,8 @@ struct Record {
     action: &'static str,
     document: Option<String>,
     from: SocketAddr,
+    /// The client: `from`, or the address a trusted proxy named.
+    client: IpAddr,
 }
 
 impl App {
@@ -244,24 +256,46 @@ impl App {
         detail: Option<String>,
     ) -> Result<(), Refusal> {
         self.audit
-            .record(AuditEvent {
-                time: unix_now(),
-                actor: record.actor,
-                action: record.action,
-                document: record.document,
-                outcome: outcome.into(),
-                from: Some(record.from),
-                detail,
-            })
+            .record(event(record, outcome, detail))
             .await
             .map_err(unavailable)
     }
 
-    /// Audits a refusal and passes it on.
+    /// Audits a refusal and passes it on. Refusals of requests without valid credentials
+    /// are aggregated (see [`Audit::rejected`]); a facility's refusals are lines of their own.
     async fn refused(&self, record: Record, refusal: Refusal) -> Refusal {
-        match self.audit(record, refusal.code, None).await {
+        let audited = match record.actor {
+            Actor::Anonymous | Actor::Receiver => {
+                let client = record.client;
+                self.audit
+                    .rejected(event(record, refusal.code, None), client)
+                    .await
+                    .map_err(unavailable)
+            }
+            Actor::Facility(_) | Actor::Server => self.audit(record, refusal.code, None).await,
+        };
+        match audited {
             Ok(()) => refusal,
             Err(audit_failed) => audit_failed,
+        }
+    }
+
+    /// The audit record of a request from `peer`, naming the client behind a trusted proxy.
+    fn record(
+        &self,
+        headers: &HeaderMap,
+        peer: &Peer,
+        actor: Actor,
+        action: &'static str,
+        document: Option<String>,
+    ) -> Record {
+        let forwarded = headers.get(FORWARDED_FOR).map(HeaderValue::as_bytes);
+        Record {
+            actor,
+            action,
+            document,
+            from: peer.addr,
+            client: self.proxies.client(peer.addr.ip(), forwarded),
         }
     }
 
@@ -315,22 +349,18 @@ impl App {
         let document = id.filter(|id| is_document_id(id)).map(str::to_owned);
         match self.facility(headers, peer) {
             Some(facility) => Ok((
-                Record {
-                    actor: Actor::Facility(facility.clone()),
+                self.record(
+                    headers,
+                    peer,
+                    Actor::Facility(facility.clone()),
                     action,
                     document,
-                    from: peer.addr,
-                },
+                ),
                 facility,
             )),
             None => {
                 add(&self.counters.unauthorized, 1);
-                let record = Record {
-                    actor: Actor::Anonymous,
-                    action,
-                    document,
-                    from: peer.addr,
-                };
+                let record = self.record(headers, peer, Actor::Anonymous, action, document);
                 let refusal = refuse(
                     StatusCode::UNAUTHORIZED,
                     "unauthorized",
@@ -350,18 +380,18 @@ impl App {
         id: &str,
         action: &'static str,
     ) -> Result<(Record, Snapshot), Refusal> {
-        let record = Record {
-            actor: Actor::Receiver,
-            action,
-            document: is_document_id(id).then(|| id.to_owned()),
-            from: peer.addr,
-        };
-        if self.limiter.is_blocked(peer.addr.ip()) {
+        let document = is_document_id(id).then(|| id.to_owned());
+        let record = self.record(headers, peer, Actor::Receiver, action, document);
+        if self.limiter.is_blocked(limiter_key(&record), record.client) {
             add(&self.counters.rate_limited, 1);
             let refusal = refuse(
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limited",
-                "too many failed attempts from this address; wait and check the token",
+                format!(
+                    "too many failed attempts for this document from this client; wait up to \
+                     {} s (server.failed_proof_window) and check the token",
+                    self.server.failed_proof_window
+                ),
             );
             return Err(self.refused(record, refusal).await);
         }
@@ -402,8 +432,30 @@ impl App {
 
     async fn not_available(&self, record: Record) -> Refusal {
         add(&self.counters.proof_failures, 1);
-        self.limiter.record_failure(record.from.ip());
+        self.limiter
+            .record_failure(limiter_key(&record), record.client);
         self.refused(record, not_available()).await
+    }
+}
+
+/// The document a proof failure is counted against: its ID, or one key for every
+/// malformed ID (so that made-up IDs cannot fill the limiter with long strings).
+fn limiter_key(record: &Record) -> &str {
+    record.document.as_deref().unwrap_or("")
+}
+
+/// The audit line of `record`; the client is named when it is not the remote address.
+fn event(record: Record, outcome: &str, detail: Option<String>) -> AuditEvent {
+    let forwarded = record.client != record.from.ip();
+    AuditEvent {
+        time: unix_now(),
+        actor: record.actor,
+        action: record.action,
+        document: record.document,
+        outcome: outcome.into(),
+        from: Some(record.from),
+        client: forwarded.then_some(record.client),
+        detail,
     }
 }
 
@@ -1008,6 +1060,19 @@ async fn receipt(
         );
         return Err(app.refused(record, refusal).await);
     }
+    let counted = receipt
+        .instances_imported
+        .checked_add(receipt.instances_refused);
+    if counted.is_none_or(|n| n > MAX_RECEIPT_INSTANCES) {
+        let refusal = refuse(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!(
+                "instances_imported plus instances_refused is limited to {MAX_RECEIPT_INSTANCES}"
+            ),
+        );
+        return Err(app.refused(record, refusal).await);
+    }
     let detail = format!(
         "imported {} refused {}",
         receipt.instances_imported, receipt.instances_refused
@@ -1016,10 +1081,23 @@ async fn receipt(
         received_at: unix_now(),
         receipt,
     };
-    app.storage
-        .add_receipt(&snapshot.meta.id, &stored)
+    let added = app
+        .storage
+        .add_receipt(&snapshot, &stored)
         .await
         .map_err(unavailable)?;
+    if !added {
+        let refusal = refuse(
+            StatusCode::CONFLICT,
+            "receipt_exists",
+            format!(
+                "every download of this document already has its receipt ({} downloads); \
+                 a receipt is sent once per download",
+                snapshot.downloads
+            ),
+        );
+        return Err(app.refused(record, refusal).await);
+    }
     add(&app.counters.receipts, 1);
     app.audit(record, "ok", Some(detail)).await?;
     Ok((StatusCode::CREATED, Json(stored)).into_response())
@@ -1101,10 +1179,28 @@ async fn sweep_audit(app: &App, action: &'static str, id: String) {
         document: Some(id),
         outcome: "ok".into(),
         from: None,
+        client: None,
         detail: None,
     };
     if let Err(e) = app.audit.record(event).await {
         tracing::error!("repository: {e}");
+    }
+}
+
+/// Writes the summary of aggregated refusals every [`REJECTION_WINDOW`], and once more
+/// when stopped.
+async fn rejection_loop(audit: Audit, stop: CancellationToken) {
+    loop {
+        let stopped = tokio::select! {
+            () = tokio::time::sleep(REJECTION_WINDOW) => false,
+            () = stop.cancelled() => true,
+        };
+        if let Err(e) = audit.flush_rejections().await {
+            tracing::error!("repository: {e}");
+        }
+        if stopped {
+            return;
+        }
     }
 }
 
@@ -1121,8 +1217,14 @@ pub async fn run(
     let storage = Storage::open(&config.storage)?;
     let audit = Audit::open(&config.audit.path)?;
     let server = config.server.clone();
+    let proxies = TrustedProxies::parse(&server.trusted_proxies).map_err(|entry| {
+        ServerError::Config(format!(
+            "server.trusted_proxies: {entry:?} is not an address or address/prefix"
+        ))
+    })?;
     let app = Arc::new(App {
         facilities: Facilities::new(&config.facility),
+        proxies,
         limiter: ProofLimiter::new(
             server.failed_proofs_per_window,
             Duration::from_secs(server.failed_proof_window),
@@ -1139,23 +1241,26 @@ pub async fn run(
         Duration::from_secs(app.server.sweep_interval),
         stop.clone(),
     ));
+    let summaries = tokio::spawn(rejection_loop(app.audit.clone(), stop.clone()));
     let limits = Limits {
         max_connections: app.server.max_connections,
         header_timeout: Duration::from_secs(app.server.header_timeout),
     };
+    let per_address = PerAddress::new(app.server.max_connections_per_address);
     let router = router(app);
     let local = listener.local_addr()?;
     if config.tls.cert.is_some() {
         let tls = crate::repository::tls::server_config(&config.tls).map_err(ServerError::Tls)?;
         tracing::info!("repository: listening on https://{local}");
-        let tls = TlsListener::new(listener, tls, limits.max_connections)?;
-        listener::serve(tls, router, limits, shutdown).await;
+        let tls = TlsListener::new(listener, tls, limits.max_connections, per_address.clone())?;
+        listener::serve(tls, router, limits, per_address, shutdown).await;
     } else {
         tracing::info!("repository: listening on http://{local}");
-        listener::serve(listener, router, limits, shutdown).await;
+        listener::serve(listener, router, limits, per_address, shutdown).await;
     }
     stop.cancel();
     let _ = sweeper.await;
+    let _ = summaries.await;
     Ok(())
 }
 

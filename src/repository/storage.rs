@@ -11,7 +11,7 @@
 //! documents/{id}/expired.json       the sweep deleted its content
 //! documents/{id}/downloads/{n:08}   download slot n, created only if absent
 //! documents/{id}/resumes/{n:08}-{k:03}  resume k of download n, created only if absent
-//! documents/{id}/receipts/{t}-{r}   one receipt
+//! documents/{id}/receipts/{n:08}   the receipt of download n, created only if absent
 //! index/expiry/{t:011}-{id}         when the sweep deletes the content
 //! index/purge/{t:011}-{id}          when the sweep deletes the rest
 //! ```
@@ -541,20 +541,29 @@ impl Storage {
         }
     }
 
-    /// Stores a receipt.
+    /// Stores a receipt in the first receipt slot not yet taken, one slot per download
+    /// taken (create-if-absent, so two servers cannot both fill the last one); `false`
+    /// when every download already has its receipt.
     ///
     /// # Errors
     /// [`StorageError`] when the store fails.
-    pub async fn add_receipt(&self, id: &str, record: &ReceiptRecord) -> Result<(), StorageError> {
-        let mut random = [0u8; 8];
-        getrandom::fill(&mut random).map_err(|e| StorageError::Open(e.to_string()))?;
-        let name = format!(
-            "receipts/{:011}-{}",
-            record.received_at,
-            hex::encode(random)
-        );
-        self.put_json(&doc_path(id, &name), record, PutMode::Create)
-            .await
+    pub async fn add_receipt(
+        &self,
+        snapshot: &Snapshot,
+        record: &ReceiptRecord,
+    ) -> Result<bool, StorageError> {
+        let id = &snapshot.meta.id;
+        let bytes = serde_json::to_vec(record).expect("receipts serialize");
+        let first = u32::try_from(snapshot.receipts.len()).unwrap_or(u32::MAX);
+        for n in first..snapshot.downloads {
+            if self
+                .create_once(&doc_path(id, &format!("receipts/{n:08}")), &bytes)
+                .await?
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// The receipts listed in `snapshot`, oldest first.

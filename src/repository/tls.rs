@@ -17,7 +17,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
 use crate::repository::config::TlsConfig;
-use crate::repository::listener::when_free;
+use crate::repository::listener::{PerAddress, when_free};
 
 /// Time a client has to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -102,17 +102,19 @@ impl TlsListener {
     /// # Errors
     /// The listener's address cannot be read.
     /// At most `max_pending` connections are in their handshake or waiting to be served
-    /// at once; further ones wait in the kernel's accept queue.
+    /// at once; further ones wait in the kernel's accept queue. Handshakes count against
+    /// `per_address`; an address at its limit is closed before the handshake.
     pub fn new(
         tcp: TcpListener,
         config: rustls::ServerConfig,
         max_pending: usize,
+        per_address: Arc<PerAddress>,
     ) -> std::io::Result<TlsListener> {
         let local = tcp.local_addr()?;
         let acceptor = TlsAcceptor::from(Arc::new(config));
         let (tx, ready) = mpsc::channel(READY_QUEUE);
         let pending = Arc::new(Semaphore::new(max_pending.max(1)));
-        tokio::spawn(accept_loop(tcp, acceptor, tx, pending));
+        tokio::spawn(accept_loop(tcp, acceptor, tx, pending, per_address));
         Ok(TlsListener { ready, local })
     }
 }
@@ -122,6 +124,7 @@ async fn accept_loop(
     acceptor: TlsAcceptor,
     tx: mpsc::Sender<(TlsStream<TcpStream>, Peer)>,
     pending: Arc<Semaphore>,
+    per_address: Arc<PerAddress>,
 ) {
     loop {
         let accepted = tokio::select! {
@@ -137,11 +140,14 @@ async fn accept_loop(
                 continue;
             }
         };
+        let Some(held) = per_address.admit(addr.ip()) else {
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let acceptor = acceptor.clone();
         let tx = tx.clone();
         tokio::spawn(async move {
-            let _permit = permit;
+            let _held = (permit, held);
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => {
                     let cert_sha256 = tls
