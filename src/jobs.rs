@@ -384,7 +384,10 @@ pub async fn drive<P: Pipeline>(pipeline: Arc<P>, mut job: P::Job, cancel: Cance
             })
             .await;
             if !matches!(cleared, Ok(Ok(()))) {
-                tracing::warn!(job = job.id(), "cannot record a clean stop of the {name} job");
+                tracing::warn!(
+                    job = job.id(),
+                    "cannot record a clean stop of the {name} job"
+                );
             }
             return;
         };
@@ -637,7 +640,10 @@ mod tests {
         assert_eq!(p.unfinished_starts, 0);
         p.unfinished_starts = MAX_UNFINISHED_STARTS;
         assert!(p.crashed_out());
-        p.failed(&StepError::transient("PACS unreachable"), Duration::from_secs(1));
+        p.failed(
+            &StepError::transient("PACS unreachable"),
+            Duration::from_secs(1),
+        );
         assert_eq!(p.unfinished_starts, 0);
         p.unfinished_starts = 2;
         p.advanced();

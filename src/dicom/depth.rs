@@ -217,8 +217,17 @@ pub fn check<S: Skip>(
 ///
 /// # Errors
 /// As [`check`].
-pub fn check_bytes(dataset: &[u8], transfer_syntax: &str, meta_len: u64) -> Result<(), DatasetError> {
-    check(dataset, Some(dataset.len() as u64), transfer_syntax, meta_len)
+pub fn check_bytes(
+    dataset: &[u8],
+    transfer_syntax: &str,
+    meta_len: u64,
+) -> Result<(), DatasetError> {
+    check(
+        dataset,
+        Some(dataset.len() as u64),
+        transfer_syntax,
+        meta_len,
+    )
 }
 
 /// Checks the dataset of a file that starts at `offset` (after the meta information, which
@@ -235,10 +244,12 @@ pub fn check_file(
     let mut file = File::open(path)?;
     let size = file.metadata()?.len();
     file.seek(SeekFrom::Start(offset))?;
-    let len = size.checked_sub(offset).ok_or_else(|| DatasetError::Malformed {
-        offset: 0,
-        why: "the file ends before its dataset".into(),
-    })?;
+    let len = size
+        .checked_sub(offset)
+        .ok_or_else(|| DatasetError::Malformed {
+            offset: 0,
+            why: "the file ends before its dataset".into(),
+        })?;
     check(
         BufReader::with_capacity(16 * 1024, file),
         Some(len),
@@ -378,9 +389,15 @@ impl<S: Skip> Walker<S> {
 
     fn tag(&self, b: [u8; 4]) -> u32 {
         let (group, element) = if self.big {
-            (u16::from_be_bytes([b[0], b[1]]), u16::from_be_bytes([b[2], b[3]]))
+            (
+                u16::from_be_bytes([b[0], b[1]]),
+                u16::from_be_bytes([b[2], b[3]]),
+            )
         } else {
-            (u16::from_le_bytes([b[0], b[1]]), u16::from_le_bytes([b[2], b[3]]))
+            (
+                u16::from_le_bytes([b[0], b[1]]),
+                u16::from_le_bytes([b[2], b[3]]),
+            )
         };
         (u32::from(group) << 16) | u32::from(element)
     }
@@ -587,8 +604,20 @@ fn long_length(vr: [u8; 2]) -> Option<bool> {
 fn is_short_text(vr: [u8; 2]) -> bool {
     matches!(
         &vr,
-        b"AE" | b"AS" | b"CS" | b"DA" | b"DS" | b"DT" | b"IS" | b"LO" | b"LT" | b"PN" | b"SH"
-            | b"ST" | b"TM" | b"UI"
+        b"AE"
+            | b"AS"
+            | b"CS"
+            | b"DA"
+            | b"DS"
+            | b"DT"
+            | b"IS"
+            | b"LO"
+            | b"LT"
+            | b"PN"
+            | b"SH"
+            | b"ST"
+            | b"TM"
+            | b"UI"
     )
 }
 
@@ -602,8 +631,20 @@ mod tests {
     /// A private sequence nested `levels` deep with defined lengths throughout (the walker
     /// must track ends, not only delimiters), in explicit VR of either byte order.
     fn defined(levels: usize, big: bool) -> Vec<u8> {
-        let u16b = |v: u16| if big { v.to_be_bytes() } else { v.to_le_bytes() };
-        let u32b = |v: u32| if big { v.to_be_bytes() } else { v.to_le_bytes() };
+        let u16b = |v: u16| {
+            if big {
+                v.to_be_bytes()
+            } else {
+                v.to_le_bytes()
+            }
+        };
+        let u32b = |v: u32| {
+            if big {
+                v.to_be_bytes()
+            } else {
+                v.to_le_bytes()
+            }
+        };
         let mut inner: Vec<u8> = Vec::new();
         for _ in 0..levels {
             let mut item = Vec::new();
@@ -628,9 +669,10 @@ mod tests {
             check_bytes(&defined(MAX_NESTING, big), ts, 0).expect("32 levels pass");
             let err = check_bytes(&defined(MAX_NESTING + 1, big), ts, 0).expect_err("33");
             assert!(matches!(err, DatasetError::TooDeep { .. }), "{err}");
-            assert!(err.to_string().starts_with(
-                "dataset nests sequences deeper than 32 levels; refused"
-            ));
+            assert!(
+                err.to_string()
+                    .starts_with("dataset nests sequences deeper than 32 levels; refused")
+            );
         }
     }
 
@@ -641,7 +683,16 @@ mod tests {
         big.resize(big.len() + 1000, 0);
         check_bytes(&big, EXPLICIT, HEADER_BUDGET - 1012).expect("fits exactly");
         let err = check_bytes(&big, EXPLICIT, HEADER_BUDGET - 1011).expect_err("one byte over");
-        assert!(matches!(err, DatasetError::HeaderTooLarge { tag: 0x0009_1002, .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                DatasetError::HeaderTooLarge {
+                    tag: 0x0009_1002,
+                    ..
+                }
+            ),
+            "{err}"
+        );
         // The same element after the pixel data is not header.
         let mut after = vec![0xE0, 0x7F, 0x10, 0x00, b'O', b'B', 0, 0, 0, 0, 0, 0];
         after.extend_from_slice(&[0x09, 0x7F, 0x02, 0x10, b'O', b'B', 0, 0]);
@@ -658,7 +709,9 @@ mod tests {
         let unknown = [0x09, 0x00, 0x02, 0x10, b'z', b'z', 0, 0];
         let err = check_bytes(&unknown, EXPLICIT, 0).expect_err("no VR");
         assert!(err.to_string().contains("has no valid VR"), "{err}");
-        let open = [0x09, 0x00, 0x01, 0x10, b'S', b'Q', 0, 0, 0xFF, 0xFF, 0xFF, 0xFF];
+        let open = [
+            0x09, 0x00, 0x01, 0x10, b'S', b'Q', 0, 0, 0xFF, 0xFF, 0xFF, 0xFF,
+        ];
         let err = check_bytes(&open, EXPLICIT, 0).expect_err("unterminated");
         assert!(matches!(err, DatasetError::Malformed { .. }), "{err}");
         assert!(matches!(

@@ -638,8 +638,14 @@ mod tests {
                 .dataset(syntax, None, &|_| false)
                 .expect_err("too deep");
             let deepest = MAX_NESTING as u64 * per_level;
-            assert!(matches!(err, ElementError::TooDeep { offset } if offset == deepest), "{err}");
-            assert!(err.to_string().contains("nest deeper than 32 levels"), "{err}");
+            assert!(
+                matches!(err, ElementError::TooDeep { offset } if offset == deepest),
+                "{err}"
+            );
+            assert!(
+                err.to_string().contains("nest deeper than 32 levels"),
+                "{err}"
+            );
         }
         let bytes = nested(MAX_NESTING);
         let mut parser = Parser::new(&bytes[..], 0, 1 << 20);
