@@ -107,7 +107,7 @@ pub enum DatasetError {
     #[error("transfer syntax {0} is unknown; its dataset cannot be read")]
     Syntax(String),
     /// The bytes are not a valid element stream.
-    #[error("malformed dataset at byte {offset}: {why}")]
+    #[error("dataset cannot be parsed: {why} (at byte {offset})")]
     Malformed {
         /// Where, from the start of the dataset (inflated bytes for deflated data).
         offset: u64,
