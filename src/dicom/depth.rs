@@ -80,10 +80,12 @@ pub enum DatasetError {
         /// Where it starts.
         offset: u64,
     },
-    /// A text value longer than explicit VR can encode.
+    /// A value of a short text VR (per the dictionary) longer than its 16-bit length can
+    /// hold: implicit VR, or a long VR given by the sender, allows it; the DICOMDIR and a
+    /// conversion to another syntax do not.
     #[error(
         "element ({:04X},{:04X}) ({vr}) is {length} bytes, more than the 65,534 its VR can \
-         hold outside implicit VR; refused (check the sending system)",
+         hold in explicit VR; refused (check the sending system)",
         tag >> 16, tag & 0xFFFF
     )]
     ValueTooLong {
@@ -556,6 +558,16 @@ impl<S: Skip> Walker<S> {
             self.stack.push(Frame::Fragments);
             return Ok(());
         }
+        if explicit && length == UNDEFINED && !matches!(&vr, b"SQ" | b"UN") {
+            // The file set's parser would read it as fragments, dicom-parser as items.
+            return self.malformed(format!(
+                "element ({:04X},{:04X}) ({}) has an undefined length, which only SQ, UN and \
+                 Pixel Data may have",
+                tag >> 16,
+                tag & 0xFFFF,
+                String::from_utf8_lossy(&vr)
+            ));
+        }
         if &vr == b"SQ" || length == UNDEFINED {
             if self.sequences >= MAX_NESTING {
                 return Err(DatasetError::TooDeep {
@@ -574,12 +586,17 @@ impl<S: Skip> Walker<S> {
             self.stack.push(Frame::Sequence { end, explicit });
             return Ok(());
         }
-        if !explicit && length > 0xFFFF && is_short_text(vr) {
-            return Err(DatasetError::ValueTooLong {
-                tag,
-                vr: String::from_utf8_lossy(&vr).into_owned(),
-                length,
-            });
+        if length > 0xFFFF {
+            // A DICOMDIR key is written with the dictionary's VR (whatever VR the sender
+            // used), and so is a conversion to another syntax.
+            let known = if explicit { dictionary_vr(tag) } else { vr };
+            if is_short_text(known) {
+                return Err(DatasetError::ValueTooLong {
+                    tag,
+                    vr: String::from_utf8_lossy(&known).into_owned(),
+                    length,
+                });
+            }
         }
         let end = self.end_of(length)?;
         self.within_header(tag, start, end)?;
@@ -727,6 +744,33 @@ mod tests {
         name.resize(name.len() + 70_000, b'A');
         let err = check_bytes(&name, "1.2.840.10008.1.2", 0).expect_err("PN of 70,000 bytes");
         assert!(matches!(err, DatasetError::ValueTooLong { .. }), "{err}");
+        // The same name sent as UT in explicit VR.
+        let mut name = vec![0x10, 0x00, 0x10, 0x00, b'U', b'T', 0, 0];
+        name.extend_from_slice(&(70_000u32).to_le_bytes());
+        name.resize(name.len() + 70_000, b'A');
+        let err = check_bytes(&name, EXPLICIT, 0).expect_err("PN as UT");
+        assert!(
+            err.to_string().contains("(0010,0010) (PN) is 70000 bytes"),
+            "{err}"
+        );
+        // A private UT (0009,1010) that long is fine.
+        name[..4].copy_from_slice(&[0x09, 0x00, 0x10, 0x10]);
+        check_bytes(&name, EXPLICIT, 0).expect("private UT");
+    }
+
+    #[test]
+    fn only_sq_un_and_pixel_data_may_have_an_undefined_length() {
+        let mut bytes = vec![
+            0x09, 0x00, 0x02, 0x10, b'O', b'B', 0, 0, 0xFF, 0xFF, 0xFF, 0xFF,
+        ];
+        bytes.extend_from_slice(&[0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
+        let err = check_bytes(&bytes, EXPLICIT, 0).expect_err("OB of undefined length");
+        assert!(
+            err.to_string().contains("only SQ, UN and Pixel Data"),
+            "{err}"
+        );
+        bytes[4..6].copy_from_slice(b"UN");
+        check_bytes(&bytes, EXPLICIT, 0).expect("an empty UN sequence");
     }
 
     #[test]
