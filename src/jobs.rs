@@ -454,6 +454,7 @@ async fn set_aside_after_crashes<P: Pipeline>(
     tracing::error!(job = job.id(), step = ?step, "{} job set aside: {reason}", P::NAME);
     let progress = job.progress();
     progress.updated_at = now_ms();
+    progress.attempts = MAX_UNFINISHED_STARTS;
     progress.last_error = Some(reason);
     progress.retry_at = 0;
     job.fail(step);
