@@ -411,3 +411,105 @@ fn a_job_the_process_died_in_three_times_is_set_aside_and_not_started_again() {
         j["state"] == "deliver" && j["unfinished_starts"] == 1
     });
 }
+
+/// Runs `cloudpdi` and asserts that it succeeded.
+fn cloudpdi_ok(args: &[&std::ffi::OsStr]) {
+    let out = run(Command::new(env!("CARGO_BIN_EXE_cloudpdi")).args(args));
+    assert!(out.status.success(), "cloudpdi {args:?}: {out:?}");
+}
+
+#[test]
+fn a_token_whose_dicomdir_nests_5000_levels_fails_its_unpack_step_for_good() {
+    let dir = tempfile::tempdir().unwrap();
+    let routes = "[route.ct]\nae_title = \"CLOUDPDI\"\n\
+                  [facility]\ncode = \"HOSPB\"\nname = \"Hospital B\"\n\
+                  [inbound]\npacs = \"127.0.0.1:9\"\npacs_ae_title = \"PACS\"\n\
+                  issuer = \"HOSPB\"\npoll_interval = 1\n";
+    let daemon = Daemon::start(&dir.path().join("b"), routes);
+    let config = std::fs::read_to_string(&daemon.config).unwrap();
+    let repository = config
+        .lines()
+        .find_map(|l| l.strip_prefix("embedded_listen = \""))
+        .map(|a| format!("http://{}", a.trim_end_matches('"')))
+        .unwrap();
+    // The hostile PDI: a DICOMDIR nesting 5,000 levels (aborted the Unpack step's thread).
+    let set = dir.path().join("set");
+    deep_dicomdir(&set, 5000);
+    let zip = dir.path().join("pdi.zip");
+    let out = run(Command::new("python3").args([
+        "-c",
+        "import sys, zipfile\nwith zipfile.ZipFile(sys.argv[1], 'w') as z: z.write(sys.argv[2], 'DICOMDIR')",
+        zip.to_str().unwrap(),
+        set.join("DICOMDIR").to_str().unwrap(),
+    ]));
+    assert!(out.status.success(), "{out:?}");
+    let (token, issued, container) = (
+        dir.path().join("draft.token"),
+        dir.path().join("issued.token"),
+        dir.path().join("container"),
+    );
+    let at = |p: &Path| format!("@{}", p.display());
+    cloudpdi_ok(&[
+        "token".as_ref(),
+        "new".as_ref(),
+        "--repository".as_ref(),
+        repository.as_ref(),
+        "--document-id".as_ref(),
+        "X".as_ref(),
+        "--facility".as_ref(),
+        "HOSPA".as_ref(),
+        "--out".as_ref(),
+        token.as_os_str(),
+    ]);
+    cloudpdi_ok(&[
+        "encrypt".as_ref(),
+        "--token".as_ref(),
+        at(&token).as_ref(),
+        zip.as_os_str(),
+        container.as_os_str(),
+    ]);
+    let key = daemon.dir.join("data/repository/api-key");
+    cloudpdi_ok(&[
+        "repository".as_ref(),
+        "upload".as_ref(),
+        "--url".as_ref(),
+        repository.as_ref(),
+        "--api-key-file".as_ref(),
+        key.as_os_str(),
+        "--token".as_ref(),
+        at(&token).as_ref(),
+        "--token-out".as_ref(),
+        issued.as_os_str(),
+        container.as_os_str(),
+    ]);
+    let inbox = daemon.dir.join("data/inbox");
+    std::fs::create_dir_all(&inbox).unwrap();
+    std::fs::copy(&issued, inbox.join("deep.token")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let job = loop {
+        let jobs = daemon.status()["jobs"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if let Some(job) = jobs.into_iter().find(|j| j["state"] == "failed") {
+            break job;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no failed job:\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let error = job["last_error"].as_str().unwrap();
+    assert!(
+        error.contains("sequences nest deeper than 32 levels"),
+        "{error}"
+    );
+    assert_eq!(job["unfinished_starts"], 0, "{job}");
+    assert!(
+        daemon.log().contains("inbound job failed"),
+        "{}",
+        daemon.log()
+    );
+}
