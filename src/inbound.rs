@@ -212,7 +212,7 @@ impl Inbound {
     /// first); run once at start, since only a crash leaves one.
     fn sweep(&self) -> Result<(), IndexError> {
         for job in self.jobs.all::<InboundJob>()? {
-            if job.ended() && self.dir.join(&job.id).exists() {
+            if job.ended() && !job.progress.crashed_out() && self.dir.join(&job.id).exists() {
                 self.remove_leftovers(&job.id);
             }
         }
@@ -499,7 +499,16 @@ impl Pipeline for Inbound {
     /// Only once the end is recorded: a crash before leaves the folder for the step to
     /// run again, a crash after is swept at the next start.
     fn job_ended(&self, job: &InboundJob) {
-        self.remove_leftovers(&job.id);
+        if !job.progress.crashed_out() {
+            self.remove_leftovers(&job.id);
+        }
+    }
+
+    fn crashed(&self, job: &InboundJob) -> String {
+        format!(
+            "this token's data crashed the importer; kept in {}",
+            self.dir.join(&job.id).display()
+        )
     }
 }
 

@@ -100,7 +100,18 @@ pub struct Progress {
     pub last_error: Option<String>,
     /// Not before this time (Unix milliseconds) is the step tried again.
     pub retry_at: u64,
+    /// Starts of the current step that never returned: the process died during them
+    /// (a crash, the OOM killer, `kill -9`). Recorded before the step runs, cleared when it
+    /// returns, at a clean shutdown and by a manual retry; at [`MAX_UNFINISHED_STARTS`]
+    /// the job is set aside (see [`drive`]).
+    #[serde(default)]
+    pub unfinished_starts: u32,
 }
+
+/// Starts of one step during which the process died, in a row, after which the job is set
+/// aside as failed instead of being started again: whatever its data does to the process
+/// (a parser bug, memory), it cannot crash-loop the service.
+pub const MAX_UNFINISHED_STARTS: u32 = 3;
 
 impl Progress {
     /// A fresh job's bookkeeping.
@@ -119,6 +130,7 @@ impl Progress {
         self.attempts = 0;
         self.last_error = None;
         self.retry_at = 0;
+        self.unfinished_starts = 0;
     }
 
     /// Records a transient failure and schedules the retry with exponential back-off
@@ -126,6 +138,7 @@ impl Progress {
     pub fn failed(&mut self, error: &StepError, max_backoff: Duration) {
         self.updated_at = now_ms();
         self.attempts = self.attempts.saturating_add(1);
+        self.unfinished_starts = 0;
         self.last_error = Some(error.to_string());
         let backoff = Duration::from_secs(1u64 << self.attempts.min(16)).min(max_backoff);
         self.retry_at = self.updated_at + u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX);
@@ -134,6 +147,12 @@ impl Progress {
     /// Whether the job may run now.
     pub fn due(&self, now: u64) -> bool {
         now >= self.retry_at
+    }
+
+    /// Whether the job was set aside because the process died during its step
+    /// [`MAX_UNFINISHED_STARTS`] times in a row: its folder is kept for a person to look at.
+    pub fn crashed_out(&self) -> bool {
+        self.unfinished_starts >= MAX_UNFINISHED_STARTS
     }
 }
 
@@ -280,7 +299,7 @@ impl From<crate::repository::client::ClientError> for StepError {
 }
 
 /// What the shared step loop ([`drive`]) needs of a job record.
-pub trait JobRecord: Clone + Serialize + Send + Sync + 'static {
+pub trait JobRecord: Clone + Serialize + DeserializeOwned + Send + Sync + 'static {
     /// The job's steps (the record's `step` field).
     type Step: Copy + std::fmt::Debug + Send + Sync + 'static;
     /// The job's id (its key in the store).
@@ -324,17 +343,53 @@ pub trait Pipeline: Send + Sync + 'static {
     ) -> impl Future<Output = Result<<Self::Job as JobRecord>::Step, StepError>> + Send;
     /// Called once the job's end is recorded (e.g. to remove its working folder).
     fn job_ended(&self, _job: &Self::Job) {}
+    /// What a person needs to know of a job set aside after the process died during its
+    /// step [`MAX_UNFINISHED_STARTS`] times: whose data it was and where it is kept.
+    fn crashed(&self, job: &Self::Job) -> String;
 }
 
 /// Runs a job's steps until it ends, a step fails (it is retried after its back-off), or
 /// `cancel` fires. The record is written after every step, before the next one starts.
+///
+/// Before a step runs, its start is recorded ([`Progress::unfinished_starts`]); a job whose
+/// step was started [`MAX_UNFINISHED_STARTS`] times without returning (the process died
+/// each time) is set aside as failed instead, so no input can crash-loop the service.
 pub async fn drive<P: Pipeline>(pipeline: Arc<P>, mut job: P::Job, cancel: CancellationToken) {
     let name = P::NAME;
     while !cancel.is_cancelled() && !job.ended() {
         let step = job.step();
+        if job.progress().crashed_out() {
+            set_aside_after_crashes(&pipeline, job, step).await;
+            return;
+        }
+        job.progress().unfinished_starts += 1;
+        if !save(&pipeline, &job).await {
+            return;
+        }
         let result = tokio::select! {
-            r = pipeline.step(&mut job) => r,
-            () = cancel.cancelled() => return,
+            r = pipeline.step(&mut job) => Some(r),
+            () = cancel.cancelled() => None,
+        };
+        let Some(result) = result else {
+            // A clean shutdown is no crash: this start does not count. The record as the
+            // step left it in the store is kept (what the step changed only in memory is
+            // not recorded, as before).
+            let (store, id) = (pipeline.store().clone(), job.id().to_owned());
+            let cleared = tokio::task::spawn_blocking(move || {
+                let Some(mut stored) = store.get::<P::Job>(&id)? else {
+                    return Ok(());
+                };
+                stored.progress().unfinished_starts = 0;
+                store.put(&stored)
+            })
+            .await;
+            if !matches!(cleared, Ok(Ok(()))) {
+                tracing::warn!(
+                    job = job.id(),
+                    "cannot record a clean stop of the {name} job"
+                );
+            }
+            return;
         };
         match result {
             Ok(next) => {
@@ -355,13 +410,7 @@ pub async fn drive<P: Pipeline>(pipeline: Arc<P>, mut job: P::Job, cancel: Cance
                 job.progress().failed(&e, max);
             }
         }
-        let (store, record) = (pipeline.store().clone(), job.clone());
-        let saved = tokio::task::spawn_blocking(move || store.put(&record)).await;
-        if !matches!(saved, Ok(Ok(()))) {
-            tracing::error!(
-                job = job.id(),
-                "cannot record the {name} job; it will be repeated from its last recorded step"
-            );
+        if !save(&pipeline, &job).await {
             return;
         }
         if job.ended() {
@@ -371,6 +420,52 @@ pub async fn drive<P: Pipeline>(pipeline: Arc<P>, mut job: P::Job, cancel: Cance
             return;
         }
     }
+}
+
+/// Writes the job record (off the runtime); false, logged, when it cannot be written.
+async fn save<P: Pipeline>(pipeline: &Arc<P>, job: &P::Job) -> bool {
+    let (store, record) = (pipeline.store().clone(), job.clone());
+    let saved = tokio::task::spawn_blocking(move || store.put(&record)).await;
+    if !matches!(saved, Ok(Ok(()))) {
+        tracing::error!(
+            job = job.id(),
+            "cannot record the {} job; it will be repeated from its last recorded step",
+            P::NAME
+        );
+        return false;
+    }
+    true
+}
+
+/// Ends a job whose step the process died in [`MAX_UNFINISHED_STARTS`] times in a row:
+/// failed, with the reason in its record (and `cloudpdi status`), logged once. Its data is
+/// kept; the count stays in the record so that the folder is not removed.
+async fn set_aside_after_crashes<P: Pipeline>(
+    pipeline: &Arc<P>,
+    mut job: P::Job,
+    step: <P::Job as JobRecord>::Step,
+) {
+    let reason = format!(
+        "the process died {MAX_UNFINISHED_STARTS} times in a row while this job was in its \
+         {} step; set aside as failed so that it cannot crash the service again: {}",
+        state_name_debug(step),
+        pipeline.crashed(&job)
+    );
+    tracing::error!(job = job.id(), step = ?step, "{} job set aside: {reason}", P::NAME);
+    let progress = job.progress();
+    progress.updated_at = now_ms();
+    progress.attempts = MAX_UNFINISHED_STARTS;
+    progress.last_error = Some(reason);
+    progress.retry_at = 0;
+    job.fail(step);
+    if save(pipeline, &job).await {
+        pipeline.job_ended(&job);
+    }
+}
+
+/// A step's name for a message (`Unpack` -> `unpack`).
+fn state_name_debug(step: impl std::fmt::Debug) -> String {
+    format!("{step:?}").to_lowercase()
 }
 
 /// Runs a pipeline until `cancel`: every half second, starts its due jobs, at most
@@ -537,6 +632,23 @@ mod tests {
         assert!(p.due(p.retry_at));
         p.advanced();
         assert_eq!((p.attempts, p.last_error.as_deref()), (0, None));
+    }
+
+    #[test]
+    fn records_written_before_the_crash_count_decode_and_a_returned_step_clears_it() {
+        let old = r#"{"created_at":1,"updated_at":2,"attempts":0,"last_error":null,"retry_at":0}"#;
+        let mut p: Progress = serde_json::from_str(old).expect("old record");
+        assert_eq!(p.unfinished_starts, 0);
+        p.unfinished_starts = MAX_UNFINISHED_STARTS;
+        assert!(p.crashed_out());
+        p.failed(
+            &StepError::transient("PACS unreachable"),
+            Duration::from_secs(1),
+        );
+        assert_eq!(p.unfinished_starts, 0);
+        p.unfinished_starts = 2;
+        p.advanced();
+        assert!(!p.crashed_out() && p.unfinished_starts == 0);
     }
 
     #[derive(Clone, Serialize, serde::Deserialize, Debug, PartialEq)]

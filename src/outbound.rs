@@ -628,6 +628,13 @@ impl Pipeline for Outbound {
     async fn step(self: &Arc<Self>, job: &mut OutboundJob) -> Result<OutStep, StepError> {
         self.run_step(job).await
     }
+
+    fn crashed(&self, job: &OutboundJob) -> String {
+        format!(
+            "this batch's data crashed the sender; kept in {} and in the spool",
+            self.dir.join(&job.id).display()
+        )
+    }
 }
 
 impl JobRecord for OutboundJob {

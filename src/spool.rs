@@ -14,6 +14,7 @@ use std::fs::{self, File};
 use std::io::{self, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 
+use dicom_core::Tag;
 use dicom_dictionary_std::tags;
 use dicom_object::file::ReadPreamble;
 use dicom_object::{FileMetaTableBuilder, OpenFileOptions};
@@ -21,6 +22,7 @@ use sha2::{Digest, Sha256};
 
 use crate::batch::{BatchId, BatchIndex, BatchState, IndexError, InstanceRecord, Recorded, now_ms};
 use crate::config::BatchBy;
+use crate::dicom::depth::{self, DatasetError};
 use crate::route::Route;
 
 /// Received bytes kept in memory before they spill to the temp file; a typical CT or MR
@@ -42,6 +44,10 @@ pub enum StoreError {
     /// The dataset could not be parsed.
     #[error("dataset cannot be parsed: {0}")]
     Unparsable(String),
+    /// The dataset exceeds a bound of the pre-check (nesting, header size) or is malformed
+    /// in a way it sees; no recursive parser has read it.
+    #[error(transparent)]
+    Refused(#[from] DatasetError),
     /// The dataset is not the instance the command announced.
     #[error("dataset does not match the command: {0}")]
     Mismatch(String),
@@ -89,6 +95,8 @@ pub struct Incoming {
     buffer: Vec<u8>,
     spilled: Option<(File, PathBuf)>,
     size: u64,
+    /// Where the dataset starts: preamble, `DICM` and the meta information come first.
+    dataset_offset: u64,
     tmp_dir: PathBuf,
     min_free_bytes: u64,
 }
@@ -272,6 +280,7 @@ impl Spool {
             .map_err(|e| StoreError::Mismatch(e.to_string()))?;
         Ok(Incoming {
             size: buffer.len() as u64,
+            dataset_offset: buffer.len() as u64,
             header,
             buffer,
             spilled: None,
@@ -287,11 +296,20 @@ impl Spool {
     /// [`StoreError`]; its variant decides the C-STORE status.
     pub fn commit(&self, mut incoming: Incoming, route: &Route) -> Result<Stored, StoreError> {
         ensure_free(&self.dir, self.min_free_bytes)?;
+        let syntax = incoming.header.transfer_syntax.clone();
+        let offset = incoming.dataset_offset;
+        // The meta information as the file set builder counts it (after preamble and DICM).
+        let meta_len = offset.saturating_sub(132);
         let identity = match incoming.spilled.is_some() {
-            false => identify(incoming.buffer.as_slice())?,
+            false => {
+                let start = usize::try_from(offset).expect("the meta header is in memory");
+                depth::check_bytes(&incoming.buffer[start..], &syntax, meta_len)?;
+                identify(incoming.buffer.as_slice())?
+            }
             true => {
                 incoming.spill()?;
                 let (_, path) = incoming.spilled.as_ref().expect("spilled above");
+                depth::check_file(path, offset, &syntax, meta_len)?;
                 identify(BufReader::new(File::open(path)?))?
             }
         };
@@ -440,12 +458,19 @@ fn create_dir_durably(folder: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Group 7FE0 (pixel data in all its forms) and what follows: not read by [`identify`].
+const HEADER_END: Tag = Tag(
+    (depth::HEADER_END >> 16) as u16,
+    (depth::HEADER_END & 0xFFFF) as u16,
+);
+
 /// Parses meta header and dataset up to the pixel data: enough to prove the dataset is
-/// readable and to learn where it belongs, without holding pixel data twice.
+/// readable and to learn where it belongs, without holding pixel data twice. Run only
+/// after [`depth::check`]: dicom-object's parser recurses once per sequence level.
 fn identify(source: impl Read) -> Result<Identity, StoreError> {
     let object = OpenFileOptions::new()
         .read_preamble(ReadPreamble::Always)
-        .read_until(tags::PIXEL_DATA)
+        .read_until(HEADER_END)
         .from_reader(source)
         .map_err(|e| StoreError::Unparsable(e.to_string()))?;
     let text = |tag, name: &str| -> Result<String, StoreError> {
@@ -456,12 +481,20 @@ fn identify(source: impl Read) -> Result<Identity, StoreError> {
             .map_err(|e| StoreError::Unparsable(format!("{name} is unreadable: {e}")))?;
         Ok(value.trim_end_matches(['\0', ' ']).to_owned())
     };
+    // The file set places every instance by study and series (pdi::instance::read needs
+    // both): what is acknowledged must be packable, so reception needs them too.
+    let placed = |tag, name: &str| -> Result<String, StoreError> {
+        let value = text(tag, name)?;
+        if value.is_empty() {
+            return Err(StoreError::Unparsable(format!("{name} is empty")));
+        }
+        Ok(value)
+    };
     Ok(Identity {
         sop_class_uid: text(tags::SOP_CLASS_UID, "SOP Class UID (0008,0016)")?,
         sop_instance_uid: text(tags::SOP_INSTANCE_UID, "SOP Instance UID (0008,0018)")?,
-        study_uid: text(tags::STUDY_INSTANCE_UID, "Study Instance UID (0020,000D)")?,
-        series_uid: text(tags::SERIES_INSTANCE_UID, "Series Instance UID (0020,000E)")
-            .unwrap_or_default(),
+        study_uid: placed(tags::STUDY_INSTANCE_UID, "Study Instance UID (0020,000D)")?,
+        series_uid: placed(tags::SERIES_INSTANCE_UID, "Series Instance UID (0020,000E)")?,
         patient_id: text(tags::PATIENT_ID, "Patient ID (0010,0020)").unwrap_or_default(),
     })
 }

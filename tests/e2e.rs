@@ -517,6 +517,23 @@ fn kill_9_of_either_site_at_random_moments_loses_nothing_and_repeats_nothing() {
             hand_over(&token, &b);
         }
         let site = if chaos.next(2) == 0 { &mut a } else { &mut b };
+        // A third death during the same step of a job sets the job aside as failed (the
+        // crash-loop rule, tests/hostile_dicom.rs): that is what the rule is for, so the
+        // random kills wait until a step started twice has finished. (At most 1 when
+        // looked at: a start between the look and the kill makes 2, never 3.)
+        wait_for(
+            "a step started twice to finish",
+            Duration::from_secs(120),
+            || {
+                let jobs = site.status()["jobs"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default();
+                jobs.iter()
+                    .all(|j| j["state"] == "failed" || j["unfinished_starts"].as_u64() < Some(2))
+                    .then_some(())
+            },
+        );
         println!("kill {kill}: {}", site.dir.display());
         site.kill9();
         site.spawn();

@@ -733,7 +733,7 @@ impl AssociationState {
                 inc(&metrics.instances_out_of_space);
                 status::OUT_OF_RESOURCES
             }
-            StoreError::Unparsable(_) => {
+            StoreError::Unparsable(_) | StoreError::Refused(_) => {
                 inc(&metrics.instances_unparsable);
                 status::CANNOT_UNDERSTAND
             }

@@ -550,11 +550,15 @@ async fn rewrite(
 ) -> Result<Vec<u8>, String> {
     let path = instance.path.clone();
     let ts = ts.to_owned();
+    let (offset, own_ts) = (instance.dataset_offset, instance.transfer_syntax.clone());
     tokio::task::spawn_blocking(move || {
         use dicom_encoding::TransferSyntaxIndex;
         let target = dicom_transfer_syntax_registry::TransferSyntaxRegistry
             .get(&ts)
             .ok_or_else(|| format!("unknown transfer syntax {ts}"))?;
+        // dicom-object's parser recurses per sequence level: bounded bytes only.
+        super::depth::check_file(&path, offset, &own_ts, offset.saturating_sub(132))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
         let mut object = dicom_object::open_file(&path)
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         if let Some(reconciler) = reconcile {

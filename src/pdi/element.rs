@@ -13,6 +13,8 @@ use dicom_core::Tag as DicomTag;
 use dicom_core::dictionary::{DataDictionary, DataDictionaryEntry};
 use dicom_dictionary_std::StandardDataDictionary;
 
+pub use crate::dicom::depth::MAX_NESTING;
+
 /// Item, item delimitation and sequence delimitation tags.
 pub const ITEM: u32 = 0xFFFE_E000;
 const ITEM_END: u32 = 0xFFFE_E00D;
@@ -47,6 +49,16 @@ pub enum ElementError {
     /// Reading failed.
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// Sequences nest deeper than [`MAX_NESTING`]: the parser recurses per level, so it
+    /// stops here instead of running out of stack.
+    #[error(
+        "sequences nest deeper than {MAX_NESTING} levels at byte {offset}; refused (no real \
+         DICOM file nests that deep: the data is damaged or hostile)"
+    )]
+    TooDeep {
+        /// Where the sequence that went too deep starts, from the start of the file.
+        offset: u64,
+    },
     /// The bytes are not a valid element stream.
     #[error("malformed DICOM data at byte {offset}: {why}")]
     Malformed {
@@ -158,6 +170,8 @@ pub struct Parser<R> {
     position: u64,
     lookahead: Vec<u8>,
     budget: u64,
+    /// Sequences open around the element being read.
+    depth: usize,
 }
 
 impl<R: Read> Parser<R> {
@@ -168,6 +182,7 @@ impl<R: Read> Parser<R> {
             position,
             lookahead: Vec::new(),
             budget,
+            depth: 0,
         }
     }
 
@@ -358,10 +373,10 @@ impl<R: Read> Parser<R> {
             } else {
                 syntax
             };
-            Value::Items(self.items(inner, length)?)
+            Value::Items(self.items(inner, length, offset)?)
         } else if length == UNDEFINED {
             if syntax == Syntax::ImplicitLittle {
-                Value::Items(self.items(syntax, length)?)
+                Value::Items(self.items(syntax, length, offset)?)
             } else {
                 Value::Fragments(self.fragments(syntax)?)
             }
@@ -380,8 +395,25 @@ impl<R: Read> Parser<R> {
         })
     }
 
-    fn items(&mut self, syntax: Syntax, length: u32) -> Result<Vec<Item>, ElementError> {
-        let end = (length != UNDEFINED).then(|| self.position + u64::from(length));
+    /// Reads a sequence's items; each level of nesting is one level of recursion, so the
+    /// depth is bounded.
+    fn items(
+        &mut self,
+        syntax: Syntax,
+        length: u32,
+        offset: u64,
+    ) -> Result<Vec<Item>, ElementError> {
+        if self.depth >= MAX_NESTING {
+            return Err(ElementError::TooDeep { offset });
+        }
+        self.depth += 1;
+        let items = self.items_within(syntax, length);
+        self.depth -= 1;
+        items
+    }
+
+    fn items_within(&mut self, syntax: Syntax, length: u32) -> Result<Vec<Item>, ElementError> {
+        let end = (length != UNDEFINED).then(|| self.position.saturating_add(u64::from(length)));
         let mut items = Vec::new();
         loop {
             if end.is_some_and(|end| self.position >= end) {
@@ -400,7 +432,7 @@ impl<R: Read> Parser<R> {
                     elements: self.undefined_item(syntax)?,
                 }),
                 ITEM => {
-                    let item_end = self.position + u64::from(item_length);
+                    let item_end = self.position.saturating_add(u64::from(item_length));
                     let elements = self.dataset(syntax, Some(item_end), &|_| false)?;
                     if self.position != item_end {
                         return self.malformed("a sequence item's elements overrun its length");
@@ -571,6 +603,55 @@ mod tests {
         };
         assert_eq!(items[0].offset, 18 + 12);
         assert_eq!(text_of(&items[0].elements, 0x0008_0100), "T-04000");
+    }
+
+    #[test]
+    fn nesting_beyond_the_bound_is_an_error_not_a_stack_overflow() {
+        // Undefined-length sequences and items, 5,000 levels (the issue's DICOMDIR).
+        let nested = |levels: usize| {
+            let mut bytes = Vec::new();
+            for _ in 0..levels {
+                bytes.extend_from_slice(&[0x09, 0, 0x01, 0x10, b'S', b'Q', 0, 0]);
+                bytes.extend_from_slice(&[0xFF; 4]);
+                bytes.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0, 0xFF, 0xFF, 0xFF, 0xFF]);
+            }
+            for _ in 0..levels {
+                bytes.extend_from_slice(&[0xFE, 0xFF, 0x0D, 0xE0, 0, 0, 0, 0]);
+                bytes.extend_from_slice(&[0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
+            }
+            bytes
+        };
+        for (syntax, per_level) in [(Syntax::ExplicitLittle, 20), (Syntax::ImplicitLittle, 16)] {
+            let bytes = nested(5000);
+            let bytes = if syntax == Syntax::ImplicitLittle {
+                bytes
+                    .chunks(4)
+                    .filter(|c| *c != b"SQ\0\0")
+                    .flatten()
+                    .copied()
+                    .collect()
+            } else {
+                bytes
+            };
+            let mut parser = Parser::new(&bytes[..], 0, 1 << 20);
+            let err = parser
+                .dataset(syntax, None, &|_| false)
+                .expect_err("too deep");
+            let deepest = MAX_NESTING as u64 * per_level;
+            assert!(
+                matches!(err, ElementError::TooDeep { offset } if offset == deepest),
+                "{err}"
+            );
+            assert!(
+                err.to_string().contains("nest deeper than 32 levels"),
+                "{err}"
+            );
+        }
+        let bytes = nested(MAX_NESTING);
+        let mut parser = Parser::new(&bytes[..], 0, 1 << 20);
+        parser
+            .dataset(Syntax::ExplicitLittle, None, &|_| false)
+            .expect("32 levels are read");
     }
 
     #[test]

@@ -8,10 +8,9 @@ use std::path::{Path, PathBuf};
 use super::element::{self, Element, ElementError, Parser, Syntax, text_of};
 use super::tags;
 
-/// Header bytes read at most from one instance (sequences before the pixel data included).
-const HEADER_BUDGET: u64 = 64 << 20;
-/// Deflated Explicit VR Little Endian.
-const DEFLATED: &str = "1.2.840.10008.1.2.1.99";
+/// Header bytes read at most from one instance (sequences before the pixel data included);
+/// the SCP refuses at reception what would exceed it.
+pub use crate::dicom::depth::HEADER_BUDGET;
 
 /// Why a file is not a usable DICOM instance.
 #[derive(Debug, thiserror::Error)]
@@ -116,8 +115,9 @@ pub fn read(path: &Path) -> Result<Instance, InstanceError> {
             what: "Transfer Syntax UID in the file meta information",
         });
     }
-    let stop = |tag: u32| tag >= tags::PIXEL_DATA || tag == 0xFFFC_FFFC;
-    let deflated = transfer_syntax == DEFLATED;
+    // Group 7FE0 (pixel data of every kind, offset tables) and what follows are not header.
+    let stop = |tag: u32| tag >= crate::dicom::depth::HEADER_END;
+    let deflated = crate::dicom::depth::Encoding::of(&transfer_syntax).is_some_and(|e| e.deflated);
     let elements = if deflated {
         let position = parser.position();
         let rest = parser.into_rest();

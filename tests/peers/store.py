@@ -23,7 +23,8 @@ ae = AE(ae_title=calling)
 ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
 contexts = set()
 for path in files:
-    meta = pydicom.dcmread(path, stop_before_pixels=True).file_meta
+    # The meta group only: a hostile dataset must reach the SCP unparsed.
+    meta = pydicom.filereader.read_file_meta_info(path)
     contexts.add((str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)))
 for sop_class, ts in sorted(contexts):
     ae.add_requested_context(sop_class, [ts])
