@@ -8,6 +8,7 @@
 #
 #   bench/pdi/run.sh                          # 500 and 2000 slices, 20 000 small, 3 rounds
 #   SLICES=200 BIG_SLICES=800 MANY=5000 ROUNDS=5 bench/pdi/run.sh
+#   BENCH_BIN=/path/to/other/cloudpdi bench/pdi/run.sh   # another build, e.g. before a change
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 slices=${SLICES:-500}
@@ -16,9 +17,13 @@ many=${MANY:-20000}
 rounds=${ROUNDS:-3}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-cargo build --release --locked --quiet
-bin=$PWD/target/release/cloudpdi
-[ -n "${CARGO_TARGET_DIR:-}" ] && bin=$CARGO_TARGET_DIR/release/cloudpdi
+if [ -n "${BENCH_BIN:-}" ]; then
+  bin=$BENCH_BIN
+else
+  cargo build --release --locked --quiet
+  bin=$PWD/target/release/cloudpdi
+  [ -n "${CARGO_TARGET_DIR:-}" ] && bin=$CARGO_TARGET_DIR/release/cloudpdi
+fi
 for tool in /usr/bin/dcmmkdir /usr/bin/zip /usr/bin/time; do
   [ -x "$tool" ] || { echo "missing $tool: run scripts/test.sh" >&2; exit 1; }
 done

@@ -5,7 +5,7 @@ work=$1 rounds=$2
 ip link set lo up
 files=("$work"/study/*.dcm)
 n=${#files[@]}
-bin=target/release/cloudpdi
+bin=${BENCH_BIN:-target/release/cloudpdi}
 
 now() { date +%s.%N; }
 wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return; sleep 0.05; done; echo "port $1 not up" >&2; exit 1; }
