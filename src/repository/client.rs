@@ -759,7 +759,12 @@ fn checked_id(id: &str) -> Result<&str, ClientError> {
 
 /// `Content-Range: bytes a-b/total` or `bytes */total` -> (a, total).
 fn content_range(response: &Response) -> Option<(u64, u64)> {
-    let value = response.headers().get(CONTENT_RANGE)?.to_str().ok()?;
+    parse_content_range(response.headers().get(CONTENT_RANGE)?.to_str().ok()?)
+}
+
+/// Parses the value of a `Content-Range` header: `bytes a-b/total` or `bytes */total` ->
+/// (a, total). Public so that the fuzz target `http_content_range` reaches it (fuzz/).
+pub fn parse_content_range(value: &str) -> Option<(u64, u64)> {
     let spec = value.strip_prefix("bytes ")?;
     let (range, total) = spec.split_once('/')?;
     let total = total.parse().ok()?;
