@@ -25,7 +25,7 @@ python3 scripts/gen_ct.py "$work/ct2" --slices 2 --matrix 16 --charset utf8 >/de
 "$CLOUDPDI" pdi build "$work/ct" "$work/ct2" --out "$work/pdi" --facility FUZZ >/dev/null
 "$CLOUDPDI" pdi build "$work/ct" --out "$work/pdi.zip" --no-index-htm >/dev/null
 
-python3 - "$root" "$corpus" "$work" <<'PY'
+python3 -W ignore - "$root" "$corpus" "$work" <<'PY'
 import glob, hashlib, os, struct, sys, zipfile, zlib
 from pathlib import Path
 
