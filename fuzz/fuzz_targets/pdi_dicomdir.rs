@@ -1,6 +1,7 @@
 //! The DICOMDIR reader (`pdi::dicomdir::read`) that opens a received file set: the input
 //! is written as a DICOMDIR file and read; the records it returns must form a tree of
-//! valid indices.
+//! valid indices. The read runs on a thread with the stack of a tokio blocking thread,
+//! as in the daemon's Unpack step.
 #![no_main]
 
 mod common;
@@ -15,7 +16,7 @@ static PATH: LazyLock<PathBuf> = LazyLock::new(|| common::scratch("dicomdir").jo
 
 fuzz_target!(|data: &[u8]| {
     std::fs::write(&*PATH, data).expect("scratch file");
-    let Ok(read) = dicomdir::read(&PATH) else {
+    let Ok(read) = common::on_blocking_thread(|| dicomdir::read(&PATH)) else {
         return;
     };
     let count = read.records.len();

@@ -3,8 +3,12 @@
 //! reads must be writable as Explicit VR Little Endian (the DICOMDIR writer copies keys
 //! this way) and read back to the same top-level elements.
 //!
+//! Runs on a thread with the stack of a tokio blocking thread, as in the daemon.
+//!
 //! Input: one byte choosing the dataset encoding, then the dataset bytes.
 #![no_main]
+
+mod common;
 
 use cloudpdi::pdi::element::{Parser, Syntax, to_little_endian, write};
 use libfuzzer_sys::fuzz_target;
@@ -15,7 +19,9 @@ const SYNTAXES: [Syntax; 3] = [
     Syntax::ExplicitBig,
 ];
 
-fuzz_target!(|data: &[u8]| {
+fuzz_target!(|data: &[u8]| common::on_blocking_thread(|| check(data)));
+
+fn check(data: &[u8]) {
     let Some((&selector, bytes)) = data.split_first() else {
         return;
     };
@@ -37,4 +43,4 @@ fuzz_target!(|data: &[u8]| {
         .expect("what the writer wrote reads back");
     let tags = |list: &[cloudpdi::pdi::element::Element]| list.iter().map(|e| e.tag).collect::<Vec<_>>();
     assert_eq!(tags(&again), tags(&elements));
-});
+}

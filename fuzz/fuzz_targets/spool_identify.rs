@@ -3,7 +3,8 @@
 //! Part 10 meta header built from the command, the dataset parsed up to Pixel Data
 //! (dicom-object), UIDs checked, and, when they match the command, stored durably in a
 //! spool on tmpfs. Every check that commit runs before the parse (e.g. a nesting-depth
-//! pre-check) is covered too.
+//! pre-check) is covered too. It runs on a thread with the stack of the tokio blocking
+//! thread that runs it in `serve`.
 //!
 //! Input: one byte choosing the transfer syntax, then the dataset bytes. The command
 //! announces the UIDs the seeds (scripts/fuzz-seeds.sh) carry, so mutations of a seed
@@ -70,5 +71,5 @@ fuzz_target!(|data: &[u8]| {
         .incoming(header)
         .expect("the command's UIDs form a meta header");
     incoming.push(dataset);
-    let _ = fixture.spool.commit(incoming, &fixture.route);
+    let _ = common::on_blocking_thread(|| fixture.spool.commit(incoming, &fixture.route));
 });
