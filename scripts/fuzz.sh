@@ -13,9 +13,12 @@
 # Needs the nightly toolchain and cargo-fuzz (`cargo install cargo-fuzz`). Corpora grow in
 # fuzz/corpus/TARGET (generated, gitignored); a crash is saved in fuzz/artifacts/TARGET/
 # and ends that target's run. Each run prints executions, executions per second and
-# crashes; the exit status is 1 when any target crashed.
+# crashes; the exit status is 1 when any target crashed. FUZZ_ARGS adds libFuzzer flags,
+# e.g. FUZZ_ARGS=-malloc_limit_mb=100000 with ASAN_OPTIONS=allocator_may_return_null=1:
+# max_allocation_size_mb=1024 to fuzz past a known oversized-allocation finding.
 set -euo pipefail
-cd "$(dirname "$0")/../fuzz"
+self=$(realpath "$0")
+cd "$(dirname "$self")/../fuzz"
 
 TARGETS=(dimse_command spool_identify pdi_element pdi_dicomdir pdi_zip pdi_manifest
     container_header container_decrypt token_text token_bytes watch_drop http_range
@@ -61,7 +64,7 @@ fuzz() {
     "$(binary "$target")" "corpus/$target" \
         -max_total_time="$seconds" -max_len="$(max_len "$target")" -timeout=10 \
         -rss_limit_mb=2048 -print_final_stats=1 \
-        -artifact_prefix="artifacts/$target/" >"$log" 2>&1
+        -artifact_prefix="artifacts/$target/" ${FUZZ_ARGS:-} >"$log" 2>&1
     status=$?
     set -e
     cleanup_scratch
@@ -111,7 +114,7 @@ case ${1:-} in
         for target in "${TARGETS[@]}"; do fuzz "$target" "$2" || failed=1; done
         exit $failed
         ;;
-    "" | -h | --help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//' ;;
+    "" | -h | --help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$self" ;;
     *)
         [ -n "${2:-}" ] || { echo "usage: $0 TARGET SECONDS" >&2; exit 2; }
         printf '%s\n' "${TARGETS[@]}" | grep -qx "$1" || { echo "no target $1 (see: $0 list)" >&2; exit 2; }

@@ -4,19 +4,20 @@
 //! as in the daemon's Unpack step.
 #![no_main]
 
-mod common;
+mod blocking;
+mod scratch;
 
-use std::sync::LazyLock;
 use std::path::PathBuf;
+use std::sync::LazyLock;
 
 use cloudpdi::pdi::dicomdir;
 use libfuzzer_sys::fuzz_target;
 
-static PATH: LazyLock<PathBuf> = LazyLock::new(|| common::scratch("dicomdir").join("DICOMDIR"));
+static PATH: LazyLock<PathBuf> = LazyLock::new(|| scratch::scratch("dicomdir").join("DICOMDIR"));
 
 fuzz_target!(|data: &[u8]| {
     std::fs::write(&*PATH, data).expect("scratch file");
-    let Ok(read) = common::on_blocking_thread(|| dicomdir::read(&PATH)) else {
+    let Ok(read) = blocking::on_blocking_thread(|| dicomdir::read(&PATH)) else {
         return;
     };
     let count = read.records.len();
@@ -28,5 +29,8 @@ fuzz_target!(|data: &[u8]| {
             parents[child] += 1;
         }
     }
-    assert!(parents.iter().all(|&p| p <= 1), "every record has at most one parent");
+    assert!(
+        parents.iter().all(|&p| p <= 1),
+        "every record has at most one parent"
+    );
 });

@@ -8,7 +8,7 @@
 //! Input: one byte choosing the dataset encoding, then the dataset bytes.
 #![no_main]
 
-mod common;
+mod blocking;
 
 use cloudpdi::pdi::element::{Parser, Syntax, to_little_endian, write};
 use libfuzzer_sys::fuzz_target;
@@ -19,7 +19,7 @@ const SYNTAXES: [Syntax; 3] = [
     Syntax::ExplicitBig,
 ];
 
-fuzz_target!(|data: &[u8]| common::on_blocking_thread(|| check(data)));
+fuzz_target!(|data: &[u8]| blocking::on_blocking_thread(|| check(data)));
 
 fn check(data: &[u8]) {
     let Some((&selector, bytes)) = data.split_first() else {
@@ -41,6 +41,7 @@ fn check(data: &[u8]) {
     let again = Parser::new(out.as_slice(), 0, out.len() as u64)
         .dataset(Syntax::ExplicitLittle, None, &|_| false)
         .expect("what the writer wrote reads back");
-    let tags = |list: &[cloudpdi::pdi::element::Element]| list.iter().map(|e| e.tag).collect::<Vec<_>>();
+    let tags =
+        |list: &[cloudpdi::pdi::element::Element]| list.iter().map(|e| e.tag).collect::<Vec<_>>();
     assert_eq!(tags(&again), tags(&elements));
 }

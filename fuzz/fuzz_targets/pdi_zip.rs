@@ -4,7 +4,7 @@
 //! within the limits.
 #![no_main]
 
-mod common;
+mod scratch;
 
 use std::path::{Path, PathBuf};
 use std::sync::LazyLock;
@@ -17,7 +17,7 @@ const LIMITS: Limits = Limits {
     max_total_bytes: 1 << 20,
 };
 
-static DIR: LazyLock<PathBuf> = LazyLock::new(|| common::scratch("zip"));
+static DIR: LazyLock<PathBuf> = LazyLock::new(|| scratch::scratch("zip"));
 
 /// Bytes of the plain files under `dir`; panics on anything but files and folders.
 fn plain_bytes(dir: &Path) -> u64 {

@@ -11,7 +11,8 @@
 //! reach the store as well as the refusals.
 #![no_main]
 
-mod common;
+mod blocking;
+mod scratch;
 
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -42,7 +43,7 @@ struct Fixture {
 }
 
 static FIXTURE: LazyLock<Fixture> = LazyLock::new(|| {
-    let dir = common::scratch("spool");
+    let dir = scratch::scratch("spool");
     let spool = Spool::open(&dir.join("spool"), &dir.join("index"), 0).expect("spool opens");
     let route = Route {
         name: "fuzz".into(),
@@ -71,5 +72,5 @@ fuzz_target!(|data: &[u8]| {
         .incoming(header)
         .expect("the command's UIDs form a meta header");
     incoming.push(dataset);
-    let _ = common::on_blocking_thread(|| fixture.spool.commit(incoming, &fixture.route));
+    let _ = blocking::on_blocking_thread(|| fixture.spool.commit(incoming, &fixture.route));
 });
