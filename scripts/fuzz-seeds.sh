@@ -143,6 +143,35 @@ put("dimse_command", command(element(0x0002, uid(SOP_CLASS)), element(0x0100, us
     element(0x0120, us(7)), element(0x0800, us(0x0101)), element(0x0900, us(0xC000)),
     element(0x0902, b"dataset cannot be parsed "), element(0x1000, uid(SOP_INSTANCE))))
 
+# --- DICOM Upper Layer PDUs -------------------------------------------------------------
+def pdu(kind, body):
+    return struct.pack(">BBI", kind, 0, len(body)) + body
+
+def item(kind, body):
+    return struct.pack(">BBH", kind, 0, len(body)) + body
+
+def ae(title):
+    return title.encode().ljust(16)
+
+def associate_rq(called, calling, contexts):
+    items = item(0x10, b"1.2.840.10008.3.1.1.1")
+    for number, (abstract, syntaxes) in enumerate(contexts):
+        sub = item(0x30, abstract.encode()) + b"".join(item(0x40, t.encode()) for t in syntaxes)
+        items += item(0x20, bytes([2 * number + 1, 0, 0, 0]) + sub)
+    items += item(0x50, item(0x51, struct.pack(">I", 16384)) + item(0x52, b"1.2.3.4")
+                  + item(0x55, b"CLOUDPDI_TEST"))
+    return pdu(0x01, struct.pack(">HH", 1, 0) + ae(called) + ae(calling) + b"\0" * 32 + items)
+
+put("dicom_pdu", associate_rq("CLOUDPDI", "STORESCU", [
+    ("1.2.840.10008.1.1", ["1.2.840.10008.1.2"]),
+    (SOP_CLASS, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.1.99"]),
+]))
+put("dicom_pdu", pdu(0x04, struct.pack(">IBB", 2 + 12, 1, 0x03) + b"\0\0\0\0\0\0\0\0\0\0\0\0"))
+put("dicom_pdu", pdu(0x05, b"\0\0\0\0"))
+put("dicom_pdu", pdu(0x06, b"\0\0\0\0"))
+put("dicom_pdu", pdu(0x07, b"\0\0\2\0"))
+put("dicom_pdu", pdu(0x03, bytes([0, 1, 1, 7])))
+
 # --- Container --------------------------------------------------------------------------
 for path in sorted((root / "tests" / "vectors" / "container").glob("*.hex")):
     for line in path.read_text().splitlines():
