@@ -48,8 +48,13 @@ ensure_seeds() {
     fi
 }
 
+# Removes the scratch folders (fuzz_targets/scratch.rs) of fuzzing processes that ended.
 cleanup_scratch() {
-    rm -rf /dev/shm/cloudpdi-fuzz-* "${TMPDIR:-/tmp}"/cloudpdi-fuzz-*
+    local dir
+    for dir in /dev/shm/cloudpdi-fuzz-* "${TMPDIR:-/tmp}"/cloudpdi-fuzz-*; do
+        [ -d "$dir" ] || continue
+        kill -0 "${dir##*-}" 2>/dev/null || rm -rf "$dir"
+    done
 }
 
 # fuzz TARGET SECONDS: one libFuzzer process; prints a summary line.
@@ -78,16 +83,18 @@ fuzz() {
 }
 
 regressions() {
-    local failed=0 target input
+    local failed=0 target input log
+    mkdir -p logs
     for target in "${TARGETS[@]}"; do
         [ -d "regressions/$target" ] || continue
         for input in "regressions/$target"/*; do
             [ -f "$input" ] || continue
             case $input in *.md | *.txt) continue ;; esac
-            if "$(binary "$target")" "$input" >"/tmp/cloudpdi-fuzz-regression.log" 2>&1; then
+            log=logs/regression-$target-$(basename "$input").log
+            if "$(binary "$target")" "$input" >"$log" 2>&1; then
                 echo "ok      $input"
             else
-                echo "CRASHES $input (log: /tmp/cloudpdi-fuzz-regression.log)"
+                echo "CRASHES $input (see fuzz/$log)"
                 failed=1
             fi
             cleanup_scratch
