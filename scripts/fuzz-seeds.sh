@@ -222,6 +222,21 @@ for path in sorted((root / "tests" / "vectors" / "token").glob("*.txt")):
     if path.name == "sample.txt":
         put("token_bytes", token_bytes(text))
 
+# --- Repository API JSON (selector byte: see fuzz_targets/repository_json.rs) -----------
+H = "ab" * 32
+for selector, body in [
+    (0, '{"size":5,"expires_at":7,"max_downloads":1,"proof_hash":"%s"}' % H),
+    (1, '{"instances_imported":3,"instances_refused":1,"note":"ok"}'),
+    (2, '{"sha256":"%s"}' % H),
+    (3, '{"document_id":"D0C","part_size":8388608,"parts":2}'),
+    (4, '{"document_id":"D0C","state":"complete","size":5,"part_size":5,"parts_held":[0],'
+        '"sha256":"%s","created_at":1,"expires_at":2,"max_downloads":1,"downloads":0,'
+        '"receipts":[{"received_at":3,"instances_imported":1,"instances_refused":0,"note":""}]}' % H),
+    (5, '{"error":"not_available","message":"this document is not available"}'),
+    (6, H),
+]:
+    put("repository_json", bytes([selector]) + body.encode())
+
 # --- HTTP headers -----------------------------------------------------------------------
 for value in [b"bytes=0-", b"bytes=10-", b"bytes=1-5", b"bytes=1-5,7-9", b" bytes= 3 - 9 ",
               b"items=1-5", b"bytes=18446744073709551615-"]:
