@@ -969,7 +969,9 @@ fn content_range(response: &Response) -> Option<(u64, u64)> {
     parse_content_range(response.headers().get(CONTENT_RANGE)?.to_str().ok()?)
 }
 
-/// Parses a Content-Range value; `None` unless `a <= b < total` (or `*/total`).
+/// Parses the value of a `Content-Range` header: `bytes a-b/total` or `bytes */total` ->
+/// (a, total); `None` unless `a <= b < total`. Public so that the fuzz target
+/// `http_content_range` reaches it (fuzz/).
 pub fn parse_content_range(value: &str) -> Option<(u64, u64)> {
     let spec = value.strip_prefix("bytes ")?;
     let (range, total) = spec.split_once('/')?;

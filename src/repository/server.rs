@@ -886,7 +886,12 @@ async fn revoke(
 
 /// A parsed `Range: bytes=a-` or `bytes=a-b`; anything else is ignored (whole content).
 fn parse_range(headers: &HeaderMap) -> Option<(u64, Option<u64>)> {
-    let value = headers.get(header::RANGE)?.to_str().ok()?;
+    parse_range_value(headers.get(header::RANGE)?.to_str().ok()?)
+}
+
+/// Parses the value of a `Range` header (`bytes=a-` or `bytes=a-b`; anything else is
+/// `None`). Public so that the fuzz target `http_range` reaches it (fuzz/).
+pub fn parse_range_value(value: &str) -> Option<(u64, Option<u64>)> {
     let spec = value.trim().strip_prefix("bytes=")?;
     if spec.contains(',') {
         return None;
