@@ -521,7 +521,9 @@ pub fn write(out: &mut Vec<u8>, element: &Element) {
             for fragment in fragments {
                 out.extend_from_slice(&0xFFFEu16.to_le_bytes());
                 out.extend_from_slice(&0xE000u16.to_le_bytes());
-                out.extend_from_slice(&(fragment.len() as u32).to_le_bytes());
+                let length =
+                    u32::try_from(fragment.len()).expect("fragments are read with a 32-bit length");
+                out.extend_from_slice(&length.to_le_bytes());
                 out.extend_from_slice(fragment);
             }
             out.extend_from_slice(&0xFFFEu16.to_le_bytes());
@@ -530,11 +532,20 @@ pub fn write(out: &mut Vec<u8>, element: &Element) {
             return;
         }
     };
-    if long_length(vr) {
-        out.extend_from_slice(&[0, 0]);
-        out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    } else {
-        out.extend_from_slice(&(body.len() as u16).to_le_bytes());
+    let length = u32::try_from(body.len())
+        .expect("values are read under a budget far below 4 GiB (Parser::new)");
+    match u16::try_from(length) {
+        Ok(short) if !long_length(vr) => out.extend_from_slice(&short.to_le_bytes()),
+        _ => {
+            if !long_length(vr) {
+                // Longer than a 16-bit length can say (legal in implicit VR): PS3.5 6.2.2
+                // has such a value written as UN, whose length field has 32 bits.
+                let at = out.len() - 2;
+                out[at..].copy_from_slice(b"UN");
+            }
+            out.extend_from_slice(&[0, 0]);
+            out.extend_from_slice(&length.to_le_bytes());
+        }
     }
     out.extend_from_slice(&body);
 }
@@ -603,6 +614,35 @@ mod tests {
         };
         assert_eq!(items[0].offset, 18 + 12);
         assert_eq!(text_of(&items[0].elements, 0x0008_0100), "T-04000");
+    }
+
+    #[test]
+    fn a_short_vr_value_too_long_for_16_bits_is_written_as_un() {
+        // Implicit VR allows a 70,000-byte Patient Name; explicit VR PN cannot say it
+        // (the fuzzer's finding: the length was truncated and the rest read as elements).
+        let name = vec![b'A'; 70_000];
+        let mut implicit = vec![0x10, 0x00, 0x10, 0x00];
+        implicit.extend_from_slice(&70_000u32.to_le_bytes());
+        implicit.extend_from_slice(&name);
+        implicit.extend_from_slice(&[0x10, 0x00, 0x20, 0x00, 4, 0, 0, 0]);
+        implicit.extend_from_slice(b"ID01");
+        let read = Parser::new(&implicit[..], 0, 1 << 20)
+            .dataset(Syntax::ImplicitLittle, None, &|_| false)
+            .expect("parses");
+        let mut explicit = Vec::new();
+        for element in &read {
+            write(
+                &mut explicit,
+                &to_little_endian(element, Syntax::ImplicitLittle),
+            );
+        }
+        assert_eq!(&explicit[4..8], b"UN\0\0");
+        let again = Parser::new(&explicit[..], 0, 1 << 20)
+            .dataset(Syntax::ExplicitLittle, None, &|_| false)
+            .expect("what was written reads back");
+        assert_eq!(again.len(), 2);
+        assert_eq!(again[0].bytes(), Some(&name[..]));
+        assert_eq!(text_of(&again, 0x0010_0020), "ID01");
     }
 
     #[test]
