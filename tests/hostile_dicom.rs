@@ -268,6 +268,17 @@ fn an_oversized_element_before_the_pixel_data_is_refused_without_holding_it() {
     assert_eq!(results[0].status, 0, "{results:?}\n{}", daemon.log());
 }
 
+/// A ZIP (Python's zipfile, as another vendor would write it) holding `set`'s DICOMDIR.
+fn zip_dicomdir(set: &Path, zip: &Path) {
+    let out = run(Command::new("python3").args([
+        "-c",
+        "import sys, zipfile\nwith zipfile.ZipFile(sys.argv[1], 'w') as z: z.write(sys.argv[2], 'DICOMDIR')",
+        zip.to_str().unwrap(),
+        set.join("DICOMDIR").to_str().unwrap(),
+    ]));
+    assert!(out.status.success(), "{out:?}");
+}
+
 /// A DICOMDIR-named file whose dataset nests a private sequence `levels` deep.
 fn deep_dicomdir(folder: &Path, levels: usize) {
     std::fs::create_dir_all(folder).unwrap();
@@ -299,13 +310,7 @@ fn pdi_verify_of_a_dicomdir_nesting_thousands_of_levels_fails_cleanly() {
 
     // As a ZIP: the same error, and the temporary folder is gone.
     let zip = dir.path().join("set.zip");
-    let out = run(Command::new("python3").args([
-        "-c",
-        "import sys, zipfile\nwith zipfile.ZipFile(sys.argv[1], 'w') as z: z.write(sys.argv[2], 'DICOMDIR')",
-        zip.to_str().unwrap(),
-        set.join("DICOMDIR").to_str().unwrap(),
-    ]));
-    assert!(out.status.success(), "{out:?}");
+    zip_dicomdir(&set, &zip);
     let tmp = dir.path().join("tmp");
     std::fs::create_dir_all(&tmp).unwrap();
     let out = run(Command::new(env!("CARGO_BIN_EXE_cloudpdi"))
@@ -436,13 +441,7 @@ fn a_token_whose_dicomdir_nests_5000_levels_fails_its_unpack_step_for_good() {
     let set = dir.path().join("set");
     deep_dicomdir(&set, 5000);
     let zip = dir.path().join("pdi.zip");
-    let out = run(Command::new("python3").args([
-        "-c",
-        "import sys, zipfile\nwith zipfile.ZipFile(sys.argv[1], 'w') as z: z.write(sys.argv[2], 'DICOMDIR')",
-        zip.to_str().unwrap(),
-        set.join("DICOMDIR").to_str().unwrap(),
-    ]));
-    assert!(out.status.success(), "{out:?}");
+    zip_dicomdir(&set, &zip);
     let (token, issued, container) = (
         dir.path().join("draft.token"),
         dir.path().join("issued.token"),

@@ -206,14 +206,14 @@ fn a_redirect_is_refused_and_the_proof_stays_home() {
     );
 }
 
-/// Item 5: an announced size above `inbound.max_document_mb` is refused before anything
-/// is written, and nothing is left (was: written, `<out>.cloudpdi-download` left).
-#[test]
-fn a_document_above_max_document_mb_is_refused_before_writing() {
+/// `cloudpdi receive --out` from a repository announcing a document of `size` bytes,
+/// with these [inbound] keys: it must be refused at once, before anything is written,
+/// leaving nothing behind; returns what it printed.
+fn receive_announced(size: u64, inbound: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
-    let server = Hostile::start("huge", &(3u64 << 30).to_string());
+    let server = Hostile::start("huge", &size.to_string());
     let token = token_file(dir.path(), &server.url);
-    let conf = config(dir.path(), "max_document_mb = 1");
+    let conf = config(dir.path(), inbound);
     let out = dir.path().join("study");
     let (result, took) = cloudpdi_capped(
         4 << 20,
@@ -229,40 +229,28 @@ fn a_document_above_max_document_mb_is_refused_before_writing() {
     );
     let shown = text(&result);
     assert!(!result.status.success(), "{shown}");
+    assert!(took < Duration::from_secs(10), "refused at once: {took:?}");
+    assert!(!dir.path().join("study.cloudpdi-download").exists());
+    assert!(!out.exists());
+    shown
+}
+
+/// Item 5: an announced size above `inbound.max_document_mb` is refused before anything
+/// is written, and nothing is left (was: written, `<out>.cloudpdi-download` left).
+#[test]
+fn a_document_above_max_document_mb_is_refused_before_writing() {
+    let shown = receive_announced(3 << 30, "max_document_mb = 1");
     assert!(
         shown.contains("3221225472") && shown.contains("inbound.max_document_mb"),
         "says the size and the key: {shown}"
     );
-    assert!(took < Duration::from_secs(10), "refused at once: {took:?}");
-    assert!(!dir.path().join("study.cloudpdi-download").exists());
-    assert!(!out.exists());
 }
 
 /// Item 5: a size the disk cannot hold (with its reserve) is refused before writing.
 #[test]
 fn a_document_larger_than_the_free_disk_is_refused_before_writing() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = Hostile::start("huge", &(1u64 << 51).to_string());
-    let token = token_file(dir.path(), &server.url);
-    let conf = config(dir.path(), "max_document_mb = 4000000000");
-    let out = dir.path().join("study");
-    let (result, took) = cloudpdi_capped(
-        4 << 20,
-        60,
-        &[
-            "receive",
-            "--config",
-            conf.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            &token,
-        ],
-    );
-    let shown = text(&result);
-    assert!(!result.status.success(), "{shown}");
+    let shown = receive_announced(1 << 51, "max_document_mb = 4000000000");
     assert!(shown.contains("No space left for the download"), "{shown}");
-    assert!(took < Duration::from_secs(10), "refused at once: {took:?}");
-    assert!(!dir.path().join("study.cloudpdi-download").exists());
 }
 
 /// A sealed container of `len` zero bytes (zstd: a few KiB for hundreds of MiB).
