@@ -96,6 +96,24 @@ pub enum DatasetError {
         /// Its length.
         length: u32,
     },
+    /// A binary value whose length is not a whole number of its VR's units: dicom-parser
+    /// reads only the whole units and loses its place in the dataset (then reads any
+    /// length from the misplaced bytes), so the check and the parser would disagree.
+    #[error(
+        "element ({:04X},{:04X}) ({vr}) is {length} bytes, not a multiple of {unit}; \
+         refused (check the sending system)",
+        tag >> 16, tag & 0xFFFF
+    )]
+    Misaligned {
+        /// The element.
+        tag: u32,
+        /// The VR it is read with.
+        vr: String,
+        /// Its length.
+        length: u32,
+        /// Bytes per value of that VR.
+        unit: u32,
+    },
     /// A deflated dataset inflates beyond [`MAX_INFLATED`].
     #[error(
         "the deflated dataset inflates to more than {} MiB; refused (send it uncompressed)",
@@ -586,6 +604,16 @@ impl<S: Skip> Walker<S> {
             self.stack.push(Frame::Sequence { end, explicit });
             return Ok(());
         }
+        if let Some(unit) = binary_unit(vr)
+            && length % unit != 0
+        {
+            return Err(DatasetError::Misaligned {
+                tag,
+                vr: String::from_utf8_lossy(&vr).into_owned(),
+                length,
+                unit,
+            });
+        }
         if length > 0xFFFF {
             // A DICOMDIR key is written with the dictionary's VR (whatever VR the sender
             // used), and so is a conversion to another syntax.
@@ -613,6 +641,16 @@ fn long_length(vr: [u8; 2]) -> Option<bool> {
         | b"LT" | b"PN" | b"SH" | b"SL" | b"SS" | b"ST" | b"TM" | b"UI" | b"UL" | b"US" => {
             Some(false)
         }
+        _ => None,
+    }
+}
+
+/// Bytes per value of the binary VRs, which dicom-parser reads in whole units.
+fn binary_unit(vr: [u8; 2]) -> Option<u32> {
+    match &vr {
+        b"US" | b"SS" | b"OW" => Some(2),
+        b"UL" | b"SL" | b"FL" | b"OF" | b"OL" | b"AT" => Some(4),
+        b"FD" | b"OD" | b"SV" | b"UV" | b"OV" => Some(8),
         _ => None,
     }
 }
@@ -771,6 +809,29 @@ mod tests {
         );
         bytes[4..6].copy_from_slice(b"UN");
         check_bytes(&bytes, EXPLICIT, 0).expect("an empty UN sequence");
+    }
+
+    #[test]
+    fn a_binary_value_of_a_broken_length_is_refused() {
+        // Found by fuzzing: a group length (UL from the dictionary) of 18 bytes made
+        // dicom-parser read 16, lose its place, and allocate 2.7 GB for a length it then
+        // read from the middle of a value.
+        let mut implicit = vec![0x08, 0x4F, 0x00, 0x00, 18, 0, 0, 0];
+        implicit.extend_from_slice(&[0x41; 18]);
+        let err = check_bytes(&implicit, "1.2.840.10008.1.2", 0).expect_err("18-byte UL");
+        assert!(
+            matches!(err, DatasetError::Misaligned { unit: 4, length: 18, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("not a multiple of 4"), "{err}");
+        let mut explicit = vec![0x28, 0x00, 0x10, 0x00, b'U', b'S', 3, 0, 1, 2, 3];
+        assert!(matches!(
+            check_bytes(&explicit, EXPLICIT, 0),
+            Err(DatasetError::Misaligned { unit: 2, .. })
+        ));
+        explicit[6] = 2;
+        explicit.pop();
+        check_bytes(&explicit, EXPLICIT, 0).expect("a 2-byte US");
     }
 
     #[test]
