@@ -820,7 +820,14 @@ mod tests {
         implicit.extend_from_slice(&[0x41; 18]);
         let err = check_bytes(&implicit, "1.2.840.10008.1.2", 0).expect_err("18-byte UL");
         assert!(
-            matches!(err, DatasetError::Misaligned { unit: 4, length: 18, .. }),
+            matches!(
+                err,
+                DatasetError::Misaligned {
+                    unit: 4,
+                    length: 18,
+                    ..
+                }
+            ),
             "{err}"
         );
         assert!(err.to_string().contains("not a multiple of 4"), "{err}");
