@@ -16,10 +16,9 @@
 //! the instance is durable. A bad dataset gets a failure status and the association goes
 //! on; a protocol violation aborts that association only; nothing ends the listener.
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dicom_ul::Pdu;
@@ -38,6 +37,7 @@ use super::syntax::{ABSTRACT_SYNTAXES, TRANSFER_SYNTAXES, VERIFICATION};
 use crate::batch::{Joined, Recorded};
 use crate::config::DicomConfig;
 use crate::metrics::{Metrics, inc};
+use crate::repository::listener::PerAddress;
 use crate::route::{Route, RouteAccess, Routes};
 use crate::spool::{Incoming, InstanceHeader, Spool, StoreError, Stored};
 
@@ -88,21 +88,8 @@ struct Slots {
     waiting: Arc<Semaphore>,
     /// Connections being answered "local limit exceeded" ([`MAX_TURNING_AWAY`]).
     turning_away: Arc<Semaphore>,
-    /// Connections per peer address, and whether its refusal was logged.
-    peers: Mutex<HashMap<IpAddr, PeerHeld>>,
-    per_peer: usize,
-}
-
-#[derive(Default)]
-struct PeerHeld {
-    connections: usize,
-    warned: bool,
-}
-
-/// One connection counted against its peer address; released when dropped.
-struct PeerSlot {
-    slots: Arc<Slots>,
-    ip: IpAddr,
+    /// Connections per peer address (`max_associations_per_peer`).
+    peers: Arc<PerAddress>,
 }
 
 impl Slots {
@@ -115,43 +102,7 @@ impl Slots {
             reserve: Arc::new(Semaphore::new(config.reserved_associations)),
             waiting: Arc::new(Semaphore::new(total)),
             turning_away: Arc::new(Semaphore::new(MAX_TURNING_AWAY)),
-            peers: Mutex::new(HashMap::new()),
-            per_peer: config.max_associations_per_peer.max(1),
-        }
-    }
-
-    /// Counts a connection from `ip`, or `None` when `ip` already holds its limit.
-    fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<PeerSlot> {
-        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
-        let held = peers.entry(ip).or_default();
-        if held.connections >= self.per_peer {
-            return None;
-        }
-        held.connections += 1;
-        Some(PeerSlot {
-            slots: self.clone(),
-            ip,
-        })
-    }
-
-    /// Whether a refusal of `ip` should be logged: the first while it holds connections.
-    fn first_refusal(&self, ip: IpAddr) -> bool {
-        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
-        match peers.get_mut(&ip) {
-            Some(held) => !std::mem::replace(&mut held.warned, true),
-            None => true,
-        }
-    }
-}
-
-impl Drop for PeerSlot {
-    fn drop(&mut self) {
-        let mut peers = self.slots.peers.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(held) = peers.get_mut(&self.ip) {
-            held.connections = held.connections.saturating_sub(1);
-            if held.connections == 0 {
-                peers.remove(&self.ip);
-            }
+            peers: PerAddress::new(config.max_associations_per_peer),
         }
     }
 }
@@ -190,7 +141,7 @@ impl Listener {
                 () = self.shutdown.cancelled() => return,
             };
             next_id += 1;
-            let Some(peer_slot) = self.slots.admit(peer.ip()) else {
+            let Some(peer_slot) = self.slots.peers.admit(peer.ip()) else {
                 drop(waiting);
                 self.turn_away(socket, peer);
                 continue;
@@ -218,13 +169,13 @@ impl Listener {
     /// Answers a peer over its connection limit "local limit exceeded" (logged once while
     /// it stays at its limit), or just closes the connection during a flood.
     fn turn_away(&self, socket: TcpStream, peer: SocketAddr) {
-        if self.slots.first_refusal(peer.ip()) {
+        if self.slots.peers.first_refusal(peer.ip()) {
             warn!(
                 %peer,
                 "association refused: this address already holds {} connections \
                  (dicom.max_associations_per_peer); further ones are rejected (transient, \
                  local limit exceeded) until some end",
-                self.slots.per_peer
+                self.slots.peers.limit()
             );
         }
         let Ok(permit) = self.slots.turning_away.clone().try_acquire_owned() else {
@@ -296,7 +247,7 @@ async fn take_slot(
     tokio::select! {
         slot = free => Some((slot.expect("the association semaphores are never closed"), socket)),
         () = tokio::time::sleep(wait) => {
-            if slots.first_refusal(peer.ip()) {
+            if slots.peers.first_refusal(peer.ip()) {
                 let calling = callers.ok().flatten().map(|(_, calling)| calling);
                 warn!(
                     calling = ?calling.as_deref().unwrap_or("?"),

@@ -60,6 +60,7 @@ pub async fn serve<L>(
         };
         let (io, peer, slot) = accepted;
         let Some(held) = per_address.admit(peer.addr.ip()) else {
+            turned_away(&per_address, peer.addr.ip());
             drop(io);
             continue;
         };
@@ -150,9 +151,13 @@ impl PerAddress {
         })
     }
 
+    /// The most connections one address may hold.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
     /// Counts a connection from `addr`, or `None` when `addr` already holds the limit
-    /// (the caller closes the connection). The first refusal while an address is at its
-    /// limit is logged; the rest of the flood is not.
+    /// (the caller turns the connection away, logging [`PerAddress::first_refusal`]).
     pub fn admit(self: &Arc<Self>, addr: IpAddr) -> Option<AddressSlot> {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         let held = open.entry(addr).or_insert(Held {
@@ -160,15 +165,6 @@ impl PerAddress {
             warned: false,
         });
         if held.count >= self.limit {
-            if !held.warned {
-                held.warned = true;
-                tracing::warn!(
-                    "repository: {addr} already holds {} connections \
-                     (server.max_connections_per_address); further connections from it are \
-                     closed until some end",
-                    self.limit
-                );
-            }
             return None;
         }
         held.count += 1;
@@ -176,6 +172,28 @@ impl PerAddress {
             table: self.clone(),
             addr,
         })
+    }
+
+    /// Whether a refusal of `addr` is the first while it holds connections: only that one
+    /// is logged, not the rest of a flood.
+    pub fn first_refusal(&self, addr: IpAddr) -> bool {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        match open.get_mut(&addr) {
+            Some(held) => !std::mem::replace(&mut held.warned, true),
+            None => true,
+        }
+    }
+}
+
+/// Logs the first refusal of `addr` by a repository or admin listener.
+pub(super) fn turned_away(per_address: &PerAddress, addr: IpAddr) {
+    if per_address.first_refusal(addr) {
+        tracing::warn!(
+            "{addr} already holds {} connections (for the repository: \
+             server.max_connections_per_address); further connections from it are closed \
+             until some end",
+            per_address.limit
+        );
     }
 }
 
@@ -203,6 +221,8 @@ mod tests {
         let first = table.admit(a).expect("first");
         let _second = table.admit(a).expect("second");
         assert!(table.admit(a).is_none(), "third from the same address");
+        assert!(table.first_refusal(a), "the first refusal is logged");
+        assert!(!table.first_refusal(a), "the rest of a flood is not");
         assert!(table.admit(b).is_some(), "another address is not affected");
         drop(first);
         assert!(table.admit(a).is_some(), "a slot is free again");

@@ -17,7 +17,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
 use crate::repository::config::TlsConfig;
-use crate::repository::listener::{PerAddress, when_free};
+use crate::repository::listener::{PerAddress, turned_away, when_free};
 
 /// Time a client has to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -141,6 +141,7 @@ async fn accept_loop(
             }
         };
         let Some(held) = per_address.admit(addr.ip()) else {
+            turned_away(&per_address, addr.ip());
             continue;
         };
         let _ = stream.set_nodelay(true);
