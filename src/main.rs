@@ -582,7 +582,7 @@ fn pdi(command: PdiCommand) -> anyhow::Result<()> {
 
 fn import(args: ImportArgs) -> anyhow::Result<()> {
     use cloudpdi::dicom::scu::{Outcome, StoreTarget, collect, store_all};
-    use cloudpdi::reconcile::{PatientIdPolicy, Reconciler};
+    use cloudpdi::gateway::inbound::reconcile::{PatientIdPolicy, Reconciler};
     let (instances, skipped) = collect(&args.paths);
     for not_dicom in &skipped {
         eprintln!("skipped: {}", Escaped(&not_dicom.to_string()));
@@ -633,7 +633,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn serve(args: &ConfigArg) -> anyhow::Result<()> {
     let config = Config::load(&args.config)?;
     cloudpdi::telemetry::init(&config.log);
-    runtime()?.block_on(cloudpdi::serve::run(config, shutdown_signal()))?;
+    runtime()?.block_on(cloudpdi::gateway::serve::run(config, shutdown_signal()))?;
     Ok(())
 }
 
@@ -656,7 +656,8 @@ fn retry(args: &RetryArgs) -> anyhow::Result<()> {
         args.job
     );
     let addr = admin_addr(args.admin, &args.config)?;
-    let (accepted, answer) = runtime()?.block_on(cloudpdi::status::retry(addr, &args.job))?;
+    let (accepted, answer) =
+        runtime()?.block_on(cloudpdi::admin::status::retry(addr, &args.job))?;
     anyhow::ensure!(accepted, "{}", answer.trim_end());
     println!("{}", Escaped(answer.trim_end()));
     Ok(())
@@ -664,11 +665,11 @@ fn retry(args: &RetryArgs) -> anyhow::Result<()> {
 
 fn status(args: &StatusArgs) -> anyhow::Result<()> {
     let addr = admin_addr(args.admin, &args.config)?;
-    let status = runtime()?.block_on(cloudpdi::status::fetch(addr))?;
+    let status = runtime()?.block_on(cloudpdi::admin::status::fetch(addr))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&status)?);
     } else {
-        print!("{}", cloudpdi::status::render(&status));
+        print!("{}", cloudpdi::admin::status::render(&status));
     }
     Ok(())
 }
@@ -690,7 +691,7 @@ async fn shutdown_signal() {
 }
 
 fn send(args: SendArgs) -> anyhow::Result<()> {
-    use cloudpdi::outbound::{Sender, send_files};
+    use cloudpdi::gateway::outbound::{Sender, send_files};
     let config = std::sync::Arc::new(Config::load(&args.config.config)?);
     anyhow::ensure!(
         config.routes.contains_key(&args.route),
@@ -743,7 +744,7 @@ fn receive(args: &ReceiveArgs) -> anyhow::Result<()> {
             } else {
                 cloudpdi::config::InboundConfig::default()
             };
-            let summary = runtime()?.block_on(cloudpdi::inbound::receive_to_folder(
+            let summary = runtime()?.block_on(cloudpdi::gateway::inbound::receive_to_folder(
                 &token, out, &inbound, &report,
             ))?;
             bar.finish_and_clear();
@@ -761,8 +762,12 @@ fn receive(args: &ReceiveArgs) -> anyhow::Result<()> {
         None => {
             let config = Config::load(&args.config.config)?;
             let dir = config.watch_dir();
-            let path = cloudpdi::watch::drop_token(&dir, &token, args.patient_id.as_deref())
-                .with_context(|| format!("cannot write into the watch folder {}", dir.display()))?;
+            let path = cloudpdi::gateway::inbound::watch::drop_token(
+                &dir,
+                &token,
+                args.patient_id.as_deref(),
+            )
+            .with_context(|| format!("cannot write into the watch folder {}", dir.display()))?;
             println!(
                 "handed to the daemon: {} (see `cloudpdi status`)",
                 path.display()

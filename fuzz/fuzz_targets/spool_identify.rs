@@ -18,8 +18,8 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use cloudpdi::config::BatchBy;
-use cloudpdi::route::Route;
-use cloudpdi::spool::{InstanceHeader, Spool};
+use cloudpdi::gateway::reception::route::Route;
+use cloudpdi::gateway::reception::spool::{InstanceHeader, Spool};
 use libfuzzer_sys::fuzz_target;
 
 /// SOP Class UID the seeds carry (Secondary Capture Image Storage).

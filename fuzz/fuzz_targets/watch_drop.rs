@@ -3,7 +3,7 @@
 //! watch does; the Patient ID it yields is trimmed and not empty.
 #![no_main]
 
-use cloudpdi::watch::parse_drop;
+use cloudpdi::gateway::inbound::watch::parse_drop;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

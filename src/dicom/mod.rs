@@ -3,6 +3,5 @@
 
 pub mod depth;
 pub mod dimse;
-pub mod scp;
 pub mod scu;
 pub mod syntax;

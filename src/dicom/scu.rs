@@ -26,7 +26,7 @@ use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use super::dimse::{Response, command_pdu, field, status, store_request};
-use crate::reconcile::{PatientIdPolicy, Reconciler};
+use crate::gateway::inbound::reconcile::{PatientIdPolicy, Reconciler};
 
 /// Implicit VR Little Endian.
 const IMPLICIT_LE: &str = "1.2.840.10008.1.2";

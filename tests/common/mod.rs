@@ -265,16 +265,16 @@ impl Daemon {
     }
 
     /// The spool's index, opened after the daemon stopped (sled allows one process).
-    pub fn index(&self) -> cloudpdi::batch::BatchIndex {
+    pub fn index(&self) -> cloudpdi::gateway::reception::batch::BatchIndex {
         assert!(
             self.child.is_none(),
             "stop the daemon before opening its index"
         );
-        cloudpdi::batch::BatchIndex::open(&self.dir.join("data/index")).unwrap()
+        cloudpdi::gateway::reception::batch::BatchIndex::open(&self.dir.join("data/index")).unwrap()
     }
 
     /// Path of the spooled file for an index record.
-    pub fn spooled(&self, record: &cloudpdi::batch::InstanceRecord) -> PathBuf {
+    pub fn spooled(&self, record: &cloudpdi::gateway::reception::batch::InstanceRecord) -> PathBuf {
         self.dir.join("data/spool").join(&record.file)
     }
 }

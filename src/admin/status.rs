@@ -4,7 +4,7 @@ use std::fmt::Write;
 use std::net::SocketAddr;
 
 use crate::admin::Status;
-use crate::batch::{BatchState, now_ms};
+use crate::gateway::reception::batch::{BatchState, now_ms};
 use crate::telemetry::{Escaped, escape};
 
 /// Why the status could not be shown.

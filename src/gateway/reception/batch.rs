@@ -21,7 +21,7 @@ use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 
 use crate::config::BatchBy;
-use crate::route::{Route, Routes};
+use crate::gateway::reception::route::{Route, Routes};
 
 /// Why the batch index cannot be read or changed.
 #[derive(Debug, thiserror::Error)]

@@ -18,8 +18,8 @@ use std::time::{Duration, SystemTime};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::inbound::{Inbound, QueueError, Queued};
-use crate::jobs::{sync_dir, write_durably};
+use crate::gateway::inbound::{Inbound, QueueError, Queued};
+use crate::gateway::jobs::{sync_dir, write_durably};
 use crate::token::{Token, TokenError};
 
 /// Token files larger than this are not tokens.
@@ -74,7 +74,7 @@ pub fn drop_token(dir: &Path, token: &Token, patient_id: Option<&str>) -> std::i
     ));
     text.push_str(&line);
     text.push_str(id_line.as_deref().unwrap_or_default());
-    let path = dir.join(format!("{}.token", crate::inbound::job_id(token)));
+    let path = dir.join(format!("{}.token", crate::gateway::inbound::job_id(token)));
     write_durably(&path, text.as_bytes(), 0o600)?;
     Ok(path)
 }

@@ -1,6 +1,6 @@
 //! The inbound pipeline: a token becomes a study in the local PACS.
 //!
-//! A token enters through the watch queue ([`crate::watch`]) and becomes a job whose id
+//! A token enters through the watch queue ([`crate::gateway::inbound::watch`]) and becomes a job whose id
 //! is derived from its repository and document ID, so the same token dropped twice is
 //! imported once. Steps, each repeated safely after a crash:
 //! 1. **download**: ranged, resumable download of the container (`jobs/in/<id>/container`);
@@ -13,6 +13,9 @@
 //!
 //! The token itself stays only in the job folder (mode 0600) while the job runs.
 
+pub mod reconcile;
+pub mod watch;
+
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,15 +25,15 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
-use crate::batch::{IndexError, now_ms};
 use crate::config::{Config, InboundConfig, PatientIdMode};
 use crate::dicom::scu::{Instance, Outcome, StoreTarget, store_all};
-use crate::jobs::{
+use crate::gateway::inbound::reconcile::{PatientIdPolicy, Reconciler};
+use crate::gateway::jobs::{
     JobRecord, JobStore, JobSummary, Pipeline, Progress, StepError, remove_folder, state_name,
     write_durably,
 };
-use crate::outbound::blocking;
-use crate::reconcile::{PatientIdPolicy, Reconciler};
+use crate::gateway::outbound::blocking;
+use crate::gateway::reception::batch::{IndexError, now_ms};
 use crate::repository::api::Receipt;
 use crate::repository::client::{Client, ClientOptions};
 use crate::token::Token;
@@ -307,7 +310,7 @@ impl Inbound {
                     )
                     .await?;
                 std::fs::rename(dir.partial(), dir.container())?;
-                crate::jobs::sync_dir(&dir.0)?;
+                crate::gateway::jobs::sync_dir(&dir.0)?;
                 Ok(InStep::Open)
             }
             InStep::Open => {
@@ -320,7 +323,7 @@ impl Inbound {
                         &dir.pdi_zip(),
                         limits,
                     )?;
-                    crate::jobs::sync_dir(&dir.0)?;
+                    crate::gateway::jobs::sync_dir(&dir.0)?;
                     Ok(())
                 })
                 .await?;
@@ -430,9 +433,9 @@ impl Inbound {
             }
         }
         if !job.set_aside.is_empty() {
-            crate::jobs::sync_dir(&set_aside_dir)?;
+            crate::gateway::jobs::sync_dir(&set_aside_dir)?;
             if let Some(parent) = set_aside_dir.parent() {
-                crate::jobs::sync_dir(parent)?;
+                crate::gateway::jobs::sync_dir(parent)?;
             }
         }
         job.stored = total - job.set_aside.len() as u64;

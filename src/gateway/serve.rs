@@ -16,16 +16,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
+use crate::admin::metrics::Metrics;
 use crate::admin::{self, AdminState};
-use crate::batch::now_ms;
 use crate::config::Config;
-use crate::dicom::scp::{Listener, ScpContext};
-use crate::inbound::Inbound;
-use crate::metrics::Metrics;
-use crate::outbound::{Outbound, Sender};
-use crate::route::Routes;
-use crate::spool::{Spool, StoreError};
-use crate::watch::Watch;
+use crate::gateway::inbound::Inbound;
+use crate::gateway::inbound::watch::Watch;
+use crate::gateway::outbound::{Outbound, Sender};
+use crate::gateway::reception::route::Routes;
+use crate::gateway::reception::scp::{Listener, ScpContext};
+use crate::gateway::reception::spool::{Spool, StoreError};
 
 /// How long shutdown waits for associations to finish their instance in flight.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
@@ -47,7 +46,7 @@ pub enum ServeError {
     Repository(String),
     /// A job store cannot be opened.
     #[error("cannot open the job index: {0}")]
-    Jobs(#[from] crate::batch::IndexError),
+    Jobs(#[from] crate::gateway::reception::batch::IndexError),
     /// A listening socket cannot be bound.
     #[error("cannot listen on {addr} for {what}: {source} (is another program using this port?)")]
     Bind {
@@ -83,7 +82,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let sender = Sender::from_config(config.clone());
     let outbound = Arc::new(Outbound::new(sender, spool.clone())?);
     let outbound_task = config.outbound.enabled.then(|| {
-        tokio::spawn(crate::jobs::work(
+        tokio::spawn(crate::gateway::jobs::work(
             outbound.clone(),
             config.outbound.workers,
             cancel.clone(),
@@ -103,7 +102,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             Duration::from_secs(config.inbound.poll_interval.max(1)),
         );
         (
-            tokio::spawn(crate::jobs::work(
+            tokio::spawn(crate::gateway::jobs::work(
                 inbound,
                 config.inbound.workers,
                 cancel.clone(),
@@ -120,7 +119,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     });
     let scp = Listener::new(dicom, ctx, cancel.clone(), tracker.clone());
     let scp = tokio::spawn(scp.run());
-    let stabilizer = tokio::spawn(stabilize(
+    let stabilizer = tokio::spawn(crate::gateway::reception::stabilizer::stabilize(
         spool.clone(),
         routes.clone(),
         metrics.clone(),
@@ -221,8 +220,12 @@ async fn embedded_repository(
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             let (key, _) =
                 crate::repository::auth::new_api_key().map_err(|e| repository_error(&e))?;
-            crate::jobs::write_durably(&key_file, format!("{}\n", key.as_str()).as_bytes(), 0o600)
-                .map_err(|e| ServeError::Repository(format!("{}: {e}", key_file.display())))?;
+            crate::gateway::jobs::write_durably(
+                &key_file,
+                format!("{}\n", key.as_str()).as_bytes(),
+                0o600,
+            )
+            .map_err(|e| ServeError::Repository(format!("{}: {e}", key_file.display())))?;
             key
         }
         Err(e) => {
@@ -254,52 +257,4 @@ async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, Serve
     TcpListener::bind(addr)
         .await
         .map_err(|source| ServeError::Bind { addr, what, source })
-}
-
-/// Seals quiet batches; checks often enough for the shortest `stable_after`.
-async fn stabilize(
-    spool: Arc<Spool>,
-    routes: Arc<Routes>,
-    metrics: Arc<Metrics>,
-    cancel: CancellationToken,
-) {
-    let shortest = routes
-        .iter()
-        .map(|r| r.stable_after)
-        .min()
-        .unwrap_or(Duration::from_secs(1));
-    let period = (shortest / 2).clamp(Duration::from_millis(100), Duration::from_secs(1));
-    let mut tick = tokio::time::interval(period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            () = cancel.cancelled() => return,
-        }
-        let (spool, routes) = (spool.clone(), routes.clone());
-        let sealed = tokio::task::spawn_blocking(move || {
-            let sealed = spool.index().seal_quiet(&routes, now_ms())?;
-            if !sealed.is_empty() {
-                spool.index().flush()?;
-            }
-            Ok::<_, crate::batch::IndexError>(sealed)
-        })
-        .await;
-        match sealed {
-            Ok(Ok(sealed)) => {
-                for batch in sealed {
-                    crate::metrics::inc(&metrics.batches_stable);
-                    info!(
-                        batch = %batch.id,
-                        route = %batch.route,
-                        instances = batch.instances,
-                        bytes = batch.bytes,
-                        "batch stable, ready for packing"
-                    );
-                }
-            }
-            Ok(Err(e)) => error!("cannot check batches for stability: {e}"),
-            Err(e) => error!("batch stability check failed: {e}"),
-        }
-    }
 }

@@ -23,7 +23,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sled::transaction::{TransactionError, Transactional};
 
-use crate::batch::{IndexError, now_ms};
+use crate::gateway::reception::batch::{IndexError, now_ms};
 
 /// What a job's step reports when it cannot go on.
 #[derive(Debug, thiserror::Error)]

@@ -20,10 +20,12 @@ use dicom_object::file::ReadPreamble;
 use dicom_object::{FileMetaTableBuilder, OpenFileOptions};
 use sha2::{Digest, Sha256};
 
-use crate::batch::{BatchId, BatchIndex, BatchState, IndexError, InstanceRecord, Recorded, now_ms};
 use crate::config::BatchBy;
 use crate::dicom::depth::{self, DatasetError};
-use crate::route::Route;
+use crate::gateway::reception::batch::{
+    BatchId, BatchIndex, BatchState, IndexError, InstanceRecord, Recorded, now_ms,
+};
+use crate::gateway::reception::route::Route;
 
 /// Received bytes kept in memory before they spill to the temp file; a typical CT or MR
 /// slice never touches the disk before it is complete and checked.

@@ -14,6 +14,9 @@
 //! - `POST /jobs/{id}/retry` (with the `x-cloudpdi-admin` header): puts a failed
 //!   outbound job back to the step that failed
 
+pub mod metrics;
+pub mod status;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,14 +30,14 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::batch::{BatchRecord, BatchState};
-use crate::inbound::Inbound;
-use crate::jobs::JobSummary;
-use crate::metrics::Metrics;
-use crate::outbound::{Outbound, RetryError};
+use crate::admin::metrics::Metrics;
+use crate::gateway::inbound::Inbound;
+use crate::gateway::jobs::JobSummary;
+use crate::gateway::outbound::{Outbound, RetryError};
+use crate::gateway::reception::batch::{BatchRecord, BatchState};
+use crate::gateway::reception::route::Routes;
+use crate::gateway::reception::spool::Spool;
 use crate::repository::listener::{self, Limits, PerAddress};
-use crate::route::Routes;
-use crate::spool::Spool;
 
 /// What the daemon reports about itself.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -88,7 +91,7 @@ async fn jobs(state: &Arc<AdminState>) -> Result<Vec<JobSummary>, Response> {
         if let Some(inbound) = &state.inbound {
             jobs.extend(inbound.summaries()?);
         }
-        Ok::<_, crate::batch::IndexError>(jobs)
+        Ok::<_, crate::gateway::reception::batch::IndexError>(jobs)
     })
     .await;
     match read {
@@ -205,7 +208,7 @@ async fn retry(
             StatusCode::OK,
             format!(
                 "job {id} runs again from step {}\n",
-                crate::jobs::state_name(step)
+                crate::gateway::jobs::state_name(step)
             ),
         )
             .into_response(),

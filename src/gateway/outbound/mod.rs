@@ -23,17 +23,17 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
-use crate::batch::{BatchId, now_ms};
 use crate::config::{Config, RouteConfig};
 use crate::container::{self, Compression, Options};
-use crate::jobs::{
+use crate::gateway::jobs::{
     JobRecord, JobStore, JobSummary, Pipeline, Progress, StepError, create_durably, remove_folder,
     state_name, write_durably,
 };
+use crate::gateway::reception::batch::{BatchId, now_ms};
+use crate::gateway::reception::spool::Spool;
 use crate::pdi::{self, BuildOptions};
 use crate::repository::api::NewDocument;
 use crate::repository::client::{Client, ClientOptions};
-use crate::spool::Spool;
 use crate::token::slip::{self, SlipDetails, SlipFormat};
 use crate::token::{SECRET_LEN, Secret, Token};
 
@@ -148,7 +148,7 @@ pub enum RetryError {
     NotFailed(String, String),
     /// The job store failed.
     #[error(transparent)]
-    Index(#[from] crate::batch::IndexError),
+    Index(#[from] crate::gateway::reception::batch::IndexError),
 }
 
 /// Everything the outbound steps need, shared by the daemon and `cloudpdi send`.
@@ -404,8 +404,11 @@ impl Outbound {
     /// Opens the outbound job store in the daemon's database.
     ///
     /// # Errors
-    /// [`crate::batch::IndexError`] when the store cannot be opened.
-    pub fn new(sender: Sender, spool: Arc<Spool>) -> Result<Outbound, crate::batch::IndexError> {
+    /// [`crate::gateway::reception::batch::IndexError`] when the store cannot be opened.
+    pub fn new(
+        sender: Sender,
+        spool: Arc<Spool>,
+    ) -> Result<Outbound, crate::gateway::reception::batch::IndexError> {
         let jobs = JobStore::open(spool.index().database(), "outbound_jobs")?;
         jobs.reindex::<OutboundJob>()?;
         let dir = sender.config.jobs_dir().join("out");
@@ -421,7 +424,7 @@ impl Outbound {
 
     /// Creates the job of a batch claimed just before a crash (claim and job creation
     /// are two writes); run once at start, since only a crash leaves such a batch.
-    fn recover(&self) -> Result<(), crate::batch::IndexError> {
+    fn recover(&self) -> Result<(), crate::gateway::reception::batch::IndexError> {
         for batch in self.spool.index().claimed()? {
             let job = OutboundJob::new(batch.id.to_string(), Some(batch.id), &batch.route);
             if self.jobs.create(&job)? {
@@ -434,8 +437,10 @@ impl Outbound {
     /// Every outbound job, for `cloudpdi status`.
     ///
     /// # Errors
-    /// [`crate::batch::IndexError`] when the store cannot be read.
-    pub fn summaries(&self) -> Result<Vec<JobSummary>, crate::batch::IndexError> {
+    /// [`crate::gateway::reception::batch::IndexError`] when the store cannot be read.
+    pub fn summaries(
+        &self,
+    ) -> Result<Vec<JobSummary>, crate::gateway::reception::batch::IndexError> {
         Ok(self
             .jobs
             .all::<OutboundJob>()?
@@ -476,7 +481,7 @@ impl Outbound {
         &self,
         job: &mut OutboundJob,
         now: u64,
-    ) -> Result<(), crate::batch::IndexError> {
+    ) -> Result<(), crate::gateway::reception::batch::IndexError> {
         let retention = self
             .sender
             .config
@@ -594,7 +599,7 @@ impl Pipeline for Outbound {
     const NAME: &'static str = "outbound";
 
     /// Claims newly stable batches and returns the jobs that may run now.
-    fn due(&self) -> Result<Vec<OutboundJob>, crate::batch::IndexError> {
+    fn due(&self) -> Result<Vec<OutboundJob>, crate::gateway::reception::batch::IndexError> {
         let index = self.spool.index();
         for id in index.ready()? {
             if let Some(batch) = index.claim(id)? {

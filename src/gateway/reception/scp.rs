@@ -11,7 +11,7 @@
 //! ("local limit exceeded"), logged once while that peer is at its limit. An association
 //! that sends no C-STORE for `store_idle_timeout` seconds is aborted (C-ECHO keep-alives
 //! cannot hold a slot forever). Each association runs in its own task as an
-//! [`AssociationState`] that reassembles P-DATA fragments into command sets and datasets,
+//! `AssociationState` that reassembles P-DATA fragments into command sets and datasets,
 //! hands complete instances to the [`Spool`] off the async runtime, and answers only once
 //! the instance is durable. A bad dataset gets a failure status and the association goes
 //! on; a protocol violation aborts that association only; nothing ends the listener.
@@ -32,14 +32,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use super::dimse::{Command, MAX_COMMAND_LENGTH, command_pdu, field, status};
-use super::syntax::{ABSTRACT_SYNTAXES, TRANSFER_SYNTAXES, VERIFICATION};
-use crate::batch::{Joined, Recorded};
+use crate::admin::metrics::{Metrics, inc};
 use crate::config::DicomConfig;
-use crate::metrics::{Metrics, inc};
+use crate::dicom::dimse::{Command, MAX_COMMAND_LENGTH, command_pdu, field, status};
+use crate::dicom::syntax::{ABSTRACT_SYNTAXES, TRANSFER_SYNTAXES, VERIFICATION};
+use crate::gateway::reception::batch::{Joined, Recorded};
+use crate::gateway::reception::route::{Route, RouteAccess, Routes};
+use crate::gateway::reception::spool::{Incoming, InstanceHeader, Spool, StoreError, Stored};
 use crate::repository::listener::PerAddress;
-use crate::route::{Route, RouteAccess, Routes};
-use crate::spool::{Incoming, InstanceHeader, Spool, StoreError, Stored};
 
 /// What every association task needs.
 pub struct ScpContext {
@@ -692,9 +692,9 @@ impl AssociationState {
                 inc(&metrics.instances_unparsable);
                 status::DATA_SET_DOES_NOT_MATCH
             }
-            StoreError::Index(crate::batch::IndexError::Sled(sled::Error::Io(e)))
-                if e.kind() == std::io::ErrorKind::StorageFull =>
-            {
+            StoreError::Index(crate::gateway::reception::batch::IndexError::Sled(
+                sled::Error::Io(e),
+            )) if e.kind() == std::io::ErrorKind::StorageFull => {
                 inc(&metrics.instances_out_of_space);
                 status::OUT_OF_RESOURCES
             }

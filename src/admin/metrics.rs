@@ -4,7 +4,7 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::route::Refusal;
+use crate::gateway::reception::route::Refusal;
 
 /// Process-wide counters (monotonic unless named `active`).
 #[derive(Debug, Default)]
