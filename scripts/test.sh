@@ -6,6 +6,7 @@
 # util-linux (network/mount namespaces for peers that cannot bind loopback only),
 # poppler-utils, poppler-data, qpdf, librsvg2-bin (checking the token slip's PDF and SVG).
 # Python packages (PyPI): pydicom, pydicom-data, pynetdicom, numpy, moto[server].
+# cargo-deny (crates.io) for scripts/deny.sh.
 # Needs root for apt-get and for the namespace tests (CI runs as root).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,4 +39,5 @@ fi
 
 cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings
+scripts/deny.sh
 cargo test --locked --no-fail-fast "$@"

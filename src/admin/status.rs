@@ -43,6 +43,7 @@ pub async fn fetch(addr: SocketAddr) -> Result<Status, StatusError> {
 
 /// A client for the loopback admin endpoint, which answers at once or not at all.
 fn admin_client() -> reqwest::Result<reqwest::Client> {
+    crate::repository::tls::install_crypto_provider();
     reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(10))
         .build()

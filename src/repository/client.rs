@@ -299,6 +299,7 @@ impl Client {
                 options.plain_http_key
             )));
         }
+        crate::repository::tls::install_crypto_provider();
         let mut builder = reqwest::Client::builder()
             // A redirect would carry the proof or key to another address: none is followed.
             .redirect(reqwest::redirect::Policy::none())

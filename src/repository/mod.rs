@@ -26,7 +26,7 @@ pub mod config;
 pub(crate) mod listener;
 pub mod server;
 pub mod storage;
-mod tls;
+pub mod tls;
 
 /// Length of a document ID: 128 random bits as lower-case hex.
 pub const DOCUMENT_ID_LEN: usize = 32;

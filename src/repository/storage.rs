@@ -31,7 +31,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures_util::stream::{BoxStream, StreamExt, TryStreamExt};
 use object_store::path::Path;
-use object_store::{GetOptions, GetRange, GetResultPayload, ObjectStore, PutMode, PutPayload};
+use object_store::{
+    GetOptions, GetRange, GetResultPayload, ObjectStore, ObjectStoreExt, PutMode, PutPayload,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::repository::api::{ReceiptRecord, hex32};
@@ -181,6 +183,7 @@ impl Storage {
                 })
             }
             Backend::S3 => {
+                crate::repository::tls::install_crypto_provider();
                 let mut builder = object_store::aws::AmazonS3Builder::from_env()
                     .with_bucket_name(&config.bucket)
                     .with_region(&config.region)

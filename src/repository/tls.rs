@@ -42,6 +42,18 @@ impl From<SocketAddr> for Peer {
     }
 }
 
+/// Makes ring the process-wide rustls provider. The HTTP clients that do not take a
+/// provider of their own (reqwest's, object_store's S3 client) need one installed, and
+/// ring is the one the server already uses: one TLS implementation in the binary.
+/// Call before building any HTTP client; later calls do nothing.
+pub fn install_crypto_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // Err only when another provider was installed first, which then serves as well.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
 /// Builds the rustls server configuration from PEM files.
 ///
 /// # Errors
