@@ -364,7 +364,7 @@ fn full_disk_answers_out_of_resources_and_leaves_no_partial_file() {
         ok,
         "no partial file remains:\n{listed}"
     );
-    assert!(!listed.contains(".part"), "{listed}");
+    assert!(!listed.contains(".tmp"), "{listed}");
     assert!(daemon.stop().success());
     let index = daemon.index();
     let batch = index.batches().unwrap();
