@@ -1,5 +1,5 @@
-//! `cloudpdi serve`: wires the SCP, the batch stabilizer and the admin endpoint together,
-//! and stops them in order.
+//! `cloudpdi serve`: wires the SCP, the batch stabilizer, both pipelines, the retention of
+//! records and the admin endpoint together, and stops them in order.
 //!
 //! Shutdown (SIGTERM from systemd, or Ctrl-C): stop accepting associations, let every
 //! instance in flight finish and be acknowledged, abort idle associations, flush the
