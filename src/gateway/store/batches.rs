@@ -565,11 +565,27 @@ mod tests {
 
         let b = index.batch(batch).expect("read").expect("exists");
         assert_eq!((b.instances, b.bytes, b.state), (2, 170, BatchState::Open));
+        assert_eq!(
+            index.counts().expect("counts"),
+            BatchCounts {
+                open: 2,
+                stable: 0,
+                sent: 0
+            }
+        );
         assert_eq!(index.members(batch).expect("members"), ["1.1", "1.2"]);
 
         assert!(index.seal_quiet(&routes, 12_999).expect("seal").is_empty());
         let sealed = index.seal_quiet(&routes, 13_000).expect("seal");
         assert_eq!(sealed.len(), 2);
+        assert_eq!(
+            index.counts().expect("counts"),
+            BatchCounts {
+                open: 0,
+                stable: 2,
+                sent: 0
+            }
+        );
         assert_eq!(index.ready().expect("ready").len(), 2);
 
         // A late instance reopens its stable batch while it waits for packing.
@@ -589,10 +605,18 @@ mod tests {
             (3, BatchState::Open, None)
         );
         assert_eq!(index.ready().expect("ready").len(), 1);
+        assert_eq!(
+            index.counts().expect("counts"),
+            BatchCounts {
+                open: 1,
+                stable: 1,
+                sent: 0
+            }
+        );
 
-        // Once packed (taken off the ready queue), the study starts a new batch.
+        // Once claimed by the outbound pipeline, the study starts a new batch.
         assert_eq!(index.seal_quiet(&routes, 30_000).expect("seal").len(), 1);
-        index.ready.remove(batch_key(batch)).expect("take");
+        index.claim(batch).expect("claim").expect("claimed");
         let newer = index
             .record(route, "study-1", "1.4", record(1, 40_000))
             .expect("newer");
@@ -603,5 +627,24 @@ mod tests {
                 ..
             }
         ));
+        assert_eq!(
+            index.counts().expect("counts"),
+            BatchCounts {
+                open: 1,
+                stable: 1,
+                sent: 1
+            }
+        );
+        // The counter of recorded batches survives a reopen.
+        drop(index);
+        let index = BatchIndex::open(dir.path()).expect("reopen");
+        assert_eq!(
+            index.counts().expect("counts"),
+            BatchCounts {
+                open: 1,
+                stable: 1,
+                sent: 1
+            }
+        );
     }
 }
