@@ -192,6 +192,17 @@ pub struct SpoolConfig {
     /// Refuse new instances ("out of resources") when less than this many MiB are free,
     /// so a burst of studies cannot fill the disk the operating system needs.
     pub min_free_mb: u64,
+    /// Days the records of jobs that finished cleanly (and their batches) are kept for
+    /// `cloudpdi status` before they are removed, so the database does not grow for ever;
+    /// failed and set-aside jobs are never removed automatically. 0 keeps every record.
+    pub records_days: u64,
+}
+
+impl SpoolConfig {
+    /// How long finished records are kept ([`SpoolConfig::records_days`]); zero for ever.
+    pub fn records_kept(&self) -> Duration {
+        Duration::from_secs(self.records_days.saturating_mul(86_400))
+    }
 }
 
 /// Admin endpoint settings.
@@ -293,6 +304,7 @@ impl Default for SpoolConfig {
         SpoolConfig {
             data_dir: PathBuf::from("./data"),
             min_free_mb: 1024,
+            records_days: 90,
         }
     }
 }
@@ -694,6 +706,10 @@ mod tests {
     fn the_shipped_configuration_loads_and_shows_the_defaults() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/cloudpdi.toml");
         let shipped = Config::load(&path).expect("conf/cloudpdi.toml loads");
+        assert_eq!(
+            format!("{:?}", shipped.spool),
+            format!("{:?}", SpoolConfig::default())
+        );
         assert_eq!(
             format!("{:?}", shipped.outbound),
             format!("{:?}", OutboundConfig::default())

@@ -17,12 +17,13 @@
 //! Both pipelines are durable [`gateway::jobs`]; [`gateway::serve`] is the daemon that
 //! runs them. [`admin`] answers `cloudpdi status`, health checks and Prometheus scrapes on
 //! loopback. [`config`] holds every setting and its default; [`telemetry`] sets up the
-//! logs.
+//! logs; every file that must survive a crash is written by [`durable`].
 
 pub mod admin;
 pub mod config;
 pub mod container;
 pub mod dicom;
+pub mod durable;
 pub mod gateway;
 pub mod pdi;
 pub mod repository;

@@ -459,16 +459,13 @@ fn encrypt(args: &CryptArgs) -> anyhow::Result<()> {
     let input = std::io::BufReader::new(
         std::fs::File::open(&args.input).with_context(|| format!("{}", args.input.display()))?,
     );
-    let output = std::io::BufWriter::new(
-        std::fs::File::create_new(&args.output)
-            .with_context(|| format!("{} (must not exist)", args.output.display()))?,
-    );
-    let file =
+    cloudpdi::durable::create_new(&args.output, 0o666, |file| {
+        let output = std::io::BufWriter::new(file);
         cloudpdi::container::encrypt_parallel(&token.container_key(), &options, input, output, 0)?
             .into_inner()
             .map_err(|e| anyhow::anyhow!("writing {}: {e}", args.output.display()))?;
-    file.sync_all()?;
-    Ok(())
+        Ok(())
+    })
 }
 
 fn decrypt(args: &CryptArgs) -> anyhow::Result<()> {
@@ -510,21 +507,10 @@ fn pdi(command: PdiCommand) -> anyhow::Result<()> {
                 .extension()
                 .is_some_and(|e| e.eq_ignore_ascii_case("zip"));
             let report = if is_zip {
-                let file = std::fs::File::create_new(&args.out)
-                    .with_context(|| format!("{} (must not exist)", args.out.display()))?;
-                let built = pdi::build_zip(&args.inputs, &options, std::io::BufWriter::new(&file))
-                    .map_err(anyhow::Error::from)
-                    .and_then(|report| {
-                        file.sync_all()?;
-                        Ok(report)
-                    });
-                match built {
-                    Ok(report) => report,
-                    Err(e) => {
-                        let _ = std::fs::remove_file(&args.out);
-                        return Err(e);
-                    }
-                }
+                cloudpdi::durable::create_new(&args.out, 0o666, |file| {
+                    pdi::build_zip(&args.inputs, &options, std::io::BufWriter::new(file))
+                        .map_err(anyhow::Error::from)
+                })?
             } else {
                 pdi::build_dir(&args.inputs, &options, &args.out)?
             };

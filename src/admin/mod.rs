@@ -34,7 +34,7 @@ use crate::admin::metrics::Metrics;
 use crate::gateway::inbound::Inbound;
 use crate::gateway::jobs::JobSummary;
 use crate::gateway::outbound::{Outbound, RetryError};
-use crate::gateway::reception::batch::{BatchRecord, BatchState};
+use crate::gateway::reception::batch::BatchRecord;
 use crate::gateway::reception::route::Routes;
 use crate::gateway::reception::spool::Spool;
 use crate::repository::listener::{self, Limits, PerAddress};
@@ -91,7 +91,7 @@ async fn jobs(state: &Arc<AdminState>) -> Result<Vec<JobSummary>, Response> {
         if let Some(inbound) = &state.inbound {
             jobs.extend(inbound.summaries()?);
         }
-        Ok::<_, crate::gateway::reception::batch::IndexError>(jobs)
+        Ok::<_, crate::gateway::store::IndexError>(jobs)
     })
     .await;
     match read {
@@ -264,26 +264,27 @@ async fn healthz(State(state): State<Arc<AdminState>>) -> Response {
 }
 
 async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
-    let batches = match batches(&state).await {
-        Ok(batches) => batches,
-        Err(response) => return response,
+    let spool = state.spool.clone();
+    let counts = match tokio::task::spawn_blocking(move || spool.index().counts()).await {
+        Ok(Ok(counts)) => counts,
+        Ok(Err(e)) => return unavailable(e),
+        Err(e) => return unavailable(e),
     };
-    let count = |s: BatchState| batches.iter().filter(|b| b.state == s).count() as u64;
     let body = state.metrics.render(&[
         (
             "batches_open",
             "Batches still receiving instances.",
-            count(BatchState::Open),
+            counts.open,
         ),
         (
             "batches_stable",
             "Stable batches held in the spool.",
-            count(BatchState::Stable),
+            counts.stable,
         ),
         (
             "batches_sent",
             "Batches taken by the outbound pipeline.",
-            count(BatchState::Sent),
+            counts.sent,
         ),
     ]);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()

@@ -434,9 +434,10 @@ pub fn decrypt_file(key: &ContainerKey, input: &Path, output: &Path) -> Result<(
 }
 
 /// Decrypts the container at `input` into `output` on all cores: written to a temp file
-/// beside it (`<output>.part`, created anew with mode 0600, never through a link left
-/// there), fsynced, and renamed only after the last chunk authenticated. The plaintext is
-/// counted while it is written (after decompression) and refused past `limits`.
+/// beside it (created exclusively with mode 0600, never through a link left there), and
+/// made durable under `output` ([`crate::durable`]) only after the last chunk
+/// authenticated. The plaintext is counted while it is written (after decompression) and
+/// refused past `limits`.
 ///
 /// # Errors
 /// [`ContainerError`]; on error `output` is not created and the temp file is removed.
@@ -446,14 +447,12 @@ pub fn decrypt_file_limited(
     output: &Path,
     limits: DecryptLimits,
 ) -> Result<(), ContainerError> {
-    let temp = output.with_extension("part");
-    let mut created = false;
-    let result = (|| {
-        let source = File::open(input)?;
-        let input_len = source.metadata()?.len();
-        let reader = BufReader::new(source);
-        let file = create_exclusive(&temp)?;
-        created = true;
+    let source = File::open(input)?;
+    let input_len = source.metadata()?.len();
+    let reader = BufReader::new(source);
+    let mut pending = crate::durable::Pending::beside(output, 0o600)?;
+    {
+        let file = pending.file();
         let writer = Bounded {
             inner: BufWriter::new(file),
             written: 0,
@@ -482,18 +481,13 @@ pub fn decrypt_file_limited(
                 writer
             }
         };
-        let file = writer
+        writer
             .inner
             .into_inner()
             .map_err(|e| ContainerError::Io(e.to_string()))?;
-        file.sync_all()?;
-        std::fs::rename(&temp, output)?;
-        Ok(())
-    })();
-    if result.is_err() && created {
-        let _ = std::fs::remove_file(&temp);
     }
-    result
+    pending.commit(output)?;
+    Ok(())
 }
 
 /// Writes every authenticated chunk of an uncompressed container to `writer`.
@@ -506,23 +500,4 @@ fn copy_plaintext<R: Read, W: Write>(
     }
     writer.flush()?;
     Ok(writer)
-}
-
-/// Creates a temp file that is ours alone: a file (or link) left at `path` is removed
-/// first, the new one is created exclusively (`O_EXCL`, no link followed) with mode 0600.
-///
-/// # Errors
-/// The I/O error.
-pub fn create_exclusive(path: &Path) -> io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-        _ => {}
-    }
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-        .open(path)
 }

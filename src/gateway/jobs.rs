@@ -1,6 +1,7 @@
 //! Durable jobs: where each study is in the outbound and inbound pipelines.
 //!
-//! A job is one record in a sled tree of the daemon's database, rewritten (and flushed)
+//! A job is one record in the daemon's database ([`crate::gateway::store::JobStore`]),
+//! rewritten (and flushed)
 //! after every step, so that after a crash or `kill -9` each job resumes at the step it
 //! had not finished. Every step is written to be repeated safely: it produces its result
 //! under a fixed name (temp file + rename) and the record moves on only once that result
@@ -11,7 +12,6 @@
 
 use std::collections::BTreeSet;
 use std::future::Future;
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -21,9 +21,9 @@ use tokio_util::task::TaskTracker;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use sled::transaction::{TransactionError, Transactional};
 
-use crate::gateway::reception::batch::{IndexError, now_ms};
+use crate::gateway::reception::batch::now_ms;
+use crate::gateway::store::{IndexError, JobStore};
 
 /// What a job's step reports when it cannot go on.
 #[derive(Debug, thiserror::Error)]
@@ -156,137 +156,6 @@ impl Progress {
     }
 }
 
-/// A sled tree of job records of one kind, keyed by job id, beside an index of the jobs
-/// that still need the pipeline (`<name>.active`): the due-scan twice a second reads
-/// those, not the years of finished jobs.
-#[derive(Clone)]
-pub struct JobStore {
-    db: sled::Db,
-    tree: sled::Tree,
-    active: sled::Tree,
-}
-
-impl JobStore {
-    /// Opens the tree `name` and its index of active jobs in the daemon's database.
-    ///
-    /// # Errors
-    /// [`IndexError::Sled`] when the trees cannot be opened.
-    pub fn open(db: &sled::Db, name: &str) -> Result<JobStore, IndexError> {
-        Ok(JobStore {
-            db: db.clone(),
-            tree: db.open_tree(name)?,
-            active: db.open_tree(format!("{name}.active"))?,
-        })
-    }
-
-    /// Rebuilds the index of active jobs from the records. Run once at start: a store
-    /// written before the index existed gets one, and any drift is repaired by one scan.
-    ///
-    /// # Errors
-    /// [`IndexError`] when a record cannot be read or the index written.
-    pub fn reindex<T: JobRecord + DeserializeOwned>(&self) -> Result<(), IndexError> {
-        self.active.clear()?;
-        for job in self.all::<T>()? {
-            if job.needs_pipeline() {
-                self.active.insert(job.id().as_bytes(), &[])?;
-            }
-        }
-        self.db.flush()?;
-        Ok(())
-    }
-
-    /// The job `id`, if recorded.
-    ///
-    /// # Errors
-    /// [`IndexError`] when the record cannot be read.
-    pub fn get<T: DeserializeOwned>(&self, id: &str) -> Result<Option<T>, IndexError> {
-        self.tree
-            .get(id.as_bytes())?
-            .map(|bytes| decode(id.as_bytes(), &bytes))
-            .transpose()
-    }
-
-    /// Writes `job` durably (flushed before returning), with its place in the index.
-    ///
-    /// # Errors
-    /// [`IndexError`] when the record cannot be written or flushed.
-    pub fn put<T: JobRecord>(&self, job: &T) -> Result<(), IndexError> {
-        self.write(job, false)?;
-        Ok(())
-    }
-
-    /// Inserts `job` unless one with its id exists; true when this call created it.
-    ///
-    /// # Errors
-    /// [`IndexError`] when the record cannot be written or flushed.
-    pub fn create<T: JobRecord>(&self, job: &T) -> Result<bool, IndexError> {
-        self.write(job, true)
-    }
-
-    fn write<T: JobRecord>(&self, job: &T, only_new: bool) -> Result<bool, IndexError> {
-        let id = job.id().as_bytes();
-        let bytes = serde_json::to_vec(job).expect("job records serialize to JSON");
-        let active = job.needs_pipeline();
-        let written = (&self.tree, &self.active)
-            .transaction(|(tree, index)| {
-                if only_new && tree.get(id)?.is_some() {
-                    return Ok(false);
-                }
-                tree.insert(id, bytes.as_slice())?;
-                if active {
-                    index.insert(id, &[])?;
-                } else {
-                    index.remove(id)?;
-                }
-                Ok(true)
-            })
-            .map_err(|e: TransactionError<IndexError>| match e {
-                TransactionError::Abort(e) => e,
-                TransactionError::Storage(e) => IndexError::Sled(e),
-            })?;
-        if written {
-            self.db.flush()?;
-        }
-        Ok(written)
-    }
-
-    /// Every job, in id order.
-    ///
-    /// # Errors
-    /// [`IndexError`] when a record cannot be read.
-    pub fn all<T: DeserializeOwned>(&self) -> Result<Vec<T>, IndexError> {
-        self.tree
-            .iter()
-            .map(|entry| {
-                let (key, bytes) = entry?;
-                decode(&key, &bytes)
-            })
-            .collect()
-    }
-
-    /// The jobs that still need the pipeline ([`JobRecord::needs_pipeline`]), in id order.
-    ///
-    /// # Errors
-    /// [`IndexError`] when a record cannot be read.
-    pub fn active<T: DeserializeOwned>(&self) -> Result<Vec<T>, IndexError> {
-        let mut jobs = Vec::new();
-        for key in self.active.iter().keys() {
-            let key = key?;
-            if let Some(bytes) = self.tree.get(&key)? {
-                jobs.push(decode(&key, &bytes)?);
-            }
-        }
-        Ok(jobs)
-    }
-}
-
-fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, IndexError> {
-    serde_json::from_slice(bytes).map_err(|source| IndexError::Corrupt {
-        key: String::from_utf8_lossy(key).into_owned(),
-        source,
-    })
-}
-
 impl From<crate::repository::client::ClientError> for StepError {
     /// The client already retried what can be retried soon; its own verdict decides.
     fn from(e: crate::repository::client::ClientError) -> Self {
@@ -318,6 +187,13 @@ pub trait JobRecord: Clone + Serialize + DeserializeOwned + Send + Sync + 'stati
     /// index of active jobs): by default, until it ends.
     fn needs_pipeline(&self) -> bool {
         !self.ended()
+    }
+    /// Whether the record may be forgotten once it is older than `spool.records_days`
+    /// (`now` in Unix milliseconds): the job succeeded and neither the pipeline nor a person
+    /// needs it any more. By default never: a failed or set-aside job stays until a person
+    /// deals with it.
+    fn prunable(&self, _now: u64) -> bool {
+        false
     }
 }
 
@@ -545,74 +421,6 @@ pub struct JobSummary {
     pub bookkeeping: Progress,
 }
 
-/// Writes `bytes` to `path` durably: temp file, fsync, rename, folder fsync. `mode`
-/// 0o600 for files that hold a token or its secret.
-///
-/// # Errors
-/// The I/O error.
-pub fn write_durably(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
-    create_durably(path, mode, |file| std::io::Write::write_all(file, bytes))
-}
-
-/// Creates the file `path` with what `write` writes into it, durably: `write` fills a
-/// temp file beside it (created with `mode`), which is fsynced, renamed to `path`, and the
-/// folder fsynced. `path` holds either its old content or all of the new, even after a
-/// crash; a failed `write` leaves only the temp file, which the next attempt truncates.
-///
-/// # Errors
-/// What `write` returns, or the I/O error.
-pub fn create_durably<T, E: From<std::io::Error>>(
-    path: &Path,
-    mode: u32,
-    write: impl FnOnce(&mut std::fs::File) -> Result<T, E>,
-) -> Result<T, E> {
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let tmp = temp_name(path);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)?;
-    // A temp file left by a crash keeps the mode it was created with.
-    file.set_permissions(std::fs::Permissions::from_mode(mode))?;
-    let value = write(&mut file)?;
-    file.sync_all()?;
-    drop(file);
-    std::fs::rename(&tmp, path)?;
-    sync_dir(dir)?;
-    Ok(value)
-}
-
-/// The temp name beside `path` under which its next version is written.
-pub fn temp_name(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".tmp");
-    path.with_file_name(name)
-}
-
-/// Makes a rename or removal in `dir` durable.
-///
-/// # Errors
-/// The I/O error.
-pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
-}
-
-/// Removes a job folder and everything in it; a folder already gone is fine (the step
-/// is repeated after a crash).
-///
-/// # Errors
-/// The I/O error.
-pub fn remove_folder(dir: &Path) -> std::io::Result<()> {
-    match std::fs::remove_dir_all(dir) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -649,103 +457,5 @@ mod tests {
         p.unfinished_starts = 2;
         p.advanced();
         assert!(!p.crashed_out() && p.unfinished_starts == 0);
-    }
-
-    #[derive(Clone, Serialize, serde::Deserialize, Debug, PartialEq)]
-    struct TestJob {
-        id: String,
-        value: u32,
-        done: bool,
-        progress: Progress,
-    }
-
-    impl JobRecord for TestJob {
-        type Step = bool;
-        fn id(&self) -> &str {
-            &self.id
-        }
-        fn step(&self) -> bool {
-            self.done
-        }
-        fn set_step(&mut self, next: bool) {
-            self.done = next;
-        }
-        fn ended(&self) -> bool {
-            self.done
-        }
-        fn fail(&mut self, _at: bool) {
-            self.done = true;
-        }
-        fn progress(&mut self) -> &mut Progress {
-            &mut self.progress
-        }
-    }
-
-    fn job(id: &str, value: u32, done: bool) -> TestJob {
-        TestJob {
-            id: id.into(),
-            value,
-            done,
-            progress: Progress::new(),
-        }
-    }
-
-    fn values(jobs: &[TestJob]) -> Vec<u32> {
-        jobs.iter().map(|j| j.value).collect()
-    }
-
-    #[test]
-    fn create_only_once_and_records_survive_reopen() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        {
-            let db = sled::open(dir.path()).expect("db");
-            let store = JobStore::open(&db, "jobs").expect("store");
-            assert!(store.create(&job("a", 1, false)).expect("create"));
-            assert!(!store.create(&job("a", 2, false)).expect("again"));
-            store.put(&job("b", 3, false)).expect("put");
-        }
-        let db = sled::open(dir.path()).expect("reopen");
-        let store = JobStore::open(&db, "jobs").expect("store");
-        assert_eq!(
-            store.get::<TestJob>("a").expect("get").map(|j| j.value),
-            Some(1)
-        );
-        assert_eq!(values(&store.all::<TestJob>().expect("all")), [1, 3]);
-    }
-
-    #[test]
-    fn only_jobs_that_need_the_pipeline_are_active() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let db = sled::open(dir.path()).expect("db");
-        let store = JobStore::open(&db, "jobs").expect("store");
-        store.create(&job("a", 1, false)).expect("create");
-        store.create(&job("b", 2, true)).expect("create ended");
-        store.put(&job("c", 3, false)).expect("put");
-        assert_eq!(values(&store.active::<TestJob>().expect("active")), [1, 3]);
-        store.put(&job("a", 1, true)).expect("a ends");
-        store.put(&job("b", 2, false)).expect("b is retried");
-        assert_eq!(values(&store.active::<TestJob>().expect("active")), [2, 3]);
-        // A store written before the index existed: rebuilt from the records.
-        db.drop_tree("jobs.active").expect("drop the index");
-        let store = JobStore::open(&db, "jobs").expect("store");
-        assert!(store.active::<TestJob>().expect("empty").is_empty());
-        store.reindex::<TestJob>().expect("reindex");
-        assert_eq!(values(&store.active::<TestJob>().expect("active")), [2, 3]);
-        assert_eq!(values(&store.all::<TestJob>().expect("all")), [1, 2, 3]);
-    }
-
-    #[test]
-    fn durable_writes_replace_and_keep_mode() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("sub").join("token");
-        write_durably(&path, b"one", 0o600).expect("write");
-        write_durably(&path, b"two", 0o600).expect("rewrite");
-        assert_eq!(std::fs::read(&path).expect("read"), b"two");
-        let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
-        assert_eq!(mode & 0o777, 0o600);
-        assert!(!temp_name(&path).exists());
-        remove_folder(&dir.path().join("sub")).expect("remove");
-        remove_folder(&dir.path().join("sub")).expect("remove twice");
     }
 }

@@ -7,11 +7,14 @@
 //! - [`inbound`]: a token dropped into the watch folder is downloaded, opened, verified,
 //!   given a local Patient ID and stored into the local PACS.
 //!
-//! Both pipelines are durable [`jobs`] that resume after a crash; [`serve`] starts and
-//! stops every task in order.
+//! Both pipelines are durable [`jobs`] that resume after a crash, recorded in the
+//! [`store`] (the one module that reaches the database), whose finished records
+//! [`retention`] forgets; [`serve`] starts and stops every task in order.
 
 pub mod inbound;
 pub mod jobs;
 pub mod outbound;
 pub mod reception;
+pub mod retention;
 pub mod serve;
+pub mod store;

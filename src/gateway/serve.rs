@@ -1,5 +1,5 @@
-//! `cloudpdi serve`: wires the SCP, the batch stabilizer and the admin endpoint together,
-//! and stops them in order.
+//! `cloudpdi serve`: wires the SCP, the batch stabilizer, both pipelines, the retention of
+//! records and the admin endpoint together, and stops them in order.
 //!
 //! Shutdown (SIGTERM from systemd, or Ctrl-C): stop accepting associations, let every
 //! instance in flight finish and be acknowledged, abort idle associations, flush the
@@ -21,10 +21,12 @@ use crate::admin::{self, AdminState};
 use crate::config::Config;
 use crate::gateway::inbound::Inbound;
 use crate::gateway::inbound::watch::Watch;
+use crate::gateway::jobs::Pipeline;
 use crate::gateway::outbound::{Outbound, Sender};
 use crate::gateway::reception::route::Routes;
 use crate::gateway::reception::scp::{Listener, ScpContext};
 use crate::gateway::reception::spool::{Spool, StoreError};
+use crate::gateway::retention::Retention;
 
 /// How long shutdown waits for associations to finish their instance in flight.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
@@ -46,7 +48,7 @@ pub enum ServeError {
     Repository(String),
     /// A job store cannot be opened.
     #[error("cannot open the job index: {0}")]
-    Jobs(#[from] crate::gateway::reception::batch::IndexError),
+    Jobs(#[from] crate::gateway::store::IndexError),
     /// A listening socket cannot be bound.
     #[error("cannot listen on {addr} for {what}: {source} (is another program using this port?)")]
     Bind {
@@ -92,7 +94,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         true => None,
         false => Some(Arc::new(Inbound::new(
             config.clone(),
-            spool.index().database(),
+            spool.index().store(),
         )?)),
     };
     let inbound_tasks = inbound.clone().map(|inbound| {
@@ -110,6 +112,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             tokio::spawn(watch.run(cancel.clone())),
         )
     });
+
+    let retention = Retention {
+        batches: spool.index().clone(),
+        outbound: outbound.store().clone(),
+        inbound: inbound.as_ref().map(|inbound| inbound.store().clone()),
+        keep: config.spool.records_kept(),
+    };
+    let retention_task = tokio::spawn(retention.run(cancel.clone()));
 
     let ctx = Arc::new(ScpContext {
         routes: routes.clone(),
@@ -162,6 +172,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         );
     }
     let _ = stabilizer.await;
+    let _ = retention_task.await;
     if let Some(outbound) = outbound_task {
         let _ = outbound.await;
     }
@@ -220,12 +231,8 @@ async fn embedded_repository(
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             let (key, _) =
                 crate::repository::auth::new_api_key().map_err(|e| repository_error(&e))?;
-            crate::gateway::jobs::write_durably(
-                &key_file,
-                format!("{}\n", key.as_str()).as_bytes(),
-                0o600,
-            )
-            .map_err(|e| ServeError::Repository(format!("{}: {e}", key_file.display())))?;
+            crate::durable::write(&key_file, format!("{}\n", key.as_str()).as_bytes(), 0o600)
+                .map_err(|e| ServeError::Repository(format!("{}: {e}", key_file.display())))?;
             key
         }
         Err(e) => {

@@ -114,35 +114,37 @@ struct DirSink {
     bytes: u64,
 }
 
+/// Mode of the files of a file set built into a folder: as `File::create` gives them (the
+/// umask decides), for the person who asked for the folder.
+const DIR_FILE_MODE: u32 = 0o666;
+
 impl DirSink {
-    fn target(&self, name: &str) -> Result<PathBuf, PdiError> {
+    /// Writes the new file `name` durably ([`crate::durable::create_new`]).
+    fn create(
+        &self,
+        name: &str,
+        fill: impl FnOnce(&mut File) -> io::Result<u64>,
+    ) -> Result<u64, PdiError> {
         let target = self.root.join(name);
-        if let Some(parent) = target.parent() {
-            fs::create_dir_all(parent).map_err(|e| PdiError::io(parent, e))?;
-        }
-        Ok(target)
+        crate::durable::create_new(&target, DIR_FILE_MODE, fill)
+            .map_err(|e| PdiError::io(&target, e))
     }
 }
 
 impl Sink for DirSink {
     fn file(&mut self, name: &str, source: &Path, size: u64, _crc: u32) -> Result<(), PdiError> {
-        let target = self.target(name)?;
-        let copied = fs::copy(source, &target).map_err(|e| PdiError::io(&target, e))?;
+        let mut input = File::open(source).map_err(|e| PdiError::io(source, e))?;
+        let copied = self.create(name, |file| io::copy(&mut input, file))?;
         if copied != size {
             return Err(PdiError::Changed(source.to_owned()));
         }
-        File::open(&target)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| PdiError::io(&target, e))?;
         self.bytes += size;
         Ok(())
     }
     fn bytes(&mut self, name: &str, bytes: &[u8]) -> Result<(), PdiError> {
-        let target = self.target(name)?;
-        let mut file = File::create_new(&target).map_err(|e| PdiError::io(&target, e))?;
-        file.write_all(bytes)
-            .and_then(|()| file.sync_all())
-            .map_err(|e| PdiError::io(&target, e))?;
+        self.create(name, |file| {
+            file.write_all(bytes).map(|()| bytes.len() as u64)
+        })?;
         self.bytes += bytes.len() as u64;
         Ok(())
     }
@@ -168,7 +170,7 @@ pub fn build_zip<W: Write>(
 }
 
 /// Builds a file set into the folder `dir`, which must not exist or be empty. Every file
-/// is fsynced.
+/// is written durably ([`crate::durable`]).
 ///
 /// # Errors
 /// As [`build_zip`], and [`PdiError::OutputNotEmpty`].

@@ -77,25 +77,20 @@ fn read_token_file(path: &Path) -> Result<Zeroizing<String>, CliError> {
     Ok(Zeroizing::new(text.to_owned()))
 }
 
-/// Writes the token's text to `path`, readable by its owner only, durably.
+/// Writes the token's text to the new file `path`, readable by its owner only, durably
+/// ([`crate::durable`]: temp file, fsync, rename, folder fsync); an existing file is never
+/// replaced.
 ///
 /// # Errors
-/// [`CliError::File`] when the file cannot be written.
+/// [`CliError::File`] when the file exists or cannot be written.
 pub fn write_token_file(token: &Token, path: &Path) -> Result<(), CliError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let file_error = |source| CliError::File {
-        path: path.display().to_string(),
-        source,
-    };
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(file_error)?;
-    file.write_all(token.to_line().as_bytes())
-        .and_then(|()| file.sync_all())
-        .map_err(file_error)
+    let line = token.to_line();
+    crate::durable::create_new(path, 0o600, |file| file.write_all(line.as_bytes())).map_err(
+        |source| CliError::File {
+            path: path.display().to_string(),
+            source,
+        },
+    )
 }
 
 /// A description of a token for a person; the secret only when asked.

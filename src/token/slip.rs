@@ -14,8 +14,7 @@
 //! and renamed.
 
 use std::fmt::Write as _;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use super::qr::{self, QUIET_ZONE, QrMatrix};
 use super::{Token, date};
@@ -150,43 +149,13 @@ fn validate(details: &SlipDetails) -> Result<(), SlipError> {
     Ok(())
 }
 
-/// Writes `bytes` to `path` readable by the owner only: temp file, fsync, rename, fsync
-/// of the folder.
+/// Writes `bytes` to `path` readable by the owner only, durably ([`crate::durable`]).
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), SlipError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let io_error = |e: std::io::Error| SlipError::Io {
+    path.file_name().ok_or(SlipError::Format)?;
+    crate::durable::write(path, bytes, 0o600).map_err(|e| SlipError::Io {
         path: path.display().to_string(),
         message: e.to_string(),
-    };
-    let name = path.file_name().ok_or(SlipError::Format)?.to_string_lossy();
-    let temp = path.with_file_name(format!(".{name}.part"));
-    match std::fs::remove_file(&temp) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_error(e)),
-        _ => {}
-    }
-    let result = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&temp)
-        .and_then(|mut file| {
-            file.write_all(bytes)?;
-            file.sync_all()
-        })
-        .and_then(|()| std::fs::rename(&temp, path))
-        .and_then(|()| sync_parent(path));
-    if result.is_err() {
-        let _ = std::fs::remove_file(&temp);
-    }
-    result.map_err(io_error)
-}
-
-fn sync_parent(path: &Path) -> std::io::Result<()> {
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::File::open(parent)?.sync_all()
+    })
 }
 
 /// Instructions for the patient, pre-broken into lines that fit the A5 layout.

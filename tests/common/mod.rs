@@ -265,12 +265,12 @@ impl Daemon {
     }
 
     /// The spool's index, opened after the daemon stopped (sled allows one process).
-    pub fn index(&self) -> cloudpdi::gateway::reception::batch::BatchIndex {
+    pub fn index(&self) -> cloudpdi::gateway::store::BatchIndex {
         assert!(
             self.child.is_none(),
             "stop the daemon before opening its index"
         );
-        cloudpdi::gateway::reception::batch::BatchIndex::open(&self.dir.join("data/index")).unwrap()
+        cloudpdi::gateway::store::BatchIndex::open(&self.dir.join("data/index")).unwrap()
     }
 
     /// Path of the spooled file for an index record.

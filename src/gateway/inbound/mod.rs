@@ -27,13 +27,12 @@ use tracing::{info, warn};
 
 use crate::config::{Config, InboundConfig, PatientIdMode};
 use crate::dicom::scu::{Instance, Outcome, StoreTarget, store_all};
+use crate::durable;
 use crate::gateway::inbound::reconcile::{PatientIdPolicy, Reconciler};
-use crate::gateway::jobs::{
-    JobRecord, JobStore, JobSummary, Pipeline, Progress, StepError, remove_folder, state_name,
-    write_durably,
-};
+use crate::gateway::jobs::{JobRecord, JobSummary, Pipeline, Progress, StepError, state_name};
 use crate::gateway::outbound::blocking;
-use crate::gateway::reception::batch::{IndexError, now_ms};
+use crate::gateway::reception::batch::now_ms;
+use crate::gateway::store::{IndexError, JobStore, Store};
 use crate::repository::api::Receipt;
 use crate::repository::client::{Client, ClientOptions};
 use crate::token::Token;
@@ -202,9 +201,9 @@ impl Inbound {
     ///
     /// # Errors
     /// [`IndexError`] when the store cannot be opened.
-    pub fn new(config: Arc<Config>, db: &sled::Db) -> Result<Inbound, IndexError> {
+    pub fn new(config: Arc<Config>, store: &Store) -> Result<Inbound, IndexError> {
         let dir = config.jobs_dir().join("in");
-        let jobs = JobStore::open(db, "inbound_jobs")?;
+        let jobs = JobStore::open(store, "inbound_jobs")?;
         jobs.reindex::<InboundJob>()?;
         let inbound = Inbound { jobs, config, dir };
         inbound.sweep()?;
@@ -259,7 +258,7 @@ impl Inbound {
         }
         let dir = Workdir(self.dir.join(&id));
         private_dir(&dir.0)?;
-        write_durably(&dir.token(), token.to_line().as_bytes(), 0o600)?;
+        durable::write(&dir.token(), token.to_line().as_bytes(), 0o600)?;
         let job = InboundJob {
             id: id.clone(),
             issuer: token.issuer.clone(),
@@ -310,7 +309,7 @@ impl Inbound {
                     )
                     .await?;
                 std::fs::rename(dir.partial(), dir.container())?;
-                crate::gateway::jobs::sync_dir(&dir.0)?;
+                durable::sync_dir(&dir.0)?;
                 Ok(InStep::Open)
             }
             InStep::Open => {
@@ -323,7 +322,7 @@ impl Inbound {
                         &dir.pdi_zip(),
                         limits,
                     )?;
-                    crate::gateway::jobs::sync_dir(&dir.0)?;
+                    durable::sync_dir(&dir.0)?;
                     Ok(())
                 })
                 .await?;
@@ -332,7 +331,7 @@ impl Inbound {
             InStep::Unpack => {
                 let max_bytes = self.config.inbound.max_document_bytes();
                 let count = blocking(move || {
-                    remove_folder(&dir.pdi())?;
+                    durable::remove_dir_all(&dir.pdi())?;
                     unpack(&dir.pdi_zip(), &dir.pdi(), max_bytes)?;
                     let summary = crate::pdi::verify(&dir.pdi())?;
                     // One flush of the file system for every extracted file and folder,
@@ -409,7 +408,7 @@ impl Inbound {
             let mut list: Vec<&String> = stored.iter().collect();
             list.sort();
             let text: String = list.iter().map(|uid| format!("{uid}\n")).collect();
-            write_durably(&dir.stored(), text.as_bytes(), 0o600)?;
+            durable::write(&dir.stored(), text.as_bytes(), 0o600)?;
             return Err(StepError::transient(format!(
                 "the PACS at {} did not take {unreachable} of {total} instances (unreachable \
                  or out of resources); {} are stored and will not be sent again",
@@ -433,9 +432,9 @@ impl Inbound {
             }
         }
         if !job.set_aside.is_empty() {
-            crate::gateway::jobs::sync_dir(&set_aside_dir)?;
+            durable::sync_dir(&set_aside_dir)?;
             if let Some(parent) = set_aside_dir.parent() {
-                crate::gateway::jobs::sync_dir(parent)?;
+                durable::sync_dir(parent)?;
             }
         }
         job.stored = total - job.set_aside.len() as u64;
@@ -444,7 +443,7 @@ impl Inbound {
 
     /// Removes what a finished job left in its folder (the token, the PDI).
     fn remove_leftovers(&self, id: &str) {
-        if let Err(e) = remove_folder(&self.dir.join(id)) {
+        if let Err(e) = durable::remove_dir_all(&self.dir.join(id)) {
             warn!(job = %id, "cannot remove the job folder: {e}");
         }
     }
@@ -540,6 +539,14 @@ impl JobRecord for InboundJob {
 
     fn progress(&mut self) -> &mut Progress {
         &mut self.progress
+    }
+
+    /// Done with no instance set aside, and its token expired: a pruned record cannot
+    /// let the same token be imported twice.
+    fn prunable(&self, now: u64) -> bool {
+        self.step == InStep::Done
+            && self.set_aside.is_empty()
+            && u64::from(self.expires_at) < now / 1000
     }
 }
 
@@ -679,7 +686,7 @@ pub async fn receive_to_folder(
     // A partial download is kept to be resumed by the next run; after a refusal or once
     // done, nothing is.
     if !matches!(result, Err(StepError::Transient(_))) || !work.partial().exists() {
-        remove_folder(&work.0)?;
+        durable::remove_dir_all(&work.0)?;
     }
     result
 }
@@ -712,7 +719,7 @@ mod tests {
         std::fs::write(&from, b"refused instance").expect("write");
         std::fs::write(&to, b"left by an earlier attempt").expect("write");
         keep_aside(&from, &to).expect("kept");
-        remove_folder(&dir.path().join("job")).expect("job folder removed");
+        durable::remove_dir_all(&dir.path().join("job")).expect("job folder removed");
         assert_eq!(std::fs::read(&to).expect("read"), b"refused instance");
     }
 }

@@ -18,8 +18,8 @@ use std::time::{Duration, SystemTime};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::durable::{self, sync_dir};
 use crate::gateway::inbound::{Inbound, QueueError, Queued};
-use crate::gateway::jobs::{sync_dir, write_durably};
 use crate::token::{Token, TokenError};
 
 /// Token files larger than this are not tokens.
@@ -75,7 +75,7 @@ pub fn drop_token(dir: &Path, token: &Token, patient_id: Option<&str>) -> std::i
     text.push_str(&line);
     text.push_str(id_line.as_deref().unwrap_or_default());
     let path = dir.join(format!("{}.token", crate::gateway::inbound::job_id(token)));
-    write_durably(&path, text.as_bytes(), 0o600)?;
+    durable::write(&path, text.as_bytes(), 0o600)?;
     Ok(path)
 }
 
@@ -195,7 +195,7 @@ impl Watch {
     fn reject(&self, path: &Path, name: &str, reason: &str) {
         warn!(file = name, "token file rejected: {reason}");
         let rejected = self.dir.join("rejected");
-        let moved = write_durably(
+        let moved = durable::write(
             &rejected.join(format!("{name}.reason.txt")),
             format!("{reason}\n").as_bytes(),
             0o644,

@@ -25,12 +25,11 @@ use tracing::{error, info, warn};
 
 use crate::config::{Config, RouteConfig};
 use crate::container::{self, Compression, Options};
-use crate::gateway::jobs::{
-    JobRecord, JobStore, JobSummary, Pipeline, Progress, StepError, create_durably, remove_folder,
-    state_name, write_durably,
-};
+use crate::durable;
+use crate::gateway::jobs::{JobRecord, JobSummary, Pipeline, Progress, StepError, state_name};
 use crate::gateway::reception::batch::{BatchId, now_ms};
 use crate::gateway::reception::spool::Spool;
+use crate::gateway::store::{IndexError, JobStore};
 use crate::pdi::{self, BuildOptions};
 use crate::repository::api::NewDocument;
 use crate::repository::client::{Client, ClientOptions};
@@ -148,7 +147,7 @@ pub enum RetryError {
     NotFailed(String, String),
     /// The job store failed.
     #[error(transparent)]
-    Index(#[from] crate::gateway::reception::batch::IndexError),
+    Index(#[from] IndexError),
 }
 
 /// Everything the outbound steps need, shared by the daemon and `cloudpdi send`.
@@ -262,7 +261,7 @@ impl Sender {
             ..BuildOptions::default()
         };
         std::fs::create_dir_all(&dir.0)?;
-        create_durably(&dir.pdi(), 0o600, |file| {
+        durable::create(&dir.pdi(), 0o600, |file| {
             Ok(pdi::build_zip(
                 instances,
                 &options,
@@ -286,7 +285,7 @@ impl Sender {
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let secret = Secret::generate().map_err(StepError::transient)?;
-                write_durably(&path, secret.to_bytes().as_slice(), 0o600)?;
+                durable::write(&path, secret.to_bytes().as_slice(), 0o600)?;
                 Ok(secret)
             }
             Err(e) => Err(e.into()),
@@ -305,7 +304,7 @@ impl Sender {
             ..Options::default()
         };
         let input = std::io::BufReader::new(std::fs::File::open(dir.pdi())?);
-        create_durably(&dir.container(), 0o600, |file| {
+        durable::create(&dir.container(), 0o600, |file| {
             let output = std::io::BufWriter::new(&mut *file);
             container::encrypt(&secret.container_key(), &options, input, output)?
                 .into_inner()
@@ -375,7 +374,7 @@ impl Sender {
         .map_err(StepError::permanent)?;
         let folder = self.config.token_dir(&job.route);
         let token_file = folder.join(format!("{}.token", job.id));
-        write_durably(&token_file, token.to_line().as_bytes(), 0o600)?;
+        durable::write(&token_file, token.to_line().as_bytes(), 0o600)?;
         let slip_file = folder.join(format!("{}.{}", job.id, route.slip));
         let details = SlipDetails {
             facility_name: self.config.facility.name.clone(),
@@ -404,12 +403,9 @@ impl Outbound {
     /// Opens the outbound job store in the daemon's database.
     ///
     /// # Errors
-    /// [`crate::gateway::reception::batch::IndexError`] when the store cannot be opened.
-    pub fn new(
-        sender: Sender,
-        spool: Arc<Spool>,
-    ) -> Result<Outbound, crate::gateway::reception::batch::IndexError> {
-        let jobs = JobStore::open(spool.index().database(), "outbound_jobs")?;
+    /// [`IndexError`] when the store cannot be opened.
+    pub fn new(sender: Sender, spool: Arc<Spool>) -> Result<Outbound, IndexError> {
+        let jobs = JobStore::open(spool.index().store(), "outbound_jobs")?;
         jobs.reindex::<OutboundJob>()?;
         let dir = sender.config.jobs_dir().join("out");
         let outbound = Outbound {
@@ -424,7 +420,7 @@ impl Outbound {
 
     /// Creates the job of a batch claimed just before a crash (claim and job creation
     /// are two writes); run once at start, since only a crash leaves such a batch.
-    fn recover(&self) -> Result<(), crate::gateway::reception::batch::IndexError> {
+    fn recover(&self) -> Result<(), IndexError> {
         for batch in self.spool.index().claimed()? {
             let job = OutboundJob::new(batch.id.to_string(), Some(batch.id), &batch.route);
             if self.jobs.create(&job)? {
@@ -437,10 +433,8 @@ impl Outbound {
     /// Every outbound job, for `cloudpdi status`.
     ///
     /// # Errors
-    /// [`crate::gateway::reception::batch::IndexError`] when the store cannot be read.
-    pub fn summaries(
-        &self,
-    ) -> Result<Vec<JobSummary>, crate::gateway::reception::batch::IndexError> {
+    /// [`IndexError`] when the store cannot be read.
+    pub fn summaries(&self) -> Result<Vec<JobSummary>, IndexError> {
         Ok(self
             .jobs
             .all::<OutboundJob>()?
@@ -477,11 +471,7 @@ impl Outbound {
     }
 
     /// Removes a sent batch's spooled instances once the route's retention has passed.
-    fn expire_spool(
-        &self,
-        job: &mut OutboundJob,
-        now: u64,
-    ) -> Result<(), crate::gateway::reception::batch::IndexError> {
+    fn expire_spool(&self, job: &mut OutboundJob, now: u64) -> Result<(), IndexError> {
         let retention = self
             .sender
             .config
@@ -556,7 +546,7 @@ impl Outbound {
                 Ok(OutStep::Deliver)
             }
             OutStep::Deliver => {
-                remove_folder(&dir.0)?;
+                durable::remove_dir_all(&dir.0)?;
                 self.deliver(job).await?;
                 Ok(OutStep::Done)
             }
@@ -599,7 +589,7 @@ impl Pipeline for Outbound {
     const NAME: &'static str = "outbound";
 
     /// Claims newly stable batches and returns the jobs that may run now.
-    fn due(&self) -> Result<Vec<OutboundJob>, crate::gateway::reception::batch::IndexError> {
+    fn due(&self) -> Result<Vec<OutboundJob>, IndexError> {
         let index = self.spool.index();
         for id in index.ready()? {
             if let Some(batch) = index.claim(id)? {
@@ -674,6 +664,11 @@ impl JobRecord for OutboundJob {
     fn needs_pipeline(&self) -> bool {
         !self.ended() || (self.step == OutStep::Done && self.batch.is_some() && !self.spool_removed)
     }
+
+    /// Done, and its spooled instances removed.
+    fn prunable(&self, _now: u64) -> bool {
+        self.step == OutStep::Done && !self.needs_pipeline()
+    }
 }
 
 /// Runs blocking step work off the async runtime.
@@ -723,6 +718,6 @@ pub async fn send_files(
     let dir = Workdir(workdir);
     sender.upload(&dir, &mut job, None, progress).await?;
     let token = sender.issue(&dir, &mut job)?;
-    remove_folder(&dir.0)?;
+    durable::remove_dir_all(&dir.0)?;
     Ok((token, job))
 }

@@ -692,9 +692,7 @@ impl AssociationState {
                 inc(&metrics.instances_unparsable);
                 status::DATA_SET_DOES_NOT_MATCH
             }
-            StoreError::Index(crate::gateway::reception::batch::IndexError::Sled(
-                sled::Error::Io(e),
-            )) if e.kind() == std::io::ErrorKind::StorageFull => {
+            StoreError::Index(e) if e.is_out_of_space() => {
                 inc(&metrics.instances_out_of_space);
                 status::OUT_OF_RESOURCES
             }

@@ -2,8 +2,9 @@
 //!
 //! An instance is buffered while its P-DATA arrives (spilling to a temp file when large),
 //! parsed up to the pixel data to check it and to learn its study and patient, written to
-//! `spool/tmp/`, fsynced, renamed to `spool/<route>/<xx>/<hash>.dcm`, the folder fsynced,
-//! and recorded in the [`BatchIndex`] (sled, flushed). Only then may the SCP answer
+//! a temp file in `spool/tmp/`, made durable as `spool/<route>/<xx>/<hash>.dcm` by
+//! [`crate::durable`] (fsync, rename, folder fsync), and recorded in the [`BatchIndex`]
+//! (flushed). Only then may the SCP answer
 //! Success. The dataset bytes are kept exactly as received; the file meta header names the
 //! negotiated transfer syntax and the calling AE title.
 //!
@@ -22,10 +23,10 @@ use sha2::{Digest, Sha256};
 
 use crate::config::BatchBy;
 use crate::dicom::depth::{self, DatasetError};
-use crate::gateway::reception::batch::{
-    BatchId, BatchIndex, BatchState, IndexError, InstanceRecord, Recorded, now_ms,
-};
+use crate::durable::{self, Pending};
+use crate::gateway::reception::batch::{BatchId, BatchState, InstanceRecord, Recorded, now_ms};
 use crate::gateway::reception::route::Route;
+use crate::gateway::store::{BatchIndex, IndexError};
 
 /// Received bytes kept in memory before they spill to the temp file; a typical CT or MR
 /// slice never touches the disk before it is complete and checked.
@@ -35,6 +36,9 @@ pub const SPILL_AT: usize = 4 * 1024 * 1024;
 pub const IMPLEMENTATION_CLASS_UID: &str = "1.2.826.0.1.3680043.10.1436.1";
 /// Implementation Version Name written in the meta header of spooled files.
 pub const IMPLEMENTATION_VERSION_NAME: &str = "CLOUDPDI_010";
+
+/// Mode of spooled files: patient data, readable by the daemon's user only.
+const SPOOL_FILE_MODE: u32 = 0o600;
 
 /// Why an instance could not be stored; each maps to a C-STORE status.
 #[derive(Debug, thiserror::Error)]
@@ -95,7 +99,8 @@ pub struct InstanceHeader {
 pub struct Incoming {
     header: InstanceHeader,
     buffer: Vec<u8>,
-    spilled: Option<(File, PathBuf)>,
+    /// The temp file once the bytes spilled (removed if dropped before the commit).
+    spilled: Option<Pending>,
     size: u64,
     /// Where the dataset starts: preamble, `DICM` and the meta information come first.
     dataset_offset: u64,
@@ -122,14 +127,13 @@ impl Incoming {
     pub fn spill(&mut self) -> Result<(), StoreError> {
         // A single huge instance must not eat the reserve either.
         ensure_free(&self.tmp_dir, self.min_free_bytes)?;
-        let file = match &mut self.spilled {
-            Some((file, _)) => file,
-            None => {
-                let (file, path) = create_temp(&self.tmp_dir)?;
-                &mut self.spilled.insert((file, path)).0
-            }
+        let pending = match &mut self.spilled {
+            Some(pending) => pending,
+            None => self
+                .spilled
+                .insert(Pending::in_dir(&self.tmp_dir, SPOOL_FILE_MODE)?),
         };
-        file.write_all(&self.buffer)?;
+        pending.file().write_all(&self.buffer)?;
         self.buffer.clear();
         Ok(())
     }
@@ -142,15 +146,6 @@ impl Incoming {
     /// The command's view of the instance.
     pub fn header(&self) -> &InstanceHeader {
         &self.header
-    }
-}
-
-impl Drop for Incoming {
-    fn drop(&mut self) {
-        if let Some((_, path)) = self.spilled.take() {
-            // Never acknowledged, so never needed: a leftover would only waste space.
-            let _ = fs::remove_file(path);
-        }
     }
 }
 
@@ -212,7 +207,7 @@ impl Spool {
     /// [`StoreError`] when the folders cannot be created.
     pub fn prepare_route(&self, route: &str) -> Result<(), StoreError> {
         for fan in 0..=255u8 {
-            create_dir_durably(&self.dir.join(route).join(format!("{fan:02x}")))?;
+            durable::create_dir_all(&self.dir.join(route).join(format!("{fan:02x}")))?;
         }
         Ok(())
     }
@@ -310,7 +305,7 @@ impl Spool {
             }
             true => {
                 incoming.spill()?;
-                let (_, path) = incoming.spilled.as_ref().expect("spilled above");
+                let path = incoming.spilled.as_ref().expect("spilled above").path();
                 depth::check_file(path, offset, &syntax, meta_len)?;
                 identify(BufReader::new(File::open(path)?))?
             }
@@ -366,23 +361,15 @@ impl Spool {
         })
     }
 
-    /// Writes, fsyncs and renames the file into place, then fsyncs its folder.
+    /// Makes the file durable in its place (fsync, rename, folder fsync); on error the
+    /// temp file is removed.
     fn persist(&self, incoming: &mut Incoming, relative: &str) -> Result<(), StoreError> {
         incoming.spill()?;
-        let (file, tmp_path) = incoming.spilled.take().expect("spill creates the file");
-        let result = (|| {
-            file.sync_data()?;
-            drop(file);
-            let target = self.dir.join(relative);
-            let folder = target.parent().expect("spool paths have a folder");
-            create_dir_durably(folder)?;
-            fs::rename(&tmp_path, &target)?;
-            File::open(folder)?.sync_all()
-        })();
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp_path);
-        }
-        Ok(result?)
+        let pending = incoming.spilled.take().expect("spill creates the file");
+        let target = self.dir.join(relative);
+        durable::create_dir_all(target.parent().expect("spool paths have a folder"))?;
+        pending.commit(&target)?;
+        Ok(())
     }
 }
 
@@ -412,52 +399,6 @@ fn relative_path(route: &str, sop_instance_uid: &str) -> String {
         .finalize();
     let hex = hex::encode(&digest[..16]);
     format!("{route}/{}/{hex}.dcm", &hex[..2])
-}
-
-fn create_temp(dir: &Path) -> Result<(File, PathBuf), StoreError> {
-    for _ in 0..16 {
-        let name = format!("{:016x}.part", rand_u64());
-        let path = dir.join(name);
-        match File::options().write(true).create_new(true).open(&path) {
-            Ok(file) => return Ok((file, path)),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Err(StoreError::Io(io::Error::other(
-        "cannot find a free temp file name in the spool",
-    )))
-}
-
-/// A unique-enough number for temp names: time, process and a counter, hashed.
-fn rand_u64() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let digest = Sha256::new()
-        .chain_update(now_ms().to_le_bytes())
-        .chain_update(std::process::id().to_le_bytes())
-        .chain_update(COUNTER.fetch_add(1, Ordering::Relaxed).to_le_bytes())
-        .finalize();
-    u64::from_le_bytes(digest[..8].try_into().expect("8 bytes"))
-}
-
-/// Creates `folder` (and missing parents) so that the new entries survive a crash.
-fn create_dir_durably(folder: &Path) -> io::Result<()> {
-    if folder.is_dir() {
-        return Ok(());
-    }
-    if let Some(parent) = folder.parent() {
-        create_dir_durably(parent)?;
-    }
-    match fs::create_dir(folder) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(()),
-        Err(e) => return Err(e),
-    }
-    if let Some(parent) = folder.parent() {
-        File::open(parent)?.sync_all()?;
-    }
-    Ok(())
 }
 
 /// Group 7FE0 (pixel data in all its forms) and what follows: not read by [`identify`].

@@ -41,7 +41,7 @@ pub async fn stabilize(
             if !sealed.is_empty() {
                 spool.index().flush()?;
             }
-            Ok::<_, super::batch::IndexError>(sealed)
+            Ok::<_, crate::gateway::store::IndexError>(sealed)
         })
         .await;
         match sealed {

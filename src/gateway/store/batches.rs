@@ -1,0 +1,650 @@
+//! The batch index: which instances were received, in which batch, and where each batch
+//! is in its life; the rules of batching applied in one transaction each, so an instance
+//! is either fully recorded (instance, membership, batch counters) or not at all.
+//!
+//! Trees:
+//! - `instances`: route NUL SOP Instance UID -> [`InstanceRecord`]
+//! - `members`: batch id (8 bytes BE) ++ SOP Instance UID -> empty
+//! - `batches`: batch id (8 bytes BE) -> [`BatchRecord`]
+//! - `open`: route NUL grouping key -> batch id of the open batch
+//! - `ready`: batch id (8 bytes BE) -> empty, stable batches not yet packed
+//!
+//! `open` and `ready` hold one entry per open or stable batch, so counting batches by
+//! state ([`BatchIndex::counts`]) reads only those and one counter, never every record.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionalTree};
+
+use super::{IndexError, Store, TxResult, corrupt, decode, encode, tx_decode, tx_error};
+use crate::gateway::reception::batch::{
+    BatchId, BatchRecord, BatchState, InstanceRecord, Joined, Recorded,
+};
+use crate::gateway::reception::route::{Route, Routes};
+
+/// How many batches are in each state, for the gauges of `/metrics`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchCounts {
+    /// Still receiving instances.
+    pub open: u64,
+    /// Quiet, waiting for the outbound pipeline.
+    pub stable: u64,
+    /// Taken by the outbound pipeline, and still recorded (until `spool.records_days`).
+    pub sent: u64,
+}
+
+fn batch_key(id: BatchId) -> [u8; 8] {
+    id.0.to_be_bytes()
+}
+
+fn batch_id(key: &[u8]) -> Option<BatchId> {
+    Some(BatchId(u64::from_be_bytes(key.get(..8)?.try_into().ok()?)))
+}
+
+/// The index of instances and batches.
+#[derive(Clone)]
+pub struct BatchIndex {
+    store: Store,
+    /// Batches recorded, kept beside the trees so that counting them reads no record.
+    recorded: Arc<AtomicU64>,
+    instances: sled::Tree,
+    members: sled::Tree,
+    batches: sled::Tree,
+    open: sled::Tree,
+    ready: sled::Tree,
+}
+
+fn instance_key(route: &str, sop_instance_uid: &str) -> Vec<u8> {
+    [route.as_bytes(), &[0], sop_instance_uid.as_bytes()].concat()
+}
+
+impl BatchIndex {
+    /// Opens (or creates) the database in `dir` and its batch index.
+    ///
+    /// # Errors
+    /// [`IndexError::Sled`] when the folder cannot be opened (another daemon holds it?).
+    pub fn open(dir: &Path) -> Result<BatchIndex, IndexError> {
+        let store = Store::open(dir)?;
+        let batches = store.tree("batches")?;
+        let recorded = Arc::new(AtomicU64::new(batches.len() as u64));
+        Ok(BatchIndex {
+            instances: store.tree("instances")?,
+            members: store.tree("members")?,
+            batches,
+            open: store.tree("open")?,
+            ready: store.tree("ready")?,
+            recorded,
+            store,
+        })
+    }
+
+    /// The database, for the job stores that live beside the batches.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// How many batches are in each state; reads the open and ready queues (one entry
+    /// per batch still in reception), never the records.
+    ///
+    /// # Errors
+    /// [`IndexError`] when the index cannot be read.
+    pub fn counts(&self) -> Result<BatchCounts, IndexError> {
+        let open = self.open.len() as u64;
+        let stable = self.ready.len() as u64;
+        let recorded = self.recorded.load(Ordering::Relaxed);
+        Ok(BatchCounts {
+            open,
+            stable,
+            sent: recorded.saturating_sub(open + stable),
+        })
+    }
+
+    /// Forgets a sent batch for good (its record and any membership left), once its
+    /// outbound job is done and older than the retention of records; true when it was
+    /// recorded. A batch still in reception is never removed.
+    ///
+    /// # Errors
+    /// [`IndexError`] when the index cannot be changed.
+    pub fn forget(&self, id: BatchId) -> Result<bool, IndexError> {
+        for key in self.members.scan_prefix(batch_key(id)).keys() {
+            self.members.remove(key?)?;
+        }
+        let removed = self
+            .batches
+            .transaction(|batches| {
+                let Some(bytes) = batches.get(batch_key(id))? else {
+                    return Ok(false);
+                };
+                let batch: BatchRecord = tx_decode(&batch_key(id), &bytes)?;
+                if batch.state != BatchState::Sent {
+                    return Ok(false);
+                }
+                batches.remove(&batch_key(id))?;
+                Ok(true)
+            })
+            .map_err(tx_error)?;
+        if removed {
+            self.recorded.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.flush()?;
+        Ok(removed)
+    }
+
+    /// Takes a stable batch off the ready queue for the outbound pipeline, in one
+    /// transaction; `None` when it is no longer waiting (reopened, or claimed).
+    ///
+    /// # Errors
+    /// [`IndexError`] when the index cannot be changed.
+    pub fn claim(&self, id: BatchId) -> Result<Option<BatchRecord>, IndexError> {
+        let claimed = (&self.batches, &self.ready)
+            .transaction(|(batches, ready)| {
+                if ready.remove(&batch_key(id))?.is_none() {
+                    return Ok(None);
+                }
+                let mut batch = load_batch(batches, id)?;
+                batch.state = BatchState::Sent;
+                batches.insert(&batch_key(id), encode(&batch))?;
+                Ok(Some(batch))
+            })
+            .map_err(tx_error)?;
+        self.flush()?;
+        Ok(claimed)
+    }
+
+    /// Batches taken by the outbound pipeline.
+    ///
+    /// # Errors
+    /// [`IndexError`] when the index cannot be read.
+    pub fn claimed(&self) -> Result<Vec<BatchRecord>, IndexError> {
+        Ok(self
+            .batches()?
+            .into_iter()
+            .filter(|b| b.state == BatchState::Sent)
+            .collect())
+    }
+
+    /// The instance records of a batch, in UID order.
+    ///
+    /// # Errors
+    /// [`IndexError`] when the index cannot be read.
+    pub fn member_records(&self, id: BatchId) -> Result<Vec<(String, InstanceRecord)>, IndexError> {
+        let Some(batch) = self.batch(id)? else {
+            return Ok(Vec::new());
+        };
+        let mut records = Vec::new();
+        for uid in self.members(id)? {
+            if let Some(record) = self.instance(&batch.route, &uid)? {
+                records.push((uid, record));
+            }
+        }
+        Ok(records)
+    }
+
+    /// Forgets a sent batch's instances (their files are already removed), so that a
+    /// later resend of the same instances starts a new batch.
+    ///
+    /// # Errors
+    /// [`IndexError`] when the index cannot be changed.
+    pub fn forget_members(&self, id: BatchId) -> Result<(), IndexError> {
+        let Some(batch) = self.batch(id)? else {
+            return Ok(());
+        };
+        for uid in self.members(id)? {
+            let ikey = instance_key(&batch.route, &uid);
+            let owned = match self.instances.get(&ikey)? {
+                Some(bytes) => decode::<InstanceRecord>(&ikey, &bytes)?.batch == id,
+                None => false,
+            };
+            if owned {
+                self.instances.remove(ikey)?;
+            }
+            self.members
+                .remove([&batch_key(id)[..], uid.as_bytes()].concat())?;
+        }
+        self.flush()
+    }
+
+    /// Makes every recorded change durable (fsync); called before acknowledging.
+    ///
+    /// # Errors
+    /// [`IndexError::Sled`] when the write-ahead log cannot be synced.
+    pub fn flush(&self) -> Result<(), IndexError> {
+        self.store.flush()
+    }
+
+    /// The record of an instance already received on `route`, if any.
+    ///
+    /// # Errors
+    /// [`IndexError`] when the index cannot be read.
+    pub fn instance(
+        &self,
+        route: &str,
+        sop_instance_uid: &str,
+    ) -> Result<Option<InstanceRecord>, IndexError> {
+        let key = instance_key(route, sop_instance_uid);
+        self.instances
+            .get(&key)?
+            .map(|bytes| decode(&key, &bytes))
+            .transpose()
+    }
+
+    /// The state of a batch.
+    ///
+    /// # Errors
+    /// [`IndexError`] when the index cannot be read.
+    pub fn batch(&self, id: BatchId) -> Result<Option<BatchRecord>, IndexError> {
+        self.batches
+            .get(batch_key(id))?
+            .map(|bytes| decode(&batch_key(id), &bytes))
+            .transpose()
+    }
+
+    /// Records a durably stored instance in its batch, in one transaction.
+    ///
+    /// `group_key` is the Study Instance UID or Patient ID, as the route groups.
+    ///
+    /// # Errors
+    /// [`IndexError`] when the transaction cannot be written.
+    pub fn record(
+        &self,
+        route: &Route,
+        group_key: &str,
+        sop_instance_uid: &str,
+        record: InstanceRecord,
+    ) -> Result<Recorded, IndexError> {
+        let open_key = instance_key(&route.name, group_key);
+        // Used only if the transaction opens a batch; an unused id is simply skipped.
+        let fresh_id = BatchId(self.store.db.generate_id()? + 1);
+        let waiting = self.waiting_batch(&route.name, group_key)?;
+        let ikey = instance_key(&route.name, sop_instance_uid);
+        (
+            &self.instances,
+            &self.members,
+            &self.batches,
+            &self.open,
+            &self.ready,
+        )
+            .transaction(|(instances, members, batches, open, ready)| {
+                if let Some(previous) = instances.get(&ikey)? {
+                    let previous: InstanceRecord = tx_decode(&ikey, &previous)?;
+                    let mut batch = load_batch(batches, previous.batch)?;
+                    if batch.state == BatchState::Open {
+                        batch.bytes -= previous.size.min(batch.bytes);
+                        save(batches, instances, &ikey, &mut batch, &record)?;
+                    }
+                    return Ok(Recorded::Replaced(previous.batch));
+                }
+                let (mut batch, joined) = match open.get(&open_key)? {
+                    Some(id) => {
+                        let id = batch_id(&id).ok_or_else(|| {
+                            ConflictableTransactionError::Abort(corrupt_id(&open_key))
+                        })?;
+                        (load_batch(batches, id)?, Joined::Open)
+                    }
+                    None => match still_waiting(ready, waiting)? {
+                        Some(id) => {
+                            ready.remove(&batch_key(id))?;
+                            open.insert(open_key.as_slice(), &batch_key(id))?;
+                            let mut batch = load_batch(batches, id)?;
+                            batch.state = BatchState::Open;
+                            batch.stable_at = None;
+                            (batch, Joined::Reopened)
+                        }
+                        None => {
+                            open.insert(open_key.as_slice(), &batch_key(fresh_id))?;
+                            let batch = new_batch(fresh_id, route, group_key, record.received_at);
+                            (batch, Joined::New)
+                        }
+                    },
+                };
+                batch.instances += 1;
+                save(batches, instances, &ikey, &mut batch, &record)?;
+                let member = [&batch_key(batch.id)[..], sop_instance_uid.as_bytes()].concat();
+                members.insert(member, &[])?;
+                Ok(Recorded::Added {
+                    batch: batch.id,
+                    joined,
+                })
+            })
+            .map_err(tx_error)
+            .inspect(|recorded| {
+                if let Recorded::Added {
+                    joined: Joined::New,
+                    ..
+                } = recorded
+                {
+                    self.recorded.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+    }
+
+    /// A stable batch of this route and group still waiting for packing, if any.
+    fn waiting_batch(&self, route: &str, group_key: &str) -> Result<Option<BatchId>, IndexError> {
+        for id in self.ready()? {
+            if let Some(batch) = self.batch(id)? {
+                if batch.route == route && batch.key == group_key {
+                    return Ok(Some(id));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Marks every open batch quiet for its route's `stable_after` as stable and queues it
+    /// for packing. Returns the batches that became stable.
+    ///
+    /// # Errors
+    /// [`IndexError`] when the index cannot be read or written.
+    pub fn seal_quiet(&self, routes: &Routes, now: u64) -> Result<Vec<BatchRecord>, IndexError> {
+        let mut sealed = Vec::new();
+        for entry in self.open.iter() {
+            let (open_key, id) = entry?;
+            let Some(id) = batch_id(&id) else {
+                return Err(corrupt_id(&open_key));
+            };
+            let Some(batch) = self.batch(id)? else {
+                continue;
+            };
+            let quiet_for = Duration::from_millis(now.saturating_sub(batch.last_instance_at));
+            let stable_after = routes
+                .by_name(&batch.route)
+                .map_or(Duration::ZERO, |r| r.stable_after);
+            if quiet_for >= stable_after {
+                if let Some(record) = self.seal(&open_key, id, now)? {
+                    sealed.push(record);
+                }
+            }
+        }
+        Ok(sealed)
+    }
+
+    fn seal(
+        &self,
+        open_key: &[u8],
+        id: BatchId,
+        now: u64,
+    ) -> Result<Option<BatchRecord>, IndexError> {
+        (&self.batches, &self.open, &self.ready)
+            .transaction(|(batches, open, ready)| {
+                // Re-read inside the transaction: an instance may have arrived meanwhile.
+                if open.get(open_key)?.as_deref() != Some(&batch_key(id)[..]) {
+                    return Ok(None);
+                }
+                let mut batch = load_batch(batches, id)?;
+                if batch.state != BatchState::Open {
+                    return Ok(None);
+                }
+                batch.state = BatchState::Stable;
+                batch.stable_at = Some(now);
+                batches.insert(&batch_key(id), encode(&batch))?;
+                open.remove(open_key)?;
+                ready.insert(&batch_key(id), &[])?;
+                Ok(Some(batch))
+            })
+            .map_err(tx_error)
+    }
+
+    /// Every batch, oldest first.
+    ///
+    /// # Errors
+    /// [`IndexError`] when the index cannot be read.
+    pub fn batches(&self) -> Result<Vec<BatchRecord>, IndexError> {
+        self.batches
+            .iter()
+            .map(|entry| {
+                let (key, bytes) = entry?;
+                decode(&key, &bytes)
+            })
+            .collect()
+    }
+
+    /// SOP Instance UIDs of a batch, in UID order.
+    ///
+    /// # Errors
+    /// [`IndexError`] when the index cannot be read.
+    pub fn members(&self, id: BatchId) -> Result<Vec<String>, IndexError> {
+        self.members
+            .scan_prefix(batch_key(id))
+            .map(|entry| {
+                let (key, _) = entry?;
+                Ok(String::from_utf8_lossy(&key[8..]).into_owned())
+            })
+            .collect()
+    }
+
+    /// Stable batches waiting for the outbound pipeline.
+    ///
+    /// # Errors
+    /// [`IndexError`] when the index cannot be read.
+    pub fn ready(&self) -> Result<Vec<BatchId>, IndexError> {
+        self.ready
+            .iter()
+            .keys()
+            .map(|key| {
+                let key = key?;
+                batch_id(&key).ok_or_else(|| corrupt_id(&key))
+            })
+            .collect()
+    }
+}
+
+fn corrupt_id(key: &[u8]) -> IndexError {
+    corrupt(key, &"batch id is not 8 bytes")
+}
+
+fn load_batch(batches: &TransactionalTree, id: BatchId) -> TxResult<BatchRecord> {
+    let bytes = batches
+        .get(batch_key(id))?
+        .ok_or_else(|| ConflictableTransactionError::Abort(corrupt_id(&batch_key(id))))?;
+    tx_decode(&batch_key(id), &bytes)
+}
+
+/// Adds the instance's size and time to its batch and writes both records.
+fn save(
+    batches: &TransactionalTree,
+    instances: &TransactionalTree,
+    instance_key: &[u8],
+    batch: &mut BatchRecord,
+    record: &InstanceRecord,
+) -> TxResult<()> {
+    batch.bytes += record.size;
+    batch.last_instance_at = record.received_at;
+    batches.insert(&batch_key(batch.id), encode(batch))?;
+    let record = InstanceRecord {
+        batch: batch.id,
+        ..record.clone()
+    };
+    instances.insert(instance_key, encode(&record))?;
+    Ok(())
+}
+
+/// The candidate batch, if it is still queued for packing inside this transaction.
+fn still_waiting(
+    ready: &TransactionalTree,
+    candidate: Option<BatchId>,
+) -> TxResult<Option<BatchId>> {
+    match candidate {
+        Some(id) if ready.get(batch_key(id))?.is_some() => Ok(Some(id)),
+        _ => Ok(None),
+    }
+}
+
+fn new_batch(id: BatchId, route: &Route, group_key: &str, now: u64) -> BatchRecord {
+    BatchRecord {
+        id,
+        route: route.name.clone(),
+        key: group_key.to_owned(),
+        batch_by: route.batch_by,
+        state: BatchState::Open,
+        instances: 0,
+        bytes: 0,
+        opened_at: now,
+        last_instance_at: now,
+        stable_at: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RouteConfig;
+    use std::collections::BTreeMap;
+
+    fn routes() -> Routes {
+        let mut config = BTreeMap::new();
+        config.insert(
+            "ct".to_owned(),
+            RouteConfig {
+                ae_title: "CLOUDPDI".into(),
+                stable_after: 10,
+                ..RouteConfig::default()
+            },
+        );
+        Routes::new(&config)
+    }
+
+    fn record(size: u64, at: u64) -> InstanceRecord {
+        InstanceRecord {
+            batch: BatchId(0),
+            file: "f".into(),
+            size,
+            sop_class_uid: "1.2".into(),
+            study_uid: "1.2.3".into(),
+            series_uid: "1.2.3.4".into(),
+            transfer_syntax: "1.2.840.10008.1.2.1".into(),
+            calling_ae: "PACS".into(),
+            received_at: at,
+        }
+    }
+
+    #[test]
+    fn instances_group_resends_count_once_and_quiet_batches_seal() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let index = BatchIndex::open(dir.path()).expect("open");
+        let routes = routes();
+        let route = routes.by_name("ct").expect("route");
+        let first = index
+            .record(route, "study-1", "1.1", record(100, 1_000))
+            .expect("record");
+        let Recorded::Added {
+            batch,
+            joined: Joined::New,
+        } = first
+        else {
+            panic!("first instance opens a batch: {first:?}");
+        };
+        assert_eq!(
+            index
+                .record(route, "study-1", "1.2", record(50, 2_000))
+                .expect("second"),
+            Recorded::Added {
+                batch,
+                joined: Joined::Open
+            }
+        );
+        assert_eq!(
+            index
+                .record(route, "study-1", "1.1", record(120, 3_000))
+                .expect("resend"),
+            Recorded::Replaced(batch)
+        );
+        let other = index
+            .record(route, "study-2", "2.1", record(10, 3_000))
+            .expect("other");
+        assert!(matches!(
+            other,
+            Recorded::Added {
+                joined: Joined::New,
+                ..
+            }
+        ));
+
+        let b = index.batch(batch).expect("read").expect("exists");
+        assert_eq!((b.instances, b.bytes, b.state), (2, 170, BatchState::Open));
+        assert_eq!(
+            index.counts().expect("counts"),
+            BatchCounts {
+                open: 2,
+                stable: 0,
+                sent: 0
+            }
+        );
+        assert_eq!(index.members(batch).expect("members"), ["1.1", "1.2"]);
+
+        assert!(index.seal_quiet(&routes, 12_999).expect("seal").is_empty());
+        let sealed = index.seal_quiet(&routes, 13_000).expect("seal");
+        assert_eq!(sealed.len(), 2);
+        assert_eq!(
+            index.counts().expect("counts"),
+            BatchCounts {
+                open: 0,
+                stable: 2,
+                sent: 0
+            }
+        );
+        assert_eq!(index.ready().expect("ready").len(), 2);
+
+        // A late instance reopens its stable batch while it waits for packing.
+        let later = index
+            .record(route, "study-1", "1.3", record(1, 20_000))
+            .expect("later");
+        assert_eq!(
+            later,
+            Recorded::Added {
+                batch,
+                joined: Joined::Reopened
+            }
+        );
+        let b = index.batch(batch).expect("read").expect("exists");
+        assert_eq!(
+            (b.instances, b.state, b.stable_at),
+            (3, BatchState::Open, None)
+        );
+        assert_eq!(index.ready().expect("ready").len(), 1);
+        assert_eq!(
+            index.counts().expect("counts"),
+            BatchCounts {
+                open: 1,
+                stable: 1,
+                sent: 0
+            }
+        );
+
+        // Once claimed by the outbound pipeline, the study starts a new batch.
+        assert_eq!(index.seal_quiet(&routes, 30_000).expect("seal").len(), 1);
+        index.claim(batch).expect("claim").expect("claimed");
+        let newer = index
+            .record(route, "study-1", "1.4", record(1, 40_000))
+            .expect("newer");
+        assert!(matches!(
+            newer,
+            Recorded::Added {
+                joined: Joined::New,
+                ..
+            }
+        ));
+        assert_eq!(
+            index.counts().expect("counts"),
+            BatchCounts {
+                open: 1,
+                stable: 1,
+                sent: 1
+            }
+        );
+        // The counter of recorded batches survives a reopen.
+        drop(index);
+        let index = BatchIndex::open(dir.path()).expect("reopen");
+        assert_eq!(
+            index.counts().expect("counts"),
+            BatchCounts {
+                open: 1,
+                stable: 1,
+                sent: 1
+            }
+        );
+    }
+}

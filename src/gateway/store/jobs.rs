@@ -1,0 +1,251 @@
+//! Job records of one pipeline: one tree keyed by job id, beside an index of the jobs
+//! that still need the pipeline, each write flushed before it returns.
+
+use serde::de::DeserializeOwned;
+use sled::Transactional;
+
+use super::{IndexError, Store, decode, encode, tx_error};
+use crate::gateway::jobs::JobRecord;
+
+/// A tree of job records of one kind, keyed by job id, beside an index of the jobs
+/// that still need the pipeline (`<name>.active`): the due-scan twice a second reads
+/// those, not the years of finished jobs.
+#[derive(Clone)]
+pub struct JobStore {
+    store: Store,
+    tree: sled::Tree,
+    active: sled::Tree,
+}
+
+impl JobStore {
+    /// Opens the tree `name` and its index of active jobs in the daemon's database.
+    ///
+    /// # Errors
+    /// [`IndexError::Sled`] when the trees cannot be opened.
+    pub fn open(store: &Store, name: &str) -> Result<JobStore, IndexError> {
+        Ok(JobStore {
+            store: store.clone(),
+            tree: store.tree(name)?,
+            active: store.tree(&format!("{name}.active"))?,
+        })
+    }
+
+    /// Rebuilds the index of active jobs from the records. Run once at start: a store
+    /// written before the index existed gets one, and any drift is repaired by one scan.
+    ///
+    /// # Errors
+    /// [`IndexError`] when a record cannot be read or the index written.
+    pub fn reindex<T: JobRecord + DeserializeOwned>(&self) -> Result<(), IndexError> {
+        self.active.clear()?;
+        for job in self.all::<T>()? {
+            if job.needs_pipeline() {
+                self.active.insert(job.id().as_bytes(), &[])?;
+            }
+        }
+        self.store.flush()?;
+        Ok(())
+    }
+
+    /// The job `id`, if recorded.
+    ///
+    /// # Errors
+    /// [`IndexError`] when the record cannot be read.
+    pub fn get<T: DeserializeOwned>(&self, id: &str) -> Result<Option<T>, IndexError> {
+        self.tree
+            .get(id.as_bytes())?
+            .map(|bytes| decode(id.as_bytes(), &bytes))
+            .transpose()
+    }
+
+    /// Writes `job` durably (flushed before returning), with its place in the index.
+    ///
+    /// # Errors
+    /// [`IndexError`] when the record cannot be written or flushed.
+    pub fn put<T: JobRecord>(&self, job: &T) -> Result<(), IndexError> {
+        self.write(job, false)?;
+        Ok(())
+    }
+
+    /// Inserts `job` unless one with its id exists; true when this call created it.
+    ///
+    /// # Errors
+    /// [`IndexError`] when the record cannot be written or flushed.
+    pub fn create<T: JobRecord>(&self, job: &T) -> Result<bool, IndexError> {
+        self.write(job, true)
+    }
+
+    fn write<T: JobRecord>(&self, job: &T, only_new: bool) -> Result<bool, IndexError> {
+        let id = job.id().as_bytes();
+        let bytes = encode(job);
+        let active = job.needs_pipeline();
+        let written = (&self.tree, &self.active)
+            .transaction(|(tree, index)| {
+                if only_new && tree.get(id)?.is_some() {
+                    return Ok(false);
+                }
+                tree.insert(id, bytes.as_slice())?;
+                if active {
+                    index.insert(id, &[])?;
+                } else {
+                    index.remove(id)?;
+                }
+                Ok(true)
+            })
+            .map_err(tx_error)?;
+        if written {
+            self.store.flush()?;
+        }
+        Ok(written)
+    }
+
+    /// The jobs that finished cleanly ([`JobRecord::prunable`] at `now`) and last changed
+    /// before `cutoff` (both Unix milliseconds): what the retention of records forgets.
+    ///
+    /// # Errors
+    /// [`IndexError`] when a record cannot be read.
+    pub fn prunable<T: JobRecord>(&self, cutoff: u64, now: u64) -> Result<Vec<T>, IndexError> {
+        let mut jobs = Vec::new();
+        for mut job in self.all::<T>()? {
+            if job.prunable(now) && job.progress().updated_at < cutoff {
+                jobs.push(job);
+            }
+        }
+        Ok(jobs)
+    }
+
+    /// Forgets the job `id` for good (record and index entry, flushed); true when it was
+    /// recorded.
+    ///
+    /// # Errors
+    /// [`IndexError`] when the store cannot be changed.
+    pub fn remove(&self, id: &str) -> Result<bool, IndexError> {
+        let id = id.as_bytes();
+        let removed = (&self.tree, &self.active)
+            .transaction(|(tree, index)| {
+                index.remove(id)?;
+                Ok(tree.remove(id)?.is_some())
+            })
+            .map_err(tx_error)?;
+        self.store.flush()?;
+        Ok(removed)
+    }
+
+    /// Every job, in id order.
+    ///
+    /// # Errors
+    /// [`IndexError`] when a record cannot be read.
+    pub fn all<T: DeserializeOwned>(&self) -> Result<Vec<T>, IndexError> {
+        self.tree
+            .iter()
+            .map(|entry| {
+                let (key, bytes) = entry?;
+                decode(&key, &bytes)
+            })
+            .collect()
+    }
+
+    /// The jobs that still need the pipeline ([`JobRecord::needs_pipeline`]), in id order.
+    ///
+    /// # Errors
+    /// [`IndexError`] when a record cannot be read.
+    pub fn active<T: DeserializeOwned>(&self) -> Result<Vec<T>, IndexError> {
+        let mut jobs = Vec::new();
+        for key in self.active.iter().keys() {
+            let key = key?;
+            if let Some(bytes) = self.tree.get(&key)? {
+                jobs.push(decode(&key, &bytes)?);
+            }
+        }
+        Ok(jobs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gateway::jobs::Progress;
+    use serde::Serialize;
+
+    #[derive(Clone, Serialize, serde::Deserialize, Debug, PartialEq)]
+    struct TestJob {
+        id: String,
+        value: u32,
+        done: bool,
+        progress: Progress,
+    }
+
+    impl JobRecord for TestJob {
+        type Step = bool;
+        fn id(&self) -> &str {
+            &self.id
+        }
+        fn step(&self) -> bool {
+            self.done
+        }
+        fn set_step(&mut self, next: bool) {
+            self.done = next;
+        }
+        fn ended(&self) -> bool {
+            self.done
+        }
+        fn fail(&mut self, _at: bool) {
+            self.done = true;
+        }
+        fn progress(&mut self) -> &mut Progress {
+            &mut self.progress
+        }
+    }
+
+    fn job(id: &str, value: u32, done: bool) -> TestJob {
+        TestJob {
+            id: id.into(),
+            value,
+            done,
+            progress: Progress::new(),
+        }
+    }
+
+    fn values(jobs: &[TestJob]) -> Vec<u32> {
+        jobs.iter().map(|j| j.value).collect()
+    }
+
+    #[test]
+    fn create_only_once_and_records_survive_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let db = Store::open(dir.path()).expect("db");
+            let store = JobStore::open(&db, "jobs").expect("store");
+            assert!(store.create(&job("a", 1, false)).expect("create"));
+            assert!(!store.create(&job("a", 2, false)).expect("again"));
+            store.put(&job("b", 3, false)).expect("put");
+        }
+        let db = Store::open(dir.path()).expect("reopen");
+        let store = JobStore::open(&db, "jobs").expect("store");
+        assert_eq!(
+            store.get::<TestJob>("a").expect("get").map(|j| j.value),
+            Some(1)
+        );
+        assert_eq!(values(&store.all::<TestJob>().expect("all")), [1, 3]);
+    }
+
+    #[test]
+    fn only_jobs_that_need_the_pipeline_are_active() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = Store::open(dir.path()).expect("db");
+        let store = JobStore::open(&db, "jobs").expect("store");
+        store.create(&job("a", 1, false)).expect("create");
+        store.create(&job("b", 2, true)).expect("create ended");
+        store.put(&job("c", 3, false)).expect("put");
+        assert_eq!(values(&store.active::<TestJob>().expect("active")), [1, 3]);
+        store.put(&job("a", 1, true)).expect("a ends");
+        store.put(&job("b", 2, false)).expect("b is retried");
+        assert_eq!(values(&store.active::<TestJob>().expect("active")), [2, 3]);
+        // A store written before the index existed: rebuilt from the records.
+        db.db.drop_tree("jobs.active").expect("drop the index");
+        let store = JobStore::open(&db, "jobs").expect("store");
+        assert!(store.active::<TestJob>().expect("empty").is_empty());
+        store.reindex::<TestJob>().expect("reindex");
+        assert_eq!(values(&store.active::<TestJob>().expect("active")), [2, 3]);
+        assert_eq!(values(&store.all::<TestJob>().expect("all")), [1, 2, 3]);
+    }
+}
