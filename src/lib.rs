@@ -20,10 +20,12 @@
 //! logs.
 
 pub mod admin;
+pub mod clock;
 pub mod config;
 pub mod container;
 pub mod dicom;
 pub mod gateway;
+pub mod markup;
 pub mod pdi;
 pub mod repository;
 pub mod telemetry;

@@ -25,6 +25,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
+use crate::admin::metrics::Metrics;
+use crate::clock::now_ms;
 use crate::config::{Config, InboundConfig, PatientIdMode};
 use crate::dicom::scu::{Instance, Outcome, StoreTarget, store_all};
 use crate::gateway::inbound::reconcile::{PatientIdPolicy, Reconciler};
@@ -33,7 +35,7 @@ use crate::gateway::jobs::{
     write_durably,
 };
 use crate::gateway::outbound::blocking;
-use crate::gateway::reception::batch::{IndexError, now_ms};
+use crate::gateway::reception::batch::IndexError;
 use crate::repository::api::Receipt;
 use crate::repository::client::{Client, ClientOptions};
 use crate::token::Token;
@@ -504,6 +506,15 @@ impl Pipeline for Inbound {
     fn job_ended(&self, job: &InboundJob) {
         if !job.progress.crashed_out() {
             self.remove_leftovers(&job.id);
+        }
+    }
+
+    fn count_step(&self, job: &InboundJob, done: InStep, metrics: &Metrics) {
+        if done == InStep::Import {
+            metrics.imports.inc();
+            metrics
+                .instances_set_aside
+                .inc_by(job.set_aside.len() as u64);
         }
     }
 

@@ -14,7 +14,7 @@
 //! - `ready`: batch id (8 bytes BE) -> empty, stable batches not yet packed
 
 use std::fmt;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use sled::Transactional;
@@ -158,13 +158,6 @@ pub struct BatchIndex {
     batches: sled::Tree,
     open: sled::Tree,
     ready: sled::Tree,
-}
-
-/// Milliseconds since the Unix epoch, for records that must survive restarts.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 fn instance_key(route: &str, sop_instance_uid: &str) -> Vec<u8> {
