@@ -192,15 +192,15 @@ fn scan_one(path: &Path, policy: &AiPolicy) -> ScanResult {
 /// Where a missing date key is taken from, in order: Series, Acquisition, Content and
 /// Study Date.
 pub const DATE_STAND_INS: [u32; 4] = [
-    0x0008_0021,
-    0x0008_0022,
+    tags::SERIES_DATE,
+    tags::ACQUISITION_DATE,
     tags::CONTENT_DATE,
     tags::STUDY_DATE,
 ];
 /// The same for a missing time key.
 pub const TIME_STAND_INS: [u32; 4] = [
-    0x0008_0031,
-    0x0008_0032,
+    tags::SERIES_TIME,
+    tags::ACQUISITION_TIME,
     tags::CONTENT_TIME,
     tags::STUDY_TIME,
 ];
