@@ -127,18 +127,26 @@ impl Instance {
 
 /// Every DICOM Part 10 file under `paths` (files, or folders walked recursively), except
 /// DICOMDIRs; files that are not DICOM are returned apart so the caller can report them.
+/// A symbolic link named in `paths` is followed; one inside a folder is reported, not
+/// followed, so the walk never leaves the folders it was given (nor loops).
 pub fn collect(paths: &[PathBuf]) -> (Vec<Instance>, Vec<ScuError>) {
     let mut found = Vec::new();
-    let mut stack: Vec<PathBuf> = paths.to_vec();
-    while let Some(path) = stack.pop() {
-        match std::fs::read_dir(&path) {
-            Ok(entries) => stack.extend(entries.filter_map(|e| e.ok().map(|e| e.path()))),
-            Err(_) => found.push(path),
+    let mut skipped = Vec::new();
+    for root in paths {
+        for entry in walkdir::WalkDir::new(root) {
+            match entry {
+                Ok(e) if e.path_is_symlink() && e.depth() > 0 => skipped.push(ScuError::NotDicom {
+                    path: e.into_path(),
+                    reason: "a symbolic link inside a folder; links there are not followed".into(),
+                }),
+                Ok(e) if e.file_type().is_dir() => {}
+                Ok(e) => found.push(e.into_path()),
+                Err(e) => found.push(e.path().unwrap_or(root).to_owned()),
+            }
         }
     }
     found.sort();
     let mut instances = Vec::new();
-    let mut skipped = Vec::new();
     for path in found {
         match Instance::probe(&path) {
             Ok(instance) if instance.sop_class_uid == MEDIA_STORAGE_DIRECTORY_STORAGE => {}
