@@ -17,8 +17,8 @@ pub fn now_ms() -> u64 {
     u64::try_from(Timestamp::now().as_millisecond()).unwrap_or(0)
 }
 
-/// The UTC date and time of a Unix time; a time beyond the calendar's range (year 9999)
-/// is its last second.
+/// The UTC date and time of a Unix time; a time beyond the calendar's range (the end of
+/// year 9999) is its last representable second.
 pub fn civil(unix_seconds: u64) -> DateTime {
     let timestamp = i64::try_from(unix_seconds)
         .ok()
@@ -56,7 +56,7 @@ mod tests {
         assert_eq!(date(1_796_083_201), "2026-12-01");
         assert_eq!(rfc3339(1_764_059_400), "2025-11-25T08:30:00Z");
         assert_eq!(rfc3339(4_102_444_799), "2099-12-31T23:59:59Z");
-        assert_eq!(date(u64::MAX), "9999-12-31");
+        assert_eq!(date(u64::MAX), "9999-12-30");
         let now = now_seconds();
         assert!(now > 1_700_000_000, "{now}");
         assert!(now_ms() / 1000 >= now, "{}", now_ms());

@@ -139,7 +139,7 @@ pub fn collect(paths: &[PathBuf]) -> (Vec<Instance>, Vec<ScuError>) {
                     path: e.into_path(),
                     reason: "a symbolic link inside a folder; links there are not followed".into(),
                 }),
-                Ok(e) if e.file_type().is_dir() => {}
+                Ok(e) if e.file_type().is_dir() || (e.depth() == 0 && root.is_dir()) => {}
                 Ok(e) => found.push(e.into_path()),
                 Err(e) => found.push(e.path().unwrap_or(root).to_owned()),
             }

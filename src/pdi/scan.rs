@@ -68,7 +68,9 @@ pub fn expand(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, PdiError> {
                     entry.path().display()
                 )));
             }
-            if !entry.file_type().is_dir() && !is_dicomdir(entry.path()) {
+            // A named link is followed: its kind is its target's.
+            let folder = entry.file_type().is_dir() || (entry.depth() == 0 && input.is_dir());
+            if !folder && !is_dicomdir(entry.path()) {
                 out.push(entry.into_path());
             }
         }
