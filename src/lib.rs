@@ -20,11 +20,13 @@
 //! logs; every file that must survive a crash is written by [`durable`].
 
 pub mod admin;
+pub mod clock;
 pub mod config;
 pub mod container;
 pub mod dicom;
 pub mod durable;
 pub mod gateway;
+pub mod markup;
 pub mod pdi;
 pub mod repository;
 pub mod telemetry;

@@ -397,12 +397,6 @@ fn repository(command: RepositoryCommand) -> anyhow::Result<()> {
     }
 }
 
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 fn token(command: TokenCommand) -> anyhow::Result<()> {
     use cloudpdi::token::{Token, cli};
     match command {
@@ -414,7 +408,7 @@ fn token(command: TokenCommand) -> anyhow::Result<()> {
             summary,
             out,
         } => {
-            let expires = unix_now() + u64::from(expires_in_days) * 86_400;
+            let expires = cloudpdi::clock::now_seconds() + u64::from(expires_in_days) * 86_400;
             let expires = u32::try_from(expires).context("expiry beyond 2106")?;
             let token = Token::issue(&repository, &document_id, expires, &facility, &summary)?;
             cli::write_token_file(&token, &out)?;
@@ -422,7 +416,10 @@ fn token(command: TokenCommand) -> anyhow::Result<()> {
         }
         TokenCommand::Inspect { token, show_secret } => {
             let token = cli::read_token(&token)?;
-            print!("{}", cli::describe(&token, unix_now(), show_secret));
+            print!(
+                "{}",
+                cli::describe(&token, cloudpdi::clock::now_seconds(), show_secret)
+            );
         }
         TokenCommand::Slip(args) => slip(args)?,
     }
@@ -447,7 +444,7 @@ fn slip(args: SlipArgs) -> anyhow::Result<()> {
 fn encrypt(args: &CryptArgs) -> anyhow::Result<()> {
     use cloudpdi::container::{Compression, Options};
     let token = cloudpdi::token::cli::read_token(&args.token)?;
-    token.check_not_expired(unix_now())?;
+    token.check_not_expired(cloudpdi::clock::now_seconds())?;
     let options = Options {
         compression: if args.zstd {
             Compression::Zstd
@@ -719,7 +716,7 @@ fn send(args: SendArgs) -> anyhow::Result<()> {
 
 fn receive(args: &ReceiveArgs) -> anyhow::Result<()> {
     let token = cloudpdi::token::cli::read_token(&args.token)?;
-    token.check_not_expired(unix_now())?;
+    token.check_not_expired(cloudpdi::clock::now_seconds())?;
     match &args.out {
         Some(out) => {
             let bar = progress_bar("downloading");

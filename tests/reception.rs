@@ -190,6 +190,15 @@ fn eight_associations_at_once_all_stored() {
         "{metrics}"
     );
     assert!(metrics.contains("cloudpdi_instances_total{outcome=\"stored\"} 200"));
+    let free = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("cloudpdi_spool_free_bytes "))
+        .and_then(|v| v.parse::<i64>().ok());
+    assert!(free.is_some_and(|f| f > 0), "{metrics}");
+    assert!(
+        metrics.contains("# TYPE cloudpdi_batches gauge\n"),
+        "{metrics}"
+    );
     assert!(daemon.stop().success());
     let index = daemon.index();
     let batch = index.ready().unwrap()[0];

@@ -1,121 +1,243 @@
-//! Counters of what the daemon did, shared by the SCP and the admin endpoint so that the
-//! Prometheus figures and the log lines come from the same events.
+//! What the daemon did and holds, as one `prometheus-client` registry: the SCP, the
+//! stabilizer and both job pipelines count into it as things happen, and the admin
+//! endpoint sets the figures only a scrape can know (batches, jobs, free spool space)
+//! just before it encodes the registry. docs/pipelines.md lists every metric.
+//!
+//! The exposition is OpenMetrics text ([`CONTENT_TYPE`]), which Prometheus reads like its
+//! older text format; counters keep their `_total` names.
 
-use std::fmt::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 
 use crate::gateway::reception::route::Refusal;
 
-/// Process-wide counters (monotonic unless named `active`).
-#[derive(Debug, Default)]
-pub struct Metrics {
-    /// Associations accepted.
-    pub associations_accepted: AtomicU64,
-    /// Associations currently open.
-    pub associations_active: AtomicU64,
-    /// Associations rejected because no route has the called AE title.
-    pub rejected_unknown_called: AtomicU64,
-    /// Associations rejected because the calling AE title is not allowed.
-    pub rejected_caller_not_allowed: AtomicU64,
-    /// Instances stored durably (new or replacing one in an open batch).
-    pub instances_stored: AtomicU64,
-    /// Instances acknowledged without storing: already in a stable batch.
-    pub instances_duplicate: AtomicU64,
-    /// Instances refused because the dataset could not be parsed or did not match.
-    pub instances_unparsable: AtomicU64,
-    /// Instances refused for lack of disk space.
-    pub instances_out_of_space: AtomicU64,
-    /// Instances refused for any other local failure.
-    pub instances_failed: AtomicU64,
-    /// Bytes of stored Part 10 files.
-    pub bytes_stored: AtomicU64,
-    /// Batches that became stable.
-    pub batches_stable: AtomicU64,
+/// Content type of [`Metrics::render`]'s text.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Label pairs of a series (`[("pipeline", "outbound"), ("step", "upload")]`).
+type Labels = Vec<(&'static str, String)>;
+
+/// A labelled family of counters or gauges.
+type Labelled<M> = Family<Labels, M>;
+
+fn labels(pairs: &[(&'static str, &str)]) -> Labels {
+    pairs.iter().map(|&(k, v)| (k, v.to_owned())).collect()
 }
 
-/// Adds one to a counter.
-pub fn inc(counter: &AtomicU64) {
-    counter.fetch_add(1, Ordering::Relaxed);
+/// The figures known only at scrape time, read by the admin endpoint.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// Batches in the index by state (`open`, `stable`, `sent`).
+    pub batches: Vec<(&'static str, u64)>,
+    /// Jobs by pipeline (`outbound`, `inbound`) and state (a step, `done` or `failed`).
+    pub jobs: Vec<(String, String, u64)>,
+    /// Bytes free for the daemon on the spool's file system (`None`: not readable).
+    pub spool_free_bytes: Option<u64>,
+}
+
+/// The registry and every metric in it. The counters are public so the code that sees
+/// an event counts it where it happens.
+#[derive(Debug)]
+pub struct Metrics {
+    /// Associations accepted.
+    pub associations_accepted: Counter,
+    /// Associations currently open.
+    pub associations_active: Gauge,
+    /// Associations rejected because no route has the called AE title.
+    pub rejected_unknown_called: Counter,
+    /// Associations rejected because the calling AE title is not allowed.
+    pub rejected_caller_not_allowed: Counter,
+    /// Instances stored durably (new or replacing one in an open batch).
+    pub instances_stored: Counter,
+    /// Instances acknowledged without storing: already in a stable batch.
+    pub instances_duplicate: Counter,
+    /// Instances refused because the dataset could not be parsed or did not match.
+    pub instances_unparsable: Counter,
+    /// Instances refused for lack of disk space.
+    pub instances_out_of_space: Counter,
+    /// Instances refused for any other local failure.
+    pub instances_failed: Counter,
+    /// Bytes of stored Part 10 files.
+    pub bytes_stored: Counter,
+    /// Batches that became stable.
+    pub batches_stable: Counter,
+    /// Tokens issued by the outbound pipeline (its `issue` step done).
+    pub tokens_issued: Counter,
+    /// Studies C-STOREd into the local PACS by the inbound pipeline (its `import` step
+    /// done).
+    pub imports: Counter,
+    /// Instances the local PACS refused for good, set aside by an import.
+    pub instances_set_aside: Counter,
+    job_failures: Labelled<Counter>,
+    last_success: Labelled<Gauge>,
+    batches: Labelled<Gauge>,
+    jobs: Labelled<Gauge>,
+    spool_free_bytes: Gauge,
+    registry: Registry,
+    /// One scrape at a time sets the scrape-time figures and encodes them.
+    scrape: Mutex<()>,
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        let mut registry = Registry::with_prefix("cloudpdi");
+        let rejected = Labelled::<Counter>::default();
+        let reason = |r: &str| rejected.get_or_create_owned(&labels(&[("reason", r)]));
+        let instances = Labelled::<Counter>::default();
+        let outcome = |o: &str| instances.get_or_create_owned(&labels(&[("outcome", o)]));
+        let metrics = Metrics {
+            associations_accepted: Counter::default(),
+            associations_active: Gauge::default(),
+            rejected_unknown_called: reason("unknown_called_ae"),
+            rejected_caller_not_allowed: reason("caller_not_allowed"),
+            instances_stored: outcome("stored"),
+            instances_duplicate: outcome("duplicate"),
+            instances_unparsable: outcome("unparsable"),
+            instances_out_of_space: outcome("out_of_space"),
+            instances_failed: outcome("failed"),
+            bytes_stored: Counter::default(),
+            batches_stable: Counter::default(),
+            tokens_issued: Counter::default(),
+            imports: Counter::default(),
+            instances_set_aside: Counter::default(),
+            job_failures: Labelled::default(),
+            last_success: Labelled::default(),
+            batches: Labelled::default(),
+            jobs: Labelled::default(),
+            spool_free_bytes: Gauge::default(),
+            registry: Registry::default(),
+            scrape: Mutex::new(()),
+        };
+        let m = &metrics;
+        let r = &mut registry;
+        r.register(
+            "associations_accepted",
+            "DICOM associations accepted",
+            m.associations_accepted.clone(),
+        );
+        r.register(
+            "associations_active",
+            "DICOM associations open now",
+            m.associations_active.clone(),
+        );
+        r.register(
+            "associations_rejected",
+            "DICOM associations rejected, by reason",
+            rejected,
+        );
+        r.register("instances", "C-STORE requests by outcome", instances);
+        r.register(
+            "stored_bytes",
+            "Bytes of DICOM files written to the spool",
+            m.bytes_stored.clone(),
+        );
+        r.register(
+            "batches_stable",
+            "Batches that became stable",
+            m.batches_stable.clone(),
+        );
+        r.register(
+            "batches",
+            "Batches in the spool index, by state (open: receiving, stable: waiting for \
+             the outbound pipeline, sent: taken by it)",
+            m.batches.clone(),
+        );
+        r.register(
+            "jobs",
+            "Jobs by pipeline and state (the step a job is at, done or failed)",
+            m.jobs.clone(),
+        );
+        r.register(
+            "job_failures",
+            "Failed attempts of a job step, by pipeline and step (retried ones included)",
+            m.job_failures.clone(),
+        );
+        r.register(
+            "tokens_issued",
+            "Tokens issued by the outbound pipeline",
+            m.tokens_issued.clone(),
+        );
+        r.register(
+            "imports",
+            "Studies imported into the local PACS by the inbound pipeline",
+            m.imports.clone(),
+        );
+        r.register(
+            "instances_set_aside",
+            "Instances the local PACS refused for good, set aside by an import",
+            m.instances_set_aside.clone(),
+        );
+        r.register(
+            "last_success_timestamp_seconds",
+            "When a job of the pipeline last finished (Unix seconds)",
+            m.last_success.clone(),
+        );
+        r.register(
+            "spool_free_bytes",
+            "Bytes free for the daemon on the spool's file system",
+            m.spool_free_bytes.clone(),
+        );
+        Metrics {
+            registry,
+            ..metrics
+        }
+    }
+}
+
+/// A count for a gauge (they hold `i64`).
+fn gauge_value(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 impl Metrics {
     /// Counts a refused association by reason.
     pub fn refused(&self, refusal: Refusal) {
-        inc(match refusal {
+        match refusal {
             Refusal::UnknownCalledAe => &self.rejected_unknown_called,
             Refusal::CallerNotAllowed => &self.rejected_caller_not_allowed,
-        });
+        }
+        .inc();
     }
 
-    /// Renders the Prometheus text exposition format; `gauges` are values computed at
-    /// scrape time (e.g. batches by state) as (name, help, value).
-    pub fn render(&self, gauges: &[(&str, &str, u64)]) -> String {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let mut out = String::new();
-        let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
-            let _ = writeln!(out, "# HELP cloudpdi_{name} {help}");
-            let _ = writeln!(out, "# TYPE cloudpdi_{name} {kind}");
-            for (labels, value) in samples {
-                let _ = writeln!(out, "cloudpdi_{name}{labels} {value}");
-            }
-        };
-        metric(
-            "associations_accepted_total",
-            "counter",
-            "DICOM associations accepted.",
-            &[("", get(&self.associations_accepted))],
-        );
-        metric(
-            "associations_active",
-            "gauge",
-            "DICOM associations open now.",
-            &[("", get(&self.associations_active))],
-        );
-        metric(
-            "associations_rejected_total",
-            "counter",
-            "DICOM associations rejected, by reason.",
-            &[
-                (
-                    "{reason=\"unknown_called_ae\"}",
-                    get(&self.rejected_unknown_called),
-                ),
-                (
-                    "{reason=\"caller_not_allowed\"}",
-                    get(&self.rejected_caller_not_allowed),
-                ),
-            ],
-        );
-        metric(
-            "instances_total",
-            "counter",
-            "C-STORE requests by outcome.",
-            &[
-                ("{outcome=\"stored\"}", get(&self.instances_stored)),
-                ("{outcome=\"duplicate\"}", get(&self.instances_duplicate)),
-                ("{outcome=\"unparsable\"}", get(&self.instances_unparsable)),
-                (
-                    "{outcome=\"out_of_space\"}",
-                    get(&self.instances_out_of_space),
-                ),
-                ("{outcome=\"failed\"}", get(&self.instances_failed)),
-            ],
-        );
-        metric(
-            "stored_bytes_total",
-            "counter",
-            "Bytes of DICOM files written to the spool.",
-            &[("", get(&self.bytes_stored))],
-        );
-        metric(
-            "batches_stable_total",
-            "counter",
-            "Batches that became stable.",
-            &[("", get(&self.batches_stable))],
-        );
-        for (name, help, value) in gauges {
-            metric(name, "gauge", help, &[("", *value)]);
+    /// Counts a failed attempt of `step` of a `pipeline` job.
+    pub fn job_failed(&self, pipeline: &str, step: &str) {
+        self.job_failures
+            .get_or_create(&labels(&[("pipeline", pipeline), ("step", step)]))
+            .inc();
+    }
+
+    /// Records that a `pipeline` job has just finished.
+    pub fn job_finished(&self, pipeline: &str) {
+        self.last_success
+            .get_or_create(&labels(&[("pipeline", pipeline)]))
+            .set(gauge_value(crate::clock::now_seconds()));
+    }
+
+    /// Sets the scrape-time figures from `now` and renders every metric as OpenMetrics
+    /// text ([`CONTENT_TYPE`]).
+    pub fn render(&self, now: &Snapshot) -> String {
+        let _one_scrape = self.scrape.lock().unwrap_or_else(PoisonError::into_inner);
+        self.batches.clear();
+        for (state, count) in &now.batches {
+            self.batches
+                .get_or_create(&labels(&[("state", state)]))
+                .set(gauge_value(*count));
         }
+        self.jobs.clear();
+        for (pipeline, state, count) in &now.jobs {
+            self.jobs
+                .get_or_create(&labels(&[("pipeline", pipeline), ("state", state)]))
+                .set(gauge_value(*count));
+        }
+        self.spool_free_bytes
+            .set(now.spool_free_bytes.map_or(-1, gauge_value));
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
         out
     }
 }
@@ -125,17 +247,56 @@ mod tests {
     use super::*;
 
     #[test]
-    fn renders_counters_with_labels() {
+    fn renders_counters_gauges_and_job_figures_with_labels() {
         let metrics = Metrics::default();
-        inc(&metrics.instances_stored);
+        metrics.instances_stored.inc();
         metrics.refused(Refusal::CallerNotAllowed);
-        let text = metrics.render(&[("batches_open", "Open batches.", 3)]);
-        assert!(text.contains("cloudpdi_instances_total{outcome=\"stored\"} 1\n"));
-        assert!(
-            text.contains(
-                "cloudpdi_associations_rejected_total{reason=\"caller_not_allowed\"} 1\n"
-            )
-        );
-        assert!(text.contains("# TYPE cloudpdi_batches_open gauge\ncloudpdi_batches_open 3\n"));
+        metrics.job_failed("outbound", "upload");
+        metrics.job_failed("outbound", "upload");
+        metrics.tokens_issued.inc();
+        metrics.job_finished("inbound");
+        let text = metrics.render(&Snapshot {
+            batches: vec![("open", 3), ("stable", 0)],
+            jobs: vec![("outbound".into(), "failed".into(), 2)],
+            spool_free_bytes: Some(1 << 30),
+        });
+        for line in [
+            "cloudpdi_instances_total{outcome=\"stored\"} 1\n",
+            "cloudpdi_instances_total{outcome=\"failed\"} 0\n",
+            "cloudpdi_associations_rejected_total{reason=\"caller_not_allowed\"} 1\n",
+            "cloudpdi_associations_accepted_total 0\n",
+            "# TYPE cloudpdi_batches gauge\n",
+            "cloudpdi_batches{state=\"open\"} 3\n",
+            "cloudpdi_batches{state=\"stable\"} 0\n",
+            "cloudpdi_jobs{pipeline=\"outbound\",state=\"failed\"} 2\n",
+            "cloudpdi_job_failures_total{pipeline=\"outbound\",step=\"upload\"} 2\n",
+            "cloudpdi_tokens_issued_total 1\n",
+            "cloudpdi_imports_total 0\n",
+            "cloudpdi_spool_free_bytes 1073741824\n",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
+        let last = text
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("cloudpdi_last_success_timestamp_seconds{pipeline=\"inbound\"} ")
+            })
+            .and_then(|v| v.parse::<u64>().ok())
+            .expect("last success of inbound");
+        assert!(last.abs_diff(crate::clock::now_seconds()) < 60, "{last}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn a_state_no_longer_present_leaves_the_jobs_gauge() {
+        let metrics = Metrics::default();
+        let first = Snapshot {
+            jobs: vec![("inbound".into(), "import".into(), 1)],
+            ..Snapshot::default()
+        };
+        assert!(metrics.render(&first).contains("state=\"import\"} 1\n"));
+        let text = metrics.render(&Snapshot::default());
+        assert!(!text.contains("state=\"import\""), "{text}");
+        assert!(text.contains("cloudpdi_spool_free_bytes -1\n"), "{text}");
     }
 }

@@ -10,7 +10,7 @@
 //!
 //! - `GET /status`: JSON [`Status`] (routes, batches, counters)
 //! - `GET /healthz`: `ok` when the index answers
-//! - `GET /metrics`: Prometheus text format
+//! - `GET /metrics`: OpenMetrics text (Prometheus reads it), listed in docs/pipelines.md
 //! - `POST /jobs/{id}/retry` (with the `x-cloudpdi-admin` header): puts a failed
 //!   outbound job back to the step that failed
 
@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::metrics::Metrics;
+use crate::admin::metrics::{Metrics, Snapshot};
 use crate::gateway::inbound::Inbound;
 use crate::gateway::jobs::JobSummary;
 use crate::gateway::outbound::{Outbound, RetryError};
@@ -235,10 +235,7 @@ async fn status(State(state): State<Arc<AdminState>>) -> Response {
     Json(Status {
         version: env!("CARGO_PKG_VERSION").into(),
         uptime_seconds: state.started.elapsed().as_secs(),
-        associations_active: state
-            .metrics
-            .associations_active
-            .load(std::sync::atomic::Ordering::Relaxed),
+        associations_active: u64::try_from(state.metrics.associations_active.get()).unwrap_or(0),
         routes: state
             .routes
             .iter()
@@ -263,6 +260,9 @@ async fn healthz(State(state): State<Arc<AdminState>>) -> Response {
     }
 }
 
+/// Encodes the registry after setting what only a scrape can know: batches by state,
+/// jobs by pipeline and state (counted from the job summaries, as `/status` lists them),
+/// and the spool's free space. An unreadable index answers 503, never "no batches".
 async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
     let spool = state.spool.clone();
     let counts = match tokio::task::spawn_blocking(move || spool.index().counts()).await {
@@ -270,24 +270,32 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
         Ok(Err(e)) => return unavailable(e),
         Err(e) => return unavailable(e),
     };
-    let body = state.metrics.render(&[
-        (
-            "batches_open",
-            "Batches still receiving instances.",
-            counts.open,
-        ),
-        (
-            "batches_stable",
-            "Stable batches held in the spool.",
-            counts.stable,
-        ),
-        (
-            "batches_sent",
-            "Batches taken by the outbound pipeline.",
-            counts.sent,
-        ),
-    ]);
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+    let jobs = match jobs(&state).await {
+        Ok(jobs) => jobs,
+        Err(response) => return response,
+    };
+    let mut by_state = std::collections::BTreeMap::<(String, String), u64>::new();
+    for job in jobs {
+        *by_state.entry((job.direction, job.state)).or_default() += 1;
+    }
+    let spool = state.spool.clone();
+    let free = tokio::task::spawn_blocking(move || spool.free_bytes().ok())
+        .await
+        .ok()
+        .flatten();
+    let body = state.metrics.render(&Snapshot {
+        batches: vec![
+            ("open", counts.open),
+            ("stable", counts.stable),
+            ("sent", counts.sent),
+        ],
+        jobs: by_state
+            .into_iter()
+            .map(|((pipeline, state), n)| (pipeline, state, n))
+            .collect(),
+        spool_free_bytes: free,
+    });
+    ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], body).into_response()
 }
 
 #[cfg(test)]

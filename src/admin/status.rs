@@ -4,7 +4,8 @@ use std::fmt::Write;
 use std::net::SocketAddr;
 
 use crate::admin::Status;
-use crate::gateway::reception::batch::{BatchState, now_ms};
+use crate::clock::now_ms;
+use crate::gateway::reception::batch::BatchState;
 use crate::telemetry::{Escaped, escape};
 
 /// Why the status could not be shown.

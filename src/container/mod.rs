@@ -13,7 +13,6 @@
 
 pub mod header;
 pub mod keys;
-pub mod nonblocking;
 pub mod parallel;
 pub mod stream;
 
@@ -23,7 +22,6 @@ use std::path::Path;
 
 pub use header::{Compression, Header};
 pub use keys::ContainerKey;
-pub use nonblocking::{decrypt_async, decrypt_file_async, encrypt_async};
 pub use parallel::{ParallelDecryptor, ParallelEncryptor, decrypt_parallel, encrypt_parallel};
 use stream::{Stream, TAG_LEN};
 

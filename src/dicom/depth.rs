@@ -25,6 +25,7 @@ use dicom_encoding::{Codec, Endianness, TransferSyntaxIndex};
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 
 use crate::pdi::element::dictionary_vr;
+use crate::pdi::tags::{ITEM, ITEM_END, PIXEL_DATA, SEQUENCE_END, UNDEFINED};
 
 /// Deepest sequence nesting accepted anywhere in a dataset. Real objects need far fewer:
 /// structured reports nest their content tree about 10 levels, segmentations and RT objects
@@ -43,12 +44,6 @@ pub const MAX_INFLATED: u64 = 1 << 30;
 /// The first tag that is not part of the header: group 7FE0 (pixel data in all its forms,
 /// offset tables) and everything after it.
 pub const HEADER_END: u32 = 0x7FE0_0000;
-
-const ITEM: u32 = 0xFFFE_E000;
-const ITEM_END: u32 = 0xFFFE_E00D;
-const SEQUENCE_END: u32 = 0xFFFE_E0DD;
-const PIXEL_DATA: u32 = 0x7FE0_0010;
-const UNDEFINED: u32 = 0xFFFF_FFFF;
 
 /// Why a dataset was refused before parsing.
 #[derive(Debug, thiserror::Error)]
@@ -157,7 +152,7 @@ impl Encoding {
         let uid = transfer_syntax.trim_end_matches(['\0', ' ']);
         let ts = TransferSyntaxRegistry.get(uid)?;
         Some(Encoding {
-            explicit: uid != "1.2.840.10008.1.2",
+            explicit: uid != dicom_dictionary_std::uids::IMPLICIT_VR_LITTLE_ENDIAN,
             big: ts.endianness() == Endianness::Big,
             deflated: matches!(ts.codec(), Codec::Dataset(_)),
         })

@@ -17,6 +17,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use dicom_dictionary_std::uids::{
+    DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN as DEFLATED, EXPLICIT_VR_LITTLE_ENDIAN as EXPLICIT_LE,
+    IMPLICIT_VR_LITTLE_ENDIAN as IMPLICIT_LE, MEDIA_STORAGE_DIRECTORY_STORAGE,
+};
 use dicom_object::meta::FileMetaTable;
 use dicom_ul::Pdu;
 use dicom_ul::association::client::{AsyncClientAssociation, ClientAssociationOptions};
@@ -28,14 +32,9 @@ use tracing::{debug, info, warn};
 use super::dimse::{Response, command_pdu, field, status, store_request};
 use crate::gateway::inbound::reconcile::{PatientIdPolicy, Reconciler};
 
-/// Implicit VR Little Endian.
-const IMPLICIT_LE: &str = "1.2.840.10008.1.2";
-/// Explicit VR Little Endian.
-const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
-/// Explicit VR Big Endian (retired, still found on old media).
-const EXPLICIT_BE: &str = "1.2.840.10008.1.2.2";
-/// Deflated Explicit VR Little Endian.
-const DEFLATED: &str = "1.2.840.10008.1.2.1.99";
+/// Explicit VR Big Endian: retired from the standard, still found on old media.
+#[expect(deprecated, reason = "a retired syntax we must still send")]
+const EXPLICIT_BE: &str = dicom_dictionary_std::uids::EXPLICIT_VR_BIG_ENDIAN;
 /// At most this many presentation contexts per association (PS3.8 allows 128 ids).
 const MAX_CONTEXTS: usize = 120;
 
@@ -126,26 +125,31 @@ impl Instance {
     }
 }
 
-/// The Media Storage Directory SOP class: a DICOMDIR describes files, it is not sent.
-const DICOMDIR_CLASS: &str = "1.2.840.10008.1.3.10";
-
 /// Every DICOM Part 10 file under `paths` (files, or folders walked recursively), except
 /// DICOMDIRs; files that are not DICOM are returned apart so the caller can report them.
+/// A symbolic link named in `paths` is followed; one inside a folder is reported, not
+/// followed, so the walk never leaves the folders it was given (nor loops).
 pub fn collect(paths: &[PathBuf]) -> (Vec<Instance>, Vec<ScuError>) {
     let mut found = Vec::new();
-    let mut stack: Vec<PathBuf> = paths.to_vec();
-    while let Some(path) = stack.pop() {
-        match std::fs::read_dir(&path) {
-            Ok(entries) => stack.extend(entries.filter_map(|e| e.ok().map(|e| e.path()))),
-            Err(_) => found.push(path),
+    let mut skipped = Vec::new();
+    for root in paths {
+        for entry in walkdir::WalkDir::new(root) {
+            match entry {
+                Ok(e) if e.path_is_symlink() && e.depth() > 0 => skipped.push(ScuError::NotDicom {
+                    path: e.into_path(),
+                    reason: "a symbolic link inside a folder; links there are not followed".into(),
+                }),
+                Ok(e) if e.file_type().is_dir() || (e.depth() == 0 && root.is_dir()) => {}
+                Ok(e) => found.push(e.into_path()),
+                Err(e) => found.push(e.path().unwrap_or(root).to_owned()),
+            }
         }
     }
     found.sort();
     let mut instances = Vec::new();
-    let mut skipped = Vec::new();
     for path in found {
         match Instance::probe(&path) {
-            Ok(instance) if instance.sop_class_uid == DICOMDIR_CLASS => {}
+            Ok(instance) if instance.sop_class_uid == MEDIA_STORAGE_DIRECTORY_STORAGE => {}
             Ok(instance) => instances.push(instance),
             Err(e) => skipped.push(e),
         }

@@ -22,7 +22,8 @@ use tokio_util::task::TaskTracker;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::gateway::reception::batch::now_ms;
+use crate::admin::metrics::Metrics;
+use crate::clock::now_ms;
 use crate::gateway::store::{IndexError, JobStore};
 
 /// What a job's step reports when it cannot go on.
@@ -219,6 +220,16 @@ pub trait Pipeline: Send + Sync + 'static {
     ) -> impl Future<Output = Result<<Self::Job as JobRecord>::Step, StepError>> + Send;
     /// Called once the job's end is recorded (e.g. to remove its working folder).
     fn job_ended(&self, _job: &Self::Job) {}
+    /// Counts what the pipeline's own metrics say about `done`, a step the job has just
+    /// finished (tokens issued, imports); failures and finished jobs are counted by
+    /// [`drive`].
+    fn count_step(
+        &self,
+        _job: &Self::Job,
+        _done: <Self::Job as JobRecord>::Step,
+        _metrics: &Metrics,
+    ) {
+    }
     /// What a person needs to know of a job set aside after the process died during its
     /// step [`MAX_UNFINISHED_STARTS`] times: whose data it was and where it is kept.
     fn crashed(&self, job: &Self::Job) -> String;
@@ -230,11 +241,19 @@ pub trait Pipeline: Send + Sync + 'static {
 /// Before a step runs, its start is recorded ([`Progress::unfinished_starts`]); a job whose
 /// step was started [`MAX_UNFINISHED_STARTS`] times without returning (the process died
 /// each time) is set aside as failed instead, so no input can crash-loop the service.
-pub async fn drive<P: Pipeline>(pipeline: Arc<P>, mut job: P::Job, cancel: CancellationToken) {
+/// Every outcome is counted in `metrics`: a failed attempt by step, a finished job by
+/// pipeline.
+pub async fn drive<P: Pipeline>(
+    pipeline: Arc<P>,
+    mut job: P::Job,
+    cancel: CancellationToken,
+    metrics: &Metrics,
+) {
     let name = P::NAME;
     while !cancel.is_cancelled() && !job.ended() {
         let step = job.step();
         if job.progress().crashed_out() {
+            metrics.job_failed(name, &state_name_debug(step));
             set_aside_after_crashes(&pipeline, job, step).await;
             return;
         }
@@ -269,12 +288,14 @@ pub async fn drive<P: Pipeline>(pipeline: Arc<P>, mut job: P::Job, cancel: Cance
         };
         match result {
             Ok(next) => {
+                pipeline.count_step(&job, step, metrics);
                 job.set_step(next);
                 job.progress().advanced();
                 tracing::info!(job = job.id(), from = ?step, to = ?next, "{name} step done");
             }
             Err(StepError::Permanent(reason)) => {
                 tracing::error!(job = job.id(), step = ?step, "{name} job failed: {reason}");
+                metrics.job_failed(name, &state_name_debug(step));
                 job.progress()
                     .failed(&StepError::Permanent(reason), Duration::ZERO);
                 job.fail(step);
@@ -282,6 +303,7 @@ pub async fn drive<P: Pipeline>(pipeline: Arc<P>, mut job: P::Job, cancel: Cance
             Err(e) => {
                 let attempt = job.progress().attempts + 1;
                 tracing::warn!(job = job.id(), step = ?step, attempt, "{name} step failed: {e}");
+                metrics.job_failed(name, &state_name_debug(step));
                 let max = pipeline.max_backoff();
                 job.progress().failed(&e, max);
             }
@@ -290,6 +312,9 @@ pub async fn drive<P: Pipeline>(pipeline: Arc<P>, mut job: P::Job, cancel: Cance
             return;
         }
         if job.ended() {
+            if job.progress().last_error.is_none() {
+                metrics.job_finished(name);
+            }
             pipeline.job_ended(&job);
         }
         if job.progress().attempts > 0 {
@@ -346,8 +371,13 @@ fn state_name_debug(step: impl std::fmt::Debug) -> String {
 
 /// Runs a pipeline until `cancel`: every half second, starts its due jobs, at most
 /// `workers` at once and each job once; on cancel, waits for the running jobs to reach
-/// a safe point.
-pub async fn work<P: Pipeline>(pipeline: Arc<P>, workers: usize, cancel: CancellationToken) {
+/// a safe point. What the jobs do is counted in `metrics`.
+pub async fn work<P: Pipeline>(
+    pipeline: Arc<P>,
+    workers: usize,
+    cancel: CancellationToken,
+    metrics: Arc<Metrics>,
+) {
     let running = Arc::new(Mutex::new(BTreeSet::new()));
     let slots = Arc::new(Semaphore::new(workers.max(1)));
     let tracker = TaskTracker::new();
@@ -379,8 +409,9 @@ pub async fn work<P: Pipeline>(pipeline: Arc<P>, workers: usize, cancel: Cancell
                 continue;
             }
             let (pipeline, running, cancel) = (pipeline.clone(), running.clone(), cancel.clone());
+            let metrics = metrics.clone();
             tracker.spawn(async move {
-                drive(pipeline, job, cancel).await;
+                drive(pipeline, job, cancel, &metrics).await;
                 lock(&running).remove(&id);
                 drop(permit);
             });

@@ -15,9 +15,9 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
+use crate::clock::now_ms;
 use crate::gateway::inbound::InboundJob;
 use crate::gateway::outbound::OutboundJob;
-use crate::gateway::reception::batch::now_ms;
 use crate::gateway::store::{BatchIndex, IndexError, JobStore};
 
 /// Time between two passes of the retention of records: old records are few per hour,

@@ -88,6 +88,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             outbound.clone(),
             config.outbound.workers,
             cancel.clone(),
+            metrics.clone(),
         ))
     });
     let inbound = match config.inbound.pacs.is_empty() {
@@ -108,6 +109,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 inbound,
                 config.inbound.workers,
                 cancel.clone(),
+                metrics.clone(),
             )),
             tokio::spawn(watch.run(cancel.clone())),
         )

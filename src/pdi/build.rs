@@ -161,7 +161,7 @@ pub fn build_zip<W: Write>(
     options: &BuildOptions,
     out: W,
 ) -> Result<BuildReport, PdiError> {
-    let created = options.created.unwrap_or_else(now);
+    let created = options.created.unwrap_or_else(crate::clock::now_seconds);
     let mut sink = ZipSink(ZipWriter::new(out, created));
     let mut report = build(instances, options, created, &mut sink)?;
     report.bytes = sink.0.written();
@@ -186,7 +186,7 @@ pub fn build_dir(
         }
     }
     fs::create_dir_all(dir).map_err(|e| PdiError::io(dir, e))?;
-    let created = options.created.unwrap_or_else(now);
+    let created = options.created.unwrap_or_else(crate::clock::now_seconds);
     let mut sink = DirSink {
         root: dir.to_owned(),
         bytes: 0,
@@ -194,12 +194,6 @@ pub fn build_dir(
     let mut report = build(instances, options, created, &mut sink)?;
     report.bytes = sink.bytes;
     Ok(report)
-}
-
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 /// The build's temporary folder, removed on drop.
@@ -279,7 +273,7 @@ fn build(
 
     let attachments = attachments(&options.attachments)?;
     report.attachments = attachments.len();
-    let created = manifest::rfc3339(created);
+    let created = crate::clock::rfc3339(created);
     let contents = Contents {
         facility: options.facility.clone(),
         created: created.clone(),

@@ -7,6 +7,10 @@ use std::fs::File;
 use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
+use dicom_dictionary_std::uids::{
+    EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN, MEDIA_STORAGE_DIRECTORY_STORAGE,
+};
+
 use super::element::{self, Element, ElementError, Item, Parser, Syntax, Value, text_element};
 use super::tags;
 
@@ -14,10 +18,6 @@ use super::tags;
 pub const IMPLEMENTATION_CLASS_UID: &str = "2.25.278873342212745929459238669860149585228";
 /// Our implementation version name.
 pub const IMPLEMENTATION_VERSION: &str = "CLOUDPDI_01";
-/// Media Storage Directory Storage: the SOP class of a DICOMDIR.
-const DIRECTORY_SOP_CLASS: &str = "1.2.840.10008.1.3.10";
-/// Explicit VR Little Endian, the only transfer syntax a DICOMDIR may use.
-const EXPLICIT_LITTLE: &str = "1.2.840.10008.1.2.1";
 /// Largest DICOMDIR the reader accepts (a full DVD's is a few MiB).
 const MAX_DICOMDIR: u64 = 256 << 20;
 /// Deepest record hierarchy followed (the standard's is 4 levels; private ones add some).
@@ -519,18 +519,37 @@ fn encode_record(kind: &str, mut keys: Vec<Element>) -> Vec<u8> {
 fn header(uid: &str, file_set_id: &str, first: u32, last: u32, sequence_len: u32) -> Vec<u8> {
     let mut meta = Vec::new();
     for e in [
-        text_element(0x0002_0001, b"OB", &[0, 1]),
-        text_element(0x0002_0002, b"UI", DIRECTORY_SOP_CLASS.as_bytes()),
-        text_element(0x0002_0003, b"UI", uid.as_bytes()),
-        text_element(0x0002_0010, b"UI", EXPLICIT_LITTLE.as_bytes()),
-        text_element(0x0002_0012, b"UI", IMPLEMENTATION_CLASS_UID.as_bytes()),
-        text_element(0x0002_0013, b"SH", IMPLEMENTATION_VERSION.as_bytes()),
+        text_element(tags::FILE_META_INFORMATION_VERSION, b"OB", &[0, 1]),
+        text_element(
+            tags::MEDIA_STORAGE_SOP_CLASS_UID,
+            b"UI",
+            MEDIA_STORAGE_DIRECTORY_STORAGE.as_bytes(),
+        ),
+        text_element(tags::MEDIA_STORAGE_SOP_INSTANCE_UID, b"UI", uid.as_bytes()),
+        text_element(
+            tags::TRANSFER_SYNTAX_UID,
+            b"UI",
+            EXPLICIT_VR_LITTLE_ENDIAN.as_bytes(),
+        ),
+        text_element(
+            tags::IMPLEMENTATION_CLASS_UID,
+            b"UI",
+            IMPLEMENTATION_CLASS_UID.as_bytes(),
+        ),
+        text_element(
+            tags::IMPLEMENTATION_VERSION_NAME,
+            b"SH",
+            IMPLEMENTATION_VERSION.as_bytes(),
+        ),
     ] {
         element::write(&mut meta, &e);
     }
     let mut out = vec![0u8; 128];
     out.extend_from_slice(b"DICM");
-    element::write(&mut out, &ul(0x0002_0000, meta.len() as u32));
+    element::write(
+        &mut out,
+        &ul(tags::FILE_META_INFORMATION_GROUP_LENGTH, meta.len() as u32),
+    );
     out.extend_from_slice(&meta);
     for e in [
         text_element(tags::FILE_SET_ID, b"CS", file_set_id.as_bytes()),
@@ -616,8 +635,8 @@ pub fn read(path: &Path) -> Result<Dicomdir, DicomdirError> {
         .dataset(Syntax::ExplicitLittle, None, &|tag| tag >> 16 != 0x0002)
         .map_err(malformed)?;
     let syntax = match element::text_of(&meta, tags::TRANSFER_SYNTAX_UID).as_str() {
-        "1.2.840.10008.1.2.1" | "" => Syntax::ExplicitLittle,
-        "1.2.840.10008.1.2" => Syntax::ImplicitLittle,
+        EXPLICIT_VR_LITTLE_ENDIAN | "" => Syntax::ExplicitLittle,
+        IMPLICIT_VR_LITTLE_ENDIAN => Syntax::ImplicitLittle,
         other => {
             return Err(not(&format!(
                 "transfer syntax {other} (a DICOMDIR is Explicit VR Little Endian)"

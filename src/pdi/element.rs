@@ -11,15 +11,16 @@ use std::io::Read;
 
 use dicom_core::Tag as DicomTag;
 use dicom_core::dictionary::{DataDictionary, DataDictionaryEntry};
-use dicom_dictionary_std::StandardDataDictionary;
+use dicom_dictionary_std::{StandardDataDictionary, uids};
 
 pub use crate::dicom::depth::MAX_NESTING;
 
-/// Item, item delimitation and sequence delimitation tags.
-pub const ITEM: u32 = 0xFFFE_E000;
-const ITEM_END: u32 = 0xFFFE_E00D;
-const SEQUENCE_END: u32 = 0xFFFE_E0DD;
-const UNDEFINED: u32 = 0xFFFF_FFFF;
+pub use super::tags::ITEM;
+use super::tags::{ITEM_END, SEQUENCE_END, UNDEFINED};
+
+/// Explicit VR Big Endian: retired from the standard, still found in archives.
+#[expect(deprecated, reason = "a retired syntax we must still read")]
+const EXPLICIT_BIG: &str = uids::EXPLICIT_VR_BIG_ENDIAN;
 
 /// How a dataset is encoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,8 +37,8 @@ impl Syntax {
     /// The dataset encoding of a transfer syntax UID.
     pub fn of(transfer_syntax: &str) -> Syntax {
         match transfer_syntax {
-            "1.2.840.10008.1.2" => Syntax::ImplicitLittle,
-            "1.2.840.10008.1.2.2" => Syntax::ExplicitBig,
+            uids::IMPLICIT_VR_LITTLE_ENDIAN => Syntax::ImplicitLittle,
+            EXPLICIT_BIG => Syntax::ExplicitBig,
             _ => Syntax::ExplicitLittle,
         }
     }

@@ -434,30 +434,27 @@ fn check_instance(entry: &InstanceEntry) -> Result<(), PdiError> {
     Ok(())
 }
 
-/// Every regular file under `root` (symbolic links are refused: a set is plain files).
+/// Every regular file under `root` (symbolic links are refused: a set is plain files),
+/// at most [`MAX_FILES`].
 fn all_files(root: &Path) -> Result<Vec<PathBuf>, PdiError> {
     let mut out = Vec::new();
-    let mut stack = vec![root.to_owned()];
-    while let Some(dir) = stack.pop() {
-        for entry in fs::read_dir(&dir).map_err(|e| PdiError::io(&dir, e))? {
-            let entry = entry.map_err(|e| PdiError::io(&dir, e))?;
-            let kind = entry.file_type().map_err(|e| PdiError::io(&dir, e))?;
-            let path = entry.path();
-            if kind.is_symlink() {
-                return Err(PdiError::Broken(format!(
-                    "{} is a symbolic link; a file set holds plain files only",
-                    relative(root, &path)
-                )));
-            } else if kind.is_dir() {
-                stack.push(path);
-            } else {
-                out.push(path);
-            }
-            if out.len() > MAX_FILES {
-                return Err(PdiError::Broken(format!(
-                    "more than {MAX_FILES} files: not a file set this tool accepts"
-                )));
-            }
+    for entry in walkdir::WalkDir::new(root).min_depth(1) {
+        let entry = entry.map_err(|e| {
+            let path = e.path().unwrap_or(root).to_owned();
+            PdiError::io(&path, e.into())
+        })?;
+        if entry.path_is_symlink() {
+            return Err(PdiError::Broken(format!(
+                "{} is a symbolic link; a file set holds plain files only",
+                relative(root, entry.path())
+            )));
+        } else if !entry.file_type().is_dir() {
+            out.push(entry.into_path());
+        }
+        if out.len() > MAX_FILES {
+            return Err(PdiError::Broken(format!(
+                "more than {MAX_FILES} files: not a file set this tool accepts"
+            )));
         }
     }
     out.sort();

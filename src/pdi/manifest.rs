@@ -143,32 +143,10 @@ pub fn write(
     serde_json::to_writer_pretty(out, &streamed).map_err(io::Error::other)
 }
 
-/// Date and time of a Unix timestamp (UTC): (year, month, day, hour, minute, second).
-pub fn civil(unix_seconds: u64) -> (u64, u64, u64, u64, u64, u64) {
-    let days = unix_seconds / 86_400;
-    let rem = unix_seconds % 86_400;
-    // Howard Hinnant's civil_from_days, for days since 1970-01-01.
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + u64::from(month <= 2);
-    (year, month, day, rem / 3600, rem % 3600 / 60, rem % 60)
-}
-
-/// RFC 3339 text of a Unix timestamp (UTC).
-pub fn rfc3339(unix_seconds: u64) -> String {
-    let (y, mo, d, h, mi, s) = civil(unix_seconds);
-    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}Z")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::rfc3339;
 
     fn file(path: &str, uid: Option<&str>) -> ManifestFile {
         ManifestFile {

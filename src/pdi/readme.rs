@@ -5,6 +5,7 @@
 use std::fmt::Write as _;
 
 use super::policy::LABEL;
+use crate::markup::escape;
 
 /// One study as listed for people.
 #[derive(Debug, Clone)]
@@ -141,16 +142,9 @@ pub fn readme(c: &Contents) -> Vec<u8> {
     t.replace('\n', "\r\n").into_bytes()
 }
 
-fn html_escape(text: &str) -> String {
-    text.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
-
 /// `INDEX.HTM`: the same for a web browser (UTF-8, no scripts, no external resources).
 pub fn index(c: &Contents) -> Vec<u8> {
-    let e = |t: &str| html_escape(&ascii(t));
+    let e = |t: &str| escape(&ascii(t));
     let mut h = String::new();
     let _ = write!(
         h,
@@ -158,7 +152,7 @@ pub fn index(c: &Contents) -> Vec<u8> {
          <title>Cloud-PDI file set</title></head><body>\n<h1>Cloud-PDI file set</h1>\n\
          <p>Issued by {} on {}.</p>\n",
         e(&c.facility),
-        html_escape(&c.created)
+        escape(&c.created)
     );
     h.push_str(
         "<table border=\"1\"><tr><th>Study date</th><th>Description</th><th>Modalities</th>\
@@ -168,7 +162,7 @@ pub fn index(c: &Contents) -> Vec<u8> {
         let _ = writeln!(
             h,
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            html_escape(&s.date),
+            escape(&s.date),
             e(&s.description),
             e(&s.modalities.join("/")),
             s.series,
@@ -186,7 +180,7 @@ pub fn index(c: &Contents) -> Vec<u8> {
             let _ = writeln!(
                 h,
                 "<li>{} ({}): {LABEL}</li>",
-                html_escape(&l.path),
+                escape(&l.path),
                 e(&l.series_description)
             );
         }
@@ -202,7 +196,7 @@ pub fn index(c: &Contents) -> Vec<u8> {
     if !c.attachments.is_empty() {
         h.push_str("<h2>Documents</h2><ul>\n");
         for a in &c.attachments {
-            let _ = writeln!(h, "<li><a href=\"{0}\">{0}</a></li>", html_escape(a));
+            let _ = writeln!(h, "<li><a href=\"{0}\">{0}</a></li>", escape(a));
         }
         h.push_str("</ul>\n");
     }

@@ -5,7 +5,7 @@
 //! holds a few headers whatever the number of inputs.
 
 use std::collections::HashMap;
-use std::fs::{self, File};
+use std::fs::File;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, mpsc};
@@ -42,27 +42,37 @@ pub struct Scanned {
     pub ai: Option<AiAction>,
 }
 
-/// Files and folders (walked, sorted) into files; DICOMDIR files are left out.
+/// Files and folders (walked in name order) into files; DICOMDIR files are left out. A
+/// symbolic link named as an input is followed; one inside an input folder is refused,
+/// so a walk never leaves the folders it was given (nor loops).
 ///
 /// # Errors
-/// [`PdiError::Io`] for an input that cannot be read.
+/// [`PdiError::Io`] for an input that cannot be read, [`PdiError::Invalid`] for a link
+/// inside an input folder.
 pub fn expand(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, PdiError> {
+    let is_dicomdir = |p: &Path| {
+        p.file_name()
+            .is_some_and(|n| n.eq_ignore_ascii_case("DICOMDIR"))
+    };
     let mut out = Vec::new();
     for input in inputs {
-        let meta = fs::metadata(input).map_err(|e| PdiError::io(input, e))?;
-        if meta.is_dir() {
-            let mut children: Vec<PathBuf> = fs::read_dir(input)
-                .map_err(|e| PdiError::io(input, e))?
-                .map(|e| e.map(|e| e.path()))
-                .collect::<Result<_, _>>()
-                .map_err(|e| PdiError::io(input, e))?;
-            children.sort();
-            out.extend(expand(&children)?);
-        } else if !input
-            .file_name()
-            .is_some_and(|n| n.eq_ignore_ascii_case("DICOMDIR"))
-        {
-            out.push(input.clone());
+        for entry in walkdir::WalkDir::new(input).sort_by_file_name() {
+            let entry = entry.map_err(|e| {
+                let path = e.path().unwrap_or(input).to_owned();
+                PdiError::io(&path, e.into())
+            })?;
+            if entry.path_is_symlink() && entry.depth() > 0 {
+                return Err(PdiError::Invalid(format!(
+                    "{} is a symbolic link inside an input folder; links there are not \
+                     followed: name the file or folder it points to as an input instead",
+                    entry.path().display()
+                )));
+            }
+            // A named link is followed: its kind is its target's.
+            let folder = entry.file_type().is_dir() || (entry.depth() == 0 && input.is_dir());
+            if !folder && !is_dicomdir(entry.path()) {
+                out.push(entry.into_path());
+            }
         }
     }
     Ok(out)
@@ -192,15 +202,15 @@ fn scan_one(path: &Path, policy: &AiPolicy) -> ScanResult {
 /// Where a missing date key is taken from, in order: Series, Acquisition, Content and
 /// Study Date.
 pub const DATE_STAND_INS: [u32; 4] = [
-    0x0008_0021,
-    0x0008_0022,
+    tags::SERIES_DATE,
+    tags::ACQUISITION_DATE,
     tags::CONTENT_DATE,
     tags::STUDY_DATE,
 ];
 /// The same for a missing time key.
 pub const TIME_STAND_INS: [u32; 4] = [
-    0x0008_0031,
-    0x0008_0032,
+    tags::SERIES_TIME,
+    tags::ACQUISITION_TIME,
     tags::CONTENT_TIME,
     tags::STUDY_TIME,
 ];
@@ -237,10 +247,42 @@ mod tests {
         (0..count)
             .map(|i| {
                 let path = dir.join(format!("f{i:03}.txt"));
-                fs::write(&path, vec![b'x'; i * 1000]).expect("write");
+                std::fs::write(&path, vec![b'x'; i * 1000]).expect("write");
                 path
             })
             .collect()
+    }
+
+    #[test]
+    fn folders_are_walked_in_name_order_and_links_inside_them_are_not_followed() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let input = dir.path().join("study");
+        std::fs::create_dir_all(input.join("b")).expect("folders");
+        for name in ["b/2.dcm", "a.dcm", "DICOMDIR", "c.dcm"] {
+            std::fs::write(input.join(name), b"x").expect("write");
+        }
+        let expanded = expand(std::slice::from_ref(&input)).expect("walks");
+        let names: Vec<_> = expanded
+            .iter()
+            .map(|p| p.strip_prefix(&input).expect("inside"))
+            .collect();
+        assert_eq!(
+            names,
+            [Path::new("a.dcm"), Path::new("b/2.dcm"), Path::new("c.dcm")]
+        );
+
+        let outside = dir.path().join("outside");
+        std::fs::create_dir(&outside).expect("folder");
+        std::fs::write(outside.join("secret.dcm"), b"x").expect("write");
+        std::os::unix::fs::symlink(&outside, input.join("b/out")).expect("link");
+        let err = expand(std::slice::from_ref(&input)).expect_err("a link inside is refused");
+        assert!(
+            err.to_string().contains("b/out is a symbolic link"),
+            "{err}"
+        );
+        // A link named as an input is followed: the person chose it.
+        let named = expand(&[input.join("b/out")]).expect("walks the named link");
+        assert_eq!(named, [input.join("b/out/secret.dcm")]);
     }
 
     #[test]

@@ -1,68 +1,111 @@
-//! The tags this module reads and writes, as `group << 16 | element` numbers (the raw
-//! element parser's form).
+//! The tags the PDI code reads and writes, as `group << 16 | element` numbers (the raw
+//! element parser's form). Each value comes from the standard data dictionary
+//! (`dicom_dictionary_std::tags`), under the dictionary's name or a shorter one; only the
+//! item and delimitation tags, which the dictionary does not list, are written out here.
 
-#![allow(missing_docs)] // Each constant is the standard attribute of the same name.
+use dicom_core::Tag;
 
-pub const MEDIA_STORAGE_SOP_CLASS_UID: u32 = 0x0002_0002;
-pub const MEDIA_STORAGE_SOP_INSTANCE_UID: u32 = 0x0002_0003;
-pub const TRANSFER_SYNTAX_UID: u32 = 0x0002_0010;
-pub const FILE_SET_ID: u32 = 0x0004_1130;
-pub const FIRST_RECORD: u32 = 0x0004_1200;
-pub const LAST_RECORD: u32 = 0x0004_1202;
-pub const CONSISTENCY_FLAG: u32 = 0x0004_1212;
-pub const DIRECTORY_RECORD_SEQUENCE: u32 = 0x0004_1220;
-pub const NEXT_RECORD: u32 = 0x0004_1400;
-pub const IN_USE: u32 = 0x0004_1410;
-pub const LOWER_LEVEL: u32 = 0x0004_1420;
-pub const RECORD_TYPE: u32 = 0x0004_1430;
-pub const REFERENCED_FILE_ID: u32 = 0x0004_1500;
-pub const REFERENCED_SOP_CLASS: u32 = 0x0004_1510;
-pub const REFERENCED_SOP_INSTANCE: u32 = 0x0004_1511;
-pub const REFERENCED_TRANSFER_SYNTAX: u32 = 0x0004_1512;
-pub const SPECIFIC_CHARACTER_SET: u32 = 0x0008_0005;
-pub const IMAGE_TYPE: u32 = 0x0008_0008;
-pub const SOP_CLASS_UID: u32 = 0x0008_0016;
-pub const SOP_INSTANCE_UID: u32 = 0x0008_0018;
-pub const STUDY_DATE: u32 = 0x0008_0020;
-pub const CONTENT_DATE: u32 = 0x0008_0023;
-pub const STUDY_TIME: u32 = 0x0008_0030;
-pub const CONTENT_TIME: u32 = 0x0008_0033;
-pub const ACCESSION_NUMBER: u32 = 0x0008_0050;
-pub const MODALITY: u32 = 0x0008_0060;
-pub const MANUFACTURER: u32 = 0x0008_0070;
-pub const STUDY_DESCRIPTION: u32 = 0x0008_1030;
-pub const REFERENCED_SERIES_SEQUENCE: u32 = 0x0008_1115;
-pub const SERIES_DESCRIPTION: u32 = 0x0008_103E;
-pub const PATIENT_NAME: u32 = 0x0010_0010;
-pub const PATIENT_ID: u32 = 0x0010_0020;
-pub const STUDY_INSTANCE_UID: u32 = 0x0020_000D;
-pub const SERIES_INSTANCE_UID: u32 = 0x0020_000E;
-pub const STUDY_ID: u32 = 0x0020_0010;
-pub const SERIES_NUMBER: u32 = 0x0020_0011;
-pub const INSTANCE_NUMBER: u32 = 0x0020_0013;
-pub const NUMBER_OF_FRAMES: u32 = 0x0028_0008;
-pub const ROWS: u32 = 0x0028_0010;
-pub const COLUMNS: u32 = 0x0028_0011;
-pub const VERIFICATION_DATETIME: u32 = 0x0040_A030;
-pub const VERIFYING_OBSERVER_SEQUENCE: u32 = 0x0040_A073;
-pub const CONCEPT_NAME_CODE_SEQUENCE: u32 = 0x0040_A043;
-pub const COMPLETION_FLAG: u32 = 0x0040_A491;
-pub const VERIFICATION_FLAG: u32 = 0x0040_A493;
-pub const HL7_INSTANCE_IDENTIFIER: u32 = 0x0040_E001;
-pub const DOCUMENT_TITLE: u32 = 0x0042_0010;
-pub const MIME_TYPE: u32 = 0x0042_0012;
-pub const CONTENT_LABEL: u32 = 0x0070_0080;
-pub const CONTENT_DESCRIPTION: u32 = 0x0070_0081;
-pub const PRESENTATION_CREATION_DATE: u32 = 0x0070_0082;
-pub const PRESENTATION_CREATION_TIME: u32 = 0x0070_0083;
-pub const CONTENT_CREATOR_NAME: u32 = 0x0070_0084;
-pub const DOSE_SUMMATION_TYPE: u32 = 0x3004_000A;
-pub const STRUCTURE_SET_LABEL: u32 = 0x3006_0002;
-pub const STRUCTURE_SET_DATE: u32 = 0x3006_0008;
-pub const STRUCTURE_SET_TIME: u32 = 0x3006_0009;
-pub const TREATMENT_DATE: u32 = 0x3008_0250;
-pub const TREATMENT_TIME: u32 = 0x3008_0251;
-pub const RT_PLAN_LABEL: u32 = 0x300A_0002;
-pub const RT_PLAN_DATE: u32 = 0x300A_0006;
-pub const RT_PLAN_TIME: u32 = 0x300A_0007;
-pub const PIXEL_DATA: u32 = 0x7FE0_0010;
+/// `group << 16 | element` of a tag.
+pub const fn raw(tag: Tag) -> u32 {
+    ((tag.0 as u32) << 16) | tag.1 as u32
+}
+
+/// Declares each name as the raw form of the dictionary tag of the same name, or of the
+/// dictionary name after `=`.
+macro_rules! from_dictionary {
+    ($($name:ident $(= $standard:ident)?,)*) => {
+        $(from_dictionary!(@one $name $(= $standard)?);)*
+    };
+    (@one $name:ident = $standard:ident) => {
+        #[doc = concat!("`", stringify!($standard), "` of the standard dictionary.")]
+        pub const $name: u32 = raw(dicom_dictionary_std::tags::$standard);
+    };
+    (@one $name:ident) => {
+        #[doc = concat!("`", stringify!($name), "` of the standard dictionary.")]
+        pub const $name: u32 = raw(dicom_dictionary_std::tags::$name);
+    };
+}
+
+from_dictionary! {
+    MEDIA_STORAGE_SOP_CLASS_UID,
+    MEDIA_STORAGE_SOP_INSTANCE_UID,
+    TRANSFER_SYNTAX_UID,
+    FILE_SET_ID,
+    FIRST_RECORD = OFFSET_OF_THE_FIRST_DIRECTORY_RECORD_OF_THE_ROOT_DIRECTORY_ENTITY,
+    LAST_RECORD = OFFSET_OF_THE_LAST_DIRECTORY_RECORD_OF_THE_ROOT_DIRECTORY_ENTITY,
+    CONSISTENCY_FLAG = FILE_SET_CONSISTENCY_FLAG,
+    DIRECTORY_RECORD_SEQUENCE,
+    NEXT_RECORD = OFFSET_OF_THE_NEXT_DIRECTORY_RECORD,
+    IN_USE = RECORD_IN_USE_FLAG,
+    LOWER_LEVEL = OFFSET_OF_REFERENCED_LOWER_LEVEL_DIRECTORY_ENTITY,
+    RECORD_TYPE = DIRECTORY_RECORD_TYPE,
+    REFERENCED_FILE_ID,
+    REFERENCED_SOP_CLASS = REFERENCED_SOP_CLASS_UID_IN_FILE,
+    REFERENCED_SOP_INSTANCE = REFERENCED_SOP_INSTANCE_UID_IN_FILE,
+    REFERENCED_TRANSFER_SYNTAX = REFERENCED_TRANSFER_SYNTAX_UID_IN_FILE,
+    SPECIFIC_CHARACTER_SET,
+    IMAGE_TYPE,
+    SOP_CLASS_UID,
+    SOP_INSTANCE_UID,
+    STUDY_DATE,
+    CONTENT_DATE,
+    STUDY_TIME,
+    CONTENT_TIME,
+    ACCESSION_NUMBER,
+    MODALITY,
+    MANUFACTURER,
+    STUDY_DESCRIPTION,
+    REFERENCED_SERIES_SEQUENCE,
+    SERIES_DESCRIPTION,
+    PATIENT_NAME,
+    PATIENT_ID,
+    STUDY_INSTANCE_UID,
+    SERIES_INSTANCE_UID,
+    STUDY_ID,
+    SERIES_NUMBER,
+    INSTANCE_NUMBER,
+    NUMBER_OF_FRAMES,
+    ROWS,
+    COLUMNS,
+    VERIFICATION_DATETIME = VERIFICATION_DATE_TIME,
+    VERIFYING_OBSERVER_SEQUENCE,
+    CONCEPT_NAME_CODE_SEQUENCE,
+    COMPLETION_FLAG,
+    VERIFICATION_FLAG,
+    HL7_INSTANCE_IDENTIFIER,
+    DOCUMENT_TITLE,
+    MIME_TYPE = MIME_TYPE_OF_ENCAPSULATED_DOCUMENT,
+    CONTENT_LABEL,
+    CONTENT_DESCRIPTION,
+    PRESENTATION_CREATION_DATE,
+    PRESENTATION_CREATION_TIME,
+    CONTENT_CREATOR_NAME,
+    DOSE_SUMMATION_TYPE,
+    STRUCTURE_SET_LABEL,
+    STRUCTURE_SET_DATE,
+    STRUCTURE_SET_TIME,
+    TREATMENT_DATE,
+    TREATMENT_TIME,
+    RT_PLAN_LABEL,
+    RT_PLAN_DATE,
+    RT_PLAN_TIME,
+    PIXEL_DATA,
+    FILE_META_INFORMATION_GROUP_LENGTH,
+    FILE_META_INFORMATION_VERSION,
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+    SERIES_DATE,
+    ACQUISITION_DATE,
+    SERIES_TIME,
+    ACQUISITION_TIME,
+    CODE_VALUE,
+}
+
+/// An item of a sequence or of encapsulated pixel data (FFFE,E000).
+pub const ITEM: u32 = 0xFFFE_E000;
+/// The end of an item of undefined length (FFFE,E00D).
+pub const ITEM_END: u32 = 0xFFFE_E00D;
+/// The end of a sequence of undefined length (FFFE,E0DD).
+pub const SEQUENCE_END: u32 = 0xFFFE_E0DD;
+/// The value length that means "undefined, up to a delimitation item".
+pub const UNDEFINED: u32 = 0xFFFF_FFFF;

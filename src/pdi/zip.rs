@@ -106,16 +106,21 @@ pub struct ZipWriter<W: Write> {
 impl<W: Write> ZipWriter<W> {
     /// Starts an archive; entries carry the modification time `unix_seconds` (UTC).
     pub fn new(out: W, unix_seconds: u64) -> ZipWriter<W> {
-        let (y, mo, d, h, mi, s) = super::manifest::civil(unix_seconds);
-        let year = y.clamp(1980, 2107) - 1980;
+        let t = crate::clock::civil(unix_seconds);
+        let year = t.year().clamp(1980, 2107) as u16 - 1980;
+        let (mo, d) = (
+            u16::from(t.month().unsigned_abs()),
+            u16::from(t.day().unsigned_abs()),
+        );
+        let (h, mi, s) = (t.hour() as u16, t.minute() as u16, t.second() as u16);
         ZipWriter {
             out: Counting {
                 inner: out,
                 written: 0,
             },
             entries: Vec::new(),
-            dos_time: ((h << 11) | (mi << 5) | (s / 2)) as u16,
-            dos_date: ((year << 9) | (mo << 5) | d) as u16,
+            dos_time: (h << 11) | (mi << 5) | (s / 2),
+            dos_date: (year << 9) | (mo << 5) | d,
         }
     }
 

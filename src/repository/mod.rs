@@ -37,12 +37,7 @@ pub fn is_document_id(id: &str) -> bool {
     id.len() == DOCUMENT_ID_LEN && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
-/// Seconds since the Unix epoch (0 if the clock is before it).
-pub(crate) fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
+pub(crate) use crate::clock::now_seconds as unix_now;
 
 #[cfg(test)]
 mod tests {

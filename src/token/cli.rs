@@ -5,7 +5,8 @@
 use std::io::Write;
 use std::path::Path;
 
-use super::{Token, TokenError, date};
+use super::{Token, TokenError};
+use crate::clock::date;
 use zeroize::Zeroizing;
 
 use crate::telemetry::Escaped;

@@ -32,6 +32,7 @@ use std::fmt;
 use sha2::{Digest, Sha256};
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
+use crate::clock::date;
 use crate::container::ContainerKey;
 pub use text::TextError;
 
@@ -408,22 +409,6 @@ fn from_symbols(symbols: &[u8]) -> Zeroizing<Vec<u8>> {
         }
     }
     bytes
-}
-
-/// `YYYY-MM-DD` of a Unix time (proleptic Gregorian, UTC).
-pub fn date(unix_seconds: u64) -> String {
-    let days = (unix_seconds / 86_400) as i64;
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}")
 }
 
 #[cfg(test)]

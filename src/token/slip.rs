@@ -16,8 +16,10 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
+use super::Token;
 use super::qr::{self, QUIET_ZONE, QrMatrix};
-use super::{Token, date};
+use crate::clock::date;
+use crate::markup::escape;
 
 /// Longest free-text field printed on the slip (characters).
 pub const MAX_FIELD_CHARS: usize = 60;
@@ -458,22 +460,6 @@ fn qr_svg_group(matrix: &QrMatrix, x: f64, y: f64, side: f64) -> String {
          <rect width=\"{modules}\" height=\"{modules}\" fill=\"#fff\"/>\
          <path d=\"{path}\" fill=\"#000\" shape-rendering=\"crispEdges\"/></g>\n"
     )
-}
-
-/// Escapes text for HTML and XML content and attributes.
-fn escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
 }
 
 /// PDF font resource and hex string for `text`: ASCII in Helvetica or Courier-Bold,

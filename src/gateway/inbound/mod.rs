@@ -25,13 +25,14 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
+use crate::admin::metrics::Metrics;
+use crate::clock::now_ms;
 use crate::config::{Config, InboundConfig, PatientIdMode};
 use crate::dicom::scu::{Instance, Outcome, StoreTarget, store_all};
 use crate::durable;
 use crate::gateway::inbound::reconcile::{PatientIdPolicy, Reconciler};
 use crate::gateway::jobs::{JobRecord, JobSummary, Pipeline, Progress, StepError, state_name};
 use crate::gateway::outbound::blocking;
-use crate::gateway::reception::batch::now_ms;
 use crate::gateway::store::{IndexError, JobStore, Store};
 use crate::repository::api::Receipt;
 use crate::repository::client::{Client, ClientOptions};
@@ -503,6 +504,15 @@ impl Pipeline for Inbound {
     fn job_ended(&self, job: &InboundJob) {
         if !job.progress.crashed_out() {
             self.remove_leftovers(&job.id);
+        }
+    }
+
+    fn count_step(&self, job: &InboundJob, done: InStep, metrics: &Metrics) {
+        if done == InStep::Import {
+            metrics.imports.inc();
+            metrics
+                .instances_set_aside
+                .inc_by(job.set_aside.len() as u64);
         }
     }
 

@@ -23,11 +23,13 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
+use crate::admin::metrics::Metrics;
+use crate::clock::now_ms;
 use crate::config::{Config, RouteConfig};
 use crate::container::{self, Compression, Options};
 use crate::durable;
 use crate::gateway::jobs::{JobRecord, JobSummary, Pipeline, Progress, StepError, state_name};
-use crate::gateway::reception::batch::{BatchId, now_ms};
+use crate::gateway::reception::batch::BatchId;
 use crate::gateway::reception::spool::Spool;
 use crate::gateway::store::{IndexError, JobStore};
 use crate::pdi::{self, BuildOptions};
@@ -624,6 +626,12 @@ impl Pipeline for Outbound {
         self.run_step(job).await
     }
 
+    fn count_step(&self, _job: &OutboundJob, done: OutStep, metrics: &Metrics) {
+        if done == OutStep::Issue {
+            metrics.tokens_issued.inc();
+        }
+    }
+
     fn crashed(&self, job: &OutboundJob) -> String {
         format!(
             "this batch's data crashed the sender; kept in {} and in the spool",
@@ -694,13 +702,15 @@ pub async fn send_files(
     workdir: PathBuf,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<(Token, OutboundJob), StepError> {
-    let secs = now_ms() / 1000;
+    let t = crate::clock::civil(crate::clock::now_seconds());
     let id = format!(
-        "S{}-{:02}{:02}{:02}",
-        crate::token::date(secs).replace('-', ""),
-        secs / 3600 % 24,
-        secs / 60 % 60,
-        secs % 60
+        "S{:04}{:02}{:02}-{:02}{:02}{:02}",
+        t.year(),
+        t.month(),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
     );
     let mut job = OutboundJob::new(id, None, route);
     let compress = sender.route_options(route)?.compress;

@@ -7,7 +7,6 @@
 //! the rules of batching, each change in one transaction.
 
 use std::fmt;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -108,11 +107,4 @@ pub enum Joined {
     /// The group's batch was stable but not yet packed: it is open again, so a study
     /// interrupted (e.g. by a gateway restart) and resent still travels as one.
     Reopened,
-}
-
-/// Milliseconds since the Unix epoch, for records that must survive restarts.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }

@@ -18,7 +18,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use dicom_ul::Pdu;
@@ -32,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::admin::metrics::{Metrics, inc};
+use crate::admin::metrics::Metrics;
 use crate::config::DicomConfig;
 use crate::dicom::dimse::{Command, MAX_COMMAND_LENGTH, command_pdu, field, status};
 use crate::dicom::syntax::{ABSTRACT_SYNTAXES, TRANSFER_SYNTAXES, VERIFICATION};
@@ -327,7 +326,7 @@ struct ActiveGuard(Arc<Metrics>);
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
-        self.0.associations_active.fetch_sub(1, Ordering::Relaxed);
+        self.0.associations_active.dec();
     }
 }
 
@@ -364,11 +363,9 @@ async fn serve_association(
         let _ = association.abort().await;
         return;
     };
-    ctx.metrics
-        .associations_active
-        .fetch_add(1, Ordering::Relaxed);
+    ctx.metrics.associations_active.inc();
     let _active = ActiveGuard(ctx.metrics.clone());
-    inc(&ctx.metrics.associations_accepted);
+    ctx.metrics.associations_accepted.inc();
     let calling = association.peer_ae_title().trim().to_owned();
     info!(
         calling = %calling,
@@ -648,10 +645,8 @@ impl AssociationState {
         let metrics = &self.ctx.metrics;
         match stored.recorded {
             Some(recorded) => {
-                inc(&metrics.instances_stored);
-                metrics
-                    .bytes_stored
-                    .fetch_add(stored.size, Ordering::Relaxed);
+                metrics.instances_stored.inc();
+                metrics.bytes_stored.inc_by(stored.size);
                 if let Recorded::Added { joined, .. } = recorded {
                     let what = match joined {
                         Joined::New => "batch opened",
@@ -669,7 +664,7 @@ impl AssociationState {
                 }
             }
             None => {
-                inc(&metrics.instances_duplicate);
+                metrics.instances_duplicate.inc();
                 debug!(batch = %stored.batch, "instance already in a stable batch; acknowledged");
             }
         }
@@ -681,23 +676,23 @@ impl AssociationState {
         let metrics = &self.ctx.metrics;
         match error {
             StoreError::OutOfSpace(_) => {
-                inc(&metrics.instances_out_of_space);
+                metrics.instances_out_of_space.inc();
                 status::OUT_OF_RESOURCES
             }
             StoreError::Unparsable(_) | StoreError::Refused(_) => {
-                inc(&metrics.instances_unparsable);
+                metrics.instances_unparsable.inc();
                 status::CANNOT_UNDERSTAND
             }
             StoreError::Mismatch(_) => {
-                inc(&metrics.instances_unparsable);
+                metrics.instances_unparsable.inc();
                 status::DATA_SET_DOES_NOT_MATCH
             }
             StoreError::Index(e) if e.is_out_of_space() => {
-                inc(&metrics.instances_out_of_space);
+                metrics.instances_out_of_space.inc();
                 status::OUT_OF_RESOURCES
             }
             _ => {
-                inc(&metrics.instances_failed);
+                metrics.instances_failed.inc();
                 status::PROCESSING_FAILURE
             }
         }

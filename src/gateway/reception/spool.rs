@@ -21,10 +21,11 @@ use dicom_object::file::ReadPreamble;
 use dicom_object::{FileMetaTableBuilder, OpenFileOptions};
 use sha2::{Digest, Sha256};
 
+use crate::clock::now_ms;
 use crate::config::BatchBy;
 use crate::dicom::depth::{self, DatasetError};
 use crate::durable::{self, Pending};
-use crate::gateway::reception::batch::{BatchId, BatchState, InstanceRecord, Recorded, now_ms};
+use crate::gateway::reception::batch::{BatchId, BatchState, InstanceRecord, Recorded};
 use crate::gateway::reception::route::Route;
 use crate::gateway::store::{BatchIndex, IndexError};
 
@@ -217,6 +218,15 @@ impl Spool {
         &self.index
     }
 
+    /// Bytes free for the daemon on the spool's file system (what `/metrics` reports
+    /// beside the reserve `spool.min_free_mb`).
+    ///
+    /// # Errors
+    /// When the file system cannot be queried.
+    pub fn free_bytes(&self) -> io::Result<u64> {
+        free_bytes(&self.dir)
+    }
+
     /// Absolute path of a spooled file from its index record.
     pub fn path_of(&self, record: &InstanceRecord) -> PathBuf {
         self.dir.join(&record.file)
@@ -373,13 +383,18 @@ impl Spool {
     }
 }
 
+/// Bytes free for unprivileged writers on the file system of `dir`.
+fn free_bytes(dir: &Path) -> io::Result<u64> {
+    let stat = rustix::fs::statvfs(dir)?;
+    Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
+}
+
 /// Refuses to write when the spool's file system has less than `min_free_bytes` free.
 fn ensure_free(dir: &Path, min_free_bytes: u64) -> Result<(), StoreError> {
     if min_free_bytes == 0 {
         return Ok(());
     }
-    let stat = rustix::fs::statvfs(dir).map_err(io::Error::from)?;
-    let free = stat.f_bavail.saturating_mul(stat.f_frsize);
+    let free = free_bytes(dir)?;
     if free < min_free_bytes {
         return Err(StoreError::OutOfSpace(format!(
             "{} MiB free, below the reserve spool.min_free_mb = {}",

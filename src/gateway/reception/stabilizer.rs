@@ -10,10 +10,10 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
-use super::batch::now_ms;
 use super::route::Routes;
 use super::spool::Spool;
 use crate::admin::metrics::Metrics;
+use crate::clock::now_ms;
 
 /// Seals quiet batches; checks often enough for the shortest `stable_after`.
 pub async fn stabilize(
@@ -47,7 +47,7 @@ pub async fn stabilize(
         match sealed {
             Ok(Ok(sealed)) => {
                 for batch in sealed {
-                    crate::admin::metrics::inc(&metrics.batches_stable);
+                    metrics.batches_stable.inc();
                     info!(
                         batch = %batch.id,
                         route = %batch.route,
