@@ -127,7 +127,7 @@ impl Caller {
     /// [`crate::repository::audit::Audit::rejected`]); a facility's refusals are lines of
     /// their own. A 503 is the repository's failure, not the caller's: not audited.
     pub(super) async fn refused(self, app: &App, refusal: Refusal) -> Refusal {
-        if refusal.is_ours() {
+        if refusal.is_server_failure() {
             return refusal;
         }
         app.metrics.refused(&refusal);

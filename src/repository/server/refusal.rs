@@ -70,7 +70,7 @@ impl Refusal {
 
     /// Whether the repository itself could not serve (503): the caller did nothing
     /// wrong, so this is not audited (the audit trail may be what failed).
-    pub(super) fn is_ours(&self) -> bool {
+    pub(super) fn is_server_failure(&self) -> bool {
         self.status == StatusCode::SERVICE_UNAVAILABLE
     }
 }
