@@ -15,7 +15,7 @@ pub(super) const RATE_LIMITED: &str = "rate_limited";
 /// A refusal: status, stable code, sentence.
 #[derive(Debug)]
 pub(super) struct Refusal {
-    pub(super) status: StatusCode,
+    status: StatusCode,
     pub(super) code: &'static str,
     message: String,
 }
