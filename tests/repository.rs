@@ -710,6 +710,90 @@ async fn failed_proofs_are_rate_limited() {
     repo.stop().await;
 }
 
+/// Refusals are audited and counted where authentication happens, once each: a
+/// facility's refusal is a line naming it, refusals without credentials are aggregated
+/// (the first per client and reason is a line), and `/metrics` names every counter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_are_audited_and_counted_once() {
+    let repo = Repo::start(Backend::Local).await;
+    let token = token(3600);
+    let id = repo
+        .client(Some(&repo.key_a))
+        .create(&new_document(10, &token, 1))
+        .await
+        .unwrap()
+        .document_id;
+    let status_url = format!("{}/v1/documents/{id}", repo.url);
+    let bearer_b = format!("Authorization: Bearer {}", repo.key_b);
+    let content = format!("{status_url}/content");
+    let wrong = format!("x-download-proof: {}", hex::encode([7u8; 32]));
+    assert_refused(curl(&[&status_url]), 401, "unauthorized");
+    assert_refused(curl(&["-H", &bearer_b, &status_url]), 404, "not_found");
+    for _ in 0..2 {
+        assert_refused(curl(&["-H", &wrong, &content]), 410, "not_available");
+    }
+    let audit = repo.audit();
+    let lines = |outcome: &str| {
+        audit
+            .lines()
+            .filter(|l| l.contains(&format!("\"outcome\":\"{outcome}\"")))
+            .collect::<Vec<_>>()
+    };
+    let unauthorized = lines("unauthorized");
+    assert_eq!(unauthorized.len(), 1, "{audit}");
+    assert!(
+        unauthorized[0].contains("\"kind\":\"anonymous\""),
+        "{audit}"
+    );
+    assert!(unauthorized[0].contains("\"action\":\"status\""), "{audit}");
+    let not_found = lines("not_found");
+    assert_eq!(not_found.len(), 1, "{audit}");
+    assert!(
+        not_found[0].contains("\"kind\":\"facility\",\"name\":\"HOSP_B\""),
+        "{audit}"
+    );
+    let not_available = lines("not_available");
+    assert_eq!(not_available.len(), 1, "the second is aggregated: {audit}");
+    assert!(
+        not_available[0].contains("\"kind\":\"receiver\""),
+        "{audit}"
+    );
+    assert!(not_available[0].contains(&id), "{audit}");
+
+    let metrics = Command::new(common::require("/usr/bin/curl"))
+        .args(["-s", &format!("{}/metrics", repo.url)])
+        .output()
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    for (name, value) in [
+        ("documents_created", 1),
+        ("parts_stored", 0),
+        ("uploaded_bytes", 0),
+        ("documents_completed", 0),
+        ("hash_mismatches", 0),
+        ("downloads", 0),
+        ("downloaded_bytes", 0),
+        ("receipts", 0),
+        ("revoked", 0),
+        ("expired", 0),
+        ("purged", 0),
+        ("proof_failures", 2),
+        ("rate_limited", 0),
+        ("unauthorized", 1),
+    ] {
+        let name = format!("cloudpdi_repository_{name}_total");
+        assert!(
+            metrics.contains(&format!("# TYPE {name} counter\n")),
+            "{name}: {metrics}"
+        );
+        assert!(
+            metrics.contains(&format!("\n{name} {value}\n")),
+            "{name}: {metrics}"
+        );
+    }
+    repo.stop().await;
+}
+
 /// A document of `size` random bytes, uploaded by facility A: (ID, token, bytes).
 async fn uploaded(repo: &Repo, size: u64, max_downloads: u32) -> (String, Token, Vec<u8>) {
     let work = tempfile::tempdir().unwrap();

@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Serialize;
+use tokio_util::sync::CancellationToken;
 
 /// Why the audit trail cannot be written.
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +82,22 @@ pub struct AuditEvent {
     pub client: Option<IpAddr>,
     /// Non-secret detail: part number, byte range, counts.
     pub detail: Option<String>,
+}
+
+impl AuditEvent {
+    /// A line about something the server did by itself (`expire`, `purge`), now.
+    pub fn by_server(action: &'static str, document: String) -> Self {
+        AuditEvent {
+            time: crate::repository::unix_now(),
+            actor: Actor::Server,
+            action,
+            document: Some(document),
+            outcome: "ok".into(),
+            from: None,
+            client: None,
+            detail: None,
+        }
+    }
 }
 
 /// The audit file, shared by all handlers.
@@ -211,6 +228,24 @@ impl Audit {
             bytes.push(b'\n');
         }
         self.append(bytes, true).await
+    }
+
+    /// Writes the summary of aggregated refusals every [`REJECTION_WINDOW`], and once
+    /// more when `stop` is cancelled. A failed write is logged and tried again at the
+    /// next window.
+    pub async fn summarize_until(self, stop: CancellationToken) {
+        loop {
+            let stopped = tokio::select! {
+                () = tokio::time::sleep(REJECTION_WINDOW) => false,
+                () = stop.cancelled() => true,
+            };
+            if let Err(e) = self.flush_rejections().await {
+                tracing::error!("repository: {e}");
+            }
+            if stopped {
+                return;
+            }
+        }
     }
 
     /// Appends one event and syncs it, off the async runtime.

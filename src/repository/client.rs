@@ -376,6 +376,28 @@ impl Client {
         tokio::time::sleep(delay).await;
     }
 
+    /// Counts one transient failure (`last`) in `tries`: gives up once attempts run out,
+    /// else logs `what` and waits (exponential back-off) before the attempt that will
+    /// `then` follow.
+    async fn wait_to_retry(
+        &self,
+        tries: &mut u32,
+        last: String,
+        what: &str,
+        then: &str,
+    ) -> Result<(), ClientError> {
+        *tries += 1;
+        if *tries >= self.options.max_attempts {
+            return Err(ClientError::Unavailable {
+                attempts: *tries,
+                last,
+            });
+        }
+        tracing::debug!("{what} ({last}); {then}");
+        self.backoff(*tries - 1).await;
+        Ok(())
+    }
+
     /// Runs `attempt` until it succeeds, fails permanently, or attempts run out.
     async fn retrying<T, F, Fut>(&self, mut attempt: F) -> Result<T, ClientError>
     where
@@ -388,15 +410,8 @@ impl Client {
                 Ok(value) => return Ok(value),
                 Err(Failure::Permanent(e)) => return Err(e),
                 Err(Failure::Transient(last)) => {
-                    tries += 1;
-                    if tries >= self.options.max_attempts {
-                        return Err(ClientError::Unavailable {
-                            attempts: tries,
-                            last,
-                        });
-                    }
-                    tracing::debug!("repository call failed ({last}); retrying");
-                    self.backoff(tries - 1).await;
+                    self.wait_to_retry(&mut tries, last, "repository call failed", "retrying")
+                        .await?;
                 }
             }
         }
@@ -609,15 +624,8 @@ impl Client {
                     if file_len(partial).await? > before {
                         tries = 0;
                     }
-                    tries += 1;
-                    if tries >= self.options.max_attempts {
-                        return Err(ClientError::Unavailable {
-                            attempts: tries,
-                            last,
-                        });
-                    }
-                    tracing::debug!("download interrupted ({last}); resuming");
-                    self.backoff(tries - 1).await;
+                    self.wait_to_retry(&mut tries, last, "download interrupted", "resuming")
+                        .await?;
                 }
             }
         }

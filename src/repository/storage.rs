@@ -423,13 +423,7 @@ impl Storage {
     /// # Errors
     /// [`StorageError`] when the store fails.
     pub async fn revoke(&self, id: &str, at: u64) -> Result<(), StorageError> {
-        self.put_json(
-            &doc_path(id, "revoked.json"),
-            &TimeRecord { at },
-            PutMode::Overwrite,
-        )
-        .await?;
-        self.delete_prefix(&format!("documents/{id}/parts")).await
+        self.end(id, "revoked.json", at).await
     }
 
     /// Marks the document expired and deletes its content.
@@ -437,8 +431,14 @@ impl Storage {
     /// # Errors
     /// [`StorageError`] when the store fails.
     pub async fn expire(&self, id: &str, at: u64) -> Result<(), StorageError> {
+        self.end(id, "expired.json", at).await
+    }
+
+    /// Writes the record that ends a document (`revoked.json`, `expired.json`) with its
+    /// time, then deletes the content.
+    async fn end(&self, id: &str, record: &str, at: u64) -> Result<(), StorageError> {
         self.put_json(
-            &doc_path(id, "expired.json"),
+            &doc_path(id, record),
             &TimeRecord { at },
             PutMode::Overwrite,
         )

@@ -1,0 +1,206 @@
+//! A facility's documents: create one, ask for its status, revoke it; and the state a
+//! sender sees, which the part and download handlers check too.
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::Response;
+
+use crate::repository::api::{Created, DocumentStatus, NewDocument, State as DocState};
+use crate::repository::config::ServerConfig;
+use crate::repository::storage::{DocumentMeta, Snapshot};
+use crate::repository::unix_now;
+
+use super::authenticate::{Create, Facility, Owned, Revoke, Status};
+use super::body::read_json;
+use super::caller::Answer;
+use super::refusal::Refusal;
+use super::{App, Shared};
+
+/// `POST /v1/documents`.
+pub(super) async fn create(State(app): Shared, facility: Facility<Create>, body: Body) -> Response {
+    let result = create_document(&app, facility.name, body).await;
+    facility.caller.answer(&app, result).await
+}
+
+async fn create_document(app: &App, facility: String, body: Body) -> Result<Answer, Refusal> {
+    let request: NewDocument = read_json(body, app.server.body_idle_timeout()).await?;
+    let now = unix_now();
+    check_new_document(&app.server, &request, now)?;
+    let mut random = [0u8; 16];
+    getrandom::fill(&mut random).map_err(Refusal::unavailable)?;
+    let meta = DocumentMeta {
+        id: hex::encode(random),
+        facility,
+        size: request.size,
+        part_size: app.server.part_size(),
+        created_at: now,
+        expires_at: request.expires_at,
+        max_downloads: request.max_downloads,
+        proof_sha256: request.proof_hash,
+    };
+    let purge_at = request
+        .expires_at
+        .saturating_add(app.server.tombstone_days.saturating_mul(86_400));
+    app.storage
+        .create(&meta, purge_at)
+        .await
+        .map_err(Refusal::unavailable)?;
+    app.metrics.documents_created.inc();
+    let detail = format!(
+        "size {} expires_at {} max_downloads {}",
+        meta.size, meta.expires_at, meta.max_downloads
+    );
+    let created = Created {
+        document_id: meta.id.clone(),
+        part_size: meta.part_size,
+        parts: meta.parts(),
+    };
+    Ok(Answer::ok((StatusCode::CREATED, Json(created)))
+        .with_detail(detail)
+        .with_created(meta.id))
+}
+
+fn check_new_document(
+    server: &ServerConfig,
+    request: &NewDocument,
+    now: u64,
+) -> Result<(), Refusal> {
+    let max = server.max_document_bytes();
+    if request.size == 0 {
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "size must be at least 1 byte",
+        ));
+    }
+    if request.size > max {
+        return Err(Refusal::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("documents are limited to {max} bytes on this repository"),
+        ));
+    }
+    let latest = now.saturating_add(server.max_expiry_days.saturating_mul(86_400));
+    if request.expires_at <= now || request.expires_at > latest {
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_expiry",
+            format!(
+                "expires_at must be in the future and at most {} days ahead",
+                server.max_expiry_days
+            ),
+        ));
+    }
+    if request.max_downloads == 0 || request.max_downloads > server.max_downloads_limit {
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_max_downloads",
+            format!(
+                "max_downloads must be between 1 and {}",
+                server.max_downloads_limit
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `GET /v1/documents/{id}`.
+pub(super) async fn status(State(app): Shared, owned: Owned<Status>) -> Response {
+    let result = status_of(&app, &owned.snapshot).await.map(Answer::ok);
+    owned.caller.answer(&app, result).await
+}
+
+/// `DELETE /v1/documents/{id}`: the content goes at once; revoking again is no change.
+pub(super) async fn revoke(State(app): Shared, owned: Owned<Revoke>) -> Response {
+    let Owned {
+        caller,
+        mut snapshot,
+        ..
+    } = owned;
+    let result = async {
+        if !snapshot.revoked {
+            app.storage
+                .revoke(&snapshot.meta.id, unix_now())
+                .await
+                .map_err(Refusal::unavailable)?;
+            app.metrics.revoked.inc();
+            snapshot.revoked = true;
+            snapshot.parts.clear();
+        }
+        status_of(&app, &snapshot).await.map(Answer::ok)
+    }
+    .await;
+    caller.answer(&app, result).await
+}
+
+/// What a sender sees of its document: state, parts held, hash, downloads, receipts.
+pub(super) async fn status_of(
+    app: &App,
+    snapshot: &Snapshot,
+) -> Result<Json<DocumentStatus>, Refusal> {
+    let meta = &snapshot.meta;
+    let sha256 = if snapshot.complete {
+        app.storage
+            .complete_record(&meta.id)
+            .await
+            .map_err(Refusal::unavailable)?
+            .map(|r| hex::encode(r.sha256))
+    } else {
+        None
+    };
+    let receipts = app
+        .storage
+        .receipts(snapshot)
+        .await
+        .map_err(Refusal::unavailable)?;
+    Ok(Json(DocumentStatus {
+        document_id: meta.id.clone(),
+        state: state_of(snapshot, unix_now()),
+        size: meta.size,
+        part_size: meta.part_size,
+        parts_held: snapshot.parts.keys().copied().collect(),
+        sha256,
+        created_at: meta.created_at,
+        expires_at: meta.expires_at,
+        max_downloads: meta.max_downloads,
+        downloads: snapshot.downloads,
+        receipts,
+    }))
+}
+
+/// The state a sender sees.
+pub(super) fn state_of(snapshot: &Snapshot, now: u64) -> DocState {
+    if snapshot.revoked {
+        DocState::Revoked
+    } else if snapshot.expired || now >= snapshot.meta.expires_at {
+        DocState::Expired
+    } else if snapshot.complete {
+        DocState::Complete
+    } else {
+        DocState::Uploading
+    }
+}
+
+/// Refuses changes to a document that is no longer uploading.
+pub(super) fn check_uploading(snapshot: &Snapshot) -> Result<(), Refusal> {
+    match state_of(snapshot, unix_now()) {
+        DocState::Uploading => Ok(()),
+        DocState::Complete => Err(Refusal::new(
+            StatusCode::CONFLICT,
+            "already_complete",
+            "the document is complete; its parts cannot change",
+        )),
+        DocState::Revoked => Err(Refusal::new(
+            StatusCode::CONFLICT,
+            "revoked",
+            "the document was revoked",
+        )),
+        DocState::Expired => Err(Refusal::new(
+            StatusCode::GONE,
+            "expired",
+            "the document has expired",
+        )),
+    }
+}
