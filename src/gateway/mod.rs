@@ -10,6 +10,7 @@
 //! Both pipelines are durable [`jobs`] that resume after a crash; [`serve`] starts and
 //! stops every task in order.
 
+pub mod cli;
 pub mod inbound;
 pub mod jobs;
 pub mod outbound;
