@@ -58,10 +58,7 @@ pub(crate) fn overrides(
     let mut map = config::Map::new();
     for (name, value) in std::env::vars_os() {
         let Some(name) = name.to_str() else { continue };
-        let Some(rest) = name.strip_prefix(prefix) else {
-            continue;
-        };
-        if !rest.contains("__") || skip.iter().any(|s| name.starts_with(s)) {
+        if !override_name(name, prefix, skip) {
             continue;
         }
         let value = value
@@ -70,6 +67,13 @@ pub(crate) fn overrides(
         map.insert(name.to_owned(), value);
     }
     Ok(map)
+}
+
+/// Whether the variable `name` is a key override (see [`overrides`]).
+fn override_name(name: &str, prefix: &str, skip: &[&str]) -> bool {
+    name.strip_prefix(prefix)
+        .is_some_and(|rest| rest.contains("__"))
+        && !skip.iter().any(|s| name.starts_with(s))
 }
 
 /// Why a configuration cannot be used; the message names the key to fix.
@@ -749,19 +753,50 @@ mod tests {
         Config::load(&path)
     }
 
-    /// The shipped file lists every key with its default: it must load, and its pipeline
-    /// sections must say what the code does when a key is left out.
+    /// The shipped file lists every key with its default: it must load, and every section
+    /// (the route's too, with its AI support-image rules) must say what the code does
+    /// when a key is left out. Only the route's AE title is not a default (a route
+    /// needs one).
     #[test]
     fn the_shipped_configuration_loads_and_shows_the_defaults() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/cloudpdi.toml");
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(LOCAL_PATH);
         let shipped = Config::load(&path).expect("conf/cloudpdi.toml loads");
+        let route = RouteConfig {
+            ae_title: "CLOUDPDI".into(),
+            ..RouteConfig::default()
+        };
+        let expected = Config {
+            routes: BTreeMap::from([("ct".to_owned(), route)]),
+            ..Config::default()
+        };
+        assert_eq!(format!("{shipped:#?}"), format!("{expected:#?}"));
+    }
+
+    /// `CLOUDPDI_CONFIG` (and the other variables the commands read) name no key, so
+    /// they are not taken for overrides; a `SECTION__KEY` variable still is.
+    #[test]
+    fn variables_without_a_section_are_not_overrides() {
+        // The environment is process-wide: the test looks at the filter, not at a load.
+        let found = |prefix, skip: &[&str]| {
+            let all = [
+                ("CLOUDPDI_CONFIG", "x"),
+                ("CLOUDPDI_REPO_CONFIG", "x"),
+                ("CLOUDPDI_REPOSITORY_API_KEY", "x"),
+                ("CLOUDPDI_REPO_SERVER__LISTEN", "x"),
+                ("CLOUDPDI_DICOM__LISTEN", "x"),
+            ];
+            all.iter()
+                .filter(|(name, _)| override_name(name, prefix, skip))
+                .map(|(name, _)| *name)
+                .collect::<Vec<_>>()
+        };
         assert_eq!(
-            format!("{:?}", shipped.outbound),
-            format!("{:?}", OutboundConfig::default())
+            found("CLOUDPDI_", &["CLOUDPDI_REPO_"]),
+            ["CLOUDPDI_DICOM__LISTEN"]
         );
         assert_eq!(
-            format!("{:?}", shipped.inbound),
-            format!("{:?}", InboundConfig::default())
+            found("CLOUDPDI_REPO_", &[]),
+            ["CLOUDPDI_REPO_SERVER__LISTEN"]
         );
     }
 

@@ -395,6 +395,11 @@ mod tests {
         )))
         .expect("conf/repository.toml");
         assert_eq!(config.server.part_size(), 8 << 20);
+        // Every section shows the defaults: the file says what the code does.
+        assert_eq!(
+            format!("{config:#?}"),
+            format!("{:#?}", RepositoryConfig::default())
+        );
     }
 
     #[test]
