@@ -25,13 +25,20 @@ pub enum StatusError {
     },
     /// The configuration naming the admin address cannot be read.
     #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
+    Config(Box<crate::config::ConfigError>),
     /// The text given is not a job ID.
     #[error("{0:?} is not a job ID: `cloudpdi status` lists them (e.g. B000042)")]
     NotAJob(String),
     /// The daemon declined the retry; its sentence says why.
     #[error("{0}")]
     Declined(String),
+}
+
+impl From<crate::config::ConfigError> for StatusError {
+    /// Boxed: a configuration error is large and rare.
+    fn from(e: crate::config::ConfigError) -> Self {
+        StatusError::Config(Box::new(e))
+    }
 }
 
 /// The admin endpoint: `given`, else `admin.listen` of the configuration at `config`.

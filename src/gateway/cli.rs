@@ -16,7 +16,7 @@ use crate::token::{Token, TokenError};
 pub enum CliError {
     /// The configuration cannot be used.
     #[error(transparent)]
-    Config(#[from] ConfigError),
+    Config(Box<ConfigError>),
     /// The route asked for is not configured.
     #[error("route {route:?} is not in {config}: use one of {routes}")]
     UnknownRoute {
@@ -41,6 +41,13 @@ pub enum CliError {
         /// What the system reported.
         source: std::io::Error,
     },
+}
+
+impl From<ConfigError> for CliError {
+    /// Boxed: a configuration error is large and rare.
+    fn from(e: ConfigError) -> Self {
+        CliError::Config(Box::new(e))
+    }
 }
 
 fn shown(path: &Path) -> String {
