@@ -6,6 +6,10 @@
 //! Routes are a table keyed by a route name (`[route.ct]`) rather than an array, so that
 //! an environment override names a route that does not move when others are added;
 //! an array of `[[route]]` tables with a `name` key is accepted too.
+//!
+//! Commands find the file in this order: `--config`, the `CLOUDPDI_CONFIG` variable,
+//! `conf/cloudpdi.toml` when it exists (a checkout), else `/etc/cloudpdi/cloudpdi.toml`
+//! (where `scripts/install.sh` and the systemd unit put it); see [`default_path`].
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -13,6 +17,64 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
+
+/// The environment variable naming the configuration file (`--config` wins over it).
+pub const CONFIG_ENV: &str = "CLOUDPDI_CONFIG";
+
+/// The configuration file of a checkout, used when it exists.
+pub const LOCAL_PATH: &str = "conf/cloudpdi.toml";
+
+/// The installed configuration file (`scripts/install.sh`, `systemd/cloudpdi.service`).
+pub const SYSTEM_PATH: &str = "/etc/cloudpdi/cloudpdi.toml";
+
+/// The configuration file when neither `--config` nor [`CONFIG_ENV`] names one:
+/// [`LOCAL_PATH`] when it exists (running from a checkout), else [`SYSTEM_PATH`], so
+/// that commands on an installed host read the file the daemon reads.
+pub fn default_path() -> PathBuf {
+    first_existing(LOCAL_PATH, SYSTEM_PATH)
+}
+
+/// `local` when it exists, else `system`.
+pub(crate) fn first_existing(local: &str, system: &str) -> PathBuf {
+    if Path::new(local).exists() {
+        PathBuf::from(local)
+    } else {
+        PathBuf::from(system)
+    }
+}
+
+/// The `PREFIX_SECTION__KEY` variables of the environment that override configuration
+/// keys: only names with a `__` (every key is in a section), and none starting with one
+/// of `skip` (another program's prefix, e.g. the repository's `CLOUDPDI_REPO_` for the
+/// gateway). So `CLOUDPDI_CONFIG`, `CLOUDPDI_REPO_CONFIG` and
+/// `CLOUDPDI_REPOSITORY_API_KEY`, which the commands read, are never taken for keys.
+///
+/// # Errors
+/// The name of an override whose value is not UTF-8.
+pub(crate) fn overrides(
+    prefix: &str,
+    skip: &[&str],
+) -> Result<config::Map<String, String>, String> {
+    let mut map = config::Map::new();
+    for (name, value) in std::env::vars_os() {
+        let Some(name) = name.to_str() else { continue };
+        if !override_name(name, prefix, skip) {
+            continue;
+        }
+        let value = value
+            .into_string()
+            .map_err(|_| format!("the environment variable {name} is not UTF-8 text"))?;
+        map.insert(name.to_owned(), value);
+    }
+    Ok(map)
+}
+
+/// Whether the variable `name` is a key override (see [`overrides`]).
+fn override_name(name: &str, prefix: &str, skip: &[&str]) -> bool {
+    name.strip_prefix(prefix)
+        .is_some_and(|rest| rest.contains("__"))
+        && !skip.iter().any(|s| name.starts_with(s))
+}
 
 /// Why a configuration cannot be used; the message names the key to fix.
 #[derive(Debug, thiserror::Error)]
@@ -426,13 +488,16 @@ impl Config {
             path: path.to_owned(),
             source,
         };
+        let variables =
+            overrides("CLOUDPDI_", &["CLOUDPDI_REPO_"]).map_err(ConfigError::Invalid)?;
         let config: Config = config::Config::builder()
             .add_source(config::File::from(path).format(config::FileFormat::Toml))
             .add_source(
                 config::Environment::with_prefix("CLOUDPDI")
                     .prefix_separator("_")
                     .separator("__")
-                    .try_parsing(true),
+                    .try_parsing(true)
+                    .source(Some(variables)),
             )
             .build()
             .and_then(config::Config::try_deserialize)
@@ -700,23 +765,50 @@ mod tests {
         Config::load(&path)
     }
 
-    /// The shipped file lists every key with its default: it must load, and its pipeline
-    /// sections must say what the code does when a key is left out.
+    /// The shipped file lists every key with its default: it must load, and every section
+    /// (the route's too, with its AI support-image rules) must say what the code does
+    /// when a key is left out. Only the route's AE title is not a default (a route
+    /// needs one).
     #[test]
     fn the_shipped_configuration_loads_and_shows_the_defaults() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/cloudpdi.toml");
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(LOCAL_PATH);
         let shipped = Config::load(&path).expect("conf/cloudpdi.toml loads");
+        let route = RouteConfig {
+            ae_title: "CLOUDPDI".into(),
+            ..RouteConfig::default()
+        };
+        let expected = Config {
+            routes: BTreeMap::from([("ct".to_owned(), route)]),
+            ..Config::default()
+        };
+        assert_eq!(format!("{shipped:#?}"), format!("{expected:#?}"));
+    }
+
+    /// `CLOUDPDI_CONFIG` (and the other variables the commands read) name no key, so
+    /// they are not taken for overrides; a `SECTION__KEY` variable still is.
+    #[test]
+    fn variables_without_a_section_are_not_overrides() {
+        // The environment is process-wide: the test looks at the filter, not at a load.
+        let found = |prefix, skip: &[&str]| {
+            let all = [
+                ("CLOUDPDI_CONFIG", "x"),
+                ("CLOUDPDI_REPO_CONFIG", "x"),
+                ("CLOUDPDI_REPOSITORY_API_KEY", "x"),
+                ("CLOUDPDI_REPO_SERVER__LISTEN", "x"),
+                ("CLOUDPDI_DICOM__LISTEN", "x"),
+            ];
+            all.iter()
+                .filter(|(name, _)| override_name(name, prefix, skip))
+                .map(|(name, _)| *name)
+                .collect::<Vec<_>>()
+        };
         assert_eq!(
-            format!("{:?}", shipped.spool),
-            format!("{:?}", SpoolConfig::default())
+            found("CLOUDPDI_", &["CLOUDPDI_REPO_"]),
+            ["CLOUDPDI_DICOM__LISTEN"]
         );
         assert_eq!(
-            format!("{:?}", shipped.outbound),
-            format!("{:?}", OutboundConfig::default())
-        );
-        assert_eq!(
-            format!("{:?}", shipped.inbound),
-            format!("{:?}", InboundConfig::default())
+            found("CLOUDPDI_REPO_", &[]),
+            ["CLOUDPDI_REPO_SERVER__LISTEN"]
         );
     }
 

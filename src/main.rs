@@ -1,12 +1,17 @@
-//! The `cloudpdi` command line: parses arguments and hands over to the library.
+//! The `cloudpdi` command line: parses arguments and hands over to the library (each
+//! command's logic is in a `cli` module of the library: `token::cli`, `container::cli`,
+//! `pdi::cli`, `repository::cli`, `gateway::cli`, `gateway::inbound::import`,
+//! `admin::status`). Defaults of flags come from the configuration structs, so a flag
+//! and the key it mirrors cannot disagree.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use cloudpdi::config::Config;
+use cloudpdi::config::{InboundConfig, RouteConfig};
+use cloudpdi::gateway::inbound::reconcile::PatientIdPolicy;
+use cloudpdi::pdi::{AiAction, AiPolicy};
 use cloudpdi::telemetry::Escaped;
 
 /// Cloud-PDI gateway: hand studies to other hospitals by token instead of CD.
@@ -32,10 +37,10 @@ enum Command {
     #[command(subcommand)]
     Token(TokenCommand),
     /// Encrypt a file into a container that the token opens (for operators).
-    Encrypt(CryptArgs),
+    Encrypt(EncryptArgs),
     /// Decrypt a container with its token (for operators); nothing is written unless
     /// every chunk authenticates.
-    Decrypt(CryptArgs),
+    Decrypt(DecryptArgs),
     /// The Cloud-PDI repository: run it, make facility keys, upload and download.
     #[command(subcommand)]
     Repository(RepositoryCommand),
@@ -54,9 +59,11 @@ enum Command {
 enum RepositoryCommand {
     /// Run the repository HTTP service.
     Serve {
-        /// Configuration file; every key can be overridden as CLOUDPDI_REPO_<SECTION>__<KEY>.
-        #[arg(long, default_value = "conf/repository.toml")]
-        config: PathBuf,
+        /// Configuration file (default: conf/repository.toml if it exists, else
+        /// /etc/cloudpdi/repository.toml); every key can be overridden as
+        /// CLOUDPDI_REPO_<SECTION>__<KEY>.
+        #[arg(long, env = "CLOUDPDI_REPO_CONFIG")]
+        config: Option<PathBuf>,
     },
     /// Make a facility API key: the key goes to the facility, the hash into the config.
     NewKey,
@@ -72,8 +79,8 @@ enum RepositoryCommand {
         /// The token made for this upload, or @FILE.
         #[arg(long)]
         token: String,
-        /// Downloads allowed.
-        #[arg(long, default_value_t = 3)]
+        /// Downloads allowed (the default is a route's max_downloads default).
+        #[arg(long, default_value_t = RouteConfig::default().max_downloads)]
         max_downloads: u32,
         /// Where to write the issued token (must not exist).
         #[arg(long)]
@@ -89,6 +96,27 @@ enum RepositoryCommand {
         /// Output file.
         out: PathBuf,
     },
+    /// Show a document's state as the sending facility sees it: size, expiry,
+    /// downloads, receipts from the receiver.
+    Status(DocumentArgs),
+    /// Revoke a document: its content is deleted and its token opens nothing any more
+    /// (a slip handed to the wrong patient, a study sent by mistake).
+    Revoke(DocumentArgs),
+}
+
+#[derive(Args)]
+struct DocumentArgs {
+    /// Repository base URL.
+    #[arg(long)]
+    url: String,
+    /// File holding the facility API key (or set CLOUDPDI_REPOSITORY_API_KEY).
+    #[arg(long)]
+    api_key_file: Option<PathBuf>,
+    /// Print the state as JSON.
+    #[arg(long)]
+    json: bool,
+    /// The document ID (in the token, and printed by `upload` and `send`).
+    document_id: String,
 }
 
 #[derive(Args)]
@@ -150,11 +178,13 @@ struct PdiBuildArgs {
     #[arg(long, default_value = "")]
     facility: String,
     /// What happens to AI support images: include, exclude or label.
-    #[arg(long, default_value = "label")]
-    ai_action: String,
+    #[arg(long, default_value_t = AiPolicy::default().action)]
+    ai_action: AiAction,
     /// A rule recognising AI support images, `key=value,...` with keys sop_class,
-    /// image_type, manufacturer, series_description, private_tag (ggggeeee),
-    /// private_creator, private_value; repeatable. Replaces the default rules.
+    /// image_type, manufacturer, series_description, private_tag (gggg,eeee or
+    /// ggggeeee), private_creator, private_value; a value may hold commas
+    /// (`private_tag=0029,1001,private_creator=ACME`); repeatable. Replaces the default
+    /// rules.
     #[arg(long)]
     ai_rule: Vec<String>,
     /// With `label`: also prefix the Series Description of AI support images.
@@ -178,8 +208,8 @@ enum TokenCommand {
         /// Issuing facility code.
         #[arg(long)]
         facility: String,
-        /// Days until the token expires.
-        #[arg(long, default_value_t = 30)]
+        /// Days until the token expires (the default is a route's expires_in_days default).
+        #[arg(long, default_value_t = RouteConfig::default().expires_in_days)]
         expires_in_days: u32,
         /// Description of the content, without patient data.
         #[arg(long, default_value = "")]
@@ -223,14 +253,25 @@ struct SlipArgs {
 }
 
 #[derive(Args)]
-struct CryptArgs {
+struct EncryptArgs {
     /// The token, or @FILE.
     #[arg(long)]
     token: String,
-    /// Compress with zstd inside the encryption (encrypt only).
+    /// Compress with zstd inside the encryption.
     #[arg(long)]
     zstd: bool,
     /// Input file.
+    input: PathBuf,
+    /// Output file (must not exist).
+    output: PathBuf,
+}
+
+#[derive(Args)]
+struct DecryptArgs {
+    /// The token, or @FILE.
+    #[arg(long)]
+    token: String,
+    /// The container.
     input: PathBuf,
     /// Output file (must not be the input).
     output: PathBuf,
@@ -244,14 +285,15 @@ struct ImportArgs {
     /// The PACS's AE title.
     #[arg(long)]
     called: String,
-    /// Our AE title, as the PACS knows it.
-    #[arg(long, default_value = "CLOUDPDI")]
+    /// Our AE title, as the PACS knows it (as inbound.calling_ae_title).
+    #[arg(long, default_value_t = InboundConfig::default().calling_ae_title)]
     calling: String,
-    /// Associations used in parallel.
-    #[arg(long, default_value_t = 4)]
+    /// Associations used in parallel (as inbound.associations).
+    #[arg(long, default_value_t = InboundConfig::default().associations)]
     associations: usize,
-    /// Attempts per instance when the PACS is unreachable or out of resources.
-    #[arg(long, default_value_t = 3)]
+    /// Attempts per instance when the PACS is unreachable or out of resources (as
+    /// inbound.attempts).
+    #[arg(long, default_value_t = InboundConfig::default().attempts)]
     attempts: u32,
     /// Replace the sender's Patient ID with this local one (the original is kept in
     /// Other Patient IDs Sequence).
@@ -260,8 +302,9 @@ struct ImportArgs {
     /// Prefix the sender's Patient ID with this text (e.g. the sending hospital's code).
     #[arg(long)]
     patient_id_prefix: Option<String>,
-    /// Issuer of Patient ID written with a changed Patient ID (the local ID domain).
-    #[arg(long, default_value = "LOCAL")]
+    /// Issuer of Patient ID written with a changed Patient ID (the local ID domain; as
+    /// inbound.issuer).
+    #[arg(long, default_value_t = InboundConfig::default().issuer)]
     issuer: String,
     /// Files or folders (walked recursively; DICOMDIR and non-DICOM files are skipped).
     #[arg(required = true)]
@@ -270,9 +313,19 @@ struct ImportArgs {
 
 #[derive(Args)]
 struct ConfigArg {
-    /// Configuration file; every key can be overridden as CLOUDPDI_<SECTION>__<KEY>.
-    #[arg(long, default_value = "conf/cloudpdi.toml")]
-    config: PathBuf,
+    /// Configuration file (default: conf/cloudpdi.toml if it exists, else
+    /// /etc/cloudpdi/cloudpdi.toml); every key can be overridden as
+    /// CLOUDPDI_<SECTION>__<KEY>.
+    #[arg(long, env = "CLOUDPDI_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+impl ConfigArg {
+    fn path(&self) -> PathBuf {
+        self.config
+            .clone()
+            .unwrap_or_else(cloudpdi::config::default_path)
+    }
 }
 
 #[derive(Args)]
@@ -299,23 +352,25 @@ struct RetryArgs {
 }
 
 /// Errors are printed here rather than by the runtime so that text from outside in them
-/// (a file name, a UID, a PACS's comment) is escaped.
+/// (a file name, a UID, a PACS's comment) is escaped. Library messages are whole: each
+/// names its subject and ends with its cause, so a cause is printed only when its text
+/// is not already part of what was printed (no line says the same thing twice).
 fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", Escaped(&e.to_string()));
+            let mut shown = e.to_string();
+            eprintln!("error: {}", Escaped(&shown));
             for cause in e.chain().skip(1) {
-                eprintln!("  caused by: {}", Escaped(&cause.to_string()));
+                let text = cause.to_string();
+                if !shown.contains(&text) {
+                    eprintln!("  caused by: {}", Escaped(&text));
+                    shown.push_str(&text);
+                }
             }
             ExitCode::FAILURE
         }
     }
-}
-
-/// A path named in output: escaped, as a file name may come from a disc or a ZIP.
-fn shown(path: &std::path::Path) -> String {
-    cloudpdi::telemetry::escape(&path.display().to_string())
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -334,71 +389,58 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn repository(command: RepositoryCommand) -> anyhow::Result<()> {
-    use cloudpdi::repository;
-    match command {
-        RepositoryCommand::Serve { config } => {
-            let config = repository::config::RepositoryConfig::load(&config)?;
-            cloudpdi::telemetry::init(&config.log);
-            runtime()?.block_on(async {
-                let listener = tokio::net::TcpListener::bind(config.server.listen)
-                    .await
-                    .with_context(|| format!("cannot listen on {}", config.server.listen))?;
-                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-                repository::server::run(config, listener, shutdown_signal()).await?;
-                anyhow::Ok(())
-            })
-        }
-        RepositoryCommand::NewKey => {
-            let (key, hash) = repository::auth::new_api_key()?;
-            println!(
-                "API key (give it to the facility, shown once): {}",
-                key.as_str()
-            );
-            println!("api_key_sha256 = \"{hash}\"");
-            Ok(())
-        }
-        RepositoryCommand::Upload {
-            url,
-            api_key_file,
-            token,
-            max_downloads,
-            token_out,
-            file,
-        } => {
-            let api_key = match api_key_file {
-                Some(path) => {
-                    std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?
-                }
-                None => std::env::var("CLOUDPDI_REPOSITORY_API_KEY")
-                    .context("give --api-key-file or set CLOUDPDI_REPOSITORY_API_KEY")?,
-            };
-            let token = cloudpdi::token::cli::read_token(&token)?;
-            let id = runtime()?.block_on(repository::cli::upload(
-                &url,
-                api_key.trim().to_owned(),
-                &token,
-                max_downloads,
-                &file,
-                &token_out,
-            ))?;
-            println!(
-                "document {id} uploaded; token written to {}",
-                token_out.display()
-            );
-            Ok(())
-        }
-        RepositoryCommand::Download { token, out } => {
-            let token = cloudpdi::token::cli::read_token(&token)?;
-            let size = runtime()?.block_on(repository::cli::download(&token, &out))?;
-            println!("{size} bytes written to {}", out.display());
-            Ok(())
-        }
+fn serve(args: &ConfigArg) -> anyhow::Result<()> {
+    let config = cloudpdi::config::Config::load(&args.path())?;
+    cloudpdi::telemetry::init(&config.log);
+    runtime()?.block_on(cloudpdi::gateway::serve::run(config, shutdown_signal()))?;
+    Ok(())
+}
+
+fn status(args: &StatusArgs) -> anyhow::Result<()> {
+    use cloudpdi::admin::status;
+    let addr = status::admin_address(args.admin, &args.config.path())?;
+    let answer = runtime()?.block_on(status::fetch(addr))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+    } else {
+        print!("{}", status::render(&answer));
     }
+    Ok(())
+}
+
+fn retry(args: &RetryArgs) -> anyhow::Result<()> {
+    let config = args.config.path();
+    let retry = cloudpdi::admin::status::retry(args.admin, &config, &args.job);
+    println!("{}", runtime()?.block_on(retry)?);
+    Ok(())
+}
+
+fn import(args: ImportArgs) -> anyhow::Result<()> {
+    use cloudpdi::gateway::inbound::import;
+    let inbound = InboundConfig {
+        pacs: args.pacs,
+        pacs_ae_title: args.called,
+        calling_ae_title: args.calling,
+        associations: args.associations,
+        attempts: args.attempts,
+        issuer: args.issuer,
+        ..InboundConfig::default()
+    };
+    let policy = match (args.patient_id, args.patient_id_prefix) {
+        (Some(id), _) => PatientIdPolicy::Local(id),
+        (None, Some(prefix)) => PatientIdPolicy::Prefix(prefix),
+        (None, None) => PatientIdPolicy::Keep,
+    };
+    let report = runtime()?.block_on(import::import(&inbound, policy, &args.paths))?;
+    for note in &report.notes {
+        eprintln!("{note}");
+    }
+    println!("{}", report.summary());
+    Ok(report.check()?)
 }
 
 fn token(command: TokenCommand) -> anyhow::Result<()> {
-    use cloudpdi::token::{Token, cli};
+    use cloudpdi::token::cli;
     match command {
         TokenCommand::New {
             repository,
@@ -408,253 +450,193 @@ fn token(command: TokenCommand) -> anyhow::Result<()> {
             summary,
             out,
         } => {
-            let expires = cloudpdi::clock::now_seconds() + u64::from(expires_in_days) * 86_400;
-            let expires = u32::try_from(expires).context("expiry beyond 2106")?;
-            let token = Token::issue(&repository, &document_id, expires, &facility, &summary)?;
+            let token = cli::issue(
+                &repository,
+                &document_id,
+                &facility,
+                &summary,
+                expires_in_days,
+            )?;
             cli::write_token_file(&token, &out)?;
-            println!("token written to {}", out.display());
+            println!("token written to {}", shown(&out));
         }
         TokenCommand::Inspect { token, show_secret } => {
-            let token = cli::read_token(&token)?;
             print!(
                 "{}",
-                cli::describe(&token, cloudpdi::clock::now_seconds(), show_secret)
+                cli::describe_now(&cli::read_token(&token)?, show_secret)
             );
         }
-        TokenCommand::Slip(args) => slip(args)?,
+        TokenCommand::Slip(args) => {
+            let token = cli::read_token(&args.token)?;
+            let text = cli::SlipText {
+                facility_name: args.facility_name,
+                contact: args.contact,
+                patient_name: args.patient_name,
+                content: args.content,
+            };
+            cli::write_slip(&token, text, &args.out)?;
+            println!("slip written to {}", shown(&args.out));
+        }
     }
     Ok(())
 }
 
-fn slip(args: SlipArgs) -> anyhow::Result<()> {
-    use cloudpdi::token::slip::{SlipDetails, SlipError, SlipFormat, render};
+fn encrypt(args: &EncryptArgs) -> anyhow::Result<()> {
+    use cloudpdi::container::Compression;
     let token = cloudpdi::token::cli::read_token(&args.token)?;
-    let format = SlipFormat::from_path(&args.out).ok_or(SlipError::Format)?;
-    let details = SlipDetails {
-        facility_name: args.facility_name.unwrap_or_else(|| token.issuer.clone()),
-        facility_contact: args.contact,
-        patient_name: args.patient_name,
-        content: args.content.unwrap_or_else(|| token.summary.clone()),
+    let compression = if args.zstd {
+        Compression::Zstd
+    } else {
+        Compression::None
     };
-    render(&token, &details, format, &args.out)?;
-    println!("slip written to {}", args.out.display());
+    cloudpdi::container::cli::encrypt_file(&token, compression, &args.input, &args.output)?;
     Ok(())
 }
 
-fn encrypt(args: &CryptArgs) -> anyhow::Result<()> {
-    use cloudpdi::container::{Compression, Options};
+fn decrypt(args: &DecryptArgs) -> anyhow::Result<()> {
     let token = cloudpdi::token::cli::read_token(&args.token)?;
-    token.check_not_expired(cloudpdi::clock::now_seconds())?;
-    let options = Options {
-        compression: if args.zstd {
-            Compression::Zstd
-        } else {
-            Compression::None
-        },
-        ..Options::default()
-    };
-    let input = std::io::BufReader::new(
-        std::fs::File::open(&args.input).with_context(|| format!("{}", args.input.display()))?,
-    );
-    cloudpdi::durable::create_new(&args.output, 0o666, |file| {
-        let output = std::io::BufWriter::new(file);
-        cloudpdi::container::encrypt_parallel(&token.container_key(), &options, input, output, 0)?
-            .into_inner()
-            .map_err(|e| anyhow::anyhow!("writing {}: {e}", args.output.display()))?;
-        Ok(())
-    })
+    cloudpdi::container::cli::decrypt_file(&token, &args.input, &args.output)?;
+    Ok(())
 }
 
-fn decrypt(args: &CryptArgs) -> anyhow::Result<()> {
-    let token = cloudpdi::token::cli::read_token(&args.token)?;
-    cloudpdi::container::decrypt_file(&token.container_key(), &args.input, &args.output)?;
+fn repository(command: RepositoryCommand) -> anyhow::Result<()> {
+    use cloudpdi::repository::{cli, config::RepositoryConfig};
+    match command {
+        RepositoryCommand::Serve { config } => {
+            let path = config.unwrap_or_else(cloudpdi::repository::config::default_path);
+            let config = RepositoryConfig::load(&path)?;
+            cloudpdi::telemetry::init(&config.log);
+            runtime()?.block_on(cli::serve(config, shutdown_signal()))?;
+        }
+        RepositoryCommand::NewKey => {
+            let (key, hash) = cloudpdi::repository::auth::new_api_key()?;
+            println!(
+                "API key (give it to the facility, shown once): {}",
+                key.as_str()
+            );
+            println!("api_key_sha256 = \"{hash}\"");
+        }
+        RepositoryCommand::Upload {
+            url,
+            api_key_file,
+            token,
+            max_downloads,
+            token_out,
+            file,
+        } => {
+            let api_key = cli::api_key(api_key_file.as_deref())?;
+            let token = cloudpdi::token::cli::read_token(&token)?;
+            let upload = cli::upload(&url, api_key, &token, max_downloads, &file, &token_out);
+            let id = runtime()?.block_on(upload)?;
+            println!(
+                "document {id} uploaded; token written to {}",
+                shown(&token_out)
+            );
+        }
+        RepositoryCommand::Download { token, out } => {
+            let token = cloudpdi::token::cli::read_token(&token)?;
+            let size = runtime()?.block_on(cli::download(&token, &out))?;
+            println!("{size} bytes written to {}", shown(&out));
+        }
+        RepositoryCommand::Status(args) => {
+            let api_key = cli::api_key(args.api_key_file.as_deref())?;
+            let state = runtime()?.block_on(cli::status(&args.url, api_key, &args.document_id))?;
+            print_document(&state, args.json)?;
+        }
+        RepositoryCommand::Revoke(args) => {
+            let api_key = cli::api_key(args.api_key_file.as_deref())?;
+            let state = runtime()?.block_on(cli::revoke(&args.url, api_key, &args.document_id))?;
+            print_document(&state, args.json)?;
+        }
+    }
+    Ok(())
+}
+
+fn print_document(
+    state: &cloudpdi::repository::api::DocumentStatus,
+    json: bool,
+) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(state)?);
+    } else {
+        print!("{}", cloudpdi::repository::cli::describe_status(state));
+    }
     Ok(())
 }
 
 fn pdi(command: PdiCommand) -> anyhow::Result<()> {
-    use cloudpdi::pdi;
+    use cloudpdi::pdi::{self, cli};
     match command {
         PdiCommand::Build(args) => {
-            let mut policy = pdi::AiPolicy {
-                action: serde_json::from_value(serde_json::Value::String(args.ai_action.clone()))
-                    .map_err(|_| {
-                    anyhow::anyhow!("--ai-action must be include, exclude or label")
-                })?,
-                mark_series_description: args.ai_mark_series,
-                ..pdi::AiPolicy::default()
-            };
-            if !args.ai_rule.is_empty() {
-                policy.rules = args
-                    .ai_rule
-                    .iter()
-                    .map(|r| {
-                        pdi::policy::parse_rule(r).map_err(|e| anyhow::anyhow!("--ai-rule {e}"))
-                    })
-                    .collect::<anyhow::Result<_>>()?;
-            }
             let options = pdi::BuildOptions {
                 facility: args.facility,
                 attachments: args.attach,
-                policy,
+                policy: cli::ai_policy(args.ai_action, args.ai_mark_series, &args.ai_rule)?,
                 index_htm: !args.no_index_htm,
                 ..pdi::BuildOptions::default()
             };
-            let is_zip = args
-                .out
-                .extension()
-                .is_some_and(|e| e.eq_ignore_ascii_case("zip"));
-            let report = if is_zip {
-                cloudpdi::durable::create_new(&args.out, 0o666, |file| {
-                    pdi::build_zip(&args.inputs, &options, std::io::BufWriter::new(file))
-                        .map_err(anyhow::Error::from)
-                })?
-            } else {
-                pdi::build_dir(&args.inputs, &options, &args.out)?
-            };
-            for skipped in &report.skipped {
-                eprintln!("skipped (not DICOM): {}", shown(skipped));
+            let report = cli::build(&args.inputs, &options, &args.out)?;
+            let (notes, summary) = cli::describe_build(&args.out, &report);
+            for note in notes {
+                eprintln!("{note}");
             }
-            for warning in &report.warnings {
-                eprintln!("warning: {}", Escaped(warning));
-            }
-            println!(
-                "{}: {} patients, {} studies, {} series, {} instances ({} labelled, {} excluded as AI support images, {} duplicates), {} attachments, {} bytes",
-                args.out.display(),
-                report.patients,
-                report.studies,
-                report.series,
-                report.instances,
-                report.labelled,
-                report.excluded,
-                report.duplicates,
-                report.attachments,
-                report.bytes
-            );
+            println!("{summary}");
         }
         PdiCommand::Verify { path, json } => {
             let summary = pdi::verify(&path)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&summary)?);
             } else {
-                println!(
-                    "{}: OK\npatients: {}\nstudies: {}\nseries: {}\ninstances: {}\nmodalities: {}\nsize: {} bytes in {} files\nmanifest: {}\nAI support images: {} labelled, {} left out",
-                    path.display(),
-                    summary.patients,
-                    summary.studies,
-                    summary.series,
-                    summary.instances,
-                    summary.modalities.join(", "),
-                    summary.bytes,
-                    summary.files,
-                    if summary.manifest {
-                        "present, every file matches"
-                    } else {
-                        "absent (not a cloudpdi set)"
-                    },
-                    summary.ai_labelled,
-                    summary.ai_excluded,
-                );
-                for problem in &summary.problems {
-                    println!("note: {}", Escaped(problem));
-                }
+                print!("{}", cli::describe_summary(&path, &summary));
             }
         }
     }
     Ok(())
 }
 
-fn import(args: ImportArgs) -> anyhow::Result<()> {
-    use cloudpdi::dicom::scu::{Outcome, StoreTarget, collect, store_all};
-    use cloudpdi::gateway::inbound::reconcile::{PatientIdPolicy, Reconciler};
-    let (instances, skipped) = collect(&args.paths);
-    for not_dicom in &skipped {
-        eprintln!("skipped: {}", Escaped(&not_dicom.to_string()));
+fn send(args: SendArgs) -> anyhow::Result<()> {
+    let config = args.config.path();
+    let bar = progress_bar("uploading");
+    let report = |bytes: u64| bar.set_position(bytes);
+    let send = cloudpdi::gateway::cli::send(&config, &args.route, args.paths, args.attach, &report);
+    let lines = runtime()?.block_on(send)?;
+    bar.finish_and_clear();
+    for line in lines {
+        println!("{line}");
     }
-    let total = instances.len();
-    let target = StoreTarget {
-        address: args.pacs,
-        called_ae: args.called,
-        calling_ae: args.calling,
-        associations: args.associations,
-        max_pdu_length: 131_072,
-        timeout: std::time::Duration::from_secs(30),
-        max_attempts: args.attempts,
-        backoff: std::time::Duration::from_millis(500),
-        reconcile: Some(Reconciler {
-            policy: match (args.patient_id, args.patient_id_prefix) {
-                (Some(id), _) => PatientIdPolicy::Local(id),
-                (None, Some(prefix)) => PatientIdPolicy::Prefix(prefix),
-                (None, None) => PatientIdPolicy::Keep,
-            },
-            local_issuer: args.issuer,
-        }),
-    };
-    let results = runtime()?.block_on(store_all(std::sync::Arc::new(target), instances));
-    let mut refused = 0;
-    for (instance, outcome) in &results {
-        if let Outcome::Refused { reason, .. } | Outcome::Unavailable { reason } = outcome {
-            refused += 1;
-            eprintln!("refused: {}: {}", shown(&instance.path), Escaped(reason));
-        }
-    }
-    println!(
-        "{} of {total} instances stored, {refused} refused, {} files skipped",
-        total - refused,
-        skipped.len()
-    );
-    anyhow::ensure!(refused == 0, "{refused} instances were not stored");
     Ok(())
 }
 
+fn receive(args: &ReceiveArgs) -> anyhow::Result<()> {
+    use cloudpdi::gateway::cli;
+    let token = cloudpdi::token::cli::read_token(&args.token)?;
+    let config = args.config.path();
+    let line = match &args.out {
+        Some(out) => {
+            let bar = progress_bar("downloading");
+            let report = |bytes: u64| bar.set_position(bytes);
+            let receive = cli::receive_to_folder(&config, &token, out, &report);
+            let line = runtime()?.block_on(receive)?;
+            bar.finish_and_clear();
+            line
+        }
+        None => cli::hand_to_daemon(&config, &token, args.patient_id.as_deref())?,
+    };
+    println!("{line}");
+    Ok(())
+}
+
+/// A path named in output: escaped, as a file name may come from a disc or a ZIP.
+fn shown(path: &std::path::Path) -> String {
+    cloudpdi::telemetry::escape(&path.display().to_string())
+}
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    use anyhow::Context;
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")
-}
-
-fn serve(args: &ConfigArg) -> anyhow::Result<()> {
-    let config = Config::load(&args.config)?;
-    cloudpdi::telemetry::init(&config.log);
-    runtime()?.block_on(cloudpdi::gateway::serve::run(config, shutdown_signal()))?;
-    Ok(())
-}
-
-/// The admin endpoint: given, or from the configuration.
-fn admin_addr(given: Option<SocketAddr>, config: &ConfigArg) -> anyhow::Result<SocketAddr> {
-    Ok(match given {
-        Some(addr) => addr,
-        None => Config::load(&config.config)?.admin.listen,
-    })
-}
-
-fn retry(args: &RetryArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        !args.job.is_empty()
-            && args
-                .job
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-'),
-        "{:?} is not a job ID: `cloudpdi status` lists them (e.g. B000042)",
-        args.job
-    );
-    let addr = admin_addr(args.admin, &args.config)?;
-    let (accepted, answer) =
-        runtime()?.block_on(cloudpdi::admin::status::retry(addr, &args.job))?;
-    anyhow::ensure!(accepted, "{}", answer.trim_end());
-    println!("{}", Escaped(answer.trim_end()));
-    Ok(())
-}
-
-fn status(args: &StatusArgs) -> anyhow::Result<()> {
-    let addr = admin_addr(args.admin, &args.config)?;
-    let status = runtime()?.block_on(cloudpdi::admin::status::fetch(addr))?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&status)?);
-    } else {
-        print!("{}", cloudpdi::admin::status::render(&status));
-    }
-    Ok(())
 }
 
 /// Completes on SIGTERM (systemd stop) or SIGINT (Ctrl-C).
@@ -671,93 +653,6 @@ async fn shutdown_signal() {
             let _ = tokio::signal::ctrl_c().await;
         }
     }
-}
-
-fn send(args: SendArgs) -> anyhow::Result<()> {
-    use cloudpdi::gateway::outbound::{Sender, send_files};
-    let config = std::sync::Arc::new(Config::load(&args.config.config)?);
-    anyhow::ensure!(
-        config.routes.contains_key(&args.route),
-        "route {:?} is not in {}: use one of {}",
-        args.route,
-        args.config.config.display(),
-        config.routes.keys().cloned().collect::<Vec<_>>().join(", ")
-    );
-    let sender = std::sync::Arc::new(Sender::from_config(config.clone()));
-    let workdir = config
-        .jobs_dir()
-        .join("send")
-        .join(std::process::id().to_string());
-    let bar = progress_bar("uploading");
-    let report = |bytes: u64| bar.set_position(bytes);
-    let (_, job) = runtime()?.block_on(send_files(
-        sender,
-        &args.route,
-        args.paths,
-        args.attach,
-        workdir,
-        &report,
-    ))?;
-    bar.finish_and_clear();
-    println!(
-        "sent {} instances ({} left out by the AI-image policy) as document {}",
-        job.instances,
-        job.excluded,
-        job.document_id.as_deref().unwrap_or("?")
-    );
-    if let Some(token) = &job.token_file {
-        println!("token: {}", token.display());
-    }
-    if let Some(slip) = &job.slip_file {
-        println!("slip:  {}", slip.display());
-    }
-    Ok(())
-}
-
-fn receive(args: &ReceiveArgs) -> anyhow::Result<()> {
-    let token = cloudpdi::token::cli::read_token(&args.token)?;
-    token.check_not_expired(cloudpdi::clock::now_seconds())?;
-    match &args.out {
-        Some(out) => {
-            let bar = progress_bar("downloading");
-            let report = |bytes: u64| bar.set_position(bytes);
-            // The [inbound] bounds apply when a configuration is there; else their defaults.
-            let inbound = if args.config.config.exists() {
-                Config::load(&args.config.config)?.inbound
-            } else {
-                cloudpdi::config::InboundConfig::default()
-            };
-            let summary = runtime()?.block_on(cloudpdi::gateway::inbound::receive_to_folder(
-                &token, out, &inbound, &report,
-            ))?;
-            bar.finish_and_clear();
-            println!(
-                "{}: {} patient(s), {} study(ies), {} series, {} instances ({}), {:.1} MB",
-                out.display(),
-                summary.patients,
-                summary.studies,
-                summary.series,
-                summary.instances,
-                summary.modalities.join(", "),
-                summary.bytes as f64 / 1e6
-            );
-        }
-        None => {
-            let config = Config::load(&args.config.config)?;
-            let dir = config.watch_dir();
-            let path = cloudpdi::gateway::inbound::watch::drop_token(
-                &dir,
-                &token,
-                args.patient_id.as_deref(),
-            )
-            .with_context(|| format!("cannot write into the watch folder {}", dir.display()))?;
-            println!(
-                "handed to the daemon: {} (see `cloudpdi status`)",
-                path.display()
-            );
-        }
-    }
-    Ok(())
 }
 
 fn progress_bar(what: &'static str) -> indicatif::ProgressBar {

@@ -1,7 +1,9 @@
-//! `cloudpdi status`: asks the running daemon's admin endpoint what it holds.
+//! `cloudpdi status` and `cloudpdi retry`: ask the running daemon's admin endpoint what
+//! it holds, or to run a failed job again.
 
 use std::fmt::Write;
 use std::net::SocketAddr;
+use std::path::Path;
 
 use crate::admin::Status;
 use crate::clock::now_ms;
@@ -22,6 +24,33 @@ pub enum StatusError {
         /// The HTTP client's error.
         source: reqwest::Error,
     },
+    /// The configuration naming the admin address cannot be read.
+    #[error(transparent)]
+    Config(Box<crate::config::ConfigError>),
+    /// The text given is not a job ID.
+    #[error("{0:?} is not a job ID: `cloudpdi status` lists them (e.g. B000042)")]
+    NotAJob(String),
+    /// The daemon declined the retry; its sentence says why.
+    #[error("{0}")]
+    Declined(String),
+}
+
+impl From<crate::config::ConfigError> for StatusError {
+    /// Boxed: a configuration error is large and rare.
+    fn from(e: crate::config::ConfigError) -> Self {
+        StatusError::Config(Box::new(e))
+    }
+}
+
+/// The admin endpoint: `given`, else `admin.listen` of the configuration at `config`.
+///
+/// # Errors
+/// [`StatusError::Config`] when the configuration is needed and cannot be read.
+pub fn admin_address(given: Option<SocketAddr>, config: &Path) -> Result<SocketAddr, StatusError> {
+    Ok(match given {
+        Some(addr) => addr,
+        None => crate::config::Config::load(config)?.admin.listen,
+    })
 }
 
 /// Fetches the status from the admin endpoint at `addr`.
@@ -50,12 +79,22 @@ fn admin_client() -> reqwest::Result<reqwest::Client> {
         .build()
 }
 
-/// Asks the daemon at `addr` to run failed outbound job `id` again; returns its answer
-/// (a sentence for the admin) and whether it was accepted.
+/// Asks the daemon to run failed job `id` again; returns its answer (a sentence for the
+/// admin). The daemon is at `admin`, else where the configuration at `config` says.
 ///
 /// # Errors
-/// [`StatusError::Unreachable`] when the daemon does not answer.
-pub async fn retry(addr: SocketAddr, id: &str) -> Result<(bool, String), StatusError> {
+/// [`StatusError::NotAJob`] for text that cannot be a job ID (checked before anything is
+/// read or sent), [`StatusError::Config`], [`StatusError::Unreachable`] when the daemon
+/// does not answer, [`StatusError::Declined`] with the daemon's reason.
+pub async fn retry(
+    admin: Option<SocketAddr>,
+    config: &Path,
+    id: &str,
+) -> Result<String, StatusError> {
+    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        return Err(StatusError::NotAJob(id.to_owned()));
+    }
+    let addr = admin_address(admin, config)?;
     let unreachable = |source| StatusError::Unreachable { addr, source };
     let response = admin_client()
         .map_err(unreachable)?
@@ -65,7 +104,13 @@ pub async fn retry(addr: SocketAddr, id: &str) -> Result<(bool, String), StatusE
         .await
         .map_err(unreachable)?;
     let accepted = response.status().is_success();
-    Ok((accepted, response.text().await.map_err(unreachable)?))
+    let answer = response.text().await.map_err(unreachable)?;
+    let answer = Escaped(answer.trim_end()).to_string();
+    if accepted {
+        Ok(answer)
+    } else {
+        Err(StatusError::Declined(answer))
+    }
 }
 
 /// Renders the status as a table for a person at a terminal.

@@ -11,6 +11,7 @@
 //! renames it only after the last chunk authenticated, so nothing is committed from a
 //! container that fails.
 
+pub mod cli;
 pub mod header;
 pub mod keys;
 pub mod parallel;

@@ -11,6 +11,7 @@
 //! [`store`] (the one module that reaches the database), whose finished records
 //! [`retention`] forgets; [`serve`] starts and stops every task in order.
 
+pub mod cli;
 pub mod inbound;
 pub mod jobs;
 pub mod outbound;

@@ -254,6 +254,12 @@ fn build(
         excluded,
         labelled,
     } = collect(&files, options, &scratch.0, &mut report)?;
+    if catalog.count() == 0 && excluded.is_empty() {
+        return Err(PdiError::NoInstances {
+            inputs: inputs.len(),
+            skipped: report.skipped.len(),
+        });
+    }
     report.excluded = excluded.len();
     report.instances = catalog.count();
     report.labelled = labelled.len();

@@ -16,6 +16,7 @@
 
 mod build;
 mod catalog;
+pub mod cli;
 pub mod dicomdir;
 pub mod element;
 mod fileset;
@@ -66,6 +67,17 @@ pub enum PdiError {
     /// An input changed between hashing and copying.
     #[error("{0} changed while the file set was written; build again")]
     Changed(PathBuf),
+    /// The inputs hold no DICOM instance, so there is nothing to hand over.
+    #[error(
+        "no DICOM instance in the {inputs} input(s) given ({skipped} file(s) skipped as not \
+         DICOM): nothing to put in a file set; give the files or folders of the study"
+    )]
+    NoInstances {
+        /// Files or folders given.
+        inputs: usize,
+        /// Files found that are not DICOM.
+        skipped: usize,
+    },
     /// An option is invalid.
     #[error("{0}")]
     Invalid(String),

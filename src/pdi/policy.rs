@@ -23,6 +23,33 @@ pub enum AiAction {
     Label,
 }
 
+impl std::str::FromStr for AiAction {
+    type Err = String;
+
+    /// The words of the configuration file and of `--ai-action`.
+    fn from_str(text: &str) -> Result<AiAction, String> {
+        match text.trim() {
+            "include" => Ok(AiAction::Include),
+            "exclude" => Ok(AiAction::Exclude),
+            "label" => Ok(AiAction::Label),
+            other => Err(format!(
+                "{other:?} is not an AI support-image action: use include, exclude or label"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for AiAction {
+    /// The word [`str::parse`] reads back, so defaults print as they are typed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AiAction::Include => "include",
+            AiAction::Exclude => "exclude",
+            AiAction::Label => "label",
+        })
+    }
+}
+
 /// One rule: every field that is set must match (fields of one rule are AND-ed; rules are
 /// OR-ed). Text patterns are case-insensitive globs (`*` any text, `?` one character).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -234,19 +261,29 @@ pub fn glob(pattern: &str, text: &str) -> bool {
     p[pi..].iter().all(|c| *c == '*')
 }
 
-/// Parses a CLI rule `key=value,key=value` (keys as in the configuration; a private tag
-/// is written `ggggeeee` there).
+/// Parses a CLI rule `key=value,key=value` (keys as in the configuration). A value may
+/// hold commas: text after a comma that is not `key=` continues the value before it, so
+/// `private_tag=0029,1001,private_creator=ACME` sets `private_tag` to `0029,1001`.
 ///
 /// # Errors
-/// A message naming the unknown key or the missing `=`.
+/// A message naming the unknown key or the text without a `key=`.
 pub fn parse_rule(text: &str) -> Result<AiRule, String> {
+    let mut pairs: Vec<(&str, String)> = Vec::new();
+    for part in text.split(',') {
+        match (part.split_once('='), pairs.last_mut()) {
+            (Some((key, value)), _) => pairs.push((key.trim(), value.to_owned())),
+            (None, Some((_, value))) => {
+                value.push(',');
+                value.push_str(part);
+            }
+            (None, None) if part.trim().is_empty() => {}
+            (None, None) => return Err(format!("{part:?}: expected key=value")),
+        }
+    }
     let mut rule = AiRule::default();
-    for part in text.split(',').filter(|p| !p.trim().is_empty()) {
-        let (key, value) = part
-            .split_once('=')
-            .ok_or_else(|| format!("{part:?}: expected key=value"))?;
-        let value = Some(value.trim().to_owned());
-        match key.trim() {
+    for (key, value) in pairs {
+        let value = Some(value.trim().trim_end_matches(',').trim().to_owned());
+        match key {
             "sop_class" => rule.sop_class = value,
             "image_type" => rule.image_type = value,
             "manufacturer" => rule.manufacturer = value,
@@ -277,6 +314,27 @@ mod tests {
         assert!(glob("CT?", "ct1"));
         assert!(!glob("* AI *", "PAIN"));
         assert!(glob("", ""));
+    }
+
+    #[test]
+    fn a_rule_value_may_hold_commas() {
+        let rule = parse_rule("private_tag=0029,1001,private_creator=ACME AI, private_value=X*")
+            .expect("the gggg,eeee form");
+        assert_eq!(rule.private_tag.as_deref(), Some("0029,1001"));
+        assert_eq!(rule.private_creator.as_deref(), Some("ACME AI"));
+        assert_eq!(rule.private_value.as_deref(), Some("X*"));
+        let rule = parse_rule("series_description=CT, AI result,").expect("comma in a pattern");
+        assert_eq!(rule.series_description.as_deref(), Some("CT, AI result"));
+        assert!(parse_rule("0029,1001").is_err());
+        assert!(parse_rule("manufacturer=A,colour=red").is_err());
+    }
+
+    #[test]
+    fn actions_read_and_print_as_typed() {
+        for action in [AiAction::Include, AiAction::Exclude, AiAction::Label] {
+            assert_eq!(action.to_string().parse::<AiAction>(), Ok(action));
+        }
+        assert!("Label!".parse::<AiAction>().is_err());
     }
 
     #[test]

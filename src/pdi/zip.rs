@@ -381,7 +381,8 @@ pub fn extract(zip: &Path, dest: &Path, limits: Limits) -> Result<Extracted, Zip
 }
 
 fn extract_into(zip: &Path, dest: &Path, limits: Limits) -> Result<Extracted, ZipError> {
-    let mut file = File::open(zip)?;
+    let mut file = File::open(zip)
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot open {}: {e}", zip.display())))?;
     let entries = central_directory(&mut file, limits)?;
     let mut done = Extracted::default();
     for entry in &entries {

@@ -1,16 +1,24 @@
-//! `cloudpdi repository upload|download`: the client for an operator, with a progress bar.
+//! `cloudpdi repository serve|upload|download|status|revoke`: the server's start-up and
+//! the client for an operator, with a progress bar.
 //!
 //! An upload takes a token made beforehand (`cloudpdi token new` with any document ID):
 //! the token's expiry and download proof go into the create call, and the token is
 //! written again with the document ID the repository assigned.
 
+use std::fmt::Write;
+use std::net::SocketAddr;
 use std::path::Path;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::repository::api::NewDocument;
+use crate::repository::api::{DocumentStatus, NewDocument};
 use crate::repository::client::{Client, ClientError, ClientOptions};
+use crate::repository::config::RepositoryConfig;
+use crate::telemetry::escape;
 use crate::token::Token;
+
+/// The environment variable holding the facility API key when no key file is given.
+pub const API_KEY_ENV: &str = "CLOUDPDI_REPOSITORY_API_KEY";
 
 /// Why an operator command failed.
 #[derive(Debug, thiserror::Error)]
@@ -19,6 +27,20 @@ pub enum CliError {
     /// The repository call failed.
     #[error(transparent)]
     Client(#[from] ClientError),
+    /// Neither a key file nor the variable gives the facility API key.
+    #[error("no facility API key: give --api-key-file or set {API_KEY_ENV}")]
+    NoApiKey,
+    /// The server cannot listen on its address.
+    #[error("cannot listen on {addr}: {source} (is another program using this port?)")]
+    Listen {
+        /// The configured address (`server.listen`).
+        addr: SocketAddr,
+        /// What the system reported.
+        source: std::io::Error,
+    },
+    /// The server stopped with an error.
+    #[error(transparent)]
+    Server(#[from] crate::repository::server::ServerError),
     /// A local file could not be used.
     #[error("{path}: {source}")]
     File {
@@ -30,6 +52,100 @@ pub enum CliError {
     /// The token could not be rewritten.
     #[error(transparent)]
     Token(#[from] crate::token::cli::CliError),
+}
+
+/// Runs the repository service on `config.server.listen` until `shutdown` completes,
+/// telling systemd it is ready once it listens.
+///
+/// # Errors
+/// [`CliError::Listen`] when the address is taken, [`CliError::Server`].
+pub async fn serve(
+    config: RepositoryConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), CliError> {
+    let addr = config.server.listen;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| CliError::Listen { addr, source })?;
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    crate::repository::server::run(config, listener, shutdown).await?;
+    Ok(())
+}
+
+/// The facility API key: the first line of `file`, else [`API_KEY_ENV`].
+///
+/// # Errors
+/// [`CliError::File`] when the file cannot be read, [`CliError::NoApiKey`] without both.
+pub fn api_key(file: Option<&Path>) -> Result<String, CliError> {
+    let key = match file {
+        Some(path) => std::fs::read_to_string(path).map_err(|source| CliError::File {
+            path: path.display().to_string(),
+            source,
+        })?,
+        None => std::env::var(API_KEY_ENV).map_err(|_| CliError::NoApiKey)?,
+    };
+    Ok(key.trim().to_owned())
+}
+
+/// The sender's view of a document (`cloudpdi repository status`).
+///
+/// # Errors
+/// [`CliError::Client`]: unreachable, unknown document, wrong key.
+pub async fn status(
+    url: &str,
+    api_key: String,
+    document_id: &str,
+) -> Result<DocumentStatus, CliError> {
+    let client = Client::new(url, Some(api_key), ClientOptions::default())?;
+    Ok(client.status(document_id).await?)
+}
+
+/// Revokes a document: its content is deleted and its token opens nothing any more
+/// (`cloudpdi repository revoke`). Returns the document's state after.
+///
+/// # Errors
+/// [`CliError::Client`]: unreachable, unknown document, wrong key.
+pub async fn revoke(
+    url: &str,
+    api_key: String,
+    document_id: &str,
+) -> Result<DocumentStatus, CliError> {
+    let client = Client::new(url, Some(api_key), ClientOptions::default())?;
+    Ok(client.revoke(document_id).await?)
+}
+
+/// A document's state for a person: state, size, expiry, downloads, receipts.
+pub fn describe_status(status: &DocumentStatus) -> String {
+    let state = serde_json::to_value(status.state)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default();
+    let mut out = format!(
+        "document:  {}\nstate:     {state}\nsize:      {} bytes ({} of {} parts held)\n\
+         expires:   {} (UTC)\ndownloads: {} of {}\n",
+        escape(&status.document_id),
+        status.size,
+        status.parts_held.len(),
+        status.size.div_ceil(status.part_size.max(1)),
+        crate::clock::date(status.expires_at),
+        status.downloads,
+        status.max_downloads,
+    );
+    for receipt in &status.receipts {
+        let _ = writeln!(
+            out,
+            "receipt:   {} (UTC): {} imported, {} refused{}",
+            crate::clock::date(receipt.received_at),
+            receipt.receipt.instances_imported,
+            receipt.receipt.instances_refused,
+            if receipt.receipt.note.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", escape(&receipt.receipt.note))
+            }
+        );
+    }
+    out
 }
 
 fn bar(len: u64, verb: &str) -> ProgressBar {

@@ -5,6 +5,10 @@
 //! `CLOUDPDI_REPO_SERVER__LISTEN=0.0.0.0:8443` or `CLOUDPDI_REPO_STORAGE__BUCKET=pdi`.
 //! S3 credentials come from the usual `AWS_*` variables (or the `storage` keys set through
 //! the environment), never from this file.
+//!
+//! `cloudpdi repository serve` finds the file in this order: `--config`, the
+//! `CLOUDPDI_REPO_CONFIG` variable, `conf/repository.toml` when it exists (a checkout),
+//! else `/etc/cloudpdi/repository.toml`; see [`default_path`].
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -14,6 +18,16 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::config::LogConfig;
+
+/// The environment variable naming the repository's configuration file.
+pub const CONFIG_ENV: &str = "CLOUDPDI_REPO_CONFIG";
+
+/// The repository's configuration file when neither `--config` nor [`CONFIG_ENV`] names
+/// one: `conf/repository.toml` when it exists (a checkout), else
+/// `/etc/cloudpdi/repository.toml` (`systemd/cloudpdi-repository.service`).
+pub fn default_path() -> PathBuf {
+    crate::config::first_existing("conf/repository.toml", "/etc/cloudpdi/repository.toml")
+}
 
 /// Why the repository configuration cannot be used; the message names the key to fix.
 #[derive(Debug, thiserror::Error)]
@@ -250,13 +264,16 @@ impl RepositoryConfig {
     /// # Errors
     /// [`RepositoryConfigError`] naming the file, the key, or the value to fix.
     pub fn load(path: &Path) -> Result<RepositoryConfig, RepositoryConfigError> {
+        let variables = crate::config::overrides("CLOUDPDI_REPO_", &[])
+            .map_err(RepositoryConfigError::Invalid)?;
         let config: RepositoryConfig = config::Config::builder()
             .add_source(config::File::from(path).format(config::FileFormat::Toml))
             .add_source(
                 config::Environment::with_prefix("CLOUDPDI_REPO")
                     .prefix_separator("_")
                     .separator("__")
-                    .try_parsing(true),
+                    .try_parsing(true)
+                    .source(Some(variables)),
             )
             .build()
             .and_then(config::Config::try_deserialize)
@@ -378,6 +395,11 @@ mod tests {
         )))
         .expect("conf/repository.toml");
         assert_eq!(config.server.part_size(), 8 << 20);
+        // Every section shows the defaults: the file says what the code does.
+        assert_eq!(
+            format!("{config:#?}"),
+            format!("{:#?}", RepositoryConfig::default())
+        );
     }
 
     #[test]

@@ -18,6 +18,18 @@ pub enum CliError {
     /// The token itself is wrong.
     #[error(transparent)]
     Token(#[from] TokenError),
+    /// The expiry asked for is past what a token can carry.
+    #[error(
+        "an expiry {days} days from now is past 2106, the latest a token can carry; give \
+         fewer days"
+    )]
+    Expiry {
+        /// The days asked for.
+        days: u32,
+    },
+    /// The slip could not be rendered or written.
+    #[error(transparent)]
+    Slip(#[from] super::slip::SlipError),
     /// The token file cannot be read or written.
     #[error("token file {path}: {source}")]
     File {
@@ -26,6 +38,68 @@ pub enum CliError {
         /// The I/O error.
         source: std::io::Error,
     },
+}
+
+/// Issues a token with a fresh random secret that expires `expires_in_days` from now
+/// (`cloudpdi token new`).
+///
+/// # Errors
+/// [`CliError::Token`] for an invalid field, [`CliError::Expiry`] past 2106.
+pub fn issue(
+    repository: &str,
+    document_id: &str,
+    facility: &str,
+    summary: &str,
+    expires_in_days: u32,
+) -> Result<Token, CliError> {
+    let expires = crate::clock::now_seconds()
+        .checked_add(u64::from(expires_in_days) * 86_400)
+        .and_then(|t| u32::try_from(t).ok())
+        .ok_or(CliError::Expiry {
+            days: expires_in_days,
+        })?;
+    Ok(Token::issue(
+        repository,
+        document_id,
+        expires,
+        facility,
+        summary,
+    )?)
+}
+
+/// What a slip shows besides the token (`cloudpdi token slip`); a field left out is
+/// taken from the token.
+#[derive(Debug, Clone, Default)]
+pub struct SlipText {
+    /// Facility name as patients know it (default: the token's issuer code).
+    pub facility_name: Option<String>,
+    /// How to reach the facility.
+    pub contact: Option<String>,
+    /// Patient name, printed only (never in the QR code).
+    pub patient_name: Option<String>,
+    /// Description of the content (default: the token's summary).
+    pub content: Option<String>,
+}
+
+/// Renders the slip for `token` into `out`, in the format its extension names.
+///
+/// # Errors
+/// [`CliError::Slip`]: an unknown extension, a field too long, a failed write.
+pub fn write_slip(token: &Token, text: SlipText, out: &Path) -> Result<(), CliError> {
+    use super::slip::{SlipDetails, SlipError, SlipFormat, render};
+    let format = SlipFormat::from_path(out).ok_or(SlipError::Format)?;
+    let details = SlipDetails {
+        facility_name: text.facility_name.unwrap_or_else(|| token.issuer.clone()),
+        facility_contact: text.contact,
+        patient_name: text.patient_name,
+        content: text.content.unwrap_or_else(|| token.summary.clone()),
+    };
+    Ok(render(token, &details, format, out)?)
+}
+
+/// A description of a token for a person (`cloudpdi token inspect`), as of now.
+pub fn describe_now(token: &Token, show_secret: bool) -> String {
+    describe(token, crate::clock::now_seconds(), show_secret)
 }
 
 /// Reads a token given as text or as `@FILE` (preferred: a token on the command line is

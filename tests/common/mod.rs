@@ -477,7 +477,7 @@ pub fn isolated(test: &str) -> bool {
     if std::env::var_os("INSIDE_TEST_NETNS").is_some() {
         return true;
     }
-    let status = Command::new(require("/usr/bin/unshare"))
+    let out = Command::new(require("/usr/bin/unshare"))
         .args([
             "--net",
             "--mount",
@@ -488,13 +488,36 @@ pub fn isolated(test: &str) -> bool {
         .arg(std::env::current_exe().unwrap())
         .args(["--exact", test, "--nocapture", "--test-threads=1"])
         .env("INSIDE_TEST_NETNS", "1")
-        .status()
+        .stdout(Stdio::piped())
+        .output()
         .expect("run the test in a network namespace");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    print!("{stdout}");
     assert!(
-        status.success(),
+        out.status.success(),
         "{test} failed inside its network namespace"
     );
+    assert_eq!(
+        tests_run(&stdout),
+        Some(1),
+        "the inner run of {test} did not run exactly that test (renamed, or not given by \
+         its full path?): pass isolated() the test's name as `cargo test -- --list` shows it"
+    );
     false
+}
+
+/// How many tests a libtest run ran, from its summary line (`test result: ok. 1 passed;
+/// 0 failed; 0 ignored; ...`): passed plus failed. `None` without a summary line.
+pub fn tests_run(stdout: &str) -> Option<u64> {
+    let summary = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("test result:"))?;
+    let count = |word: &str| -> Option<u64> {
+        let before = summary.split(&format!(" {word}")).next()?;
+        before.rsplit([' ', '.']).next()?.trim().parse().ok()
+    };
+    Some(count("passed")? + count("failed")?)
 }
 
 /// Orthanc, the durable PACS peer, on 127.0.0.1:8042 (REST) and :4242 (DICOM, AE

@@ -13,6 +13,7 @@
 //!
 //! The token itself stays only in the job folder (mode 0600) while the job runs.
 
+pub mod import;
 pub mod reconcile;
 pub mod watch;
 
@@ -30,7 +31,7 @@ use crate::clock::now_ms;
 use crate::config::{Config, InboundConfig, PatientIdMode};
 use crate::dicom::scu::{Instance, Outcome, StoreTarget, store_all};
 use crate::durable;
-use crate::gateway::inbound::reconcile::{PatientIdPolicy, Reconciler};
+use crate::gateway::inbound::reconcile::PatientIdPolicy;
 use crate::gateway::jobs::{JobRecord, JobSummary, Pipeline, Progress, StepError, state_name};
 use crate::gateway::outbound::blocking;
 use crate::gateway::store::{IndexError, JobStore, Store};
@@ -456,20 +457,7 @@ impl Inbound {
             (None, PatientIdMode::Prefix) => PatientIdPolicy::Prefix(format!("{}-", job.issuer)),
             (None, PatientIdMode::Keep) => PatientIdPolicy::Keep,
         };
-        StoreTarget {
-            address: inbound.pacs.clone(),
-            called_ae: inbound.pacs_ae_title.clone(),
-            calling_ae: inbound.calling_ae_title.clone(),
-            associations: inbound.associations,
-            max_pdu_length: 131_072,
-            timeout: Duration::from_secs(30),
-            max_attempts: inbound.attempts,
-            backoff: Duration::from_millis(500),
-            reconcile: Some(Reconciler {
-                policy,
-                local_issuer: inbound.issuer.clone(),
-            }),
-        }
+        import::store_target(inbound, policy)
     }
 }
 
