@@ -48,6 +48,15 @@ impl StepError {
     pub fn permanent(e: impl std::fmt::Display) -> StepError {
         StepError::Permanent(e.to_string())
     }
+
+    /// A local file or folder that cannot be used (full disk, permissions): an admin fixes
+    /// it, then the step is retried. The message names the file and what was being done.
+    pub fn file(action: &str, path: &std::path::Path, e: &std::io::Error) -> StepError {
+        StepError::Transient(format!(
+            "cannot {action} {}: {e}",
+            crate::telemetry::escape(&path.display().to_string())
+        ))
+    }
 }
 
 impl From<crate::container::ContainerError> for StepError {
@@ -72,13 +81,6 @@ impl From<crate::pdi::PdiError> for StepError {
             }
             _ => StepError::Permanent(e.to_string()),
         }
-    }
-}
-
-impl From<std::io::Error> for StepError {
-    /// Local I/O errors (full disk, permissions) are fixed by an admin, then retried.
-    fn from(e: std::io::Error) -> Self {
-        StepError::Transient(format!("local file error: {e}"))
     }
 }
 

@@ -286,7 +286,9 @@ impl Inbound {
     }
 
     fn token(dir: &Workdir) -> Result<Token, StepError> {
-        let text = zeroize::Zeroizing::new(std::fs::read_to_string(dir.token())?);
+        let text = std::fs::read_to_string(dir.token())
+            .map_err(|e| StepError::file("read the token in", &dir.token(), &e))?;
+        let text = zeroize::Zeroizing::new(text);
         Token::from_text(text.trim()).map_err(StepError::permanent)
     }
 
@@ -310,8 +312,9 @@ impl Inbound {
                         |_| {},
                     )
                     .await?;
-                std::fs::rename(dir.partial(), dir.container())?;
-                durable::sync_dir(&dir.0)?;
+                std::fs::rename(dir.partial(), dir.container())
+                    .map_err(|e| StepError::file("rename the download", &dir.partial(), &e))?;
+                durable::sync_dir(&dir.0).map_err(|e| StepError::file("flush", &dir.0, &e))?;
                 Ok(InStep::Open)
             }
             InStep::Open => {
@@ -324,7 +327,7 @@ impl Inbound {
                         &dir.pdi_zip(),
                         limits,
                     )?;
-                    durable::sync_dir(&dir.0)?;
+                    durable::sync_dir(&dir.0).map_err(|e| StepError::file("flush", &dir.0, &e))?;
                     Ok(())
                 })
                 .await?;
@@ -333,13 +336,15 @@ impl Inbound {
             InStep::Unpack => {
                 let max_bytes = self.config.inbound.max_document_bytes();
                 let count = blocking(move || {
-                    durable::remove_dir_all(&dir.pdi())?;
+                    durable::remove_dir_all(&dir.pdi())
+                        .map_err(|e| StepError::file("remove", &dir.pdi(), &e))?;
                     unpack(&dir.pdi_zip(), &dir.pdi(), max_bytes)?;
                     let summary = crate::pdi::verify(&dir.pdi())?;
                     // One flush of the file system for every extracted file and folder,
                     // before Import is recorded (a file each would be hundreds of fsyncs).
-                    rustix::fs::syncfs(std::fs::File::open(dir.pdi())?)
-                        .map_err(std::io::Error::from)?;
+                    std::fs::File::open(dir.pdi())
+                        .and_then(|f| rustix::fs::syncfs(f).map_err(std::io::Error::from))
+                        .map_err(|e| StepError::file("flush", &dir.pdi(), &e))?;
                     let _ = std::fs::remove_file(dir.container());
                     Ok(summary.instances)
                 })
@@ -391,7 +396,7 @@ impl Inbound {
         let mut stored: HashSet<String> = match std::fs::read_to_string(dir.stored()) {
             Ok(text) => text.lines().map(str::to_owned).collect(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => HashSet::new(),
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(StepError::file("read", &dir.stored(), &e)),
         };
         let mut instances = instances;
         instances.retain(|i| !stored.contains(&i.sop_instance_uid));
@@ -410,7 +415,8 @@ impl Inbound {
             let mut list: Vec<&String> = stored.iter().collect();
             list.sort();
             let text: String = list.iter().map(|uid| format!("{uid}\n")).collect();
-            durable::write(&dir.stored(), text.as_bytes(), 0o600)?;
+            durable::write(&dir.stored(), text.as_bytes(), 0o600)
+                .map_err(|e| StepError::file("write", &dir.stored(), &e))?;
             return Err(StepError::transient(format!(
                 "the PACS at {} did not take {unreachable} of {total} instances (unreachable \
                  or out of resources); {} are stored and will not be sent again",
@@ -423,8 +429,10 @@ impl Inbound {
         for (instance, outcome) in &results {
             if let Outcome::Refused { reason, .. } = outcome {
                 let file = set_aside_dir.join(format!("{}.dcm", job.set_aside.len() + 1));
-                std::fs::create_dir_all(&set_aside_dir)?;
-                keep_aside(&instance.path, &file)?;
+                std::fs::create_dir_all(&set_aside_dir)
+                    .map_err(|e| StepError::file("create", &set_aside_dir, &e))?;
+                keep_aside(&instance.path, &file)
+                    .map_err(|e| StepError::file("set aside", &instance.path, &e))?;
                 warn!(job = %job.id, sop_instance = %instance.sop_instance_uid, "instance set aside: {reason}");
                 job.set_aside.push(SetAside {
                     sop_instance_uid: instance.sop_instance_uid.clone(),
@@ -434,9 +442,10 @@ impl Inbound {
             }
         }
         if !job.set_aside.is_empty() {
-            durable::sync_dir(&set_aside_dir)?;
+            durable::sync_dir(&set_aside_dir)
+                .map_err(|e| StepError::file("flush", &set_aside_dir, &e))?;
             if let Some(parent) = set_aside_dir.parent() {
-                durable::sync_dir(parent)?;
+                durable::sync_dir(parent).map_err(|e| StepError::file("flush", parent, &e))?;
             }
         }
         job.stored = total - job.set_aside.len() as u64;
@@ -622,7 +631,8 @@ fn unpack(zip: &Path, dest: &Path, max_bytes: u64) -> Result<(), StepError> {
     let (free, reserve) = crate::repository::client::disk_room(
         parent,
         crate::repository::client::DEFAULT_DISK_RESERVE_BYTES,
-    )?;
+    )
+    .map_err(|e| StepError::file("measure the free space of", parent, &e))?;
     if declared.bytes.saturating_add(reserve) > free {
         return Err(StepError::transient(format!(
             "No space left to extract the PDI: {} bytes needed in {}, {free} free \
@@ -652,7 +662,7 @@ pub async fn receive_to_folder(
         .check_not_expired(now_ms() / 1000)
         .map_err(StepError::permanent)?;
     let work = Workdir(out.with_extension("cloudpdi-download"));
-    private_dir(&work.0)?;
+    private_dir(&work.0).map_err(|e| StepError::file("create", &work.0, &e))?;
     let download = client(token, inbound)?
         .download_to(
             &token.document_id,
@@ -684,7 +694,7 @@ pub async fn receive_to_folder(
     // A partial download is kept to be resumed by the next run; after a refusal or once
     // done, nothing is.
     if !matches!(result, Err(StepError::Transient(_))) || !work.partial().exists() {
-        durable::remove_dir_all(&work.0)?;
+        durable::remove_dir_all(&work.0).map_err(|e| StepError::file("remove", &work.0, &e))?;
     }
     result
 }

@@ -262,14 +262,15 @@ impl Sender {
             scratch: Some(dir.0.clone()),
             ..BuildOptions::default()
         };
-        std::fs::create_dir_all(&dir.0)?;
-        durable::create(&dir.pdi(), 0o600, |file| {
-            Ok(pdi::build_zip(
-                instances,
-                &options,
-                std::io::BufWriter::new(file),
-            )?)
-        })
+        std::fs::create_dir_all(&dir.0).map_err(|e| StepError::file("create", &dir.0, &e))?;
+        let path = dir.pdi();
+        let mut pending = durable::Pending::beside(&path, 0o600)
+            .map_err(|e| StepError::file("create a file beside", &path, &e))?;
+        let report = pdi::build_zip(instances, &options, std::io::BufWriter::new(pending.file()))?;
+        pending
+            .commit(&path)
+            .map_err(|e| StepError::file("write", &path, &e))?;
+        Ok(report)
     }
 
     /// The job's secret: created once, then read back on every later attempt.
@@ -287,10 +288,11 @@ impl Sender {
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let secret = Secret::generate().map_err(StepError::transient)?;
-                durable::write(&path, secret.to_bytes().as_slice(), 0o600)?;
+                durable::write(&path, secret.to_bytes().as_slice(), 0o600)
+                    .map_err(|e| StepError::file("write", &path, &e))?;
                 Ok(secret)
             }
-            Err(e) => Err(e.into()),
+            Err(e) => Err(StepError::file("read", &path, &e)),
         }
     }
 
@@ -305,14 +307,23 @@ impl Sender {
             },
             ..Options::default()
         };
-        let input = std::io::BufReader::new(std::fs::File::open(dir.pdi())?);
-        durable::create(&dir.container(), 0o600, |file| {
-            let output = std::io::BufWriter::new(&mut *file);
-            container::encrypt(&secret.container_key(), &options, input, output)?
-                .into_inner()
-                .map_err(|e| StepError::transient(e.error()))?;
-            Ok(file.metadata()?.len())
-        })
+        let input =
+            std::fs::File::open(dir.pdi()).map_err(|e| StepError::file("open", &dir.pdi(), &e))?;
+        let path = dir.container();
+        let file_error = |e: std::io::Error| StepError::file("write", &path, &e);
+        let mut pending = durable::Pending::beside(&path, 0o600).map_err(file_error)?;
+        let output = std::io::BufWriter::new(pending.file());
+        container::encrypt(
+            &secret.container_key(),
+            &options,
+            std::io::BufReader::new(input),
+            output,
+        )?
+        .into_inner()
+        .map_err(|e| file_error(e.into_error()))?;
+        let bytes = pending.file().metadata().map_err(file_error)?.len();
+        pending.commit(&path).map_err(file_error)?;
+        Ok(bytes)
     }
 
     /// Registers the document (once) and uploads the container, resuming.
@@ -376,7 +387,8 @@ impl Sender {
         .map_err(StepError::permanent)?;
         let folder = self.config.token_dir(&job.route);
         let token_file = folder.join(format!("{}.token", job.id));
-        durable::write(&token_file, token.to_line().as_bytes(), 0o600)?;
+        durable::write(&token_file, token.to_line().as_bytes(), 0o600)
+            .map_err(|e| StepError::file("write", &token_file, &e))?;
         let slip_file = folder.join(format!("{}.{}", job.id, route.slip));
         let details = SlipDetails {
             facility_name: self.config.facility.name.clone(),
@@ -548,7 +560,8 @@ impl Outbound {
                 Ok(OutStep::Deliver)
             }
             OutStep::Deliver => {
-                durable::remove_dir_all(&dir.0)?;
+                durable::remove_dir_all(&dir.0)
+                    .map_err(|e| StepError::file("remove", &dir.0, &e))?;
                 self.deliver(job).await?;
                 Ok(OutStep::Done)
             }
@@ -728,6 +741,6 @@ pub async fn send_files(
     let dir = Workdir(workdir);
     sender.upload(&dir, &mut job, None, progress).await?;
     let token = sender.issue(&dir, &mut job)?;
-    durable::remove_dir_all(&dir.0)?;
+    durable::remove_dir_all(&dir.0).map_err(|e| StepError::file("remove", &dir.0, &e))?;
     Ok((token, job))
 }
