@@ -206,7 +206,17 @@ pub trait Pipeline: Send + Sync + 'static {
     type Job: JobRecord;
     /// Name in log lines (`outbound`, `inbound`).
     const NAME: &'static str;
-    /// The jobs that may run now (blocking: reads the database).
+    /// Before each scan: turns work that arrived since the last one into jobs and tidies
+    /// after finished ones (outbound: claims the batches that became stable, removes spooled
+    /// instances past their retention). Blocking: writes the database. Nothing by default.
+    ///
+    /// # Errors
+    /// [`IndexError`] when the index cannot be changed.
+    fn take_in(&self) -> Result<(), IndexError> {
+        Ok(())
+    }
+    /// The jobs that may run now: a query, it changes nothing (blocking: reads the
+    /// database).
     ///
     /// # Errors
     /// [`IndexError`] when the job store cannot be read.
@@ -391,7 +401,11 @@ pub async fn work<P: Pipeline>(
             () = cancel.cancelled() => break,
         }
         let scan = pipeline.clone();
-        let due = match tokio::task::spawn_blocking(move || scan.due()).await {
+        let due = tokio::task::spawn_blocking(move || {
+            scan.take_in()?;
+            scan.due()
+        });
+        let due = match due.await {
             Ok(Ok(due)) => due,
             Ok(Err(e)) => {
                 tracing::error!("{}: cannot read the job index: {e}", P::NAME);
@@ -452,6 +466,16 @@ pub struct JobSummary {
     /// Bookkeeping: times, attempts, last error.
     #[serde(flatten)]
     pub bookkeeping: Progress,
+}
+
+/// Runs a step's blocking work (files, hashing, sealing) off the async runtime; a worker
+/// thread that panicked is a transient failure of the step, retried.
+pub async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, StepError> + Send + 'static,
+) -> Result<T, StepError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .unwrap_or_else(|e| Err(StepError::transient(format!("worker thread failed: {e}"))))
 }
 
 #[cfg(test)]

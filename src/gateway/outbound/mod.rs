@@ -28,7 +28,9 @@ use crate::clock::now_ms;
 use crate::config::{Config, RouteConfig};
 use crate::container::{self, Compression, Options};
 use crate::durable;
-use crate::gateway::jobs::{JobRecord, JobSummary, Pipeline, Progress, StepError, state_name};
+use crate::gateway::jobs::{
+    JobRecord, JobSummary, Pipeline, Progress, StepError, blocking, state_name,
+};
 use crate::gateway::reception::batch::BatchId;
 use crate::gateway::reception::spool::Spool;
 use crate::gateway::store::{IndexError, JobStore};
@@ -603,8 +605,9 @@ impl Pipeline for Outbound {
     type Job = OutboundJob;
     const NAME: &'static str = "outbound";
 
-    /// Claims newly stable batches and returns the jobs that may run now.
-    fn due(&self) -> Result<Vec<OutboundJob>, IndexError> {
+    /// Claims newly stable batches as jobs, and removes the spooled instances of sent
+    /// batches once the route's retention has passed.
+    fn take_in(&self) -> Result<(), IndexError> {
         let index = self.spool.index();
         for id in index.ready()? {
             if let Some(batch) = index.claim(id)? {
@@ -615,16 +618,23 @@ impl Pipeline for Outbound {
             }
         }
         let now = now_ms();
-        let mut due = Vec::new();
         for mut job in self.jobs.active::<OutboundJob>()? {
-            match job.step {
-                OutStep::Done => self.expire_spool(&mut job, now)?,
-                OutStep::Failed => {}
-                _ if job.progress.due(now) => due.push(job),
-                _ => {}
+            if job.step == OutStep::Done {
+                self.expire_spool(&mut job, now)?;
             }
         }
-        Ok(due)
+        Ok(())
+    }
+
+    fn due(&self) -> Result<Vec<OutboundJob>, IndexError> {
+        let now = now_ms();
+        Ok(self
+            .jobs
+            .active::<OutboundJob>()?
+            .into_iter()
+            .filter(|job| !matches!(job.step, OutStep::Done | OutStep::Failed))
+            .filter(|job| job.progress.due(now))
+            .collect())
     }
 
     fn store(&self) -> &JobStore {
@@ -690,15 +700,6 @@ impl JobRecord for OutboundJob {
     fn prunable(&self, _now: u64) -> bool {
         self.step == OutStep::Done && !self.needs_pipeline()
     }
-}
-
-/// Runs blocking step work off the async runtime.
-pub(crate) async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T, StepError> + Send + 'static,
-) -> Result<T, StepError> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .unwrap_or_else(|e| Err(StepError::transient(format!("worker thread failed: {e}"))))
 }
 
 /// The outbound pipeline from the command line (`cloudpdi send`): pack, seal, upload and
