@@ -17,13 +17,15 @@ pub mod import;
 pub mod reconcile;
 pub mod watch;
 
+mod job;
+
+pub use job::{InStep, InboundJob, SetAside, job_id};
+
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
 use crate::admin::metrics::Metrics;
@@ -33,108 +35,11 @@ use crate::dicom::scu::{Instance, Outcome, StoreTarget, store_all};
 use crate::durable;
 use crate::gateway::inbound::reconcile::PatientIdPolicy;
 use crate::gateway::jobs::blocking;
-use crate::gateway::jobs::{JobRecord, JobSummary, Pipeline, Progress, StepError, state_name};
+use crate::gateway::jobs::{JobRecord, JobSummary, Pipeline, Progress, StepError};
 use crate::gateway::store::{IndexError, JobStore, Store};
 use crate::repository::api::Receipt;
 use crate::repository::client::{Client, ClientOptions};
 use crate::token::Token;
-
-/// Where an inbound job is; the step named is the next one to run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum InStep {
-    /// Download the container.
-    Download,
-    /// Decrypt and authenticate it.
-    Open,
-    /// Extract and verify the PDI.
-    Unpack,
-    /// C-STORE into the local PACS.
-    Import,
-    /// Send the receipt to the repository.
-    Receipt,
-    /// Finished.
-    Done,
-    /// Stopped for good; `last_error` says why.
-    Failed,
-}
-
-/// An instance the PACS refused for good.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SetAside {
-    /// SOP Instance UID.
-    pub sop_instance_uid: String,
-    /// Where the file was put.
-    pub file: PathBuf,
-    /// The PACS's reason.
-    pub reason: String,
-}
-
-/// The durable record of one inbound job. No secret: the token is in the job folder.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct InboundJob {
-    /// `R` + 12 hex digits of SHA-256(repository, document ID).
-    pub id: String,
-    /// The sending facility's code (from the token).
-    pub issuer: String,
-    /// The document ID (not secret: useless without the token's secret).
-    pub document_id: String,
-    /// The token's expiry (Unix seconds).
-    pub expires_at: u32,
-    /// A local Patient ID given with the token, if any.
-    pub local_patient_id: Option<String>,
-    /// The next step.
-    pub step: InStep,
-    /// Times, attempts, last error.
-    pub progress: Progress,
-    /// Instances listed by the PDI.
-    pub instances: u64,
-    /// Instances the PACS holds.
-    pub stored: u64,
-    /// Instances refused for good.
-    pub set_aside: Vec<SetAside>,
-}
-
-impl InboundJob {
-    /// The job as `cloudpdi status` lists it.
-    pub fn summary(&self) -> JobSummary {
-        JobSummary {
-            id: self.id.clone(),
-            direction: "inbound".into(),
-            state: state_name(self.step),
-            progress: format!(
-                "from {}: {} of {} stored, {} set aside",
-                self.issuer,
-                self.stored,
-                self.instances,
-                self.set_aside.len()
-            ),
-            notes: self
-                .set_aside
-                .iter()
-                .map(|s| {
-                    format!(
-                        "set aside {} in {}: {}",
-                        s.sop_instance_uid,
-                        s.file.display(),
-                        s.reason
-                    )
-                })
-                .collect(),
-            bookkeeping: self.progress.clone(),
-        }
-    }
-}
-
-/// The job id of a token: the same for every copy of it.
-pub fn job_id(token: &Token) -> String {
-    let digest = Sha256::new()
-        .chain_update(token.repository.as_bytes())
-        .chain_update([0])
-        .chain_update(token.document_id.as_bytes())
-        .finalize();
-    format!("R{}", &hex::encode(digest)[..12])
-}
 
 /// Files of one inbound job's working folder.
 struct Workdir(PathBuf);
@@ -518,42 +423,6 @@ impl Pipeline for Inbound {
             "this token's data crashed the importer; kept in {}",
             self.dir.join(&job.id).display()
         )
-    }
-}
-
-impl JobRecord for InboundJob {
-    type Step = InStep;
-
-    fn id(&self) -> &str {
-        &self.id
-    }
-
-    fn step(&self) -> InStep {
-        self.step
-    }
-
-    fn set_step(&mut self, next: InStep) {
-        self.step = next;
-    }
-
-    fn ended(&self) -> bool {
-        matches!(self.step, InStep::Done | InStep::Failed)
-    }
-
-    fn fail(&mut self, _at: InStep) {
-        self.step = InStep::Failed;
-    }
-
-    fn progress(&mut self) -> &mut Progress {
-        &mut self.progress
-    }
-
-    /// Done with no instance set aside, and its token expired: a pruned record cannot
-    /// let the same token be imported twice.
-    fn prunable(&self, now: u64) -> bool {
-        self.step == InStep::Done
-            && self.set_aside.is_empty()
-            && u64::from(self.expires_at) < now / 1000
     }
 }
 

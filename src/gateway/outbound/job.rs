@@ -1,0 +1,148 @@
+//! The outbound job record: the step a batch is at, and what earlier steps fixed
+//! (document ID, token and slip paths), so that a repeated step does the same again.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::gateway::jobs::{JobRecord, JobSummary, Progress, state_name};
+use crate::gateway::reception::batch::BatchId;
+
+/// Where an outbound job is; the step named is the next one to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutStep {
+    /// Build the PDI ZIP.
+    Pack,
+    /// Encrypt it.
+    Seal,
+    /// Register and upload the container.
+    Upload,
+    /// Write the token and the slip.
+    Issue,
+    /// Run the delivery command.
+    Deliver,
+    /// Finished.
+    Done,
+    /// Stopped for good; `last_error` says why.
+    Failed,
+}
+
+/// The durable record of one outbound job.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OutboundJob {
+    /// `B000042` for a batch of the daemon, `S20261125-083000` for `cloudpdi send`;
+    /// names the token file and the slip.
+    pub id: String,
+    /// The batch this job sends, if it came from the spool.
+    pub batch: Option<BatchId>,
+    /// The batch's route.
+    pub route: String,
+    /// The next step.
+    pub step: OutStep,
+    /// Times, attempts, last error.
+    pub progress: Progress,
+    /// Instances in the PDI.
+    pub instances: u64,
+    /// Instances left out by the AI-image policy.
+    pub excluded: u64,
+    /// Size of the sealed container.
+    pub container_bytes: u64,
+    /// Expiry of token and document (Unix seconds), fixed when the document is created.
+    pub expires_at: u32,
+    /// The repository's document ID, once assigned.
+    pub document_id: Option<String>,
+    /// The token file, once issued.
+    pub token_file: Option<PathBuf>,
+    /// The slip, once rendered.
+    pub slip_file: Option<PathBuf>,
+    /// Whether the spooled instances were removed after the retention period.
+    pub spool_removed: bool,
+    /// The step that failed for good, where `cloudpdi retry` starts again.
+    #[serde(default)]
+    pub failed_at: Option<OutStep>,
+    /// Base URL of the repository that holds `document_id` (what the token names).
+    #[serde(default)]
+    pub repository: Option<String>,
+}
+
+impl OutboundJob {
+    pub(super) fn new(id: String, batch: Option<BatchId>, route: &str) -> OutboundJob {
+        OutboundJob {
+            id,
+            batch,
+            route: route.to_owned(),
+            step: OutStep::Pack,
+            progress: Progress::new(),
+            instances: 0,
+            excluded: 0,
+            container_bytes: 0,
+            expires_at: 0,
+            document_id: None,
+            token_file: None,
+            slip_file: None,
+            spool_removed: false,
+            failed_at: None,
+            repository: None,
+        }
+    }
+
+    /// The job as `cloudpdi status` lists it.
+    pub fn summary(&self) -> JobSummary {
+        JobSummary {
+            id: self.id.clone(),
+            direction: "outbound".into(),
+            state: state_name(self.step),
+            progress: match self.step {
+                OutStep::Pack => format!("route {}", self.route),
+                _ => format!(
+                    "{} instances, {} excluded, {:.1} MB",
+                    self.instances,
+                    self.excluded,
+                    self.container_bytes as f64 / 1e6
+                ),
+            },
+            notes: Vec::new(),
+            bookkeeping: self.progress.clone(),
+        }
+    }
+}
+
+impl JobRecord for OutboundJob {
+    type Step = OutStep;
+
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn step(&self) -> OutStep {
+        self.step
+    }
+
+    fn set_step(&mut self, next: OutStep) {
+        self.step = next;
+    }
+
+    fn ended(&self) -> bool {
+        matches!(self.step, OutStep::Done | OutStep::Failed)
+    }
+
+    fn fail(&mut self, at: OutStep) {
+        self.failed_at = Some(at);
+        self.step = OutStep::Failed;
+    }
+
+    fn progress(&mut self) -> &mut Progress {
+        &mut self.progress
+    }
+
+    /// A sent batch's spooled instances still wait for their retention to pass.
+    fn needs_pipeline(&self) -> bool {
+        !self.ended() || (self.step == OutStep::Done && self.batch.is_some() && !self.spool_removed)
+    }
+
+    /// Done, and its spooled instances removed.
+    fn prunable(&self, _now: u64) -> bool {
+        self.step == OutStep::Done && !self.needs_pipeline()
+    }
+}

@@ -1,0 +1,278 @@
+//! The work of each outbound step (pack, seal, upload, issue), shared by the daemon's
+//! pipeline and `cloudpdi send`; the pipeline in `mod.rs` decides when each runs.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tracing::error;
+
+use crate::clock::now_ms;
+use crate::config::{Config, RouteConfig};
+use crate::container::{self, Compression, Options};
+use crate::durable;
+use crate::gateway::jobs::StepError;
+use crate::gateway::store::JobStore;
+use crate::pdi::{self, BuildOptions};
+use crate::repository::api::NewDocument;
+use crate::repository::client::{Client, ClientOptions};
+use crate::token::slip::{self, SlipDetails, SlipFormat};
+use crate::token::{SECRET_LEN, Secret, Token};
+
+use super::OutboundJob;
+
+/// Everything the outbound steps need, shared by the daemon and `cloudpdi send`.
+pub struct Sender {
+    /// The daemon's configuration (facility, routes, folders).
+    pub config: Arc<Config>,
+    /// Each route's repository, or why it cannot be used (that route's jobs fail with
+    /// the reason; the others go on).
+    links: BTreeMap<String, Result<Link, String>>,
+}
+
+/// A repository a route uploads to.
+struct Link {
+    client: Client,
+    /// Base URL written into tokens.
+    url: String,
+}
+
+impl Sender {
+    /// The sender of a configuration: for each route its repository (the route's own,
+    /// else `[repository]`) and this facility's API key there. A route whose key cannot be
+    /// read is logged and its jobs fail with the reason; the other routes work.
+    pub fn from_config(config: Arc<Config>) -> Sender {
+        let links = config
+            .routes
+            .iter()
+            .map(|(name, route)| {
+                let link = Self::link_of(&config, name, route);
+                if let Err(reason) = &link
+                    && config.outbound.enabled
+                {
+                    error!(route = %name, "{reason}");
+                }
+                (name.clone(), link)
+            })
+            .collect();
+        Sender { config, links }
+    }
+
+    fn link_of(config: &Config, name: &str, route: &RouteConfig) -> Result<Link, String> {
+        let (url, key_file) = config.repository_of(route);
+        let key = std::fs::read_to_string(&key_file).map_err(|e| {
+            format!(
+                "route {name}: cannot read the repository API key from {} ({e}): set \
+                 repository.api_key_file (or route.{name}.repository_api_key_file), restart \
+                 the daemon, then `cloudpdi retry` the failed jobs",
+                key_file.display()
+            )
+        })?;
+        let options = ClientOptions {
+            allow_plain_http: config.repository.allow_plain_http,
+            plain_http_key: "repository.allow_plain_http",
+            ..ClientOptions::default()
+        };
+        let client = Client::new(&url, Some(key.trim().to_owned()), options)
+            .map_err(|e| format!("route {name}: {e}"))?;
+        Ok(Link { client, url })
+    }
+
+    fn link(&self, route: &str) -> Result<&Link, StepError> {
+        match self.links.get(route) {
+            Some(Ok(link)) => Ok(link),
+            Some(Err(reason)) => Err(StepError::permanent(reason.clone())),
+            None => Err(gone(route)),
+        }
+    }
+}
+
+/// A job's route is no longer in the configuration.
+fn gone(route: &str) -> StepError {
+    StepError::permanent(format!(
+        "route {route} is no longer configured: add it back to send this batch"
+    ))
+}
+
+/// Files of one job's working folder.
+pub(super) struct Workdir(pub(super) PathBuf);
+
+impl Workdir {
+    pub(super) fn pdi(&self) -> PathBuf {
+        self.0.join("pdi.zip")
+    }
+    fn container(&self) -> PathBuf {
+        self.0.join("container")
+    }
+    fn secret(&self) -> PathBuf {
+        self.0.join("pending-token")
+    }
+}
+
+impl Sender {
+    pub(super) fn route_options(
+        &self,
+        route: &str,
+    ) -> Result<&crate::config::RouteConfig, StepError> {
+        self.config.routes.get(route).ok_or_else(|| gone(route))
+    }
+
+    /// Builds the PDI ZIP of `instances` into the job folder (blocking).
+    pub(super) fn pack(
+        &self,
+        dir: &Workdir,
+        route: &str,
+        instances: &[PathBuf],
+        attachments: &[PathBuf],
+    ) -> Result<pdi::BuildReport, StepError> {
+        let options = BuildOptions {
+            facility: self.config.facility.name.clone(),
+            attachments: attachments.to_vec(),
+            policy: self.route_options(route)?.ai_support.clone(),
+            // On the data disk with the job, not in a tmpfs /tmp; removed by the build,
+            // or with the job's folder after a crash.
+            scratch: Some(dir.0.clone()),
+            ..BuildOptions::default()
+        };
+        std::fs::create_dir_all(&dir.0).map_err(|e| StepError::file("create", &dir.0, &e))?;
+        let path = dir.pdi();
+        let mut pending = durable::Pending::beside(&path, 0o600)
+            .map_err(|e| StepError::file("create a file beside", &path, &e))?;
+        let report = pdi::build_zip(instances, &options, std::io::BufWriter::new(pending.file()))?;
+        pending
+            .commit(&path)
+            .map_err(|e| StepError::file("write", &path, &e))?;
+        Ok(report)
+    }
+
+    /// The job's secret: created once, then read back on every later attempt.
+    fn secret(dir: &Workdir) -> Result<Secret, StepError> {
+        let path = dir.secret();
+        match std::fs::read(&path).map(zeroize::Zeroizing::new) {
+            Ok(bytes) => {
+                let bytes: [u8; SECRET_LEN] = bytes.as_slice().try_into().map_err(|_| {
+                    StepError::permanent(format!(
+                        "{} is damaged; remove the job folder to start the batch again",
+                        path.display()
+                    ))
+                })?;
+                Ok(Secret::from_bytes(bytes))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let secret = Secret::generate().map_err(StepError::transient)?;
+                durable::write(&path, secret.to_bytes().as_slice(), 0o600)
+                    .map_err(|e| StepError::file("write", &path, &e))?;
+                Ok(secret)
+            }
+            Err(e) => Err(StepError::file("read", &path, &e)),
+        }
+    }
+
+    /// Encrypts the PDI into the container (blocking); returns its size.
+    pub(super) fn seal(&self, dir: &Workdir, compress: bool) -> Result<u64, StepError> {
+        let secret = Self::secret(dir)?;
+        let options = Options {
+            compression: if compress {
+                Compression::Zstd
+            } else {
+                Compression::None
+            },
+            ..Options::default()
+        };
+        let input =
+            std::fs::File::open(dir.pdi()).map_err(|e| StepError::file("open", &dir.pdi(), &e))?;
+        let path = dir.container();
+        let file_error = |e: std::io::Error| StepError::file("write", &path, &e);
+        let mut pending = durable::Pending::beside(&path, 0o600).map_err(file_error)?;
+        let output = std::io::BufWriter::new(pending.file());
+        container::encrypt(
+            &secret.container_key(),
+            &options,
+            std::io::BufReader::new(input),
+            output,
+        )?
+        .into_inner()
+        .map_err(|e| file_error(e.into_error()))?;
+        let bytes = pending.file().metadata().map_err(file_error)?.len();
+        pending.commit(&path).map_err(file_error)?;
+        Ok(bytes)
+    }
+
+    /// Registers the document (once) and uploads the container, resuming.
+    pub(super) async fn upload(
+        &self,
+        dir: &Workdir,
+        job: &mut OutboundJob,
+        store: Option<&JobStore>,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<(), StepError> {
+        let route = self.route_options(&job.route)?;
+        let link = self.link(&job.route)?;
+        if job.repository.as_deref() != Some(link.url.as_str()) {
+            // Created at a repository the route no longer uses: start a new document.
+            job.document_id = None;
+        }
+        if job.document_id.is_none() {
+            let secret = Self::secret(dir)?;
+            let expires = now_ms() / 1000 + u64::from(route.expires_in_days) * 86_400;
+            job.expires_at = u32::try_from(expires)
+                .map_err(|_| StepError::permanent("expiry beyond the year 2106"))?;
+            let request = NewDocument {
+                size: job.container_bytes,
+                expires_at: u64::from(job.expires_at),
+                max_downloads: route.max_downloads,
+                proof_hash: secret.download_proof().hash(),
+            };
+            let created = link.client.create(&request).await?;
+            job.document_id = Some(created.document_id);
+            job.repository = Some(link.url.clone());
+            if let Some(store) = store {
+                store.put(job)?;
+            }
+        }
+        let id = job.document_id.clone().unwrap_or_default();
+        link.client
+            .upload_file(&id, &dir.container(), progress)
+            .await
+            .map(drop)
+            .map_err(StepError::from)
+    }
+
+    /// Writes the token file and the slip (blocking); the same files on a repeat.
+    pub(super) fn issue(&self, dir: &Workdir, job: &mut OutboundJob) -> Result<Token, StepError> {
+        let route = self.route_options(&job.route)?;
+        let secret = Self::secret(dir)?;
+        let document_id = job.document_id.as_deref().unwrap_or_default();
+        let summary = format!("{} DICOM instances", job.instances);
+        let repository = match &job.repository {
+            Some(url) => url.clone(),
+            None => self.link(&job.route)?.url.clone(),
+        };
+        let token = Token::for_secret(
+            &repository,
+            document_id,
+            job.expires_at,
+            &self.config.facility.code,
+            &summary,
+            &secret,
+        )
+        .map_err(StepError::permanent)?;
+        let folder = self.config.token_dir(&job.route);
+        let token_file = folder.join(format!("{}.token", job.id));
+        durable::write(&token_file, token.to_line().as_bytes(), 0o600)
+            .map_err(|e| StepError::file("write", &token_file, &e))?;
+        let slip_file = folder.join(format!("{}.{}", job.id, route.slip));
+        let details = SlipDetails {
+            facility_name: self.config.facility.name.clone(),
+            content: summary,
+            ..SlipDetails::default()
+        };
+        let format = SlipFormat::from_path(&slip_file).ok_or_else(|| {
+            StepError::permanent(format!("route.{}.slip: unknown format", job.route))
+        })?;
+        slip::render(&token, &details, format, &slip_file).map_err(StepError::transient)?;
+        job.token_file = Some(token_file);
+        job.slip_file = Some(slip_file);
+        Ok(token)
+    }
+}
