@@ -2,9 +2,10 @@
 //!
 //! Hospitals hand studies to each other by token instead of CD (MHLW HS043 "Cloud-PDI").
 //! This crate is the whole system; the binary `cloudpdi` only parses arguments and calls
-//! the library.
+//! the `cli` module of the concept a command is about ([`pdi::cli`], [`token::cli`],
+//! [`container::cli`], [`repository::cli`], [`gateway::cli`], [`admin::status`]).
 //!
-//! Where a study goes, in order (see docs/architecture.md for the map):
+//! Where a study goes, in order (docs/architecture.md has the map):
 //! 1. [`gateway::reception`]: the PACS sends a study to an AE title of a route; each
 //!    instance is spooled durably and batched per study until the route is quiet;
 //! 2. [`gateway::outbound`]: a stable batch is packed as a [`pdi`] file set, sealed in a
@@ -14,10 +15,12 @@
 //!    becomes a job: download, open, verify, reconcile the Patient ID, and C-STORE into
 //!    the local PACS with [`dicom::scu`].
 //!
-//! Both pipelines are durable [`gateway::jobs`]; [`gateway::serve`] is the daemon that
-//! runs them. [`admin`] answers `cloudpdi status`, health checks and Prometheus scrapes on
-//! loopback. [`config`] holds every setting and its default; [`telemetry`] sets up the
-//! logs; every file that must survive a crash is written by [`durable`].
+//! Both pipelines are durable [`gateway::jobs`] recorded in [`gateway::store`];
+//! [`gateway::serve`] is the daemon that runs them. [`admin`] answers `cloudpdi status`,
+//! health checks and Prometheus scrapes on loopback. Shared by all: [`config`] (every
+//! setting and its default), [`durable`] (every file that must survive a crash),
+//! [`clock`] (time as records and people read it), [`markup`] (HTML escaping) and
+//! [`telemetry`] (logs; text from outside is escaped).
 
 pub mod admin;
 pub mod clock;

@@ -1,16 +1,16 @@
 //! The repository's HTTP service (API v1, see [`crate::repository::api`]).
 //!
-//! Every answer that is not a success is a JSON error ([`refusal`]). A handler receives
-//! an authenticated caller from an extractor ([`authenticate`]): a facility, a facility
+//! Every answer that is not a success is a JSON error (`refusal.rs`). A handler receives
+//! an authenticated caller from an extractor (`authenticate.rs`): a facility, a facility
 //! and one of its documents, or a receiver that showed the download proof; refusals are
-//! audited and counted in one place ([`caller`]). A download or receipt that cannot be
+//! audited and counted in one place (`caller.rs`). A download or receipt that cannot be
 //! served (wrong proof, unknown document, expired, revoked, out of downloads) always
 //! answers `410 not_available`, so a guesser learns nothing; a client that keeps failing
 //! for a document is answered 429 for that document for a while. A receipt is accepted
-//! once per download. A background [`sweep`] deletes expired content.
+//! once per download. A background `sweep.rs` deletes expired content.
 //!
-//! The routes: [`documents`] (create, status, revoke), [`parts`] (upload, complete),
-//! [`download`] (with [`range`]), [`receipts`]; `/healthz` and `/metrics` ([`metrics`]).
+//! The routes: `documents.rs` (create, status, revoke), `parts.rs` (upload, complete),
+//! `download.rs` (with `range.rs`), `receipts.rs`; `/healthz` and `/metrics` (`metrics.rs`).
 
 mod authenticate;
 mod body;
