@@ -235,6 +235,14 @@ impl<W: Write> Encryptor<W> {
     }
 }
 
+/// Moves as much of `data` into `chunk` as fits below `chunk_size`; returns the rest.
+/// Both encryptors buffer plaintext into chunks this way.
+fn fill_chunk<'a>(chunk: &mut Vec<u8>, chunk_size: usize, data: &'a [u8]) -> &'a [u8] {
+    let take = chunk_size.saturating_sub(chunk.len()).min(data.len());
+    chunk.extend_from_slice(&data[..take]);
+    &data[take..]
+}
+
 impl<W: Write> Write for Encryptor<W> {
     fn write(&mut self, mut data: &[u8]) -> io::Result<usize> {
         let written = data.len();
@@ -245,9 +253,7 @@ impl<W: Write> Write for Encryptor<W> {
                 self.inner.write_all(&self.chunk)?;
                 self.chunk.clear();
             }
-            let take = (self.chunk_size - self.chunk.len()).min(data.len());
-            self.chunk.extend_from_slice(&data[..take]);
-            data = &data[take..];
+            data = fill_chunk(&mut self.chunk, self.chunk_size, data);
         }
         Ok(written)
     }

@@ -17,6 +17,7 @@ use std::io::{self, Read, Write};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
 
+use super::fill_chunk;
 use super::header::{self, Header};
 use super::stream::{Stream, TAG_LEN};
 use super::{Compression, ContainerError, ContainerKey, Options, fill, read_sealed_chunk};
@@ -309,9 +310,7 @@ impl<W: Write> Write for ParallelEncryptor<W> {
                 let next = self.pool.buffer();
                 self.submit(false, next)?;
             }
-            let take = (self.chunk_size - self.chunk.len()).min(data.len());
-            self.chunk.extend_from_slice(&data[..take]);
-            data = &data[take..];
+            data = fill_chunk(&mut self.chunk, self.chunk_size, data);
         }
         Ok(written)
     }
