@@ -81,9 +81,14 @@ pub enum QueueError {
     /// The job could not be recorded.
     #[error(transparent)]
     Index(#[from] IndexError),
-    /// The job folder could not be written.
-    #[error("cannot write the job folder: {0}")]
-    Io(#[from] std::io::Error),
+    /// The job folder could not be written (disk full, permissions).
+    #[error("cannot write the job folder {}: {source}; check the data folder's disk and owner", crate::telemetry::escape(&.path.display().to_string()))]
+    Io {
+        /// The job folder.
+        path: PathBuf,
+        /// What the system reported.
+        source: std::io::Error,
+    },
 }
 
 /// What queueing a token did.
@@ -164,8 +169,12 @@ impl Inbound {
             return Err(QueueError::Repository(token.repository.clone()));
         }
         let dir = Workdir(self.dir.join(&id));
-        private_dir(&dir.0)?;
-        durable::write(&dir.token(), token.to_line().as_bytes(), 0o600)?;
+        let folder_error = |source| QueueError::Io {
+            path: dir.0.clone(),
+            source,
+        };
+        private_dir(&dir.0).map_err(folder_error)?;
+        durable::write(&dir.token(), token.to_line().as_bytes(), 0o600).map_err(folder_error)?;
         let job = InboundJob {
             id: id.clone(),
             issuer: token.issuer.clone(),

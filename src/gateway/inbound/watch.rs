@@ -185,7 +185,7 @@ impl Watch {
             Err(Rejection::Queue(QueueError::Index(e))) => {
                 error!(file = name, "cannot record the token (will retry): {e}");
             }
-            Err(Rejection::Queue(QueueError::Io(e))) => {
+            Err(Rejection::Queue(e @ QueueError::Io { .. })) => {
                 error!(file = name, "cannot store the token (will retry): {e}");
             }
             Err(reason) => self.reject(path, name, &reason.to_string()),
