@@ -3,7 +3,7 @@
 set -euo pipefail
 work=$1
 ip link set lo up
-bin=$PWD/target/release/cloudpdi
+bin=${BENCH_BIN:-$PWD/target/release/cloudpdi}
 n=$(ls "$work/study" | wc -l)
 now() { date +%s.%N; }
 # Every process started here (Orthanc, both sites) is stopped when the script ends.

@@ -7,9 +7,12 @@
 # Runs inside a private network namespace (Orthanc cannot bind loopback only): needs root.
 # Usage: bench/e2e/run.sh            (500 slices)
 #        SLICES=200 bench/e2e/run.sh
+#        BENCH_BIN=/path/to/other/cloudpdi bench/e2e/run.sh   # another build, e.g. before a change
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-cargo build --release --quiet
+if [ -z "${BENCH_BIN:-}" ]; then
+  cargo build --release --quiet
+fi
 work=$(mktemp -d /tmp/cloudpdi-bench-e2e.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 python3 scripts/gen_ct.py "$work/study" --slices "${SLICES:-500}" >/dev/null
