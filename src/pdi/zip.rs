@@ -340,7 +340,8 @@ pub struct Extracted {
 /// # Errors
 /// [`ZipError`] as [`extract`].
 pub fn declared(zip: &Path, limits: Limits) -> Result<Extracted, ZipError> {
-    let entries = central_directory(&mut File::open(zip)?, limits)?;
+    let mut file = File::open(zip).map_err(io_at("open", zip))?;
+    let entries = central_directory(&mut file, limits).map_err(zip_io_at("read", zip))?;
     let mut out = Extracted::default();
     for entry in entries.iter().filter(|e| !e.directory) {
         out.files += 1;
@@ -381,28 +382,48 @@ pub fn extract(zip: &Path, dest: &Path, limits: Limits) -> Result<Extracted, Zip
 }
 
 fn extract_into(zip: &Path, dest: &Path, limits: Limits) -> Result<Extracted, ZipError> {
-    let mut file = File::open(zip)
-        .map_err(|e| io::Error::new(e.kind(), format!("cannot open {}: {e}", zip.display())))?;
-    let entries = central_directory(&mut file, limits)?;
+    let mut file = File::open(zip).map_err(io_at("open", zip))?;
+    let entries = central_directory(&mut file, limits).map_err(zip_io_at("read", zip))?;
     let mut done = Extracted::default();
     for entry in &entries {
         let target = dest.join(&entry.name);
         if entry.directory {
-            private_dir(&target, true)?;
+            private_dir(&target, true).map_err(io_at("create", &target))?;
             continue;
         }
         if let Some(parent) = target.parent() {
-            private_dir(parent, true)?;
+            private_dir(parent, true).map_err(io_at("create", parent))?;
         }
         let out = private_file(&target).map_err(|e| {
             io::Error::new(e.kind(), format!("cannot create {}: {e}", target.display()))
         })?;
         let mut out = io::BufWriter::with_capacity(COPY_BUFFER, out);
-        done.bytes += copy_entry(&mut file, entry, &mut out)?;
-        out.flush()?;
+        done.bytes +=
+            copy_entry(&mut file, entry, &mut out).map_err(zip_io_at("extract into", &target))?;
+        out.flush().map_err(io_at("write", &target))?;
         done.files += 1;
     }
     Ok(done)
+}
+
+/// An I/O error that names what was being done and on which file (the system's message
+/// alone does not say which of the archive, a folder or an extracted file failed).
+fn io_at<'a>(action: &'a str, path: &'a Path) -> impl FnOnce(io::Error) -> ZipError + 'a {
+    move |e| {
+        ZipError::Io(io::Error::new(
+            e.kind(),
+            format!("cannot {action} {}: {e}", path.display()),
+        ))
+    }
+}
+
+/// As [`io_at`], for a step that may also fail for a reason of the archive's own
+/// (those already name their entry and pass through).
+fn zip_io_at<'a>(action: &'a str, path: &'a Path) -> impl FnOnce(ZipError) -> ZipError + 'a {
+    move |e| match e {
+        ZipError::Io(e) => io_at(action, path)(e),
+        other => other,
+    }
 }
 
 /// Creates a new file with mode 0600; an existing file or link at `path` is an error.
@@ -711,6 +732,23 @@ pub fn check_name(name: &str) -> Result<PathBuf, &'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A file error says which file: the archive, a folder or an extracted file.
+    #[test]
+    fn file_errors_name_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let missing = dir.path().join("missing.zip");
+        let declared = declared(&missing, Limits::default()).expect_err("no archive");
+        assert!(
+            declared.to_string().contains("cannot open")
+                && declared.to_string().contains("missing.zip"),
+            "{declared}"
+        );
+        let extracted =
+            extract(&missing, &dir.path().join("out"), Limits::default()).expect_err("no archive");
+        assert!(extracted.to_string().contains("missing.zip"), "{extracted}");
+        assert!(!dir.path().join("out").exists(), "nothing left behind");
+    }
 
     #[test]
     fn names_that_escape_are_refused() {

@@ -138,7 +138,13 @@ impl Sender {
         let path = dir.pdi();
         let mut pending = durable::Pending::beside(&path, 0o600)
             .map_err(|e| StepError::file("create a file beside", &path, &e))?;
-        let report = pdi::build_zip(instances, &options, std::io::BufWriter::new(pending.file()))?;
+        let built = pdi::build_zip(instances, &options, std::io::BufWriter::new(pending.file()));
+        let report = built.map_err(|e| match e {
+            // Reading an instance or writing the ZIP failed (disk full): name the file
+            // being built, as every local file error of a step does.
+            pdi::PdiError::Zip(pdi::zip::ZipError::Io(e)) => StepError::file("build", &path, &e),
+            other => other.into(),
+        })?;
         pending
             .commit(&path)
             .map_err(|e| StepError::file("write", &path, &e))?;
