@@ -340,6 +340,8 @@ async fn a_guesser_behind_a_proxy_locks_out_only_itself() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_requests_are_summed_up_in_the_audit_trail() {
     let repo = Repo::start(|_| {}).await;
+    // reqwest needs the process's rustls provider, which cloudpdi's own clients install.
+    cloudpdi::repository::tls::install_crypto_provider();
     let http = reqwest::Client::new();
     let create = format!("{}/v1/documents", repo.url);
     for _ in 0..300 {
