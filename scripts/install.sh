@@ -7,7 +7,15 @@ cd "$(dirname "$0")/.."
 cargo build --release --locked
 install -m 0755 target/release/cloudpdi /usr/local/bin/cloudpdi
 install -d -m 0755 /etc/cloudpdi /usr/local/share/doc/cloudpdi
-[ -e /etc/cloudpdi/cloudpdi.toml ] || install -m 0644 conf/cloudpdi.toml /etc/cloudpdi/cloudpdi.toml
+# The daemon's user; its group may read the token folder (add clerks who print slips).
+getent group cloudpdi >/dev/null || groupadd --system cloudpdi
+getent passwd cloudpdi >/dev/null || useradd --system --gid cloudpdi --home-dir /var/lib/cloudpdi \
+  --no-create-home --shell /usr/sbin/nologin cloudpdi
+# The data folder is written into the file, so every command finds the daemon's data.
+if [ ! -e /etc/cloudpdi/cloudpdi.toml ]; then
+  sed 's|^data_dir = .*|data_dir = "/var/lib/cloudpdi"|' conf/cloudpdi.toml >/etc/cloudpdi/cloudpdi.toml
+  chmod 0644 /etc/cloudpdi/cloudpdi.toml
+fi
 install -m 0644 README.md /usr/local/share/doc/cloudpdi/README.md
 install -m 0644 systemd/cloudpdi.service /etc/systemd/system/cloudpdi.service
 systemctl daemon-reload

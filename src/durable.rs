@@ -168,6 +168,18 @@ pub fn create_dir_all(dir: &Path) -> io::Result<()> {
     sync_dir(folder_of(dir))
 }
 
+/// Creates `dir` as [`create_dir_all`] does and gives it `mode` (also when it existed):
+/// the daemon's folders get the same access whatever the umask and whatever an older
+/// version left.
+///
+/// # Errors
+/// The I/O error.
+pub fn folder_with_mode(dir: &Path, mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+}
+
 /// Removes a folder and everything in it; a folder already gone is fine (a step that
 /// removes one is repeated after a crash).
 ///

@@ -620,7 +620,10 @@ fn receive(args: &ReceiveArgs) -> anyhow::Result<()> {
             bar.finish_and_clear();
             line
         }
-        None => cli::hand_to_daemon(&config, &token, args.patient_id.as_deref())?,
+        None => {
+            let hand = cli::hand_to_daemon(&config, &token, args.patient_id.as_deref());
+            runtime()?.block_on(hand)?
+        }
     };
     println!("{line}");
     Ok(())

@@ -5,10 +5,9 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
 
-use common::{free_port, gen_ct, run};
+use common::{Repository, free_port, gen_ct, run};
 
 fn cloudpdi_in(dir: &Path, args: &[&str]) -> Output {
     run(Command::new(env!("CARGO_BIN_EXE_cloudpdi"))
@@ -246,69 +245,4 @@ fn isolated_runs_the_named_test_inside() {
         return;
     }
     assert!(std::env::var_os("INSIDE_TEST_NETNS").is_some());
-}
-
-/// `cloudpdi repository serve` on a free loopback port, with one facility (`HOSPA`) whose
-/// API key is in `dir/key`; stopped when dropped.
-struct Repository {
-    child: std::process::Child,
-    url: String,
-}
-
-impl Repository {
-    fn start(dir: &Path) -> Repository {
-        let out = cloudpdi(&["repository", "new-key"]);
-        assert!(out.status.success(), "{}", text(&out));
-        let out = String::from_utf8_lossy(&out.stdout).into_owned();
-        let key = out
-            .lines()
-            .find_map(|l| l.split_once("shown once): ").map(|(_, k)| k.trim()))
-            .unwrap();
-        let hash_line = out
-            .lines()
-            .find(|l| l.starts_with("api_key_sha256"))
-            .unwrap();
-        std::fs::write(dir.join("key"), key).unwrap();
-        let port = free_port();
-        let config = dir.join("repository.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[server]\nlisten = \"127.0.0.1:{port}\"\n[storage]\npath = \"{}\"\n\
-                 [audit]\npath = \"{}\"\n[facility.HOSPA]\n{hash_line}\n",
-                dir.join("store").display(),
-                dir.join("audit.jsonl").display()
-            ),
-        )
-        .unwrap();
-        // The configuration comes from CLOUDPDI_REPO_CONFIG, which is not a key.
-        let child = Command::new(env!("CARGO_BIN_EXE_cloudpdi"))
-            .args(["repository", "serve"])
-            .env("CLOUDPDI_REPO_CONFIG", &config)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("repository.log")).unwrap())
-            .spawn()
-            .unwrap();
-        let repository = Repository {
-            child,
-            url: format!("http://127.0.0.1:{port}"),
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "the repository did not start: {}",
-                std::fs::read_to_string(dir.join("repository.log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        repository
-    }
-}
-
-impl Drop for Repository {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }

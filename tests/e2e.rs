@@ -206,7 +206,7 @@ fn a_ct_study_travels_from_storescu_at_site_a_to_orthanc_at_site_b() {
         b_config.to_str().unwrap(),
         &format!("@{}", token.display()),
     ]);
-    assert!(ok && out.contains("handed to the daemon"), "{out}");
+    assert!(ok && out.contains("queued for import as job R"), "{out}");
     let job = wait_job_state(&b, "done", Duration::from_secs(90));
     assert_eq!(
         job["progress"],
@@ -221,7 +221,15 @@ fn a_ct_study_travels_from_storescu_at_site_a_to_orthanc_at_site_b() {
         "the local copy is removed"
     );
 
-    // The same token again: recognised, not imported twice.
+    // The same token again: `cloudpdi receive` fails with the reason, and through the
+    // watch folder it is recognised, not imported twice.
+    let (ok, out) = cloudpdi(&[
+        "receive",
+        "--config",
+        b_config.to_str().unwrap(),
+        &format!("@{}", token.display()),
+    ]);
+    assert!(!ok && out.contains("already imported"), "{out}");
     hand_over(&token, &b);
     wait_for(
         "the repeated token to be taken",
@@ -339,72 +347,6 @@ fn receive_out(token: &str, folder: &Path) -> String {
     ]);
     assert!(ok, "{out}");
     out
-}
-
-/// A standalone `cloudpdi repository serve` that knows facility HOSPA (its key in
-/// `key_file`), stopped when dropped.
-struct Repository {
-    child: std::process::Child,
-    url: String,
-    dir: PathBuf,
-    key_file: PathBuf,
-}
-
-impl Repository {
-    fn start(dir: &Path) -> Repository {
-        std::fs::create_dir_all(dir).unwrap();
-        let (ok, out) = cloudpdi(&["repository", "new-key"]);
-        assert!(ok, "{out}");
-        let key = out
-            .lines()
-            .find_map(|l| l.split_once("shown once): ").map(|(_, k)| k.trim()))
-            .unwrap();
-        let hash_line = out
-            .lines()
-            .find(|l| l.starts_with("api_key_sha256"))
-            .unwrap();
-        let key_file = dir.join("key");
-        std::fs::write(&key_file, key).unwrap();
-        let url = format!("http://127.0.0.1:{}", free_port());
-        let config = dir.join("repository.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[server]\nlisten = \"{}\"\n[storage]\npath = \"{}\"\n\
-                 [audit]\npath = \"{}\"\n[facility.HOSPA]\n{hash_line}\n",
-                url.trim_start_matches("http://"),
-                dir.join("store").display(),
-                dir.join("audit.jsonl").display()
-            ),
-        )
-        .unwrap();
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_cloudpdi"))
-            .args(["repository", "serve", "--config"])
-            .arg(&config)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(dir.join("log")).unwrap())
-            .spawn()
-            .unwrap();
-        let repository = Repository {
-            child,
-            url,
-            dir: dir.to_owned(),
-            key_file,
-        };
-        wait_for("the standalone repository", Duration::from_secs(20), || {
-            let out = run(std::process::Command::new("/usr/bin/curl")
-                .args(["-s", &format!("{}/healthz", repository.url)]));
-            (out.stdout == b"ok\n").then_some(())
-        });
-        repository
-    }
-}
-
-impl Drop for Repository {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// DICOM files left in a spool folder.

@@ -13,7 +13,10 @@
 //! - `GET /metrics`: OpenMetrics text (Prometheus reads it), listed in docs/pipelines.md
 //! - `POST /jobs/{id}/retry` (with the `x-cloudpdi-admin` header): puts a failed
 //!   outbound job back to the step that failed
+//! - `POST /tokens`, `POST /jobs/sent` (with the header): a token to import, the record
+//!   of a `cloudpdi send` ([`handoff`])
 
+pub mod handoff;
 pub mod metrics;
 pub mod status;
 
@@ -123,6 +126,8 @@ pub async fn serve(
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/jobs/{id}/retry", post(retry))
+        .route("/tokens", post(handoff::token))
+        .route("/jobs/sent", post(handoff::sent))
         .layer(axum::middleware::from_fn(loopback_host))
         .with_state(state);
     let limits = Limits {

@@ -95,14 +95,32 @@ pub async fn retry(
         return Err(StatusError::NotAJob(id.to_owned()));
     }
     let addr = admin_address(admin, config)?;
+    post(addr, &format!("/jobs/{id}/retry"), None).await
+}
+
+/// Posts a request to the admin endpoint at `addr` (with [`crate::admin::ADMIN_HEADER`])
+/// and returns the daemon's answer, a sentence for the person at the terminal; `body` is
+/// the content type and bytes to send, if any.
+///
+/// # Errors
+/// [`StatusError::Unreachable`] when the daemon does not answer, [`StatusError::Declined`]
+/// with the daemon's reason when it refuses.
+pub(crate) async fn post(
+    addr: SocketAddr,
+    path: &str,
+    body: Option<(&'static str, Vec<u8>)>,
+) -> Result<String, StatusError> {
     let unreachable = |source| StatusError::Unreachable { addr, source };
-    let response = admin_client()
+    let mut request = admin_client()
         .map_err(unreachable)?
-        .post(format!("http://{addr}/jobs/{id}/retry"))
-        .header(crate::admin::ADMIN_HEADER, "1")
-        .send()
-        .await
-        .map_err(unreachable)?;
+        .post(format!("http://{addr}{path}"))
+        .header(crate::admin::ADMIN_HEADER, "1");
+    if let Some((content_type, bytes)) = body {
+        request = request
+            .header(reqwest::header::CONTENT_TYPE, content_type)
+            .body(bytes);
+    }
+    let response = request.send().await.map_err(unreachable)?;
     let accepted = response.status().is_success();
     let answer = response.text().await.map_err(unreachable)?;
     let answer = Escaped(answer.trim_end()).to_string();

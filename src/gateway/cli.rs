@@ -33,14 +33,19 @@ pub enum CliError {
     /// A pipeline step failed; its message says which and why.
     #[error(transparent)]
     Step(#[from] StepError),
-    /// The token cannot be handed to the daemon.
-    #[error("cannot write into the watch folder {dir}: {source}")]
-    Watch {
-        /// The watch folder (`inbound.watch_dir`).
-        dir: String,
-        /// What the system reported.
-        source: std::io::Error,
+    /// No daemon answers on the admin address of the configuration.
+    #[error(
+        "no cloudpdi daemon answers at {addr} (admin.listen in {config}), so nothing would import the token: start it (`systemctl start cloudpdi`) and receive again, or write the study into a folder with `cloudpdi receive --out DIR`"
+    )]
+    NoDaemon {
+        /// The admin address tried.
+        addr: std::net::SocketAddr,
+        /// The configuration file read.
+        config: String,
     },
+    /// The daemon declined the token; its sentence says why.
+    #[error("the daemon did not queue the token: {0}")]
+    Declined(String),
 }
 
 impl From<ConfigError> for CliError {
@@ -81,7 +86,8 @@ pub async fn send(
         .jobs_dir()
         .join("send")
         .join(std::process::id().to_string());
-    let (_, job) = send_files(sender, route, paths, attachments, workdir, progress).await?;
+    let (_, mut job) = send_files(sender, route, paths, attachments, workdir, progress).await?;
+    job.step = crate::gateway::outbound::OutStep::Done;
     let mut lines = vec![format!(
         "sent {} instances ({} left out by the AI-image policy) as document {}",
         job.instances,
@@ -94,7 +100,55 @@ pub async fn send(
     if let Some(slip) = &job.slip_file {
         lines.push(format!("slip:  {}", shown(slip)));
     }
+    lines.push(record_send(&config, &job).await);
     Ok(lines)
+}
+
+/// Records a finished send where `cloudpdi status` finds it: with the running daemon
+/// (its admin endpoint), else directly in the job index when no daemon holds it. The
+/// token is issued by then, so a failure here is reported, not an error of the send.
+async fn record_send(config: &Config, job: &crate::gateway::outbound::OutboundJob) -> String {
+    use crate::admin::status::{StatusError, post};
+    let body = match serde_json::to_vec(job) {
+        Ok(body) => body,
+        Err(e) => return format!("not listed by `cloudpdi status`: {e}"),
+    };
+    let recorded = match post(
+        config.admin.listen,
+        "/jobs/sent",
+        Some(("application/json", body)),
+    )
+    .await
+    {
+        Err(StatusError::Unreachable { .. }) => record_in_index(config, job),
+        Err(e) => Err(e.to_string()),
+        Ok(answer) => Ok(answer),
+    };
+    match recorded {
+        Ok(answer) => answer,
+        Err(why) => format!("not listed by `cloudpdi status`: {why}"),
+    }
+}
+
+/// Records a finished send in the job index itself, when no daemon is running.
+fn record_in_index(
+    config: &Config,
+    job: &crate::gateway::outbound::OutboundJob,
+) -> Result<String, String> {
+    use crate::gateway::store::{JobStore, Store};
+    let store = Store::open(&config.index_dir()).map_err(|e| e.to_string())?;
+    let jobs =
+        JobStore::open(&store, crate::gateway::outbound::JOB_STORE).map_err(|e| e.to_string())?;
+    let created = jobs.create(job).map_err(|e| e.to_string())?;
+    store.flush().map_err(|e| e.to_string())?;
+    Ok(if created {
+        format!(
+            "recorded as job {} (no daemon is running: `cloudpdi status` lists it once one runs)",
+            job.id
+        )
+    } else {
+        format!("a job {} is already recorded", job.id)
+    })
 }
 
 /// Downloads, opens and extracts a token's PDI into the folder `out`, as if reading the
@@ -129,27 +183,30 @@ pub async fn receive_to_folder(
     ))
 }
 
-/// Hands a token to the running daemon through its watch folder, with the local
-/// Patient ID to file the study under if given. Returns the line to print.
+/// Hands a token to the running daemon (its admin endpoint), with the local Patient ID
+/// to file the study under if given, and returns the daemon's answer: queued as a job,
+/// or why not (the daemon does not import, the token expired, its repository is not
+/// allowed, it was already imported).
 ///
 /// # Errors
-/// [`CliError::Token`] for an expired token, [`CliError::Config`], [`CliError::Watch`].
-pub fn hand_to_daemon(
+/// [`CliError::Token`] for an expired token, [`CliError::Config`],
+/// [`CliError::NoDaemon`], [`CliError::Declined`] with the daemon's reason.
+pub async fn hand_to_daemon(
     config_path: &Path,
     token: &Token,
     patient_id: Option<&str>,
 ) -> Result<String, CliError> {
+    use crate::admin::status::{StatusError, post};
     token.check_not_expired(crate::clock::now_seconds())?;
-    let dir = Config::load(config_path)?.watch_dir();
-    let path =
-        crate::gateway::inbound::watch::drop_token(&dir, token, patient_id).map_err(|source| {
-            CliError::Watch {
-                dir: shown(&dir),
-                source,
-            }
-        })?;
-    Ok(format!(
-        "handed to the daemon: {} (see `cloudpdi status`)",
-        shown(&path)
-    ))
+    let addr = Config::load(config_path)?.admin.listen;
+    let text = crate::gateway::inbound::watch::drop_text(token, patient_id);
+    let body = Some(("text/plain", text.as_bytes().to_vec()));
+    match post(addr, "/tokens", body).await {
+        Ok(answer) => Ok(answer),
+        Err(StatusError::Unreachable { .. }) => Err(CliError::NoDaemon {
+            addr,
+            config: shown(config_path),
+        }),
+        Err(e) => Err(CliError::Declined(e.to_string())),
+    }
 }

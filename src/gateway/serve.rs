@@ -46,6 +46,14 @@ pub enum ServeError {
     /// The repository cannot be used (key file, embedded repository).
     #[error("repository: {0}")]
     Repository(String),
+    /// A folder of the data folder cannot be created or given its mode.
+    #[error("cannot prepare the folder {}: {source}; check the owner of the data folder (spool.data_dir): the daemon's user must own it", crate::telemetry::escape(&.path.display().to_string()))]
+    Folder {
+        /// The folder.
+        path: std::path::PathBuf,
+        /// What the system reported.
+        source: io::Error,
+    },
     /// A job store cannot be opened.
     #[error("cannot open the job index: {0}")]
     Jobs(#[from] crate::gateway::store::IndexError),
@@ -68,6 +76,7 @@ pub enum ServeError {
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
     let started = Instant::now();
     let config = Arc::new(config);
+    prepare_folders(&config)?;
     let spool = open_spool(&config).await?;
     let dicom = bind(config.dicom.listen, "DICOM").await?;
     let admin_listener = bind(config.admin.listen, "admin").await?;
@@ -196,6 +205,47 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         Ok(Ok(())) => info!("stopped; index flushed"),
         Ok(Err(e)) => error!("index flush at shutdown failed: {e}"),
         Err(e) => error!("index flush at shutdown failed: {e}"),
+    }
+    Ok(())
+}
+
+/// Gives the data folder's parts their modes: what holds patient data or keys (spool,
+/// index, job folders, the embedded repository) is the daemon's alone (0700); the token
+/// folders may be read by its group (0750: the clerks who print slips; token files and
+/// slips are 0640), never by others. A route's own `token_dir` gets 0750 only when the
+/// daemon creates it.
+fn prepare_folders(config: &Config) -> Result<(), ServeError> {
+    let data = &config.spool.data_dir;
+    let private = [
+        config.spool_dir(),
+        config.index_dir(),
+        config.jobs_dir(),
+        data.join("repository"),
+    ];
+    let shared = std::iter::once(data.join("tokens")).chain(
+        config
+            .routes
+            .iter()
+            .filter(|(_, route)| route.token_dir.as_os_str().is_empty())
+            .map(|(name, _)| config.token_dir(name)),
+    );
+    let configured = config
+        .routes
+        .iter()
+        .filter(|(_, route)| !route.token_dir.as_os_str().is_empty())
+        .map(|(name, _)| config.token_dir(name));
+    let folder_error = |path: &std::path::Path| {
+        let path = path.to_owned();
+        move |source| ServeError::Folder { path, source }
+    };
+    for dir in &private {
+        crate::durable::folder_with_mode(dir, 0o700).map_err(folder_error(dir))?;
+    }
+    for dir in shared {
+        crate::durable::folder_with_mode(&dir, 0o750).map_err(folder_error(&dir))?;
+    }
+    for dir in configured.filter(|dir| !dir.exists()) {
+        crate::durable::folder_with_mode(&dir, 0o750).map_err(folder_error(&dir))?;
     }
     Ok(())
 }

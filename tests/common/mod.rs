@@ -621,3 +621,77 @@ pub fn corpus_files() -> Vec<PathBuf> {
         .map(|item| PathBuf::from(item["path"].as_str().unwrap()))
         .collect()
 }
+
+/// A standalone `cloudpdi repository serve` that knows facility HOSPA (its API key in
+/// `key_file`), stopped when dropped.
+pub struct Repository {
+    child: Child,
+    /// Its base URL.
+    pub url: String,
+    /// Its folder (configuration, storage, audit trail, log).
+    pub dir: PathBuf,
+    /// HOSPA's API key.
+    pub key_file: PathBuf,
+}
+
+impl Repository {
+    /// Starts one in `dir` on a free loopback port and waits until it answers.
+    pub fn start(dir: &Path) -> Repository {
+        fs::create_dir_all(dir).unwrap();
+        let out = run(Command::new(env!("CARGO_BIN_EXE_cloudpdi")).args(["repository", "new-key"]));
+        let out = String::from_utf8_lossy(&out.stdout).into_owned();
+        let key = out
+            .lines()
+            .find_map(|l| l.split_once("shown once): ").map(|(_, k)| k.trim()))
+            .unwrap_or_else(|| panic!("new-key prints a key: {out}"));
+        let hash_line = out
+            .lines()
+            .find(|l| l.starts_with("api_key_sha256"))
+            .unwrap();
+        let key_file = dir.join("key");
+        fs::write(&key_file, key).unwrap();
+        let port = free_port();
+        let config = dir.join("repository.toml");
+        fs::write(
+            &config,
+            format!(
+                "[server]\nlisten = \"127.0.0.1:{port}\"\n[storage]\npath = \"{}\"\n\
+                 [audit]\npath = \"{}\"\n[facility.HOSPA]\n{hash_line}\n",
+                dir.join("store").display(),
+                dir.join("audit.jsonl").display()
+            ),
+        )
+        .unwrap();
+        let log = dir.join("log");
+        let child = Command::new(env!("CARGO_BIN_EXE_cloudpdi"))
+            .args(["repository", "serve", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let repository = Repository {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            dir: dir.to_owned(),
+            key_file,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the repository did not start: {}",
+                fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        repository
+    }
+}
+
+impl Drop for Repository {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

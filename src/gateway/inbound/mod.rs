@@ -146,6 +146,19 @@ impl Inbound {
             .collect())
     }
 
+    /// The summary of job `id`, if there is one (what a second hand-off of a token is
+    /// told).
+    ///
+    /// # Errors
+    /// [`IndexError`] when the store cannot be read.
+    pub fn summary(&self, id: &str) -> Result<Option<JobSummary>, IndexError> {
+        Ok(self
+            .jobs
+            .get::<InboundJob>(id)?
+            .as_ref()
+            .map(InboundJob::summary))
+    }
+
     /// Records a token as a job (blocking): token file into the job folder first, then
     /// the record, so a crash in between only repeats this call.
     ///

@@ -23,7 +23,7 @@ use crate::gateway::inbound::{Inbound, QueueError, Queued};
 use crate::token::{Token, TokenError};
 
 /// Token files larger than this are not tokens.
-const MAX_DROP_BYTES: u64 = 16 * 1024;
+pub const MAX_DROP_BYTES: u64 = 16 * 1024;
 /// Files changed more recently than this may still be being written.
 const SETTLE: Duration = Duration::from_millis(500);
 
@@ -61,12 +61,10 @@ pub fn parse_drop(text: &str) -> Result<TokenDrop, TokenError> {
     })
 }
 
-/// Writes a token into the watch folder for the running daemon (`cloudpdi receive`):
-/// temp file (`.tmp`, which the watch leaves alone), fsync, rename.
-///
-/// # Errors
-/// The I/O error.
-pub fn drop_token(dir: &Path, token: &Token, patient_id: Option<&str>) -> std::io::Result<PathBuf> {
+/// The text of a token hand-off, as [`parse_drop`] reads it: the token line, then the
+/// local Patient ID line if given (`cloudpdi receive` sends it to the daemon); wiped when
+/// dropped.
+pub fn drop_text(token: &Token, patient_id: Option<&str>) -> zeroize::Zeroizing<String> {
     let line = token.to_line();
     let id_line = patient_id.map(|id| format!("patient-id: {id}\n"));
     let mut text = zeroize::Zeroizing::new(String::with_capacity(
@@ -74,9 +72,7 @@ pub fn drop_token(dir: &Path, token: &Token, patient_id: Option<&str>) -> std::i
     ));
     text.push_str(&line);
     text.push_str(id_line.as_deref().unwrap_or_default());
-    let path = dir.join(format!("{}.token", crate::gateway::inbound::job_id(token)));
-    durable::write(&path, text.as_bytes(), 0o600)?;
-    Ok(path)
+    text
 }
 
 /// Watches the folder and queues what is dropped into it.

@@ -49,6 +49,10 @@ pub enum RetryError {
     #[error(transparent)]
     Index(#[from] IndexError),
 }
+/// The name of the outbound jobs' tree in the index (also opened by `cloudpdi send`
+/// when no daemon runs).
+pub const JOB_STORE: &str = "outbound_jobs";
+
 /// The outbound worker of the daemon.
 pub struct Outbound {
     sender: Sender,
@@ -63,7 +67,7 @@ impl Outbound {
     /// # Errors
     /// [`IndexError`] when the store cannot be opened.
     pub fn new(sender: Sender, spool: Arc<Spool>) -> Result<Outbound, IndexError> {
-        let jobs = JobStore::open(spool.index().store(), "outbound_jobs")?;
+        let jobs = JobStore::open(spool.index().store(), JOB_STORE)?;
         jobs.reindex::<OutboundJob>()?;
         let dir = sender.config.jobs_dir().join("out");
         let outbound = Outbound {
@@ -99,6 +103,19 @@ impl Outbound {
             .iter()
             .map(OutboundJob::summary)
             .collect())
+    }
+
+    /// Records a send finished by `cloudpdi send` so that `cloudpdi status` lists it;
+    /// `false` when a job with its ID exists (the record is not replaced).
+    ///
+    /// # Errors
+    /// [`IndexError`] when the store cannot be written.
+    pub fn record_sent(&self, job: &OutboundJob) -> Result<bool, IndexError> {
+        let created = self.jobs.create(job)?;
+        if created {
+            info!(job = %job.id, route = %job.route, "send by `cloudpdi send` recorded");
+        }
+        Ok(created)
     }
 
     /// Puts a failed job back to the step that failed, with its attempts reset, once the
@@ -320,14 +337,16 @@ pub async fn send_files(
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<(Token, OutboundJob), StepError> {
     let t = crate::clock::civil(crate::clock::now_seconds());
+    // The process ID keeps two sends in the same second apart (job and token file).
     let id = format!(
-        "S{:04}{:02}{:02}-{:02}{:02}{:02}",
+        "S{:04}{:02}{:02}-{:02}{:02}{:02}-{}",
         t.year(),
         t.month(),
         t.day(),
         t.hour(),
         t.minute(),
-        t.second()
+        t.second(),
+        std::process::id()
     );
     let mut job = OutboundJob::new(id, None, route);
     let compress = sender.route_options(route)?.compress;

@@ -1,0 +1,172 @@
+//! Work handed to the running daemon by the commands, so that a person at a terminal
+//! learns at once whether anything will happen:
+//!
+//! - `POST /tokens` (`cloudpdi receive`): a token to import, in the watch folder's file
+//!   format. The daemon answers whether it queued a job, and if not why: it does not
+//!   import (no `inbound.pacs`), the token has expired or names a repository that is not
+//!   allowed, or it was already imported. The watch folder stays for other programs; it
+//!   cannot answer.
+//! - `POST /jobs/sent` (`cloudpdi send`): the record of a send finished by the command,
+//!   so that `cloudpdi status` lists it with the daemon's own jobs.
+//!
+//! Both need the [`ADMIN_HEADER`](super::ADMIN_HEADER), like a retry. The token is never
+//! logged nor repeated in an answer.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use tracing::info;
+use zeroize::Zeroizing;
+
+use super::{ADMIN_HEADER, AdminState, unavailable};
+use crate::gateway::inbound::watch::{MAX_DROP_BYTES, parse_drop};
+use crate::gateway::inbound::{QueueError, Queued};
+use crate::gateway::outbound::{OutStep, OutboundJob};
+
+/// Largest record of a finished send accepted (`POST /jobs/sent`); a real one is well
+/// under 2 KiB.
+pub const MAX_SENT_RECORD_BYTES: usize = 16 * 1024;
+
+/// Refuses a request without the admin header (a web page cannot add it).
+fn forbidden(headers: &HeaderMap, command: &str) -> Option<Response> {
+    (!headers.contains_key(ADMIN_HEADER)).then(|| {
+        let refusal = format!("this request needs the {ADMIN_HEADER} header: use `{command}`\n");
+        (StatusCode::FORBIDDEN, refusal).into_response()
+    })
+}
+
+fn answer(status: StatusCode, text: String) -> Response {
+    (status, text).into_response()
+}
+
+/// `POST /tokens`: queues a token for import, or says why it will not be imported.
+pub(super) async fn token(
+    State(state): State<Arc<AdminState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Some(refusal) = forbidden(&headers, "cloudpdi receive") {
+        return refusal;
+    }
+    let Some(inbound) = state.inbound.clone() else {
+        return answer(
+            StatusCode::CONFLICT,
+            "this daemon does not import tokens: inbound.pacs is empty in its configuration; \
+             set it to the local PACS (host:port), restart the daemon and receive again, or \
+             write the study into a folder with `cloudpdi receive --out DIR`\n"
+                .into(),
+        );
+    };
+    if body.len() > MAX_DROP_BYTES as usize {
+        return answer(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("a token hand-off is at most {MAX_DROP_BYTES} bytes\n"),
+        );
+    }
+    let text = Zeroizing::new(String::from_utf8_lossy(&body).into_owned());
+    let drop = match parse_drop(&text) {
+        Ok(drop) => drop,
+        Err(e) => return answer(StatusCode::UNPROCESSABLE_ENTITY, format!("{e}\n")),
+    };
+    let queued = tokio::task::spawn_blocking(move || {
+        let queued = inbound.queue(&drop.token, drop.patient_id)?;
+        let known = match &queued {
+            Queued::Known(id) => inbound.summary(id)?,
+            Queued::New(_) => None,
+        };
+        Ok::<_, QueueError>((queued, known))
+    })
+    .await;
+    match queued {
+        Ok(Ok((Queued::New(id), _))) => answer(
+            StatusCode::ACCEPTED,
+            format!("queued for import as job {id}: `cloudpdi status` shows its progress\n"),
+        ),
+        Ok(Ok((Queued::Known(id), known))) => {
+            let state = known.map_or_else(|| "queued".to_owned(), |job| job.state);
+            info!(job = %id, state = %state, "token handed over again: not imported twice");
+            let text = if state == "done" {
+                format!(
+                    "this token was already imported (job {id}): the study is in the PACS; \
+                     it is not imported twice\n"
+                )
+            } else {
+                format!(
+                    "this token is already being imported (job {id}, now at {state}): \
+                     `cloudpdi status` shows its progress\n"
+                )
+            };
+            answer(StatusCode::CONFLICT, text)
+        }
+        Ok(Err(e @ (QueueError::Repository(_) | QueueError::Token(_)))) => {
+            answer(StatusCode::UNPROCESSABLE_ENTITY, format!("{e}\n"))
+        }
+        Ok(Err(e)) => unavailable(e),
+        Err(e) => unavailable(e),
+    }
+}
+
+/// `POST /jobs/sent`: records a send finished by `cloudpdi send` (a JSON
+/// [`OutboundJob`] at step `done`, no batch, an `S…` ID).
+pub(super) async fn sent(
+    State(state): State<Arc<AdminState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Some(refusal) = forbidden(&headers, "cloudpdi send") {
+        return refusal;
+    }
+    if body.len() > MAX_SENT_RECORD_BYTES {
+        return answer(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("a send record is at most {MAX_SENT_RECORD_BYTES} bytes\n"),
+        );
+    }
+    let job = match serde_json::from_slice::<OutboundJob>(&body) {
+        Ok(job) if is_sent_record(&job) => job,
+        Ok(_) => {
+            return answer(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "only the record of a finished `cloudpdi send` (ID S…, step done, no batch) \
+                 can be added\n"
+                    .into(),
+            );
+        }
+        Err(e) => {
+            return answer(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("not a send record: {e}\n"),
+            );
+        }
+    };
+    let outbound = state.outbound.clone();
+    let id = job.id.clone();
+    match tokio::task::spawn_blocking(move || outbound.record_sent(&job)).await {
+        Ok(Ok(true)) => answer(
+            StatusCode::CREATED,
+            format!("recorded as job {id}: `cloudpdi status` lists it\n"),
+        ),
+        Ok(Ok(false)) => answer(
+            StatusCode::CONFLICT,
+            format!("a job {id} is already recorded\n"),
+        ),
+        Ok(Err(e)) => unavailable(e),
+        Err(e) => unavailable(e),
+    }
+}
+
+/// Whether `job` is what `cloudpdi send` records: finished, from no batch, with the
+/// `S` ID the command gives (letters, digits and `-`, bounded).
+fn is_sent_record(job: &OutboundJob) -> bool {
+    job.step == OutStep::Done
+        && job.batch.is_none()
+        && job.id.len() <= 32
+        && job.id.starts_with('S')
+        && job
+            .id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}

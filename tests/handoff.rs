@@ -1,0 +1,200 @@
+//! `cloudpdi receive` and `cloudpdi send` hand their work to the running daemon and say
+//! what will happen: a token is queued or refused with the reason (no daemon, a daemon
+//! that does not import, a repository not allowed, a token already taken), and a send
+//! made by the command is listed by `cloudpdi status`.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::{Daemon, Repository, free_port, gen_ct, run};
+
+/// Runs `cloudpdi ARGS`; (exit success, stdout + stderr).
+fn cloudpdi(args: &[&str]) -> (bool, String) {
+    let out = run(Command::new(env!("CARGO_BIN_EXE_cloudpdi"))
+        .env_remove("CLOUDPDI_CONFIG")
+        .args(args));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// A token for document `document` in `repository`, written to `dir/name.token`.
+fn token(dir: &Path, name: &str, repository: &str, document: &str) -> String {
+    let path = dir.join(format!("{name}.token"));
+    let (ok, out) = cloudpdi(&[
+        "token",
+        "new",
+        "--repository",
+        repository,
+        "--document-id",
+        document,
+        "--facility",
+        "HOSPA",
+        "--out",
+        path.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}");
+    format!("@{}", path.display())
+}
+
+fn receive(daemon: &Daemon, token: &str) -> (bool, String) {
+    cloudpdi(&[
+        "receive",
+        "--config",
+        daemon.config.to_str().unwrap(),
+        token,
+    ])
+}
+
+const RECEIVER: &str = "[route.ct]\nae_title = \"CLOUDPDI\"\n\
+     [inbound]\npacs_ae_title = \"ORTHANC\"\nattempts = 1\nmax_backoff = 3600\n\
+     allowed_repositories = [\"http://127.0.0.1:9/pdi\"]\n";
+
+#[test]
+fn receive_says_why_nothing_would_be_imported() {
+    let dir = tempfile::tempdir().unwrap();
+    let allowed = token(
+        dir.path(),
+        "allowed",
+        "http://127.0.0.1:9/pdi",
+        "0123456789abcdef",
+    );
+    let foreign = token(
+        dir.path(),
+        "foreign",
+        "https://elsewhere.example",
+        "0123456789abcdef",
+    );
+
+    // No daemon on the configured admin address.
+    let lonely = dir.path().join("lonely.toml");
+    let text = common::config_text(
+        free_port(),
+        free_port(),
+        &dir.path().join("d"),
+        common::CT_ROUTE,
+    );
+    std::fs::write(&lonely, text).unwrap();
+    let (ok, out) = cloudpdi(&["receive", "--config", lonely.to_str().unwrap(), &allowed]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("no cloudpdi daemon answers at 127.0.0.1:"),
+        "{out}"
+    );
+    assert!(out.contains("--out"), "the alternative is named: {out}");
+
+    // A daemon that does not import (no inbound.pacs).
+    let sender = Daemon::start(&dir.path().join("sender"), RECEIVER);
+    let (ok, out) = receive(&sender, &allowed);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("does not import tokens: inbound.pacs is empty"),
+        "{out}"
+    );
+    drop(sender);
+
+    // A daemon that imports (into a PACS that is not there: the job waits).
+    let pacs = format!("{RECEIVER}pacs = \"127.0.0.1:{}\"\n", free_port());
+    let receiver = Daemon::start(&dir.path().join("receiver"), &pacs);
+    let (ok, out) = receive(&receiver, &foreign);
+    assert!(!ok, "{out}");
+    assert!(out.contains("https://elsewhere.example"), "{out}");
+    assert!(out.contains("inbound.allowed_repositories"), "{out}");
+
+    let (ok, out) = receive(&receiver, &allowed);
+    assert!(ok, "{out}");
+    assert!(out.contains("queued for import as job R"), "{out}");
+    let (ok, again) = receive(&receiver, &allowed);
+    assert!(!ok, "{again}");
+    assert!(again.contains("already being imported"), "{again}");
+
+    let secret = std::fs::read_to_string(dir.path().join("allowed.token")).unwrap();
+    let log = receiver.log();
+    assert!(
+        !log.contains(secret.trim()),
+        "the token never reaches the log"
+    );
+    assert!(!out.contains(secret.trim()) && !again.contains(secret.trim()));
+}
+
+/// A send by `cloudpdi send` is listed by `cloudpdi status`: recorded by the running
+/// daemon, or in the index when no daemon runs; two sends in one second stay apart.
+#[test]
+fn a_send_by_the_command_is_listed_by_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let study = dir.path().join("study");
+    std::fs::create_dir_all(&study).unwrap();
+    gen_ct(&study, 3, &[]);
+    // A standalone repository: the send without a daemon needs one.
+    let repository = Repository::start(&dir.path().join("repository"));
+    let routes = format!(
+        "[route.ct]\nae_title = \"CLOUDPDI\"\nrepository_url = \"{}\"\n\
+         repository_api_key_file = \"{}\"\n[outbound]\nenabled = true\n\
+         [facility]\ncode = \"HOSPA\"\nname = \"Hospital A\"\n",
+        repository.url,
+        repository.key_file.display()
+    );
+    let mut site = Daemon::start(&dir.path().join("site"), &routes);
+    let config = site.config.to_str().unwrap().to_owned();
+    let send = || {
+        cloudpdi(&[
+            "send",
+            "--config",
+            &config,
+            "--route",
+            "ct",
+            study.to_str().unwrap(),
+        ])
+    };
+    let (ok, out) = send();
+    assert!(ok, "{out}");
+    assert!(out.contains("recorded as job S"), "{out}");
+    let (ok, out) = send();
+    assert!(ok, "{out}");
+    assert!(out.contains("recorded as job S"), "{out}");
+    site.stop();
+    let (ok, out) = send();
+    assert!(ok, "{out}");
+    assert!(out.contains("no daemon is running"), "{out}");
+    site.spawn();
+    let status = site.status();
+    let sent: Vec<_> = status["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|j| j["id"].as_str().unwrap().starts_with('S'))
+        .collect();
+    assert_eq!(sent.len(), 3, "every send is listed: {status}");
+    for job in sent {
+        assert_eq!(job["state"], "done", "{job}");
+        assert_eq!(job["direction"], "outbound", "{job}");
+    }
+    // The clerks' group may read the token folder, nothing else of the data folder.
+    let mode = |path: &str| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(site.dir.join(path))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode("data/tokens/ct"), 0o750);
+    for private in ["data/spool", "data/index", "data/jobs", "data/repository"] {
+        assert_eq!(mode(private), 0o700, "{private}");
+    }
+    let tokens = common::files_in(&site.dir.join("data/tokens/ct"));
+    let token_files = tokens
+        .iter()
+        .filter(|f| f.extension().is_some_and(|e| e == "token"));
+    assert_eq!(
+        token_files.count(),
+        3,
+        "one token file per send: {tokens:?}"
+    );
+}
