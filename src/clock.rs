@@ -153,7 +153,11 @@ pub fn time_left(now: u64, deadline: u64) -> Option<String> {
     Some(if days > 0 {
         format!("{} {} left", plural(days, "day"), plural(hours, "hour"))
     } else if hours > 0 {
-        format!("{} {} left", plural(hours, "hour"), plural(minutes, "minute"))
+        format!(
+            "{} {} left",
+            plural(hours, "hour"),
+            plural(minutes, "minute")
+        )
     } else if minutes > 0 {
         format!("{} left", plural(minutes, "minute"))
     } else {
@@ -211,9 +215,14 @@ mod tests {
 
     #[test]
     fn an_unknown_zone_is_refused_with_the_fix() {
-        let error = time_zone("Asia/Tokio").expect_err("no such zone").to_string();
+        let error = time_zone("Asia/Tokio")
+            .expect_err("no such zone")
+            .to_string();
         assert!(error.contains("\"Asia/Tokio\""), "{error}");
-        assert!(error.contains("Asia/Tokyo") && error.contains("tzdata"), "{error}");
+        assert!(
+            error.contains("Asia/Tokyo") && error.contains("tzdata"),
+            "{error}"
+        );
         assert!(time_zone("").is_ok());
     }
 

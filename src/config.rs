@@ -906,8 +906,11 @@ mod tests {
         let ok = parse(&format!("{route}[facility]\ntime_zone = \"Asia/Tokyo\"\n"))
             .expect("a known zone");
         assert_eq!(ok.facility.time_zone, "Asia/Tokyo");
-        let err = parse(&format!("{route}[facility]\ncontact = \"{}\"\n", "0".repeat(61)))
-            .expect_err("long contact");
+        let err = parse(&format!(
+            "{route}[facility]\ncontact = \"{}\"\n",
+            "0".repeat(61)
+        ))
+        .expect_err("long contact");
         assert!(err.to_string().contains("facility.contact"), "{err}");
         let off = parse(&format!("{route}slip_patient_name = false\n")).expect("route option");
         assert!(!off.routes["ct"].slip_patient_name);

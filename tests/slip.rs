@@ -57,7 +57,14 @@ fn send_study(daemon: &Daemon, dir: &Path, ae_title: &str, patient_id: &str) {
     gen_ct(
         &study,
         3,
-        &["--charset", "iso2022", "--patient-id", patient_id, "--matrix", "64"],
+        &[
+            "--charset",
+            "iso2022",
+            "--patient-id",
+            patient_id,
+            "--matrix",
+            "64",
+        ],
     );
     let out = run(Command::new(require("/usr/bin/storescu"))
         .args(["-aet", "MODALITY", "-aec", ae_title, "127.0.0.1"])
@@ -197,7 +204,11 @@ fn daemon_slips_name_the_patient_study_contact_and_local_expiry() {
         "/usr/bin/zbarimg",
         &["--raw", "-q", dir.path().join("page.png").to_str().unwrap()],
     );
-    assert_eq!(decoded.trim_end(), token_text, "the QR holds the token only");
+    assert_eq!(
+        decoded.trim_end(),
+        token_text,
+        "the QR holds the token only"
+    );
     for field in [&parsed.summary, &parsed.issuer, &parsed.document_id] {
         assert!(
             !field.contains("山田") && !field.contains("Yamada") && !field.contains("PSLIP"),
@@ -249,7 +260,7 @@ fn send_names_its_files_and_fills_its_slip_like_the_daemon() {
         .unwrap_or_else(|| panic!("no token path in {out}"));
     let stem = Path::new(token).file_stem().unwrap().to_str().unwrap();
     assert!(
-        stem.starts_with("20261124_PSEND00001_ACC000001_S"),
+        stem.starts_with("20261124_PSEND00001_ACCD00001_S"),
         "{stem}"
     );
     let html = std::fs::read_to_string(Path::new(token).with_extension("html")).unwrap();

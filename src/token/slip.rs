@@ -632,7 +632,10 @@ mod tests {
         let details = details();
         let slip = Slip {
             text: &text,
-            expiry: ["2026年12月1日 09:00まで".into(), "until 1 Dec 2026 09:00 (JST)".into()],
+            expiry: [
+                "2026年12月1日 09:00まで".into(),
+                "until 1 Dec 2026 09:00 (JST)".into(),
+            ],
             details: &details,
             matrix: &matrix,
         };
@@ -715,10 +718,9 @@ mod tests {
     fn expiry_is_local_time_with_the_hour() {
         let mut details = details();
         details.time_zone = Some(crate::clock::time_zone("Asia/Tokyo").expect("tzdata"));
-        let html = String::from_utf8(
-            render_bytes(&token(), &details, SlipFormat::Html).expect("render"),
-        )
-        .expect("utf-8");
+        let html =
+            String::from_utf8(render_bytes(&token(), &details, SlipFormat::Html).expect("render"))
+                .expect("utf-8");
         // 1_796_083_200 is 2026-12-01 00:00 UTC.
         assert!(html.contains("2026年12月1日 09:00まで"), "{html}");
         assert!(html.contains("until 1 Dec 2026 09:00 (JST)"), "{html}");

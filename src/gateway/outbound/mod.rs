@@ -23,8 +23,8 @@ mod study;
 
 pub use job::{OutStep, OutboundJob};
 pub use sender::Sender;
-pub use study::StudyDetails;
 use sender::Workdir;
+pub use study::StudyDetails;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

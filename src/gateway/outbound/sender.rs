@@ -283,7 +283,10 @@ impl Sender {
         let details = SlipDetails {
             facility_name: self.config.facility.name.clone(),
             facility_contact: (!contact.is_empty()).then(|| contact.clone()),
-            patient_name: study.patient_name.clone().filter(|_| route.slip_patient_name),
+            patient_name: study
+                .patient_name
+                .clone()
+                .filter(|_| route.slip_patient_name),
             study_date: study.study_date(),
             modality: study.modality(),
             study_description: study.description(),

@@ -312,7 +312,8 @@ mod tests {
     #[test]
     fn japanese_names_read_as_ideographic_with_phonetic() {
         // pydicom's encoding of "Yamada^Tarou=山田^太郎=やまだ^たろう" in ISO 2022 IR 87.
-        let iso2022 = b"Yamada^Tarou=\x1b$B;3ED\x1b(B^\x1b$BB@O:\x1b(B=\x1b$B$d$^$@\x1b(B^\x1b$B$?$m$&\x1b(B";
+        let iso2022 =
+            b"Yamada^Tarou=\x1b$B;3ED\x1b(B^\x1b$BB@O:\x1b(B=\x1b$B$d$^$@\x1b(B^\x1b$B$?$m$&\x1b(B";
         let name = study("\\ISO 2022 IR 87", iso2022).patient_name;
         assert_eq!(name.as_deref(), Some("山田 太郎 (やまだ たろう)"));
         let utf8 = "Yamada^Tarou=山田^太郎=やまだ^たろう".as_bytes();
