@@ -587,13 +587,25 @@ impl Config {
         if facility.len() > 32 || !facility.bytes().all(|b| (0x20..0x7f).contains(&b)) {
             return invalid("facility.code: up to 32 printable ASCII characters".into());
         }
-        let contact = &self.facility.contact;
         let most = crate::token::slip::MAX_FIELD_CHARS;
-        if contact.chars().count() > most || contact.chars().any(char::is_control) {
-            return invalid(format!(
-                "facility.contact: at most {most} characters on one line (it is printed on \
-                 every slip), e.g. \"075-000-0000 (radiology reception)\""
-            ));
+        for (key, value, example) in [
+            (
+                "facility.name",
+                &self.facility.name,
+                "Kyoto University Hospital",
+            ),
+            (
+                "facility.contact",
+                &self.facility.contact,
+                "075-000-0000 (radiology reception)",
+            ),
+        ] {
+            if value.chars().count() > most || value.chars().any(char::is_control) {
+                return invalid(format!(
+                    "{key}: at most {most} characters on one line (it is printed on every \
+                     slip), e.g. \"{example}\""
+                ));
+            }
         }
         crate::clock::time_zone(&self.facility.time_zone)
             .map_err(|e| ConfigError::Invalid(format!("facility.time_zone: {e}")))?;
@@ -912,6 +924,12 @@ mod tests {
         ))
         .expect_err("long contact");
         assert!(err.to_string().contains("facility.contact"), "{err}");
+        let err = parse(&format!(
+            "{route}[facility]\nname = \"{}\"\n",
+            "病".repeat(61)
+        ))
+        .expect_err("long name");
+        assert!(err.to_string().contains("facility.name"), "{err}");
         let off = parse(&format!("{route}slip_patient_name = false\n")).expect("route option");
         assert!(!off.routes["ct"].slip_patient_name);
     }
