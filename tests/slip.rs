@@ -305,3 +305,20 @@ fn inspect_shows_local_time_and_fails_for_an_expired_token() {
         "{err}"
     );
 }
+
+#[test]
+fn an_unknown_time_zone_stops_the_start_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("cloudpdi.toml");
+    let extra = format!("{CT_ROUTE}[facility]\ntime_zone = \"Asia/Tokio\"\n");
+    let text = config_text(free_port(), free_port(), &dir.path().join("data"), &extra);
+    std::fs::write(&config, text).unwrap();
+    let (ok, out, err) = cloudpdi(&["serve", "--config", config.to_str().unwrap()], "UTC");
+    assert!(!ok, "the daemon started with an unknown zone:\n{out}{err}");
+    assert!(
+        err.contains("facility.time_zone")
+            && err.contains("Asia/Tokio")
+            && err.contains("Asia/Tokyo"),
+        "{err}"
+    );
+}
