@@ -5,6 +5,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --locked
+# Slips print the expiry in facility.time_zone (or the system's): the time zone database
+# (/usr/share/zoneinfo) comes from the tzdata package, absent from minimal images.
+[ -e /usr/share/zoneinfo/Asia/Tokyo ] || {
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tzdata
+}
 install -m 0755 target/release/cloudpdi /usr/local/bin/cloudpdi
 install -d -m 0755 /etc/cloudpdi /usr/local/share/doc/cloudpdi
 # The daemon's user; its group may read the token folder (add clerks who print slips).

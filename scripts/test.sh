@@ -4,7 +4,8 @@
 # Peers (Debian packages): dcmtk (storescu, storescp, echoscu, dcmdump, dcmmkdir),
 # orthanc, dicom3tools (dciodvfy), zbar-tools (zbarimg), zip/unzip, curl, iproute2 and
 # util-linux (network/mount namespaces for peers that cannot bind loopback only),
-# poppler-utils, poppler-data, qpdf, librsvg2-bin (checking the token slip's PDF and SVG).
+# poppler-utils, poppler-data, qpdf, librsvg2-bin (checking the token slip's PDF and SVG),
+# tzdata (/usr/share/zoneinfo: slips print the expiry in facility.time_zone).
 # Python packages (PyPI): pydicom, pydicom-data, pynetdicom, numpy, moto[server].
 # cargo-deny (crates.io) for scripts/deny.sh.
 # Needs root for apt-get and for the namespace tests (CI runs as root).
@@ -21,6 +22,7 @@ need poppler-utils /usr/bin/pdftoppm
 need qpdf /usr/bin/qpdf
 need librsvg2-bin /usr/bin/rsvg-convert
 [ -e /usr/share/poppler/cMap/Adobe-Japan1/UniJIS-UCS2-H ] || missing+=(poppler-data)
+[ -e /usr/share/zoneinfo/Asia/Tokyo ] || missing+=(tzdata)
 need zip /usr/bin/zip
 need unzip /usr/bin/unzip
 need curl /usr/bin/curl

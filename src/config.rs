@@ -126,6 +126,12 @@ pub struct FacilityConfig {
     pub code: String,
     /// Name printed on the patient's slip and in README.TXT.
     pub name: String,
+    /// Whom the patient calls with questions or a lost slip (phone, department), printed
+    /// on the slip; empty: not printed.
+    pub contact: String,
+    /// IANA time zone of times printed for people (the slip's expiry), e.g.
+    /// `Asia/Tokyo`; empty: the system's (`TZ`, else `/etc/localtime`).
+    pub time_zone: String,
 }
 
 /// How the gateway reaches the Cloud-PDI repository.
@@ -334,6 +340,9 @@ pub struct RouteConfig {
     /// What happens to AI support images (CAD overlays, AI results) in this route's file
     /// sets; defaults in [`crate::pdi::AiPolicy::default`].
     pub ai_support: crate::pdi::AiPolicy,
+    /// Whether the slip prints the patient's name (never in the QR code); `false` for
+    /// routes whose slips pass through other hands first.
+    pub slip_patient_name: bool,
 }
 
 /// The grouping key of a batch.
@@ -406,6 +415,7 @@ impl Default for RouteConfig {
             compress: true,
             repository_url: String::new(),
             repository_api_key_file: PathBuf::new(),
+            slip_patient_name: true,
         }
     }
 }
@@ -415,6 +425,8 @@ impl Default for FacilityConfig {
         FacilityConfig {
             code: "HOSPITAL".into(),
             name: "Hospital".into(),
+            contact: String::new(),
+            time_zone: String::new(),
         }
     }
 }
@@ -575,6 +587,28 @@ impl Config {
         if facility.len() > 32 || !facility.bytes().all(|b| (0x20..0x7f).contains(&b)) {
             return invalid("facility.code: up to 32 printable ASCII characters".into());
         }
+        let most = crate::token::slip::MAX_FIELD_CHARS;
+        for (key, value, example) in [
+            (
+                "facility.name",
+                &self.facility.name,
+                "Kyoto University Hospital",
+            ),
+            (
+                "facility.contact",
+                &self.facility.contact,
+                "075-000-0000 (radiology reception)",
+            ),
+        ] {
+            if value.chars().count() > most || value.chars().any(char::is_control) {
+                return invalid(format!(
+                    "{key}: at most {most} characters on one line (it is printed on every \
+                     slip), e.g. \"{example}\""
+                ));
+            }
+        }
+        crate::clock::time_zone(&self.facility.time_zone)
+            .map_err(|e| ConfigError::Invalid(format!("facility.time_zone: {e}")))?;
         let url = &self.repository.url;
         if url != "embedded" && !is_http(url) {
             return invalid(format!(
@@ -869,5 +903,34 @@ mod tests {
         let c = parse("[route.ct]\nae_title = \"CLOUDPDI\"\nallowed_callers = \"PACS, MOD1\"\n")
             .expect("comma list");
         assert_eq!(c.routes["ct"].allowed_callers, ["PACS", "MOD1"]);
+    }
+
+    #[test]
+    fn the_facility_time_zone_and_contact_are_checked_at_start() {
+        let route = "[route.ct]\nae_title = \"CLOUDPDI\"\n";
+        let err = parse(&format!("{route}[facility]\ntime_zone = \"Asia/Tokio\"\n"))
+            .expect_err("unknown zone");
+        let err = err.to_string();
+        assert!(
+            err.contains("facility.time_zone") && err.contains("Asia/Tokio"),
+            "{err}"
+        );
+        let ok = parse(&format!("{route}[facility]\ntime_zone = \"Asia/Tokyo\"\n"))
+            .expect("a known zone");
+        assert_eq!(ok.facility.time_zone, "Asia/Tokyo");
+        let err = parse(&format!(
+            "{route}[facility]\ncontact = \"{}\"\n",
+            "0".repeat(61)
+        ))
+        .expect_err("long contact");
+        assert!(err.to_string().contains("facility.contact"), "{err}");
+        let err = parse(&format!(
+            "{route}[facility]\nname = \"{}\"\n",
+            "病".repeat(61)
+        ))
+        .expect_err("long name");
+        assert!(err.to_string().contains("facility.name"), "{err}");
+        let off = parse(&format!("{route}slip_patient_name = false\n")).expect("route option");
+        assert!(!off.routes["ct"].slip_patient_name);
     }
 }

@@ -218,7 +218,8 @@ enum TokenCommand {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Show a token's fields, validity and time to expiry.
+    /// Show a token's fields, validity and time to expiry (local time); exits non-zero
+    /// for an expired token.
     Inspect {
         /// The token, or @FILE (preferred: arguments are visible in the process list).
         token: String,
@@ -461,10 +462,9 @@ fn token(command: TokenCommand) -> anyhow::Result<()> {
             println!("token written to {}", shown(&out));
         }
         TokenCommand::Inspect { token, show_secret } => {
-            print!(
-                "{}",
-                cli::describe_now(&cli::read_token(&token)?, show_secret)
-            );
+            let token = cli::read_token(&token)?;
+            print!("{}", cli::describe_now(&token, show_secret));
+            cli::check_valid_now(&token)?;
         }
         TokenCommand::Slip(args) => {
             let token = cli::read_token(&args.token)?;

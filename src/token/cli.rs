@@ -5,8 +5,10 @@
 use std::io::Write;
 use std::path::Path;
 
+use jiff::tz::TimeZone;
+
 use super::{Token, TokenError};
-use crate::clock::date;
+use crate::clock::{local_text, time_left};
 use zeroize::Zeroizing;
 
 use crate::telemetry::Escaped;
@@ -30,6 +32,17 @@ pub enum CliError {
     /// The slip could not be rendered or written.
     #[error(transparent)]
     Slip(#[from] super::slip::SlipError),
+    /// The token is past its expiry: the repository no longer opens it.
+    #[error(
+        "this token expired on {since}: the repository no longer gives its study out; the \
+         patient should ask the issuing facility ({issuer}) for a new slip"
+    )]
+    Expired {
+        /// The expiry, in local time.
+        since: String,
+        /// The issuing facility's code.
+        issuer: String,
+    },
     /// The token file cannot be read or written.
     #[error("token file {path}: {source}")]
     File {
@@ -93,13 +106,41 @@ pub fn write_slip(token: &Token, text: SlipText, out: &Path) -> Result<(), CliEr
         facility_contact: text.contact,
         patient_name: text.patient_name,
         content: text.content.unwrap_or_else(|| token.summary.clone()),
+        ..SlipDetails::default()
     };
     Ok(render(token, &details, format, out)?)
 }
 
-/// A description of a token for a person (`cloudpdi token inspect`), as of now.
+/// A description of a token for a person (`cloudpdi token inspect`), as of now, times in
+/// the system's time zone.
 pub fn describe_now(token: &Token, show_secret: bool) -> String {
-    describe(token, crate::clock::now_seconds(), show_secret)
+    let zone = crate::clock::time_zone("").unwrap_or(TimeZone::UTC);
+    describe(token, crate::clock::now_seconds(), &zone, show_secret)
+}
+
+/// Whether the token still opens its study now (`cloudpdi token inspect` exits non-zero
+/// for an expired one, so scripts and clerks can tell).
+///
+/// # Errors
+/// [`CliError::Expired`] from the token's expiry second on (as the repository decides).
+pub fn check_valid_now(token: &Token) -> Result<(), CliError> {
+    let zone = crate::clock::time_zone("").unwrap_or(TimeZone::UTC);
+    check_valid(token, crate::clock::now_seconds(), &zone)
+}
+
+/// Whether the token still opens its study at `now`; see [`check_valid_now`].
+///
+/// # Errors
+/// [`CliError::Expired`] from the token's expiry second on.
+pub fn check_valid(token: &Token, now: u64, zone: &TimeZone) -> Result<(), CliError> {
+    let expiry = u64::from(token.expires_at);
+    match time_left(now, expiry) {
+        Some(_) => Ok(()),
+        None => Err(CliError::Expired {
+            since: local_text(expiry, zone),
+            issuer: Escaped(&token.issuer).to_string(),
+        }),
+    }
 }
 
 /// Reads a token given as text or as `@FILE` (preferred: a token on the command line is
@@ -168,19 +209,12 @@ pub fn write_token_file(token: &Token, path: &Path) -> Result<(), CliError> {
     )
 }
 
-/// A description of a token for a person; the secret only when asked.
-pub fn describe(token: &Token, now: u64, show_secret: bool) -> String {
+/// A description of a token for a person, times in `zone`; the secret only when asked.
+pub fn describe(token: &Token, now: u64, zone: &TimeZone, show_secret: bool) -> String {
     let expiry = u64::from(token.expires_at);
-    let validity = if now > expiry {
-        format!("EXPIRED on {} (UTC)", date(expiry))
-    } else {
-        let left = expiry - now;
-        format!(
-            "valid until {} (UTC), {} days {} hours left",
-            date(expiry),
-            left / 86_400,
-            left % 86_400 / 3_600
-        )
+    let validity = match time_left(now, expiry) {
+        Some(left) => format!("valid until {}, {left}", local_text(expiry, zone)),
+        None => format!("EXPIRED since {}", local_text(expiry, zone)),
     };
     let mut out = format!(
         "repository:  {}\ndocument ID: {}\nissuer:      {}\nsummary:     {}\nvalidity:    {validity}\n",

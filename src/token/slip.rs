@@ -1,6 +1,8 @@
 //! The printable slip the patient carries instead of a CD: QR code (the token text only),
-//! the grouped text to type if the QR cannot be read, expiry, issuing facility, and short
-//! instructions in Japanese and English.
+//! the grouped text to type if the QR cannot be read, expiry (local time, in Japanese and
+//! English), issuing facility and whom to call, what the study is (patient's name, study
+//! date, modality, description: what a clerk matches the slip to the patient with), and
+//! short instructions in Japanese and English.
 //!
 //! Four renderings of one A5 layout: SVG and PDF (vector, QR drawn as rectangles), HTML
 //! (the same content as a web page with an inline SVG QR, prints on A5), and PNG (only the
@@ -11,14 +13,18 @@
 //!
 //! The patient's name may be printed (the patient holds the paper) but is never in the QR
 //! code. The file holds the token: it is written with mode 0600, to a temp file, fsynced
-//! and renamed.
+//! and renamed. Every printed field is bounded ([`MAX_FIELD_CHARS`]) and escaped for its
+//! format (HTML and SVG entities; PDF text is written as hex strings, so no byte of a
+//! field can end a PDF string).
 
 use std::fmt::Write as _;
 use std::path::Path;
 
+use jiff::tz::TimeZone;
+
 use super::Token;
 use super::qr::{self, QUIET_ZONE, QrMatrix};
-use crate::clock::date;
+use crate::clock::{until_en, until_ja};
 use crate::markup::escape;
 
 /// Longest free-text field printed on the slip (characters).
@@ -33,8 +39,38 @@ pub struct SlipDetails {
     pub facility_contact: Option<String>,
     /// The patient's name, for the patient's own benefit; printed, never encoded.
     pub patient_name: Option<String>,
+    /// The study date(s) as printed, e.g. "2026-11-20": with the modality, what a clerk
+    /// matches the slip with.
+    pub study_date: Option<String>,
+    /// The study's modalities, e.g. "CT, PT".
+    pub modality: Option<String>,
+    /// The study description, e.g. "CT CHEST".
+    pub study_description: Option<String>,
     /// What the token gives access to, e.g. "CT chest 2026-11-20, 1 study".
     pub content: String,
+    /// The zone the expiry is printed in (`facility.time_zone`); `None`: the system's.
+    pub time_zone: Option<TimeZone>,
+}
+
+/// `text` made fit to print: control characters (line breaks, tabs, escapes) become
+/// spaces, runs of spaces one, and a text longer than [`MAX_FIELD_CHARS`] is cut with an
+/// ellipsis. For fields taken from data (DICOM headers), which must never stop a slip.
+pub fn printable(text: &str) -> String {
+    let mut out = String::new();
+    for c in text.chars() {
+        let c = if c.is_control() { ' ' } else { c };
+        if c == ' ' && (out.is_empty() || out.ends_with(' ')) {
+            continue;
+        }
+        out.push(c);
+    }
+    let out = out.trim_end();
+    if out.chars().count() <= MAX_FIELD_CHARS {
+        return out.to_owned();
+    }
+    let mut cut: String = out.chars().take(MAX_FIELD_CHARS - 1).collect();
+    cut.push('…');
+    cut
 }
 
 /// File format of a slip.
@@ -113,9 +149,14 @@ pub fn render_bytes(
     validate(details)?;
     let text = token.to_text();
     let matrix = qr::encode(&text)?;
+    let zone = match &details.time_zone {
+        Some(zone) => zone.clone(),
+        None => crate::clock::time_zone("").unwrap_or(TimeZone::UTC),
+    };
+    let expiry = u64::from(token.expires_at);
     let slip = Slip {
         text: &text,
-        expiry: date(u64::from(token.expires_at)),
+        expiry: [until_ja(expiry, &zone), until_en(expiry, &zone)],
         details,
         matrix: &matrix,
     };
@@ -139,6 +180,9 @@ fn validate(details: &SlipDetails) -> Result<(), SlipError> {
         ("facility name", Some(&details.facility_name)),
         ("facility contact", details.facility_contact.as_ref()),
         ("patient name", details.patient_name.as_ref()),
+        ("study date", details.study_date.as_ref()),
+        ("modality", details.modality.as_ref()),
+        ("study description", details.study_description.as_ref()),
         ("content", Some(&details.content)),
     ];
     for (name, value) in fields {
@@ -169,6 +213,8 @@ const INSTRUCTIONS_JA: [&str; 6] = [
     "でください（写真の送信やSNSへの投稿もしないでください）。",
     "紛失したときや期限が切れたときは、発行医療機関にご連絡ください。",
 ];
+/// Label of the facility's contact, printed under the instructions.
+const CONTACT_LABEL: &str = "お問い合わせ・紛失時 / Questions, lost slip: ";
 const INSTRUCTIONS_EN: [&str; 5] = [
     "This slip replaces the CD with your images and results. Hand it",
     "to the reception of the hospital or clinic you are referred to,",
@@ -212,7 +258,8 @@ enum Item {
 
 struct Slip<'a> {
     text: &'a str,
-    expiry: String,
+    /// The expiry in Japanese and in English.
+    expiry: [String; 2],
     details: &'a SlipDetails,
     matrix: &'a QrMatrix,
 }
@@ -222,14 +269,22 @@ impl Slip<'_> {
     fn rows(&self) -> Vec<(&'static str, String)> {
         let d = self.details;
         let mut rows = vec![("発行医療機関 / Issued by", d.facility_name.clone())];
-        if let Some(contact) = &d.facility_contact {
-            rows.push(("連絡先 / Contact", contact.clone()));
-        }
         if let Some(patient) = &d.patient_name {
             rows.push(("患者氏名 / Patient", patient.clone()));
         }
+        let study: Vec<&str> = [&d.study_date, &d.modality, &d.study_description]
+            .into_iter()
+            .flatten()
+            .map(String::as_str)
+            .filter(|s| !s.is_empty())
+            .collect();
+        if !study.is_empty() {
+            rows.push(("検査 / Study", study.join("  ")));
+        }
         rows.push(("内容 / Content", d.content.clone()));
-        rows.push(("有効期限 / Valid until", format!("{} (UTC)", self.expiry)));
+        let [ja, en] = &self.expiry;
+        rows.push(("有効期限 / Valid until", ja.clone()));
+        rows.push(("", en.clone()));
         rows
     }
 
@@ -271,11 +326,13 @@ impl Slip<'_> {
         let value_x = MARGIN + 118.0;
         for (label, value) in self.rows() {
             y += 15.0;
-            items.push(text(MARGIN, y, 8.0, Face::Sans, true, label));
+            if !label.is_empty() {
+                items.push(text(MARGIN, y, 8.0, Face::Sans, true, label));
+            }
             let size = fit(&value, 10.0, PAGE_W - MARGIN - value_x);
             items.push(text(value_x, y, size, Face::Sans, false, &value));
         }
-        y += 12.0;
+        y += 10.0;
         items.push(Item::Qr {
             x: (PAGE_W - QR_SIDE) / 2.0,
             y,
@@ -294,7 +351,7 @@ impl Slip<'_> {
             ));
             items.push(text(MARGIN + 28.0, y, 10.5, Face::Mono, false, &line));
         }
-        y += 8.0;
+        y += 6.0;
         for line in INSTRUCTIONS_JA {
             y += 11.0;
             items.push(text(MARGIN, y, 8.5, Face::Sans, false, line));
@@ -303,6 +360,12 @@ impl Slip<'_> {
         for line in INSTRUCTIONS_EN {
             y += 11.0;
             items.push(text(MARGIN, y, 8.5, Face::Sans, false, line));
+        }
+        if let Some(contact) = &self.details.facility_contact {
+            y += 14.0;
+            let line = format!("{CONTACT_LABEL}{contact}");
+            let size = fit(&line, 9.0, PAGE_W - 2.0 * MARGIN);
+            items.push(text(MARGIN, y, size, Face::Sans, false, &line));
         }
         items
     }
@@ -364,6 +427,14 @@ impl Slip<'_> {
             .collect();
         let side = self.matrix.width() + 2 * QUIET_ZONE;
         let qr = qr_svg_group(self.matrix, 0.0, 0.0, side as f64);
+        let contact = match &self.details.facility_contact {
+            Some(contact) => format!(
+                "<p class=\"contact\">{}<b>{}</b></p>\n",
+                escape(CONTACT_LABEL),
+                escape(contact)
+            ),
+            None => String::new(),
+        };
         format!(
             "<!DOCTYPE html>\n<html lang=\"ja\">\n<head>\n<meta charset=\"utf-8\"/>\n\
              <title>{title}</title>\n<style>\n\
@@ -379,7 +450,7 @@ impl Slip<'_> {
              <svg class=\"qr\" xmlns=\"http://www.w3.org/2000/svg\" viewBox=\"0 0 {side} {side}\" \
              role=\"img\" aria-label=\"QR code of the token\">\n{qr}</svg>\n\
              <p class=\"token\">\n{lines}</p>\n<p lang=\"ja\">{ja}</p>\n<p lang=\"en\">{en}</p>\n\
-             </body>\n</html>\n",
+             {contact}</body>\n</html>\n",
             title = escape(TITLE_JA),
             subtitle = escape(TITLE_EN),
             ja = escape(&INSTRUCTIONS_JA.concat()),
@@ -549,6 +620,7 @@ mod tests {
             facility_contact: Some("075-000-0000".into()),
             patient_name: Some("山田 太郎".into()),
             content: "CT chest".into(),
+            ..SlipDetails::default()
         }
     }
 
@@ -560,7 +632,10 @@ mod tests {
         let details = details();
         let slip = Slip {
             text: &text,
-            expiry: "2026-12-01".into(),
+            expiry: [
+                "2026年12月1日 09:00まで".into(),
+                "until 1 Dec 2026 09:00 (JST)".into(),
+            ],
             details: &details,
             matrix: &matrix,
         };
@@ -591,6 +666,65 @@ mod tests {
         bad.patient_name = None;
         bad.content = "x".repeat(MAX_FIELD_CHARS + 1);
         assert!(render_bytes(&token(), &bad, SlipFormat::Pdf).is_err());
+    }
+
+    #[test]
+    fn data_fields_are_made_printable() {
+        assert_eq!(printable("  CT\r\n\u{1b}[31m CHEST\t "), "CT [31m CHEST");
+        let long = printable(&"山".repeat(MAX_FIELD_CHARS * 2));
+        assert_eq!(long.chars().count(), MAX_FIELD_CHARS);
+        assert!(long.ends_with('…'));
+        let mut details = details();
+        details.study_description = Some(long);
+        assert!(render_bytes(&token(), &details, SlipFormat::Pdf).is_ok());
+    }
+
+    /// With every field at its longest and the contact printed, the A5 page still holds
+    /// everything: the last line ends above the bottom edge.
+    #[test]
+    fn the_fullest_slip_fits_the_page() {
+        let token = token();
+        let text = token.to_text();
+        let matrix = qr::encode(&text).expect("fits");
+        let long = "山".repeat(MAX_FIELD_CHARS);
+        let details = SlipDetails {
+            facility_name: long.clone(),
+            facility_contact: Some(long.clone()),
+            patient_name: Some(long.clone()),
+            study_date: Some(long.clone()),
+            modality: Some(long.clone()),
+            study_description: Some(long.clone()),
+            content: long.clone(),
+            time_zone: None,
+        };
+        let slip = Slip {
+            text: &text,
+            expiry: [long.clone(), long],
+            details: &details,
+            matrix: &matrix,
+        };
+        let bottom = slip
+            .layout()
+            .iter()
+            .map(|item| match item {
+                Item::Text { y, .. } => *y,
+                Item::Qr { y, side, .. } => y + side,
+            })
+            .fold(0.0, f64::max);
+        assert!(bottom < PAGE_H - 12.0, "last line at {bottom} of {PAGE_H}");
+    }
+
+    #[test]
+    fn expiry_is_local_time_with_the_hour() {
+        let mut details = details();
+        details.time_zone = Some(crate::clock::time_zone("Asia/Tokyo").expect("tzdata"));
+        let html =
+            String::from_utf8(render_bytes(&token(), &details, SlipFormat::Html).expect("render"))
+                .expect("utf-8");
+        // 1_796_083_200 is 2026-12-01 00:00 UTC.
+        assert!(html.contains("2026年12月1日 09:00まで"), "{html}");
+        assert!(html.contains("until 1 Dec 2026 09:00 (JST)"), "{html}");
+        assert!(!html.contains("(UTC)"), "{html}");
     }
 
     #[test]

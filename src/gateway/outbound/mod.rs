@@ -8,7 +8,9 @@
 //! 3. **upload**: the repository assigns a document ID (kept in the job record at once),
 //!    the container is uploaded in parts, resuming after any interruption;
 //! 4. **issue**: the token (document ID + secret) is written to the route's token folder,
-//!    with the patient's slip; the job folder is removed;
+//!    with the patient's slip (study details read from the batch's instances, see
+//!    [`StudyDetails`]; files named by study date, Patient ID, Accession Number and job);
+//!    the job folder is removed;
 //! 5. **deliver**: the route's delivery command, if any, is run with the slip's path.
 //!
 //! The spooled instances are removed once the route's retention has passed.
@@ -17,10 +19,12 @@
 
 mod job;
 mod sender;
+mod study;
 
 pub use job::{OutStep, OutboundJob};
 pub use sender::Sender;
 use sender::Workdir;
+pub use study::StudyDetails;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -211,7 +215,11 @@ impl Outbound {
                 let this = self.clone();
                 let mut issued = job.clone();
                 let issued = blocking(move || {
-                    this.sender.issue(&dir, &mut issued)?;
+                    let files = match issued.batch {
+                        Some(batch) => this.spool.batch_files(batch)?,
+                        None => Vec::new(),
+                    };
+                    this.sender.issue(&dir, &mut issued, &files)?;
                     Ok(issued)
                 })
                 .await?;
@@ -351,6 +359,7 @@ pub async fn send_files(
     let mut job = OutboundJob::new(id, None, route);
     let compress = sender.route_options(route)?.compress;
     let (this, dir, route_name) = (sender.clone(), workdir.clone(), route.to_owned());
+    let inputs = files.clone();
     let (report, bytes) = blocking(move || {
         let dir = Workdir(dir);
         let report = this.pack(&dir, &route_name, &files, &attachments)?;
@@ -363,7 +372,7 @@ pub async fn send_files(
     job.container_bytes = bytes;
     let dir = Workdir(workdir);
     sender.upload(&dir, &mut job, None, progress).await?;
-    let token = sender.issue(&dir, &mut job)?;
+    let token = sender.issue(&dir, &mut job, &inputs)?;
     durable::remove_dir_all(&dir.0).map_err(|e| StepError::file("remove", &dir.0, &e))?;
     Ok((token, job))
 }

@@ -19,7 +19,7 @@ use crate::repository::client::{Client, ClientOptions};
 use crate::token::slip::{self, SlipDetails, SlipFormat};
 use crate::token::{SECRET_LEN, Secret, Token};
 
-use super::OutboundJob;
+use super::{OutboundJob, StudyDetails};
 
 /// Everything the outbound steps need, shared by the daemon and `cloudpdi send`.
 pub struct Sender {
@@ -244,8 +244,15 @@ impl Sender {
             .map_err(StepError::from)
     }
 
-    /// Writes the token file and the slip (blocking); the same files on a repeat.
-    pub(super) fn issue(&self, dir: &Workdir, job: &mut OutboundJob) -> Result<Token, StepError> {
+    /// Writes the token file and the slip (blocking); the same files on a repeat. The slip
+    /// and the file names carry the study details read from `instances` (the batch's
+    /// spooled files, or what `cloudpdi send` was given).
+    pub(super) fn issue(
+        &self,
+        dir: &Workdir,
+        job: &mut OutboundJob,
+        instances: &[PathBuf],
+    ) -> Result<Token, StepError> {
         let route = self.route_options(&job.route)?;
         let secret = Self::secret(dir)?;
         let document_id = job.document_id.as_deref().unwrap_or_default();
@@ -263,15 +270,28 @@ impl Sender {
             &secret,
         )
         .map_err(StepError::permanent)?;
+        let study = StudyDetails::gather(instances);
+        let time_zone = crate::clock::time_zone(&self.config.facility.time_zone)
+            .map_err(|e| StepError::permanent(format!("facility.time_zone: {e}")))?;
         let folder = self.config.token_dir(&job.route);
-        let token_file = folder.join(format!("{}.token", job.id));
+        let stem = study.file_stem(&job.id);
+        let token_file = folder.join(format!("{stem}.token"));
         durable::write(&token_file, token.to_line().as_bytes(), 0o600)
             .map_err(|e| StepError::file("write", &token_file, &e))?;
-        let slip_file = folder.join(format!("{}.{}", job.id, route.slip));
+        let slip_file = folder.join(format!("{stem}.{}", route.slip));
+        let contact = &self.config.facility.contact;
         let details = SlipDetails {
             facility_name: self.config.facility.name.clone(),
+            facility_contact: (!contact.is_empty()).then(|| contact.clone()),
+            patient_name: study
+                .patient_name
+                .clone()
+                .filter(|_| route.slip_patient_name),
+            study_date: study.study_date(),
+            modality: study.modality(),
+            study_description: study.description(),
             content: summary,
-            ..SlipDetails::default()
+            time_zone: Some(time_zone),
         };
         let format = SlipFormat::from_path(&slip_file).ok_or_else(|| {
             StepError::permanent(format!("route.{}.slip: unknown format", job.route))
