@@ -21,6 +21,10 @@ use crate::token::{SECRET_LEN, Secret, Token};
 
 use super::{OutboundJob, StudyDetails};
 
+/// Mode of the token files and slips the pipeline writes: the daemon's group (the clerks
+/// who print slips) may read them, nobody else; their folder is 0750 (`serve`).
+pub const TOKEN_FILE_MODE: u32 = 0o640;
+
 /// Everything the outbound steps need, shared by the daemon and `cloudpdi send`.
 pub struct Sender {
     /// The daemon's configuration (facility, routes, folders).
@@ -276,7 +280,7 @@ impl Sender {
         let folder = self.config.token_dir(&job.route);
         let stem = study.file_stem(&job.id);
         let token_file = folder.join(format!("{stem}.token"));
-        durable::write(&token_file, token.to_line().as_bytes(), 0o600)
+        durable::write(&token_file, token.to_line().as_bytes(), TOKEN_FILE_MODE)
             .map_err(|e| StepError::file("write", &token_file, &e))?;
         let slip_file = folder.join(format!("{stem}.{}", route.slip));
         let contact = &self.config.facility.contact;
@@ -296,7 +300,9 @@ impl Sender {
         let format = SlipFormat::from_path(&slip_file).ok_or_else(|| {
             StepError::permanent(format!("route.{}.slip: unknown format", job.route))
         })?;
-        slip::render(&token, &details, format, &slip_file).map_err(StepError::transient)?;
+        let bytes = slip::render_bytes(&token, &details, format).map_err(StepError::transient)?;
+        durable::write(&slip_file, &bytes, TOKEN_FILE_MODE)
+            .map_err(|e| StepError::file("write", &slip_file, &e))?;
         job.token_file = Some(token_file);
         job.slip_file = Some(slip_file);
         Ok(token)
