@@ -125,7 +125,14 @@ impl StudyDetails {
             .map(part)
             .filter(|p| !p.is_empty())
             .collect();
-        parts.push(part(job_id));
+        // The job ID is ours and unique: kept whole (only its safe characters), so two
+        // names never collide.
+        parts.push(
+            job_id
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+                .collect(),
+        );
         parts.join("_")
     }
 }
