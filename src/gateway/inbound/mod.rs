@@ -34,8 +34,10 @@ use crate::config::{Config, InboundConfig, PatientIdMode};
 use crate::dicom::scu::{Instance, Outcome, StoreTarget, store_all};
 use crate::durable;
 use crate::gateway::inbound::reconcile::PatientIdPolicy;
-use crate::gateway::jobs::blocking;
-use crate::gateway::jobs::{JobRecord, JobSummary, Pipeline, Progress, StepError};
+use crate::gateway::jobs::{
+    Cause, JobRecord, JobSummary, Pipeline, Progress, RetryError, StepError,
+};
+use crate::gateway::jobs::{blocking, state_name};
 use crate::gateway::store::{IndexError, JobStore, Store};
 use crate::repository::api::Receipt;
 use crate::repository::client::{Client, ClientOptions};
@@ -199,11 +201,39 @@ impl Inbound {
         }
     }
 
+    /// Puts a held job (a failure only a person can fix, e.g. the PACS refusing our AE
+    /// title) or one waiting for its back-off back to work at once, with its attempts
+    /// reset: `cloudpdi retry` once the cause is fixed. Returns the step it will run.
+    ///
+    /// # Errors
+    /// [`RetryError`] when there is no such job, it is done, or it failed for good (its
+    /// token is gone: it is imported anew by dropping the token again).
+    pub fn retry(&self, id: &str) -> Result<InStep, RetryError> {
+        let Some(mut job) = self.jobs.get::<InboundJob>(id)? else {
+            return Err(RetryError::Unknown(id.to_owned()));
+        };
+        match job.step {
+            InStep::Failed => return Err(RetryError::Ended(id.to_owned())),
+            InStep::Done => {
+                return Err(RetryError::NotFailed(id.to_owned(), state_name(job.step)));
+            }
+            _ if job.progress.attempts == 0 => {
+                return Err(RetryError::NotFailed(id.to_owned(), state_name(job.step)));
+            }
+            _ => {}
+        }
+        job.progress.advanced();
+        self.jobs.put(&job)?;
+        info!(job = %job.id, step = ?job.step, "inbound job retried by the admin");
+        Ok(job.step)
+    }
+
     fn token(dir: &Workdir) -> Result<Token, StepError> {
         let text = std::fs::read_to_string(dir.token())
             .map_err(|e| StepError::file("read the token in", &dir.token(), &e))?;
         let text = zeroize::Zeroizing::new(text);
-        Token::from_text(text.trim()).map_err(StepError::permanent)
+        Token::from_text(text.trim())
+            .map_err(|e| StepError::permanent(e).with_cause(Cause::InvalidToken))
     }
 
     /// Runs one step; returns the next.
@@ -315,11 +345,7 @@ impl Inbound {
         let mut instances = instances;
         instances.retain(|i| !stored.contains(&i.sop_instance_uid));
         let results = store_all(Arc::new(self.target(job)), instances).await;
-        let unreachable = results
-            .iter()
-            .filter(|(_, o)| matches!(o, Outcome::Unavailable { .. }))
-            .count();
-        if unreachable > 0 {
+        if let Some(unsent) = import::unsent(results.iter().map(|(_, outcome)| outcome)) {
             stored.extend(
                 results
                     .iter()
@@ -331,12 +357,23 @@ impl Inbound {
             let text: String = list.iter().map(|uid| format!("{uid}\n")).collect();
             durable::write(&dir.stored(), text.as_bytes(), 0o600)
                 .map_err(|e| StepError::file("write", &dir.stored(), &e))?;
-            return Err(StepError::transient(format!(
-                "the PACS at {} did not take {unreachable} of {total} instances (unreachable \
-                 or out of resources); {} are stored and will not be sent again",
-                self.config.inbound.pacs,
+            let counts = format!(
+                "{} of {total} instances not sent; {} stored are not sent again",
+                unsent.count,
                 stored.len()
-            )));
+            );
+            let cause = Cause::of_pacs(&unsent.cause);
+            return Err(if unsent.cause.is_permanent() {
+                StepError::held(
+                    cause,
+                    format!(
+                        "{}, then run `cloudpdi retry {}` ({counts})",
+                        unsent.cause, job.id
+                    ),
+                )
+            } else {
+                StepError::transient(format!("{} ({counts})", unsent.cause)).with_cause(cause)
+            });
         }
         let set_aside_dir = self.config.spool.data_dir.join("set-aside").join(&job.id);
         job.set_aside.clear();
@@ -518,7 +555,8 @@ fn unpack(zip: &Path, dest: &Path, max_bytes: u64) -> Result<(), StepError> {
              extracted; free disk space, the step is tried again later",
             declared.bytes,
             parent.display()
-        )));
+        ))
+        .with_cause(Cause::DiskFull));
     }
     zip::extract(zip, dest, limits).map_err(PdiError::from)?;
     Ok(())
@@ -571,7 +609,7 @@ pub async fn receive_to_folder(
     };
     // A partial download is kept to be resumed by the next run; after a refusal or once
     // done, nothing is.
-    if !matches!(result, Err(StepError::Transient(_))) || !work.partial().exists() {
+    if !matches!(result, Err(StepError::Transient { .. })) || !work.partial().exists() {
         durable::remove_dir_all(&work.0).map_err(|e| StepError::file("remove", &work.0, &e))?;
     }
     result
