@@ -336,14 +336,14 @@ fn all_figures(state: &AdminState) -> Result<Vec<Figures>, IndexError> {
     Ok(all)
 }
 
-/// Why the spool cannot take instances, if it cannot (blocking).
-fn spool_degraded(spool: &Spool) -> Option<String> {
-    let floor = spool.min_free_bytes();
-    let free = match spool.free_bytes() {
+/// Why the spool cannot take instances, if it cannot: `free` is what statvfs said, `floor`
+/// is `spool.min_free_mb` in bytes.
+fn spool_degraded(free: std::io::Result<u64>, floor: u64) -> Option<String> {
+    const MIB: u64 = 1024 * 1024;
+    let free = match free {
         Ok(free) => free,
         Err(e) => return Some(format!("the spool's free space cannot be read ({e})")),
     };
-    const MIB: u64 = 1024 * 1024;
     if floor > 0 && free < floor {
         Some(format!(
             "the spool has {} MiB free, below spool.min_free_mb = {}: instances are refused; \
@@ -361,23 +361,30 @@ fn spool_degraded(spool: &Spool) -> Option<String> {
     }
 }
 
+/// The reasons `/healthz` gives: the spool's, then at most [`HEALTH_MAX_JOBS`] stuck jobs
+/// and how many more there are.
+fn health_reasons(spool: Option<String>, stuck: Vec<String>) -> Vec<String> {
+    let more = stuck.len().saturating_sub(HEALTH_MAX_JOBS);
+    let mut reasons: Vec<String> = spool.into_iter().collect();
+    reasons.extend(stuck.into_iter().take(HEALTH_MAX_JOBS));
+    if more > 0 {
+        reasons.push(format!("{more} more job(s): `cloudpdi status` lists them"));
+    }
+    reasons
+}
+
 /// `ok`, or 503 `degraded: <reasons>` when a pipeline cannot progress: the spool below
 /// its floor (or full), a job held until `cloudpdi retry`, a job stopped by a full disk,
 /// the repository or the PACS unreachable for [`HEALTH_UNREACHABLE_ATTEMPTS`] attempts.
 async fn healthz(State(state): State<Arc<AdminState>>) -> Response {
     let read = tokio::task::spawn_blocking(move || {
         state.spool.index().ready()?;
-        let mut reasons: Vec<String> = spool_degraded(&state.spool).into_iter().collect();
-        let stuck: Vec<String> = all_figures(&state)?
+        let spool = spool_degraded(state.spool.free_bytes(), state.spool.min_free_bytes());
+        let stuck = all_figures(&state)?
             .into_iter()
             .flat_map(|f| f.stuck)
             .collect();
-        let more = stuck.len().saturating_sub(HEALTH_MAX_JOBS);
-        reasons.extend(stuck.into_iter().take(HEALTH_MAX_JOBS));
-        if more > 0 {
-            reasons.push(format!("{more} more job(s): `cloudpdi status` lists them"));
-        }
-        Ok::<_, IndexError>(reasons)
+        Ok::<_, IndexError>(health_reasons(spool, stuck))
     })
     .await;
     match read {
@@ -434,6 +441,41 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_spool_is_degraded_below_its_floor_or_when_full() {
+        const MIB: u64 = 1024 * 1024;
+        let below = spool_degraded(Ok(6 * MIB), 8 * MIB).expect("below the floor");
+        assert!(
+            below.starts_with("the spool has 6 MiB free, below spool.min_free_mb = 8:"),
+            "{below}"
+        );
+        assert_eq!(spool_degraded(Ok(9 * MIB), 8 * MIB), None);
+        let full = spool_degraded(Ok(FULL_SPOOL_BYTES - 1), 0).expect("full without a floor");
+        assert!(
+            full.starts_with("the spool's disk is full (1048575 bytes free)"),
+            "{full}"
+        );
+        assert_eq!(spool_degraded(Ok(FULL_SPOOL_BYTES), 0), None);
+        let unreadable = spool_degraded(Err(std::io::ErrorKind::NotFound.into()), 0);
+        assert!(unreadable.is_some_and(|r| r.contains("cannot be read")));
+    }
+
+    #[test]
+    fn health_names_a_few_jobs_and_counts_the_rest() {
+        let stuck: Vec<String> = (1..=5).map(|n| format!("job {n}")).collect();
+        assert_eq!(
+            health_reasons(Some("spool".into()), stuck),
+            [
+                "spool",
+                "job 1",
+                "job 2",
+                "job 3",
+                "2 more job(s): `cloudpdi status` lists them"
+            ]
+        );
+        assert!(health_reasons(None, Vec::new()).is_empty());
+    }
 
     #[test]
     fn only_loopback_names_are_hosts() {

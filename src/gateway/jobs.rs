@@ -193,6 +193,7 @@ impl From<crate::container::ContainerError> for StepError {
     /// full) is not.
     fn from(e: crate::container::ContainerError) -> Self {
         match e {
+            // The container's I/O error keeps only the system's text: ENOSPC reads so.
             crate::container::ContainerError::Io(_) => StepError::Transient {
                 cause: if e.to_string().contains("No space left") {
                     Cause::DiskFull

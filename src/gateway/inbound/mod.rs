@@ -384,7 +384,7 @@ impl Inbound {
                     .map_err(|e| StepError::file("create", &set_aside_dir, &e))?;
                 keep_aside(&instance.path, &file)
                     .map_err(|e| StepError::file("set aside", &instance.path, &e))?;
-                warn!(job = %job.id, sop_instance = %instance.sop_instance_uid, "instance set aside: {reason}");
+                tracing::debug!(job = %job.id, sop_instance = %instance.sop_instance_uid, "instance set aside: {reason}");
                 job.set_aside.push(SetAside {
                     sop_instance_uid: instance.sop_instance_uid.clone(),
                     file,
@@ -392,7 +392,9 @@ impl Inbound {
                 });
             }
         }
-        if !job.set_aside.is_empty() {
+        if let Some(first) = job.set_aside.first() {
+            // One line for the import, not one per file; status lists each with its reason.
+            warn!(job = %job.id, set_aside = job.set_aside.len(), "instances refused by the PACS set aside in {}, the first because: {}", set_aside_dir.display(), first.reason);
             durable::sync_dir(&set_aside_dir)
                 .map_err(|e| StepError::file("flush", &set_aside_dir, &e))?;
             if let Some(parent) = set_aside_dir.parent() {
