@@ -826,7 +826,7 @@ fn an_interrupted_import_sends_only_what_the_pacs_does_not_hold() {
             inbound_jobs(&b).into_iter().find(|j| {
                 j["last_error"]
                     .as_str()
-                    .is_some_and(|e| e.contains("did not take 6 of 10"))
+                    .is_some_and(|e| e.contains("6 of 10 instances not sent"))
             })
         },
     );
@@ -834,7 +834,7 @@ fn an_interrupted_import_sends_only_what_the_pacs_does_not_hold() {
         waiting["last_error"]
             .as_str()
             .unwrap()
-            .contains("4 are stored"),
+            .contains("4 stored are not sent again"),
         "{waiting:#}"
     );
     let _ = busy.kill();

@@ -263,11 +263,14 @@ fn unreachable_pacs_fails_every_instance_quickly_with_the_reason() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
-        stdout.contains("0 of 20 instances stored, 20 refused"),
+        stdout.contains("0 of 20 instances stored, 0 refused, 20 not sent"),
         "{stdout}"
     );
+    // One cause for the import, not a line per file.
     assert!(
-        stderr.contains("cannot open an association to PACS"),
+        stderr.contains("20 of 20 instances were not sent: the PACS at 127.0.0.1:")
+            && stderr.contains("cannot be reached")
+            && !stderr.contains("refused: "),
         "{stderr}"
     );
     // Refused connections are immediate; one 0.5 s back-off per lane takes ~0.5 s, while

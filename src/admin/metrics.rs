@@ -13,6 +13,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+use crate::gateway::jobs::Cause;
 use crate::gateway::reception::route::Refusal;
 
 /// Content type of [`Metrics::render`]'s text.
@@ -35,8 +36,14 @@ pub struct Snapshot {
     pub batches: Vec<(&'static str, u64)>,
     /// Jobs by pipeline (`outbound`, `inbound`) and state (a step, `done` or `failed`).
     pub jobs: Vec<(String, String, u64)>,
+    /// Jobs by pipeline waiting for their back-off after a failed attempt.
+    pub retry_queue: Vec<(String, u64)>,
+    /// Jobs by pipeline held until `cloudpdi retry` (a failure only a person can fix).
+    pub held: Vec<(String, u64)>,
     /// Bytes free for the daemon on the spool's file system (`None`: not readable).
     pub spool_free_bytes: Option<u64>,
+    /// The floor `spool.min_free_mb` in bytes, below which the SCP refuses instances.
+    pub spool_min_free_bytes: u64,
 }
 
 /// The registry and every metric in it. The counters are public so the code that sees
@@ -76,7 +83,10 @@ pub struct Metrics {
     last_success: Labelled<Gauge>,
     batches: Labelled<Gauge>,
     jobs: Labelled<Gauge>,
+    retry_queue: Labelled<Gauge>,
+    held: Labelled<Gauge>,
     spool_free_bytes: Gauge,
+    spool_min_free_bytes: Gauge,
     registry: Registry,
     /// One scrape at a time sets the scrape-time figures and encodes them.
     scrape: Mutex<()>,
@@ -108,7 +118,10 @@ impl Default for Metrics {
             last_success: Labelled::default(),
             batches: Labelled::default(),
             jobs: Labelled::default(),
+            retry_queue: Labelled::default(),
+            held: Labelled::default(),
             spool_free_bytes: Gauge::default(),
+            spool_min_free_bytes: Gauge::default(),
             registry: Registry::default(),
             scrape: Mutex::new(()),
         };
@@ -152,8 +165,20 @@ impl Default for Metrics {
             m.jobs.clone(),
         );
         r.register(
+            "jobs_retry_queue",
+            "Jobs waiting for their back-off after a failed attempt, by pipeline",
+            m.retry_queue.clone(),
+        );
+        r.register(
+            "jobs_held",
+            "Jobs held until `cloudpdi retry` after a failure only a person can fix \
+             (e.g. the PACS rejects our AE title), by pipeline",
+            m.held.clone(),
+        );
+        r.register(
             "job_failures",
-            "Failed attempts of a job step, by pipeline and step (retried ones included)",
+            "Failed attempts of a job step, by pipeline, step and cause (retried ones \
+             included)",
             m.job_failures.clone(),
         );
         r.register(
@@ -181,6 +206,11 @@ impl Default for Metrics {
             "Bytes free for the daemon on the spool's file system",
             m.spool_free_bytes.clone(),
         );
+        r.register(
+            "spool_min_free_bytes",
+            "The floor spool.min_free_mb in bytes: below it the SCP refuses instances",
+            m.spool_min_free_bytes.clone(),
+        );
         Metrics {
             registry,
             ..metrics
@@ -203,10 +233,14 @@ impl Metrics {
         .inc();
     }
 
-    /// Counts a failed attempt of `step` of a `pipeline` job.
-    pub fn job_failed(&self, pipeline: &str, step: &str) {
+    /// Counts a failed attempt of `step` of a `pipeline` job, by its cause.
+    pub fn job_failed(&self, pipeline: &str, step: &str, cause: Cause) {
         self.job_failures
-            .get_or_create(&labels(&[("pipeline", pipeline), ("step", step)]))
+            .get_or_create(&labels(&[
+                ("pipeline", pipeline),
+                ("step", step),
+                ("cause", cause.label()),
+            ]))
             .inc();
     }
 
@@ -233,8 +267,21 @@ impl Metrics {
                 .get_or_create(&labels(&[("pipeline", pipeline), ("state", state)]))
                 .set(gauge_value(*count));
         }
+        for (family, figures) in [
+            (&self.retry_queue, &now.retry_queue),
+            (&self.held, &now.held),
+        ] {
+            family.clear();
+            for (pipeline, count) in figures {
+                family
+                    .get_or_create(&labels(&[("pipeline", pipeline)]))
+                    .set(gauge_value(*count));
+            }
+        }
         self.spool_free_bytes
             .set(now.spool_free_bytes.map_or(-1, gauge_value));
+        self.spool_min_free_bytes
+            .set(gauge_value(now.spool_min_free_bytes));
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
@@ -251,14 +298,18 @@ mod tests {
         let metrics = Metrics::default();
         metrics.instances_stored.inc();
         metrics.refused(Refusal::CallerNotAllowed);
-        metrics.job_failed("outbound", "upload");
-        metrics.job_failed("outbound", "upload");
+        metrics.job_failed("outbound", "upload", Cause::RepositoryUnreachable);
+        metrics.job_failed("outbound", "upload", Cause::RepositoryUnreachable);
+        metrics.job_failed("inbound", "import", Cause::PacsRejected);
         metrics.tokens_issued.inc();
         metrics.job_finished("inbound");
         let text = metrics.render(&Snapshot {
             batches: vec![("open", 3), ("stable", 0)],
             jobs: vec![("outbound".into(), "failed".into(), 2)],
+            retry_queue: vec![("outbound".into(), 1)],
+            held: vec![("inbound".into(), 1)],
             spool_free_bytes: Some(1 << 30),
+            spool_min_free_bytes: 1 << 20,
         });
         for line in [
             "cloudpdi_instances_total{outcome=\"stored\"} 1\n",
@@ -269,7 +320,11 @@ mod tests {
             "cloudpdi_batches{state=\"open\"} 3\n",
             "cloudpdi_batches{state=\"stable\"} 0\n",
             "cloudpdi_jobs{pipeline=\"outbound\",state=\"failed\"} 2\n",
-            "cloudpdi_job_failures_total{pipeline=\"outbound\",step=\"upload\"} 2\n",
+            "cloudpdi_job_failures_total{pipeline=\"outbound\",step=\"upload\",cause=\"repository_unreachable\"} 2\n",
+            "cloudpdi_job_failures_total{pipeline=\"inbound\",step=\"import\",cause=\"pacs_rejected\"} 1\n",
+            "cloudpdi_jobs_retry_queue{pipeline=\"outbound\"} 1\n",
+            "cloudpdi_jobs_held{pipeline=\"inbound\"} 1\n",
+            "cloudpdi_spool_min_free_bytes 1048576\n",
             "cloudpdi_tokens_issued_total 1\n",
             "cloudpdi_imports_total 0\n",
             "cloudpdi_spool_free_bytes 1073741824\n",

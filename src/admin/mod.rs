@@ -9,10 +9,12 @@
 //! idle sockets cannot pile up and take the file descriptors the DICOM listener needs.
 //!
 //! - `GET /status`: JSON [`Status`] (routes, batches, counters)
-//! - `GET /healthz`: `ok` when the index answers
+//! - `GET /healthz`: `ok` when the index answers and both pipelines can progress, else
+//!   503 `degraded: <reasons>` (listed in docs/pipelines.md)
 //! - `GET /metrics`: OpenMetrics text (Prometheus reads it), listed in docs/pipelines.md
 //! - `POST /jobs/{id}/retry` (with the `x-cloudpdi-admin` header): puts a failed
-//!   outbound job back to the step that failed
+//!   outbound job back to the step that failed, or a held or waiting inbound job back to
+//!   work
 //! - `POST /tokens`, `POST /jobs/sent` (with the header): a token to import, the record
 //!   of a `cloudpdi send` ([`handoff`])
 
@@ -33,13 +35,16 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use std::collections::BTreeMap;
+
 use crate::admin::metrics::{Metrics, Snapshot};
 use crate::gateway::inbound::Inbound;
-use crate::gateway::jobs::JobSummary;
-use crate::gateway::outbound::{Outbound, RetryError};
+use crate::gateway::jobs::{Cause, JobRecord, JobSummary, Pipeline, RetryError};
+use crate::gateway::outbound::Outbound;
 use crate::gateway::reception::batch::BatchRecord;
 use crate::gateway::reception::route::Routes;
 use crate::gateway::reception::spool::Spool;
+use crate::gateway::store::IndexError;
 use crate::repository::listener::{self, Limits, PerAddress};
 
 /// What the daemon reports about itself.
@@ -205,22 +210,26 @@ async fn retry(
         let refusal = format!("a retry needs the {ADMIN_HEADER} header: use `cloudpdi retry`\n");
         return (StatusCode::FORBIDDEN, refusal).into_response();
     }
-    let outbound = state.outbound.clone();
+    let (outbound, inbound) = (state.outbound.clone(), state.inbound.clone());
     let asked = id.clone();
-    let retried = tokio::task::spawn_blocking(move || outbound.retry(&asked)).await;
+    let retried = tokio::task::spawn_blocking(move || match outbound.retry(&asked) {
+        Err(RetryError::Unknown(_)) => match &inbound {
+            Some(inbound) => inbound.retry(&asked).map(crate::gateway::jobs::state_name),
+            None => Err(RetryError::Unknown(asked)),
+        },
+        other => other.map(crate::gateway::jobs::state_name),
+    })
+    .await;
     match retried {
         Ok(Ok(step)) => (
             StatusCode::OK,
-            format!(
-                "job {id} runs again from step {}\n",
-                crate::gateway::jobs::state_name(step)
-            ),
+            format!("job {id} runs again from step {step}\n"),
         )
             .into_response(),
         Ok(Err(e @ RetryError::Unknown(_))) => {
             (StatusCode::NOT_FOUND, format!("{e}\n")).into_response()
         }
-        Ok(Err(e @ RetryError::NotFailed(..))) => {
+        Ok(Err(e @ (RetryError::NotFailed(..) | RetryError::Ended(_)))) => {
             (StatusCode::CONFLICT, format!("{e}\n")).into_response()
         }
         Ok(Err(RetryError::Index(e))) => unavailable(e),
@@ -256,56 +265,222 @@ async fn status(State(state): State<Arc<AdminState>>) -> Response {
     .into_response()
 }
 
+/// Failed attempts in a row on an unreachable repository or PACS after which `/healthz`
+/// calls the pipeline degraded: the back-offs before it (2, 4, 8 s at least) ride out a
+/// restart of the peer without an alert.
+pub const HEALTH_UNREACHABLE_ATTEMPTS: u32 = 3;
+
+/// Below this many bytes free the spool counts as full for `/healthz` even with
+/// `spool.min_free_mb = 0`: no instance fits any more.
+pub const FULL_SPOOL_BYTES: u64 = 1024 * 1024;
+
+/// Jobs `/healthz` names at most (then how many more), so its answer stays one short line.
+pub const HEALTH_MAX_JOBS: usize = 3;
+
+/// What one pipeline's jobs tell the metrics and `/healthz`: the store's counts by state
+/// and its active jobs, never the records of every finished job.
+struct Figures {
+    pipeline: &'static str,
+    states: BTreeMap<String, u64>,
+    retry_queue: u64,
+    held: u64,
+    /// One sentence per job that cannot progress without help.
+    stuck: Vec<String>,
+}
+
+/// Reads the figures of `pipeline` (blocking: reads the database).
+fn figures<P: Pipeline>(pipeline: &P) -> Result<Figures, IndexError> {
+    let store = pipeline.store();
+    let mut figures = Figures {
+        pipeline: P::NAME,
+        states: store.state_counts(),
+        retry_queue: 0,
+        held: 0,
+        stuck: Vec::new(),
+    };
+    for mut job in store.active::<P::Job>()? {
+        let id = job.id().to_owned();
+        let progress = job.progress();
+        let error = progress.last_error.as_deref().unwrap_or_default();
+        let name = P::NAME;
+        if progress.held {
+            figures.held += 1;
+            figures
+                .stuck
+                .push(format!("{name} job {id} is held: {error}"));
+            continue;
+        }
+        if progress.attempts == 0 {
+            continue;
+        }
+        figures.retry_queue += 1;
+        let attempts = progress.attempts;
+        match progress.cause {
+            Some(Cause::DiskFull) => figures.stuck.push(format!(
+                "{name} job {id} is stopped by a full disk: {error}"
+            )),
+            Some(Cause::RepositoryUnreachable | Cause::PacsUnreachable)
+                if attempts >= HEALTH_UNREACHABLE_ATTEMPTS =>
+            {
+                figures.stuck.push(format!(
+                    "{name} job {id} failed {attempts} attempts: {error}"
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(figures)
+}
+
+/// The figures of both pipelines (blocking).
+fn all_figures(state: &AdminState) -> Result<Vec<Figures>, IndexError> {
+    let mut all = vec![figures(&*state.outbound)?];
+    if let Some(inbound) = &state.inbound {
+        all.push(figures(&**inbound)?);
+    }
+    Ok(all)
+}
+
+/// Why the spool cannot take instances, if it cannot: `free` is what statvfs said, `floor`
+/// is `spool.min_free_mb` in bytes.
+fn spool_degraded(free: std::io::Result<u64>, floor: u64) -> Option<String> {
+    const MIB: u64 = 1024 * 1024;
+    let free = match free {
+        Ok(free) => free,
+        Err(e) => return Some(format!("the spool's free space cannot be read ({e})")),
+    };
+    if floor > 0 && free < floor {
+        Some(format!(
+            "the spool has {} MiB free, below spool.min_free_mb = {}: instances are refused; \
+             free space on the disk of spool.data_dir",
+            free / MIB,
+            floor / MIB
+        ))
+    } else if free < FULL_SPOOL_BYTES {
+        Some(format!(
+            "the spool's disk is full ({free} bytes free): instances are refused; free \
+             space on the disk of spool.data_dir"
+        ))
+    } else {
+        None
+    }
+}
+
+/// The reasons `/healthz` gives: the spool's, then at most [`HEALTH_MAX_JOBS`] stuck jobs
+/// and how many more there are.
+fn health_reasons(spool: Option<String>, stuck: Vec<String>) -> Vec<String> {
+    let more = stuck.len().saturating_sub(HEALTH_MAX_JOBS);
+    let mut reasons: Vec<String> = spool.into_iter().collect();
+    reasons.extend(stuck.into_iter().take(HEALTH_MAX_JOBS));
+    if more > 0 {
+        reasons.push(format!("{more} more job(s): `cloudpdi status` lists them"));
+    }
+    reasons
+}
+
+/// `ok`, or 503 `degraded: <reasons>` when a pipeline cannot progress: the spool below
+/// its floor (or full), a job held until `cloudpdi retry`, a job stopped by a full disk,
+/// the repository or the PACS unreachable for [`HEALTH_UNREACHABLE_ATTEMPTS`] attempts.
 async fn healthz(State(state): State<Arc<AdminState>>) -> Response {
-    let spool = state.spool.clone();
-    match tokio::task::spawn_blocking(move || spool.index().ready()).await {
-        Ok(Ok(_)) => "ok\n".into_response(),
+    let read = tokio::task::spawn_blocking(move || {
+        state.spool.index().ready()?;
+        let spool = spool_degraded(state.spool.free_bytes(), state.spool.min_free_bytes());
+        let stuck = all_figures(&state)?
+            .into_iter()
+            .flat_map(|f| f.stuck)
+            .collect();
+        Ok::<_, IndexError>(health_reasons(spool, stuck))
+    })
+    .await;
+    match read {
+        Ok(Ok(reasons)) if reasons.is_empty() => "ok\n".into_response(),
+        Ok(Ok(reasons)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("degraded: {}\n", reasons.join("; ")),
+        )
+            .into_response(),
         Ok(Err(e)) => unavailable(e),
         Err(e) => unavailable(e),
     }
 }
 
 /// Encodes the registry after setting what only a scrape can know: batches by state,
-/// jobs by pipeline and state (counted from the job summaries, as `/status` lists them),
-/// and the spool's free space. An unreadable index answers 503, never "no batches".
+/// jobs by pipeline and state (the store's counts), jobs waiting to retry or held (its
+/// active jobs), and the spool's free space and floor. An unreadable index answers 503,
+/// never "no batches".
 async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
-    let spool = state.spool.clone();
-    let counts = match tokio::task::spawn_blocking(move || spool.index().counts()).await {
-        Ok(Ok(counts)) => counts,
-        Ok(Err(e)) => return unavailable(e),
-        Err(e) => return unavailable(e),
-    };
-    let jobs = match jobs(&state).await {
-        Ok(jobs) => jobs,
-        Err(response) => return response,
-    };
-    let mut by_state = std::collections::BTreeMap::<(String, String), u64>::new();
-    for job in jobs {
-        *by_state.entry((job.direction, job.state)).or_default() += 1;
+    let read = tokio::task::spawn_blocking(move || {
+        let counts = state.spool.index().counts()?;
+        let figures = all_figures(&state)?;
+        let free = state.spool.free_bytes().ok();
+        let mut snapshot = Snapshot {
+            batches: vec![
+                ("open", counts.open),
+                ("stable", counts.stable),
+                ("sent", counts.sent),
+            ],
+            spool_free_bytes: free,
+            spool_min_free_bytes: state.spool.min_free_bytes(),
+            ..Snapshot::default()
+        };
+        for f in figures {
+            let pipeline = f.pipeline.to_owned();
+            snapshot.jobs.extend(
+                f.states
+                    .into_iter()
+                    .map(|(step, n)| (pipeline.clone(), step, n)),
+            );
+            snapshot.retry_queue.push((pipeline.clone(), f.retry_queue));
+            snapshot.held.push((pipeline, f.held));
+        }
+        Ok::<_, IndexError>(state.metrics.render(&snapshot))
+    })
+    .await;
+    match read {
+        Ok(Ok(body)) => ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], body).into_response(),
+        Ok(Err(e)) => unavailable(e),
+        Err(e) => unavailable(e),
     }
-    let spool = state.spool.clone();
-    let free = tokio::task::spawn_blocking(move || spool.free_bytes().ok())
-        .await
-        .ok()
-        .flatten();
-    let body = state.metrics.render(&Snapshot {
-        batches: vec![
-            ("open", counts.open),
-            ("stable", counts.stable),
-            ("sent", counts.sent),
-        ],
-        jobs: by_state
-            .into_iter()
-            .map(|((pipeline, state), n)| (pipeline, state, n))
-            .collect(),
-        spool_free_bytes: free,
-    });
-    ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], body).into_response()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_spool_is_degraded_below_its_floor_or_when_full() {
+        const MIB: u64 = 1024 * 1024;
+        let below = spool_degraded(Ok(6 * MIB), 8 * MIB).expect("below the floor");
+        assert!(
+            below.starts_with("the spool has 6 MiB free, below spool.min_free_mb = 8:"),
+            "{below}"
+        );
+        assert_eq!(spool_degraded(Ok(9 * MIB), 8 * MIB), None);
+        let full = spool_degraded(Ok(FULL_SPOOL_BYTES - 1), 0).expect("full without a floor");
+        assert!(
+            full.starts_with("the spool's disk is full (1048575 bytes free)"),
+            "{full}"
+        );
+        assert_eq!(spool_degraded(Ok(FULL_SPOOL_BYTES), 0), None);
+        let unreadable = spool_degraded(Err(std::io::ErrorKind::NotFound.into()), 0);
+        assert!(unreadable.is_some_and(|r| r.contains("cannot be read")));
+    }
+
+    #[test]
+    fn health_names_a_few_jobs_and_counts_the_rest() {
+        let stuck: Vec<String> = (1..=5).map(|n| format!("job {n}")).collect();
+        assert_eq!(
+            health_reasons(Some("spool".into()), stuck),
+            [
+                "spool",
+                "job 1",
+                "job 2",
+                "job 3",
+                "2 more job(s): `cloudpdi status` lists them"
+            ]
+        );
+        assert!(health_reasons(None, Vec::new()).is_empty());
+    }
 
     #[test]
     fn only_loopback_names_are_hosts() {

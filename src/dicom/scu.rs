@@ -7,9 +7,14 @@
 //! order or VR encoding. Compressed data is never decompressed here: a PACS that refuses
 //! the file's syntax gets a clear refusal naming it.
 //!
-//! Failures are sorted: a lost connection or "out of resources" is retried with
-//! exponential back-off on a fresh association; any other failure status is permanent
-//! and reported with the PACS's own reason, so the instance can be set aside.
+//! Failures are sorted: what stops a whole association is a [`PacsError`] (unreachable,
+//! rejected with its A-ASSOCIATE-RJ reason, aborted, no accepted presentation context,
+//! out of resources), one cause for every instance it leaves unsent; a transient one is
+//! retried with exponential back-off on a fresh association, a permanent one (a
+//! rejection the PACS will repeat until someone changes its configuration or ours) is
+//! not. Any other failure status of one instance is permanent and reported with the
+//! PACS's own reason, so the instance can be set aside. Retries are logged at debug
+//! level only: the caller logs one line per import attempt with the cause.
 
 use std::collections::{BTreeSet, VecDeque};
 use std::io::{Read, Seek, SeekFrom};
@@ -24,10 +29,13 @@ use dicom_dictionary_std::uids::{
 use dicom_object::meta::FileMetaTable;
 use dicom_ul::Pdu;
 use dicom_ul::association::client::{AsyncClientAssociation, ClientAssociationOptions};
-use dicom_ul::pdu::{PDataValueType, PresentationContextResultReason};
+use dicom_ul::pdu::{
+    AssociationRJ, AssociationRJResult, AssociationRJServiceUserReason, AssociationRJSource,
+    PDataValueType, PresentationContextResultReason,
+};
 use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use super::dimse::{Response, command_pdu, field, status, store_request};
 use crate::gateway::inbound::reconcile::{PatientIdPolicy, Reconciler};
@@ -73,6 +81,222 @@ pub enum ScuError {
         /// What is wrong.
         reason: String,
     },
+}
+
+/// Why the PACS took no instance on an association: one cause for every instance the
+/// association would have carried, named so that an admin knows what to fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PacsError {
+    /// No connection: refused, timed out, no route, name not resolved.
+    #[error(
+        "the PACS at {address} cannot be reached ({reason}): check that it runs and \
+         listens on that address"
+    )]
+    Unreachable {
+        /// `host:port` of the PACS.
+        address: String,
+        /// What the system reported.
+        reason: String,
+    },
+    /// A-ASSOCIATE-RJ "calling AE title not recognized": the PACS does not know us.
+    #[error(
+        "the PACS at {address} refused our AE title {calling_ae} (calling AE title not \
+         recognized{}): register {calling_ae} as a modality in the PACS (AE title \
+         {calling_ae}, this host's address, and the port of dicom.listen if it asks for one)",
+        transience(*permanent)
+    )]
+    CallingAeRejected {
+        /// `host:port` of the PACS.
+        address: String,
+        /// Our AE title (inbound.calling_ae_title).
+        calling_ae: String,
+        /// Whether the PACS said the rejection is permanent.
+        permanent: bool,
+    },
+    /// A-ASSOCIATE-RJ "called AE title not recognized": the PACS has another AE title.
+    #[error(
+        "the PACS at {address} is not {called_ae} (called AE title not recognized{}): set \
+         inbound.pacs_ae_title (`cloudpdi import --called`) to the PACS's own AE title",
+        transience(*permanent)
+    )]
+    CalledAeRejected {
+        /// `host:port` of the PACS.
+        address: String,
+        /// The AE title we called (inbound.pacs_ae_title).
+        called_ae: String,
+        /// Whether the PACS said the rejection is permanent.
+        permanent: bool,
+    },
+    /// Any other A-ASSOCIATE-RJ ("no reason given", "temporary congestion", ...).
+    #[error(
+        "the PACS at {address} rejected the association ({}, {reason}){}",
+        transience(*permanent).trim_start_matches(", "),
+        if *permanent {
+            ": check in the PACS's log why it refuses our AE title and this host"
+        } else {
+            ": the PACS is busy; it is tried again later"
+        }
+    )]
+    Rejected {
+        /// `host:port` of the PACS.
+        address: String,
+        /// Whether the PACS said the rejection is permanent.
+        permanent: bool,
+        /// The PACS's reason, as PS3.8 names it.
+        reason: String,
+    },
+    /// The PACS aborted the association (A-ABORT).
+    #[error(
+        "the PACS at {address} aborted the association{}: check the PACS's log for why",
+        if *during_negotiation { " while it was being negotiated" } else { "" }
+    )]
+    Aborted {
+        /// `host:port` of the PACS.
+        address: String,
+        /// Whether it aborted before accepting the association.
+        during_negotiation: bool,
+    },
+    /// The PACS accepted the association but none of the SOP classes proposed.
+    #[error(
+        "the PACS at {address} accepts none of the SOP classes of this study ({}): \
+         configure the PACS to store them",
+        .classes.join(", ")
+    )]
+    NoAcceptedContext {
+        /// `host:port` of the PACS.
+        address: String,
+        /// The SOP classes proposed.
+        classes: Vec<String>,
+    },
+    /// The connection broke or timed out during a transfer.
+    #[error("the connection to the PACS at {address} was lost ({reason})")]
+    Lost {
+        /// `host:port` of the PACS.
+        address: String,
+        /// What was being done and what failed.
+        reason: String,
+    },
+    /// The PACS answered "out of resources" (0xA7xx).
+    #[error(
+        "the PACS at {address} is out of resources (status 0x{status:04X}{}): free space \
+         in the PACS",
+        if .comment.is_empty() { String::new() } else { format!(": {}", crate::telemetry::Escaped(comment)) }
+    )]
+    OutOfResources {
+        /// `host:port` of the PACS.
+        address: String,
+        /// The failure status.
+        status: u16,
+        /// The PACS's error comment.
+        comment: String,
+    },
+}
+
+/// ", permanent" or ", transient" as the PACS said it in its rejection.
+fn transience(permanent: bool) -> &'static str {
+    if permanent {
+        ", permanent"
+    } else {
+        ", transient"
+    }
+}
+
+impl PacsError {
+    /// Whether another attempt would meet the same refusal until someone changes the
+    /// PACS's configuration or ours: the job then waits for `cloudpdi retry` instead of
+    /// retrying for ever.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            PacsError::CallingAeRejected { permanent, .. }
+            | PacsError::CalledAeRejected { permanent, .. }
+            | PacsError::Rejected { permanent, .. } => *permanent,
+            PacsError::NoAcceptedContext { .. } => true,
+            PacsError::Unreachable { .. }
+            | PacsError::Aborted { .. }
+            | PacsError::Lost { .. }
+            | PacsError::OutOfResources { .. } => false,
+        }
+    }
+
+    /// The cause as a metric label, from a fixed set: `pacs_rejected` (the PACS refused
+    /// the association or every SOP class), `pacs_unreachable` (no connection, or it broke),
+    /// `pacs_busy` (out of resources).
+    pub fn cause(&self) -> &'static str {
+        match self {
+            PacsError::CallingAeRejected { .. }
+            | PacsError::CalledAeRejected { .. }
+            | PacsError::Rejected { .. }
+            | PacsError::Aborted { .. }
+            | PacsError::NoAcceptedContext { .. } => "pacs_rejected",
+            PacsError::Unreachable { .. } | PacsError::Lost { .. } => "pacs_unreachable",
+            PacsError::OutOfResources { .. } => "pacs_busy",
+        }
+    }
+
+    /// Sorts why an association could not be opened to `target`.
+    fn establishing(target: &StoreTarget, e: &dicom_ul::association::Error) -> PacsError {
+        use dicom_ul::association::Error;
+        let address = target.address.clone();
+        match e {
+            Error::Rejected { association_rj, .. } => rejection(target, association_rj),
+            Error::Aborted { .. } => PacsError::Aborted {
+                address,
+                during_negotiation: true,
+            },
+            Error::UnexpectedPdu { pdu, .. } if matches!(**pdu, Pdu::AbortRQ { .. }) => {
+                PacsError::Aborted {
+                    address,
+                    during_negotiation: true,
+                }
+            }
+            Error::NoAcceptedPresentationContexts { .. } => PacsError::NoAcceptedContext {
+                address,
+                classes: Vec::new(),
+            },
+            Error::Connect { source, .. } | Error::ToAddress { source, .. } => {
+                PacsError::Unreachable {
+                    address,
+                    reason: source.to_string(),
+                }
+            }
+            Error::Timeout { .. } => PacsError::Unreachable {
+                address,
+                reason: format!("no answer within {} s", target.timeout.as_secs()),
+            },
+            other => PacsError::Lost {
+                address,
+                reason: format!("opening the association failed: {other}"),
+            },
+        }
+    }
+}
+
+/// Names an A-ASSOCIATE-RJ by its source and reason.
+fn rejection(target: &StoreTarget, rj: &AssociationRJ) -> PacsError {
+    let address = target.address.clone();
+    let permanent = rj.result == AssociationRJResult::Permanent;
+    match &rj.source {
+        AssociationRJSource::ServiceUser(
+            AssociationRJServiceUserReason::CallingAETitleNotRecognized,
+        ) => PacsError::CallingAeRejected {
+            address,
+            calling_ae: target.calling_ae.clone(),
+            permanent,
+        },
+        AssociationRJSource::ServiceUser(
+            AssociationRJServiceUserReason::CalledAETitleNotRecognized,
+        ) => PacsError::CalledAeRejected {
+            address,
+            called_ae: target.called_ae.clone(),
+            permanent,
+        },
+        source => PacsError::Rejected {
+            address,
+            permanent,
+            reason: source.to_string(),
+        },
+    }
 }
 
 /// A Part 10 file ready to send: what its meta header says and where its dataset starts.
@@ -172,11 +396,12 @@ pub enum Outcome {
         /// A sentence an admin can act on.
         reason: String,
     },
-    /// Not stored because the PACS could not be reached (or kept answering "out of
-    /// resources") through every attempt: worth trying again later, unlike a refusal.
+    /// Not stored because of what stopped the association: the PACS unreachable or out
+    /// of resources through every attempt, or a rejection. The same cause for every
+    /// instance the association would have carried; see [`PacsError::is_permanent`].
     Unavailable {
         /// What the last attempt met.
-        reason: String,
+        cause: PacsError,
     },
 }
 
@@ -294,23 +519,21 @@ impl Lane {
             let result = self.send(&instance).await;
             match result {
                 Ok(outcome) => self.results.push((instance, outcome)),
-                Err(transient) => {
+                Err(cause) => {
                     let attempts = attempts + 1;
-                    if attempts >= self.target.max_attempts.max(1) {
-                        warn!(file = %instance.path.display(), "giving up after {attempts} attempts: {transient}");
-                        let reason =
-                            format!("PACS unavailable after {attempts} attempts: {transient}");
-                        let refused = Outcome::Unavailable { reason };
-                        self.results.push((instance, refused.clone()));
+                    if cause.is_permanent() || attempts >= self.target.max_attempts.max(1) {
+                        debug!(file = %instance.path.display(), "not stored after {attempts} attempt(s): {cause}");
+                        let unavailable = Outcome::Unavailable { cause };
+                        self.results.push((instance, unavailable.clone()));
                         if self.association.is_none() {
                             // No association could be opened: the rest would only wait
-                            // through the same back-off, so they fail now, with the reason.
-                            let rest = self.queue.drain(..).map(|(i, _)| (i, refused.clone()));
+                            // through the same back-off, so they fail now, with the cause.
+                            let rest = self.queue.drain(..).map(|(i, _)| (i, unavailable.clone()));
                             self.results.extend(rest);
                         }
                     } else {
                         let delay = self.target.backoff * 2u32.saturating_pow(attempts - 1);
-                        info!(file = %instance.path.display(), "PACS did not take the instance ({transient}); retrying in {delay:?}");
+                        debug!(file = %instance.path.display(), "PACS did not take the instance ({cause}); retrying in {delay:?}");
                         tokio::time::sleep(delay).await;
                         self.queue.push_front((instance, attempts));
                     }
@@ -323,8 +546,9 @@ impl Lane {
         self.results
     }
 
-    /// Sends one instance. `Err` is a transient failure (retry), `Ok` a final outcome.
-    async fn send(&mut self, instance: &Instance) -> Result<Outcome, String> {
+    /// Sends one instance. `Err` is what stopped the association (retried unless
+    /// permanent), `Ok` the instance's own outcome.
+    async fn send(&mut self, instance: &Instance) -> Result<Outcome, PacsError> {
         let reconcile = self
             .target
             .reconcile
@@ -356,17 +580,18 @@ impl Lane {
             Ok(response) => response,
             Err(e) => {
                 self.association = None;
-                return Err(e);
+                return Err(e.into_cause(&self.target.address));
             }
         };
         match response.status {
             status::SUCCESS | 0x0001 | 0xB000..=0xBFFF => Ok(Outcome::Stored {
                 status: response.status,
             }),
-            0xA700..=0xA7FF => Err(format!(
-                "out of resources (0x{:04X}) {}",
-                response.status, response.error_comment
-            )),
+            0xA700..=0xA7FF => Err(PacsError::OutOfResources {
+                address: self.target.address.clone(),
+                status: response.status,
+                comment: response.error_comment,
+            }),
             other => Ok(Outcome::Refused {
                 status: Some(other),
                 reason: format!(
@@ -381,7 +606,7 @@ impl Lane {
         }
     }
 
-    async fn association(&mut self) -> Result<&mut Association, String> {
+    async fn association(&mut self) -> Result<&mut Association, PacsError> {
         if self.association.is_none() {
             let mut options = ClientAssociationOptions::new()
                 .calling_ae_title(self.target.calling_ae.clone())
@@ -396,11 +621,18 @@ impl Lane {
             let mut association = options
                 .establish_async(self.target.address.as_str())
                 .await
-                .map_err(|e| {
-                    format!(
-                        "cannot open an association to {} ({}): {e}",
-                        self.target.called_ae, self.target.address
-                    )
+                .map_err(|e| match PacsError::establishing(&self.target, &e) {
+                    PacsError::NoAcceptedContext { address, .. } => PacsError::NoAcceptedContext {
+                        address,
+                        classes: self
+                            .contexts
+                            .iter()
+                            .map(|(c, _)| c.clone())
+                            .collect::<BTreeSet<_>>()
+                            .into_iter()
+                            .collect(),
+                    },
+                    cause => cause,
                 })?;
             if let Err(e) = association.inner_stream().set_nodelay(true) {
                 debug!("cannot set TCP_NODELAY: {e}");
@@ -462,6 +694,33 @@ fn plan_for(association: &Association, instance: &Instance, rewrite: bool) -> Re
     })
 }
 
+/// Why a transfer on an open association broke: worth a retry on a fresh one.
+enum Broken {
+    /// The PACS sent A-ABORT.
+    Aborted,
+    /// Anything else, said for the log.
+    Other(String),
+}
+
+impl Broken {
+    fn into_cause(self, address: &str) -> PacsError {
+        let address = address.to_owned();
+        match self {
+            Broken::Aborted => PacsError::Aborted {
+                address,
+                during_negotiation: false,
+            },
+            Broken::Other(reason) => PacsError::Lost { address, reason },
+        }
+    }
+}
+
+impl From<String> for Broken {
+    fn from(reason: String) -> Broken {
+        Broken::Other(reason)
+    }
+}
+
 /// Sends the command and the dataset (`payload`, or the file's own bytes), and waits
 /// for the response. Every error is a network failure: worth a retry.
 async fn transmit(
@@ -470,7 +729,7 @@ async fn transmit(
     context_id: u8,
     payload: Option<Vec<u8>>,
     message_id: u16,
-) -> Result<Response, String> {
+) -> Result<Response, Broken> {
     let command = store_request(
         message_id,
         &instance.sop_class_uid,
@@ -506,7 +765,7 @@ async fn transmit(
 async fn receive_response(
     association: &mut Association,
     message_id: u16,
-) -> Result<Response, String> {
+) -> Result<Response, Broken> {
     let mut command = Vec::new();
     loop {
         let pdu = association
@@ -531,13 +790,12 @@ async fn receive_response(
                     }
                 }
             }
-            Pdu::AbortRQ { .. } => return Err("the PACS aborted the association".into()),
-            Pdu::ReleaseRQ => return Err("the PACS released the association".into()),
+            Pdu::AbortRQ { .. } => return Err(Broken::Aborted),
+            Pdu::ReleaseRQ => return Err("the PACS released the association".to_owned().into()),
             other => {
-                return Err(format!(
-                    "unexpected {} from the PACS",
-                    other.short_description()
-                ));
+                return Err(
+                    format!("unexpected {} from the PACS", other.short_description()).into(),
+                );
             }
         }
     }
@@ -578,4 +836,94 @@ async fn rewrite(
     })
     .await
     .map_err(|e| e.to_string())?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dicom_ul::pdu::AssociationRJServiceProviderPresentationReason;
+
+    fn target() -> StoreTarget {
+        StoreTarget {
+            address: "10.0.0.5:104".into(),
+            called_ae: "PACS".into(),
+            calling_ae: "CLOUDPDI_B".into(),
+            associations: 1,
+            max_pdu_length: 16_384,
+            timeout: Duration::from_secs(30),
+            max_attempts: 3,
+            backoff: Duration::from_millis(500),
+            reconcile: None,
+        }
+    }
+
+    fn rj(result: AssociationRJResult, source: AssociationRJSource) -> PacsError {
+        rejection(&target(), &AssociationRJ { result, source })
+    }
+
+    #[test]
+    fn a_rejection_of_our_ae_title_names_it_and_the_fix_and_is_permanent() {
+        let cause = rj(
+            AssociationRJResult::Permanent,
+            AssociationRJSource::ServiceUser(
+                AssociationRJServiceUserReason::CallingAETitleNotRecognized,
+            ),
+        );
+        assert!(cause.is_permanent());
+        assert_eq!(
+            cause.to_string(),
+            "the PACS at 10.0.0.5:104 refused our AE title CLOUDPDI_B (calling AE title not \
+             recognized, permanent): register CLOUDPDI_B as a modality in the PACS (AE title \
+             CLOUDPDI_B, this host's address, and the port of dicom.listen if it asks for one)"
+        );
+        let called = rj(
+            AssociationRJResult::Permanent,
+            AssociationRJSource::ServiceUser(
+                AssociationRJServiceUserReason::CalledAETitleNotRecognized,
+            ),
+        );
+        assert!(called.is_permanent());
+        assert!(
+            called.to_string().contains(
+                "is not PACS (called AE title not recognized, permanent): set inbound.pacs_ae_title"
+            ),
+            "{called}"
+        );
+    }
+
+    #[test]
+    fn a_transient_rejection_keeps_the_back_off() {
+        let busy = rj(
+            AssociationRJResult::Transient,
+            AssociationRJSource::ServiceProviderPresentation(
+                AssociationRJServiceProviderPresentationReason::TemporaryCongestion,
+            ),
+        );
+        assert!(!busy.is_permanent());
+        assert_eq!(
+            busy.to_string(),
+            "the PACS at 10.0.0.5:104 rejected the association (transient, temporary \
+             congestion): the PACS is busy; it is tried again later"
+        );
+        let refused = rj(
+            AssociationRJResult::Permanent,
+            AssociationRJSource::ServiceUser(AssociationRJServiceUserReason::NoReasonGiven),
+        );
+        assert!(refused.is_permanent());
+        assert!(
+            refused.to_string().contains("(permanent, no reason given)"),
+            "{refused}"
+        );
+    }
+
+    #[test]
+    fn a_connection_refused_is_unreachable_and_transient() {
+        let e = dicom_ul::association::Error::Connect {
+            source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+            backtrace: std::backtrace::Backtrace::capture(),
+        };
+        let cause = PacsError::establishing(&target(), &e);
+        assert!(matches!(cause, PacsError::Unreachable { .. }), "{cause:?}");
+        assert!(!cause.is_permanent());
+    }
 }

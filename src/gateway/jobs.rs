@@ -26,36 +26,165 @@ use crate::admin::metrics::Metrics;
 use crate::clock::now_ms;
 use crate::gateway::store::{IndexError, JobStore};
 
+/// Why a step failed, from a small fixed set: the label of
+/// `cloudpdi_job_failures_total{cause}` and what `/healthz` looks at. Never free text, so
+/// a metric cannot carry patient data or grow without bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Cause {
+    /// The local PACS rejected the association, aborted it, or accepts none of the
+    /// study's SOP classes.
+    PacsRejected,
+    /// The local PACS cannot be reached, or the connection broke.
+    PacsUnreachable,
+    /// The local PACS answered "out of resources".
+    PacsBusy,
+    /// The repository cannot be reached or keeps failing.
+    RepositoryUnreachable,
+    /// The repository refused the request (the token is used up, a 4xx answer).
+    RepositoryRefused,
+    /// A local disk is full.
+    DiskFull,
+    /// Another local file or database failure (permissions, I/O error).
+    LocalIo,
+    /// The token cannot be read.
+    InvalidToken,
+    /// The container does not open (damaged, wrong key, unsupported).
+    InvalidContainer,
+    /// The file set is broken or unsafe.
+    InvalidPdi,
+    /// The process died during the step again and again.
+    Crashed,
+    /// Anything not sorted above.
+    Other,
+}
+
+impl Cause {
+    /// The label value (`pacs_rejected`, `disk_full`, ...).
+    pub fn label(self) -> &'static str {
+        match self {
+            Cause::PacsRejected => "pacs_rejected",
+            Cause::PacsUnreachable => "pacs_unreachable",
+            Cause::PacsBusy => "pacs_busy",
+            Cause::RepositoryUnreachable => "repository_unreachable",
+            Cause::RepositoryRefused => "repository_refused",
+            Cause::DiskFull => "disk_full",
+            Cause::LocalIo => "local_io",
+            Cause::InvalidToken => "invalid_token",
+            Cause::InvalidContainer => "invalid_container",
+            Cause::InvalidPdi => "invalid_pdi",
+            Cause::Crashed => "crashed",
+            Cause::Other => "other",
+        }
+    }
+
+    /// What stopped an association to the local PACS.
+    pub fn of_pacs(e: &crate::dicom::scu::PacsError) -> Cause {
+        use crate::dicom::scu::PacsError;
+        match e {
+            PacsError::Unreachable { .. } | PacsError::Lost { .. } => Cause::PacsUnreachable,
+            PacsError::OutOfResources { .. } => Cause::PacsBusy,
+            _ => Cause::PacsRejected,
+        }
+    }
+
+    /// A failed local file operation: full disk or another failure.
+    fn of_io(e: &std::io::Error) -> Cause {
+        match e.kind() {
+            std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded => Cause::DiskFull,
+            _ => Cause::LocalIo,
+        }
+    }
+}
+
 /// What a job's step reports when it cannot go on.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StepError {
     /// Worth another attempt later (repository or PACS unreachable, disk full, ...).
-    #[error("{0} (will retry)")]
-    Transient(String),
+    #[error("{message} (will retry)")]
+    Transient {
+        /// What failed, and what to do.
+        message: String,
+        /// Its kind, for metrics and health.
+        cause: Cause,
+    },
     /// Another attempt would fail the same way; the job stops with this reason.
-    #[error("{0}")]
-    Permanent(String),
+    #[error("{message}")]
+    Permanent {
+        /// What failed.
+        message: String,
+        /// Its kind, for metrics and health.
+        cause: Cause,
+    },
+    /// Another attempt would fail the same way until a person fixes the cause outside
+    /// (the PACS's configuration, ours): the job keeps its data and waits, held, for
+    /// `cloudpdi retry` instead of retrying for ever. The message says the fix and the
+    /// command.
+    #[error("{message} (held until `cloudpdi retry`)")]
+    Held {
+        /// What failed, the fix, and the command.
+        message: String,
+        /// Its kind, for metrics and health.
+        cause: Cause,
+    },
 }
 
 impl StepError {
     /// A transient error from anything printable.
     pub fn transient(e: impl std::fmt::Display) -> StepError {
-        StepError::Transient(e.to_string())
+        StepError::Transient {
+            message: e.to_string(),
+            cause: Cause::Other,
+        }
     }
 
     /// A permanent error from anything printable.
     pub fn permanent(e: impl std::fmt::Display) -> StepError {
-        StepError::Permanent(e.to_string())
+        StepError::Permanent {
+            message: e.to_string(),
+            cause: Cause::Other,
+        }
+    }
+
+    /// An error that holds the job until `cloudpdi retry`; `message` ends with the fix.
+    pub fn held(cause: Cause, message: impl std::fmt::Display) -> StepError {
+        StepError::Held {
+            message: message.to_string(),
+            cause,
+        }
+    }
+
+    /// The same error, sorted as `cause`.
+    #[must_use]
+    pub fn with_cause(self, cause: Cause) -> StepError {
+        match self {
+            StepError::Transient { message, .. } => StepError::Transient { message, cause },
+            StepError::Permanent { message, .. } => StepError::Permanent { message, cause },
+            StepError::Held { message, .. } => StepError::Held { message, cause },
+        }
+    }
+
+    /// Why the step failed, from the fixed set.
+    pub fn cause(&self) -> Cause {
+        match self {
+            StepError::Transient { cause, .. }
+            | StepError::Permanent { cause, .. }
+            | StepError::Held { cause, .. } => *cause,
+        }
     }
 
     /// A local file or folder that cannot be used (full disk, permissions): an admin fixes
     /// it, then the step is retried. The message names the file and what was being done.
     pub fn file(action: &str, path: &std::path::Path, e: &std::io::Error) -> StepError {
-        StepError::Transient(format!(
-            "cannot {action} {}: {e}",
-            crate::telemetry::escape(&path.display().to_string())
-        ))
+        StepError::Transient {
+            message: format!(
+                "cannot {action} {}: {e}",
+                crate::telemetry::escape(&path.display().to_string())
+            ),
+            cause: Cause::of_io(e),
+        }
     }
 }
 
@@ -64,8 +193,16 @@ impl From<crate::container::ContainerError> for StepError {
     /// full) is not.
     fn from(e: crate::container::ContainerError) -> Self {
         match e {
-            crate::container::ContainerError::Io(_) => StepError::Transient(e.to_string()),
-            _ => StepError::Permanent(e.to_string()),
+            // The container's I/O error keeps only the system's text: ENOSPC reads so.
+            crate::container::ContainerError::Io(_) => StepError::Transient {
+                cause: if e.to_string().contains("No space left") {
+                    Cause::DiskFull
+                } else {
+                    Cause::LocalIo
+                },
+                message: e.to_string(),
+            },
+            _ => StepError::permanent(e).with_cause(Cause::InvalidContainer),
         }
     }
 }
@@ -75,19 +212,46 @@ impl From<crate::pdi::PdiError> for StepError {
     /// is not.
     fn from(e: crate::pdi::PdiError) -> Self {
         use crate::pdi::{PdiError, zip::ZipError};
-        match e {
-            PdiError::Io { .. } | PdiError::Zip(ZipError::Io(_)) => {
-                StepError::Transient(e.to_string())
+        match &e {
+            PdiError::Io { source, .. } | PdiError::Zip(ZipError::Io(source)) => {
+                let cause = Cause::of_io(source);
+                StepError::transient(e).with_cause(cause)
             }
-            _ => StepError::Permanent(e.to_string()),
+            _ => StepError::permanent(e).with_cause(Cause::InvalidPdi),
         }
     }
 }
 
 impl From<IndexError> for StepError {
     fn from(e: IndexError) -> Self {
-        StepError::Transient(e.to_string())
+        let cause = if e.is_out_of_space() {
+            Cause::DiskFull
+        } else {
+            Cause::LocalIo
+        };
+        StepError::transient(e).with_cause(cause)
     }
+}
+
+/// Why `cloudpdi retry` could not put a job back to work (either pipeline).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RetryError {
+    /// No job of either pipeline has this ID.
+    #[error("no outbound job {0} and no inbound job {0}: `cloudpdi status` lists the jobs")]
+    Unknown(String),
+    /// The job is still running or done.
+    #[error("job {0} is {1}, not failed: only failed jobs are retried")]
+    NotFailed(String, String),
+    /// An inbound job that failed for good: its token and files are gone with it.
+    #[error(
+        "inbound job {0} failed for good and its token and files were removed: drop the \
+         token file into the watch folder again to import it anew"
+    )]
+    Ended(String),
+    /// The job store failed.
+    #[error(transparent)]
+    Index(#[from] IndexError),
 }
 
 /// Bookkeeping shared by both directions: attempts, errors and times.
@@ -109,6 +273,13 @@ pub struct Progress {
     /// the job is set aside (see [`drive`]).
     #[serde(default)]
     pub unfinished_starts: u32,
+    /// Why the last attempt failed, from a fixed set (for `/healthz` and metrics).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cause: Option<Cause>,
+    /// Held after a failure only a person can fix (see [`StepError::Held`]): the job is
+    /// not tried again until `cloudpdi retry`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub held: bool,
 }
 
 /// Starts of one step during which the process died, in a row, after which the job is set
@@ -134,6 +305,8 @@ impl Progress {
         self.last_error = None;
         self.retry_at = 0;
         self.unfinished_starts = 0;
+        self.cause = None;
+        self.held = false;
     }
 
     /// Records a transient failure and schedules the retry with exponential back-off
@@ -143,13 +316,19 @@ impl Progress {
         self.attempts = self.attempts.saturating_add(1);
         self.unfinished_starts = 0;
         self.last_error = Some(error.to_string());
+        self.cause = Some(error.cause());
+        self.held = matches!(error, StepError::Held { .. });
         let backoff = Duration::from_secs(1u64 << self.attempts.min(16)).min(max_backoff);
-        self.retry_at = self.updated_at + u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX);
+        self.retry_at = if self.held {
+            0
+        } else {
+            self.updated_at + u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX)
+        };
     }
 
-    /// Whether the job may run now.
+    /// Whether the job may run now: its back-off is over and it is not held.
     pub fn due(&self, now: u64) -> bool {
-        now >= self.retry_at
+        !self.held && now >= self.retry_at
     }
 
     /// Whether the job was set aside because the process died during its step
@@ -162,10 +341,20 @@ impl Progress {
 impl From<crate::repository::client::ClientError> for StepError {
     /// The client already retried what can be retried soon; its own verdict decides.
     fn from(e: crate::repository::client::ClientError) -> Self {
+        use crate::repository::client::ClientError;
+        let cause = match &e {
+            ClientError::NoSpace { .. } => Cause::DiskFull,
+            ClientError::File { source, .. } => Cause::of_io(source),
+            ClientError::Unavailable { .. } | ClientError::Integrity(_) => {
+                Cause::RepositoryUnreachable
+            }
+            _ if e.is_permanent() => Cause::RepositoryRefused,
+            _ => Cause::Other,
+        };
         if e.is_permanent() {
-            StepError::Permanent(e.to_string())
+            StepError::permanent(e).with_cause(cause)
         } else {
-            StepError::Transient(e.to_string())
+            StepError::transient(e).with_cause(cause)
         }
     }
 }
@@ -173,7 +362,7 @@ impl From<crate::repository::client::ClientError> for StepError {
 /// What the shared step loop ([`drive`]) needs of a job record.
 pub trait JobRecord: Clone + Serialize + DeserializeOwned + Send + Sync + 'static {
     /// The job's steps (the record's `step` field).
-    type Step: Copy + std::fmt::Debug + Send + Sync + 'static;
+    type Step: Copy + std::fmt::Debug + Serialize + Send + Sync + 'static;
     /// The job's id (its key in the store).
     fn id(&self) -> &str;
     /// The next step.
@@ -265,7 +454,7 @@ pub async fn drive<P: Pipeline>(
     while !cancel.is_cancelled() && !job.ended() {
         let step = job.step();
         if job.progress().crashed_out() {
-            metrics.job_failed(name, &state_name_debug(step));
+            metrics.job_failed(name, &state_name_debug(step), Cause::Crashed);
             set_aside_after_crashes(&pipeline, job, step).await;
             return;
         }
@@ -305,17 +494,22 @@ pub async fn drive<P: Pipeline>(
                 job.progress().advanced();
                 tracing::info!(job = job.id(), from = ?step, to = ?next, "{name} step done");
             }
-            Err(StepError::Permanent(reason)) => {
-                tracing::error!(job = job.id(), step = ?step, "{name} job failed: {reason}");
-                metrics.job_failed(name, &state_name_debug(step));
-                job.progress()
-                    .failed(&StepError::Permanent(reason), Duration::ZERO);
+            Err(e @ StepError::Permanent { .. }) => {
+                tracing::error!(job = job.id(), step = ?step, cause = e.cause().label(), "{name} job failed: {e}");
+                metrics.job_failed(name, &state_name_debug(step), e.cause());
+                job.progress().failed(&e, Duration::ZERO);
                 job.fail(step);
+            }
+            Err(e @ StepError::Held { .. }) => {
+                let attempt = job.progress().attempts + 1;
+                tracing::error!(job = job.id(), step = ?step, attempt, cause = e.cause().label(), "{name} job held: {e}");
+                metrics.job_failed(name, &state_name_debug(step), e.cause());
+                job.progress().failed(&e, Duration::ZERO);
             }
             Err(e) => {
                 let attempt = job.progress().attempts + 1;
-                tracing::warn!(job = job.id(), step = ?step, attempt, "{name} step failed: {e}");
-                metrics.job_failed(name, &state_name_debug(step));
+                tracing::warn!(job = job.id(), step = ?step, attempt, cause = e.cause().label(), "{name} step failed: {e}");
+                metrics.job_failed(name, &state_name_debug(step), e.cause());
                 let max = pipeline.max_backoff();
                 job.progress().failed(&e, max);
             }
@@ -370,6 +564,7 @@ async fn set_aside_after_crashes<P: Pipeline>(
     progress.attempts = MAX_UNFINISHED_STARTS;
     progress.last_error = Some(reason);
     progress.retry_at = 0;
+    progress.cause = Some(Cause::Crashed);
     job.fail(step);
     if save(pipeline, &job).await {
         pipeline.job_ended(&job);
@@ -497,6 +692,35 @@ mod tests {
         assert!(p.due(p.retry_at));
         p.advanced();
         assert_eq!((p.attempts, p.last_error.as_deref()), (0, None));
+    }
+
+    #[test]
+    fn a_held_job_is_not_due_until_retried_and_records_without_the_fields_decode() {
+        let old = r#"{"created_at":1,"updated_at":2,"attempts":0,"last_error":null,"retry_at":0}"#;
+        let p: Progress = serde_json::from_str(old).expect("old record");
+        assert_eq!((p.held, p.cause), (false, None));
+        let mut p = Progress::new();
+        p.failed(
+            &StepError::transient("no room").with_cause(Cause::DiskFull),
+            Duration::from_secs(1),
+        );
+        assert_eq!((p.held, p.cause), (false, Some(Cause::DiskFull)));
+        assert!(p.due(p.retry_at));
+        let held = StepError::held(Cause::PacsRejected, "the PACS refused our AE title");
+        p.failed(&held, Duration::from_secs(1));
+        assert!(p.held && !p.due(u64::MAX), "held: never due by time");
+        assert_eq!(p.cause, Some(Cause::PacsRejected));
+        assert_eq!(
+            p.last_error.as_deref(),
+            Some("the PACS refused our AE title (held until `cloudpdi retry`)")
+        );
+        let json = serde_json::to_string(&p).expect("json");
+        assert!(
+            json.contains(r#""cause":"pacs_rejected","held":true"#),
+            "{json}"
+        );
+        p.advanced();
+        assert!(!p.held && p.cause.is_none() && p.due(now_ms()));
     }
 
     #[test]

@@ -67,13 +67,13 @@ impl Retention {
                     pruned.batches += 1;
                 }
             }
-            if self.outbound.remove(&job.id)? {
+            if self.outbound.remove::<OutboundJob>(&job.id)? {
                 pruned.jobs += 1;
             }
         }
         if let Some(inbound) = &self.inbound {
             for job in inbound.prunable::<InboundJob>(cutoff, now)? {
-                if inbound.remove(&job.id)? {
+                if inbound.remove::<InboundJob>(&job.id)? {
                     pruned.jobs += 1;
                 }
             }

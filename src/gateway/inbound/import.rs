@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::InboundConfig;
-use crate::dicom::scu::{Outcome, ScuError, StoreTarget, collect, store_all};
+use crate::dicom::scu::{Outcome, PacsError, ScuError, StoreTarget, collect, store_all};
 use crate::gateway::inbound::reconcile::{PatientIdPolicy, Reconciler};
 use crate::telemetry::{Escaped, escape};
 
@@ -54,6 +54,14 @@ pub enum ImportError {
         /// Files found that are not DICOM.
         skipped: usize,
     },
+    /// What stopped the associations left instances unsent: one cause for all of them.
+    #[error("{} of {total} instances were not sent: {}, then run the import again", .unsent.count, .unsent.cause)]
+    Pacs {
+        /// The instances not sent and why.
+        unsent: Unsent,
+        /// Instances found.
+        total: usize,
+    },
     /// The PACS did not take every instance (each one is listed in the report).
     #[error("{refused} of {total} instances were not stored (listed above)")]
     NotStored {
@@ -75,14 +83,48 @@ pub struct ImportReport {
     pub refused: usize,
     /// Files that are not DICOM.
     pub skipped: usize,
+    /// Instances not sent because of what stopped their associations, if any.
+    pub unsent: Option<Unsent>,
+}
+
+/// Instances an import left unsent because of what stopped their associations (the PACS
+/// unreachable, a rejection), with the one cause reported for all of them.
+#[derive(Debug, Clone)]
+pub struct Unsent {
+    /// How many.
+    pub count: usize,
+    /// Why: a permanent cause if any association met one (it decides that the job waits
+    /// for a person), else the first cause met.
+    pub cause: PacsError,
+}
+
+/// The instances left unsent among `outcomes` (of [`store_all`]) and their one cause;
+/// `None` when every instance got its own answer from the PACS.
+pub fn unsent<'a>(outcomes: impl IntoIterator<Item = &'a Outcome>) -> Option<Unsent> {
+    let causes: Vec<&PacsError> = outcomes
+        .into_iter()
+        .filter_map(|outcome| match outcome {
+            Outcome::Unavailable { cause } => Some(cause),
+            _ => None,
+        })
+        .collect();
+    let cause = causes
+        .iter()
+        .find(|c| c.is_permanent())
+        .or_else(|| causes.first())?;
+    Some(Unsent {
+        count: causes.len(),
+        cause: (*cause).clone(),
+    })
 }
 
 impl ImportReport {
     /// The closing line: how many were stored, refused and skipped.
     pub fn summary(&self) -> String {
+        let unsent = self.unsent.as_ref().map_or(0, |u| u.count);
         format!(
-            "{} of {} instances stored, {} refused, {} files skipped",
-            self.total - self.refused,
+            "{} of {} instances stored, {} refused, {unsent} not sent, {} files skipped",
+            self.total - self.refused - unsent,
             self.total,
             self.refused,
             self.skipped
@@ -92,9 +134,15 @@ impl ImportReport {
     /// Whether every instance found was stored.
     ///
     /// # Errors
-    /// [`ImportError::NotStored`] when some were not.
+    /// [`ImportError::Pacs`] with the one cause when some were not sent,
+    /// [`ImportError::NotStored`] when the PACS refused some.
     pub fn check(&self) -> Result<(), ImportError> {
-        if self.refused == 0 {
+        if let Some(unsent) = &self.unsent {
+            Err(ImportError::Pacs {
+                unsent: unsent.clone(),
+                total: self.total,
+            })
+        } else if self.refused == 0 {
             Ok(())
         } else {
             Err(ImportError::NotStored {
@@ -121,6 +169,7 @@ pub async fn import(
         total: instances.len(),
         skipped: skipped.len(),
         refused: 0,
+        unsent: None,
     };
     if instances.is_empty() {
         return Err(ImportError::NothingToImport {
@@ -129,8 +178,10 @@ pub async fn import(
         });
     }
     let target = Arc::new(store_target(inbound, policy));
-    for (instance, outcome) in &store_all(target, instances).await {
-        if let Outcome::Refused { reason, .. } | Outcome::Unavailable { reason } = outcome {
+    let results = store_all(target, instances).await;
+    report.unsent = unsent(results.iter().map(|(_, outcome)| outcome));
+    for (instance, outcome) in &results {
+        if let Outcome::Refused { reason, .. } = outcome {
             report.refused += 1;
             report.notes.push(format!(
                 "refused: {}: {}",
@@ -144,4 +195,39 @@ pub async fn import(
 
 fn skipped_line(not_dicom: &ScuError) -> String {
     format!("skipped: {}", Escaped(&not_dicom.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_permanent_cause_wins_and_every_unsent_instance_is_counted() {
+        let unreachable = PacsError::Unreachable {
+            address: "h:1".into(),
+            reason: "refused".into(),
+        };
+        let rejected = PacsError::CallingAeRejected {
+            address: "h:1".into(),
+            calling_ae: "A".into(),
+            permanent: true,
+        };
+        let outcomes = [
+            Outcome::Stored { status: 0 },
+            Outcome::Unavailable {
+                cause: unreachable.clone(),
+            },
+            Outcome::Unavailable {
+                cause: rejected.clone(),
+            },
+            Outcome::Refused {
+                status: Some(0xC000),
+                reason: "bad".into(),
+            },
+        ];
+        let found = unsent(&outcomes).expect("unsent");
+        assert_eq!((found.count, found.cause), (2, rejected));
+        assert!(unsent(&outcomes[..2]).is_some_and(|u| u.count == 1 && u.cause == unreachable));
+        assert!(unsent(&outcomes[..1]).is_none());
+    }
 }

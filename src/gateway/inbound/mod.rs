@@ -34,8 +34,10 @@ use crate::config::{Config, InboundConfig, PatientIdMode};
 use crate::dicom::scu::{Instance, Outcome, StoreTarget, store_all};
 use crate::durable;
 use crate::gateway::inbound::reconcile::PatientIdPolicy;
-use crate::gateway::jobs::blocking;
-use crate::gateway::jobs::{JobRecord, JobSummary, Pipeline, Progress, StepError};
+use crate::gateway::jobs::{
+    Cause, JobRecord, JobSummary, Pipeline, Progress, RetryError, StepError,
+};
+use crate::gateway::jobs::{blocking, state_name};
 use crate::gateway::store::{IndexError, JobStore, Store};
 use crate::repository::api::Receipt;
 use crate::repository::client::{Client, ClientOptions};
@@ -212,11 +214,39 @@ impl Inbound {
         }
     }
 
+    /// Puts a held job (a failure only a person can fix, e.g. the PACS refusing our AE
+    /// title) or one waiting for its back-off back to work at once, with its attempts
+    /// reset: `cloudpdi retry` once the cause is fixed. Returns the step it will run.
+    ///
+    /// # Errors
+    /// [`RetryError`] when there is no such job, it is done, or it failed for good (its
+    /// token is gone: it is imported anew by dropping the token again).
+    pub fn retry(&self, id: &str) -> Result<InStep, RetryError> {
+        let Some(mut job) = self.jobs.get::<InboundJob>(id)? else {
+            return Err(RetryError::Unknown(id.to_owned()));
+        };
+        match job.step {
+            InStep::Failed => return Err(RetryError::Ended(id.to_owned())),
+            InStep::Done => {
+                return Err(RetryError::NotFailed(id.to_owned(), state_name(job.step)));
+            }
+            _ if job.progress.attempts == 0 => {
+                return Err(RetryError::NotFailed(id.to_owned(), state_name(job.step)));
+            }
+            _ => {}
+        }
+        job.progress.advanced();
+        self.jobs.put(&job)?;
+        info!(job = %job.id, step = ?job.step, "inbound job retried by the admin");
+        Ok(job.step)
+    }
+
     fn token(dir: &Workdir) -> Result<Token, StepError> {
         let text = std::fs::read_to_string(dir.token())
             .map_err(|e| StepError::file("read the token in", &dir.token(), &e))?;
         let text = zeroize::Zeroizing::new(text);
-        Token::from_text(text.trim()).map_err(StepError::permanent)
+        Token::from_text(text.trim())
+            .map_err(|e| StepError::permanent(e).with_cause(Cause::InvalidToken))
     }
 
     /// Runs one step; returns the next.
@@ -328,11 +358,7 @@ impl Inbound {
         let mut instances = instances;
         instances.retain(|i| !stored.contains(&i.sop_instance_uid));
         let results = store_all(Arc::new(self.target(job)), instances).await;
-        let unreachable = results
-            .iter()
-            .filter(|(_, o)| matches!(o, Outcome::Unavailable { .. }))
-            .count();
-        if unreachable > 0 {
+        if let Some(unsent) = import::unsent(results.iter().map(|(_, outcome)| outcome)) {
             stored.extend(
                 results
                     .iter()
@@ -344,12 +370,23 @@ impl Inbound {
             let text: String = list.iter().map(|uid| format!("{uid}\n")).collect();
             durable::write(&dir.stored(), text.as_bytes(), 0o600)
                 .map_err(|e| StepError::file("write", &dir.stored(), &e))?;
-            return Err(StepError::transient(format!(
-                "the PACS at {} did not take {unreachable} of {total} instances (unreachable \
-                 or out of resources); {} are stored and will not be sent again",
-                self.config.inbound.pacs,
+            let counts = format!(
+                "{} of {total} instances not sent; {} stored are not sent again",
+                unsent.count,
                 stored.len()
-            )));
+            );
+            let cause = Cause::of_pacs(&unsent.cause);
+            return Err(if unsent.cause.is_permanent() {
+                StepError::held(
+                    cause,
+                    format!(
+                        "{}, then run `cloudpdi retry {}` ({counts})",
+                        unsent.cause, job.id
+                    ),
+                )
+            } else {
+                StepError::transient(format!("{} ({counts})", unsent.cause)).with_cause(cause)
+            });
         }
         let set_aside_dir = self.config.spool.data_dir.join("set-aside").join(&job.id);
         job.set_aside.clear();
@@ -360,7 +397,7 @@ impl Inbound {
                     .map_err(|e| StepError::file("create", &set_aside_dir, &e))?;
                 keep_aside(&instance.path, &file)
                     .map_err(|e| StepError::file("set aside", &instance.path, &e))?;
-                warn!(job = %job.id, sop_instance = %instance.sop_instance_uid, "instance set aside: {reason}");
+                tracing::debug!(job = %job.id, sop_instance = %instance.sop_instance_uid, "instance set aside: {reason}");
                 job.set_aside.push(SetAside {
                     sop_instance_uid: instance.sop_instance_uid.clone(),
                     file,
@@ -368,7 +405,9 @@ impl Inbound {
                 });
             }
         }
-        if !job.set_aside.is_empty() {
+        if let Some(first) = job.set_aside.first() {
+            // One line for the import, not one per file; status lists each with its reason.
+            warn!(job = %job.id, set_aside = job.set_aside.len(), "instances refused by the PACS set aside in {}, the first because: {}", set_aside_dir.display(), first.reason);
             durable::sync_dir(&set_aside_dir)
                 .map_err(|e| StepError::file("flush", &set_aside_dir, &e))?;
             if let Some(parent) = set_aside_dir.parent() {
@@ -531,7 +570,8 @@ fn unpack(zip: &Path, dest: &Path, max_bytes: u64) -> Result<(), StepError> {
              extracted; free disk space, the step is tried again later",
             declared.bytes,
             parent.display()
-        )));
+        ))
+        .with_cause(Cause::DiskFull));
     }
     zip::extract(zip, dest, limits).map_err(PdiError::from)?;
     Ok(())
@@ -584,7 +624,7 @@ pub async fn receive_to_folder(
     };
     // A partial download is kept to be resumed by the next run; after a refusal or once
     // done, nothing is.
-    if !matches!(result, Err(StepError::Transient(_))) || !work.partial().exists() {
+    if !matches!(result, Err(StepError::Transient { .. })) || !work.partial().exists() {
         durable::remove_dir_all(&work.0).map_err(|e| StepError::file("remove", &work.0, &e))?;
     }
     result

@@ -40,19 +40,8 @@ use crate::gateway::reception::spool::Spool;
 use crate::gateway::store::{IndexError, JobStore};
 use crate::token::Token;
 
-/// Why a job could not be retried.
-#[derive(Debug, thiserror::Error)]
-pub enum RetryError {
-    /// No outbound job has this ID.
-    #[error("no outbound job {0}: `cloudpdi status` lists the jobs")]
-    Unknown(String),
-    /// The job is still running or done.
-    #[error("job {0} is {1}, not failed: only failed jobs are retried")]
-    NotFailed(String, String),
-    /// The job store failed.
-    #[error(transparent)]
-    Index(#[from] IndexError),
-}
+pub use crate::gateway::jobs::RetryError;
+
 /// The name of the outbound jobs' tree in the index (also opened by `cloudpdi send`
 /// when no daemon runs).
 pub const JOB_STORE: &str = "outbound_jobs";

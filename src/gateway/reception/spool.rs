@@ -227,6 +227,12 @@ impl Spool {
         free_bytes(&self.dir)
     }
 
+    /// The floor `spool.min_free_mb` in bytes (0: none): below it instances are refused,
+    /// and `/healthz` says the spool is degraded.
+    pub fn min_free_bytes(&self) -> u64 {
+        self.min_free_bytes
+    }
+
     /// Absolute path of a spooled file from its index record.
     pub fn path_of(&self, record: &InstanceRecord) -> PathBuf {
         self.dir.join(&record.file)

@@ -1,20 +1,25 @@
 //! Job records of one pipeline: one tree keyed by job id, beside an index of the jobs
 //! that still need the pipeline, each write flushed before it returns.
 
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
 use serde::de::DeserializeOwned;
 use sled::Transactional;
 
 use super::{IndexError, Store, decode, encode, tx_error};
-use crate::gateway::jobs::JobRecord;
+use crate::gateway::jobs::{JobRecord, state_name};
 
 /// A tree of job records of one kind, keyed by job id, beside an index of the jobs
 /// that still need the pipeline (`<name>.active`): the due-scan twice a second reads
-/// those, not the years of finished jobs.
+/// those, not the years of finished jobs. The number of jobs in each state is kept in
+/// memory as records are written, so a metrics scrape does not decode every record.
 #[derive(Clone)]
 pub struct JobStore {
     store: Store,
     tree: sled::Tree,
     active: sled::Tree,
+    states: Arc<Mutex<BTreeMap<String, u64>>>,
 }
 
 impl JobStore {
@@ -27,21 +32,54 @@ impl JobStore {
             store: store.clone(),
             tree: store.tree(name)?,
             active: store.tree(&format!("{name}.active"))?,
+            states: Arc::default(),
         })
     }
 
-    /// Rebuilds the index of active jobs from the records. Run once at start: a store
-    /// written before the index existed gets one, and any drift is repaired by one scan.
+    /// Jobs by state (the step's name, `done`, `failed`), as counted since
+    /// [`JobStore::reindex`] (run at start) from every record written or removed.
+    pub fn state_counts(&self) -> BTreeMap<String, u64> {
+        self.states
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Moves one job from the state of `old` (the record replaced or removed, if any) to
+    /// `new` (the record written, if any) in the counts.
+    fn count<T: JobRecord>(&self, id: &[u8], old: Option<&[u8]>, new: Option<&T>) {
+        let old = old.and_then(|bytes| decode::<T>(id, bytes).ok());
+        let mut states = self.states.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(old) = old {
+            let state = state_name(old.step());
+            if let Some(n) = states.get_mut(&state) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    states.remove(&state);
+                }
+            }
+        }
+        if let Some(new) = new {
+            *states.entry(state_name(new.step())).or_default() += 1;
+        }
+    }
+
+    /// Rebuilds the index of active jobs and the counts by state from the records. Run
+    /// once at start: a store written before the index existed gets one, and any drift is
+    /// repaired by one scan.
     ///
     /// # Errors
     /// [`IndexError`] when a record cannot be read or the index written.
     pub fn reindex<T: JobRecord + DeserializeOwned>(&self) -> Result<(), IndexError> {
         self.active.clear()?;
+        let mut states = BTreeMap::<String, u64>::new();
         for job in self.all::<T>()? {
+            *states.entry(state_name(job.step())).or_default() += 1;
             if job.needs_pipeline() {
                 self.active.insert(job.id().as_bytes(), &[])?;
             }
         }
+        *self.states.lock().unwrap_or_else(PoisonError::into_inner) = states;
         self.store.flush()?;
         Ok(())
     }
@@ -81,21 +119,23 @@ impl JobStore {
         let written = (&self.tree, &self.active)
             .transaction(|(tree, index)| {
                 if only_new && tree.get(id)?.is_some() {
-                    return Ok(false);
+                    return Ok(None);
                 }
-                tree.insert(id, bytes.as_slice())?;
+                let old = tree.insert(id, bytes.as_slice())?;
                 if active {
                     index.insert(id, &[])?;
                 } else {
                     index.remove(id)?;
                 }
-                Ok(true)
+                Ok(Some(old))
             })
             .map_err(tx_error)?;
-        if written {
-            self.store.flush()?;
-        }
-        Ok(written)
+        let Some(old) = written else {
+            return Ok(false);
+        };
+        self.count(id, old.as_deref(), Some(job));
+        self.store.flush()?;
+        Ok(true)
     }
 
     /// The jobs that finished cleanly ([`JobRecord::prunable`] at `now`) and last changed
@@ -118,16 +158,17 @@ impl JobStore {
     ///
     /// # Errors
     /// [`IndexError`] when the store cannot be changed.
-    pub fn remove(&self, id: &str) -> Result<bool, IndexError> {
+    pub fn remove<T: JobRecord>(&self, id: &str) -> Result<bool, IndexError> {
         let id = id.as_bytes();
         let removed = (&self.tree, &self.active)
             .transaction(|(tree, index)| {
                 index.remove(id)?;
-                Ok(tree.remove(id)?.is_some())
+                Ok(tree.remove(id)?)
             })
             .map_err(tx_error)?;
+        self.count::<T>(id, removed.as_deref(), None);
         self.store.flush()?;
-        Ok(removed)
+        Ok(removed.is_some())
     }
 
     /// Every job, in id order.
@@ -174,21 +215,33 @@ mod tests {
         progress: Progress,
     }
 
+    /// The two states of a test job, named as a step is in the counts.
+    #[derive(Clone, Copy, Debug, Serialize)]
+    #[serde(rename_all = "lowercase")]
+    enum Phase {
+        Running,
+        Done,
+    }
+
     impl JobRecord for TestJob {
-        type Step = bool;
+        type Step = Phase;
         fn id(&self) -> &str {
             &self.id
         }
-        fn step(&self) -> bool {
-            self.done
+        fn step(&self) -> Phase {
+            if self.done {
+                Phase::Done
+            } else {
+                Phase::Running
+            }
         }
-        fn set_step(&mut self, next: bool) {
-            self.done = next;
+        fn set_step(&mut self, next: Phase) {
+            self.done = matches!(next, Phase::Done);
         }
         fn ended(&self) -> bool {
             self.done
         }
-        fn fail(&mut self, _at: bool) {
+        fn fail(&mut self, _at: Phase) {
             self.done = true;
         }
         fn progress(&mut self) -> &mut Progress {
@@ -226,6 +279,36 @@ mod tests {
             Some(1)
         );
         assert_eq!(values(&store.all::<TestJob>().expect("all")), [1, 3]);
+    }
+
+    #[test]
+    fn states_are_counted_as_records_are_written_and_rebuilt_at_reindex() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = Store::open(dir.path()).expect("db");
+        let store = JobStore::open(&db, "jobs").expect("store");
+        let counts = |s: &JobStore| {
+            s.state_counts()
+                .into_iter()
+                .map(|(state, n)| format!("{state}={n}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        store.create(&job("a", 1, false)).expect("create");
+        store.create(&job("b", 2, false)).expect("create");
+        assert!(!store.create(&job("b", 3, true)).expect("again"));
+        assert_eq!(counts(&store), "running=2");
+        store.put(&job("a", 1, true)).expect("a ends");
+        assert_eq!(counts(&store), "done=1 running=1");
+        store.put(&job("c", 4, true)).expect("c");
+        assert!(store.remove::<TestJob>("a").expect("remove"));
+        assert!(!store.remove::<TestJob>("a").expect("gone"));
+        assert_eq!(counts(&store), "done=1 running=1");
+        assert!(store.remove::<TestJob>("c").expect("remove"));
+        assert_eq!(counts(&store), "running=1");
+        let reopened = JobStore::open(&db, "jobs").expect("store");
+        assert_eq!(counts(&reopened), "");
+        reopened.reindex::<TestJob>().expect("reindex");
+        assert_eq!(counts(&reopened), "running=1");
     }
 
     #[test]
