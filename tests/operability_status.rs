@@ -99,7 +99,8 @@ fn refused_instances_hold_the_batch_until_resent_or_released() {
     gen_ct(&first, 20, &["--patient-id", "PFULL1"]);
     let files = files_in(&first);
     let ballast = fill(&data, RESERVE, 4 << 20);
-    storescu(&daemon, "MODALITY", &[], &files);
+    // --no-halt: go on after a failure status, as a PACS sending a study does.
+    storescu(&daemon, "MODALITY", &["--no-halt"], &files);
     let held = wait_for("the batch of PFULL1", Duration::from_secs(10), || {
         batch_of(&daemon, "PFULL1")
     });
@@ -142,7 +143,7 @@ fn refused_instances_hold_the_batch_until_resent_or_released() {
     let second = dir.path().join("second");
     gen_ct(&second, 20, &["--patient-id", "PFULL2"]);
     let ballast = fill(&data, RESERVE, 4 << 20);
-    storescu(&daemon, "MODALITY", &[], &files_in(&second));
+    storescu(&daemon, "MODALITY", &["--no-halt"], &files_in(&second));
     let held = wait_for("the batch of PFULL2", Duration::from_secs(10), || {
         batch_of(&daemon, "PFULL2")
     });
