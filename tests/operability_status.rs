@@ -65,7 +65,9 @@ fn mount_tmpfs(dir: &Path, options: &str) {
 fn fill(dir: &Path, reserve: u64, left: u64) -> PathBuf {
     let stat = rustix::fs::statvfs(dir).unwrap();
     let free = stat.f_bavail * stat.f_frsize;
-    let size = free.checked_sub(reserve + left).expect("room for the ballast");
+    let size = free
+        .checked_sub(reserve + left)
+        .expect("room for the ballast");
     let ballast = dir.join("ballast");
     std::fs::write(&ballast, vec![0xA5u8; usize::try_from(size).unwrap()]).unwrap();
     ballast
@@ -105,7 +107,10 @@ fn refused_instances_hold_the_batch_until_resent_or_released() {
         batch_of(&daemon, "PFULL1")
     });
     let stored = held["instances"].as_u64().unwrap();
-    assert!(0 < stored && stored < 20, "some stored, some refused: {held:#}");
+    assert!(
+        0 < stored && stored < 20,
+        "some stored, some refused: {held:#}"
+    );
     assert_eq!(held["refused"].as_u64().unwrap(), 20 - stored, "{held:#}");
     assert!(
         held["refusal"]
@@ -152,7 +157,10 @@ fn refused_instances_hold_the_batch_until_resent_or_released() {
     assert_eq!(batch_of(&daemon, "PFULL2").unwrap()["state"], "open");
     let batch = format!("B{:06}", held["id"].as_u64().unwrap());
     let (ok, text) = cloudpdi(&daemon, &["release", &batch]);
-    assert!(ok && text.contains(&format!("batch {batch} released")), "{text}");
+    assert!(
+        ok && text.contains(&format!("batch {batch} released")),
+        "{text}"
+    );
     let released = batch_of(&daemon, "PFULL2").unwrap();
     assert_eq!(released["state"], "stable", "{released:#}");
     assert_eq!(released["instances"], held["instances"]);
@@ -294,7 +302,10 @@ fn status_names_the_patient_the_token_and_the_receipt() {
         "downloads 1 of",
         &format!("{} instance(s) imported, 0 refused", originals.len()),
     ] {
-        assert!(text.contains(expected), "{expected:?} missing from:\n{text}");
+        assert!(
+            text.contains(expected),
+            "{expected:?} missing from:\n{text}"
+        );
     }
     assert!(
         !text.contains(a.status()["batches"][0]["key"].as_str().unwrap()),

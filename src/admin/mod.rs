@@ -35,14 +35,14 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::metrics::{Metrics, Snapshot};
+use crate::clock::now_ms;
 use crate::gateway::inbound::Inbound;
 use crate::gateway::jobs::JobSummary;
 use crate::gateway::outbound::{Outbound, OutboundJob, RetryError};
-use crate::clock::now_ms;
 use crate::gateway::reception::batch::{BatchId, BatchRecord, ReleaseError, StudySummary};
-use crate::repository::api::DocumentStatus;
 use crate::gateway::reception::route::Routes;
 use crate::gateway::reception::spool::Spool;
+use crate::repository::api::DocumentStatus;
 use crate::repository::listener::{self, Limits, PerAddress};
 
 /// What the daemon reports about itself.
@@ -101,8 +101,7 @@ pub const MAX_DOCUMENT_QUERIES: usize = 8;
 pub const DOCUMENT_QUERY_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// The repository's last answer per document ID, with when it was asked.
-pub type DocumentCache =
-    tokio::sync::Mutex<HashMap<String, (u64, Result<DocumentStatus, String>)>>;
+pub type DocumentCache = tokio::sync::Mutex<HashMap<String, (u64, Result<DocumentStatus, String>)>>;
 
 /// A route as shown by `cloudpdi status`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -382,8 +381,11 @@ async fn outbound_details(state: &Arc<AdminState>) -> Result<Vec<OutboundDetails
         let answer = state.outbound.document_status(job).await;
         (job.document_id.clone(), answer)
     });
-    if let Ok(answers) =
-        tokio::time::timeout(DOCUMENT_QUERY_TIMEOUT, futures_util::future::join_all(queries)).await
+    if let Ok(answers) = tokio::time::timeout(
+        DOCUMENT_QUERY_TIMEOUT,
+        futures_util::future::join_all(queries),
+    )
+    .await
     {
         for (document, answer) in answers {
             if let (Some(document), Some(answer)) = (document, answer) {
@@ -391,8 +393,10 @@ async fn outbound_details(state: &Arc<AdminState>) -> Result<Vec<OutboundDetails
             }
         }
     }
-    let known: std::collections::HashSet<&str> =
-        records.iter().filter_map(|job| job.document_id.as_deref()).collect();
+    let known: std::collections::HashSet<&str> = records
+        .iter()
+        .filter_map(|job| job.document_id.as_deref())
+        .collect();
     cache.retain(|document, _| known.contains(document.as_str()));
     Ok(records
         .iter()

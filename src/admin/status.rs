@@ -166,7 +166,15 @@ pub fn render(status: &Status) -> String {
     let _ = writeln!(
         out,
         "{:<9} {:<8} {:<6} {:>9} {:<16} {:<16} {:<10} {:<8} {:<16}  STUDY",
-        "BATCH", "ROUTE", "STATE", "INSTANCES", "PATIENT", "ACCESSION", "DATE", "MODALITY", "LAST INSTANCE"
+        "BATCH",
+        "ROUTE",
+        "STATE",
+        "INSTANCES",
+        "PATIENT",
+        "ACCESSION",
+        "DATE",
+        "MODALITY",
+        "LAST INSTANCE"
     );
     for batch in &status.batches {
         let study = &batch.study;
@@ -220,7 +228,9 @@ fn or_dash(value: &str) -> &str {
 /// A DICOM date `YYYYMMDD` as `YYYY-MM-DD` (other text as it is, escaped).
 fn study_date(date: &str) -> String {
     match (date.get(..4), date.get(4..6), date.get(6..8)) {
-        (Some(y), Some(m), Some(d)) if date.len() == 8 && date.bytes().all(|b| b.is_ascii_digit()) => {
+        (Some(y), Some(m), Some(d))
+            if date.len() == 8 && date.bytes().all(|b| b.is_ascii_digit()) =>
+        {
             format!("{y}-{m}-{d}")
         }
         _ => escape(or_dash(date)).to_string(),
@@ -262,7 +272,11 @@ fn relative(then: u64, now: u64) -> String {
         7200..172_800 => format!("{} h", seconds / 3600),
         _ => format!("{} days", seconds / 86_400),
     };
-    if future { format!("in {amount}") } else { format!("{amount} ago") }
+    if future {
+        format!("in {amount}")
+    } else {
+        format!("{amount} ago")
+    }
 }
 
 fn render_jobs(out: &mut String, status: &Status, now: u64) {
@@ -330,10 +344,18 @@ fn render_outbound(out: &mut String, details: &OutboundDetails, now: u64) {
         );
     }
     if let Some(token) = &details.token_file {
-        let _ = writeln!(out, "{pad:<18} token {}", Escaped(&token.display().to_string()));
+        let _ = writeln!(
+            out,
+            "{pad:<18} token {}",
+            Escaped(&token.display().to_string())
+        );
     }
     if let Some(slip) = &details.slip_file {
-        let _ = writeln!(out, "{pad:<18} slip {}", Escaped(&slip.display().to_string()));
+        let _ = writeln!(
+            out,
+            "{pad:<18} slip {}",
+            Escaped(&slip.display().to_string())
+        );
     }
     if details.expires_at > 0 {
         let expires = u64::from(details.expires_at).saturating_mul(1000);
@@ -370,6 +392,10 @@ fn render_outbound(out: &mut String, details: &OutboundDetails, now: u64) {
             let _ = writeln!(out, "{pad:<18} no receipt yet");
         }
     } else if let Some(why) = &details.document_error {
-        let _ = writeln!(out, "{pad:<18} downloads and receipts unknown: {}", Escaped(why));
+        let _ = writeln!(
+            out,
+            "{pad:<18} downloads and receipts unknown: {}",
+            Escaped(why)
+        );
     }
 }

@@ -148,7 +148,11 @@ impl StudySummary {
             return;
         }
         let kept = self.modality.split('/').filter(|m| !m.is_empty()).count();
-        let next = if kept >= MAX_MODALITIES { "+" } else { &modality };
+        let next = if kept >= MAX_MODALITIES {
+            "+"
+        } else {
+            &modality
+        };
         if self.modality.is_empty() {
             self.modality = next.to_owned();
         } else {

@@ -22,8 +22,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionalTree};
 
 use super::{IndexError, Store, TxResult, corrupt, decode, encode, tx_decode, tx_error};
 use crate::gateway::reception::batch::{
-    BatchId, BatchRecord, BatchState, InstanceRecord, Joined, Recorded, ReleaseError,
-    StudySummary,
+    BatchId, BatchRecord, BatchState, InstanceRecord, Joined, Recorded, ReleaseError, StudySummary,
 };
 use crate::gateway::reception::route::{Route, Routes};
 
@@ -741,7 +740,12 @@ mod tests {
         );
         assert_eq!(index.members(batch).expect("members"), ["1.1", "1.2"]);
 
-        assert!(index.seal_quiet(&routes, 12_999, 0).expect("seal").is_empty());
+        assert!(
+            index
+                .seal_quiet(&routes, 12_999, 0)
+                .expect("seal")
+                .is_empty()
+        );
         let sealed = index.seal_quiet(&routes, 13_000, 0).expect("seal");
         assert_eq!(sealed.len(), 2);
         assert_eq!(
@@ -834,14 +838,27 @@ mod tests {
         assert!(b.held() && b.state_name() == "held", "{b:?}");
         assert_eq!((b.refused, b.last_refused_at), (1, Some(2_000)));
         // Quiet for far longer than stable_after: still held.
-        assert!(index.seal_quiet(&routes, 100_000, 0).expect("seal").is_empty());
+        assert!(
+            index
+                .seal_quiet(&routes, 100_000, 0)
+                .expect("seal")
+                .is_empty()
+        );
         // The resend clears the hold; stable only after a full quiet period from it.
         index
             .record(route, "study-1", "1.2", record(100, 110_000))
             .expect("resend");
         assert!(!index.batch(batch).expect("read").expect("exists").held());
-        assert!(index.seal_quiet(&routes, 119_999, 0).expect("seal").is_empty());
-        assert_eq!(index.seal_quiet(&routes, 120_000, 0).expect("seal").len(), 1);
+        assert!(
+            index
+                .seal_quiet(&routes, 119_999, 0)
+                .expect("seal")
+                .is_empty()
+        );
+        assert_eq!(
+            index.seal_quiet(&routes, 120_000, 0).expect("seal").len(),
+            1
+        );
 
         // A refusal for a study without a batch opens an empty held one, which cannot
         // be released (nothing to send); a refusal of unknown study holds open batches.
@@ -886,8 +903,24 @@ mod tests {
             .record(route, "study-1", "1.1", record(100, 1_000))
             .expect("record");
         // Started at 50 000, long after the last instance: not before 60 000.
-        assert!(index.seal_quiet(&routes, 50_002, 50_000).expect("seal").is_empty());
-        assert!(index.seal_quiet(&routes, 59_999, 50_000).expect("seal").is_empty());
-        assert_eq!(index.seal_quiet(&routes, 60_000, 50_000).expect("seal").len(), 1);
+        assert!(
+            index
+                .seal_quiet(&routes, 50_002, 50_000)
+                .expect("seal")
+                .is_empty()
+        );
+        assert!(
+            index
+                .seal_quiet(&routes, 59_999, 50_000)
+                .expect("seal")
+                .is_empty()
+        );
+        assert_eq!(
+            index
+                .seal_quiet(&routes, 60_000, 50_000)
+                .expect("seal")
+                .len(),
+            1
+        );
     }
 }
