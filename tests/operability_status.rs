@@ -122,7 +122,11 @@ fn refused_instances_hold_the_batch_until_resent_or_released() {
     // Quiet for longer than stable_after (2 s): still held, never stable by itself.
     std::thread::sleep(Duration::from_secs(4));
     let held = batch_of(&daemon, "PFULL1").unwrap();
-    assert_eq!(held["state"], "open", "{held:#}");
+    assert_eq!(
+        (&held["state"], &held["display_state"]),
+        (&"open".into(), &"held".into()),
+        "{held:#}"
+    );
     let (ok, text) = cloudpdi(&daemon, &["status"]);
     assert!(ok, "{text}");
     let id = held["id"].as_u64().unwrap();
@@ -154,7 +158,10 @@ fn refused_instances_hold_the_batch_until_resent_or_released() {
     });
     std::fs::remove_file(&ballast).unwrap();
     std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(batch_of(&daemon, "PFULL2").unwrap()["state"], "open");
+    assert_eq!(
+        batch_of(&daemon, "PFULL2").unwrap()["display_state"],
+        "held"
+    );
     let batch = format!("B{:06}", held["id"].as_u64().unwrap());
     let (ok, text) = cloudpdi(&daemon, &["release", &batch]);
     assert!(

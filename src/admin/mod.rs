@@ -57,13 +57,24 @@ pub struct Status {
     /// Configured routes.
     pub routes: Vec<RouteStatus>,
     /// Every batch known to the index, oldest first.
-    pub batches: Vec<BatchRecord>,
+    pub batches: Vec<BatchView>,
     /// Outbound then inbound jobs, with state, progress, age and last error.
     pub jobs: Vec<JobSummary>,
     /// What an admin asks about an outbound job beyond its state: patient and study,
     /// token and slip files, downloads and receipts (by job ID).
     #[serde(default)]
     pub outbound: Vec<OutboundDetails>,
+}
+
+/// A batch as `/status` shows it: its record, plus the state a person reads.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BatchView {
+    /// The record, its fields unchanged (what scripts read).
+    #[serde(flatten)]
+    pub record: BatchRecord,
+    /// `open`, `held` (possibly incomplete: refused instances not resent), `stable` or
+    /// `sent`.
+    pub display_state: String,
 }
 
 /// An outbound job's details for `cloudpdi status`.
@@ -320,7 +331,13 @@ async fn release(
 
 async fn status(State(state): State<Arc<AdminState>>) -> Response {
     let batches = match batches(&state).await {
-        Ok(batches) => batches,
+        Ok(batches) => batches
+            .into_iter()
+            .map(|record| BatchView {
+                display_state: record.state_name().to_owned(),
+                record,
+            })
+            .collect(),
         Err(response) => return response,
     };
     let jobs = match jobs(&state).await {

@@ -176,14 +176,15 @@ pub fn render(status: &Status) -> String {
         "MODALITY",
         "LAST INSTANCE"
     );
-    for batch in &status.batches {
+    for view in &status.batches {
+        let batch = &view.record;
         let study = &batch.study;
         let _ = writeln!(
             out,
             "{:<9} {:<8} {:<6} {:>9} {:<16} {:<16} {:<10} {:<8} {:<16}  {}",
             batch.id.to_string(),
             escape(&batch.route),
-            batch.state_name(),
+            escape(&view.display_state),
             batch.instances,
             escape(or_dash(&study.patient_id)),
             escape(or_dash(&study.accession)),

@@ -251,3 +251,41 @@ pub enum ReleaseError {
     #[error(transparent)]
     Index(#[from] IndexError),
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn instance(modality: &str, accession: &str) -> InstanceRecord {
+        InstanceRecord {
+            batch: BatchId(1),
+            file: "f".into(),
+            size: 1,
+            sop_class_uid: "1.2".into(),
+            study_uid: "1.2.3".into(),
+            series_uid: "1.2.3.4".into(),
+            transfer_syntax: "1.2.840.10008.1.2.1".into(),
+            calling_ae: "PACS".into(),
+            received_at: 1,
+            patient_id: "P1".into(),
+            accession: accession.into(),
+            study_date: "20261124".into(),
+            modality: modality.into(),
+        }
+    }
+
+    #[test]
+    fn a_study_summary_keeps_short_text_and_few_modalities() {
+        let mut study = StudySummary::default();
+        let long = "A".repeat(10_000);
+        for modality in ["CT", "SR", "CT", "PR", "KO", "SEG", "OT", "MR"] {
+            study.add(&instance(modality, &long));
+        }
+        assert_eq!(study.accession.chars().count(), MAX_STUDY_TEXT);
+        assert_eq!(study.modality, "CT/SR/PR/KO/+");
+        assert_eq!(
+            (study.patient_id.as_str(), study.study_date.as_str()),
+            ("P1", "20261124")
+        );
+    }
+}

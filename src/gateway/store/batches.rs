@@ -863,8 +863,10 @@ mod tests {
         // A refusal for a study without a batch opens an empty held one, which cannot
         // be released (nothing to send); a refusal of unknown study holds open batches.
         let empty = index
-            .record_refusal(route, Some("study-2"), 130_000, "full")
+            .record_refusal(route, Some("study-2"), 130_000, &"x".repeat(10_000))
             .expect("refusal")[0];
+        let reason = index.batch(empty).expect("read").expect("exists").refusal;
+        assert_eq!(reason.map(|r| r.len()), Some(MAX_REFUSAL_TEXT));
         assert!(matches!(
             index.release(empty, 131_000),
             Err(ReleaseError::Empty(_))
