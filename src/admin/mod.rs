@@ -306,6 +306,15 @@ async fn release(
     let released =
         tokio::task::spawn_blocking(move || spool.index().release(batch, now_ms())).await;
     match released {
+        Ok(Ok(record)) if record.instances == 0 => {
+            tracing::warn!(batch = %record.id, "empty held batch discarded by an admin");
+            let answer = format!(
+                "batch {} held no instance (all {} were refused): nothing to send, it is \
+                 discarded; have the PACS send the study again once the cause is fixed\n",
+                record.id, record.refused
+            );
+            (StatusCode::OK, answer).into_response()
+        }
         Ok(Ok(record)) => {
             tracing::warn!(
                 batch = %record.id,

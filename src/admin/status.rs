@@ -100,12 +100,12 @@ pub async fn retry(
 }
 
 /// Asks the daemon to release held batch `id` (`cloudpdi release`): it is packed and
-/// sent as it is; returns the daemon's answer.
+/// sent as it is (discarded if it holds no instance); returns the daemon's answer.
 ///
 /// # Errors
 /// [`StatusError::NotAJob`] for text that cannot be a batch ID (checked before anything
 /// is sent), [`StatusError::Config`], [`StatusError::Unreachable`],
-/// [`StatusError::Declined`] with the daemon's reason (not held, unknown, empty).
+/// [`StatusError::Declined`] with the daemon's reason (not held, unknown).
 pub async fn release(
     admin: Option<SocketAddr>,
     config: &Path,

@@ -241,12 +241,6 @@ pub enum ReleaseError {
          instances not resent) needs a release"
     )]
     NotHeld(BatchId, &'static str),
-    /// Every instance of the batch was refused: there is nothing to send.
-    #[error(
-        "batch {0} holds no instance (every one was refused): nothing to send; have the \
-         PACS send the study again once the cause is fixed"
-    )]
-    Empty(BatchId),
     /// The index cannot be read or changed.
     #[error(transparent)]
     Index(#[from] IndexError),

@@ -479,7 +479,9 @@ impl BatchIndex {
 
     /// Releases a held batch for packing now (`cloudpdi release`): an admin knows the
     /// sender will not resend, or accepts the batch as it is. It becomes stable at once;
-    /// a later refusal holds it again while it still waits for packing.
+    /// a later refusal holds it again while it still waits for packing. A held batch
+    /// that holds no instance (every one was refused) has nothing to send: it is
+    /// forgotten, and the returned record says `instances: 0`.
     ///
     /// # Errors
     /// [`ReleaseError`] saying why the batch cannot be released.
@@ -488,15 +490,41 @@ impl BatchIndex {
         if !batch.held() {
             return Err(ReleaseError::NotHeld(id, batch.state_name()));
         }
-        if batch.instances == 0 {
-            return Err(ReleaseError::Empty(id));
-        }
         let open_key = instance_key(&batch.route, &batch.key);
+        if batch.instances == 0 {
+            return self.discard(&open_key, batch);
+        }
         let released = self
             .seal(&open_key, id, now, Some(now))?
             .ok_or(ReleaseError::NotHeld(id, "changing"))?;
         self.flush()?;
         Ok(released)
+    }
+
+    /// Forgets a held batch without instances (see [`BatchIndex::release`]), unless an
+    /// instance arrived meanwhile.
+    fn discard(&self, open_key: &[u8], batch: BatchRecord) -> Result<BatchRecord, ReleaseError> {
+        let id = batch.id;
+        let discarded = (&self.batches, &self.open)
+            .transaction(|(batches, open)| {
+                if open.get(open_key)?.as_deref() != Some(&batch_key(id)[..]) {
+                    return Ok(false);
+                }
+                let current = load_batch(batches, id)?;
+                if current.instances != 0 || !current.held() {
+                    return Ok(false);
+                }
+                open.remove(open_key)?;
+                batches.remove(&batch_key(id))?;
+                Ok(true)
+            })
+            .map_err(tx_error)?;
+        if !discarded {
+            return Err(ReleaseError::NotHeld(id, "changing"));
+        }
+        self.recorded.fetch_sub(1, Ordering::Relaxed);
+        self.flush()?;
+        Ok(batch)
     }
 
     /// Moves an open batch to the ready queue; `released` is the time of an admin's
@@ -867,10 +895,17 @@ mod tests {
             .expect("refusal")[0];
         let reason = index.batch(empty).expect("read").expect("exists").refusal;
         assert_eq!(reason.map(|r| r.len()), Some(MAX_REFUSAL_TEXT));
-        assert!(matches!(
-            index.release(empty, 131_000),
-            Err(ReleaseError::Empty(_))
-        ));
+        let forgotten = index
+            .record_refusal(route, Some("study-4"), 130_000, "full")
+            .expect("refusal")[0];
+        assert_eq!(
+            index
+                .release(forgotten, 130_500)
+                .expect("release")
+                .instances,
+            0
+        );
+        assert_eq!(index.batch(forgotten).expect("read"), None);
         index
             .record(route, "study-3", "3.1", record(1, 130_000))
             .expect("record");
