@@ -31,6 +31,9 @@ enum Command {
     /// Run a failed outbound job again from the step that failed, once its cause is fixed
     /// (after a change to the configuration or a key file, restart the daemon first).
     Retry(RetryArgs),
+    /// Release a batch held as possibly incomplete (instances refused, not resent) for
+    /// sending as it is, when the PACS will not resend.
+    Release(ReleaseArgs),
     /// Send DICOM files or folders (e.g. a PDI read from disc) into a PACS with C-STORE.
     Import(ImportArgs),
     /// Create, inspect or print HI-TOKENs.
@@ -352,6 +355,17 @@ struct RetryArgs {
     job: String,
 }
 
+#[derive(Args)]
+struct ReleaseArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// Admin endpoint address (default: admin.listen from the configuration).
+    #[arg(long)]
+    admin: Option<SocketAddr>,
+    /// The held batch, as `cloudpdi status` lists it (e.g. B000042).
+    batch: String,
+}
+
 /// Errors are printed here rather than by the runtime so that text from outside in them
 /// (a file name, a UID, a PACS's comment) is escaped. Library messages are whole: each
 /// names its subject and ends with its cause, so a cause is printed only when its text
@@ -379,6 +393,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => serve(&args),
         Command::Status(args) => status(&args),
         Command::Retry(args) => retry(&args),
+        Command::Release(args) => release(&args),
         Command::Import(args) => import(args),
         Command::Token(command) => token(command),
         Command::Encrypt(args) => encrypt(&args),
@@ -413,6 +428,13 @@ fn retry(args: &RetryArgs) -> anyhow::Result<()> {
     let config = args.config.path();
     let retry = cloudpdi::admin::status::retry(args.admin, &config, &args.job);
     println!("{}", runtime()?.block_on(retry)?);
+    Ok(())
+}
+
+fn release(args: &ReleaseArgs) -> anyhow::Result<()> {
+    let config = args.config.path();
+    let release = cloudpdi::admin::status::release(args.admin, &config, &args.batch);
+    println!("{}", runtime()?.block_on(release)?);
     Ok(())
 }
 

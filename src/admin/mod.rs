@@ -17,11 +17,15 @@
 //!   work
 //! - `POST /tokens`, `POST /jobs/sent` (with the header): a token to import, the record
 //!   of a `cloudpdi send` ([`handoff`])
+//! - `POST /batches/{id}/release` (with the same header): sends a batch held as possibly
+//!   incomplete as it is (`cloudpdi release`)
 
 pub mod handoff;
 pub mod metrics;
 pub mod status;
 
+use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -38,13 +42,15 @@ use tokio_util::sync::CancellationToken;
 use std::collections::BTreeMap;
 
 use crate::admin::metrics::{Metrics, Snapshot};
+use crate::clock::now_ms;
 use crate::gateway::inbound::Inbound;
 use crate::gateway::jobs::{Cause, JobRecord, JobSummary, Pipeline, RetryError};
-use crate::gateway::outbound::Outbound;
-use crate::gateway::reception::batch::BatchRecord;
+use crate::gateway::outbound::{Outbound, OutboundJob};
+use crate::gateway::reception::batch::{BatchId, BatchRecord, ReleaseError, StudySummary};
 use crate::gateway::reception::route::Routes;
 use crate::gateway::reception::spool::Spool;
 use crate::gateway::store::IndexError;
+use crate::repository::api::DocumentStatus;
 use crate::repository::listener::{self, Limits, PerAddress};
 
 /// What the daemon reports about itself.
@@ -59,10 +65,62 @@ pub struct Status {
     /// Configured routes.
     pub routes: Vec<RouteStatus>,
     /// Every batch known to the index, oldest first.
-    pub batches: Vec<BatchRecord>,
+    pub batches: Vec<BatchView>,
     /// Outbound then inbound jobs, with state, progress, age and last error.
     pub jobs: Vec<JobSummary>,
+    /// What an admin asks about an outbound job beyond its state: patient and study,
+    /// token and slip files, downloads and receipts (by job ID).
+    #[serde(default)]
+    pub outbound: Vec<OutboundDetails>,
 }
+
+/// A batch as `/status` shows it: its record, plus the state a person reads.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BatchView {
+    /// The record, its fields unchanged (what scripts read).
+    #[serde(flatten)]
+    pub record: BatchRecord,
+    /// `open`, `held` (possibly incomplete: refused instances not resent), `stable` or
+    /// `sent`.
+    pub display_state: String,
+}
+
+/// An outbound job's details for `cloudpdi status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OutboundDetails {
+    /// The job ID, as in [`Status::jobs`].
+    pub id: String,
+    /// Patient, accession, study date, modality (jobs of the daemon's batches).
+    pub study: Option<StudySummary>,
+    /// The token file, once issued.
+    pub token_file: Option<PathBuf>,
+    /// The slip, once rendered.
+    pub slip_file: Option<PathBuf>,
+    /// Expiry of token and document (Unix seconds; 0 before the document exists).
+    pub expires_at: u32,
+    /// The repository's view of the document (downloads, receipts), as of `checked_at`.
+    pub document: Option<DocumentStatus>,
+    /// Why the repository could not tell, if it could not.
+    pub document_error: Option<String>,
+    /// When the repository was last asked (Unix milliseconds; 0: never).
+    pub checked_at: u64,
+}
+
+/// How long the repository's answer about a document is reused before `cloudpdi status`
+/// asks again, so that status (or a script calling it in a loop) does not hammer the
+/// repository.
+pub const DOCUMENT_CACHE: Duration = Duration::from_secs(10);
+
+/// Documents asked about per status request at most (the most recent issued jobs
+/// first); the others show their last known answer.
+pub const MAX_DOCUMENT_QUERIES: usize = 8;
+
+/// Time the repository has to answer those queries, together, so that `cloudpdi status`
+/// answers within its own timeout even when the repository is slow or down.
+pub const DOCUMENT_QUERY_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// The repository's last answer per document ID, with when it was asked.
+pub type DocumentCache = tokio::sync::Mutex<HashMap<String, (u64, Result<DocumentStatus, String>)>>;
 
 /// A route as shown by `cloudpdi status`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -89,6 +147,8 @@ pub struct AdminState {
     pub outbound: Arc<Outbound>,
     /// The inbound pipeline, when a local PACS is configured.
     pub inbound: Option<Arc<Inbound>>,
+    /// The repository's recent answers about outbound documents.
+    pub documents: DocumentCache,
 }
 
 /// Every job of both pipelines (off the runtime).
@@ -133,6 +193,7 @@ pub async fn serve(
         .route("/jobs/{id}/retry", post(retry))
         .route("/tokens", post(handoff::token))
         .route("/jobs/sent", post(handoff::sent))
+        .route("/batches/{id}/release", post(release))
         .layer(axum::middleware::from_fn(loopback_host))
         .with_state(state);
     let limits = Limits {
@@ -237,13 +298,77 @@ async fn retry(
     }
 }
 
+async fn release(
+    State(state): State<Arc<AdminState>>,
+    Path(id): Path<String>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    if !headers.contains_key(ADMIN_HEADER) {
+        let refusal =
+            format!("a release needs the {ADMIN_HEADER} header: use `cloudpdi release`\n");
+        return (StatusCode::FORBIDDEN, refusal).into_response();
+    }
+    let Some(batch) = id
+        .strip_prefix(['B', 'b'])
+        .and_then(|digits| digits.parse::<u64>().ok())
+        .map(BatchId)
+    else {
+        let refusal = format!("{id:?} is not a batch ID: `cloudpdi status` lists them\n");
+        return (StatusCode::NOT_FOUND, refusal).into_response();
+    };
+    let spool = state.spool.clone();
+    let released =
+        tokio::task::spawn_blocking(move || spool.index().release(batch, now_ms())).await;
+    match released {
+        Ok(Ok(record)) if record.instances == 0 => {
+            tracing::warn!(batch = %record.id, "empty held batch discarded by an admin");
+            let answer = format!(
+                "batch {} held no instance (all {} were refused): nothing to send, it is \
+                 discarded; have the PACS send the study again once the cause is fixed\n",
+                record.id, record.refused
+            );
+            (StatusCode::OK, answer).into_response()
+        }
+        Ok(Ok(record)) => {
+            tracing::warn!(
+                batch = %record.id,
+                instances = record.instances,
+                refused = record.refused,
+                "held batch released by an admin: it is sent as it is"
+            );
+            let answer = format!(
+                "batch {} released: its {} instance(s) are packed and sent as they are \
+                 ({} refused instance(s) were not resent)\n",
+                record.id, record.instances, record.refused
+            );
+            (StatusCode::OK, answer).into_response()
+        }
+        Ok(Err(e @ ReleaseError::Unknown(_))) => {
+            (StatusCode::NOT_FOUND, format!("{e}\n")).into_response()
+        }
+        Ok(Err(ReleaseError::Index(e))) => unavailable(e),
+        Ok(Err(e)) => (StatusCode::CONFLICT, format!("{e}\n")).into_response(),
+        Err(e) => unavailable(e),
+    }
+}
+
 async fn status(State(state): State<Arc<AdminState>>) -> Response {
     let batches = match batches(&state).await {
-        Ok(batches) => batches,
+        Ok(batches) => batches
+            .into_iter()
+            .map(|record| BatchView {
+                display_state: record.state_name().to_owned(),
+                record,
+            })
+            .collect(),
         Err(response) => return response,
     };
     let jobs = match jobs(&state).await {
         Ok(jobs) => jobs,
+        Err(response) => return response,
+    };
+    let outbound = match outbound_details(&state).await {
+        Ok(outbound) => outbound,
         Err(response) => return response,
     };
     Json(Status {
@@ -261,8 +386,74 @@ async fn status(State(state): State<Arc<AdminState>>) -> Response {
             .collect(),
         batches,
         jobs,
+        outbound,
     })
     .into_response()
+}
+
+/// The outbound jobs' details, the repository asked about issued documents whose
+/// cached answer is older than [`DOCUMENT_CACHE`] (at most [`MAX_DOCUMENT_QUERIES`], within
+/// [`DOCUMENT_QUERY_TIMEOUT`]).
+async fn outbound_details(state: &Arc<AdminState>) -> Result<Vec<OutboundDetails>, Response> {
+    let outbound = state.outbound.clone();
+    let records = match tokio::task::spawn_blocking(move || outbound.records()).await {
+        Ok(Ok(records)) => records,
+        Ok(Err(e)) => return Err(unavailable(e)),
+        Err(e) => return Err(unavailable(e)),
+    };
+    let now = now_ms();
+    let mut cache = state.documents.lock().await;
+    let mut stale: Vec<&OutboundJob> = records
+        .iter()
+        .filter(|job| job.token_file.is_some() && job.document_id.is_some())
+        .filter(|job| u64::from(job.expires_at).saturating_mul(1000) > now)
+        .filter(|job| {
+            job.document_id.as_ref().is_some_and(|d| {
+                cache.get(d).is_none_or(|(at, _)| {
+                    now.saturating_sub(*at) >= DOCUMENT_CACHE.as_millis() as u64
+                })
+            })
+        })
+        .collect();
+    stale.sort_by_key(|job| std::cmp::Reverse(job.progress.created_at));
+    stale.truncate(MAX_DOCUMENT_QUERIES);
+    let queries = stale.iter().map(|job| async {
+        let answer = state.outbound.document_status(job).await;
+        (job.document_id.clone(), answer)
+    });
+    if let Ok(answers) = tokio::time::timeout(
+        DOCUMENT_QUERY_TIMEOUT,
+        futures_util::future::join_all(queries),
+    )
+    .await
+    {
+        for (document, answer) in answers {
+            if let (Some(document), Some(answer)) = (document, answer) {
+                cache.insert(document, (now, answer));
+            }
+        }
+    }
+    let known: std::collections::HashSet<&str> = records
+        .iter()
+        .filter_map(|job| job.document_id.as_deref())
+        .collect();
+    cache.retain(|document, _| known.contains(document.as_str()));
+    Ok(records
+        .iter()
+        .map(|job| {
+            let cached = job.document_id.as_ref().and_then(|d| cache.get(d));
+            OutboundDetails {
+                id: job.id.clone(),
+                study: job.study.clone(),
+                token_file: job.token_file.clone(),
+                slip_file: job.slip_file.clone(),
+                expires_at: job.expires_at,
+                document: cached.and_then(|(_, answer)| answer.as_ref().ok().cloned()),
+                document_error: cached.and_then(|(_, answer)| answer.as_ref().err().cloned()),
+                checked_at: cached.map_or(0, |(at, _)| *at),
+            }
+        })
+        .collect())
 }
 
 /// Failed attempts in a row on an unreachable repository or PACS after which `/healthz`

@@ -5,9 +5,8 @@ use std::fmt::Write;
 use std::net::SocketAddr;
 use std::path::Path;
 
-use crate::admin::Status;
+use crate::admin::{OutboundDetails, Status};
 use crate::clock::now_ms;
-use crate::gateway::reception::batch::BatchState;
 use crate::telemetry::{Escaped, escape};
 
 /// Why the status could not be shown.
@@ -30,6 +29,9 @@ pub enum StatusError {
     /// The text given is not a job ID.
     #[error("{0:?} is not a job ID: `cloudpdi status` lists them (e.g. B000042)")]
     NotAJob(String),
+    /// The text given is not a batch ID.
+    #[error("{0:?} is not a batch ID: `cloudpdi status` lists them (e.g. B000042)")]
+    NotABatch(String),
     /// The daemon declined the retry; its sentence says why.
     #[error("{0}")]
     Declined(String),
@@ -98,6 +100,26 @@ pub async fn retry(
     post(addr, &format!("/jobs/{id}/retry"), None).await
 }
 
+/// Asks the daemon to release held batch `id` (`cloudpdi release`): it is packed and
+/// sent as it is (discarded if it holds no instance); returns the daemon's answer.
+///
+/// # Errors
+/// [`StatusError::NotAJob`] for text that cannot be a batch ID (checked before anything
+/// is sent), [`StatusError::Config`], [`StatusError::Unreachable`],
+/// [`StatusError::Declined`] with the daemon's reason (not held, unknown).
+pub async fn release(
+    admin: Option<SocketAddr>,
+    config: &Path,
+    id: &str,
+) -> Result<String, StatusError> {
+    let digits = id.strip_prefix(['B', 'b']).unwrap_or_default();
+    if digits.is_empty() || digits.len() > 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(StatusError::NotABatch(id.to_owned()));
+    }
+    let addr = admin_address(admin, config)?;
+    post(addr, &format!("/batches/{id}/release"), None).await
+}
+
 /// Posts a request to the admin endpoint at `addr` (with [`crate::admin::ADMIN_HEADER`])
 /// and returns the daemon's answer, a sentence for the person at the terminal; `body` is
 /// the content type and bytes to send, if any.
@@ -131,9 +153,11 @@ pub(crate) async fn post(
     }
 }
 
-/// Renders the status as a table for a person at a terminal.
+/// Renders the status as a table for a person at a terminal: batches and jobs by
+/// patient, accession, study date and modality, times in local time.
 pub fn render(status: &Status) -> String {
     let mut out = String::new();
+    let now = now_ms();
     let _ = writeln!(
         out,
         "cloudpdi {} up {} s, {} association(s) open",
@@ -148,66 +172,167 @@ pub fn render(status: &Status) -> String {
             route.stable_after
         );
     }
-    render_jobs(&mut out, status);
+    render_jobs(&mut out, status, now);
     if status.batches.is_empty() {
         out.push_str("no batches\n");
         return out;
     }
     let _ = writeln!(
         out,
-        "{:<9} {:<12} {:<7} {:>9} {:>11} {:>10}  KEY",
-        "BATCH", "ROUTE", "STATE", "INSTANCES", "SIZE", "IDLE"
+        "{:<9} {:<8} {:<6} {:>9} {:<16} {:<16} {:<10} {:<8} {:<16}  STUDY",
+        "BATCH",
+        "ROUTE",
+        "STATE",
+        "INSTANCES",
+        "PATIENT",
+        "ACCESSION",
+        "DATE",
+        "MODALITY",
+        "LAST INSTANCE"
     );
-    let now = now_ms();
-    for batch in &status.batches {
-        let state = match batch.state {
-            BatchState::Open => "open",
-            BatchState::Stable => "stable",
-            BatchState::Sent => "sent",
-        };
+    for view in &status.batches {
+        let batch = &view.record;
+        let study = &batch.study;
         let _ = writeln!(
             out,
-            "{:<9} {:<12} {:<7} {:>9} {:>8.1} MB {:>8} s  {}",
+            "{:<9} {:<8} {:<6} {:>9} {:<16} {:<16} {:<10} {:<8} {:<16}  {}",
             batch.id.to_string(),
             escape(&batch.route),
-            state,
+            escape(&view.display_state),
             batch.instances,
-            batch.bytes as f64 / 1e6,
-            now.saturating_sub(batch.last_instance_at) / 1000,
-            Escaped(&batch.key)
+            escape(or_dash(&study.patient_id)),
+            escape(or_dash(&study.accession)),
+            study_date(&study.study_date),
+            escape(or_dash(&study.modality)),
+            local_time(batch.last_instance_at),
+            Escaped(&short_uid(&batch.key))
         );
+        if batch.held() {
+            let _ = writeln!(
+                out,
+                "{:<9} possibly incomplete: {} instance(s) refused, the last at {} ({}): held \
+                 until the PACS resends them; if it will not, send as it is with: cloudpdi \
+                 release {}",
+                "",
+                batch.refused,
+                local_time(batch.last_refused_at.unwrap_or_default()),
+                Escaped(batch.refusal.as_deref().unwrap_or("no reason recorded")),
+                batch.id
+            );
+        } else if batch.refused > 0 {
+            let how = if batch.released_at.is_some() {
+                "released by an admin"
+            } else {
+                "resent since"
+            };
+            let _ = writeln!(
+                out,
+                "{:<9} {} instance(s) refused earlier ({how})",
+                "", batch.refused
+            );
+        }
     }
     out
 }
 
-fn render_jobs(out: &mut String, status: &Status) {
+/// `-` for an empty value.
+fn or_dash(value: &str) -> &str {
+    if value.is_empty() { "-" } else { value }
+}
+
+/// A DICOM date `YYYYMMDD` as `YYYY-MM-DD` (other text as it is, escaped).
+fn study_date(date: &str) -> String {
+    match (date.get(..4), date.get(4..6), date.get(6..8)) {
+        (Some(y), Some(m), Some(d))
+            if date.len() == 8 && date.bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            format!("{y}-{m}-{d}")
+        }
+        _ => escape(or_dash(date)).to_string(),
+    }
+}
+
+/// A long UID shortened to its last 16 characters (the distinctive end), with `…`.
+fn short_uid(uid: &str) -> String {
+    let count = uid.chars().count();
+    if count <= 20 {
+        return uid.to_owned();
+    }
+    let tail: String = uid.chars().skip(count - 16).collect();
+    format!("…{tail}")
+}
+
+/// A record time (Unix milliseconds) as local date and time, `2026-11-29 17:37`.
+fn local_time(unix_ms: u64) -> String {
+    let zoned = i64::try_from(unix_ms)
+        .ok()
+        .and_then(|ms| jiff::Timestamp::from_millisecond(ms).ok())
+        .map(|t| t.to_zoned_datetime(jiff::tz::TimeZone::system()));
+    match zoned {
+        Some(zoned) => zoned.strftime("%Y-%m-%d %H:%M").to_string(),
+        None => "-".into(),
+    }
+}
+
+/// How far `then` is from `now`, for a person: `in 2 min`, `5 s ago`.
+fn relative(then: u64, now: u64) -> String {
+    let (seconds, future) = if then >= now {
+        ((then - now) / 1000, true)
+    } else {
+        ((now - then) / 1000, false)
+    };
+    let amount = match seconds {
+        0..60 => format!("{seconds} s"),
+        60..7200 => format!("{} min", seconds / 60),
+        7200..172_800 => format!("{} h", seconds / 3600),
+        _ => format!("{} days", seconds / 86_400),
+    };
+    if future {
+        format!("in {amount}")
+    } else {
+        format!("{amount} ago")
+    }
+}
+
+fn render_jobs(out: &mut String, status: &Status, now: u64) {
     if status.jobs.is_empty() {
         out.push_str("no jobs\n");
         return;
     }
     let _ = writeln!(
         out,
-        "{:<14} {:<8} {:<8} {:>8}  PROGRESS / LAST ERROR",
-        "JOB", "SIDE", "STATE", "AGE"
+        "{:<18} {:<8} {:<8} {:<16}  PROGRESS / LAST ERROR",
+        "JOB", "SIDE", "STATE", "CREATED"
     );
-    let now = now_ms();
     for job in &status.jobs {
         let b = &job.bookkeeping;
         let _ = writeln!(
             out,
-            "{:<14} {:<8} {:<8} {:>6} s  {}{}",
+            "{:<18} {:<8} {:<8} {:<16}  {}{}",
             escape(&job.id),
             job.direction,
             escape(&job.state),
-            now.saturating_sub(b.created_at) / 1000,
+            local_time(b.created_at),
             Escaped(&job.progress),
             b.last_error
                 .as_deref()
                 .map(|e| format!(" | attempt {}: {}", b.attempts, Escaped(e)))
                 .unwrap_or_default()
         );
+        if let Some(details) = status.outbound.iter().find(|d| d.id == job.id) {
+            render_outbound(out, details, now);
+        }
         for note in &job.notes {
-            let _ = writeln!(out, "{:<14} {}", "", Escaped(note));
+            let _ = writeln!(out, "{:<18} {}", "", Escaped(note));
+        }
+        if b.last_error.is_some() && job.state != "failed" && job.state != "done" {
+            let _ = writeln!(
+                out,
+                "{:<18} next attempt {} ({})",
+                "",
+                local_time(b.retry_at),
+                relative(b.retry_at, now)
+            );
         }
         if job.state == "failed" {
             let hint = if job.direction == "outbound" {
@@ -215,7 +340,77 @@ fn render_jobs(out: &mut String, status: &Status) {
             } else {
                 "fix the cause, then drop the token into the watch folder again".to_owned()
             };
-            let _ = writeln!(out, "{:<14} {hint}", "");
+            let _ = writeln!(out, "{:<18} {hint}", "");
         }
+    }
+}
+
+/// The lines of an outbound job's details: study, token file, downloads and receipts.
+fn render_outbound(out: &mut String, details: &OutboundDetails, now: u64) {
+    let pad = "";
+    if let Some(study) = &details.study {
+        let _ = writeln!(
+            out,
+            "{pad:<18} patient {}  accession {}  study date {}  modality {}",
+            escape(or_dash(&study.patient_id)),
+            escape(or_dash(&study.accession)),
+            study_date(&study.study_date),
+            escape(or_dash(&study.modality))
+        );
+    }
+    if let Some(token) = &details.token_file {
+        let _ = writeln!(
+            out,
+            "{pad:<18} token {}",
+            Escaped(&token.display().to_string())
+        );
+    }
+    if let Some(slip) = &details.slip_file {
+        let _ = writeln!(
+            out,
+            "{pad:<18} slip {}",
+            Escaped(&slip.display().to_string())
+        );
+    }
+    if details.expires_at > 0 {
+        let expires = u64::from(details.expires_at).saturating_mul(1000);
+        let _ = writeln!(
+            out,
+            "{pad:<18} expires {} ({})",
+            local_time(expires),
+            relative(expires, now)
+        );
+    }
+    if let Some(document) = &details.document {
+        let _ = writeln!(
+            out,
+            "{pad:<18} downloads {} of {} (as of {})",
+            document.downloads,
+            document.max_downloads,
+            local_time(details.checked_at)
+        );
+        for receipt in &document.receipts {
+            let _ = writeln!(
+                out,
+                "{pad:<18} receipt {}: {} instance(s) imported, {} refused{}",
+                local_time(receipt.received_at.saturating_mul(1000)),
+                receipt.receipt.instances_imported,
+                receipt.receipt.instances_refused,
+                if receipt.receipt.note.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", Escaped(&receipt.receipt.note))
+                }
+            );
+        }
+        if document.receipts.is_empty() {
+            let _ = writeln!(out, "{pad:<18} no receipt yet");
+        }
+    } else if let Some(why) = &details.document_error {
+        let _ = writeln!(
+            out,
+            "{pad:<18} downloads and receipts unknown: {}",
+            Escaped(why)
+        );
     }
 }

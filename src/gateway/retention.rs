@@ -155,6 +155,7 @@ mod tests {
             spool_removed,
             failed_at: None,
             repository: None,
+            study: None,
         }
     }
 
@@ -192,10 +193,14 @@ mod tests {
             transfer_syntax: "1.2.840.10008.1.2.1".into(),
             calling_ae: "PACS".into(),
             received_at: 1,
+            patient_id: String::new(),
+            accession: String::new(),
+            study_date: String::new(),
+            modality: String::new(),
         };
         let uid = format!("{study}.1");
         index.record(route, study, &uid, record).expect("record");
-        let sealed = index.seal_quiet(routes, NOW).expect("seal");
+        let sealed = index.seal_quiet(routes, NOW, 0).expect("seal");
         let id = sealed[0].id;
         index.claim(id).expect("claim").expect("claimed");
         id

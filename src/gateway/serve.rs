@@ -153,6 +153,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         started,
         outbound,
         inbound,
+        documents: admin::DocumentCache::default(),
     });
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state, cancel.clone()));
 

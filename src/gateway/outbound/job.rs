@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::gateway::jobs::{JobRecord, JobSummary, Progress, state_name};
-use crate::gateway::reception::batch::BatchId;
+use crate::gateway::reception::batch::{BatchId, StudySummary};
 
 /// Where an outbound job is; the step named is the next one to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,6 +64,9 @@ pub struct OutboundJob {
     /// Base URL of the repository that holds `document_id` (what the token names).
     #[serde(default)]
     pub repository: Option<String>,
+    /// Patient, accession, study date and modality of the batch, for `cloudpdi status`.
+    #[serde(default)]
+    pub study: Option<StudySummary>,
 }
 
 impl OutboundJob {
@@ -84,6 +87,7 @@ impl OutboundJob {
             spool_removed: false,
             failed_at: None,
             repository: None,
+            study: None,
         }
     }
 

@@ -77,7 +77,8 @@ impl Outbound {
     /// are two writes); run once at start, since only a crash leaves such a batch.
     fn recover(&self) -> Result<(), IndexError> {
         for batch in self.spool.index().claimed()? {
-            let job = OutboundJob::new(batch.id.to_string(), Some(batch.id), &batch.route);
+            let mut job = OutboundJob::new(batch.id.to_string(), Some(batch.id), &batch.route);
+            job.study = Some(batch.study.clone());
             if self.jobs.create(&job)? {
                 info!(job = %batch.id, "outbound job recovered");
             }
@@ -109,6 +110,28 @@ impl Outbound {
             info!(job = %job.id, route = %job.route, "send by `cloudpdi send` recorded");
         }
         Ok(created)
+    }
+
+    /// Every outbound job record, for the details `cloudpdi status` shows (patient, token
+    /// file, downloads and receipts).
+    ///
+    /// # Errors
+    /// [`IndexError`] when the store cannot be read.
+    pub fn records(&self) -> Result<Vec<OutboundJob>, IndexError> {
+        self.jobs.all::<OutboundJob>()
+    }
+
+    /// The repository's view of a job's document (downloads, receipts); `None` when the
+    /// job has no document yet.
+    ///
+    /// # Errors
+    /// A sentence saying why the repository could not tell.
+    pub async fn document_status(
+        &self,
+        job: &OutboundJob,
+    ) -> Option<Result<crate::repository::api::DocumentStatus, String>> {
+        let document = job.document_id.as_deref()?;
+        Some(self.sender.document_status(&job.route, document).await)
     }
 
     /// Puts a failed job back to the step that failed, with its attempts reset, once the
@@ -267,7 +290,8 @@ impl Pipeline for Outbound {
         let index = self.spool.index();
         for id in index.ready()? {
             if let Some(batch) = index.claim(id)? {
-                let job = OutboundJob::new(batch.id.to_string(), Some(batch.id), &batch.route);
+                let mut job = OutboundJob::new(batch.id.to_string(), Some(batch.id), &batch.route);
+                job.study = Some(batch.study.clone());
                 if self.jobs.create(&job)? {
                     info!(job = %batch.id, route = %batch.route, instances = batch.instances, "outbound job created");
                 }

@@ -91,6 +91,25 @@ impl Sender {
     }
 }
 
+impl Sender {
+    /// The repository's view of a document this gateway uploaded on `route` (downloads,
+    /// receipts), for `cloudpdi status`.
+    ///
+    /// # Errors
+    /// A sentence saying why it cannot be read (route gone, no key, repository error).
+    pub async fn document_status(
+        &self,
+        route: &str,
+        document_id: &str,
+    ) -> Result<crate::repository::api::DocumentStatus, String> {
+        let link = self.link(route).map_err(|e| e.to_string())?;
+        link.client
+            .status(document_id)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
 /// A job's route is no longer in the configuration.
 fn gone(route: &str) -> StepError {
     StepError::permanent(format!(

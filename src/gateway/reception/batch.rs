@@ -11,6 +11,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::config::BatchBy;
+use crate::gateway::store::IndexError;
 
 /// A batch identifier, unique within one data folder; shown as `B000042`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -46,7 +47,7 @@ pub struct BatchRecord {
     pub key: String,
     /// Whether `key` is a study or a patient.
     pub batch_by: BatchBy,
-    /// Open or stable.
+    /// Open, stable or sent (open and refused instances not yet resent: held).
     pub state: BatchState,
     /// Distinct instances in the batch.
     pub instances: u64,
@@ -58,6 +59,112 @@ pub struct BatchRecord {
     pub last_instance_at: u64,
     /// When the batch became stable (Unix milliseconds).
     pub stable_at: Option<u64>,
+    /// Instances of this batch's group the gateway refused for a local reason (disk
+    /// full, out of resources): the sender will resend them, so the batch may be
+    /// incomplete until it does.
+    #[serde(default)]
+    pub refused: u64,
+    /// When the latest of those refusals happened (Unix milliseconds).
+    #[serde(default)]
+    pub last_refused_at: Option<u64>,
+    /// Why the latest instance was refused, for `cloudpdi status`.
+    #[serde(default)]
+    pub refusal: Option<String>,
+    /// When an admin released the held batch with `cloudpdi release` (Unix milliseconds).
+    #[serde(default)]
+    pub released_at: Option<u64>,
+    /// Who and what the batch is about, from its instances, for `cloudpdi status`.
+    #[serde(default)]
+    pub study: StudySummary,
+}
+
+impl BatchRecord {
+    /// Whether the batch is held as possibly incomplete: instances were refused and none
+    /// arrived since the latest refusal (the sender has not resent yet), and no admin
+    /// released it after that refusal. A held batch never becomes stable by itself until
+    /// the sender resends.
+    pub fn held(&self) -> bool {
+        self.state == BatchState::Open
+            && self.last_refused_at.is_some_and(|refused| {
+                self.last_instance_at <= refused
+                    && self.released_at.is_none_or(|released| released < refused)
+            })
+    }
+
+    /// The state as `cloudpdi status` names it: `open`, `held`, `stable` or `sent`.
+    pub fn state_name(&self) -> &'static str {
+        match self.state {
+            BatchState::Open if self.held() => "held",
+            BatchState::Open => "open",
+            BatchState::Stable => "stable",
+            BatchState::Sent => "sent",
+        }
+    }
+}
+
+/// Longest text kept of each study attribute (a hostile dataset may carry a long value;
+/// the longest of these VRs, LO, allows 64 characters).
+pub const MAX_STUDY_TEXT: usize = 64;
+
+/// Distinct modalities kept per batch; more are summed up as `+`.
+pub const MAX_MODALITIES: usize = 4;
+
+/// What identifies a study for a person: read from its instances, shown by `cloudpdi
+/// status` for batches and outbound jobs (an admin asks by patient and accession, not by
+/// a 64-character Study Instance UID).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StudySummary {
+    /// Patient ID (0010,0020).
+    #[serde(default)]
+    pub patient_id: String,
+    /// Accession Number (0008,0050).
+    #[serde(default)]
+    pub accession: String,
+    /// Study Date (0008,0020), as `YYYYMMDD`.
+    #[serde(default)]
+    pub study_date: String,
+    /// The modalities of the instances, e.g. `CT` or `CT/SR`.
+    #[serde(default)]
+    pub modality: String,
+    /// Study Instance UID of the first instance.
+    #[serde(default)]
+    pub study_uid: String,
+}
+
+impl StudySummary {
+    /// Fills what is still unknown from one instance, and adds its modality.
+    pub fn add(&mut self, instance: &InstanceRecord) {
+        let fill = |field: &mut String, value: &str| {
+            if field.is_empty() {
+                *field = clip(value);
+            }
+        };
+        fill(&mut self.patient_id, &instance.patient_id);
+        fill(&mut self.accession, &instance.accession);
+        fill(&mut self.study_date, &instance.study_date);
+        fill(&mut self.study_uid, &instance.study_uid);
+        let modality = clip(&instance.modality);
+        if modality.is_empty() || self.modality.split('/').any(|m| m == modality || m == "+") {
+            return;
+        }
+        let kept = self.modality.split('/').filter(|m| !m.is_empty()).count();
+        let next = if kept >= MAX_MODALITIES {
+            "+"
+        } else {
+            &modality
+        };
+        if self.modality.is_empty() {
+            self.modality = next.to_owned();
+        } else {
+            self.modality = format!("{}/{next}", self.modality);
+        }
+    }
+}
+
+/// `value` cut to [`MAX_STUDY_TEXT`] characters: what reception keeps of an attribute
+/// that only identifies the study for a person.
+pub fn clip(value: &str) -> String {
+    value.chars().take(MAX_STUDY_TEXT).collect()
 }
 
 /// What the index knows about one stored instance.
@@ -81,6 +188,18 @@ pub struct InstanceRecord {
     pub calling_ae: String,
     /// Arrival time (Unix milliseconds).
     pub received_at: u64,
+    /// Patient ID (0010,0020).
+    #[serde(default)]
+    pub patient_id: String,
+    /// Accession Number (0008,0050).
+    #[serde(default)]
+    pub accession: String,
+    /// Study Date (0008,0020).
+    #[serde(default)]
+    pub study_date: String,
+    /// Modality (0008,0060).
+    #[serde(default)]
+    pub modality: String,
 }
 
 /// What recording an instance did.
@@ -107,4 +226,60 @@ pub enum Joined {
     /// The group's batch was stable but not yet packed: it is open again, so a study
     /// interrupted (e.g. by a gateway restart) and resent still travels as one.
     Reopened,
+}
+
+/// Why `cloudpdi release` cannot release a batch.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReleaseError {
+    /// No such batch.
+    #[error("no batch {0}: `cloudpdi status` lists the batches")]
+    Unknown(BatchId),
+    /// The batch is not held.
+    #[error(
+        "batch {0} is {1}, not held: only a batch held as possibly incomplete (refused \
+         instances not resent) needs a release"
+    )]
+    NotHeld(BatchId, &'static str),
+    /// The index cannot be read or changed.
+    #[error(transparent)]
+    Index(#[from] IndexError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn instance(modality: &str, accession: &str) -> InstanceRecord {
+        InstanceRecord {
+            batch: BatchId(1),
+            file: "f".into(),
+            size: 1,
+            sop_class_uid: "1.2".into(),
+            study_uid: "1.2.3".into(),
+            series_uid: "1.2.3.4".into(),
+            transfer_syntax: "1.2.840.10008.1.2.1".into(),
+            calling_ae: "PACS".into(),
+            received_at: 1,
+            patient_id: "P1".into(),
+            accession: accession.into(),
+            study_date: "20261124".into(),
+            modality: modality.into(),
+        }
+    }
+
+    #[test]
+    fn a_study_summary_keeps_short_text_and_few_modalities() {
+        let mut study = StudySummary::default();
+        let long = "A".repeat(10_000);
+        for modality in ["CT", "SR", "CT", "PR", "KO", "SEG", "OT", "MR"] {
+            study.add(&instance(modality, &long));
+        }
+        assert_eq!(study.accession.chars().count(), MAX_STUDY_TEXT);
+        assert_eq!(study.modality, "CT/SR/PR/KO/+");
+        assert_eq!(
+            (study.patient_id.as_str(), study.study_date.as_str()),
+            ("P1", "20261124")
+        );
+    }
 }

@@ -614,6 +614,18 @@ impl AssociationState {
                     .await
                     .unwrap_or_else(|e| Err(StoreError::Io(std::io::Error::other(e))))
             }
+            Err(e) if e.is_local() => {
+                // Refused before it could be read (its spill failed): hold the route's
+                // open batches, since any of them may be the incomplete one.
+                let spool = self.ctx.spool.clone();
+                let route = self.route.clone();
+                tokio::task::spawn_blocking(move || {
+                    spool.refused(&route, None, &e);
+                    Err(e)
+                })
+                .await
+                .unwrap_or_else(|e| Err(StoreError::Io(std::io::Error::other(e))))
+            }
             Err(e) => Err(e),
         };
         let (code, comment) = match &result {

@@ -25,7 +25,7 @@ use crate::clock::now_ms;
 use crate::config::BatchBy;
 use crate::dicom::depth::{self, DatasetError};
 use crate::durable::{self, Pending};
-use crate::gateway::reception::batch::{BatchId, BatchState, InstanceRecord, Recorded};
+use crate::gateway::reception::batch::{BatchId, BatchState, InstanceRecord, Recorded, clip};
 use crate::gateway::reception::route::Route;
 use crate::gateway::store::{BatchIndex, IndexError};
 
@@ -73,6 +73,18 @@ impl From<io::Error> for StoreError {
         } else {
             StoreError::Io(err)
         }
+    }
+}
+
+impl StoreError {
+    /// Whether the instance was refused for a reason of this gateway (disk full, I/O,
+    /// the index), which the sender will resend once answered with a failure status, as
+    /// opposed to a dataset that is wrong and would be refused again.
+    pub fn is_local(&self) -> bool {
+        matches!(
+            self,
+            StoreError::OutOfSpace(_) | StoreError::Io(_) | StoreError::Index(_)
+        )
     }
 }
 
@@ -178,6 +190,9 @@ struct Identity {
     study_uid: String,
     series_uid: String,
     patient_id: String,
+    accession: String,
+    study_date: String,
+    modality: String,
 }
 
 impl Spool {
@@ -308,7 +323,56 @@ impl Spool {
     /// # Errors
     /// [`StoreError`]; its variant decides the C-STORE status.
     pub fn commit(&self, mut incoming: Incoming, route: &Route) -> Result<Stored, StoreError> {
-        ensure_free(&self.dir, self.min_free_bytes)?;
+        let identity = match self.identify_incoming(&mut incoming) {
+            Ok(identity) => identity,
+            Err(e) => {
+                if e.is_local() {
+                    self.refused(route, None, &e);
+                }
+                return Err(e);
+            }
+        };
+        let group_key = match route.batch_by {
+            BatchBy::Study => identity.study_uid.clone(),
+            BatchBy::Patient => identity.patient_id.clone(),
+        };
+        self.store_identified(incoming, route, identity, &group_key)
+            .inspect_err(|e| {
+                if e.is_local() {
+                    self.refused(route, Some(&group_key), e);
+                }
+            })
+    }
+
+    /// Records on its batch that an instance was refused for a local reason (see
+    /// [`StoreError::is_local`]), so the batch is held as possibly incomplete until the
+    /// sender resends; `group_key` is its study (or patient) when it could be read. A
+    /// failure to record is logged: the daemon cannot do more while its index fails.
+    pub fn refused(&self, route: &Route, group_key: Option<&str>, error: &StoreError) {
+        match self
+            .index
+            .record_refusal(route, group_key, now_ms(), &error.to_string())
+        {
+            Ok(held) if held.is_empty() => {}
+            Ok(held) => {
+                let held: Vec<String> = held.iter().map(ToString::to_string).collect();
+                tracing::info!(
+                    route = %route.name,
+                    batches = %held.join(","),
+                    "batch held as possibly incomplete until the sender resends the refused \
+                     instance (or `cloudpdi release`)"
+                );
+            }
+            Err(e) => tracing::error!(
+                route = %route.name,
+                "cannot record an instance refusal on its batch: {e}; the batch may be \
+                 packed without the refused instance: check `cloudpdi status` before it is sent"
+            ),
+        }
+    }
+
+    /// Checks the received dataset and reads what decides where it goes.
+    fn identify_incoming(&self, incoming: &mut Incoming) -> Result<Identity, StoreError> {
         let syntax = incoming.header.transfer_syntax.clone();
         let offset = incoming.dataset_offset;
         // The meta information as the file set builder counts it (after preamble and DICM).
@@ -327,10 +391,18 @@ impl Spool {
             }
         };
         check_matches(incoming.header(), &identity)?;
-        let group_key = match route.batch_by {
-            BatchBy::Study => identity.study_uid.clone(),
-            BatchBy::Patient => identity.patient_id.clone(),
-        };
+        Ok(identity)
+    }
+
+    /// Stores an identified instance durably and records it in its batch.
+    fn store_identified(
+        &self,
+        mut incoming: Incoming,
+        route: &Route,
+        identity: Identity,
+        group_key: &str,
+    ) -> Result<Stored, StoreError> {
+        ensure_free(&self.dir, self.min_free_bytes)?;
         let previous = self
             .index
             .instance(&route.name, &identity.sop_instance_uid)?;
@@ -361,10 +433,14 @@ impl Spool {
             transfer_syntax: incoming.header().transfer_syntax.clone(),
             calling_ae: incoming.header().calling_ae.clone(),
             received_at: now_ms(),
+            patient_id: clip(&identity.patient_id),
+            accession: identity.accession,
+            study_date: identity.study_date,
+            modality: identity.modality,
         };
         let recorded = self
             .index
-            .record(route, &group_key, &identity.sop_instance_uid, record)?;
+            .record(route, group_key, &identity.sop_instance_uid, record)?;
         self.index.flush()?;
         let batch = match recorded {
             Recorded::Added { batch, .. } | Recorded::Replaced(batch) => batch,
@@ -460,6 +536,9 @@ fn identify(source: impl Read) -> Result<Identity, StoreError> {
         study_uid: placed(tags::STUDY_INSTANCE_UID, "Study Instance UID (0020,000D)")?,
         series_uid: placed(tags::SERIES_INSTANCE_UID, "Series Instance UID (0020,000E)")?,
         patient_id: text(tags::PATIENT_ID, "Patient ID (0010,0020)").unwrap_or_default(),
+        accession: clip(&text(tags::ACCESSION_NUMBER, "Accession").unwrap_or_default()),
+        study_date: clip(&text(tags::STUDY_DATE, "Study Date").unwrap_or_default()),
+        modality: clip(&text(tags::MODALITY, "Modality").unwrap_or_default()),
     })
 }
 

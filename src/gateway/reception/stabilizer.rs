@@ -3,6 +3,14 @@
 //!
 //! It runs beside the SCP as one task of `cloudpdi serve`, and only moves batches from
 //! open to stable in the index; the outbound pipeline picks stable batches up.
+//!
+//! The quiet period restarts when the daemon starts: a batch that was open when the
+//! daemon stopped (or was killed) becomes stable only `stable_after` after this start, so
+//! a PACS whose send the stop interrupted has time to resend. A batch that was already
+//! stable at the stop stays stable: it had its full quiet period while the gateway was
+//! listening, so the stop interrupted no send of it (a late instance still reopens it
+//! until the outbound pipeline takes it). A batch held as possibly incomplete (instances
+//! refused, not resent) stays held across restarts: the refusals are in its record.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,6 +36,15 @@ pub async fn stabilize(
         .min()
         .unwrap_or(Duration::from_secs(1));
     let period = (shortest / 2).clamp(Duration::from_millis(100), Duration::from_secs(1));
+    let started_at = now_ms();
+    match spool.index().counts() {
+        Ok(counts) if counts.open > 0 => info!(
+            open = counts.open,
+            "open batches from before this start get a full quiet period from now"
+        ),
+        Ok(_) => {}
+        Err(e) => error!("cannot count open batches: {e}"),
+    }
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -37,7 +54,7 @@ pub async fn stabilize(
         }
         let (spool, routes) = (spool.clone(), routes.clone());
         let sealed = tokio::task::spawn_blocking(move || {
-            let sealed = spool.index().seal_quiet(&routes, now_ms())?;
+            let sealed = spool.index().seal_quiet(&routes, now_ms(), started_at)?;
             if !sealed.is_empty() {
                 spool.index().flush()?;
             }

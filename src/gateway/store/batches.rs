@@ -22,7 +22,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionalTree};
 
 use super::{IndexError, Store, TxResult, corrupt, decode, encode, tx_decode, tx_error};
 use crate::gateway::reception::batch::{
-    BatchId, BatchRecord, BatchState, InstanceRecord, Joined, Recorded,
+    BatchId, BatchRecord, BatchState, InstanceRecord, Joined, Recorded, ReleaseError, StudySummary,
 };
 use crate::gateway::reception::route::{Route, Routes};
 
@@ -337,9 +337,20 @@ impl BatchIndex {
     /// Marks every open batch quiet for its route's `stable_after` as stable and queues it
     /// for packing. Returns the batches that became stable.
     ///
+    /// The quiet period counts from the latest instance, but never from before
+    /// `started_at` (when this daemon started): a batch that was open when the daemon
+    /// stopped or was killed gets a full `stable_after` after the restart, so the PACS can
+    /// resend what the stop interrupted. A held batch (see [`BatchRecord::held`]) waits
+    /// for the sender's resend or `cloudpdi release`, however long it is quiet.
+    ///
     /// # Errors
     /// [`IndexError`] when the index cannot be read or written.
-    pub fn seal_quiet(&self, routes: &Routes, now: u64) -> Result<Vec<BatchRecord>, IndexError> {
+    pub fn seal_quiet(
+        &self,
+        routes: &Routes,
+        now: u64,
+        started_at: u64,
+    ) -> Result<Vec<BatchRecord>, IndexError> {
         let mut sealed = Vec::new();
         for entry in self.open.iter() {
             let (open_key, id) = entry?;
@@ -349,12 +360,16 @@ impl BatchIndex {
             let Some(batch) = self.batch(id)? else {
                 continue;
             };
-            let quiet_for = Duration::from_millis(now.saturating_sub(batch.last_instance_at));
+            if batch.held() {
+                continue;
+            }
+            let since = batch.last_instance_at.max(started_at);
+            let quiet_for = Duration::from_millis(now.saturating_sub(since));
             let stable_after = routes
                 .by_name(&batch.route)
                 .map_or(Duration::ZERO, |r| r.stable_after);
             if quiet_for >= stable_after {
-                if let Some(record) = self.seal(&open_key, id, now)? {
+                if let Some(record) = self.seal(&open_key, id, now, None)? {
                     sealed.push(record);
                 }
             }
@@ -362,11 +377,164 @@ impl BatchIndex {
         Ok(sealed)
     }
 
+    /// Records that an instance was refused for a local reason (the sender will resend
+    /// it), at `at`, because of `why`; the batch is held as possibly incomplete until the
+    /// sender resends (see [`BatchRecord::held`]).
+    ///
+    /// With the instance's grouping key known, its group's batch takes the refusal: the
+    /// open one, else the stable one still waiting for packing (opened again), else a new
+    /// batch (empty until the resend). Without it (a large instance whose spill to disk
+    /// failed before it could be read), every open batch of the route takes it: any of
+    /// them may be the incomplete one. Returns the batches that took it.
+    ///
+    /// # Errors
+    /// [`IndexError`] when the index cannot be changed.
+    pub fn record_refusal(
+        &self,
+        route: &Route,
+        group_key: Option<&str>,
+        at: u64,
+        why: &str,
+    ) -> Result<Vec<BatchId>, IndexError> {
+        let why: String = why.chars().take(MAX_REFUSAL_TEXT).collect();
+        let held = match group_key {
+            Some(key) => vec![self.refuse_group(route, key, at, &why)?],
+            None => {
+                let prefix = instance_key(&route.name, "");
+                let mut held = Vec::new();
+                for entry in self.open.scan_prefix(&prefix) {
+                    let (open_key, id) = entry?;
+                    let id = batch_id(&id).ok_or_else(|| corrupt_id(&open_key))?;
+                    let refused = self
+                        .batches
+                        .transaction(|batches| {
+                            let Some(bytes) = batches.get(batch_key(id))? else {
+                                return Ok(false);
+                            };
+                            let mut batch: BatchRecord = tx_decode(&batch_key(id), &bytes)?;
+                            if batch.state != BatchState::Open {
+                                return Ok(false);
+                            }
+                            note_refusal(&mut batch, at, &why);
+                            batches.insert(&batch_key(id), encode(&batch))?;
+                            Ok(true)
+                        })
+                        .map_err(tx_error)?;
+                    if refused {
+                        held.push(id);
+                    }
+                }
+                held
+            }
+        };
+        self.flush()?;
+        Ok(held)
+    }
+
+    /// Holds the batch of one group for a refusal (see [`BatchIndex::record_refusal`]).
+    fn refuse_group(
+        &self,
+        route: &Route,
+        group_key: &str,
+        at: u64,
+        why: &str,
+    ) -> Result<BatchId, IndexError> {
+        let open_key = instance_key(&route.name, group_key);
+        let fresh_id = BatchId(self.store.db.generate_id()? + 1);
+        let waiting = self.waiting_batch(&route.name, group_key)?;
+        let (id, new) = (&self.batches, &self.open, &self.ready)
+            .transaction(|(batches, open, ready)| {
+                let (mut batch, new) = match open.get(&open_key)? {
+                    Some(id) => {
+                        let id = batch_id(&id).ok_or_else(|| {
+                            ConflictableTransactionError::Abort(corrupt_id(&open_key))
+                        })?;
+                        (load_batch(batches, id)?, false)
+                    }
+                    None => match still_waiting(ready, waiting)? {
+                        Some(id) => {
+                            ready.remove(&batch_key(id))?;
+                            open.insert(open_key.as_slice(), &batch_key(id))?;
+                            let mut batch = load_batch(batches, id)?;
+                            batch.state = BatchState::Open;
+                            batch.stable_at = None;
+                            (batch, false)
+                        }
+                        None => {
+                            open.insert(open_key.as_slice(), &batch_key(fresh_id))?;
+                            (new_batch(fresh_id, route, group_key, at), true)
+                        }
+                    },
+                };
+                note_refusal(&mut batch, at, why);
+                batches.insert(&batch_key(batch.id), encode(&batch))?;
+                Ok((batch.id, new))
+            })
+            .map_err(tx_error)?;
+        if new {
+            self.recorded.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(id)
+    }
+
+    /// Releases a held batch for packing now (`cloudpdi release`): an admin knows the
+    /// sender will not resend, or accepts the batch as it is. It becomes stable at once;
+    /// a later refusal holds it again while it still waits for packing. A held batch
+    /// that holds no instance (every one was refused) has nothing to send: it is
+    /// forgotten, and the returned record says `instances: 0`.
+    ///
+    /// # Errors
+    /// [`ReleaseError`] saying why the batch cannot be released.
+    pub fn release(&self, id: BatchId, now: u64) -> Result<BatchRecord, ReleaseError> {
+        let batch = self.batch(id)?.ok_or(ReleaseError::Unknown(id))?;
+        if !batch.held() {
+            return Err(ReleaseError::NotHeld(id, batch.state_name()));
+        }
+        let open_key = instance_key(&batch.route, &batch.key);
+        if batch.instances == 0 {
+            return self.discard(&open_key, batch);
+        }
+        let released = self
+            .seal(&open_key, id, now, Some(now))?
+            .ok_or(ReleaseError::NotHeld(id, "changing"))?;
+        self.flush()?;
+        Ok(released)
+    }
+
+    /// Forgets a held batch without instances (see [`BatchIndex::release`]), unless an
+    /// instance arrived meanwhile.
+    fn discard(&self, open_key: &[u8], batch: BatchRecord) -> Result<BatchRecord, ReleaseError> {
+        let id = batch.id;
+        let discarded = (&self.batches, &self.open)
+            .transaction(|(batches, open)| {
+                if open.get(open_key)?.as_deref() != Some(&batch_key(id)[..]) {
+                    return Ok(false);
+                }
+                let current = load_batch(batches, id)?;
+                if current.instances != 0 || !current.held() {
+                    return Ok(false);
+                }
+                open.remove(open_key)?;
+                batches.remove(&batch_key(id))?;
+                Ok(true)
+            })
+            .map_err(tx_error)?;
+        if !discarded {
+            return Err(ReleaseError::NotHeld(id, "changing"));
+        }
+        self.recorded.fetch_sub(1, Ordering::Relaxed);
+        self.flush()?;
+        Ok(batch)
+    }
+
+    /// Moves an open batch to the ready queue; `released` is the time of an admin's
+    /// release, which must find the batch still held (a resend may have arrived).
     fn seal(
         &self,
         open_key: &[u8],
         id: BatchId,
         now: u64,
+        released: Option<u64>,
     ) -> Result<Option<BatchRecord>, IndexError> {
         (&self.batches, &self.open, &self.ready)
             .transaction(|(batches, open, ready)| {
@@ -375,8 +543,12 @@ impl BatchIndex {
                     return Ok(None);
                 }
                 let mut batch = load_batch(batches, id)?;
-                if batch.state != BatchState::Open {
+                // Re-checked here: a refusal may have arrived since the batch was read.
+                if batch.state != BatchState::Open || batch.held() != released.is_some() {
                     return Ok(None);
+                }
+                if released.is_some() {
+                    batch.released_at = released;
                 }
                 batch.state = BatchState::Stable;
                 batch.stable_at = Some(now);
@@ -453,6 +625,7 @@ fn save(
 ) -> TxResult<()> {
     batch.bytes += record.size;
     batch.last_instance_at = record.received_at;
+    batch.study.add(record);
     batches.insert(&batch_key(batch.id), encode(batch))?;
     let record = InstanceRecord {
         batch: batch.id,
@@ -485,8 +658,24 @@ fn new_batch(id: BatchId, route: &Route, group_key: &str, now: u64) -> BatchReco
         opened_at: now,
         last_instance_at: now,
         stable_at: None,
+        refused: 0,
+        last_refused_at: None,
+        refusal: None,
+        released_at: None,
+        study: StudySummary::default(),
     }
 }
+
+/// Counts one refused instance on `batch`.
+fn note_refusal(batch: &mut BatchRecord, at: u64, why: &str) {
+    batch.refused = batch.refused.saturating_add(1);
+    batch.last_refused_at = Some(at);
+    batch.refusal = Some(why.to_owned());
+}
+
+/// Longest refusal reason kept on a batch (characters); the reasons are the gateway's
+/// own messages, cut so that a long I/O error cannot bloat every batch record.
+pub const MAX_REFUSAL_TEXT: usize = 240;
 
 #[cfg(test)]
 mod tests {
@@ -518,6 +707,10 @@ mod tests {
             transfer_syntax: "1.2.840.10008.1.2.1".into(),
             calling_ae: "PACS".into(),
             received_at: at,
+            patient_id: "P1".into(),
+            accession: "A1".into(),
+            study_date: "20261129".into(),
+            modality: "CT".into(),
         }
     }
 
@@ -575,8 +768,13 @@ mod tests {
         );
         assert_eq!(index.members(batch).expect("members"), ["1.1", "1.2"]);
 
-        assert!(index.seal_quiet(&routes, 12_999).expect("seal").is_empty());
-        let sealed = index.seal_quiet(&routes, 13_000).expect("seal");
+        assert!(
+            index
+                .seal_quiet(&routes, 12_999, 0)
+                .expect("seal")
+                .is_empty()
+        );
+        let sealed = index.seal_quiet(&routes, 13_000, 0).expect("seal");
         assert_eq!(sealed.len(), 2);
         assert_eq!(
             index.counts().expect("counts"),
@@ -615,7 +813,7 @@ mod tests {
         );
 
         // Once claimed by the outbound pipeline, the study starts a new batch.
-        assert_eq!(index.seal_quiet(&routes, 30_000).expect("seal").len(), 1);
+        assert_eq!(index.seal_quiet(&routes, 30_000, 0).expect("seal").len(), 1);
         index.claim(batch).expect("claim").expect("claimed");
         let newer = index
             .record(route, "study-1", "1.4", record(1, 40_000))
@@ -645,6 +843,121 @@ mod tests {
                 stable: 1,
                 sent: 1
             }
+        );
+    }
+
+    #[test]
+    fn refusals_hold_a_batch_until_a_resend_or_a_release() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let index = BatchIndex::open(dir.path()).expect("open");
+        let routes = routes();
+        let route = routes.by_name("ct").expect("route");
+        let Recorded::Added { batch, .. } = index
+            .record(route, "study-1", "1.1", record(100, 1_000))
+            .expect("record")
+        else {
+            panic!("first instance opens a batch");
+        };
+        let held = index
+            .record_refusal(route, Some("study-1"), 2_000, "out of disk space")
+            .expect("refusal");
+        assert_eq!(held, [batch]);
+        let b = index.batch(batch).expect("read").expect("exists");
+        assert!(b.held() && b.state_name() == "held", "{b:?}");
+        assert_eq!((b.refused, b.last_refused_at), (1, Some(2_000)));
+        // Quiet for far longer than stable_after: still held.
+        assert!(
+            index
+                .seal_quiet(&routes, 100_000, 0)
+                .expect("seal")
+                .is_empty()
+        );
+        // The resend clears the hold; stable only after a full quiet period from it.
+        index
+            .record(route, "study-1", "1.2", record(100, 110_000))
+            .expect("resend");
+        assert!(!index.batch(batch).expect("read").expect("exists").held());
+        assert!(
+            index
+                .seal_quiet(&routes, 119_999, 0)
+                .expect("seal")
+                .is_empty()
+        );
+        assert_eq!(
+            index.seal_quiet(&routes, 120_000, 0).expect("seal").len(),
+            1
+        );
+
+        // A refusal for a study without a batch opens an empty held one, which cannot
+        // be released (nothing to send); a refusal of unknown study holds open batches.
+        let empty = index
+            .record_refusal(route, Some("study-2"), 130_000, &"x".repeat(10_000))
+            .expect("refusal")[0];
+        let reason = index.batch(empty).expect("read").expect("exists").refusal;
+        assert_eq!(reason.map(|r| r.len()), Some(MAX_REFUSAL_TEXT));
+        let forgotten = index
+            .record_refusal(route, Some("study-4"), 130_000, "full")
+            .expect("refusal")[0];
+        assert_eq!(
+            index
+                .release(forgotten, 130_500)
+                .expect("release")
+                .instances,
+            0
+        );
+        assert_eq!(index.batch(forgotten).expect("read"), None);
+        index
+            .record(route, "study-3", "3.1", record(1, 130_000))
+            .expect("record");
+        let held = index
+            .record_refusal(route, None, 131_000, "spill failed")
+            .expect("refusal");
+        assert_eq!(held.len(), 2, "both open batches of the route: {held:?}");
+        let study3 = held.into_iter().find(|id| *id != empty).expect("study-3");
+        assert!(matches!(
+            index.release(batch, 132_000),
+            Err(ReleaseError::NotHeld(_, "stable"))
+        ));
+        let released = index.release(study3, 132_000).expect("release");
+        assert_eq!(
+            (released.state, released.released_at),
+            (BatchState::Stable, Some(132_000))
+        );
+        // A refusal while it waits for packing opens and holds it again.
+        index
+            .record_refusal(route, Some("study-3"), 133_000, "full")
+            .expect("refusal");
+        assert!(index.batch(study3).expect("read").expect("exists").held());
+    }
+
+    #[test]
+    fn the_quiet_period_restarts_with_the_daemon() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let index = BatchIndex::open(dir.path()).expect("open");
+        let routes = routes();
+        let route = routes.by_name("ct").expect("route");
+        index
+            .record(route, "study-1", "1.1", record(100, 1_000))
+            .expect("record");
+        // Started at 50 000, long after the last instance: not before 60 000.
+        assert!(
+            index
+                .seal_quiet(&routes, 50_002, 50_000)
+                .expect("seal")
+                .is_empty()
+        );
+        assert!(
+            index
+                .seal_quiet(&routes, 59_999, 50_000)
+                .expect("seal")
+                .is_empty()
+        );
+        assert_eq!(
+            index
+                .seal_quiet(&routes, 60_000, 50_000)
+                .expect("seal")
+                .len(),
+            1
         );
     }
 }
