@@ -20,7 +20,7 @@ use serde::{Deserialize, Deserializer};
 
 mod load;
 
-pub(crate) use load::{Sources, load};
+pub(crate) use load::{Sources, load, variants_of};
 pub use load::{KeyError, LoadError, Origin};
 
 /// The environment variable naming the configuration file (`--config` wins over it).
@@ -488,6 +488,12 @@ impl Config {
             prefix: "CLOUDPDI_",
             skip: &["CLOUDPDI_REPO_"],
             named_tables: &["route"],
+            enums: &[
+                load::variants_of::<BatchBy>(),
+                load::variants_of::<PatientIdMode>(),
+                load::variants_of::<LogFormat>(),
+                load::variants_of::<crate::pdi::AiAction>(),
+            ],
         })?;
         config
             .validate()
@@ -1003,6 +1009,42 @@ mod tests {
         let err = parse("[dicom]\nlisen = \"1.2.3.4:1\"\n[route.a]\nae_title = \"X\"\n")
             .expect_err("typo");
         assert!(err.to_string().contains("lisen"), "{err}");
+    }
+
+    /// The path reaches inside routes (table or list form) and lists; enum values are
+    /// listed from the type.
+    #[test]
+    fn errors_name_the_key_the_value_and_the_form() {
+        let says = |toml: &str, parts: &[&str]| {
+            let err = parse(toml).expect_err(toml).to_string();
+            for part in parts {
+                assert!(err.contains(part), "{part:?} not in {err}");
+            }
+        };
+        says(
+            "[[route]]\nname = \"mr\"\nae_title = \"MR\"\nstable_after = \"soon\"\n",
+            &["route[0].stable_after = \"soon\"", "whole seconds"],
+        );
+        says(
+            "[inbound]\npatient_id = \"prefixed\"\n",
+            &["inbound.patient_id = \"prefixed\"", "keep, prefix"],
+        );
+        says(
+            "[route.ct]\nae_title = \"CT\"\nallowed_callers = 5\n",
+            &["route.ct.allowed_callers = 5", "comma-separated"],
+        );
+        says(
+            "[route.ct]\nae_title = \"CT\"\n[route.ct.ai_support]\naction = \"lable\"\n",
+            &[
+                "route.ct.ai_support.action = \"lable\"",
+                "include, exclude, label",
+            ],
+        );
+        says(
+            "[inbound]\npacs = \"[fd00::5]\"\n",
+            &["inbound.pacs = \"[fd00::5]\"", "host:port"],
+        );
+        parse("[inbound]\npacs = \"[fd00::5]:104\"\n").expect("IPv6 PACS");
     }
 
     #[test]

@@ -31,6 +31,45 @@ pub(crate) struct Sources<'a> {
     /// Tables keyed by names the site chooses (`route`, `facility`): a variable may change
     /// an entry the file defines but not create one.
     pub named_tables: &'a [&'a str],
+    /// The enums of the configuration, by type name, with the values the file may write
+    /// ([`variants_of`]): the `config` crate's message for a bad value names only the type.
+    pub enums: &'a [(&'static str, &'static [&'static str])],
+}
+
+/// An enum's type name and the names of its values as the file writes them, read from
+/// its `Deserialize` implementation so that the list cannot drift from the type.
+pub(crate) fn variants_of<T: DeserializeOwned>() -> (&'static str, &'static [&'static str]) {
+    let mut captured = None;
+    // The capture always ends in an error once it has seen the enum's names.
+    let _ = T::deserialize(EnumNames(&mut captured));
+    captured.unwrap_or(("", &[]))
+}
+
+/// A deserializer that only records the names an enum's `Deserialize` announces.
+struct EnumNames<'a>(&'a mut Option<(&'static str, &'static [&'static str])>);
+
+impl<'de> serde::Deserializer<'de> for EnumNames<'_> {
+    type Error = serde::de::value::Error;
+
+    fn deserialize_any<V: serde::de::Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
+        Err(serde::de::Error::custom("not an enum"))
+    }
+
+    fn deserialize_enum<V: serde::de::Visitor<'de>>(
+        self,
+        name: &'static str,
+        variants: &'static [&'static str],
+        _: V,
+    ) -> Result<V::Value, Self::Error> {
+        *self.0 = Some((name, variants));
+        Err(serde::de::Error::custom("names captured"))
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+        byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map struct
+        identifier ignored_any
+    }
 }
 
 /// Where a value came from.
@@ -175,7 +214,7 @@ pub(crate) fn load<T: DeserializeOwned>(sources: &Sources<'_>) -> Result<(T, Ori
         Ok(value) => Ok((value, origins)),
         Err(error) => {
             let key = error.path().to_string();
-            let problem = problem_of(&key, error.inner());
+            let problem = problem_of(&key, error.inner(), sources.enums);
             let value = merged.get::<Value>(&key).ok().and_then(|v| shown(&key, &v));
             Err(LoadError::Key(Box::new(KeyError {
                 origin: origins.of(&key),
@@ -299,7 +338,11 @@ fn shown(key: &str, value: &Value) -> Option<String> {
 }
 
 /// What is wrong with the value at `key`, and the form expected there.
-fn problem_of(key: &str, error: &config::ConfigError) -> String {
+fn problem_of(
+    key: &str,
+    error: &config::ConfigError,
+    enums: &[(&'static str, &'static [&'static str])],
+) -> String {
     let message = innermost(error);
     let hint = expected_form(key);
     if let Some(rest) = message.strip_prefix("unknown field ") {
@@ -325,9 +368,16 @@ fn problem_of(key: &str, error: &config::ConfigError) -> String {
             quoted_after_first(rest).join(", ")
         );
     }
-    match hint {
-        Some(hint) => format!("expected {hint}"),
-        None => format!("{message}; expected {}", plain_form(&message)),
+    if let Some(rest) = message.strip_prefix("enum ")
+        && let Some((name, _)) = rest.split_once(" does not have variant constructor")
+        && let Some((_, values)) = enums.iter().find(|(enum_name, _)| *enum_name == name)
+    {
+        return format!("not an allowed value; write one of: {}", values.join(", "));
+    }
+    match (hint, plain_form(&message)) {
+        (Some(hint), _) => format!("write {hint}"),
+        (None, Some(form)) => format!("{message}; write {form}"),
+        (None, None) => message,
     }
 }
 
@@ -356,20 +406,23 @@ fn quoted_after_first(text: &str) -> Vec<String> {
         .collect()
 }
 
-/// A form an admin knows, from what serde expected.
-fn plain_form(message: &str) -> &'static str {
-    let expected = message.rsplit("expected").next().unwrap_or_default();
-    if expected.contains("integer") || expected.contains("u64") || expected.contains("u32") {
-        "a whole number, without quotes or unit"
-    } else if expected.contains("bool") {
-        "true or false, without quotes"
-    } else if expected.contains("sequence") || expected.contains("list") {
-        "a list such as [\"A\", \"B\"]"
-    } else if expected.contains("map") || expected.contains("struct") {
-        "a table such as [section.name]"
-    } else {
-        "text in quotes"
-    }
+/// A form an admin knows, from what serde expected (`None` when it did not say).
+fn plain_form(message: &str) -> Option<&'static str> {
+    let (_, expected) = message.rsplit_once("expected")?;
+    Some(
+        if expected.contains("integer") || expected.contains("u64") || expected.contains("u32")
+        {
+            "a whole number, without quotes or unit"
+        } else if expected.contains("bool") {
+            "true or false, without quotes"
+        } else if expected.contains("sequence") || expected.contains("list") {
+            "a list such as [\"A\", \"B\"]"
+        } else if expected.contains("map") || expected.contains("struct") {
+            "a table such as [section.name]"
+        } else {
+            "text in quotes"
+        },
+    )
 }
 
 /// The form of the keys whose type alone does not say it (units, addresses).
@@ -468,6 +521,14 @@ mod tests {
         assert_eq!(
             origins.of("dicom.listen"),
             Origin::File("/etc/c.toml".into())
+        );
+    }
+
+    #[test]
+    fn enum_values_are_read_from_the_type() {
+        assert_eq!(
+            variants_of::<crate::config::BatchBy>(),
+            ("BatchBy", &["study", "patient"][..])
         );
     }
 

@@ -265,6 +265,10 @@ impl RepositoryConfig {
             prefix: "CLOUDPDI_REPO_",
             skip: &[],
             named_tables: &["facility"],
+            enums: &[
+                crate::config::variants_of::<Backend>(),
+                crate::config::variants_of::<crate::config::LogFormat>(),
+            ],
         })?;
         config.validate()?;
         Ok(config)
