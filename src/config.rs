@@ -20,8 +20,8 @@ use serde::{Deserialize, Deserializer};
 
 mod load;
 
-pub(crate) use load::{Sources, load, variants_of};
 pub use load::{KeyError, LoadError, Origin};
+pub(crate) use load::{Sources, load, variants_of};
 
 /// The environment variable naming the configuration file (`--config` wins over it).
 pub const CONFIG_ENV: &str = "CLOUDPDI_CONFIG";
@@ -681,7 +681,7 @@ impl Config {
                 return Err(ConfigError::Value {
                     key: "inbound.pacs".into(),
                     value: format!("{:?}", self.inbound.pacs),
-                    problem: "expected host:port of the local PACS's DICOM port, e.g. \
+                    problem: "write host:port of the local PACS's DICOM port, e.g. \
                               \"10.1.2.20:104\" or \"pacs.hospital.local:11112\""
                         .into(),
                 });
@@ -801,7 +801,13 @@ fn is_host_port(text: &str) -> bool {
 fn disk_size_mb(dir: &Path) -> Option<u64> {
     let existing = dir
         .ancestors()
-        .map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p })
+        .map(|p| {
+            if p.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                p
+            }
+        })
         .find(|p| p.exists())?;
     let stat = rustix::fs::statvfs(existing).ok()?;
     let bytes = stat.f_blocks.checked_mul(stat.f_frsize)?;
@@ -813,9 +819,8 @@ fn program_exists(program: &str) -> bool {
     if program.contains('/') {
         return Path::new(program).is_file();
     }
-    std::env::var_os("PATH").is_some_and(|paths| {
-        std::env::split_paths(&paths).any(|dir| dir.join(program).is_file())
-    })
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
 }
 
 fn non_empty_or(path: &Path, default: impl FnOnce() -> PathBuf) -> PathBuf {

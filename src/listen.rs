@@ -75,9 +75,13 @@ mod tests {
 
     #[tokio::test]
     async fn each_reason_has_its_own_hint() {
-        let taken = bind(SocketAddr::from(([127, 0, 0, 1], 0)), "dicom.listen", "DICOM")
-            .await
-            .expect("an ephemeral port");
+        let taken = bind(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            "dicom.listen",
+            "DICOM",
+        )
+        .await
+        .expect("an ephemeral port");
         let addr = taken.local_addr().expect("bound address");
         let in_use = bind(addr, "dicom.listen", "DICOM")
             .await
@@ -88,10 +92,14 @@ mod tests {
             "{in_use}"
         );
         // 192.0.2.0/24 is TEST-NET-1: never an address of this machine.
-        let foreign = bind(SocketAddr::from(([192, 0, 2, 1], 0)), "admin.listen", "admin")
-            .await
-            .expect_err("not ours")
-            .to_string();
+        let foreign = bind(
+            SocketAddr::from(([192, 0, 2, 1], 0)),
+            "admin.listen",
+            "admin",
+        )
+        .await
+        .expect_err("not ours")
+        .to_string();
         assert!(
             foreign.contains("not an address of this machine")
                 && !foreign.contains("another program"),

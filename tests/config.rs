@@ -166,7 +166,10 @@ fn a_variable_cannot_create_a_route() {
         &err,
         &[
             "CLOUDPDI_ROUTE__MR__STABLE_AFTER",
-            &format!("{} defines no route \"mr\" (it defines: ct)", path.display()),
+            &format!(
+                "{} defines no route \"mr\" (it defines: ct)",
+                path.display()
+            ),
             "[route.mr]",
         ],
     );
@@ -187,10 +190,7 @@ fn formats_are_checked_at_start() {
         ),
         (
             "[inbound]\npacs = \"orthanc\"\n".into(),
-            vec![
-                "inbound.pacs = \"orthanc\"".into(),
-                "host:port".into(),
-            ],
+            vec!["inbound.pacs = \"orthanc\"".into(), "host:port".into()],
         ),
         (
             "[inbound]\nallowed_repositories = [\"pdi.example.jp\"]\n".into(),
@@ -271,7 +271,10 @@ fn the_repository_configuration_names_the_key() {
     let err = refused(cloudpdi(
         &["repository", "serve"],
         &path,
-        &[("CLOUDPDI_REPO_FACILITY__HOSPA__API_KEY_SHA256", &"a".repeat(64))],
+        &[(
+            "CLOUDPDI_REPO_FACILITY__HOSPA__API_KEY_SHA256",
+            &"a".repeat(64),
+        )],
     ));
     assert_says(
         &err,
@@ -309,7 +312,10 @@ fn start_shipped(file: &str, data: &Path, env: &[(&str, &str)]) -> (Child, Strin
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        assert!(Instant::now() < deadline, "conf/{file}: daemon did not start");
+        assert!(
+            Instant::now() < deadline,
+            "conf/{file}: daemon did not start"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     (child, admin)
@@ -345,7 +351,10 @@ fn the_shipped_configurations_start_the_daemon() {
         assert!(status.status.success(), "conf/{file}: {status:?}");
         assert!(!log.contains("ERROR"), "conf/{file}:\n{log}");
         assert!(log.contains("cloudpdi serve ready"), "conf/{file}:\n{log}");
-        let off = log.lines().filter(|l| l.contains("outbound is off")).count();
+        let off = log
+            .lines()
+            .filter(|l| l.contains("outbound is off"))
+            .count();
         let expected_off = usize::from(file == "receiver.toml");
         assert_eq!(off, expected_off, "conf/{file}:\n{log}");
     }
@@ -385,10 +394,20 @@ fn a_second_daemon_on_the_same_data_folder_names_the_first() {
 fn each_listening_problem_has_its_own_hint() {
     // 192.0.2.1 (TEST-NET-1) is never an address of this machine.
     let (_, err) = serve_refuses(
-        &format!("[dicom]\nlisten = \"192.0.2.1:{}\"\n{CT_ROUTE}", free_port()),
+        &format!(
+            "[dicom]\nlisten = \"192.0.2.1:{}\"\n{CT_ROUTE}",
+            free_port()
+        ),
         &[],
     );
-    assert_says(&err, &["dicom.listen", "192.0.2.1 is not an address of this machine", "0.0.0.0"]);
+    assert_says(
+        &err,
+        &[
+            "dicom.listen",
+            "192.0.2.1 is not an address of this machine",
+            "0.0.0.0",
+        ],
+    );
     assert!(!err.contains("another program"), "{err}");
 
     let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -439,6 +458,9 @@ fn a_privileged_port_without_the_capability_says_so() {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let err = refused(command);
-    assert_says(&err, &["dicom.listen", "CAP_NET_BIND_SERVICE", "systemd unit"]);
+    assert_says(
+        &err,
+        &["dicom.listen", "CAP_NET_BIND_SERVICE", "systemd unit"],
+    );
     assert!(!err.contains("another program"), "{err}");
 }

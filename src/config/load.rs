@@ -125,7 +125,7 @@ pub enum LoadError {
         /// The file.
         path: PathBuf,
         /// What the `config` crate reported (the TOML error names line and column).
-        source: config::ConfigError,
+        source: Box<config::ConfigError>,
     },
     /// A key is unknown or its value has the wrong form.
     #[error(transparent)]
@@ -181,7 +181,7 @@ pub(crate) fn load<T: DeserializeOwned>(sources: &Sources<'_>) -> Result<(T, Ori
     let path = sources.path;
     let file_error = |source| LoadError::File {
         path: path.to_owned(),
-        source,
+        source: Box::new(source),
     };
     let file_values = config::Config::builder()
         .add_source(config::File::from(path).format(config::FileFormat::Toml))
@@ -296,6 +296,17 @@ fn check_named_entry(
     if defined.iter().any(|d| d == entry) {
         return Ok(());
     }
+    if let Some(written) = defined.iter().find(|d| d.eq_ignore_ascii_case(entry)) {
+        return Err(LoadError::Variable {
+            name: name.to_owned(),
+            problem: format!(
+                "sets {key}, but variable names are read in lower case and {} names this \
+                 {table} {written:?}: rename it [{table}.{entry}] in the file to change it \
+                 from the environment",
+                path.display()
+            ),
+        });
+    }
     let known = if defined.is_empty() {
         "none".to_owned()
     } else {
@@ -354,9 +365,8 @@ fn problem_of(
             .filter(|(distance, _)| *distance <= 3)
             .min();
         let parent = key.rsplit_once('.').map_or("the top level", |(p, _)| p);
-        let suggestion = closest.map_or(String::new(), |(_, name)| {
-            format!("did you mean {name}? ")
-        });
+        let suggestion =
+            closest.map_or(String::new(), |(_, name)| format!("did you mean {name}? "));
         return format!(
             "unknown key; {suggestion}the keys of {parent} are: {}",
             allowed.join(", ")
@@ -410,8 +420,7 @@ fn quoted_after_first(text: &str) -> Vec<String> {
 fn plain_form(message: &str) -> Option<&'static str> {
     let (_, expected) = message.rsplit_once("expected")?;
     Some(
-        if expected.contains("integer") || expected.contains("u64") || expected.contains("u32")
-        {
+        if expected.contains("integer") || expected.contains("u64") || expected.contains("u32") {
             "a whole number, without quotes or unit"
         } else if expected.contains("bool") {
             "true or false, without quotes"
@@ -433,10 +442,7 @@ fn expected_form(key: &str) -> Option<&'static str> {
             "dicom.listen",
             "host:port, e.g. 0.0.0.0:11112 (every address) or 10.1.2.3:104",
         ),
-        (
-            "admin.listen",
-            "a loopback host:port, e.g. 127.0.0.1:11180",
-        ),
+        ("admin.listen", "a loopback host:port, e.g. 127.0.0.1:11180"),
         (
             "repository.embedded_listen",
             "a loopback host:port, e.g. 127.0.0.1:11190",
