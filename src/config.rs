@@ -702,6 +702,11 @@ impl Config {
         let repository = &self.repository;
         for (name, route) in &self.routes {
             if !route.repository_url.is_empty() {
+                check_plain_http(
+                    &format!("route.{name}.repository_url"),
+                    &route.repository_url,
+                    repository.allow_plain_http,
+                )?;
                 continue;
             }
             if repository.url.is_empty() {
@@ -720,6 +725,13 @@ impl Config {
                      receives, remove the route",
                     repository.url
                 )));
+            }
+            if repository.url != "embedded" {
+                check_plain_http(
+                    "repository.url",
+                    &repository.url,
+                    repository.allow_plain_http,
+                )?;
             }
         }
         Ok(())
@@ -779,6 +791,27 @@ impl Config {
 
 fn is_http(url: &str) -> bool {
     url.starts_with("https://") || url.starts_with("http://")
+}
+
+/// A repository the API key is sent to must be `https://`, or `http://` on loopback, or
+/// allowed by `repository.allow_plain_http`: checked at start, not at the first upload.
+fn check_plain_http(key: &str, url: &str, allowed: bool) -> Result<(), ConfigError> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| ConfigError::Value {
+        key: key.to_owned(),
+        value: format!("{url:?}"),
+        problem: format!("not a URL ({e}); write e.g. https://pdi.example.jp"),
+    })?;
+    if parsed.scheme() == "http" && !crate::repository::client::is_loopback(&parsed) && !allowed {
+        return Err(ConfigError::Value {
+            key: key.to_owned(),
+            value: format!("{url:?}"),
+            problem: "plain http:// to another host would send the API key unencrypted: \
+                      use https://, or set repository.allow_plain_http = true if this \
+                      network is trusted"
+                .into(),
+        });
+    }
+    Ok(())
 }
 
 /// `host:port` with a port 1-65535, the host a name, an IPv4 address or a bracketed
@@ -1050,6 +1083,14 @@ mod tests {
             &["inbound.pacs = \"[fd00::5]\"", "host:port"],
         );
         parse("[inbound]\npacs = \"[fd00::5]:104\"\n").expect("IPv6 PACS");
+        says(
+            "[repository]\nurl = \"http://10.1.2.3:8480\"\napi_key_file = \"/k\"\n\
+             [route.ct]\nae_title = \"CT\"\n",
+            &[
+                "repository.url = \"http://10.1.2.3:8480\"",
+                "allow_plain_http",
+            ],
+        );
     }
 
     #[test]
