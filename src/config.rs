@@ -5,7 +5,11 @@
 //! `CLOUDPDI_DICOM__LISTEN=0.0.0.0:104` or `CLOUDPDI_ROUTE__CT__STABLE_AFTER=60`.
 //! Routes are a table keyed by a route name (`[route.ct]`) rather than an array, so that
 //! an environment override names a route that does not move when others are added;
-//! an array of `[[route]]` tables with a `name` key is accepted too.
+//! an array of `[[route]]` tables with a `name` key is accepted too. A variable changes
+//! a route the file defines and cannot create one. Routes are optional: a site without
+//! any only receives, and the outbound pipeline is off ([`Config::outbound_off_reason`]).
+//! Errors name the key, its value, the file or variable it came from and the form
+//! expected (`config/load.rs` reads the file and the variables).
 //!
 //! Commands find the file in this order: `--config`, the `CLOUDPDI_CONFIG` variable,
 //! `conf/cloudpdi.toml` when it exists (a checkout), else `/etc/cloudpdi/cloudpdi.toml`
