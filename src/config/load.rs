@@ -327,9 +327,11 @@ fn check_named_entry(
 /// a table (the key names it well enough).
 fn shown(key: &str, value: &Value) -> Option<String> {
     let last = key.rsplit('.').next().unwrap_or(key);
+    // A misspelt secret key is unknown, but its value is still the secret.
     if ["secret", "password", "token"]
         .iter()
         .any(|word| last.contains(word))
+        || strsim::damerau_levenshtein(last, "secret_access_key") <= 4
     {
         return Some("(value not shown)".into());
     }
@@ -541,10 +543,13 @@ mod tests {
     #[test]
     fn secrets_are_not_shown_and_long_values_are_cut() {
         let text = |s: &str| Value::new(None, ValueKind::String(s.to_owned()));
-        assert_eq!(
-            shown("storage.secret_access_key", &text("abc")).as_deref(),
-            Some("(value not shown)")
-        );
+        for key in ["storage.secret_access_key", "storage.secrt_acess_key"] {
+            assert_eq!(
+                shown(key, &text("abc")).as_deref(),
+                Some("(value not shown)"),
+                "{key}"
+            );
+        }
         let long = shown("tls.cert", &text(&"x".repeat(500))).expect("shown");
         assert!(long.len() < 100 && long.ends_with("..."), "{long}");
     }
