@@ -5,7 +5,11 @@
 //! `CLOUDPDI_DICOM__LISTEN=0.0.0.0:104` or `CLOUDPDI_ROUTE__CT__STABLE_AFTER=60`.
 //! Routes are a table keyed by a route name (`[route.ct]`) rather than an array, so that
 //! an environment override names a route that does not move when others are added;
-//! an array of `[[route]]` tables with a `name` key is accepted too.
+//! an array of `[[route]]` tables with a `name` key is accepted too. A variable changes
+//! a route the file defines and cannot create one. Routes are optional: a site without
+//! any only receives, and the outbound pipeline is off ([`Config::outbound_off_reason`]).
+//! Errors name the key, its value, the file or variable it came from and the form
+//! expected (`config/load.rs` reads the file and the variables).
 //!
 //! Commands find the file in this order: `--config`, the `CLOUDPDI_CONFIG` variable,
 //! `conf/cloudpdi.toml` when it exists (a checkout), else `/etc/cloudpdi/cloudpdi.toml`
@@ -17,6 +21,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
+
+mod load;
+
+pub use load::{KeyError, LoadError, Origin};
+pub(crate) use load::{Sources, load, variants_of};
 
 /// The environment variable naming the configuration file (`--config` wins over it).
 pub const CONFIG_ENV: &str = "CLOUDPDI_CONFIG";
@@ -43,54 +52,46 @@ pub(crate) fn first_existing(local: &str, system: &str) -> PathBuf {
     }
 }
 
-/// The `PREFIX_SECTION__KEY` variables of the environment that override configuration
-/// keys: only names with a `__` (every key is in a section), and none starting with one
-/// of `skip` (another program's prefix, e.g. the repository's `CLOUDPDI_REPO_` for the
-/// gateway). So `CLOUDPDI_CONFIG`, `CLOUDPDI_REPO_CONFIG` and
-/// `CLOUDPDI_REPOSITORY_API_KEY`, which the commands read, are never taken for keys.
-///
-/// # Errors
-/// The name of an override whose value is not UTF-8.
-pub(crate) fn overrides(
-    prefix: &str,
-    skip: &[&str],
-) -> Result<config::Map<String, String>, String> {
-    let mut map = config::Map::new();
-    for (name, value) in std::env::vars_os() {
-        let Some(name) = name.to_str() else { continue };
-        if !override_name(name, prefix, skip) {
-            continue;
-        }
-        let value = value
-            .into_string()
-            .map_err(|_| format!("the environment variable {name} is not UTF-8 text"))?;
-        map.insert(name.to_owned(), value);
-    }
-    Ok(map)
-}
-
-/// Whether the variable `name` is a key override (see [`overrides`]).
-fn override_name(name: &str, prefix: &str, skip: &[&str]) -> bool {
-    name.strip_prefix(prefix)
-        .is_some_and(|rest| rest.contains("__"))
-        && !skip.iter().any(|s| name.starts_with(s))
-}
-
 /// Why a configuration cannot be used; the message names the key to fix.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConfigError {
-    /// The file or an environment override could not be read or has the wrong type.
-    #[error("cannot load configuration from {path}: {source}")]
-    Load {
-        /// The configuration file that was read.
-        path: PathBuf,
-        /// What the `config` crate reported (names the key).
-        source: config::ConfigError,
+    /// The file, an environment variable or a key (with its value and where it came
+    /// from) could not be read.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// A key's value is well-formed but not usable.
+    #[error("{key} = {value}: {problem}")]
+    Value {
+        /// The key's path, e.g. `inbound.pacs`.
+        key: String,
+        /// The value as written.
+        value: String,
+        /// What is wrong and the form expected.
+        problem: String,
     },
     /// A value is well-formed but not usable.
     #[error("invalid configuration: {0}")]
     Invalid(String),
+}
+
+impl ConfigError {
+    /// The error with the origin (file or variable) of its key, when it names one.
+    fn located(self, origins: &load::Origins) -> ConfigError {
+        match self {
+            ConfigError::Value {
+                key,
+                value,
+                problem,
+            } => ConfigError::Load(LoadError::Key(Box::new(KeyError {
+                origin: origins.of(&key),
+                key,
+                value: Some(value),
+                problem,
+            }))),
+            other => other,
+        }
+    }
 }
 
 /// The whole daemon configuration.
@@ -491,44 +492,91 @@ impl DicomConfig {
 }
 
 impl Config {
-    /// Loads `path` (TOML), applies `CLOUDPDI_<SECTION>__<KEY>` overrides, and validates.
+    /// Loads `path` (TOML), applies `CLOUDPDI_<SECTION>__<KEY>` overrides, validates, and
+    /// checks the values that depend on this machine ([`Config::check_host`]).
     ///
     /// # Errors
-    /// [`ConfigError`] naming the file, the key, or the value to fix.
+    /// [`ConfigError`] naming the file or the variable, the key, its value, and the form
+    /// expected.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let load = |source| ConfigError::Load {
-            path: path.to_owned(),
-            source,
-        };
-        let variables =
-            overrides("CLOUDPDI_", &["CLOUDPDI_REPO_"]).map_err(ConfigError::Invalid)?;
-        let config: Config = config::Config::builder()
-            .add_source(config::File::from(path).format(config::FileFormat::Toml))
-            .add_source(
-                config::Environment::with_prefix("CLOUDPDI")
-                    .prefix_separator("_")
-                    .separator("__")
-                    .try_parsing(true)
-                    .source(Some(variables)),
-            )
-            .build()
-            .and_then(config::Config::try_deserialize)
-            .map_err(load)?;
-        config.validate()?;
+        let (config, origins) = load::load::<Config>(&Sources {
+            path,
+            prefix: "CLOUDPDI_",
+            skip: &["CLOUDPDI_REPO_"],
+            named_tables: &["route"],
+            enums: &[
+                load::variants_of::<BatchBy>(),
+                load::variants_of::<PatientIdMode>(),
+                load::variants_of::<LogFormat>(),
+                load::variants_of::<crate::pdi::AiAction>(),
+            ],
+        })?;
+        config
+            .validate()
+            .and_then(|()| config.check_host())
+            .map_err(|e| e.located(&origins))?;
         Ok(config)
     }
 
-    /// Checks what serde cannot: AE title rules, unique routes, loopback admin address.
+    /// Why the outbound pipeline does not run, for the one line the daemon logs at start;
+    /// `None` when it runs.
+    pub fn outbound_off_reason(&self) -> Option<&'static str> {
+        if self.routes.is_empty() {
+            Some("no [route.NAME] is configured, so this site only receives")
+        } else if !self.outbound.enabled {
+            Some("outbound.enabled = false: stable batches are held in the spool")
+        } else {
+            None
+        }
+    }
+
+    /// Checks the values that depend on this machine: the spool's reserve against the
+    /// size of the disk holding `spool.data_dir`, and that each route's
+    /// `deliver_command` program exists.
     ///
     /// # Errors
-    /// [`ConfigError::Invalid`] with the offending key.
+    /// [`ConfigError::Value`] naming the key.
+    pub fn check_host(&self) -> Result<(), ConfigError> {
+        let data_dir = &self.spool.data_dir;
+        if let Some(disk_mb) = disk_size_mb(data_dir)
+            && self.spool.min_free_mb > 0
+            && self.spool.min_free_mb >= disk_mb
+        {
+            return Err(ConfigError::Value {
+                key: "spool.min_free_mb".into(),
+                value: self.spool.min_free_mb.to_string(),
+                problem: format!(
+                    "the disk holding {} has {disk_mb} MiB in all, so the spool would refuse \
+                     every instance; set a reserve well below that (e.g. a tenth of it), or \
+                     0 to disable it",
+                    data_dir.display()
+                ),
+            });
+        }
+        for (name, route) in &self.routes {
+            if let Some(program) = route.deliver_command.first()
+                && !program_exists(program)
+            {
+                return Err(ConfigError::Value {
+                    key: format!("route.{name}.deliver_command"),
+                    value: format!("{:?}", route.deliver_command),
+                    problem: format!(
+                        "the program {program:?} is not a file and not found in PATH; give \
+                         its full path (e.g. /usr/bin/lp) or install it"
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks what serde cannot: AE title rules, unique routes, loopback admin address,
+    /// addresses and URLs.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] or [`ConfigError::Value`] with the offending key.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |msg: String| Err(ConfigError::Invalid(msg));
-        if self.routes.is_empty() {
-            return invalid(
-                "no route is configured: add a [route.NAME] table with an ae_title".into(),
-            );
-        }
         let mut seen = BTreeMap::new();
         for (name, route) in &self.routes {
             if name.is_empty()
@@ -610,11 +658,16 @@ impl Config {
         crate::clock::time_zone(&self.facility.time_zone)
             .map_err(|e| ConfigError::Invalid(format!("facility.time_zone: {e}")))?;
         let url = &self.repository.url;
-        if url != "embedded" && !is_http(url) {
-            return invalid(format!(
-                "repository.url = {url:?}: use \"embedded\" or the repository's http(s):// address"
-            ));
+        if url != "embedded" && !url.is_empty() && !is_http(url) {
+            return Err(ConfigError::Value {
+                key: "repository.url".into(),
+                value: format!("{url:?}"),
+                problem: "expected \"embedded\", the repository's address with its scheme \
+                          (e.g. https://pdi.example.jp), or \"\" on a site that only receives"
+                    .into(),
+            });
         }
+        self.validate_outbound_links()?;
         if url == "embedded" && !self.repository.embedded_listen.ip().is_loopback() {
             return invalid(
                 "repository.embedded_listen must be a loopback address (127.0.0.1 or ::1)".into(),
@@ -650,9 +703,74 @@ impl Config {
         if self.inbound.max_document_mb == 0 {
             return invalid("inbound.max_document_mb must be at least 1 (MiB)".into());
         }
+        for entry in &self.inbound.allowed_repositories {
+            if !is_http(entry) {
+                return Err(ConfigError::Value {
+                    key: "inbound.allowed_repositories".into(),
+                    value: format!("{entry:?}"),
+                    problem: "each entry is a repository's address with its scheme, e.g. \
+                              \"https://pdi.example.jp\""
+                        .into(),
+                });
+            }
+        }
         if !self.inbound.pacs.is_empty() {
+            if !is_host_port(&self.inbound.pacs) {
+                return Err(ConfigError::Value {
+                    key: "inbound.pacs".into(),
+                    value: format!("{:?}", self.inbound.pacs),
+                    problem: "write host:port of the local PACS's DICOM port, e.g. \
+                              \"10.1.2.20:104\" or \"pacs.hospital.local:11112\""
+                        .into(),
+                });
+            }
             check_ae_title("inbound.pacs_ae_title", &self.inbound.pacs_ae_title)?;
             check_ae_title("inbound.calling_ae_title", &self.inbound.calling_ae_title)?;
+        }
+        Ok(())
+    }
+
+    /// A site with routes sends: each route needs a repository and, on a shared one,
+    /// this facility's API key file. Checked at start, so that a route cannot fail every
+    /// job later for want of them; a site without routes needs neither.
+    fn validate_outbound_links(&self) -> Result<(), ConfigError> {
+        if !self.outbound.enabled {
+            return Ok(());
+        }
+        let repository = &self.repository;
+        for (name, route) in &self.routes {
+            if !route.repository_url.is_empty() {
+                check_plain_http(
+                    &format!("route.{name}.repository_url"),
+                    &route.repository_url,
+                    repository.allow_plain_http,
+                )?;
+                continue;
+            }
+            if repository.url.is_empty() {
+                return Err(ConfigError::Invalid(format!(
+                    "route.{name} sends studies, but repository.url is empty: set \
+                     repository.url (\"embedded\", or the repository's https:// address with \
+                     repository.api_key_file), or route.{name}.repository_url; on a site \
+                     that only receives, remove the route"
+                )));
+            }
+            if repository.url != "embedded" && repository.api_key_file.as_os_str().is_empty() {
+                return Err(ConfigError::Invalid(format!(
+                    "route.{name} uploads to {}, but repository.api_key_file is empty: set it \
+                     to the file holding this facility's API key (the repository's admin \
+                     makes one with `cloudpdi repository new-key`); on a site that only \
+                     receives, remove the route",
+                    repository.url
+                )));
+            }
+            if repository.url != "embedded" {
+                check_plain_http(
+                    "repository.url",
+                    &repository.url,
+                    repository.allow_plain_http,
+                )?;
+            }
         }
         Ok(())
     }
@@ -713,6 +831,69 @@ fn is_http(url: &str) -> bool {
     url.starts_with("https://") || url.starts_with("http://")
 }
 
+/// A repository the API key is sent to must be `https://`, or `http://` on loopback, or
+/// allowed by `repository.allow_plain_http`: checked at start, not at the first upload.
+fn check_plain_http(key: &str, url: &str, allowed: bool) -> Result<(), ConfigError> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| ConfigError::Value {
+        key: key.to_owned(),
+        value: format!("{url:?}"),
+        problem: format!("not a URL ({e}); write e.g. https://pdi.example.jp"),
+    })?;
+    if parsed.scheme() == "http" && !crate::repository::client::is_loopback(&parsed) && !allowed {
+        return Err(ConfigError::Value {
+            key: key.to_owned(),
+            value: format!("{url:?}"),
+            problem: "plain http:// to another host would send the API key unencrypted: \
+                      use https://, or set repository.allow_plain_http = true if this \
+                      network is trusted"
+                .into(),
+        });
+    }
+    Ok(())
+}
+
+/// `host:port` with a port 1-65535, the host a name, an IPv4 address or a bracketed
+/// IPv6 address (`[fd00::5]:104`).
+fn is_host_port(text: &str) -> bool {
+    let Some((host, port)) = text.rsplit_once(':') else {
+        return false;
+    };
+    let host_ok = match host.strip_prefix('[') {
+        Some(v6) => v6
+            .strip_suffix(']')
+            .is_some_and(|ip| ip.parse::<std::net::Ipv6Addr>().is_ok()),
+        None => !host.is_empty() && !host.contains(':') && !host.contains('/'),
+    };
+    host_ok && port.parse::<u16>().is_ok_and(|p| p > 0)
+}
+
+/// The size of the file system holding `dir` (or its nearest existing parent: the data
+/// folder may not exist yet), in MiB; `None` when it cannot be told.
+fn disk_size_mb(dir: &Path) -> Option<u64> {
+    let existing = dir
+        .ancestors()
+        .map(|p| {
+            if p.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                p
+            }
+        })
+        .find(|p| p.exists())?;
+    let stat = rustix::fs::statvfs(existing).ok()?;
+    let bytes = stat.f_blocks.checked_mul(stat.f_frsize)?;
+    (bytes > 0).then_some(bytes / (1 << 20))
+}
+
+/// Whether `program` is a file (a path with a `/`) or is found in `PATH`.
+fn program_exists(program: &str) -> bool {
+    if program.contains('/') {
+        return Path::new(program).is_file();
+    }
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
+}
+
 fn non_empty_or(path: &Path, default: impl FnOnce() -> PathBuf) -> PathBuf {
     if path.as_os_str().is_empty() {
         default()
@@ -738,31 +919,48 @@ fn check_ae_title(key: &str, title: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// Routes come as a table keyed by name, or as a list whose items carry `name`.
+/// Routes come as a table keyed by name, or as a list whose items carry `name`. A visitor
+/// rather than an untagged enum, so that an error inside a route (a misspelt key, a
+/// value of the wrong type) surfaces with its path instead of "did not match any variant".
 fn routes_from_table_or_list<'de, D>(de: D) -> Result<BTreeMap<String, RouteConfig>, D::Error>
 where
     D: Deserializer<'de>,
 {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Routes {
-        Table(BTreeMap<String, RouteConfig>),
-        List(Vec<RouteConfig>),
+    struct Routes;
+    impl<'de> serde::de::Visitor<'de> for Routes {
+        type Value = BTreeMap<String, RouteConfig>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("[route.NAME] tables or a [[route]] list")
+        }
+
+        fn visit_map<A>(self, map: A) -> Result<Self::Value, A::Error>
+        where
+            A: serde::de::MapAccess<'de>,
+        {
+            BTreeMap::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+        }
+
+        fn visit_seq<A>(self, seq: A) -> Result<Self::Value, A::Error>
+        where
+            A: serde::de::SeqAccess<'de>,
+        {
+            let list: Vec<RouteConfig> =
+                Vec::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))?;
+            Ok(list
+                .into_iter()
+                .enumerate()
+                .map(|(i, route)| {
+                    let name = route
+                        .name
+                        .clone()
+                        .unwrap_or_else(|| format!("route{}", i + 1));
+                    (name, route)
+                })
+                .collect())
+        }
     }
-    match Routes::deserialize(de)? {
-        Routes::Table(table) => Ok(table),
-        Routes::List(list) => list
-            .into_iter()
-            .enumerate()
-            .map(|(i, route)| {
-                let name = route
-                    .name
-                    .clone()
-                    .unwrap_or_else(|| format!("route{}", i + 1));
-                Ok((name, route))
-            })
-            .collect(),
-    }
+    de.deserialize_any(Routes)
 }
 
 /// A list in TOML, or a comma-separated string (the only list form an environment
@@ -771,21 +969,31 @@ fn list_or_comma_string<'de, D>(de: D) -> Result<Vec<String>, D::Error>
 where
     D: Deserializer<'de>,
 {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum ListOrString {
-        List(Vec<String>),
-        Text(String),
+    struct ListOrText;
+    impl<'de> serde::de::Visitor<'de> for ListOrText {
+        type Value = Vec<String>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a list such as [\"A\", \"B\"] or comma-separated text \"A,B\"")
+        }
+
+        fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Self::Value, E> {
+            Ok(text
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect())
+        }
+
+        fn visit_seq<A>(self, seq: A) -> Result<Self::Value, A::Error>
+        where
+            A: serde::de::SeqAccess<'de>,
+        {
+            Vec::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))
+        }
     }
-    Ok(match ListOrString::deserialize(de)? {
-        ListOrString::List(list) => list,
-        ListOrString::Text(text) => text
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(str::to_owned)
-            .collect(),
-    })
+    de.deserialize_any(ListOrText)
 }
 
 #[cfg(test)]
@@ -832,7 +1040,7 @@ mod tests {
                 ("CLOUDPDI_DICOM__LISTEN", "x"),
             ];
             all.iter()
-                .filter(|(name, _)| override_name(name, prefix, skip))
+                .filter(|(name, _)| load::override_name(name, prefix, skip))
                 .map(|(name, _)| *name)
                 .collect::<Vec<_>>()
         };
@@ -864,14 +1072,63 @@ mod tests {
         let err = parse("[admin]\nlisten = \"0.0.0.0:1\"\n[route.ct]\nae_title = \"A\"\n")
             .expect_err("public admin");
         assert!(err.to_string().contains("loopback"), "{err}");
-        let err = parse("").expect_err("no route");
-        assert!(err.to_string().contains("no route"), "{err}");
+        let receiver = parse("").expect("a site without routes only receives");
+        assert!(
+            receiver
+                .outbound_off_reason()
+                .is_some_and(|r| r.contains("no [route.NAME]")),
+            "{receiver:?}"
+        );
         let err = parse("[route.a]\nae_title = \"X\"\n[route.b]\nae_title = \"X\"\n")
             .expect_err("duplicate AE");
         assert!(err.to_string().contains("both use"), "{err}");
         let err = parse("[dicom]\nlisen = \"1.2.3.4:1\"\n[route.a]\nae_title = \"X\"\n")
             .expect_err("typo");
         assert!(err.to_string().contains("lisen"), "{err}");
+    }
+
+    /// The path reaches inside routes (table or list form) and lists; enum values are
+    /// listed from the type.
+    #[test]
+    fn errors_name_the_key_the_value_and_the_form() {
+        let says = |toml: &str, parts: &[&str]| {
+            let err = parse(toml).expect_err(toml).to_string();
+            for part in parts {
+                assert!(err.contains(part), "{part:?} not in {err}");
+            }
+        };
+        says(
+            "[[route]]\nname = \"mr\"\nae_title = \"MR\"\nstable_after = \"soon\"\n",
+            &["route[0].stable_after = \"soon\"", "whole seconds"],
+        );
+        says(
+            "[inbound]\npatient_id = \"prefixed\"\n",
+            &["inbound.patient_id = \"prefixed\"", "keep, prefix"],
+        );
+        says(
+            "[route.ct]\nae_title = \"CT\"\nallowed_callers = 5\n",
+            &["route.ct.allowed_callers = 5", "comma-separated"],
+        );
+        says(
+            "[route.ct]\nae_title = \"CT\"\n[route.ct.ai_support]\naction = \"lable\"\n",
+            &[
+                "route.ct.ai_support.action = \"lable\"",
+                "include, exclude, label",
+            ],
+        );
+        says(
+            "[inbound]\npacs = \"[fd00::5]\"\n",
+            &["inbound.pacs = \"[fd00::5]\"", "host:port"],
+        );
+        parse("[inbound]\npacs = \"[fd00::5]:104\"\n").expect("IPv6 PACS");
+        says(
+            "[repository]\nurl = \"http://10.1.2.3:8480\"\napi_key_file = \"/k\"\n\
+             [route.ct]\nae_title = \"CT\"\n",
+            &[
+                "repository.url = \"http://10.1.2.3:8480\"",
+                "allow_plain_http",
+            ],
+        );
     }
 
     #[test]

@@ -19,8 +19,9 @@
 //! [`gateway::serve`] is the daemon that runs them. [`admin`] answers `cloudpdi status`,
 //! health checks and Prometheus scrapes on loopback. Shared by all: [`config`] (every
 //! setting and its default), [`durable`] (every file that must survive a crash),
-//! [`clock`] (time as records and people read it), [`markup`] (HTML escaping) and
-//! [`telemetry`] (logs; text from outside is escaped).
+//! [`clock`] (time as records and people read it), [`markup`] (HTML escaping),
+//! [`listen`] (listening sockets, with errors that say what to do) and [`telemetry`]
+//! (logs; text from outside is escaped).
 
 pub mod admin;
 pub mod clock;
@@ -29,6 +30,7 @@ pub mod container;
 pub mod dicom;
 pub mod durable;
 pub mod gateway;
+pub mod listen;
 pub mod markup;
 pub mod pdi;
 pub mod repository;

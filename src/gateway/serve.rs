@@ -7,11 +7,9 @@
 
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
@@ -27,6 +25,7 @@ use crate::gateway::reception::route::Routes;
 use crate::gateway::reception::scp::{Listener, ScpContext};
 use crate::gateway::reception::spool::{Spool, StoreError};
 use crate::gateway::retention::Retention;
+use crate::listen;
 
 /// How long shutdown waits for associations to finish their instance in flight.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
@@ -57,16 +56,9 @@ pub enum ServeError {
     /// A job store cannot be opened.
     #[error("cannot open the job index: {0}")]
     Jobs(#[from] crate::gateway::store::IndexError),
-    /// A listening socket cannot be bound.
-    #[error("cannot listen on {addr} for {what}: {source} (is another program using this port?)")]
-    Bind {
-        /// The address from the configuration.
-        addr: SocketAddr,
-        /// `DICOM` or `admin`.
-        what: &'static str,
-        /// The OS error.
-        source: io::Error,
-    },
+    /// A listening socket cannot be bound (the message says why and what to do).
+    #[error(transparent)]
+    Bind(#[from] crate::listen::BindError),
 }
 
 /// Runs the daemon until `shutdown` completes.
@@ -78,8 +70,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let config = Arc::new(config);
     prepare_folders(&config)?;
     let spool = open_spool(&config).await?;
-    let dicom = bind(config.dicom.listen, "DICOM").await?;
-    let admin_listener = bind(config.admin.listen, "admin").await?;
+    let dicom = listen::bind(config.dicom.listen, "dicom.listen", "DICOM").await?;
+    let admin_listener = listen::bind(config.admin.listen, "admin.listen", "admin").await?;
     let routes = Arc::new(Routes::new(&config.routes));
     let metrics = Arc::new(Metrics::default());
     let cancel = CancellationToken::new();
@@ -92,7 +84,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     };
     let sender = Sender::from_config(config.clone());
     let outbound = Arc::new(Outbound::new(sender, spool.clone())?);
-    let outbound_task = config.outbound.enabled.then(|| {
+    if let Some(reason) = config.outbound_off_reason() {
+        info!("outbound is off: {reason}");
+    }
+    let outbound_task = config.outbound_off_reason().is_none().then(|| {
         tokio::spawn(crate::gateway::jobs::work(
             outbound.clone(),
             config.outbound.workers,
@@ -295,7 +290,12 @@ async fn embedded_repository(
             )));
         }
     };
-    let listener = bind(config.repository.embedded_listen, "embedded repository").await?;
+    let listener = listen::bind(
+        config.repository.embedded_listen,
+        "repository.embedded_listen",
+        "the embedded repository",
+    )
+    .await?;
     let embedded = crate::repository::server::start_embedded(
         &config.spool.data_dir,
         listener,
@@ -311,10 +311,4 @@ async fn embedded_repository(
             Ok(Ok(())) => {}
         }
     }))
-}
-
-async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, ServeError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| ServeError::Bind { addr, what, source })
 }

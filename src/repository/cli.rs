@@ -6,7 +6,6 @@
 //! written again with the document ID the repository assigned.
 
 use std::fmt::Write;
-use std::net::SocketAddr;
 use std::path::Path;
 
 use indicatif::{ProgressBar, ProgressStyle};
@@ -30,14 +29,9 @@ pub enum CliError {
     /// Neither a key file nor the variable gives the facility API key.
     #[error("no facility API key: give --api-key-file or set {API_KEY_ENV}")]
     NoApiKey,
-    /// The server cannot listen on its address.
-    #[error("cannot listen on {addr}: {source} (is another program using this port?)")]
-    Listen {
-        /// The configured address (`server.listen`).
-        addr: SocketAddr,
-        /// What the system reported.
-        source: std::io::Error,
-    },
+    /// The server cannot listen on its address (the message says why and what to do).
+    #[error(transparent)]
+    Listen(#[from] crate::listen::BindError),
     /// The server stopped with an error.
     #[error(transparent)]
     Server(#[from] crate::repository::server::ServerError),
@@ -63,10 +57,12 @@ pub async fn serve(
     config: RepositoryConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), CliError> {
-    let addr = config.server.listen;
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| CliError::Listen { addr, source })?;
+    let listener = crate::listen::bind(
+        config.server.listen,
+        "server.listen",
+        "the repository server",
+    )
+    .await?;
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     crate::repository::server::run(config, listener, shutdown).await?;
     Ok(())

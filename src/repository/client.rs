@@ -773,7 +773,7 @@ pub fn disk_room(dir: &Path, reserve: u64) -> std::io::Result<(u64, u64)> {
 }
 
 /// Whether a URL's host is this machine (`localhost`, 127.0.0.0/8, `::1`).
-fn is_loopback(url: &reqwest::Url) -> bool {
+pub(crate) fn is_loopback(url: &reqwest::Url) -> bool {
     let Some(host) = url.host_str() else {
         return false;
     };

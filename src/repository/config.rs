@@ -33,14 +33,10 @@ pub fn default_path() -> PathBuf {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RepositoryConfigError {
-    /// The file or an environment override could not be read or has the wrong type.
-    #[error("cannot load repository configuration from {path}: {source}")]
-    Load {
-        /// The configuration file that was read.
-        path: PathBuf,
-        /// What the `config` crate reported (names the key).
-        source: config::ConfigError,
-    },
+    /// The file, an environment variable or a key (with its value and where it came
+    /// from) could not be read.
+    #[error("repository configuration: {0}")]
+    Load(#[from] crate::config::LoadError),
     /// A value is well-formed but not usable.
     #[error("invalid repository configuration: {0}")]
     Invalid(String),
@@ -264,23 +260,16 @@ impl RepositoryConfig {
     /// # Errors
     /// [`RepositoryConfigError`] naming the file, the key, or the value to fix.
     pub fn load(path: &Path) -> Result<RepositoryConfig, RepositoryConfigError> {
-        let variables = crate::config::overrides("CLOUDPDI_REPO_", &[])
-            .map_err(RepositoryConfigError::Invalid)?;
-        let config: RepositoryConfig = config::Config::builder()
-            .add_source(config::File::from(path).format(config::FileFormat::Toml))
-            .add_source(
-                config::Environment::with_prefix("CLOUDPDI_REPO")
-                    .prefix_separator("_")
-                    .separator("__")
-                    .try_parsing(true)
-                    .source(Some(variables)),
-            )
-            .build()
-            .and_then(config::Config::try_deserialize)
-            .map_err(|source| RepositoryConfigError::Load {
-                path: path.to_owned(),
-                source,
-            })?;
+        let (config, _) = crate::config::load::<RepositoryConfig>(&crate::config::Sources {
+            path,
+            prefix: "CLOUDPDI_REPO_",
+            skip: &[],
+            named_tables: &["facility"],
+            enums: &[
+                crate::config::variants_of::<Backend>(),
+                crate::config::variants_of::<crate::config::LogFormat>(),
+            ],
+        })?;
         config.validate()?;
         Ok(config)
     }

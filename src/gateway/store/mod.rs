@@ -16,7 +16,7 @@ mod jobs;
 pub use batches::{BatchCounts, BatchIndex};
 pub use jobs::JobStore;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -29,6 +29,19 @@ pub enum IndexError {
     /// sled reported an error (disk full, I/O error, corruption).
     #[error("job index (sled) failed: {0}; check the disk holding the data folder")]
     Sled(sled::Error),
+    /// Another process (a second daemon on the same data folder) holds the database.
+    #[error(
+        "another cloudpdi daemon is using {}{}: stop it, or give this one another \
+         spool.data_dir",
+        data_dir(.dir).display(),
+        .pid.map_or(String::new(), |pid| format!(" (pid {pid})"))
+    )]
+    InUse {
+        /// The database folder (`<data_dir>/index`).
+        dir: PathBuf,
+        /// The process holding it, when `/proc/locks` tells.
+        pid: Option<u32>,
+    },
     /// A record could not be decoded: the index was written by an incompatible version.
     #[error(
         "job index record {key} is unreadable ({reason}); was the data folder written by \
@@ -73,11 +86,19 @@ impl Store {
     /// Opens (or creates) the database in `dir`.
     ///
     /// # Errors
-    /// [`IndexError::Sled`] when the folder cannot be opened (another daemon holds it?).
+    /// [`IndexError::InUse`] when another process holds it, [`IndexError::Sled`] when
+    /// it cannot be opened.
     pub fn open(dir: &Path) -> Result<Store, IndexError> {
-        Ok(Store {
-            db: sled::Config::new().path(dir).open()?,
-        })
+        match sled::Config::new().path(dir).open() {
+            Ok(db) => Ok(Store { db }),
+            Err(e) => Err(match lock_holder(dir) {
+                Some(pid) => IndexError::InUse {
+                    dir: dir.to_owned(),
+                    pid,
+                },
+                None => IndexError::Sled(e),
+            }),
+        }
     }
 
     /// Makes every recorded change durable (fsync); called before acknowledging.
@@ -92,6 +113,38 @@ impl Store {
     fn tree(&self, name: &str) -> Result<sled::Tree, IndexError> {
         Ok(self.db.open_tree(name)?)
     }
+}
+
+/// The data folder of a database folder (`<data_dir>/index`), as the admin configured it.
+fn data_dir(index: &Path) -> &Path {
+    index.parent().unwrap_or(index)
+}
+
+/// Whether another process holds sled's lock on the database in `dir` (sled reports that
+/// only as text): `Some` with that process's id when `/proc/locks` names it.
+fn lock_holder(dir: &Path) -> Option<Option<u32>> {
+    use rustix::fs::{FlockOperation, flock, fstat};
+    let file = std::fs::File::open(dir.join("db")).ok()?;
+    match flock(&file, FlockOperation::NonBlockingLockShared) {
+        Err(e) if e == rustix::io::Errno::WOULDBLOCK => {}
+        _ => return None,
+    }
+    let stat = fstat(&file).ok()?;
+    let device = format!(
+        "{:02x}:{:02x}:{}",
+        rustix::fs::major(stat.st_dev),
+        rustix::fs::minor(stat.st_dev),
+        stat.st_ino
+    );
+    let locks = std::fs::read_to_string("/proc/locks").unwrap_or_default();
+    let pid = locks.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        match fields.as_slice() {
+            [_, "FLOCK", _, _, pid, dev, ..] if *dev == device => pid.parse().ok(),
+            _ => None,
+        }
+    });
+    Some(pid)
 }
 
 /// A record as stored.
