@@ -200,6 +200,9 @@ fn a_send_by_the_command_is_listed_by_status() {
     for file in &tokens {
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(file).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o640, "token files and slips are read by the group: {file:?}");
+        assert_eq!(
+            mode, 0o640,
+            "token files and slips are read by the group: {file:?}"
+        );
     }
 }
