@@ -136,6 +136,41 @@ pub fn local_text(unix_seconds: u64, zone: &TimeZone) -> String {
     )
 }
 
+/// A record time (Unix milliseconds) in the zone's wall-clock time, to the minute, for
+/// tables: `2026-11-29 17:37`.
+pub fn local_short(unix_ms: u64, zone: &TimeZone) -> String {
+    let Local { time: t, .. } = Local::of(unix_ms / 1000, zone);
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}",
+        t.year(),
+        t.month(),
+        t.day(),
+        t.hour(),
+        t.minute()
+    )
+}
+
+/// How far `then` is from `now` (both Unix milliseconds), for a person: `in 2 min`,
+/// `5 s ago`, `3 h ago`, `in 12 days`.
+pub fn relative(then: u64, now: u64) -> String {
+    let (seconds, future) = if then >= now {
+        ((then - now) / 1000, true)
+    } else {
+        ((now - then) / 1000, false)
+    };
+    let amount = match seconds {
+        0..60 => format!("{seconds} s"),
+        60..7200 => format!("{} min", seconds / 60),
+        7200..172_800 => format!("{} h", seconds / 3600),
+        _ => format!("{} days", seconds / 86_400),
+    };
+    if future {
+        format!("in {amount}")
+    } else {
+        format!("{amount} ago")
+    }
+}
+
 /// What is left until `deadline` at `now` (Unix seconds) for a person: `13 days 4 hours
 /// left`, `4 hours 12 minutes left`, `12 minutes left`, `less than a minute left`; `None`
 /// from the deadline on (the repository refuses a document at its expiry second), so
@@ -246,5 +281,21 @@ mod tests {
             time_left(EXPIRY - 2 * 86_400 - 3_600, EXPIRY).as_deref(),
             Some("2 days 1 hour left")
         );
+    }
+
+    #[test]
+    fn record_times_read_in_the_zone_and_relative_to_now() {
+        let tokyo = time_zone("Asia/Tokyo").expect("zone");
+        // 2026-11-29 08:37:00 UTC is 17:37 in Tokyo.
+        assert_eq!(local_short(1_795_941_420_000, &tokyo), "2026-11-29 17:37");
+        assert_eq!(
+            local_short(1_795_941_420_000, &TimeZone::UTC),
+            "2026-11-29 08:37"
+        );
+        let now = 1_795_941_420_000;
+        assert_eq!(relative(now + 120_000, now), "in 2 min");
+        assert_eq!(relative(now - 5_000, now), "5 s ago");
+        assert_eq!(relative(now - 3 * 3_600_000, now), "3 h ago");
+        assert_eq!(relative(now + 12 * 86_400_000, now), "in 12 days");
     }
 }

@@ -89,16 +89,6 @@ fn inbound_job(
     })
 }
 
-/// GET on the admin endpoint: (HTTP status, body).
-fn admin_get(site: &Daemon, path: &str) -> (u16, String) {
-    let out = run(Command::new(require("/usr/bin/curl"))
-        .args(["-s", "-w", "\n%{http_code}"])
-        .arg(format!("http://{}{path}", site.admin)));
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap();
-    (code.parse().unwrap(), body.to_owned())
-}
-
 /// `cloudpdi retry` against the site: (success, stdout + stderr).
 fn retry(site: &Daemon, id: &str) -> (bool, String) {
     let out = run(Command::new(env!("CARGO_BIN_EXE_cloudpdi")).args([
@@ -194,13 +184,13 @@ fn a_pacs_refusing_our_ae_title_holds_the_job_with_the_cause_until_cloudpdi_retr
     assert!(lines[0].contains("inbound job held"), "{}", lines[0]);
 
     // Health and metrics see it.
-    let (code, body) = admin_get(&site, "/healthz");
+    let (code, body) = site.admin_get("/healthz");
     assert_eq!(code, 503, "{body}");
     assert!(
         body.starts_with(&format!("degraded: inbound job {id} is held: the PACS at")),
         "{body}"
     );
-    let (code, metrics) = admin_get(&site, "/metrics");
+    let (code, metrics) = site.admin_get("/metrics");
     assert_eq!(code, 200);
     for line in [
         "cloudpdi_jobs_held{pipeline=\"inbound\"} 1\n",
@@ -260,7 +250,7 @@ fn a_pacs_refusing_our_ae_title_holds_the_job_with_the_cause_until_cloudpdi_retr
         |j| j["state"] == "done",
     );
     assert_eq!(orthanc.get("/statistics")["CountInstances"], files.len());
-    assert_eq!(admin_get(&site, "/healthz"), (200, "ok\n".to_owned()));
+    assert_eq!(site.admin_get("/healthz"), (200, "ok\n".to_owned()));
     let (ok, out) = retry(&site, &id);
     assert!(!ok && out.contains("is done, not failed"), "{out}");
 }
@@ -300,7 +290,7 @@ fn an_unreachable_pacs_logs_one_line_per_attempt_and_keeps_retrying() {
         "{lines:#?}"
     );
 
-    let (code, body) = admin_get(&site, "/healthz");
+    let (code, body) = site.admin_get("/healthz");
     assert_eq!(code, 503, "{body}");
     assert!(
         body.contains(&format!(
@@ -309,7 +299,7 @@ fn an_unreachable_pacs_logs_one_line_per_attempt_and_keeps_retrying() {
         )),
         "{body}"
     );
-    let (_, metrics) = admin_get(&site, "/metrics");
+    let (_, metrics) = site.admin_get("/metrics");
     assert!(
         metrics.contains("cloudpdi_jobs_retry_queue{pipeline=\"inbound\"} 1\n")
             && metrics.contains("cloudpdi_job_failures_total{pipeline=\"inbound\",step=\"import\",cause=\"pacs_unreachable\"}"),
@@ -330,7 +320,7 @@ fn a_spool_below_its_floor_makes_health_degraded_with_the_reason() {
         .arg(&data));
     assert!(out.status.success(), "mount: {out:?}");
     let mut site = Daemon::start(&dir.path().join("site"), CT_ROUTE);
-    assert_eq!(admin_get(&site, "/healthz"), (200, "ok\n".to_owned()));
+    assert_eq!(site.admin_get("/healthz"), (200, "ok\n".to_owned()));
     assert!(site.stop().success());
     let config = std::fs::read_to_string(&site.config).unwrap();
     std::fs::write(
@@ -343,14 +333,14 @@ fn a_spool_below_its_floor_makes_health_degraded_with_the_reason() {
     std::fs::write(&fill, vec![1u8; 26 << 20]).unwrap();
     site.spawn();
 
-    let (code, body) = admin_get(&site, "/healthz");
+    let (code, body) = site.admin_get("/healthz");
     assert_eq!(code, 503, "{body}");
     assert!(
         body.starts_with("degraded: the spool has ")
             && body.contains("MiB free, below spool.min_free_mb = 8: instances are refused"),
         "{body}"
     );
-    let (_, metrics) = admin_get(&site, "/metrics");
+    let (_, metrics) = site.admin_get("/metrics");
     assert!(
         metrics.contains("cloudpdi_spool_min_free_bytes 8388608\n"),
         "{metrics}"
@@ -364,5 +354,5 @@ fn a_spool_below_its_floor_makes_health_degraded_with_the_reason() {
     assert!(free < 8 << 20, "{free}");
 
     std::fs::remove_file(&fill).unwrap();
-    assert_eq!(admin_get(&site, "/healthz"), (200, "ok\n".to_owned()));
+    assert_eq!(site.admin_get("/healthz"), (200, "ok\n".to_owned()));
 }

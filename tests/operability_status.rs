@@ -140,6 +140,20 @@ fn refused_instances_hold_the_batch_until_resent_or_released() {
             && text.contains(&format!("cloudpdi release {batch}")),
         "{text}"
     );
+    // Monitoring sees it: health degraded with the batch and the fix, a held gauge.
+    let (code, health) = daemon.admin_get("/healthz");
+    assert_eq!(code, 503, "{health}");
+    assert!(
+        health.contains(&format!(
+            "batch {batch} (route ct) is held as possibly incomplete"
+        )) && health.contains(&format!("cloudpdi release {batch}")),
+        "{health}"
+    );
+    let (_, metrics) = daemon.admin_get("/metrics");
+    assert!(
+        metrics.contains("cloudpdi_batches{state=\"held\"} 1"),
+        "{metrics}"
+    );
 
     // Space freed, the PACS resends the study: stable after a clean quiet period, whole.
     std::fs::remove_file(&ballast).unwrap();

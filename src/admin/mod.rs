@@ -72,6 +72,10 @@ pub struct Status {
     /// token and slip files, downloads and receipts (by job ID).
     #[serde(default)]
     pub outbound: Vec<OutboundDetails>,
+    /// The daemon's `facility.time_zone` (empty: the system's), in which `cloudpdi status`
+    /// prints times, so that they read the same wherever the command runs.
+    #[serde(default)]
+    pub time_zone: String,
 }
 
 /// A batch as `/status` shows it: its record, plus the state a person reads.
@@ -149,6 +153,8 @@ pub struct AdminState {
     pub inbound: Option<Arc<Inbound>>,
     /// The repository's recent answers about outbound documents.
     pub documents: DocumentCache,
+    /// `facility.time_zone`, passed on in the status.
+    pub time_zone: String,
 }
 
 /// Every job of both pipelines (off the runtime).
@@ -387,6 +393,7 @@ async fn status(State(state): State<Arc<AdminState>>) -> Response {
         batches,
         jobs,
         outbound,
+        time_zone: state.time_zone.clone(),
     })
     .into_response()
 }
@@ -569,16 +576,32 @@ fn health_reasons(spool: Option<String>, stuck: Vec<String>) -> Vec<String> {
     reasons
 }
 
+/// Why a held batch needs a person, for `/healthz`.
+fn held_reason(batch: &BatchRecord) -> String {
+    format!(
+        "batch {} (route {}) is held as possibly incomplete: {} instance(s) refused ({}); \
+         resend them from the PACS, or send it as it is with `cloudpdi release {}`",
+        batch.id,
+        crate::telemetry::escape(&batch.route),
+        batch.refused,
+        crate::telemetry::escape(batch.refusal.as_deref().unwrap_or("no reason recorded")),
+        batch.id
+    )
+}
+
 /// `ok`, or 503 `degraded: <reasons>` when a pipeline cannot progress: the spool below
-/// its floor (or full), a job held until `cloudpdi retry`, a job stopped by a full disk,
-/// the repository or the PACS unreachable for [`HEALTH_UNREACHABLE_ATTEMPTS`] attempts.
+/// its floor (or full), a batch held as possibly incomplete, a job held until `cloudpdi
+/// retry`, a job stopped by a full disk, the repository or the PACS unreachable for
+/// [`HEALTH_UNREACHABLE_ATTEMPTS`] attempts.
 async fn healthz(State(state): State<Arc<AdminState>>) -> Response {
     let read = tokio::task::spawn_blocking(move || {
         state.spool.index().ready()?;
         let spool = spool_degraded(state.spool.free_bytes(), state.spool.min_free_bytes());
-        let stuck = all_figures(&state)?
-            .into_iter()
-            .flat_map(|f| f.stuck)
+        let held = state.spool.index().held()?;
+        let stuck = held
+            .iter()
+            .map(held_reason)
+            .chain(all_figures(&state)?.into_iter().flat_map(|f| f.stuck))
             .collect();
         Ok::<_, IndexError>(health_reasons(spool, stuck))
     })
@@ -602,11 +625,13 @@ async fn healthz(State(state): State<Arc<AdminState>>) -> Response {
 async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
     let read = tokio::task::spawn_blocking(move || {
         let counts = state.spool.index().counts()?;
+        let held = state.spool.index().held()?.len() as u64;
         let figures = all_figures(&state)?;
         let free = state.spool.free_bytes().ok();
         let mut snapshot = Snapshot {
             batches: vec![
-                ("open", counts.open),
+                ("open", counts.open.saturating_sub(held)),
+                ("held", held),
                 ("stable", counts.stable),
                 ("sent", counts.sent),
             ],

@@ -157,7 +157,12 @@ pub(crate) async fn post(
 /// patient, accession, study date and modality, times in local time.
 pub fn render(status: &Status) -> String {
     let mut out = String::new();
-    let now = now_ms();
+    let times = Times {
+        now: now_ms(),
+        zone: crate::clock::time_zone(&status.time_zone)
+            .or_else(|_| crate::clock::time_zone(""))
+            .unwrap_or(jiff::tz::TimeZone::UTC),
+    };
     let _ = writeln!(
         out,
         "cloudpdi {} up {} s, {} association(s) open",
@@ -172,7 +177,7 @@ pub fn render(status: &Status) -> String {
             route.stable_after
         );
     }
-    render_jobs(&mut out, status, now);
+    render_jobs(&mut out, status, &times);
     if status.batches.is_empty() {
         out.push_str("no batches\n");
         return out;
@@ -204,7 +209,7 @@ pub fn render(status: &Status) -> String {
             escape(or_dash(&study.accession)),
             study_date(&study.study_date),
             escape(or_dash(&study.modality)),
-            local_time(batch.last_instance_at),
+            times.at(batch.last_instance_at),
             Escaped(&short_uid(&batch.key))
         );
         if batch.held() {
@@ -215,7 +220,7 @@ pub fn render(status: &Status) -> String {
                  release {}",
                 "",
                 batch.refused,
-                local_time(batch.last_refused_at.unwrap_or_default()),
+                times.at(batch.last_refused_at.unwrap_or_default()),
                 Escaped(batch.refusal.as_deref().unwrap_or("no reason recorded")),
                 batch.id
             );
@@ -262,39 +267,26 @@ fn short_uid(uid: &str) -> String {
     format!("…{tail}")
 }
 
-/// A record time (Unix milliseconds) as local date and time, `2026-11-29 17:37`.
-fn local_time(unix_ms: u64) -> String {
-    let zoned = i64::try_from(unix_ms)
-        .ok()
-        .and_then(|ms| jiff::Timestamp::from_millisecond(ms).ok())
-        .map(|t| t.to_zoned_datetime(jiff::tz::TimeZone::system()));
-    match zoned {
-        Some(zoned) => zoned.strftime("%Y-%m-%d %H:%M").to_string(),
-        None => "-".into(),
+/// Record times (Unix milliseconds) as a person reads them: in the daemon's zone
+/// (`facility.time_zone`, else this machine's), and relative to now.
+struct Times {
+    now: u64,
+    zone: jiff::tz::TimeZone,
+}
+
+impl Times {
+    /// `2026-11-29 17:37`.
+    fn at(&self, unix_ms: u64) -> String {
+        crate::clock::local_short(unix_ms, &self.zone)
+    }
+
+    /// `in 2 min`, `5 s ago`.
+    fn relative(&self, unix_ms: u64) -> String {
+        crate::clock::relative(unix_ms, self.now)
     }
 }
 
-/// How far `then` is from `now`, for a person: `in 2 min`, `5 s ago`.
-fn relative(then: u64, now: u64) -> String {
-    let (seconds, future) = if then >= now {
-        ((then - now) / 1000, true)
-    } else {
-        ((now - then) / 1000, false)
-    };
-    let amount = match seconds {
-        0..60 => format!("{seconds} s"),
-        60..7200 => format!("{} min", seconds / 60),
-        7200..172_800 => format!("{} h", seconds / 3600),
-        _ => format!("{} days", seconds / 86_400),
-    };
-    if future {
-        format!("in {amount}")
-    } else {
-        format!("{amount} ago")
-    }
-}
-
-fn render_jobs(out: &mut String, status: &Status, now: u64) {
+fn render_jobs(out: &mut String, status: &Status, times: &Times) {
     if status.jobs.is_empty() {
         out.push_str("no jobs\n");
         return;
@@ -312,7 +304,7 @@ fn render_jobs(out: &mut String, status: &Status, now: u64) {
             escape(&job.id),
             job.direction,
             escape(&job.state),
-            local_time(b.created_at),
+            times.at(b.created_at),
             Escaped(&job.progress),
             b.last_error
                 .as_deref()
@@ -320,7 +312,7 @@ fn render_jobs(out: &mut String, status: &Status, now: u64) {
                 .unwrap_or_default()
         );
         if let Some(details) = status.outbound.iter().find(|d| d.id == job.id) {
-            render_outbound(out, details, now);
+            render_outbound(out, details, times);
         }
         for note in &job.notes {
             let _ = writeln!(out, "{:<18} {}", "", Escaped(note));
@@ -330,8 +322,8 @@ fn render_jobs(out: &mut String, status: &Status, now: u64) {
                 out,
                 "{:<18} next attempt {} ({})",
                 "",
-                local_time(b.retry_at),
-                relative(b.retry_at, now)
+                times.at(b.retry_at),
+                times.relative(b.retry_at)
             );
         }
         if job.state == "failed" {
@@ -346,7 +338,7 @@ fn render_jobs(out: &mut String, status: &Status, now: u64) {
 }
 
 /// The lines of an outbound job's details: study, token file, downloads and receipts.
-fn render_outbound(out: &mut String, details: &OutboundDetails, now: u64) {
+fn render_outbound(out: &mut String, details: &OutboundDetails, times: &Times) {
     let pad = "";
     if let Some(study) = &details.study {
         let _ = writeln!(
@@ -377,8 +369,8 @@ fn render_outbound(out: &mut String, details: &OutboundDetails, now: u64) {
         let _ = writeln!(
             out,
             "{pad:<18} expires {} ({})",
-            local_time(expires),
-            relative(expires, now)
+            times.at(expires),
+            times.relative(expires)
         );
     }
     if let Some(document) = &details.document {
@@ -387,13 +379,13 @@ fn render_outbound(out: &mut String, details: &OutboundDetails, now: u64) {
             "{pad:<18} downloads {} of {} (as of {})",
             document.downloads,
             document.max_downloads,
-            local_time(details.checked_at)
+            times.at(details.checked_at)
         );
         for receipt in &document.receipts {
             let _ = writeln!(
                 out,
                 "{pad:<18} receipt {}: {} instance(s) imported, {} refused{}",
-                local_time(receipt.received_at.saturating_mul(1000)),
+                times.at(receipt.received_at.saturating_mul(1000)),
                 receipt.receipt.instances_imported,
                 receipt.receipt.instances_refused,
                 if receipt.receipt.note.is_empty() {

@@ -149,6 +149,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         outbound,
         inbound,
         documents: admin::DocumentCache::default(),
+        time_zone: config.facility.time_zone.clone(),
     });
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state, cancel.clone()));
 

@@ -191,6 +191,16 @@ impl Daemon {
         }
     }
 
+    /// GET on the admin endpoint: (HTTP status, body).
+    pub fn admin_get(&self, path: &str) -> (u16, String) {
+        let out = run(Command::new(require("/usr/bin/curl"))
+            .args(["-s", "-w", "\n%{http_code}"])
+            .arg(format!("http://{}{path}", self.admin)));
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap();
+        (code.parse().unwrap(), body.to_owned())
+    }
+
     /// Everything the daemon logged so far.
     pub fn log(&self) -> String {
         let mut text = String::new();

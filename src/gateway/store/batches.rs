@@ -588,6 +588,23 @@ impl BatchIndex {
             .collect()
     }
 
+    /// Open batches held as possibly incomplete (refused instances not resent), for
+    /// `/healthz` and the metrics; reads only the open queue's records.
+    ///
+    /// # Errors
+    /// [`IndexError`] when the index cannot be read.
+    pub fn held(&self) -> Result<Vec<BatchRecord>, IndexError> {
+        let mut held = Vec::new();
+        for entry in self.open.iter() {
+            let (open_key, id) = entry?;
+            let id = batch_id(&id).ok_or_else(|| corrupt_id(&open_key))?;
+            if let Some(batch) = self.batch(id)?.filter(BatchRecord::held) {
+                held.push(batch);
+            }
+        }
+        Ok(held)
+    }
+
     /// Stable batches waiting for the outbound pipeline.
     ///
     /// # Errors
