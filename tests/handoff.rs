@@ -174,6 +174,7 @@ fn a_send_by_the_command_is_listed_by_status() {
     for job in sent {
         assert_eq!(job["state"], "done", "{job}");
         assert_eq!(job["direction"], "outbound", "{job}");
+        assert_eq!(job["study"]["modality"], "CT", "the study is named: {job}");
     }
     // The clerks' group may read the token folder, nothing else of the data folder.
     let mode = |path: &str| {

@@ -282,11 +282,12 @@ fn status_names_the_patient_the_token_and_the_receipt() {
         let details = status["outbound"].as_array()?.first()?.clone();
         details["token_file"].as_str().is_some().then_some(details)
     });
-    let study = &job["study"];
-    assert_eq!(study["patient_id"], "PSTAT01", "{job:#}");
-    assert_eq!(study["accession"], "ACCSTAT01", "{job:#}");
-    assert_eq!(study["study_date"], "20261124", "{job:#}");
-    assert_eq!(study["modality"], "CT", "{job:#}");
+    let status = a.status();
+    let study = &status["jobs"][0]["study"];
+    assert_eq!(study["patient_id"], "PSTAT01", "{status:#}");
+    assert_eq!(study["accession"], "ACCSTAT01", "{status:#}");
+    assert_eq!(study["study_date"], "20261124", "{status:#}");
+    assert_eq!(study["modality"], "CT", "{status:#}");
     let token = PathBuf::from(job["token_file"].as_str().unwrap());
     assert!(token.is_file(), "{job:#}");
     let batch = batch_of(&a, "PSTAT01").unwrap();
@@ -331,5 +332,17 @@ fn status_names_the_patient_the_token_and_the_receipt() {
     assert!(
         !text.contains(a.status()["batches"][0]["key"].as_str().unwrap()),
         "the Study UID is shortened in the table:\n{text}"
+    );
+
+    // Site B's status says what it received: patient, accession, date, modality.
+    let received = b.status()["jobs"][0]["study"].clone();
+    assert_eq!(received["accession"], "ACCSTAT01", "{received:#}");
+    assert_eq!(received["study_date"], "20261124", "{received:#}");
+    assert_eq!(received["modality"], "CT", "{received:#}");
+    let (ok, text) = cloudpdi(&b, &["status"]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("accession ACCSTAT01  study date 2026-11-24  modality CT"),
+        "{text}"
     );
 }

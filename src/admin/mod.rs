@@ -46,7 +46,7 @@ use crate::clock::now_ms;
 use crate::gateway::inbound::Inbound;
 use crate::gateway::jobs::{Cause, JobRecord, JobSummary, Pipeline, RetryError};
 use crate::gateway::outbound::{Outbound, OutboundJob};
-use crate::gateway::reception::batch::{BatchId, BatchRecord, ReleaseError, StudySummary};
+use crate::gateway::reception::batch::{BatchId, BatchRecord, ReleaseError};
 use crate::gateway::reception::route::Routes;
 use crate::gateway::reception::spool::Spool;
 use crate::gateway::store::IndexError;
@@ -68,7 +68,7 @@ pub struct Status {
     pub batches: Vec<BatchView>,
     /// Outbound then inbound jobs, with state, progress, age and last error.
     pub jobs: Vec<JobSummary>,
-    /// What an admin asks about an outbound job beyond its state: patient and study,
+    /// What an admin asks about an outbound job beyond its state and study:
     /// token and slip files, downloads and receipts (by job ID).
     #[serde(default)]
     pub outbound: Vec<OutboundDetails>,
@@ -94,8 +94,6 @@ pub struct BatchView {
 pub struct OutboundDetails {
     /// The job ID, as in [`Status::jobs`].
     pub id: String,
-    /// Patient, accession, study date, modality (jobs of the daemon's batches).
-    pub study: Option<StudySummary>,
     /// The token file, once issued.
     pub token_file: Option<PathBuf>,
     /// The slip, once rendered.
@@ -451,7 +449,6 @@ async fn outbound_details(state: &Arc<AdminState>) -> Result<Vec<OutboundDetails
             let cached = job.document_id.as_ref().and_then(|d| cache.get(d));
             OutboundDetails {
                 id: job.id.clone(),
-                study: job.study.clone(),
                 token_file: job.token_file.clone(),
                 slip_file: job.slip_file.clone(),
                 expires_at: job.expires_at,

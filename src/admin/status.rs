@@ -311,6 +311,17 @@ fn render_jobs(out: &mut String, status: &Status, times: &Times) {
                 .map(|e| format!(" | attempt {}: {}", b.attempts, Escaped(e)))
                 .unwrap_or_default()
         );
+        if let Some(study) = &job.study {
+            let _ = writeln!(
+                out,
+                "{:<18} patient {}  accession {}  study date {}  modality {}",
+                "",
+                escape(or_dash(&study.patient_id)),
+                escape(or_dash(&study.accession)),
+                study_date(&study.study_date),
+                escape(or_dash(&study.modality))
+            );
+        }
         if let Some(details) = status.outbound.iter().find(|d| d.id == job.id) {
             render_outbound(out, details, times);
         }
@@ -337,19 +348,9 @@ fn render_jobs(out: &mut String, status: &Status, times: &Times) {
     }
 }
 
-/// The lines of an outbound job's details: study, token file, downloads and receipts.
+/// The lines of an outbound job's details: token file, downloads and receipts.
 fn render_outbound(out: &mut String, details: &OutboundDetails, times: &Times) {
     let pad = "";
-    if let Some(study) = &details.study {
-        let _ = writeln!(
-            out,
-            "{pad:<18} patient {}  accession {}  study date {}  modality {}",
-            escape(or_dash(&study.patient_id)),
-            escape(or_dash(&study.accession)),
-            study_date(&study.study_date),
-            escape(or_dash(&study.modality))
-        );
-    }
     if let Some(token) = &details.token_file {
         let _ = writeln!(
             out,

@@ -661,6 +661,10 @@ pub struct JobSummary {
     /// Bookkeeping: times, attempts, last error.
     #[serde(flatten)]
     pub bookkeeping: Progress,
+    /// Patient, accession, study date and modality, once known (outbound: from the
+    /// batch or the files sent; inbound: from the verified PDI).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub study: Option<crate::gateway::reception::batch::StudySummary>,
 }
 
 /// Runs a step's blocking work (files, hashing, sealing) off the async runtime; a worker

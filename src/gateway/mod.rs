@@ -19,3 +19,4 @@ pub mod reception;
 pub mod retention;
 pub mod serve;
 pub mod store;
+pub mod study;

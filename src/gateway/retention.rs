@@ -177,6 +177,7 @@ mod tests {
                     reason: "refused by the PACS".into(),
                 })
                 .collect(),
+            study: None,
         }
     }
 

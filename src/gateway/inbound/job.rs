@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::gateway::jobs::{JobRecord, JobSummary, Progress, state_name};
+use crate::gateway::reception::batch::StudySummary;
 use crate::token::Token;
 
 /// Where an inbound job is; the step named is the next one to run.
@@ -63,6 +64,10 @@ pub struct InboundJob {
     pub stored: u64,
     /// Instances refused for good.
     pub set_aside: Vec<SetAside>,
+    /// Patient, accession, study date and modality of what was received, read from the
+    /// PDI once it is verified (for `cloudpdi status`).
+    #[serde(default)]
+    pub study: Option<StudySummary>,
 }
 
 impl InboundJob {
@@ -92,6 +97,7 @@ impl InboundJob {
                 })
                 .collect(),
             bookkeeping: self.progress.clone(),
+            study: self.study.clone(),
         }
     }
 }

@@ -39,6 +39,7 @@ use crate::gateway::jobs::{
 };
 use crate::gateway::jobs::{blocking, state_name};
 use crate::gateway::store::{IndexError, JobStore, Store};
+use crate::gateway::study::StudyDetails;
 use crate::repository::api::Receipt;
 use crate::repository::client::{Client, ClientOptions};
 use crate::token::Token;
@@ -201,6 +202,7 @@ impl Inbound {
             instances: 0,
             stored: 0,
             set_aside: Vec::new(),
+            study: None,
         };
         if retry {
             self.jobs.put(&job)?;
@@ -292,21 +294,23 @@ impl Inbound {
             }
             InStep::Unpack => {
                 let max_bytes = self.config.inbound.max_document_bytes();
-                let count = blocking(move || {
+                let (count, study) = blocking(move || {
                     durable::remove_dir_all(&dir.pdi())
                         .map_err(|e| StepError::file("remove", &dir.pdi(), &e))?;
                     unpack(&dir.pdi_zip(), &dir.pdi(), max_bytes)?;
                     let summary = crate::pdi::verify(&dir.pdi())?;
+                    let study = StudyDetails::gather(&[dir.pdi()]).summary();
                     // One flush of the file system for every extracted file and folder,
                     // before Import is recorded (a file each would be hundreds of fsyncs).
                     std::fs::File::open(dir.pdi())
                         .and_then(|f| rustix::fs::syncfs(f).map_err(std::io::Error::from))
                         .map_err(|e| StepError::file("flush", &dir.pdi(), &e))?;
                     let _ = std::fs::remove_file(dir.container());
-                    Ok(summary.instances)
+                    Ok((summary.instances, study))
                 })
                 .await?;
                 job.instances = count as u64;
+                job.study = Some(study);
                 Ok(InStep::Import)
             }
             InStep::Import => {

@@ -108,6 +108,7 @@ impl OutboundJob {
             },
             notes: Vec::new(),
             bookkeeping: self.progress.clone(),
+            study: self.study.clone(),
         }
     }
 }

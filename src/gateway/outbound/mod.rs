@@ -9,7 +9,7 @@
 //!    the container is uploaded in parts, resuming after any interruption;
 //! 4. **issue**: the token (document ID + secret) is written to the route's token folder,
 //!    with the patient's slip (study details read from the batch's instances, see
-//!    [`StudyDetails`]; files named by study date, Patient ID, Accession Number and job);
+//!    [`StudyDetails`](crate::gateway::study::StudyDetails); files named by study date, Patient ID, Accession Number and job);
 //!    the job folder is removed;
 //! 5. **deliver**: the route's delivery command, if any, is run with the slip's path.
 //!
@@ -19,12 +19,10 @@
 
 mod job;
 mod sender;
-mod study;
 
 pub use job::{OutStep, OutboundJob};
 pub use sender::Sender;
 use sender::Workdir;
-pub use study::StudyDetails;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

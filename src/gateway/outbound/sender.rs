@@ -19,7 +19,8 @@ use crate::repository::client::{Client, ClientOptions};
 use crate::token::slip::{self, SlipDetails, SlipFormat};
 use crate::token::{SECRET_LEN, Secret, Token};
 
-use super::{OutboundJob, StudyDetails};
+use super::OutboundJob;
+use crate::gateway::study::StudyDetails;
 
 /// Mode of the token files and slips the pipeline writes: the daemon's group (the clerks
 /// who print slips) may read them, nobody else; their folder is 0750 (`serve`).
@@ -294,6 +295,7 @@ impl Sender {
         )
         .map_err(StepError::permanent)?;
         let study = StudyDetails::gather(instances);
+        job.study.get_or_insert_with(|| study.summary());
         let time_zone = crate::clock::time_zone(&self.config.facility.time_zone)
             .map_err(|e| StepError::permanent(format!("facility.time_zone: {e}")))?;
         let folder = self.config.token_dir(&job.route);

@@ -1,4 +1,5 @@
-//! What a batch's instances say about the study, for the slip and the file names: the
+//! What a study's files say about it, for the slip, the file names and `cloudpdi status`
+//! of both pipelines (a batch's instances outbound, the received PDI inbound): the
 //! patient's name (decoded with the Specific Character Set; Japanese names as the
 //! ideographic form with its phonetic reading), Patient ID, Accession Number, study
 //! dates, modalities and descriptions, read from the instances' headers.
@@ -13,6 +14,7 @@ use std::path::PathBuf;
 
 use dicom_encoding::text::{SpecificCharacterSet, TextCodec};
 
+use crate::gateway::reception::batch::{StudySummary, clip};
 use crate::pdi::element::{Element, text_of};
 use crate::pdi::{self, instance, tags};
 use crate::token::slip::printable;
@@ -84,6 +86,18 @@ impl StudyDetails {
             .map(|bytes| decode(bytes, &charsets(elements)))
             .unwrap_or_default();
         distinct(&mut self.descriptions, description);
+    }
+
+    /// What a job record keeps for `cloudpdi status` (the form reception keeps for a
+    /// batch): first Patient ID, Accession Number and study date, the modalities.
+    pub fn summary(&self) -> StudySummary {
+        StudySummary {
+            patient_id: clip(&self.patient_id),
+            accession: clip(&self.accession),
+            study_date: self.study_dates.first().cloned().unwrap_or_default(),
+            modality: clip(&self.modalities.join("/")),
+            study_uid: String::new(),
+        }
     }
 
     /// Study dates as printed: `2026-11-20`, several separated by commas.
