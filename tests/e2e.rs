@@ -37,32 +37,6 @@ fn site_b() -> String {
         .into()
 }
 
-fn wait_for<T>(what: &str, within: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(found) = probe() {
-            return found;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// The token files site A issued so far.
-fn tokens(site: &Daemon) -> Vec<PathBuf> {
-    let dir = site.dir.join("data/tokens/ct");
-    let mut found: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .map(|entries| {
-            entries
-                .map(|e| e.unwrap().path())
-                .filter(|p| p.extension().is_some_and(|e| e == "token"))
-                .collect()
-        })
-        .unwrap_or_default();
-    found.sort();
-    found
-}
-
 /// Site B's inbound jobs from `cloudpdi status`.
 fn inbound_jobs(site: &Daemon) -> Vec<serde_json::Value> {
     site.status()["jobs"]
@@ -693,14 +667,6 @@ fn bad_tokens_damaged_containers_and_outages_end_clearly_and_lose_nothing() {
         orthanc.get("/statistics")["CountInstances"],
         good_files.len() + late_files.len() + full_files.len()
     );
-}
-
-/// Mounts (or remounts) a tmpfs on `dir` in the test's private mount namespace.
-fn mount_tmpfs(dir: &Path, options: &str) {
-    let out = run(std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", options, "tmpfs"])
-        .arg(dir));
-    assert!(out.status.success(), "mount: {out:?}");
 }
 
 /// Flips one bit in the middle of a stored document's ciphertext and records the hash of

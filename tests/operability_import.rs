@@ -29,32 +29,6 @@ fn site(pacs: &str, inbound: &str) -> String {
     )
 }
 
-fn wait_for<T>(what: &str, within: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(found) = probe() {
-            return found;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// The token files the site issued so far.
-fn tokens(site: &Daemon) -> Vec<PathBuf> {
-    let dir = site.dir.join("data/tokens/ct");
-    let mut found: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .map(|entries| {
-            entries
-                .map(|e| e.unwrap().path())
-                .filter(|p| p.extension().is_some_and(|e| e == "token"))
-                .collect()
-        })
-        .unwrap_or_default();
-    found.sort();
-    found
-}
-
 /// Sends a generated study of `slices` instances to the site and drops the token it
 /// issues into its own watch folder; returns the study's files.
 fn send_and_hand_over(site: &Daemon, dir: &Path, slices: usize) -> Vec<PathBuf> {

@@ -17,17 +17,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn wait_for<T>(what: &str, within: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(found) = probe() {
-            return found;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 /// The batches of `cloudpdi status --json`.
 fn batches(daemon: &Daemon) -> Vec<serde_json::Value> {
     daemon.status()["batches"].as_array().unwrap().clone()
@@ -51,14 +40,6 @@ fn cloudpdi(daemon: &Daemon, args: &[&str]) -> (bool, String) {
         String::from_utf8_lossy(&out.stderr)
     );
     (out.status.success(), text)
-}
-
-fn mount_tmpfs(dir: &Path, options: &str) {
-    std::fs::create_dir_all(dir).unwrap();
-    let out = run(Command::new("mount")
-        .args(["-t", "tmpfs", "-o", options, "tmpfs"])
-        .arg(dir));
-    assert!(out.status.success(), "mount: {out:?}");
 }
 
 /// Fills the file system of `dir` until `left` bytes above `reserve` stay free.

@@ -705,3 +705,40 @@ impl Drop for Repository {
         let _ = self.child.wait();
     }
 }
+
+/// Polls `probe` every 200 ms until it finds something, failing the test after `within`.
+pub fn wait_for<T>(what: &str, within: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(found) = probe() {
+            return found;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The token files a site issued so far on route `ct`, in name order.
+pub fn tokens(site: &Daemon) -> Vec<PathBuf> {
+    let dir = site.dir.join("data/tokens/ct");
+    let mut found: Vec<PathBuf> = fs::read_dir(&dir)
+        .map(|entries| {
+            entries
+                .map(|e| e.unwrap().path())
+                .filter(|p| p.extension().is_some_and(|e| e == "token"))
+                .collect()
+        })
+        .unwrap_or_default();
+    found.sort();
+    found
+}
+
+/// Mounts a tmpfs with `options` (e.g. `size=64m`) on `dir` (created if missing): a small
+/// disk to fill, inside the test's mount namespace (`isolated`).
+pub fn mount_tmpfs(dir: &Path, options: &str) {
+    fs::create_dir_all(dir).unwrap();
+    let out = run(Command::new("mount")
+        .args(["-t", "tmpfs", "-o", options, "tmpfs"])
+        .arg(dir));
+    assert!(out.status.success(), "mount: {out:?}");
+}

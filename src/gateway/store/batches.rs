@@ -278,29 +278,8 @@ impl BatchIndex {
                     }
                     return Ok(Recorded::Replaced(previous.batch));
                 }
-                let (mut batch, joined) = match open.get(&open_key)? {
-                    Some(id) => {
-                        let id = batch_id(&id).ok_or_else(|| {
-                            ConflictableTransactionError::Abort(corrupt_id(&open_key))
-                        })?;
-                        (load_batch(batches, id)?, Joined::Open)
-                    }
-                    None => match still_waiting(ready, waiting)? {
-                        Some(id) => {
-                            ready.remove(&batch_key(id))?;
-                            open.insert(open_key.as_slice(), &batch_key(id))?;
-                            let mut batch = load_batch(batches, id)?;
-                            batch.state = BatchState::Open;
-                            batch.stable_at = None;
-                            (batch, Joined::Reopened)
-                        }
-                        None => {
-                            open.insert(open_key.as_slice(), &batch_key(fresh_id))?;
-                            let batch = new_batch(fresh_id, route, group_key, record.received_at);
-                            (batch, Joined::New)
-                        }
-                    },
-                };
+                let fresh = || new_batch(fresh_id, route, group_key, record.received_at);
+                let (mut batch, joined) = join(batches, open, ready, &open_key, waiting, fresh)?;
                 batch.instances += 1;
                 save(batches, instances, &ikey, &mut batch, &record)?;
                 let member = [&batch_key(batch.id)[..], sop_instance_uid.as_bytes()].concat();
@@ -444,31 +423,11 @@ impl BatchIndex {
         let waiting = self.waiting_batch(&route.name, group_key)?;
         let (id, new) = (&self.batches, &self.open, &self.ready)
             .transaction(|(batches, open, ready)| {
-                let (mut batch, new) = match open.get(&open_key)? {
-                    Some(id) => {
-                        let id = batch_id(&id).ok_or_else(|| {
-                            ConflictableTransactionError::Abort(corrupt_id(&open_key))
-                        })?;
-                        (load_batch(batches, id)?, false)
-                    }
-                    None => match still_waiting(ready, waiting)? {
-                        Some(id) => {
-                            ready.remove(&batch_key(id))?;
-                            open.insert(open_key.as_slice(), &batch_key(id))?;
-                            let mut batch = load_batch(batches, id)?;
-                            batch.state = BatchState::Open;
-                            batch.stable_at = None;
-                            (batch, false)
-                        }
-                        None => {
-                            open.insert(open_key.as_slice(), &batch_key(fresh_id))?;
-                            (new_batch(fresh_id, route, group_key, at), true)
-                        }
-                    },
-                };
+                let fresh = || new_batch(fresh_id, route, group_key, at);
+                let (mut batch, joined) = join(batches, open, ready, &open_key, waiting, fresh)?;
                 note_refusal(&mut batch, at, why);
                 batches.insert(&batch_key(batch.id), encode(&batch))?;
-                Ok((batch.id, new))
+                Ok((batch.id, joined == Joined::New))
             })
             .map_err(tx_error)?;
         if new {
@@ -653,6 +612,35 @@ fn save(
 }
 
 /// The candidate batch, if it is still queued for packing inside this transaction.
+/// The batch of group `open_key` that an instance or a refusal joins, inside a
+/// transaction: the open one, else the stable one still waiting for packing (open again,
+/// so an interrupted and resent study travels as one), else `fresh()`, opened now.
+fn join(
+    batches: &TransactionalTree,
+    open: &TransactionalTree,
+    ready: &TransactionalTree,
+    open_key: &[u8],
+    waiting: Option<BatchId>,
+    fresh: impl FnOnce() -> BatchRecord,
+) -> TxResult<(BatchRecord, Joined)> {
+    if let Some(id) = open.get(open_key)? {
+        let id = batch_id(&id)
+            .ok_or_else(|| ConflictableTransactionError::Abort(corrupt_id(open_key)))?;
+        return Ok((load_batch(batches, id)?, Joined::Open));
+    }
+    if let Some(id) = still_waiting(ready, waiting)? {
+        ready.remove(&batch_key(id))?;
+        open.insert(open_key, &batch_key(id))?;
+        let mut batch = load_batch(batches, id)?;
+        batch.state = BatchState::Open;
+        batch.stable_at = None;
+        return Ok((batch, Joined::Reopened));
+    }
+    let batch = fresh();
+    open.insert(open_key, &batch_key(batch.id))?;
+    Ok((batch, Joined::New))
+}
+
 fn still_waiting(
     ready: &TransactionalTree,
     candidate: Option<BatchId>,
