@@ -110,8 +110,8 @@ pub const MAX_STUDY_TEXT: usize = 64;
 pub const MAX_MODALITIES: usize = 4;
 
 /// What identifies a study for a person: read from its instances, shown by `cloudpdi
-/// status` for batches and outbound jobs (an admin asks by patient and accession, not by
-/// a 64-character Study Instance UID).
+/// status` for batches and the jobs of both pipelines (an admin asks by patient and
+/// accession, not by a 64-character Study Instance UID).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StudySummary {
     /// Patient ID (0010,0020).
