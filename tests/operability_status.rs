@@ -326,4 +326,18 @@ fn status_names_the_patient_the_token_and_the_receipt() {
         text.contains("accession ACCSTAT01  study date 2026-11-24  modality CT"),
         "{text}"
     );
+
+    // After a restart, monitoring still knows when each pipeline last succeeded.
+    for mut site in [a, b] {
+        site.stop();
+        site.spawn();
+        let (_, metrics) = site.admin_get("/metrics");
+        let succeeded = metrics.lines().any(|l| {
+            l.strip_prefix("cloudpdi_last_success_timestamp_seconds{pipeline=")
+                .and_then(|rest| rest.split_once(' '))
+                .and_then(|(_, value)| value.parse::<f64>().ok())
+                .is_some_and(|at| at > 1.7e9)
+        });
+        assert!(succeeded, "{metrics}");
+    }
 }

@@ -246,9 +246,15 @@ impl Metrics {
 
     /// Records that a `pipeline` job has just finished.
     pub fn job_finished(&self, pipeline: &str) {
+        self.last_success_at(pipeline, crate::clock::now_seconds());
+    }
+
+    /// Sets when a `pipeline` job last finished (Unix seconds): at start, from the
+    /// records ([`crate::gateway::jobs::last_success`]).
+    pub fn last_success_at(&self, pipeline: &str, unix_seconds: u64) {
         self.last_success
             .get_or_create(&labels(&[("pipeline", pipeline)]))
-            .set(gauge_value(crate::clock::now_seconds()));
+            .set(gauge_value(unix_seconds));
     }
 
     /// Sets the scrape-time figures from `now` and renders every metric as OpenMetrics

@@ -359,6 +359,22 @@ impl From<crate::repository::client::ClientError> for StepError {
     }
 }
 
+/// When a job of `pipeline` last finished without error (Unix seconds), from its records:
+/// what the `cloudpdi_last_success_timestamp_seconds` gauge says after a restart, so
+/// that an alert on an old success does not fire because the daemon restarted.
+///
+/// # Errors
+/// [`IndexError`] when the store cannot be read.
+pub fn last_success<P: Pipeline>(pipeline: &P) -> Result<Option<u64>, IndexError> {
+    let mut last = None;
+    for mut job in pipeline.store().all::<P::Job>()? {
+        if job.ended() && job.progress().last_error.is_none() {
+            last = last.max(Some(job.progress().updated_at / 1000));
+        }
+    }
+    Ok(last)
+}
+
 /// What the shared step loop ([`drive`]) needs of a job record.
 pub trait JobRecord: Clone + Serialize + DeserializeOwned + Send + Sync + 'static {
     /// The job's steps (the record's `step` field).

@@ -102,6 +102,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             spool.index().store(),
         )?)),
     };
+    restore_last_success(&metrics, &*outbound)?;
+    if let Some(inbound) = &inbound {
+        restore_last_success(&metrics, &**inbound)?;
+    }
     let inbound_tasks = inbound.clone().map(|inbound| {
         let watch = Watch::new(
             config.watch_dir(),
@@ -202,6 +206,18 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         Ok(Ok(())) => info!("stopped; index flushed"),
         Ok(Err(e)) => error!("index flush at shutdown failed: {e}"),
         Err(e) => error!("index flush at shutdown failed: {e}"),
+    }
+    Ok(())
+}
+
+/// Sets the last-success gauge of `pipeline` from its records (a restart must not look
+/// like a pipeline that stopped succeeding).
+fn restore_last_success<P: crate::gateway::jobs::Pipeline>(
+    metrics: &Metrics,
+    pipeline: &P,
+) -> Result<(), ServeError> {
+    if let Some(at) = crate::gateway::jobs::last_success(pipeline)? {
+        metrics.last_success_at(P::NAME, at);
     }
     Ok(())
 }
