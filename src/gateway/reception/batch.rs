@@ -73,21 +73,31 @@ pub struct BatchRecord {
     /// When an admin released the held batch with `cloudpdi release` (Unix milliseconds).
     #[serde(default)]
     pub released_at: Option<u64>,
+    /// SOP Instance UIDs refused and not received since (at most [`MAX_MISSING`]): the
+    /// batch is held until each has arrived, so neither a resend of instances already
+    /// stored nor other instances of the study sent after the refusal end the hold.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub missing: Vec<String>,
+    /// Whether a refusal could not be listed in `missing` (its instance unknown, or the
+    /// list full): then any instance arriving after the latest refusal ends the hold.
+    #[serde(default)]
+    pub missing_unlisted: bool,
     /// Who and what the batch is about, from its instances, for `cloudpdi status`.
     #[serde(default)]
     pub study: StudySummary,
 }
 
 impl BatchRecord {
-    /// Whether the batch is held as possibly incomplete: instances were refused and none
-    /// arrived since the latest refusal (the sender has not resent yet), and no admin
-    /// released it after that refusal. A held batch never becomes stable by itself until
-    /// the sender resends.
+    /// Whether the batch is held as possibly incomplete: refused instances have not all
+    /// arrived since (those listed in `missing`; for unlisted ones, no instance arrived
+    /// after the latest refusal), and no admin released it after that refusal. A held
+    /// batch never becomes stable by itself until the sender resends.
     pub fn held(&self) -> bool {
         self.state == BatchState::Open
             && self.last_refused_at.is_some_and(|refused| {
-                self.last_instance_at <= refused
-                    && self.released_at.is_none_or(|released| released < refused)
+                self.released_at.is_none_or(|released| released < refused)
+                    && (!self.missing.is_empty()
+                        || (self.missing_unlisted && self.last_instance_at <= refused))
             })
     }
 
@@ -101,6 +111,11 @@ impl BatchRecord {
         }
     }
 }
+
+/// Refused SOP Instance UIDs listed per batch (a UID is at most 64 characters, and the
+/// record is rewritten with each instance); beyond it the batch falls back to "any
+/// instance after the latest refusal".
+pub const MAX_MISSING: usize = 1_000;
 
 /// Longest text kept of each study attribute (a hostile dataset may carry a long value;
 /// the longest of these VRs, LO, allows 64 characters).

@@ -336,22 +336,24 @@ impl Spool {
             BatchBy::Study => identity.study_uid.clone(),
             BatchBy::Patient => identity.patient_id.clone(),
         };
+        let uid = incoming.header.sop_instance_uid.clone();
         self.store_identified(incoming, route, identity, &group_key)
             .inspect_err(|e| {
                 if e.is_local() {
-                    self.refused(route, Some(&group_key), e);
+                    self.refused(route, Some((&group_key, &uid)), e);
                 }
             })
     }
 
     /// Records on its batch that an instance was refused for a local reason (see
     /// [`StoreError::is_local`]), so the batch is held as possibly incomplete until the
-    /// sender resends; `group_key` is its study (or patient) when it could be read. A
+    /// sender resends; `instance` is its grouping key (study or patient) and SOP Instance
+    /// UID when it could be read. A
     /// failure to record is logged: the daemon cannot do more while its index fails.
-    pub fn refused(&self, route: &Route, group_key: Option<&str>, error: &StoreError) {
+    pub fn refused(&self, route: &Route, instance: Option<(&str, &str)>, error: &StoreError) {
         match self
             .index
-            .record_refusal(route, group_key, now_ms(), &error.to_string())
+            .record_refusal(route, instance, now_ms(), &error.to_string())
         {
             Ok(held) if held.is_empty() => {}
             Ok(held) => {

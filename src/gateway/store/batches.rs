@@ -22,7 +22,8 @@ use sled::transaction::{ConflictableTransactionError, TransactionalTree};
 
 use super::{IndexError, Store, TxResult, corrupt, decode, encode, tx_decode, tx_error};
 use crate::gateway::reception::batch::{
-    BatchId, BatchRecord, BatchState, InstanceRecord, Joined, Recorded, ReleaseError, StudySummary,
+    BatchId, BatchRecord, BatchState, InstanceRecord, Joined, MAX_MISSING, Recorded, ReleaseError,
+    StudySummary,
 };
 use crate::gateway::reception::route::{Route, Routes};
 
@@ -281,6 +282,7 @@ impl BatchIndex {
                 let fresh = || new_batch(fresh_id, route, group_key, record.received_at);
                 let (mut batch, joined) = join(batches, open, ready, &open_key, waiting, fresh)?;
                 batch.instances += 1;
+                batch.missing.retain(|uid| uid != sop_instance_uid);
                 save(batches, instances, &ikey, &mut batch, &record)?;
                 let member = [&batch_key(batch.id)[..], sop_instance_uid.as_bytes()].concat();
                 members.insert(member, &[])?;
@@ -360,24 +362,25 @@ impl BatchIndex {
     /// it), at `at`, because of `why`; the batch is held as possibly incomplete until the
     /// sender resends (see [`BatchRecord::held`]).
     ///
-    /// With the instance's grouping key known, its group's batch takes the refusal: the
-    /// open one, else the stable one still waiting for packing (opened again), else a new
-    /// batch (empty until the resend). Without it (a large instance whose spill to disk
-    /// failed before it could be read), every open batch of the route takes it: any of
-    /// them may be the incomplete one. Returns the batches that took it.
+    /// With the instance known (`instance`: its grouping key and SOP Instance UID), its
+    /// group's batch takes the refusal and lists the UID as missing: the open one, else
+    /// the stable one still waiting for packing (opened again), else a new batch (empty
+    /// until the resend). Without it (a large instance whose spill to disk failed before
+    /// it could be read), every open batch of the route takes it, unlisted: any of them
+    /// may be the incomplete one. Returns the batches that took it.
     ///
     /// # Errors
     /// [`IndexError`] when the index cannot be changed.
     pub fn record_refusal(
         &self,
         route: &Route,
-        group_key: Option<&str>,
+        instance: Option<(&str, &str)>,
         at: u64,
         why: &str,
     ) -> Result<Vec<BatchId>, IndexError> {
         let why: String = why.chars().take(MAX_REFUSAL_TEXT).collect();
-        let held = match group_key {
-            Some(key) => vec![self.refuse_group(route, key, at, &why)?],
+        let held = match instance {
+            Some((key, uid)) => vec![self.refuse_group(route, key, uid, at, &why)?],
             None => {
                 let prefix = instance_key(&route.name, "");
                 let mut held = Vec::new();
@@ -394,7 +397,7 @@ impl BatchIndex {
                             if batch.state != BatchState::Open {
                                 return Ok(false);
                             }
-                            note_refusal(&mut batch, at, &why);
+                            note_refusal(&mut batch, at, &why, None);
                             batches.insert(&batch_key(id), encode(&batch))?;
                             Ok(true)
                         })
@@ -415,6 +418,7 @@ impl BatchIndex {
         &self,
         route: &Route,
         group_key: &str,
+        uid: &str,
         at: u64,
         why: &str,
     ) -> Result<BatchId, IndexError> {
@@ -425,7 +429,7 @@ impl BatchIndex {
             .transaction(|(batches, open, ready)| {
                 let fresh = || new_batch(fresh_id, route, group_key, at);
                 let (mut batch, joined) = join(batches, open, ready, &open_key, waiting, fresh)?;
-                note_refusal(&mut batch, at, why);
+                note_refusal(&mut batch, at, why, Some(uid));
                 batches.insert(&batch_key(batch.id), encode(&batch))?;
                 Ok((batch.id, joined == Joined::New))
             })
@@ -667,12 +671,20 @@ fn new_batch(id: BatchId, route: &Route, group_key: &str, now: u64) -> BatchReco
         last_refused_at: None,
         refusal: None,
         released_at: None,
+        missing: Vec::new(),
+        missing_unlisted: false,
         study: StudySummary::default(),
     }
 }
 
 /// Counts one refused instance on `batch`.
-fn note_refusal(batch: &mut BatchRecord, at: u64, why: &str) {
+/// Notes a refusal of instance `uid` (if known) on `batch`.
+fn note_refusal(batch: &mut BatchRecord, at: u64, why: &str, uid: Option<&str>) {
+    match uid {
+        Some(uid) if batch.missing.iter().any(|m| m == uid) => {}
+        Some(uid) if batch.missing.len() < MAX_MISSING => batch.missing.push(uid.to_owned()),
+        _ => batch.missing_unlisted = true,
+    }
     batch.refused = batch.refused.saturating_add(1);
     batch.last_refused_at = Some(at);
     batch.refusal = Some(why.to_owned());
@@ -864,7 +876,7 @@ mod tests {
             panic!("first instance opens a batch");
         };
         let held = index
-            .record_refusal(route, Some("study-1"), 2_000, "out of disk space")
+            .record_refusal(route, Some(("study-1", "1.9")), 2_000, "out of disk space")
             .expect("refusal");
         assert_eq!(held, [batch]);
         let b = index.batch(batch).expect("read").expect("exists");
@@ -877,9 +889,19 @@ mod tests {
                 .expect("seal")
                 .is_empty()
         );
+        // Neither a resend of a stored instance nor another instance ends the hold: the
+        // refused one is missing until it arrives.
+        index
+            .record(route, "study-1", "1.1", record(100, 105_000))
+            .expect("resend of a stored instance");
+        index
+            .record(route, "study-1", "1.2", record(100, 106_000))
+            .expect("another instance");
+        let b = index.batch(batch).expect("read").expect("exists");
+        assert!(b.held() && b.missing == ["1.9"], "{b:?}");
         // The resend clears the hold; stable only after a full quiet period from it.
         index
-            .record(route, "study-1", "1.2", record(100, 110_000))
+            .record(route, "study-1", "1.9", record(100, 110_000))
             .expect("resend");
         assert!(!index.batch(batch).expect("read").expect("exists").held());
         assert!(
@@ -896,12 +918,17 @@ mod tests {
         // A refusal for a study without a batch opens an empty held one, which cannot
         // be released (nothing to send); a refusal of unknown study holds open batches.
         let empty = index
-            .record_refusal(route, Some("study-2"), 130_000, &"x".repeat(10_000))
+            .record_refusal(
+                route,
+                Some(("study-2", "2.1")),
+                130_000,
+                &"x".repeat(10_000),
+            )
             .expect("refusal")[0];
         let reason = index.batch(empty).expect("read").expect("exists").refusal;
         assert_eq!(reason.map(|r| r.len()), Some(MAX_REFUSAL_TEXT));
         let forgotten = index
-            .record_refusal(route, Some("study-4"), 130_000, "full")
+            .record_refusal(route, Some(("study-4", "4.1")), 130_000, "full")
             .expect("refusal")[0];
         assert_eq!(
             index
@@ -930,7 +957,7 @@ mod tests {
         );
         // A refusal while it waits for packing opens and holds it again.
         index
-            .record_refusal(route, Some("study-3"), 133_000, "full")
+            .record_refusal(route, Some(("study-3", "3.2")), 133_000, "full")
             .expect("refusal");
         assert!(index.batch(study3).expect("read").expect("exists").held());
     }
