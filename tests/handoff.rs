@@ -114,6 +114,17 @@ fn receive_says_why_nothing_would_be_imported() {
     assert!(!ok, "{again}");
     assert!(again.contains("already being imported"), "{again}");
 
+    // A local Patient ID that cannot be written into DICOM is refused before a job.
+    let (ok, out) = cloudpdi(&[
+        "receive",
+        "--config",
+        receiver.config.to_str().unwrap(),
+        "--patient-id",
+        &"P\\1".repeat(30),
+        &foreign.replace("foreign", "allowed"),
+    ]);
+    assert!(!ok && out.contains("local Patient ID"), "{out}");
+
     let secret = std::fs::read_to_string(dir.path().join("allowed.token")).unwrap();
     let log = receiver.log();
     assert!(
@@ -189,6 +200,55 @@ fn a_send_by_the_command_is_listed_by_status() {
     for private in ["data/spool", "data/index", "data/jobs", "data/repository"] {
         assert_eq!(mode(private), 0o700, "{private}");
     }
+    // The admin endpoint takes only what `cloudpdi send` records, bounded.
+    let post = |body: &str| {
+        let out = run(Command::new(common::require("/usr/bin/curl"))
+            .args(["-s", "-w", "\n%{http_code}", "-H", "x-cloudpdi-admin: 1"])
+            .args([
+                "-H",
+                "content-type: application/json",
+                "--data-binary",
+                body,
+            ])
+            .arg(format!("http://{}/jobs/sent", site.admin)));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let mut forged = status["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["id"].as_str().unwrap().starts_with('S'))
+        .unwrap()
+        .clone();
+    forged["id"] = "S-forged".into();
+    let answer = post(&forged.to_string());
+    assert!(
+        answer.ends_with("422"),
+        "a summary is not a record: {answer}"
+    );
+    let record = |route: &str, token_file: &str| {
+        serde_json::json!({
+            "id": "S20261129-000000-1", "batch": null, "route": route, "step": "done",
+            "progress": {"created_at": 1, "updated_at": 1, "attempts": 0,
+                         "last_error": null, "retry_at": 0},
+            "instances": 3, "excluded": 0, "container_bytes": 1, "expires_at": 2_000_000_000u32,
+            "document_id": "0123456789abcdef0123456789abcdef", "token_file": token_file,
+            "slip_file": null, "spool_removed": false
+        })
+        .to_string()
+    };
+    let answer = post(&record("nope", "/tmp/x.token"));
+    assert!(
+        answer.contains("route \"nope\" is not configured") && answer.ends_with("422"),
+        "{answer}"
+    );
+    let answer = post(&record("ct", "/etc/passwd"));
+    assert!(
+        answer.contains("not in the token folder") && answer.ends_with("422"),
+        "{answer}"
+    );
+    let answer = post(&"x".repeat(64 * 1024));
+    assert!(answer.ends_with("413"), "bounded: {answer}");
     let tokens = common::files_in(&site.dir.join("data/tokens/ct"));
     let token_files = tokens
         .iter()

@@ -26,6 +26,10 @@ use crate::gateway::inbound::watch::{MAX_DROP_BYTES, parse_drop};
 use crate::gateway::inbound::{QueueError, Queued};
 use crate::gateway::outbound::{OutStep, OutboundJob};
 
+/// Largest token hand-off accepted (`POST /tokens`): the watch folder's bound, so a
+/// request is refused before it is read whole.
+pub const MAX_TOKEN_BYTES: usize = MAX_DROP_BYTES as usize;
+
 /// Largest record of a finished send accepted (`POST /jobs/sent`); a real one is well
 /// under 2 KiB.
 pub const MAX_SENT_RECORD_BYTES: usize = 16 * 1024;
@@ -60,12 +64,6 @@ pub(super) async fn token(
                 .into(),
         );
     };
-    if body.len() > MAX_DROP_BYTES as usize {
-        return answer(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("a token hand-off is at most {MAX_DROP_BYTES} bytes\n"),
-        );
-    }
     let text = Zeroizing::new(String::from_utf8_lossy(&body).into_owned());
     let drop = match parse_drop(&text) {
         Ok(drop) => drop,
@@ -101,8 +99,11 @@ pub(super) async fn token(
             };
             answer(StatusCode::CONFLICT, text)
         }
-        Ok(Err(e @ (QueueError::Repository(_) | QueueError::Token(_)))) => {
+        Ok(Err(e @ (QueueError::Repository(_) | QueueError::Token(_) | QueueError::PatientId))) => {
             answer(StatusCode::UNPROCESSABLE_ENTITY, format!("{e}\n"))
+        }
+        Ok(Err(e @ QueueError::Io { .. })) => {
+            answer(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n"))
         }
         Ok(Err(e)) => unavailable(e),
         Err(e) => unavailable(e),
@@ -118,12 +119,6 @@ pub(super) async fn sent(
 ) -> Response {
     if let Some(refusal) = forbidden(&headers, "cloudpdi send") {
         return refusal;
-    }
-    if body.len() > MAX_SENT_RECORD_BYTES {
-        return answer(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("a send record is at most {MAX_SENT_RECORD_BYTES} bytes\n"),
-        );
     }
     let job = match serde_json::from_slice::<OutboundJob>(&body) {
         Ok(job) if is_sent_record(&job) => job,
@@ -142,6 +137,12 @@ pub(super) async fn sent(
             );
         }
     };
+    if let Err(why) = state.outbound.check_sent(&job) {
+        return answer(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("not a send of this daemon's configuration: {why}\n"),
+        );
+    }
     let outbound = state.outbound.clone();
     let id = job.id.clone();
     match tokio::task::spawn_blocking(move || outbound.record_sent(&job)).await {

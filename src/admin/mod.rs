@@ -29,7 +29,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::{Path, Request, State};
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -195,8 +195,14 @@ pub async fn serve(
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/jobs/{id}/retry", post(retry))
-        .route("/tokens", post(handoff::token))
-        .route("/jobs/sent", post(handoff::sent))
+        .route(
+            "/tokens",
+            post(handoff::token).layer(DefaultBodyLimit::max(handoff::MAX_TOKEN_BYTES)),
+        )
+        .route(
+            "/jobs/sent",
+            post(handoff::sent).layer(DefaultBodyLimit::max(handoff::MAX_SENT_RECORD_BYTES)),
+        )
         .route("/batches/{id}/release", post(release))
         .layer(axum::middleware::from_fn(loopback_host))
         .with_state(state);

@@ -326,13 +326,23 @@ fn check_named_entry(
 /// The value as it may be shown: cut to [`MAX_SHOWN_VALUE`], never a secret, `None` for
 /// a table (the key names it well enough).
 fn shown(key: &str, value: &Value) -> Option<String> {
-    let last = key.rsplit('.').next().unwrap_or(key);
-    // A misspelt secret key is unknown, but its value is still the secret.
-    if ["secret", "password", "token"]
-        .iter()
-        .any(|word| last.contains(word))
-        || strsim::damerau_levenshtein(last, "secret_access_key") <= 4
-    {
+    let last = key.rsplit('.').next().unwrap_or(key).to_ascii_lowercase();
+    // A misspelt secret key is unknown, but its value is still the secret: any name that
+    // sounds like one is hidden (`api_key` written for `api_key_file`), except the names
+    // of key files and of key hashes, which are not secret.
+    let names_a_secret = [
+        "secret",
+        "password",
+        "passphrase",
+        "token",
+        "key",
+        "credential",
+    ]
+    .iter()
+    .any(|word| last.contains(word))
+        && !last.ends_with("_file")
+        && !last.ends_with("_sha256");
+    if names_a_secret || strsim::damerau_levenshtein(&last, "secret_access_key") <= 4 {
         return Some("(value not shown)".into());
     }
     let text = match &value.kind {
@@ -543,10 +553,23 @@ mod tests {
     #[test]
     fn secrets_are_not_shown_and_long_values_are_cut() {
         let text = |s: &str| Value::new(None, ValueKind::String(s.to_owned()));
-        for key in ["storage.secret_access_key", "storage.secrt_acess_key"] {
+        for key in [
+            "storage.secret_access_key",
+            "storage.secrt_acess_key",
+            "repository.api_key",
+            "repository.API_KEY",
+            "tls.private_key",
+        ] {
             assert_eq!(
                 shown(key, &text("abc")).as_deref(),
                 Some("(value not shown)"),
+                "{key}"
+            );
+        }
+        for key in ["repository.api_key_file", "facility.x.api_key_sha256"] {
+            assert_eq!(
+                shown(key, &text("abc")).as_deref(),
+                Some("\"abc\""),
                 "{key}"
             );
         }

@@ -222,19 +222,26 @@ fn restore_last_success<P: crate::gateway::jobs::Pipeline>(
     Ok(())
 }
 
-/// Gives the data folder's parts their modes: what holds patient data or keys (spool,
-/// index, job folders, the embedded repository) is the daemon's alone (0700); the token
+/// Gives the data folder's parts their modes: what holds patient data, tokens or keys
+/// (spool, index, job folders, the embedded repository, set-aside instances, the watch
+/// folder) is the daemon's alone (0700); the token
 /// folders may be read by its group (0750: the clerks who print slips; token files and
 /// slips are 0640), never by others. A route's own `token_dir` gets 0750 only when the
 /// daemon creates it.
 fn prepare_folders(config: &Config) -> Result<(), ServeError> {
     let data = &config.spool.data_dir;
-    let private = [
+    let mut private = vec![
         config.spool_dir(),
         config.index_dir(),
         config.jobs_dir(),
         data.join("repository"),
+        data.join("set-aside"),
     ];
+    // The watch folder receives tokens: the daemon's alone, unless the admin pointed
+    // `inbound.watch_dir` at a folder of their own (then it is left as it is).
+    if config.inbound.watch_dir.as_os_str().is_empty() || !config.watch_dir().exists() {
+        private.push(config.watch_dir());
+    }
     let shared = std::iter::once(data.join("tokens")).chain(
         config
             .routes

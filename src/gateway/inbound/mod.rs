@@ -81,6 +81,11 @@ pub enum QueueError {
     /// The token has expired.
     #[error(transparent)]
     Token(#[from] crate::token::TokenError),
+    /// The local Patient ID given with the token cannot be written into DICOM.
+    #[error(
+        "the local Patient ID given with the token is not usable: at most 64 printable ASCII characters, no backslash; give it again"
+    )]
+    PatientId,
     /// The job could not be recorded.
     #[error(transparent)]
     Index(#[from] IndexError),
@@ -173,6 +178,12 @@ impl Inbound {
         token: &Token,
         local_patient_id: Option<String>,
     ) -> Result<Queued, QueueError> {
+        if local_patient_id
+            .as_deref()
+            .is_some_and(|id| reconcile::check_id(id).is_err())
+        {
+            return Err(QueueError::PatientId);
+        }
         let id = job_id(token);
         let retry = match self.jobs.get::<InboundJob>(&id)? {
             Some(job) if job.step == InStep::Failed => true,

@@ -123,7 +123,7 @@ fn text(object: &InMemDicomObject, tag: dicom_core::Tag) -> String {
 
 /// Patient ID is LO: at most 64 characters; we write ASCII only (no character set
 /// question for the receiving PACS) and no backslash (the value separator).
-fn check_id(id: &str) -> Result<(), ReconcileError> {
+pub(crate) fn check_id(id: &str) -> Result<(), ReconcileError> {
     if id.is_empty()
         || id.len() > 64
         || !id.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'\\')

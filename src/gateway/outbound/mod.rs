@@ -97,6 +97,37 @@ impl Outbound {
             .collect())
     }
 
+    /// Why `job` cannot be the record of a `cloudpdi send` of this daemon's
+    /// configuration, if it cannot: its route must be configured, its document ID one of
+    /// a repository, and its token and slip files in that route's token folder (a record
+    /// posted to the admin endpoint must not make status name arbitrary files, or the
+    /// repository be asked about arbitrary documents).
+    pub fn check_sent(&self, job: &OutboundJob) -> Result<(), String> {
+        let config = &self.sender.config;
+        if !config.routes.contains_key(&job.route) {
+            return Err(format!("route {:?} is not configured", job.route));
+        }
+        if !job
+            .document_id
+            .as_deref()
+            .is_some_and(crate::repository::is_document_id)
+        {
+            return Err("the record has no valid document ID".into());
+        }
+        let folder = config.token_dir(&job.route);
+        let outside = [&job.token_file, &job.slip_file]
+            .into_iter()
+            .flatten()
+            .any(|file| file.parent() != Some(folder.as_path()));
+        if outside {
+            return Err(format!(
+                "its token and slip files are not in the token folder of route {}",
+                job.route
+            ));
+        }
+        Ok(())
+    }
+
     /// Records a send finished by `cloudpdi send` so that `cloudpdi status` lists it;
     /// `false` when a job with its ID exists (the record is not replaced).
     ///
