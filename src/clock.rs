@@ -200,7 +200,8 @@ pub fn time_left(now: u64, deadline: u64) -> Option<String> {
     })
 }
 
-/// `YYYY-MM-DD` of a Unix time (UTC): token expiry on the slip and in messages.
+/// `YYYY-MM-DD` of a Unix time (UTC): expiry and receipt dates in messages and in the
+/// repository's command-line output.
 pub fn date(unix_seconds: u64) -> String {
     let t = civil(unix_seconds);
     format!("{:04}-{:02}-{:02}", t.year(), t.month(), t.day())

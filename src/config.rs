@@ -492,13 +492,27 @@ impl DicomConfig {
 }
 
 impl Config {
-    /// Loads `path` (TOML), applies `CLOUDPDI_<SECTION>__<KEY>` overrides, validates, and
-    /// checks the values that depend on this machine ([`Config::check_host`]).
+    /// Loads `path` (TOML), applies `CLOUDPDI_<SECTION>__<KEY>` overrides and validates:
+    /// what every command reads (`status`, `receive`, `send`), wherever it runs.
     ///
     /// # Errors
     /// [`ConfigError`] naming the file or the variable, the key, its value, and the form
     /// expected.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Config::load_with(path, false)
+    }
+
+    /// [`Config::load`], then the values that depend on the daemon's machine
+    /// ([`Config::check_host`]): what `cloudpdi serve` reads, so that a clerk's `status`
+    /// does not fail on the daemon's disk or programs.
+    ///
+    /// # Errors
+    /// As [`Config::load`].
+    pub fn load_to_serve(path: &Path) -> Result<Config, ConfigError> {
+        Config::load_with(path, true)
+    }
+
+    fn load_with(path: &Path, host: bool) -> Result<Config, ConfigError> {
         let (config, origins) = load::load::<Config>(&Sources {
             path,
             prefix: "CLOUDPDI_",
@@ -513,7 +527,7 @@ impl Config {
         })?;
         config
             .validate()
-            .and_then(|()| config.check_host())
+            .and_then(|()| if host { config.check_host() } else { Ok(()) })
             .map_err(|e| e.located(&origins))?;
         Ok(config)
     }

@@ -406,7 +406,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn serve(args: &ConfigArg) -> anyhow::Result<()> {
-    let config = cloudpdi::config::Config::load(&args.path())?;
+    let config = cloudpdi::config::Config::load_to_serve(&args.path())?;
     cloudpdi::telemetry::init(&config.log);
     runtime()?.block_on(cloudpdi::gateway::serve::run(config, shutdown_signal()))?;
     Ok(())

@@ -464,3 +464,29 @@ fn a_privileged_port_without_the_capability_says_so() {
     );
     assert!(!err.contains("another program"), "{err}");
 }
+
+/// What depends on the daemon's machine (its disk, its programs) is checked by `serve`
+/// only: a clerk's `cloudpdi status` on another machine reads the same file.
+#[test]
+fn commands_other_than_serve_do_not_check_the_daemons_machine() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let extra = format!("{CT_ROUTE}deliver_command = [\"no-such-printer-command\"]\n");
+    let path = gateway_file(dir.path(), "", &extra);
+    let served = refused(cloudpdi(&["serve"], &path, &[]));
+    assert_says(&served, &["route.ct.deliver_command"]);
+    let status = refused(cloudpdi(&["status"], &path, &[]));
+    assert_says(&status, &["no answer from the cloudpdi daemon"]);
+    assert!(!status.contains("deliver_command"), "{status}");
+}
+
+/// A value under a key that sounds like a secret is never repeated, even misspelt.
+#[test]
+fn a_misplaced_api_key_is_not_shown() {
+    let secret = "cpk_0123456789abcdef0123456789abcdef";
+    let (_, err) = serve_refuses(
+        &format!("{CT_ROUTE}"),
+        &[("CLOUDPDI_REPOSITORY__API_KEY", secret)],
+    );
+    assert_says(&err, &["repository.api_key", "(value not shown)"]);
+    assert!(!err.contains(secret), "{err}");
+}

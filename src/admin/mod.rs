@@ -24,7 +24,7 @@ pub mod handoff;
 pub mod metrics;
 pub mod status;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -38,8 +38,6 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-
-use std::collections::BTreeMap;
 
 use crate::admin::metrics::{Metrics, Snapshot};
 use crate::clock::now_ms;

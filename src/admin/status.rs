@@ -104,7 +104,7 @@ pub async fn retry(
 /// sent as it is (discarded if it holds no instance); returns the daemon's answer.
 ///
 /// # Errors
-/// [`StatusError::NotAJob`] for text that cannot be a batch ID (checked before anything
+/// [`StatusError::NotABatch`] for text that cannot be a batch ID (checked before anything
 /// is sent), [`StatusError::Config`], [`StatusError::Unreachable`],
 /// [`StatusError::Declined`] with the daemon's reason (not held, unknown).
 pub async fn release(
@@ -328,7 +328,14 @@ fn render_jobs(out: &mut String, status: &Status, times: &Times) {
         for note in &job.notes {
             let _ = writeln!(out, "{:<18} {}", "", Escaped(note));
         }
-        if b.last_error.is_some() && job.state != "failed" && job.state != "done" {
+        if b.held {
+            let _ = writeln!(
+                out,
+                "{:<18} held: no further attempt; fix the cause, then: cloudpdi retry {}",
+                "",
+                Escaped(&job.id)
+            );
+        } else if b.last_error.is_some() && job.state != "failed" && job.state != "done" {
             let _ = writeln!(
                 out,
                 "{:<18} next attempt {} ({})",

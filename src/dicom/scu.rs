@@ -219,21 +219,6 @@ impl PacsError {
         }
     }
 
-    /// The cause as a metric label, from a fixed set: `pacs_rejected` (the PACS refused
-    /// the association or every SOP class), `pacs_unreachable` (no connection, or it broke),
-    /// `pacs_busy` (out of resources).
-    pub fn cause(&self) -> &'static str {
-        match self {
-            PacsError::CallingAeRejected { .. }
-            | PacsError::CalledAeRejected { .. }
-            | PacsError::Rejected { .. }
-            | PacsError::Aborted { .. }
-            | PacsError::NoAcceptedContext { .. } => "pacs_rejected",
-            PacsError::Unreachable { .. } | PacsError::Lost { .. } => "pacs_unreachable",
-            PacsError::OutOfResources { .. } => "pacs_busy",
-        }
-    }
-
     /// Sorts why an association could not be opened to `target`.
     fn establishing(target: &StoreTarget, e: &dicom_ul::association::Error) -> PacsError {
         use dicom_ul::association::Error;

@@ -120,7 +120,9 @@ async fn record_send(config: &Config, job: &crate::gateway::outbound::OutboundJo
     )
     .await
     {
-        Err(StatusError::Unreachable { .. }) => record_in_index(config, job),
+        Err(StatusError::Unreachable { source, .. }) if source.is_connect() => {
+            record_in_index(config, job)
+        }
         Err(e) => Err(e.to_string()),
         Ok(answer) => Ok(answer),
     };
@@ -136,7 +138,21 @@ fn record_in_index(
     job: &crate::gateway::outbound::OutboundJob,
 ) -> Result<String, String> {
     use crate::gateway::store::{JobStore, Store};
-    let store = Store::open(&config.index_dir()).map_err(|e| e.to_string())?;
+    use std::os::unix::fs::MetadataExt;
+    // Written only by the daemon's own user: files another user (root) created in the
+    // index would stop the daemon from writing it.
+    let index = config.index_dir();
+    let owner = std::fs::metadata(&index).map(|m| m.uid()).ok();
+    // `/proc/self` belongs to this process's effective user.
+    let me = std::fs::metadata("/proc/self").map(|m| m.uid()).ok();
+    if owner.is_none() || owner != me {
+        return Err(format!(
+            "no daemon answers and the index {} is not this user's: start the daemon, or run \
+             `cloudpdi send` as the daemon's user",
+            shown(&index)
+        ));
+    }
+    let store = Store::open(&index).map_err(|e| e.to_string())?;
     let jobs =
         JobStore::open(&store, crate::gateway::outbound::JOB_STORE).map_err(|e| e.to_string())?;
     let created = jobs.create(job).map_err(|e| e.to_string())?;
@@ -203,10 +219,14 @@ pub async fn hand_to_daemon(
     let body = Some(("text/plain", text.as_bytes().to_vec()));
     match post(addr, "/tokens", body).await {
         Ok(answer) => Ok(answer),
-        Err(StatusError::Unreachable { .. }) => Err(CliError::NoDaemon {
-            addr,
-            config: shown(config_path),
-        }),
+        // Only a refused connection means no daemon: a timeout after the request was sent
+        // may come after the job was queued, and is reported as it is.
+        Err(StatusError::Unreachable { source, .. }) if source.is_connect() => {
+            Err(CliError::NoDaemon {
+                addr,
+                config: shown(config_path),
+            })
+        }
         Err(e) => Err(CliError::Declined(e.to_string())),
     }
 }

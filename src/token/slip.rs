@@ -12,8 +12,8 @@
 //! `UniJIS-UCS2-H` CMap, which Adobe readers and poppler (with `poppler-data`) provide.
 //!
 //! The patient's name may be printed (the patient holds the paper) but is never in the QR
-//! code. The file holds the token: it is written with mode 0600, to a temp file, fsynced
-//! and renamed. Every printed field is bounded ([`MAX_FIELD_CHARS`]) and escaped for its
+//! code. The file holds the token: [`render`] writes it with mode 0600 (the pipeline
+//! writes its slips 0640 for the clerks' group), to a temp file, fsynced and renamed. Every printed field is bounded ([`MAX_FIELD_CHARS`]) and escaped for its
 //! format (HTML and SVG entities; PDF text is written as hex strings, so no byte of a
 //! field can end a PDF string).
 

@@ -246,6 +246,10 @@ impl Inbound {
             _ if job.progress.attempts == 0 => {
                 return Err(RetryError::NotFailed(id.to_owned(), state_name(job.step)));
             }
+            // Due now: a worker may be running it; a retry would race its record.
+            _ if !job.progress.held && job.progress.retry_at <= now_ms() => {
+                return Err(RetryError::NotFailed(id.to_owned(), "running".into()));
+            }
             _ => {}
         }
         job.progress.advanced();

@@ -24,7 +24,7 @@ pub use job::{OutStep, OutboundJob};
 pub use sender::Sender;
 use sender::Workdir;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -265,8 +265,10 @@ impl Outbound {
                 })
                 .await?;
                 *job = issued;
+                // The file's name holds the Patient ID: the log names the job and folder
+                // only (`cloudpdi status` shows the file).
                 info!(job = %job.id, route = %job.route, document = job.document_id.as_deref().unwrap_or(""),
-                      token_file = %job.token_file.as_deref().unwrap_or(Path::new("")).display(), "token issued");
+                      folder = %self.sender.config.token_dir(&job.route).display(), "token issued");
                 Ok(OutStep::Deliver)
             }
             OutStep::Deliver => {

@@ -302,7 +302,7 @@ impl Sender {
         let stem = study.file_stem(&job.id);
         let token_file = folder.join(format!("{stem}.token"));
         durable::write(&token_file, token.to_line().as_bytes(), TOKEN_FILE_MODE)
-            .map_err(|e| StepError::file("write", &token_file, &e))?;
+            .map_err(|e| StepError::file("write the token file into", &folder, &e))?;
         let slip_file = folder.join(format!("{stem}.{}", route.slip));
         let contact = &self.config.facility.contact;
         let details = SlipDetails {
@@ -323,7 +323,7 @@ impl Sender {
         })?;
         let bytes = slip::render_bytes(&token, &details, format).map_err(StepError::transient)?;
         durable::write(&slip_file, &bytes, TOKEN_FILE_MODE)
-            .map_err(|e| StepError::file("write", &slip_file, &e))?;
+            .map_err(|e| StepError::file("write the slip into", &folder, &e))?;
         job.token_file = Some(token_file);
         job.slip_file = Some(slip_file);
         Ok(token)
