@@ -483,10 +483,7 @@ fn commands_other_than_serve_do_not_check_the_daemons_machine() {
 #[test]
 fn a_misplaced_api_key_is_not_shown() {
     let secret = "cpk_0123456789abcdef0123456789abcdef";
-    let (_, err) = serve_refuses(
-        &format!("{CT_ROUTE}"),
-        &[("CLOUDPDI_REPOSITORY__API_KEY", secret)],
-    );
+    let (_, err) = serve_refuses(CT_ROUTE, &[("CLOUDPDI_REPOSITORY__API_KEY", secret)]);
     assert_says(&err, &["repository.api_key", "(value not shown)"]);
     assert!(!err.contains(secret), "{err}");
 }
