@@ -366,8 +366,9 @@ impl BatchIndex {
     /// group's batch takes the refusal and lists the UID as missing: the open one, else
     /// the stable one still waiting for packing (opened again), else a new batch (empty
     /// until the resend). Without it (a large instance whose spill to disk failed before
-    /// it could be read), every open batch of the route takes it, unlisted: any of them
-    /// may be the incomplete one. Returns the batches that took it.
+    /// it could be read), every open batch of the route, and every stable one still
+    /// waiting for packing (opened again), takes it unlisted: any of them may be the
+    /// incomplete one. Returns the batches that took it.
     ///
     /// # Errors
     /// [`IndexError`] when the index cannot be changed.
@@ -380,7 +381,7 @@ impl BatchIndex {
     ) -> Result<Vec<BatchId>, IndexError> {
         let why: String = why.chars().take(MAX_REFUSAL_TEXT).collect();
         let held = match instance {
-            Some((key, uid)) => vec![self.refuse_group(route, key, uid, at, &why)?],
+            Some((key, uid)) => vec![self.refuse_group(route, key, Some(uid), at, &why)?],
             None => {
                 let prefix = instance_key(&route.name, "");
                 let mut held = Vec::new();
@@ -406,6 +407,14 @@ impl BatchIndex {
                         held.push(id);
                     }
                 }
+                // A stable batch of the route still waiting for packing may be the
+                // incomplete one too: opened again and held.
+                for id in self.ready()? {
+                    let waiting = self.batch(id)?.filter(|b| b.route == route.name);
+                    if let Some(batch) = waiting {
+                        held.push(self.refuse_group(route, &batch.key, None, at, &why)?);
+                    }
+                }
                 held
             }
         };
@@ -418,7 +427,7 @@ impl BatchIndex {
         &self,
         route: &Route,
         group_key: &str,
-        uid: &str,
+        uid: Option<&str>,
         at: u64,
         why: &str,
     ) -> Result<BatchId, IndexError> {
@@ -429,7 +438,7 @@ impl BatchIndex {
             .transaction(|(batches, open, ready)| {
                 let fresh = || new_batch(fresh_id, route, group_key, at);
                 let (mut batch, joined) = join(batches, open, ready, &open_key, waiting, fresh)?;
-                note_refusal(&mut batch, at, why, Some(uid));
+                note_refusal(&mut batch, at, why, uid);
                 batches.insert(&batch_key(batch.id), encode(&batch))?;
                 Ok((batch.id, joined == Joined::New))
             })
@@ -944,8 +953,20 @@ mod tests {
         let held = index
             .record_refusal(route, None, 131_000, "spill failed")
             .expect("refusal");
-        assert_eq!(held.len(), 2, "both open batches of the route: {held:?}");
-        let study3 = held.into_iter().find(|id| *id != empty).expect("study-3");
+        assert_eq!(
+            held.len(),
+            3,
+            "both open batches of the route and the stable one waiting: {held:?}"
+        );
+        assert!(
+            held.contains(&batch),
+            "the waiting batch is opened and held"
+        );
+        let study3 = held
+            .into_iter()
+            .find(|id| *id != empty && *id != batch)
+            .expect("study-3");
+        index.release(batch, 131_500).expect("release");
         assert!(matches!(
             index.release(batch, 132_000),
             Err(ReleaseError::NotHeld(_, "stable"))
