@@ -132,6 +132,14 @@ fn receive_says_why_nothing_would_be_imported() {
         "the token never reaches the log"
     );
     assert!(!out.contains(secret.trim()) && !again.contains(secret.trim()));
+    // Nor any part of it: no two consecutive groups of its text.
+    let groups: Vec<&str> = secret.trim().split('-').collect();
+    for pair in groups.windows(2).skip(1) {
+        let piece = pair.join("-");
+        for text in [&log, &out, &again] {
+            assert!(!text.contains(&piece), "{piece} of the token appears");
+        }
+    }
 }
 
 /// A send by `cloudpdi send` is listed by `cloudpdi status`: recorded by the running
