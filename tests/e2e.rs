@@ -28,15 +28,6 @@ fn site_a(dir: &Path) -> String {
     )
 }
 
-/// Site B: imports tokens into Orthanc, prefixing Patient IDs with the sender's code.
-fn site_b() -> String {
-    "[route.ct]\nae_title = \"CLOUDPDI\"\n\
-     [facility]\ncode = \"HOSPB\"\nname = \"Hospital B\"\n\
-     [inbound]\npacs = \"127.0.0.1:4242\"\npacs_ae_title = \"ORTHANC\"\n\
-     patient_id = \"prefix\"\nissuer = \"HOSPB\"\npoll_interval = 1\nattempts = 2\n"
-        .into()
-}
-
 /// Site B's inbound jobs from `cloudpdi status`.
 fn inbound_jobs(site: &Daemon) -> Vec<serde_json::Value> {
     site.status()["jobs"]

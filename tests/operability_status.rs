@@ -234,15 +234,6 @@ fn site_a() -> String {
         .into()
 }
 
-/// Site B: imports tokens into Orthanc.
-fn site_b() -> String {
-    "[route.ct]\nae_title = \"CLOUDPDI\"\n\
-     [facility]\ncode = \"HOSPB\"\nname = \"Hospital B\"\n\
-     [inbound]\npacs = \"127.0.0.1:4242\"\npacs_ae_title = \"ORTHANC\"\n\
-     patient_id = \"prefix\"\nissuer = \"HOSPB\"\npoll_interval = 1\nattempts = 2\n"
-        .into()
-}
-
 #[test]
 fn status_names_the_patient_the_token_and_the_receipt() {
     if !isolated("status_names_the_patient_the_token_and_the_receipt") {

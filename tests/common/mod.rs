@@ -742,3 +742,13 @@ pub fn mount_tmpfs(dir: &Path, options: &str) {
         .arg(dir));
     assert!(out.status.success(), "mount: {out:?}");
 }
+
+/// The receiving site of the two-site tests: imports tokens into Orthanc (port 4242),
+/// prefixing Patient IDs with the sender's code.
+pub fn site_b() -> String {
+    "[route.ct]\nae_title = \"CLOUDPDI\"\n\
+     [facility]\ncode = \"HOSPB\"\nname = \"Hospital B\"\n\
+     [inbound]\npacs = \"127.0.0.1:4242\"\npacs_ae_title = \"ORTHANC\"\n\
+     patient_id = \"prefix\"\nissuer = \"HOSPB\"\npoll_interval = 1\nattempts = 2\n"
+        .into()
+}
