@@ -20,6 +20,10 @@ getent passwd cloudpdi >/dev/null || useradd --system --gid cloudpdi --home-dir 
 if [ ! -e /etc/cloudpdi/cloudpdi.toml ]; then
   sed 's|^data_dir = .*|data_dir = "/var/lib/cloudpdi"|' conf/cloudpdi.toml >/etc/cloudpdi/cloudpdi.toml
   chmod 0644 /etc/cloudpdi/cloudpdi.toml
+elif grep -q '^data_dir = "\./data"' /etc/cloudpdi/cloudpdi.toml; then
+  # Earlier units set the data folder in the environment; it now lives in the file.
+  sed -i 's|^data_dir = "\./data"|data_dir = "/var/lib/cloudpdi"|' /etc/cloudpdi/cloudpdi.toml
+  echo "install: spool.data_dir set to /var/lib/cloudpdi in /etc/cloudpdi/cloudpdi.toml (the unit no longer sets it)"
 fi
 install -m 0644 README.md /usr/local/share/doc/cloudpdi/README.md
 install -m 0644 systemd/cloudpdi.service /etc/systemd/system/cloudpdi.service
