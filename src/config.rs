@@ -590,7 +590,6 @@ impl Config {
     /// # Errors
     /// [`ConfigError::Invalid`] or [`ConfigError::Value`] with the offending key.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |msg: String| Err(ConfigError::Invalid(msg));
         let mut seen = BTreeMap::new();
         for (name, route) in &self.routes {
             if name.is_empty()
@@ -599,8 +598,10 @@ impl Config {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
             {
-                return invalid(format!(
-                    "route name {name:?} must be 1-32 characters of A-Z, a-z, 0-9, _ and -"
+                return Err(value_error(
+                    format!("route.{name}"),
+                    format!("{name:?}"),
+                    "a route name is 1-32 characters of A-Z, a-z, 0-9, _ and -",
                 ));
             }
             check_ae_title(&format!("route.{name}.ae_title"), &route.ae_title)?;
@@ -612,42 +613,72 @@ impl Config {
                 .validate()
                 .map_err(|e| ConfigError::Invalid(format!("route.{name}.ai_support: {e}")))?;
             if let Some(other) = seen.insert(route.ae_title.trim(), name) {
-                return invalid(format!(
-                    "routes {other} and {name} both use AE title {:?}: each route needs its own",
-                    route.ae_title
+                return Err(value_error(
+                    format!("route.{name}.ae_title"),
+                    format!("{:?}", route.ae_title),
+                    &format!("route.{other} uses this AE title too: each route needs its own"),
                 ));
             }
         }
         if !self.admin.listen.ip().is_loopback() {
-            return invalid(format!(
-                "admin.listen = {} is not a loopback address: the admin endpoint has no \
-                 authentication and must stay on 127.0.0.1 or ::1",
-                self.admin.listen
+            return Err(value_error(
+                "admin.listen".into(),
+                self.admin.listen.to_string(),
+                "not a loopback address: the admin endpoint has no authentication and must \
+                 stay on 127.0.0.1 or ::1",
             ));
         }
-        if !(4096..=16 * 1024 * 1024).contains(&self.dicom.max_pdu_length) {
-            return invalid("dicom.max_pdu_length must be between 4096 and 16777216".into());
-        }
-        if self.dicom.max_associations == 0 {
-            return invalid("dicom.max_associations must be at least 1".into());
-        }
-        if self.dicom.max_associations_per_peer == 0 {
-            return invalid("dicom.max_associations_per_peer must be at least 1".into());
-        }
-        if self.dicom.reserved_associations > 1024 {
-            return invalid("dicom.reserved_associations must be at most 1024".into());
-        }
-        if self.dicom.store_idle_timeout == 0 {
-            return invalid("dicom.store_idle_timeout must be at least 1 second".into());
+        let dicom = &self.dicom;
+        let numbers = [
+            (
+                "dicom.max_pdu_length",
+                u64::from(dicom.max_pdu_length),
+                (4096..=16 * 1024 * 1024).contains(&dicom.max_pdu_length),
+                "between 4096 and 16777216",
+            ),
+            (
+                "dicom.max_associations",
+                dicom.max_associations as u64,
+                dicom.max_associations > 0,
+                "at least 1",
+            ),
+            (
+                "dicom.max_associations_per_peer",
+                dicom.max_associations_per_peer as u64,
+                dicom.max_associations_per_peer > 0,
+                "at least 1",
+            ),
+            (
+                "dicom.reserved_associations",
+                dicom.reserved_associations as u64,
+                dicom.reserved_associations <= 1024,
+                "at most 1024",
+            ),
+            (
+                "dicom.store_idle_timeout",
+                dicom.store_idle_timeout,
+                dicom.store_idle_timeout > 0,
+                "at least 1 second",
+            ),
+        ];
+        if let Some((key, value, _, form)) = numbers.into_iter().find(|(_, _, ok, _)| !ok) {
+            return Err(value_error(
+                key.into(),
+                value.to_string(),
+                &format!("must be {form}"),
+            ));
         }
         self.validate_pipelines()
     }
 
     fn validate_pipelines(&self) -> Result<(), ConfigError> {
-        let invalid = |msg: String| Err(ConfigError::Invalid(msg));
         let facility = &self.facility.code;
         if facility.len() > 32 || !facility.bytes().all(|b| (0x20..0x7f).contains(&b)) {
-            return invalid("facility.code: up to 32 printable ASCII characters".into());
+            return Err(value_error(
+                "facility.code".into(),
+                format!("{facility:?}"),
+                "up to 32 printable ASCII characters (carried in every token)",
+            ));
         }
         let most = crate::token::slip::MAX_FIELD_CHARS;
         for (key, value, example) in [
@@ -663,14 +694,24 @@ impl Config {
             ),
         ] {
             if value.chars().count() > most || value.chars().any(char::is_control) {
-                return invalid(format!(
-                    "{key}: at most {most} characters on one line (it is printed on every \
-                     slip), e.g. \"{example}\""
+                let shown: String = value.chars().take(most).collect();
+                return Err(value_error(
+                    key.into(),
+                    format!("{shown:?}"),
+                    &format!(
+                        "at most {most} characters on one line (it is printed on every slip), \
+                         e.g. \"{example}\""
+                    ),
                 ));
             }
         }
-        crate::clock::time_zone(&self.facility.time_zone)
-            .map_err(|e| ConfigError::Invalid(format!("facility.time_zone: {e}")))?;
+        crate::clock::time_zone(&self.facility.time_zone).map_err(|e| {
+            value_error(
+                "facility.time_zone".into(),
+                format!("{:?}", self.facility.time_zone),
+                &e.to_string(),
+            )
+        })?;
         let url = &self.repository.url;
         if url != "embedded" && !url.is_empty() && !is_http(url) {
             return Err(ConfigError::Value {
@@ -683,39 +724,55 @@ impl Config {
         }
         self.validate_outbound_links()?;
         if url == "embedded" && !self.repository.embedded_listen.ip().is_loopback() {
-            return invalid(
-                "repository.embedded_listen must be a loopback address (127.0.0.1 or ::1)".into(),
-            );
+            return Err(value_error(
+                "repository.embedded_listen".into(),
+                self.repository.embedded_listen.to_string(),
+                "must be a loopback address (127.0.0.1 or ::1)",
+            ));
         }
         for (name, route) in &self.routes {
             if !["html", "svg", "png", "pdf"].contains(&route.slip.as_str()) {
-                return invalid(format!(
-                    "route.{name}.slip = {:?}: use html, svg, png or pdf",
-                    route.slip
+                return Err(value_error(
+                    format!("route.{name}.slip"),
+                    format!("{:?}", route.slip),
+                    "use html, svg, png or pdf",
                 ));
             }
             if !route.repository_url.is_empty()
                 && (!is_http(&route.repository_url)
                     || route.repository_api_key_file.as_os_str().is_empty())
             {
-                return invalid(format!(
-                    "route.{name}.repository_url = {:?}: give the repository's http(s):// \
-                     address and route.{name}.repository_api_key_file, or leave both out to \
-                     use [repository]",
-                    route.repository_url
+                return Err(value_error(
+                    format!("route.{name}.repository_url"),
+                    format!("{:?}", route.repository_url),
+                    &format!(
+                        "give the repository's http(s):// address and \
+                         route.{name}.repository_api_key_file, or leave both out to use \
+                         [repository]"
+                    ),
                 ));
             }
-            if route.expires_in_days == 0 || route.max_downloads == 0 {
-                return invalid(format!(
-                    "route.{name}: expires_in_days and max_downloads must be at least 1"
-                ));
+            for (key, value) in [
+                ("expires_in_days", u64::from(route.expires_in_days)),
+                ("max_downloads", u64::from(route.max_downloads)),
+            ] {
+                if value == 0 {
+                    return Err(value_error(
+                        format!("route.{name}.{key}"),
+                        "0".into(),
+                        "must be at least 1",
+                    ));
+                }
             }
         }
-        if self.outbound.workers == 0 || self.inbound.workers == 0 {
-            return invalid("outbound.workers and inbound.workers must be at least 1".into());
-        }
-        if self.inbound.max_document_mb == 0 {
-            return invalid("inbound.max_document_mb must be at least 1 (MiB)".into());
+        for (key, value) in [
+            ("outbound.workers", self.outbound.workers as u64),
+            ("inbound.workers", self.inbound.workers as u64),
+            ("inbound.max_document_mb", self.inbound.max_document_mb),
+        ] {
+            if value == 0 {
+                return Err(value_error(key.into(), "0".into(), "must be at least 1"));
+            }
         }
         for entry in &self.inbound.allowed_repositories {
             if !is_http(entry) {
@@ -926,11 +983,23 @@ fn check_ae_title(key: &str, title: &str) -> Result<(), ConfigError> {
             .bytes()
             .all(|b| (0x20..0x7f).contains(&b) && b != b'\\')
     {
-        return Err(ConfigError::Invalid(format!(
-            "{key}: {title:?} is not a valid AE title (1-16 printable ASCII characters, no backslash)"
-        )));
+        return Err(value_error(
+            key.into(),
+            format!("{title:?}"),
+            "not a valid AE title: 1-16 printable ASCII characters, no backslash",
+        ));
     }
     Ok(())
+}
+
+/// A key whose value is well-formed but not usable; [`Config::load`] adds where it came
+/// from (the file or the variable).
+fn value_error(key: String, value: String, problem: &str) -> ConfigError {
+    ConfigError::Value {
+        key,
+        value,
+        problem: problem.to_owned(),
+    }
 }
 
 /// Routes come as a table keyed by name, or as a list whose items carry `name`. A visitor
@@ -1095,7 +1164,7 @@ mod tests {
         );
         let err = parse("[route.a]\nae_title = \"X\"\n[route.b]\nae_title = \"X\"\n")
             .expect_err("duplicate AE");
-        assert!(err.to_string().contains("both use"), "{err}");
+        assert!(err.to_string().contains("uses this AE title too"), "{err}");
         let err = parse("[dicom]\nlisen = \"1.2.3.4:1\"\n[route.a]\nae_title = \"X\"\n")
             .expect_err("typo");
         assert!(err.to_string().contains("lisen"), "{err}");

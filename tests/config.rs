@@ -487,3 +487,30 @@ fn a_misplaced_api_key_is_not_shown() {
     assert_says(&err, &["repository.api_key", "(value not shown)"]);
     assert!(!err.contains(secret), "{err}");
 }
+
+/// A value that parses but cannot be used (an AE title too long) is named with where it
+/// came from, like a value that does not parse.
+#[test]
+fn an_unusable_value_names_its_variable() {
+    let (_, err) = serve_refuses(
+        CT_ROUTE,
+        &[("CLOUDPDI_ROUTE__CT__AE_TITLE", "WAY_TOO_LONG_AE_TITLE")],
+    );
+    assert_says(
+        &err,
+        &[
+            "route.ct.ae_title = \"WAY_TOO_LONG_AE_TITLE\"",
+            "from the environment variable CLOUDPDI_ROUTE__CT__AE_TITLE",
+            "1-16 printable ASCII characters",
+        ],
+    );
+    let (path, err) = serve_refuses(&format!("{CT_ROUTE}slip = \"docx\"\n"), &[]);
+    assert_says(
+        &err,
+        &[
+            "route.ct.slip = \"docx\"",
+            &format!("in {}", path.display()),
+            "html, svg, png or pdf",
+        ],
+    );
+}
