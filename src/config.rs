@@ -89,6 +89,7 @@ impl ConfigError {
                 value: Some(value),
                 problem,
             }))),
+            ConfigError::Invalid(message) => ConfigError::Invalid(origins.locate(&message)),
             other => other,
         }
     }

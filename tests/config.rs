@@ -283,6 +283,19 @@ fn the_repository_configuration_names_the_key() {
             "defines no facility \"hospa\"",
         ],
     );
+    // A value that parses but cannot be used names its variable too.
+    let err = refused(cloudpdi(
+        &["repository", "serve"],
+        &path,
+        &[("CLOUDPDI_REPO_SERVER__PART_SIZE_MB", "0")],
+    ));
+    assert_says(
+        &err,
+        &[
+            "server.part_size_mb must be between 1 and 256",
+            "from the environment variable CLOUDPDI_REPO_SERVER__PART_SIZE_MB",
+        ],
+    );
 }
 
 /// Starts `cloudpdi serve --config <shipped>` with loopback ports and a private data

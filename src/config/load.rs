@@ -172,6 +172,23 @@ impl Origins {
     }
 }
 
+impl Origins {
+    /// `message`, a check's sentence that starts with the key it is about (e.g.
+    /// `server.part_size_mb must be ...` or `route.ct.ai_support: ...`), followed by where
+    /// that key came from, the file or a variable: what the admin must edit.
+    pub(crate) fn locate(&self, message: &str) -> String {
+        let key: String = message
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+            .collect();
+        if key.contains('.') {
+            format!("{message} ({})", self.of(&key))
+        } else {
+            message.to_owned()
+        }
+    }
+}
+
 /// Reads `sources` into `T`, and tells where each overridden key came from (for the
 /// errors of later checks).
 ///

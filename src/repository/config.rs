@@ -260,7 +260,7 @@ impl RepositoryConfig {
     /// # Errors
     /// [`RepositoryConfigError`] naming the file, the key, or the value to fix.
     pub fn load(path: &Path) -> Result<RepositoryConfig, RepositoryConfigError> {
-        let (config, _) = crate::config::load::<RepositoryConfig>(&crate::config::Sources {
+        let (config, origins) = crate::config::load::<RepositoryConfig>(&crate::config::Sources {
             path,
             prefix: "CLOUDPDI_REPO_",
             skip: &[],
@@ -270,7 +270,12 @@ impl RepositoryConfig {
                 crate::config::variants_of::<crate::config::LogFormat>(),
             ],
         })?;
-        config.validate()?;
+        config.validate().map_err(|e| match e {
+            RepositoryConfigError::Invalid(message) => {
+                RepositoryConfigError::Invalid(origins.locate(&message))
+            }
+            other => other,
+        })?;
         Ok(config)
     }
 
