@@ -6,7 +6,8 @@
 # util-linux (network/mount namespaces for peers that cannot bind loopback only),
 # poppler-utils, poppler-data, qpdf, librsvg2-bin (checking the token slip's PDF and SVG),
 # tzdata (/usr/share/zoneinfo: slips print the expiry in facility.time_zone).
-# Python packages (PyPI): pydicom, pydicom-data, pynetdicom, numpy, moto[server].
+# Python packages (PyPI, with python3-pip from Debian when pip is missing): pydicom,
+# pydicom-data, pynetdicom, numpy, moto[server].
 # cargo-deny (crates.io) for scripts/deny.sh.
 # Needs root for apt-get and for the namespace tests (CI runs as root).
 set -euo pipefail
@@ -29,6 +30,8 @@ need curl /usr/bin/curl
 need iproute2 /usr/sbin/ip
 need util-linux /usr/bin/unshare
 need time /usr/bin/time
+need mount /usr/bin/mount
+python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing test peers: ${missing[*]}"
   apt-get update -qq
@@ -36,7 +39,10 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 if ! python3 -c 'import pydicom, pynetdicom, numpy, moto.server, data_store' 2>/dev/null; then
   echo "installing Python test packages"
-  python3 -m pip install -q --disable-pip-version-check pydicom pydicom-data pynetdicom numpy 'moto[server]'
+  # Debian marks its Python "externally managed" (PEP 668); the test machine's Python is
+  # ours to install into.
+  PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q --disable-pip-version-check \
+    pydicom pydicom-data pynetdicom numpy 'moto[server]'
 fi
 
 cargo fmt --check
