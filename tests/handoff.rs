@@ -257,6 +257,20 @@ fn a_send_by_the_command_is_listed_by_status() {
     );
     let answer = post(&"x".repeat(64 * 1024));
     assert!(answer.ends_with("413"), "bounded: {answer}");
+    for path in ["/jobs/sent", "/tokens"] {
+        let out = run(Command::new(common::require("/usr/bin/curl"))
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--data-binary",
+                "x",
+            ])
+            .arg(format!("http://{}{path}", site.admin)));
+        assert_eq!(out.stdout, b"403", "{path} without the admin header");
+    }
     let tokens = common::files_in(&site.dir.join("data/tokens/ct"));
     let token_files = tokens
         .iter()

@@ -75,27 +75,14 @@ fn send_study(daemon: &Daemon, dir: &Path, ae_title: &str, patient_id: &str) {
 
 /// Waits for the one token file of `route` and returns it.
 fn token_of(daemon: &Daemon, route: &str) -> PathBuf {
-    let folder = daemon.dir.join("data/tokens").join(route);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let tokens: Vec<PathBuf> = std::fs::read_dir(&folder)
-            .map(|entries| {
-                entries
-                    .map(|e| e.unwrap().path())
-                    .filter(|p| p.extension().is_some_and(|e| e == "token"))
-                    .collect()
-            })
-            .unwrap_or_default();
-        if let [token] = tokens.as_slice() {
-            return token.clone();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no token for route {route}: {tokens:?}\n{}",
-            daemon.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_for(
+        &format!("the token of route {route}"),
+        Duration::from_secs(60),
+        || match tokens_of(daemon, route).as_slice() {
+            [token] => Some(token.clone()),
+            _ => None,
+        },
+    )
 }
 
 /// The slip beside a token file, waiting until the job is past its issue step.

@@ -21,7 +21,7 @@ use axum::response::{IntoResponse, Response};
 use tracing::info;
 use zeroize::Zeroizing;
 
-use super::{ADMIN_HEADER, AdminState, unavailable};
+use super::{AdminState, unavailable, without_admin_header};
 use crate::gateway::inbound::watch::{MAX_DROP_BYTES, parse_drop};
 use crate::gateway::inbound::{QueueError, Queued};
 use crate::gateway::outbound::{OutStep, OutboundJob};
@@ -34,14 +34,6 @@ pub const MAX_TOKEN_BYTES: usize = MAX_DROP_BYTES as usize;
 /// under 2 KiB.
 pub const MAX_SENT_RECORD_BYTES: usize = 16 * 1024;
 
-/// Refuses a request without the admin header (a web page cannot add it).
-fn forbidden(headers: &HeaderMap, command: &str) -> Option<Response> {
-    (!headers.contains_key(ADMIN_HEADER)).then(|| {
-        let refusal = format!("this request needs the {ADMIN_HEADER} header: use `{command}`\n");
-        (StatusCode::FORBIDDEN, refusal).into_response()
-    })
-}
-
 fn answer(status: StatusCode, text: String) -> Response {
     (status, text).into_response()
 }
@@ -52,7 +44,7 @@ pub(super) async fn token(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Some(refusal) = forbidden(&headers, "cloudpdi receive") {
+    if let Some(refusal) = without_admin_header(&headers, "cloudpdi receive") {
         return refusal;
     }
     let Some(inbound) = state.inbound.clone() else {
@@ -117,7 +109,7 @@ pub(super) async fn sent(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Some(refusal) = forbidden(&headers, "cloudpdi send") {
+    if let Some(refusal) = without_admin_header(&headers, "cloudpdi send") {
         return refusal;
     }
     let job = match serde_json::from_slice::<OutboundJob>(&body) {

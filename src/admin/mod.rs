@@ -270,14 +270,22 @@ async fn batches(state: &AdminState) -> Result<Vec<BatchRecord>, Response> {
 /// cross-site POST without a preflight the endpoint never answers.
 pub const ADMIN_HEADER: &str = "x-cloudpdi-admin";
 
+/// The 403 for a request that changes something without [`ADMIN_HEADER`], naming the
+/// command that sends it.
+fn without_admin_header(headers: &axum::http::HeaderMap, command: &str) -> Option<Response> {
+    (!headers.contains_key(ADMIN_HEADER)).then(|| {
+        let refusal = format!("this request needs the {ADMIN_HEADER} header: use `{command}`\n");
+        (StatusCode::FORBIDDEN, refusal).into_response()
+    })
+}
+
 async fn retry(
     State(state): State<Arc<AdminState>>,
     Path(id): Path<String>,
     headers: axum::http::HeaderMap,
 ) -> Response {
-    if !headers.contains_key(ADMIN_HEADER) {
-        let refusal = format!("a retry needs the {ADMIN_HEADER} header: use `cloudpdi retry`\n");
-        return (StatusCode::FORBIDDEN, refusal).into_response();
+    if let Some(refusal) = without_admin_header(&headers, "cloudpdi retry") {
+        return refusal;
     }
     let (outbound, inbound) = (state.outbound.clone(), state.inbound.clone());
     let asked = id.clone();
@@ -311,10 +319,8 @@ async fn release(
     Path(id): Path<String>,
     headers: axum::http::HeaderMap,
 ) -> Response {
-    if !headers.contains_key(ADMIN_HEADER) {
-        let refusal =
-            format!("a release needs the {ADMIN_HEADER} header: use `cloudpdi release`\n");
-        return (StatusCode::FORBIDDEN, refusal).into_response();
+    if let Some(refusal) = without_admin_header(&headers, "cloudpdi release") {
+        return refusal;
     }
     let Some(batch) = id
         .strip_prefix(['B', 'b'])

@@ -720,7 +720,12 @@ pub fn wait_for<T>(what: &str, within: Duration, mut probe: impl FnMut() -> Opti
 
 /// The token files a site issued so far on route `ct`, in name order.
 pub fn tokens(site: &Daemon) -> Vec<PathBuf> {
-    let dir = site.dir.join("data/tokens/ct");
+    tokens_of(site, "ct")
+}
+
+/// The token files a site issued so far on `route`, in name order.
+pub fn tokens_of(site: &Daemon, route: &str) -> Vec<PathBuf> {
+    let dir = site.dir.join("data/tokens").join(route);
     let mut found: Vec<PathBuf> = fs::read_dir(&dir)
         .map(|entries| {
             entries
