@@ -59,8 +59,9 @@ impl StudyDetails {
         details
     }
 
-    /// Adds one instance's top-level elements.
-    fn add(&mut self, elements: &[Element]) {
+    /// Adds one instance's top-level elements (public for the fuzz target: the text
+    /// decoders read bytes from another hospital's files).
+    pub fn add(&mut self, elements: &[Element]) {
         if self.patient_name.is_none() {
             self.patient_name = patient_name(elements).filter(|n| !n.is_empty());
         }

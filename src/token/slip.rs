@@ -13,9 +13,10 @@
 //!
 //! The patient's name may be printed (the patient holds the paper) but is never in the QR
 //! code. The file holds the token: [`render`] writes it with mode 0600 (the pipeline
-//! writes its slips 0640 for the clerks' group), to a temp file, fsynced and renamed. Every printed field is bounded ([`MAX_FIELD_CHARS`]) and escaped for its
-//! format (HTML and SVG entities; PDF text is written as hex strings, so no byte of a
-//! field can end a PDF string).
+//! writes its slips 0640 for the clerks' group), to a temp file, fsynced and renamed.
+//! Every printed field is bounded ([`MAX_FIELD_CHARS`]) and escaped for its format (HTML
+//! and SVG entities; PDF text is written as hex strings, so no byte of a field can end a
+//! PDF string).
 
 use std::fmt::Write as _;
 use std::path::Path;
