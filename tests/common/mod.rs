@@ -18,12 +18,43 @@ pub fn require(program: &str) -> &str {
     program
 }
 
-/// A free TCP port on 127.0.0.1.
+/// A free TCP port on 127.0.0.1 for a server started later (a child process).
+///
+/// The port is taken below the kernel's ephemeral range: a port from that range, free
+/// when probed, can be taken by any outgoing connection (storescu, curl, the daemon's
+/// own) before the server binds it, which failed CI with "Address already in use".
+/// Ports handed out in this process are never handed out twice.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind an ephemeral port")
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+    static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+    let low = ephemeral_low().clamp(1025, 65535);
+    let first = 10_000u32.min(low.saturating_sub(1024));
+    let span = low.saturating_sub(first).max(1);
+    let seed = std::process::id()
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+    let mut given = GIVEN.lock().unwrap();
+    let given = given.get_or_insert_with(HashSet::new);
+    for step in 0..span {
+        let port = (first + (seed.wrapping_add(step.wrapping_mul(7919))) % span) as u16;
+        if given.contains(&port) || TcpListener::bind(("127.0.0.1", port)).is_err() {
+            continue;
+        }
+        given.insert(port);
+        return port;
+    }
+    panic!("no free TCP port below the ephemeral range {low}")
+}
+
+/// Lowest port of the kernel's ephemeral range (32768 when it cannot be read).
+fn ephemeral_low() -> u32 {
+    fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768)
 }
 
 /// The repository root (for scripts/ and tests/peers/).
