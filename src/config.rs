@@ -22,6 +22,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+use crate::token::RepositoryRef;
+
 mod load;
 
 pub use load::{KeyError, LoadError, Origin};
@@ -95,6 +97,28 @@ impl ConfigError {
     }
 }
 
+/// The value of `repository.url` and of a `[repositories]` entry that means this
+/// daemon's embedded repository.
+pub const EMBEDDED: &str = "embedded";
+
+/// Why a token's community code gives no repository.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum UnknownCommunity {
+    /// The code is not in `[repositories]`.
+    #[error(
+        "the token names community {0}, which is not in [repositories]: add {0} = \"URL\" \
+         (the address of that community's repository) to the configuration"
+    )]
+    Unlisted(String),
+    /// The code means the embedded repository, which this daemon does not run.
+    #[error(
+        "the token names community {0}, which [repositories] maps to \"embedded\", but \
+         repository.url is not \"embedded\": map {0} to the repository's address instead"
+    )]
+    NoEmbedded(String),
+}
+
 /// The whole daemon configuration.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -114,6 +138,11 @@ pub struct Config {
     pub facility: FacilityConfig,
     /// Where containers are uploaded and downloaded.
     pub repository: RepositoryLink,
+    /// Repositories by community code (1-6 of `A-Z 0-9`): a repository's URL, or
+    /// `"embedded"` for this daemon's embedded repository. A token names a listed
+    /// repository by its code (a short token) and any other by its whole URL; a received
+    /// token's code is looked up here. Default: none.
+    pub repositories: BTreeMap<String, String>,
     /// The outbound pipeline (stable batch -> token).
     pub outbound: OutboundConfig,
     /// The inbound pipeline (token -> local PACS).
@@ -518,7 +547,7 @@ impl Config {
             path,
             prefix: "CLOUDPDI_",
             skip: &["CLOUDPDI_REPO_"],
-            named_tables: &["route"],
+            named_tables: &["route", "repositories"],
             enums: &[
                 load::variants_of::<BatchBy>(),
                 load::variants_of::<PatientIdMode>(),
@@ -775,6 +804,7 @@ impl Config {
                 return Err(value_error(key.into(), "0".into(), "must be at least 1"));
             }
         }
+        self.validate_repositories()?;
         for entry in &self.inbound.allowed_repositories {
             if !is_http(entry) {
                 return Err(ConfigError::Value {
@@ -798,6 +828,39 @@ impl Config {
             }
             check_ae_title("inbound.pacs_ae_title", &self.inbound.pacs_ae_title)?;
             check_ae_title("inbound.calling_ae_title", &self.inbound.calling_ae_title)?;
+        }
+        Ok(())
+    }
+
+    /// `[repositories]`: community codes a token can carry, each to `"embedded"` or an
+    /// address a token could carry as well.
+    fn validate_repositories(&self) -> Result<(), ConfigError> {
+        for (code, url) in &self.repositories {
+            if !crate::token::is_community_code(code) {
+                return Err(value_error(
+                    format!("repositories.{code}"),
+                    format!("{url:?}"),
+                    &format!(
+                        "a community code is 1-{} characters of A-Z and 0-9 (it is carried \
+                         in every token naming the repository), e.g. KYOTO",
+                        crate::token::MAX_COMMUNITY_LEN
+                    ),
+                ));
+            }
+            let fits = url.len() <= crate::token::MAX_URL_LEN
+                && url.bytes().all(|b| (0x21..0x7f).contains(&b));
+            if url != EMBEDDED && (!is_http(url) || !fits) {
+                return Err(value_error(
+                    format!("repositories.{code}"),
+                    format!("{url:?}"),
+                    &format!(
+                        "expected \"embedded\" (this daemon's embedded repository) or the \
+                         repository's address with its scheme, at most {} characters, e.g. \
+                         \"https://pdi.example.jp\"",
+                        crate::token::MAX_URL_LEN
+                    ),
+                ));
+            }
         }
         Ok(())
     }
@@ -875,12 +938,58 @@ impl Config {
             let url = route.repository_url.trim_end_matches('/').to_owned();
             return (url, route.repository_api_key_file.clone());
         }
-        if self.repository.url == "embedded" {
-            let url = format!("http://{}", self.repository.embedded_listen);
+        if let Some(url) = self.embedded_url() {
             return (url, self.embedded_key_file());
         }
         let url = self.repository.url.trim_end_matches('/').to_owned();
         (url, self.repository.api_key_file.clone())
+    }
+
+    /// What a token for a document at `url` (a route's repository, as
+    /// [`Config::repository_of`] gives it) names: the community code `[repositories]`
+    /// lists for it (`"embedded"` for the embedded repository), else the whole URL.
+    pub fn repository_ref(&self, url: &str) -> RepositoryRef {
+        let url = url.trim_end_matches('/');
+        let embedded = self.embedded_url();
+        self.repositories
+            .iter()
+            .find(|(_, listed)| {
+                if listed.as_str() == EMBEDDED {
+                    embedded.as_deref() == Some(url)
+                } else {
+                    listed.trim_end_matches('/') == url
+                }
+            })
+            .map_or_else(
+                || RepositoryRef::Url(url.to_owned()),
+                |(code, _)| RepositoryRef::Community(code.clone()),
+            )
+    }
+
+    /// The base URL of a token's repository: its URL, or its community code looked up in
+    /// `[repositories]`.
+    ///
+    /// # Errors
+    /// [`UnknownCommunity`] for a code not listed, or listed as `"embedded"` on a daemon
+    /// without an embedded repository.
+    pub fn repository_url(&self, repository: &RepositoryRef) -> Result<String, UnknownCommunity> {
+        let code = match repository {
+            RepositoryRef::Url(url) => return Ok(url.trim_end_matches('/').to_owned()),
+            RepositoryRef::Community(code) => code,
+        };
+        match self.repositories.get(code).map(String::as_str) {
+            None => Err(UnknownCommunity::Unlisted(code.clone())),
+            Some(EMBEDDED) => self
+                .embedded_url()
+                .ok_or_else(|| UnknownCommunity::NoEmbedded(code.clone())),
+            Some(url) => Ok(url.trim_end_matches('/').to_owned()),
+        }
+    }
+
+    /// The embedded repository's base URL, when this daemon runs one.
+    fn embedded_url(&self) -> Option<String> {
+        (self.repository.url == EMBEDDED)
+            .then(|| format!("http://{}", self.repository.embedded_listen))
     }
 
     /// The watched folder of the inbound pipeline.

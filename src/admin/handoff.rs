@@ -91,7 +91,12 @@ pub(super) async fn token(
             };
             answer(StatusCode::CONFLICT, text)
         }
-        Ok(Err(e @ (QueueError::Repository(_) | QueueError::Token(_) | QueueError::PatientId))) => {
+        Ok(Err(
+            e @ (QueueError::Repository(_)
+            | QueueError::Community(_)
+            | QueueError::Token(_)
+            | QueueError::PatientId),
+        )) => {
             answer(StatusCode::UNPROCESSABLE_ENTITY, format!("{e}\n"))
         }
         Ok(Err(e @ QueueError::Io { .. })) => {
