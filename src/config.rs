@@ -1203,7 +1203,7 @@ mod tests {
     /// The shipped file lists every key with its default: it must load, and every section
     /// (the route's too, with its AI support-image rules) must say what the code does
     /// when a key is left out. Only the route's AE title is not a default (a route
-    /// needs one).
+    /// needs one), nor the `[repositories]` entry of the embedded repository.
     #[test]
     fn the_shipped_configuration_loads_and_shows_the_defaults() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(LOCAL_PATH);
@@ -1212,11 +1212,18 @@ mod tests {
             ae_title: "CLOUDPDI".into(),
             ..RouteConfig::default()
         };
+        // And [repositories] names the embedded repository (LOCAL), so the quick start
+        // issues short tokens; by default no code is known and tokens carry URLs.
         let expected = Config {
             routes: BTreeMap::from([("ct".to_owned(), route)]),
+            repositories: BTreeMap::from([("LOCAL".to_owned(), EMBEDDED.to_owned())]),
             ..Config::default()
         };
         assert_eq!(format!("{shipped:#?}"), format!("{expected:#?}"));
+        assert_eq!(
+            shipped.repository_ref(&shipped.repository_of(&shipped.routes["ct"]).0),
+            RepositoryRef::Community("LOCAL".into())
+        );
     }
 
     /// `CLOUDPDI_CONFIG` (and the other variables the commands read) name no key, so
@@ -1322,6 +1329,56 @@ mod tests {
                 "allow_plain_http",
             ],
         );
+    }
+
+    /// A token names a listed repository by its code and any other by its URL; a
+    /// received code resolves to its URL, an unknown one names the key to add.
+    #[test]
+    fn repositories_map_community_codes_both_ways() {
+        let c = parse(
+            "[repository]\nembedded_listen = \"127.0.0.1:11190\"\n\
+             [repositories]\nLOCAL = \"embedded\"\nKINKI = \"https://pdi.kinki.example.jp/\"\n",
+        )
+        .expect("repositories");
+        let community = |code: &str| RepositoryRef::Community(code.into());
+        assert_eq!(c.repository_ref("http://127.0.0.1:11190"), community("LOCAL"));
+        assert_eq!(c.repository_ref("https://pdi.kinki.example.jp"), community("KINKI"));
+        assert_eq!(
+            c.repository_ref("https://other.example.jp/"),
+            RepositoryRef::Url("https://other.example.jp".into())
+        );
+        assert_eq!(
+            c.repository_url(&community("LOCAL")).as_deref(),
+            Ok("http://127.0.0.1:11190")
+        );
+        assert_eq!(
+            c.repository_url(&community("KINKI")).as_deref(),
+            Ok("https://pdi.kinki.example.jp")
+        );
+        let err = c.repository_url(&community("TOHOKU")).expect_err("unknown");
+        assert!(
+            err.to_string()
+                .contains("community TOHOKU, which is not in [repositories]: add TOHOKU = \"URL\""),
+            "{err}"
+        );
+        let remote = parse("[repository]\nurl = \"\"\n[repositories]\nLOCAL = \"embedded\"\n")
+            .expect("receive only");
+        assert_eq!(
+            remote.repository_url(&community("LOCAL")),
+            Err(UnknownCommunity::NoEmbedded("LOCAL".into()))
+        );
+        assert_eq!(
+            remote.repository_ref("https://x.example"),
+            RepositoryRef::Url("https://x.example".into())
+        );
+        for (bad, says) in [
+            ("TOOLONG = \"https://x.example\"", "repositories.TOOLONG"),
+            ("kinki = \"https://x.example\"", "1-6 characters of A-Z and 0-9"),
+            ("K = \"pdi.example.jp\"", "with its scheme"),
+        ] {
+            let err = parse(&format!("[repositories]\n{bad}\n")).expect_err(bad);
+            assert!(err.to_string().contains(says), "{bad}: {err}");
+        }
     }
 
     #[test]
