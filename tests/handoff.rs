@@ -56,9 +56,9 @@ fn receive(daemon: &Daemon, token: &str) -> (bool, String) {
 }
 
 const RECEIVER: &str = "[route.ct]\nae_title = \"CLOUDPDI\"\n\
+     [repositories]\nPDI = \"http://127.0.0.1:9/pdi\"\nELSE = \"https://elsewhere.example\"\n\
      [inbound]\npacs_ae_title = \"ORTHANC\"\nattempts = 1\nmax_backoff = 3600\n\
-     allowed_repositories = [\"http://127.0.0.1:9/pdi\"]\n\
-     [repositories]\nPDI = \"http://127.0.0.1:9/pdi\"\nELSE = \"https://elsewhere.example\"\n";
+     allowed_repositories = [\"http://127.0.0.1:9/pdi\"]\n";
 
 #[test]
 fn receive_says_why_nothing_would_be_imported() {
