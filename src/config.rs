@@ -1341,8 +1341,14 @@ mod tests {
         )
         .expect("repositories");
         let community = |code: &str| RepositoryRef::Community(code.into());
-        assert_eq!(c.repository_ref("http://127.0.0.1:11190"), community("LOCAL"));
-        assert_eq!(c.repository_ref("https://pdi.kinki.example.jp"), community("KINKI"));
+        assert_eq!(
+            c.repository_ref("http://127.0.0.1:11190"),
+            community("LOCAL")
+        );
+        assert_eq!(
+            c.repository_ref("https://pdi.kinki.example.jp"),
+            community("KINKI")
+        );
         assert_eq!(
             c.repository_ref("https://other.example.jp/"),
             RepositoryRef::Url("https://other.example.jp".into())
@@ -1373,7 +1379,10 @@ mod tests {
         );
         for (bad, says) in [
             ("TOOLONG = \"https://x.example\"", "repositories.TOOLONG"),
-            ("kinki = \"https://x.example\"", "1-6 characters of A-Z and 0-9"),
+            (
+                "kinki = \"https://x.example\"",
+                "1-6 characters of A-Z and 0-9",
+            ),
             ("K = \"pdi.example.jp\"", "with its scheme"),
         ] {
             let err = parse(&format!("[repositories]\n{bad}\n")).expect_err(bad);

@@ -496,9 +496,15 @@ fn token(command: TokenCommand) -> anyhow::Result<()> {
                 .ok()
                 .and_then(|c| c.repository_url(&token.repository).ok());
             let known = known.filter(|_| {
-                matches!(token.repository, cloudpdi::token::RepositoryRef::Community(_))
+                matches!(
+                    token.repository,
+                    cloudpdi::token::RepositoryRef::Community(_)
+                )
             });
-            print!("{}", cli::describe_now(&token, known.as_deref(), show_secret));
+            print!(
+                "{}",
+                cli::describe_now(&token, known.as_deref(), show_secret)
+            );
             cli::check_valid_now(&token)?;
         }
         TokenCommand::Slip(args) => {

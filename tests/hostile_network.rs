@@ -195,8 +195,7 @@ impl Repo {
     async fn uploaded(&self, max_downloads: u32) -> (String, Token) {
         let expires = u32::try_from(unix_now() + 3600).unwrap();
         let url = RepositoryRef::Url("http://127.0.0.1".into());
-        let token =
-            Token::with_secret(url, "00000000000000000000", expires, SECRET).unwrap();
+        let token = Token::with_secret(url, "00000000000000000000", expires, SECRET).unwrap();
         let source = self.dir.path().join("container");
         let mut data = vec![0u8; 1000];
         getrandom::fill(&mut data).unwrap();

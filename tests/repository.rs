@@ -527,7 +527,11 @@ async fn refusals(backend: Backend) {
         400,
         "invalid_proof",
     );
-    let unknown = format!("{}/v1/documents/{}/content", repo.url, "0".repeat(cloudpdi::repository::DOCUMENT_ID_LEN));
+    let unknown = format!(
+        "{}/v1/documents/{}/content",
+        repo.url,
+        "0".repeat(cloudpdi::repository::DOCUMENT_ID_LEN)
+    );
     let right = hex::encode(token.download_proof().bytes());
     assert_refused(
         curl(&["-H", &proof_header(&right), &unknown]),
@@ -695,7 +699,11 @@ async fn refusals_on_s3() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_proofs_are_rate_limited() {
     let repo = Repo::start_with(Backend::Local, |c| c.server.failed_proofs_per_window = 3).await;
-    let url = format!("{}/v1/documents/{}/content", repo.url, "1".repeat(cloudpdi::repository::DOCUMENT_ID_LEN));
+    let url = format!(
+        "{}/v1/documents/{}/content",
+        repo.url,
+        "1".repeat(cloudpdi::repository::DOCUMENT_ID_LEN)
+    );
     let header = format!("x-download-proof: {}", "2".repeat(64));
     for _ in 0..3 {
         assert_refused(curl(&["-H", &header, &url]), 410, "not_available");

@@ -96,9 +96,7 @@ pub(super) async fn token(
             | QueueError::Community(_)
             | QueueError::Token(_)
             | QueueError::PatientId),
-        )) => {
-            answer(StatusCode::UNPROCESSABLE_ENTITY, format!("{e}\n"))
-        }
+        )) => answer(StatusCode::UNPROCESSABLE_ENTITY, format!("{e}\n")),
         Ok(Err(e @ QueueError::Io { .. })) => {
             answer(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n"))
         }

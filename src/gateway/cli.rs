@@ -185,8 +185,7 @@ pub async fn receive_to_folder(
     } else {
         Config::default()
     };
-    let summary =
-        crate::gateway::inbound::receive_to_folder(token, out, &config, progress).await?;
+    let summary = crate::gateway::inbound::receive_to_folder(token, out, &config, progress).await?;
     Ok(format!(
         "{}: {} patient(s), {} study(ies), {} series, {} instances ({}), {:.1} MB",
         shown(out),

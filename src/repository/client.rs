@@ -667,7 +667,9 @@ impl Client {
             if total == Some(have) {
                 // An earlier attempt got every byte but stopped before the checks.
                 let expected = expected_sha256(&response);
-                return finish(partial, hashed, have, have, expected).await.map(done);
+                return finish(partial, hashed, have, have, expected)
+                    .await
+                    .map(done);
             }
             truncate(partial).await.map_err(Failure::Permanent)?;
             return Err(Failure::Transient(
@@ -1022,7 +1024,11 @@ pub fn parse_content_range(value: &str) -> Option<(u64, u64)> {
 /// repository gives facility codes (1-32 of `A-Z a-z 0-9 _ -`): anything else is ignored,
 /// as it would end up in Patient IDs and logs.
 fn document_facility(response: &Response) -> Option<String> {
-    let value = response.headers().get(api::FACILITY_HEADER)?.to_str().ok()?;
+    let value = response
+        .headers()
+        .get(api::FACILITY_HEADER)?
+        .to_str()
+        .ok()?;
     crate::repository::config::is_facility_code(value).then(|| value.to_owned())
 }
 

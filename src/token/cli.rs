@@ -106,7 +106,13 @@ pub fn write_slip(token: &Token, text: SlipText, out: &Path) -> Result<(), CliEr
 /// the token's community code (`None`: not listed, or no configuration).
 pub fn describe_now(token: &Token, known: Option<&str>, show_secret: bool) -> String {
     let zone = crate::clock::time_zone("").unwrap_or(TimeZone::UTC);
-    describe(token, known, crate::clock::now_seconds(), &zone, show_secret)
+    describe(
+        token,
+        known,
+        crate::clock::now_seconds(),
+        &zone,
+        show_secret,
+    )
 }
 
 /// Whether the token still opens its study now (`cloudpdi token inspect` exits non-zero

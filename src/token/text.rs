@@ -190,10 +190,7 @@ mod tests {
 
     #[test]
     fn a_version_1_text_is_named_as_such() {
-        assert_eq!(
-            decode_symbols("ht1-05NGF-W3G0N"),
-            Err(TextError::Version1)
-        );
+        assert_eq!(decode_symbols("ht1-05NGF-W3G0N"), Err(TextError::Version1));
         assert_eq!(decode_symbols("HT9-05NGF"), Err(TextError::Prefix));
     }
 }

@@ -127,7 +127,9 @@ fn range_not_satisfiable(size: u64, facility: &str) -> Answer {
         HeaderValue::from_str(&format!("bytes */{size}")).expect("digits are a header"),
     );
     if let Ok(facility) = HeaderValue::from_str(facility) {
-        response.headers_mut().insert(api::FACILITY_HEADER, facility);
+        response
+            .headers_mut()
+            .insert(api::FACILITY_HEADER, facility);
     }
     Answer::ok(response).with_outcome("range_not_satisfiable")
 }
