@@ -22,6 +22,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+use crate::token::RepositoryRef;
+
 mod load;
 
 pub use load::{KeyError, LoadError, Origin};
@@ -95,6 +97,28 @@ impl ConfigError {
     }
 }
 
+/// The value of `repository.url` and of a `[repositories]` entry that means this
+/// daemon's embedded repository.
+pub const EMBEDDED: &str = "embedded";
+
+/// Why a token's community code gives no repository.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum UnknownCommunity {
+    /// The code is not in `[repositories]`.
+    #[error(
+        "the token names community {0}, which is not in [repositories]: add {0} = \"URL\" \
+         (the address of that community's repository) to the configuration"
+    )]
+    Unlisted(String),
+    /// The code means the embedded repository, which this daemon does not run.
+    #[error(
+        "the token names community {0}, which [repositories] maps to \"embedded\", but \
+         repository.url is not \"embedded\": map {0} to the repository's address instead"
+    )]
+    NoEmbedded(String),
+}
+
 /// The whole daemon configuration.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -114,6 +138,11 @@ pub struct Config {
     pub facility: FacilityConfig,
     /// Where containers are uploaded and downloaded.
     pub repository: RepositoryLink,
+    /// Repositories by community code (1-6 of `A-Z 0-9`): a repository's URL, or
+    /// `"embedded"` for this daemon's embedded repository. A token names a listed
+    /// repository by its code (a short token) and any other by its whole URL; a received
+    /// token's code is looked up here. Default: none.
+    pub repositories: BTreeMap<String, String>,
     /// The outbound pipeline (stable batch -> token).
     pub outbound: OutboundConfig,
     /// The inbound pipeline (token -> local PACS).
@@ -518,7 +547,7 @@ impl Config {
             path,
             prefix: "CLOUDPDI_",
             skip: &["CLOUDPDI_REPO_"],
-            named_tables: &["route"],
+            named_tables: &["route", "repositories"],
             enums: &[
                 load::variants_of::<BatchBy>(),
                 load::variants_of::<PatientIdMode>(),
@@ -775,6 +804,7 @@ impl Config {
                 return Err(value_error(key.into(), "0".into(), "must be at least 1"));
             }
         }
+        self.validate_repositories()?;
         for entry in &self.inbound.allowed_repositories {
             if !is_http(entry) {
                 return Err(ConfigError::Value {
@@ -798,6 +828,39 @@ impl Config {
             }
             check_ae_title("inbound.pacs_ae_title", &self.inbound.pacs_ae_title)?;
             check_ae_title("inbound.calling_ae_title", &self.inbound.calling_ae_title)?;
+        }
+        Ok(())
+    }
+
+    /// `[repositories]`: community codes a token can carry, each to `"embedded"` or an
+    /// address a token could carry as well.
+    fn validate_repositories(&self) -> Result<(), ConfigError> {
+        for (code, url) in &self.repositories {
+            if !crate::token::is_community_code(code) {
+                return Err(value_error(
+                    format!("repositories.{code}"),
+                    format!("{url:?}"),
+                    &format!(
+                        "a community code is 1-{} characters of A-Z and 0-9 (it is carried \
+                         in every token naming the repository), e.g. KYOTO",
+                        crate::token::MAX_COMMUNITY_LEN
+                    ),
+                ));
+            }
+            let fits = url.len() <= crate::token::MAX_URL_LEN
+                && url.bytes().all(|b| (0x21..0x7f).contains(&b));
+            if url != EMBEDDED && (!is_http(url) || !fits) {
+                return Err(value_error(
+                    format!("repositories.{code}"),
+                    format!("{url:?}"),
+                    &format!(
+                        "expected \"embedded\" (this daemon's embedded repository) or the \
+                         repository's address with its scheme, at most {} characters, e.g. \
+                         \"https://pdi.example.jp\"",
+                        crate::token::MAX_URL_LEN
+                    ),
+                ));
+            }
         }
         Ok(())
     }
@@ -875,12 +938,58 @@ impl Config {
             let url = route.repository_url.trim_end_matches('/').to_owned();
             return (url, route.repository_api_key_file.clone());
         }
-        if self.repository.url == "embedded" {
-            let url = format!("http://{}", self.repository.embedded_listen);
+        if let Some(url) = self.embedded_url() {
             return (url, self.embedded_key_file());
         }
         let url = self.repository.url.trim_end_matches('/').to_owned();
         (url, self.repository.api_key_file.clone())
+    }
+
+    /// What a token for a document at `url` (a route's repository, as
+    /// [`Config::repository_of`] gives it) names: the community code `[repositories]`
+    /// lists for it (`"embedded"` for the embedded repository), else the whole URL.
+    pub fn repository_ref(&self, url: &str) -> RepositoryRef {
+        let url = url.trim_end_matches('/');
+        let embedded = self.embedded_url();
+        self.repositories
+            .iter()
+            .find(|(_, listed)| {
+                if listed.as_str() == EMBEDDED {
+                    embedded.as_deref() == Some(url)
+                } else {
+                    listed.trim_end_matches('/') == url
+                }
+            })
+            .map_or_else(
+                || RepositoryRef::Url(url.to_owned()),
+                |(code, _)| RepositoryRef::Community(code.clone()),
+            )
+    }
+
+    /// The base URL of a token's repository: its URL, or its community code looked up in
+    /// `[repositories]`.
+    ///
+    /// # Errors
+    /// [`UnknownCommunity`] for a code not listed, or listed as `"embedded"` on a daemon
+    /// without an embedded repository.
+    pub fn repository_url(&self, repository: &RepositoryRef) -> Result<String, UnknownCommunity> {
+        let code = match repository {
+            RepositoryRef::Url(url) => return Ok(url.trim_end_matches('/').to_owned()),
+            RepositoryRef::Community(code) => code,
+        };
+        match self.repositories.get(code).map(String::as_str) {
+            None => Err(UnknownCommunity::Unlisted(code.clone())),
+            Some(EMBEDDED) => self
+                .embedded_url()
+                .ok_or_else(|| UnknownCommunity::NoEmbedded(code.clone())),
+            Some(url) => Ok(url.trim_end_matches('/').to_owned()),
+        }
+    }
+
+    /// The embedded repository's base URL, when this daemon runs one.
+    fn embedded_url(&self) -> Option<String> {
+        (self.repository.url == EMBEDDED)
+            .then(|| format!("http://{}", self.repository.embedded_listen))
     }
 
     /// The watched folder of the inbound pipeline.
@@ -1094,7 +1203,7 @@ mod tests {
     /// The shipped file lists every key with its default: it must load, and every section
     /// (the route's too, with its AI support-image rules) must say what the code does
     /// when a key is left out. Only the route's AE title is not a default (a route
-    /// needs one).
+    /// needs one), nor the `[repositories]` entry of the embedded repository.
     #[test]
     fn the_shipped_configuration_loads_and_shows_the_defaults() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(LOCAL_PATH);
@@ -1103,11 +1212,18 @@ mod tests {
             ae_title: "CLOUDPDI".into(),
             ..RouteConfig::default()
         };
+        // And [repositories] names the embedded repository (LOCAL), so the quick start
+        // issues short tokens; by default no code is known and tokens carry URLs.
         let expected = Config {
             routes: BTreeMap::from([("ct".to_owned(), route)]),
+            repositories: BTreeMap::from([("LOCAL".to_owned(), EMBEDDED.to_owned())]),
             ..Config::default()
         };
         assert_eq!(format!("{shipped:#?}"), format!("{expected:#?}"));
+        assert_eq!(
+            shipped.repository_ref(&shipped.repository_of(&shipped.routes["ct"]).0),
+            RepositoryRef::Community("LOCAL".into())
+        );
     }
 
     /// `CLOUDPDI_CONFIG` (and the other variables the commands read) name no key, so
@@ -1213,6 +1329,65 @@ mod tests {
                 "allow_plain_http",
             ],
         );
+    }
+
+    /// A token names a listed repository by its code and any other by its URL; a
+    /// received code resolves to its URL, an unknown one names the key to add.
+    #[test]
+    fn repositories_map_community_codes_both_ways() {
+        let c = parse(
+            "[repository]\nembedded_listen = \"127.0.0.1:11190\"\n\
+             [repositories]\nLOCAL = \"embedded\"\nKINKI = \"https://pdi.kinki.example.jp/\"\n",
+        )
+        .expect("repositories");
+        let community = |code: &str| RepositoryRef::Community(code.into());
+        assert_eq!(
+            c.repository_ref("http://127.0.0.1:11190"),
+            community("LOCAL")
+        );
+        assert_eq!(
+            c.repository_ref("https://pdi.kinki.example.jp"),
+            community("KINKI")
+        );
+        assert_eq!(
+            c.repository_ref("https://other.example.jp/"),
+            RepositoryRef::Url("https://other.example.jp".into())
+        );
+        assert_eq!(
+            c.repository_url(&community("LOCAL")).as_deref(),
+            Ok("http://127.0.0.1:11190")
+        );
+        assert_eq!(
+            c.repository_url(&community("KINKI")).as_deref(),
+            Ok("https://pdi.kinki.example.jp")
+        );
+        let err = c.repository_url(&community("TOHOKU")).expect_err("unknown");
+        assert!(
+            err.to_string()
+                .contains("community TOHOKU, which is not in [repositories]: add TOHOKU = \"URL\""),
+            "{err}"
+        );
+        let remote = parse("[repository]\nurl = \"\"\n[repositories]\nLOCAL = \"embedded\"\n")
+            .expect("receive only");
+        assert_eq!(
+            remote.repository_url(&community("LOCAL")),
+            Err(UnknownCommunity::NoEmbedded("LOCAL".into()))
+        );
+        assert_eq!(
+            remote.repository_ref("https://x.example"),
+            RepositoryRef::Url("https://x.example".into())
+        );
+        for (bad, says) in [
+            ("TOOLONG = \"https://x.example\"", "repositories.TOOLONG"),
+            (
+                "kinki = \"https://x.example\"",
+                "1-6 characters of A-Z and 0-9",
+            ),
+            ("K = \"pdi.example.jp\"", "with its scheme"),
+        ] {
+            let err = parse(&format!("[repositories]\n{bad}\n")).expect_err(bad);
+            assert!(err.to_string().contains(says), "{bad}: {err}");
+        }
     }
 
     #[test]

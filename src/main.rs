@@ -201,29 +201,32 @@ struct PdiBuildArgs {
 #[derive(Subcommand)]
 enum TokenCommand {
     /// Issue a token with a fresh random secret and write it to a file (mode 0600).
+    #[command(group = clap::ArgGroup::new("where").required(true))]
     New {
-        /// Repository base URL.
-        #[arg(long)]
-        repository: String,
-        /// Document ID assigned by the repository.
+        /// Repository base URL (carried whole: a longer token).
+        #[arg(long, group = "where")]
+        repository: Option<String>,
+        /// Community code of the repository (1-6 of A-Z 0-9, a `[repositories]` key of
+        /// the receivers: a short token).
+        #[arg(long, group = "where")]
+        community: Option<String>,
+        /// Document ID assigned by the repository (20 lower-case hex characters; any of
+        /// that form, e.g. 20 zeros, for `cloudpdi repository upload` to replace).
         #[arg(long)]
         document_id: String,
-        /// Issuing facility code.
-        #[arg(long)]
-        facility: String,
         /// Days until the token expires (the default is a route's expires_in_days default).
         #[arg(long, default_value_t = RouteConfig::default().expires_in_days)]
         expires_in_days: u32,
-        /// Description of the content, without patient data.
-        #[arg(long, default_value = "")]
-        summary: String,
         /// Where to write the token (must not exist).
         #[arg(long)]
         out: PathBuf,
     },
     /// Show a token's fields, validity and time to expiry (local time); exits non-zero
-    /// for an expired token.
+    /// for an expired token. A community code is looked up in the configuration's
+    /// [repositories].
     Inspect {
+        #[command(flatten)]
+        config: ConfigArg,
         /// The token, or @FILE (preferred: arguments are visible in the process list).
         token: String,
         /// Also print the secret.
@@ -242,16 +245,16 @@ struct SlipArgs {
     /// Output file: .html, .pdf, .png or .svg (written with mode 0600: it holds the token).
     #[arg(long)]
     out: PathBuf,
-    /// Facility name as patients know it (default: the token's issuer code).
+    /// Facility name as patients know it (the token does not carry it).
     #[arg(long)]
-    facility_name: Option<String>,
+    facility_name: String,
     /// How to reach the facility (phone, department).
     #[arg(long)]
     contact: Option<String>,
     /// Patient name, printed on the paper only (never in the QR code).
     #[arg(long)]
     patient_name: Option<String>,
-    /// Description of the content (default: the token's summary).
+    /// Description of the content, without patient data (default: none).
     #[arg(long)]
     content: Option<String>,
 }
@@ -467,25 +470,41 @@ fn token(command: TokenCommand) -> anyhow::Result<()> {
     match command {
         TokenCommand::New {
             repository,
+            community,
             document_id,
-            facility,
             expires_in_days,
-            summary,
             out,
         } => {
-            let token = cli::issue(
-                &repository,
-                &document_id,
-                &facility,
-                &summary,
-                expires_in_days,
-            )?;
+            use cloudpdi::token::RepositoryRef;
+            let repository = match (repository, community) {
+                (Some(url), _) => RepositoryRef::Url(url),
+                (None, code) => RepositoryRef::Community(code.unwrap_or_default()),
+            };
+            let token = cli::issue(repository, &document_id, expires_in_days)?;
             cli::write_token_file(&token, &out)?;
             println!("token written to {}", shown(&out));
         }
-        TokenCommand::Inspect { token, show_secret } => {
+        TokenCommand::Inspect {
+            config,
+            token,
+            show_secret,
+        } => {
             let token = cli::read_token(&token)?;
-            print!("{}", cli::describe_now(&token, show_secret));
+            // Only to name a community's repository: without a readable configuration
+            // the token is still shown.
+            let known = cloudpdi::config::Config::load(&config.path())
+                .ok()
+                .and_then(|c| c.repository_url(&token.repository).ok());
+            let known = known.filter(|_| {
+                matches!(
+                    token.repository,
+                    cloudpdi::token::RepositoryRef::Community(_)
+                )
+            });
+            print!(
+                "{}",
+                cli::describe_now(&token, known.as_deref(), show_secret)
+            );
             cli::check_valid_now(&token)?;
         }
         TokenCommand::Slip(args) => {

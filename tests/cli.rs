@@ -159,9 +159,7 @@ fn upload_then_show_and_revoke_a_document() {
         "--repository",
         &repository.url,
         "--document-id",
-        "PENDING",
-        "--facility",
-        "HOSPA",
+        "00000000000000000000",
         "--out",
         &path("made.txt"),
     ]);

@@ -24,18 +24,21 @@ fn cloudpdi(args: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
-/// A token for document `document` in `repository`, written to `dir/name.token`.
+/// A token for document `document` in `repository` (a URL, or `community:CODE`), written
+/// to `dir/name.token`.
 fn token(dir: &Path, name: &str, repository: &str, document: &str) -> String {
     let path = dir.join(format!("{name}.token"));
+    let (flag, repository) = match repository.strip_prefix("community:") {
+        Some(code) => ("--community", code),
+        None => ("--repository", repository),
+    };
     let (ok, out) = cloudpdi(&[
         "token",
         "new",
-        "--repository",
+        flag,
         repository,
         "--document-id",
         document,
-        "--facility",
-        "HOSPA",
         "--out",
         path.to_str().unwrap(),
     ]);
@@ -53,6 +56,7 @@ fn receive(daemon: &Daemon, token: &str) -> (bool, String) {
 }
 
 const RECEIVER: &str = "[route.ct]\nae_title = \"CLOUDPDI\"\n\
+     [repositories]\nPDI = \"http://127.0.0.1:9/pdi\"\nELSE = \"https://elsewhere.example\"\n\
      [inbound]\npacs_ae_title = \"ORTHANC\"\nattempts = 1\nmax_backoff = 3600\n\
      allowed_repositories = [\"http://127.0.0.1:9/pdi\"]\n";
 
@@ -63,13 +67,13 @@ fn receive_says_why_nothing_would_be_imported() {
         dir.path(),
         "allowed",
         "http://127.0.0.1:9/pdi",
-        "0123456789abcdef",
+        "0123456789abcdef0123",
     );
     let foreign = token(
         dir.path(),
         "foreign",
         "https://elsewhere.example",
-        "0123456789abcdef",
+        "0123456789abcdef0123",
     );
 
     // No daemon on the configured admin address.
@@ -106,6 +110,32 @@ fn receive_says_why_nothing_would_be_imported() {
     assert!(!ok, "{out}");
     assert!(out.contains("https://elsewhere.example"), "{out}");
     assert!(out.contains("inbound.allowed_repositories"), "{out}");
+
+    // A community code is resolved through [repositories], and the URL it names must be
+    // allowed; an unknown code names the key to add.
+    let by_code = |name: &str, code: &str| {
+        let file = token(
+            dir.path(),
+            name,
+            &format!("community:{code}"),
+            "0123456789abcdef0123",
+        );
+        receive(&receiver, &file)
+    };
+    let (ok, out) = by_code("else", "ELSE");
+    assert!(!ok, "{out}");
+    assert!(out.contains("https://elsewhere.example"), "{out}");
+    assert!(out.contains("inbound.allowed_repositories"), "{out}");
+    let (ok, out) = by_code("unknown", "NOPE");
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("community NOPE, which is not in [repositories]")
+            && out.contains("add NOPE = \"URL\""),
+        "{out}"
+    );
+    let (ok, out) = by_code("pdi", "PDI");
+    assert!(ok, "{out}");
+    assert!(out.contains("queued for import as job R"), "{out}");
 
     let (ok, out) = receive(&receiver, &allowed);
     assert!(ok, "{out}");
@@ -240,7 +270,7 @@ fn a_send_by_the_command_is_listed_by_status() {
             "progress": {"created_at": 1, "updated_at": 1, "attempts": 0,
                          "last_error": null, "retry_at": 0},
             "instances": 3, "excluded": 0, "container_bytes": 1, "expires_at": 2_000_000_000u32,
-            "document_id": "0123456789abcdef0123456789abcdef", "token_file": token_file,
+            "document_id": "0123456789abcdef0123", "token_file": token_file,
             "slip_file": null, "spool_removed": false
         })
         .to_string()

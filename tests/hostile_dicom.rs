@@ -454,9 +454,7 @@ fn a_token_whose_dicomdir_nests_5000_levels_fails_its_unpack_step_for_good() {
         "--repository".as_ref(),
         repository.as_ref(),
         "--document-id".as_ref(),
-        "X".as_ref(),
-        "--facility".as_ref(),
-        "HOSPA".as_ref(),
+        "00000000000000000000".as_ref(),
         "--out".as_ref(),
         token.as_os_str(),
     ]);

@@ -19,7 +19,7 @@ use cloudpdi::repository::client::{Client, ClientOptions};
 use cloudpdi::repository::config::{
     AuditConfig, FacilityConfig, RepositoryConfig, ServerConfig, StorageConfig,
 };
-use cloudpdi::token::Token;
+use cloudpdi::token::{RepositoryRef, Token};
 use common::{Daemon, require, root};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -194,9 +194,8 @@ impl Repo {
     /// A complete document of 1000 random bytes: (ID, token).
     async fn uploaded(&self, max_downloads: u32) -> (String, Token) {
         let expires = u32::try_from(unix_now() + 3600).unwrap();
-        let token =
-            Token::with_secret("http://127.0.0.1", "pending", expires, "HOSP_A", "", SECRET)
-                .unwrap();
+        let url = RepositoryRef::Url("http://127.0.0.1".into());
+        let token = Token::with_secret(url, "00000000000000000000", expires, SECRET).unwrap();
         let source = self.dir.path().join("container");
         let mut data = vec![0u8; 1000];
         getrandom::fill(&mut data).unwrap();

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use cloudpdi::container::{Compression, ContainerError, Options};
 use cloudpdi::repository::client::{Client, ClientError, ClientOptions};
-use cloudpdi::token::Token;
+use cloudpdi::token::{RepositoryRef, Token};
 
 /// A hostile repository: `python3 -c SERVER MODE ARG` prints its port, then answers every
 /// request as MODE says, appending each request line and proof header to ARG's log when
@@ -109,11 +109,15 @@ impl Drop for Hostile {
     }
 }
 
-const DOCUMENT: &str = "0123456789abcdef0123456789abcdef";
+const DOCUMENT: &str = "0123456789abcdef0123";
+
+fn url() -> RepositoryRef {
+    RepositoryRef::Url("https://repo.example.jp".into())
+}
 
 /// A token for `repository`, written to `dir/token` (mode 0600); returns `@path`.
 fn token_file(dir: &Path, repository: &str) -> String {
-    let token = Token::issue(repository, DOCUMENT, u32::MAX, "HOSTILE", "test").unwrap();
+    let token = Token::issue(RepositoryRef::Url(repository.into()), DOCUMENT, u32::MAX).unwrap();
     let path = dir.join("token");
     std::fs::write(&path, token.to_text()).unwrap();
     format!("@{}", path.display())
@@ -273,7 +277,7 @@ fn zero_container(token: &Token, len: u64, compression: Compression) -> Vec<u8> 
 #[test]
 fn a_decompression_bomb_is_stopped_while_streaming() {
     let dir = tempfile::tempdir().unwrap();
-    let token = Token::issue("https://repo.example.jp", DOCUMENT, u32::MAX, "X", "").unwrap();
+    let token = Token::issue(url(), DOCUMENT, u32::MAX).unwrap();
     let sealed = zero_container(&token, 300 << 20, Compression::Zstd);
     assert!(sealed.len() < 1 << 20, "{} bytes", sealed.len());
     let (input, output) = (dir.path().join("bomb.cpdi"), dir.path().join("bomb.zip"));
@@ -297,7 +301,7 @@ fn a_decompression_bomb_is_stopped_while_streaming() {
 #[test]
 fn an_opened_container_above_the_limit_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let token = Token::issue("https://repo.example.jp", DOCUMENT, u32::MAX, "X", "").unwrap();
+    let token = Token::issue(url(), DOCUMENT, u32::MAX).unwrap();
     let (input, output) = (dir.path().join("big.cpdi"), dir.path().join("big.zip"));
     std::fs::write(&input, zero_container(&token, 3 << 20, Compression::None)).unwrap();
     let limits = cloudpdi::container::DecryptLimits {
@@ -322,8 +326,8 @@ fn an_opened_container_above_the_limit_is_refused() {
 #[test]
 fn decrypt_does_not_follow_a_planted_link_and_writes_0600() {
     let dir = tempfile::tempdir().unwrap();
-    let token = Token::issue("https://repo.example.jp", DOCUMENT, u32::MAX, "X", "").unwrap();
-    let other = Token::issue("https://repo.example.jp", DOCUMENT, u32::MAX, "X", "").unwrap();
+    let token = Token::issue(url(), DOCUMENT, u32::MAX).unwrap();
+    let other = Token::issue(url(), DOCUMENT, u32::MAX).unwrap();
     let input = dir.path().join("study.cpdi");
     std::fs::write(&input, zero_container(&token, 100_000, Compression::None)).unwrap();
     let victim = dir.path().join("victim");

@@ -15,7 +15,7 @@ use cloudpdi::repository::client::{Client, ClientError, ClientOptions};
 use cloudpdi::repository::config::{
     AuditConfig, Backend, FacilityConfig, RepositoryConfig, ServerConfig, StorageConfig,
 };
-use cloudpdi::token::Token;
+use cloudpdi::token::{RepositoryRef, Token};
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -32,7 +32,8 @@ fn unix_now() -> u64 {
 
 fn token(expires_in: u64) -> Token {
     let expires = u32::try_from(unix_now() + expires_in).unwrap();
-    Token::with_secret("http://127.0.0.1", "pending", expires, "HOSP_A", "", SECRET).unwrap()
+    let url = RepositoryRef::Url("http://127.0.0.1".into());
+    Token::with_secret(url, "00000000000000000000", expires, SECRET).unwrap()
 }
 
 fn fast_options() -> ClientOptions {
@@ -324,7 +325,9 @@ async fn life_cycle(backend: Backend) {
             .download_to(&id, &proof, &out, |_| {})
             .await
             .unwrap();
-        assert_eq!(got, size);
+        assert_eq!(got.size, size);
+        // The token carries no issuer: the repository names the document's creator.
+        assert_eq!(got.facility.as_deref(), Some("HOSP_A"), "round {round}");
         assert_eq!(sha256_file(&out), sha, "round {round}");
     }
     let third = receiver
@@ -524,7 +527,11 @@ async fn refusals(backend: Backend) {
         400,
         "invalid_proof",
     );
-    let unknown = format!("{}/v1/documents/{}/content", repo.url, "0".repeat(32));
+    let unknown = format!(
+        "{}/v1/documents/{}/content",
+        repo.url,
+        "0".repeat(cloudpdi::repository::DOCUMENT_ID_LEN)
+    );
     let right = hex::encode(token.download_proof().bytes());
     assert_refused(
         curl(&["-H", &proof_header(&right), &unknown]),
@@ -692,7 +699,11 @@ async fn refusals_on_s3() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_proofs_are_rate_limited() {
     let repo = Repo::start_with(Backend::Local, |c| c.server.failed_proofs_per_window = 3).await;
-    let url = format!("{}/v1/documents/{}/content", repo.url, "1".repeat(32));
+    let url = format!(
+        "{}/v1/documents/{}/content",
+        repo.url,
+        "1".repeat(cloudpdi::repository::DOCUMENT_ID_LEN)
+    );
     let header = format!("x-download-proof: {}", "2".repeat(64));
     for _ in 0..3 {
         assert_refused(curl(&["-H", &header, &url]), 410, "not_available");
@@ -1114,7 +1125,7 @@ async fn server_killed_mid_transfer(backend: Backend) {
         .download_to(&id, &proof, &out, restart_at(size / 5))
         .await
         .unwrap();
-    assert_eq!(got, size);
+    assert_eq!(got.size, size);
     assert_eq!(sha256_file(&out), sha, "downloaded bytes differ");
     // The resumed download counted once.
     assert_eq!(sender.status(&id).await.unwrap().downloads, 1);
@@ -1147,12 +1158,17 @@ async fn embedded_repository_serves_the_gateway() {
     let shutdown = stop.clone();
     let (api_key, hash) = cloudpdi::repository::auth::new_api_key().unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let embedded =
-        cloudpdi::repository::server::start_embedded(dir.path(), listener, &hash, async move {
+    let embedded = cloudpdi::repository::server::start_embedded(
+        dir.path(),
+        listener,
+        &hash,
+        "HOSPA",
+        async move {
             shutdown.cancelled().await;
-        })
-        .await
-        .unwrap();
+        },
+    )
+    .await
+    .unwrap();
     let source = dir.path().join("container");
     let sha = random_file(&source, 5000);
     let token = token(600);
@@ -1169,11 +1185,12 @@ async fn embedded_repository_serves_the_gateway() {
         .document_id;
     client.upload_file(&id, &source, |_| {}).await.unwrap();
     let out = dir.path().join("out");
-    client
+    let got = client
         .download_to(&id, &token.download_proof(), &out, |_| {})
         .await
         .unwrap();
     assert_eq!(sha256_file(&out), sha);
+    assert_eq!(got.facility.as_deref(), Some("HOSPA"), "the gateway's code");
     assert!(dir.path().join("repository/audit.jsonl").exists());
     stop.cancel();
     embedded.task.await.unwrap().unwrap();

@@ -1,6 +1,6 @@
 //! Token text as typed, scanned or dropped (`token::text::decode_symbols`,
-//! `Token::from_text`). A token that parses prints back to text that parses to the same
-//! token.
+//! `Token::from_text`). A token that parses prints back to text (and to the QR code's
+//! text) that parses to the same token.
 #![no_main]
 
 use cloudpdi::token::Token;
@@ -17,4 +17,6 @@ fuzz_target!(|data: &[u8]| {
     };
     let again = Token::from_text(&token.to_text()).expect("printed token parses");
     assert!(again == token, "printed token parses to the same token");
+    let scanned = Token::from_text(&token.to_qr_text()).expect("QR text parses");
+    assert!(scanned == token, "QR text parses to the same token");
 });

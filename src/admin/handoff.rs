@@ -91,9 +91,12 @@ pub(super) async fn token(
             };
             answer(StatusCode::CONFLICT, text)
         }
-        Ok(Err(e @ (QueueError::Repository(_) | QueueError::Token(_) | QueueError::PatientId))) => {
-            answer(StatusCode::UNPROCESSABLE_ENTITY, format!("{e}\n"))
-        }
+        Ok(Err(
+            e @ (QueueError::Repository(_)
+            | QueueError::Community(_)
+            | QueueError::Token(_)
+            | QueueError::PatientId),
+        )) => answer(StatusCode::UNPROCESSABLE_ENTITY, format!("{e}\n")),
         Ok(Err(e @ QueueError::Io { .. })) => {
             answer(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n"))
         }

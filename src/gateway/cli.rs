@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::config::{Config, ConfigError, InboundConfig};
+use crate::config::{Config, ConfigError};
 use crate::gateway::jobs::StepError;
 use crate::telemetry::escape;
 use crate::token::{Token, TokenError};
@@ -168,8 +168,8 @@ fn record_in_index(
 }
 
 /// Downloads, opens and extracts a token's PDI into the folder `out`, as if reading the
-/// disc; the `[inbound]` bounds of the configuration at `config_path` apply when it
-/// exists, else their defaults. Returns the line to print.
+/// disc; the `[inbound]` bounds and `[repositories]` of the configuration at
+/// `config_path` apply when it exists, else their defaults. Returns the line to print.
 ///
 /// # Errors
 /// [`CliError::Token`] for an expired token, [`CliError::Config`], or the failed step.
@@ -180,13 +180,12 @@ pub async fn receive_to_folder(
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<String, CliError> {
     token.check_not_expired(crate::clock::now_seconds())?;
-    let inbound = if config_path.exists() {
-        Config::load(config_path)?.inbound
+    let config = if config_path.exists() {
+        Config::load(config_path)?
     } else {
-        InboundConfig::default()
+        Config::default()
     };
-    let summary =
-        crate::gateway::inbound::receive_to_folder(token, out, &inbound, progress).await?;
+    let summary = crate::gateway::inbound::receive_to_folder(token, out, &config, progress).await?;
     Ok(format!(
         "{}: {} patient(s), {} study(ies), {} series, {} instances ({}), {:.1} MB",
         shown(out),

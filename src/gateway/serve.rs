@@ -324,6 +324,7 @@ async fn embedded_repository(
         &config.spool.data_dir,
         listener,
         &crate::repository::auth::api_key_hash(&key),
+        embedded_facility(&config.facility.code),
         stop.cancelled_owned(),
     )
     .await
@@ -335,4 +336,15 @@ async fn embedded_repository(
             Ok(Ok(())) => {}
         }
     }))
+}
+
+/// The facility the embedded repository records as the creator of this daemon's documents:
+/// `facility.code` when the repository can name it (1-32 of `A-Z a-z 0-9 _ -`), so a
+/// receiver's issuer (e.g. its Patient ID prefix) is this facility; else `embedded`.
+fn embedded_facility(code: &str) -> &str {
+    if crate::repository::config::is_facility_code(code) {
+        code
+    } else {
+        "embedded"
+    }
 }

@@ -8,7 +8,7 @@
 //! | `PUT /v1/documents/{id}/parts/{n}`     | facility  | part bytes                    |
 //! | `POST /v1/documents/{id}/complete`     | facility  | [`Complete`] -> status        |
 //! | `DELETE /v1/documents/{id}`            | facility  | revoke -> status              |
-//! | `GET /v1/documents/{id}/content`       | receiver  | bytes (Range), [`PROOF_HEADER`] |
+//! | `GET /v1/documents/{id}/content`       | receiver  | bytes (Range), [`PROOF_HEADER`]; answers [`FACILITY_HEADER`] |
 //! | `POST /v1/documents/{id}/receipts`     | receiver  | [`Receipt`], [`PROOF_HEADER`] |
 //!
 //! Every refusal is an [`ErrorBody`] with a stable [`ErrorBody::error`] code.
@@ -20,6 +20,9 @@ pub const PROOF_HEADER: &str = "x-download-proof";
 /// Header carrying the SHA-256 (hex) of the whole ciphertext on downloads, so the
 /// receiver can check what it assembled from resumed pieces.
 pub const SHA256_HEADER: &str = "x-content-sha256";
+/// Header naming, on downloads, the facility that created the document (its code in the
+/// repository's configuration): the receiver's issuer, since the token carries none.
+pub const FACILITY_HEADER: &str = "x-document-facility";
 /// Longest free-text note accepted in a receipt (bytes).
 pub const MAX_NOTE_LEN: usize = 200;
 

@@ -1,9 +1,10 @@
 //! `cloudpdi repository serve|upload|download|status|revoke`: the server's start-up and
 //! the client for an operator, with a progress bar.
 //!
-//! An upload takes a token made beforehand (`cloudpdi token new` with any document ID):
-//! the token's expiry and download proof go into the create call, and the token is
-//! written again with the document ID the repository assigned.
+//! An upload takes a token made beforehand (`cloudpdi token new` with any document ID of
+//! the form, e.g. 20 zeros): the token's expiry and download proof go into the create
+//! call, and the token is written again with the document ID the repository assigned and
+//! the repository's URL.
 
 use std::fmt::Write;
 use std::path::Path;
@@ -14,7 +15,7 @@ use crate::repository::api::{DocumentStatus, NewDocument};
 use crate::repository::client::{Client, ClientError, ClientOptions};
 use crate::repository::config::RepositoryConfig;
 use crate::telemetry::escape;
-use crate::token::Token;
+use crate::token::{RepositoryRef, Token};
 
 /// The environment variable holding the facility API key when no key file is given.
 pub const API_KEY_ENV: &str = "CLOUDPDI_REPOSITORY_API_KEY";
@@ -46,6 +47,13 @@ pub enum CliError {
     /// The token could not be rewritten.
     #[error(transparent)]
     Token(#[from] crate::token::cli::CliError),
+    /// The token names its repository by a community code, which this command cannot
+    /// resolve (it reads no configuration).
+    #[error(
+        "the token names community {0}, not a repository URL: receive it with `cloudpdi \
+         receive`, which looks the code up in [repositories] of the gateway configuration"
+    )]
+    Community(String),
 }
 
 /// Runs the repository service on `config.server.listen` until `shutdown` completes,
@@ -186,7 +194,7 @@ pub async fn upload(
         .await?;
     let mut issued = token.clone();
     issued.document_id.clone_from(&created.document_id);
-    issued.repository = url.to_owned();
+    issued.repository = RepositoryRef::Url(url.to_owned());
     crate::token::cli::write_token_file(&issued, token_out)?;
     let progress = bar(size, "upload  ");
     client
@@ -203,14 +211,18 @@ pub async fn upload(
 /// # Errors
 /// [`CliError`].
 pub async fn download(token: &Token, out: &Path) -> Result<u64, CliError> {
-    let client = Client::new(&token.repository, None, ClientOptions::default())?;
+    let url = match &token.repository {
+        RepositoryRef::Url(url) => url,
+        RepositoryRef::Community(code) => return Err(CliError::Community(code.clone())),
+    };
+    let client = Client::new(url, None, ClientOptions::default())?;
     let progress = bar(0, "download");
     let size = client
         .download_to(&token.document_id, &token.download_proof(), out, |held| {
             progress.set_position(held);
         })
         .await?;
-    progress.set_length(size);
+    progress.set_length(size.size);
     progress.finish();
-    Ok(size)
+    Ok(size.size)
 }

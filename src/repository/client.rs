@@ -164,6 +164,17 @@ fn file_error(path: &Path) -> impl Fn(std::io::Error) -> ClientError + '_ {
     }
 }
 
+/// What a finished download got.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Downloaded {
+    /// The document's size in bytes.
+    pub size: u64,
+    /// The facility that created the document, as the repository names it
+    /// ([`api::FACILITY_HEADER`]); `None` when the repository does not say. The token no
+    /// longer carries its issuer: this is where the receiver learns it.
+    pub facility: Option<String>,
+}
+
 /// Timeouts, retries and TLS material of a [`Client`].
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
@@ -592,7 +603,8 @@ impl Client {
 
     /// Downloads the document into `partial`, appending to what an earlier attempt left
     /// there (HTTP Range), until the whole document is there; the file is synced and its
-    /// size and SHA-256 checked. `progress` gets the bytes held so far. Returns the size.
+    /// size and SHA-256 checked. `progress` gets the bytes held so far. Returns the size
+    /// and the facility that created the document ([`api::FACILITY_HEADER`]).
     ///
     /// Not cancel-safe: when the future is dropped mid-transfer, the writer thread still
     /// appends the chunks it was handed (at most a few MiB) before it stops, so a new
@@ -608,7 +620,7 @@ impl Client {
         proof: &DownloadProof,
         partial: &Path,
         progress: impl Fn(u64),
-    ) -> Result<u64, ClientError> {
+    ) -> Result<Downloaded, ClientError> {
         let path = format!("/{}/content", checked_id(document_id)?);
         let mut hashed = Hashed::default();
         let mut tries = 0;
@@ -638,19 +650,26 @@ impl Client {
         partial: &Path,
         hashed: &mut Hashed,
         progress: &impl Fn(u64),
-    ) -> Result<u64, Failure> {
+    ) -> Result<Downloaded, Failure> {
         let have = file_len(partial).await.map_err(Failure::Permanent)?;
         let mut request = self.receiver(Method::GET, path, proof);
         if have > 0 {
             request = request.header(RANGE, format!("bytes={have}-"));
         }
         let response = request.send().await?;
+        let facility = document_facility(&response);
+        let done = |size| Downloaded {
+            size,
+            facility: facility.clone(),
+        };
         if response.status() == StatusCode::RANGE_NOT_SATISFIABLE {
             let total = content_range(&response).map(|(_, total)| total);
             if total == Some(have) {
                 // An earlier attempt got every byte but stopped before the checks.
                 let expected = expected_sha256(&response);
-                return finish(partial, hashed, have, have, expected).await;
+                return finish(partial, hashed, have, have, expected)
+                    .await
+                    .map(done);
             }
             truncate(partial).await.map_err(Failure::Permanent)?;
             return Err(Failure::Transient(
@@ -720,7 +739,9 @@ impl Client {
         if let Some(failure) = failure {
             return Err(Failure::Transient(failure));
         }
-        finish(partial, hashed, held, total, expected).await
+        finish(partial, hashed, held, total, expected)
+            .await
+            .map(done)
     }
 }
 
@@ -997,6 +1018,18 @@ pub fn parse_content_range(value: &str) -> Option<(u64, u64)> {
         }
     };
     Some((start, total))
+}
+
+/// The facility code in [`api::FACILITY_HEADER`], if the answer has one of the form the
+/// repository gives facility codes (1-32 of `A-Z a-z 0-9 _ -`): anything else is ignored,
+/// as it would end up in Patient IDs and logs.
+fn document_facility(response: &Response) -> Option<String> {
+    let value = response
+        .headers()
+        .get(api::FACILITY_HEADER)?
+        .to_str()
+        .ok()?;
+    crate::repository::config::is_facility_code(value).then(|| value.to_owned())
 }
 
 fn expected_sha256(response: &Response) -> Option<[u8; 32]> {

@@ -343,14 +343,19 @@ impl RepositoryConfig {
     }
 }
 
-fn check_facility(name: &str, facility: &FacilityConfig) -> Result<(), RepositoryConfigError> {
-    let invalid = |msg: String| Err(RepositoryConfigError::Invalid(msg));
-    if name.is_empty()
-        || name.len() > 32
-        || !name
+/// Whether `code` can name a facility in the repository: 1-32 characters of `A-Z a-z
+/// 0-9 _ -` (it is a path-safe name in the audit trail and in the
+/// [`crate::repository::api::FACILITY_HEADER`] of downloads).
+pub fn is_facility_code(code: &str) -> bool {
+    (1..=32).contains(&code.len())
+        && code
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-    {
+}
+
+fn check_facility(name: &str, facility: &FacilityConfig) -> Result<(), RepositoryConfigError> {
+    let invalid = |msg: String| Err(RepositoryConfigError::Invalid(msg));
+    if !is_facility_code(name) {
         return invalid(format!(
             "facility {name:?}: the code must be 1-32 characters of A-Z, a-z, 0-9, _ and -"
         ));

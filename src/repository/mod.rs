@@ -28,8 +28,10 @@ pub mod server;
 pub mod storage;
 pub mod tls;
 
-/// Length of a document ID: 128 random bits as lower-case hex.
-pub const DOCUMENT_ID_LEN: usize = 32;
+/// Length of a document ID: 80 random bits ([`crate::token::DOCUMENT_ID_BYTES`]) as
+/// lower-case hex. Unguessable on its own, and useless without the token's download proof;
+/// short, as the token carries it.
+pub const DOCUMENT_ID_LEN: usize = 2 * crate::token::DOCUMENT_ID_BYTES;
 
 /// Whether `id` has the exact form of a document ID the server assigns, so nothing else
 /// (`..`, `/`, encoded separators) ever reaches a storage path.
@@ -45,13 +47,14 @@ mod tests {
 
     #[test]
     fn document_ids_are_strict() {
-        assert!(is_document_id("0123456789abcdef0123456789abcdef"));
+        assert!(is_document_id("0123456789abcdef0123"));
         for bad in [
             "",
             "..",
-            "0123456789ABCDEF0123456789ABCDEF",
-            "0123456789abcdef0123456789abcde/",
-            "0123456789abcdef0123456789abcdef0",
+            "0123456789ABCDEF0123",
+            "0123456789abcdef012/",
+            "0123456789abcdef01234",
+            "0123456789abcdef0123456789abcdef",
             "%2e%2e",
         ] {
             assert!(!is_document_id(bad), "{bad:?}");

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use jiff::tz::TimeZone;
 
-use super::{Token, TokenError};
+use super::{RepositoryRef, Token, TokenError};
 use crate::clock::{local_text, time_left};
 use zeroize::Zeroizing;
 
@@ -35,13 +35,11 @@ pub enum CliError {
     /// The token is past its expiry: the repository no longer opens it.
     #[error(
         "this token expired on {since}: the repository no longer gives its study out; the \
-         patient should ask the issuing facility ({issuer}) for a new slip"
+         patient should ask the issuing facility for a new slip"
     )]
     Expired {
         /// The expiry, in local time.
         since: String,
-        /// The issuing facility's code.
-        issuer: String,
     },
     /// The token file cannot be read or written.
     #[error("token file {path}: {source}")]
@@ -59,10 +57,8 @@ pub enum CliError {
 /// # Errors
 /// [`CliError::Token`] for an invalid field, [`CliError::Expiry`] past 2106.
 pub fn issue(
-    repository: &str,
+    repository: RepositoryRef,
     document_id: &str,
-    facility: &str,
-    summary: &str,
     expires_in_days: u32,
 ) -> Result<Token, CliError> {
     let expires = crate::clock::now_seconds()
@@ -71,26 +67,20 @@ pub fn issue(
         .ok_or(CliError::Expiry {
             days: expires_in_days,
         })?;
-    Ok(Token::issue(
-        repository,
-        document_id,
-        expires,
-        facility,
-        summary,
-    )?)
+    Ok(Token::issue(repository, document_id, expires)?)
 }
 
 /// What a slip shows besides the token (`cloudpdi token slip`); a field left out is
-/// taken from the token.
+/// left empty.
 #[derive(Debug, Clone, Default)]
 pub struct SlipText {
-    /// Facility name as patients know it (default: the token's issuer code).
-    pub facility_name: Option<String>,
+    /// Facility name as patients know it (the token does not carry it).
+    pub facility_name: String,
     /// How to reach the facility.
     pub contact: Option<String>,
     /// Patient name, printed only (never in the QR code).
     pub patient_name: Option<String>,
-    /// Description of the content (default: the token's summary).
+    /// Description of the content, without patient data (the token carries none).
     pub content: Option<String>,
 }
 
@@ -102,20 +92,27 @@ pub fn write_slip(token: &Token, text: SlipText, out: &Path) -> Result<(), CliEr
     use super::slip::{SlipDetails, SlipError, SlipFormat, render};
     let format = SlipFormat::from_path(out).ok_or(SlipError::Format)?;
     let details = SlipDetails {
-        facility_name: text.facility_name.unwrap_or_else(|| token.issuer.clone()),
+        facility_name: text.facility_name,
         facility_contact: text.contact,
         patient_name: text.patient_name,
-        content: text.content.unwrap_or_else(|| token.summary.clone()),
+        content: text.content.unwrap_or_default(),
         ..SlipDetails::default()
     };
     Ok(render(token, &details, format, out)?)
 }
 
 /// A description of a token for a person (`cloudpdi token inspect`), as of now, times in
-/// the system's time zone.
-pub fn describe_now(token: &Token, show_secret: bool) -> String {
+/// the system's time zone; `known` is the URL the configuration's `[repositories]` gives
+/// the token's community code (`None`: not listed, or no configuration).
+pub fn describe_now(token: &Token, known: Option<&str>, show_secret: bool) -> String {
     let zone = crate::clock::time_zone("").unwrap_or(TimeZone::UTC);
-    describe(token, crate::clock::now_seconds(), &zone, show_secret)
+    describe(
+        token,
+        known,
+        crate::clock::now_seconds(),
+        &zone,
+        show_secret,
+    )
 }
 
 /// Whether the token still opens its study now (`cloudpdi token inspect` exits non-zero
@@ -138,7 +135,6 @@ pub fn check_valid(token: &Token, now: u64, zone: &TimeZone) -> Result<(), CliEr
         Some(_) => Ok(()),
         None => Err(CliError::Expired {
             since: local_text(expiry, zone),
-            issuer: Escaped(&token.issuer).to_string(),
         }),
     }
 }
@@ -210,18 +206,31 @@ pub fn write_token_file(token: &Token, path: &Path) -> Result<(), CliError> {
 }
 
 /// A description of a token for a person, times in `zone`; the secret only when asked.
-pub fn describe(token: &Token, now: u64, zone: &TimeZone, show_secret: bool) -> String {
+/// `known` is the URL of the token's community code in `[repositories]`, if listed.
+pub fn describe(
+    token: &Token,
+    known: Option<&str>,
+    now: u64,
+    zone: &TimeZone,
+    show_secret: bool,
+) -> String {
     let expiry = u64::from(token.expires_at);
     let validity = match time_left(now, expiry) {
         Some(left) => format!("valid until {}, {left}", local_text(expiry, zone)),
         None => format!("EXPIRED since {}", local_text(expiry, zone)),
     };
+    let repository = match (&token.repository, known) {
+        (RepositoryRef::Community(code), Some(url)) => {
+            format!("community {code} = {}", Escaped(url))
+        }
+        (RepositoryRef::Community(code), None) => {
+            format!("community {code} (not in [repositories] of this configuration)")
+        }
+        (RepositoryRef::Url(url), _) => Escaped(url).to_string(),
+    };
     let mut out = format!(
-        "repository:  {}\ndocument ID: {}\nissuer:      {}\nsummary:     {}\nvalidity:    {validity}\n",
-        Escaped(&token.repository),
+        "repository:  {repository}\ndocument ID: {}\nvalidity:    {validity}\n",
         Escaped(&token.document_id),
-        Escaped(&token.issuer),
-        Escaped(&token.summary)
     );
     if show_secret {
         out.push_str(&format!("secret:      {}\n", hex::encode(&token.secret.0)));

@@ -1,26 +1,28 @@
 //! HI-TOKEN: the patient's key to a study in the repository, carried instead of a CD.
 //!
-//! A token holds where the study is (repository URL, document ID), the secret that opens
-//! it, when it expires, and who issued it; no patient data. Its binary envelope (below) is
-//! written as grouped Crockford base32 text with check symbols ([`text`]). From the
-//! secret, HKDF-SHA-256 derives under distinct labels the [`ContainerKey`] that opens the
-//! container and the [`DownloadProof`] shown to the repository, which stores only the
-//! proof's SHA-256: the repository never learns the secret.
+//! A token holds where the study is (a repository reference and the document ID), the
+//! secret that opens it, and when it expires; no patient data and no free text. Its
+//! binary envelope (below) is written as grouped Crockford base32 text with check symbols
+//! ([`text`]). From the secret, HKDF-SHA-256 derives under distinct labels the
+//! [`ContainerKey`] that opens the container and the [`DownloadProof`] shown to the
+//! repository, which stores only the proof's SHA-256: the repository never learns the
+//! secret.
 //!
-//! Envelope, format version 1 (all integers big endian):
+//! Envelope, format version 2 (all integers big endian), `docs/token.md`:
 //!
 //! ```text
-//! u8  version = 1
+//! u8  version = 2
+//! u8  r   repository reference: r & 0x80 == 0: a community code of r (1..=6) bytes
+//!         of A-Z 0-9 follows; r & 0x80 != 0: a URL of r & 0x7f (1..=120) bytes of
+//!         printable ASCII follows
 //! u32 expiry, Unix seconds (UTC)
+//! 10  document ID, raw bytes (the repository's 20 lower-case hex characters)
 //! 16  secret (128 random bits from the OS CSPRNG)
-//! u8 len + bytes  repository URL (printable ASCII, 1..=120)
-//! u8 len + bytes  document ID (A-Z a-z 0-9 _ -, 1..=64)
-//! u8 len + bytes  issuing facility code (printable ASCII, 0..=32)
-//! u8 len + bytes  content summary, UTF-8 without patient data (0..=64)
 //! ```
 //!
-//! The bytes become 5-bit symbols (zero bits pad the last symbol, zero symbols pad the
-//! last group); a parser accepts at most two trailing zero bytes.
+//! A token naming a known community is at most 38 bytes: 61 symbols, 16 groups. The bytes
+//! become 5-bit symbols (zero bits pad the last symbol, zero symbols pad the last group);
+//! a parser accepts at most two trailing zero bytes.
 
 pub mod cli;
 pub mod qr;
@@ -37,11 +39,21 @@ use crate::container::ContainerKey;
 pub use text::TextError;
 
 /// Envelope format version written by this code.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// Secret length in bytes (128 bits).
 pub const SECRET_LEN: usize = 16;
-const CONTAINER_KEY_INFO: &[u8] = b"cloudpdi token v1 container key";
-const DOWNLOAD_PROOF_INFO: &[u8] = b"cloudpdi token v1 download proof";
+/// Document ID length in the envelope, in bytes (80 random bits; the repository writes
+/// them as [`crate::repository::DOCUMENT_ID_LEN`] hex characters).
+pub const DOCUMENT_ID_BYTES: usize = 10;
+/// Longest community code (`[repositories]` key): short enough that a token naming one is
+/// at most 16 groups.
+pub const MAX_COMMUNITY_LEN: usize = 6;
+/// Longest repository URL a token carries (a repository not in `[repositories]`).
+pub const MAX_URL_LEN: usize = 120;
+/// Flag of the repository reference byte: a URL follows, not a community code.
+const URL_FLAG: u8 = 0x80;
+const CONTAINER_KEY_INFO: &[u8] = b"cloudpdi token v2 container key";
+const DOWNLOAD_PROOF_INFO: &[u8] = b"cloudpdi token v2 download proof";
 
 /// Why a token cannot be read or used. Messages never contain the token text.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -67,6 +79,53 @@ pub enum TokenError {
     Random(String),
 }
 
+/// Whether `code` is a community code: 1 to [`MAX_COMMUNITY_LEN`] characters of `A-Z 0-9`
+/// (a `[repositories]` key, and what a short token names).
+pub fn is_community_code(code: &str) -> bool {
+    (1..=MAX_COMMUNITY_LEN).contains(&code.len())
+        && code
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
+}
+
+/// Where the token's document is: a community code the receiver resolves through its
+/// `[repositories]` (a short token), or the repository's whole URL (any repository).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum RepositoryRef {
+    /// A community code (1-6 of `A-Z 0-9`).
+    Community(String),
+    /// A repository base URL (1-120 printable ASCII characters).
+    Url(String),
+}
+
+impl RepositoryRef {
+    fn validate(&self) -> Result<(), TokenError> {
+        match self {
+            RepositoryRef::Community(code) if !is_community_code(code) => Err(TokenError::Field(
+                "community code: 1-6 characters of A-Z 0-9",
+            )),
+            RepositoryRef::Url(url)
+                if url.is_empty()
+                    || url.len() > MAX_URL_LEN
+                    || !url.bytes().all(|b| (0x20..0x7f).contains(&b)) =>
+            {
+                Err(TokenError::Field(
+                    "repository URL: 1-120 printable ASCII characters",
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+impl fmt::Display for RepositoryRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RepositoryRef::Community(code) => write!(f, "community {code}"),
+            RepositoryRef::Url(url) => f.write_str(url),
+        }
+    }
+}
 /// The 128-bit secret; zeroized on drop, never printed.
 #[derive(Clone, PartialEq, Eq, Zeroize, ZeroizeOnDrop)]
 pub struct Secret([u8; SECRET_LEN]);
@@ -142,16 +201,12 @@ impl fmt::Debug for DownloadProof {
 /// A token's data items.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Token {
-    /// Repository base URL.
-    pub repository: String,
-    /// Document ID the repository assigned.
+    /// The repository holding the document: a community code or a URL.
+    pub repository: RepositoryRef,
+    /// Document ID the repository assigned: 20 lower-case hex characters (10 bytes).
     pub document_id: String,
     /// Expiry, Unix seconds UTC.
     pub expires_at: u32,
-    /// Issuing facility code (printed on the slip with the facility's name).
-    pub issuer: String,
-    /// Optional description of the content, without patient data.
-    pub summary: String,
     secret: Secret,
 }
 
@@ -161,8 +216,6 @@ impl fmt::Debug for Token {
             .field("repository", &self.repository)
             .field("document_id", &self.document_id)
             .field("expires_at", &self.expires_at)
-            .field("issuer", &self.issuer)
-            .field("summary", &self.summary)
             .field("secret", &self.secret)
             .finish()
     }
@@ -174,21 +227,12 @@ impl Token {
     /// # Errors
     /// [`TokenError::Field`] for invalid fields, [`TokenError::Random`] without entropy.
     pub fn issue(
-        repository: &str,
+        repository: RepositoryRef,
         document_id: &str,
         expires_at: u32,
-        issuer: &str,
-        summary: &str,
     ) -> Result<Token, TokenError> {
         let secret = Secret::generate()?;
-        Token::for_secret(
-            repository,
-            document_id,
-            expires_at,
-            issuer,
-            summary,
-            &secret,
-        )
+        Token::for_secret(repository, document_id, expires_at, &secret)
     }
 
     /// A token with a given secret: for test vectors and for re-reading.
@@ -196,19 +240,15 @@ impl Token {
     /// # Errors
     /// [`TokenError::Field`] for invalid fields.
     pub fn with_secret(
-        repository: &str,
+        repository: RepositoryRef,
         document_id: &str,
         expires_at: u32,
-        issuer: &str,
-        summary: &str,
         secret: [u8; SECRET_LEN],
     ) -> Result<Token, TokenError> {
         let token = Token {
-            repository: repository.to_owned(),
+            repository,
             document_id: document_id.to_owned(),
             expires_at,
-            issuer: issuer.to_owned(),
-            summary: summary.to_owned(),
             secret: Secret(secret),
         };
         token.validate()?;
@@ -216,29 +256,11 @@ impl Token {
     }
 
     fn validate(&self) -> Result<(), TokenError> {
-        let printable = |s: &str| s.bytes().all(|b| (0x20..0x7f).contains(&b));
-        if self.repository.is_empty() || self.repository.len() > 120 || !printable(&self.repository)
-        {
+        self.repository.validate()?;
+        if !crate::repository::is_document_id(&self.document_id) {
             return Err(TokenError::Field(
-                "repository URL: 1-120 printable ASCII characters",
+                "document ID: 20 lower-case hex characters, as the repository assigns them",
             ));
-        }
-        if self.document_id.is_empty()
-            || self.document_id.len() > 64
-            || !self
-                .document_id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-        {
-            return Err(TokenError::Field("document ID: 1-64 of A-Z a-z 0-9 _ -"));
-        }
-        if self.issuer.len() > 32 || !printable(&self.issuer) {
-            return Err(TokenError::Field(
-                "issuer: up to 32 printable ASCII characters",
-            ));
-        }
-        if self.summary.len() > 64 {
-            return Err(TokenError::Field("summary: up to 64 bytes of UTF-8"));
         }
         Ok(())
     }
@@ -259,21 +281,12 @@ impl Token {
     /// # Errors
     /// [`TokenError::Field`] for invalid fields.
     pub fn for_secret(
-        repository: &str,
+        repository: RepositoryRef,
         document_id: &str,
         expires_at: u32,
-        issuer: &str,
-        summary: &str,
         secret: &Secret,
     ) -> Result<Token, TokenError> {
-        Token::with_secret(
-            repository,
-            document_id,
-            expires_at,
-            issuer,
-            summary,
-            secret.0,
-        )
+        Token::with_secret(repository, document_id, expires_at, secret.0)
     }
 
     /// Fails if the token is past its expiry at `now` (Unix seconds).
@@ -289,19 +302,20 @@ impl Token {
 
     /// The binary envelope. It holds the secret, so it is wiped when dropped.
     pub fn to_bytes(&self) -> Zeroizing<Vec<u8>> {
-        let mut out = Zeroizing::new(Vec::with_capacity(128));
+        let mut out = Zeroizing::new(Vec::with_capacity(2 + MAX_URL_LEN + 30));
         out.push(VERSION);
+        let (flag, reference) = match &self.repository {
+            RepositoryRef::Community(code) => (0, code),
+            RepositoryRef::Url(url) => (URL_FLAG, url),
+        };
+        let len = u8::try_from(reference.len()).expect("validated lengths fit 7 bits");
+        out.push(flag | len);
+        out.extend_from_slice(reference.as_bytes());
         out.extend_from_slice(&self.expires_at.to_be_bytes());
+        let mut id = [0u8; DOCUMENT_ID_BYTES];
+        hex::decode_to_slice(&self.document_id, &mut id).expect("validated hex");
+        out.extend_from_slice(&id);
         out.extend_from_slice(&self.secret.0);
-        for field in [
-            &self.repository,
-            &self.document_id,
-            &self.issuer,
-            &self.summary,
-        ] {
-            out.push(u8::try_from(field.len()).expect("validated lengths fit a byte"));
-            out.extend_from_slice(field.as_bytes());
-        }
         out
     }
 
@@ -310,10 +324,11 @@ impl Token {
     /// # Errors
     /// [`TokenError`] naming what is wrong.
     pub fn from_bytes(bytes: &[u8]) -> Result<Token, TokenError> {
-        let mut at = 0;
+        let mut at = 0usize;
         let mut take = |n: usize| -> Result<&[u8], TokenError> {
-            let slice = bytes
-                .get(at..at + n)
+            let slice = at
+                .checked_add(n)
+                .and_then(|end| bytes.get(at..end))
                 .ok_or(TokenError::Envelope("it ends too early"))?;
             at += n;
             Ok(slice)
@@ -322,37 +337,57 @@ impl Token {
         if version != VERSION {
             return Err(TokenError::Version(version));
         }
+        let r = take(1)?[0];
+        let len = usize::from(r & !URL_FLAG);
+        let limit = if r & URL_FLAG == 0 {
+            MAX_COMMUNITY_LEN
+        } else {
+            MAX_URL_LEN
+        };
+        if len == 0 || len > limit {
+            return Err(TokenError::Envelope(
+                "the repository reference has a wrong length",
+            ));
+        }
+        let reference = String::from_utf8(take(len)?.to_vec())
+            .map_err(|_| TokenError::Envelope("the repository reference is not text"))?;
+        let repository = if r & URL_FLAG == 0 {
+            RepositoryRef::Community(reference)
+        } else {
+            RepositoryRef::Url(reference)
+        };
         let expires_at = u32::from_be_bytes(take(4)?.try_into().expect("4 bytes"));
+        let document_id = hex::encode(take(DOCUMENT_ID_BYTES)?);
         let mut secret = [0u8; SECRET_LEN];
         secret.copy_from_slice(take(SECRET_LEN)?);
-        let mut field = || -> Result<String, TokenError> {
-            let len = usize::from(take(1)?[0]);
-            String::from_utf8(take(len)?.to_vec())
-                .map_err(|_| TokenError::Envelope("a text field is not UTF-8"))
-        };
-        let (repository, document_id, issuer, summary) = (field()?, field()?, field()?, field()?);
-        let rest = &bytes[at..];
+        let rest = bytes.get(at..).unwrap_or_default();
         if rest.len() > 2 || rest.iter().any(|&b| b != 0) {
+            secret.zeroize();
             return Err(TokenError::Envelope(
                 "unexpected bytes after the last field",
             ));
         }
-        let token = Token::with_secret(
-            &repository,
-            &document_id,
-            expires_at,
-            &issuer,
-            &summary,
-            secret,
-        );
+        let token = Token::with_secret(repository, &document_id, expires_at, secret);
         secret.zeroize();
         token
     }
 
-    /// The text form to print, show as QR code, or send. It is the secret: handle it like
-    /// a password (never log it).
+    /// The text form to print or send: `HT2-` and hyphen-separated groups of 5. It is the
+    /// secret: handle it like a password (never log it).
     pub fn to_text(&self) -> Zeroizing<String> {
         Zeroizing::new(text::encode_symbols(&to_symbols(&self.to_bytes())))
+    }
+
+    /// What the QR code holds: [`Token::to_text`] without the hyphens between groups
+    /// (`HT2-` and the symbols), fewer characters for a smaller QR version; it parses as
+    /// the token, since parsing ignores hyphens.
+    pub fn to_qr_text(&self) -> Zeroizing<String> {
+        let text = self.to_text();
+        let body = text.get(text::PREFIX.len()..).unwrap_or_default();
+        let mut out = Zeroizing::new(String::with_capacity(text.len()));
+        out.push_str(text::PREFIX);
+        out.extend(body.chars().filter(|&c| c != '-'));
+        out
     }
 
     /// [`Token::to_text`] with a line end, as a token file holds it (built in place, so no
@@ -415,13 +450,13 @@ fn from_symbols(symbols: &[u8]) -> Zeroizing<Vec<u8>> {
 mod tests {
     use super::*;
 
+    const DOCUMENT: &str = "0123456789abcdef0123";
+
     fn sample() -> Token {
         Token::with_secret(
-            "https://repo.example.jp/v1",
-            "D7K2M9Q4X1Z8",
+            RepositoryRef::Community("KYOTO1".into()),
+            DOCUMENT,
             1_796_083_200,
-            "KYOTO-UH",
-            "CT chest, 1 study",
             [0x42; SECRET_LEN],
         )
         .expect("valid sample")
@@ -431,17 +466,40 @@ mod tests {
     fn text_round_trip_and_debug_hides_the_secret() {
         let token = sample();
         let text = token.to_text();
-        assert!(text.starts_with("HT1-"));
+        assert!(text.starts_with("HT2-"));
         assert_eq!(Token::from_text(&text).expect("parse"), token);
         assert_eq!(
             Token::from_text(&text.to_lowercase()).expect("lower"),
             token
         );
+        assert_eq!(Token::from_text(&token.to_qr_text()).expect("qr"), token);
         let debug = format!("{token:?}");
         assert!(
             debug.contains("Secret(..)") && !debug.contains("42, 42"),
             "{debug}"
         );
+    }
+
+    #[test]
+    fn a_known_community_fits_sixteen_groups_and_a_url_is_longer() {
+        let token = Token::with_secret(
+            RepositoryRef::Community("ABCDEF".into()),
+            DOCUMENT,
+            u32::MAX,
+            [0xff; SECRET_LEN],
+        )
+        .expect("valid");
+        assert_eq!(token.to_bytes().len(), 38);
+        assert_eq!(token.to_text().split('-').count(), 1 + 16);
+        let url = Token::with_secret(
+            RepositoryRef::Url("https://repo.example.jp".into()),
+            DOCUMENT,
+            u32::MAX,
+            [0xff; SECRET_LEN],
+        )
+        .expect("valid");
+        assert!(url.to_text().len() > token.to_text().len());
+        assert_eq!(Token::from_text(&url.to_text()).expect("parse"), url);
     }
 
     #[test]
@@ -451,7 +509,13 @@ mod tests {
         assert_ne!(proof.bytes(), &token.secret.derive(CONTAINER_KEY_INFO));
         assert_eq!(proof.bytes(), token.download_proof().bytes());
         assert_ne!(proof.hash(), *proof.bytes());
-        let other = Token::with_secret("u", "d", 0, "", "", [0x43; SECRET_LEN]).expect("valid");
+        let other = Token::with_secret(
+            RepositoryRef::Url("u".into()),
+            DOCUMENT,
+            0,
+            [0x43; SECRET_LEN],
+        )
+        .expect("valid");
         assert_ne!(other.download_proof().bytes(), proof.bytes());
     }
 
@@ -477,10 +541,24 @@ mod tests {
         let mut version = bytes.clone();
         version[0] = 9;
         assert_eq!(Token::from_bytes(&version), Err(TokenError::Version(9)));
-        assert!(Token::with_secret("u", "../x", 0, "", "", [0; SECRET_LEN]).is_err());
+        for r in [0x00, 0x07, 0x80, 0x80 | 121] {
+            let mut reference = bytes.clone();
+            reference[1] = r;
+            assert!(Token::from_bytes(&reference).is_err(), "{r:#x}");
+        }
+        let mut lower = bytes.clone();
+        lower[2] = b'a';
+        assert!(Token::from_bytes(&lower).is_err());
+        let community = |code: &str| RepositoryRef::Community(code.into());
+        for code in ["", "ABCDEFG", "abc", "A-B"] {
+            assert!(Token::with_secret(community(code), DOCUMENT, 0, [0; 16]).is_err());
+        }
+        for id in ["../x", "0123456789ABCDEF0123", "0123456789abcdef012"] {
+            assert!(Token::with_secret(community("A"), id, 0, [0; 16]).is_err());
+        }
         assert!(
-            Token::issue("u", "d", 0, "", "").expect("random")
-                != Token::issue("u", "d", 0, "", "").expect("random")
+            Token::issue(community("A"), DOCUMENT, 0).expect("random")
+                != Token::issue(community("A"), DOCUMENT, 0).expect("random")
         );
     }
 }

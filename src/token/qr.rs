@@ -1,6 +1,7 @@
 //! The token's QR code: only the token text, in QR alphanumeric mode.
 //!
-//! The text form is upper-case Crockford base32 with hyphens, all inside QR's
+//! The QR code holds [`super::Token::to_qr_text`]: the text form without the hyphens
+//! between groups. It is upper-case Crockford base32, all inside QR's
 //! alphanumeric character set (`0-9 A-Z space $ % * + - . / :`), which packs 5.5 bits per
 //! character instead of 8 in byte mode: a smaller code that a phone camera or a desk
 //! scanner reads from paper more reliably. Error correction level Q (25 % of the symbol
@@ -27,11 +28,17 @@ pub enum QrError {
 /// A QR symbol as a square of dark/light modules, without the quiet zone.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QrMatrix {
+    version: i16,
     width: usize,
     dark: Vec<bool>,
 }
 
 impl QrMatrix {
+    /// The QR version (1-40) the encoder chose: the smallest holding the text at level Q.
+    pub fn version(&self) -> i16 {
+        self.version
+    }
+
     /// Modules per side (without the quiet zone).
     pub fn width(&self) -> usize {
         self.width
@@ -82,12 +89,19 @@ pub fn encode(text: &str) -> Result<QrMatrix, QrError> {
         }
         let code = QrCode::with_bits(bits, EcLevel::Q).map_err(|_| QrError::TooLong)?;
         let width = code.width();
+        let version = match code.version() {
+            Version::Normal(v) | Version::Micro(v) => v,
+        };
         let dark = code
             .to_colors()
             .into_iter()
             .map(|c| c == Color::Dark)
             .collect();
-        return Ok(QrMatrix { width, dark });
+        return Ok(QrMatrix {
+            version,
+            width,
+            dark,
+        });
     }
     Err(QrError::TooLong)
 }
@@ -128,13 +142,14 @@ mod tests {
     fn alphanumeric_only_and_smallest_version() {
         assert_eq!(encode("hello"), Err(QrError::NotAlphanumeric));
         // 21 x 21 (version 1) holds 16 alphanumeric characters at level Q.
-        assert_eq!(encode("HT1-ABCDE-FGHJK").expect("fits").width(), 21);
+        let small = encode("HT2-ABCDE-FGHJK").expect("fits");
+        assert_eq!((small.version(), small.width()), (1, 21));
         assert_eq!(encode(&"A".repeat(3000)), Err(QrError::TooLong));
     }
 
     #[test]
     fn runs_cover_exactly_the_dark_modules() {
-        let matrix = encode("HT1-0123456789").expect("fits");
+        let matrix = encode("HT2-0123456789").expect("fits");
         let from_runs: usize = matrix.dark_runs().iter().map(|r| r.2).sum();
         let dark = matrix.dark.iter().filter(|d| **d).count();
         assert_eq!(from_runs, dark);

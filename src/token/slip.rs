@@ -149,7 +149,7 @@ pub fn render_bytes(
 ) -> Result<Vec<u8>, SlipError> {
     validate(details)?;
     let text = token.to_text();
-    let matrix = qr::encode(&text)?;
+    let matrix = qr::encode(&token.to_qr_text())?;
     let zone = match &details.time_zone {
         Some(zone) => zone.clone(),
         None => crate::clock::time_zone("").unwrap_or(TimeZone::UTC),
@@ -605,11 +605,9 @@ mod tests {
 
     fn token() -> Token {
         Token::with_secret(
-            "https://repo.example.jp/v1",
-            "D7K2M9Q4X1Z8",
+            crate::token::RepositoryRef::Community("KYOTO1".into()),
+            "0123456789abcdef0123",
             1_796_083_200,
-            "KYOTO-UH",
-            "CT chest, 1 study",
             [0x42; 16],
         )
         .expect("valid sample")

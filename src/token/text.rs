@@ -9,12 +9,15 @@
 use thiserror::Error;
 
 /// Version prefix, so a later (e.g. ISO/TS 22691 conformant) encoding can coexist.
-pub const PREFIX: &str = "HT1-";
+pub const PREFIX: &str = "HT2-";
+/// Prefix of version 1 tokens, which are no longer read (none was given to a patient).
+const PREFIX_V1: &str = "HT1";
 const ALPHABET: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
 const DATA_PER_GROUP: usize = 4;
 const GROUP: usize = DATA_PER_GROUP + 1;
-/// Bound on accepted text so hostile input cannot make parsing costly.
-const MAX_TEXT: usize = 4096;
+/// Bound on accepted text (bytes) so hostile input cannot make parsing costly; a token is
+/// about 100 characters, one carrying a URL at most about 260.
+pub const MAX_TEXT: usize = 4096;
 
 /// Why token text was rejected; messages say what the reader should do.
 #[derive(Debug, Clone, Error, PartialEq, Eq)]
@@ -23,6 +26,12 @@ pub enum TextError {
     /// The text does not start with a known version prefix.
     #[error("this is not an HI-TOKEN (it must start with {PREFIX})")]
     Prefix,
+    /// A version 1 token (`HT1-`), from before the short format.
+    #[error(
+        "this is a version 1 token, which this cloudpdi no longer reads; ask the sender for \
+         a new one"
+    )]
+    Version1,
     /// A character outside Crockford base32.
     #[error("character {position} is not a valid token character")]
     BadChar {
@@ -39,7 +48,10 @@ pub enum TextError {
         group: usize,
     },
     /// Input longer than any token.
-    #[error("the token text is too long")]
+    #[error(
+        "the token text is longer than {MAX_TEXT} bytes, so it is not a token (a token is \
+         about 100 characters); give the token text alone"
+    )]
     TooLong,
 }
 
@@ -95,6 +107,9 @@ pub fn decode_symbols(text: &str) -> Result<Vec<u8>, TextError> {
     let trimmed = text.trim_start();
     let code = PREFIX.trim_end_matches('-');
     let head = trimmed.get(..code.len()).ok_or(TextError::Prefix)?;
+    if head.eq_ignore_ascii_case(PREFIX_V1) {
+        return Err(TextError::Version1);
+    }
     if !head.eq_ignore_ascii_case(code) {
         return Err(TextError::Prefix);
     }
@@ -171,5 +186,11 @@ mod tests {
         };
         let bad = format!("{PREFIX}{}", String::from_utf8_lossy(&body));
         assert_eq!(decode_symbols(&bad), Err(TextError::Check { group: 4 }));
+    }
+
+    #[test]
+    fn a_version_1_text_is_named_as_such() {
+        assert_eq!(decode_symbols("ht1-05NGF-W3G0N"), Err(TextError::Version1));
+        assert_eq!(decode_symbols("HT9-05NGF"), Err(TextError::Prefix));
     }
 }

@@ -8,7 +8,7 @@ use sha2::{Digest, Sha256};
 
 use crate::gateway::jobs::{JobRecord, JobSummary, Progress, state_name};
 use crate::gateway::reception::batch::StudySummary;
-use crate::token::Token;
+use crate::token::{RepositoryRef, Token};
 
 /// Where an inbound job is; the step named is the next one to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,7 +46,8 @@ pub struct SetAside {
 pub struct InboundJob {
     /// `R` + 12 hex digits of SHA-256(repository, document ID).
     pub id: String,
-    /// The sending facility's code (from the token).
+    /// The sending facility's code, as the repository names the document's creator when
+    /// it is downloaded (the token does not carry it); empty until then.
     pub issuer: String,
     /// The document ID (not secret: useless without the token's secret).
     pub document_id: String,
@@ -79,7 +80,11 @@ impl InboundJob {
             state: state_name(self.step),
             progress: format!(
                 "from {}: {} of {} stored, {} set aside",
-                self.issuer,
+                if self.issuer.is_empty() {
+                    "(not known before the download)"
+                } else {
+                    &self.issuer
+                },
                 self.stored,
                 self.instances,
                 self.set_aside.len()
@@ -104,8 +109,12 @@ impl InboundJob {
 
 /// The job id of a token: the same for every copy of it.
 pub fn job_id(token: &Token) -> String {
+    let repository = match &token.repository {
+        RepositoryRef::Url(url) => url.clone(),
+        RepositoryRef::Community(code) => format!("community:{code}"),
+    };
     let digest = Sha256::new()
-        .chain_update(token.repository.as_bytes())
+        .chain_update(repository.as_bytes())
         .chain_update([0])
         .chain_update(token.document_id.as_bytes())
         .finalize();

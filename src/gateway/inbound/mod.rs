@@ -2,8 +2,11 @@
 //!
 //! A token enters through the watch queue ([`crate::gateway::inbound::watch`]) and becomes a job whose id
 //! is derived from its repository and document ID, so the same token dropped twice is
-//! imported once. Steps, each repeated safely after a crash:
+//! imported once. A token naming a community code is resolved through `[repositories]`,
+//! and the resulting URL checked against `inbound.allowed_repositories`. Steps, each
+//! repeated safely after a crash:
 //! 1. **download**: ranged, resumable download of the container (`jobs/in/<id>/container`);
+//!    the repository names the facility that created the document, the job's issuer;
 //! 2. **open**: decrypt and authenticate; nothing goes further from a container that
 //!    fails (`pdi.zip`, committed only when every chunk authenticated);
 //! 3. **unpack**: extract the PDI safely and check it against its DICOMDIR and manifest;
@@ -30,7 +33,7 @@ use tracing::{info, warn};
 
 use crate::admin::metrics::Metrics;
 use crate::clock::now_ms;
-use crate::config::{Config, InboundConfig, PatientIdMode};
+use crate::config::{Config, InboundConfig, PatientIdMode, UnknownCommunity};
 use crate::dicom::scu::{Instance, Outcome, StoreTarget, store_all};
 use crate::durable;
 use crate::gateway::inbound::reconcile::PatientIdPolicy;
@@ -78,6 +81,9 @@ pub enum QueueError {
         "the token points at repository {0}, which is not in inbound.allowed_repositories; add it if this hospital trusts it"
     )]
     Repository(String),
+    /// The token's community code is not in `[repositories]`.
+    #[error(transparent)]
+    Community(#[from] UnknownCommunity),
     /// The token has expired.
     #[error(transparent)]
     Token(#[from] crate::token::TokenError),
@@ -191,10 +197,7 @@ impl Inbound {
             None => false,
         };
         token.check_not_expired(now_ms() / 1000)?;
-        let allowed = &self.config.inbound.allowed_repositories;
-        if !allowed.is_empty() && !allowed.iter().any(|a| within(&token.repository, a)) {
-            return Err(QueueError::Repository(token.repository.clone()));
-        }
+        source(token, &self.config)?;
         let dir = Workdir(self.dir.join(&id));
         let folder_error = |source| QueueError::Io {
             path: dir.0.clone(),
@@ -204,7 +207,7 @@ impl Inbound {
         durable::write(&dir.token(), token.to_line().as_bytes(), 0o600).map_err(folder_error)?;
         let job = InboundJob {
             id: id.clone(),
-            issuer: token.issuer.clone(),
+            issuer: String::new(),
             document_id: token.document_id.clone(),
             expires_at: token.expires_at,
             local_patient_id,
@@ -217,10 +220,10 @@ impl Inbound {
         };
         if retry {
             self.jobs.put(&job)?;
-            info!(job = %id, from = %token.issuer, "failed inbound job queued again");
+            info!(job = %id, "failed inbound job queued again");
             Ok(Queued::New(id))
         } else if self.jobs.create(&job)? {
-            info!(job = %id, from = %token.issuer, "inbound job created");
+            info!(job = %id, "inbound job created");
             Ok(Queued::New(id))
         } else {
             Ok(Queued::Known(id))
@@ -277,8 +280,8 @@ impl Inbound {
                     return Ok(InStep::Open);
                 }
                 let token = Self::token(&dir)?;
-                let client = client(&token, &self.config.inbound)?;
-                client
+                let client = client(&token, &self.config)?;
+                let downloaded = client
                     .download_to(
                         &token.document_id,
                         &token.download_proof(),
@@ -286,6 +289,11 @@ impl Inbound {
                         |_| {},
                     )
                     .await?;
+                if let Some(facility) = downloaded.facility {
+                    // Recorded before the rename: a crash after it skips the download.
+                    job.issuer = facility;
+                    self.jobs.put(job)?;
+                }
                 std::fs::rename(dir.partial(), dir.container())
                     .map_err(|e| StepError::file("rename the download", &dir.partial(), &e))?;
                 durable::sync_dir(&dir.0).map_err(|e| StepError::file("flush", &dir.0, &e))?;
@@ -339,7 +347,7 @@ impl Inbound {
                     instances_refused: job.set_aside.len() as u64,
                     note: String::new(),
                 };
-                match client(&token, &self.config.inbound)?
+                match client(&token, &self.config)?
                     .receipt(&token.document_id, &token.download_proof(), &receipt)
                     .await
                 {
@@ -376,7 +384,7 @@ impl Inbound {
         };
         let mut instances = instances;
         instances.retain(|i| !stored.contains(&i.sop_instance_uid));
-        let results = store_all(Arc::new(self.target(job)), instances).await;
+        let results = store_all(Arc::new(self.target(job)?), instances).await;
         if let Some(unsent) = import::unsent(results.iter().map(|(_, outcome)| outcome)) {
             stored.extend(
                 results
@@ -444,14 +452,30 @@ impl Inbound {
         }
     }
 
-    fn target(&self, job: &InboundJob) -> StoreTarget {
+    /// Where and how the job's instances are stored. With `inbound.patient_id = "prefix"`
+    /// the prefix is the issuer the repository named; a job without one is held.
+    fn target(&self, job: &InboundJob) -> Result<StoreTarget, StepError> {
         let inbound = &self.config.inbound;
         let policy = match (&job.local_patient_id, inbound.patient_id) {
             (Some(id), _) => PatientIdPolicy::Local(id.clone()),
+            (None, PatientIdMode::Prefix) if job.issuer.is_empty() => {
+                return Err(StepError::held(
+                    Cause::Other,
+                    format!(
+                        "inbound.patient_id = \"prefix\", but the repository did not say which \
+                         facility sent this study (no {} header), so there is no prefix: \
+                         hand the token over again with a local Patient ID (`cloudpdi \
+                         receive --patient-id`), or set inbound.patient_id = \"keep\" and run \
+                         `cloudpdi retry {}`",
+                        crate::repository::api::FACILITY_HEADER,
+                        job.id
+                    ),
+                ));
+            }
             (None, PatientIdMode::Prefix) => PatientIdPolicy::Prefix(format!("{}-", job.issuer)),
             (None, PatientIdMode::Keep) => PatientIdPolicy::Keep,
         };
-        import::store_target(inbound, policy)
+        Ok(import::store_target(inbound, policy))
     }
 }
 
@@ -528,12 +552,30 @@ fn keep_aside(from: &Path, to: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The base URL of the token's repository: its URL or its community code resolved through
+/// `[repositories]`, on `inbound.allowed_repositories` when that lists any.
+///
+/// # Errors
+/// [`QueueError::Community`] for an unknown code, [`QueueError::Repository`] for a
+/// repository not allowed.
+pub fn source(token: &Token, config: &Config) -> Result<String, QueueError> {
+    let url = config.repository_url(&token.repository)?;
+    let allowed = &config.inbound.allowed_repositories;
+    if !allowed.is_empty() && !allowed.iter().any(|a| within(&url, a)) {
+        return Err(QueueError::Repository(url));
+    }
+    Ok(url)
+}
+
 /// A repository client for the token's own repository (no API key: the proof is the
 /// authorization), within the receiving side's bounds.
 ///
 /// # Errors
-/// A permanent [`StepError`] for a URL the client refuses (plain http to another host).
-pub fn client(token: &Token, inbound: &InboundConfig) -> Result<Client, StepError> {
+/// A permanent [`StepError`] for a repository not resolved or not allowed ([`source`]),
+/// or a URL the client refuses (plain http to another host).
+pub fn client(token: &Token, config: &Config) -> Result<Client, StepError> {
+    let url = source(token, config).map_err(StepError::permanent)?;
+    let inbound = &config.inbound;
     let options = ClientOptions {
         allow_plain_http: inbound.allow_plain_http,
         plain_http_key: "inbound.allow_plain_http",
@@ -541,7 +583,7 @@ pub fn client(token: &Token, inbound: &InboundConfig) -> Result<Client, StepErro
         max_download_key: "inbound.max_document_mb",
         ..ClientOptions::default()
     };
-    Client::new(&token.repository, None, options).map_err(StepError::permanent)
+    Client::new(&url, None, options).map_err(StepError::permanent)
 }
 
 /// What opening a container may write on the receiving side.
@@ -597,7 +639,8 @@ fn unpack(zip: &Path, dest: &Path, max_bytes: u64) -> Result<(), StepError> {
 }
 
 /// Downloads, decrypts and extracts a token's PDI into `out` without a daemon, as if
-/// reading the disc (`cloudpdi receive --out`).
+/// reading the disc (`cloudpdi receive --out`), within `config`'s `[inbound]` bounds and
+/// from the repository its `[repositories]` resolves.
 ///
 /// # Errors
 /// [`StepError`] saying what failed; nothing is left in `out` from a container that
@@ -605,15 +648,16 @@ fn unpack(zip: &Path, dest: &Path, max_bytes: u64) -> Result<(), StepError> {
 pub async fn receive_to_folder(
     token: &Token,
     out: &Path,
-    inbound: &InboundConfig,
+    config: &Config,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<crate::pdi::Summary, StepError> {
+    let inbound = &config.inbound;
     token
         .check_not_expired(now_ms() / 1000)
         .map_err(StepError::permanent)?;
     let work = Workdir(out.with_extension("cloudpdi-download"));
     private_dir(&work.0).map_err(|e| StepError::file("create", &work.0, &e))?;
-    let download = client(token, inbound)?
+    let download = client(token, config)?
         .download_to(
             &token.document_id,
             &token.download_proof(),

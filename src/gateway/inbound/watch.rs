@@ -243,11 +243,9 @@ mod tests {
 
     fn sample() -> Token {
         Token::with_secret(
-            "https://repo.example",
-            "DOC1",
+            crate::token::RepositoryRef::Url("https://repo.example".into()),
+            "0123456789abcdef0123",
             u32::MAX,
-            "HOSPA",
-            "",
             [7; 16],
         )
         .expect("valid token")

@@ -286,11 +286,9 @@ impl Sender {
             None => self.link(&job.route)?.url.clone(),
         };
         let token = Token::for_secret(
-            &repository,
+            self.config.repository_ref(&repository),
             document_id,
             job.expires_at,
-            &self.config.facility.code,
-            &summary,
             &secret,
         )
         .map_err(StepError::permanent)?;

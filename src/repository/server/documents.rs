@@ -28,7 +28,7 @@ async fn create_document(app: &App, facility: String, body: Body) -> Result<Answ
     let request: NewDocument = read_json(body, app.server.body_idle_timeout()).await?;
     let now = unix_now();
     check_new_document(&app.server, &request, now)?;
-    let mut random = [0u8; 16];
+    let mut random = [0u8; crate::token::DOCUMENT_ID_BYTES];
     getrandom::fill(&mut random).map_err(Refusal::unavailable)?;
     let meta = DocumentMeta {
         id: hex::encode(random),

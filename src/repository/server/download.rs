@@ -40,7 +40,7 @@ async fn serve(app: &App, snapshot: Snapshot, headers: &HeaderMap) -> Result<Ans
         Some((start, end)) if start < size && end.is_none_or(|e| e >= start) => {
             Some((start, end.map_or(size, |e| e.saturating_add(1).min(size))))
         }
-        Some(_) => return Ok(range_not_satisfiable(size)),
+        Some(_) => return Ok(range_not_satisfiable(size, &snapshot.meta.facility)),
     };
     let resumed = match range {
         Some((start, _)) if start > 0 => app
@@ -80,6 +80,7 @@ async fn serve(app: &App, snapshot: Snapshot, headers: &HeaderMap) -> Result<Ans
         .ok_or_else(|| Refusal::unavailable("complete record vanished"))?
         .sha256;
     app.metrics.bytes_downloaded.inc_by(end - start);
+    let snapshot_facility = snapshot.meta.facility.clone();
     let body = Body::from_stream(content_stream(
         app.storage.clone(),
         snapshot.meta,
@@ -97,6 +98,9 @@ async fn serve(app: &App, snapshot: Snapshot, headers: &HeaderMap) -> Result<Ans
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     h.insert(api::SHA256_HEADER, value(hex::encode(sha256)));
+    if let Ok(facility) = HeaderValue::from_str(&snapshot_facility) {
+        h.insert(api::FACILITY_HEADER, facility);
+    }
     if range.is_some() {
         h.insert(
             header::CONTENT_RANGE,
@@ -108,9 +112,10 @@ async fn serve(app: &App, snapshot: Snapshot, headers: &HeaderMap) -> Result<Ans
     Ok(Answer::ok(response).with_detail(format!("bytes {start}-{}/{size}{resumed}", end - 1)))
 }
 
-/// 416 with the document's size, for a range that lies outside it. The receiver proved
-/// the token, so this is audited as an answer of its own, not aggregated as a refusal.
-fn range_not_satisfiable(size: u64) -> Answer {
+/// 416 with the document's size (and its facility: a receiver that had every byte
+/// finishes with this answer), for a range that lies outside it. The receiver proved the
+/// token, so this is audited as an answer of its own, not aggregated as a refusal.
+fn range_not_satisfiable(size: u64, facility: &str) -> Answer {
     let mut response = Refusal::new(
         StatusCode::RANGE_NOT_SATISFIABLE,
         "range_not_satisfiable",
@@ -121,6 +126,11 @@ fn range_not_satisfiable(size: u64) -> Answer {
         header::CONTENT_RANGE,
         HeaderValue::from_str(&format!("bytes */{size}")).expect("digits are a header"),
     );
+    if let Ok(facility) = HeaderValue::from_str(facility) {
+        response
+            .headers_mut()
+            .insert(api::FACILITY_HEADER, facility);
+    }
     Answer::ok(response).with_outcome("range_not_satisfiable")
 }
 

@@ -192,10 +192,11 @@ pub struct Embedded {
 }
 
 /// Starts an in-process repository on `listener` (loopback), storing under
-/// `data_dir/repository/`, with one facility `embedded` whose API key hashes to
-/// `api_key_sha256`, so a single machine has a whole working system without another
-/// service. The gateway keeps the address and the key stable across restarts: tokens
-/// name the address.
+/// `data_dir/repository/`, with one facility `facility` (the gateway's code, which
+/// downloads name as the sender: [`crate::repository::api::FACILITY_HEADER`]) whose API key
+/// hashes to `api_key_sha256`, so a single machine has a whole working system without
+/// another service. The gateway keeps the address and the key stable across restarts:
+/// tokens name the address.
 ///
 /// # Errors
 /// [`ServerError`] when the folder, the audit trail or the listener cannot be set up.
@@ -203,6 +204,7 @@ pub async fn start_embedded(
     data_dir: &Path,
     listener: TcpListener,
     api_key_sha256: &str,
+    facility: &str,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<Embedded, ServerError> {
     let root = data_dir.join("repository");
@@ -215,7 +217,7 @@ pub async fn start_embedded(
             path: root.join("audit.jsonl"),
         },
         facility: [(
-            "embedded".to_owned(),
+            facility.to_owned(),
             FacilityConfig {
                 api_key_sha256: api_key_sha256.to_owned(),
                 client_cert_sha256: String::new(),

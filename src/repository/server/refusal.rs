@@ -58,7 +58,7 @@ impl Refusal {
         Refusal::new(
             StatusCode::BAD_REQUEST,
             "invalid_document_id",
-            "a document ID is 32 lower-case hex digits",
+            "a document ID is 20 lower-case hex digits",
         )
     }
 
