@@ -33,10 +33,17 @@ pub mod tls;
 /// short, as the token carries it.
 pub const DOCUMENT_ID_LEN: usize = 2 * crate::token::DOCUMENT_ID_BYTES;
 
-/// Whether `id` has the exact form of a document ID the server assigns, so nothing else
-/// (`..`, `/`, encoded separators) ever reaches a storage path.
+/// Length of the document IDs assigned before token version 2 (128 bits as hex). Such
+/// documents stay reachable for their sender's status, revoke and the expiry sweep after
+/// an upgrade; no new token can name one.
+pub const LEGACY_DOCUMENT_ID_LEN: usize = 32;
+
+/// Whether `id` has the exact form of a document ID the server assigns (now, or before
+/// token version 2), so nothing else (`..`, `/`, encoded separators) ever reaches a
+/// storage path.
 pub fn is_document_id(id: &str) -> bool {
-    id.len() == DOCUMENT_ID_LEN && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    matches!(id.len(), DOCUMENT_ID_LEN | LEGACY_DOCUMENT_ID_LEN)
+        && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 pub(crate) use crate::clock::now_seconds as unix_now;
@@ -54,10 +61,14 @@ mod tests {
             "0123456789ABCDEF0123",
             "0123456789abcdef012/",
             "0123456789abcdef01234",
-            "0123456789abcdef0123456789abcdef",
+            "0123456789abcdef0123456789abcdef0",
             "%2e%2e",
         ] {
             assert!(!is_document_id(bad), "{bad:?}");
         }
+        assert!(
+            is_document_id("0123456789abcdef0123456789abcdef"),
+            "a document stored before token v2 stays reachable"
+        );
     }
 }

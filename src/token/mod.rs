@@ -257,7 +257,9 @@ impl Token {
 
     fn validate(&self) -> Result<(), TokenError> {
         self.repository.validate()?;
-        if !crate::repository::is_document_id(&self.document_id) {
+        if self.document_id.len() != crate::repository::DOCUMENT_ID_LEN
+            || !crate::repository::is_document_id(&self.document_id)
+        {
             return Err(TokenError::Field(
                 "document ID: 20 lower-case hex characters, as the repository assigns them",
             ));
