@@ -68,6 +68,10 @@ pub struct InboundJob {
     /// PDI once it is verified (for `cloudpdi status`).
     #[serde(default)]
     pub study: Option<StudySummary>,
+    /// The facility whose sealed token arrived in this facility's mailbox (the sender the
+    /// repository authenticated); `None` for a token from the watch folder.
+    #[serde(default)]
+    pub sealed_from: Option<String>,
 }
 
 impl InboundJob {
@@ -79,7 +83,10 @@ impl InboundJob {
             state: state_name(self.step),
             progress: format!(
                 "from {}: {} of {} stored, {} set aside",
-                self.issuer,
+                match &self.sealed_from {
+                    Some(sender) => format!("{sender} (sealed delivery)"),
+                    None => self.issuer.clone(),
+                },
                 self.stored,
                 self.instances,
                 self.set_aside.len()

@@ -1,6 +1,8 @@
 //! The inbound pipeline: a token becomes a study in the local PACS.
 //!
-//! A token enters through the watch queue ([`crate::gateway::inbound::watch`]) and becomes a job whose id
+//! A token enters through the watch queue ([`crate::gateway::inbound::watch`]) or, sealed
+//! by another facility, through the mailbox ([`crate::gateway::inbound::mailbox`]), and
+//! becomes a job whose id
 //! is derived from its repository and document ID, so the same token dropped twice is
 //! imported once. Steps, each repeated safely after a crash:
 //! 1. **download**: ranged, resumable download of the container (`jobs/in/<id>/container`);
@@ -14,6 +16,7 @@
 //! The token itself stays only in the job folder (mode 0600) while the job runs.
 
 pub mod import;
+pub mod mailbox;
 pub mod reconcile;
 pub mod watch;
 
@@ -38,7 +41,7 @@ use crate::gateway::jobs::{
     Cause, JobRecord, JobSummary, Pipeline, Progress, RetryError, StepError,
 };
 use crate::gateway::jobs::{blocking, state_name};
-use crate::gateway::store::{IndexError, JobStore, Store};
+use crate::gateway::store::{IndexError, JobStore, RefusalStore, Store};
 use crate::gateway::study::StudyDetails;
 use crate::repository::api::Receipt;
 use crate::repository::client::{Client, ClientOptions};
@@ -113,6 +116,8 @@ pub enum Queued {
 pub struct Inbound {
     config: Arc<Config>,
     jobs: JobStore,
+    /// Senders whose sealed tokens the mailbox refused.
+    refusals: RefusalStore,
     dir: PathBuf,
 }
 
@@ -125,7 +130,13 @@ impl Inbound {
         let dir = config.jobs_dir().join("in");
         let jobs = JobStore::open(store, "inbound_jobs")?;
         jobs.reindex::<InboundJob>()?;
-        let inbound = Inbound { jobs, config, dir };
+        let refusals = RefusalStore::open(store, "mailbox_refusals")?;
+        let inbound = Inbound {
+            jobs,
+            config,
+            refusals,
+            dir,
+        };
         inbound.sweep()?;
         Ok(inbound)
     }
@@ -178,6 +189,32 @@ impl Inbound {
         token: &Token,
         local_patient_id: Option<String>,
     ) -> Result<Queued, QueueError> {
+        self.queue_from(token, local_patient_id, None)
+    }
+
+    /// [`Inbound::queue`] for a token that `sender` sealed to this facility and posted to
+    /// its mailbox: the job's issuer is the sender, and status says it came sealed.
+    ///
+    /// # Errors
+    /// As [`Inbound::queue`].
+    pub fn queue_sealed(&self, token: &Token, sender: &str) -> Result<Queued, QueueError> {
+        self.queue_from(token, None, Some(sender))
+    }
+
+    /// The senders the mailbox refused, with the last reason, for `cloudpdi status`.
+    ///
+    /// # Errors
+    /// [`IndexError`] when the store cannot be read.
+    pub fn refusals(&self) -> Result<Vec<mailbox::Refusal>, IndexError> {
+        self.refusals.all()
+    }
+
+    fn queue_from(
+        &self,
+        token: &Token,
+        local_patient_id: Option<String>,
+        sealed_from: Option<&str>,
+    ) -> Result<Queued, QueueError> {
         if local_patient_id
             .as_deref()
             .is_some_and(|id| reconcile::check_id(id).is_err())
@@ -202,9 +239,10 @@ impl Inbound {
         };
         private_dir(&dir.0).map_err(folder_error)?;
         durable::write(&dir.token(), token.to_line().as_bytes(), 0o600).map_err(folder_error)?;
+        let issuer = sealed_from.map_or_else(|| token.issuer.clone(), str::to_owned);
         let job = InboundJob {
             id: id.clone(),
-            issuer: token.issuer.clone(),
+            issuer: issuer.clone(),
             document_id: token.document_id.clone(),
             expires_at: token.expires_at,
             local_patient_id,
@@ -214,13 +252,14 @@ impl Inbound {
             stored: 0,
             set_aside: Vec::new(),
             study: None,
+            sealed_from: sealed_from.map(str::to_owned),
         };
         if retry {
             self.jobs.put(&job)?;
-            info!(job = %id, from = %token.issuer, "failed inbound job queued again");
+            info!(job = %id, from = %issuer, "failed inbound job queued again");
             Ok(Queued::New(id))
         } else if self.jobs.create(&job)? {
-            info!(job = %id, from = %token.issuer, "inbound job created");
+            info!(job = %id, from = %issuer, sealed = sealed_from.is_some(), "inbound job created");
             Ok(Queued::New(id))
         } else {
             Ok(Queued::Known(id))
@@ -338,6 +377,9 @@ impl Inbound {
                     instances_imported: job.stored,
                     instances_refused: job.set_aside.len() as u64,
                     note: String::new(),
+                    // The sender's status tells its recipients' receipts apart by it.
+                    facility: Some(self.config.facility.code.clone())
+                        .filter(|code| crate::facility::is_code(code)),
                 };
                 match client(&token, &self.config.inbound)?
                     .receipt(&token.document_id, &token.download_proof(), &receipt)
