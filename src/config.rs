@@ -886,7 +886,10 @@ impl Config {
     /// `inbound.accept_from`): then it needs `facility.key_file`.
     pub fn uses_facility_key(&self) -> bool {
         !self.inbound.accept_from.is_empty()
-            || self.routes.values().any(|route| !route.deliver_to.is_empty())
+            || self
+                .routes
+                .values()
+                .any(|route| !route.deliver_to.is_empty())
     }
 
     /// Sealed delivery needs this facility's key, a pin for every facility named, codes
@@ -1478,7 +1481,9 @@ mod tests {
             &["inbound.mailbox_poll_interval", "between 1 and 3600"],
         );
         says(
-            &format!("{shared}{key}{pins}[route.ct]\nae_title = \"CT\"\ndeliver_to = [\"HOSP B\"]\n"),
+            &format!(
+                "{shared}{key}{pins}[route.ct]\nae_title = \"CT\"\ndeliver_to = [\"HOSP B\"]\n"
+            ),
             &["route.ct.deliver_to", "facility code"],
         );
     }

@@ -49,7 +49,10 @@ impl Facility {
         let out = String::from_utf8_lossy(&out.stdout).into_owned();
         let key = out
             .lines()
-            .find_map(|l| l.split_once("shown once): ").map(|(_, k)| k.trim().to_owned()))
+            .find_map(|l| {
+                l.split_once("shown once): ")
+                    .map(|(_, k)| k.trim().to_owned())
+            })
             .unwrap_or_else(|| panic!("new-key prints a key: {out}"));
         let api_key_line = out
             .lines()
@@ -352,10 +355,14 @@ fn a_ct_study_reaches_the_pacs_of_the_facility_it_is_sealed_to() {
     );
     assert!(status_text(&b).contains("from HOSPA (sealed delivery)"));
     // A's status: delivered to B, then imported by B (B's receipt names HOSPB).
-    let imported = wait_for("A's status to show B's import", Duration::from_secs(60), || {
-        let text = status_text(&a);
-        text.contains("imported by HOSPB").then_some(text)
-    });
+    let imported = wait_for(
+        "A's status to show B's import",
+        Duration::from_secs(60),
+        || {
+            let text = status_text(&a);
+            text.contains("imported by HOSPB").then_some(text)
+        },
+    );
     assert!(imported.contains("delivered to HOSPB"), "{imported}");
     let (_, details) = deliveries(&a, "PAT1").unwrap();
     let receipts = details["document"]["receipts"].as_array().unwrap();
@@ -363,7 +370,10 @@ fn a_ct_study_reaches_the_pacs_of_the_facility_it_is_sealed_to() {
     assert_eq!(receipts[0]["facility"], "HOSPB");
     assert_eq!(receipts[0]["instances_imported"], first.len() as u64);
     let mailbox_b = fb.client(&hub);
-    assert!(block(mailbox_b.messages()).unwrap().is_empty(), "B's mailbox emptied");
+    assert!(
+        block(mailbox_b.messages()).unwrap().is_empty(),
+        "B's mailbox emptied"
+    );
 
     // 2. A sender not in accept_from (HOSPC, a registered facility with a good key) is
     // refused, listed by B's status, and its message deleted.
@@ -392,7 +402,10 @@ fn a_ct_study_reaches_the_pacs_of_the_facility_it_is_sealed_to() {
     );
     assert!(status_text(&b).contains("refused sealed tokens from HOSPC"));
     wait_for("HOSPC's message deleted", Duration::from_secs(10), || {
-        block(mailbox_b.messages()).unwrap().is_empty().then_some(())
+        block(mailbox_b.messages())
+            .unwrap()
+            .is_empty()
+            .then_some(())
     });
     assert_eq!(inbound_jobs(&b).len(), 1, "nothing imported from HOSPC");
     assert!(
@@ -411,11 +424,11 @@ fn a_ct_study_reaches_the_pacs_of_the_facility_it_is_sealed_to() {
     b.spawn();
     let second = send_study(work, &a, "second", 3, "PAT2");
     let message = posted_message(&a, "PAT2");
-    wait_for("B to fetch and fail to queue", Duration::from_secs(60), || {
-        b.log()
-            .contains("sealed token not taken yet")
-            .then_some(())
-    });
+    wait_for(
+        "B to fetch and fail to queue",
+        Duration::from_secs(60),
+        || b.log().contains("sealed token not taken yet").then_some(()),
+    );
     b.kill9();
     let waiting = block(mailbox_b.messages()).unwrap();
     assert_eq!(waiting.len(), 1, "the message survives the crash");
@@ -424,10 +437,20 @@ fn a_ct_study_reaches_the_pacs_of_the_facility_it_is_sealed_to() {
     // Facility C can neither read nor delete it, and what it holds does not open with C's
     // key (HPKE to B's key).
     let c = fc.client(&hub);
-    assert!(block(c.messages()).unwrap().is_empty(), "C sees only its own mailbox");
-    assert!(block(c.message(&message)).is_err(), "C cannot fetch B's message");
+    assert!(
+        block(c.messages()).unwrap().is_empty(),
+        "C sees only its own mailbox"
+    );
+    assert!(
+        block(c.message(&message)).is_err(),
+        "C cannot fetch B's message"
+    );
     let _ = block(c.delete_message(&message));
-    assert_eq!(block(mailbox_b.messages()).unwrap().len(), 1, "C deleted nothing");
+    assert_eq!(
+        block(mailbox_b.messages()).unwrap().len(),
+        1,
+        "C deleted nothing"
+    );
     let sealed = block(mailbox_b.message(&message)).unwrap();
     let a_public = PublicKey::parse(&fa.public_key).unwrap();
     assert!(cloudpdi::facility::open(&fc.key(), "HOSPB", &a_public, "HOSPA", &sealed).is_err());
@@ -438,7 +461,10 @@ fn a_ct_study_reaches_the_pacs_of_the_facility_it_is_sealed_to() {
     assert_eq!(jobs.len(), 2, "imported once: {jobs:#?}");
     assert_eq!(in_orthanc(&orthanc), first.len() + second.len());
     wait_for("B's mailbox emptied", Duration::from_secs(10), || {
-        block(mailbox_b.messages()).unwrap().is_empty().then_some(())
+        block(mailbox_b.messages())
+            .unwrap()
+            .is_empty()
+            .then_some(())
     });
 
     // The same with a real race: B stopped, the token posted, B started and killed -9 as
@@ -447,10 +473,14 @@ fn a_ct_study_reaches_the_pacs_of_the_facility_it_is_sealed_to() {
     let third = send_study(work, &a, "third", 2, "PAT3");
     let message = posted_message(&a, "PAT3");
     b.spawn();
-    wait_for("B's fetch in the audit trail", Duration::from_secs(30), || {
-        let events = hub.audit_of(&message);
-        events.iter().any(|e| e.contains("fetch")).then_some(())
-    });
+    wait_for(
+        "B's fetch in the audit trail",
+        Duration::from_secs(30),
+        || {
+            let events = hub.audit_of(&message);
+            events.iter().any(|e| e.contains("fetch")).then_some(())
+        },
+    );
     b.kill9();
     println!(
         "killed B after the fetch; audit of the message then: {:?}",
@@ -487,14 +517,17 @@ fn a_ct_study_reaches_the_pacs_of_the_facility_it_is_sealed_to() {
     });
     let error = job["bookkeeping"]["last_error"].as_str().unwrap();
     for part in [
-        &fc.fingerprint,
-        &fb.fingerprint,
+        fc.fingerprint.as_str(),
+        fb.fingerprint.as_str(),
         "facilities.HOSPB.fingerprint",
         "cloudpdi retry",
     ] {
-        assert!(error.contains(part.as_str()), "{part:?} not in {error}");
+        assert!(error.contains(part), "{part:?} not in {error}");
     }
-    assert!(details["deliveries"][0]["posted_at"].is_null(), "{details:#}");
+    assert!(
+        details["deliveries"][0]["posted_at"].is_null(),
+        "{details:#}"
+    );
     let text = status_text(&a);
     assert!(text.contains("not delivered to HOSPB"), "{text}");
     assert!(block(mailbox_b.messages()).unwrap().is_empty());

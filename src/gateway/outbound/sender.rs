@@ -443,8 +443,9 @@ impl Sender {
                 ),
             ));
         }
-        let sealed = crate::facility::seal(key, &self.config.facility.code, &public, code, plaintext)
-            .map_err(StepError::permanent)?;
+        let sealed =
+            crate::facility::seal(key, &self.config.facility.code, &public, code, plaintext)
+                .map_err(StepError::permanent)?;
         let posted = link.client.post_message(code, &sealed).await?;
         Ok(posted.message_id)
     }
