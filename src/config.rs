@@ -967,6 +967,14 @@ impl Config {
             }
         }
         for (code, pin) in &self.facilities {
+            if !crate::facility::is_code(code) {
+                return Err(value_error(
+                    format!("facilities.{code}"),
+                    format!("{code:?}"),
+                    "a facility code as the repository's directory knows it: 1-32 \
+                     characters of A-Z, a-z, 0-9, _ and -",
+                ));
+            }
             if let Err(e) = crate::facility::Fingerprint::parse(&pin.fingerprint) {
                 return Err(value_error(
                     format!("facilities.{code}.fingerprint"),
@@ -1485,6 +1493,10 @@ mod tests {
                 "{shared}{key}{pins}[route.ct]\nae_title = \"CT\"\ndeliver_to = [\"HOSP B\"]\n"
             ),
             &["route.ct.deliver_to", "facility code"],
+        );
+        says(
+            &format!("{shared}[facilities.\"HOSP B\"]\nfingerprint = \"{pin}\"\n"),
+            &["facilities.HOSP B", "facility code"],
         );
     }
 }
