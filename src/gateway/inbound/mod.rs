@@ -338,6 +338,7 @@ impl Inbound {
                     instances_imported: job.stored,
                     instances_refused: job.set_aside.len() as u64,
                     note: String::new(),
+                    facility: None,
                 };
                 match client(&token, &self.config.inbound)?
                     .receipt(&token.document_id, &token.download_proof(), &receipt)
