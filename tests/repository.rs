@@ -148,6 +148,7 @@ fn facility(hash: String) -> FacilityConfig {
     FacilityConfig {
         api_key_sha256: hash,
         client_cert_sha256: String::new(),
+        ..FacilityConfig::default()
     }
 }
 
@@ -339,6 +340,7 @@ async fn life_cycle(backend: Backend) {
         instances_imported: 42,
         instances_refused: 1,
         note: "imported into PACS-2".into(),
+        facility: None,
     };
     receiver.receipt(&id, &proof, &receipt).await.unwrap();
     let status = sender.status(&id).await.unwrap();
@@ -1234,6 +1236,7 @@ async fn tls_with_client_certificates() {
         FacilityConfig {
             api_key_sha256: String::new(),
             client_cert_sha256: fingerprint,
+            ..FacilityConfig::default()
         },
     );
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -150,6 +150,14 @@ pub(crate) fn seal_seeded(
     Ok(sealed)
 }
 
+/// Whether `bytes` have the form of a sealed message (magic, version, length within
+/// bounds), without any key: the repository refuses to carry anything else, so a token
+/// posted by mistake in clear is never stored.
+pub fn is_envelope(bytes: &[u8]) -> bool {
+    (HEADER_LEN + ENC_LEN + TAG_LEN + 1..=MAX_SEALED).contains(&bytes.len())
+        && bytes[..HEADER_LEN] == header()
+}
+
 /// Opens `sealed`, addressed to `recipient` (code `recipient_code`), which must have been
 /// sealed by the holder of `sender` (code `sender_code`).
 ///
@@ -163,14 +171,10 @@ pub fn open(
     sender_code: &str,
     sealed: &[u8],
 ) -> Result<Zeroizing<Vec<u8>>, SealError> {
-    if sealed.len() > MAX_SEALED || sealed.len() < HEADER_LEN + ENC_LEN + TAG_LEN + 1 {
+    if !is_envelope(sealed) {
         return Err(SealError::Format);
     }
-    let (head, rest) = sealed.split_at(HEADER_LEN);
-    if head != header() {
-        return Err(SealError::Format);
-    }
-    let (enc, ciphertext) = rest.split_at(ENC_LEN);
+    let (enc, ciphertext) = sealed[HEADER_LEN..].split_at(ENC_LEN);
     let info = info(sender_code, recipient_code)?;
     let enc = <KemSuite as hpke::Kem>::EncappedKey::from_bytes(enc).map_err(|_| SealError::Open)?;
     let mode = OpModeR::<KemSuite>::Auth(sender.hpke_public());
@@ -344,6 +348,9 @@ mod tests {
         );
         let largest = seal(&a, "A", &b.public(), "B", &[b'x'; MAX_PLAINTEXT]).expect("largest");
         assert!(largest.len() <= MAX_SEALED);
+        assert!(is_envelope(&largest));
+        assert!(!is_envelope(TOKEN));
+        assert!(!is_envelope(&largest[..HEADER_LEN + ENC_LEN + TAG_LEN]));
         for bad in ["", "A\0B", "a/b", &"X".repeat(33)] {
             assert_eq!(
                 seal(&a, bad, &b.public(), "B", TOKEN),
