@@ -502,20 +502,31 @@ fn a_ct_study_reaches_the_pacs_of_the_facility_it_is_sealed_to() {
         (&fc, fc.public_key.as_str()),
     ]);
     send_study(work, &a, "fourth", 2, "PAT4");
-    let (job, details) = wait_for("A's delivery held", Duration::from_secs(60), || {
-        let (id, details) = deliveries(&a, "PAT4")?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (job, details) = loop {
         let status = a.status();
-        let job = status["jobs"]
-            .as_array()?
-            .iter()
-            .find(|j| j["id"] == id.as_str())?
-            .clone();
-        job["bookkeeping"]["held"]
-            .as_bool()
-            .unwrap_or(false)
-            .then_some((job, details))
-    });
-    let error = job["bookkeeping"]["last_error"].as_str().unwrap();
+        let held = deliveries(&a, "PAT4").and_then(|(id, details)| {
+            let job = status["jobs"]
+                .as_array()?
+                .iter()
+                .find(|j| j["id"] == id.as_str())?
+                .clone();
+            job["held"]
+                .as_bool()
+                .unwrap_or(false)
+                .then_some((job, details))
+        });
+        if let Some(found) = held {
+            break found;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "A's delivery is not held: {status:#}\n{}",
+            a.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let error = job["last_error"].as_str().unwrap();
     for part in [
         fc.fingerprint.as_str(),
         fb.fingerprint.as_str(),
