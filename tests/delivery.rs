@@ -554,4 +554,34 @@ fn a_ct_study_reaches_the_pacs_of_the_facility_it_is_sealed_to() {
     assert!(out.status.success(), "retry: {out:?}");
     let jobs = wait_imports(&b, 4, "the held delivery imported after the retry");
     assert_eq!(jobs.len(), 4, "{jobs:#?}");
+
+    // 5. The repository (storage, audit trail, log) and both daemons' logs hold no token
+    // text (as printed or without hyphens) and no download proof of the four tokens.
+    let mut secrets: Vec<Vec<u8>> = Vec::new();
+    for file in tokens(&a) {
+        let text = fs::read_to_string(&file).unwrap().trim().to_owned();
+        let token = cloudpdi::token::Token::from_text(&text).unwrap();
+        secrets.push(text.replace('-', "").into_bytes());
+        secrets.push(text.into_bytes());
+        let proof = token.download_proof();
+        secrets.push(hex::encode(proof.bytes()).into_bytes());
+        secrets.push(proof.bytes().to_vec());
+    }
+    assert_eq!(secrets.len(), 16, "four tokens issued");
+    let mut scanned = files_in_tree(&hub.dir);
+    scanned.extend([a.dir.join("daemon.log"), b.dir.join("daemon.log")]);
+    for file in &scanned {
+        let bytes = fs::read(file).unwrap();
+        for secret in &secrets {
+            assert!(
+                !bytes.windows(secret.len()).any(|w| w == secret.as_slice()),
+                "{} holds a token or proof",
+                file.display()
+            );
+        }
+    }
+    assert!(
+        scanned.iter().any(|f| f.starts_with(hub.dir.join("store"))),
+        "the repository's storage was scanned: {scanned:?}"
+    );
 }
