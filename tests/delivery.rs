@@ -555,7 +555,57 @@ fn a_ct_study_reaches_the_pacs_of_the_facility_it_is_sealed_to() {
     let jobs = wait_imports(&b, 4, "the held delivery imported after the retry");
     assert_eq!(jobs.len(), 4, "{jobs:#?}");
 
-    // 5. The repository (storage, audit trail, log) and both daemons' logs hold no token
+    // 5. The sender's key changed at the repository without a new pin at B: B refuses
+    // A's sealed token, names both fingerprints, and deletes it. Once the key is put back,
+    // `cloudpdi retry` of A's done job seals the issued token again and B imports it.
+    hub.restart(&[
+        (&fa, fc.public_key.as_str()),
+        (&fb, fb.public_key.as_str()),
+        (&fc, fc.public_key.as_str()),
+    ]);
+    send_study(work, &a, "fifth", 2, "PAT5");
+    let message = posted_message(&a, "PAT5");
+    let refused = wait_for("B to refuse A's changed key", Duration::from_secs(30), || {
+        let status = b.status();
+        status["refused_senders"]
+            .as_array()?
+            .iter()
+            .find(|r| r["sender"] == "HOSPA" && r["last_message"] == message.as_str())
+            .cloned()
+    });
+    let reason = refused["reason"].as_str().unwrap();
+    for part in [
+        fc.fingerprint.as_str(),
+        fa.fingerprint.as_str(),
+        "facilities.HOSPA.fingerprint",
+    ] {
+        assert!(reason.contains(part), "{part:?} not in {reason}");
+    }
+    wait_for("A's refused message deleted", Duration::from_secs(10), || {
+        block(mailbox_b.messages()).unwrap().is_empty().then_some(())
+    });
+    assert_eq!(inbound_jobs(&b).len(), 4, "nothing imported from the changed key");
+    hub.restart(&honest);
+    let job5 = wait_for("A's job done", Duration::from_secs(30), || {
+        let (id, _) = deliveries(&a, "PAT5")?;
+        let status = a.status();
+        let done = status["jobs"]
+            .as_array()?
+            .iter()
+            .any(|j| j["id"] == id.as_str() && j["state"] == "done");
+        done.then_some(id)
+    });
+    let out = run(Command::new(env!("CARGO_BIN_EXE_cloudpdi")).args([
+        "retry",
+        "--admin",
+        &a.admin.to_string(),
+        &job5,
+    ]));
+    assert!(out.status.success(), "retry of a done delivery: {out:?}");
+    let jobs = wait_imports(&b, 5, "the delivery sealed again imported");
+    assert_eq!(jobs.len(), 5, "{jobs:#?}");
+
+    // 6. The repository (storage, audit trail, log) and both daemons' logs hold no token
     // text (as printed or without hyphens) and no download proof of the four tokens.
     let mut secrets: Vec<Vec<u8>> = Vec::new();
     for file in tokens(&a) {
@@ -567,7 +617,7 @@ fn a_ct_study_reaches_the_pacs_of_the_facility_it_is_sealed_to() {
         secrets.push(hex::encode(proof.bytes()).into_bytes());
         secrets.push(proof.bytes().to_vec());
     }
-    assert_eq!(secrets.len(), 16, "four tokens issued");
+    assert_eq!(secrets.len(), 20, "five tokens issued");
     let mut scanned = files_in_tree(&hub.dir);
     scanned.extend([a.dir.join("daemon.log"), b.dir.join("daemon.log")]);
     for file in &scanned {

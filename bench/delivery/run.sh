@@ -4,7 +4,8 @@
 # POLL is given. A standalone `cloudpdi repository serve` knows HOSPA and HOSPB (API keys,
 # public keys from `cloudpdi facility keygen`); site A routes with deliver_to = ["HOSPB"],
 # site B reads its mailbox with accept_from = ["HOSPA"] (its PACS is DCMTK storescp).
-# Each round sends one small CT to A; the figures come from the logs: A's "token issued"
+# Each round waits a random part of the poll interval, then sends one small CT to A
+# (2 slices); the figures come from the logs: A's "token issued"
 # line, the repository's audit events (post, fetch) and B's "sealed token taken" line.
 # Usage: bench/delivery/run.sh                 (5 rounds, poll 30 s)
 #        ROUNDS=10 POLL=5 bench/delivery/run.sh
@@ -101,6 +102,9 @@ lines() { grep -c "$1" "$2" 2>/dev/null || true; }
 
 results=()
 for round in $(seq "$rounds"); do
+  # A random phase against B's poll, so that the rounds sample the whole interval rather
+  # than the same point of it.
+  sleep "$(python3 -c "import random; print(round(random.uniform(0, $poll), 2))")"
   python3 scripts/gen_ct.py "$work/study$round" --slices 2 --matrix 64 --patient-id "BENCH$round" >/dev/null
   /usr/bin/storescu -aec CLOUDPDI 127.0.0.1 "$dicom_HOSPA" "$work/study$round"/* 
   until [ "$(lines 'token issued' "$work/HOSPA/log")" -ge "$round" ]; do sleep 0.1; done

@@ -166,8 +166,9 @@ impl Outbound {
         Some(self.sender.document_status(&job.route, document).await)
     }
 
-    /// Puts a failed job back to the step that failed, or a held one (a recipient's key to
-    /// check) back to work, with its attempts reset, once the admin fixed the cause (a key
+    /// Puts a failed job back to the step that failed, a held one (a recipient's key to
+    /// check) back to work, or a done one with sealed deliveries (and a token not expired)
+    /// back to the post step, with its attempts reset, once the admin fixed the cause (a key
     /// file, a pin or the configuration: the daemon reads those at start, so after a
     /// restart); the workers take it up on their next scan. Returns the step it will run.
     ///
@@ -181,6 +182,20 @@ impl Outbound {
             job.progress.advanced();
             self.jobs.put(&job)?;
             info!(job = %job.id, step = ?job.step, "held outbound job retried by the admin");
+            return Ok(job.step);
+        }
+        if job.step == OutStep::Done
+            && !job.deliveries.is_empty()
+            && u64::from(job.expires_at) > now_ms() / 1000
+        {
+            // A recipient refused or lost the sealed token (a key rotated meanwhile): seal
+            // the issued token again to every recipient; one that imported it already
+            // recognises it and does not import it twice.
+            job.deliveries.clear();
+            job.step = OutStep::Post;
+            job.progress.advanced();
+            self.jobs.put(&job)?;
+            info!(job = %job.id, "sealed delivery asked again by the admin");
             return Ok(job.step);
         }
         if job.step != OutStep::Failed {
@@ -281,8 +296,11 @@ impl Outbound {
                 Ok(OutStep::Post)
             }
             OutStep::Post => {
+                // Without its folder, the job was done and its delivery is asked again
+                // (`cloudpdi retry`): the delivery command has run already.
+                let again = !dir.0.exists();
                 self.sender.post(&dir, job, &self.jobs).await?;
-                Ok(OutStep::Deliver)
+                Ok(if again { OutStep::Done } else { OutStep::Deliver })
             }
             OutStep::Deliver => {
                 durable::remove_dir_all(&dir.0)

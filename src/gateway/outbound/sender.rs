@@ -334,7 +334,11 @@ impl Sender {
                  loaded: set it and restart the daemon",
             )
         })?;
-        let token = self.token(dir, job)?;
+        let token = if dir.0.exists() {
+            self.token(dir, job)?
+        } else {
+            Self::issued_token(job)?
+        };
         let text = token.to_text();
         let mut worst: Option<StepError> = None;
         for code in &recipients {
@@ -377,6 +381,22 @@ impl Sender {
             store.put(job)?;
         }
         worst.map_or(Ok(()), Err)
+    }
+
+    /// The token of a job whose folder is gone (a delivery asked again by `cloudpdi retry`
+    /// after the job was done): read back from its token file.
+    fn issued_token(job: &OutboundJob) -> Result<Token, StepError> {
+        let gone = || {
+            StepError::permanent(format!(
+                "the token of job {} cannot be delivered again: its token file is gone; \
+                 hand the slip over instead",
+                job.id
+            ))
+        };
+        let path = job.token_file.as_ref().ok_or_else(gone)?;
+        let text = std::fs::read_to_string(path).map_err(|_| gone())?;
+        let text = zeroize::Zeroizing::new(text);
+        Token::from_text(text.trim()).map_err(|_| gone())
     }
 
     /// Looks `code` up in the repository's directory, checks its key against the pin,
