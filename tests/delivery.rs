@@ -565,14 +565,18 @@ fn a_ct_study_reaches_the_pacs_of_the_facility_it_is_sealed_to() {
     ]);
     send_study(work, &a, "fifth", 2, "PAT5");
     let message = posted_message(&a, "PAT5");
-    let refused = wait_for("B to refuse A's changed key", Duration::from_secs(30), || {
-        let status = b.status();
-        status["refused_senders"]
-            .as_array()?
-            .iter()
-            .find(|r| r["sender"] == "HOSPA" && r["last_message"] == message.as_str())
-            .cloned()
-    });
+    let refused = wait_for(
+        "B to refuse A's changed key",
+        Duration::from_secs(30),
+        || {
+            let status = b.status();
+            status["refused_senders"]
+                .as_array()?
+                .iter()
+                .find(|r| r["sender"] == "HOSPA" && r["last_message"] == message.as_str())
+                .cloned()
+        },
+    );
     let reason = refused["reason"].as_str().unwrap();
     for part in [
         fc.fingerprint.as_str(),
@@ -581,10 +585,21 @@ fn a_ct_study_reaches_the_pacs_of_the_facility_it_is_sealed_to() {
     ] {
         assert!(reason.contains(part), "{part:?} not in {reason}");
     }
-    wait_for("A's refused message deleted", Duration::from_secs(10), || {
-        block(mailbox_b.messages()).unwrap().is_empty().then_some(())
-    });
-    assert_eq!(inbound_jobs(&b).len(), 4, "nothing imported from the changed key");
+    wait_for(
+        "A's refused message deleted",
+        Duration::from_secs(10),
+        || {
+            block(mailbox_b.messages())
+                .unwrap()
+                .is_empty()
+                .then_some(())
+        },
+    );
+    assert_eq!(
+        inbound_jobs(&b).len(),
+        4,
+        "nothing imported from the changed key"
+    );
     hub.restart(&honest);
     let job5 = wait_for("A's job done", Duration::from_secs(30), || {
         let (id, _) = deliveries(&a, "PAT5")?;
@@ -633,5 +648,46 @@ fn a_ct_study_reaches_the_pacs_of_the_facility_it_is_sealed_to() {
     assert!(
         scanned.iter().any(|f| f.starts_with(hub.dir.join("store"))),
         "the repository's storage was scanned: {scanned:?}"
+    );
+}
+
+/// A facility key file others may read stops the daemon at start, naming
+/// facility.key_file: a sealed delivery cannot fail later for want of its key.
+#[test]
+fn a_facility_key_readable_by_others_stops_the_daemon() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (fa, fb) = (
+        Facility::new(dir.path(), "HOSPA"),
+        Facility::new(dir.path(), "HOSPB"),
+    );
+    fs::set_permissions(&fa.key_file, fs::Permissions::from_mode(0o644)).unwrap();
+    let hub = Hub {
+        child: None,
+        port: free_port(),
+        url: "http://127.0.0.1:9".into(),
+        dir: dir.path().join("hub"),
+    };
+    let extra = fa.daemon_config(&hub, &[&fb])
+        + "[route.ct]\nae_title = \"CLOUDPDI\"\ndeliver_to = [\"HOSPB\"]\n";
+    let config = dir.path().join("cloudpdi.toml");
+    fs::write(
+        &config,
+        config_text(free_port(), free_port(), &dir.path().join("data"), &extra),
+    )
+    .unwrap();
+    let out = run(Command::new("timeout")
+        .args(["20", env!("CARGO_BIN_EXE_cloudpdi"), "serve", "--config"])
+        .arg(&config));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the daemon started: {stderr}");
+    assert_ne!(
+        out.status.code(),
+        Some(124),
+        "the daemon ran until killed: {stderr}"
+    );
+    assert!(
+        stderr.contains("facility.key_file") && stderr.contains(&fa.key_file.display().to_string()),
+        "{stderr}"
     );
 }
