@@ -347,7 +347,10 @@ async fn life_cycle(backend: Backend) {
         facility: Some("../B".into()),
         ..receipt.clone()
     };
-    let refused = receiver.receipt(&id, &proof, &named_badly).await.unwrap_err();
+    let refused = receiver
+        .receipt(&id, &proof, &named_badly)
+        .await
+        .unwrap_err();
     assert!(
         matches!(&refused, ClientError::Refused { status: 400, .. }),
         "{refused}"
