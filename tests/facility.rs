@@ -44,7 +44,10 @@ fn keygen_writes_a_private_key_once_and_show_prints_it_again() {
     let fingerprint = printed(&made, "fingerprint:");
     let parsed = PublicKey::parse(&public).unwrap();
     assert_eq!(parsed.fingerprint().to_string(), fingerprint);
-    assert_eq!(Fingerprint::parse(&fingerprint).unwrap(), parsed.fingerprint());
+    assert_eq!(
+        Fingerprint::parse(&fingerprint).unwrap(),
+        parsed.fingerprint()
+    );
     let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
     // The private key is in the file, never on the screen.

@@ -340,8 +340,21 @@ async fn life_cycle(backend: Backend) {
         instances_imported: 42,
         instances_refused: 1,
         note: "imported into PACS-2".into(),
-        facility: None,
+        facility: Some("HOSP_B".into()),
     };
+    // A receipt names the receiving facility by its code, or is refused.
+    let named_badly = Receipt {
+        facility: Some("../B".into()),
+        ..receipt.clone()
+    };
+    let refused = receiver
+        .receipt(&id, &proof, &named_badly)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, ClientError::Refused { status: 400, .. }),
+        "{refused}"
+    );
     receiver.receipt(&id, &proof, &receipt).await.unwrap();
     let status = sender.status(&id).await.unwrap();
     assert_eq!(status.downloads, 2);
