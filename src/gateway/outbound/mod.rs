@@ -300,7 +300,11 @@ impl Outbound {
                 // (`cloudpdi retry`): the delivery command has run already.
                 let again = !dir.0.exists();
                 self.sender.post(&dir, job, &self.jobs).await?;
-                Ok(if again { OutStep::Done } else { OutStep::Deliver })
+                Ok(if again {
+                    OutStep::Done
+                } else {
+                    OutStep::Deliver
+                })
             }
             OutStep::Deliver => {
                 durable::remove_dir_all(&dir.0)
