@@ -234,8 +234,22 @@ for selector, body in [
         '"receipts":[{"received_at":3,"instances_imported":1,"instances_refused":0,"note":""}]}' % H),
     (5, '{"error":"not_available","message":"this document is not available"}'),
     (6, H),
+    (1, '{"instances_imported":3,"instances_refused":0,"note":"","facility":"B"}'),
+    (7, '[{"message_id":"0123456789abcdef0123","sender":"A","size":153,"posted_at":5}]'),
+    (8, '{"code":"B","name":"B Hospital","public_key":"x25519:%s"}' % ("A" * 43)),
+    (9, '{"message_id":"0123456789abcdef0123"}'),
 ]:
     put("repository_json", bytes([selector]) + body.encode())
+
+# --- Sealed tokens (selector byte: see fuzz_targets/sealed.rs) -------------------------
+for path in sorted((root / "tests" / "vectors" / "sealed").glob("*.txt")):
+    fields = dict(l.split(" ", 1) for l in path.read_text().splitlines() if not l.startswith("#"))
+    put("sealed", b"\x00" + bytes.fromhex(fields["sealed"]))
+    put("sealed", b"\x01\x01\x80" + bytes.fromhex(fields["plaintext"]))
+    put("sealed", b"\x02x25519:" + __import__("base64").urlsafe_b64encode(
+        bytes.fromhex(fields["recipient_public"])).rstrip(b"="))
+put("sealed", b"\x020000-0000-0000-0000-0000-0000-0000-0001")
+put("sealed", b"\x02zzzz zzzz oool iiii 7kq2 m9xd 0000 0000")
 
 # --- HTTP headers -----------------------------------------------------------------------
 for value in [b"bytes=0-", b"bytes=10-", b"bytes=1-5", b"bytes=1-5,7-9", b" bytes= 3 - 9 ",

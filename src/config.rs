@@ -136,6 +136,10 @@ pub struct Config {
     pub routes: BTreeMap<String, RouteConfig>,
     /// Who we are, as printed in tokens and slips.
     pub facility: FacilityConfig,
+    /// Other facilities' public keys, pinned by fingerprint: a sealed token goes to (or is
+    /// accepted from) a facility only when the key the repository's directory gives for
+    /// it has this fingerprint (`[facilities.B] fingerprint = "..."`).
+    pub facilities: BTreeMap<String, PinnedFacility>,
     /// Where containers are uploaded and downloaded.
     pub repository: RepositoryLink,
     /// Repositories by community code (1-6 of `A-Z 0-9`): a repository's URL, or
@@ -163,6 +167,20 @@ pub struct FacilityConfig {
     /// IANA time zone of times printed for people (the slip's expiry), e.g.
     /// `Asia/Tokyo`; empty: the system's (`TZ`, else `/etc/localtime`).
     pub time_zone: String,
+    /// This facility's private key (`cloudpdi facility keygen`, mode 0600): seals tokens
+    /// sent with `deliver_to` and opens those received from `inbound.accept_from`; empty
+    /// when neither is used.
+    pub key_file: PathBuf,
+}
+
+/// Another facility's key as this facility pinned it (read over the phone from the
+/// other facility's `cloudpdi facility keygen` or `show`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PinnedFacility {
+    /// The fingerprint of the facility's public key (`7KQ2-M9XD-...`); case, spaces and
+    /// hyphens are ignored.
+    pub fingerprint: String,
 }
 
 /// How the gateway reaches the Cloud-PDI repository.
@@ -235,6 +253,13 @@ pub struct InboundConfig {
     /// Whether a token may point at an `http://` repository on another host: the
     /// download proof would cross the network unencrypted. Loopback is always allowed.
     pub allow_plain_http: bool,
+    /// Facilities whose sealed tokens (posted to this facility's mailbox in the
+    /// repository of `[repository]`) are imported; each needs a `[facilities.CODE]` pin.
+    /// Empty: the mailbox is not read.
+    #[serde(deserialize_with = "list_or_comma_string")]
+    pub accept_from: Vec<String>,
+    /// Seconds between two reads of the mailbox (when `accept_from` is set).
+    pub mailbox_poll_interval: u64,
 }
 
 impl InboundConfig {
@@ -374,6 +399,11 @@ pub struct RouteConfig {
     /// Whether the slip prints the patient's name (never in the QR code); `false` for
     /// routes whose slips pass through other hands first.
     pub slip_patient_name: bool,
+    /// Facilities (codes in the repository's directory) the token is sealed to and posted
+    /// to, in their mailbox: the study reaches their PACS with no slip carried. Each needs
+    /// a `[facilities.CODE]` pin and this facility a `facility.key_file`.
+    #[serde(deserialize_with = "list_or_comma_string")]
+    pub deliver_to: Vec<String>,
 }
 
 /// The grouping key of a batch.
@@ -447,6 +477,7 @@ impl Default for RouteConfig {
             repository_url: String::new(),
             repository_api_key_file: PathBuf::new(),
             slip_patient_name: true,
+            deliver_to: Vec::new(),
         }
     }
 }
@@ -458,6 +489,7 @@ impl Default for FacilityConfig {
             name: "Hospital".into(),
             contact: String::new(),
             time_zone: String::new(),
+            key_file: PathBuf::new(),
         }
     }
 }
@@ -500,6 +532,8 @@ impl Default for InboundConfig {
             allowed_repositories: Vec::new(),
             max_document_mb: 20_480,
             allow_plain_http: false,
+            accept_from: Vec::new(),
+            mailbox_poll_interval: 30,
         }
     }
 }
@@ -547,7 +581,7 @@ impl Config {
             path,
             prefix: "CLOUDPDI_",
             skip: &["CLOUDPDI_REPO_"],
-            named_tables: &["route", "repositories"],
+            named_tables: &["route", "repositories", "facilities"],
             enums: &[
                 load::variants_of::<BatchBy>(),
                 load::variants_of::<PatientIdMode>(),
@@ -753,6 +787,7 @@ impl Config {
             });
         }
         self.validate_outbound_links()?;
+        self.validate_delivery()?;
         if url == "embedded" && !self.repository.embedded_listen.ip().is_loopback() {
             return Err(value_error(
                 "repository.embedded_listen".into(),
@@ -905,6 +940,129 @@ impl Config {
                     &repository.url,
                     repository.allow_plain_http,
                 )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether this facility seals or opens tokens (a route with `deliver_to`, or
+    /// `inbound.accept_from`): then it needs `facility.key_file`.
+    pub fn uses_facility_key(&self) -> bool {
+        !self.inbound.accept_from.is_empty()
+            || self
+                .routes
+                .values()
+                .any(|route| !route.deliver_to.is_empty())
+    }
+
+    /// Sealed delivery needs this facility's key, a pin for every facility named, codes
+    /// the repository can have, and a repository shared with the other facilities (the
+    /// embedded one knows only this facility). Checked at start, so that no delivery
+    /// fails later for want of them.
+    fn validate_delivery(&self) -> Result<(), ConfigError> {
+        let mut named: Vec<(String, &str)> = Vec::new();
+        for (name, route) in &self.routes {
+            for code in &route.deliver_to {
+                named.push((format!("route.{name}.deliver_to"), code));
+            }
+            if !route.deliver_to.is_empty()
+                && route.repository_url.is_empty()
+                && self.repository.url == "embedded"
+            {
+                return Err(value_error(
+                    format!("route.{name}.deliver_to"),
+                    format!("{:?}", route.deliver_to),
+                    "the embedded repository knows only this facility, so no other facility \
+                     can read a mailbox there: set repository.url (or \
+                     route.{name}.repository_url) to the repository shared with them",
+                ));
+            }
+        }
+        for code in &self.inbound.accept_from {
+            named.push(("inbound.accept_from".into(), code));
+        }
+        if !self.inbound.accept_from.is_empty() {
+            let url = &self.repository.url;
+            if url.is_empty() || url == "embedded" {
+                return Err(value_error(
+                    "inbound.accept_from".into(),
+                    format!("{:?}", self.inbound.accept_from),
+                    "the mailbox is read in the repository of repository.url, which must be \
+                     the repository shared with those facilities (https://...), with \
+                     repository.api_key_file",
+                ));
+            }
+            if self.inbound.pacs.is_empty() {
+                return Err(value_error(
+                    "inbound.accept_from".into(),
+                    format!("{:?}", self.inbound.accept_from),
+                    "sealed tokens are imported into the local PACS, but inbound.pacs is \
+                     empty: set it, or remove accept_from",
+                ));
+            }
+            if !(1..=3600).contains(&self.inbound.mailbox_poll_interval) {
+                return Err(value_error(
+                    "inbound.mailbox_poll_interval".into(),
+                    self.inbound.mailbox_poll_interval.to_string(),
+                    "must be between 1 and 3600 seconds (30 by default)",
+                ));
+            }
+        }
+        for (key, code) in &named {
+            if !crate::facility::is_code(code) {
+                return Err(value_error(
+                    key.clone(),
+                    format!("{code:?}"),
+                    "a facility code as the repository's directory knows it: 1-32 \
+                     characters of A-Z, a-z, 0-9, _ and -",
+                ));
+            }
+            if !self.facilities.contains_key(*code) {
+                return Err(value_error(
+                    key.clone(),
+                    format!("{code:?}"),
+                    &format!(
+                        "facility {code} has no pinned key: add [facilities.{code}] with \
+                         fingerprint = \"...\" as {code} read it to you from `cloudpdi \
+                         facility show` (never copy it from the repository)"
+                    ),
+                ));
+            }
+        }
+        for (code, pin) in &self.facilities {
+            if !crate::facility::is_code(code) {
+                return Err(value_error(
+                    format!("facilities.{code}"),
+                    format!("{code:?}"),
+                    "a facility code as the repository's directory knows it: 1-32 \
+                     characters of A-Z, a-z, 0-9, _ and -",
+                ));
+            }
+            if let Err(e) = crate::facility::Fingerprint::parse(&pin.fingerprint) {
+                return Err(value_error(
+                    format!("facilities.{code}.fingerprint"),
+                    format!("{:?}", pin.fingerprint),
+                    &format!("{e}; write it as {code} reads it from `cloudpdi facility show`"),
+                ));
+            }
+        }
+        if self.uses_facility_key() {
+            if self.facility.key_file.as_os_str().is_empty() {
+                return Err(value_error(
+                    "facility.key_file".into(),
+                    "\"\"".into(),
+                    "deliver_to and inbound.accept_from seal and open tokens with this \
+                     facility's private key: create it with `cloudpdi facility keygen --out \
+                     /etc/cloudpdi/facility.key` and set facility.key_file to it",
+                ));
+            }
+            if !crate::facility::is_code(&self.facility.code) {
+                return Err(value_error(
+                    "facility.code".into(),
+                    format!("{:?}", self.facility.code),
+                    "sealed delivery names this facility by its code in the repository's \
+                     directory: 1-32 characters of A-Z, a-z, 0-9, _ and -",
+                ));
             }
         }
         Ok(())
@@ -1448,5 +1606,72 @@ mod tests {
         assert!(err.to_string().contains("facility.name"), "{err}");
         let off = parse(&format!("{route}slip_patient_name = false\n")).expect("route option");
         assert!(!off.routes["ct"].slip_patient_name);
+    }
+
+    /// deliver_to and accept_from are refused at start without this facility's key, a
+    /// pin for every facility named (a pin that parses), a shared repository and, to
+    /// receive, a PACS; the poll interval is bounded.
+    #[test]
+    fn sealed_delivery_is_checked_at_start() {
+        let pin = crate::facility::FacilityKey::generate()
+            .expect("key")
+            .public()
+            .fingerprint()
+            .to_string();
+        let shared = "[repository]\nurl = \"https://pdi.example.jp\"\napi_key_file = \"/k\"\n";
+        let key = "[facility]\ncode = \"HOSPA\"\nkey_file = \"/etc/cloudpdi/facility.key\"\n";
+        let pins = format!("[facilities.HOSPB]\nfingerprint = \"{pin}\"\n");
+        let route = "[route.ct]\nae_title = \"CT\"\ndeliver_to = [\"HOSPB\"]\n";
+        let inbound = "[inbound]\npacs = \"127.0.0.1:4242\"\naccept_from = \"HOSPB\"\n";
+        let says = |toml: &str, parts: &[&str]| {
+            let err = parse(toml).expect_err(toml).to_string();
+            for part in parts {
+                assert!(err.contains(part), "{part:?} not in {err}");
+            }
+        };
+        let sender = parse(&format!("{shared}{key}{pins}{route}")).expect("a sender");
+        assert_eq!(sender.routes["ct"].deliver_to, ["HOSPB"]);
+        assert!(sender.uses_facility_key());
+        let receiver = parse(&format!("{shared}{key}{pins}{inbound}")).expect("a receiver");
+        assert_eq!(receiver.inbound.accept_from, ["HOSPB"]);
+        assert_eq!(receiver.inbound.mailbox_poll_interval, 30);
+        says(
+            &format!("{shared}{pins}{route}"),
+            &["facility.key_file", "cloudpdi facility keygen"],
+        );
+        says(
+            &format!("{shared}{key}{route}"),
+            &["route.ct.deliver_to", "no pinned key", "[facilities.HOSPB]"],
+        );
+        says(
+            &format!("{shared}{key}{inbound}"),
+            &["inbound.accept_from", "no pinned key"],
+        );
+        says(
+            &format!("{shared}{key}[facilities.HOSPB]\nfingerprint = \"7KQ2\"\n{route}"),
+            &["facilities.HOSPB.fingerprint", "cloudpdi facility show"],
+        );
+        says(
+            &format!("{key}{pins}{route}"),
+            &["route.ct.deliver_to", "embedded repository"],
+        );
+        says(
+            &format!("{shared}{key}{pins}[inbound]\naccept_from = [\"HOSPB\"]\n"),
+            &["inbound.accept_from", "inbound.pacs"],
+        );
+        says(
+            &format!("{shared}{key}{pins}{inbound}mailbox_poll_interval = 0\n"),
+            &["inbound.mailbox_poll_interval", "between 1 and 3600"],
+        );
+        says(
+            &format!(
+                "{shared}{key}{pins}[route.ct]\nae_title = \"CT\"\ndeliver_to = [\"HOSP B\"]\n"
+            ),
+            &["route.ct.deliver_to", "facility code"],
+        );
+        says(
+            &format!("{shared}[facilities.\"HOSP B\"]\nfingerprint = \"{pin}\"\n"),
+            &["facilities.HOSP B", "facility code"],
+        );
     }
 }

@@ -29,6 +29,7 @@ pub mod config;
 pub mod container;
 pub mod dicom;
 pub mod durable;
+pub mod facility;
 pub mod gateway;
 pub mod listen;
 pub mod markup;

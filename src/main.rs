@@ -56,6 +56,27 @@ enum Command {
     /// Receive a token: hand it to the running daemon (its watch folder), or with --out
     /// download, decrypt and write the PDI folder here, as if reading the disc.
     Receive(ReceiveArgs),
+    /// This facility's key pair for sealed delivery: make it, or show its public key and
+    /// fingerprint again.
+    #[command(subcommand)]
+    Facility(FacilityCommand),
+}
+
+#[derive(Subcommand)]
+enum FacilityCommand {
+    /// Make a new key pair: the private key goes to a new file (0600, never replaced); the
+    /// public key and its fingerprint are printed.
+    Keygen {
+        /// The private key file to create.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print the public key and the fingerprint of a private key file.
+    Show {
+        /// The private key file.
+        #[arg(long)]
+        key: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -405,7 +426,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Pdi(command) => pdi(command),
         Command::Send(args) => send(args),
         Command::Receive(args) => receive(&args),
+        Command::Facility(command) => facility(command),
     }
+}
+
+fn facility(command: FacilityCommand) -> anyhow::Result<()> {
+    use cloudpdi::facility::cli;
+    let text = match command {
+        FacilityCommand::Keygen { out } => cli::keygen(&out)?,
+        FacilityCommand::Show { key } => cli::show(&key)?,
+    };
+    print!("{text}");
+    Ok(())
 }
 
 fn serve(args: &ConfigArg) -> anyhow::Result<()> {

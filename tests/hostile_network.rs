@@ -162,6 +162,7 @@ impl Repo {
                 FacilityConfig {
                     api_key_sha256: hash,
                     client_cert_sha256: String::new(),
+                    ..FacilityConfig::default()
                 },
             )]
             .into(),

@@ -149,6 +149,7 @@ fn facility(hash: String) -> FacilityConfig {
     FacilityConfig {
         api_key_sha256: hash,
         client_cert_sha256: String::new(),
+        ..FacilityConfig::default()
     }
 }
 
@@ -342,7 +343,21 @@ async fn life_cycle(backend: Backend) {
         instances_imported: 42,
         instances_refused: 1,
         note: "imported into PACS-2".into(),
+        facility: Some("HOSP_B".into()),
     };
+    // A receipt names the receiving facility by its code, or is refused.
+    let named_badly = Receipt {
+        facility: Some("../B".into()),
+        ..receipt.clone()
+    };
+    let refused = receiver
+        .receipt(&id, &proof, &named_badly)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, ClientError::Refused { status: 400, .. }),
+        "{refused}"
+    );
     receiver.receipt(&id, &proof, &receipt).await.unwrap();
     let status = sender.status(&id).await.unwrap();
     assert_eq!(status.downloads, 2);
@@ -1251,6 +1266,7 @@ async fn tls_with_client_certificates() {
         FacilityConfig {
             api_key_sha256: String::new(),
             client_cert_sha256: fingerprint,
+            ..FacilityConfig::default()
         },
     );
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -331,7 +331,7 @@ mod vectors {
             .iter()
             .flat_map(|b| (0..8).rev().map(move |i| (b >> i) & 1))
             .collect();
-        while bits.len() % 20 != 0 {
+        while !bits.len().is_multiple_of(20) {
             bits.push(0);
         }
         let symbols: Vec<u8> = bits

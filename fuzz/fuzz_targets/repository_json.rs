@@ -1,6 +1,7 @@
 //! The repository API's JSON bodies (`repository::api`), as the server reads them from
 //! any client (`NewDocument`, `Receipt`, `Complete`) and the client reads them from a
-//! possibly hostile repository (`Created`, `DocumentStatus`, `ErrorBody`), and the hex
+//! possibly hostile repository (`Created`, `DocumentStatus`, `ErrorBody`, and for sealed
+//! delivery the mailbox list `Vec<MessageInfo>`, `FacilityEntry`, `Posted`), and the hex
 //! of proofs and checksums (`api::hex32::parse`). What parses serializes to JSON that
 //! parses to the same value.
 //!
@@ -8,7 +9,8 @@
 #![no_main]
 
 use cloudpdi::repository::api::{
-    Complete, Created, DocumentStatus, ErrorBody, NewDocument, Receipt, hex32,
+    Complete, Created, DocumentStatus, ErrorBody, FacilityEntry, MessageInfo, NewDocument,
+    Posted, Receipt, hex32,
 };
 use libfuzzer_sys::fuzz_target;
 use serde::Serialize;
@@ -27,13 +29,16 @@ fuzz_target!(|data: &[u8]| {
     let Some((&selector, json)) = data.split_first() else {
         return;
     };
-    match selector % 7 {
+    match selector % 10 {
         0 => round_trip::<NewDocument>(json),
         1 => round_trip::<Receipt>(json),
         2 => round_trip::<Complete>(json),
         3 => round_trip::<Created>(json),
         4 => round_trip::<DocumentStatus>(json),
         5 => round_trip::<ErrorBody>(json),
+        7 => round_trip::<Vec<MessageInfo>>(json),
+        8 => round_trip::<FacilityEntry>(json),
+        9 => round_trip::<Posted>(json),
         _ => {
             if let Some(bytes) = std::str::from_utf8(json).ok().and_then(hex32::parse) {
                 assert_eq!(hex32::parse(&hex_lower(&bytes)), Some(bytes));

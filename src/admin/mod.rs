@@ -74,6 +74,10 @@ pub struct Status {
     /// prints times, so that they read the same wherever the command runs.
     #[serde(default)]
     pub time_zone: String,
+    /// Facilities whose sealed tokens the mailbox refused (not in `inbound.accept_from`,
+    /// a key that differs from its pin, ...), with the last reason.
+    #[serde(default)]
+    pub refused_senders: Vec<crate::gateway::inbound::mailbox::Refusal>,
 }
 
 /// A batch as `/status` shows it: its record, plus the state a person reads.
@@ -104,6 +108,10 @@ pub struct OutboundDetails {
     pub document_error: Option<String>,
     /// When the repository was last asked (Unix milliseconds; 0: never).
     pub checked_at: u64,
+    /// The sealed deliveries of the token (`deliver_to`), per receiving facility; whether
+    /// each imported is told by the document's receipts (their `facility`).
+    #[serde(default)]
+    pub deliveries: Vec<crate::gateway::outbound::Delivery>,
 }
 
 /// How long the repository's answer about a document is reused before `cloudpdi status`
@@ -385,6 +393,17 @@ async fn status(State(state): State<Arc<AdminState>>) -> Response {
         Ok(outbound) => outbound,
         Err(response) => return response,
     };
+    let inbound = state.inbound.clone();
+    let refused = tokio::task::spawn_blocking(move || match inbound {
+        Some(inbound) => inbound.refusals(),
+        None => Ok(Vec::new()),
+    })
+    .await;
+    let refused_senders = match refused {
+        Ok(Ok(refused)) => refused,
+        Ok(Err(e)) => return unavailable(e),
+        Err(e) => return unavailable(e),
+    };
     Json(Status {
         version: env!("CARGO_PKG_VERSION").into(),
         uptime_seconds: state.started.elapsed().as_secs(),
@@ -402,6 +421,7 @@ async fn status(State(state): State<Arc<AdminState>>) -> Response {
         jobs,
         outbound,
         time_zone: state.time_zone.clone(),
+        refused_senders,
     })
     .into_response()
 }
@@ -465,6 +485,7 @@ async fn outbound_details(state: &Arc<AdminState>) -> Result<Vec<OutboundDetails
                 document: cached.and_then(|(_, answer)| answer.as_ref().ok().cloned()),
                 document_error: cached.and_then(|(_, answer)| answer.as_ref().err().cloned()),
                 checked_at: cached.map_or(0, |(at, _)| *at),
+                deliveries: job.deliveries.clone(),
             }
         })
         .collect())

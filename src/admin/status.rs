@@ -178,6 +178,7 @@ pub fn render(status: &Status) -> String {
         );
     }
     render_jobs(&mut out, status, &times);
+    render_refused(&mut out, status, &times);
     if status.batches.is_empty() {
         out.push_str("no batches\n");
         return out;
@@ -411,6 +412,58 @@ fn render_outbound(out: &mut String, details: &OutboundDetails, times: &Times) {
             out,
             "{pad:<18} downloads and receipts unknown: {}",
             Escaped(why)
+        );
+    }
+    for delivery in &details.deliveries {
+        let _ = writeln!(out, "{pad:<18} {}", delivery_line(details, delivery, times));
+    }
+}
+
+/// One receiving facility of a sealed delivery: posted or why not, then imported (the
+/// receipt whose `facility` is the recipient) or not yet.
+fn delivery_line(
+    details: &OutboundDetails,
+    delivery: &crate::gateway::outbound::Delivery,
+    times: &Times,
+) -> String {
+    let to = escape(&delivery.recipient);
+    let Some(posted_at) = delivery.posted_at else {
+        return format!(
+            "not delivered to {to}: {}",
+            Escaped(delivery.error.as_deref().unwrap_or("waiting"))
+        );
+    };
+    let imported = details.document.as_ref().and_then(|document| {
+        document
+            .receipts
+            .iter()
+            .find(|r| r.receipt.facility.as_deref() == Some(delivery.recipient.as_str()))
+    });
+    match imported {
+        Some(receipt) => format!(
+            "delivered to {to} {} (sealed); imported by {to} {}: {} instance(s), {} refused",
+            times.at(posted_at),
+            times.at(receipt.received_at.saturating_mul(1000)),
+            receipt.receipt.instances_imported,
+            receipt.receipt.instances_refused
+        ),
+        None => format!(
+            "delivered to {to} {} (sealed); not imported by {to} yet",
+            times.at(posted_at)
+        ),
+    }
+}
+
+/// The facilities whose sealed tokens were refused, with the last reason.
+fn render_refused(out: &mut String, status: &Status, times: &Times) {
+    for refusal in &status.refused_senders {
+        let _ = writeln!(
+            out,
+            "refused sealed tokens from {}: {} message(s), the last {}: {}",
+            escape(&refusal.sender),
+            refusal.messages,
+            times.at(refusal.last_at),
+            Escaped(&refusal.reason)
         );
     }
 }

@@ -56,6 +56,9 @@ pub enum Cause {
     InvalidPdi,
     /// The process died during the step again and again.
     Crashed,
+    /// A receiving facility's key is not pinned, missing from the repository's directory,
+    /// or differs from its pin (sealed delivery).
+    RecipientKey,
     /// Anything not sorted above.
     Other,
 }
@@ -75,6 +78,7 @@ impl Cause {
             Cause::InvalidContainer => "invalid_container",
             Cause::InvalidPdi => "invalid_pdi",
             Cause::Crashed => "crashed",
+            Cause::RecipientKey => "recipient_key",
             Cause::Other => "other",
         }
     }

@@ -156,6 +156,7 @@ mod tests {
             failed_at: None,
             repository: None,
             study: None,
+            deliveries: Vec::new(),
         }
     }
 
@@ -178,6 +179,7 @@ mod tests {
                 })
                 .collect(),
             study: None,
+            sealed_from: None,
         }
     }
 

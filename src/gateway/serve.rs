@@ -18,6 +18,7 @@ use crate::admin::metrics::Metrics;
 use crate::admin::{self, AdminState};
 use crate::config::Config;
 use crate::gateway::inbound::Inbound;
+use crate::gateway::inbound::mailbox::Mailbox;
 use crate::gateway::inbound::watch::Watch;
 use crate::gateway::jobs::Pipeline;
 use crate::gateway::outbound::{Outbound, Sender};
@@ -53,6 +54,14 @@ pub enum ServeError {
         /// What the system reported.
         source: io::Error,
     },
+    /// This facility's private key (`facility.key_file`) cannot be loaded.
+    #[error("cannot load this facility's key {} (facility.key_file): {source}", crate::telemetry::escape(&.path.display().to_string()))]
+    FacilityKey {
+        /// The key file.
+        path: std::path::PathBuf,
+        /// Why (missing, readable by others, damaged).
+        source: crate::facility::KeyError,
+    },
     /// A job store cannot be opened.
     #[error("cannot open the job index: {0}")]
     Jobs(#[from] crate::gateway::store::IndexError),
@@ -82,7 +91,21 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         "embedded" => Some(embedded_repository(&config, repository_stop.clone()).await?),
         _ => None,
     };
-    let sender = Sender::from_config(config.clone());
+    let facility_key = match config.uses_facility_key() {
+        true => Some(Arc::new(
+            crate::facility::FacilityKey::load(&config.facility.key_file).map_err(|source| {
+                ServeError::FacilityKey {
+                    path: config.facility.key_file.clone(),
+                    source,
+                }
+            })?,
+        )),
+        false => None,
+    };
+    let sender = match &facility_key {
+        Some(key) => Sender::from_config(config.clone()).with_facility_key(key.clone()),
+        None => Sender::from_config(config.clone()),
+    };
     let outbound = Arc::new(Outbound::new(sender, spool.clone())?);
     if let Some(reason) = config.outbound_off_reason() {
         info!("outbound is off: {reason}");
@@ -102,6 +125,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             spool.index().store(),
         )?)),
     };
+    let mailbox = match (&inbound, &facility_key) {
+        (Some(inbound), Some(key)) if !config.inbound.accept_from.is_empty() => Some(
+            Mailbox::new(&config, inbound.clone(), key.clone()).map_err(ServeError::Repository)?,
+        ),
+        _ => None,
+    };
+    let mailbox_task = mailbox.map(|mailbox| tokio::spawn(mailbox.run(cancel.clone())));
     restore_last_success(&metrics, &*outbound)?;
     if let Some(inbound) = &inbound {
         restore_last_success(&metrics, &**inbound)?;
@@ -187,6 +217,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let _ = retention_task.await;
     if let Some(outbound) = outbound_task {
         let _ = outbound.await;
+    }
+    if let Some(mailbox) = mailbox_task {
+        let _ = mailbox.await;
     }
     if let Some((inbound, watch)) = inbound_tasks {
         let _ = inbound.await;
@@ -342,7 +375,7 @@ async fn embedded_repository(
 /// `facility.code` when the repository can name it (1-32 of `A-Z a-z 0-9 _ -`), so a
 /// receiver's issuer (e.g. its Patient ID prefix) is this facility; else `embedded`.
 fn embedded_facility(code: &str) -> &str {
-    if crate::repository::config::is_facility_code(code) {
+    if crate::facility::is_code(code) {
         code
     } else {
         "embedded"

@@ -10,6 +10,14 @@
 //! | `DELETE /v1/documents/{id}`            | facility  | revoke -> status              |
 //! | `GET /v1/documents/{id}/content`       | receiver  | bytes (Range), [`PROOF_HEADER`]; answers [`FACILITY_HEADER`] |
 //! | `POST /v1/documents/{id}/receipts`     | receiver  | [`Receipt`], [`PROOF_HEADER`] |
+//! | `GET /v1/facilities/{code}`            | facility  | [`FacilityEntry`]             |
+//! | `POST /v1/mailboxes/{recipient}/messages` | facility (sender) | sealed bytes -> [`Posted`] |
+//! | `GET /v1/mailbox/messages`             | facility (recipient) | `Vec<`[`MessageInfo`]`>` |
+//! | `GET /v1/mailbox/messages/{id}`        | facility (recipient) | sealed bytes, [`MESSAGE_SENDER_HEADER`] |
+//! | `DELETE /v1/mailbox/messages/{id}`     | facility (recipient) | 204 (also when absent) |
+//!
+//! The mailbox routes without a facility in the path always mean the caller's own
+//! mailbox: no facility can name another's.
 //!
 //! Every refusal is an [`ErrorBody`] with a stable [`ErrorBody::error`] code.
 
@@ -25,6 +33,27 @@ pub const SHA256_HEADER: &str = "x-content-sha256";
 pub const FACILITY_HEADER: &str = "x-document-facility";
 /// Longest free-text note accepted in a receipt (bytes).
 pub const MAX_NOTE_LEN: usize = 200;
+/// Header naming the facility that posted a mailbox message (its code, as the
+/// repository authenticated it).
+pub const MESSAGE_SENDER_HEADER: &str = "x-message-sender";
+/// Largest mailbox message (bytes): one sealed token ([`crate::facility::seal::MAX_SEALED`]).
+pub const MAX_MESSAGE_LEN: usize = crate::facility::seal::MAX_SEALED;
+/// Messages waiting in one mailbox at most; a post beyond is answered 429
+/// [`MAILBOX_FULL`] until the recipient fetches and deletes some.
+pub const MAX_MAILBOX_MESSAGES: usize = 1000;
+/// Messages listed by one call at most (the oldest first); the recipient deletes what it
+/// imported and lists again.
+pub const MAX_LISTED_MESSAGES: usize = 100;
+/// Length of a message ID: 80 bits as lower-case hex.
+pub const MESSAGE_ID_LEN: usize = 20;
+/// Error code of a post to a mailbox that holds [`MAX_MAILBOX_MESSAGES`] messages.
+pub const MAILBOX_FULL: &str = "mailbox_full";
+
+/// Whether `id` has the exact form of a message ID, so nothing else ever reaches a
+/// storage path.
+pub fn is_message_id(id: &str) -> bool {
+    id.len() == MESSAGE_ID_LEN && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
 
 /// What a sending facility asks for when it creates a document.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,6 +107,11 @@ pub struct Receipt {
     /// Short free text for the sender (no patient data), at most [`MAX_NOTE_LEN`] bytes.
     #[serde(default)]
     pub note: String,
+    /// The receiving facility's code, when it received the token by sealed delivery: the
+    /// sender's status shows which recipient imported it. At most
+    /// [`crate::facility::MAX_CODE_LEN`] characters of `A-Z a-z 0-9 _ -`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub facility: Option<String>,
 }
 
 /// A receipt as the sender sees it.
@@ -126,6 +160,39 @@ pub struct Complete {
     pub sha256: [u8; 32],
 }
 
+/// A facility in the repository's directory: what a sender seals to, after checking the
+/// key's fingerprint against its pin.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FacilityEntry {
+    /// The facility code.
+    pub code: String,
+    /// Its name, for people.
+    pub name: String,
+    /// Its public key, `x25519:` + base64url ([`crate::facility::PublicKey::parse`]).
+    pub public_key: String,
+}
+
+/// The answer to a post: the message's ID in the recipient's mailbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Posted {
+    /// [`MESSAGE_ID_LEN`] hex digits, derived from the sender, the recipient and the
+    /// sealed bytes: posting the same bytes again (a retry) gives the same message.
+    pub message_id: String,
+}
+
+/// A message waiting in the caller's mailbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageInfo {
+    /// Its ID, to fetch and delete it.
+    pub message_id: String,
+    /// The facility that posted it, as the repository authenticated it.
+    pub sender: String,
+    /// Size of the sealed bytes.
+    pub size: u64,
+    /// When it was posted, Unix seconds.
+    pub posted_at: u64,
+}
+
 /// Every refusal: a stable machine code and a sentence for a person.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
@@ -165,6 +232,43 @@ pub mod hex32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn message_ids_are_strict() {
+        assert!(is_message_id("0123456789abcdef0123"));
+        for bad in [
+            "",
+            "..",
+            "0123456789ABCDEF0123",
+            "0123456789abcdef012/",
+            "0123456789abcdef01234",
+            "0123456789abcdef012",
+            "%2e%2e",
+        ] {
+            assert!(!is_message_id(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn receipts_name_the_facility_only_when_known() {
+        let receipt = Receipt {
+            instances_imported: 3,
+            instances_refused: 0,
+            note: String::new(),
+            facility: None,
+        };
+        let json = serde_json::to_string(&receipt).expect("serialize");
+        assert!(!json.contains("facility"), "{json}");
+        let named = Receipt {
+            facility: Some("B".into()),
+            ..receipt
+        };
+        let json = serde_json::to_string(&named).expect("serialize");
+        assert_eq!(
+            serde_json::from_str::<Receipt>(&json).expect("parse"),
+            named
+        );
+    }
 
     #[test]
     fn new_document_round_trips_and_refuses_bad_hash() {

@@ -244,6 +244,7 @@ mod tests {
         let config = FacilityConfig {
             api_key_sha256: hash,
             client_cert_sha256: String::new(),
+            ..FacilityConfig::default()
         };
         let name = "HOSP_A".to_owned();
         let table = Facilities::new([(&name, &config)]);

@@ -1,5 +1,6 @@
 //! The repository client the gateway uses: create, resumable part upload, ranged resumable
-//! download, receipt, status, revoke.
+//! download, receipt, status, revoke; the directory of facilities and the mailbox of
+//! sealed tokens.
 //!
 //! Memory does not grow with the document: parts are streamed from the file and
 //! downloads are streamed to it. Transient failures (connection refused or dropped,
@@ -346,9 +347,14 @@ impl Client {
         format!("{}/v1/documents{path}", self.base)
     }
 
-    /// A facility request with the API key.
-    fn facility(&self, method: Method, path: &str) -> RequestBuilder {
-        let request = self.http.request(method, self.url(path));
+    /// A facility request about documents (`/v1/documents{path}`) with the API key.
+    fn facility_request(&self, method: Method, path: &str) -> RequestBuilder {
+        self.keyed(method, self.url(path))
+    }
+
+    /// A request to `url` with the facility's API key.
+    fn keyed(&self, method: Method, url: String) -> RequestBuilder {
+        let request = self.http.request(method, url);
         match &self.api_key {
             Some(key) => {
                 let bearer = Zeroizing::new(format!("Bearer {}", key.as_str()));
@@ -457,7 +463,7 @@ impl Client {
     /// # Errors
     /// [`ClientError`]; `Refused` for limits (size, expiry) or a wrong key.
     pub async fn create(&self, document: &NewDocument) -> Result<Created, ClientError> {
-        self.json(|| self.facility(Method::POST, "").json(document))
+        self.json(|| self.facility_request(Method::POST, "").json(document))
             .await
     }
 
@@ -467,7 +473,8 @@ impl Client {
     /// [`ClientError`].
     pub async fn status(&self, document_id: &str) -> Result<DocumentStatus, ClientError> {
         let path = format!("/{}", checked_id(document_id)?);
-        self.json(|| self.facility(Method::GET, &path)).await
+        self.json(|| self.facility_request(Method::GET, &path))
+            .await
     }
 
     /// Revokes a document: no more downloads, content deleted. Idempotent.
@@ -476,7 +483,8 @@ impl Client {
     /// [`ClientError`].
     pub async fn revoke(&self, document_id: &str) -> Result<DocumentStatus, ClientError> {
         let path = format!("/{}", checked_id(document_id)?);
-        self.json(|| self.facility(Method::DELETE, &path)).await
+        self.json(|| self.facility_request(Method::DELETE, &path))
+            .await
     }
 
     /// Sends a receipt after import.
@@ -493,6 +501,118 @@ impl Client {
         self.json::<serde_json::Value>(|| self.receiver(Method::POST, &path, proof).json(receipt))
             .await
             .map(drop)
+    }
+
+    /// The directory entry of facility `code`: its name and public key (whose
+    /// fingerprint the caller checks against its pin before sealing to it).
+    ///
+    /// # Errors
+    /// [`ClientError`]; `Refused` with code `unknown_facility` (404) when the repository
+    /// has no key for it.
+    pub async fn facility(&self, code: &str) -> Result<api::FacilityEntry, ClientError> {
+        let url = format!("{}/v1/facilities/{}", self.base, checked_code(code)?);
+        self.json(|| self.keyed(Method::GET, url.clone())).await
+    }
+
+    /// Posts `sealed` (a sealed token) to `recipient`'s mailbox. Idempotent: the same
+    /// bytes posted again (a retry after a lost answer) are the same message.
+    ///
+    /// # Errors
+    /// [`ClientError`]; `Refused` for an unknown recipient or a body that is not sealed;
+    /// `Unavailable` (transient) when the mailbox stays full (429 `mailbox_full`).
+    pub async fn post_message(
+        &self,
+        recipient: &str,
+        sealed: &[u8],
+    ) -> Result<api::Posted, ClientError> {
+        if sealed.len() > api::MAX_MESSAGE_LEN {
+            return Err(ClientError::Mismatch(format!(
+                "a mailbox message is at most {} bytes; this one has {}",
+                api::MAX_MESSAGE_LEN,
+                sealed.len()
+            )));
+        }
+        let url = format!(
+            "{}/v1/mailboxes/{}/messages",
+            self.base,
+            checked_code(recipient)?
+        );
+        let body = bytes::Bytes::copy_from_slice(sealed);
+        self.json(|| {
+            self.keyed(Method::POST, url.clone())
+                .header(
+                    reqwest::header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/octet-stream"),
+                )
+                .body(body.clone())
+        })
+        .await
+    }
+
+    /// The messages waiting in this facility's own mailbox, oldest first (at most
+    /// [`api::MAX_LISTED_MESSAGES`]: delete what was imported and list again).
+    ///
+    /// # Errors
+    /// [`ClientError`].
+    pub async fn messages(&self) -> Result<Vec<api::MessageInfo>, ClientError> {
+        let url = format!("{}/v1/mailbox/messages", self.base);
+        let messages: Vec<api::MessageInfo> =
+            self.json(|| self.keyed(Method::GET, url.clone())).await?;
+        if messages.len() > api::MAX_LISTED_MESSAGES
+            || messages
+                .iter()
+                .any(|m| !api::is_message_id(&m.message_id) || !crate::facility::is_code(&m.sender))
+        {
+            return Err(ClientError::Mismatch(
+                "the repository's mailbox list is not valid (too many entries, or a                  malformed message ID or sender); check the repository URL"
+                    .into(),
+            ));
+        }
+        Ok(messages)
+    }
+
+    /// The sealed bytes of message `id` of this facility's mailbox (at most
+    /// [`api::MAX_MESSAGE_LEN`]; a longer answer is refused unread).
+    ///
+    /// # Errors
+    /// [`ClientError`]; `Refused` with code `not_found` (404) when it is not there.
+    pub async fn message(&self, id: &str) -> Result<Vec<u8>, ClientError> {
+        let url = format!("{}/v1/mailbox/messages/{}", self.base, checked_message(id)?);
+        self.retrying(|| async {
+            let response = self
+                .keyed(Method::GET, url.clone())
+                .timeout(self.options.request_timeout)
+                .send()
+                .await?;
+            let response = check(response).await?;
+            let (body, complete) = read_limited(response, api::MAX_MESSAGE_LEN).await?;
+            if !complete {
+                return Err(Failure::Permanent(ClientError::AnswerTooLarge {
+                    limit: api::MAX_MESSAGE_LEN,
+                }));
+            }
+            Ok(body)
+        })
+        .await
+    }
+
+    /// Deletes message `id` from this facility's mailbox. Idempotent: an absent message
+    /// is no error.
+    ///
+    /// # Errors
+    /// [`ClientError`].
+    pub async fn delete_message(&self, id: &str) -> Result<(), ClientError> {
+        let url = format!("{}/v1/mailbox/messages/{}", self.base, checked_message(id)?);
+        self.retrying(|| async {
+            let response = self
+                .keyed(Method::DELETE, url.clone())
+                .timeout(self.options.request_timeout)
+                .send()
+                .await?;
+            check(response).await?;
+            Ok(())
+        })
+        .await
     }
 
     /// Uploads `path` as the content of `document_id`, resuming from the parts the
@@ -562,7 +682,7 @@ impl Client {
         let complete_path = format!("/{}/complete", checked_id(document_id)?);
         let result = self
             .json(|| {
-                self.facility(Method::POST, &complete_path)
+                self.facility_request(Method::POST, &complete_path)
                     .json(&Complete { sha256 })
             })
             .await;
@@ -591,7 +711,7 @@ impl Client {
             .map_err(|e| Failure::Permanent(file_error(path)(e)))?;
         let stream = tokio_util::io::ReaderStream::with_capacity(file.take(len), UPLOAD_READ_CHUNK);
         let response = self
-            .facility(Method::PUT, &format!("/{document_id}/parts/{n}"))
+            .facility_request(Method::PUT, &format!("/{document_id}/parts/{n}"))
             .header(CONTENT_LENGTH, len)
             .timeout(self.options.part_timeout)
             .body(reqwest::Body::wrap_stream(stream))
@@ -994,6 +1114,26 @@ fn checked_id(id: &str) -> Result<&str, ClientError> {
     }
 }
 
+fn checked_code(code: &str) -> Result<&str, ClientError> {
+    if crate::facility::is_code(code) {
+        Ok(code)
+    } else {
+        Err(ClientError::Mismatch(format!(
+            "{code:?} is not a facility code (1 to 32 characters of A-Z, a-z, 0-9, _ and -)"
+        )))
+    }
+}
+
+fn checked_message(id: &str) -> Result<&str, ClientError> {
+    if api::is_message_id(id) {
+        Ok(id)
+    } else {
+        Err(ClientError::Mismatch(format!(
+            "{id:?} is not a message ID of this repository"
+        )))
+    }
+}
+
 /// `Content-Range: bytes a-b/total` or `bytes */total` -> (a, total).
 fn content_range(response: &Response) -> Option<(u64, u64)> {
     parse_content_range(response.headers().get(CONTENT_RANGE)?.to_str().ok()?)
@@ -1029,7 +1169,7 @@ fn document_facility(response: &Response) -> Option<String> {
         .get(api::FACILITY_HEADER)?
         .to_str()
         .ok()?;
-    crate::repository::config::is_facility_code(value).then(|| value.to_owned())
+    crate::facility::is_code(value).then(|| value.to_owned())
 }
 
 fn expected_sha256(response: &Response) -> Option<[u8; 32]> {

@@ -179,7 +179,7 @@ pub struct AuditConfig {
     pub path: PathBuf,
 }
 
-/// One facility allowed to upload.
+/// One facility allowed to upload, and its entry in the directory of facilities.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FacilityConfig {
@@ -187,7 +187,16 @@ pub struct FacilityConfig {
     pub api_key_sha256: String,
     /// SHA-256 (hex) of the facility's client certificate (DER), when it uses one.
     pub client_cert_sha256: String,
+    /// The facility's name, for people (at most [`MAX_FACILITY_NAME`] bytes).
+    pub name: String,
+    /// The facility's public key (`x25519:...`, from `cloudpdi facility keygen` at the
+    /// facility), registered by the repository's operator; empty when the facility takes
+    /// no sealed deliveries (it is then not in the directory).
+    pub public_key: String,
 }
+
+/// Longest facility name in the directory (bytes).
+pub const MAX_FACILITY_NAME: usize = 200;
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -343,19 +352,9 @@ impl RepositoryConfig {
     }
 }
 
-/// Whether `code` can name a facility in the repository: 1-32 characters of `A-Z a-z
-/// 0-9 _ -` (it is a path-safe name in the audit trail and in the
-/// [`crate::repository::api::FACILITY_HEADER`] of downloads).
-pub fn is_facility_code(code: &str) -> bool {
-    (1..=32).contains(&code.len())
-        && code
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-}
-
 fn check_facility(name: &str, facility: &FacilityConfig) -> Result<(), RepositoryConfigError> {
     let invalid = |msg: String| Err(RepositoryConfigError::Invalid(msg));
-    if !is_facility_code(name) {
+    if !crate::facility::is_code(name) {
         return invalid(format!(
             "facility {name:?}: the code must be 1-32 characters of A-Z, a-z, 0-9, _ and -"
         ));
@@ -370,6 +369,19 @@ fn check_facility(name: &str, facility: &FacilityConfig) -> Result<(), Repositor
     if facility.api_key_sha256.is_empty() && facility.client_cert_sha256.is_empty() {
         return invalid(format!(
             "facility.{name}: set api_key_sha256 or client_cert_sha256"
+        ));
+    }
+    if facility.name.len() > MAX_FACILITY_NAME || facility.name.chars().any(char::is_control) {
+        return invalid(format!(
+            "facility.{name}.name: at most {MAX_FACILITY_NAME} bytes, without control characters"
+        ));
+    }
+    if let Some(Err(e)) = (!facility.public_key.is_empty())
+        .then(|| crate::facility::PublicKey::parse(&facility.public_key))
+    {
+        return invalid(format!(
+            "facility.{name}.public_key: {e}; copy the line `cloudpdi facility show` prints \
+             at the facility"
         ));
     }
     Ok(())
@@ -411,6 +423,28 @@ mod tests {
         assert!(err.to_string().contains("bucket"), "{err}");
         let err = parse("[server]\nlisen = \"1.2.3.4:1\"\n").expect_err("typo");
         assert!(err.to_string().contains("lisen"), "{err}");
+        let err = parse(&format!(
+            "[facility.B]\napi_key_sha256 = \"{}\"\npublic_key = \"x25519:abc\"\n",
+            "ab".repeat(32)
+        ))
+        .expect_err("short public key");
+        assert!(err.to_string().contains("facility.B.public_key"), "{err}");
+        assert!(err.to_string().contains("cloudpdi facility show"), "{err}");
+        let err = parse(&format!(
+            "[facility.B]\napi_key_sha256 = \"{}\"\nname = \"B\\nGeneral\"\n",
+            "ab".repeat(32)
+        ))
+        .expect_err("control character in the name");
+        assert!(err.to_string().contains("facility.B.name"), "{err}");
+        let key = crate::facility::FacilityKey::generate().expect("key");
+        let config = parse(&format!(
+            "[facility.B]\napi_key_sha256 = \"{}\"\nname = \"B General Hospital\"\n\
+             public_key = \"{}\"\n",
+            "ab".repeat(32),
+            key.public().to_text()
+        ))
+        .expect("a registered key");
+        assert_eq!(config.facility["B"].public_key, key.public().to_text());
         for (setting, key) in [
             ("header_timeout = 0", "header_timeout"),
             ("header_timeout = 99999999999", "header_timeout"),

@@ -14,6 +14,9 @@
 //! documents/{id}/receipts/{n:08}   the receipt of download n, created only if absent
 //! index/expiry/{t:011}-{id}         when the sweep deletes the content
 //! index/purge/{t:011}-{id}          when the sweep deletes the rest
+//! mailboxes/{recipient}/{id}/sealed     a message's sealed bytes (opaque to the repository)
+//! mailboxes/{recipient}/{id}/meta.json  its sender, recipient, size, time; written last,
+//!                                       deleted first: a message is there when this is
 //! ```
 //!
 //! The download limit is enforced with create-if-absent slots (`If-None-Match: *` on S3,
@@ -110,6 +113,21 @@ pub struct CompleteRecord {
     pub completed_at: u64,
 }
 
+/// What the repository knows of a mailbox message besides its sealed bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageMeta {
+    /// Message ID.
+    pub id: String,
+    /// The facility that posted it (authenticated).
+    pub sender: String,
+    /// The facility whose mailbox holds it.
+    pub recipient: String,
+    /// Size of the sealed bytes.
+    pub size: u64,
+    /// When it was posted, Unix seconds.
+    pub posted_at: u64,
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 struct TimeRecord {
     at: u64,
@@ -153,6 +171,12 @@ pub enum Index {
 
 fn doc_path(id: &str, rest: &str) -> Path {
     Path::from(format!("documents/{id}/{rest}"))
+}
+
+/// An object of message `id` in `recipient`'s mailbox; both were validated by the caller
+/// (a facility code and a message ID), so nothing else reaches a path.
+fn message_path(recipient: &str, id: &str, rest: &str) -> Path {
+    Path::from(format!("mailboxes/{recipient}/{id}/{rest}"))
 }
 
 fn index_path(index: Index, at: u64, id: &str) -> Path {
@@ -614,6 +638,112 @@ impl Storage {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Stores a message: its sealed bytes, then its record (create-if-absent); `false`
+    /// when a message with this ID (the same bytes from the same sender) was already
+    /// there, which is left as it is.
+    ///
+    /// # Errors
+    /// [`StorageError`] when the store fails.
+    pub async fn post_message(
+        &self,
+        meta: &MessageMeta,
+        sealed: Bytes,
+    ) -> Result<bool, StorageError> {
+        let record = message_path(&meta.recipient, &meta.id, "meta.json");
+        if self.get_json::<MessageMeta>(&record).await?.is_some() {
+            return Ok(false);
+        }
+        self.put(
+            &message_path(&meta.recipient, &meta.id, "sealed"),
+            sealed,
+            PutMode::Overwrite,
+        )
+        .await?;
+        let bytes = serde_json::to_vec(meta).expect("message records serialize");
+        self.create_once(&record, &bytes).await
+    }
+
+    /// The IDs of the messages in `recipient`'s mailbox with the time each was stored,
+    /// oldest first; a message whose record is missing (a post or a delete cut short)
+    /// is not there.
+    ///
+    /// # Errors
+    /// [`StorageError`] when the store fails.
+    pub async fn mailbox(&self, recipient: &str) -> Result<Vec<String>, StorageError> {
+        let prefix = Path::from(format!("mailboxes/{recipient}"));
+        let mut found = Vec::new();
+        let mut listing = self.store.list(Some(&prefix));
+        while let Some(object) = listing.try_next().await? {
+            let parts: Vec<_> = object.location.parts().collect();
+            let names: Vec<&str> = parts.iter().map(|p| p.as_ref()).collect();
+            if let [_, _, id, "meta.json"] = names.as_slice() {
+                if crate::repository::api::is_message_id(id) {
+                    found.push((object.last_modified, (*id).to_owned()));
+                }
+            }
+        }
+        found.sort();
+        Ok(found.into_iter().map(|(_, id)| id).collect())
+    }
+
+    /// The record of message `id` in `recipient`'s mailbox, or `None`.
+    ///
+    /// # Errors
+    /// [`StorageError`] when the store fails.
+    pub async fn message_meta(
+        &self,
+        recipient: &str,
+        id: &str,
+    ) -> Result<Option<MessageMeta>, StorageError> {
+        self.get_json(&message_path(recipient, id, "meta.json"))
+            .await
+    }
+
+    /// Message `id` of `recipient`'s mailbox: its record and sealed bytes (at most
+    /// `limit` of them), or `None` when it is not there.
+    ///
+    /// # Errors
+    /// [`StorageError`] when the store fails or the bytes are larger than `limit`.
+    pub async fn message(
+        &self,
+        recipient: &str,
+        id: &str,
+        limit: usize,
+    ) -> Result<Option<(MessageMeta, Bytes)>, StorageError> {
+        let Some(meta) = self.message_meta(recipient, id).await? else {
+            return Ok(None);
+        };
+        let path = message_path(recipient, id, "sealed");
+        let result = match self.store.get(&path).await {
+            Ok(result) => result,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        if result.meta.size > limit as u64 {
+            return Err(StorageError::Corrupt(path.to_string()));
+        }
+        Ok(Some((meta, result.bytes().await?)))
+    }
+
+    /// Deletes message `id` from `recipient`'s mailbox: its record first, so that a
+    /// delete cut short leaves no listed message. Deleting an absent message does nothing.
+    ///
+    /// # Errors
+    /// [`StorageError`] when the store fails.
+    pub async fn delete_message(&self, recipient: &str, id: &str) -> Result<(), StorageError> {
+        for rest in ["meta.json", "sealed"] {
+            match self.store.delete(&message_path(recipient, id, rest)).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if let Some(root) = &self.local_root {
+            // The local backend leaves the message's folder behind; an empty one goes.
+            let _ = std::fs::remove_dir(root.join(format!("mailboxes/{recipient}/{id}")));
+        }
+        Ok(())
     }
 
     /// Whether the store answers (for `/healthz`).

@@ -84,7 +84,7 @@ fn check_symbol(data: &[u8]) -> u8 {
 /// Encodes symbol values (each < 32) as grouped text; the value count must be a multiple of 4.
 pub fn encode_symbols(values: &[u8]) -> String {
     assert!(
-        values.len() % DATA_PER_GROUP == 0,
+        values.len().is_multiple_of(DATA_PER_GROUP),
         "caller pads to whole groups"
     );
     let groups: Vec<String> = values

@@ -69,6 +69,10 @@ pub struct InboundJob {
     /// PDI once it is verified (for `cloudpdi status`).
     #[serde(default)]
     pub study: Option<StudySummary>,
+    /// The facility whose sealed token arrived in this facility's mailbox (the sender the
+    /// repository authenticated); `None` for a token from the watch folder.
+    #[serde(default)]
+    pub sealed_from: Option<String>,
 }
 
 impl InboundJob {
@@ -80,10 +84,10 @@ impl InboundJob {
             state: state_name(self.step),
             progress: format!(
                 "from {}: {} of {} stored, {} set aside",
-                if self.issuer.is_empty() {
-                    "(not known before the download)"
-                } else {
-                    &self.issuer
+                match &self.sealed_from {
+                    Some(sender) => format!("{sender} (sealed delivery)"),
+                    None if self.issuer.is_empty() => "(not known before the download)".into(),
+                    None => self.issuer.clone(),
                 },
                 self.stored,
                 self.instances,

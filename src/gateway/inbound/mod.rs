@@ -1,6 +1,8 @@
 //! The inbound pipeline: a token becomes a study in the local PACS.
 //!
-//! A token enters through the watch queue ([`crate::gateway::inbound::watch`]) and becomes a job whose id
+//! A token enters through the watch queue ([`crate::gateway::inbound::watch`]) or, sealed
+//! by another facility, through the mailbox ([`crate::gateway::inbound::mailbox`]), and
+//! becomes a job whose id
 //! is derived from its repository and document ID, so the same token dropped twice is
 //! imported once. A token naming a community code is resolved through `[repositories]`,
 //! and the resulting URL checked against `inbound.allowed_repositories`. Steps, each
@@ -17,6 +19,7 @@
 //! The token itself stays only in the job folder (mode 0600) while the job runs.
 
 pub mod import;
+pub mod mailbox;
 pub mod reconcile;
 pub mod watch;
 
@@ -41,7 +44,7 @@ use crate::gateway::jobs::{
     Cause, JobRecord, JobSummary, Pipeline, Progress, RetryError, StepError,
 };
 use crate::gateway::jobs::{blocking, state_name};
-use crate::gateway::store::{IndexError, JobStore, Store};
+use crate::gateway::store::{IndexError, JobStore, RefusalStore, Store};
 use crate::gateway::study::StudyDetails;
 use crate::repository::api::Receipt;
 use crate::repository::client::{Client, ClientOptions};
@@ -119,6 +122,8 @@ pub enum Queued {
 pub struct Inbound {
     config: Arc<Config>,
     jobs: JobStore,
+    /// Senders whose sealed tokens the mailbox refused.
+    refusals: RefusalStore,
     dir: PathBuf,
 }
 
@@ -131,7 +136,13 @@ impl Inbound {
         let dir = config.jobs_dir().join("in");
         let jobs = JobStore::open(store, "inbound_jobs")?;
         jobs.reindex::<InboundJob>()?;
-        let inbound = Inbound { jobs, config, dir };
+        let refusals = RefusalStore::open(store, "mailbox_refusals")?;
+        let inbound = Inbound {
+            jobs,
+            config,
+            refusals,
+            dir,
+        };
         inbound.sweep()?;
         Ok(inbound)
     }
@@ -184,6 +195,32 @@ impl Inbound {
         token: &Token,
         local_patient_id: Option<String>,
     ) -> Result<Queued, QueueError> {
+        self.queue_from(token, local_patient_id, None)
+    }
+
+    /// [`Inbound::queue`] for a token that `sender` sealed to this facility and posted to
+    /// its mailbox: the job's issuer is the sender, and status says it came sealed.
+    ///
+    /// # Errors
+    /// As [`Inbound::queue`].
+    pub fn queue_sealed(&self, token: &Token, sender: &str) -> Result<Queued, QueueError> {
+        self.queue_from(token, None, Some(sender))
+    }
+
+    /// The senders the mailbox refused, with the last reason, for `cloudpdi status`.
+    ///
+    /// # Errors
+    /// [`IndexError`] when the store cannot be read.
+    pub fn refusals(&self) -> Result<Vec<mailbox::Refusal>, IndexError> {
+        self.refusals.all()
+    }
+
+    fn queue_from(
+        &self,
+        token: &Token,
+        local_patient_id: Option<String>,
+        sealed_from: Option<&str>,
+    ) -> Result<Queued, QueueError> {
         if local_patient_id
             .as_deref()
             .is_some_and(|id| reconcile::check_id(id).is_err())
@@ -205,9 +242,11 @@ impl Inbound {
         };
         private_dir(&dir.0).map_err(folder_error)?;
         durable::write(&dir.token(), token.to_line().as_bytes(), 0o600).map_err(folder_error)?;
+        // A sealed token's sender is known now; otherwise the download names the issuer.
+        let issuer = sealed_from.map(str::to_owned).unwrap_or_default();
         let job = InboundJob {
             id: id.clone(),
-            issuer: String::new(),
+            issuer,
             document_id: token.document_id.clone(),
             expires_at: token.expires_at,
             local_patient_id,
@@ -217,13 +256,14 @@ impl Inbound {
             stored: 0,
             set_aside: Vec::new(),
             study: None,
+            sealed_from: sealed_from.map(str::to_owned),
         };
         if retry {
             self.jobs.put(&job)?;
-            info!(job = %id, "failed inbound job queued again");
+            info!(job = %id, from = sealed_from, "failed inbound job queued again");
             Ok(Queued::New(id))
         } else if self.jobs.create(&job)? {
-            info!(job = %id, "inbound job created");
+            info!(job = %id, from = sealed_from, "inbound job created");
             Ok(Queued::New(id))
         } else {
             Ok(Queued::Known(id))
@@ -289,10 +329,18 @@ impl Inbound {
                         |_| {},
                     )
                     .await?;
-                if let Some(facility) = downloaded.facility {
-                    // Recorded before the rename: a crash after it skips the download.
-                    job.issuer = facility;
-                    self.jobs.put(job)?;
+                match (downloaded.facility, &job.sealed_from) {
+                    // The sender proved who it is by sealing: that stays the issuer.
+                    (Some(creator), Some(sender)) if &creator != sender => warn!(
+                        job = %job.id, from = %sender, creator = %creator,
+                        "the sealed token names a document another facility created"
+                    ),
+                    (Some(creator), None) => {
+                        // Recorded before the rename: a crash after it skips the download.
+                        job.issuer = creator;
+                        self.jobs.put(job)?;
+                    }
+                    _ => {}
                 }
                 std::fs::rename(dir.partial(), dir.container())
                     .map_err(|e| StepError::file("rename the download", &dir.partial(), &e))?;
@@ -346,6 +394,9 @@ impl Inbound {
                     instances_imported: job.stored,
                     instances_refused: job.set_aside.len() as u64,
                     note: String::new(),
+                    // The sender's status tells its recipients' receipts apart by it.
+                    facility: Some(self.config.facility.code.clone())
+                        .filter(|code| crate::facility::is_code(code)),
                 };
                 match client(&token, &self.config)?
                     .receipt(&token.document_id, &token.download_proof(), &receipt)

@@ -20,6 +20,9 @@ pub enum OutStep {
     Upload,
     /// Write the token and the slip.
     Issue,
+    /// Seal the token to each facility of the route's `deliver_to` and post it to their
+    /// mailboxes.
+    Post,
     /// Run the delivery command.
     Deliver,
     /// Finished.
@@ -67,6 +70,24 @@ pub struct OutboundJob {
     /// Patient, accession, study date and modality of the batch, for `cloudpdi status`.
     #[serde(default)]
     pub study: Option<StudySummary>,
+    /// The sealed deliveries of the token, one per facility of the route's `deliver_to`.
+    #[serde(default)]
+    pub deliveries: Vec<Delivery>,
+}
+
+/// The sealed delivery of a job's token to one facility: posted (with the repository's
+/// message ID), or why not yet. Written after every attempt, so a repeated step posts only
+/// to the facilities still waiting.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delivery {
+    /// The receiving facility's code.
+    pub recipient: String,
+    /// When the sealed token was posted to its mailbox (Unix milliseconds).
+    pub posted_at: Option<u64>,
+    /// The repository's ID of the message in the recipient's mailbox.
+    pub message_id: Option<String>,
+    /// Why the last attempt failed, while not posted.
+    pub error: Option<String>,
 }
 
 impl OutboundJob {
@@ -88,6 +109,7 @@ impl OutboundJob {
             failed_at: None,
             repository: None,
             study: None,
+            deliveries: Vec::new(),
         }
     }
 

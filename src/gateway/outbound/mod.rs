@@ -11,7 +11,10 @@
 //!    with the patient's slip (study details read from the batch's instances, see
 //!    [`StudyDetails`](crate::gateway::study::StudyDetails); files named by study date, Patient ID, Accession Number and job);
 //!    the job folder is removed;
-//! 5. **deliver**: the route's delivery command, if any, is run with the slip's path.
+//! 5. **post**: for a route with `deliver_to`, the token is sealed to each facility named
+//!    (after checking the key the repository's directory gives for it against its pin)
+//!    and posted to its mailbox; each facility's outcome is recorded in the job;
+//! 6. **deliver**: the route's delivery command, if any, is run with the slip's path.
 //!
 //! The spooled instances are removed once the route's retention has passed.
 //! Exactly one token per batch: the secret and the document ID are fixed the first time
@@ -20,7 +23,7 @@
 mod job;
 mod sender;
 
-pub use job::{OutStep, OutboundJob};
+pub use job::{Delivery, OutStep, OutboundJob};
 pub use sender::Sender;
 use sender::Workdir;
 
@@ -33,7 +36,7 @@ use tracing::{info, warn};
 use crate::admin::metrics::Metrics;
 use crate::clock::now_ms;
 use crate::durable;
-use crate::gateway::jobs::{JobSummary, Pipeline, StepError, blocking, state_name};
+use crate::gateway::jobs::{JobRecord, JobSummary, Pipeline, StepError, blocking, state_name};
 use crate::gateway::reception::spool::Spool;
 use crate::gateway::store::{IndexError, JobStore};
 use crate::token::Token;
@@ -163,10 +166,11 @@ impl Outbound {
         Some(self.sender.document_status(&job.route, document).await)
     }
 
-    /// Puts a failed job back to the step that failed, with its attempts reset, once the
-    /// admin fixed the cause (a key file or the configuration: the daemon reads those at
-    /// start, so after a restart); the workers take it up on their next scan. Returns the
-    /// step it will run.
+    /// Puts a failed job back to the step that failed, a held one (a recipient's key to
+    /// check) back to work, or a done one with sealed deliveries (and a token not expired)
+    /// back to the post step, with its attempts reset, once the admin fixed the cause (a key
+    /// file, a pin or the configuration: the daemon reads those at start, so after a
+    /// restart); the workers take it up on their next scan. Returns the step it will run.
     ///
     /// # Errors
     /// [`RetryError`] when there is no such job or it has not failed.
@@ -174,6 +178,26 @@ impl Outbound {
         let Some(mut job) = self.jobs.get::<OutboundJob>(id)? else {
             return Err(RetryError::Unknown(id.to_owned()));
         };
+        if job.progress.held && !job.ended() {
+            job.progress.advanced();
+            self.jobs.put(&job)?;
+            info!(job = %job.id, step = ?job.step, "held outbound job retried by the admin");
+            return Ok(job.step);
+        }
+        if job.step == OutStep::Done
+            && !job.deliveries.is_empty()
+            && u64::from(job.expires_at) > now_ms() / 1000
+        {
+            // A recipient refused or lost the sealed token (a key rotated meanwhile): seal
+            // the issued token again to every recipient; one that imported it already
+            // recognises it and does not import it twice.
+            job.deliveries.clear();
+            job.step = OutStep::Post;
+            job.progress.advanced();
+            self.jobs.put(&job)?;
+            info!(job = %job.id, "sealed delivery asked again by the admin");
+            return Ok(job.step);
+        }
         if job.step != OutStep::Failed {
             return Err(RetryError::NotFailed(id.to_owned(), state_name(job.step)));
         }
@@ -269,7 +293,18 @@ impl Outbound {
                 // only (`cloudpdi status` shows the file).
                 info!(job = %job.id, route = %job.route, document = job.document_id.as_deref().unwrap_or(""),
                       folder = %self.sender.config.token_dir(&job.route).display(), "token issued");
-                Ok(OutStep::Deliver)
+                Ok(OutStep::Post)
+            }
+            OutStep::Post => {
+                // Without its folder, the job was done and its delivery is asked again
+                // (`cloudpdi retry`): the delivery command has run already.
+                let again = !dir.0.exists();
+                self.sender.post(&dir, job, &self.jobs).await?;
+                Ok(if again {
+                    OutStep::Done
+                } else {
+                    OutStep::Deliver
+                })
             }
             OutStep::Deliver => {
                 durable::remove_dir_all(&dir.0)

@@ -5,13 +5,14 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use tracing::error;
+use tracing::{error, info};
 
 use crate::clock::now_ms;
 use crate::config::{Config, RouteConfig};
 use crate::container::{self, Compression, Options};
 use crate::durable;
-use crate::gateway::jobs::StepError;
+use crate::facility::{FacilityKey, Fingerprint, PublicKey};
+use crate::gateway::jobs::{Cause, StepError};
 use crate::gateway::store::JobStore;
 use crate::pdi::{self, BuildOptions};
 use crate::repository::api::NewDocument;
@@ -19,7 +20,7 @@ use crate::repository::client::{Client, ClientOptions};
 use crate::token::slip::{self, SlipDetails, SlipFormat};
 use crate::token::{SECRET_LEN, Secret, Token};
 
-use super::OutboundJob;
+use super::{Delivery, OutboundJob};
 use crate::gateway::study::StudyDetails;
 
 /// Mode of the token files and slips the pipeline writes: the daemon's group (the clerks
@@ -33,6 +34,9 @@ pub struct Sender {
     /// Each route's repository, or why it cannot be used (that route's jobs fail with
     /// the reason; the others go on).
     links: BTreeMap<String, Result<Link, String>>,
+    /// This facility's private key, which seals the tokens of routes with `deliver_to`
+    /// (loaded at start by `cloudpdi serve`).
+    facility_key: Option<Arc<FacilityKey>>,
 }
 
 /// A repository a route uploads to.
@@ -60,7 +64,18 @@ impl Sender {
                 (name.clone(), link)
             })
             .collect();
-        Sender { config, links }
+        Sender {
+            config,
+            links,
+            facility_key: None,
+        }
+    }
+
+    /// The sender with this facility's private key, for the routes with `deliver_to`.
+    #[must_use]
+    pub fn with_facility_key(mut self, key: Arc<FacilityKey>) -> Sender {
+        self.facility_key = Some(key);
+        self
     }
 
     fn link_of(config: &Config, name: &str, route: &RouteConfig) -> Result<Link, String> {
@@ -108,6 +123,16 @@ impl Sender {
             .status(document_id)
             .await
             .map_err(|e| e.to_string())
+    }
+}
+
+/// How much a person must do about a failed delivery: a held one (a key to check) ranks
+/// above one that failed for good, which ranks above one retried by itself.
+fn rank(error: &StepError) -> u8 {
+    match error {
+        StepError::Held { .. } => 2,
+        StepError::Permanent { .. } => 1,
+        StepError::Transient { .. } => 0,
     }
 }
 
@@ -268,6 +293,180 @@ impl Sender {
             .map_err(StepError::from)
     }
 
+    /// The job's token, from its secret and its document: the same at every call.
+    fn token(&self, dir: &Workdir, job: &OutboundJob) -> Result<Token, StepError> {
+        let secret = Self::secret(dir)?;
+        let document_id = job.document_id.as_deref().unwrap_or_default();
+        let repository = match &job.repository {
+            Some(url) => url.clone(),
+            None => self.link(&job.route)?.url.clone(),
+        };
+        Token::for_secret(
+            self.config.repository_ref(&repository),
+            document_id,
+            job.expires_at,
+            &secret,
+        )
+        .map_err(StepError::permanent)
+    }
+
+    /// Seals the job's token to each facility of the route's `deliver_to` not yet posted
+    /// to, and posts it to that facility's mailbox, recording each outcome in the job
+    /// (durably, after each facility). Every facility is tried; the worst failure is
+    /// returned: held (a key to check, a facility missing from the directory) before
+    /// permanent before transient.
+    pub(super) async fn post(
+        &self,
+        dir: &Workdir,
+        job: &mut OutboundJob,
+        store: &JobStore,
+    ) -> Result<(), StepError> {
+        let recipients = self.route_options(&job.route)?.deliver_to.clone();
+        if recipients.is_empty() {
+            return Ok(());
+        }
+        let key = self.facility_key.clone().ok_or_else(|| {
+            StepError::permanent(
+                "route with deliver_to, but this facility's key (facility.key_file) is not \
+                 loaded: set it and restart the daemon",
+            )
+        })?;
+        let token = if dir.0.exists() {
+            self.token(dir, job)?
+        } else {
+            Self::issued_token(job)?
+        };
+        let text = token.to_text();
+        let mut worst: Option<StepError> = None;
+        for code in &recipients {
+            if job
+                .deliveries
+                .iter()
+                .any(|d| d.recipient == *code && d.posted_at.is_some())
+            {
+                continue;
+            }
+            let outcome = self.post_to(&key, job, code, text.as_bytes()).await;
+            let index = match job.deliveries.iter().position(|d| d.recipient == *code) {
+                Some(index) => index,
+                None => {
+                    job.deliveries.push(Delivery {
+                        recipient: code.clone(),
+                        posted_at: None,
+                        message_id: None,
+                        error: None,
+                    });
+                    job.deliveries.len() - 1
+                }
+            };
+            let delivery = &mut job.deliveries[index];
+            match outcome {
+                Ok(message_id) => {
+                    delivery.posted_at = Some(now_ms());
+                    delivery.message_id = Some(message_id.clone());
+                    delivery.error = None;
+                    info!(job = %job.id, to = %code, message = %message_id, "sealed token posted");
+                }
+                Err(e) => {
+                    delivery.error = Some(e.to_string());
+                    worst = Some(match worst {
+                        Some(before) if rank(&before) >= rank(&e) => before,
+                        _ => e,
+                    });
+                }
+            }
+            store.put(job)?;
+        }
+        worst.map_or(Ok(()), Err)
+    }
+
+    /// The token of a job whose folder is gone (a delivery asked again by `cloudpdi retry`
+    /// after the job was done): read back from its token file.
+    fn issued_token(job: &OutboundJob) -> Result<Token, StepError> {
+        let gone = || {
+            StepError::permanent(format!(
+                "the token of job {} cannot be delivered again: its token file is gone; \
+                 hand the slip over instead",
+                job.id
+            ))
+        };
+        let path = job.token_file.as_ref().ok_or_else(gone)?;
+        let text = std::fs::read_to_string(path).map_err(|_| gone())?;
+        let text = zeroize::Zeroizing::new(text);
+        Token::from_text(text.trim()).map_err(|_| gone())
+    }
+
+    /// Looks `code` up in the repository's directory, checks its key against the pin,
+    /// seals `plaintext` to it and posts it; returns the message ID.
+    async fn post_to(
+        &self,
+        key: &FacilityKey,
+        job: &OutboundJob,
+        code: &str,
+        plaintext: &[u8],
+    ) -> Result<String, StepError> {
+        let retry = format!("then run `cloudpdi retry {}`", job.id);
+        let pinned = self
+            .config
+            .facilities
+            .get(code)
+            .and_then(|pin| Fingerprint::parse(&pin.fingerprint).ok())
+            .ok_or_else(|| {
+                StepError::held(
+                    Cause::RecipientKey,
+                    format!(
+                        "facility {code} has no pinned key: nothing was sent to {code}; add \
+                         [facilities.{code}] fingerprint = \"...\" as {code} reads it to \
+                         you, restart the daemon, {retry}"
+                    ),
+                )
+            })?;
+        let link = self.link(&job.route)?;
+        let entry = link.client.facility(code).await.map_err(|e| {
+            if e.is_permanent() {
+                StepError::held(
+                    Cause::RecipientKey,
+                    format!(
+                        "the repository's directory has no key for facility {code} ({e}): \
+                         nothing was sent to {code}; ask the repository operator to register \
+                         {code}'s public key, {retry}"
+                    ),
+                )
+            } else {
+                StepError::from(e)
+            }
+        })?;
+        let public = PublicKey::parse(&entry.public_key).map_err(|e| {
+            StepError::held(
+                Cause::RecipientKey,
+                format!(
+                    "the repository's directory gives facility {code} a key this gateway \
+                     cannot read ({e}): nothing was sent to {code}; tell the repository \
+                     operator, {retry}"
+                ),
+            )
+        })?;
+        let found = public.fingerprint();
+        if found != pinned {
+            return Err(StepError::held(
+                Cause::RecipientKey,
+                format!(
+                    "the repository's directory gives facility {code} a key with fingerprint \
+                     {found}, but facilities.{code}.fingerprint pins {pinned}: nothing was \
+                     sent to {code}. Call {code} and compare the fingerprint of their key \
+                     (`cloudpdi facility show`): if they changed their key, pin the new \
+                     fingerprint and restart the daemon; if not, the directory is wrong: tell \
+                     the repository operator; {retry}"
+                ),
+            ));
+        }
+        let sealed =
+            crate::facility::seal(key, &self.config.facility.code, &public, code, plaintext)
+                .map_err(StepError::permanent)?;
+        let posted = link.client.post_message(code, &sealed).await?;
+        Ok(posted.message_id)
+    }
+
     /// Writes the token file and the slip (blocking); the same files on a repeat. The slip
     /// and the file names carry the study details read from `instances` (the batch's
     /// spooled files, or what `cloudpdi send` was given).
@@ -278,20 +477,8 @@ impl Sender {
         instances: &[PathBuf],
     ) -> Result<Token, StepError> {
         let route = self.route_options(&job.route)?;
-        let secret = Self::secret(dir)?;
-        let document_id = job.document_id.as_deref().unwrap_or_default();
         let summary = format!("{} DICOM instances", job.instances);
-        let repository = match &job.repository {
-            Some(url) => url.clone(),
-            None => self.link(&job.route)?.url.clone(),
-        };
-        let token = Token::for_secret(
-            self.config.repository_ref(&repository),
-            document_id,
-            job.expires_at,
-            &secret,
-        )
-        .map_err(StepError::permanent)?;
+        let token = self.token(dir, job)?;
         let study = StudyDetails::gather(instances);
         job.study.get_or_insert_with(|| study.summary());
         let time_zone = crate::clock::time_zone(&self.config.facility.time_zone)

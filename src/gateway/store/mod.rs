@@ -1,7 +1,8 @@
 //! The daemon's database: the one module that knows it is sled.
 //!
 //! One sled database in `<data_dir>/index/` holds the batches of received instances
-//! ([`BatchIndex`]) and the job records of both pipelines ([`JobStore`]). Everything else
+//! ([`BatchIndex`]), the job records of both pipelines ([`JobStore`]) and the senders the
+//! mailbox refused ([`RefusalStore`]). Everything else
 //! sees typed records and methods and one error type, [`IndexError`]: opening the database,
 //! its trees, the JSON encoding of records, transactions and their errors, and the flush
 //! that makes a change durable before it is acknowledged all live here.
@@ -12,9 +13,11 @@
 
 mod batches;
 mod jobs;
+mod refusals;
 
 pub use batches::{BatchCounts, BatchIndex};
 pub use jobs::JobStore;
+pub use refusals::RefusalStore;
 
 use std::path::{Path, PathBuf};
 

@@ -60,6 +60,16 @@ actions! {
     Download = "download";
     /// `POST /v1/documents/{id}/receipts`.
     SendReceipt = "receipt";
+    /// `GET /v1/facilities/{code}`.
+    LookUpFacility = "look_up_facility";
+    /// `POST /v1/mailboxes/{recipient}/messages`.
+    PostMessage = "post_message";
+    /// `GET /v1/mailbox/messages`.
+    ListMessages = "list_messages";
+    /// `GET /v1/mailbox/messages/{id}`.
+    FetchMessage = "fetch_message";
+    /// `DELETE /v1/mailbox/messages/{id}`.
+    DeleteMessage = "delete_message";
 }
 
 /// A request from an authenticated facility (client certificate first, then API key).

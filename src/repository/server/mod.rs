@@ -10,13 +10,17 @@
 //! once per download. A background `sweep.rs` deletes expired content.
 //!
 //! The routes: `documents.rs` (create, status, revoke), `parts.rs` (upload, complete),
-//! `download.rs` (with `range.rs`), `receipts.rs`; `/healthz` and `/metrics` (`metrics.rs`).
+//! `download.rs` (with `range.rs`), `receipts.rs`; the directory of facilities
+//! (`facilities.rs`) and their mailboxes of sealed tokens (`mailboxes.rs`); `/healthz` and
+//! `/metrics` (`metrics.rs`).
 
 mod authenticate;
 mod body;
 mod caller;
 mod documents;
 mod download;
+mod facilities;
+mod mailboxes;
 mod metrics;
 mod parts;
 mod range;
@@ -24,6 +28,7 @@ mod receipts;
 mod refusal;
 mod sweep;
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
@@ -38,6 +43,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use crate::repository::api::FacilityEntry;
 use crate::repository::audit::{Audit, AuditError};
 use crate::repository::auth::{Facilities, ProofLimiter, TrustedProxies};
 use crate::repository::config::{
@@ -81,6 +87,8 @@ struct App {
     server: ServerConfig,
     storage: Storage,
     facilities: Facilities,
+    /// Facilities with a registered public key, by code.
+    directory: BTreeMap<String, FacilityEntry>,
     audit: Audit,
     limiter: ProofLimiter,
     proxies: TrustedProxies,
@@ -117,6 +125,13 @@ fn router(app: Arc<App>) -> Router {
         .route("/v1/documents/{id}/complete", post(parts::complete))
         .route("/v1/documents/{id}/content", get(download::download))
         .route("/v1/documents/{id}/receipts", post(receipts::receipt))
+        .route("/v1/facilities/{code}", get(facilities::look_up))
+        .route("/v1/mailboxes/{recipient}/messages", post(mailboxes::post))
+        .route("/v1/mailbox/messages", get(mailboxes::list))
+        .route(
+            "/v1/mailbox/messages/{id}",
+            get(mailboxes::fetch).delete(mailboxes::delete),
+        )
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics::metrics))
         .fallback(fallback)
@@ -141,8 +156,10 @@ pub async fn run(
             "server.trusted_proxies: {entry:?} is not an address or address/prefix"
         ))
     })?;
+    let directory = directory(&config.facility)?;
     let app = Arc::new(App {
         facilities: Facilities::new(&config.facility),
+        directory,
         proxies,
         limiter: ProofLimiter::new(
             server.failed_proofs_per_window,
@@ -183,6 +200,32 @@ pub async fn run(
     Ok(())
 }
 
+/// The directory of facilities: those with a public key, in its canonical text.
+///
+/// # Errors
+/// [`ServerError::Config`] naming a facility whose key is not a key.
+fn directory(
+    facilities: &BTreeMap<String, FacilityConfig>,
+) -> Result<BTreeMap<String, FacilityEntry>, ServerError> {
+    let mut directory = BTreeMap::new();
+    for (code, facility) in facilities {
+        if facility.public_key.is_empty() {
+            continue;
+        }
+        let key = crate::facility::PublicKey::parse(&facility.public_key)
+            .map_err(|e| ServerError::Config(format!("facility.{code}.public_key: {e}")))?;
+        directory.insert(
+            code.clone(),
+            FacilityEntry {
+                code: code.clone(),
+                name: facility.name.clone(),
+                public_key: key.to_text(),
+            },
+        );
+    }
+    Ok(directory)
+}
+
 /// The repository running inside the gateway (`repository.url = "embedded"`).
 pub struct Embedded {
     /// Base URL on loopback, e.g. `http://127.0.0.1:11190`: what tokens name.
@@ -220,7 +263,7 @@ pub async fn start_embedded(
             facility.to_owned(),
             FacilityConfig {
                 api_key_sha256: api_key_sha256.to_owned(),
-                client_cert_sha256: String::new(),
+                ..FacilityConfig::default()
             },
         )]
         .into(),

@@ -45,6 +45,20 @@ async fn store_receipt(app: &App, snapshot: &Snapshot, body: Body) -> Result<Ans
             ),
         ));
     }
+    if receipt
+        .facility
+        .as_deref()
+        .is_some_and(|code| !crate::facility::is_code(code))
+    {
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!(
+                "facility is a facility code: 1 to {} characters of A-Z, a-z, 0-9, _ and -",
+                crate::facility::MAX_CODE_LEN
+            ),
+        ));
+    }
     let counted = receipt
         .instances_imported
         .checked_add(receipt.instances_refused);
@@ -57,10 +71,13 @@ async fn store_receipt(app: &App, snapshot: &Snapshot, body: Body) -> Result<Ans
             ),
         ));
     }
-    let detail = format!(
+    let mut detail = format!(
         "imported {} refused {}",
         receipt.instances_imported, receipt.instances_refused
     );
+    if let Some(facility) = &receipt.facility {
+        detail.push_str(&format!(" by facility {facility}"));
+    }
     let stored = ReceiptRecord {
         received_at: unix_now(),
         receipt,

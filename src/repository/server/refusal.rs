@@ -62,6 +62,24 @@ impl Refusal {
         )
     }
 
+    /// A malformed facility code in the URL.
+    pub(super) fn invalid_facility_code() -> Self {
+        Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_facility_code",
+            "a facility code is 1 to 32 characters of A-Z, a-z, 0-9, _ and -",
+        )
+    }
+
+    /// A malformed message ID in the URL.
+    pub(super) fn invalid_message_id() -> Self {
+        Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_message_id",
+            "a message ID is 20 lower-case hex digits, as the mailbox list gives it",
+        )
+    }
+
     /// Whether this is the answer to a failed download proof, which counts against the
     /// client in the failed-proof limiter.
     pub(super) fn is_not_available(&self) -> bool {

@@ -1,0 +1,693 @@
+//! Sealed delivery, hospital to hospital with nobody carrying a slip: a standalone
+//! `cloudpdi repository serve` knows facilities HOSPA, HOSPB and HOSPC (API keys, and
+//! public keys made by `cloudpdi facility keygen`); daemon A routes a CT with
+//! `deliver_to = ["HOSPB"]`, daemon B reads its mailbox (`accept_from = ["HOSPA"]`) and
+//! imports into Orthanc. Real processes on loopback, in the test's own network namespace
+//! (Orthanc cannot bind loopback only).
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::fs;
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cloudpdi::facility::{FacilityKey, PublicKey};
+use cloudpdi::repository::client::{Client, ClientOptions};
+use common::*;
+
+/// One facility: its key pair (from `cloudpdi facility keygen`) and its API key at the
+/// repository (from `cloudpdi repository new-key`).
+struct Facility {
+    code: &'static str,
+    key_file: PathBuf,
+    public_key: String,
+    fingerprint: String,
+    api_key_file: PathBuf,
+    /// The `api_key_sha256 = "..."` line for the repository's configuration.
+    api_key_line: String,
+}
+
+impl Facility {
+    fn new(dir: &Path, code: &'static str) -> Facility {
+        fs::create_dir_all(dir).unwrap();
+        let key_file = dir.join(format!("{code}.key"));
+        let out = run(Command::new(env!("CARGO_BIN_EXE_cloudpdi"))
+            .args(["facility", "keygen", "--out"])
+            .arg(&key_file));
+        assert!(out.status.success(), "keygen: {out:?}");
+        let printed = String::from_utf8_lossy(&out.stdout).into_owned();
+        let public = FacilityKey::load(&key_file).unwrap().public();
+        let (public_key, fingerprint) = (public.to_text(), public.fingerprint().to_string());
+        assert!(
+            printed.contains(&public_key) && printed.contains(&fingerprint),
+            "keygen prints the public key and its fingerprint: {printed}"
+        );
+        let out = run(Command::new(env!("CARGO_BIN_EXE_cloudpdi")).args(["repository", "new-key"]));
+        let out = String::from_utf8_lossy(&out.stdout).into_owned();
+        let key = out
+            .lines()
+            .find_map(|l| {
+                l.split_once("shown once): ")
+                    .map(|(_, k)| k.trim().to_owned())
+            })
+            .unwrap_or_else(|| panic!("new-key prints a key: {out}"));
+        let api_key_line = out
+            .lines()
+            .find(|l| l.starts_with("api_key_sha256"))
+            .unwrap()
+            .to_owned();
+        let api_key_file = dir.join(format!("{code}.api-key"));
+        fs::write(&api_key_file, key).unwrap();
+        Facility {
+            code,
+            key_file,
+            public_key,
+            fingerprint,
+            api_key_file,
+            api_key_line,
+        }
+    }
+
+    /// A repository client with this facility's API key.
+    fn client(&self, hub: &Hub) -> Client {
+        let key = fs::read_to_string(&self.api_key_file).unwrap();
+        Client::new(&hub.url, Some(key), ClientOptions::default()).unwrap()
+    }
+
+    fn key(&self) -> FacilityKey {
+        FacilityKey::load(&self.key_file).unwrap()
+    }
+
+    /// The configuration lines of a daemon of this facility: the repository (the lines
+    /// land in the harness's `[repository]` table, which it writes last), the facility
+    /// and its pins of `others`.
+    fn daemon_config(&self, hub: &Hub, others: &[&Facility]) -> String {
+        let mut text = format!(
+            "url = \"{}\"\napi_key_file = \"{}\"\n\
+             [facility]\ncode = \"{}\"\nname = \"Hospital {}\"\nkey_file = \"{}\"\n",
+            hub.url,
+            self.api_key_file.display(),
+            self.code,
+            self.code,
+            self.key_file.display()
+        );
+        for other in others {
+            text += &format!(
+                "[facilities.{}]\nfingerprint = \"{}\"\n",
+                other.code, other.fingerprint
+            );
+        }
+        text
+    }
+}
+
+/// The standalone repository, its directory of facilities given at each (re)start.
+struct Hub {
+    child: Option<Child>,
+    port: u16,
+    url: String,
+    dir: PathBuf,
+}
+
+impl Hub {
+    /// Starts it with each facility's API key, registered with the public key given.
+    fn start(dir: &Path, directory: &[(&Facility, &str)]) -> Hub {
+        fs::create_dir_all(dir).unwrap();
+        let port = free_port();
+        let mut hub = Hub {
+            child: None,
+            port,
+            url: format!("http://127.0.0.1:{port}"),
+            dir: dir.to_owned(),
+        };
+        hub.spawn(directory);
+        hub
+    }
+
+    fn spawn(&mut self, directory: &[(&Facility, &str)]) {
+        let mut config = format!(
+            "[server]\nlisten = \"127.0.0.1:{}\"\n[storage]\npath = \"{}\"\n\
+             [audit]\npath = \"{}\"\n",
+            self.port,
+            self.dir.join("store").display(),
+            self.audit_path().display()
+        );
+        for (facility, public_key) in directory {
+            config += &format!(
+                "[facility.{}]\nname = \"Hospital {}\"\n{}\npublic_key = \"{public_key}\"\n",
+                facility.code, facility.code, facility.api_key_line
+            );
+        }
+        let path = self.dir.join("repository.toml");
+        fs::write(&path, config).unwrap();
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("log"))
+            .unwrap();
+        self.child = Some(
+            Command::new(env!("CARGO_BIN_EXE_cloudpdi"))
+                .args(["repository", "serve", "--config"])
+                .arg(&path)
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the repository did not start: {}",
+                fs::read_to_string(self.dir.join("log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Restarts it (same port, storage and audit trail) with another directory.
+    fn restart(&mut self, directory: &[(&Facility, &str)]) {
+        self.stop();
+        self.spawn(directory);
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn audit_path(&self) -> PathBuf {
+        self.dir.join("audit.jsonl")
+    }
+
+    /// The audit events (one JSON object a line) that mention `message_id`.
+    fn audit_of(&self, message_id: &str) -> Vec<String> {
+        fs::read_to_string(self.audit_path())
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(message_id))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Runs `future` to its end on a runtime of its own (the test is synchronous).
+fn block<T>(future: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(future)
+}
+
+/// The inbound jobs of `site`.
+fn inbound_jobs(site: &Daemon) -> Vec<serde_json::Value> {
+    site.status()["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|j| j["direction"] == "inbound")
+        .cloned()
+        .collect()
+}
+
+/// Waits until `count` inbound jobs of `site` are done; returns them all.
+fn wait_imports(site: &Daemon, count: usize, what: &str) -> Vec<serde_json::Value> {
+    wait_for(what, Duration::from_secs(90), || {
+        let jobs = inbound_jobs(site);
+        let done = jobs.iter().filter(|j| j["state"] == "done").count();
+        assert!(done <= count, "more imports than tokens: {jobs:#?}");
+        (done == count).then_some(jobs)
+    })
+}
+
+/// The deliveries of the outbound job of `site` whose study has Patient ID `patient`.
+fn deliveries(site: &Daemon, patient: &str) -> Option<(String, serde_json::Value)> {
+    let status = site.status();
+    let job = status["jobs"]
+        .as_array()?
+        .iter()
+        .find(|j| j["direction"] == "outbound" && j["study"]["patient_id"] == patient)?
+        .clone();
+    let id = job["id"].as_str()?.to_owned();
+    let details = status["outbound"]
+        .as_array()?
+        .iter()
+        .find(|d| d["id"] == id.as_str())?
+        .clone();
+    Some((id, details))
+}
+
+/// The ID of the message posted to HOSPB for the study of `patient`, once posted.
+fn posted_message(site: &Daemon, patient: &str) -> String {
+    wait_for("the sealed token posted", Duration::from_secs(60), || {
+        let (_, details) = deliveries(site, patient)?;
+        details["deliveries"][0]["message_id"]
+            .as_str()
+            .map(str::to_owned)
+    })
+}
+
+/// `cloudpdi status` as text, as an admin reads it.
+fn status_text(site: &Daemon) -> String {
+    let out = run(Command::new(env!("CARGO_BIN_EXE_cloudpdi")).args([
+        "status",
+        "--admin",
+        &site.admin.to_string(),
+    ]));
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A CT study of `slices` instances for patient `patient`, sent to A.
+fn send_study(work: &Path, a: &Daemon, name: &str, slices: usize, patient: &str) -> Vec<PathBuf> {
+    let dir = work.join(name);
+    gen_ct(&dir, slices, &["--patient-id", patient, "--matrix", "128"]);
+    let files = files_in(&dir);
+    let out = storescu(a, "MODALITY", &[], &files);
+    assert!(out.status.success(), "{out:?}");
+    files
+}
+
+/// Instances Orthanc holds.
+fn in_orthanc(orthanc: &Orthanc) -> usize {
+    orthanc.get("/instances").as_array().unwrap().len()
+}
+
+/// Files under the watch folder of `site` (and its `rejected/`).
+fn watch_folder_files(site: &Daemon) -> Vec<PathBuf> {
+    let inbox = site.dir.join("data/inbox");
+    let mut found = files_in_tree(&inbox);
+    found.sort();
+    found
+}
+
+fn files_in_tree(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .flat_map(|e| {
+            let path = e.path();
+            if path.is_dir() {
+                files_in_tree(&path)
+            } else {
+                vec![path]
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn a_ct_study_reaches_the_pacs_of_the_facility_it_is_sealed_to() {
+    if !isolated("a_ct_study_reaches_the_pacs_of_the_facility_it_is_sealed_to") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path();
+    let keys = work.join("keys");
+    let (fa, fb, fc) = (
+        Facility::new(&keys, "HOSPA"),
+        Facility::new(&keys, "HOSPB"),
+        Facility::new(&keys, "HOSPC"),
+    );
+    let honest = [
+        (&fa, fa.public_key.as_str()),
+        (&fb, fb.public_key.as_str()),
+        (&fc, fc.public_key.as_str()),
+    ];
+    let mut hub = Hub::start(&work.join("hub"), &honest);
+    let orthanc = Orthanc::start(work);
+    let site_b = fb.daemon_config(&hub, &[&fa])
+        + "[inbound]\npacs = \"127.0.0.1:4242\"\npacs_ae_title = \"ORTHANC\"\n\
+           accept_from = [\"HOSPA\"]\nmailbox_poll_interval = 1\nattempts = 2\n";
+    let mut b = Daemon::start(&work.join("b"), &site_b);
+    let site_a = fa.daemon_config(&hub, &[&fb])
+        + "[route.ct]\nae_title = \"CLOUDPDI\"\nstable_after = 1\ndeliver_to = [\"HOSPB\"]\n\
+           [outbound]\nenabled = true\n";
+    let a = Daemon::start(&work.join("a"), &site_a);
+
+    // 1. A CT into A arrives in B's Orthanc; nobody touched a token file at B.
+    let first = send_study(work, &a, "first", 4, "PAT1");
+    let jobs = wait_imports(&b, 1, "the sealed delivery imported at B");
+    assert_eq!(in_orthanc(&orthanc), first.len(), "{}", b.log());
+    let progress = jobs[0]["progress"].as_str().unwrap();
+    assert!(
+        progress.contains("from HOSPA (sealed delivery)"),
+        "{progress}"
+    );
+    assert!(
+        watch_folder_files(&b).is_empty(),
+        "no token file at B: {:?}",
+        watch_folder_files(&b)
+    );
+    assert!(status_text(&b).contains("from HOSPA (sealed delivery)"));
+    // A's status: delivered to B, then imported by B (B's receipt names HOSPB).
+    let imported = wait_for(
+        "A's status to show B's import",
+        Duration::from_secs(60),
+        || {
+            let text = status_text(&a);
+            text.contains("imported by HOSPB").then_some(text)
+        },
+    );
+    assert!(imported.contains("delivered to HOSPB"), "{imported}");
+    let (_, details) = deliveries(&a, "PAT1").unwrap();
+    let receipts = details["document"]["receipts"].as_array().unwrap();
+    assert_eq!(receipts.len(), 1, "{details:#}");
+    assert_eq!(receipts[0]["facility"], "HOSPB");
+    assert_eq!(receipts[0]["instances_imported"], first.len() as u64);
+    let mailbox_b = fb.client(&hub);
+    assert!(
+        block(mailbox_b.messages()).unwrap().is_empty(),
+        "B's mailbox emptied"
+    );
+
+    // 2. A sender not in accept_from (HOSPC, a registered facility with a good key) is
+    // refused, listed by B's status, and its message deleted.
+    let token = fs::read_to_string(tokens(&a).first().unwrap()).unwrap();
+    let b_public = PublicKey::parse(&fb.public_key).unwrap();
+    let from_c = cloudpdi::facility::seal(
+        &fc.key(),
+        "HOSPC",
+        &b_public,
+        "HOSPB",
+        token.trim().as_bytes(),
+    )
+    .unwrap();
+    let posted = block(fc.client(&hub).post_message("HOSPB", &from_c)).unwrap();
+    let refused = wait_for("B to refuse HOSPC", Duration::from_secs(30), || {
+        let status = b.status();
+        let list = status["refused_senders"].as_array()?.clone();
+        list.iter().find(|r| r["sender"] == "HOSPC").cloned()
+    });
+    assert!(
+        refused["reason"]
+            .as_str()
+            .unwrap()
+            .contains("not in inbound.accept_from"),
+        "{refused:#}"
+    );
+    assert!(status_text(&b).contains("refused sealed tokens from HOSPC"));
+    wait_for("HOSPC's message deleted", Duration::from_secs(10), || {
+        block(mailbox_b.messages())
+            .unwrap()
+            .is_empty()
+            .then_some(())
+    });
+    assert_eq!(inbound_jobs(&b).len(), 1, "nothing imported from HOSPC");
+    assert!(
+        b.log().matches(&posted.message_id).count() >= 1,
+        "the refusal is logged"
+    );
+
+    // 3. kill -9 of B between fetch and job creation loses nothing and imports once. The
+    // window is made certain, not raced: B's inbound job folder (`jobs/in`) is a file, so
+    // queueing the fetched token fails (as a full disk would) and the message stays; B is
+    // killed in that state, the obstacle removed, B restarted.
+    b.stop();
+    let jobs_in = b.dir.join("data/jobs/in");
+    let _ = fs::remove_dir_all(&jobs_in);
+    fs::write(&jobs_in, b"not a folder").unwrap();
+    b.spawn();
+    let second = send_study(work, &a, "second", 3, "PAT2");
+    let message = posted_message(&a, "PAT2");
+    wait_for(
+        "B to fetch and fail to queue",
+        Duration::from_secs(60),
+        || b.log().contains("sealed token not taken yet").then_some(()),
+    );
+    b.kill9();
+    let waiting = block(mailbox_b.messages()).unwrap();
+    assert_eq!(waiting.len(), 1, "the message survives the crash");
+    assert_eq!(waiting[0].message_id, message);
+    assert_eq!(waiting[0].sender, "HOSPA");
+    // Facility C can neither read nor delete it, and what it holds does not open with C's
+    // key (HPKE to B's key).
+    let c = fc.client(&hub);
+    assert!(
+        block(c.messages()).unwrap().is_empty(),
+        "C sees only its own mailbox"
+    );
+    assert!(
+        block(c.message(&message)).is_err(),
+        "C cannot fetch B's message"
+    );
+    let _ = block(c.delete_message(&message));
+    assert_eq!(
+        block(mailbox_b.messages()).unwrap().len(),
+        1,
+        "C deleted nothing"
+    );
+    let sealed = block(mailbox_b.message(&message)).unwrap();
+    let a_public = PublicKey::parse(&fa.public_key).unwrap();
+    assert!(cloudpdi::facility::open(&fc.key(), "HOSPB", &a_public, "HOSPA", &sealed).is_err());
+    assert!(cloudpdi::facility::open(&fb.key(), "HOSPB", &a_public, "HOSPA", &sealed).is_ok());
+    fs::remove_file(&jobs_in).unwrap();
+    b.spawn();
+    let jobs = wait_imports(&b, 2, "the delivery imported after the crash");
+    assert_eq!(jobs.len(), 2, "imported once: {jobs:#?}");
+    assert_eq!(in_orthanc(&orthanc), first.len() + second.len());
+    wait_for("B's mailbox emptied", Duration::from_secs(10), || {
+        block(mailbox_b.messages())
+            .unwrap()
+            .is_empty()
+            .then_some(())
+    });
+
+    // The same with a real race: B stopped, the token posted, B started and killed -9 as
+    // soon as the repository's audit trail shows the fetch, wherever B was then.
+    b.stop();
+    let third = send_study(work, &a, "third", 2, "PAT3");
+    let message = posted_message(&a, "PAT3");
+    b.spawn();
+    wait_for(
+        "B's fetch in the audit trail",
+        Duration::from_secs(30),
+        || {
+            let events = hub.audit_of(&message);
+            events.iter().any(|e| e.contains("fetch")).then_some(())
+        },
+    );
+    b.kill9();
+    println!(
+        "killed B after the fetch; audit of the message then: {:?}",
+        hub.audit_of(&message)
+    );
+    b.spawn();
+    let jobs = wait_imports(&b, 3, "the raced delivery imported after the crash");
+    assert_eq!(jobs.len(), 3, "imported once: {jobs:#?}");
+    assert_eq!(
+        in_orthanc(&orthanc),
+        first.len() + second.len() + third.len()
+    );
+
+    // 4. A key changed at the repository without a new pin: HOSPB's entry now carries
+    // HOSPC's key. A's delivery is held with the pin error; nothing reaches B's mailbox.
+    hub.restart(&[
+        (&fa, fa.public_key.as_str()),
+        (&fb, fc.public_key.as_str()),
+        (&fc, fc.public_key.as_str()),
+    ]);
+    send_study(work, &a, "fourth", 2, "PAT4");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (job, details) = loop {
+        let status = a.status();
+        let held = deliveries(&a, "PAT4").and_then(|(id, details)| {
+            let job = status["jobs"]
+                .as_array()?
+                .iter()
+                .find(|j| j["id"] == id.as_str())?
+                .clone();
+            job["held"]
+                .as_bool()
+                .unwrap_or(false)
+                .then_some((job, details))
+        });
+        if let Some(found) = held {
+            break found;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "A's delivery is not held: {status:#}\n{}",
+            a.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let error = job["last_error"].as_str().unwrap();
+    for part in [
+        fc.fingerprint.as_str(),
+        fb.fingerprint.as_str(),
+        "facilities.HOSPB.fingerprint",
+        "cloudpdi retry",
+    ] {
+        assert!(error.contains(part), "{part:?} not in {error}");
+    }
+    assert!(
+        details["deliveries"][0]["posted_at"].is_null(),
+        "{details:#}"
+    );
+    let text = status_text(&a);
+    assert!(text.contains("not delivered to HOSPB"), "{text}");
+    assert!(block(mailbox_b.messages()).unwrap().is_empty());
+    // The operator puts HOSPB's own key back; `cloudpdi retry` sends the held delivery.
+    hub.restart(&honest);
+    let job_id = job["id"].as_str().unwrap();
+    let out = run(Command::new(env!("CARGO_BIN_EXE_cloudpdi")).args([
+        "retry",
+        "--admin",
+        &a.admin.to_string(),
+        job_id,
+    ]));
+    assert!(out.status.success(), "retry: {out:?}");
+    let jobs = wait_imports(&b, 4, "the held delivery imported after the retry");
+    assert_eq!(jobs.len(), 4, "{jobs:#?}");
+
+    // 5. The sender's key changed at the repository without a new pin at B: B refuses
+    // A's sealed token, names both fingerprints, and deletes it. Once the key is put back,
+    // `cloudpdi retry` of A's done job seals the issued token again and B imports it.
+    hub.restart(&[
+        (&fa, fc.public_key.as_str()),
+        (&fb, fb.public_key.as_str()),
+        (&fc, fc.public_key.as_str()),
+    ]);
+    send_study(work, &a, "fifth", 2, "PAT5");
+    let message = posted_message(&a, "PAT5");
+    let refused = wait_for(
+        "B to refuse A's changed key",
+        Duration::from_secs(30),
+        || {
+            let status = b.status();
+            status["refused_senders"]
+                .as_array()?
+                .iter()
+                .find(|r| r["sender"] == "HOSPA" && r["last_message"] == message.as_str())
+                .cloned()
+        },
+    );
+    let reason = refused["reason"].as_str().unwrap();
+    for part in [
+        fc.fingerprint.as_str(),
+        fa.fingerprint.as_str(),
+        "facilities.HOSPA.fingerprint",
+    ] {
+        assert!(reason.contains(part), "{part:?} not in {reason}");
+    }
+    wait_for(
+        "A's refused message deleted",
+        Duration::from_secs(10),
+        || {
+            block(mailbox_b.messages())
+                .unwrap()
+                .is_empty()
+                .then_some(())
+        },
+    );
+    assert_eq!(
+        inbound_jobs(&b).len(),
+        4,
+        "nothing imported from the changed key"
+    );
+    hub.restart(&honest);
+    let job5 = wait_for("A's job done", Duration::from_secs(30), || {
+        let (id, _) = deliveries(&a, "PAT5")?;
+        let status = a.status();
+        let done = status["jobs"]
+            .as_array()?
+            .iter()
+            .any(|j| j["id"] == id.as_str() && j["state"] == "done");
+        done.then_some(id)
+    });
+    let out = run(Command::new(env!("CARGO_BIN_EXE_cloudpdi")).args([
+        "retry",
+        "--admin",
+        &a.admin.to_string(),
+        &job5,
+    ]));
+    assert!(out.status.success(), "retry of a done delivery: {out:?}");
+    let jobs = wait_imports(&b, 5, "the delivery sealed again imported");
+    assert_eq!(jobs.len(), 5, "{jobs:#?}");
+
+    // 6. The repository (storage, audit trail, log) and both daemons' logs hold no token
+    // text (as printed or without hyphens) and no download proof of the four tokens.
+    let mut secrets: Vec<Vec<u8>> = Vec::new();
+    for file in tokens(&a) {
+        let text = fs::read_to_string(&file).unwrap().trim().to_owned();
+        let token = cloudpdi::token::Token::from_text(&text).unwrap();
+        secrets.push(text.replace('-', "").into_bytes());
+        secrets.push(text.into_bytes());
+        let proof = token.download_proof();
+        secrets.push(hex::encode(proof.bytes()).into_bytes());
+        secrets.push(proof.bytes().to_vec());
+    }
+    assert_eq!(secrets.len(), 20, "five tokens issued");
+    let mut scanned = files_in_tree(&hub.dir);
+    scanned.extend([a.dir.join("daemon.log"), b.dir.join("daemon.log")]);
+    for file in &scanned {
+        let bytes = fs::read(file).unwrap();
+        for secret in &secrets {
+            assert!(
+                !bytes.windows(secret.len()).any(|w| w == secret.as_slice()),
+                "{} holds a token or proof",
+                file.display()
+            );
+        }
+    }
+    assert!(
+        scanned.iter().any(|f| f.starts_with(hub.dir.join("store"))),
+        "the repository's storage was scanned: {scanned:?}"
+    );
+}
+
+/// A facility key file others may read stops the daemon at start, naming
+/// facility.key_file: a sealed delivery cannot fail later for want of its key.
+#[test]
+fn a_facility_key_readable_by_others_stops_the_daemon() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (fa, fb) = (
+        Facility::new(dir.path(), "HOSPA"),
+        Facility::new(dir.path(), "HOSPB"),
+    );
+    fs::set_permissions(&fa.key_file, fs::Permissions::from_mode(0o644)).unwrap();
+    let hub = Hub {
+        child: None,
+        port: free_port(),
+        url: "http://127.0.0.1:9".into(),
+        dir: dir.path().join("hub"),
+    };
+    let extra = fa.daemon_config(&hub, &[&fb])
+        + "[route.ct]\nae_title = \"CLOUDPDI\"\ndeliver_to = [\"HOSPB\"]\n";
+    let config = dir.path().join("cloudpdi.toml");
+    fs::write(
+        &config,
+        config_text(free_port(), free_port(), &dir.path().join("data"), &extra),
+    )
+    .unwrap();
+    let out = run(Command::new("timeout")
+        .args(["20", env!("CARGO_BIN_EXE_cloudpdi"), "serve", "--config"])
+        .arg(&config));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the daemon started: {stderr}");
+    assert_ne!(
+        out.status.code(),
+        Some(124),
+        "the daemon ran until killed: {stderr}"
+    );
+    assert!(
+        stderr.contains("facility.key_file") && stderr.contains(&fa.key_file.display().to_string()),
+        "{stderr}"
+    );
+}
