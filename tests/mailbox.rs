@@ -608,3 +608,77 @@ fn a_bad_public_key_stops_the_start() {
     let text = String::from_utf8_lossy(&out.stderr);
     assert!(text.contains("facility.B.public_key"), "{text}");
 }
+
+/// A hostile repository (a few lines of Python's http.server) that answers the mailbox
+/// list with `list` and every message with 64 KiB; prints its port.
+const HOSTILE: &str = r#"
+import sys, http.server, socketserver
+listing = sys.argv[1].encode()
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *a): pass
+    def do_GET(self):
+        body = listing if self.path == "/v1/mailbox/messages" else b"CPDS\x01" + b"x" * 65536
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+s = socketserver.TCPServer(("127.0.0.1", 0), H)
+print(s.server_address[1], flush=True)
+s.serve_forever()
+"#;
+
+/// What a hostile repository answers is bounded: a message larger than a sealed token is
+/// refused unread, a list longer than 100 or with IDs or senders that could not be ours
+/// is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_mailbox_is_refused_at_its_bounds() {
+    let entry = |id: &str, sender: &str| {
+        format!(r#"{{"message_id":"{id}","sender":"{sender}","size":10,"posted_at":1}}"#)
+    };
+    let good = "0123456789abcdef0123";
+    let too_many = format!(
+        "[{}]",
+        vec![entry(good, "A"); api::MAX_LISTED_MESSAGES + 1].join(",")
+    );
+    for (listing, what) in [
+        (too_many, "101 entries"),
+        (format!("[{}]", entry("../../x", "A")), "a path as ID"),
+        (format!("[{}]", entry(good, "A/../B")), "a path as sender"),
+    ] {
+        let mut server = Command::new(common::require("/usr/bin/python3"))
+            .args(["-c", HOSTILE, &listing])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut port = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(server.stdout.as_mut().unwrap()),
+            &mut port,
+        )
+        .unwrap();
+        let client = Client::new(
+            &format!("http://127.0.0.1:{}", port.trim()),
+            Some("cpdi_x".into()),
+            fast_options(),
+        )
+        .unwrap();
+        let listed = client.messages().await;
+        assert!(
+            matches!(listed, Err(ClientError::Mismatch(_))),
+            "{what}: {listed:?}"
+        );
+        let fetched = client.message(good).await;
+        assert!(
+            matches!(
+                fetched,
+                Err(ClientError::AnswerTooLarge {
+                    limit: api::MAX_MESSAGE_LEN
+                })
+            ),
+            "{fetched:?}"
+        );
+        let _ = server.kill();
+        let _ = server.wait();
+    }
+}

@@ -5,13 +5,13 @@
 //! its owner can read (`cloudpdi facility keygen`), the public key is registered at the
 //! repository by its operator and pinned by the other facilities through its
 //! [`key::Fingerprint`], read over the phone. A token is sealed to a recipient with HPKE
-//! (RFC 9180) in authenticated mode ([`seal`]): only the recipient's private key opens it,
+//! (RFC 9180) in authenticated mode ([`mod@seal`]): only the recipient's private key opens it,
 //! and it opens only with the sender's public key, so the recipient knows who sent it.
 //! The repository carries the sealed bytes in the recipient's mailbox and can read none
 //! of them.
 //!
 //! - [`key`]: the key pair, its key file, the public key's text form and fingerprint;
-//! - [`seal`]: the sealed message (`CPDS` envelope) and its bounds;
+//! - [`mod@seal`]: the sealed message (`CPDS` envelope) and its bounds;
 //! - [`cli`]: `cloudpdi facility keygen` and `show`.
 
 pub mod cli;

@@ -436,6 +436,13 @@ mod tests {
         ))
         .expect_err("control character in the name");
         assert!(err.to_string().contains("facility.B.name"), "{err}");
+        let err = parse(&format!(
+            "[facility.B]\napi_key_sha256 = \"{}\"\nname = \"{}\"\n",
+            "ab".repeat(32),
+            "B".repeat(MAX_FACILITY_NAME + 1)
+        ))
+        .expect_err("a name over the bound");
+        assert!(err.to_string().contains("at most 200 bytes"), "{err}");
         let key = crate::facility::FacilityKey::generate().expect("key");
         let config = parse(&format!(
             "[facility.B]\napi_key_sha256 = \"{}\"\nname = \"B General Hospital\"\n\
