@@ -120,8 +120,8 @@ pub(super) async fn sent(
         Ok(_) => {
             return answer(
                 StatusCode::UNPROCESSABLE_ENTITY,
-                "only the record of a finished `cloudpdi send` (ID S…, step done, no batch) \
-                 can be added\n"
+                "only the record of a finished `cloudpdi send` (ID S…, step done, no batch, \
+                 no sealed deliveries) can be added\n"
                     .into(),
             );
         }
@@ -155,10 +155,13 @@ pub(super) async fn sent(
 }
 
 /// Whether `job` is what `cloudpdi send` records: finished, from no batch, with the
-/// `S` ID the command gives (letters, digits and `-`, bounded).
+/// `S` ID the command gives (letters, digits and `-`, bounded), and no sealed deliveries
+/// (the command makes none: a record with some could make `cloudpdi retry` seal its
+/// token file to the route's facilities).
 fn is_sent_record(job: &OutboundJob) -> bool {
     job.step == OutStep::Done
         && job.batch.is_none()
+        && job.deliveries.is_empty()
         && job.id.len() <= 32
         && job.id.starts_with('S')
         && job
