@@ -395,8 +395,7 @@ impl Sender {
             .token_file
             .clone()
             .ok_or_else(|| gone("the job has no token file"))?;
-        let file = path.clone();
-        let text = tokio::task::spawn_blocking(move || read_token_file(&file))
+        let text = tokio::task::spawn_blocking(move || read_token_file(&path))
             .await
             .map_err(StepError::transient)?
             .map_err(|why| gone(&why))?;
@@ -410,11 +409,16 @@ impl Sender {
             && token.expires_at == job.expires_at
             && self.config.repository_url(&token.repository).ok() == Some(repository);
         if !same {
-            return Err(gone(&format!(
-                "its token file {} holds another job's token (not document {} of this job); \
-                 nothing was sent. Put the job's own token file back, or hand the slip over",
-                crate::telemetry::escape(&path.display().to_string()),
-                job.document_id.as_deref().unwrap_or_default()
+            // The file's name holds the Patient ID: `cloudpdi status` shows it, not the
+            // error (which is logged).
+            return Err(StepError::permanent(format!(
+                "the token of job {} cannot be delivered again: its token file holds another \
+                 job's token, not the token of document {}; nothing was sent. Put the job's \
+                 own token file back (`cloudpdi status` names it) and run `cloudpdi retry {}`, \
+                 or hand the slip over instead",
+                job.id,
+                job.document_id.as_deref().unwrap_or_default(),
+                job.id
             )));
         }
         Ok(token)
