@@ -120,8 +120,8 @@ pub(super) async fn sent(
         Ok(_) => {
             return answer(
                 StatusCode::UNPROCESSABLE_ENTITY,
-                "only the record of a finished `cloudpdi send` (ID S…, step done, no batch) \
-                 can be added\n"
+                "only the record of a finished `cloudpdi send` (ID S…, step done, no batch, \
+                 no sealed deliveries) can be added\n"
                     .into(),
             );
         }
@@ -155,14 +155,52 @@ pub(super) async fn sent(
 }
 
 /// Whether `job` is what `cloudpdi send` records: finished, from no batch, with the
-/// `S` ID the command gives (letters, digits and `-`, bounded).
+/// `S` ID the command gives (letters, digits and `-`, bounded), and no sealed deliveries
+/// (the command makes none: a record with some could make `cloudpdi retry` seal its
+/// token file to the route's facilities).
 fn is_sent_record(job: &OutboundJob) -> bool {
     job.step == OutStep::Done
         && job.batch.is_none()
+        && job.deliveries.is_empty()
         && job.id.len() <= 32
         && job.id.starts_with('S')
         && job
             .id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The record `cloudpdi send` posts, with `deliveries` as given.
+    fn record(deliveries: serde_json::Value) -> OutboundJob {
+        serde_json::from_value(serde_json::json!({
+            "id": "S20261129-100000-4242",
+            "batch": null,
+            "route": "ct",
+            "step": "done",
+            "progress": {"created_at": 1, "updated_at": 1, "attempts": 0,
+                         "last_error": null, "retry_at": 0},
+            "instances": 2,
+            "excluded": 0,
+            "container_bytes": 100,
+            "expires_at": 4_000_000_000_u32,
+            "document_id": "0123456789abcdef0123",
+            "token_file": null,
+            "slip_file": null,
+            "spool_removed": false,
+            "deliveries": deliveries,
+        }))
+        .expect("a send record")
+    }
+
+    #[test]
+    fn a_send_record_with_sealed_deliveries_is_refused() {
+        assert!(is_sent_record(&record(serde_json::json!([]))));
+        let posted = serde_json::json!([{"recipient": "HOSPB", "posted_at": 1,
+                                         "message_id": "0123456789abcdef0123", "error": null}]);
+        assert!(!is_sent_record(&record(posted)));
+    }
 }

@@ -17,6 +17,7 @@ use tracing::{error, info, warn};
 use crate::admin::metrics::Metrics;
 use crate::admin::{self, AdminState};
 use crate::config::Config;
+use crate::facility::{FacilityKey, PublicKey};
 use crate::gateway::inbound::Inbound;
 use crate::gateway::inbound::mailbox::Mailbox;
 use crate::gateway::inbound::watch::Watch;
@@ -27,6 +28,7 @@ use crate::gateway::reception::scp::{Listener, ScpContext};
 use crate::gateway::reception::spool::{Spool, StoreError};
 use crate::gateway::retention::Retention;
 use crate::listen;
+use crate::repository::client::{Client, ClientError};
 
 /// How long shutdown waits for associations to finish their instance in flight.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
@@ -62,6 +64,10 @@ pub enum ServeError {
         /// Why (missing, readable by others, damaged).
         source: crate::facility::KeyError,
     },
+    /// A repository's directory has no key, or another key, for `facility.code`: no
+    /// facility could open what this one seals, nor this one what they seal to it.
+    #[error("{0}")]
+    Registration(String),
     /// A job store cannot be opened.
     #[error("cannot open the job index: {0}")]
     Jobs(#[from] crate::gateway::store::IndexError),
@@ -93,7 +99,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     };
     let facility_key = match config.uses_facility_key() {
         true => Some(Arc::new(
-            crate::facility::FacilityKey::load(&config.facility.key_file).map_err(|source| {
+            FacilityKey::load(&config.facility.key_file).map_err(|source| {
                 ServeError::FacilityKey {
                     path: config.facility.key_file.clone(),
                     source,
@@ -102,6 +108,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         )),
         false => None,
     };
+    if let Some(key) = &facility_key {
+        check_registration(&config, key).await?;
+    }
     let sender = match &facility_key {
         Some(key) => Sender::from_config(config.clone()).with_facility_key(key.clone()),
         None => Sender::from_config(config.clone()),
@@ -243,6 +252,81 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     Ok(())
 }
 
+/// How long the start waits for each repository's directory: a repository that is down
+/// must not hold the daemon up.
+pub const REGISTRATION_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Looks `facility.code` up in the directory of each repository sealed tokens go through
+/// (the repository of every route with `deliver_to`, and `repository.url` for
+/// `inbound.accept_from`): a facility the directory does not know, or knows with another
+/// key, would have every sealed token refused by the other side, so the start is refused
+/// with what to do. A repository that does not answer within
+/// [`REGISTRATION_CHECK_TIMEOUT`] (or answers an error) is only warned about: it may be
+/// down for a while, and the jobs retry.
+async fn check_registration(config: &Config, key: &FacilityKey) -> Result<(), ServeError> {
+    let mut repositories: Vec<(String, std::path::PathBuf)> = Vec::new();
+    if config.outbound_off_reason().is_none() {
+        for route in config.routes.values().filter(|r| !r.deliver_to.is_empty()) {
+            repositories.push(config.repository_of(route));
+        }
+    }
+    if !config.inbound.accept_from.is_empty() {
+        let url = config.repository.url.trim_end_matches('/').to_owned();
+        repositories.push((url, config.repository.api_key_file.clone()));
+    }
+    repositories.sort();
+    repositories.dedup();
+    let code = &config.facility.code;
+    let ours = key.public();
+    let give = format!(
+        "give the repository operator this facility's public key {} (fingerprint {}, \
+         `cloudpdi facility show`) to register as [facility.{code}] public_key, or correct \
+         facility.code or facility.key_file, then start the daemon again",
+        ours.to_text(),
+        ours.fingerprint()
+    );
+    for (url, key_file) in repositories {
+        let client = match Client::for_facility(&url, &key_file, config.repository.allow_plain_http)
+        {
+            Ok(client) => client,
+            Err(e) => {
+                warn!(repository = %url, "cannot check this facility's registration: {e}");
+                continue;
+            }
+        };
+        let found = tokio::time::timeout(REGISTRATION_CHECK_TIMEOUT, client.facility(code)).await;
+        match found {
+            Ok(Ok(entry)) => {
+                if PublicKey::parse(&entry.public_key).ok().as_ref() != Some(&ours) {
+                    return Err(ServeError::Registration(format!(
+                        "the repository at {url} has another public key for facility {code} \
+                         than facility.key_file: facilities would seal to a key this daemon \
+                         does not hold; {give}"
+                    )));
+                }
+                info!(repository = %url, facility = %code, "this facility's key is registered");
+            }
+            Ok(Err(ClientError::Refused { status: 404, .. })) => {
+                return Err(ServeError::Registration(format!(
+                    "facility {code} (facility.code) is not registered in the directory of \
+                     the repository at {url}: no facility can seal to it or check what it \
+                     seals; {give}"
+                )));
+            }
+            Ok(Err(e)) => {
+                warn!(repository = %url, "cannot check this facility's registration: {e}");
+            }
+            Err(_) => warn!(
+                repository = %url,
+                "cannot check this facility's registration: no answer within {} s; the \
+                 daemon starts, sealed deliveries retry until the repository answers",
+                REGISTRATION_CHECK_TIMEOUT.as_secs()
+            ),
+        }
+    }
+    Ok(())
+}
+
 /// Sets the last-success gauge of `pipeline` from its records (a restart must not look
 /// like a pipeline that stopped succeeding).
 fn restore_last_success<P: crate::gateway::jobs::Pipeline>(
@@ -373,11 +457,13 @@ async fn embedded_repository(
 
 /// The facility the embedded repository records as the creator of this daemon's documents:
 /// `facility.code` when the repository can name it (1-32 of `A-Z a-z 0-9 _ -`), so a
-/// receiver's issuer (e.g. its Patient ID prefix) is this facility; else `embedded`.
+/// receiver's issuer (e.g. its Patient ID prefix) is this facility; else `embedded`
+/// (the name all its documents had before, which the embedded repository still gives to
+/// this facility).
 fn embedded_facility(code: &str) -> &str {
     if crate::facility::is_code(code) {
         code
     } else {
-        "embedded"
+        crate::repository::server::FORMER_EMBEDDED_FACILITY
     }
 }

@@ -158,6 +158,24 @@ impl ClientError {
     }
 }
 
+/// Why [`Client::for_facility`] could not make a client: the caller adds which setting
+/// to fix, as it knows which part of the configuration named the key file.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FacilityClientError {
+    /// The API key file cannot be read.
+    #[error("cannot read the repository API key from {} ({source})", crate::telemetry::escape(&.path.display().to_string()))]
+    KeyFile {
+        /// The key file.
+        path: std::path::PathBuf,
+        /// What the system reported.
+        source: std::io::Error,
+    },
+    /// The client cannot be built (bad URL, plain http).
+    #[error(transparent)]
+    Client(#[from] ClientError),
+}
+
 fn file_error(path: &Path) -> impl Fn(std::io::Error) -> ClientError + '_ {
     move |source| ClientError::File {
         path: path.display().to_string(),
@@ -285,6 +303,33 @@ impl std::fmt::Debug for Client {
 }
 
 impl Client {
+    /// The client of this facility at the repository at `base_url`, with its API key read
+    /// from `key_file` (`repository.api_key_file`, a route's own, or the embedded
+    /// repository's): the one place where the gateway (sender, mailbox, start check)
+    /// reads a facility's key, so that they all trim it and refuse plain http alike.
+    ///
+    /// # Errors
+    /// [`FacilityClientError::KeyFile`] when the file cannot be read, else as
+    /// [`Client::new`].
+    pub fn for_facility(
+        base_url: &str,
+        key_file: &Path,
+        allow_plain_http: bool,
+    ) -> Result<Client, FacilityClientError> {
+        let key = std::fs::read_to_string(key_file)
+            .map(Zeroizing::new)
+            .map_err(|source| FacilityClientError::KeyFile {
+                path: key_file.to_owned(),
+                source,
+            })?;
+        let options = ClientOptions {
+            allow_plain_http,
+            plain_http_key: "repository.allow_plain_http",
+            ..ClientOptions::default()
+        };
+        Ok(Client::new(base_url, Some(key.trim().to_owned()), options)?)
+    }
+
     /// A client for the repository at `base_url` (`https://...`, or `http://` on
     /// loopback), sending `api_key` on facility calls.
     ///
@@ -564,7 +609,8 @@ impl Client {
                 .any(|m| !api::is_message_id(&m.message_id) || !crate::facility::is_code(&m.sender))
         {
             return Err(ClientError::Mismatch(
-                "the repository's mailbox list is not valid (too many entries, or a                  malformed message ID or sender); check the repository URL"
+                "the repository's mailbox list is not valid (too many entries, or a \
+                 malformed message ID or sender); check the repository URL"
                     .into(),
             ));
         }

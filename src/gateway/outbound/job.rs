@@ -20,11 +20,11 @@ pub enum OutStep {
     Upload,
     /// Write the token and the slip.
     Issue,
-    /// Seal the token to each facility of the route's `deliver_to` and post it to their
-    /// mailboxes.
-    Post,
     /// Run the delivery command.
     Deliver,
+    /// Seal the token to each facility of the route's `deliver_to` and post it to their
+    /// mailboxes; remove the job folder.
+    Post,
     /// Finished.
     Done,
     /// Stopped for good; `last_error` says why.

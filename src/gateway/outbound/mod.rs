@@ -10,11 +10,13 @@
 //! 4. **issue**: the token (document ID + secret) is written to the route's token folder,
 //!    with the patient's slip (study details read from the batch's instances, see
 //!    [`StudyDetails`](crate::gateway::study::StudyDetails); files named by study date, Patient ID, Accession Number and job);
-//!    the job folder is removed;
-//! 5. **post**: for a route with `deliver_to`, the token is sealed to each facility named
+//! 5. **deliver**: the route's delivery command, if any, is run with the slip's path (before
+//!    the sealed deliveries: a recipient whose key must be checked never holds the
+//!    patient's slip back);
+//! 6. **post**: for a route with `deliver_to`, the token is sealed to each facility named
 //!    (after checking the key the repository's directory gives for it against its pin)
-//!    and posted to its mailbox; each facility's outcome is recorded in the job;
-//! 6. **deliver**: the route's delivery command, if any, is run with the slip's path.
+//!    and posted to its mailbox; each facility's outcome is recorded in the job; then the
+//!    job folder is removed.
 //!
 //! The spooled instances are removed once the route's retention has passed.
 //! Exactly one token per batch: the secret and the document ID are fixed the first time
@@ -293,23 +295,19 @@ impl Outbound {
                 // only (`cloudpdi status` shows the file).
                 info!(job = %job.id, route = %job.route, document = job.document_id.as_deref().unwrap_or(""),
                       folder = %self.sender.config.token_dir(&job.route).display(), "token issued");
+                Ok(OutStep::Deliver)
+            }
+            OutStep::Deliver => {
+                self.deliver(job).await?;
                 Ok(OutStep::Post)
             }
             OutStep::Post => {
                 // Without its folder, the job was done and its delivery is asked again
-                // (`cloudpdi retry`): the delivery command has run already.
-                let again = !dir.0.exists();
+                // (`cloudpdi retry`), or the folder was removed just before a crash: the
+                // token is read back from its file.
                 self.sender.post(&dir, job, &self.jobs).await?;
-                Ok(if again {
-                    OutStep::Done
-                } else {
-                    OutStep::Deliver
-                })
-            }
-            OutStep::Deliver => {
                 durable::remove_dir_all(&dir.0)
                     .map_err(|e| StepError::file("remove", &dir.0, &e))?;
-                self.deliver(job).await?;
                 Ok(OutStep::Done)
             }
             OutStep::Done | OutStep::Failed => Ok(job.step),

@@ -16,7 +16,7 @@ use crate::gateway::jobs::{Cause, StepError};
 use crate::gateway::store::JobStore;
 use crate::pdi::{self, BuildOptions};
 use crate::repository::api::NewDocument;
-use crate::repository::client::{Client, ClientOptions};
+use crate::repository::client::{Client, FacilityClientError};
 use crate::token::slip::{self, SlipDetails, SlipFormat};
 use crate::token::{SECRET_LEN, Secret, Token};
 
@@ -80,21 +80,15 @@ impl Sender {
 
     fn link_of(config: &Config, name: &str, route: &RouteConfig) -> Result<Link, String> {
         let (url, key_file) = config.repository_of(route);
-        let key = std::fs::read_to_string(&key_file).map_err(|e| {
-            format!(
-                "route {name}: cannot read the repository API key from {} ({e}): set \
-                 repository.api_key_file (or route.{name}.repository_api_key_file), restart \
-                 the daemon, then `cloudpdi retry` the failed jobs",
-                key_file.display()
-            )
-        })?;
-        let options = ClientOptions {
-            allow_plain_http: config.repository.allow_plain_http,
-            plain_http_key: "repository.allow_plain_http",
-            ..ClientOptions::default()
-        };
-        let client = Client::new(&url, Some(key.trim().to_owned()), options)
-            .map_err(|e| format!("route {name}: {e}"))?;
+        let client = Client::for_facility(&url, &key_file, config.repository.allow_plain_http)
+            .map_err(|e| match e {
+                FacilityClientError::KeyFile { .. } => format!(
+                    "route {name}: {e}: set repository.api_key_file (or \
+                     route.{name}.repository_api_key_file), restart the daemon, then \
+                     `cloudpdi retry` the failed jobs"
+                ),
+                other => format!("route {name}: {other}"),
+            })?;
         Ok(Link { client, url })
     }
 
@@ -331,21 +325,25 @@ impl Sender {
                  loaded: set it and restart the daemon",
             )
         })?;
+        let waiting: Vec<String> = recipients
+            .into_iter()
+            .filter(|code| {
+                !job.deliveries
+                    .iter()
+                    .any(|d| d.recipient == *code && d.posted_at.is_some())
+            })
+            .collect();
+        if waiting.is_empty() {
+            return Ok(());
+        }
         let token = if dir.0.exists() {
             self.token(dir, job)?
         } else {
-            Self::issued_token(job)?
+            self.issued_token(job).await?
         };
         let text = token.to_text();
         let mut worst: Option<StepError> = None;
-        for code in &recipients {
-            if job
-                .deliveries
-                .iter()
-                .any(|d| d.recipient == *code && d.posted_at.is_some())
-            {
-                continue;
-            }
+        for code in &waiting {
             let outcome = self.post_to(&key, job, code, text.as_bytes()).await;
             let index = match job.deliveries.iter().position(|d| d.recipient == *code) {
                 Some(index) => index,
@@ -381,19 +379,49 @@ impl Sender {
     }
 
     /// The token of a job whose folder is gone (a delivery asked again by `cloudpdi retry`
-    /// after the job was done): read back from its token file.
-    fn issued_token(job: &OutboundJob) -> Result<Token, StepError> {
-        let gone = || {
+    /// after the job was done): read back from its token file, and sealed only if it is
+    /// this job's token (same document, expiry and repository). The file sits in a folder
+    /// the clerks may read: a file replaced there must not make the daemon seal another
+    /// token to the route's facilities.
+    async fn issued_token(&self, job: &OutboundJob) -> Result<Token, StepError> {
+        let gone = |why: &str| {
             StepError::permanent(format!(
-                "the token of job {} cannot be delivered again: its token file is gone; \
-                 hand the slip over instead",
+                "the token of job {} cannot be delivered again: {why}; hand the slip over \
+                 instead",
                 job.id
             ))
         };
-        let path = job.token_file.as_ref().ok_or_else(gone)?;
-        let text = std::fs::read_to_string(path).map_err(|_| gone())?;
-        let text = zeroize::Zeroizing::new(text);
-        Token::from_text(text.trim()).map_err(|_| gone())
+        let path = job
+            .token_file
+            .clone()
+            .ok_or_else(|| gone("the job has no token file"))?;
+        let text = tokio::task::spawn_blocking(move || read_token_file(&path))
+            .await
+            .map_err(StepError::transient)?
+            .map_err(|why| gone(&why))?;
+        let token = Token::from_text(text.trim())
+            .map_err(|_| gone("its token file does not hold a valid token"))?;
+        let repository = match &job.repository {
+            Some(url) => url.trim_end_matches('/').to_owned(),
+            None => self.link(&job.route)?.url.clone(),
+        };
+        let same = job.document_id.as_deref() == Some(token.document_id.as_str())
+            && token.expires_at == job.expires_at
+            && self.config.repository_url(&token.repository).ok() == Some(repository);
+        if !same {
+            // The file's name holds the Patient ID: `cloudpdi status` shows it, not the
+            // error (which is logged).
+            return Err(StepError::permanent(format!(
+                "the token of job {} cannot be delivered again: its token file holds another \
+                 job's token, not the token of document {}; nothing was sent. Put the job's \
+                 own token file back (`cloudpdi status` names it) and run `cloudpdi retry {}`, \
+                 or hand the slip over instead",
+                job.id,
+                job.document_id.as_deref().unwrap_or_default(),
+                job.id
+            )));
+        }
+        Ok(token)
     }
 
     /// Looks `code` up in the repository's directory, checks its key against the pin,
@@ -513,4 +541,32 @@ impl Sender {
         job.slip_file = Some(slip_file);
         Ok(token)
     }
+}
+
+/// The text of a token file (blocking): a regular file of at most
+/// [`MAX_TEXT`](crate::token::text::MAX_TEXT) bytes, opened without waiting on a FIFO,
+/// read into a buffer wiped when dropped.
+fn read_token_file(path: &std::path::Path) -> Result<zeroize::Zeroizing<String>, String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let limit = crate::token::text::MAX_TEXT;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits().cast_signed())
+        .open(path)
+        .map_err(|e| format!("its token file cannot be read ({e})"))?;
+    let is_file = file.metadata().is_ok_and(|m| m.is_file());
+    if !is_file {
+        return Err("its token file is not a regular file".into());
+    }
+    let mut text = zeroize::Zeroizing::new(String::with_capacity(limit + 1));
+    file.take(limit as u64 + 1)
+        .read_to_string(&mut text)
+        .map_err(|_| "its token file is not text".to_owned())?;
+    if text.len() > limit {
+        return Err(format!(
+            "its token file is larger than {limit} bytes, more than any token"
+        ));
+    }
+    Ok(text)
 }

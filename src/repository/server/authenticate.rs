@@ -182,7 +182,9 @@ impl<A: Action> FromRequestParts<Arc<App>> for Owned<A> {
         let (caller, facility) = authenticate::<A>(parts, app, Some(&id)).await?;
         let found = if is_document_id(&id) {
             match app.storage.snapshot(&id).await {
-                Ok(Some(snapshot)) if snapshot.meta.facility == facility => Ok(snapshot),
+                Ok(Some(snapshot)) if app.owner(&snapshot.meta.facility) == facility => {
+                    Ok(snapshot)
+                }
                 Ok(_) => Err(Refusal::new(
                     StatusCode::NOT_FOUND,
                     "not_found",

@@ -40,7 +40,12 @@ async fn serve(app: &App, snapshot: Snapshot, headers: &HeaderMap) -> Result<Ans
         Some((start, end)) if start < size && end.is_none_or(|e| e >= start) => {
             Some((start, end.map_or(size, |e| e.saturating_add(1).min(size))))
         }
-        Some(_) => return Ok(range_not_satisfiable(size, &snapshot.meta.facility)),
+        Some(_) => {
+            return Ok(range_not_satisfiable(
+                size,
+                app.owner(&snapshot.meta.facility),
+            ));
+        }
     };
     let resumed = match range {
         Some((start, _)) if start > 0 => app
@@ -80,7 +85,7 @@ async fn serve(app: &App, snapshot: Snapshot, headers: &HeaderMap) -> Result<Ans
         .ok_or_else(|| Refusal::unavailable("complete record vanished"))?
         .sha256;
     app.metrics.bytes_downloaded.inc_by(end - start);
-    let snapshot_facility = snapshot.meta.facility.clone();
+    let snapshot_facility = app.owner(&snapshot.meta.facility).to_owned();
     let body = Body::from_stream(content_stream(
         app.storage.clone(),
         snapshot.meta,

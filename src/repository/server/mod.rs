@@ -94,6 +94,25 @@ struct App {
     proxies: TrustedProxies,
     uploads: Semaphore,
     metrics: Metrics,
+    /// In the embedded repository, its one facility (`facility.code`), which also owns
+    /// the documents recorded as [`FORMER_EMBEDDED_FACILITY`]; `None` in a standalone one.
+    embedded_owner: Option<String>,
+}
+
+/// The facility name the embedded repository gave the gateway before it took the
+/// gateway's `facility.code`: documents created then stay the gateway's (status, revoke).
+pub const FORMER_EMBEDDED_FACILITY: &str = "embedded";
+
+impl App {
+    /// The facility that owns a document whose metadata records `recorded` as its
+    /// creator: `recorded`, except in the embedded repository, whose documents from before
+    /// it named its facility by `facility.code` are its facility's.
+    fn owner<'a>(&'a self, recorded: &'a str) -> &'a str {
+        match &self.embedded_owner {
+            Some(owner) if recorded == FORMER_EMBEDDED_FACILITY => owner,
+            _ => recorded,
+        }
+    }
 }
 
 /// The state as handlers extract it.
@@ -148,6 +167,16 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    run_with(config, listener, shutdown, None).await
+}
+
+/// [`run`], with the embedded repository's facility when embedded.
+async fn run_with(
+    config: RepositoryConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    embedded_owner: Option<String>,
+) -> Result<(), ServerError> {
     let storage = Storage::open(&config.storage)?;
     let audit = Audit::open(&config.audit.path)?;
     let server = config.server.clone();
@@ -170,6 +199,7 @@ pub async fn run(
         storage,
         audit,
         server,
+        embedded_owner,
     });
     let stop = CancellationToken::new();
     let sweeper = tokio::spawn(sweep::sweep_loop(
@@ -273,6 +303,11 @@ pub async fn start_embedded(
     // Open storage and audit here, so a bad folder fails the start, not the task.
     Storage::open(&config.storage)?;
     Audit::open(&config.audit.path)?;
-    let task = tokio::spawn(run(config, listener, shutdown));
+    let task = tokio::spawn(run_with(
+        config,
+        listener,
+        shutdown,
+        Some(facility.to_owned()),
+    ));
     Ok(Embedded { base_url, task })
 }
