@@ -1685,9 +1685,7 @@ mod tests {
             &["inbound.accept_from", "inbound.pacs"],
         );
         says(
-            &format!(
-                "[repository]\nurl = \"https://pdi.example.jp\"\n{key}{pins}{inbound}"
-            ),
+            &format!("[repository]\nurl = \"https://pdi.example.jp\"\n{key}{pins}{inbound}"),
             &["repository.api_key_file", "inbound.accept_from"],
         );
         says(
@@ -1699,7 +1697,10 @@ mod tests {
              previous_key_files = [\"/old.key\"]\n"
         ))
         .expect("a rotated key");
-        assert_eq!(rotated.facility.previous_key_files, [PathBuf::from("/old.key")]);
+        assert_eq!(
+            rotated.facility.previous_key_files,
+            [PathBuf::from("/old.key")]
+        );
         says(
             &format!("{shared}{key}{pins}{inbound}mailbox_poll_interval = 0\n"),
             &["inbound.mailbox_poll_interval", "between 1 and 3600"],

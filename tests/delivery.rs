@@ -629,15 +629,11 @@ fn a_ct_study_reaches_the_pacs_of_the_facility_it_is_sealed_to() {
         &job5,
     ]));
     assert!(out.status.success(), "retry of a done delivery: {out:?}");
-    let again = wait_for(
-        "the delivery sealed again",
-        Duration::from_secs(30),
-        || {
-            let (_, details) = deliveries(&a, "PAT5")?;
-            let id = details["deliveries"][0]["message_id"].as_str()?.to_owned();
-            (id != message).then_some(id)
-        },
-    );
+    let again = wait_for("the delivery sealed again", Duration::from_secs(30), || {
+        let (_, details) = deliveries(&a, "PAT5")?;
+        let id = details["deliveries"][0]["message_id"].as_str()?.to_owned();
+        (id != message).then_some(id)
+    });
     wait_for(
         "the delivery sealed again taken",
         Duration::from_secs(30),

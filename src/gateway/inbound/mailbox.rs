@@ -200,6 +200,21 @@ impl Mailbox {
     async fn read(&self) -> Result<(), crate::repository::client::ClientError> {
         let listed = self.client.messages().await?;
         let mut waiting = BTreeSet::new();
+        let taken = self.take_listed(listed, &mut waiting).await;
+        // Only the waiting messages of this listing stay noted (even after a failure).
+        self.noted
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|id| waiting.contains(id));
+        taken
+    }
+
+    /// Takes the messages of one listing; the IDs of those left waiting go to `waiting`.
+    async fn take_listed(
+        &self,
+        listed: Vec<MessageInfo>,
+        waiting: &mut BTreeSet<String>,
+    ) -> Result<(), crate::repository::client::ClientError> {
         for message in listed {
             let id = message.message_id.clone();
             match self.take(&message).await {
@@ -249,10 +264,6 @@ impl Mailbox {
                 }
             }
         }
-        self.noted
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .retain(|id| waiting.contains(id));
         Ok(())
     }
 
@@ -435,6 +446,9 @@ mod tests {
         assert!(!waited_too_long(posted, posted + 29 * day));
         assert!(!waited_too_long(posted, posted + 30 * day - 1));
         assert!(waited_too_long(posted, posted + 30 * day));
-        assert!(!waited_too_long(posted + day, posted), "posted in the future");
+        assert!(
+            !waited_too_long(posted + day, posted),
+            "posted in the future"
+        );
     }
 }

@@ -229,7 +229,10 @@ impl Inbound {
         {
             return Err(QueueError::PatientId);
         }
-        let id = job_id(&self.config.repository_url(&token.repository)?, &token.document_id);
+        let id = job_id(
+            &self.config.repository_url(&token.repository)?,
+            &token.document_id,
+        );
         let retry = match self.jobs.get::<InboundJob>(&id)? {
             Some(job) if job.step == InStep::Failed => true,
             Some(_) => return Ok(Queued::Known(id)),
@@ -785,8 +788,8 @@ mod tests {
         let inbound = Inbound::new(Arc::new(config), &store).expect("inbound");
         let expires = u32::try_from(now_ms() / 1000 + 3600).expect("expiry");
         let document = "0123456789abcdef0123";
-        let by_code = Token::issue(RepositoryRef::Community("R1".into()), document, expires)
-            .expect("token");
+        let by_code =
+            Token::issue(RepositoryRef::Community("R1".into()), document, expires).expect("token");
         let by_url = Token::issue(
             RepositoryRef::Url("https://r.example.jp".into()),
             document,
