@@ -709,6 +709,37 @@ fn a_ct_study_reaches_the_pacs_of_the_facility_it_is_sealed_to() {
         block(mailbox_b.messages()).unwrap().is_empty(),
         "B's mailbox emptied"
     );
+
+    // 8. A message from HOSPA sealed for another facility code than B's does not open: it
+    // waits in the mailbox, and the refusal names what an admin can check.
+    let new_public = PublicKey::parse(&new_public).unwrap();
+    let misnamed =
+        cloudpdi::facility::seal(&fa.key(), "HOSPA", &new_public, "HOSPX", b"HT2-0000").unwrap();
+    let posted = block(fa.client(&hub).post_message("HOSPB", &misnamed)).unwrap();
+    let refused = wait_for(
+        "B to refuse the misnamed message",
+        Duration::from_secs(30),
+        || {
+            b.status()["refused_senders"]
+                .as_array()?
+                .iter()
+                .find(|r| r["sender"] == "HOSPA" && r["last_message"] == posted.message_id.as_str())
+                .cloned()
+        },
+    );
+    let reason = refused["reason"].as_str().unwrap();
+    for part in [
+        "does not open",
+        "facility.previous_key_files",
+        "facility.code must equal the [facility.CODE] name",
+        "waits in the mailbox",
+    ] {
+        assert!(reason.contains(part), "{part:?} not in {reason}");
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let waiting = block(mailbox_b.messages()).unwrap();
+    assert_eq!(waiting.len(), 1, "the message waits: {waiting:?}");
+    assert_eq!(waiting[0].message_id, posted.message_id);
 }
 
 /// A facility key file others may read stops the daemon at start, naming
