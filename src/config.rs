@@ -171,6 +171,10 @@ pub struct FacilityConfig {
     /// sent with `deliver_to` and opens those received from `inbound.accept_from`; empty
     /// when neither is used.
     pub key_file: PathBuf,
+    /// This facility's earlier private keys, kept after a rotation so that tokens sealed
+    /// to them before the senders re-pinned still open (tried after `key_file`, in
+    /// order); each loads at start like `key_file` (mode 0600). Empty: none.
+    pub previous_key_files: Vec<PathBuf>,
 }
 
 /// Another facility's key as this facility pinned it (read over the phone from the
@@ -490,6 +494,7 @@ impl Default for FacilityConfig {
             contact: String::new(),
             time_zone: String::new(),
             key_file: PathBuf::new(),
+            previous_key_files: Vec::new(),
         }
     }
 }
@@ -992,6 +997,16 @@ impl Config {
                      repository.api_key_file",
                 ));
             }
+            if self.repository.api_key_file.as_os_str().is_empty() {
+                return Err(value_error(
+                    "repository.api_key_file".into(),
+                    "\"\"".into(),
+                    "inbound.accept_from reads this facility's mailbox in the repository of \
+                     repository.url with this facility's API key there: put the key in a \
+                     file readable by the daemon's user only and set repository.api_key_file \
+                     to it",
+                ));
+            }
             if self.inbound.pacs.is_empty() {
                 return Err(value_error(
                     "inbound.accept_from".into(),
@@ -1045,6 +1060,16 @@ impl Config {
                     &format!("{e}; write it as {code} reads it from `cloudpdi facility show`"),
                 ));
             }
+        }
+        if !self.facility.previous_key_files.is_empty()
+            && self.facility.key_file.as_os_str().is_empty()
+        {
+            return Err(value_error(
+                "facility.previous_key_files".into(),
+                format!("{:?}", self.facility.previous_key_files),
+                "earlier keys are kept beside the current one after a rotation: set \
+                 facility.key_file to the new key (or empty previous_key_files)",
+            ));
         }
         if self.uses_facility_key() {
             if self.facility.key_file.as_os_str().is_empty() {
@@ -1658,6 +1683,23 @@ mod tests {
         says(
             &format!("{shared}{key}{pins}[inbound]\naccept_from = [\"HOSPB\"]\n"),
             &["inbound.accept_from", "inbound.pacs"],
+        );
+        says(
+            &format!("[repository]\nurl = \"https://pdi.example.jp\"\n{key}{pins}{inbound}"),
+            &["repository.api_key_file", "inbound.accept_from"],
+        );
+        says(
+            &format!("{shared}[facility]\nprevious_key_files = [\"/old.key\"]\n"),
+            &["facility.previous_key_files", "facility.key_file"],
+        );
+        let rotated = parse(&format!(
+            "{shared}[facility]\ncode = \"HOSPA\"\nkey_file = \"/new.key\"\n\
+             previous_key_files = [\"/old.key\"]\n"
+        ))
+        .expect("a rotated key");
+        assert_eq!(
+            rotated.facility.previous_key_files,
+            [PathBuf::from("/old.key")]
         );
         says(
             &format!("{shared}{key}{pins}{inbound}mailbox_poll_interval = 0\n"),

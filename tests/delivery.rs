@@ -376,7 +376,9 @@ fn a_ct_study_reaches_the_pacs_of_the_facility_it_is_sealed_to() {
     );
 
     // 2. A sender not in accept_from (HOSPC, a registered facility with a good key) is
-    // refused, listed by B's status, and its message deleted.
+    // refused, listed by B's status, and its message deleted. HOSPC is neither accepted
+    // nor pinned at B: its refusal shares the record of all such senders, named in the
+    // reason (a hostile repository cannot grow B's database with invented senders).
     let token = fs::read_to_string(tokens(&a).first().unwrap()).unwrap();
     let b_public = PublicKey::parse(&fb.public_key).unwrap();
     let from_c = cloudpdi::facility::seal(
@@ -391,16 +393,18 @@ fn a_ct_study_reaches_the_pacs_of_the_facility_it_is_sealed_to() {
     let refused = wait_for("B to refuse HOSPC", Duration::from_secs(30), || {
         let status = b.status();
         let list = status["refused_senders"].as_array()?.clone();
-        list.iter().find(|r| r["sender"] == "HOSPC").cloned()
+        list.iter()
+            .find(|r| r["sender"] == "(other facilities)")
+            .cloned()
     });
     assert!(
         refused["reason"]
             .as_str()
             .unwrap()
-            .contains("not in inbound.accept_from"),
+            .contains("facility HOSPC is not in inbound.accept_from"),
         "{refused:#}"
     );
-    assert!(status_text(&b).contains("refused sealed tokens from HOSPC"));
+    assert!(status_text(&b).contains("refused sealed tokens from (other facilities)"));
     wait_for("HOSPC's message deleted", Duration::from_secs(10), || {
         block(mailbox_b.messages())
             .unwrap()
@@ -556,8 +560,10 @@ fn a_ct_study_reaches_the_pacs_of_the_facility_it_is_sealed_to() {
     assert_eq!(jobs.len(), 4, "{jobs:#?}");
 
     // 5. The sender's key changed at the repository without a new pin at B: B refuses
-    // A's sealed token, names both fingerprints, and deletes it. Once the key is put back,
-    // `cloudpdi retry` of A's done job seals the issued token again and B imports it.
+    // A's sealed token, names both fingerprints, and keeps it waiting in the mailbox
+    // (recorded once, not at every poll). Once the key is put back, B imports it by
+    // itself; `cloudpdi retry` of A's done job then seals the issued token again, and B
+    // takes it without importing twice.
     hub.restart(&[
         (&fa, fc.public_key.as_str()),
         (&fb, fb.public_key.as_str()),
@@ -582,25 +588,31 @@ fn a_ct_study_reaches_the_pacs_of_the_facility_it_is_sealed_to() {
         fc.fingerprint.as_str(),
         fa.fingerprint.as_str(),
         "facilities.HOSPA.fingerprint",
+        "waits in the mailbox",
     ] {
         assert!(reason.contains(part), "{part:?} not in {reason}");
     }
-    wait_for(
-        "A's refused message deleted",
-        Duration::from_secs(10),
-        || {
-            block(mailbox_b.messages())
-                .unwrap()
-                .is_empty()
-                .then_some(())
-        },
-    );
+    // Several polls (1 s apart) later, the message still waits, recorded once.
+    std::thread::sleep(Duration::from_secs(4));
+    let waiting = block(mailbox_b.messages()).unwrap();
+    assert_eq!(waiting.len(), 1, "the message waits: {waiting:?}");
+    assert_eq!(waiting[0].message_id, message);
+    let records = b.status()["refused_senders"].clone();
+    let record = records
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["sender"] == "HOSPA")
+        .unwrap();
+    assert_eq!(record["messages"], 1, "recorded once: {records:#}");
     assert_eq!(
         inbound_jobs(&b).len(),
         4,
         "nothing imported from the changed key"
     );
     hub.restart(&honest);
+    let jobs = wait_imports(&b, 5, "the waiting delivery imported once the key is back");
+    assert_eq!(jobs.len(), 5, "{jobs:#?}");
     let job5 = wait_for("A's job done", Duration::from_secs(30), || {
         let (id, _) = deliveries(&a, "PAT5")?;
         let status = a.status();
@@ -617,8 +629,20 @@ fn a_ct_study_reaches_the_pacs_of_the_facility_it_is_sealed_to() {
         &job5,
     ]));
     assert!(out.status.success(), "retry of a done delivery: {out:?}");
-    let jobs = wait_imports(&b, 5, "the delivery sealed again imported");
-    assert_eq!(jobs.len(), 5, "{jobs:#?}");
+    let again = wait_for("the delivery sealed again", Duration::from_secs(30), || {
+        let (_, details) = deliveries(&a, "PAT5")?;
+        let id = details["deliveries"][0]["message_id"].as_str()?.to_owned();
+        (id != message).then_some(id)
+    });
+    wait_for(
+        "the delivery sealed again taken",
+        Duration::from_secs(30),
+        || {
+            (b.log().contains(&again) && block(mailbox_b.messages()).unwrap().is_empty())
+                .then_some(())
+        },
+    );
+    assert_eq!(inbound_jobs(&b).len(), 5, "imported once");
 
     // 6. The repository (storage, audit trail, log) and both daemons' logs hold no token
     // text (as printed or without hyphens) and no download proof of the four tokens.
@@ -649,6 +673,73 @@ fn a_ct_study_reaches_the_pacs_of_the_facility_it_is_sealed_to() {
         scanned.iter().any(|f| f.starts_with(hub.dir.join("store"))),
         "the repository's storage was scanned: {scanned:?}"
     );
+
+    // 7. B rotates its key while a token sealed to its old key waits in its mailbox: with
+    // the old key in facility.previous_key_files, the token still opens and is imported.
+    b.stop();
+    send_study(work, &a, "sixth", 2, "PAT6");
+    posted_message(&a, "PAT6");
+    let new_key = keys.join("HOSPB-2027.key");
+    let out = run(Command::new(env!("CARGO_BIN_EXE_cloudpdi"))
+        .args(["facility", "keygen", "--out"])
+        .arg(&new_key));
+    assert!(out.status.success(), "keygen: {out:?}");
+    let new_public = FacilityKey::load(&new_key).unwrap().public().to_text();
+    hub.restart(&[
+        (&fa, fa.public_key.as_str()),
+        (&fb, new_public.as_str()),
+        (&fc, fc.public_key.as_str()),
+    ]);
+    let old_line = format!("key_file = \"{}\"\n", fb.key_file.display());
+    let config = fs::read_to_string(&b.config).unwrap();
+    assert!(config.contains(&old_line), "{config}");
+    let rotated = config.replace(
+        &old_line,
+        &format!(
+            "key_file = \"{}\"\nprevious_key_files = [\"{}\"]\n",
+            new_key.display(),
+            fb.key_file.display()
+        ),
+    );
+    fs::write(&b.config, rotated).unwrap();
+    b.spawn();
+    let jobs = wait_imports(&b, 6, "the token sealed to B's old key imported");
+    assert_eq!(jobs.len(), 6, "{jobs:#?}");
+    assert!(
+        block(mailbox_b.messages()).unwrap().is_empty(),
+        "B's mailbox emptied"
+    );
+
+    // 8. A message from HOSPA sealed for another facility code than B's does not open: it
+    // waits in the mailbox, and the refusal names what an admin can check.
+    let new_public = PublicKey::parse(&new_public).unwrap();
+    let misnamed =
+        cloudpdi::facility::seal(&fa.key(), "HOSPA", &new_public, "HOSPX", b"HT2-0000").unwrap();
+    let posted = block(fa.client(&hub).post_message("HOSPB", &misnamed)).unwrap();
+    let refused = wait_for(
+        "B to refuse the misnamed message",
+        Duration::from_secs(30),
+        || {
+            b.status()["refused_senders"]
+                .as_array()?
+                .iter()
+                .find(|r| r["sender"] == "HOSPA" && r["last_message"] == posted.message_id.as_str())
+                .cloned()
+        },
+    );
+    let reason = refused["reason"].as_str().unwrap();
+    for part in [
+        "does not open",
+        "facility.previous_key_files",
+        "facility.code must equal the [facility.CODE] name",
+        "waits in the mailbox",
+    ] {
+        assert!(reason.contains(part), "{part:?} not in {reason}");
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let waiting = block(mailbox_b.messages()).unwrap();
+    assert_eq!(waiting.len(), 1, "the message waits: {waiting:?}");
+    assert_eq!(waiting[0].message_id, posted.message_id);
 }
 
 /// A facility key file others may read stops the daemon at start, naming

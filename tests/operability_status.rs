@@ -284,6 +284,11 @@ fn status_names_the_patient_the_token_and_the_receipt() {
         originals.len(),
         "{document:#}"
     );
+    // A token handed over (not sealed): the receipt does not say where it went.
+    assert!(
+        document["receipts"][0]["facility"].is_null(),
+        "{document:#}"
+    );
 
     let (ok, text) = cloudpdi(&a, &["status"]);
     assert!(ok, "{text}");

@@ -108,7 +108,8 @@ pub struct Receipt {
     #[serde(default)]
     pub note: String,
     /// The receiving facility's code, when it received the token by sealed delivery: the
-    /// sender's status shows which recipient imported it. At most
+    /// sender's status shows which recipient imported it; `None` for a token handed over
+    /// otherwise (a patient's slip must not tell where the patient went). At most
     /// [`crate::facility::MAX_CODE_LEN`] characters of `A-Z a-z 0-9 _ -`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub facility: Option<String>,

@@ -8,7 +8,6 @@ use sha2::{Digest, Sha256};
 
 use crate::gateway::jobs::{JobRecord, JobSummary, Progress, state_name};
 use crate::gateway::reception::batch::StudySummary;
-use crate::token::{RepositoryRef, Token};
 
 /// Where an inbound job is; the step named is the next one to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,10 +43,11 @@ pub struct SetAside {
 /// The durable record of one inbound job. No secret: the token is in the job folder.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct InboundJob {
-    /// `R` + 12 hex digits of SHA-256(repository, document ID).
+    /// `R` + 12 hex digits of SHA-256(repository URL, document ID).
     pub id: String,
-    /// The sending facility's code, as the repository names the document's creator when
-    /// it is downloaded (the token does not carry it); empty until then.
+    /// The facility that created the document, as the repository names it when it is
+    /// downloaded (the token does not carry it): Patient IDs belong to it, so
+    /// `inbound.patient_id = "prefix"` uses it. Until then the sealed sender, or empty.
     pub issuer: String,
     /// The document ID (not secret: useless without the token's secret).
     pub document_id: String,
@@ -111,16 +111,15 @@ impl InboundJob {
     }
 }
 
-/// The job id of a token: the same for every copy of it.
-pub fn job_id(token: &Token) -> String {
-    let repository = match &token.repository {
-        RepositoryRef::Url(url) => url.clone(),
-        RepositoryRef::Community(code) => format!("community:{code}"),
-    };
+/// The job id of a document: the same for every token of it, whether the token names its
+/// repository by community code or by URL, so the same document is imported once.
+/// `repository_url` is the token's repository as `[repositories]` resolves it
+/// ([`crate::config::Config::repository_url`]).
+pub fn job_id(repository_url: &str, document_id: &str) -> String {
     let digest = Sha256::new()
-        .chain_update(repository.as_bytes())
+        .chain_update(repository_url.as_bytes())
         .chain_update([0])
-        .chain_update(token.document_id.as_bytes())
+        .chain_update(document_id.as_bytes())
         .finalize();
     format!("R{}", &hex::encode(digest)[..12])
 }

@@ -3,8 +3,9 @@
 //! A token enters through the watch queue ([`crate::gateway::inbound::watch`]) or, sealed
 //! by another facility, through the mailbox ([`crate::gateway::inbound::mailbox`]), and
 //! becomes a job whose id
-//! is derived from its repository and document ID, so the same token dropped twice is
-//! imported once. A token naming a community code is resolved through `[repositories]`,
+//! is derived from its repository's URL (a community code resolved) and document ID, so
+//! the same document is imported once, however often and by whichever token it comes. A
+//! token naming a community code is resolved through `[repositories]`,
 //! and the resulting URL checked against `inbound.allowed_repositories`. Steps, each
 //! repeated safely after a crash:
 //! 1. **download**: ranged, resumable download of the container (`jobs/in/<id>/container`);
@@ -199,7 +200,8 @@ impl Inbound {
     }
 
     /// [`Inbound::queue`] for a token that `sender` sealed to this facility and posted to
-    /// its mailbox: the job's issuer is the sender, and status says it came sealed.
+    /// its mailbox: status says it came sealed from the sender, and its receipt names this
+    /// facility; the issuer is the sender until the download names the document's creator.
     ///
     /// # Errors
     /// As [`Inbound::queue`].
@@ -227,7 +229,10 @@ impl Inbound {
         {
             return Err(QueueError::PatientId);
         }
-        let id = job_id(token);
+        let id = job_id(
+            &self.config.repository_url(&token.repository)?,
+            &token.document_id,
+        );
         let retry = match self.jobs.get::<InboundJob>(&id)? {
             Some(job) if job.step == InStep::Failed => true,
             Some(_) => return Ok(Queued::Known(id)),
@@ -241,6 +246,9 @@ impl Inbound {
             source,
         };
         private_dir(&dir.0).map_err(folder_error)?;
+        // The new folder's entry is flushed before the record names it (and before the
+        // mailbox deletes the message it came from).
+        durable::sync_dir(&self.dir).map_err(folder_error)?;
         durable::write(&dir.token(), token.to_line().as_bytes(), 0o600).map_err(folder_error)?;
         // A sealed token's sender is known now; otherwise the download names the issuer.
         let issuer = sealed_from.map(str::to_owned).unwrap_or_default();
@@ -329,18 +337,18 @@ impl Inbound {
                         |_| {},
                     )
                     .await?;
-                match (downloaded.facility, &job.sealed_from) {
-                    // The sender proved who it is by sealing: that stays the issuer.
-                    (Some(creator), Some(sender)) if &creator != sender => warn!(
-                        job = %job.id, from = %sender, creator = %creator,
-                        "the sealed token names a document another facility created"
-                    ),
-                    (Some(creator), None) => {
-                        // Recorded before the rename: a crash after it skips the download.
-                        job.issuer = creator;
-                        self.jobs.put(job)?;
+                // Patient IDs belong to the facility that created the document: it is the
+                // issuer even of a sealed token (whose sender stays shown as such).
+                if let Some(creator) = downloaded.facility {
+                    if let Some(sender) = job.sealed_from.as_ref().filter(|s| **s != creator) {
+                        warn!(
+                            job = %job.id, from = %sender, creator = %creator,
+                            "the sealed token names a document another facility created"
+                        );
                     }
-                    _ => {}
+                    // Recorded before the rename: a crash after it skips the download.
+                    job.issuer = creator;
+                    self.jobs.put(job)?;
                 }
                 std::fs::rename(dir.partial(), dir.container())
                     .map_err(|e| StepError::file("rename the download", &dir.partial(), &e))?;
@@ -394,8 +402,13 @@ impl Inbound {
                     instances_imported: job.stored,
                     instances_refused: job.set_aside.len() as u64,
                     note: String::new(),
-                    // The sender's status tells its recipients' receipts apart by it.
-                    facility: Some(self.config.facility.code.clone())
+                    // The sender's status tells its recipients' receipts apart by it; only a
+                    // sealed delivery names this facility (a patient's slip must not tell
+                    // the sender which hospital the patient went to).
+                    facility: job
+                        .sealed_from
+                        .as_ref()
+                        .map(|_| self.config.facility.code.clone())
                         .filter(|code| crate::facility::is_code(code)),
                 };
                 match client(&token, &self.config)?
@@ -758,6 +771,38 @@ mod tests {
         assert!(!within("http://repo.example", allowed));
         assert!(within("https://repo.example/a/b", "https://repo.example/a"));
         assert!(!within("https://repo.example/ab", "https://repo.example/a"));
+    }
+
+    /// A document named by its community code in one token and by its URL in another is
+    /// one job: imported once.
+    #[test]
+    fn a_document_named_by_community_or_by_url_is_one_job() {
+        use crate::token::RepositoryRef;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = Config::default();
+        config.spool.data_dir = dir.path().to_owned();
+        config
+            .repositories
+            .insert("R1".into(), "https://r.example.jp/".into());
+        let store = Store::open(&config.index_dir()).expect("store");
+        let inbound = Inbound::new(Arc::new(config), &store).expect("inbound");
+        let expires = u32::try_from(now_ms() / 1000 + 3600).expect("expiry");
+        let document = "0123456789abcdef0123";
+        let by_code =
+            Token::issue(RepositoryRef::Community("R1".into()), document, expires).expect("token");
+        let by_url = Token::issue(
+            RepositoryRef::Url("https://r.example.jp".into()),
+            document,
+            expires,
+        )
+        .expect("token");
+        let Queued::New(id) = inbound.queue(&by_code, None).expect("queued") else {
+            panic!("the first token makes a job");
+        };
+        assert_eq!(
+            inbound.queue(&by_url, None).expect("queued"),
+            Queued::Known(id)
+        );
     }
 
     #[test]

@@ -1,7 +1,9 @@
-//! Refusals of the mailbox: one record per sending facility, keyed by its code, each write
-//! flushed before it returns. What a record says is the mailbox's
-//! ([`crate::gateway::inbound::mailbox::Refusal`]); one per sender keeps the tree as small
-//! as the repository's list of facilities, however many messages are refused.
+//! Refusals of the mailbox: one record per key, each write flushed before it returns. What
+//! a record says, and its key, are the mailbox's
+//! ([`crate::gateway::inbound::mailbox::Refusal`]): a record per sender this facility's
+//! configuration names, one shared by all others
+//! ([`crate::gateway::inbound::mailbox::OTHER_SENDERS`]), so the tree stays as small as the
+//! configuration, however many messages or senders a repository shows.
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -27,7 +29,7 @@ impl RefusalStore {
         })
     }
 
-    /// The record of `sender`, if any.
+    /// The record under `sender`, if any.
     ///
     /// # Errors
     /// [`IndexError`] when it cannot be read.
@@ -38,7 +40,7 @@ impl RefusalStore {
             .transpose()
     }
 
-    /// Writes the record of `sender` durably (flushed before returning).
+    /// Writes the record under `sender` durably (flushed before returning).
     ///
     /// # Errors
     /// [`IndexError`] when it cannot be written or flushed.
