@@ -45,7 +45,7 @@ use crate::facility::{FacilityKey, Fingerprint, PublicKey};
 use crate::gateway::inbound::{Inbound, QueueError, Queued};
 use crate::gateway::store::IndexError;
 use crate::repository::api::MessageInfo;
-use crate::repository::client::{Client, ClientOptions};
+use crate::repository::client::{Client, FacilityClientError};
 use crate::token::Token;
 
 /// Days a message from an accepted sender may wait in the mailbox for a fix (a pin, a key,
@@ -116,25 +116,17 @@ impl Mailbox {
         inbound: Arc<Inbound>,
         key: Arc<FacilityKey>,
     ) -> Result<Mailbox, String> {
-        let key_file = &config.repository.api_key_file;
-        let api_key = std::fs::read_to_string(key_file).map_err(|e| {
-            format!(
-                "inbound.accept_from: cannot read the repository API key from {} ({e}): set \
-                 repository.api_key_file and restart the daemon",
-                key_file.display()
-            )
-        })?;
-        let options = ClientOptions {
-            allow_plain_http: config.repository.allow_plain_http,
-            plain_http_key: "repository.allow_plain_http",
-            ..ClientOptions::default()
-        };
-        let client = Client::new(
+        let client = Client::for_facility(
             config.repository.url.trim_end_matches('/'),
-            Some(api_key.trim().to_owned()),
-            options,
+            &config.repository.api_key_file,
+            config.repository.allow_plain_http,
         )
-        .map_err(|e| format!("inbound.accept_from: {e}"))?;
+        .map_err(|e| match e {
+            FacilityClientError::KeyFile { .. } => format!(
+                "inbound.accept_from: {e}: set repository.api_key_file and restart the daemon"
+            ),
+            other => format!("inbound.accept_from: {other}"),
+        })?;
         let mut keys = vec![key];
         for path in &config.facility.previous_key_files {
             let previous = FacilityKey::load(path).map_err(|e| {
