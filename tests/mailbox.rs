@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::moto::Moto;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -23,80 +25,6 @@ fn fast_options() -> ClientOptions {
         backoff_max: Duration::from_millis(100),
         max_attempts: 3,
         ..ClientOptions::default()
-    }
-}
-
-/// moto's S3 server on loopback, killed when dropped.
-struct Moto {
-    child: Child,
-    endpoint: String,
-}
-
-impl Moto {
-    fn start(bucket: &str) -> Moto {
-        let port = common::free_port();
-        let child = Command::new("moto_server")
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("moto_server (pip install 'moto[server]') is a required test peer");
-        let moto = Moto {
-            child,
-            endpoint: format!("http://127.0.0.1:{port}"),
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let out = Command::new(common::require("/usr/bin/curl"))
-                .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "PUT"])
-                .arg(format!("{}/{bucket}", moto.endpoint))
-                .output()
-                .unwrap();
-            if String::from_utf8_lossy(&out.stdout) == "200" {
-                return moto;
-            }
-            assert!(Instant::now() < deadline, "moto_server did not start");
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    /// Every object in the bucket: (key, bytes), read with signed requests (moto answers
-    /// anonymous reads 403).
-    fn objects(&self, bucket: &str) -> Vec<(String, Vec<u8>)> {
-        let signed = [
-            "-s",
-            "-f",
-            "--aws-sigv4",
-            "aws:amz:us-east-1:s3",
-            "--user",
-            "testing:testing",
-        ];
-        let list = Command::new("/usr/bin/curl")
-            .args(signed)
-            .arg(format!("{}/{bucket}?list-type=2", self.endpoint))
-            .output()
-            .unwrap();
-        let xml = String::from_utf8_lossy(&list.stdout).into_owned();
-        xml.split("<Key>")
-            .skip(1)
-            .map(|rest| {
-                let key = rest.split("</Key>").next().unwrap().to_owned();
-                let body = Command::new("/usr/bin/curl")
-                    .args(signed)
-                    .arg(format!("{}/{bucket}/{key}", self.endpoint))
-                    .output()
-                    .unwrap();
-                assert!(body.status.success(), "cannot read {key} from moto");
-                (key, body.stdout)
-            })
-            .collect()
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

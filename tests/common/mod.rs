@@ -2,6 +2,8 @@
 //! loopback, real DICOM peers, and generated data.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod moto;
+
 use std::fs;
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};
