@@ -9,198 +9,13 @@
 mod common;
 
 use std::fs;
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cloudpdi::facility::{FacilityKey, PublicKey};
-use cloudpdi::repository::client::{Client, ClientOptions};
+use common::sites::{Facility, Hub};
 use common::*;
-
-/// One facility: its key pair (from `cloudpdi facility keygen`) and its API key at the
-/// repository (from `cloudpdi repository new-key`).
-struct Facility {
-    code: &'static str,
-    key_file: PathBuf,
-    public_key: String,
-    fingerprint: String,
-    api_key_file: PathBuf,
-    /// The `api_key_sha256 = "..."` line for the repository's configuration.
-    api_key_line: String,
-}
-
-impl Facility {
-    fn new(dir: &Path, code: &'static str) -> Facility {
-        fs::create_dir_all(dir).unwrap();
-        let key_file = dir.join(format!("{code}.key"));
-        let out = run(Command::new(env!("CARGO_BIN_EXE_cloudpdi"))
-            .args(["facility", "keygen", "--out"])
-            .arg(&key_file));
-        assert!(out.status.success(), "keygen: {out:?}");
-        let printed = String::from_utf8_lossy(&out.stdout).into_owned();
-        let public = FacilityKey::load(&key_file).unwrap().public();
-        let (public_key, fingerprint) = (public.to_text(), public.fingerprint().to_string());
-        assert!(
-            printed.contains(&public_key) && printed.contains(&fingerprint),
-            "keygen prints the public key and its fingerprint: {printed}"
-        );
-        let out = run(Command::new(env!("CARGO_BIN_EXE_cloudpdi")).args(["repository", "new-key"]));
-        let out = String::from_utf8_lossy(&out.stdout).into_owned();
-        let key = out
-            .lines()
-            .find_map(|l| {
-                l.split_once("shown once): ")
-                    .map(|(_, k)| k.trim().to_owned())
-            })
-            .unwrap_or_else(|| panic!("new-key prints a key: {out}"));
-        let api_key_line = out
-            .lines()
-            .find(|l| l.starts_with("api_key_sha256"))
-            .unwrap()
-            .to_owned();
-        let api_key_file = dir.join(format!("{code}.api-key"));
-        fs::write(&api_key_file, key).unwrap();
-        Facility {
-            code,
-            key_file,
-            public_key,
-            fingerprint,
-            api_key_file,
-            api_key_line,
-        }
-    }
-
-    /// A repository client with this facility's API key.
-    fn client(&self, hub: &Hub) -> Client {
-        let key = fs::read_to_string(&self.api_key_file).unwrap();
-        Client::new(&hub.url, Some(key), ClientOptions::default()).unwrap()
-    }
-
-    fn key(&self) -> FacilityKey {
-        FacilityKey::load(&self.key_file).unwrap()
-    }
-
-    /// The configuration lines of a daemon of this facility: the repository (the lines
-    /// land in the harness's `[repository]` table, which it writes last), the facility
-    /// and its pins of `others`.
-    fn daemon_config(&self, hub: &Hub, others: &[&Facility]) -> String {
-        let mut text = format!(
-            "url = \"{}\"\napi_key_file = \"{}\"\n\
-             [facility]\ncode = \"{}\"\nname = \"Hospital {}\"\nkey_file = \"{}\"\n",
-            hub.url,
-            self.api_key_file.display(),
-            self.code,
-            self.code,
-            self.key_file.display()
-        );
-        for other in others {
-            text += &format!(
-                "[facilities.{}]\nfingerprint = \"{}\"\n",
-                other.code, other.fingerprint
-            );
-        }
-        text
-    }
-}
-
-/// The standalone repository, its directory of facilities given at each (re)start.
-struct Hub {
-    child: Option<Child>,
-    port: u16,
-    url: String,
-    dir: PathBuf,
-}
-
-impl Hub {
-    /// Starts it with each facility's API key, registered with the public key given.
-    fn start(dir: &Path, directory: &[(&Facility, &str)]) -> Hub {
-        fs::create_dir_all(dir).unwrap();
-        let port = free_port();
-        let mut hub = Hub {
-            child: None,
-            port,
-            url: format!("http://127.0.0.1:{port}"),
-            dir: dir.to_owned(),
-        };
-        hub.spawn(directory);
-        hub
-    }
-
-    fn spawn(&mut self, directory: &[(&Facility, &str)]) {
-        let mut config = format!(
-            "[server]\nlisten = \"127.0.0.1:{}\"\n[storage]\npath = \"{}\"\n\
-             [audit]\npath = \"{}\"\n",
-            self.port,
-            self.dir.join("store").display(),
-            self.audit_path().display()
-        );
-        for (facility, public_key) in directory {
-            config += &format!(
-                "[facility.{}]\nname = \"Hospital {}\"\n{}\npublic_key = \"{public_key}\"\n",
-                facility.code, facility.code, facility.api_key_line
-            );
-        }
-        let path = self.dir.join("repository.toml");
-        fs::write(&path, config).unwrap();
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("log"))
-            .unwrap();
-        self.child = Some(
-            Command::new(env!("CARGO_BIN_EXE_cloudpdi"))
-                .args(["repository", "serve", "--config"])
-                .arg(&path)
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .unwrap(),
-        );
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "the repository did not start: {}",
-                fs::read_to_string(self.dir.join("log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// Restarts it (same port, storage and audit trail) with another directory.
-    fn restart(&mut self, directory: &[(&Facility, &str)]) {
-        self.stop();
-        self.spawn(directory);
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    fn audit_path(&self) -> PathBuf {
-        self.dir.join("audit.jsonl")
-    }
-
-    /// The audit events (one JSON object a line) that mention `message_id`.
-    fn audit_of(&self, message_id: &str) -> Vec<String> {
-        fs::read_to_string(self.audit_path())
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| l.contains(message_id))
-            .map(str::to_owned)
-            .collect()
-    }
-}
-
-impl Drop for Hub {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
 
 /// Runs `future` to its end on a runtime of its own (the test is synchronous).
 fn block<T>(future: impl std::future::Future<Output = T>) -> T {
@@ -324,17 +139,17 @@ fn a_ct_study_reaches_the_pacs_of_the_facility_it_is_sealed_to() {
         Facility::new(&keys, "HOSPC"),
     );
     let honest = [
-        (&fa, fa.public_key.as_str()),
-        (&fb, fb.public_key.as_str()),
-        (&fc, fc.public_key.as_str()),
+        (&fa, Some(fa.public_key.as_str())),
+        (&fb, Some(fb.public_key.as_str())),
+        (&fc, Some(fc.public_key.as_str())),
     ];
     let mut hub = Hub::start(&work.join("hub"), &honest);
     let orthanc = Orthanc::start(work);
-    let site_b = fb.daemon_config(&hub, &[&fa])
+    let site_b = fb.daemon_config(&hub.url, &fb.key_file, &[fa.pin()])
         + "[inbound]\npacs = \"127.0.0.1:4242\"\npacs_ae_title = \"ORTHANC\"\n\
            accept_from = [\"HOSPA\"]\nmailbox_poll_interval = 1\nattempts = 2\n";
     let mut b = Daemon::start(&work.join("b"), &site_b);
-    let site_a = fa.daemon_config(&hub, &[&fb])
+    let site_a = fa.daemon_config(&hub.url, &fa.key_file, &[fb.pin()])
         + "[route.ct]\nae_title = \"CLOUDPDI\"\nstable_after = 1\ndeliver_to = [\"HOSPB\"]\n\
            [outbound]\nenabled = true\n";
     let a = Daemon::start(&work.join("a"), &site_a);
@@ -369,7 +184,7 @@ fn a_ct_study_reaches_the_pacs_of_the_facility_it_is_sealed_to() {
     assert_eq!(receipts.len(), 1, "{details:#}");
     assert_eq!(receipts[0]["facility"], "HOSPB");
     assert_eq!(receipts[0]["instances_imported"], first.len() as u64);
-    let mailbox_b = fb.client(&hub);
+    let mailbox_b = fb.client(&hub.url);
     assert!(
         block(mailbox_b.messages()).unwrap().is_empty(),
         "B's mailbox emptied"
@@ -389,7 +204,7 @@ fn a_ct_study_reaches_the_pacs_of_the_facility_it_is_sealed_to() {
         token.trim().as_bytes(),
     )
     .unwrap();
-    let posted = block(fc.client(&hub).post_message("HOSPB", &from_c)).unwrap();
+    let posted = block(fc.client(&hub.url).post_message("HOSPB", &from_c)).unwrap();
     let refused = wait_for("B to refuse HOSPC", Duration::from_secs(30), || {
         let status = b.status();
         let list = status["refused_senders"].as_array()?.clone();
@@ -440,7 +255,7 @@ fn a_ct_study_reaches_the_pacs_of_the_facility_it_is_sealed_to() {
     assert_eq!(waiting[0].sender, "HOSPA");
     // Facility C can neither read nor delete it, and what it holds does not open with C's
     // key (HPKE to B's key).
-    let c = fc.client(&hub);
+    let c = fc.client(&hub.url);
     assert!(
         block(c.messages()).unwrap().is_empty(),
         "C sees only its own mailbox"
@@ -501,9 +316,9 @@ fn a_ct_study_reaches_the_pacs_of_the_facility_it_is_sealed_to() {
     // 4. A key changed at the repository without a new pin: HOSPB's entry now carries
     // HOSPC's key. A's delivery is held with the pin error; nothing reaches B's mailbox.
     hub.restart(&[
-        (&fa, fa.public_key.as_str()),
-        (&fb, fc.public_key.as_str()),
-        (&fc, fc.public_key.as_str()),
+        (&fa, Some(fa.public_key.as_str())),
+        (&fb, Some(fc.public_key.as_str())),
+        (&fc, Some(fc.public_key.as_str())),
     ]);
     send_study(work, &a, "fourth", 2, "PAT4");
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -565,9 +380,9 @@ fn a_ct_study_reaches_the_pacs_of_the_facility_it_is_sealed_to() {
     // itself; `cloudpdi retry` of A's done job then seals the issued token again, and B
     // takes it without importing twice.
     hub.restart(&[
-        (&fa, fc.public_key.as_str()),
-        (&fb, fb.public_key.as_str()),
-        (&fc, fc.public_key.as_str()),
+        (&fa, Some(fc.public_key.as_str())),
+        (&fb, Some(fb.public_key.as_str())),
+        (&fc, Some(fc.public_key.as_str())),
     ]);
     send_study(work, &a, "fifth", 2, "PAT5");
     let message = posted_message(&a, "PAT5");
@@ -686,9 +501,9 @@ fn a_ct_study_reaches_the_pacs_of_the_facility_it_is_sealed_to() {
     assert!(out.status.success(), "keygen: {out:?}");
     let new_public = FacilityKey::load(&new_key).unwrap().public().to_text();
     hub.restart(&[
-        (&fa, fa.public_key.as_str()),
-        (&fb, new_public.as_str()),
-        (&fc, fc.public_key.as_str()),
+        (&fa, Some(fa.public_key.as_str())),
+        (&fb, Some(new_public.as_str())),
+        (&fc, Some(fc.public_key.as_str())),
     ]);
     let old_line = format!("key_file = \"{}\"\n", fb.key_file.display());
     let config = fs::read_to_string(&b.config).unwrap();
@@ -715,7 +530,7 @@ fn a_ct_study_reaches_the_pacs_of_the_facility_it_is_sealed_to() {
     let new_public = PublicKey::parse(&new_public).unwrap();
     let misnamed =
         cloudpdi::facility::seal(&fa.key(), "HOSPA", &new_public, "HOSPX", b"HT2-0000").unwrap();
-    let posted = block(fa.client(&hub).post_message("HOSPB", &misnamed)).unwrap();
+    let posted = block(fa.client(&hub.url).post_message("HOSPB", &misnamed)).unwrap();
     let refused = wait_for(
         "B to refuse the misnamed message",
         Duration::from_secs(30),
@@ -753,13 +568,8 @@ fn a_facility_key_readable_by_others_stops_the_daemon() {
         Facility::new(dir.path(), "HOSPB"),
     );
     fs::set_permissions(&fa.key_file, fs::Permissions::from_mode(0o644)).unwrap();
-    let hub = Hub {
-        child: None,
-        port: free_port(),
-        url: "http://127.0.0.1:9".into(),
-        dir: dir.path().join("hub"),
-    };
-    let extra = fa.daemon_config(&hub, &[&fb])
+    // No repository runs: the daemon stops on the key file before it would contact one.
+    let extra = fa.daemon_config("http://127.0.0.1:9", &fa.key_file, &[fb.pin()])
         + "[route.ct]\nae_title = \"CLOUDPDI\"\ndeliver_to = [\"HOSPB\"]\n";
     let config = dir.path().join("cloudpdi.toml");
     fs::write(

@@ -3,6 +3,7 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 pub mod moto;
+pub mod sites;
 
 use std::fs;
 use std::io::Read;
