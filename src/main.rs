@@ -443,7 +443,9 @@ fn facility(command: FacilityCommand) -> anyhow::Result<()> {
 fn serve(args: &ConfigArg) -> anyhow::Result<()> {
     let config = cloudpdi::config::Config::load_to_serve(&args.path())?;
     cloudpdi::telemetry::init(&config.log);
-    runtime()?.block_on(cloudpdi::gateway::serve::run(config, shutdown_signal()))?;
+    runtime()?.block_on(async {
+        anyhow::Ok(cloudpdi::gateway::serve::run(config, shutdown_signal()?).await?)
+    })?;
     Ok(())
 }
 
@@ -579,7 +581,8 @@ fn repository(command: RepositoryCommand) -> anyhow::Result<()> {
             let path = config.unwrap_or_else(cloudpdi::repository::config::default_path);
             let config = RepositoryConfig::load(&path)?;
             cloudpdi::telemetry::init(&config.log);
-            runtime()?.block_on(cli::serve(config, shutdown_signal()))?;
+            runtime()?
+                .block_on(async { anyhow::Ok(cli::serve(config, shutdown_signal()?).await?) })?;
         }
         RepositoryCommand::NewKey => {
             let (key, hash) = cloudpdi::repository::auth::new_api_key()?;
@@ -715,20 +718,21 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-/// Completes on SIGTERM (systemd stop) or SIGINT (Ctrl-C).
-async fn shutdown_signal() {
+/// Completes on SIGTERM (systemd stop) or SIGINT (Ctrl-C). Both are caught from the
+/// call on, so a stop that arrives while the server is still starting (opening its
+/// index, checking its registration at the repository) ends in a clean shutdown once it
+/// is up, instead of killing it with the signal's default action.
+fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()> + Send + 'static> {
+    use anyhow::Context;
     use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
+    let mut term = signal(SignalKind::terminate()).context("cannot catch SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot catch SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = interrupt.recv() => {}
         }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
+    })
 }
 
 fn progress_bar(what: &'static str) -> indicatif::ProgressBar {

@@ -14,17 +14,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cloudpdi::facility::{FacilityKey, PublicKey};
-use common::sites::{Facility, Hub};
+use common::sites::{Facility, Hub, block};
 use common::*;
-
-/// Runs `future` to its end on a runtime of its own (the test is synchronous).
-fn block<T>(future: impl std::future::Future<Output = T>) -> T {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(future)
-}
 
 /// The inbound jobs of `site`.
 fn inbound_jobs(site: &Daemon) -> Vec<serde_json::Value> {

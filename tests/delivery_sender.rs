@@ -14,16 +14,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cloudpdi::facility::FacilityKey;
-use common::sites::{Facility, Hub};
+use common::sites::{Facility, Hub, block};
 use common::*;
-
-fn block<T>(future: impl std::future::Future<Output = T>) -> T {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(future)
-}
 
 /// Runs `cloudpdi serve` on `extra` configuration and expects it to exit by itself within
 /// 30 s (a refused start); returns its exit status's success and its output.
@@ -165,6 +157,29 @@ fn a_daemon_whose_code_is_not_registered_with_its_key_does_not_start() {
             .then_some(())
     });
     assert!(site.stop().success());
+
+    // A repository that accepts the connection and never answers holds the start for the
+    // check's 5 s; a stop in that time is caught and ends in a clean shutdown.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_url = format!("http://{}", silent.local_addr().unwrap());
+    let mut site = Daemon::start(
+        &work.join("silent"),
+        &(fa.daemon_config(&silent_url, &fa.key_file, &pins) + route),
+    );
+    assert!(
+        !site
+            .log()
+            .contains("cannot check this facility's registration"),
+        "the stop must arrive during the check: {}",
+        site.log()
+    );
+    let status = site.stop();
+    assert!(
+        status.success(),
+        "a stop during the start: {status}\n{}",
+        site.log()
+    );
+    drop(silent);
 
     // Registered with its own key: it starts.
     let mut site = Daemon::start(

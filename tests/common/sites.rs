@@ -220,3 +220,12 @@ impl Drop for Hub {
         self.stop();
     }
 }
+
+/// Runs `future` to its end from a synchronous test (the repository client is async).
+pub fn block<T>(future: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(future)
+}
