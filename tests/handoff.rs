@@ -136,11 +136,24 @@ fn receive_says_why_nothing_would_be_imported() {
     let (ok, out) = by_code("pdi", "PDI");
     assert!(ok, "{out}");
     assert!(out.contains("queued for import as job R"), "{out}");
+    let job = out
+        .split("job ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap()
+        .trim_end_matches(['.', ',', ':'])
+        .to_owned();
 
-    let (ok, out) = receive(&receiver, &allowed);
-    assert!(ok, "{out}");
-    assert!(out.contains("queued for import as job R"), "{out}");
+    // The same document named by its URL (as a slip might) is the same job: the token
+    // given twice, in either form, is imported once.
     let (ok, again) = receive(&receiver, &allowed);
+    assert!(!ok, "{again}");
+    assert!(again.contains("already being imported"), "{again}");
+    assert!(
+        again.contains(&job),
+        "the job of the community token: {again}"
+    );
+    let (ok, again) = by_code("pdi-again", "PDI");
     assert!(!ok, "{again}");
     assert!(again.contains("already being imported"), "{again}");
 
