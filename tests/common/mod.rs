@@ -678,20 +678,31 @@ pub struct Repository {
     pub key_file: PathBuf,
 }
 
+/// A facility API key from `cloudpdi repository new-key`: (the key, for the facility's
+/// key file; the `api_key_sha256 = "..."` line, for the repository's configuration).
+pub fn new_api_key() -> (String, String) {
+    let out = run(Command::new(env!("CARGO_BIN_EXE_cloudpdi")).args(["repository", "new-key"]));
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    let key = out
+        .lines()
+        .find_map(|l| {
+            l.split_once("shown once): ")
+                .map(|(_, k)| k.trim().to_owned())
+        })
+        .unwrap_or_else(|| panic!("new-key prints a key: {out}"));
+    let hash_line = out
+        .lines()
+        .find(|l| l.starts_with("api_key_sha256"))
+        .unwrap_or_else(|| panic!("new-key prints the hash line: {out}"))
+        .to_owned();
+    (key, hash_line)
+}
+
 impl Repository {
     /// Starts one in `dir` on a free loopback port and waits until it answers.
     pub fn start(dir: &Path) -> Repository {
         fs::create_dir_all(dir).unwrap();
-        let out = run(Command::new(env!("CARGO_BIN_EXE_cloudpdi")).args(["repository", "new-key"]));
-        let out = String::from_utf8_lossy(&out.stdout).into_owned();
-        let key = out
-            .lines()
-            .find_map(|l| l.split_once("shown once): ").map(|(_, k)| k.trim()))
-            .unwrap_or_else(|| panic!("new-key prints a key: {out}"));
-        let hash_line = out
-            .lines()
-            .find(|l| l.starts_with("api_key_sha256"))
-            .unwrap();
+        let (key, hash_line) = new_api_key();
         let key_file = dir.join("key");
         fs::write(&key_file, key).unwrap();
         let port = free_port();

@@ -50,17 +50,7 @@ impl Facility {
             printed.contains(&public_key) && printed.contains(&fingerprint),
             "keygen prints the public key and its fingerprint: {printed}"
         );
-        let out = run(Command::new(env!("CARGO_BIN_EXE_cloudpdi")).args(["repository", "new-key"]));
-        let out = String::from_utf8_lossy(&out.stdout).into_owned();
-        let key = out
-            .lines()
-            .find_map(|l| l.split_once("shown once): ").map(|(_, k)| k.trim()))
-            .unwrap_or_else(|| panic!("new-key prints a key: {out}"));
-        let api_key_line = out
-            .lines()
-            .find(|l| l.starts_with("api_key_sha256"))
-            .unwrap()
-            .to_owned();
+        let (key, api_key_line) = super::new_api_key();
         let api_key_file = dir.join(format!("{code}.api-key"));
         fs::write(&api_key_file, key).unwrap();
         Facility {
