@@ -1,10 +1,12 @@
 //! Text form of a token: Crockford base32 upper case in hyphen groups, one check symbol per
 //! group, so a misread group can be named to the person typing it.
 //!
-//! Each group is 4 data symbols followed by 1 check symbol computed with ISO 7064 hybrid
-//! MOD 33,32 over the group's data. That system detects every single-symbol substitution
-//! and every adjacent transposition inside a group; a transposition across a group
-//! boundary changes one symbol in each of two groups, so it is caught too.
+//! Each group is 4 data symbols followed by 1 check symbol computed with the Damm algorithm
+//! over the group's data, on the quasigroup x * y = 2 (x XOR y) in GF(32). That detects
+//! every single-symbol substitution and every adjacent transposition inside a group, the
+//! check symbol included (verified over all 32^4 groups; ISO 7064 MOD 33,32, used before,
+//! missed 0.2 % of adjacent transpositions); a transposition across a group boundary
+//! changes one symbol in each of two groups, so it is caught too.
 
 use thiserror::Error;
 
@@ -67,18 +69,19 @@ fn value(c: char) -> Option<u8> {
         .map(|p| p as u8)
 }
 
-/// ISO 7064 hybrid MOD 33,32 check symbol for `data` (values 0..32).
+/// Damm check symbol for `data` (values 0..32): the running value of the quasigroup
+/// x * y = 2 (x XOR y) in GF(32) (modulus x^5 + x^2 + 1). The quasigroup is totally
+/// anti-symmetric with a zero diagonal, so a group checks (runs to 0 with its check
+/// symbol) after no single substitution and no adjacent transposition.
 fn check_symbol(data: &[u8]) -> u8 {
-    const M: u32 = 32;
-    let mut p = M;
-    for &a in data {
-        let mut s = (p + u32::from(a)) % M;
-        if s == 0 {
-            s = M;
+    data.iter().fold(0, |interim, &a| {
+        let sum = (interim ^ a) << 1;
+        if sum & 0x20 == 0 {
+            sum
+        } else {
+            sum ^ 0b10_0101
         }
-        p = (2 * s) % (M + 1);
-    }
-    ((M + 1 - p) % M) as u8
+    })
 }
 
 /// Encodes symbol values (each < 32) as grouped text; the value count must be a multiple of 4.
@@ -146,6 +149,23 @@ mod tests {
         assert_eq!(decode_symbols(&text), Ok(sample()));
         let sloppy = text.to_lowercase().replace('-', " ");
         assert_eq!(decode_symbols(&sloppy), Ok(sample()));
+    }
+
+    #[test]
+    fn every_adjacent_transposition_of_every_group_is_detected() {
+        let checks = |g: &[u8; 5]| check_symbol(&g[..DATA_PER_GROUP]) == g[DATA_PER_GROUP];
+        for n in 0..32u32.pow(4) {
+            let data = [0, 1, 2, 3].map(|k| ((n >> (5 * k)) & 31) as u8);
+            let mut group = [data[0], data[1], data[2], data[3], check_symbol(&data)];
+            assert!(checks(&group));
+            for i in 0..DATA_PER_GROUP {
+                if group[i] != group[i + 1] {
+                    group.swap(i, i + 1);
+                    assert!(!checks(&group), "{data:?}: swap at {i} undetected");
+                    group.swap(i, i + 1);
+                }
+            }
+        }
     }
 
     #[test]
