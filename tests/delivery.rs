@@ -17,21 +17,10 @@ use cloudpdi::facility::{FacilityKey, PublicKey};
 use common::sites::{Facility, Hub, block};
 use common::*;
 
-/// The inbound jobs of `site`.
-fn inbound_jobs(site: &Daemon) -> Vec<serde_json::Value> {
-    site.status()["jobs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|j| j["direction"] == "inbound")
-        .cloned()
-        .collect()
-}
-
 /// Waits until `count` inbound jobs of `site` are done; returns them all.
 fn wait_imports(site: &Daemon, count: usize, what: &str) -> Vec<serde_json::Value> {
     wait_for(what, Duration::from_secs(90), || {
-        let jobs = inbound_jobs(site);
+        let jobs = site.inbound_jobs();
         let done = jobs.iter().filter(|j| j["state"] == "done").count();
         assert!(done <= count, "more imports than tokens: {jobs:#?}");
         (done == count).then_some(jobs)
@@ -94,26 +83,9 @@ fn in_orthanc(orthanc: &Orthanc) -> usize {
 /// Files under the watch folder of `site` (and its `rejected/`).
 fn watch_folder_files(site: &Daemon) -> Vec<PathBuf> {
     let inbox = site.dir.join("data/inbox");
-    let mut found = files_in_tree(&inbox);
+    let mut found = files_under(&inbox);
     found.sort();
     found
-}
-
-fn files_in_tree(dir: &Path) -> Vec<PathBuf> {
-    let Ok(entries) = fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .flat_map(|e| {
-            let path = e.path();
-            if path.is_dir() {
-                files_in_tree(&path)
-            } else {
-                vec![path]
-            }
-        })
-        .collect()
 }
 
 #[test]
@@ -217,7 +189,7 @@ fn a_ct_study_reaches_the_pacs_of_the_facility_it_is_sealed_to() {
             .is_empty()
             .then_some(())
     });
-    assert_eq!(inbound_jobs(&b).len(), 1, "nothing imported from HOSPC");
+    assert_eq!(b.inbound_jobs().len(), 1, "nothing imported from HOSPC");
     assert!(
         b.log().matches(&posted.message_id).count() >= 1,
         "the refusal is logged"
@@ -412,7 +384,7 @@ fn a_ct_study_reaches_the_pacs_of_the_facility_it_is_sealed_to() {
         .unwrap();
     assert_eq!(record["messages"], 1, "recorded once: {records:#}");
     assert_eq!(
-        inbound_jobs(&b).len(),
+        b.inbound_jobs().len(),
         4,
         "nothing imported from the changed key"
     );
@@ -448,7 +420,7 @@ fn a_ct_study_reaches_the_pacs_of_the_facility_it_is_sealed_to() {
                 .then_some(())
         },
     );
-    assert_eq!(inbound_jobs(&b).len(), 5, "imported once");
+    assert_eq!(b.inbound_jobs().len(), 5, "imported once");
 
     // 6. The repository (storage, audit trail, log) and both daemons' logs hold no token
     // text (as printed or without hyphens) and no download proof of the four tokens.
@@ -463,7 +435,7 @@ fn a_ct_study_reaches_the_pacs_of_the_facility_it_is_sealed_to() {
         secrets.push(proof.bytes().to_vec());
     }
     assert_eq!(secrets.len(), 20, "five tokens issued");
-    let mut scanned = files_in_tree(&hub.dir);
+    let mut scanned = files_under(&hub.dir);
     scanned.extend([a.dir.join("daemon.log"), b.dir.join("daemon.log")]);
     for file in &scanned {
         let bytes = fs::read(file).unwrap();

@@ -28,21 +28,10 @@ fn site_a(dir: &Path) -> String {
     )
 }
 
-/// Site B's inbound jobs from `cloudpdi status`.
-fn inbound_jobs(site: &Daemon) -> Vec<serde_json::Value> {
-    site.status()["jobs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|j| j["direction"] == "inbound")
-        .cloned()
-        .collect()
-}
-
 fn wait_job_state(site: &Daemon, state: &str, within: Duration) -> serde_json::Value {
     let deadline = Instant::now() + within;
     loop {
-        let jobs = inbound_jobs(site);
+        let jobs = site.inbound_jobs();
         if let Some(job) = jobs.iter().find(|j| j["state"] == state) {
             return job.clone();
         }
@@ -68,7 +57,7 @@ fn wait_imports_done(
     within: Duration,
 ) -> Vec<serde_json::Value> {
     wait_for(what, within, || {
-        let jobs = inbound_jobs(site);
+        let jobs = site.inbound_jobs();
         (done(&jobs) == count).then_some(jobs)
     })
 }
@@ -205,7 +194,7 @@ fn a_ct_study_travels_from_storescu_at_site_a_to_orthanc_at_site_b() {
                 .then_some(())
         },
     );
-    assert_eq!(inbound_jobs(&b).len(), 1);
+    assert_eq!(b.inbound_jobs().len(), 1);
     assert_eq!(
         orthanc.get("/statistics")["CountInstances"],
         originals.len()
@@ -362,7 +351,7 @@ fn the_pydicom_corpus_travels_study_by_study_into_orthanc() {
         hand_over(token, &b);
     }
     wait_for("every import", Duration::from_secs(180), || {
-        let jobs = inbound_jobs(&b);
+        let jobs = b.inbound_jobs();
         assert!(
             jobs.iter().all(|j| j["state"] != "failed"),
             "{jobs:#?}\n{}",
@@ -449,7 +438,7 @@ fn kill_9_of_either_site_at_random_moments_loses_nothing_and_repeats_nothing() {
         for token in tokens(&a) {
             hand_over(&token, &b);
         }
-        let jobs = inbound_jobs(&b);
+        let jobs = b.inbound_jobs();
         (done(&jobs) == 3).then_some(jobs)
     });
     assert_eq!(done.len(), 3, "one inbound job per token: {done:?}");
@@ -562,7 +551,7 @@ fn bad_tokens_damaged_containers_and_outages_end_clearly_and_lose_nothing() {
     std::fs::copy(&expired, inbox.join("expired.token")).unwrap();
     let reason = rejected_reason(&b, "expired.token");
     assert!(reason.contains("token expired on"), "{reason}");
-    assert!(inbound_jobs(&b).is_empty(), "no job from a bad token");
+    assert!(b.inbound_jobs().is_empty(), "no job from a bad token");
 
     // A container altered in the repository together with its recorded hash (as a
     // compromised repository could): authentication fails, nothing is imported.
@@ -585,7 +574,7 @@ fn bad_tokens_damaged_containers_and_outages_end_clearly_and_lose_nothing() {
         "the import to wait for the PACS",
         Duration::from_secs(60),
         || {
-            inbound_jobs(&b).into_iter().find(|j| {
+            b.inbound_jobs().into_iter().find(|j| {
                 j["state"] == "import"
                     && j["last_error"].as_str().is_some_and(|e| e.contains("PACS"))
             })
@@ -612,7 +601,7 @@ fn bad_tokens_damaged_containers_and_outages_end_clearly_and_lose_nothing() {
         "the download to wait for the repository",
         Duration::from_secs(60),
         || {
-            inbound_jobs(&b)
+            b.inbound_jobs()
                 .into_iter()
                 .find(|j| j["state"] == "download" && j["last_error"].is_string())
         },
@@ -637,7 +626,7 @@ fn bad_tokens_damaged_containers_and_outages_end_clearly_and_lose_nothing() {
         "the download to wait for disk space",
         Duration::from_secs(60),
         || {
-            inbound_jobs(&b).into_iter().find(|j| {
+            b.inbound_jobs().into_iter().find(|j| {
                 j["state"] == "download"
                     && j["last_error"]
                         .as_str()
@@ -778,7 +767,7 @@ fn an_interrupted_import_sends_only_what_the_pacs_does_not_hold() {
         "the import to wait for the PACS",
         Duration::from_secs(90),
         || {
-            inbound_jobs(&b).into_iter().find(|j| {
+            b.inbound_jobs().into_iter().find(|j| {
                 j["last_error"]
                     .as_str()
                     .is_some_and(|e| e.contains("6 of 10 instances not sent"))

@@ -7,7 +7,7 @@ mod common;
 
 use common::moto::Moto;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -146,7 +146,7 @@ impl Repo {
     fn everything(&self) -> Vec<(String, Vec<u8>)> {
         let mut all = match &self.moto {
             Some(moto) => moto.objects("pdi"),
-            None => walk(&self.store()),
+            None => common::contents_under(&self.store()),
         };
         for name in ["audit.jsonl", "log", "stdout"] {
             all.push((
@@ -167,22 +167,6 @@ impl Drop for Repo {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn walk(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut out = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return out;
-    };
-    for entry in entries {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            out.extend(walk(&path));
-        } else {
-            out.push((path.display().to_string(), std::fs::read(&path).unwrap()));
-        }
-    }
-    out
 }
 
 /// The stable code of a refusal, or a panic naming what came instead.

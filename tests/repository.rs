@@ -172,7 +172,7 @@ impl Repo {
     fn stored(&self) -> Vec<(String, Vec<u8>)> {
         let mut objects = match &self._moto {
             Some(moto) => moto.objects("pdi"),
-            None => walk(&self.dir.path().join("store")),
+            None => common::contents_under(&self.dir.path().join("store")),
         };
         let audit = self.dir.path().join("audit.jsonl");
         objects.push(("audit".into(), std::fs::read(audit).unwrap_or_default()));
@@ -187,23 +187,6 @@ impl Repo {
         self.stop.cancel();
         self.task.await.unwrap().unwrap();
     }
-}
-
-fn walk(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut out = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return out;
-    };
-    for entry in entries {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            out.extend(walk(&path));
-        } else {
-            out.push((path.display().to_string(), std::fs::read(&path).unwrap()));
-        }
-    }
-    out.sort();
-    out
 }
 
 fn new_document(size: u64, token: &Token, max_downloads: u32) -> NewDocument {

@@ -60,6 +60,31 @@ fn ephemeral_low() -> u32 {
         .unwrap_or(32768)
 }
 
+/// Every file under `dir`, recursively, sorted; none when `dir` does not exist (a store
+/// nothing was written to yet).
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut out: Vec<PathBuf> = entries
+        .map(|entry| entry.unwrap().path())
+        .flat_map(|path| match path.is_dir() {
+            true => files_under(&path),
+            false => vec![path],
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Every file under `dir` with its bytes: what a server stored, for scans for secrets.
+pub fn contents_under(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    files_under(dir)
+        .into_iter()
+        .map(|path| (path.display().to_string(), fs::read(&path).unwrap()))
+        .collect()
+}
+
 /// The repository root (for scripts/ and tests/peers/).
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -223,6 +248,17 @@ impl Daemon {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The inbound jobs of `cloudpdi status`.
+    pub fn inbound_jobs(&self) -> Vec<serde_json::Value> {
+        self.status()["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|j| j["direction"] == "inbound")
+            .cloned()
+            .collect()
     }
 
     /// GET on the admin endpoint: (HTTP status, body).

@@ -20,7 +20,9 @@ use std::time::Duration;
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionalTree};
 
-use super::{IndexError, Store, TxResult, corrupt, decode, encode, tx_decode, tx_error};
+use super::{
+    IndexError, Store, TxResult, corrupt, decode, decode_all, encode, tx_decode, tx_error,
+};
 use crate::gateway::reception::batch::{
     BatchId, BatchRecord, BatchState, InstanceRecord, Joined, MAX_MISSING, Recorded, ReleaseError,
     StudySummary,
@@ -537,13 +539,7 @@ impl BatchIndex {
     /// # Errors
     /// [`IndexError`] when the index cannot be read.
     pub fn batches(&self) -> Result<Vec<BatchRecord>, IndexError> {
-        self.batches
-            .iter()
-            .map(|entry| {
-                let (key, bytes) = entry?;
-                decode(&key, &bytes)
-            })
-            .collect()
+        decode_all(&self.batches)
     }
 
     /// SOP Instance UIDs of a batch, in UID order.

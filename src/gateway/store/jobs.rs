@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use serde::de::DeserializeOwned;
 use sled::Transactional;
 
-use super::{IndexError, Store, decode, encode, tx_error};
+use super::{IndexError, Store, decode, decode_all, encode, tx_error};
 use crate::gateway::jobs::{JobRecord, state_name};
 
 /// A tree of job records of one kind, keyed by job id, beside an index of the jobs
@@ -176,13 +176,7 @@ impl JobStore {
     /// # Errors
     /// [`IndexError`] when a record cannot be read.
     pub fn all<T: DeserializeOwned>(&self) -> Result<Vec<T>, IndexError> {
-        self.tree
-            .iter()
-            .map(|entry| {
-                let (key, bytes) = entry?;
-                decode(&key, &bytes)
-            })
-            .collect()
+        decode_all(&self.tree)
     }
 
     /// The jobs that still need the pipeline ([`JobRecord::needs_pipeline`]), in id order.

@@ -160,6 +160,16 @@ fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, IndexError
     serde_json::from_slice(bytes).map_err(|e| corrupt(key, &e))
 }
 
+/// Every record of `tree`, in key order.
+fn decode_all<T: DeserializeOwned>(tree: &sled::Tree) -> Result<Vec<T>, IndexError> {
+    tree.iter()
+        .map(|entry| {
+            let (key, bytes) = entry?;
+            decode(&key, &bytes)
+        })
+        .collect()
+}
+
 fn corrupt(key: &[u8], reason: &dyn std::fmt::Display) -> IndexError {
     IndexError::Corrupt {
         key: String::from_utf8_lossy(key).into_owned(),

@@ -8,7 +8,7 @@
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::{IndexError, Store, decode, encode};
+use super::{IndexError, Store, decode, decode_all, encode};
 
 /// The tree of refusal records.
 #[derive(Clone)]
@@ -54,12 +54,6 @@ impl RefusalStore {
     /// # Errors
     /// [`IndexError`] when a record cannot be read.
     pub fn all<T: DeserializeOwned>(&self) -> Result<Vec<T>, IndexError> {
-        self.tree
-            .iter()
-            .map(|entry| {
-                let (key, bytes) = entry?;
-                decode(&key, &bytes)
-            })
-            .collect()
+        decode_all(&self.tree)
     }
 }
