@@ -267,7 +267,7 @@ impl Sender {
             job.expires_at = u32::try_from(expires)
                 .map_err(|_| StepError::permanent("expiry beyond the year 2106"))?;
             let request = NewDocument {
-                size: job.container_bytes,
+                size: Some(job.container_bytes),
                 expires_at: u64::from(job.expires_at),
                 max_downloads: route.max_downloads,
                 proof_hash: secret.download_proof().hash(),
