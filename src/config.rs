@@ -1763,4 +1763,29 @@ mod tests {
             &["facilities.HOSP B", "facility code"],
         );
     }
+
+    /// The outbound stream's zstd level, zstd threads and parts in flight are refused out
+    /// of range, naming the key and the range.
+    #[test]
+    fn outbound_stream_settings_are_bounded() {
+        for (setting, says) in [
+            ("zstd_level = 0", "between 1 and 19"),
+            ("zstd_level = 20", "between 1 and 19"),
+            ("zstd_threads = 65", "between 0 (one per core) and 64"),
+            ("parts_in_flight = 0", "between 1 and 16"),
+            ("parts_in_flight = 17", "between 1 and 16"),
+        ] {
+            let err = parse(&format!("[outbound]\n{setting}\n"))
+                .expect_err(setting)
+                .to_string();
+            let key = setting.split(' ').next().unwrap_or_default();
+            assert!(
+                err.contains(&format!("outbound.{key}")) && err.contains(says),
+                "{setting}: {err}"
+            );
+        }
+        let fine = parse("[outbound]\nzstd_level = 19\nzstd_threads = 64\nparts_in_flight = 16\n")
+            .expect("the largest values load");
+        assert_eq!(fine.outbound.parts_in_flight, MAX_PARTS_IN_FLIGHT);
+    }
 }
