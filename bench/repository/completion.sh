@@ -88,7 +88,7 @@ create() {  # $1: the size member, or nothing for a streamed document
 }
 upload() {  # $1: document ID; 4 parts at once
     ls "$WORK/parts" | awk '{printf "%s %d\n", $1, NR-1}' | xargs -P 4 -n 2 sh -c \
-        'curl -sf -o /dev/null -X PUT -H "$0" --data-binary @"$1/$2" "$3/v1/documents/$4/parts/$5"' \
+        'curl -sf -o /dev/null -X PUT -H "$0" --data-binary @"$1/$4" "$2/v1/documents/$3/parts/$5"' \
         "$AUTH" "$WORK/parts" "$URL" "$1"
 }
 complete() {  # $1: document ID, $2: body; prints seconds
