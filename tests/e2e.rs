@@ -669,8 +669,7 @@ fn tamper(document: &Path) {
     let record = document.join("complete.json");
     let mut complete: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
-    complete["parts_sha256"] =
-        hex::encode(cloudpdi::repository::api::parts_digest(&hashes)).into();
+    complete["parts_sha256"] = hex::encode(cloudpdi::repository::api::parts_digest(&hashes)).into();
     std::fs::write(&record, complete.to_string()).unwrap();
 }
 

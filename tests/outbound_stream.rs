@@ -222,3 +222,90 @@ fn a_finished_container_resumes_with_only_the_parts_not_acknowledged() {
     assert_eq!(documents_created(&repository), 1);
     assert_token_opens(&token, &originals, dir.path());
 }
+
+/// Rewrites the DICOM files of `dir` in RLE Lossless (pydicom's own encoder).
+fn rle_compress(dir: &Path) {
+    let out = run(Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import sys, pathlib, pydicom\n\
+         from pydicom.uid import RLELossless\n\
+         for f in sorted(pathlib.Path(sys.argv[1]).iterdir()):\n\
+         \x20   ds = pydicom.dcmread(f)\n\
+         \x20   ds.compress(RLELossless)\n\
+         \x20   ds.save_as(f)\n",
+        )
+        .arg(dir));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The compression byte of the container header of every stored document, by document.
+fn stored_compression(repository: &Repository) -> std::collections::BTreeMap<String, u8> {
+    let documents = repository.dir.join("store/documents");
+    std::fs::read_dir(&documents)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter_map(|doc| {
+            let first = std::fs::read(doc.join("parts/00000000")).ok()?;
+            let id = doc.file_name()?.to_string_lossy().into_owned();
+            Some((id, first[10]))
+        })
+        .collect()
+}
+
+#[test]
+fn instances_mostly_in_a_compressed_syntax_are_not_compressed_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let repository = Repository::start(&dir.path().join("repository"));
+    // The route compresses (the default): only the RLE study goes uncompressed.
+    let route = format!(
+        "[route.ct]\nae_title = \"CLOUDPDI\"\nstable_after = 1\n\
+         repository_url = \"{}\"\nrepository_api_key_file = \"{}\"\n\
+         [outbound]\nenabled = true\n[facility]\ncode = \"HOSPA\"\n",
+        repository.url,
+        repository.key_file.display()
+    );
+    let a = Daemon::start(&dir.path().join("a"), &route);
+    let rle = dir.path().join("rle");
+    gen_ct(&rle, 3, &["--study-uid", "1.2.392.200036.9116.2.6.1.99.1"]);
+    rle_compress(&rle);
+    let out = storescu(&a, "MODALITY", &["-xr"], &files_in(&rle));
+    assert!(out.status.success(), "{out:?}");
+    let token = wait_for("the RLE study's token", Duration::from_secs(60), || {
+        tokens(&a).into_iter().next()
+    });
+    let first = stored_compression(&repository);
+    assert_eq!(
+        first.values().collect::<Vec<_>>(),
+        [&0],
+        "the RLE study's container is not compressed"
+    );
+    assert_token_opens(&token, &files_in(&rle), &dir.path().join("rle-out"));
+
+    let plain = dir.path().join("plain");
+    gen_ct(
+        &plain,
+        3,
+        &["--study-uid", "1.2.392.200036.9116.2.6.1.99.2"],
+    );
+    let out = storescu(&a, "MODALITY", &[], &files_in(&plain));
+    assert!(out.status.success(), "{out:?}");
+    wait_for("the second token", Duration::from_secs(60), || {
+        (tokens(&a).len() == 2).then_some(())
+    });
+    let both = stored_compression(&repository);
+    let second: Vec<u8> = both
+        .iter()
+        .filter(|(id, _)| !first.contains_key(*id))
+        .map(|(_, &c)| c)
+        .collect();
+    assert_eq!(
+        second,
+        [1],
+        "the uncompressed study's container is zstd-compressed"
+    );
+}
