@@ -215,7 +215,20 @@ pub struct OutboundConfig {
     pub workers: usize,
     /// Longest wait (seconds) between retries of a failing step.
     pub max_backoff: u64,
+    /// zstd level of a route with `compress = true` (1..=19): level 1 keeps compression
+    /// off the critical path of the stream; higher levels save a few percent more.
+    pub zstd_level: i32,
+    /// zstd worker threads (0: one per core, at most [`MAX_ZSTD_THREADS`]).
+    pub zstd_threads: u32,
+    /// Container parts queued and uploading at once (1..=[`MAX_PARTS_IN_FLIGHT`]): each
+    /// holds one part in memory (the repository's part size, 8 MiB by default).
+    pub parts_in_flight: usize,
 }
+
+/// Most zstd worker threads `outbound.zstd_threads` may ask for.
+pub const MAX_ZSTD_THREADS: u32 = 64;
+/// Most parts `outbound.parts_in_flight` may ask for: with 8 MiB parts, 16 hold 128 MiB.
+pub const MAX_PARTS_IN_FLIGHT: usize = 16;
 
 /// Inbound pipeline settings: the watch queue and the local PACS.
 #[derive(Debug, Clone, Deserialize)]
@@ -516,6 +529,9 @@ impl Default for OutboundConfig {
             enabled: true,
             workers: 2,
             max_backoff: 300,
+            zstd_level: 1,
+            zstd_threads: 0,
+            parts_in_flight: 4,
         }
     }
 }
@@ -844,6 +860,7 @@ impl Config {
                 return Err(value_error(key.into(), "0".into(), "must be at least 1"));
             }
         }
+        self.validate_outbound_stream()?;
         self.validate_repositories()?;
         for entry in &self.inbound.allowed_repositories {
             if !is_http(entry) {
@@ -868,6 +885,36 @@ impl Config {
             }
             check_ae_title("inbound.pacs_ae_title", &self.inbound.pacs_ae_title)?;
             check_ae_title("inbound.calling_ae_title", &self.inbound.calling_ae_title)?;
+        }
+        Ok(())
+    }
+
+    /// `[outbound]` zstd level and threads, parts in flight.
+    fn validate_outbound_stream(&self) -> Result<(), ConfigError> {
+        let o = &self.outbound;
+        if !(1..=19).contains(&o.zstd_level) {
+            return Err(value_error(
+                "outbound.zstd_level".into(),
+                o.zstd_level.to_string(),
+                "must be between 1 and 19 (1 is fastest; a route's compress = false turns \
+                 compression off)",
+            ));
+        }
+        if o.zstd_threads > MAX_ZSTD_THREADS {
+            return Err(value_error(
+                "outbound.zstd_threads".into(),
+                o.zstd_threads.to_string(),
+                &format!("must be between 0 (one per core) and {MAX_ZSTD_THREADS}"),
+            ));
+        }
+        if !(1..=MAX_PARTS_IN_FLIGHT).contains(&o.parts_in_flight) {
+            return Err(value_error(
+                "outbound.parts_in_flight".into(),
+                o.parts_in_flight.to_string(),
+                &format!(
+                    "must be between 1 and {MAX_PARTS_IN_FLIGHT} (each holds one part in memory)"
+                ),
+            ));
         }
         Ok(())
     }
@@ -1715,5 +1762,30 @@ mod tests {
             &format!("{shared}[facilities.\"HOSP B\"]\nfingerprint = \"{pin}\"\n"),
             &["facilities.HOSP B", "facility code"],
         );
+    }
+
+    /// The outbound stream's zstd level, zstd threads and parts in flight are refused out
+    /// of range, naming the key and the range.
+    #[test]
+    fn outbound_stream_settings_are_bounded() {
+        for (setting, says) in [
+            ("zstd_level = 0", "between 1 and 19"),
+            ("zstd_level = 20", "between 1 and 19"),
+            ("zstd_threads = 65", "between 0 (one per core) and 64"),
+            ("parts_in_flight = 0", "between 1 and 16"),
+            ("parts_in_flight = 17", "between 1 and 16"),
+        ] {
+            let err = parse(&format!("[outbound]\n{setting}\n"))
+                .expect_err(setting)
+                .to_string();
+            let key = setting.split(' ').next().unwrap_or_default();
+            assert!(
+                err.contains(&format!("outbound.{key}")) && err.contains(says),
+                "{setting}: {err}"
+            );
+        }
+        let fine = parse("[outbound]\nzstd_level = 19\nzstd_threads = 64\nparts_in_flight = 16\n")
+            .expect("the largest values load");
+        assert_eq!(fine.outbound.parts_in_flight, MAX_PARTS_IN_FLIGHT);
     }
 }

@@ -647,8 +647,9 @@ fn bad_tokens_damaged_containers_and_outages_end_clearly_and_lose_nothing() {
     );
 }
 
-/// Flips one bit in the middle of a stored document's ciphertext and records the hash of
-/// the altered bytes, so that only the container's own authentication can notice.
+/// Flips one bit in the middle of a stored document's ciphertext and records the parts
+/// digest of the altered bytes, so that only the container's own authentication can
+/// notice.
 fn tamper(document: &Path) {
     use sha2::Digest;
     let mut parts: Vec<PathBuf> = std::fs::read_dir(document.join("parts"))
@@ -661,14 +662,14 @@ fn tamper(document: &Path) {
     let at = bytes.len() / 2;
     bytes[at] ^= 0x01;
     std::fs::write(middle, bytes).unwrap();
-    let mut whole = sha2::Sha256::new();
-    for part in &parts {
-        whole.update(std::fs::read(part).unwrap());
-    }
+    let hashes: Vec<[u8; 32]> = parts
+        .iter()
+        .map(|part| sha2::Sha256::digest(std::fs::read(part).unwrap()).into())
+        .collect();
     let record = document.join("complete.json");
     let mut complete: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
-    complete["sha256"] = hex::encode(whole.finalize()).into();
+    complete["parts_sha256"] = hex::encode(cloudpdi::repository::api::parts_digest(&hashes)).into();
     std::fs::write(&record, complete.to_string()).unwrap();
 }
 

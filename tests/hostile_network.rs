@@ -205,7 +205,7 @@ impl Repo {
             Client::new(&self.url, Some(self.key.clone()), ClientOptions::default()).unwrap();
         let id = sender
             .create(&NewDocument {
-                size: 1000,
+                size: Some(1000),
                 expires_at: u64::from(token.expires_at),
                 max_downloads,
                 proof_hash: token.download_proof().hash(),

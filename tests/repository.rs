@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use cloudpdi::repository::api::{NewDocument, Receipt, State};
+use cloudpdi::repository::api::{NewDocument, Receipt, State, parts_digest};
 use cloudpdi::repository::client::{Client, ClientError, ClientOptions};
 use cloudpdi::repository::config::{
     AuditConfig, Backend, FacilityConfig, RepositoryConfig, ServerConfig, StorageConfig,
@@ -56,6 +56,21 @@ fn random_file(path: &Path, len: u64) -> [u8; 32] {
 
 fn sha256_file(path: &Path) -> [u8; 32] {
     Sha256::digest(std::fs::read(path).unwrap()).into()
+}
+
+/// The SHA-256 of each `part_size` block of `data`.
+fn part_hashes(data: &[u8], part_size: u64) -> Vec<[u8; 32]> {
+    data.chunks(usize::try_from(part_size).unwrap())
+        .map(|part| Sha256::digest(part).into())
+        .collect()
+}
+
+/// The parts digest of a file as the repository reports it (hex), for 1 MiB parts.
+fn parts_sha256_file(path: &Path) -> String {
+    hex::encode(parts_digest(&part_hashes(
+        &std::fs::read(path).unwrap(),
+        MIB,
+    )))
 }
 
 /// A repository served in this process on 127.0.0.1:0.
@@ -191,7 +206,7 @@ impl Repo {
 
 fn new_document(size: u64, token: &Token, max_downloads: u32) -> NewDocument {
     NewDocument {
-        size,
+        size: Some(size),
         expires_at: u64::from(token.expires_at),
         max_downloads,
         proof_hash: token.download_proof().hash(),
@@ -220,7 +235,10 @@ async fn life_cycle(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(done.state, State::Complete);
-    assert_eq!(done.sha256.as_deref(), Some(hex::encode(sha).as_str()));
+    // Completed with the per-part hashes: no whole-file hash.
+    assert_eq!(done.sha256, None);
+    assert_eq!(done.parts_sha256, Some(parts_sha256_file(&source)));
+    assert_eq!(sha256_file(&source), sha);
     assert_eq!(progress.lock().unwrap().last(), Some(&size));
     // Idempotent: a second upload of a complete document changes nothing.
     let again = sender.upload_file(&id, &source, |_| {}).await.unwrap();
@@ -307,6 +325,158 @@ async fn life_cycle_on_local_files() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn life_cycle_on_s3() {
     life_cycle(Backend::S3).await;
+}
+
+/// Replaces the stored bytes of part `n` of `id` behind the repository's back.
+fn overwrite_part(repo: &Repo, id: &str, n: u32, bytes: &[u8]) {
+    let key = format!("documents/{id}/parts/{n:08}");
+    match &repo._moto {
+        Some(moto) => moto.put("pdi", &key, bytes),
+        None => std::fs::write(repo.dir.path().join("store").join(key), bytes).unwrap(),
+    }
+}
+
+/// A streamed document (created without a size): parts of 1 to part_size bytes, an odd
+/// last part, a leftover part beyond the end deleted at completion; a wrong digest deletes
+/// the parts; the completion reads no content (a part corrupted after its hash was
+/// recorded still completes, and the receiver's check catches it); the first completion
+/// form still works on a sized document.
+async fn streamed_documents(backend: Backend) {
+    let repo = Repo::start(backend).await;
+    let work = tempfile::tempdir().unwrap();
+    let token = token(3600);
+    let sender = repo.client(Some(&repo.key_a));
+    let mut streamed = new_document(1, &token, 3);
+    streamed.size = None;
+    let created = sender.create(&streamed).await.unwrap();
+    assert_eq!((created.parts, created.part_size), (0, MIB));
+    let id = created.document_id;
+    let size = 2 * MIB + 12_345;
+    let mut data = vec![0u8; usize::try_from(size).unwrap()];
+    getrandom::fill(&mut data).unwrap();
+    let parts: Vec<bytes::Bytes> = data
+        .chunks(usize::try_from(MIB).unwrap())
+        .map(bytes::Bytes::copy_from_slice)
+        .collect();
+    let hashes = part_hashes(&data, MIB);
+    put_all_into(&sender, &id, &parts).await;
+    // A leftover of an abandoned attempt beyond the new end.
+    sender
+        .put_part_bytes(&id, 3, parts[0].clone())
+        .await
+        .unwrap();
+    let uploading = sender.status(&id).await.unwrap();
+    assert_eq!(uploading.size, 0);
+    assert_eq!(uploading.parts_held, vec![0, 1, 2, 3]);
+
+    // A part larger than the part size is refused.
+    let big = bytes::Bytes::from(vec![7u8; usize::try_from(MIB + 1).unwrap()]);
+    let refused = sender.put_part_bytes(&id, 4, big).await.unwrap_err();
+    assert!(
+        matches!(&refused, ClientError::Refused { status: 413, code, .. } if code == "too_large"),
+        "{refused}"
+    );
+    // Nor can a streamed document go past the repository's limit (64 MiB here).
+    let beyond = sender
+        .put_part_bytes(&id, 64, parts[2].clone())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&beyond, ClientError::Refused { status: 400, code, .. } if code == "invalid_part"),
+        "{beyond}"
+    );
+
+    // A wrong digest: refused, every part deleted.
+    let mut wrong = hashes.clone();
+    wrong[1][0] ^= 1;
+    let mismatch = sender.complete_parts(&id, size, &wrong).await.unwrap_err();
+    assert!(matches!(mismatch, ClientError::Integrity(_)), "{mismatch}");
+    assert!(sender.status(&id).await.unwrap().parts_held.is_empty());
+
+    put_all_into(&sender, &id, &parts).await;
+    sender
+        .put_part_bytes(&id, 3, parts[0].clone())
+        .await
+        .unwrap();
+    // The content of part 1 changes after its hash was recorded: a completion that read
+    // the content back would refuse it; this one checks the recorded hashes only.
+    let mut corrupted = parts[1].to_vec();
+    corrupted[100] ^= 0xff;
+    overwrite_part(&repo, &id, 1, &corrupted);
+    let done = sender.complete_parts(&id, size, &hashes).await.unwrap();
+    assert_eq!(done.state, State::Complete);
+    assert_eq!(done.size, size);
+    assert_eq!(done.parts_held, vec![0, 1, 2], "leftover part 3 deleted");
+    assert_eq!(done.parts_sha256, Some(hex::encode(parts_digest(&hashes))));
+    // Idempotent.
+    let again = sender.complete_parts(&id, size, &hashes).await.unwrap();
+    assert_eq!(again.state, State::Complete);
+
+    // The receiver's check catches what the completion did not read.
+    let receiver = repo.client(None);
+    let proof = token.download_proof();
+    let out = work.path().join("download");
+    let caught = receiver
+        .download_to(&id, &proof, &out, |_| {})
+        .await
+        .unwrap_err();
+    assert!(matches!(caught, ClientError::Integrity(_)), "{caught}");
+    assert!(!out.exists());
+    overwrite_part(&repo, &id, 1, &parts[1]);
+    let got = receiver
+        .download_to(&id, &proof, &out, |_| {})
+        .await
+        .unwrap();
+    assert_eq!(got.size, size);
+    assert_eq!(std::fs::read(&out).unwrap(), data);
+
+    // The first form: a sized document completed with the whole SHA-256, read back.
+    let sized = sender
+        .create(&new_document(size, &token, 1))
+        .await
+        .unwrap()
+        .document_id;
+    put_all_into(&sender, &sized, &parts).await;
+    let a = format!("Authorization: Bearer {}", repo.key_a);
+    let complete = format!("{}/v1/documents/{sized}/complete", repo.url);
+    let whole = format!("{{\"sha256\":\"{}\"}}", hex::encode(Sha256::digest(&data)));
+    let json = "Content-Type: application/json";
+    let (status, body) = curl(&["-H", &a, "-H", json, "--data-binary", &whole, &complete]);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["sha256"], hex::encode(Sha256::digest(&data)));
+    let out = work.path().join("whole");
+    receiver
+        .download_to(&sized, &proof, &out, |_| {})
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), data);
+    // The first form cannot complete a streamed document (its size is unknown).
+    let open = sender.create(&streamed).await.unwrap().document_id;
+    put_all_into(&sender, &open, &parts).await;
+    let complete = format!("{}/v1/documents/{open}/complete", repo.url);
+    assert_refused(
+        curl(&["-H", &a, "-H", json, "--data-binary", &whole, &complete]),
+        400,
+        "invalid_request",
+    );
+    repo.stop().await;
+}
+
+async fn put_all_into(sender: &Client, id: &str, parts: &[bytes::Bytes]) {
+    for (n, part) in parts.iter().enumerate() {
+        let n = u32::try_from(n).unwrap();
+        sender.put_part_bytes(id, n, part.clone()).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_documents_on_local_files() {
+    streamed_documents(Backend::Local).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_documents_on_s3() {
+    streamed_documents(Backend::S3).await;
 }
 
 /// Nothing stored by the repository (objects, metadata, audit) holds the token's secret,
@@ -1039,7 +1209,8 @@ async fn server_killed_mid_transfer(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(uploaded.state, State::Complete);
-    assert_eq!(uploaded.sha256, Some(hex::encode(sha)));
+    assert_eq!(uploaded.parts_sha256, Some(parts_sha256_file(&source)));
+    assert_eq!(sha256_file(&source), sha);
 
     let out = dir.path().join("download.partial");
     let receiver = Client::new(&url, None, fast_options()).unwrap();
@@ -1212,7 +1383,8 @@ async fn tls_with_client_certificates() {
         .unwrap()
         .document_id;
     let done = with_cert.upload_file(&id, &source, |_| {}).await.unwrap();
-    assert_eq!(done.sha256, Some(hex::encode(sha)));
+    assert_eq!(done.parts_sha256, Some(parts_sha256_file(&source)));
+    assert_eq!(sha256_file(&source), sha);
     let audit = std::fs::read_to_string(d.join("audit.jsonl")).unwrap();
     assert!(audit.contains("\"kind\":\"facility\",\"name\":\"HOSP_A\""));
 

@@ -28,6 +28,12 @@ pub const PROOF_HEADER: &str = "x-download-proof";
 /// Header carrying the SHA-256 (hex) of the whole ciphertext on downloads, so the
 /// receiver can check what it assembled from resumed pieces.
 pub const SHA256_HEADER: &str = "x-content-sha256";
+/// Header carrying, on downloads of a document completed with [`Complete::Parts`], the
+/// [`parts_digest`] (hex) of its parts, instead of [`SHA256_HEADER`].
+pub const PARTS_SHA256_HEADER: &str = "x-content-parts-sha256";
+/// Header carrying, with [`PARTS_SHA256_HEADER`], the part size (bytes) the digest is
+/// computed over: every part but the last has exactly this size.
+pub const PART_SIZE_HEADER: &str = "x-content-part-size";
 /// Header naming, on downloads, the facility that created the document (its code in the
 /// repository's configuration): the receiver's issuer, since the token carries none.
 pub const FACILITY_HEADER: &str = "x-document-facility";
@@ -59,8 +65,11 @@ pub fn is_message_id(id: &str) -> bool {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NewDocument {
-    /// Exact size of the ciphertext in bytes.
-    pub size: u64,
+    /// Exact size of the ciphertext in bytes; `None` for a streamed document, whose size
+    /// is fixed by its completion ([`Complete::Parts`]): the sender does not know it
+    /// before the last part is produced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
     /// When the document expires, Unix seconds (UTC); the token's expiry.
     pub expires_at: u64,
     /// How many downloads are allowed (a resumed download counts once).
@@ -77,7 +86,8 @@ pub struct Created {
     pub document_id: String,
     /// Size of every part but the last (bytes).
     pub part_size: u64,
-    /// Number of parts to upload, numbered from 0.
+    /// Number of parts to upload, numbered from 0; 0 for a streamed document (unknown
+    /// until it is complete: each part but the last is exactly `part_size` bytes).
     pub parts: u32,
 }
 
@@ -132,14 +142,18 @@ pub struct DocumentStatus {
     pub document_id: String,
     /// Life-cycle state.
     pub state: State,
-    /// Declared size in bytes.
+    /// Size in bytes: the declared one, or for a streamed document the one its
+    /// completion fixed (0 while it uploads).
     pub size: u64,
     /// Size of every part but the last.
     pub part_size: u64,
     /// Numbers of the parts held, ascending: an interrupted upload sends the others.
     pub parts_held: Vec<u32>,
-    /// SHA-256 (hex) of the ciphertext, once complete.
+    /// SHA-256 (hex) of the ciphertext, once complete with [`Complete::Whole`].
     pub sha256: Option<String>,
+    /// [`parts_digest`] (hex) of the parts, once complete with [`Complete::Parts`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parts_sha256: Option<String>,
     /// Creation time, Unix seconds.
     pub created_at: u64,
     /// Expiry, Unix seconds.
@@ -152,13 +166,47 @@ pub struct DocumentStatus {
     pub receipts: Vec<ReceiptRecord>,
 }
 
-/// The body of a complete call.
+/// The body of a complete call, in one of two forms.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Complete {
+    /// The whole-ciphertext SHA-256 (the first form, kept for older clients): the server
+    /// reads every part back to check it.
+    Whole(WholeHash),
+    /// The size and the [`parts_digest`]: the server checks it against the per-part hashes
+    /// it recorded as the parts arrived, reading no content (O(parts) small reads).
+    Parts(PartsHash),
+}
+
+/// [`Complete::Whole`]: `{"sha256": hex}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Complete {
+pub struct WholeHash {
     /// SHA-256 of the whole ciphertext, as the uploader computed it.
     #[serde(with = "hex32")]
     pub sha256: [u8; 32],
+}
+
+/// [`Complete::Parts`]: `{"size": N, "parts_sha256": hex}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartsHash {
+    /// Size of the whole ciphertext in bytes (fixes a streamed document's size).
+    pub size: u64,
+    /// [`parts_digest`] of the parts, in part order.
+    #[serde(with = "hex32")]
+    pub parts_sha256: [u8; 32],
+}
+
+/// The digest a [`Complete::Parts`] names: SHA-256 over the 32-byte SHA-256 of each part,
+/// in part order. One function for server and client, so the two cannot drift apart.
+pub fn parts_digest(part_hashes: &[[u8; 32]]) -> [u8; 32] {
+    use sha2::Digest;
+    let mut outer = sha2::Sha256::new();
+    for hash in part_hashes {
+        outer.update(hash);
+    }
+    outer.finalize().into()
 }
 
 /// A facility in the repository's directory: what a sender seals to, after checking the
@@ -228,6 +276,29 @@ pub mod hex32 {
         hex::decode_to_slice(text, &mut out).ok()?;
         Some(out)
     }
+
+    /// The same for an optional value (absent or `null` is `None`).
+    pub mod option {
+        use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+        /// Writes the bytes as hex, or `null`.
+        pub fn serialize<S: Serializer>(bytes: &Option<[u8; 32]>, s: S) -> Result<S::Ok, S::Error> {
+            match bytes {
+                Some(bytes) => super::serialize(bytes, s),
+                None => s.serialize_none(),
+            }
+        }
+
+        /// Reads exactly 64 hex digits, or `null`.
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<[u8; 32]>, D::Error> {
+            match Option::<String>::deserialize(d)? {
+                Some(text) => super::parse(&text)
+                    .map(Some)
+                    .ok_or_else(|| D::Error::custom("expected 64 hex digits")),
+                None => Ok(None),
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -274,7 +345,7 @@ mod tests {
     #[test]
     fn new_document_round_trips_and_refuses_bad_hash() {
         let doc = NewDocument {
-            size: 5,
+            size: Some(5),
             expires_at: 7,
             max_downloads: 1,
             proof_hash: [0xab; 32],
@@ -289,5 +360,49 @@ mod tests {
         assert!(serde_json::from_str::<NewDocument>(&short).is_err());
         let extra = json.replace('}', ",\"x\":1}");
         assert!(serde_json::from_str::<NewDocument>(&extra).is_err());
+        let streamed = NewDocument { size: None, ..doc };
+        let json = serde_json::to_string(&streamed).expect("serialize");
+        assert!(!json.contains("size"), "{json}");
+        assert_eq!(
+            serde_json::from_str::<NewDocument>(&json).expect("parse"),
+            streamed
+        );
+    }
+
+    #[test]
+    fn both_complete_forms_parse_and_mixtures_do_not() {
+        let hex = "cd".repeat(32);
+        let whole: Complete =
+            serde_json::from_str(&format!("{{\"sha256\":\"{hex}\"}}")).expect("whole");
+        assert_eq!(whole, Complete::Whole(WholeHash { sha256: [0xcd; 32] }));
+        let parts: Complete =
+            serde_json::from_str(&format!("{{\"size\":9,\"parts_sha256\":\"{hex}\"}}"))
+                .expect("parts");
+        assert_eq!(
+            parts,
+            Complete::Parts(PartsHash {
+                size: 9,
+                parts_sha256: [0xcd; 32]
+            })
+        );
+        for bad in [
+            format!("{{\"sha256\":\"{hex}\",\"size\":9}}"),
+            format!("{{\"parts_sha256\":\"{hex}\"}}"),
+            format!("{{\"size\":9,\"parts_sha256\":\"{hex}\",\"sha256\":\"{hex}\"}}"),
+        ] {
+            assert!(serde_json::from_str::<Complete>(&bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn parts_digest_is_the_hash_of_the_part_hashes() {
+        use sha2::Digest;
+        let a: [u8; 32] = sha2::Sha256::digest(b"part 0").into();
+        let b: [u8; 32] = sha2::Sha256::digest(b"part 1").into();
+        let mut joined = a.to_vec();
+        joined.extend_from_slice(&b);
+        let expected: [u8; 32] = sha2::Sha256::digest(&joined).into();
+        assert_eq!(parts_digest(&[a, b]), expected);
+        assert_ne!(parts_digest(&[b, a]), expected);
     }
 }

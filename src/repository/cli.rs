@@ -186,7 +186,7 @@ pub async fn upload(
         .len();
     let created = client
         .create(&NewDocument {
-            size,
+            size: Some(size),
             expires_at: u64::from(token.expires_at),
             max_downloads,
             proof_hash: token.download_proof().hash(),

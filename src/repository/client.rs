@@ -19,7 +19,8 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use zeroize::Zeroizing;
 
 use crate::repository::api::{
-    self, Complete, Created, DocumentStatus, ErrorBody, NOT_AVAILABLE, NewDocument, Receipt, State,
+    self, Complete, Created, DocumentStatus, ErrorBody, NOT_AVAILABLE, NewDocument, PartsHash,
+    Receipt, State, WholeHash,
 };
 use crate::token::DownloadProof;
 
@@ -662,8 +663,9 @@ impl Client {
     }
 
     /// Uploads `path` as the content of `document_id`, resuming from the parts the
-    /// server already holds, and completes it with the file's SHA-256. Idempotent: a
-    /// complete document is left as it is. `progress` gets the bytes done so far.
+    /// server already holds, and completes it with the SHA-256 of each part (or, with a
+    /// repository older than that form, of the whole file). Idempotent: a complete
+    /// document is left as it is. `progress` gets the bytes done so far.
     ///
     /// # Errors
     /// [`ClientError`]; `Mismatch` when the file size differs from the document's.
@@ -671,6 +673,34 @@ impl Client {
         &self,
         document_id: &str,
         path: &Path,
+        progress: impl Fn(u64),
+    ) -> Result<DocumentStatus, ClientError> {
+        self.upload_from(document_id, path, None, progress).await
+    }
+
+    /// As [`Client::upload_file`] for a streamed document whose parts may come from
+    /// several attempts: a part the server holds is skipped only if it is also in
+    /// `acknowledged` (the parts of this very file the server confirmed); the others are
+    /// sent again from the file.
+    ///
+    /// # Errors
+    /// As [`Client::upload_file`].
+    pub async fn resume_upload(
+        &self,
+        document_id: &str,
+        path: &Path,
+        acknowledged: &std::collections::BTreeSet<u32>,
+        progress: impl Fn(u64),
+    ) -> Result<DocumentStatus, ClientError> {
+        self.upload_from(document_id, path, Some(acknowledged), progress)
+            .await
+    }
+
+    async fn upload_from(
+        &self,
+        document_id: &str,
+        path: &Path,
+        acknowledged: Option<&std::collections::BTreeSet<u32>>,
         progress: impl Fn(u64),
     ) -> Result<DocumentStatus, ClientError> {
         let status = self.status(document_id).await?;
@@ -689,7 +719,8 @@ impl Client {
             .await
             .map_err(file_error(path))?
             .len();
-        if size != status.size {
+        // A streamed document's size is 0 until its completion fixes it.
+        if size != status.size && status.size != 0 {
             return Err(ClientError::Mismatch(format!(
                 "{} has {size} bytes but the document was created for {}",
                 path.display(),
@@ -699,14 +730,19 @@ impl Client {
         let part_size = status.part_size.max(1);
         let parts = u32::try_from(size.div_ceil(part_size))
             .map_err(|_| ClientError::Mismatch("too many parts".into()))?;
-        let held: std::collections::BTreeSet<u32> = status.parts_held.iter().copied().collect();
+        let held: std::collections::BTreeSet<u32> = status
+            .parts_held
+            .iter()
+            .copied()
+            .filter(|n| *n < parts && acknowledged.is_none_or(|a| a.contains(n)))
+            .collect();
         let part_len = |n: u32| (size - u64::from(n) * part_size).min(part_size);
         let missing: Vec<u32> = (0..parts).filter(|n| !held.contains(n)).collect();
         let mut done: u64 = held.iter().map(|&n| part_len(n)).sum();
         progress(done);
-        // The hash is read from the file beside the uploads, so parts can go in any
-        // order and several at once; the server checks it against what it stored.
-        let hashing = hash_range(path, 0, size, Sha256::new());
+        // The part hashes are read from the file beside the uploads, so parts can go in
+        // any order and several at once; the server checks them against what it recorded.
+        let hashing = part_hashes(path, size, part_size);
         let uploading = async {
             let mut sends = futures_util::stream::iter(missing)
                 .map(|n| async move {
@@ -723,13 +759,78 @@ impl Client {
             }
             Ok::<(), ClientError>(())
         };
-        let (hasher, ()) = tokio::try_join!(hashing, uploading)?;
-        let sha256: [u8; 32] = hasher.finalize().into();
+        let (hashes, ()) = tokio::try_join!(hashing, uploading)?;
+        match self.complete_parts(document_id, size, &hashes).await {
+            // A repository older than the parts form refuses it as a bad request: complete
+            // with the whole-file hash (it reads the parts back).
+            Err(ClientError::Refused { status: 400, .. }) => {
+                let sha256: [u8; 32] = hash_range(path, 0, size, Sha256::new())
+                    .await?
+                    .finalize()
+                    .into();
+                self.complete_with(document_id, &Complete::Whole(WholeHash { sha256 }))
+                    .await
+            }
+            other => other,
+        }
+    }
+
+    /// Part `n` of a document from bytes in memory (the streaming sender's parts), retried
+    /// on transient failures like [`Client::upload_file`]'s parts.
+    ///
+    /// # Errors
+    /// [`ClientError`]; `Refused` for a part the document cannot take.
+    pub async fn put_part_bytes(
+        &self,
+        document_id: &str,
+        n: u32,
+        bytes: bytes::Bytes,
+    ) -> Result<(), ClientError> {
+        let path = format!("/{}/parts/{n}", checked_id(document_id)?);
+        self.retrying(|| async {
+            let response = self
+                .facility_request(Method::PUT, &path)
+                .header(CONTENT_LENGTH, bytes.len())
+                .timeout(self.options.part_timeout)
+                .body(bytes.clone())
+                .send()
+                .await?;
+            check(response).await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Completes a document with its size and the SHA-256 of each part, in order
+    /// ([`api::Complete::Parts`]): the repository checks them without reading the content.
+    /// Idempotent for the same size and hashes.
+    ///
+    /// # Errors
+    /// [`ClientError`]; `Integrity` when the repository's recorded hashes differ (it
+    /// deleted the parts); `Refused` 409 `incomplete` when parts are missing.
+    pub async fn complete_parts(
+        &self,
+        document_id: &str,
+        size: u64,
+        part_hashes: &[[u8; 32]],
+    ) -> Result<DocumentStatus, ClientError> {
+        let request = Complete::Parts(PartsHash {
+            size,
+            parts_sha256: api::parts_digest(part_hashes),
+        });
+        self.complete_with(document_id, &request).await
+    }
+
+    async fn complete_with(
+        &self,
+        document_id: &str,
+        request: &Complete,
+    ) -> Result<DocumentStatus, ClientError> {
         let complete_path = format!("/{}/complete", checked_id(document_id)?);
         let result = self
             .json(|| {
                 self.facility_request(Method::POST, &complete_path)
-                    .json(&Complete { sha256 })
+                    .json(request)
             })
             .await;
         match result {
@@ -832,7 +933,8 @@ impl Client {
             let total = content_range(&response).map(|(_, total)| total);
             if total == Some(have) {
                 // An earlier attempt got every byte but stopped before the checks.
-                let expected = expected_sha256(&response);
+                let expected = expected_check(&response);
+                hashed.expect(expected);
                 return finish(partial, hashed, have, have, expected)
                     .await
                     .map(done);
@@ -843,7 +945,8 @@ impl Client {
             ));
         }
         let response = check(response).await?;
-        let expected = expected_sha256(&response);
+        let expected = expected_check(&response);
+        hashed.expect(expected);
         let (start, total) = if response.status() == StatusCode::PARTIAL_CONTENT {
             content_range(&response)
                 .ok_or_else(|| Failure::Transient("206 without a Content-Range".into()))?
@@ -864,7 +967,7 @@ impl Client {
             .catch_up(partial, start)
             .await
             .map_err(Failure::Permanent)?;
-        let sink = FileSink::open(partial, std::mem::take(&mut hashed.hasher))
+        let sink = FileSink::open(partial, hashed.hasher.clone())
             .map_err(|e| Failure::Permanent(file_error(partial)(e)))?;
         let mut body = response.bytes_stream();
         let mut held = start;
@@ -1006,20 +1109,107 @@ fn excerpt(text: &str) -> String {
     out
 }
 
-/// SHA-256 of the first `len` bytes of the partial file, kept across attempts so that a
-/// resume only hashes what it adds.
+/// What a download is checked against: the whole SHA-256 ([`api::SHA256_HEADER`]), or
+/// the digest of its parts ([`api::PARTS_SHA256_HEADER`], [`api::PART_SIZE_HEADER`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expected {
+    Whole([u8; 32]),
+    Parts { digest: [u8; 32], part_size: u64 },
+}
+
+/// Hashes bytes in order: as a whole, or per block of the part size, each block's
+/// SHA-256 fed into the outer hash of [`api::parts_digest`] as it completes (memory does
+/// not grow with the number of parts).
+#[derive(Clone, Default)]
+struct ContentHasher {
+    part_size: Option<u64>,
+    current: Sha256,
+    filled: u64,
+    outer: Sha256,
+}
+
+impl ContentHasher {
+    fn new(part_size: Option<u64>) -> ContentHasher {
+        ContentHasher {
+            part_size,
+            ..ContentHasher::default()
+        }
+    }
+
+    fn finalize(mut self) -> [u8; 32] {
+        match self.part_size {
+            None => self.current.finalize().into(),
+            Some(_) => {
+                if self.filled > 0 {
+                    self.outer.update(self.current.finalize());
+                }
+                self.outer.finalize().into()
+            }
+        }
+    }
+}
+
+/// Something bytes are fed into, in order.
+trait Feed {
+    fn feed(&mut self, data: &[u8]);
+}
+
+impl Feed for Sha256 {
+    fn feed(&mut self, data: &[u8]) {
+        self.update(data);
+    }
+}
+
+impl Feed for ContentHasher {
+    fn feed(&mut self, mut data: &[u8]) {
+        let Some(part_size) = self.part_size else {
+            self.current.update(data);
+            return;
+        };
+        while !data.is_empty() {
+            let room = usize::try_from(part_size - self.filled).unwrap_or(usize::MAX);
+            let take = room.min(data.len());
+            self.current.update(&data[..take]);
+            self.filled += take as u64;
+            data = &data[take..];
+            if self.filled == part_size {
+                let block = self.current.finalize_reset();
+                self.outer.update(block);
+                self.filled = 0;
+            }
+        }
+    }
+}
+
+/// The hash of the first `len` bytes of the partial file, kept across attempts so that
+/// a resume only hashes what it adds.
 #[derive(Default)]
 struct Hashed {
-    hasher: Sha256,
+    hasher: ContentHasher,
     len: u64,
 }
 
 impl Hashed {
+    /// Hashes the way `expected` needs from now on (starting over if it differs).
+    fn expect(&mut self, expected: Option<Expected>) {
+        let part_size = match expected {
+            Some(Expected::Parts { part_size, .. }) => Some(part_size),
+            _ => None,
+        };
+        if self.hasher.part_size != part_size {
+            *self = Hashed {
+                hasher: ContentHasher::new(part_size),
+                len: 0,
+            };
+        }
+    }
+
     async fn catch_up(&mut self, partial: &Path, upto: u64) -> Result<(), ClientError> {
         if self.len == upto {
             return Ok(());
         }
-        self.hasher = hash_range(partial, 0, upto, Sha256::new()).await?;
+        let fresh = ContentHasher::new(self.hasher.part_size);
+        self.hasher = hash_range(partial, 0, upto, fresh).await?;
         self.len = upto;
         Ok(())
     }
@@ -1030,12 +1220,12 @@ impl Hashed {
 /// memory to a few chunks.
 struct FileSink {
     chunks: tokio::sync::mpsc::Sender<bytes::Bytes>,
-    writer: tokio::task::JoinHandle<std::io::Result<(Sha256, u64)>>,
+    writer: tokio::task::JoinHandle<std::io::Result<(ContentHasher, u64)>>,
 }
 
 impl FileSink {
     /// Opens `partial` for appending (mode 0600); `hasher` holds the bytes already there.
-    fn open(partial: &Path, mut hasher: Sha256) -> std::io::Result<FileSink> {
+    fn open(partial: &Path, mut hasher: ContentHasher) -> std::io::Result<FileSink> {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
         let file = std::fs::OpenOptions::new()
@@ -1049,7 +1239,7 @@ impl FileSink {
             let mut written = 0;
             while let Some(chunk) = queue.blocking_recv() {
                 out.write_all(&chunk)?;
-                hasher.update(&chunk);
+                hasher.feed(&chunk);
                 written += chunk.len() as u64;
             }
             out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
@@ -1065,7 +1255,7 @@ impl FileSink {
 
     /// Waits until every queued chunk is written and synced: the hash of the whole file
     /// and the bytes this sink appended.
-    async fn finish(self) -> std::io::Result<(Sha256, u64)> {
+    async fn finish(self) -> std::io::Result<(ContentHasher, u64)> {
         drop(self.chunks);
         self.writer
             .await
@@ -1079,7 +1269,7 @@ async fn finish(
     hashed: &mut Hashed,
     held: u64,
     total: u64,
-    expected: Option<[u8; 32]>,
+    expected: Option<Expected>,
 ) -> Result<u64, Failure> {
     if held != total {
         return Err(Failure::Transient(format!(
@@ -1090,8 +1280,13 @@ async fn finish(
         .catch_up(partial, held)
         .await
         .map_err(Failure::Permanent)?;
-    let actual: [u8; 32] = hashed.hasher.clone().finalize().into();
-    if expected.is_some_and(|e| e != actual) {
+    let actual = hashed.hasher.clone().finalize();
+    let wanted = match expected {
+        Some(Expected::Whole(sha256)) => Some(sha256),
+        Some(Expected::Parts { digest, .. }) => Some(digest),
+        None => None,
+    };
+    if wanted.is_some_and(|e| e != actual) {
         truncate(partial).await.map_err(Failure::Permanent)?;
         *hashed = Hashed::default();
         return Err(Failure::Permanent(ClientError::Integrity(
@@ -1101,13 +1296,30 @@ async fn finish(
     Ok(total)
 }
 
+/// The SHA-256 of each `part_size` block of the first `size` bytes of `path`, in order.
+async fn part_hashes(path: &Path, size: u64, part_size: u64) -> Result<Vec<[u8; 32]>, ClientError> {
+    let mut hashes = Vec::new();
+    let mut offset = 0;
+    while offset < size {
+        let len = (size - offset).min(part_size);
+        hashes.push(
+            hash_range(path, offset, len, Sha256::new())
+                .await?
+                .finalize()
+                .into(),
+        );
+        offset += len;
+    }
+    Ok(hashes)
+}
+
 /// Feeds `len` bytes of `path` from `offset` into `hasher`.
-async fn hash_range(
+async fn hash_range<H: Feed>(
     path: &Path,
     offset: u64,
     len: u64,
-    mut hasher: Sha256,
-) -> Result<Sha256, ClientError> {
+    mut hasher: H,
+) -> Result<H, ClientError> {
     let mut file = tokio::fs::File::open(path)
         .await
         .map_err(file_error(path))?;
@@ -1122,7 +1334,7 @@ async fn hash_range(
         if n == 0 {
             break;
         }
-        hasher.update(&buffer[..n]);
+        hasher.feed(&buffer[..n]);
         read_total += n as u64;
     }
     if read_total != len {
@@ -1218,9 +1430,23 @@ fn document_facility(response: &Response) -> Option<String> {
     crate::facility::is_code(value).then(|| value.to_owned())
 }
 
-fn expected_sha256(response: &Response) -> Option<[u8; 32]> {
-    let value = response.headers().get(api::SHA256_HEADER)?.to_str().ok()?;
-    api::hex32::parse(value)
+/// The check a download answer names: the parts digest with its part size (at least 1
+/// byte) when given, else the whole SHA-256, else none.
+fn expected_check(response: &Response) -> Option<Expected> {
+    let header = |name: &str| response.headers().get(name)?.to_str().ok();
+    let parts = header(api::PARTS_SHA256_HEADER)
+        .and_then(api::hex32::parse)
+        .zip(
+            header(api::PART_SIZE_HEADER)
+                .and_then(|v| v.parse::<u64>().ok())
+                .filter(|&n| n > 0),
+        );
+    match parts {
+        Some((digest, part_size)) => Some(Expected::Parts { digest, part_size }),
+        None => header(api::SHA256_HEADER)
+            .and_then(api::hex32::parse)
+            .map(Expected::Whole),
+    }
 }
 
 /// Sorts an answer: success passes, 410 `not_available` and other 4xx are permanent,

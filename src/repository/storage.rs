@@ -4,9 +4,10 @@
 //! that several servers can share one bucket without coordination:
 //!
 //! ```text
-//! documents/{id}/meta.json          created: facility, size, expiry, proof hash
+//! documents/{id}/meta.json          created: facility, size (none if streamed), expiry, proof hash
 //! documents/{id}/parts/{n:08}       ciphertext part n (idempotent overwrite)
-//! documents/{id}/complete.json      whole-ciphertext SHA-256, after the server checked it
+//! documents/{id}/hashes/{n:08}      SHA-256 of part n (64 hex digits), written after the part
+//! documents/{id}/complete.json      the checked hash (whole SHA-256, or size + parts digest)
 //! documents/{id}/revoked.json       the sender revoked it
 //! documents/{id}/expired.json       the sweep deleted its content
 //! documents/{id}/downloads/{n:08}   download slot n, created only if absent
@@ -75,8 +76,10 @@ pub struct DocumentMeta {
     pub id: String,
     /// Facility that created it.
     pub facility: String,
-    /// Declared ciphertext size.
-    pub size: u64,
+    /// Declared ciphertext size; `None` for a streamed document, whose size its
+    /// [`CompleteRecord`] fixes.
+    #[serde(default)]
+    pub size: Option<u64>,
     /// Part size.
     pub part_size: u64,
     /// Creation time, Unix seconds.
@@ -91,24 +94,46 @@ pub struct DocumentMeta {
 }
 
 impl DocumentMeta {
-    /// Number of parts.
+    /// Number of parts (0 while a streamed document's size is unknown).
     pub fn parts(&self) -> u32 {
-        u32::try_from(self.size.div_ceil(self.part_size)).unwrap_or(u32::MAX)
+        self.size.map_or(0, |size| parts_of(size, self.part_size))
     }
 
-    /// Exact length of part `n`, or `None` when there is no such part.
+    /// Exact length of part `n`, or `None` when there is no such part (or the size is
+    /// not known yet).
     pub fn part_len(&self, n: u32) -> Option<u64> {
+        let size = self.size?;
         let start = u64::from(n).checked_mul(self.part_size)?;
-        (start < self.size).then(|| (self.size - start).min(self.part_size))
+        (start < size).then(|| (size - start).min(self.part_size))
     }
 }
 
-/// Record of the server's hash check.
+/// Number of parts of `part_size` bytes (the last one shorter) holding `size` bytes.
+pub fn parts_of(size: u64, part_size: u64) -> u32 {
+    u32::try_from(size.div_ceil(part_size.max(1))).unwrap_or(u32::MAX)
+}
+
+/// Record of the server's hash check: which form the sender completed with.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CompleteRecord {
-    /// SHA-256 of the whole ciphertext.
-    #[serde(with = "hex32")]
-    pub sha256: [u8; 32],
+    /// SHA-256 of the whole ciphertext ([`crate::repository::api::Complete::Whole`]).
+    #[serde(
+        default,
+        with = "hex32::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub sha256: Option<[u8; 32]>,
+    /// [`crate::repository::api::parts_digest`] of the parts
+    /// ([`crate::repository::api::Complete::Parts`]).
+    #[serde(
+        default,
+        with = "hex32::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub parts_sha256: Option<[u8; 32]>,
+    /// The size the completion fixed (a streamed document has no other).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
     /// When, Unix seconds.
     pub completed_at: u64,
 }
@@ -140,6 +165,8 @@ pub struct Snapshot {
     pub meta: DocumentMeta,
     /// Parts held: number -> size.
     pub parts: BTreeMap<u32, u64>,
+    /// Parts whose SHA-256 is recorded.
+    pub hashes: std::collections::BTreeSet<u32>,
     /// Download slots taken.
     pub downloads: u32,
     /// Resumes recorded against the latest download slot.
@@ -340,6 +367,7 @@ impl Storage {
         let mut snapshot = Snapshot {
             meta,
             parts: BTreeMap::new(),
+            hashes: std::collections::BTreeSet::new(),
             downloads: 0,
             resumes_of_latest: 0,
             complete: false,
@@ -357,6 +385,11 @@ impl Storage {
                 [_, _, "parts", n] => {
                     if let Ok(n) = n.parse::<u32>() {
                         snapshot.parts.insert(n, object.size);
+                    }
+                }
+                [_, _, "hashes", n] => {
+                    if let Ok(n) = n.parse::<u32>() {
+                        snapshot.hashes.insert(n);
                     }
                 }
                 [_, _, "downloads", _] => snapshot.downloads += 1,
@@ -383,17 +416,66 @@ impl Storage {
         Ok(Some(snapshot))
     }
 
-    /// Stores part `n` (replacing an earlier copy).
+    /// Stores part `n` (replacing an earlier copy), then its SHA-256 (computed here,
+    /// from the bytes in memory): a completion checks the hashes, not the content. A part
+    /// replaced with a hash not yet rewritten (a crash between the two) never completes:
+    /// the sender's digest does not match the old hash.
     ///
     /// # Errors
     /// [`StorageError`] when the store fails.
     pub async fn put_part(&self, id: &str, n: u32, bytes: Bytes) -> Result<(), StorageError> {
+        use sha2::Digest;
+        let hash = hex::encode(sha2::Sha256::digest(&bytes));
         self.put(
             &doc_path(id, &format!("parts/{n:08}")),
             bytes,
             PutMode::Overwrite,
         )
+        .await?;
+        self.put(
+            &doc_path(id, &format!("hashes/{n:08}")),
+            Bytes::from(hash),
+            PutMode::Overwrite,
+        )
         .await
+    }
+
+    /// The recorded SHA-256 of part `n`, or `None` when there is none.
+    ///
+    /// # Errors
+    /// [`StorageError`] when the store fails or the record is not 64 hex digits.
+    pub async fn part_hash(&self, id: &str, n: u32) -> Result<Option<[u8; 32]>, StorageError> {
+        let path = doc_path(id, &format!("hashes/{n:08}"));
+        match self.store.get(&path).await {
+            Ok(result) => {
+                let bytes = result.bytes().await?;
+                std::str::from_utf8(&bytes)
+                    .ok()
+                    .and_then(hex32::parse)
+                    .map(Some)
+                    .ok_or_else(|| StorageError::Corrupt(path.to_string()))
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Deletes part `n` and its hash (a leftover beyond the end of a completed document).
+    ///
+    /// # Errors
+    /// [`StorageError`] when the store fails.
+    pub async fn delete_part(&self, id: &str, n: u32) -> Result<(), StorageError> {
+        for kind in ["parts", "hashes"] {
+            match self
+                .store
+                .delete(&doc_path(id, &format!("{kind}/{n:08}")))
+                .await
+            {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
     }
 
     /// Streams `range` (within the part) of part `n`.
@@ -467,7 +549,7 @@ impl Storage {
             PutMode::Overwrite,
         )
         .await?;
-        self.delete_prefix(&format!("documents/{id}/parts")).await
+        self.delete_parts(id).await
     }
 
     /// Deletes every object of the document.
@@ -478,12 +560,13 @@ impl Storage {
         self.delete_prefix(&format!("documents/{id}")).await
     }
 
-    /// Deletes every part (after a failed hash check).
+    /// Deletes every part and its hash (after a failed hash check, a revoke, the expiry).
     ///
     /// # Errors
     /// [`StorageError`] when the store fails.
     pub async fn delete_parts(&self, id: &str) -> Result<(), StorageError> {
-        self.delete_prefix(&format!("documents/{id}/parts")).await
+        self.delete_prefix(&format!("documents/{id}/parts")).await?;
+        self.delete_prefix(&format!("documents/{id}/hashes")).await
     }
 
     async fn delete_prefix(&self, prefix: &str) -> Result<(), StorageError> {

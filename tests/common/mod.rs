@@ -737,6 +737,11 @@ pub fn new_api_key() -> (String, String) {
 impl Repository {
     /// Starts one in `dir` on a free loopback port and waits until it answers.
     pub fn start(dir: &Path) -> Repository {
+        Repository::start_tuned(dir, "")
+    }
+
+    /// As [`Repository::start`], with extra `[server]` settings (e.g. `part_size_mb = 1`).
+    pub fn start_tuned(dir: &Path, server_settings: &str) -> Repository {
         fs::create_dir_all(dir).unwrap();
         let (key, hash_line) = new_api_key();
         let key_file = dir.join("key");
@@ -746,7 +751,8 @@ impl Repository {
         fs::write(
             &config,
             format!(
-                "[server]\nlisten = \"127.0.0.1:{port}\"\n[storage]\npath = \"{}\"\n\
+                "[server]\nlisten = \"127.0.0.1:{port}\"\n{server_settings}\n\
+                 [storage]\npath = \"{}\"\n\
                  [audit]\npath = \"{}\"\n[facility.HOSPA]\n{hash_line}\n",
                 dir.join("store").display(),
                 dir.join("audit.jsonl").display()
@@ -777,6 +783,13 @@ impl Repository {
             std::thread::sleep(Duration::from_millis(50));
         }
         repository
+    }
+}
+
+impl Repository {
+    /// The process ID (to stop and continue it).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 }
 

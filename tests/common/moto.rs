@@ -88,6 +88,26 @@ impl Moto {
     }
 }
 
+impl Moto {
+    /// Replaces object `key` of `bucket` with `bytes` (a signed PUT), behind the
+    /// repository's back.
+    pub fn put(&self, bucket: &str, key: &str, bytes: &[u8]) {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), bytes).unwrap();
+        let out = Command::new("/usr/bin/curl")
+            .args(["-s", "-f", "--aws-sigv4", "aws:amz:us-east-1:s3"])
+            .args(["--user", "testing:testing"])
+            // A form's content type would make moto read the body as a form (and store
+            // nothing).
+            .args(["-H", "Content-Type: application/octet-stream", "-T"])
+            .arg(file.path())
+            .arg(format!("{}/{bucket}/{key}", self.endpoint))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "cannot write {key} to moto");
+    }
+}
+
 impl Drop for Moto {
     fn drop(&mut self) {
         let _ = self.child.kill();

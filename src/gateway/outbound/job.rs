@@ -12,11 +12,9 @@ use crate::gateway::reception::batch::{BatchId, StudySummary};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OutStep {
-    /// Build the PDI ZIP.
-    Pack,
-    /// Encrypt it.
-    Seal,
-    /// Register and upload the container.
+    /// Build, seal and upload the container in one stream, then complete the document
+    /// (records of the former `pack` and `seal` steps continue here).
+    #[serde(alias = "pack", alias = "seal")]
     Upload,
     /// Write the token and the slip.
     Issue,
@@ -49,7 +47,7 @@ pub struct OutboundJob {
     pub instances: u64,
     /// Instances left out by the AI-image policy.
     pub excluded: u64,
-    /// Size of the sealed container.
+    /// Size of the sealed container (once its stream finished).
     pub container_bytes: u64,
     /// Expiry of token and document (Unix seconds), fixed when the document is created.
     pub expires_at: u32,
@@ -96,7 +94,7 @@ impl OutboundJob {
             id,
             batch,
             route: route.to_owned(),
-            step: OutStep::Pack,
+            step: OutStep::Upload,
             progress: Progress::new(),
             instances: 0,
             excluded: 0,
@@ -120,7 +118,7 @@ impl OutboundJob {
             direction: "outbound".into(),
             state: state_name(self.step),
             progress: match self.step {
-                OutStep::Pack => format!("route {}", self.route),
+                OutStep::Upload if self.instances == 0 => format!("route {}", self.route),
                 _ => format!(
                     "{} instances, {} excluded, {:.1} MB",
                     self.instances,

@@ -1,19 +1,21 @@
 //! The outbound pipeline: a stable batch becomes a token.
 //!
 //! Steps of a job (one per batch, id = the batch id), each repeated safely after a crash:
-//! 1. **pack**: the batch's spooled instances -> AI-image policy -> PDI ZIP
-//!    (`jobs/out/<batch>/pdi.zip`);
-//! 2. **seal**: a fresh secret (kept in the job's pending token file, mode 0600, until the
-//!    token is issued) -> compress + encrypt -> `container`;
-//! 3. **upload**: the repository assigns a document ID (kept in the job record at once),
-//!    the container is uploaded in parts, resuming after any interruption;
-//! 4. **issue**: the token (document ID + secret) is written to the route's token folder,
+//! 1. **upload**, one stream (`stream.rs`): the repository assigns a document ID (kept in
+//!    the job record at once); the batch's spooled instances -> AI-image policy -> PDI
+//!    ZIP -> zstd (unless the instances are mostly compressed already) -> sealed under a
+//!    fresh secret (kept in the job's pending token file, mode 0600, until the token is
+//!    issued) -> cut into parts uploaded as they are produced, while the container is
+//!    written to `jobs/out/<batch>/container`; then the document is completed with the
+//!    part hashes. No PDI ZIP is written. A finished container resumes by sending only
+//!    the parts missing; an unfinished one streams again with a fresh salt;
+//! 2. **issue**: the token (document ID + secret) is written to the route's token folder,
 //!    with the patient's slip (study details read from the batch's instances, see
 //!    [`StudyDetails`](crate::gateway::study::StudyDetails); files named by study date, Patient ID, Accession Number and job);
-//! 5. **deliver**: the route's delivery command, if any, is run with the slip's path (before
+//! 3. **deliver**: the route's delivery command, if any, is run with the slip's path (before
 //!    the sealed deliveries: a recipient whose key must be checked never holds the
 //!    patient's slip back);
-//! 6. **post**: for a route with `deliver_to`, the token is sealed to each facility named
+//! 4. **post**: for a route with `deliver_to`, the token is sealed to each facility named
 //!    (after checking the key the repository's directory gives for it against its pin)
 //!    and posted to its mailbox; each facility's outcome is recorded in the job; then the
 //!    job folder is removed.
@@ -24,10 +26,12 @@
 
 mod job;
 mod sender;
+mod stream;
 
 pub use job::{Delivery, OutStep, OutboundJob};
 pub use sender::Sender;
 use sender::Workdir;
+pub use stream::{StreamInput, is_compressed_syntax, worth_compressing};
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -203,7 +207,7 @@ impl Outbound {
         if job.step != OutStep::Failed {
             return Err(RetryError::NotFailed(id.to_owned(), state_name(job.step)));
         }
-        job.step = job.failed_at.take().unwrap_or(OutStep::Pack);
+        job.step = job.failed_at.take().unwrap_or(OutStep::Upload);
         if job.step == OutStep::Upload {
             // The document may be the cause (refused, gone): upload into a new one; the
             // old one expires in the repository by itself.
@@ -246,36 +250,35 @@ impl Outbound {
     async fn run_step(self: &Arc<Self>, job: &mut OutboundJob) -> Result<OutStep, StepError> {
         let dir = Workdir(self.dir.join(&job.id));
         match job.step {
-            OutStep::Pack => {
+            OutStep::Upload => {
                 let this = self.clone();
                 let (batch, route) = (job.batch, job.route.clone());
-                let report = blocking(move || {
-                    let files = match batch {
-                        Some(batch) => this.spool.batch_files(batch)?,
+                let input = blocking(move || {
+                    let records = match batch {
+                        Some(batch) => this.spool.index().member_records(batch)?,
                         None => Vec::new(),
                     };
-                    this.sender.pack(&Workdir(dir.0), &route, &files, &[])
+                    let compress = this.sender.route_options(&route)?.compress
+                        && worth_compressing(
+                            records
+                                .iter()
+                                .map(|(_, r)| (r.transfer_syntax.as_str(), r.size)),
+                        );
+                    let files = records
+                        .iter()
+                        .map(|(_, record)| this.spool.path_of(record))
+                        .collect();
+                    Ok(StreamInput {
+                        files,
+                        attachments: Vec::new(),
+                        compress,
+                    })
                 })
                 .await?;
-                job.instances = report.instances as u64;
-                job.excluded = report.excluded as u64;
-                if report.instances == 0 {
-                    return Err(StepError::permanent(
-                        "no instance left to send after the AI-image policy",
-                    ));
-                }
-                Ok(OutStep::Seal)
-            }
-            OutStep::Seal => {
-                let this = self.clone();
-                let compress = self.sender.route_options(&job.route)?.compress;
-                job.container_bytes = blocking(move || this.sender.seal(&dir, compress)).await?;
-                Ok(OutStep::Upload)
-            }
-            OutStep::Upload => {
-                let _ = std::fs::remove_file(dir.pdi());
                 let jobs = self.jobs.clone();
-                self.sender.upload(&dir, job, Some(&jobs), &|_| {}).await?;
+                self.sender
+                    .stream(&dir, job, input, Some(&jobs), &|_| {})
+                    .await?;
                 Ok(OutStep::Issue)
             }
             OutStep::Issue => {
@@ -407,8 +410,8 @@ impl Pipeline for Outbound {
     }
 }
 
-/// The outbound pipeline from the command line (`cloudpdi send`): pack, seal, upload and
-/// issue in one go, in `workdir` (removed at the end). Returns the token and the job
+/// The outbound pipeline from the command line (`cloudpdi send`): the stream (build,
+/// seal, upload) and the issue in one go, in `workdir` (removed at the end). Returns the token and the job
 /// with the token and slip paths.
 ///
 /// # Errors
@@ -434,21 +437,14 @@ pub async fn send_files(
         std::process::id()
     );
     let mut job = OutboundJob::new(id, None, route);
-    let compress = sender.route_options(route)?.compress;
-    let (this, dir, route_name) = (sender.clone(), workdir.clone(), route.to_owned());
-    let inputs = files.clone();
-    let (report, bytes) = blocking(move || {
-        let dir = Workdir(dir);
-        let report = this.pack(&dir, &route_name, &files, &attachments)?;
-        let bytes = this.seal(&dir, compress)?;
-        Ok((report, bytes))
-    })
-    .await?;
-    job.instances = report.instances as u64;
-    job.excluded = report.excluded as u64;
-    job.container_bytes = bytes;
+    let input = StreamInput {
+        files: files.clone(),
+        attachments,
+        compress: sender.route_options(route)?.compress,
+    };
     let dir = Workdir(workdir);
-    sender.upload(&dir, &mut job, None, progress).await?;
+    sender.stream(&dir, &mut job, input, None, progress).await?;
+    let inputs = files;
     let token = sender.issue(&dir, &mut job, &inputs)?;
     durable::remove_dir_all(&dir.0).map_err(|e| StepError::file("remove", &dir.0, &e))?;
     Ok((token, job))

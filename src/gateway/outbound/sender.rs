@@ -1,4 +1,5 @@
-//! The work of each outbound step (pack, seal, upload, issue), shared by the daemon's
+//! The work of each outbound step (issue, deliver, post; the streaming step is in
+//! `stream.rs`), shared by the daemon's
 //! pipeline and `cloudpdi send`; the pipeline in `mod.rs` decides when each runs.
 
 use std::collections::BTreeMap;
@@ -9,13 +10,10 @@ use tracing::{error, info};
 
 use crate::clock::now_ms;
 use crate::config::{Config, RouteConfig};
-use crate::container::{self, Compression, Options};
 use crate::durable;
 use crate::facility::{FacilityKey, Fingerprint, PublicKey};
 use crate::gateway::jobs::{Cause, StepError};
 use crate::gateway::store::JobStore;
-use crate::pdi::{self, BuildOptions};
-use crate::repository::api::NewDocument;
 use crate::repository::client::{Client, FacilityClientError};
 use crate::token::slip::{self, SlipDetails, SlipFormat};
 use crate::token::{SECRET_LEN, Secret, Token};
@@ -40,10 +38,11 @@ pub struct Sender {
 }
 
 /// A repository a route uploads to.
-struct Link {
-    client: Client,
+pub(super) struct Link {
+    /// This facility's client there.
+    pub(super) client: Client,
     /// Base URL written into tokens.
-    url: String,
+    pub(super) url: String,
 }
 
 impl Sender {
@@ -92,7 +91,7 @@ impl Sender {
         Ok(Link { client, url })
     }
 
-    fn link(&self, route: &str) -> Result<&Link, StepError> {
+    pub(super) fn link(&self, route: &str) -> Result<&Link, StepError> {
         match self.links.get(route) {
             Some(Ok(link)) => Ok(link),
             Some(Err(reason)) => Err(StepError::permanent(reason.clone())),
@@ -141,11 +140,17 @@ fn gone(route: &str) -> StepError {
 pub(super) struct Workdir(pub(super) PathBuf);
 
 impl Workdir {
-    pub(super) fn pdi(&self) -> PathBuf {
-        self.0.join("pdi.zip")
-    }
-    fn container(&self) -> PathBuf {
+    /// The sealed container, once its stream finished.
+    pub(super) fn container(&self) -> PathBuf {
         self.0.join("container")
+    }
+    /// The container while its stream runs.
+    pub(super) fn partial(&self) -> PathBuf {
+        self.0.join("container.partial")
+    }
+    /// The parts of this stream the repository acknowledged, one number a line.
+    pub(super) fn acked(&self) -> PathBuf {
+        self.0.join("acked")
     }
     fn secret(&self) -> PathBuf {
         self.0.join("pending-token")
@@ -160,42 +165,8 @@ impl Sender {
         self.config.routes.get(route).ok_or_else(|| gone(route))
     }
 
-    /// Builds the PDI ZIP of `instances` into the job folder (blocking).
-    pub(super) fn pack(
-        &self,
-        dir: &Workdir,
-        route: &str,
-        instances: &[PathBuf],
-        attachments: &[PathBuf],
-    ) -> Result<pdi::BuildReport, StepError> {
-        let options = BuildOptions {
-            facility: self.config.facility.name.clone(),
-            attachments: attachments.to_vec(),
-            policy: self.route_options(route)?.ai_support.clone(),
-            // On the data disk with the job, not in a tmpfs /tmp; removed by the build,
-            // or with the job's folder after a crash.
-            scratch: Some(dir.0.clone()),
-            ..BuildOptions::default()
-        };
-        std::fs::create_dir_all(&dir.0).map_err(|e| StepError::file("create", &dir.0, &e))?;
-        let path = dir.pdi();
-        let mut pending = durable::Pending::beside(&path, 0o600)
-            .map_err(|e| StepError::file("create a file beside", &path, &e))?;
-        let built = pdi::build_zip(instances, &options, std::io::BufWriter::new(pending.file()));
-        let report = built.map_err(|e| match e {
-            // Reading an instance or writing the ZIP failed (disk full): name the file
-            // being built, as every local file error of a step does.
-            pdi::PdiError::Zip(pdi::zip::ZipError::Io(e)) => StepError::file("build", &path, &e),
-            other => other.into(),
-        })?;
-        pending
-            .commit(&path)
-            .map_err(|e| StepError::file("write", &path, &e))?;
-        Ok(report)
-    }
-
     /// The job's secret: created once, then read back on every later attempt.
-    fn secret(dir: &Workdir) -> Result<Secret, StepError> {
+    pub(super) fn secret(dir: &Workdir) -> Result<Secret, StepError> {
         let path = dir.secret();
         match std::fs::read(&path).map(zeroize::Zeroizing::new) {
             Ok(bytes) => {
@@ -215,76 +186,6 @@ impl Sender {
             }
             Err(e) => Err(StepError::file("read", &path, &e)),
         }
-    }
-
-    /// Encrypts the PDI into the container (blocking); returns its size.
-    pub(super) fn seal(&self, dir: &Workdir, compress: bool) -> Result<u64, StepError> {
-        let secret = Self::secret(dir)?;
-        let options = Options {
-            compression: if compress {
-                Compression::Zstd
-            } else {
-                Compression::None
-            },
-            ..Options::default()
-        };
-        let input =
-            std::fs::File::open(dir.pdi()).map_err(|e| StepError::file("open", &dir.pdi(), &e))?;
-        let path = dir.container();
-        let file_error = |e: std::io::Error| StepError::file("write", &path, &e);
-        let mut pending = durable::Pending::beside(&path, 0o600).map_err(file_error)?;
-        let output = std::io::BufWriter::new(pending.file());
-        container::encrypt(
-            &secret.container_key(),
-            &options,
-            std::io::BufReader::new(input),
-            output,
-        )?
-        .into_inner()
-        .map_err(|e| file_error(e.into_error()))?;
-        let bytes = pending.file().metadata().map_err(file_error)?.len();
-        pending.commit(&path).map_err(file_error)?;
-        Ok(bytes)
-    }
-
-    /// Registers the document (once) and uploads the container, resuming.
-    pub(super) async fn upload(
-        &self,
-        dir: &Workdir,
-        job: &mut OutboundJob,
-        store: Option<&JobStore>,
-        progress: &(dyn Fn(u64) + Sync),
-    ) -> Result<(), StepError> {
-        let route = self.route_options(&job.route)?;
-        let link = self.link(&job.route)?;
-        if job.repository.as_deref() != Some(link.url.as_str()) {
-            // Created at a repository the route no longer uses: start a new document.
-            job.document_id = None;
-        }
-        if job.document_id.is_none() {
-            let secret = Self::secret(dir)?;
-            let expires = now_ms() / 1000 + u64::from(route.expires_in_days) * 86_400;
-            job.expires_at = u32::try_from(expires)
-                .map_err(|_| StepError::permanent("expiry beyond the year 2106"))?;
-            let request = NewDocument {
-                size: job.container_bytes,
-                expires_at: u64::from(job.expires_at),
-                max_downloads: route.max_downloads,
-                proof_hash: secret.download_proof().hash(),
-            };
-            let created = link.client.create(&request).await?;
-            job.document_id = Some(created.document_id);
-            job.repository = Some(link.url.clone());
-            if let Some(store) = store {
-                store.put(job)?;
-            }
-        }
-        let id = job.document_id.clone().unwrap_or_default();
-        link.client
-            .upload_file(&id, &dir.container(), progress)
-            .await
-            .map(drop)
-            .map_err(StepError::from)
     }
 
     /// The job's token, from its secret and its document: the same at every call.

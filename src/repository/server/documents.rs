@@ -48,9 +48,12 @@ async fn create_document(app: &App, facility: String, body: Body) -> Result<Answ
         .await
         .map_err(Refusal::unavailable)?;
     app.metrics.documents_created.inc();
+    let size = meta
+        .size
+        .map_or_else(|| "streamed".to_owned(), |n| n.to_string());
     let detail = format!(
-        "size {} expires_at {} max_downloads {}",
-        meta.size, meta.expires_at, meta.max_downloads
+        "size {size} expires_at {} max_downloads {}",
+        meta.expires_at, meta.max_downloads
     );
     let created = Created {
         document_id: meta.id.clone(),
@@ -68,14 +71,14 @@ fn check_new_document(
     now: u64,
 ) -> Result<(), Refusal> {
     let max = server.max_document_bytes();
-    if request.size == 0 {
+    if request.size == Some(0) {
         return Err(Refusal::new(
             StatusCode::BAD_REQUEST,
             "invalid_request",
             "size must be at least 1 byte",
         ));
     }
-    if request.size > max {
+    if request.size.is_some_and(|size| size > max) {
         return Err(Refusal::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "too_large",
@@ -141,15 +144,22 @@ pub(super) async fn status_of(
     snapshot: &Snapshot,
 ) -> Result<Json<DocumentStatus>, Refusal> {
     let meta = &snapshot.meta;
-    let sha256 = if snapshot.complete {
+    let record = if snapshot.complete {
         app.storage
             .complete_record(&meta.id)
             .await
             .map_err(Refusal::unavailable)?
-            .map(|r| hex::encode(r.sha256))
     } else {
         None
     };
+    let size = record
+        .as_ref()
+        .and_then(|r| r.size)
+        .or(meta.size)
+        .unwrap_or(0);
+    let (sha256, parts_sha256) = record.map_or((None, None), |r| {
+        (r.sha256.map(hex::encode), r.parts_sha256.map(hex::encode))
+    });
     let receipts = app
         .storage
         .receipts(snapshot)
@@ -158,10 +168,11 @@ pub(super) async fn status_of(
     Ok(Json(DocumentStatus {
         document_id: meta.id.clone(),
         state: state_of(snapshot, unix_now()),
-        size: meta.size,
+        size,
         part_size: meta.part_size,
         parts_held: snapshot.parts.keys().copied().collect(),
         sha256,
+        parts_sha256,
         created_at: meta.created_at,
         expires_at: meta.expires_at,
         max_downloads: meta.max_downloads,

@@ -34,7 +34,19 @@ async fn serve(app: &App, snapshot: Snapshot, headers: &HeaderMap) -> Result<Ans
     if state_of(&snapshot, unix_now()) != DocState::Complete {
         return Err(Refusal::not_available());
     }
-    let size = snapshot.meta.size;
+    let record = app
+        .storage
+        .complete_record(&snapshot.meta.id)
+        .await
+        .map_err(Refusal::unavailable)?
+        .ok_or_else(|| Refusal::unavailable("complete record vanished"))?;
+    let Some(size) = record.size.or(snapshot.meta.size) else {
+        return Err(Refusal::unavailable("complete record without a size"));
+    };
+    let meta = DocumentMeta {
+        size: Some(size),
+        ..snapshot.meta.clone()
+    };
     let range = match parse_range(headers) {
         None => None,
         Some((start, end)) if start < size && end.is_none_or(|e| e >= start) => {
@@ -77,21 +89,9 @@ async fn serve(app: &App, snapshot: Snapshot, headers: &HeaderMap) -> Result<Ans
         range.filter(|&(start, _)| start == 0)
     };
     let (start, end) = range.unwrap_or((0, size));
-    let sha256 = app
-        .storage
-        .complete_record(&snapshot.meta.id)
-        .await
-        .map_err(Refusal::unavailable)?
-        .ok_or_else(|| Refusal::unavailable("complete record vanished"))?
-        .sha256;
     app.metrics.bytes_downloaded.inc_by(end - start);
     let snapshot_facility = app.owner(&snapshot.meta.facility).to_owned();
-    let body = Body::from_stream(content_stream(
-        app.storage.clone(),
-        snapshot.meta,
-        start,
-        end,
-    ));
+    let body = Body::from_stream(content_stream(app.storage.clone(), meta, start, end));
     let mut response = Response::new(body);
     let h = response.headers_mut();
     let value = |s: String| HeaderValue::from_str(&s).expect("ASCII header value");
@@ -102,7 +102,16 @@ async fn serve(app: &App, snapshot: Snapshot, headers: &HeaderMap) -> Result<Ans
     h.insert(header::CONTENT_LENGTH, value((end - start).to_string()));
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert(api::SHA256_HEADER, value(hex::encode(sha256)));
+    if let Some(sha256) = record.sha256 {
+        h.insert(api::SHA256_HEADER, value(hex::encode(sha256)));
+    }
+    if let Some(parts_sha256) = record.parts_sha256 {
+        h.insert(api::PARTS_SHA256_HEADER, value(hex::encode(parts_sha256)));
+        h.insert(
+            api::PART_SIZE_HEADER,
+            value(snapshot.meta.part_size.to_string()),
+        );
+    }
     if let Ok(facility) = HeaderValue::from_str(&snapshot_facility) {
         h.insert(api::FACILITY_HEADER, facility);
     }

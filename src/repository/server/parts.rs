@@ -1,5 +1,7 @@
-//! Uploading a document: its parts, each of an exact length, in any order and as often
-//! as needed, then the complete, which hashes the parts read back from storage.
+//! Uploading a document: its parts, in any order and as often as needed (each of an exact
+//! length, or for a streamed document of 1 to `part_size` bytes), each hashed as it
+//! arrives; then the complete, which checks the recorded part hashes against the sender's
+//! digest (no content read), or for the first form hashes the parts read back.
 
 use std::time::Duration;
 
@@ -7,11 +9,13 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::Response;
-use futures_util::StreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 use sha2::{Digest, Sha256};
 
-use crate::repository::api::Complete as CompleteRequest;
-use crate::repository::storage::{CompleteRecord, DocumentMeta, Snapshot, Storage, StorageError};
+use crate::repository::api::{Complete as CompleteRequest, PartsHash, parts_digest};
+use crate::repository::storage::{
+    CompleteRecord, DocumentMeta, Snapshot, Storage, StorageError, parts_of,
+};
 use crate::repository::unix_now;
 
 use super::authenticate::{Complete, Owned, UploadPart};
@@ -20,6 +24,9 @@ use super::caller::Answer;
 use super::documents::{check_uploading, status_of};
 use super::refusal::Refusal;
 use super::{App, Shared};
+
+/// Part hash records read at once by a completion (small objects; on S3 each is a GET).
+const HASH_READS_AT_ONCE: usize = 16;
 
 /// How long a part upload waits for a free upload slot before answering 503.
 const UPLOAD_SLOT_WAIT: Duration = Duration::from_secs(30);
@@ -43,7 +50,7 @@ async fn store_part(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Answer, Refusal> {
-    let (n, expected) = check_part(snapshot, part, headers)?;
+    let (n, expected) = check_part(snapshot, part, headers, app.server.max_document_bytes())?;
     let Ok(_slot) = tokio::time::timeout(UPLOAD_SLOT_WAIT, app.uploads.acquire()).await else {
         return Err(Refusal::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -73,33 +80,70 @@ fn length_mismatch(n: u32, expected: u64, got: u64) -> Refusal {
     )
 }
 
-/// Part number and exact length, after checking state and the declared length.
-fn check_part(snapshot: &Snapshot, part: &str, headers: &HeaderMap) -> Result<(u32, u64), Refusal> {
+/// Part number and exact length, after checking state and the declared length: the
+/// length the layout fixes, or for a streamed document the declared one (1 to
+/// `part_size` bytes, in a part that starts below the repository's document limit).
+fn check_part(
+    snapshot: &Snapshot,
+    part: &str,
+    headers: &HeaderMap,
+    max_document: u64,
+) -> Result<(u32, u64), Refusal> {
     check_uploading(snapshot)?;
     let meta = &snapshot.meta;
-    let (n, expected) = part
-        .parse::<u32>()
-        .ok()
-        .and_then(|n| Some((n, meta.part_len(n)?)))
-        .ok_or_else(|| {
-            Refusal::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_part",
-                format!(
-                    "part numbers of this document are 0 to {}",
-                    meta.parts() - 1
-                ),
-            )
-        })?;
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
+    let n = part.parse::<u32>().ok();
+    let (n, expected) = match meta.size {
+        Some(_) => n
+            .and_then(|n| Some((n, meta.part_len(n)?)))
+            .ok_or_else(|| {
+                Refusal::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_part",
+                    format!(
+                        "part numbers of this document are 0 to {}",
+                        meta.parts().saturating_sub(1)
+                    ),
+                )
+            })?,
+        None => {
+            let last = max_document.div_ceil(meta.part_size).saturating_sub(1);
+            let n = n
+                .filter(|&n| u64::from(n).saturating_mul(meta.part_size) < max_document)
+                .ok_or_else(|| {
+                    Refusal::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_part",
+                        format!(
+                            "part numbers of a streamed document are 0 to {last}: documents \
+                             are limited to {max_document} bytes on this repository"
+                        ),
+                    )
+                })?;
+            (n, declared.unwrap_or(0).clamp(1, meta.part_size))
+        }
+    };
     match declared {
         None => Err(Refusal::new(
             StatusCode::LENGTH_REQUIRED,
             "length_required",
             "a part upload needs a Content-Length header",
+        )),
+        Some(len) if meta.size.is_none() && len > meta.part_size => Err(Refusal::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!(
+                "a part of a streamed document is at most {} bytes, {len} declared",
+                meta.part_size
+            ),
+        )),
+        Some(0) if meta.size.is_none() => Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "length_mismatch",
+            format!("part {n} of a streamed document must have at least 1 byte"),
         )),
         Some(len) if len > expected => Err(Refusal::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -128,27 +172,27 @@ async fn complete_document(
     body: Body,
 ) -> Result<Answer, Refusal> {
     let request: CompleteRequest = read_json(body, app.server.body_idle_timeout()).await?;
-    let meta = &snapshot.meta;
+    let id = snapshot.meta.id.clone();
     if snapshot.complete && !snapshot.revoked {
         let held = app
             .storage
-            .complete_record(&meta.id)
+            .complete_record(&id)
             .await
             .map_err(Refusal::unavailable)?;
-        if held.is_some_and(|r| r.sha256 == request.sha256) {
+        if held.is_some_and(|r| same_completion(&r, &request)) {
             let status = status_of(app, snapshot).await?;
             return Ok(Answer::ok(status).with_detail("already complete".into()));
         }
     }
     check_uploading(snapshot)?;
-    check_all_parts(snapshot)?;
-    let sha256 = hash_parts(&app.storage, meta)
-        .await
-        .map_err(Refusal::unavailable)?;
-    if sha256 != request.sha256 {
+    let checked = match &request {
+        CompleteRequest::Whole(whole) => check_whole(app, snapshot, whole.sha256).await?,
+        CompleteRequest::Parts(parts) => check_parts(app, snapshot, parts).await?,
+    };
+    let Some(completed) = checked else {
         app.metrics.hash_mismatches.inc();
         app.storage
-            .delete_parts(&meta.id)
+            .delete_parts(&id)
             .await
             .map_err(Refusal::unavailable)?;
         return Err(Refusal::new(
@@ -156,38 +200,152 @@ async fn complete_document(
             "hash_mismatch",
             "the stored parts do not have the SHA-256 given; they were deleted, upload again",
         ));
-    }
-    let completed = CompleteRecord {
-        sha256,
-        completed_at: unix_now(),
     };
     app.storage
-        .put_complete(&meta.id, &completed)
+        .put_complete(&id, &completed)
         .await
         .map_err(Refusal::unavailable)?;
     app.metrics.documents_completed.inc();
+    if let Some(size) = completed.size {
+        let parts = parts_of(size, snapshot.meta.part_size);
+        snapshot.parts.retain(|&n, _| n < parts);
+    }
     snapshot.complete = true;
     Ok(Answer::ok(status_of(app, snapshot).await?))
 }
 
-fn check_all_parts(snapshot: &Snapshot) -> Result<(), Refusal> {
+/// Whether a completion asks for what `record` already holds (a retry after a lost answer).
+fn same_completion(record: &CompleteRecord, request: &CompleteRequest) -> bool {
+    match request {
+        CompleteRequest::Whole(whole) => record.sha256 == Some(whole.sha256),
+        CompleteRequest::Parts(parts) => {
+            record.parts_sha256 == Some(parts.parts_sha256) && record.size == Some(parts.size)
+        }
+    }
+}
+
+/// The first form: every part read back and hashed. `None` on a mismatch.
+async fn check_whole(
+    app: &App,
+    snapshot: &Snapshot,
+    expected: [u8; 32],
+) -> Result<Option<CompleteRecord>, Refusal> {
+    if snapshot.meta.size.is_none() {
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "a streamed document (created without a size) is completed with its size and \
+             parts_sha256",
+        ));
+    }
+    check_all_parts(snapshot, &snapshot.meta)?;
+    let sha256 = hash_parts(&app.storage, &snapshot.meta)
+        .await
+        .map_err(Refusal::unavailable)?;
+    Ok((sha256 == expected).then(|| CompleteRecord {
+        sha256: Some(sha256),
+        parts_sha256: None,
+        size: None,
+        completed_at: unix_now(),
+    }))
+}
+
+/// The second form: the layout of `size` fully held, every part's recorded hash read
+/// (no content), their digest compared; parts beyond the end (an abandoned attempt's)
+/// deleted. `None` on a mismatch.
+async fn check_parts(
+    app: &App,
+    snapshot: &Snapshot,
+    request: &PartsHash,
+) -> Result<Option<CompleteRecord>, Refusal> {
     let meta = &snapshot.meta;
-    let missing: Vec<u32> = (0..meta.parts())
-        .filter(|n| snapshot.parts.get(n).copied() != meta.part_len(*n))
+    let max = app.server.max_document_bytes();
+    if request.size == 0 || request.size > max || meta.size.is_some_and(|s| s != request.size) {
+        let allowed = meta
+            .size
+            .map_or_else(|| format!("1 to {max}"), |s| s.to_string());
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_size",
+            format!(
+                "the size given ({}) does not fit this document: it must be {allowed} bytes",
+                request.size
+            ),
+        ));
+    }
+    let layout = DocumentMeta {
+        size: Some(request.size),
+        ..meta.clone()
+    };
+    check_all_parts(snapshot, &layout)?;
+    let parts = layout.parts();
+    let unhashed: Vec<u32> = (0..parts)
+        .filter(|n| !snapshot.hashes.contains(n))
+        .collect();
+    if !unhashed.is_empty() {
+        return Err(missing_refusal(&unhashed, "have no recorded hash"));
+    }
+    let hashes: Vec<[u8; 32]> = futures_util::stream::iter(0..parts)
+        .map(|n| {
+            let storage = app.storage.clone();
+            let id = meta.id.clone();
+            async move {
+                match storage.part_hash(&id, n).await {
+                    Ok(Some(hash)) => Ok(hash),
+                    Ok(None) => Err(missing_refusal(&[n], "have no recorded hash")),
+                    Err(e) => Err(Refusal::unavailable(e)),
+                }
+            }
+        })
+        .buffered(HASH_READS_AT_ONCE)
+        .try_collect()
+        .await?;
+    if parts_digest(&hashes) != request.parts_sha256 {
+        return Ok(None);
+    }
+    let leftovers: std::collections::BTreeSet<u32> = snapshot
+        .parts
+        .keys()
+        .chain(snapshot.hashes.iter())
+        .copied()
+        .filter(|&n| n >= parts)
+        .collect();
+    for n in leftovers {
+        app.storage
+            .delete_part(&meta.id, n)
+            .await
+            .map_err(Refusal::unavailable)?;
+    }
+    Ok(Some(CompleteRecord {
+        sha256: None,
+        parts_sha256: Some(request.parts_sha256),
+        size: Some(request.size),
+        completed_at: unix_now(),
+    }))
+}
+
+fn check_all_parts(snapshot: &Snapshot, layout: &DocumentMeta) -> Result<(), Refusal> {
+    let missing: Vec<u32> = (0..layout.parts())
+        .filter(|n| snapshot.parts.get(n).copied() != layout.part_len(*n))
         .collect();
     if missing.is_empty() {
         return Ok(());
     }
+    Err(missing_refusal(&missing, "are missing"))
+}
+
+/// 409 `incomplete`, naming the first few parts that `what`.
+fn missing_refusal(missing: &[u32], what: &str) -> Refusal {
     let shown: Vec<String> = missing.iter().take(10).map(u32::to_string).collect();
-    Err(Refusal::new(
+    Refusal::new(
         StatusCode::CONFLICT,
         "incomplete",
         format!(
-            "{} parts are missing (e.g. {}); upload them first",
+            "{} parts {what} (e.g. {}); upload them first",
             missing.len(),
             shown.join(", ")
         ),
-    ))
+    )
 }
 
 /// SHA-256 of all parts in order, read back from storage.

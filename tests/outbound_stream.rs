@@ -1,0 +1,311 @@
+//! The outbound stream against the real daemon and a real `cloudpdi repository serve`:
+//! a study streams into the repository (no PDI ZIP ever written) and its token opens it;
+//! kill -9 in the middle of the stream, or after the container was finished but before
+//! every part was uploaded, and a restart completes the job (the second case sending only
+//! the parts the repository did not acknowledge).
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const MIB: u64 = 1 << 20;
+
+fn cloudpdi(args: &[&str]) -> (bool, String) {
+    let out = run(Command::new(env!("CARGO_BIN_EXE_cloudpdi")).args(args));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// Site A with route `ct` to `repository`, uncompressed (the sizes are then known), and
+/// `outbound` settings appended.
+fn site_a(dir: &Path, repository: &Repository, outbound: &str) -> Daemon {
+    let route = format!(
+        "[route.ct]\nae_title = \"CLOUDPDI\"\nstable_after = 1\ncompress = false\n\
+         repository_url = \"{}\"\nrepository_api_key_file = \"{}\"\n\
+         [outbound]\nenabled = true\n{outbound}\n[facility]\ncode = \"HOSPA\"\n",
+        repository.url,
+        repository.key_file.display()
+    );
+    Daemon::start(&dir.join("a"), &route)
+}
+
+/// Opens the token with `cloudpdi receive --out` (download, decrypt, verify against the
+/// manifest) and checks that all the originals came out.
+fn assert_token_opens(token: &Path, originals: &[PathBuf], work: &Path) {
+    let out_dir = work.join("received");
+    let (ok, out) = cloudpdi(&[
+        "receive",
+        &format!("@{}", token.display()),
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}");
+    // `receive` checked every file against the manifest (size and SHA-256).
+    assert!(
+        out.contains(&format!("{} instances", originals.len())),
+        "{out}"
+    );
+    assert!(out_dir.join("DICOMDIR").is_file());
+}
+
+/// The job folder of the only outbound job, once it exists.
+fn job_folder(a: &Daemon) -> PathBuf {
+    let out = a.dir.join("data/jobs/out");
+    wait_for("the outbound job folder", Duration::from_secs(60), || {
+        std::fs::read_dir(&out)
+            .ok()?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .find(|p| p.is_dir())
+    })
+}
+
+/// Parts the repository stored (its audit trail: `upload_part` answered `ok`).
+fn parts_stored(repository: &Repository) -> usize {
+    std::fs::read_to_string(repository.dir.join("audit.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("\"action\":\"upload_part\"") && l.contains("\"outcome\":\"ok\""))
+        .count()
+}
+
+/// Documents the repository created.
+fn documents_created(repository: &Repository) -> usize {
+    std::fs::read_to_string(repository.dir.join("audit.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("\"action\":\"create\"") && l.contains("\"outcome\":\"ok\""))
+        .count()
+}
+
+fn signal(pid: u32, name: &str) {
+    let out = run(Command::new("kill").args([&format!("-{name}"), &pid.to_string()]));
+    assert!(out.status.success(), "kill -{name} {pid}");
+}
+
+#[test]
+fn a_study_streams_into_the_repository_and_its_token_opens_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let repository = Repository::start_tuned(&dir.path().join("repository"), "part_size_mb = 1");
+    let a = site_a(dir.path(), &repository, "");
+    let study = dir.path().join("study");
+    gen_ct(&study, 20, &[]);
+    let originals = files_in(&study);
+    let out = storescu(&a, "MODALITY", &[], &originals);
+    assert!(out.status.success(), "{out:?}");
+    // No PDI ZIP is ever written: the job folder is watched until the token is there.
+    let jobs = a.dir.join("data/jobs/out");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let token = loop {
+        let files = files_under(&jobs);
+        assert!(
+            !files.iter().any(|f| f.ends_with("pdi.zip")),
+            "a pdi.zip was written: {files:?}"
+        );
+        if let Some(token) = tokens(&a).into_iter().next() {
+            break token;
+        }
+        assert!(Instant::now() < deadline, "no token:\n{}", a.log());
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(
+        parts_stored(&repository) > 5,
+        "the container went in 1 MiB parts"
+    );
+    assert_token_opens(&token, &originals, dir.path());
+}
+
+#[test]
+fn kill_9_in_the_middle_of_the_stream_then_a_restart_completes_the_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let repository = Repository::start_tuned(&dir.path().join("repository"), "part_size_mb = 1");
+    let mut a = site_a(dir.path(), &repository, "parts_in_flight = 2");
+    let study = dir.path().join("study");
+    gen_ct(&study, 30, &[]);
+    let originals = files_in(&study);
+    let out = storescu(&a, "MODALITY", &[], &originals);
+    assert!(out.status.success(), "{out:?}");
+    // The repository stops answering once the stream started: the stream stalls with a
+    // few parts in flight, and the daemon is killed there.
+    let folder = job_folder(&a);
+    wait_for("the stream to start", Duration::from_secs(60), || {
+        folder.join("container.partial").exists().then_some(())
+    });
+    signal(repository.pid(), "STOP");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !folder.join("container").exists(),
+        "the stream stalls before its end"
+    );
+    a.kill9();
+    signal(repository.pid(), "CONT");
+    a.spawn();
+    let token = wait_for(
+        "the token after the restart",
+        Duration::from_secs(90),
+        || tokens(&a).into_iter().next(),
+    );
+    // The stream ran again into the same document.
+    assert_eq!(documents_created(&repository), 1);
+    assert_token_opens(&token, &originals, dir.path());
+}
+
+#[test]
+fn a_finished_container_resumes_with_only_the_parts_not_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let repository = Repository::start_tuned(&dir.path().join("repository"), "part_size_mb = 1");
+    // With 16 parts in flight the whole container (about 13 MiB, 14 parts) is produced
+    // while the repository is stopped.
+    let mut a = site_a(dir.path(), &repository, "parts_in_flight = 16");
+    let study = dir.path().join("study");
+    gen_ct(&study, 26, &[]);
+    let originals = files_in(&study);
+    let out = storescu(&a, "MODALITY", &[], &originals);
+    assert!(out.status.success(), "{out:?}");
+    // The repository is stopped as soon as it acknowledged a part (watched closely: the
+    // upload takes a few tens of milliseconds).
+    let jobs = a.dir.join("data/jobs/out");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let folder = loop {
+        let first = files_under(&jobs)
+            .into_iter()
+            .find(|f| f.ends_with("acked") && std::fs::read(f).is_ok_and(|t| t.contains(&b'\n')));
+        if let Some(acked) = first {
+            signal(repository.pid(), "STOP");
+            break acked.parent().unwrap().to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no part acknowledged:\n{}",
+            a.log()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    let acked = folder.join("acked");
+    let container = folder.join("container");
+    wait_for("the finished container", Duration::from_secs(30), || {
+        container.exists().then_some(())
+    });
+    a.kill9();
+    let size = std::fs::metadata(&container).unwrap().len();
+    let total = usize::try_from(size.div_ceil(MIB)).unwrap();
+    let acknowledged = std::fs::read_to_string(&acked).unwrap().lines().count();
+    assert!(
+        (1..total).contains(&acknowledged),
+        "{acknowledged} of {total} parts acknowledged before the crash"
+    );
+    signal(repository.pid(), "CONT");
+    // Requests the repository held while stopped finish now (their answers are lost).
+    std::thread::sleep(Duration::from_secs(1));
+    let before = parts_stored(&repository);
+    a.spawn();
+    let token = wait_for(
+        "the token after the restart",
+        Duration::from_secs(90),
+        || tokens(&a).into_iter().next(),
+    );
+    let resent = parts_stored(&repository) - before;
+    assert_eq!(
+        resent,
+        total - acknowledged,
+        "only the parts not acknowledged are sent again"
+    );
+    assert_eq!(documents_created(&repository), 1);
+    assert_token_opens(&token, &originals, dir.path());
+}
+
+/// Rewrites the DICOM files of `dir` in RLE Lossless (pydicom's own encoder).
+fn rle_compress(dir: &Path) {
+    let out = run(Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import sys, pathlib, pydicom\n\
+         from pydicom.uid import RLELossless\n\
+         for f in sorted(pathlib.Path(sys.argv[1]).iterdir()):\n\
+         \x20   ds = pydicom.dcmread(f)\n\
+         \x20   ds.compress(RLELossless)\n\
+         \x20   ds.save_as(f)\n",
+        )
+        .arg(dir));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The compression byte of the container header of every stored document, by document.
+fn stored_compression(repository: &Repository) -> std::collections::BTreeMap<String, u8> {
+    let documents = repository.dir.join("store/documents");
+    std::fs::read_dir(&documents)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter_map(|doc| {
+            let first = std::fs::read(doc.join("parts/00000000")).ok()?;
+            let id = doc.file_name()?.to_string_lossy().into_owned();
+            Some((id, first[10]))
+        })
+        .collect()
+}
+
+#[test]
+fn instances_mostly_in_a_compressed_syntax_are_not_compressed_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let repository = Repository::start(&dir.path().join("repository"));
+    // The route compresses (the default): only the RLE study goes uncompressed.
+    let route = format!(
+        "[route.ct]\nae_title = \"CLOUDPDI\"\nstable_after = 1\n\
+         repository_url = \"{}\"\nrepository_api_key_file = \"{}\"\n\
+         [outbound]\nenabled = true\n[facility]\ncode = \"HOSPA\"\n",
+        repository.url,
+        repository.key_file.display()
+    );
+    let a = Daemon::start(&dir.path().join("a"), &route);
+    let rle = dir.path().join("rle");
+    gen_ct(&rle, 3, &["--study-uid", "1.2.392.200036.9116.2.6.1.99.1"]);
+    rle_compress(&rle);
+    let out = storescu(&a, "MODALITY", &["-xr"], &files_in(&rle));
+    assert!(out.status.success(), "{out:?}");
+    let token = wait_for("the RLE study's token", Duration::from_secs(60), || {
+        tokens(&a).into_iter().next()
+    });
+    let first = stored_compression(&repository);
+    assert_eq!(
+        first.values().collect::<Vec<_>>(),
+        [&0],
+        "the RLE study's container is not compressed"
+    );
+    assert_token_opens(&token, &files_in(&rle), &dir.path().join("rle-out"));
+
+    let plain = dir.path().join("plain");
+    gen_ct(
+        &plain,
+        3,
+        &["--study-uid", "1.2.392.200036.9116.2.6.1.99.2"],
+    );
+    let out = storescu(&a, "MODALITY", &[], &files_in(&plain));
+    assert!(out.status.success(), "{out:?}");
+    wait_for("the second token", Duration::from_secs(60), || {
+        (tokens(&a).len() == 2).then_some(())
+    });
+    let both = stored_compression(&repository);
+    let second: Vec<u8> = both
+        .iter()
+        .filter(|(id, _)| !first.contains_key(*id))
+        .map(|(_, &c)| c)
+        .collect();
+    assert_eq!(
+        second,
+        [1],
+        "the uncompressed study's container is zstd-compressed"
+    );
+}
