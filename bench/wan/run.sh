@@ -137,7 +137,7 @@ for loss in $LOSSES; do
     inr iperf3 -s -B 10.77.0.2 >/dev/null 2>&1 &
     iperf_pid=$!
     sleep 0.5
-    iperf() { inc iperf3 -c 10.77.0.2 -t 10 -J "$@" | python3 -c 'import json,sys; print(f"{json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e6:.1f}")'; }
+    iperf() { inc iperf3 -c 10.77.0.2 -t 10 -J "$@" | python3 -c 'import json,sys; j = json.load(sys.stdin); print("%.1f" % (j["end"]["sum_received"]["bits_per_second"] / 1e6))'; }
     up_bbr=$(iperf -C bbr); down_bbr=$(iperf -C bbr -R); up_cubic=$(iperf -C cubic); up_cubic4=$(iperf -C cubic -P 4)
     kill "$iperf_pid"; wait "$iperf_pid" 2>/dev/null || true
     checks+=("| $loss % | $rtt ms | $up_bbr / $down_bbr | $up_cubic | $up_cubic4 |")
