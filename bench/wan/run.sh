@@ -15,6 +15,9 @@
 #   LOSSES=0 SIZE_MB=100 bench/wan/run.sh              # quicker
 #   PART_SIZES="8 32" bench/wan/run.sh                 # repository part_size_mb values to compare
 #   BENCH_BIN=/path/to/cloudpdi bench/wan/run.sh       # another build (else: cargo build --release)
+#   TCP_CC=cubic bench/wan/run.sh                      # client and repository sockets with this
+#                                                      # congestion control (LD_PRELOAD tcp_cc.c);
+#                                                      # default: the machine's net.ipv4.tcp_congestion_control
 # Needs root (network namespaces, TUN devices).
 set -euo pipefail
 
@@ -25,6 +28,7 @@ LOSSES=${LOSSES:-0 0.5}
 PART_SIZES=${PART_SIZES:-8}
 QUEUE_BDP=${QUEUE_BDP:-1}
 VALIDATE=${VALIDATE:-1}
+TCP_CC=${TCP_CC:-}
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 [ "$(id -u)" = 0 ] || { echo "bench/wan needs root (network namespaces, TUN devices)" >&2; exit 1; }
 command -v iperf3 >/dev/null || apt-get install -y -q iperf3 >/dev/null
@@ -55,6 +59,11 @@ cleanup() { stop_server; link_down; rm -rf "$WORK"; }
 trap cleanup EXIT
 
 rustc -O --edition 2021 -o "$WORK/linkem" "$ROOT/bench/wan/linkem.rs"
+CC_ENV=()
+if [ -n "$TCP_CC" ]; then
+  cc -O2 -shared -fPIC -o "$WORK/tcp_cc.so" "$ROOT/bench/wan/tcp_cc.c" -ldl
+  CC_ENV=(LD_PRELOAD="$WORK/tcp_cc.so" BENCH_TCP_CC="$TCP_CC")
+fi
 
 # Bandwidth-delay product of the round trip, in bytes: the queue holds QUEUE_BDP of them.
 QUEUE=$(python3 -c "print(int($QUEUE_BDP * $RATE_MBIT * 1e6 / 8 * 2 * $DELAY_MS / 1000) + 65536)")
@@ -74,8 +83,8 @@ link_up() { # $1: loss in percent
   ip -n "$NS_C" link set wanc$$ mtu 1500 up
   ip -n "$NS_R" link set wanr$$ mtu 1500 up
 }
-inc() { ip netns exec "$NS_C" "$@"; }
-inr() { ip netns exec "$NS_R" "$@"; }
+inc() { ip netns exec "$NS_C" env "${CC_ENV[@]}" "$@"; }
+inr() { ip netns exec "$NS_R" env "${CC_ENV[@]}" "$@"; }
 
 # TLS: a CA for this run, trusted by the client through SSL_CERT_FILE (the repository
 # is another host, so plain http would be refused, as in a hospital).
@@ -147,16 +156,19 @@ for loss in $LOSSES; do
     rm -f "$WORK/token" "$WORK/token2" "$WORK/down"
     "$BIN" token new --repository "$URL" --document-id 00000000000000000000 \
       --expires-in-days 1 --out "$WORK/token" >/dev/null
+    # The congestion control the transfer's sockets really use, seen by ss after 3 s.
+    (sleep 3; ip netns exec "$NS_C" ss -tin dst 10.77.0.2) >"$WORK/ss.txt" 2>&1 &
     t0=$(now)
     inc env SSL_CERT_FILE="$WORK/ca.crt" /usr/bin/time -v -o "$WORK/up.time" "$BIN" repository upload \
       --url "$URL" --api-key-file "$WORK/api-key" --token "@$WORK/token" --token-out "$WORK/token2" \
       "$WORK/container" >"$WORK/up.log" 2>&1 || { echo "upload failed: $(tail -3 "$WORK/up.log")" >&2; exit 1; }
     t1=$(now)
+    used=$(grep -oE '\b(bbr|cubic|reno)\b' "$WORK/ss.txt" | sort -u | tr '\n' ' ')
     inc env SSL_CERT_FILE="$WORK/ca.crt" /usr/bin/time -v -o "$WORK/down.time" "$BIN" repository download \
       --token "@$WORK/token2" "$WORK/down" >"$WORK/down.log" 2>&1 || { echo "download failed: $(tail -3 "$WORK/down.log")" >&2; exit 1; }
     t2=$(now)
     [ "$(sha256sum "$WORK/down" | cut -d' ' -f1)" = "$SHA" ] || { echo "the download differs" >&2; exit 1; }
-    rows+=("| $loss % | $part MiB | $(secs "$t0" "$t1") s | **$(eff "$BYTES" "$t0" "$t1")** | $(secs "$t1" "$t2") s | **$(eff "$BYTES" "$t1" "$t2")** | $(rss "$WORK/up.time") / $(rss "$WORK/down.time") MiB |")
+    rows+=("| $loss % | ${used:-?}| $part MiB | $(secs "$t0" "$t1") s | **$(eff "$BYTES" "$t0" "$t1")** | $(secs "$t1" "$t2") s | **$(eff "$BYTES" "$t1" "$t2")** | $(rss "$WORK/up.time") / $(rss "$WORK/down.time") MiB |")
     stop_server
   done
   echo "link counters, loss $loss %:"; cat "$WORK/link.stats"
@@ -164,13 +176,13 @@ for loss in $LOSSES; do
 done
 
 echo
-echo "WAN: $RATE_MBIT Mbit/s, $DELAY_MS ms one way, queue $QUEUE bytes; $BYTES bytes; $("$BIN" --version 2>/dev/null || echo cloudpdi); $(git -C "$ROOT" rev-parse --short HEAD); TCP congestion control $(cat /proc/sys/net/ipv4/tcp_congestion_control)"
+echo "WAN: $RATE_MBIT Mbit/s, $DELAY_MS ms one way, queue $QUEUE bytes; $BYTES bytes; $("$BIN" --version 2>/dev/null || echo cloudpdi); $(git -C "$ROOT" rev-parse --short HEAD); machine's TCP congestion control $(cat /proc/sys/net/ipv4/tcp_congestion_control)${TCP_CC:+, sockets set to $TCP_CC}"
 if [ "$VALIDATE" = 1 ]; then
   echo "| loss | ping RTT (avg) | iperf3 1 flow bbr up / down, Mbit/s | cubic 1 flow up | cubic 4 flows up |"
   echo "|---|---|---|---|---|"
   printf '%s\n' "${checks[@]}"
   echo
 fi
-echo "| loss | part size | upload | upload efficiency | download | download efficiency | client peak RSS up/down |"
-echo "|---|---|---|---|---|---|---|"
+echo "| loss | congestion control (upload, ss) | part size | upload | upload efficiency | download | download efficiency | client peak RSS up/down |"
+echo "|---|---|---|---|---|---|---|---|"
 printf '%s\n' "${rows[@]}"
