@@ -126,7 +126,9 @@ fn direction(from: Arc<File>, to: Arc<File>, link: Arc<Link>, stats: Arc<Stats>,
                 stats.queue_drops.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            stats.max_backlog.fetch_max(backlog as u64, Ordering::Relaxed);
+            stats
+                .max_backlog
+                .fetch_max(backlog as u64, Ordering::Relaxed);
             stats.bytes.fetch_add(n as u64, Ordering::Relaxed);
             free_at += Duration::from_secs_f64(n as f64 / link.bytes_per_sec);
             if tx.send((free_at + link.delay, buf[..n].to_vec())).is_err() {
@@ -139,7 +141,9 @@ fn direction(from: Arc<File>, to: Arc<File>, link: Arc<Link>, stats: Arc<Stats>,
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.len() != 8 {
-        eprintln!("usage: linkem TUN_A TUN_B RATE_MBIT DELAY_MS LOSS_PERCENT QUEUE_BYTES STATS_FILE");
+        eprintln!(
+            "usage: linkem TUN_A TUN_B RATE_MBIT DELAY_MS LOSS_PERCENT QUEUE_BYTES STATS_FILE"
+        );
         std::process::exit(2);
     }
     let number = |i: usize| -> f64 {
