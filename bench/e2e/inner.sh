@@ -112,3 +112,9 @@ printf 'peak memory (VmHWM) during the transfer: site A %s MiB, site B %s MiB (s
   "$mem_a" "$mem_b" "$ingest_mib"
 printf 'one disc at the hospital: 20 min = 1200 s (%.0fx faster including the stable wait)\n' \
   "$(calc "1200 / ($total + $stable)")"
+# BENCH_LOGS=DIR keeps both daemons' logs (their step lines carry times) for a breakdown.
+if [ -n "${BENCH_LOGS:-}" ]; then
+  mkdir -p "$BENCH_LOGS"
+  cp "$work/a/log" "$BENCH_LOGS/site-a.log"
+  cp "$work/b/log" "$BENCH_LOGS/site-b.log"
+fi

@@ -10,6 +10,7 @@
 # Usage: bench/e2e/run.sh            (500 slices)
 #        SLICES=200 bench/e2e/run.sh
 #        STABLE_AFTER=2 bench/e2e/run.sh
+#        BENCH_LOGS=/tmp/e2e-logs bench/e2e/run.sh   # keep both daemons' logs
 #        BENCH_BIN=/path/to/other/cloudpdi bench/e2e/run.sh   # another build, e.g. before a change
 set -euo pipefail
 cd "$(dirname "$0")/../.."
