@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Runs inside `unshare --net` (only `lo`): see run.sh.
+# Runs inside `unshare --net` (only `lo`): see run.sh. bench/wan/run.sh (E2E=1) runs it in
+# its client namespace with REPO_URL and REPO_KEY_FILE: both sites then use that
+# repository across the emulated link instead of site A's embedded one.
 set -euo pipefail
 work=$1
 ip link set lo up
@@ -27,6 +29,11 @@ JSON
 }
 site() { # $1: folder, $2: dicom port, $3: admin port, $4: embedded repository port, $5: extra TOML
   mkdir -p "$1"
+  local repo=""
+  if [ -n "${REPO_URL:-}" ]; then
+    repo="url = \"$REPO_URL\"
+api_key_file = \"$REPO_KEY_FILE\""
+  fi
   cat >"$1/c.toml" <<TOML
 [dicom]
 listen = "127.0.0.1:$2"
@@ -37,6 +44,7 @@ min_free_mb = 0
 listen = "127.0.0.1:$3"
 [repository]
 embedded_listen = "127.0.0.1:$4"
+$repo
 [route.ct]
 ae_title = "CLOUDPDI"
 stable_after = ${STABLE_AFTER:-1}

@@ -15,6 +15,9 @@
 #   LOSSES=0 SIZE_MB=100 bench/wan/run.sh              # quicker
 #   PART_SIZES="8 32" bench/wan/run.sh                 # repository part_size_mb values to compare
 #   BENCH_BIN=/path/to/cloudpdi bench/wan/run.sh       # another build (else: cargo build --release)
+#   E2E=1 bench/wan/run.sh                             # also the whole pipeline (bench/e2e/inner.sh:
+#                                                      # storescu -> site A -> repository -> site B ->
+#                                                      # Orthanc, both sites in the client namespace)
 #   TCP_CC=cubic bench/wan/run.sh                      # client and repository sockets with this
 #                                                      # congestion control (LD_PRELOAD tcp_cc.c);
 #                                                      # default: the machine's net.ipv4.tcp_congestion_control
@@ -29,6 +32,7 @@ PART_SIZES=${PART_SIZES:-8}
 QUEUE_BDP=${QUEUE_BDP:-1}
 VALIDATE=${VALIDATE:-1}
 TCP_CC=${TCP_CC:-}
+E2E=${E2E:-0}
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 [ "$(id -u)" = 0 ] || { echo "bench/wan needs root (network namespaces, TUN devices)" >&2; exit 1; }
 command -v iperf3 >/dev/null || apt-get install -y -q iperf3 >/dev/null
@@ -98,6 +102,7 @@ openssl x509 -req -in "$WORK/server.csr" -CA "$WORK/ca.crt" -CAkey "$WORK/ca.key
 
 read -r KEY HASH < <("$BIN" repository new-key | awk -F'[:"] *' 'NR==1{k=$2} NR==2{print k, $2}')
 printf '%s' "$(echo "$KEY" | tr -d ' ')" >"$WORK/api-key"
+chmod 600 "$WORK/api-key"
 URL=https://10.77.0.2:8443
 start_server() { # $1: part_size_mb
   rm -rf "$WORK/store"
@@ -137,8 +142,13 @@ eff() { python3 -c "print(f'{$1 / (($3 - $2) * $RATE_MBIT * 1e6 / 8):.2f}')"; }
 secs() { python3 -c "print(f'{$2 - $1:.1f}')"; }
 rss() { awk '/Maximum resident/ {printf "%.0f", $6/1024}' "$1"; }
 
+if [ "$E2E" = 1 ]; then
+  python3 "$ROOT/scripts/gen_ct.py" "$WORK/study" --slices "${SLICES:-500}" >/dev/null
+  STUDY_BYTES=$(cat "$WORK"/study/* | wc -c)
+fi
 rows=()
 checks=()
+e2e=()
 for loss in $LOSSES; do
   link_up "$loss"
   if [ "$VALIDATE" = 1 ]; then
@@ -156,21 +166,32 @@ for loss in $LOSSES; do
     rm -f "$WORK/token" "$WORK/token2" "$WORK/down"
     "$BIN" token new --repository "$URL" --document-id 00000000000000000000 \
       --expires-in-days 1 --out "$WORK/token" >/dev/null
-    # The congestion control the transfer's sockets really use, seen by ss after 3 s.
-    (sleep 3; ip netns exec "$NS_C" ss -tin dst 10.77.0.2) >"$WORK/ss.txt" 2>&1 &
+    # The congestion control the transfer's sockets really use, seen by ss after 2 s
+    # (a shorter transfer shows "?").
+    (sleep 2; ip netns exec "$NS_C" ss -tin dst 10.77.0.2) >"$WORK/ss.txt" 2>&1 &
     t0=$(now)
     inc env SSL_CERT_FILE="$WORK/ca.crt" /usr/bin/time -v -o "$WORK/up.time" "$BIN" repository upload \
       --url "$URL" --api-key-file "$WORK/api-key" --token "@$WORK/token" --token-out "$WORK/token2" \
       "$WORK/container" >"$WORK/up.log" 2>&1 || { echo "upload failed: $(tail -3 "$WORK/up.log")" >&2; exit 1; }
     t1=$(now)
-    used=$(grep -oE '\b(bbr|cubic|reno)\b' "$WORK/ss.txt" | sort -u | tr '\n' ' ')
+    used=$({ grep -oE '\b(bbr|cubic|reno)\b' "$WORK/ss.txt" || true; } | sort -u | tr '\n' ' ')
     inc env SSL_CERT_FILE="$WORK/ca.crt" /usr/bin/time -v -o "$WORK/down.time" "$BIN" repository download \
       --token "@$WORK/token2" "$WORK/down" >"$WORK/down.log" 2>&1 || { echo "download failed: $(tail -3 "$WORK/down.log")" >&2; exit 1; }
     t2=$(now)
     [ "$(sha256sum "$WORK/down" | cut -d' ' -f1)" = "$SHA" ] || { echo "the download differs" >&2; exit 1; }
-    rows+=("| $loss % | ${used:-?}| $part MiB | $(secs "$t0" "$t1") s | **$(eff "$BYTES" "$t0" "$t1")** | $(secs "$t1" "$t2") s | **$(eff "$BYTES" "$t1" "$t2")** | $(rss "$WORK/up.time") / $(rss "$WORK/down.time") MiB |")
+    rows+=("| $loss % | ${used:-? }| $part MiB | $(secs "$t0" "$t1") s | **$(eff "$BYTES" "$t0" "$t1")** | $(secs "$t1" "$t2") s | **$(eff "$BYTES" "$t1" "$t2")** | $(rss "$WORK/up.time") / $(rss "$WORK/down.time") MiB |")
     stop_server
   done
+  if [ "$E2E" = 1 ]; then
+    start_server "${PART_SIZES%% *}"
+    mkdir -p "$WORK/e2e-$loss"
+    ln -s "$WORK/study" "$WORK/e2e-$loss/study"
+    (cd "$ROOT" && inc env BENCH_BIN="$BIN" SSL_CERT_FILE="$WORK/ca.crt" REPO_URL="$URL" \
+      REPO_KEY_FILE="$WORK/api-key" bash bench/e2e/inner.sh "$WORK/e2e-$loss") >"$WORK/e2e.out" 2>&1 \
+      || { echo "end to end failed: $(tail -5 "$WORK/e2e.out")" >&2; exit 1; }
+    e2e+=("loss $loss %:" "$(grep -E '^(\(a\)|\(b\)| +(storescu|stable|token|B takes)|peak memory)' "$WORK/e2e.out")")
+    stop_server
+  fi
   echo "link counters, loss $loss %:"; cat "$WORK/link.stats"
   link_down
 done
@@ -186,3 +207,9 @@ fi
 echo "| loss | congestion control (upload, ss) | part size | upload | upload efficiency | download | download efficiency | client peak RSS up/down |"
 echo "|---|---|---|---|---|---|---|---|"
 printf '%s\n' "${rows[@]}"
+if [ "$E2E" = 1 ]; then
+  echo
+  echo "end to end over the link ($(ls "$WORK/study" | wc -l) instances, $STUDY_BYTES bytes; the study's bytes" \
+    "once up and once down take $(python3 -c "print(f'{2 * $STUDY_BYTES * 8 / ($RATE_MBIT * 1e6):.1f}')") s at the link rate):"
+  printf '%s\n' "${e2e[@]}"
+fi
