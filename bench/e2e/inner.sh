@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Runs inside `unshare --net` (only `lo`): see run.sh.
+# Runs inside `unshare --net` (only `lo`): see run.sh. bench/wan/run.sh (E2E=1) runs it in
+# its client namespace with REPO_URL and REPO_KEY_FILE: both sites then use that
+# repository across the emulated link instead of site A's embedded one.
 set -euo pipefail
 work=$1
 ip link set lo up
@@ -17,7 +19,9 @@ orthanc() { # $1: storage folder
 {"Name":"bench","StorageDirectory":"$1/db","IndexDirectory":"$1/db","HttpPort":8042,"DicomPort":4242,
  "DicomAet":"ORTHANC","RemoteAccessAllowed":false,"AuthenticationEnabled":false,"DicomAlwaysAllowStore":true,"Plugins":[]}
 JSON
-  /usr/sbin/Orthanc "$1/orthanc.json" >"$1/log" 2>&1 &
+  # Orthanc's DCMTK keeps Nagle's algorithm on like storescu's: off for both, as a PACS
+  # tuned for throughput would run (with it on, each C-STORE response waits ~40 ms).
+  TCP_NODELAY=1 /usr/sbin/Orthanc "$1/orthanc.json" >"$1/log" 2>&1 &
   peer=$!
   started+=("$peer")
   for i in $(seq 200); do curl -sf http://127.0.0.1:8042/system >/dev/null && return; sleep 0.1; done
@@ -25,6 +29,11 @@ JSON
 }
 site() { # $1: folder, $2: dicom port, $3: admin port, $4: embedded repository port, $5: extra TOML
   mkdir -p "$1"
+  local repo=""
+  if [ -n "${REPO_URL:-}" ]; then
+    repo="url = \"$REPO_URL\"
+api_key_file = \"$REPO_KEY_FILE\""
+  fi
   cat >"$1/c.toml" <<TOML
 [dicom]
 listen = "127.0.0.1:$2"
@@ -35,14 +44,16 @@ min_free_mb = 0
 listen = "127.0.0.1:$3"
 [repository]
 embedded_listen = "127.0.0.1:$4"
+$repo
 [route.ct]
 ae_title = "CLOUDPDI"
-stable_after = 2
+stable_after = ${STABLE_AFTER:-1}
 compress = false
 $5
 TOML
   "$bin" serve --config "$1/c.toml" >"$1/log" 2>&1 &
   started+=("$!")
+  site_pid=$!
   for i in $(seq 200); do curl -sf "http://127.0.0.1:$3/healthz" >/dev/null && return; sleep 0.05; done
   echo "cloudpdi did not start: $(cat "$1/log")" >&2; exit 1
 }
@@ -56,29 +67,62 @@ t1=$(now)
 kill $peer; wait $peer 2>/dev/null || true
 direct=$(echo "$t1 - $t0" | bc)
 
+# Peak resident memory of a process (VmHWM), in MiB, and its reset (clear_refs 5), so
+# that the peak of one phase can be read at its end.
+hwm() { awk '/^VmHWM/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
+hwm_reset() { echo 5 >"/proc/$1/clear_refs"; }
+
 # (b) through cloudpdi.
 orthanc "$work/orthanc-b"
 site "$work/a" 11112 11180 11190 "[outbound]
 enabled = true"
+pid_a=$site_pid
 site "$work/b" 11113 11181 11191 "[inbound]
 pacs = \"127.0.0.1:4242\"
 pacs_ae_title = \"ORTHANC\"
 poll_interval = 1"
+pid_b=$site_pid
+tin=$(now)
 TCP_NODELAY=1 /usr/bin/storescu -aec CLOUDPDI 127.0.0.1 11112 "$work"/study/*
 t0=$(now)
-until "$bin" status --admin 127.0.0.1:11180 --json | grep -q '"direction": "outbound"'; do sleep 0.02; done
+ingest_mib=$(hwm "$pid_a")
+hwm_reset "$pid_a"
+hwm_reset "$pid_b"
+until "$bin" status --admin 127.0.0.1:11180 --json | grep '"direction": "outbound"' >/dev/null; do sleep 0.02; done
 tstable=$(now)
 until ls "$work"/a/data/tokens/ct/*.token >/dev/null 2>&1; do sleep 0.02; done
 ttoken=$(now)
 cp "$work"/a/data/tokens/ct/*.token "$work/b/data/inbox/"
+until "$bin" status --admin 127.0.0.1:11181 --json | grep '"direction": "inbound"' >/dev/null; do sleep 0.02; done
+ttaken=$(now)
 until [ "$(count)" = "$n" ]; do sleep 0.05; done
 tdone=$(now)
+mem_a=$(hwm "$pid_a")
+mem_b=$(hwm "$pid_b")
 kill $peer
-stable=$(echo "$tstable - $t0" | bc)
-pipeline=$(echo "$tdone - $tstable" | bc)
-echo "study: $n instances, $(du -sm "$work/study" | cut -f1) MB"
-printf '(a) storescu -> Orthanc:                         %6.2f s\n' "$direct"
-printf '(b) cloudpdi A -> repository -> B -> Orthanc:    %6.2f s  (stable wait %.2f s excluded; token after %.2f s)\n' \
-  "$pipeline" "$stable" "$(echo "$ttoken - $tstable" | bc)"
-printf 'ratio (b)/(a): %.2f; one disc at the hospital: 20 min = 1200 s (%.0fx faster)\n' \
-  "$(echo "$pipeline / $direct" | bc -l)" "$(echo "1200 / ($pipeline + $stable)" | bc -l)"
+calc() { echo "$1" | bc -l | xargs printf '%.2f'; }
+ingest=$(calc "$t0 - $tin")
+stable=$(calc "$tstable - $t0")
+pipeline=$(calc "$tdone - $tstable")
+total=$(calc "$ingest + $pipeline")
+poll=$(calc "$ttaken - $ttoken")
+echo "study: $n instances, $(du -sm "$work/study" | cut -f1) MB; $("$bin" --version 2>/dev/null || echo "$bin")"
+printf '(a) storescu -> Orthanc (TCP_NODELAY=1):            %6.2f s\n' "$direct"
+printf '    storescu -> site A (durable ingest):            %6.2f s\n' "$ingest"
+printf '    stable wait (excluded):                         %6.2f s\n' "$stable"
+printf '    stable -> token (pack, seal, upload):           %6.2f s\n' "$(calc "$ttoken - $tstable")"
+printf '    token -> B takes it (inbox poll, poll_interval 1 s): %6.2f s\n' "$poll"
+printf '    B takes it -> all instances in Orthanc:         %6.2f s\n' "$(calc "$tdone - $ttaken")"
+printf '(b) total minus stable wait:                        %6.2f s\n' "$total"
+printf 'ratio (b)/(a): %.2f (goal <= 2.0, stretch 1.5); without the inbox poll: %.2f\n' \
+  "$(calc "$total / $direct")" "$(calc "($total - $poll) / $direct")"
+printf 'peak memory (VmHWM) during the transfer: site A %s MiB, site B %s MiB (site A during ingest %s MiB; goal <= 64)\n' \
+  "$mem_a" "$mem_b" "$ingest_mib"
+printf 'one disc at the hospital: 20 min = 1200 s (%.0fx faster including the stable wait)\n' \
+  "$(calc "1200 / ($total + $stable)")"
+# BENCH_LOGS=DIR keeps both daemons' logs (their step lines carry times) for a breakdown.
+if [ -n "${BENCH_LOGS:-}" ]; then
+  mkdir -p "$BENCH_LOGS"
+  cp "$work/a/log" "$BENCH_LOGS/site-a.log"
+  cp "$work/b/log" "$BENCH_LOGS/site-b.log"
+fi

@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# End-to-end benchmark (issue 6): for one generated CT study, in one run,
-#  (a) DCMTK storescu straight into Orthanc (the best one machine can do), and
-#  (b) storescu -> site A (cloudpdi serve) -> embedded repository -> site B -> Orthanc,
-#      timed from the end of the C-STOREs at site A to the last instance in Orthanc; the
-#      stable wait (route stable_after) is measured apart and excluded.
+# End-to-end benchmark (issues 6 and 15): for one generated CT study, in one run,
+#  (a) DCMTK storescu (TCP_NODELAY=1) straight into Orthanc (the best one machine can do), and
+#  (b) storescu -> site A (cloudpdi serve) -> embedded repository -> site B -> Orthanc:
+#      the durable ingest at site A plus the time from the batch taken by the outbound
+#      pipeline to the last instance in Orthanc; the stable wait (route stable_after,
+#      STABLE_AFTER seconds, default 1) is measured apart and excluded. Each step is
+#      printed, and the peak memory (VmHWM) of both daemons during the transfer.
 # Runs inside a private network namespace (Orthanc cannot bind loopback only): needs root.
 # Usage: bench/e2e/run.sh            (500 slices)
 #        SLICES=200 bench/e2e/run.sh
+#        STABLE_AFTER=2 bench/e2e/run.sh
+#        BENCH_LOGS=/tmp/e2e-logs bench/e2e/run.sh   # keep both daemons' logs
 #        BENCH_BIN=/path/to/other/cloudpdi bench/e2e/run.sh   # another build, e.g. before a change
 set -euo pipefail
 cd "$(dirname "$0")/../.."
