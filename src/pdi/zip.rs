@@ -1027,8 +1027,10 @@ fn read_u32(input: &mut impl Read) -> Result<u32, ZipError> {
 }
 
 impl ZipError {
-    /// The [`ZipError`] an I/O error carries (from [`EntryData`]), or the I/O error.
-    fn from_io(e: io::Error) -> ZipError {
+    /// The [`ZipError`] an I/O error carries (the reader of an entry's data that
+    /// [`read_stream`] hands over reports a size or CRC that does not match so), or the
+    /// I/O error itself.
+    pub fn from_io(e: io::Error) -> ZipError {
         if !e.get_ref().is_some_and(|inner| inner.is::<ZipError>()) {
             return ZipError::Io(e);
         }
