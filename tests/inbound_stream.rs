@@ -33,12 +33,16 @@ fn cloudpdi(args: &[&str]) -> String {
 fn entries(zip: &Path) -> Vec<(String, Vec<u8>)> {
     let bytes = std::fs::read(zip).unwrap();
     let mut found = Vec::new();
-    read_stream(&bytes[..], Limits::default(), |e: &StreamEntry, data: &mut dyn Read| {
-        let mut held = Vec::new();
-        data.read_to_end(&mut held).map_err(ZipError::from_io)?;
-        found.push((e.name.clone(), held));
-        Ok::<(), ZipError>(())
-    })
+    read_stream(
+        &bytes[..],
+        Limits::default(),
+        |e: &StreamEntry, data: &mut dyn Read| {
+            let mut held = Vec::new();
+            data.read_to_end(&mut held).map_err(ZipError::from_io)?;
+            found.push((e.name.clone(), held));
+            Ok::<(), ZipError>(())
+        },
+    )
     .unwrap();
     found
 }
@@ -202,7 +206,9 @@ fn hand_over(token: &Path, site: &Daemon) {
 /// The one inbound job of `site` once it is in `state`.
 fn job_in(site: &Daemon, state: &str, within: Duration) -> serde_json::Value {
     wait_for(&format!("the job to be {state}"), within, || {
-        site.inbound_jobs().into_iter().find(|j| j["state"] == state)
+        site.inbound_jobs()
+            .into_iter()
+            .find(|j| j["state"] == state)
     })
 }
 
@@ -297,17 +303,23 @@ fn a_file_that_does_not_match_the_manifest_is_not_sent() {
     gen_ct(&study, 6, &[]);
     let repository = Repository::start(&dir.path().join("repo"));
     let mut altered = String::new();
-    let token = publish(&repository, &dir.path().join("send"), &study, false, |mut e| {
-        let (name, data) = e
-            .iter_mut()
-            .rev()
-            .find(|(name, _)| name.starts_with("DICOM/"))
-            .unwrap();
-        let last = data.len() - 1;
-        data[last] ^= 0xFF;
-        altered = name.clone();
-        e
-    });
+    let token = publish(
+        &repository,
+        &dir.path().join("send"),
+        &study,
+        false,
+        |mut e| {
+            let (name, data) = e
+                .iter_mut()
+                .rev()
+                .find(|(name, _)| name.starts_with("DICOM/"))
+                .unwrap();
+            let last = data.len() - 1;
+            data[last] ^= 0xFF;
+            altered = name.clone();
+            e
+        },
+    );
     let pacs = Pacs::start(dir.path(), 0);
     let b = receiver(dir.path(), &pacs);
     hand_over(&token, &b);
@@ -318,7 +330,11 @@ fn a_file_that_does_not_match_the_manifest_is_not_sent() {
         "{error}"
     );
     let received = pacs.received();
-    assert_eq!(received.len(), 5, "the five genuine instances: {received:?}");
+    assert_eq!(
+        received.len(),
+        5,
+        "the five genuine instances: {received:?}"
+    );
     assert!(received.values().all(|&n| n == 1), "{received:?}");
     assert!(
         uids(&files_in(&study)).is_superset(&received.keys().cloned().collect()),

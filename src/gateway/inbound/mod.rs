@@ -8,8 +8,16 @@
 //! token naming a community code is resolved through `[repositories]`,
 //! and the resulting URL checked against `inbound.allowed_repositories`. Steps, each
 //! repeated safely after a crash:
-//! 1. **download**: ranged, resumable download of the container (`jobs/in/<id>/container`);
-//!    the repository names the facility that created the document, the job's issuer;
+//! 1. **download**, as one stream ([`stream`]): the ranged, resumable download of the
+//!    container (`jobs/in/<id>/container.part`, then `container`; the repository names
+//!    the facility that created the document, the job's issuer) is read while it grows,
+//!    opened chunk by chunk (only authenticated bytes go further), its PDI read front to
+//!    back into `pdi/`, every file checked against the manifest (first in the archive),
+//!    and each verified instance C-STOREd at once (Patient ID reconciliation as below;
+//!    instances stored are appended to `stored` as the PACS answers, so no attempt sends
+//!    them again). The whole set is then checked against its DICOMDIR and manifest.
+//!    A container whose archive has the manifest last (an older sender) goes on to 2-4;
+//!    one the PACS did not wholly take goes on to 4.
 //! 2. **open**: decrypt and authenticate; nothing goes further from a container that
 //!    fails (`pdi.zip`, committed only when every chunk authenticated);
 //! 3. **unpack**: extract the PDI safely and check it against its DICOMDIR and manifest;
@@ -555,6 +563,14 @@ impl Inbound {
                 .await?;
                 job.study = Some(study);
                 let _ = std::fs::remove_file(dir.container());
+                if import::unsent(results.iter().map(|(_, outcome)| outcome)).is_some() {
+                    // The set is whole and verified: the Import step sends what the PACS
+                    // did not take, waiting and retrying as it always has.
+                    record_stored(dir, &held)?;
+                    job.stored = held.len() as u64;
+                    info!(job = %job.id, stored = held.len(), "the PACS did not take every instance of the stream; the import step sends the rest");
+                    return Ok(InStep::Import);
+                }
                 self.settle(dir, job, total.max(instances), held, &results)?;
                 Ok(InStep::Receipt)
             }
@@ -629,11 +645,7 @@ impl Inbound {
                     .filter(|(_, o)| matches!(o, Outcome::Stored { .. }))
                     .map(|(i, _)| i.sop_instance_uid.clone()),
             );
-            let mut list: Vec<&String> = stored.iter().collect();
-            list.sort();
-            let text: String = list.iter().map(|uid| format!("{uid}\n")).collect();
-            durable::write(&dir.stored(), text.as_bytes(), 0o600)
-                .map_err(|e| StepError::file("write", &dir.stored(), &e))?;
+            record_stored(dir, &stored)?;
             let counts = format!(
                 "{} of {total} instances not sent; {} stored are not sent again",
                 unsent.count,
@@ -751,9 +763,13 @@ impl Pipeline for Inbound {
     }
 
     /// An import ends with the Import step, or with a streamed Download step that
-    /// imported (it knows the study then; one from an older sender goes on to Open).
+    /// imported every instance (one from an older sender goes on to Open, one the PACS
+    /// did not wholly take to Import, and those count there).
     fn count_step(&self, job: &InboundJob, done: InStep, metrics: &Metrics) {
-        if done == InStep::Import || (done == InStep::Download && job.study.is_some()) {
+        let streamed = done == InStep::Download
+            && job.study.is_some()
+            && job.stored + job.set_aside.len() as u64 >= job.instances;
+        if done == InStep::Import || streamed {
             metrics.imports.inc();
             metrics
                 .instances_set_aside
@@ -802,6 +818,15 @@ fn read_stored(dir: &Workdir) -> Result<HashSet<String>, StepError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(HashSet::new()),
         Err(e) => Err(StepError::file("read", &dir.stored(), &e)),
     }
+}
+
+/// Writes the `stored` file anew, durably, with `stored` (sorted).
+fn record_stored(dir: &Workdir, stored: &HashSet<String>) -> Result<(), StepError> {
+    let mut list: Vec<&String> = stored.iter().collect();
+    list.sort();
+    let text: String = list.iter().map(|uid| format!("{uid}\n")).collect();
+    durable::write(&dir.stored(), text.as_bytes(), 0o600)
+        .map_err(|e| StepError::file("write", &dir.stored(), &e))
 }
 
 /// Creates the download's partial file (mode 0600) if it is not there, so that the
