@@ -958,6 +958,15 @@ fn unpack(zip: &Path, dest: &Path, max_bytes: u64) -> Result<(), StepError> {
         ..zip::Limits::default()
     };
     let declared = zip::declared(zip, limits).map_err(PdiError::from)?;
+    room_for(dest, declared.bytes)?;
+    zip::extract(zip, dest, limits).map_err(PdiError::from)?;
+    Ok(())
+}
+
+/// Refuses, before anything is written, to extract `bytes` into `dest` when the free
+/// disk space (less the reserve for the rest of the system) cannot hold them: a
+/// transient failure, tried again later.
+fn room_for(dest: &Path, bytes: u64) -> Result<(), StepError> {
     let parent = match dest.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => parent,
         _ => Path::new("."),
@@ -967,17 +976,15 @@ fn unpack(zip: &Path, dest: &Path, max_bytes: u64) -> Result<(), StepError> {
         crate::repository::client::DEFAULT_DISK_RESERVE_BYTES,
     )
     .map_err(|e| StepError::file("measure the free space of", parent, &e))?;
-    if declared.bytes.saturating_add(reserve) > free {
+    if bytes.saturating_add(reserve) > free {
         return Err(StepError::transient(format!(
-            "No space left to extract the PDI: {} bytes needed in {}, {free} free \
+            "No space left to extract the PDI: {bytes} bytes needed in {}, {free} free \
              (of which {reserve} stay free for the rest of the system); nothing was \
              extracted; free disk space, the step is tried again later",
-            declared.bytes,
             parent.display()
         ))
         .with_cause(Cause::DiskFull));
     }
-    zip::extract(zip, dest, limits).map_err(PdiError::from)?;
     Ok(())
 }
 

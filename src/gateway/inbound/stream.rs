@@ -347,6 +347,11 @@ impl Writer<'_> {
             }
             let (bytes, _) = write_file(&target, data, manifest::MAX_BYTES)?;
             let manifest = FileSet::parse_manifest(&bytes)?;
+            let declared = manifest
+                .files
+                .iter()
+                .fold(0u64, |sum, f| sum.saturating_add(f.size));
+            super::room_for(self.root, declared)?;
             self.begin(manifest);
             return Ok(());
         };
