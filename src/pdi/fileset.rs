@@ -282,7 +282,7 @@ impl FileSet {
                 manifest::PATH
             )));
         }
-        let manifest: Manifest = serde_json::from_slice(&text).map_err(|e| {
+        let manifest: Manifest = serde_json::from_slice(text).map_err(|e| {
             PdiError::Broken(format!("{} is not a valid manifest: {e}", manifest::PATH))
         })?;
         if manifest.format != manifest::FORMAT || manifest.version != 1 {

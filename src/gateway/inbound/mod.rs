@@ -553,7 +553,7 @@ impl Inbound {
                 job.instances = instances;
                 let pdi = dir.pdi();
                 let study = blocking(move || {
-                    let study = StudyDetails::gather(&[pdi.clone()]).summary();
+                    let study = StudyDetails::gather(std::slice::from_ref(&pdi)).summary();
                     // One flush of the file system for every extracted file and folder.
                     std::fs::File::open(&pdi)
                         .and_then(|f| rustix::fs::syncfs(f).map_err(std::io::Error::from))
