@@ -552,18 +552,24 @@ impl Inbound {
             stream::Streamed::Whole { instances } => {
                 job.instances = instances;
                 let pdi = dir.pdi();
+                let unsent = import::unsent(results.iter().map(|(_, outcome)| outcome)).is_some();
                 let study = blocking(move || {
                     let study = StudyDetails::gather(std::slice::from_ref(&pdi)).summary();
-                    // One flush of the file system for every extracted file and folder.
-                    std::fs::File::open(&pdi)
-                        .and_then(|f| rustix::fs::syncfs(f).map_err(std::io::Error::from))
-                        .map_err(|e| StepError::file("flush", &pdi, &e))?;
+                    if unsent {
+                        // The Import step reads the extracted set after a crash: one flush
+                        // of the file system for every file and folder before it is
+                        // recorded (a file each would be hundreds of fsyncs). A set whose
+                        // every instance is stored is not read again: no flush then.
+                        std::fs::File::open(&pdi)
+                            .and_then(|f| rustix::fs::syncfs(f).map_err(std::io::Error::from))
+                            .map_err(|e| StepError::file("flush", &pdi, &e))?;
+                    }
                     Ok(study)
                 })
                 .await?;
                 job.study = Some(study);
                 let _ = std::fs::remove_file(dir.container());
-                if import::unsent(results.iter().map(|(_, outcome)| outcome)).is_some() {
+                if unsent {
                     // The set is whole and verified: the Import step sends what the PACS
                     // did not take, waiting and retrying as it always has.
                     record_stored(dir, &held)?;
