@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 
 use crate::container::{Compression, ContainerError, ContainerKey, DecryptLimits, Decryptor};
 use crate::dicom::scu::Instance;
-use crate::gateway::jobs::StepError;
+use crate::gateway::jobs::{Cause, StepError};
 use crate::pdi::manifest::{self, Manifest, ManifestFile};
 use crate::pdi::zip::{self, StreamEntry, ZipError};
 use crate::pdi::{FileSet, PdiError};
@@ -153,6 +153,34 @@ impl<R: Read> Read for Bounded<R> {
     }
 }
 
+/// zstd data that cannot be decoded although it authenticated (the sender compressed
+/// with a window beyond [`MAX_ZSTD_WINDOW_LOG`], or wrote no zstd at all): final, said
+/// as such rather than as a failed read.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the container's compressed content cannot be decoded here ({0}); this receiver \
+     decodes zstd windows up to 8 MiB (levels up to 19, no long mode): ask the sender to \
+     send the study again with outbound.zstd_level at most 19"
+)]
+struct Undecodable(String);
+
+/// The zstd decoder, its own failures told apart from those of the container below it.
+struct Zstd<R>(R);
+
+impl<R: Read> Read for Zstd<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf).map_err(|e| {
+            if e.get_ref()
+                .is_some_and(|inner| inner.is::<ContainerError>())
+            {
+                e
+            } else {
+                io::Error::new(io::ErrorKind::InvalidData, Undecodable(e.to_string()))
+            }
+        })
+    }
+}
+
 /// What the stream learned from the manifest, for the C-STORE lanes.
 #[derive(Debug, Clone)]
 pub(super) struct Negotiation {
@@ -209,6 +237,12 @@ fn unwrap_container(e: PdiError) -> StepError {
         {
             return StepError::from(container.clone());
         }
+        if let Some(undecodable) = io
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<Undecodable>())
+        {
+            return StepError::permanent(undecodable).with_cause(Cause::InvalidContainer);
+        }
     }
     StepError::from(e)
 }
@@ -257,7 +291,7 @@ pub(super) fn read(
         decoder
             .window_log_max(MAX_ZSTD_WINDOW_LOG)
             .map_err(|e| StepError::from(ContainerError::from(e)))?;
-        Box::new(decoder)
+        Box::new(Zstd(decoder))
     } else {
         Box::new(decryptor)
     };
@@ -469,4 +503,117 @@ fn private_dir(path: &Path, recursive: bool) -> io::Result<()> {
         .recursive(recursive)
         .mode(0o700)
         .create(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::container::{Encryptor, Options};
+    use crate::pdi::zip::ZipWriter;
+
+    const KEY: [u8; 32] = [7; 32];
+
+    /// A PDI whose manifest lists one file `DICOM/A` holding `data`.
+    fn pdi(data: &[u8]) -> Vec<u8> {
+        let manifest = serde_json::json!({
+            "format": manifest::FORMAT,
+            "version": 1,
+            "file_set_id": "X",
+            "facility": "",
+            "created": "2026-01-01T00:00:00Z",
+            "files": [{
+                "path": "DICOM/A",
+                "size": data.len(),
+                "sha256": hex::encode(Sha256::digest(data)),
+            }],
+        });
+        let mut zip = ZipWriter::new(Vec::new(), 0);
+        zip.add_bytes(manifest::PATH, manifest.to_string().as_bytes())
+            .expect("add");
+        zip.add_bytes("DICOM/A", data).expect("add");
+        zip.finish().expect("finish")
+    }
+
+    /// Seals `payload` (already zstd data) as a zstd container into `path`.
+    fn seal_zstd(path: &Path, payload: &[u8]) {
+        let options = Options {
+            compression: Compression::Zstd,
+            ..Options::default()
+        };
+        let key = ContainerKey::from_bytes(KEY);
+        let mut sealer = Encryptor::new(&key, &options, Vec::new()).expect("sealer");
+        sealer.write_all(payload).expect("seal");
+        std::fs::write(path, sealer.finish().expect("finish")).expect("write");
+    }
+
+    /// Streams the whole container at `container`; the error's text, if any.
+    fn stream(dir: &Path, container: &Path, limits: DecryptLimits) -> Result<(), String> {
+        let (negotiated, _negotiation) = tokio::sync::oneshot::channel();
+        let (instances, _feed) = tokio::sync::mpsc::channel(4);
+        let source = Source {
+            container: container.to_owned(),
+            growing: Arc::new(Growing::new(true)),
+            key: ContainerKey::from_bytes(KEY),
+            limits,
+            pdi: dir.join("pdi"),
+            stored: HashSet::new(),
+        };
+        read(source, negotiated, &instances)
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
+
+    /// A zstd frame asking for a 16 MiB window is refused, for good, with the reason.
+    #[test]
+    fn a_zstd_window_beyond_8_mib_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut data = vec![0u8; 9 << 20];
+        let mut x = 1u32;
+        for byte in &mut data {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            *byte = x as u8;
+        }
+        let mut encoder = zstd::stream::write::Encoder::new(Vec::new(), 1).expect("encoder");
+        encoder.window_log(24).expect("window");
+        encoder.write_all(&pdi(&data)).expect("compress");
+        let container = dir.path().join("container");
+        seal_zstd(&container, &encoder.finish().expect("finish"));
+        let error = stream(dir.path(), &container, DecryptLimits::default()).expect_err("refused");
+        assert!(error.contains("zstd windows up to 8 MiB"), "{error}");
+        assert!(!error.contains("will retry"), "final: {error}");
+    }
+
+    /// A container whose zstd content expands beyond the ratio is refused while it
+    /// streams, for good.
+    #[test]
+    fn a_decompression_bomb_is_refused_while_streaming() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let container = dir.path().join("container");
+        let zeros = vec![0u8; 8 << 20];
+        seal_zstd(
+            &container,
+            &zstd::encode_all(&pdi(&zeros)[..], 19).expect("zstd"),
+        );
+        let limits = DecryptLimits {
+            max_ratio: 10,
+            ratio_floor: 1 << 20,
+            ..DecryptLimits::default()
+        };
+        let error = stream(dir.path(), &container, limits).expect_err("refused");
+        assert!(error.contains("expands to more than 10 times"), "{error}");
+        assert!(!error.contains("will retry"), "final: {error}");
+        // Within the default bounds the same container streams to its end (where the
+        // set is found to have no DICOMDIR).
+        std::fs::remove_dir_all(dir.path().join("pdi")).expect("clean");
+        let error = stream(dir.path(), &container, DecryptLimits::default()).expect_err("no set");
+        assert!(error.contains("DICOMDIR"), "{error}");
+        assert_eq!(
+            std::fs::metadata(dir.path().join("pdi/DICOM/A"))
+                .expect("file")
+                .len(),
+            8 << 20
+        );
+    }
 }
