@@ -120,6 +120,8 @@ put("pdi_zip", (work / "zip64.zip").read_bytes())
 with zipfile.ZipFile(work / "empty.zip", "w") as z:
     pass
 put("pdi_zip", (work / "empty.zip").read_bytes())
+for seed in ("pdi.zip", "stored.zip", "deflated.zip", "zip64.zip", "empty.zip"):
+    put("zip_stream", (work / seed).read_bytes())
 
 # --- DIMSE commands ---------------------------------------------------------------------
 def element(tag, value):

@@ -381,7 +381,8 @@ fn fail_zip_whose_declared_sizes_lie() {
     build(&[&ct], &zip, &[]);
     let good = fs::read(&zip).unwrap();
     let central = good.len() - central_size(&good);
-    // First central directory entry (DICOMDIR): uncompressed and compressed size fields.
+    // First central directory entry (the manifest, first since issue 15): uncompressed
+    // and compressed size fields.
     let mut lie = good.clone();
     for field in [central + 20, central + 24] {
         let size = u32::from_le_bytes(lie[field..field + 4].try_into().unwrap());
@@ -402,7 +403,7 @@ fn fail_zip_whose_declared_sizes_lie() {
     fs::write(&zip, &lie).unwrap();
     assert_broken(
         &zip,
-        "ZIP entry \"DICOMDIR\": its local header and the central directory",
+        "ZIP entry \"CLOUDPDI/MANIFEST.JSON\": its local header and the central directory",
     );
     // The CRC of the central directory differs from the local header's.
     let mut lie = good;

@@ -428,6 +428,79 @@ pub async fn store_all(
     results
 }
 
+/// Sends instances as they arrive on `feed` (e.g. while the rest of their study is still
+/// downloading) and reports each outcome on `outcomes` as soon as the PACS answered.
+/// The associations are negotiated from `pairs`, the (SOP class, transfer syntax) pairs
+/// the study's manifest lists, with the same contexts as [`store_all`]; when they need
+/// more than one association's [`MAX_CONTEXTS`], they are split as [`store_all`] splits
+/// instances, each share of pairs with its own lanes (`target.associations` shared among
+/// them, at least one each), and every instance goes to the lanes of its pair (one whose
+/// pair is not listed to the first, where it is converted if it can be or refused with
+/// the reason). Returns once `feed` is closed and every instance has its outcome.
+pub async fn store_stream(
+    target: Arc<StoreTarget>,
+    pairs: BTreeSet<(String, String)>,
+    mut feed: tokio::sync::mpsc::Receiver<Instance>,
+    outcomes: tokio::sync::mpsc::UnboundedSender<(Instance, Outcome)>,
+) {
+    let mut groups: Vec<BTreeSet<(String, String)>> = vec![BTreeSet::new()];
+    for pair in pairs {
+        if groups
+            .last()
+            .is_some_and(|g| (g.len() + 1) * 2 > MAX_CONTEXTS)
+        {
+            groups.push(BTreeSet::new());
+        }
+        if let Some(group) = groups.last_mut() {
+            group.insert(pair);
+        }
+    }
+    let lanes = (target.associations.max(1) / groups.len()).max(1);
+    let mut feeds = Vec::with_capacity(groups.len());
+    let mut tasks = Vec::new();
+    for group in &groups {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Instance>(STREAM_QUEUE);
+        let shared = Arc::new(tokio::sync::Mutex::new(rx));
+        for _ in 0..lanes {
+            let mut lane = Lane::from_pairs(target.clone(), group.clone());
+            lane.feed = Some(Feed {
+                instances: shared.clone(),
+                outcomes: outcomes.clone(),
+            });
+            tasks.push(tokio::spawn(lane.run()));
+        }
+        feeds.push(tx);
+    }
+    drop(outcomes);
+    while let Some(instance) = feed.recv().await {
+        let pair = (
+            instance.sop_class_uid.clone(),
+            instance.transfer_syntax.clone(),
+        );
+        let at = groups.iter().position(|g| g.contains(&pair)).unwrap_or(0);
+        if let Err(lost) = feeds[at].send(instance).await {
+            // Every lane of the group ended (a panic): the instance is reported unsent.
+            warn!("no PACS sending task left for {}", lost.0.sop_instance_uid);
+        }
+    }
+    drop(feeds);
+    for task in tasks {
+        if let Err(e) = task.await {
+            warn!("a PACS sending task failed: {e}");
+        }
+    }
+}
+
+/// Instances queued for each group of lanes of [`store_stream`]: a few, so that memory
+/// holds paths, never a study.
+const STREAM_QUEUE: usize = 16;
+
+/// Where a lane of [`store_stream`] takes its instances from and reports each outcome.
+struct Feed {
+    instances: Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Instance>>>,
+    outcomes: tokio::sync::mpsc::UnboundedSender<(Instance, Outcome)>,
+}
+
 /// Splits instances so that no association needs more than [`MAX_CONTEXTS`] contexts.
 fn by_context_budget(mut instances: Vec<Instance>) -> Vec<Vec<Instance>> {
     instances.sort_by(|a, b| {
@@ -462,21 +535,30 @@ struct Lane {
     association: Option<AsyncClientAssociation<TcpStream>>,
     message_id: u16,
     results: Vec<(Instance, Outcome)>,
+    /// For [`store_stream`]: more instances as they arrive, and where outcomes go.
+    feed: Option<Feed>,
+    /// Set once no association could be opened through every attempt: later instances
+    /// of the feed fail at once with this outcome instead of waiting through the same
+    /// back-off.
+    dead: Option<Outcome>,
 }
 
 type Association = AsyncClientAssociation<TcpStream>;
 
 impl Lane {
     fn new(target: Arc<StoreTarget>, instances: Vec<Instance>) -> Lane {
-        let mut pairs = BTreeSet::new();
-        let mut classes = BTreeSet::new();
-        for instance in &instances {
-            pairs.insert((
-                instance.sop_class_uid.clone(),
-                instance.transfer_syntax.clone(),
-            ));
-            classes.insert(instance.sop_class_uid.clone());
-        }
+        let pairs = instances
+            .iter()
+            .map(|i| (i.sop_class_uid.clone(), i.transfer_syntax.clone()))
+            .collect();
+        let mut lane = Lane::from_pairs(target, pairs);
+        lane.queue = instances.into_iter().map(|i| (i, 0)).collect();
+        lane
+    }
+
+    /// A lane without instances yet, proposing the contexts `pairs` need.
+    fn from_pairs(target: Arc<StoreTarget>, pairs: BTreeSet<(String, String)>) -> Lane {
+        let classes: BTreeSet<String> = pairs.iter().map(|(class, _)| class.clone()).collect();
         // Deflated datasets travel inflated: files in the wild carry bytes after the deflate
         // stream, on which DCMTK-based PACS (Orthanc) wait forever; inflating loses nothing.
         let mut contexts: Vec<(String, Vec<String>)> = pairs
@@ -491,30 +573,60 @@ impl Lane {
         );
         Lane {
             target,
-            queue: instances.into_iter().map(|i| (i, 0)).collect(),
+            queue: VecDeque::new(),
             contexts,
             association: None,
             message_id: 0,
             results: Vec::new(),
+            feed: None,
+            dead: None,
+        }
+    }
+
+    /// The next instance: a retry first, then the queue, then the feed.
+    async fn next(&mut self) -> Option<(Instance, u32)> {
+        if let Some(next) = self.queue.pop_front() {
+            return Some(next);
+        }
+        let feed = self.feed.as_ref()?;
+        let instance = feed.instances.lock().await.recv().await?;
+        Some((instance, 0))
+    }
+
+    /// Keeps an outcome, or reports it at once to a [`store_stream`] caller.
+    fn record(&mut self, instance: Instance, outcome: Outcome) {
+        match &self.feed {
+            Some(feed) => {
+                // The caller stopped listening only when it is going away.
+                let _ = feed.outcomes.send((instance, outcome));
+            }
+            None => self.results.push((instance, outcome)),
         }
     }
 
     async fn run(mut self) -> Vec<(Instance, Outcome)> {
-        while let Some((instance, attempts)) = self.queue.pop_front() {
+        while let Some((instance, attempts)) = self.next().await {
+            if let Some(dead) = self.dead.clone() {
+                self.record(instance, dead);
+                continue;
+            }
             let result = self.send(&instance).await;
             match result {
-                Ok(outcome) => self.results.push((instance, outcome)),
+                Ok(outcome) => self.record(instance, outcome),
                 Err(cause) => {
                     let attempts = attempts + 1;
                     if cause.is_permanent() || attempts >= self.target.max_attempts.max(1) {
                         debug!(file = %instance.path.display(), "not stored after {attempts} attempt(s): {cause}");
                         let unavailable = Outcome::Unavailable { cause };
-                        self.results.push((instance, unavailable.clone()));
+                        self.record(instance, unavailable.clone());
                         if self.association.is_none() {
                             // No association could be opened: the rest would only wait
                             // through the same back-off, so they fail now, with the cause.
-                            let rest = self.queue.drain(..).map(|(i, _)| (i, unavailable.clone()));
-                            self.results.extend(rest);
+                            let rest: Vec<_> = self.queue.drain(..).collect();
+                            for (i, _) in rest {
+                                self.record(i, unavailable.clone());
+                            }
+                            self.dead = Some(unavailable);
                         }
                     } else {
                         let delay = self.target.backoff * 2u32.saturating_pow(attempts - 1);

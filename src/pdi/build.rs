@@ -351,9 +351,14 @@ fn write_manifest(
     .map_err(|e| PdiError::io(path, e))
 }
 
-/// Writes the set into `sink` in its order: DICOMDIR, README.TXT, INDEX.HTM, the
-/// instances, the attachments, and the manifest (at `manifest`) last.
+/// Writes the set into `sink` in its order: the manifest (at `manifest`) first, then
+/// DICOMDIR, README.TXT, INDEX.HTM, the instances and the attachments. The manifest is
+/// complete before anything is written, and first in a ZIP a receiver reading the archive
+/// as it arrives can check each instance against it as soon as its bytes are there
+/// ([`super::zip::read_stream`]).
 fn write_out(sink: &mut dyn Sink, pieces: &Pieces<'_>, manifest: &Path) -> Result<(), PdiError> {
+    let hash = hash_file(manifest).map_err(|e| PdiError::io(manifest, e))?;
+    sink.file(manifest::PATH, manifest, hash.size, hash.crc)?;
     let (dicomdir, hash) = pieces.dicomdir;
     sink.file("DICOMDIR", dicomdir, hash.size, hash.crc)?;
     sink.bytes("README.TXT", pieces.readme)?;
@@ -372,8 +377,7 @@ fn write_out(sink: &mut dyn Sink, pieces: &Pieces<'_>, manifest: &Path) -> Resul
     for a in pieces.attachments {
         sink.file(&a.name, &a.source, a.hash.size, a.hash.crc)?;
     }
-    let hash = hash_file(manifest).map_err(|e| PdiError::io(manifest, e))?;
-    sink.file(manifest::PATH, manifest, hash.size, hash.crc)
+    Ok(())
 }
 
 /// Scans `files` into the catalog in `scratch`: duplicates dropped, the AI policy applied

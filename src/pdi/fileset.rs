@@ -267,13 +267,22 @@ impl FileSet {
         file.take(manifest::MAX_BYTES + 1)
             .read_to_end(&mut text)
             .map_err(|e| PdiError::io(&path, e))?;
+        Self::parse_manifest(&text).map(Some)
+    }
+
+    /// Reads a manifest's text, checked as [`FileSet::manifest`] checks it: also for the
+    /// receiver that meets the manifest first in an archive still arriving.
+    ///
+    /// # Errors
+    /// [`PdiError::Broken`] when it is too large or not a cloudpdi manifest.
+    pub fn parse_manifest(text: &[u8]) -> Result<Manifest, PdiError> {
         if text.len() as u64 > manifest::MAX_BYTES {
             return Err(PdiError::Broken(format!(
                 "{} is larger than any manifest",
                 manifest::PATH
             )));
         }
-        let manifest: Manifest = serde_json::from_slice(&text).map_err(|e| {
+        let manifest: Manifest = serde_json::from_slice(text).map_err(|e| {
             PdiError::Broken(format!("{} is not a valid manifest: {e}", manifest::PATH))
         })?;
         if manifest.format != manifest::FORMAT || manifest.version != 1 {
@@ -285,7 +294,7 @@ impl FileSet {
                 manifest::FORMAT
             )));
         }
-        Ok(Some(manifest))
+        Ok(manifest)
     }
 }
 

@@ -12,6 +12,8 @@ use std::fs::{self, File};
 use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Component, Path, PathBuf};
 
+use sha2::{Digest, Sha256};
+
 const LOCAL: u32 = 0x0403_4b50;
 const CENTRAL: u32 = 0x0201_4b50;
 const END: u32 = 0x0605_4b50;
@@ -51,6 +53,18 @@ pub enum ZipError {
     /// A file changed while it was being written into the archive.
     #[error("{0} changed while the archive was written")]
     Changed(String),
+    /// An entry that cannot be read front to back ([`read_stream`]): its sizes and CRC
+    /// follow its data, or it is compressed.
+    #[error(
+        "ZIP entry {name:?} cannot be read as it arrives: {why}; cloudpdi's own sets \
+         never hold such entries: extract the archive whole instead"
+    )]
+    Unstreamable {
+        /// The entry.
+        name: String,
+        /// What makes it so.
+        why: &'static str,
+    },
 }
 
 /// Bounds for extraction, so an archive cannot exhaust the disk or the memory.
@@ -701,6 +715,378 @@ fn parse_central(cd: &[u8], at: &mut usize) -> Result<Entry, ZipError> {
     })
 }
 
+/// One entry of an archive read front to back, as its local header declares it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamEntry {
+    /// The name, checked with [`check_name`] (a folder's ends with `/`).
+    pub name: String,
+    /// Bytes of data the entry declares.
+    pub size: u64,
+    /// Whether it is a folder (no data).
+    pub directory: bool,
+}
+
+/// Reads the ZIP archive coming from `input` front to back, without seeking (a pipe, a
+/// decrypting container still downloading), and hands every file entry to `each` with a
+/// reader of exactly its data; folders are handed over with an empty reader.
+///
+/// Every check of [`extract`] that the local headers allow is made as the entries come:
+/// names ([`check_name`], no name twice), encrypted entries, entry count and total size
+/// within `limits`, stored entries only (compressed and uncompressed sizes equal). The
+/// reader handed to `each` returns an error instead of its end when the data does not
+/// have the declared CRC-32, so a callback that reads to the end has checked it; data the
+/// callback leaves unread is read and checked after it. At the end the central
+/// directory must list exactly the entries read, in order and with the same sizes, CRCs
+/// and offsets, and nothing may follow the end record.
+///
+/// Entries whose sizes follow their data (general purpose flag 3) and compressed entries
+/// cannot be read this way: [`ZipError::Unstreamable`].
+///
+/// # Errors
+/// The callback's error, or a [`ZipError`] (converted into `E`) naming the entry.
+pub fn read_stream<R: Read, E: From<ZipError>>(
+    input: R,
+    limits: Limits,
+    mut each: impl FnMut(&StreamEntry, &mut dyn Read) -> Result<(), E>,
+) -> Result<Extracted, E> {
+    let mut input = Counting {
+        inner: input,
+        written: 0,
+    };
+    let mut names = HashSet::new();
+    let mut local = Sha256::new();
+    let mut done = Extracted::default();
+    let mut entries = 0u64;
+    loop {
+        let offset = input.written;
+        let signature = read_u32(&mut input)?;
+        if signature != LOCAL {
+            if signature != CENTRAL && signature != END {
+                return Err(ZipError::NotZip(format!(
+                    "no ZIP record at byte {offset} (a damaged or foreign archive)"
+                ))
+                .into());
+            }
+            check_central_stream(&mut input, signature, entries, local.finalize().into())?;
+            return Ok(done);
+        }
+        entries += 1;
+        if entries > limits.max_entries {
+            return Err(ZipError::TooLarge(format!(
+                "more than {} entries (at most {} allowed, far more than any study)",
+                limits.max_entries, limits.max_entries
+            ))
+            .into());
+        }
+        let header = read_local(&mut input)?;
+        if !names.insert(header.entry.name.to_ascii_lowercase()) {
+            return Err(ZipError::UnsafeName {
+                name: header.entry.name,
+                why: "the name occurs twice",
+            }
+            .into());
+        }
+        let entry = &header.entry;
+        done.bytes = done.bytes.saturating_add(entry.size);
+        if done.bytes > limits.max_total_bytes {
+            return Err(ZipError::TooLarge(format!(
+                "its entries hold more than {} bytes, the most allowed (when receiving: \
+                 inbound.max_document_mb; raise it if the study is expected to be this large)",
+                limits.max_total_bytes
+            ))
+            .into());
+        }
+        local.update(central_key(&entry.name, header.crc, entry.size, offset));
+        let mut data = EntryData {
+            inner: (&mut input).take(entry.size),
+            name: &entry.name,
+            size: entry.size,
+            left: entry.size,
+            crc: header.crc,
+            hasher: crc32fast::Hasher::new(),
+        };
+        each(entry, &mut data)?;
+        io::copy(&mut data, &mut io::sink()).map_err(ZipError::from_io)?;
+        if !entry.directory {
+            done.files += 1;
+        }
+    }
+}
+
+/// A local header as [`read_stream`] checked it.
+struct LocalHeader {
+    entry: StreamEntry,
+    crc: u32,
+}
+
+/// Reads the rest of a local header (after its signature) and checks it.
+fn read_local(input: &mut impl Read) -> Result<LocalHeader, ZipError> {
+    let mut fixed = [0u8; 26];
+    read_all(input, &mut fixed)?;
+    let flags = get16(&fixed, 2);
+    let method = get16(&fixed, 4);
+    let crc = get32(&fixed, 10);
+    let mut compressed = u64::from(get32(&fixed, 14));
+    let mut size = u64::from(get32(&fixed, 18));
+    let mut name = vec![0u8; usize::from(get16(&fixed, 22))];
+    let mut extra = vec![0u8; usize::from(get16(&fixed, 24))];
+    read_all(input, &mut name)?;
+    read_all(input, &mut extra)?;
+    let name = String::from_utf8(name).map_err(|e| ZipError::UnsafeName {
+        name: String::from_utf8_lossy(e.as_bytes()).into_owned(),
+        why: "the name is not UTF-8 text",
+    })?;
+    let broken = || ZipError::NotZip(format!("the local header of {name:?} is damaged"));
+    let mut x = 0;
+    while x + 4 <= extra.len() {
+        let (id, len) = (get16(&extra, x), usize::from(get16(&extra, x + 2)));
+        let body = extra.get(x + 4..x + 4 + len).ok_or_else(broken)?;
+        if id == 0x0001 {
+            let mut b = 0;
+            for field in [&mut size, &mut compressed] {
+                if *field == MAX32 {
+                    *field = body
+                        .get(b..b + 8)
+                        .map(|_| get64(body, b))
+                        .ok_or_else(broken)?;
+                    b += 8;
+                }
+            }
+        }
+        x += 4 + len;
+    }
+    let unsafe_name = |why| ZipError::UnsafeName {
+        name: name.clone(),
+        why,
+    };
+    if flags & 0x0001 != 0 {
+        return Err(unsafe_name("the entry is encrypted"));
+    }
+    let directory = name.ends_with('/');
+    check_name(name.trim_end_matches('/')).map_err(unsafe_name)?;
+    let unstreamable = |why| ZipError::Unstreamable {
+        name: name.clone(),
+        why,
+    };
+    if flags & 0x0008 != 0 {
+        return Err(unstreamable(
+            "its sizes and CRC follow its data (a data descriptor)",
+        ));
+    }
+    if method != 0 {
+        return Err(unstreamable("it is compressed (only stored entries are)"));
+    }
+    if compressed != size {
+        return Err(ZipError::Lying {
+            name,
+            why: "a stored entry declares different compressed and uncompressed sizes".into(),
+        });
+    }
+    if directory && size != 0 {
+        return Err(ZipError::Lying {
+            name,
+            why: "a folder entry declares data".into(),
+        });
+    }
+    Ok(LocalHeader {
+        entry: StreamEntry {
+            name,
+            size,
+            directory,
+        },
+        crc,
+    })
+}
+
+/// What [`read_stream`] compares between the local headers and the central directory.
+fn central_key(name: &str, crc: u32, size: u64, offset: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(name.len() + 24);
+    put64(&mut key, name.len() as u64);
+    key.extend_from_slice(name.as_bytes());
+    put32(&mut key, crc);
+    put64(&mut key, size);
+    put64(&mut key, offset);
+    key
+}
+
+/// Reads the central directory and end records after the entries (`signature` already
+/// read) and checks that they list the `entries` read, whose keys hash to `local`.
+fn check_central_stream(
+    input: &mut Counting<impl Read>,
+    mut signature: u32,
+    entries: u64,
+    local: [u8; 32],
+) -> Result<(), ZipError> {
+    let differs = || ZipError::Lying {
+        name: "(central directory)".into(),
+        why: "the central directory does not list the entries the archive holds".into(),
+    };
+    let mut central = Sha256::new();
+    let mut count = 0u64;
+    while signature == CENTRAL {
+        count += 1;
+        if count > entries {
+            return Err(differs());
+        }
+        let mut fixed = [0u8; 42];
+        read_all(input, &mut fixed)?;
+        let crc = get32(&fixed, 12);
+        let mut size = u64::from(get32(&fixed, 20));
+        let mut compressed = u64::from(get32(&fixed, 16));
+        let mut name = vec![0u8; usize::from(get16(&fixed, 24))];
+        let mut extra = vec![0u8; usize::from(get16(&fixed, 26))];
+        let mut comment = vec![0u8; usize::from(get16(&fixed, 28))];
+        let mut offset = u64::from(get32(&fixed, 38));
+        read_all(input, &mut name)?;
+        read_all(input, &mut extra)?;
+        read_all(input, &mut comment)?;
+        let mut x = 0;
+        while x + 4 <= extra.len() {
+            let (id, len) = (get16(&extra, x), usize::from(get16(&extra, x + 2)));
+            let body = extra.get(x + 4..x + 4 + len).ok_or_else(differs)?;
+            if id == 0x0001 {
+                let mut b = 0;
+                for field in [&mut size, &mut compressed, &mut offset] {
+                    if *field == MAX32 {
+                        *field = body
+                            .get(b..b + 8)
+                            .map(|_| get64(body, b))
+                            .ok_or_else(differs)?;
+                        b += 8;
+                    }
+                }
+            }
+            x += 4 + len;
+        }
+        let name = String::from_utf8(name).map_err(|_| differs())?;
+        central.update(central_key(&name, crc, size, offset));
+        signature = read_u32(input)?;
+    }
+    if count != entries || <[u8; 32]>::from(central.finalize()) != local {
+        return Err(differs());
+    }
+    if signature == END64 {
+        let mut record = [0u8; 52];
+        read_all(input, &mut record)?;
+        let mut skip = get64(&record, 0).saturating_sub(44);
+        if skip > 1 << 16 {
+            return Err(ZipError::NotZip("the ZIP64 end record is too long".into()));
+        }
+        while skip > 0 {
+            let mut byte = [0u8; 1];
+            read_all(input, &mut byte)?;
+            skip -= 1;
+        }
+        if read_u32(input)? != LOCATOR64 {
+            return Err(ZipError::NotZip("ZIP64 end record locator missing".into()));
+        }
+        let mut locator = [0u8; 16];
+        read_all(input, &mut locator)?;
+        signature = read_u32(input)?;
+    }
+    if signature != END {
+        return Err(ZipError::NotZip(
+            "no end of central directory record".into(),
+        ));
+    }
+    let mut end = [0u8; 18];
+    read_all(input, &mut end)?;
+    let mut comment = vec![0u8; usize::from(get16(&end, 16))];
+    read_all(input, &mut comment)?;
+    let mut more = [0u8; 1];
+    if input.read(&mut more)? != 0 {
+        return Err(ZipError::NotZip(
+            "bytes follow the end of the archive".into(),
+        ));
+    }
+    Ok(())
+}
+
+impl<R: Read> Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.written += n as u64;
+        Ok(n)
+    }
+}
+
+/// Fills `buf` or says that the archive ended too early.
+fn read_all(input: &mut impl Read, buf: &mut [u8]) -> Result<(), ZipError> {
+    input.read_exact(buf).map_err(|e| match e.kind() {
+        io::ErrorKind::UnexpectedEof => {
+            ZipError::NotZip("the archive ends in the middle of a record".into())
+        }
+        _ => ZipError::from_io(e),
+    })
+}
+
+fn read_u32(input: &mut impl Read) -> Result<u32, ZipError> {
+    let mut b = [0u8; 4];
+    read_all(input, &mut b)?;
+    Ok(u32::from_le_bytes(b))
+}
+
+impl ZipError {
+    /// The [`ZipError`] an I/O error carries (the reader of an entry's data that
+    /// [`read_stream`] hands over reports a size or CRC that does not match so), or the
+    /// I/O error itself.
+    pub fn from_io(e: io::Error) -> ZipError {
+        if !e.get_ref().is_some_and(|inner| inner.is::<ZipError>()) {
+            return ZipError::Io(e);
+        }
+        let kind = e.kind();
+        match e.into_inner().map(|inner| inner.downcast::<ZipError>()) {
+            Some(Ok(zip)) => *zip,
+            _ => ZipError::Io(kind.into()),
+        }
+    }
+}
+
+/// The data of one entry read front to back: exactly its declared size, and an error
+/// instead of the end when it is short or its CRC-32 differs.
+struct EntryData<'a, R> {
+    inner: io::Take<R>,
+    name: &'a str,
+    size: u64,
+    left: u64,
+    crc: u32,
+    hasher: crc32fast::Hasher,
+}
+
+impl<R: Read> Read for EntryData<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let lying = |why: String| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                ZipError::Lying {
+                    name: self.name.to_owned(),
+                    why,
+                },
+            )
+        };
+        if self.left == 0 {
+            if self.hasher.clone().finalize() != self.crc {
+                return Err(lying("its CRC-32 does not match its data".into()));
+            }
+            return Ok(0);
+        }
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let n = self.inner.read(buf)?;
+        if n == 0 {
+            return Err(lying(format!(
+                "it declares {} bytes but the archive ends after {}",
+                self.size,
+                self.size - self.left
+            )));
+        }
+        self.hasher.update(&buf[..n]);
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
 /// Checks that an archive or manifest name is a relative path that stays inside its
 /// folder: no absolute path, no `..`, no backslash, no drive letter, no control characters.
 ///
@@ -748,6 +1134,138 @@ mod tests {
             extract(&missing, &dir.path().join("out"), Limits::default()).expect_err("no archive");
         assert!(extracted.to_string().contains("missing.zip"), "{extracted}");
         assert!(!dir.path().join("out").exists(), "nothing left behind");
+    }
+
+    /// An archive of `entries` (name, data) as the builder writes them.
+    fn archive(entries: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut zip = ZipWriter::new(Vec::new(), 0);
+        for (name, data) in entries {
+            zip.add_bytes(name, data).expect("add");
+        }
+        zip.finish().expect("finish")
+    }
+
+    /// Every entry `read_stream` hands over, with its data, or its error.
+    fn streamed(bytes: &[u8], limits: Limits) -> Result<Vec<(String, Vec<u8>)>, ZipError> {
+        let mut seen = Vec::new();
+        read_stream(bytes, limits, |entry: &StreamEntry, data: &mut dyn Read| {
+            let mut held = Vec::new();
+            data.read_to_end(&mut held).map_err(ZipError::from_io)?;
+            seen.push((entry.name.clone(), held));
+            Ok::<(), ZipError>(())
+        })?;
+        Ok(seen)
+    }
+
+    #[test]
+    fn a_stream_gives_every_entry_in_order_with_its_data() {
+        let entries: &[(&str, &[u8])] = &[
+            ("CLOUDPDI/MANIFEST.JSON", b"{}"),
+            ("DICOMDIR", b"dir"),
+            ("DICOM/I1", &[7u8; 100_000]),
+            ("EMPTY", b""),
+        ];
+        let bytes = archive(entries);
+        let seen = streamed(&bytes, Limits::default()).expect("read");
+        let expected: Vec<(String, Vec<u8>)> = entries
+            .iter()
+            .map(|(n, d)| ((*n).to_owned(), d.to_vec()))
+            .collect();
+        assert_eq!(seen, expected);
+        // A callback that reads nothing: the data is still read past and checked.
+        let count = read_stream(
+            &bytes[..],
+            Limits::default(),
+            |_: &StreamEntry, _: &mut dyn Read| Ok::<(), ZipError>(()),
+        )
+        .expect("read");
+        assert_eq!((count.files, count.bytes), (4, 100_005));
+    }
+
+    /// Byte offset of the local header of the entry named `name`.
+    fn local_at(bytes: &[u8], name: &str) -> usize {
+        (0..bytes.len() - 30)
+            .find(|&i| {
+                get32(bytes, i) == LOCAL
+                    && bytes.get(i + 30..i + 30 + name.len()) == Some(name.as_bytes())
+            })
+            .expect("local header")
+    }
+
+    #[test]
+    fn hostile_streams_are_refused_with_the_reason() {
+        let good = archive(&[("A", b"0123456789"), ("B", b"abc")]);
+        let refused = |bytes: &[u8], limits: Limits| -> String {
+            streamed(bytes, limits).expect_err("refused").to_string()
+        };
+        // Zip slip, absolute and backslash names.
+        for bad in ["../evil", "/etc/passwd", "a\\..\\b", "C:x"] {
+            let text = refused(&archive(&[(bad, b"x")]), Limits::default());
+            assert!(text.contains("unsafe entry name"), "{bad}: {text}");
+        }
+        // A name twice (also differing in case only).
+        let text = refused(&archive(&[("a", b"1"), ("A", b"2")]), Limits::default());
+        assert!(text.contains("occurs twice"), "{text}");
+        // A size that lies: shorter than the data (the CRC then differs).
+        let mut short = good.clone();
+        let at = local_at(&short, "A");
+        short[at + 18..at + 26].copy_from_slice(&[5, 0, 0, 0, 5, 0, 0, 0]);
+        assert!(refused(&short, Limits::default()).contains("CRC-32"));
+        // Larger than the rest of the archive.
+        let mut long = good.clone();
+        long[at + 18..at + 26].copy_from_slice(&[0, 0, 0, 1, 0, 0, 0, 1]);
+        let text = refused(&long, Limits::default());
+        assert!(text.contains("archive ends after"), "{text}");
+        // Compressed and uncompressed sizes that differ for a stored entry.
+        let mut differ = good.clone();
+        differ[at + 18] = 9;
+        assert!(refused(&differ, Limits::default()).contains("different compressed"));
+        // A CRC that does not match.
+        let mut crc = good.clone();
+        crc[at + 14] ^= 1;
+        assert!(refused(&crc, Limits::default()).contains("CRC-32"));
+        // A data descriptor: sizes after the data.
+        let mut descriptor = good.clone();
+        descriptor[at + 6] |= 0x08;
+        let text = refused(&descriptor, Limits::default());
+        assert!(text.contains("cannot be read as it arrives"), "{text}");
+        // Deflated.
+        let mut deflated = good.clone();
+        deflated[at + 8] = 8;
+        assert!(refused(&deflated, Limits::default()).contains("compressed"));
+        // Encrypted.
+        let mut encrypted = good.clone();
+        encrypted[at + 6] |= 0x01;
+        assert!(refused(&encrypted, Limits::default()).contains("encrypted"));
+        // Too many entries, too many bytes.
+        let few = Limits {
+            max_entries: 1,
+            ..Limits::default()
+        };
+        assert!(refused(&good, few).contains("at most 1 allowed"));
+        let small = Limits {
+            max_total_bytes: 12,
+            ..Limits::default()
+        };
+        assert!(refused(&good, small).contains("more than 12 bytes"));
+        // A central directory that lists something else.
+        let mut central = good.clone();
+        let cd = (0..central.len() - 4)
+            .rev()
+            .find(|&i| get32(&central, i) == CENTRAL)
+            .expect("central entry");
+        central[cd + 46] = b'C';
+        assert!(refused(&central, Limits::default()).contains("central directory"));
+        // Truncated, and with bytes after the end.
+        let text = refused(&good[..good.len() - 5], Limits::default());
+        assert!(text.contains("ends in the middle"), "{text}");
+        let mut trailing = good.clone();
+        trailing.push(0);
+        assert!(refused(&trailing, Limits::default()).contains("follow the end"));
+        // Not a ZIP at all.
+        assert!(refused(b"GIF89a and more", Limits::default()).contains("no ZIP record"));
+        // And the good one passes.
+        assert_eq!(streamed(&good, Limits::default()).expect("good").len(), 2);
     }
 
     #[test]

@@ -13,13 +13,16 @@ use crate::gateway::reception::batch::StudySummary;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum InStep {
-    /// Download the container.
+    /// Download the container and, as one stream, open it, extract and verify the PDI
+    /// and C-STORE every verified instance (a container with its manifest last goes on
+    /// to Open; one the PACS did not wholly take, to Import).
     Download,
-    /// Decrypt and authenticate it.
+    /// Decrypt and authenticate it (containers with their manifest last, from senders
+    /// before the stream, and records written before it).
     Open,
-    /// Extract and verify the PDI.
+    /// Extract and verify the PDI (as Open).
     Unpack,
-    /// C-STORE into the local PACS.
+    /// C-STORE into the local PACS what it does not hold yet.
     Import,
     /// Send the receipt to the repository.
     Receipt,

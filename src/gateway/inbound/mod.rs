@@ -8,8 +8,16 @@
 //! token naming a community code is resolved through `[repositories]`,
 //! and the resulting URL checked against `inbound.allowed_repositories`. Steps, each
 //! repeated safely after a crash:
-//! 1. **download**: ranged, resumable download of the container (`jobs/in/<id>/container`);
-//!    the repository names the facility that created the document, the job's issuer;
+//! 1. **download**, as one stream ([`stream`]): the ranged, resumable download of the
+//!    container (`jobs/in/<id>/container.part`, then `container`; the repository names
+//!    the facility that created the document, the job's issuer) is read while it grows,
+//!    opened chunk by chunk (only authenticated bytes go further), its PDI read front to
+//!    back into `pdi/`, every file checked against the manifest (first in the archive),
+//!    and each verified instance C-STOREd at once (Patient ID reconciliation as below;
+//!    instances stored are appended to `stored` as the PACS answers, so no attempt sends
+//!    them again). The whole set is then checked against its DICOMDIR and manifest.
+//!    A container whose archive has the manifest last (an older sender) goes on to 2-4;
+//!    one the PACS did not wholly take goes on to 4.
 //! 2. **open**: decrypt and authenticate; nothing goes further from a container that
 //!    fails (`pdi.zip`, committed only when every chunk authenticated);
 //! 3. **unpack**: extract the PDI safely and check it against its DICOMDIR and manifest;
@@ -25,6 +33,7 @@ pub mod reconcile;
 pub mod watch;
 
 mod job;
+mod stream;
 
 pub use job::{InStep, InboundJob, SetAside, job_id};
 
@@ -38,7 +47,7 @@ use tracing::{info, warn};
 use crate::admin::metrics::Metrics;
 use crate::clock::now_ms;
 use crate::config::{Config, InboundConfig, PatientIdMode, UnknownCommunity};
-use crate::dicom::scu::{Instance, Outcome, StoreTarget, store_all};
+use crate::dicom::scu::{Instance, Outcome, StoreTarget, store_all, store_stream};
 use crate::durable;
 use crate::gateway::inbound::reconcile::PatientIdPolicy;
 use crate::gateway::jobs::{
@@ -321,40 +330,7 @@ impl Inbound {
     async fn run_step(self: &Arc<Self>, job: &mut InboundJob) -> Result<InStep, StepError> {
         let dir = Workdir(self.dir.join(&job.id));
         match job.step {
-            InStep::Download => {
-                if dir.container().exists() {
-                    // Renamed before a crash, not yet recorded: downloading again would
-                    // use one more of the document's downloads.
-                    return Ok(InStep::Open);
-                }
-                let token = Self::token(&dir)?;
-                let client = client(&token, &self.config)?;
-                let downloaded = client
-                    .download_to(
-                        &token.document_id,
-                        &token.download_proof(),
-                        &dir.partial(),
-                        |_| {},
-                    )
-                    .await?;
-                // Patient IDs belong to the facility that created the document: it is the
-                // issuer even of a sealed token (whose sender stays shown as such).
-                if let Some(creator) = downloaded.facility {
-                    if let Some(sender) = job.sealed_from.as_ref().filter(|s| **s != creator) {
-                        warn!(
-                            job = %job.id, from = %sender, creator = %creator,
-                            "the sealed token names a document another facility created"
-                        );
-                    }
-                    // Recorded before the rename: a crash after it skips the download.
-                    job.issuer = creator;
-                    self.jobs.put(job)?;
-                }
-                std::fs::rename(dir.partial(), dir.container())
-                    .map_err(|e| StepError::file("rename the download", &dir.partial(), &e))?;
-                durable::sync_dir(&dir.0).map_err(|e| StepError::file("flush", &dir.0, &e))?;
-                Ok(InStep::Open)
-            }
+            InStep::Download => self.receive(&dir, job).await,
             InStep::Open => {
                 let limits = decrypt_limits(&self.config.inbound);
                 blocking(move || {
@@ -428,6 +404,215 @@ impl Inbound {
         }
     }
 
+    /// Download, open, extract, verify and import as one stream
+    /// ([`stream`]): the container is read while it downloads, and each instance goes to
+    /// the PACS once its bytes authenticated and matched the manifest. Returns
+    /// [`InStep::Receipt`], or [`InStep::Open`] for a container from an older sender whose
+    /// archive has the manifest last (extracted whole, verified, then imported, as
+    /// before).
+    async fn receive(
+        self: &Arc<Self>,
+        dir: &Workdir,
+        job: &mut InboundJob,
+    ) -> Result<InStep, StepError> {
+        let token = Self::token(dir)?;
+        let client = client(&token, &self.config)?;
+        // Renamed before a crash: downloading again would use one more of the
+        // document's downloads, and the issuer was recorded before the rename.
+        let complete = dir.container().exists();
+        let container = if complete {
+            dir.container()
+        } else {
+            open_partial(&dir.partial())
+                .map_err(|e| StepError::file("create", &dir.partial(), &e))?;
+            dir.partial()
+        };
+        let stored = read_stored(dir)?;
+        durable::remove_dir_all(&dir.pdi())
+            .map_err(|e| StepError::file("remove", &dir.pdi(), &e))?;
+        let growing = Arc::new(stream::Growing::new(complete));
+        let (negotiated, negotiation) = tokio::sync::oneshot::channel();
+        let (instances, feed) = tokio::sync::mpsc::channel(stream::INSTANCE_QUEUE);
+        let source = stream::Source {
+            container,
+            growing: growing.clone(),
+            key: token.container_key(),
+            limits: decrypt_limits(&self.config.inbound),
+            pdi: dir.pdi(),
+            stored: stored.clone(),
+        };
+        let reader = tokio::task::spawn_blocking(move || {
+            let read = stream::read(source, negotiated, &instances);
+            drop(instances);
+            read
+        });
+        // With inbound.patient_id = "prefix" the lanes wait for the issuer, which the
+        // repository names with the download.
+        let needs_issuer = job.local_patient_id.is_none()
+            && self.config.inbound.patient_id == PatientIdMode::Prefix
+            && !complete;
+        let (issuer_known, issuer_wait) = tokio::sync::oneshot::channel::<()>();
+        let shared = std::sync::Mutex::new(job.clone());
+        let download = async {
+            if complete {
+                return Ok(());
+            }
+            let result = client
+                .download_to(
+                    &token.document_id,
+                    &token.download_proof(),
+                    &dir.partial(),
+                    |_| growing.grew(),
+                )
+                .await;
+            let downloaded = match result {
+                Ok(downloaded) => downloaded,
+                Err(e) => {
+                    growing.end(false);
+                    return Err(StepError::from(e));
+                }
+            };
+            let finished = self.downloaded(dir, &shared, downloaded.facility);
+            growing.end(finished.is_ok());
+            if finished.is_ok() {
+                let _ = issuer_known.send(());
+            }
+            finished
+        };
+        let import = async {
+            let mut results = Vec::new();
+            let Ok(negotiation) = negotiation.await else {
+                return Ok((results, 0));
+            };
+            if needs_issuer && issuer_wait.await.is_err() {
+                return Ok((results, negotiation.instances));
+            }
+            let target = {
+                let record = shared.lock().map_err(|_| poisoned())?;
+                self.target(&record)?
+            };
+            let (outcomes, mut arriving) = tokio::sync::mpsc::unbounded_channel();
+            let lanes = store_stream(Arc::new(target), negotiation.pairs, feed, outcomes);
+            let collect = async {
+                let mut log = StoredLog::open(&dir.stored())?;
+                let mut count = stored.len() as u64;
+                let mut shown = std::time::Instant::now();
+                while let Some((instance, outcome)) = arriving.recv().await {
+                    if matches!(outcome, Outcome::Stored { .. }) {
+                        log.add(&instance.sop_instance_uid)?;
+                        count += 1;
+                        if shown.elapsed() >= PROGRESS_EVERY {
+                            shown = std::time::Instant::now();
+                            let record = {
+                                let mut record = shared.lock().map_err(|_| poisoned())?;
+                                record.instances = negotiation.instances;
+                                record.stored = count;
+                                record.clone()
+                            };
+                            self.jobs.put(&record)?;
+                        }
+                    }
+                    results.push((instance, outcome));
+                }
+                Ok::<(), StepError>(())
+            };
+            let ((), collected) = tokio::join!(lanes, collect);
+            collected?;
+            Ok::<_, StepError>((results, negotiation.instances))
+        };
+        let (downloaded, imported, read) = tokio::join!(download, import, reader);
+        *job = shared.into_inner().map_err(|_| poisoned())?;
+        let read =
+            read.map_err(|e| StepError::transient(format!("the PDI reader stopped: {e}")))?;
+        let (results, total) = imported?;
+        let mut held = stored;
+        held.extend(
+            results
+                .iter()
+                .filter(|(_, o)| matches!(o, Outcome::Stored { .. }))
+                .map(|(i, _)| i.sop_instance_uid.clone()),
+        );
+        let genuine = |e: StepError| -> StepError {
+            if held.is_empty() {
+                e
+            } else {
+                noting(
+                    e,
+                    &format!(
+                        "; the {} instances already stored came from authenticated, verified \
+                     bytes and are not sent again",
+                        held.len()
+                    ),
+                )
+            }
+        };
+        downloaded.map_err(genuine)?;
+        match read.map_err(genuine)? {
+            stream::Streamed::ManifestLast => Ok(InStep::Open),
+            stream::Streamed::Whole { instances } => {
+                job.instances = instances;
+                let pdi = dir.pdi();
+                let unsent = import::unsent(results.iter().map(|(_, outcome)| outcome)).is_some();
+                let study = blocking(move || {
+                    let study = StudyDetails::gather(std::slice::from_ref(&pdi)).summary();
+                    if unsent {
+                        // The Import step reads the extracted set after a crash: one flush
+                        // of the file system for every file and folder before it is
+                        // recorded (a file each would be hundreds of fsyncs). A set whose
+                        // every instance is stored is not read again: no flush then.
+                        std::fs::File::open(&pdi)
+                            .and_then(|f| rustix::fs::syncfs(f).map_err(std::io::Error::from))
+                            .map_err(|e| StepError::file("flush", &pdi, &e))?;
+                    }
+                    Ok(study)
+                })
+                .await?;
+                job.study = Some(study);
+                let _ = std::fs::remove_file(dir.container());
+                if unsent {
+                    // The set is whole and verified: the Import step sends what the PACS
+                    // did not take, waiting and retrying as it always has.
+                    record_stored(dir, &held)?;
+                    job.stored = held.len() as u64;
+                    info!(job = %job.id, stored = held.len(), "the PACS did not take every instance of the stream; the import step sends the rest");
+                    return Ok(InStep::Import);
+                }
+                self.settle(dir, job, total.max(instances), held, &results)?;
+                Ok(InStep::Receipt)
+            }
+        }
+    }
+
+    /// Records what the finished download says (the issuer) and keeps the container
+    /// under its final name.
+    fn downloaded(
+        &self,
+        dir: &Workdir,
+        shared: &std::sync::Mutex<InboundJob>,
+        facility: Option<String>,
+    ) -> Result<(), StepError> {
+        // Patient IDs belong to the facility that created the document: it is the
+        // issuer even of a sealed token (whose sender stays shown as such).
+        if let Some(creator) = facility {
+            let record = {
+                let mut job = shared.lock().map_err(|_| poisoned())?;
+                if let Some(sender) = job.sealed_from.as_ref().filter(|s| **s != creator) {
+                    warn!(
+                        job = %job.id, from = %sender, creator = %creator,
+                        "the sealed token names a document another facility created"
+                    );
+                }
+                job.issuer = creator;
+                job.clone()
+            };
+            // Recorded before the rename: a crash after it skips the download.
+            self.jobs.put(&record)?;
+        }
+        std::fs::rename(dir.partial(), dir.container())
+            .map_err(|e| StepError::file("rename the download", &dir.partial(), &e))?;
+        durable::sync_dir(&dir.0).map_err(|e| StepError::file("flush", &dir.0, &e))
+    }
+
     /// C-STOREs every instance the PDI lists; refused ones are set aside.
     async fn import(&self, dir: &Workdir, job: &mut InboundJob) -> Result<(), StepError> {
         let pdi = dir.pdi();
@@ -441,14 +626,24 @@ impl Inbound {
         .await?;
         let total = instances.len() as u64;
         // What an earlier attempt already stored is not sent again.
-        let mut stored: HashSet<String> = match std::fs::read_to_string(dir.stored()) {
-            Ok(text) => text.lines().map(str::to_owned).collect(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => HashSet::new(),
-            Err(e) => return Err(StepError::file("read", &dir.stored(), &e)),
-        };
+        let stored = read_stored(dir)?;
         let mut instances = instances;
         instances.retain(|i| !stored.contains(&i.sop_instance_uid));
         let results = store_all(Arc::new(self.target(job)?), instances).await;
+        self.settle(dir, job, total, stored, &results)
+    }
+
+    /// What an import attempt's `results` leave: the instances stored so far recorded
+    /// (`stored`, with those of earlier attempts) and the job waiting or retrying when some
+    /// were not sent; else the refused ones set aside and the counts in the job.
+    fn settle(
+        &self,
+        dir: &Workdir,
+        job: &mut InboundJob,
+        total: u64,
+        mut stored: HashSet<String>,
+        results: &[(Instance, Outcome)],
+    ) -> Result<(), StepError> {
         if let Some(unsent) = import::unsent(results.iter().map(|(_, outcome)| outcome)) {
             stored.extend(
                 results
@@ -456,11 +651,7 @@ impl Inbound {
                     .filter(|(_, o)| matches!(o, Outcome::Stored { .. }))
                     .map(|(i, _)| i.sop_instance_uid.clone()),
             );
-            let mut list: Vec<&String> = stored.iter().collect();
-            list.sort();
-            let text: String = list.iter().map(|uid| format!("{uid}\n")).collect();
-            durable::write(&dir.stored(), text.as_bytes(), 0o600)
-                .map_err(|e| StepError::file("write", &dir.stored(), &e))?;
+            record_stored(dir, &stored)?;
             let counts = format!(
                 "{} of {total} instances not sent; {} stored are not sent again",
                 unsent.count,
@@ -481,7 +672,7 @@ impl Inbound {
         }
         let set_aside_dir = self.config.spool.data_dir.join("set-aside").join(&job.id);
         job.set_aside.clear();
-        for (instance, outcome) in &results {
+        for (instance, outcome) in results {
             if let Outcome::Refused { reason, .. } = outcome {
                 let file = set_aside_dir.join(format!("{}.dcm", job.set_aside.len() + 1));
                 std::fs::create_dir_all(&set_aside_dir)
@@ -577,8 +768,14 @@ impl Pipeline for Inbound {
         }
     }
 
+    /// An import ends with the Import step, or with a streamed Download step that
+    /// imported every instance (one from an older sender goes on to Open, one the PACS
+    /// did not wholly take to Import, and those count there).
     fn count_step(&self, job: &InboundJob, done: InStep, metrics: &Metrics) {
-        if done == InStep::Import {
+        let streamed = done == InStep::Download
+            && job.study.is_some()
+            && job.stored + job.set_aside.len() as u64 >= job.instances;
+        if done == InStep::Import || streamed {
             metrics.imports.inc();
             metrics
                 .instances_set_aside
@@ -591,6 +788,94 @@ impl Pipeline for Inbound {
             "this token's data crashed the importer; kept in {}",
             self.dir.join(&job.id).display()
         )
+    }
+}
+
+/// How often a streamed import writes its count of stored instances into the job (for
+/// `cloudpdi status`).
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
+/// `error` with `note` added to its message.
+fn noting(error: StepError, note: &str) -> StepError {
+    match error {
+        StepError::Transient { message, cause } => StepError::Transient {
+            message: message + note,
+            cause,
+        },
+        StepError::Permanent { message, cause } => StepError::Permanent {
+            message: message + note,
+            cause,
+        },
+        StepError::Held { message, cause } => StepError::Held {
+            message: message + note,
+            cause,
+        },
+    }
+}
+
+fn poisoned() -> StepError {
+    StepError::transient("an inbound worker stopped in the middle of the job")
+}
+
+/// The SOP Instance UIDs earlier attempts stored (one per line in `stored`).
+fn read_stored(dir: &Workdir) -> Result<HashSet<String>, StepError> {
+    match std::fs::read_to_string(dir.stored()) {
+        Ok(text) => Ok(text.lines().map(str::to_owned).collect()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(HashSet::new()),
+        Err(e) => Err(StepError::file("read", &dir.stored(), &e)),
+    }
+}
+
+/// Writes the `stored` file anew, durably, with `stored` (sorted).
+fn record_stored(dir: &Workdir, stored: &HashSet<String>) -> Result<(), StepError> {
+    let mut list: Vec<&String> = stored.iter().collect();
+    list.sort();
+    let text: String = list.iter().map(|uid| format!("{uid}\n")).collect();
+    durable::write(&dir.stored(), text.as_bytes(), 0o600)
+        .map_err(|e| StepError::file("write", &dir.stored(), &e))
+}
+
+/// Creates the download's partial file (mode 0600) if it is not there, so that the
+/// reader can follow it from the start.
+fn open_partial(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .map(drop)
+}
+
+/// The `stored` file of a streamed import, one line appended per instance the PACS took
+/// as soon as it answered: a `kill -9` loses none of them (the page cache outlives the
+/// process); a power cut may lose the last few, which are then sent again (the PACS
+/// keeps one copy per SOP Instance UID).
+struct StoredLog {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+impl StoredLog {
+    fn open(path: &Path) -> Result<StoredLog, StepError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| StepError::file("open", path, &e))?;
+        Ok(StoredLog {
+            file,
+            path: path.to_owned(),
+        })
+    }
+
+    fn add(&mut self, uid: &str) -> Result<(), StepError> {
+        use std::io::Write;
+        self.file
+            .write_all(format!("{uid}\n").as_bytes())
+            .map_err(|e| StepError::file("write", &self.path, &e))
     }
 }
 
@@ -679,6 +964,15 @@ fn unpack(zip: &Path, dest: &Path, max_bytes: u64) -> Result<(), StepError> {
         ..zip::Limits::default()
     };
     let declared = zip::declared(zip, limits).map_err(PdiError::from)?;
+    room_for(dest, declared.bytes)?;
+    zip::extract(zip, dest, limits).map_err(PdiError::from)?;
+    Ok(())
+}
+
+/// Refuses, before anything is written, to extract `bytes` into `dest` when the free
+/// disk space (less the reserve for the rest of the system) cannot hold them: a
+/// transient failure, tried again later.
+fn room_for(dest: &Path, bytes: u64) -> Result<(), StepError> {
     let parent = match dest.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => parent,
         _ => Path::new("."),
@@ -688,17 +982,15 @@ fn unpack(zip: &Path, dest: &Path, max_bytes: u64) -> Result<(), StepError> {
         crate::repository::client::DEFAULT_DISK_RESERVE_BYTES,
     )
     .map_err(|e| StepError::file("measure the free space of", parent, &e))?;
-    if declared.bytes.saturating_add(reserve) > free {
+    if bytes.saturating_add(reserve) > free {
         return Err(StepError::transient(format!(
-            "No space left to extract the PDI: {} bytes needed in {}, {free} free \
+            "No space left to extract the PDI: {bytes} bytes needed in {}, {free} free \
              (of which {reserve} stay free for the rest of the system); nothing was \
              extracted; free disk space, the step is tried again later",
-            declared.bytes,
             parent.display()
         ))
         .with_cause(Cause::DiskFull));
     }
-    zip::extract(zip, dest, limits).map_err(PdiError::from)?;
     Ok(())
 }
 

@@ -1,0 +1,453 @@
+//! The receiving side as one stream (issue 15 item 2), against the real daemon, a real
+//! standalone repository and a real PACS peer that counts every C-STORE
+//! (`tests/peers/counting_pacs.py`): containers are made with the `cloudpdi` commands a
+//! sender runs (`pdi build`, `encrypt`, `repository upload`), their PDI rewritten by the
+//! test where a case needs it (manifest last, a file that does not match the manifest).
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use cloudpdi::pdi::manifest;
+use cloudpdi::pdi::zip::{Limits, StreamEntry, ZipError, ZipWriter, read_stream};
+use common::*;
+
+/// Runs `cloudpdi` with arguments; panics with its output unless it succeeds.
+fn cloudpdi(args: &[&str]) -> String {
+    let out = run(Command::new(env!("CARGO_BIN_EXE_cloudpdi")).args(args));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "cloudpdi {args:?}: {text}");
+    text
+}
+
+/// The entries of a ZIP, in order, with their data.
+fn entries(zip: &Path) -> Vec<(String, Vec<u8>)> {
+    let bytes = std::fs::read(zip).unwrap();
+    let mut found = Vec::new();
+    read_stream(
+        &bytes[..],
+        Limits::default(),
+        |e: &StreamEntry, data: &mut dyn Read| {
+            let mut held = Vec::new();
+            data.read_to_end(&mut held).map_err(ZipError::from_io)?;
+            found.push((e.name.clone(), held));
+            Ok::<(), ZipError>(())
+        },
+    )
+    .unwrap();
+    found
+}
+
+/// Writes `entries` as a ZIP at `zip`, as the builder writes one.
+fn write_zip(zip: &Path, entries: &[(String, Vec<u8>)]) {
+    let mut writer = ZipWriter::new(Vec::new(), 0);
+    for (name, data) in entries {
+        writer.add_bytes(name, data).unwrap();
+    }
+    std::fs::write(zip, writer.finish().unwrap()).unwrap();
+}
+
+/// The same entries with the manifest moved last, as senders before issue 15 wrote them.
+fn manifest_last(mut entries: Vec<(String, Vec<u8>)>) -> Vec<(String, Vec<u8>)> {
+    let at = entries
+        .iter()
+        .position(|(name, _)| name == manifest::PATH)
+        .unwrap();
+    let manifest = entries.remove(at);
+    entries.push(manifest);
+    entries
+}
+
+/// Builds the PDI of `study`, lets `rewrite` change its entries, seals it (with zstd
+/// when `zstd`) and uploads it to `repository`; returns the token file.
+fn publish(
+    repository: &Repository,
+    work: &Path,
+    study: &Path,
+    zstd: bool,
+    rewrite: impl FnOnce(Vec<(String, Vec<u8>)>) -> Vec<(String, Vec<u8>)>,
+) -> PathBuf {
+    std::fs::create_dir_all(work).unwrap();
+    let zip = work.join("pdi.zip");
+    cloudpdi(&[
+        "pdi",
+        "build",
+        "--out",
+        zip.to_str().unwrap(),
+        study.to_str().unwrap(),
+    ]);
+    let built = entries(&zip);
+    assert_eq!(built[0].0, manifest::PATH, "the manifest comes first");
+    std::fs::remove_file(&zip).unwrap();
+    write_zip(&zip, &rewrite(built));
+    let draft = work.join("draft.token");
+    cloudpdi(&[
+        "token",
+        "new",
+        "--repository",
+        &repository.url,
+        "--document-id",
+        "00000000000000000000",
+        "--out",
+        draft.to_str().unwrap(),
+    ]);
+    let container = work.join("container");
+    let token_arg = format!("@{}", draft.display());
+    let mut encrypt = vec!["encrypt", "--token", &token_arg];
+    if zstd {
+        encrypt.push("--zstd");
+    }
+    encrypt.extend([zip.to_str().unwrap(), container.to_str().unwrap()]);
+    cloudpdi(&encrypt);
+    let token = work.join("issued.token");
+    cloudpdi(&[
+        "repository",
+        "upload",
+        "--url",
+        &repository.url,
+        "--api-key-file",
+        repository.key_file.to_str().unwrap(),
+        "--token",
+        &token_arg,
+        "--max-downloads",
+        "50",
+        "--token-out",
+        token.to_str().unwrap(),
+        container.to_str().unwrap(),
+    ]);
+    token
+}
+
+/// The counting PACS peer on a free port, writing into `dir/pacs` and `dir/pacs.log`.
+struct Pacs {
+    child: Child,
+    port: u16,
+    folder: PathBuf,
+}
+
+impl Pacs {
+    fn start(dir: &Path, delay_ms: u32) -> Pacs {
+        let folder = dir.join("pacs");
+        std::fs::create_dir_all(&folder).unwrap();
+        let port = free_port();
+        let child = Command::new("python3")
+            .arg(root().join("tests/peers/counting_pacs.py"))
+            .arg(port.to_string())
+            .arg(&folder)
+            .arg(delay_ms.to_string())
+            .spawn()
+            .unwrap();
+        wait_for("the PACS to listen", Duration::from_secs(20), || {
+            std::net::TcpStream::connect(("127.0.0.1", port))
+                .is_ok()
+                .then_some(())
+        });
+        Pacs {
+            child,
+            port,
+            folder,
+        }
+    }
+
+    /// How many C-STOREs the PACS took for each SOP Instance UID.
+    fn received(&self) -> BTreeMap<String, usize> {
+        let log = std::fs::read_to_string(self.folder.with_extension("log")).unwrap_or_default();
+        let mut counts = BTreeMap::new();
+        for uid in log.lines() {
+            *counts.entry(uid.to_owned()).or_insert(0) += 1;
+        }
+        counts
+    }
+}
+
+impl Drop for Pacs {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The receiving site, importing into `pacs`, prefixing Patient IDs with the issuer's
+/// code (the instances then wait for the download's end, which names the issuer).
+fn receiver(dir: &Path, pacs: &Pacs) -> Daemon {
+    Daemon::start(
+        &dir.join("b"),
+        &site_b().replace("127.0.0.1:4242", &format!("127.0.0.1:{}", pacs.port)),
+    )
+}
+
+/// The receiving site keeping Patient IDs as they are: instances go to the PACS while
+/// the container still downloads.
+fn receiver_keeping_ids(dir: &Path, pacs: &Pacs) -> Daemon {
+    Daemon::start(
+        &dir.join("b"),
+        &site_b()
+            .replace("127.0.0.1:4242", &format!("127.0.0.1:{}", pacs.port))
+            .replace("patient_id = \"prefix\"", "patient_id = \"keep\""),
+    )
+}
+
+/// Drops a copy of a token file into `site`'s watch folder.
+fn hand_over(token: &Path, site: &Daemon) {
+    let inbox = site.dir.join("data/inbox");
+    std::fs::create_dir_all(&inbox).unwrap();
+    std::fs::copy(token, inbox.join(token.file_name().unwrap())).unwrap();
+}
+
+/// The one inbound job of `site` once it is in `state`.
+fn job_in(site: &Daemon, state: &str, within: Duration) -> serde_json::Value {
+    wait_for(&format!("the job to be {state}"), within, || {
+        site.inbound_jobs()
+            .into_iter()
+            .find(|j| j["state"] == state)
+    })
+}
+
+fn uids(files: &[PathBuf]) -> BTreeSet<String> {
+    files.iter().map(|f| sop_instance_uid(f)).collect()
+}
+
+#[test]
+fn a_study_imports_through_the_stream_once_per_instance() {
+    let dir = tempfile::tempdir().unwrap();
+    let study = dir.path().join("study");
+    gen_ct(&study, 12, &["--patient-id", "STREAM"]);
+    let repository = Repository::start(&dir.path().join("repo"));
+    let token = publish(&repository, &dir.path().join("send"), &study, true, |e| e);
+    let pacs = Pacs::start(dir.path(), 0);
+    let b = receiver(dir.path(), &pacs);
+    hand_over(&token, &b);
+    let job = job_in(&b, "done", Duration::from_secs(60));
+    assert_eq!(job["progress"], "from HOSPA: 12 of 12 stored, 0 set aside");
+    let received = pacs.received();
+    assert_eq!(
+        received.keys().cloned().collect::<BTreeSet<_>>(),
+        uids(&files_in(&study))
+    );
+    assert!(received.values().all(|&n| n == 1), "{received:?}");
+    assert!(
+        b.log().contains("from=Download to=Receipt"),
+        "one streaming step from download to receipt:\n{}",
+        b.log()
+    );
+}
+
+#[test]
+fn an_old_container_with_the_manifest_last_still_imports() {
+    let dir = tempfile::tempdir().unwrap();
+    let study = dir.path().join("study");
+    gen_ct(&study, 5, &[]);
+    let repository = Repository::start(&dir.path().join("repo"));
+    let token = publish(
+        &repository,
+        &dir.path().join("send"),
+        &study,
+        false,
+        manifest_last,
+    );
+    let pacs = Pacs::start(dir.path(), 0);
+    let b = receiver(dir.path(), &pacs);
+    hand_over(&token, &b);
+    let job = job_in(&b, "done", Duration::from_secs(60));
+    assert_eq!(job["progress"], "from HOSPA: 5 of 5 stored, 0 set aside");
+    let received = pacs.received();
+    assert_eq!(
+        received.keys().cloned().collect::<BTreeSet<_>>(),
+        uids(&files_in(&study))
+    );
+    assert!(received.values().all(|&n| n == 1), "{received:?}");
+}
+
+/// Both orders of the manifest verify as a file set (`pdi verify` extracts through the
+/// central directory).
+#[test]
+fn sets_with_the_manifest_first_or_last_both_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let study = dir.path().join("study");
+    gen_ct(&study, 3, &[]);
+    let first = dir.path().join("first.zip");
+    cloudpdi(&[
+        "pdi",
+        "build",
+        "--out",
+        first.to_str().unwrap(),
+        study.to_str().unwrap(),
+    ]);
+    let built = entries(&first);
+    assert_eq!(built[0].0, manifest::PATH);
+    let last = dir.path().join("last.zip");
+    write_zip(&last, &manifest_last(built));
+    assert_eq!(entries(&last).last().unwrap().0, manifest::PATH);
+    for zip in [&first, &last] {
+        let out = cloudpdi(&["pdi", "verify", zip.to_str().unwrap()]);
+        assert!(out.contains("instances: 3"), "{out}");
+    }
+}
+
+/// A file whose bytes are not those the manifest lists is never sent, although the
+/// container around it authenticates (the sender's own mistake or malice): the job
+/// fails with the reason; what came before it was genuine and is in the PACS once.
+#[test]
+fn a_file_that_does_not_match_the_manifest_is_not_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let study = dir.path().join("study");
+    gen_ct(&study, 6, &[]);
+    let repository = Repository::start(&dir.path().join("repo"));
+    let mut altered = String::new();
+    let token = publish(
+        &repository,
+        &dir.path().join("send"),
+        &study,
+        false,
+        |mut e| {
+            let (name, data) = e
+                .iter_mut()
+                .rev()
+                .find(|(name, _)| name.starts_with("DICOM/"))
+                .unwrap();
+            let last = data.len() - 1;
+            data[last] ^= 0xFF;
+            altered = name.clone();
+            e
+        },
+    );
+    let pacs = Pacs::start(dir.path(), 0);
+    let b = receiver(dir.path(), &pacs);
+    hand_over(&token, &b);
+    let job = job_in(&b, "failed", Duration::from_secs(60));
+    let error = job["last_error"].as_str().unwrap();
+    assert!(
+        error.contains(&altered) && error.contains("does not match the manifest"),
+        "{error}"
+    );
+    let received = pacs.received();
+    assert_eq!(
+        received.len(),
+        5,
+        "the five genuine instances: {received:?}"
+    );
+    assert!(received.values().all(|&n| n == 1), "{received:?}");
+    assert!(
+        uids(&files_in(&study)).is_superset(&received.keys().cloned().collect()),
+        "only instances of the study"
+    );
+}
+
+/// The stored parts of the only document in `repository`, in order.
+fn stored_parts(repository: &Repository) -> Vec<PathBuf> {
+    let mut parts: Vec<PathBuf> = files_under(&repository.dir.join("store/documents"))
+        .into_iter()
+        .filter(|p| p.parent().is_some_and(|d| d.ends_with("parts")))
+        .collect();
+    parts.sort();
+    parts
+}
+
+/// Flips one byte of the stored document, `back` bytes before its end.
+fn flip_near_the_end(repository: &Repository, back: u64) {
+    let parts = stored_parts(repository);
+    let sizes: Vec<u64> = parts
+        .iter()
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .collect();
+    let mut at = sizes.iter().sum::<u64>() - back;
+    for (part, size) in parts.iter().zip(sizes) {
+        if at < size {
+            let mut bytes = std::fs::read(part).unwrap();
+            bytes[usize::try_from(at).unwrap()] ^= 0x01;
+            std::fs::write(part, bytes).unwrap();
+            return;
+        }
+        at -= size;
+    }
+}
+
+/// A container damaged near its end (a byte altered on the repository's disk): the
+/// instances whose bytes authenticated before the damage reach the PACS, the job retries
+/// with the reason, and once the document is whole again the retry sends only the rest.
+#[test]
+fn a_container_damaged_late_imports_only_what_authenticated_and_never_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let study = dir.path().join("study");
+    gen_ct(&study, 16, &[]);
+    let repository = Repository::start(&dir.path().join("repo"));
+    let token = publish(&repository, &dir.path().join("send"), &study, false, |e| e);
+    flip_near_the_end(&repository, 200_000);
+    let pacs = Pacs::start(dir.path(), 0);
+    let b = receiver_keeping_ids(dir.path(), &pacs);
+    hand_over(&token, &b);
+    let waiting = wait_for(
+        "the job to fail an attempt",
+        Duration::from_secs(60),
+        || {
+            b.inbound_jobs()
+                .into_iter()
+                .find(|j| j["last_error"].as_str().is_some())
+        },
+    );
+    let error = waiting["last_error"].as_str().unwrap().to_owned();
+    assert!(
+        error.contains("will retry") && error.contains("are not sent again"),
+        "{error}"
+    );
+    let before = pacs.received();
+    assert!(
+        !before.is_empty() && before.len() < 16,
+        "the authenticated instances before the damage, not the rest: {before:?}\n{error}"
+    );
+    flip_near_the_end(&repository, 200_000);
+    let job = job_in(&b, "done", Duration::from_secs(90));
+    assert_eq!(job["progress"], "from HOSPA: 16 of 16 stored, 0 set aside");
+    let after = pacs.received();
+    assert_eq!(
+        after.keys().cloned().collect::<BTreeSet<_>>(),
+        uids(&files_in(&study))
+    );
+    assert!(
+        after.values().all(|&n| n == 1),
+        "an instance sent twice: {after:?}"
+    );
+}
+
+/// `kill -9` of the receiving daemon in the middle of the stream: after the restart the
+/// job completes; the PACS holds every instance, and only the instances in flight at the
+/// kill (at most one per association) can have been sent twice.
+#[test]
+fn kill_9_in_the_middle_of_the_stream_then_restart_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    let study = dir.path().join("study");
+    gen_ct(&study, 24, &[]);
+    let repository = Repository::start(&dir.path().join("repo"));
+    let token = publish(&repository, &dir.path().join("send"), &study, true, |e| e);
+    let pacs = Pacs::start(dir.path(), 150);
+    let mut b = receiver(dir.path(), &pacs);
+    hand_over(&token, &b);
+    wait_for("some instances stored", Duration::from_secs(60), || {
+        (pacs.received().len() >= 6).then_some(())
+    });
+    b.kill9();
+    let at_kill = pacs.received().len();
+    assert!(at_kill < 24, "killed in the middle ({at_kill} stored)");
+    b.spawn();
+    let job = job_in(&b, "done", Duration::from_secs(120));
+    assert_eq!(job["progress"], "from HOSPA: 24 of 24 stored, 0 set aside");
+    let received = pacs.received();
+    assert_eq!(
+        received.keys().cloned().collect::<BTreeSet<_>>(),
+        uids(&files_in(&study))
+    );
+    let again = received.values().filter(|&&n| n > 1).count();
+    assert!(
+        again <= 4,
+        "more than the instances in flight sent again: {received:?}"
+    );
+}
