@@ -14,6 +14,31 @@ use cloudpdi::gateway::inbound::reconcile::PatientIdPolicy;
 use cloudpdi::pdi::{AiAction, AiPolicy};
 use cloudpdi::telemetry::Escaped;
 
+/// `println!` for the commands' output: a reader that closes the pipe early (`| head`,
+/// `| grep -q`) ends the printing, not the command with a panic; any other failure to
+/// write standard output is an error.
+macro_rules! say {
+    ($($arg:tt)*) => { emit(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
+/// `print!` for the commands' output, as [`say!`].
+macro_rules! say_raw {
+    ($($arg:tt)*) => { emit(format_args!($($arg)*)) };
+}
+
+/// Writes `text` to standard output; a closed pipe is ignored (the reader has what it
+/// wanted), any other failure ends the process with a message.
+fn emit(text: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(text).and_then(|()| out.flush()) {
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            eprintln!("error: cannot write to standard output: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
 /// Cloud-PDI gateway: hand studies to other hospitals by token instead of CD.
 #[derive(Parser)]
 #[command(version, about)]
@@ -436,7 +461,7 @@ fn facility(command: FacilityCommand) -> anyhow::Result<()> {
         FacilityCommand::Keygen { out } => cli::keygen(&out)?,
         FacilityCommand::Show { key } => cli::show(&key)?,
     };
-    print!("{text}");
+    say_raw!("{text}");
     Ok(())
 }
 
@@ -454,9 +479,9 @@ fn status(args: &StatusArgs) -> anyhow::Result<()> {
     let addr = status::admin_address(args.admin, &args.config.path())?;
     let answer = runtime()?.block_on(status::fetch(addr))?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&answer)?);
+        say!("{}", serde_json::to_string_pretty(&answer)?);
     } else {
-        print!("{}", status::render(&answer));
+        say_raw!("{}", status::render(&answer));
     }
     Ok(())
 }
@@ -464,14 +489,14 @@ fn status(args: &StatusArgs) -> anyhow::Result<()> {
 fn retry(args: &RetryArgs) -> anyhow::Result<()> {
     let config = args.config.path();
     let retry = cloudpdi::admin::status::retry(args.admin, &config, &args.job);
-    println!("{}", runtime()?.block_on(retry)?);
+    say!("{}", runtime()?.block_on(retry)?);
     Ok(())
 }
 
 fn release(args: &ReleaseArgs) -> anyhow::Result<()> {
     let config = args.config.path();
     let release = cloudpdi::admin::status::release(args.admin, &config, &args.batch);
-    println!("{}", runtime()?.block_on(release)?);
+    say!("{}", runtime()?.block_on(release)?);
     Ok(())
 }
 
@@ -495,7 +520,7 @@ fn import(args: ImportArgs) -> anyhow::Result<()> {
     for note in &report.notes {
         eprintln!("{note}");
     }
-    println!("{}", report.summary());
+    say!("{}", report.summary());
     Ok(report.check()?)
 }
 
@@ -516,7 +541,7 @@ fn token(command: TokenCommand) -> anyhow::Result<()> {
             };
             let token = cli::issue(repository, &document_id, expires_in_days)?;
             cli::write_token_file(&token, &out)?;
-            println!("token written to {}", shown(&out));
+            say!("token written to {}", shown(&out));
         }
         TokenCommand::Inspect {
             config,
@@ -535,7 +560,7 @@ fn token(command: TokenCommand) -> anyhow::Result<()> {
                     cloudpdi::token::RepositoryRef::Community(_)
                 )
             });
-            print!(
+            say_raw!(
                 "{}",
                 cli::describe_now(&token, known.as_deref(), show_secret)
             );
@@ -550,7 +575,7 @@ fn token(command: TokenCommand) -> anyhow::Result<()> {
                 content: args.content,
             };
             cli::write_slip(&token, text, &args.out)?;
-            println!("slip written to {}", shown(&args.out));
+            say!("slip written to {}", shown(&args.out));
         }
     }
     Ok(())
@@ -586,11 +611,11 @@ fn repository(command: RepositoryCommand) -> anyhow::Result<()> {
         }
         RepositoryCommand::NewKey => {
             let (key, hash) = cloudpdi::repository::auth::new_api_key()?;
-            println!(
+            say!(
                 "API key (give it to the facility, shown once): {}",
                 key.as_str()
             );
-            println!("api_key_sha256 = \"{hash}\"");
+            say!("api_key_sha256 = \"{hash}\"");
         }
         RepositoryCommand::Upload {
             url,
@@ -604,7 +629,7 @@ fn repository(command: RepositoryCommand) -> anyhow::Result<()> {
             let token = cloudpdi::token::cli::read_token(&token)?;
             let upload = cli::upload(&url, api_key, &token, max_downloads, &file, &token_out);
             let id = runtime()?.block_on(upload)?;
-            println!(
+            say!(
                 "document {id} uploaded; token written to {}",
                 shown(&token_out)
             );
@@ -612,7 +637,7 @@ fn repository(command: RepositoryCommand) -> anyhow::Result<()> {
         RepositoryCommand::Download { token, out } => {
             let token = cloudpdi::token::cli::read_token(&token)?;
             let size = runtime()?.block_on(cli::download(&token, &out))?;
-            println!("{size} bytes written to {}", shown(&out));
+            say!("{size} bytes written to {}", shown(&out));
         }
         RepositoryCommand::Status(args) => {
             let api_key = cli::api_key(args.api_key_file.as_deref())?;
@@ -633,9 +658,9 @@ fn print_document(
     json: bool,
 ) -> anyhow::Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(state)?);
+        say!("{}", serde_json::to_string_pretty(state)?);
     } else {
-        print!("{}", cloudpdi::repository::cli::describe_status(state));
+        say_raw!("{}", cloudpdi::repository::cli::describe_status(state));
     }
     Ok(())
 }
@@ -656,14 +681,14 @@ fn pdi(command: PdiCommand) -> anyhow::Result<()> {
             for note in notes {
                 eprintln!("{note}");
             }
-            println!("{summary}");
+            say!("{summary}");
         }
         PdiCommand::Verify { path, json } => {
             let summary = pdi::verify(&path)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&summary)?);
+                say!("{}", serde_json::to_string_pretty(&summary)?);
             } else {
-                print!("{}", cli::describe_summary(&path, &summary));
+                say_raw!("{}", cli::describe_summary(&path, &summary));
             }
         }
     }
@@ -678,7 +703,7 @@ fn send(args: SendArgs) -> anyhow::Result<()> {
     let lines = runtime()?.block_on(send)?;
     bar.finish_and_clear();
     for line in lines {
-        println!("{line}");
+        say!("{line}");
     }
     Ok(())
 }
@@ -701,7 +726,7 @@ fn receive(args: &ReceiveArgs) -> anyhow::Result<()> {
             runtime()?.block_on(hand)?
         }
     };
-    println!("{line}");
+    say!("{line}");
     Ok(())
 }
 

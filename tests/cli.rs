@@ -244,3 +244,25 @@ fn isolated_runs_the_named_test_inside() {
     }
     assert!(std::env::var_os("INSIDE_TEST_NETNS").is_some());
 }
+
+/// A reader that closes the pipe before the output comes (`| grep -q`, `| head`) ends the
+/// printing, not the command: no panic, and the work is done.
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("facility.key");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cloudpdi"))
+        .env_remove("CLOUDPDI_CONFIG")
+        .args(["facility", "keygen", "--out"])
+        .arg(&key)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(out.status.success(), "{out:?}");
+    assert!(key.exists(), "the key was not written");
+}

@@ -177,7 +177,7 @@ impl Drop for Pacs {
 }
 
 /// The receiving site, importing into `pacs`, prefixing Patient IDs with the issuer's
-/// code (the instances then wait for the download's end, which names the issuer).
+/// code (named by the repository's first answer to the download).
 fn receiver(dir: &Path, pacs: &Pacs) -> Daemon {
     Daemon::start(
         &dir.join("b"),

@@ -888,13 +888,33 @@ impl Client {
         partial: &Path,
         progress: impl Fn(u64),
     ) -> Result<Downloaded, ClientError> {
+        self.download_to_named(document_id, proof, partial, |_| {}, progress)
+            .await
+    }
+
+    /// As [`Client::download_to`], and `named` gets the facility that created the
+    /// document ([`Downloaded::facility`]) as soon as an answer of the repository names it,
+    /// before its bytes: a receiver that imports while it downloads needs the issuer (its
+    /// Patient ID prefix) at the start, not at the end. Called once per answer accepted
+    /// (again after a resume).
+    ///
+    /// # Errors
+    /// As [`Client::download_to`].
+    pub async fn download_to_named(
+        &self,
+        document_id: &str,
+        proof: &DownloadProof,
+        partial: &Path,
+        named: impl Fn(Option<&str>),
+        progress: impl Fn(u64),
+    ) -> Result<Downloaded, ClientError> {
         let path = format!("/{}/content", checked_id(document_id)?);
         let mut hashed = Hashed::default();
         let mut tries = 0;
         loop {
             let before = file_len(partial).await?;
             match self
-                .download_attempt(&path, proof, partial, &mut hashed, &progress)
+                .download_attempt(&path, proof, partial, &mut hashed, (&named, &progress))
                 .await
             {
                 Ok(size) => return Ok(size),
@@ -916,7 +936,7 @@ impl Client {
         proof: &DownloadProof,
         partial: &Path,
         hashed: &mut Hashed,
-        progress: &impl Fn(u64),
+        (named, progress): (&impl Fn(Option<&str>), &impl Fn(u64)),
     ) -> Result<Downloaded, Failure> {
         let have = file_len(partial).await.map_err(Failure::Permanent)?;
         let mut request = self.receiver(Method::GET, path, proof);
@@ -935,6 +955,7 @@ impl Client {
                 // An earlier attempt got every byte but stopped before the checks.
                 let expected = expected_check(&response);
                 hashed.expect(expected);
+                named(facility.as_deref());
                 return finish(partial, hashed, have, have, expected)
                     .await
                     .map(done);
@@ -947,6 +968,7 @@ impl Client {
         let response = check(response).await?;
         let expected = expected_check(&response);
         hashed.expect(expected);
+        named(facility.as_deref());
         let (start, total) = if response.status() == StatusCode::PARTIAL_CONTENT {
             content_range(&response)
                 .ok_or_else(|| Failure::Transient("206 without a Content-Range".into()))?

@@ -452,16 +452,37 @@ impl Inbound {
             && self.config.inbound.patient_id == PatientIdMode::Prefix
             && !complete;
         let (issuer_known, issuer_wait) = tokio::sync::oneshot::channel::<()>();
+        let issuer_known = std::sync::Mutex::new(Some(issuer_known));
+        // Told once: the issuer is known (the lanes start), or never will be (dropped
+        // unsent: the download failed, the lanes do not start).
+        let issuer_settled = |known: bool| {
+            let sender = issuer_known
+                .lock()
+                .ok()
+                .and_then(|mut sender| sender.take());
+            if let (Some(sender), true) = (sender, known) {
+                let _ = sender.send(());
+            }
+        };
         let shared = std::sync::Mutex::new(job.clone());
         let download = async {
             if complete {
                 return Ok(());
             }
+            // The lanes start with the repository's first answer, which names the issuer
+            // (recorded durably with the rename below).
+            let named = |creator: Option<&str>| {
+                if let (Some(creator), Ok(mut record)) = (creator, shared.lock()) {
+                    record.issuer = creator.to_owned();
+                }
+                issuer_settled(true);
+            };
             let result = client
-                .download_to(
+                .download_to_named(
                     &token.document_id,
                     &token.download_proof(),
                     &dir.partial(),
+                    named,
                     |_| growing.grew(),
                 )
                 .await;
@@ -469,14 +490,13 @@ impl Inbound {
                 Ok(downloaded) => downloaded,
                 Err(e) => {
                     growing.end(false);
+                    issuer_settled(false);
                     return Err(StepError::from(e));
                 }
             };
             let finished = self.downloaded(dir, &shared, downloaded.facility);
             growing.end(finished.is_ok());
-            if finished.is_ok() {
-                let _ = issuer_known.send(());
-            }
+            issuer_settled(finished.is_ok());
             finished
         };
         let import = async {
