@@ -376,6 +376,17 @@ fn flip_near_the_end(repository: &Repository, back: u64) {
 /// with the reason, and once the document is whole again the retry sends only the rest.
 #[test]
 fn a_container_damaged_late_imports_only_what_authenticated_and_never_twice() {
+    damaged_late(receiver_keeping_ids);
+}
+
+/// The same with Patient IDs prefixed by the issuer's code: the lanes do not wait for the
+/// download's end (which the damage makes fail) to learn the issuer.
+#[test]
+fn with_prefixed_patient_ids_the_lanes_start_before_the_download_ends() {
+    damaged_late(receiver);
+}
+
+fn damaged_late(receiver: fn(&Path, &Pacs) -> Daemon) {
     let dir = tempfile::tempdir().unwrap();
     let study = dir.path().join("study");
     gen_ct(&study, 16, &[]);
@@ -383,7 +394,7 @@ fn a_container_damaged_late_imports_only_what_authenticated_and_never_twice() {
     let token = publish(&repository, &dir.path().join("send"), &study, false, |e| e);
     flip_near_the_end(&repository, 200_000);
     let pacs = Pacs::start(dir.path(), 0);
-    let b = receiver_keeping_ids(dir.path(), &pacs);
+    let b = receiver(dir.path(), &pacs);
     hand_over(&token, &b);
     let waiting = wait_for(
         "the job to fail an attempt",
