@@ -48,7 +48,7 @@ $repo
 [route.ct]
 ae_title = "CLOUDPDI"
 stable_after = ${STABLE_AFTER:-1}
-compress = false
+compress = ${COMPRESS:-false}
 $5
 TOML
   "$bin" serve --config "$1/c.toml" >"$1/log" 2>&1 &

@@ -12,6 +12,7 @@
 #        STABLE_AFTER=2 bench/e2e/run.sh
 #        BENCH_LOGS=/tmp/e2e-logs bench/e2e/run.sh   # keep both daemons' logs
 #        BENCH_BIN=/path/to/other/cloudpdi bench/e2e/run.sh   # another build, e.g. before a change
+#        COMPRESS=true bench/e2e/run.sh   # the route compresses (the shipped default)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 if [ -z "${BENCH_BIN:-}" ]; then
@@ -20,4 +21,5 @@ fi
 work=$(mktemp -d /tmp/cloudpdi-bench-e2e.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 python3 scripts/gen_ct.py "$work/study" --slices "${SLICES:-500}" >/dev/null
-exec unshare --net bash bench/e2e/inner.sh "$work"
+# Not `exec`: the trap must run to remove the 1.3 GB of a 500-slice run.
+unshare --net bash bench/e2e/inner.sh "$work"
