@@ -514,10 +514,10 @@ async fn a_part_cut_short_leaves_nothing_on_local_files() {
     connection.write_all(&vec![7u8; 600 << 10]).await.unwrap();
     connection.flush().await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !temps().iter().any(|(_, len)| *len >= 512 << 10) {
+    while !temps().iter().any(|(_, len)| *len >= 256 << 10) {
         assert!(
             Instant::now() < deadline,
-            "no temp file holds the first 512 KiB of the body: {:?} under {}",
+            "no temp file holds the first 256 KiB of the body: {:?} under {}",
             temps(),
             folder.display()
         );
