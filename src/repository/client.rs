@@ -749,7 +749,7 @@ impl Client {
                 .map(|n| async move {
                     let offset = u64::from(n) * part_size;
                     let len = part_len(n);
-                    self.put_part_at(document_id, &file, path, n, offset, len)
+                    self.put_part_at(document_id, file, path, n, offset, len)
                         .await
                         .map(|_| len)
                 })
@@ -1344,7 +1344,8 @@ fn part_body(
             if left == 0 {
                 return Ok(None);
             }
-            let want = usize::try_from(left).map_or(UPLOAD_READ_CHUNK, |l| l.min(UPLOAD_READ_CHUNK));
+            let want =
+                usize::try_from(left).map_or(UPLOAD_READ_CHUNK, |l| l.min(UPLOAD_READ_CHUNK));
             let chunk = tokio::task::spawn_blocking(move || {
                 use std::os::unix::fs::FileExt;
                 let mut buffer = vec![0u8; want];
