@@ -479,6 +479,74 @@ async fn streamed_documents_on_s3() {
     streamed_documents(Backend::S3).await;
 }
 
+/// On local files a part goes to disk as it arrives (a temp file beside the part grows
+/// while the body is still coming: the part is never held whole in memory); a body cut
+/// short leaves no part, no hash and no temp file, and the part can then be sent whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_part_cut_short_leaves_nothing_on_local_files() {
+    use tokio::io::AsyncWriteExt;
+    let repo = Repo::start(Backend::Local).await;
+    let token = token(3600);
+    let sender = repo.client(Some(&repo.key_a));
+    let mut streamed = new_document(1, &token, 1);
+    streamed.size = None;
+    let id = sender.create(&streamed).await.unwrap().document_id;
+    let folder = repo.dir.path().join(format!("store/documents/{id}"));
+    let temps = || -> Vec<(PathBuf, u64)> {
+        common::files_under(&folder)
+            .into_iter()
+            .filter(|f| f.file_name().unwrap().to_string_lossy().ends_with(".tmp"))
+            .map(|f| {
+                let len = std::fs::metadata(&f).map_or(0, |m| m.len());
+                (f, len)
+            })
+            .collect()
+    };
+    let mut connection = tokio::net::TcpStream::connect(repo.url.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let head = format!(
+        "PUT /v1/documents/{id}/parts/0 HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+         Authorization: Bearer {}\r\nContent-Length: {MIB}\r\n\r\n",
+        repo.key_a
+    );
+    connection.write_all(head.as_bytes()).await.unwrap();
+    connection.write_all(&vec![7u8; 600 << 10]).await.unwrap();
+    connection.flush().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !temps().iter().any(|(_, len)| *len >= 256 << 10) {
+        assert!(
+            Instant::now() < deadline,
+            "no temp file holds the first 256 KiB of the body: {:?} under {}",
+            temps(),
+            folder.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(connection);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !temps().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the temp file stayed: {:?}",
+            temps()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let left = common::files_under(&folder.join("parts"))
+        .into_iter()
+        .chain(common::files_under(&folder.join("hashes")))
+        .collect::<Vec<_>>();
+    assert!(left.is_empty(), "a part cut short left {left:?}");
+    assert!(sender.status(&id).await.unwrap().parts_held.is_empty());
+    let part = bytes::Bytes::from(vec![9u8; 1000]);
+    sender.put_part_bytes(&id, 0, part.clone()).await.unwrap();
+    let hashes = [Sha256::digest(&part).into()];
+    let status = sender.complete_parts(&id, 1000, &hashes).await.unwrap();
+    assert_eq!((status.state, status.size), (State::Complete, 1000));
+    repo.stop().await;
+}
+
 /// Nothing stored by the repository (objects, metadata, audit) holds the token's secret,
 /// the keys derived from it, or a facility's API key, raw or in hex.
 fn assert_no_secret(repo: &Repo, token: &Token) {

@@ -743,14 +743,15 @@ impl Client {
         // The part hashes are read from the file beside the uploads, so parts can go in
         // any order and several at once; the server checks them against what it recorded.
         let hashing = part_hashes(path, size, part_size);
+        let file = &Arc::new(std::fs::File::open(path).map_err(file_error(path))?);
         let uploading = async {
             let mut sends = futures_util::stream::iter(missing)
                 .map(|n| async move {
                     let offset = u64::from(n) * part_size;
                     let len = part_len(n);
-                    self.retrying(|| self.put_part(document_id, path, n, offset, len))
+                    self.put_part_at(document_id, file, path, n, offset, len)
                         .await
-                        .map(|()| len)
+                        .map(|_| len)
                 })
                 .buffer_unordered(self.options.parallel_parts.max(1));
             while let Some(len) = sends.try_next().await? {
@@ -841,31 +842,61 @@ impl Client {
         }
     }
 
-    /// One attempt at part `n`, streamed from the file.
-    async fn put_part(
+    /// Part `n` of a document: `len` bytes of `file` from `offset`, read at that offset
+    /// (the file may have been renamed, or still grow beyond the part, meanwhile) and
+    /// streamed, never held whole in memory; hashed as it is sent. Retried on transient
+    /// failures like [`Client::upload_file`]'s parts. `path` names the file in errors.
+    /// Returns the SHA-256 of the part the repository acknowledged.
+    ///
+    /// # Errors
+    /// [`ClientError`]; `Refused` for a part the document cannot take, `File` when the
+    /// file cannot be read.
+    pub async fn put_part_at(
         &self,
         document_id: &str,
+        file: &Arc<std::fs::File>,
         path: &Path,
         n: u32,
         offset: u64,
         len: u64,
-    ) -> Result<(), Failure> {
-        let mut file = tokio::fs::File::open(path)
+    ) -> Result<[u8; 32], ClientError> {
+        let document_id = checked_id(document_id)?;
+        self.retrying(|| self.put_part(document_id, file, path, n, offset, len))
             .await
-            .map_err(|e| Failure::Permanent(file_error(path)(e)))?;
-        file.seek(std::io::SeekFrom::Start(offset))
-            .await
-            .map_err(|e| Failure::Permanent(file_error(path)(e)))?;
-        let stream = tokio_util::io::ReaderStream::with_capacity(file.take(len), UPLOAD_READ_CHUNK);
+    }
+
+    /// One attempt at part `n`, streamed from `file` and hashed as it goes.
+    async fn put_part(
+        &self,
+        document_id: &str,
+        file: &Arc<std::fs::File>,
+        path: &Path,
+        n: u32,
+        offset: u64,
+        len: u64,
+    ) -> Result<[u8; 32], Failure> {
+        let sent = Arc::new(std::sync::Mutex::new((Sha256::new(), 0u64)));
+        let body = part_body(Arc::clone(file), path, offset, len, Arc::clone(&sent));
         let response = self
             .facility_request(Method::PUT, &format!("/{document_id}/parts/{n}"))
             .header(CONTENT_LENGTH, len)
             .timeout(self.options.part_timeout)
-            .body(reqwest::Body::wrap_stream(stream))
+            .body(reqwest::Body::wrap_stream(body))
             .send()
             .await?;
         check(response).await?;
-        Ok(())
+        let (hasher, hashed) = std::mem::take(
+            &mut *sent
+                .lock()
+                .map_err(|_| Failure::Transient("a part hash was poisoned".into()))?,
+        );
+        if hashed != len {
+            return Err(Failure::Permanent(ClientError::Mismatch(format!(
+                "{} had {hashed} of the {len} bytes of part {n} when it was sent",
+                path.display()
+            ))));
+        }
+        Ok(hasher.finalize().into())
     }
 
     /// Downloads the document into `partial`, appending to what an earlier attempt left
@@ -1316,6 +1347,53 @@ async fn finish(
         )));
     }
     Ok(total)
+}
+
+/// `len` bytes of `file` from `offset` as a request body, read [`UPLOAD_READ_CHUNK`] at a
+/// time at explicit offsets (off the async threads), each chunk fed to `sent` (hash,
+/// bytes) as it is read. An error names `path`.
+fn part_body(
+    file: Arc<std::fs::File>,
+    path: &Path,
+    offset: u64,
+    len: u64,
+    sent: Arc<std::sync::Mutex<(Sha256, u64)>>,
+) -> impl futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static {
+    let path = path.display().to_string();
+    futures_util::stream::try_unfold((offset, len), move |(at, left)| {
+        let (file, sent, path) = (Arc::clone(&file), Arc::clone(&sent), path.clone());
+        async move {
+            if left == 0 {
+                return Ok(None);
+            }
+            let want =
+                usize::try_from(left).map_or(UPLOAD_READ_CHUNK, |l| l.min(UPLOAD_READ_CHUNK));
+            let chunk = tokio::task::spawn_blocking(move || {
+                use std::os::unix::fs::FileExt;
+                let mut buffer = vec![0u8; want];
+                let got = file.read_at(&mut buffer, at)?;
+                if got == 0 {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the file ended before the part",
+                    ));
+                }
+                buffer.truncate(got);
+                let mut sent = sent
+                    .lock()
+                    .map_err(|_| std::io::Error::other("a part hash was poisoned"))?;
+                sent.0.update(&buffer);
+                sent.1 += got as u64;
+                Ok(bytes::Bytes::from(buffer))
+            })
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|read| read)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{path}: {e}")))?;
+            let got = chunk.len() as u64;
+            Ok(Some((chunk, (at + got, left - got))))
+        }
+    })
 }
 
 /// The SHA-256 of each `part_size` block of the first `size` bytes of `path`, in order.

@@ -68,9 +68,10 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Largest document accepted, in MiB.
     pub max_document_mb: u64,
-    /// Part size in MiB: a part is held in memory while it is stored.
+    /// Part size in MiB: on S3 a part is held in memory while it is stored (on local
+    /// files it goes to disk as it arrives).
     pub part_size_mb: u64,
-    /// Part uploads handled at once (each holds up to one part in memory); more wait.
+    /// Part uploads handled at once (on S3 each holds up to one part in memory); more wait.
     pub max_concurrent_uploads: usize,
     /// Longest expiry a facility may ask for, in days from now.
     pub max_expiry_days: u64,

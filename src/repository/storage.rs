@@ -26,6 +26,16 @@
 //! limited number of times within a limited window after its slot was taken; the resume
 //! records are create-if-absent as well, so that limit holds across servers too.
 //! On the local backend each object is synced to disk before the call returns.
+//!
+//! A part arriving ([`PartUpload`]) is hashed as it comes. On the local backend it is
+//! written to a temp file beside its name (`documents/{id}/parts/.XXXXXX.tmp`, created
+//! exclusively, mode 0600), synced and renamed over the part when the whole body is there,
+//! so it is never held in memory; a body cut short, too long or stalled removes the temp
+//! file, and one left by a crash is deleted with the document's parts or at its purge.
+//! On S3 a part is gathered in memory (at most the part size, 8 MiB by default, per
+//! upload slot) and written with one PUT: `object_store`'s streaming put is a multipart
+//! upload (three requests or more per part, each piece but the last at least 5 MiB and
+//! buffered too), which would cost requests without saving memory at this part size.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -46,6 +56,9 @@ use crate::repository::config::{Backend, StorageConfig};
 /// Read size when streaming a part from the local backend.
 const LOCAL_READ_CHUNK: usize = 256 * 1024;
 
+/// Bytes of an arriving part gathered before one write to its temp file (local backend).
+const LOCAL_WRITE_CHUNK: usize = 256 * 1024;
+
 /// Why storage failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -59,6 +72,14 @@ pub enum StorageError {
     /// An object has content this server cannot read.
     #[error("stored object {0} is unreadable; it was not written by this repository")]
     Corrupt(String),
+    /// A local file could not be written (disk full, permissions).
+    #[error("cannot write {path}: {source}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The operating system's error.
+        source: std::io::Error,
+    },
     /// A local file could not be synced.
     #[error("cannot sync {path} to disk: {source}")]
     Sync {
@@ -416,28 +437,43 @@ impl Storage {
         Ok(Some(snapshot))
     }
 
-    /// Stores part `n` (replacing an earlier copy), then its SHA-256 (computed here,
-    /// from the bytes in memory): a completion checks the hashes, not the content. A part
-    /// replaced with a hash not yet rewritten (a crash between the two) never completes:
-    /// the sender's digest does not match the old hash.
+    /// Part `n` of document `id`, about to arrive: its bytes go to
+    /// [`PartUpload::write`], and [`PartUpload::finish`] stores it (replacing an earlier
+    /// copy), then its SHA-256, computed as the bytes came: a completion checks the
+    /// hashes, not the content. A part replaced with a hash not yet rewritten (a crash
+    /// between the two) never completes: the sender's digest does not match the old hash.
     ///
     /// # Errors
-    /// [`StorageError`] when the store fails.
-    pub async fn put_part(&self, id: &str, n: u32, bytes: Bytes) -> Result<(), StorageError> {
-        use sha2::Digest;
-        let hash = hex::encode(sha2::Sha256::digest(&bytes));
-        self.put(
-            &doc_path(id, &format!("parts/{n:08}")),
-            bytes,
-            PutMode::Overwrite,
-        )
-        .await?;
-        self.put(
-            &doc_path(id, &format!("hashes/{n:08}")),
-            Bytes::from(hash),
-            PutMode::Overwrite,
-        )
-        .await
+    /// [`StorageError`] when the temp file cannot be created.
+    pub async fn part_upload(&self, id: &str, n: u32) -> Result<PartUpload, StorageError> {
+        let sink = match &self.local_root {
+            None => PartSink::Memory(bytes::BytesMut::new()),
+            Some(root) => {
+                let path = root.join(doc_path(id, &format!("parts/{n:08}")).as_ref());
+                let beside = path.clone();
+                let temp = tokio::task::spawn_blocking(move || {
+                    crate::durable::Pending::beside(&beside, 0o600)
+                })
+                .await
+                .map_err(|e| StorageError::Open(e.to_string()))?
+                .map_err(|source| StorageError::Write {
+                    path: path.clone(),
+                    source,
+                })?;
+                PartSink::Local {
+                    temp: Some(temp),
+                    buffer: Vec::with_capacity(LOCAL_WRITE_CHUNK),
+                    path,
+                }
+            }
+        };
+        Ok(PartUpload {
+            storage: self.clone(),
+            id: id.to_owned(),
+            n,
+            hasher: sha2::Sha256::default(),
+            sink,
+        })
     }
 
     /// The recorded SHA-256 of part `n`, or `None` when there is none.
@@ -838,6 +874,123 @@ impl Storage {
         let mut listing = self.store.list(Some(&prefix));
         listing.try_next().await?;
         Ok(())
+    }
+}
+
+/// A part arriving ([`Storage::part_upload`]; the module documentation says where its
+/// bytes wait). Dropped before [`PartUpload::finish`] (a body cut short, too long or
+/// stalled), it leaves no new part and no hash: an earlier copy of the part stays as it
+/// was.
+pub struct PartUpload {
+    storage: Storage,
+    id: String,
+    n: u32,
+    hasher: sha2::Sha256,
+    sink: PartSink,
+}
+
+enum PartSink {
+    /// The temp file (with the hasher, while a write holds neither), the bytes not yet
+    /// written, and the part's final name.
+    Local {
+        temp: Option<crate::durable::Pending>,
+        buffer: Vec<u8>,
+        path: PathBuf,
+    },
+    /// The S3 backend: the part, gathered for one PUT.
+    Memory(bytes::BytesMut),
+}
+
+impl PartUpload {
+    /// Takes the next bytes of the part.
+    ///
+    /// # Errors
+    /// [`StorageError::Write`] when the temp file cannot be written.
+    pub async fn write(&mut self, chunk: &[u8]) -> Result<(), StorageError> {
+        match &mut self.sink {
+            PartSink::Memory(buffer) => {
+                sha2::Digest::update(&mut self.hasher, chunk);
+                buffer.extend_from_slice(chunk);
+                Ok(())
+            }
+            PartSink::Local { buffer, .. } => {
+                buffer.extend_from_slice(chunk);
+                if buffer.len() >= LOCAL_WRITE_CHUNK {
+                    self.flush().await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Writes (and hashes) the bytes gathered to the temp file, off the async threads.
+    async fn flush(&mut self) -> Result<(), StorageError> {
+        let PartSink::Local { temp, buffer, path } = &mut self.sink else {
+            return Ok(());
+        };
+        if buffer.is_empty() {
+            return Ok(());
+        }
+        let mut pending = temp.take().ok_or_else(|| StorageError::Write {
+            path: path.clone(),
+            source: std::io::Error::other("an earlier write failed"),
+        })?;
+        let mut hasher = std::mem::take(&mut self.hasher);
+        let mut data = std::mem::take(buffer);
+        let (pending, hasher, data) = tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            pending.file().write_all(&data)?;
+            sha2::Digest::update(&mut hasher, &data);
+            data.clear();
+            Ok::<_, std::io::Error>((pending, hasher, data))
+        })
+        .await
+        .map_err(|e| StorageError::Open(e.to_string()))?
+        .map_err(|source| StorageError::Write {
+            path: path.clone(),
+            source,
+        })?;
+        *temp = Some(pending);
+        *buffer = data;
+        self.hasher = hasher;
+        Ok(())
+    }
+
+    /// Stores the part (on the local backend: temp file synced, renamed over the part,
+    /// folder synced), then its hash record.
+    ///
+    /// # Errors
+    /// [`StorageError`] when the store fails; the part may then be missing or stale, and
+    /// its hash record old: a completion refuses it until it is sent again.
+    pub async fn finish(mut self) -> Result<(), StorageError> {
+        self.flush().await?;
+        let part = doc_path(&self.id, &format!("parts/{:08}", self.n));
+        match self.sink {
+            PartSink::Memory(buffer) => {
+                self.storage
+                    .put(&part, buffer.freeze(), PutMode::Overwrite)
+                    .await?;
+            }
+            PartSink::Local { temp, path, .. } => {
+                let pending = temp.ok_or_else(|| StorageError::Write {
+                    path: path.clone(),
+                    source: std::io::Error::other("an earlier write failed"),
+                })?;
+                let named = path.clone();
+                tokio::task::spawn_blocking(move || pending.commit(&named))
+                    .await
+                    .map_err(|e| StorageError::Open(e.to_string()))?
+                    .map_err(|source| StorageError::Sync { path, source })?;
+            }
+        }
+        let hash = hex::encode(sha2::Digest::finalize(self.hasher));
+        self.storage
+            .put(
+                &doc_path(&self.id, &format!("hashes/{:08}", self.n)),
+                Bytes::from(hash),
+                PutMode::Overwrite,
+            )
+            .await
     }
 }
 

@@ -3,11 +3,13 @@
 //! container before the upload starts.
 //!
 //! One blocking producer thread builds the ZIP into the compressor and the encryptor,
-//! whose output a part cutter writes to `container.partial` (no fsync per part) and hands
-//! in parts of the repository's part size to the uploader over a bounded channel. The
+//! whose output a part cutter writes to `container.partial` (no fsync per part); at the
+//! end of each part of the repository's part size it flushes the file and hands the
+//! uploader only the part's place (number, offset, length) over a bounded channel. The
 //! uploader PUTs up to `outbound.parts_in_flight` parts at once (counting the one queued),
-//! hashing each, and appends the number of every part the repository acknowledged to
-//! `acked`. At the end of the stream the file is synced and renamed to `container`, and
+//! each streamed from the file and hashed as it is sent (parts are never held in memory:
+//! the daemon's memory does not grow with the part size), and appends the number of every
+//! part the repository acknowledged to `acked`. At the end of the stream the file is synced and renamed to `container`, and
 //! the document is completed with the part hashes.
 //!
 //! Resume after a crash: with `container` present (the stream had finished), only the
@@ -21,9 +23,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
-use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
 use crate::clock::now_ms;
@@ -72,8 +72,8 @@ pub fn worth_compressing<'a>(instances: impl IntoIterator<Item = (&'a str, u64)>
 }
 
 /// Largest part size accepted from a repository: a Cloud-PDI repository's
-/// `server.part_size_mb` is at most 256; a larger answer is refused before any part buffer
-/// is reserved.
+/// `server.part_size_mb` is at most 256; a larger answer is refused before the stream
+/// starts.
 const MAX_PART_SIZE: usize = 256 << 20;
 
 /// Bytes of `container.partial` buffered before a write to disk.
@@ -118,10 +118,18 @@ impl Sender {
             }
         }
         let acked = open_acked(&dir.acked())?;
+        durable::create_dir_all(&dir.0).map_err(|e| StepError::file("create", &dir.0, &e))?;
+        // Read by the uploads at explicit offsets, through this handle: it stays valid when
+        // the finished file is renamed while the last parts are still being sent.
+        let file = create_partial(&partial)?;
+        let reader = std::sync::Arc::new(
+            file.try_clone()
+                .map_err(|e| StepError::file("open", &partial, &e))?,
+        );
         let in_flight = self.config.outbound.parts_in_flight.max(1);
         // One part waits in the channel, the others upload: `in_flight` parts in all.
-        let (parts, received) = mpsc::channel::<(u32, Bytes)>(1);
-        let producer = self.producer(job, input, dir, part_size, parts)?;
+        let (parts, received) = mpsc::channel::<Cut>(1);
+        let producer = self.producer(job, input, dir, file, part_size, parts)?;
         let produced = async {
             let (report, bytes) = blocking(producer).await?;
             job.instances = report.instances as u64;
@@ -138,6 +146,7 @@ impl Sender {
         let uploaded = upload_parts(
             &client,
             &id,
+            (&reader, &partial),
             received,
             in_flight.saturating_sub(1).max(1),
             acked,
@@ -214,8 +223,9 @@ impl Sender {
         job: &OutboundJob,
         input: StreamInput,
         dir: &Workdir,
+        file: std::fs::File,
         part_size: usize,
-        parts: mpsc::Sender<(u32, Bytes)>,
+        parts: mpsc::Sender<Cut>,
     ) -> Result<impl FnOnce() -> Result<(BuildReport, u64), StepError> + use<>, StepError> {
         let options = BuildOptions {
             facility: self.config.facility.name.clone(),
@@ -238,12 +248,9 @@ impl Sender {
         };
         let zstd_threads = container::parallel::threads(self.config.outbound.zstd_threads as usize);
         let partial = dir.partial();
-        let folder = dir.0.clone();
         let files = input.files;
         Ok(move || {
-            durable::create_dir_all(&folder).map_err(|e| StepError::file("create", &folder, &e))?;
-            let cutter = PartCutter::create(&partial, part_size, parts)
-                .map_err(|e| StepError::file("create", &partial, &e))?;
+            let cutter = PartCutter::new(file, part_size, parts);
             let file_error = |e: std::io::Error| StepError::file("write", &partial, &e);
             let mut sealer = ParallelEncryptor::new(&key, &container_options, 1, cutter)?;
             let report = match container_options.compression {
@@ -303,55 +310,72 @@ fn part_size(size: u64) -> Result<usize, StepError> {
         })
 }
 
-/// The end of the sealed stream: every byte to `container.partial`, and each full part
-/// (the last one shorter) to the uploader.
+/// Creates `container.partial` (exclusively, mode 0600), readable for the uploads.
+fn create_partial(path: &Path) -> Result<std::fs::File, StepError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| StepError::file("create", path, &e))
+}
+
+/// Where one part of the container is in `container.partial`.
+#[derive(Debug, Clone, Copy)]
+struct Cut {
+    n: u32,
+    offset: u64,
+    len: u64,
+}
+
+/// The end of the sealed stream: every byte to `container.partial`, and the place of each
+/// full part (the last one shorter), once its bytes are in the file, to the uploader.
 struct PartCutter {
     file: std::io::BufWriter<std::fs::File>,
-    part: Vec<u8>,
-    part_size: usize,
+    part_size: u64,
+    /// Bytes of the current part written so far.
+    filled: u64,
     next: u32,
     written: u64,
-    parts: mpsc::Sender<(u32, Bytes)>,
+    parts: mpsc::Sender<Cut>,
 }
 
 impl PartCutter {
-    /// Creates `path` (exclusively, mode 0600).
-    fn create(
-        path: &Path,
-        part_size: usize,
-        parts: mpsc::Sender<(u32, Bytes)>,
-    ) -> std::io::Result<PartCutter> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)?;
-        Ok(PartCutter {
+    fn new(file: std::fs::File, part_size: usize, parts: mpsc::Sender<Cut>) -> PartCutter {
+        PartCutter {
             file: std::io::BufWriter::with_capacity(FILE_BUFFER, file),
-            part: Vec::with_capacity(part_size),
-            part_size,
+            part_size: part_size as u64,
+            filled: 0,
             next: 0,
             written: 0,
             parts,
-        })
+        }
     }
 
-    /// Hands the part filled so far to the uploader (waiting while enough are in flight).
+    /// Writes the part filled so far to the file and hands its place to the uploader
+    /// (waiting while enough are in flight).
     fn send(&mut self) -> std::io::Result<()> {
-        let part = std::mem::replace(&mut self.part, Vec::with_capacity(self.part_size));
-        let n = self.next;
-        self.next = n
+        self.file.flush()?;
+        let cut = Cut {
+            n: self.next,
+            offset: self.written - self.filled,
+            len: self.filled,
+        };
+        self.next = cut
+            .n
             .checked_add(1)
             .ok_or_else(|| std::io::Error::other("more parts than a document can have"))?;
+        self.filled = 0;
         self.parts
-            .blocking_send((n, Bytes::from(part)))
+            .blocking_send(cut)
             .map_err(|_| std::io::Error::other("the upload stopped"))
     }
 
     /// Sends the last part, syncs the file; returns the bytes written.
     fn finish(mut self) -> std::io::Result<u64> {
-        if !self.part.is_empty() {
+        if self.filled > 0 {
             self.send()?;
         }
         let file = self.file.into_inner().map_err(|e| e.into_error())?;
@@ -362,11 +386,12 @@ impl PartCutter {
 
 impl Write for PartCutter {
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        let take = (self.part_size - self.part.len()).min(data.len());
+        let room = usize::try_from(self.part_size - self.filled).unwrap_or(usize::MAX);
+        let take = room.min(data.len());
         self.file.write_all(&data[..take])?;
-        self.part.extend_from_slice(&data[..take]);
+        self.filled += take as u64;
         self.written += take as u64;
-        if self.part.len() == self.part_size {
+        if self.filled == self.part_size {
             self.send()?;
         }
         Ok(take)
@@ -377,30 +402,27 @@ impl Write for PartCutter {
     }
 }
 
-/// Uploads the parts as they come, `at_once` at a time, hashing each; appends each
-/// acknowledged part's number to `acked`. Returns the hashes by part number.
+/// Uploads the parts as they come, `at_once` at a time, each streamed from `file` (named
+/// `path` in errors) and hashed as it is sent; appends each acknowledged part's number to
+/// `acked`. Returns the hashes by part number.
 async fn upload_parts(
     client: &Client,
     id: &str,
-    received: mpsc::Receiver<(u32, Bytes)>,
+    (file, path): (&std::sync::Arc<std::fs::File>, &Path),
+    received: mpsc::Receiver<Cut>,
     at_once: usize,
     mut acked: std::fs::File,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<BTreeMap<u32, [u8; 32]>, ClientError> {
     let incoming = futures_util::stream::unfold(received, |mut received| async move {
-        received.recv().await.map(|part| (part, received))
+        received.recv().await.map(|cut| (cut, received))
     });
     let uploads = incoming
-        .map(|(n, bytes)| async move {
-            let len = bytes.len() as u64;
-            let hashed = bytes.clone();
-            let hash = tokio::task::spawn_blocking(move || Sha256::digest(&hashed).into());
-            client.put_part_bytes(id, n, bytes).await?;
-            let hash: [u8; 32] = hash.await.map_err(|e| ClientError::File {
-                path: "part hash".into(),
-                source: std::io::Error::other(e.to_string()),
-            })?;
-            Ok::<_, ClientError>((n, len, hash))
+        .map(|cut| async move {
+            let hash = client
+                .put_part_at(id, file, path, cut.n, cut.offset, cut.len)
+                .await?;
+            Ok::<_, ClientError>((cut.n, cut.len, hash))
         })
         .buffer_unordered(at_once);
     let mut uploads = std::pin::pin!(uploads);

@@ -19,7 +19,7 @@ use crate::repository::storage::{
 use crate::repository::unix_now;
 
 use super::authenticate::{Complete, Owned, UploadPart};
-use super::body::{read_body, read_json};
+use super::body::{BodyChunks, read_json};
 use super::caller::Answer;
 use super::documents::{check_uploading, status_of};
 use super::refusal::Refusal;
@@ -59,14 +59,23 @@ async fn store_part(
         ));
     };
     let limit = usize::try_from(expected).unwrap_or(usize::MAX);
-    let bytes = read_body(body, limit, app.server.body_idle_timeout()).await?;
-    if bytes.len() as u64 != expected {
-        return Err(length_mismatch(n, expected, bytes.len() as u64));
-    }
-    app.storage
-        .put_part(&snapshot.meta.id, n, bytes)
+    let mut chunks = BodyChunks::new(body, limit, app.server.body_idle_timeout());
+    // Written as it arrives (never held whole on local files); dropped on a refusal
+    // below, it leaves no part.
+    let mut upload = app
+        .storage
+        .part_upload(&snapshot.meta.id, n)
         .await
         .map_err(Refusal::unavailable)?;
+    let mut received: u64 = 0;
+    while let Some(chunk) = chunks.next().await? {
+        received += chunk.len() as u64;
+        upload.write(&chunk).await.map_err(Refusal::unavailable)?;
+    }
+    if received != expected {
+        return Err(length_mismatch(n, expected, received));
+    }
+    upload.finish().await.map_err(Refusal::unavailable)?;
     app.metrics.parts_stored.inc();
     app.metrics.bytes_uploaded.inc_by(expected);
     Ok(Answer::ok(StatusCode::NO_CONTENT).with_detail(format!("part {n} ({expected} bytes)")))
