@@ -884,8 +884,9 @@ fn open_partial(path: &Path) -> std::io::Result<()> {
 
 /// The `stored` file of a streamed import, one line appended per instance the PACS took
 /// as soon as the collector takes its answer (the page cache outlives the process): a
-/// `kill -9` or a power cut loses only the answers not yet written, at most those in
-/// flight, which are then sent again (the PACS keeps one copy per SOP Instance UID).
+/// `kill -9` or a power cut loses only the answers not yet written (still queued for
+/// the collector), whose instances are then sent again (the PACS keeps one copy per SOP
+/// Instance UID).
 struct StoredLog {
     file: std::fs::File,
     path: PathBuf,
