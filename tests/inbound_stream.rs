@@ -76,6 +76,19 @@ fn publish(
     zstd: bool,
     rewrite: impl FnOnce(Vec<(String, Vec<u8>)>) -> Vec<(String, Vec<u8>)>,
 ) -> PathBuf {
+    publish_limited(repository, work, study, zstd, rewrite, 50)
+}
+
+/// As [`publish`], for a document that may be downloaded `max_downloads` times.
+fn publish_limited(
+    repository: &Repository,
+    work: &Path,
+    study: &Path,
+    zstd: bool,
+    rewrite: impl FnOnce(Vec<(String, Vec<u8>)>) -> Vec<(String, Vec<u8>)>,
+    max_downloads: u32,
+) -> PathBuf {
+    let max_downloads = max_downloads.to_string();
     std::fs::create_dir_all(work).unwrap();
     let zip = work.join("pdi.zip");
     cloudpdi(&[
@@ -119,7 +132,7 @@ fn publish(
         "--token",
         &token_arg,
         "--max-downloads",
-        "50",
+        &max_downloads,
         "--token-out",
         token.to_str().unwrap(),
         container.to_str().unwrap(),
@@ -136,6 +149,11 @@ struct Pacs {
 
 impl Pacs {
     fn start(dir: &Path, delay_ms: u32) -> Pacs {
+        Pacs::start_refusing(dir, delay_ms, None)
+    }
+
+    /// As [`Pacs::start`], refusing (0xC000) the instance `refuse` when given.
+    fn start_refusing(dir: &Path, delay_ms: u32, refuse: Option<&str>) -> Pacs {
         let folder = dir.join("pacs");
         std::fs::create_dir_all(&folder).unwrap();
         let port = free_port();
@@ -144,6 +162,7 @@ impl Pacs {
             .arg(port.to_string())
             .arg(&folder)
             .arg(delay_ms.to_string())
+            .args(refuse)
             .spawn()
             .unwrap();
         wait_for("the PACS to listen", Duration::from_secs(20), || {
@@ -460,5 +479,99 @@ fn kill_9_in_the_middle_of_the_stream_then_restart_completes() {
     assert!(
         again <= 4,
         "more than the instances in flight sent again: {received:?}"
+    );
+}
+
+/// SIGTERM while an inbound stream waits for bytes from a repository that stopped
+/// answering (SIGSTOP): the reader following the download ends with the step, so the
+/// daemon exits at once instead of waiting for ever (systemd's SIGKILL after 90 s).
+#[test]
+fn sigterm_while_the_repository_stalls_stops_the_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let study = dir.path().join("study");
+    gen_ct(&study, 4, &[]);
+    let repository = Repository::start(&dir.path().join("repo"));
+    let token = publish(&repository, &dir.path().join("send"), &study, false, |e| e);
+    let pacs = Pacs::start(dir.path(), 0);
+    let mut b = receiver(dir.path(), &pacs);
+    let pid = repository.pid().to_string();
+    run(Command::new("kill").args(["-STOP", &pid]));
+    hand_over(&token, &b);
+    wait_for("the stream to start", Duration::from_secs(30), || {
+        files_under(&b.dir)
+            .into_iter()
+            .any(|f| f.file_name().is_some_and(|n| n == "container.part"))
+            .then_some(())
+    });
+    // The reader thread is following the empty download now.
+    std::thread::sleep(Duration::from_millis(500));
+    let asked = std::time::Instant::now();
+    let status = b.stop();
+    let took = asked.elapsed();
+    run(Command::new("kill").args(["-CONT", &pid]));
+    assert!(status.success(), "the daemon stopped cleanly: {status:?}");
+    assert!(
+        took < Duration::from_secs(10),
+        "the daemon took {took:?} to stop"
+    );
+}
+
+/// A failure after the stream stored every instance but before the next step was
+/// recorded (here: the set-aside folder cannot be created for the instance the PACS
+/// refused) restarts the stream from the downloaded container: a document that may be
+/// downloaded once still completes, and nothing is sent twice.
+#[test]
+fn a_failure_after_the_stream_does_not_download_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let study = dir.path().join("study");
+    gen_ct(&study, 6, &[]);
+    let refused = sop_instance_uid(&files_in(&study)[0]);
+    let repository = Repository::start(&dir.path().join("repo"));
+    let token = publish_limited(
+        &repository,
+        &dir.path().join("send"),
+        &study,
+        false,
+        |e| e,
+        1,
+    );
+    let pacs = Pacs::start_refusing(dir.path(), 0, Some(&refused));
+    let b = Daemon::start(
+        &dir.path().join("b"),
+        &site_b()
+            .replace("127.0.0.1:4242", &format!("127.0.0.1:{}", pacs.port))
+            .replace("attempts = 2\n", "attempts = 2\nmax_backoff = 1\n"),
+    );
+    // The fault: a file where the set-aside folder goes (the daemon made it empty).
+    let blocker = b.dir.join("data/set-aside");
+    std::fs::remove_dir(&blocker).unwrap();
+    std::fs::write(&blocker, b"").unwrap();
+    hand_over(&token, &b);
+    let failing = wait_for(
+        "the second attempt after the stream",
+        Duration::from_secs(60),
+        || {
+            b.inbound_jobs()
+                .into_iter()
+                .find(|j| j["attempts"].as_u64().is_some_and(|n| n >= 2))
+        },
+    );
+    let error = failing["last_error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        error.contains("set-aside"),
+        "the stream ran again from the container (no second download): {error}"
+    );
+    assert_ne!(failing["state"], "failed", "{failing}");
+    std::fs::remove_file(&blocker).unwrap();
+    let job = job_in(&b, "done", Duration::from_secs(60));
+    assert_eq!(job["progress"], "from HOSPA: 5 of 6 stored, 1 set aside");
+    let received = pacs.received();
+    assert_eq!(received.len(), 5, "{received:?}");
+    assert!(
+        received.values().all(|&n| n == 1),
+        "an instance sent twice: {received:?}"
     );
 }

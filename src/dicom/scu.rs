@@ -471,7 +471,6 @@ pub async fn store_stream(
         }
         feeds.push(tx);
     }
-    drop(outcomes);
     while let Some(instance) = feed.recv().await {
         let pair = (
             instance.sop_class_uid.clone(),
@@ -479,15 +478,35 @@ pub async fn store_stream(
         );
         let at = groups.iter().position(|g| g.contains(&pair)).unwrap_or(0);
         if let Err(lost) = feeds[at].send(instance).await {
-            // Every lane of the group ended (a panic): the instance is reported unsent.
-            warn!("no PACS sending task left for {}", lost.0.sop_instance_uid);
+            // Every lane of the group ended (a panic): the instance is reported unsent,
+            // so the job's import step sends it again.
+            let instance = lost.0;
+            warn!(
+                "no PACS sending task left for {}",
+                instance.sop_instance_uid
+            );
+            let _ = outcomes.send((instance, no_lane_left(&target)));
         }
     }
+    drop(outcomes);
     drop(feeds);
     for task in tasks {
         if let Err(e) = task.await {
             warn!("a PACS sending task failed: {e}");
         }
+    }
+}
+
+/// The outcome of an instance [`store_stream`] has no lane left for: not stored, a
+/// transient cause, so the import step sends it again.
+fn no_lane_left(target: &StoreTarget) -> Outcome {
+    Outcome::Unavailable {
+        cause: PacsError::Lost {
+            address: target.address.clone(),
+            reason: "every association for its SOP class ended before it was sent (see the \
+                     log for why); it is sent again by the import step"
+                .into(),
+        },
     }
 }
 

@@ -67,6 +67,16 @@ pub enum ZipError {
     },
 }
 
+/// Most folder entries [`read_stream`] takes: a PDI has a folder per patient, study and
+/// series, far fewer than this; file entries are bounded by the manifest, folder entries
+/// only by this (each is remembered and created on disk).
+pub const MAX_STREAM_FOLDERS: u64 = 65_536;
+
+/// Most bytes of all entry names together that [`read_stream`] remembers (to refuse a
+/// name twice): 16 MiB, room for about 400,000 files of a PDI's usual 40-byte names,
+/// within the receiver's memory bound however many entries an archive declares.
+pub const MAX_STREAM_NAME_BYTES: u64 = 16 << 20;
+
 /// Bounds for extraction, so an archive cannot exhaust the disk or the memory.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -757,6 +767,8 @@ pub fn read_stream<R: Read, E: From<ZipError>>(
     let mut local = Sha256::new();
     let mut done = Extracted::default();
     let mut entries = 0u64;
+    let mut folders = 0u64;
+    let mut name_bytes = 0u64;
     loop {
         let offset = input.written;
         let signature = read_u32(&mut input)?;
@@ -779,6 +791,26 @@ pub fn read_stream<R: Read, E: From<ZipError>>(
             .into());
         }
         let header = read_local(&mut input)?;
+        if header.entry.directory {
+            folders += 1;
+            if folders > MAX_STREAM_FOLDERS {
+                return Err(ZipError::TooLarge(format!(
+                    "more than {MAX_STREAM_FOLDERS} folder entries (at most \
+                     {MAX_STREAM_FOLDERS} allowed, far more than any study has series); \
+                     the sender's archive is not a PDI cloudpdi builds: ask the sender"
+                ))
+                .into());
+            }
+        }
+        name_bytes = name_bytes.saturating_add(header.entry.name.len() as u64);
+        if name_bytes > MAX_STREAM_NAME_BYTES {
+            return Err(ZipError::TooLarge(format!(
+                "its entry names take more than {MAX_STREAM_NAME_BYTES} bytes together (the \
+                 most allowed, room for about 400,000 files); the sender's archive is not a \
+                 PDI cloudpdi builds: ask the sender"
+            ))
+            .into());
+        }
         if !names.insert(header.entry.name.to_ascii_lowercase()) {
             return Err(ZipError::UnsafeName {
                 name: header.entry.name,
@@ -1266,6 +1298,34 @@ mod tests {
         assert!(refused(b"GIF89a and more", Limits::default()).contains("no ZIP record"));
         // And the good one passes.
         assert_eq!(streamed(&good, Limits::default()).expect("good").len(), 2);
+    }
+
+    /// Folder entries and name bytes, which no manifest bounds, are bounded in the
+    /// stream itself (the names are remembered to refuse one twice).
+    #[test]
+    fn many_folders_or_long_names_are_refused_in_a_stream() {
+        let count = usize::try_from(MAX_STREAM_FOLDERS).expect("fits") + 1;
+        let folders: Vec<String> = (0..count).map(|i| format!("D{i}/")).collect();
+        let entries: Vec<(&str, &[u8])> = folders.iter().map(|n| (n.as_str(), &b""[..])).collect();
+        let text = streamed(&archive(&entries), Limits::default())
+            .expect_err("refused")
+            .to_string();
+        assert!(text.contains("more than 65536 folder entries"), "{text}");
+        assert!(
+            streamed(&archive(&entries[..count - 1]), Limits::default()).is_ok(),
+            "the most folders allowed pass"
+        );
+        let long: Vec<String> = (0..(MAX_STREAM_NAME_BYTES / 1000) + 1)
+            .map(|i| format!("{i:0>1000}"))
+            .collect();
+        let entries: Vec<(&str, &[u8])> = long.iter().map(|n| (n.as_str(), &b""[..])).collect();
+        let text = streamed(&archive(&entries), Limits::default())
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            text.contains("entry names take more than 16777216 bytes"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -3,8 +3,9 @@
 Instance UID, to OUT_DIR.log (one line per C-STORE, so an instance sent twice shows
 twice), and the dataset is written to OUT_DIR under its SOP Instance UID. Each store
 takes at least DELAY_MS milliseconds, so a test can stop the sender in the middle.
+The instance REFUSE_UID, when given, is refused (0xC000) and neither logged nor kept.
 
-Usage: counting_pacs.py PORT OUT_DIR DELAY_MS
+Usage: counting_pacs.py PORT OUT_DIR DELAY_MS [REFUSE_UID]
 
 Runs until killed.
 """
@@ -16,12 +17,15 @@ import time
 from pynetdicom import AE, StoragePresentationContexts, evt
 
 port, out, delay = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]) / 1000.0
+refuse = sys.argv[4] if len(sys.argv) > 4 else None
 lock = threading.Lock()
 
 
 def handle_store(event):
     time.sleep(delay)
     uid = event.request.AffectedSOPInstanceUID
+    if uid == refuse:
+        return 0xC000
     with open(os.path.join(out, uid), "wb") as f:
         f.write(event.encoded_dataset())
     with lock:

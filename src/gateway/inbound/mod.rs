@@ -360,7 +360,7 @@ impl Inbound {
                     std::fs::File::open(dir.pdi())
                         .and_then(|f| rustix::fs::syncfs(f).map_err(std::io::Error::from))
                         .map_err(|e| StepError::file("flush", &dir.pdi(), &e))?;
-                    let _ = std::fs::remove_file(dir.container());
+                    remove_container(&dir);
                     Ok((summary.instances, study))
                 })
                 .await?;
@@ -369,10 +369,12 @@ impl Inbound {
                 Ok(InStep::Import)
             }
             InStep::Import => {
+                remove_container(&dir);
                 self.import(&dir, job).await?;
                 Ok(InStep::Receipt)
             }
             InStep::Receipt => {
+                remove_container(&dir);
                 let token = Self::token(&dir)?;
                 let receipt = Receipt {
                     instances_imported: job.stored,
@@ -431,6 +433,7 @@ impl Inbound {
         durable::remove_dir_all(&dir.pdi())
             .map_err(|e| StepError::file("remove", &dir.pdi(), &e))?;
         let growing = Arc::new(stream::Growing::new(complete));
+        let _reader_released = stream::EndOnDrop(growing.clone());
         let (negotiated, negotiation) = tokio::sync::oneshot::channel();
         let (instances, feed) = tokio::sync::mpsc::channel(stream::INSTANCE_QUEUE);
         let source = stream::Source {
@@ -588,7 +591,9 @@ impl Inbound {
                 })
                 .await?;
                 job.study = Some(study);
-                let _ = std::fs::remove_file(dir.container());
+                // The container stays until the next step is recorded (removed when it
+                // starts): a restart here reads it again instead of downloading again,
+                // which would take one more of the document's downloads.
                 if unsent {
                     // The set is whole and verified: the Import step sends what the PACS
                     // did not take, waiting and retrying as it always has.
@@ -855,6 +860,16 @@ fn record_stored(dir: &Workdir, stored: &HashSet<String>) -> Result<(), StepErro
         .map_err(|e| StepError::file("write", &dir.stored(), &e))
 }
 
+/// Removes the job's downloaded container once a step after the stream is recorded
+/// (the extracted set has everything the job still needs): a missing one is fine.
+fn remove_container(dir: &Workdir) {
+    if let Err(e) = std::fs::remove_file(dir.container()) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            warn!("cannot remove {}: {e}", dir.container().display());
+        }
+    }
+}
+
 /// Creates the download's partial file (mode 0600) if it is not there, so that the
 /// reader can follow it from the start.
 fn open_partial(path: &Path) -> std::io::Result<()> {
@@ -868,9 +883,10 @@ fn open_partial(path: &Path) -> std::io::Result<()> {
 }
 
 /// The `stored` file of a streamed import, one line appended per instance the PACS took
-/// as soon as it answered: a `kill -9` loses none of them (the page cache outlives the
-/// process); a power cut may lose the last few, which are then sent again (the PACS
-/// keeps one copy per SOP Instance UID).
+/// as soon as the collector takes its answer (the page cache outlives the process): a
+/// `kill -9` or a power cut loses only the answers not yet written (still queued for
+/// the collector), whose instances are then sent again (the PACS keeps one copy per SOP
+/// Instance UID).
 struct StoredLog {
     file: std::fs::File,
     path: PathBuf,

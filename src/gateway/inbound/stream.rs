@@ -70,6 +70,16 @@ impl Growing {
         self.changed.notify_all();
     }
 
+    /// The download will say nothing more (the step was dropped, e.g. at shutdown): a
+    /// reader still waiting for bytes stops with an error instead of waiting for ever. A
+    /// download that already ended keeps its word.
+    fn abandon(&self) {
+        if let Ok(mut state) = self.state.lock() {
+            state.get_or_insert(false);
+        }
+        self.changed.notify_all();
+    }
+
     fn ended(&self) -> Option<bool> {
         self.state.lock().map_or(Some(false), |s| *s)
     }
@@ -80,6 +90,17 @@ impl Growing {
                 let _ = self.changed.wait_timeout(state, FOLLOW_POLL);
             }
         }
+    }
+}
+
+/// Abandons its [`Growing`] when dropped: created before the download and the reader
+/// start, so that a cancelled receiving step (the daemon stopping drops it) lets the
+/// reader thread end, and the runtime, which waits for that thread, can shut down.
+pub(super) struct EndOnDrop(pub(super) Arc<Growing>);
+
+impl Drop for EndOnDrop {
+    fn drop(&mut self) {
+        self.0.abandon();
     }
 }
 
