@@ -67,10 +67,28 @@ t1=$(now)
 kill $peer; wait $peer 2>/dev/null || true
 direct=$(echo "$t1 - $t0" | bc)
 
+# (a4) the same into a fresh Orthanc over 4 associations at once (4 storescu, a quarter of
+# the files each), as site B imports: Orthanc's own floor for (b)'s last step.
+orthanc "$work/orthanc-a4"
+files=("$work"/study/*)
+lanes=()
+t0=$(now)
+for k in 0 1 2 3; do
+  TCP_NODELAY=1 /usr/bin/storescu -aec ORTHANC 127.0.0.1 4242 $(printf '%s\n' "${files[@]}" | awk -v k=$k 'NR % 4 == k') &
+  lanes+=("$!")
+done
+wait "${lanes[@]}"
+t1=$(now)
+[ "$(count)" = "$n" ] || { echo "Orthanc (4 associations) holds $(count) of $n" >&2; exit 1; }
+kill $peer; wait $peer 2>/dev/null || true
+direct4=$(echo "$t1 - $t0" | bc)
+
 # Peak resident memory of a process (VmHWM), in MiB, and its reset (clear_refs 5), so
 # that the peak of one phase can be read at its end.
 hwm() { awk '/^VmHWM/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
 hwm_reset() { echo 5 >"/proc/$1/clear_refs"; }
+# CPU seconds (user + system) a process used so far.
+cpu() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' "/proc/$1/stat"; }
 
 # (b) through cloudpdi.
 orthanc "$work/orthanc-b"
@@ -88,6 +106,7 @@ t0=$(now)
 ingest_mib=$(hwm "$pid_a")
 hwm_reset "$pid_a"
 hwm_reset "$pid_b"
+cpu_a0=$(cpu "$pid_a"); cpu_b0=$(cpu "$pid_b"); cpu_o0=$(cpu "$peer")
 until "$bin" status --admin 127.0.0.1:11180 --json | grep '"direction": "outbound"' >/dev/null; do sleep 0.02; done
 tstable=$(now)
 until ls "$work"/a/data/tokens/ct/*.token >/dev/null 2>&1; do sleep 0.02; done
@@ -99,6 +118,8 @@ until [ "$(count)" = "$n" ]; do sleep 0.05; done
 tdone=$(now)
 mem_a=$(hwm "$pid_a")
 mem_b=$(hwm "$pid_b")
+cpu_a=$(echo "$(cpu "$pid_a") - $cpu_a0" | bc); cpu_b=$(echo "$(cpu "$pid_b") - $cpu_b0" | bc)
+cpu_o=$(echo "$(cpu "$peer") - $cpu_o0" | bc)
 kill $peer
 calc() { echo "$1" | bc -l | xargs printf '%.2f'; }
 ingest=$(calc "$t0 - $tin")
@@ -108,6 +129,7 @@ total=$(calc "$ingest + $pipeline")
 poll=$(calc "$ttaken - $ttoken")
 echo "study: $n instances, $(du -sm "$work/study" | cut -f1) MB; $("$bin" --version 2>/dev/null || echo "$bin")"
 printf '(a) storescu -> Orthanc (TCP_NODELAY=1):            %6.2f s\n' "$direct"
+printf '    the same over 4 associations (reference):       %6.2f s\n' "$direct4"
 printf '    storescu -> site A (durable ingest):            %6.2f s\n' "$ingest"
 printf '    stable wait (excluded):                         %6.2f s\n' "$stable"
 printf '    stable -> token (pack, seal, upload):           %6.2f s\n' "$(calc "$ttoken - $tstable")"
@@ -118,6 +140,7 @@ printf 'ratio (b)/(a): %.2f (goal <= 2.0, stretch 1.5); without the inbox poll: 
   "$(calc "$total / $direct")" "$(calc "($total - $poll) / $direct")"
 printf 'peak memory (VmHWM) during the transfer: site A %s MiB, site B %s MiB (site A during ingest %s MiB; goal <= 64)\n' \
   "$mem_a" "$mem_b" "$ingest_mib"
+printf 'CPU seconds during the transfer (2 cores): site A %s, site B %s, Orthanc %s\n' "$cpu_a" "$cpu_b" "$cpu_o"
 printf 'one disc at the hospital: 20 min = 1200 s (%.0fx faster including the stable wait)\n' \
   "$(calc "1200 / ($total + $stable)")"
 # BENCH_LOGS=DIR keeps both daemons' logs (their step lines carry times) for a breakdown.

@@ -480,6 +480,7 @@ impl Inbound {
                 }
                 issuer_settled(true);
             };
+            let started = std::time::Instant::now();
             let result = client
                 .download_to_named(
                     &token.document_id,
@@ -490,7 +491,10 @@ impl Inbound {
                 )
                 .await;
             let downloaded = match result {
-                Ok(downloaded) => downloaded,
+                Ok(downloaded) => {
+                    info!(job = %job.id, bytes = downloaded.size, seconds = format!("{:.2}", started.elapsed().as_secs_f64()), "container downloaded");
+                    downloaded
+                }
                 Err(e) => {
                     growing.end(false);
                     issuer_settled(false);
@@ -515,6 +519,7 @@ impl Inbound {
                 self.target(&record)?
             };
             let (outcomes, mut arriving) = tokio::sync::mpsc::unbounded_channel();
+            info!(job = %job.id, instances = negotiation.instances, "manifest read, sending to the PACS as instances verify");
             let lanes = store_stream(Arc::new(target), negotiation.pairs, feed, outcomes);
             let collect = async {
                 let mut log = StoredLog::open(&dir.stored())?;
