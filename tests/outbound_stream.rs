@@ -124,6 +124,52 @@ fn a_study_streams_into_the_repository_and_its_token_opens_it() {
     assert_token_opens(&token, &originals, dir.path());
 }
 
+/// The previous release's binary (before streamed documents): `CLOUDPDI_OLDER_BINARY`, by
+/// default the one kept on the test machine.
+fn older_binary() -> PathBuf {
+    let path = PathBuf::from(
+        std::env::var("CLOUDPDI_OLDER_BINARY")
+            .unwrap_or_else(|_| "/work/cloudpdi-base-3bc7b72".to_owned()),
+    );
+    assert!(
+        path.is_file(),
+        "no older cloudpdi binary at {}: set CLOUDPDI_OLDER_BINARY to a release built \
+         before streamed documents",
+        path.display()
+    );
+    path
+}
+
+/// A real repository older than streamed documents refuses a create without a size: the
+/// gateway seals the container first, then creates a sized document and uploads the
+/// finished container, and the token opens it (before, every job failed for good).
+#[test]
+fn an_older_repository_gets_the_sealed_container() {
+    let dir = tempfile::tempdir().unwrap();
+    let repository = Repository::start_binary(
+        &older_binary(),
+        &dir.path().join("repository"),
+        "part_size_mb = 1",
+    );
+    let a = site_a(dir.path(), &repository, "");
+    let study = dir.path().join("study");
+    gen_ct(&study, 20, &[]);
+    let originals = files_in(&study);
+    let out = storescu(&a, "MODALITY", &[], &originals);
+    assert!(out.status.success(), "{out:?}");
+    let token = wait_for("the token", Duration::from_secs(60), || {
+        tokens(&a).into_iter().next()
+    });
+    assert!(
+        a.log().contains("does not accept streamed documents"),
+        "{}",
+        a.log()
+    );
+    assert_eq!(documents_created(&repository), 1, "one sized document");
+    assert!(parts_stored(&repository) > 5, "uploaded in 1 MiB parts");
+    assert_token_opens(&token, &originals, dir.path());
+}
+
 #[test]
 fn kill_9_in_the_middle_of_the_stream_then_a_restart_completes_the_job() {
     let dir = tempfile::tempdir().unwrap();
