@@ -1779,7 +1779,10 @@ mod tests {
         for (setting, says) in [
             ("zstd_level = 0", "between 1 and 19"),
             ("zstd_level = 20", "between 1 and 19"),
-            ("zstd_threads = 9", "between 0 (one per core, at most 8) and 8"),
+            (
+                "zstd_threads = 9",
+                "between 0 (one per core, at most 8) and 8",
+            ),
             ("parts_in_flight = 0", "between 1 and 16"),
             ("parts_in_flight = 17", "between 1 and 16"),
         ] {

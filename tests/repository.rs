@@ -533,7 +533,11 @@ async fn legacy_parts(backend: Backend) {
         assert_eq!(hash, hex::encode(hashes[n as usize]));
         assert!(!identity.is_empty());
     }
-    assert_eq!(read_object(&repo, &record(3)), current, "a valid record is kept");
+    assert_eq!(
+        read_object(&repo, &record(3)),
+        current,
+        "a valid record is kept"
+    );
     let out = work.path().join("download");
     repo.client(None)
         .download_to(&id, &token.download_proof(), &out, |_| {})

@@ -765,7 +765,9 @@ impl Client {
             // A repository older than the parts form cannot parse it (400
             // `invalid_request`): complete with the whole-file hash (it reads the parts
             // back). Any other refusal (a wrong size) is the answer itself.
-            Err(ClientError::Refused { status: 400, code, .. }) if code == "invalid_request" => {
+            Err(ClientError::Refused {
+                status: 400, code, ..
+            }) if code == "invalid_request" => {
                 let sha256: [u8; 32] = hash_range(path, 0, size, Sha256::new())
                     .await?
                     .finalize()
@@ -985,8 +987,7 @@ impl Client {
             let total = content_range(&response).map(|(_, total)| total);
             if total == Some(have) {
                 // An earlier attempt got every byte but stopped before the checks.
-                let expected =
-                    expected_check(response.headers()).map_err(Failure::Permanent)?;
+                let expected = expected_check(response.headers()).map_err(Failure::Permanent)?;
                 hashed.expect(expected);
                 named(facility.as_deref());
                 return finish(partial, hashed, have, have, expected)

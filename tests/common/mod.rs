@@ -742,7 +742,11 @@ impl Repository {
 
     /// As [`Repository::start`], with extra `[server]` settings (e.g. `part_size_mb = 1`).
     pub fn start_tuned(dir: &Path, server_settings: &str) -> Repository {
-        Repository::start_binary(Path::new(env!("CARGO_BIN_EXE_cloudpdi")), dir, server_settings)
+        Repository::start_binary(
+            Path::new(env!("CARGO_BIN_EXE_cloudpdi")),
+            dir,
+            server_settings,
+        )
     }
 
     /// As [`Repository::start_tuned`], served by `binary` (an older release, for

@@ -406,7 +406,11 @@ fn part_size(size: u64) -> Result<usize, StepError> {
 fn vanished(e: &ClientError) -> bool {
     matches!(
         e,
-        ClientError::NotAvailable | ClientError::Refused { status: 404 | 410, .. }
+        ClientError::NotAvailable
+            | ClientError::Refused {
+                status: 404 | 410,
+                ..
+            }
     )
 }
 
