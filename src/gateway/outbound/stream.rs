@@ -18,6 +18,11 @@
 //! same document with a fresh salt (a fresh payload key: never two plaintexts under one
 //! nonce); parts are overwritten, and those beyond the new end are deleted by the
 //! repository at completion.
+//!
+//! The route's repository is checked before either: a document at a repository the route
+//! no longer names, or gone from it (404, 410), is replaced by a new streamed document. A
+//! repository older than streamed documents (it refuses a create without a size) gets the
+//! container sealed whole first, then a sized document and the finished container's upload.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
