@@ -544,6 +544,28 @@ async fn legacy_parts(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(std::fs::read(&out).unwrap(), data);
+
+    // A record naming the part's current identity is trusted (the part is not read): one
+    // with another hash makes the digest differ.
+    let trusted = sender
+        .create(&new_document(size, &token, 1))
+        .await
+        .unwrap()
+        .document_id;
+    put_all_into(&sender, &trusted, &parts).await;
+    let key = format!("documents/{trusted}/hashes/00000000");
+    let record = String::from_utf8(read_object(&repo, &key)).unwrap();
+    let (_, identity) = record.split_once(' ').expect("hash and identity");
+    put_object(
+        &repo,
+        &key,
+        format!("{} {identity}", "0".repeat(64)).as_bytes(),
+    );
+    let refused = sender
+        .complete_parts(&trusted, size, &hashes)
+        .await
+        .unwrap_err();
+    assert!(matches!(refused, ClientError::Integrity(_)), "{refused}");
     repo.stop().await;
 }
 
