@@ -218,7 +218,7 @@ pub struct OutboundConfig {
     /// zstd level of a route with `compress = true` (1..=19): level 1 keeps compression
     /// off the critical path of the stream; higher levels save a few percent more.
     pub zstd_level: i32,
-    /// zstd worker threads (0: one per core, at most [`MAX_ZSTD_THREADS`]). Default 1:
+    /// zstd worker threads (0: one per core, capped at [`MAX_ZSTD_THREADS`]). Default 1:
     /// level 1 on one thread outruns a 1 Gbit/s link, and each further worker costs about
     /// 4 MiB of memory (zstd's multithreaded mode about 15 MiB for the first two), which
     /// one per core would take past the daemon's 64 MiB on a server with many cores.
@@ -229,8 +229,10 @@ pub struct OutboundConfig {
     pub parts_in_flight: usize,
 }
 
-/// Most zstd worker threads `outbound.zstd_threads` may ask for.
-pub const MAX_ZSTD_THREADS: u32 = 64;
+/// Most zstd worker threads `outbound.zstd_threads` may ask for (and what 0, one per core,
+/// is capped at): each costs about 4 MiB, so 8 keep zstd near 40 MiB, inside the daemon's
+/// 64 MiB on a server with any number of cores.
+pub const MAX_ZSTD_THREADS: u32 = 8;
 /// Most parts `outbound.parts_in_flight` may ask for: 16 requests at once (a repository
 /// takes 16 part uploads at once by default, `server.max_concurrent_uploads`).
 pub const MAX_PARTS_IN_FLIGHT: usize = 16;
@@ -909,7 +911,10 @@ impl Config {
             return Err(value_error(
                 "outbound.zstd_threads".into(),
                 o.zstd_threads.to_string(),
-                &format!("must be between 0 (one per core) and {MAX_ZSTD_THREADS}"),
+                &format!(
+                    "must be between 0 (one per core, at most {MAX_ZSTD_THREADS}) and \
+                     {MAX_ZSTD_THREADS}: each zstd thread costs about 4 MiB of memory"
+                ),
             ));
         }
         if !(1..=MAX_PARTS_IN_FLIGHT).contains(&o.parts_in_flight) {
@@ -1774,7 +1779,10 @@ mod tests {
         for (setting, says) in [
             ("zstd_level = 0", "between 1 and 19"),
             ("zstd_level = 20", "between 1 and 19"),
-            ("zstd_threads = 65", "between 0 (one per core) and 64"),
+            (
+                "zstd_threads = 9",
+                "between 0 (one per core, at most 8) and 8",
+            ),
             ("parts_in_flight = 0", "between 1 and 16"),
             ("parts_in_flight = 17", "between 1 and 16"),
         ] {
@@ -1787,7 +1795,7 @@ mod tests {
                 "{setting}: {err}"
             );
         }
-        let fine = parse("[outbound]\nzstd_level = 19\nzstd_threads = 64\nparts_in_flight = 16\n")
+        let fine = parse("[outbound]\nzstd_level = 19\nzstd_threads = 8\nparts_in_flight = 16\n")
             .expect("the largest values load");
         assert_eq!(fine.outbound.parts_in_flight, MAX_PARTS_IN_FLIGHT);
     }

@@ -124,6 +124,52 @@ fn a_study_streams_into_the_repository_and_its_token_opens_it() {
     assert_token_opens(&token, &originals, dir.path());
 }
 
+/// The previous release's binary (before streamed documents): `CLOUDPDI_OLDER_BINARY`, by
+/// default the one kept on the test machine.
+fn older_binary() -> PathBuf {
+    let path = PathBuf::from(
+        std::env::var("CLOUDPDI_OLDER_BINARY")
+            .unwrap_or_else(|_| "/work/cloudpdi-base-3bc7b72".to_owned()),
+    );
+    assert!(
+        path.is_file(),
+        "no older cloudpdi binary at {}: set CLOUDPDI_OLDER_BINARY to a release built \
+         before streamed documents",
+        path.display()
+    );
+    path
+}
+
+/// A real repository older than streamed documents refuses a create without a size: the
+/// gateway seals the container first, then creates a sized document and uploads the
+/// finished container, and the token opens it (before, every job failed for good).
+#[test]
+fn an_older_repository_gets_the_sealed_container() {
+    let dir = tempfile::tempdir().unwrap();
+    let repository = Repository::start_binary(
+        &older_binary(),
+        &dir.path().join("repository"),
+        "part_size_mb = 1",
+    );
+    let a = site_a(dir.path(), &repository, "");
+    let study = dir.path().join("study");
+    gen_ct(&study, 20, &[]);
+    let originals = files_in(&study);
+    let out = storescu(&a, "MODALITY", &[], &originals);
+    assert!(out.status.success(), "{out:?}");
+    let token = wait_for("the token", Duration::from_secs(60), || {
+        tokens(&a).into_iter().next()
+    });
+    assert!(
+        a.log().contains("does not accept streamed documents"),
+        "{}",
+        a.log()
+    );
+    assert_eq!(documents_created(&repository), 1, "one sized document");
+    assert!(parts_stored(&repository) > 5, "uploaded in 1 MiB parts");
+    assert_token_opens(&token, &originals, dir.path());
+}
+
 #[test]
 fn kill_9_in_the_middle_of_the_stream_then_a_restart_completes_the_job() {
     let dir = tempfile::tempdir().unwrap();
@@ -308,4 +354,98 @@ fn instances_mostly_in_a_compressed_syntax_are_not_compressed_again() {
         [1],
         "the uncompressed study's container is zstd-compressed"
     );
+}
+
+/// Stops `repository` as soon as it acknowledged a part of the only job of `a` (watched
+/// closely: an upload takes a few tens of milliseconds); returns the job folder.
+fn stop_after_first_ack(a: &Daemon, repository: &Repository) -> PathBuf {
+    let jobs = a.dir.join("data/jobs/out");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let first = files_under(&jobs)
+            .into_iter()
+            .find(|f| f.ends_with("acked") && std::fs::read(f).is_ok_and(|t| t.contains(&b'\n')));
+        if let Some(acked) = first {
+            signal(repository.pid(), "STOP");
+            return acked.parent().unwrap().to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no part acknowledged:\n{}",
+            a.log()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// The document of a job vanished from the repository while the daemon was down (swept,
+/// or the storage restored from a backup): the restarted job creates a new streamed
+/// document and the token opens it (before, the 404 failed the job for good).
+#[test]
+fn a_vanished_document_is_replaced_by_a_new_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let repository = Repository::start_tuned(&dir.path().join("repository"), "part_size_mb = 1");
+    let mut a = site_a(dir.path(), &repository, "parts_in_flight = 2");
+    let study = dir.path().join("study");
+    gen_ct(&study, 20, &[]);
+    let originals = files_in(&study);
+    let out = storescu(&a, "MODALITY", &[], &originals);
+    assert!(out.status.success(), "{out:?}");
+    stop_after_first_ack(&a, &repository);
+    a.kill9();
+    signal(repository.pid(), "CONT");
+    // Requests cut by the kill end first.
+    std::thread::sleep(Duration::from_secs(1));
+    std::fs::remove_dir_all(repository.dir.join("store/documents")).unwrap();
+    a.spawn();
+    let token = wait_for(
+        "the token after the restart",
+        Duration::from_secs(90),
+        || tokens(&a).into_iter().next(),
+    );
+    assert_eq!(documents_created(&repository), 2, "a new document");
+    assert_token_opens(&token, &originals, dir.path());
+}
+
+/// The route moved to another repository after the container was finished: the restarted
+/// job does not resume into the old document ID at the new repository (a 404 there failed
+/// the job for good) but streams into a new document there.
+#[test]
+fn a_route_moved_to_another_repository_gets_a_new_document_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let repository = Repository::start_tuned(&dir.path().join("repository"), "part_size_mb = 1");
+    let second = Repository::start_tuned(&dir.path().join("second"), "part_size_mb = 1");
+    let mut a = site_a(dir.path(), &repository, "parts_in_flight = 16");
+    let study = dir.path().join("study");
+    gen_ct(&study, 26, &[]);
+    let originals = files_in(&study);
+    let out = storescu(&a, "MODALITY", &[], &originals);
+    assert!(out.status.success(), "{out:?}");
+    // The first repository stops once it acknowledged a part, so the container is
+    // finished with the document incomplete.
+    let folder = stop_after_first_ack(&a, &repository);
+    wait_for("the finished container", Duration::from_secs(30), || {
+        folder.join("container").exists().then_some(())
+    });
+    a.kill9();
+    let config = std::fs::read_to_string(&a.config).unwrap();
+    let moved = config.replace(&repository.url, &second.url).replace(
+        &repository.key_file.display().to_string(),
+        &second.key_file.display().to_string(),
+    );
+    assert_ne!(config, moved);
+    std::fs::write(&a.config, moved).unwrap();
+    a.spawn();
+    let token = wait_for(
+        "the token after the restart",
+        Duration::from_secs(90),
+        || tokens(&a).into_iter().next(),
+    );
+    assert_eq!(
+        documents_created(&second),
+        1,
+        "a new document at the new repository"
+    );
+    assert_token_opens(&token, &originals, dir.path());
+    signal(repository.pid(), "CONT");
 }

@@ -329,18 +329,44 @@ async fn life_cycle_on_s3() {
 
 /// Replaces the stored bytes of part `n` of `id` behind the repository's back.
 fn overwrite_part(repo: &Repo, id: &str, n: u32, bytes: &[u8]) {
-    let key = format!("documents/{id}/parts/{n:08}");
+    put_object(repo, &format!("documents/{id}/parts/{n:08}"), bytes);
+}
+
+/// Writes object `key` behind the repository's back.
+fn put_object(repo: &Repo, key: &str, bytes: &[u8]) {
     match &repo._moto {
-        Some(moto) => moto.put("pdi", &key, bytes),
+        Some(moto) => moto.put("pdi", key, bytes),
         None => std::fs::write(repo.dir.path().join("store").join(key), bytes).unwrap(),
+    }
+}
+
+/// Deletes object `key` behind the repository's back.
+fn delete_object(repo: &Repo, key: &str) {
+    match &repo._moto {
+        Some(moto) => moto.delete("pdi", key),
+        None => std::fs::remove_file(repo.dir.path().join("store").join(key)).unwrap(),
+    }
+}
+
+/// Reads object `key` behind the repository's back.
+fn read_object(repo: &Repo, key: &str) -> Vec<u8> {
+    match &repo._moto {
+        Some(moto) => moto
+            .objects("pdi")
+            .into_iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, bytes)| bytes)
+            .unwrap_or_else(|| panic!("{key} not in moto")),
+        None => std::fs::read(repo.dir.path().join("store").join(key)).unwrap(),
     }
 }
 
 /// A streamed document (created without a size): parts of 1 to part_size bytes, an odd
 /// last part, a leftover part beyond the end deleted at completion; a wrong digest deletes
-/// the parts; the completion reads no content (a part corrupted after its hash was
-/// recorded still completes, and the receiver's check catches it); the first completion
-/// form still works on a sized document.
+/// the parts; the completion trusts a part's recorded hash only while the part is the
+/// object it was computed from (a part replaced after its hash was recorded is read and
+/// hashed again: corrupted, the completion refuses it; rewritten with the same bytes, it
+/// completes); the first completion form still works on a sized document.
 async fn streamed_documents(backend: Backend) {
     let repo = Repo::start(backend).await;
     let work = tempfile::tempdir().unwrap();
@@ -398,11 +424,24 @@ async fn streamed_documents(backend: Backend) {
         .put_part_bytes(&id, 3, parts[0].clone())
         .await
         .unwrap();
-    // The content of part 1 changes after its hash was recorded: a completion that read
-    // the content back would refuse it; this one checks the recorded hashes only.
+    // The content of part 1 changes after its hash was recorded (a racing overwrite): its
+    // identity no longer matches the record, so the completion hashes it again and
+    // refuses the digest (updated deliberately: this completion used to succeed, leaving
+    // the receiver's check to catch it, when the token was already issued).
     let mut corrupted = parts[1].to_vec();
     corrupted[100] ^= 0xff;
     overwrite_part(&repo, &id, 1, &corrupted);
+    let caught = sender.complete_parts(&id, size, &hashes).await.unwrap_err();
+    assert!(matches!(caught, ClientError::Integrity(_)), "{caught}");
+    assert!(sender.status(&id).await.unwrap().parts_held.is_empty());
+
+    // Replaced with the same bytes after its record: hashed again, it completes.
+    put_all_into(&sender, &id, &parts).await;
+    sender
+        .put_part_bytes(&id, 3, parts[0].clone())
+        .await
+        .unwrap();
+    overwrite_part(&repo, &id, 1, &parts[1]);
     let done = sender.complete_parts(&id, size, &hashes).await.unwrap();
     assert_eq!(done.state, State::Complete);
     assert_eq!(done.size, size);
@@ -412,17 +451,9 @@ async fn streamed_documents(backend: Backend) {
     let again = sender.complete_parts(&id, size, &hashes).await.unwrap();
     assert_eq!(again.state, State::Complete);
 
-    // The receiver's check catches what the completion did not read.
     let receiver = repo.client(None);
     let proof = token.download_proof();
     let out = work.path().join("download");
-    let caught = receiver
-        .download_to(&id, &proof, &out, |_| {})
-        .await
-        .unwrap_err();
-    assert!(matches!(caught, ClientError::Integrity(_)), "{caught}");
-    assert!(!out.exists());
-    overwrite_part(&repo, &id, 1, &parts[1]);
     let got = receiver
         .download_to(&id, &proof, &out, |_| {})
         .await
@@ -460,6 +491,92 @@ async fn streamed_documents(backend: Backend) {
         "invalid_request",
     );
     repo.stop().await;
+}
+
+/// Parts stored by a repository older than the identity in the hash records (no record, a
+/// record of the hash alone) or with an unreadable record: the completion reads and hashes
+/// those parts (only those) and rewrites their records, so `upload_file` completes with
+/// the parts form (before, it was refused with 409 for ever).
+async fn legacy_parts(backend: Backend) {
+    let repo = Repo::start(backend).await;
+    let work = tempfile::tempdir().unwrap();
+    let source = work.path().join("container");
+    let size = 3 * MIB + 77;
+    random_file(&source, size);
+    let data = std::fs::read(&source).unwrap();
+    let token = token(3600);
+    let sender = repo.client(Some(&repo.key_a));
+    let id = sender
+        .create(&new_document(size, &token, 1))
+        .await
+        .unwrap()
+        .document_id;
+    let parts: Vec<bytes::Bytes> = data
+        .chunks(usize::try_from(MIB).unwrap())
+        .map(bytes::Bytes::copy_from_slice)
+        .collect();
+    put_all_into(&sender, &id, &parts).await;
+    let hashes = part_hashes(&data, MIB);
+    let record = |n: u32| format!("documents/{id}/hashes/{n:08}");
+    delete_object(&repo, &record(0));
+    put_object(&repo, &record(1), hex::encode(hashes[1]).as_bytes());
+    put_object(&repo, &record(2), b"not a hash");
+    let current = read_object(&repo, &record(3));
+
+    let done = sender.upload_file(&id, &source, |_| {}).await.unwrap();
+    assert_eq!(done.state, State::Complete);
+    assert_eq!(done.sha256, None, "completed with the parts form");
+    assert_eq!(done.parts_sha256, Some(parts_sha256_file(&source)));
+    for n in 0..3 {
+        let rewritten = String::from_utf8(read_object(&repo, &record(n))).unwrap();
+        let (hash, identity) = rewritten.split_once(' ').expect("hash and identity");
+        assert_eq!(hash, hex::encode(hashes[n as usize]));
+        assert!(!identity.is_empty());
+    }
+    assert_eq!(
+        read_object(&repo, &record(3)),
+        current,
+        "a valid record is kept"
+    );
+    let out = work.path().join("download");
+    repo.client(None)
+        .download_to(&id, &token.download_proof(), &out, |_| {})
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), data);
+
+    // A record naming the part's current identity is trusted (the part is not read): one
+    // with another hash makes the digest differ.
+    let trusted = sender
+        .create(&new_document(size, &token, 1))
+        .await
+        .unwrap()
+        .document_id;
+    put_all_into(&sender, &trusted, &parts).await;
+    let key = format!("documents/{trusted}/hashes/00000000");
+    let record = String::from_utf8(read_object(&repo, &key)).unwrap();
+    let (_, identity) = record.split_once(' ').expect("hash and identity");
+    put_object(
+        &repo,
+        &key,
+        format!("{} {identity}", "0".repeat(64)).as_bytes(),
+    );
+    let refused = sender
+        .complete_parts(&trusted, size, &hashes)
+        .await
+        .unwrap_err();
+    assert!(matches!(refused, ClientError::Integrity(_)), "{refused}");
+    repo.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_parts_on_local_files() {
+    legacy_parts(Backend::Local).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_parts_on_s3() {
+    legacy_parts(Backend::S3).await;
 }
 
 async fn put_all_into(sender: &Client, id: &str, parts: &[bytes::Bytes]) {

@@ -762,9 +762,12 @@ impl Client {
         };
         let (hashes, ()) = tokio::try_join!(hashing, uploading)?;
         match self.complete_parts(document_id, size, &hashes).await {
-            // A repository older than the parts form refuses it as a bad request: complete
-            // with the whole-file hash (it reads the parts back).
-            Err(ClientError::Refused { status: 400, .. }) => {
+            // A repository older than the parts form cannot parse it (400
+            // `invalid_request`): complete with the whole-file hash (it reads the parts
+            // back). Any other refusal (a wrong size) is the answer itself.
+            Err(ClientError::Refused {
+                status: 400, code, ..
+            }) if code == "invalid_request" => {
                 let sha256: [u8; 32] = hash_range(path, 0, size, Sha256::new())
                     .await?
                     .finalize()
@@ -984,7 +987,7 @@ impl Client {
             let total = content_range(&response).map(|(_, total)| total);
             if total == Some(have) {
                 // An earlier attempt got every byte but stopped before the checks.
-                let expected = expected_check(&response);
+                let expected = expected_check(response.headers()).map_err(Failure::Permanent)?;
                 hashed.expect(expected);
                 named(facility.as_deref());
                 return finish(partial, hashed, have, have, expected)
@@ -997,7 +1000,7 @@ impl Client {
             ));
         }
         let response = check(response).await?;
-        let expected = expected_check(&response);
+        let expected = expected_check(response.headers()).map_err(Failure::Permanent)?;
         hashed.expect(expected);
         named(facility.as_deref());
         let (start, total) = if response.status() == StatusCode::PARTIAL_CONTENT {
@@ -1530,23 +1533,45 @@ fn document_facility(response: &Response) -> Option<String> {
     crate::facility::is_code(value).then(|| value.to_owned())
 }
 
-/// The check a download answer names: the parts digest with its part size (at least 1
-/// byte) when given, else the whole SHA-256, else none.
-fn expected_check(response: &Response) -> Option<Expected> {
-    let header = |name: &str| response.headers().get(name)?.to_str().ok();
-    let parts = header(api::PARTS_SHA256_HEADER)
-        .and_then(api::hex32::parse)
-        .zip(
-            header(api::PART_SIZE_HEADER)
-                .and_then(|v| v.parse::<u64>().ok())
-                .filter(|&n| n > 0),
-        );
-    match parts {
-        Some((digest, part_size)) => Some(Expected::Parts { digest, part_size }),
-        None => header(api::SHA256_HEADER)
-            .and_then(api::hex32::parse)
-            .map(Expected::Whole),
+/// Smallest part size a download answer may announce (`x-content-part-size`): the
+/// repository's `server.part_size_mb` is at least 1 MiB. A smaller one would cost the
+/// receiver one SHA-256 finalization per few bytes of the download (a hostile repository's
+/// CPU attack).
+pub const MIN_ANNOUNCED_PART_SIZE: u64 = 1 << 20;
+/// Largest part size a download answer may announce: `server.part_size_mb` is at most
+/// 256 MiB.
+pub const MAX_ANNOUNCED_PART_SIZE: u64 = 256 << 20;
+
+/// The check a download answer names: the parts digest with its part size when given,
+/// else the whole SHA-256, else none.
+///
+/// # Errors
+/// [`ClientError::Integrity`] when the part size announced is outside
+/// [`MIN_ANNOUNCED_PART_SIZE`]..=[`MAX_ANNOUNCED_PART_SIZE`] (nothing is downloaded).
+fn expected_check(headers: &reqwest::header::HeaderMap) -> Result<Option<Expected>, ClientError> {
+    let header = |name: &str| headers.get(name)?.to_str().ok();
+    let digest = header(api::PARTS_SHA256_HEADER).and_then(api::hex32::parse);
+    let part_size = header(api::PART_SIZE_HEADER);
+    if let (Some(digest), Some(part_size)) = (digest, part_size) {
+        let bytes = part_size
+            .parse::<u64>()
+            .ok()
+            .filter(|n| (MIN_ANNOUNCED_PART_SIZE..=MAX_ANNOUNCED_PART_SIZE).contains(n));
+        let Some(part_size) = bytes else {
+            return Err(ClientError::Integrity(format!(
+                "the repository announced a part size of {:?} bytes ({}), outside 1 MiB to \
+                 256 MiB (the range of a repository's server.part_size_mb): nothing was \
+                 downloaded; check that the repository URL points at a Cloud-PDI repository, \
+                 or ask its operator to check its part_size_mb",
+                part_size.chars().take(40).collect::<String>(),
+                api::PART_SIZE_HEADER,
+            )));
+        };
+        return Ok(Some(Expected::Parts { digest, part_size }));
     }
+    Ok(header(api::SHA256_HEADER)
+        .and_then(api::hex32::parse)
+        .map(Expected::Whole))
 }
 
 /// Sorts an answer: success passes, 410 `not_available` and other 4xx are permanent,
@@ -1595,4 +1620,45 @@ async fn check(response: Response) -> Result<Response, Failure> {
         code,
         message,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::{HeaderMap, HeaderValue};
+
+    fn answer(part_size: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            api::PARTS_SHA256_HEADER,
+            HeaderValue::from_static(
+                "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff",
+            ),
+        );
+        headers.insert(
+            api::PART_SIZE_HEADER,
+            HeaderValue::from_str(part_size).expect("ascii"),
+        );
+        headers
+    }
+
+    /// A hostile repository's tiny (or huge, or garbled) part size is refused before any
+    /// byte is downloaded; 1 MiB and 256 MiB are accepted.
+    #[test]
+    fn announced_part_size_is_bounded() {
+        for bad in ["1", "1048575", "268435457", "0", "-5", "lots"] {
+            let refused = expected_check(&answer(bad));
+            assert!(
+                matches!(&refused, Err(ClientError::Integrity(m)) if m.contains("outside 1 MiB to 256 MiB")),
+                "{bad}: {refused:?}"
+            );
+        }
+        for good in [MIN_ANNOUNCED_PART_SIZE, 8 << 20, MAX_ANNOUNCED_PART_SIZE] {
+            let accepted = expected_check(&answer(&good.to_string())).expect("in range");
+            assert!(
+                matches!(accepted, Some(Expected::Parts { part_size, .. }) if part_size == good),
+                "{good}"
+            );
+        }
+    }
 }

@@ -6,7 +6,8 @@
 //! ```text
 //! documents/{id}/meta.json          created: facility, size (none if streamed), expiry, proof hash
 //! documents/{id}/parts/{n:08}       ciphertext part n (idempotent overwrite)
-//! documents/{id}/hashes/{n:08}      SHA-256 of part n (64 hex digits), written after the part
+//! documents/{id}/hashes/{n:08}      SHA-256 of part n (64 hex digits), a space and the
+//!                                   part object's identity as stored, written after the part
 //! documents/{id}/complete.json      the checked hash (whole SHA-256, or size + parts digest)
 //! documents/{id}/revoked.json       the sender revoked it
 //! documents/{id}/expired.json       the sweep deleted its content
@@ -36,6 +37,14 @@
 //! upload slot) and written with one PUT: `object_store`'s streaming put is a multipart
 //! upload (three requests or more per part, each piece but the last at least 5 MiB and
 //! buffered too), which would cost requests without saving memory at this part size.
+//!
+//! A hash record binds the hash to the part object it was computed from: the identity the
+//! store gave the part when it was written (the S3 ETag of the PUT; on local files the
+//! temp file's inode, modification time and size, which its rename keeps). A completion
+//! trusts a record only while the part still has that identity
+//! ([`Storage::checked_part_hash`]); a part with no record (stored by a server older than
+//! the records), an unreadable record, or a part replaced after its record was written (two
+//! PUTs of one part racing) is read and hashed again, and its record rewritten.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -288,10 +297,22 @@ impl Storage {
     }
 
     async fn put(&self, path: &Path, bytes: Bytes, mode: PutMode) -> Result<(), StorageError> {
-        self.store
+        self.put_tagged(path, bytes, mode).await.map(drop)
+    }
+
+    /// Writes an object; returns the identity (ETag) the store gave it, if any.
+    async fn put_tagged(
+        &self,
+        path: &Path,
+        bytes: Bytes,
+        mode: PutMode,
+    ) -> Result<Option<String>, StorageError> {
+        let written = self
+            .store
             .put_opts(path, PutPayload::from_bytes(bytes), mode.into())
             .await?;
-        self.sync_local(path).await
+        self.sync_local(path).await?;
+        Ok(written.e_tag)
     }
 
     /// On the local backend, syncs the file and every folder up to the root, so an
@@ -439,9 +460,9 @@ impl Storage {
 
     /// Part `n` of document `id`, about to arrive: its bytes go to
     /// [`PartUpload::write`], and [`PartUpload::finish`] stores it (replacing an earlier
-    /// copy), then its SHA-256, computed as the bytes came: a completion checks the
-    /// hashes, not the content. A part replaced with a hash not yet rewritten (a crash
-    /// between the two) never completes: the sender's digest does not match the old hash.
+    /// copy), then its SHA-256, computed as the bytes came, with the part's identity: a
+    /// completion checks the hashes, not the content, while the part keeps that identity
+    /// (module documentation).
     ///
     /// # Errors
     /// [`StorageError`] when the temp file cannot be created.
@@ -476,24 +497,120 @@ impl Storage {
         })
     }
 
-    /// The recorded SHA-256 of part `n`, or `None` when there is none.
+    /// The SHA-256 of part `n` as stored now, for a completion: its hash record when the
+    /// record names the part's current identity (one small read and one metadata read),
+    /// else the part read and hashed, and the record rewritten (a legacy part with no
+    /// record, an unreadable record, or a part overwritten after its record). `None` when
+    /// the part is missing.
     ///
     /// # Errors
-    /// [`StorageError`] when the store fails or the record is not 64 hex digits.
-    pub async fn part_hash(&self, id: &str, n: u32) -> Result<Option<[u8; 32]>, StorageError> {
-        let path = doc_path(id, &format!("hashes/{n:08}"));
-        match self.store.get(&path).await {
-            Ok(result) => {
-                let bytes = result.bytes().await?;
-                std::str::from_utf8(&bytes)
-                    .ok()
-                    .and_then(hex32::parse)
-                    .map(Some)
-                    .ok_or_else(|| StorageError::Corrupt(path.to_string()))
+    /// [`StorageError`] when the store fails.
+    pub async fn checked_part_hash(
+        &self,
+        id: &str,
+        n: u32,
+    ) -> Result<Option<[u8; 32]>, StorageError> {
+        if let Some((hash, Some(recorded))) = self.hash_record(id, n).await? {
+            if self.part_identity(id, n).await?.as_deref() == Some(recorded.as_str()) {
+                return Ok(Some(hash));
             }
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(e.into()),
         }
+        self.rehash_part(id, n).await
+    }
+
+    /// The hash record of part `n`: hash and recorded identity (none in a record of an
+    /// older server). `None` when there is none or it cannot be read as a record.
+    async fn hash_record(
+        &self,
+        id: &str,
+        n: u32,
+    ) -> Result<Option<([u8; 32], Option<String>)>, StorageError> {
+        let path = doc_path(id, &format!("hashes/{n:08}"));
+        let bytes = match self.store.get(&path).await {
+            Ok(result) => result.bytes().await?,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let Ok(text) = std::str::from_utf8(&bytes) else {
+            return Ok(None);
+        };
+        let (hex, identity) = match text.split_once(' ') {
+            Some((hex, identity)) => (hex, Some(identity.to_owned())),
+            None => (text, None),
+        };
+        Ok(hex32::parse(hex).map(|hash| (hash, identity)))
+    }
+
+    /// Writes the hash record of part `n`.
+    async fn put_hash_record(
+        &self,
+        id: &str,
+        n: u32,
+        hash: [u8; 32],
+        identity: Option<&str>,
+    ) -> Result<(), StorageError> {
+        let mut record = hex::encode(hash);
+        if let Some(identity) = identity {
+            record.push(' ');
+            record.push_str(identity);
+        }
+        self.put(
+            &doc_path(id, &format!("hashes/{n:08}")),
+            Bytes::from(record),
+            PutMode::Overwrite,
+        )
+        .await
+    }
+
+    /// The identity part `n` has now (metadata only), `None` when it is missing or the
+    /// store gives none.
+    async fn part_identity(&self, id: &str, n: u32) -> Result<Option<String>, StorageError> {
+        let path = doc_path(id, &format!("parts/{n:08}"));
+        match &self.local_root {
+            Some(root) => {
+                let file = root.join(path.as_ref());
+                match tokio::fs::metadata(&file).await {
+                    Ok(metadata) => Ok(Some(local_identity(&metadata))),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                    Err(source) => Err(StorageError::Write { path: file, source }),
+                }
+            }
+            None => match self.store.head(&path).await {
+                Ok(meta) => Ok(meta.e_tag),
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Err(e) => Err(e.into()),
+            },
+        }
+    }
+
+    /// Reads part `n`, hashes it, and records the hash with the identity of the object
+    /// read. `None` when the part is missing.
+    async fn rehash_part(&self, id: &str, n: u32) -> Result<Option<[u8; 32]>, StorageError> {
+        let path = doc_path(id, &format!("parts/{n:08}"));
+        let result = match self.store.get(&path).await {
+            Ok(result) => result,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let range = result.range.clone();
+        let (identity, mut stream) = match result.payload {
+            GetResultPayload::File(file, _) => {
+                let identity = file.metadata().ok().map(|m| local_identity(&m));
+                (identity, local_stream(file, range))
+            }
+            GetResultPayload::Stream(stream) => (
+                result.meta.e_tag.clone(),
+                stream.map_err(StorageError::from).boxed(),
+            ),
+        };
+        let mut hasher = sha2::Sha256::default();
+        while let Some(chunk) = stream.try_next().await? {
+            sha2::Digest::update(&mut hasher, &chunk);
+        }
+        let hash: [u8; 32] = sha2::Digest::finalize(hasher).into();
+        self.put_hash_record(id, n, hash, identity.as_deref())
+            .await?;
+        Ok(Some(hash))
     }
 
     /// Deletes part `n` and its hash (a leftover beyond the end of a completed document).
@@ -965,11 +1082,11 @@ impl PartUpload {
     pub async fn finish(mut self) -> Result<(), StorageError> {
         self.flush().await?;
         let part = doc_path(&self.id, &format!("parts/{:08}", self.n));
-        match self.sink {
+        let identity = match self.sink {
             PartSink::Memory(buffer) => {
                 self.storage
-                    .put(&part, buffer.freeze(), PutMode::Overwrite)
-                    .await?;
+                    .put_tagged(&part, buffer.freeze(), PutMode::Overwrite)
+                    .await?
             }
             PartSink::Local { temp, path, .. } => {
                 let pending = temp.ok_or_else(|| StorageError::Write {
@@ -977,21 +1094,38 @@ impl PartUpload {
                     source: std::io::Error::other("an earlier write failed"),
                 })?;
                 let named = path.clone();
-                tokio::task::spawn_blocking(move || pending.commit(&named))
-                    .await
-                    .map_err(|e| StorageError::Open(e.to_string()))?
-                    .map_err(|source| StorageError::Sync { path, source })?;
+                // The identity is taken from the temp file itself: a rename keeps it, and
+                // a racing upload renamed over the part in between cannot lend its own.
+                let identity = tokio::task::spawn_blocking(move || {
+                    let mut pending = pending;
+                    let identity = local_identity(&pending.file().metadata()?);
+                    pending.commit(&named)?;
+                    Ok::<_, std::io::Error>(identity)
+                })
+                .await
+                .map_err(|e| StorageError::Open(e.to_string()))?
+                .map_err(|source| StorageError::Sync { path, source })?;
+                Some(identity)
             }
-        }
-        let hash = hex::encode(sha2::Digest::finalize(self.hasher));
+        };
+        let hash = sha2::Digest::finalize(self.hasher).into();
         self.storage
-            .put(
-                &doc_path(&self.id, &format!("hashes/{:08}", self.n)),
-                Bytes::from(hash),
-                PutMode::Overwrite,
-            )
+            .put_hash_record(&self.id, self.n, hash, identity.as_deref())
             .await
     }
+}
+
+/// The identity of a part on the local backend: inode, modification time (ns) and size,
+/// which change when the part is replaced (a new temp file renamed over it).
+fn local_identity(metadata: &std::fs::Metadata) -> String {
+    use std::os::unix::fs::MetadataExt;
+    format!(
+        "{:x}-{:x}.{:x}-{:x}",
+        metadata.ino(),
+        metadata.mtime(),
+        metadata.mtime_nsec(),
+        metadata.size()
+    )
 }
 
 /// Streams a local file's `range` in large reads (object_store's own stream reads 8 KiB

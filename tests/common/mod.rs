@@ -742,6 +742,16 @@ impl Repository {
 
     /// As [`Repository::start`], with extra `[server]` settings (e.g. `part_size_mb = 1`).
     pub fn start_tuned(dir: &Path, server_settings: &str) -> Repository {
+        Repository::start_binary(
+            Path::new(env!("CARGO_BIN_EXE_cloudpdi")),
+            dir,
+            server_settings,
+        )
+    }
+
+    /// As [`Repository::start_tuned`], served by `binary` (an older release, for
+    /// upgrade tests).
+    pub fn start_binary(binary: &Path, dir: &Path, server_settings: &str) -> Repository {
         fs::create_dir_all(dir).unwrap();
         let (key, hash_line) = new_api_key();
         let key_file = dir.join("key");
@@ -760,7 +770,7 @@ impl Repository {
         )
         .unwrap();
         let log = dir.join("log");
-        let child = Command::new(env!("CARGO_BIN_EXE_cloudpdi"))
+        let child = Command::new(binary)
             .args(["repository", "serve", "--config"])
             .arg(&config)
             .stdout(Stdio::null())

@@ -106,6 +106,17 @@ impl Moto {
             .unwrap();
         assert!(out.status.success(), "cannot write {key} to moto");
     }
+
+    /// Deletes object `key` of `bucket` (a signed DELETE), behind the repository's back.
+    pub fn delete(&self, bucket: &str, key: &str) {
+        let out = Command::new("/usr/bin/curl")
+            .args(["-s", "-f", "--aws-sigv4", "aws:amz:us-east-1:s3"])
+            .args(["--user", "testing:testing", "-X", "DELETE"])
+            .arg(format!("{}/{bucket}/{key}", self.endpoint))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "cannot delete {key} from moto");
+    }
 }
 
 impl Drop for Moto {

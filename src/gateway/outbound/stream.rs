@@ -18,6 +18,11 @@
 //! same document with a fresh salt (a fresh payload key: never two plaintexts under one
 //! nonce); parts are overwritten, and those beyond the new end are deleted by the
 //! repository at completion.
+//!
+//! The route's repository is checked before either: a document at a repository the route
+//! no longer names, or gone from it (404, 410), is replaced by a new streamed document. A
+//! repository older than streamed documents (it refuses a create without a size) gets the
+//! container sealed whole first, then a sized document and the finished container's upload.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
@@ -25,6 +30,7 @@ use std::path::{Path, PathBuf};
 
 use futures_util::{StreamExt, TryStreamExt};
 use tokio::sync::mpsc;
+use tracing::warn;
 
 use crate::clock::now_ms;
 use crate::container::{self, Compression, ParallelEncryptor};
@@ -91,8 +97,14 @@ impl Sender {
         store: Option<&JobStore>,
         progress: &(dyn Fn(u64) + Sync),
     ) -> Result<(), StepError> {
-        let client = self.link(&job.route)?.client.clone();
+        let link = self.link(&job.route)?;
+        let client = link.client.clone();
         let _ = std::fs::remove_file(dir.0.join("pdi.zip"));
+        if job.repository.as_deref() != Some(link.url.as_str()) {
+            // Created at a repository the route no longer uses: a new document at the
+            // route's repository takes a new stream (checked before the resume below).
+            job.document_id = None;
+        }
         if dir.container().exists() && job.document_id.is_some() {
             let id = job.document_id.clone().unwrap_or_default();
             let path = dir.container();
@@ -105,10 +117,16 @@ impl Sender {
                 // `upload`): its sized document holds only parts of this file.
                 None => client.upload_file(&id, &path, progress).await,
             };
-            return result.map(drop).map_err(StepError::from);
+            match result {
+                Err(e) if vanished(&e) => {
+                    // Swept, revoked or expired at the repository: a new document takes a
+                    // new stream.
+                    job.document_id = None;
+                }
+                other => return other.map(drop).map_err(StepError::from),
+            }
         }
-        let part_size = self.streamed_document(dir, job, &client, store).await?;
-        let id = job.document_id.clone().unwrap_or_default();
+        let streamed = self.streamed_document(dir, job, &client, store).await?;
         let partial = dir.partial();
         for stale in [&partial, &dir.container(), &dir.acked()] {
             match std::fs::remove_file(stale) {
@@ -117,8 +135,14 @@ impl Sender {
                 Err(e) => return Err(StepError::file("remove", stale, &e)),
             }
         }
-        let acked = open_acked(&dir.acked())?;
         durable::create_dir_all(&dir.0).map_err(|e| StepError::file("create", &dir.0, &e))?;
+        let Some(part_size) = streamed else {
+            return self
+                .sealed_then_uploaded(dir, job, input, store, progress)
+                .await;
+        };
+        let id = job.document_id.clone().unwrap_or_default();
+        let acked = open_acked(&dir.acked())?;
         // Read by the uploads at explicit offsets, through this handle: it stays valid when
         // the finished file is renamed while the last parts are still being sent.
         let file = create_partial(&partial)?;
@@ -154,16 +178,16 @@ impl Sender {
         );
         let (produced, uploaded) = tokio::join!(produced, uploaded);
         // The producer's error is the cause when it stopped first; else the upload's.
-        let size = match (produced, uploaded) {
+        let (size, hashes) = match (produced, uploaded) {
             (Ok(size), Ok(hashes)) => (size, hashes),
             (Err(e), Ok(_)) => return Err(e),
             (_, Err(e)) => return Err(e.into()),
         };
-        let (size, hashes) = size;
         let hashes: Vec<[u8; 32]> = hashes.into_values().collect();
         if u64::try_from(hashes.len()).ok() != Some(size.div_ceil(part_size as u64)) {
             return Err(StepError::transient(format!(
-                "the stream produced {size} bytes but {} parts were uploaded; it starts over",
+                "the stream produced {size} bytes but {} parts were uploaded; the parts are \
+                 checked again on the next attempt",
                 hashes.len()
             )));
         }
@@ -174,27 +198,87 @@ impl Sender {
             .map_err(StepError::from)
     }
 
+    /// For a repository older than streamed documents (it refuses a create without a
+    /// size): the stream seals the container into `container.partial` without uploading,
+    /// then a sized document is created (kept in the job record before the container is
+    /// renamed into place, so a restart resumes its upload) and the finished container
+    /// uploaded, as before streaming. Slower (the upload waits for the whole container),
+    /// but studies get through until the repository is upgraded.
+    async fn sealed_then_uploaded(
+        &self,
+        dir: &Workdir,
+        job: &mut OutboundJob,
+        input: StreamInput,
+        store: Option<&JobStore>,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<(), StepError> {
+        let link = self.link(&job.route)?;
+        warn!(
+            job = %job.id,
+            "the repository at {} does not accept streamed documents (it is older than this \
+             gateway): the container is sealed first, then uploaded; upgrade the repository \
+             to stream (docs/repository.md, \"Upgrades\")",
+            link.url
+        );
+        let partial = dir.partial();
+        let file = create_partial(&partial)?;
+        // Nothing is uploaded while the container is sealed: the cut parts are dropped.
+        let (parts, mut received) = mpsc::channel::<Cut>(1);
+        let producer = self.producer(job, input, dir, file, MAX_PART_SIZE, parts)?;
+        let drained = async { while received.recv().await.is_some() {} };
+        let (produced, ()) = tokio::join!(blocking(producer), drained);
+        let (report, bytes) = produced?;
+        job.instances = report.instances as u64;
+        job.excluded = report.excluded as u64;
+        job.container_bytes = bytes;
+        let route = self.route_options(&job.route)?;
+        let request = NewDocument {
+            size: Some(bytes),
+            expires_at: u64::from(job.expires_at),
+            max_downloads: route.max_downloads,
+            proof_hash: Self::secret(dir)?.download_proof().hash(),
+        };
+        let created = link.client.create(&request).await?;
+        job.document_id = Some(created.document_id.clone());
+        job.repository = Some(link.url.clone());
+        if let Some(store) = store {
+            store.put(job)?;
+        }
+        let container = dir.container();
+        std::fs::rename(&partial, &container)
+            .and_then(|()| durable::sync_dir(&dir.0))
+            .map_err(|e| StepError::file("rename", &partial, &e))?;
+        link.client
+            .upload_file(&created.document_id, &container, progress)
+            .await
+            .map(drop)
+            .map_err(StepError::from)
+    }
+
     /// The job's streamed document (created once, without a size, and kept in the job
-    /// record at once); returns its part size.
+    /// record at once); returns its part size, or `None` when the repository is older
+    /// than streamed documents (it refuses a create without a size:
+    /// [`Sender::sealed_then_uploaded`]).
     async fn streamed_document(
         &self,
         dir: &Workdir,
         job: &mut OutboundJob,
         client: &Client,
         store: Option<&JobStore>,
-    ) -> Result<usize, StepError> {
+    ) -> Result<Option<usize>, StepError> {
         let route = self.route_options(&job.route)?;
         let link = self.link(&job.route)?;
-        if job.repository.as_deref() != Some(link.url.as_str()) {
-            // Created at a repository the route no longer uses: start a new document.
-            job.document_id = None;
-        }
         if let Some(id) = &job.document_id {
-            let status = client.status(id).await?;
-            // A sized document (of a job recorded before streaming) or one that cannot
-            // take parts any more is left to expire; a new one takes the stream.
-            if status.state == State::Uploading && status.size == 0 {
-                return part_size(status.part_size);
+            // A sized document (of a job recorded before streaming), one that cannot take
+            // parts any more, or one already swept (404/410) is left to expire; a new one
+            // takes the stream.
+            match client.status(id).await {
+                Ok(status) if status.state == State::Uploading && status.size == 0 => {
+                    return part_size(status.part_size).map(Some);
+                }
+                Ok(_) => {}
+                Err(e) if vanished(&e) => {}
+                Err(e) => return Err(e.into()),
             }
         }
         let secret = Self::secret(dir)?;
@@ -207,13 +291,23 @@ impl Sender {
             max_downloads: route.max_downloads,
             proof_hash: secret.download_proof().hash(),
         };
-        let created = client.create(&request).await?;
+        let created = match client.create(&request).await {
+            Ok(created) => created,
+            Err(ClientError::Refused {
+                status: 400,
+                code,
+                message,
+            }) if code == "invalid_request" && message.contains("missing field `size`") => {
+                return Ok(None);
+            }
+            Err(e) => return Err(e.into()),
+        };
         job.document_id = Some(created.document_id);
         job.repository = Some(link.url.clone());
         if let Some(store) = store {
             store.put(job)?;
         }
-        part_size(created.part_size)
+        part_size(created.part_size).map(Some)
     }
 
     /// The blocking work of one stream: build -> compress -> seal -> cut into parts.
@@ -246,7 +340,9 @@ impl Sender {
             zstd_level: self.config.outbound.zstd_level,
             ..container::Options::default()
         };
-        let zstd_threads = container::parallel::threads(self.config.outbound.zstd_threads as usize);
+        // 0 (one per core) is capped like a number given: each worker costs memory.
+        let zstd_threads = container::parallel::threads(self.config.outbound.zstd_threads as usize)
+            .min(crate::config::MAX_ZSTD_THREADS as usize);
         let partial = dir.partial();
         let files = input.files;
         Ok(move || {
@@ -308,6 +404,19 @@ fn part_size(size: u64) -> Result<usize, StepError> {
                 MAX_PART_SIZE
             ))
         })
+}
+
+/// Whether a repository answer says the document is gone (404, or 410 for a swept,
+/// revoked or expired one): a new document is created rather than failing the job.
+fn vanished(e: &ClientError) -> bool {
+    matches!(
+        e,
+        ClientError::NotAvailable
+            | ClientError::Refused {
+                status: 404 | 410,
+                ..
+            }
+    )
 }
 
 /// Creates `container.partial` (exclusively, mode 0600), readable for the uploads.

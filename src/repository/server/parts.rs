@@ -25,7 +25,8 @@ use super::documents::{check_uploading, status_of};
 use super::refusal::Refusal;
 use super::{App, Shared};
 
-/// Part hash records read at once by a completion (small objects; on S3 each is a GET).
+/// Parts checked at once by a completion: each a small record read and a metadata read
+/// (on S3 a GET and a HEAD), or, for a part with no valid record, the part read and hashed.
 const HASH_READS_AT_ONCE: usize = 16;
 
 /// How long a part upload waits for a free upload slot before answering 503.
@@ -260,8 +261,9 @@ async fn check_whole(
 }
 
 /// The second form: the layout of `size` fully held, every part's recorded hash read
-/// (no content), their digest compared; parts beyond the end (an abandoned attempt's)
-/// deleted. `None` on a mismatch.
+/// (no content) while the part keeps the identity recorded with it, else the part read
+/// and hashed again ([`Storage::checked_part_hash`]), their digest compared; parts beyond
+/// the end (an abandoned attempt's) deleted. `None` on a mismatch.
 async fn check_parts(
     app: &App,
     snapshot: &Snapshot,
@@ -288,20 +290,14 @@ async fn check_parts(
     };
     check_all_parts(snapshot, &layout)?;
     let parts = layout.parts();
-    let unhashed: Vec<u32> = (0..parts)
-        .filter(|n| !snapshot.hashes.contains(n))
-        .collect();
-    if !unhashed.is_empty() {
-        return Err(missing_refusal(&unhashed, "have no recorded hash"));
-    }
     let hashes: Vec<[u8; 32]> = futures_util::stream::iter(0..parts)
         .map(|n| {
             let storage = app.storage.clone();
             let id = meta.id.clone();
             async move {
-                match storage.part_hash(&id, n).await {
+                match storage.checked_part_hash(&id, n).await {
                     Ok(Some(hash)) => Ok(hash),
-                    Ok(None) => Err(missing_refusal(&[n], "have no recorded hash")),
+                    Ok(None) => Err(missing_refusal(&[n], "are missing")),
                     Err(e) => Err(Refusal::unavailable(e)),
                 }
             }
