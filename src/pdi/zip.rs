@@ -324,6 +324,36 @@ fn put64(out: &mut Vec<u8>, v: u64) {
     out.extend_from_slice(&v.to_le_bytes());
 }
 
+/// Replaces each of `fields` that holds 0xFFFFFFFF with its 64-bit value from the ZIP64
+/// extended-information field (0x0001) of `extra`, in order; `broken` is the error of an
+/// extra field that ends early.
+fn zip64_sizes<const N: usize>(
+    extra: &[u8],
+    fields: [&mut u64; N],
+    broken: impl Fn() -> ZipError,
+) -> Result<(), ZipError> {
+    let mut x = 0;
+    let mut fields = fields;
+    while x + 4 <= extra.len() {
+        let (id, len) = (get16(extra, x), usize::from(get16(extra, x + 2)));
+        let body = extra.get(x + 4..x + 4 + len).ok_or_else(&broken)?;
+        if id == 0x0001 {
+            let mut b = 0;
+            for field in &mut fields {
+                if **field == MAX32 {
+                    **field = body
+                        .get(b..b + 8)
+                        .map(|_| get64(body, b))
+                        .ok_or_else(&broken)?;
+                    b += 8;
+                }
+            }
+        }
+        x += 4 + len;
+    }
+    Ok(())
+}
+
 fn get16(b: &[u8], at: usize) -> u16 {
     u16::from_le_bytes([b[at], b[at + 1]])
 }
@@ -673,24 +703,7 @@ fn parse_central(cd: &[u8], at: &mut usize) -> Result<Entry, ZipError> {
         name: String::from_utf8_lossy(name_bytes).into_owned(),
         why: "the name is not UTF-8 text",
     })?;
-    let mut x = 0;
-    while x + 4 <= extra.len() {
-        let (id, len) = (get16(extra, x), usize::from(get16(extra, x + 2)));
-        let body = extra.get(x + 4..x + 4 + len).ok_or_else(broken)?;
-        if id == 0x0001 {
-            let mut b = 0;
-            for field in [&mut size, &mut compressed, &mut offset] {
-                if *field == MAX32 {
-                    *field = body
-                        .get(b..b + 8)
-                        .map(|_| get64(body, b))
-                        .ok_or_else(broken)?;
-                    b += 8;
-                }
-            }
-        }
-        x += 4 + len;
-    }
+    zip64_sizes(extra, [&mut size, &mut compressed, &mut offset], broken)?;
     let unsafe_name = |why| ZipError::UnsafeName {
         name: name.clone(),
         why,
@@ -869,24 +882,7 @@ fn read_local(input: &mut impl Read) -> Result<LocalHeader, ZipError> {
         why: "the name is not UTF-8 text",
     })?;
     let broken = || ZipError::NotZip(format!("the local header of {name:?} is damaged"));
-    let mut x = 0;
-    while x + 4 <= extra.len() {
-        let (id, len) = (get16(&extra, x), usize::from(get16(&extra, x + 2)));
-        let body = extra.get(x + 4..x + 4 + len).ok_or_else(broken)?;
-        if id == 0x0001 {
-            let mut b = 0;
-            for field in [&mut size, &mut compressed] {
-                if *field == MAX32 {
-                    *field = body
-                        .get(b..b + 8)
-                        .map(|_| get64(body, b))
-                        .ok_or_else(broken)?;
-                    b += 8;
-                }
-            }
-        }
-        x += 4 + len;
-    }
+    zip64_sizes(&extra, [&mut size, &mut compressed], broken)?;
     let unsafe_name = |why| ZipError::UnsafeName {
         name: name.clone(),
         why,
@@ -972,24 +968,7 @@ fn check_central_stream(
         read_all(input, &mut name)?;
         read_all(input, &mut extra)?;
         read_all(input, &mut comment)?;
-        let mut x = 0;
-        while x + 4 <= extra.len() {
-            let (id, len) = (get16(&extra, x), usize::from(get16(&extra, x + 2)));
-            let body = extra.get(x + 4..x + 4 + len).ok_or_else(differs)?;
-            if id == 0x0001 {
-                let mut b = 0;
-                for field in [&mut size, &mut compressed, &mut offset] {
-                    if *field == MAX32 {
-                        *field = body
-                            .get(b..b + 8)
-                            .map(|_| get64(body, b))
-                            .ok_or_else(differs)?;
-                        b += 8;
-                    }
-                }
-            }
-            x += 4 + len;
-        }
+        zip64_sizes(&extra, [&mut size, &mut compressed, &mut offset], differs)?;
         let name = String::from_utf8(name).map_err(|_| differs())?;
         central.update(central_key(&name, crc, size, offset));
         signature = read_u32(input)?;
