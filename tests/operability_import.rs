@@ -330,3 +330,40 @@ fn a_spool_below_its_floor_makes_health_degraded_with_the_reason() {
     std::fs::remove_file(&fill).unwrap();
     assert_eq!(site.admin_get("/healthz"), (200, "ok\n".to_owned()));
 }
+
+/// CPU seconds (user + system) the process `pid` has used.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    let per_second = String::from_utf8(run(Command::new("getconf").arg("CLK_TCK")).stdout)
+        .unwrap()
+        .trim()
+        .parse::<f64>()
+        .unwrap();
+    ticks / per_second
+}
+
+/// The watch folder wakes on inotify: the scan's own reads of the folder and of the files
+/// in it must not wake it again (a scan loop that burns a core). A file that is not a
+/// token is read, then rejected, on the way.
+#[test]
+fn an_idle_daemon_watching_its_folder_uses_almost_no_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let site = Daemon::start(dir.path(), &site("127.0.0.1:9", ""));
+    let inbox = site.dir.join("data/inbox");
+    std::fs::create_dir_all(&inbox).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let mut unfinished = std::fs::File::create(inbox.join("being-written.txt")).unwrap();
+    std::io::Write::write_all(&mut unfinished, b"HT2-").unwrap();
+    let before = cpu_seconds(site.pid());
+    std::thread::sleep(Duration::from_secs(4));
+    let used = cpu_seconds(site.pid()) - before;
+    assert!(
+        used < 0.5,
+        "the idle daemon used {used:.2} CPU seconds in 4 s:\n{}",
+        site.log()
+    );
+    drop(unfinished);
+}

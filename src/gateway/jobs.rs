@@ -596,8 +596,9 @@ fn state_name_debug(step: impl std::fmt::Debug) -> String {
     format!("{step:?}").to_lowercase()
 }
 
-/// Runs a pipeline until `cancel`: every half second, starts its due jobs, at most
-/// `workers` at once and each job once; on cancel, waits for the running jobs to reach
+/// Runs a pipeline until `cancel`: at once when its job store's bell rings (a job
+/// written, work arrived, a worker freed) and every half second for the rest (back-offs
+/// ending), starts its due jobs, at most `workers` at once and each job once; on cancel, waits for the running jobs to reach
 /// a safe point. What the jobs do is counted in `metrics`.
 pub async fn work<P: Pipeline>(
     pipeline: Arc<P>,
@@ -608,11 +609,13 @@ pub async fn work<P: Pipeline>(
     let running = Arc::new(Mutex::new(BTreeSet::new()));
     let slots = Arc::new(Semaphore::new(workers.max(1)));
     let tracker = TaskTracker::new();
+    let bell = pipeline.store().bell();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
+            () = bell.notified() => {}
             () = cancel.cancelled() => break,
         }
         let scan = pipeline.clone();
@@ -640,11 +643,13 @@ pub async fn work<P: Pipeline>(
                 continue;
             }
             let (pipeline, running, cancel) = (pipeline.clone(), running.clone(), cancel.clone());
-            let metrics = metrics.clone();
+            let (metrics, bell) = (metrics.clone(), bell.clone());
             tracker.spawn(async move {
                 drive(pipeline, job, cancel, &metrics).await;
                 lock(&running).remove(&id);
                 drop(permit);
+                // A worker is free: a job waiting for one starts now.
+                bell.notify_one();
             });
         }
     }

@@ -182,6 +182,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         spool.clone(),
         routes.clone(),
         metrics.clone(),
+        outbound.store().bell(),
         cancel.clone(),
     ));
     let admin_state = Arc::new(AdminState {

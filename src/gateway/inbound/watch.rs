@@ -3,16 +3,19 @@
 //! Staff (or a QR scanner, or `cloudpdi receive`) put a file in the watched folder
 //! (`inbound.watch_dir`). Its content is the token text, on one or more lines, and
 //! optionally a line `patient-id: <local ID>` asking that the study be filed under that
-//! local Patient ID. inotify wakes the scan at once; a scan every
-//! `inbound.poll_interval` seconds catches anything inotify missed (or all of it where
-//! inotify is unavailable, e.g. on network shares).
+//! local Patient ID. A file that inotify reports closed after writing (or moved in) is
+//! taken at once when it holds a whole token; any other file is taken once it has not
+//! changed for half a second. A scan every `inbound.poll_interval` seconds catches
+//! anything inotify missed (or all of it where inotify is unavailable, e.g. on network
+//! shares).
 //!
 //! Nothing dropped is lost: a file becomes a job (and is removed only once the job is
 //! durable), or is moved to `rejected/` beside a `.reason.txt` that says what to fix.
 //! Files starting with `.` or ending in `.tmp` are still being written and are left alone.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use tokio_util::sync::CancellationToken;
@@ -80,12 +83,21 @@ pub struct Watch {
     dir: PathBuf,
     inbound: Arc<Inbound>,
     poll: Duration,
+    /// Files inotify reported closed after writing or moved in since the last scan: whole
+    /// unless their writer opens them again, so taken without the settle wait when they
+    /// parse (a file that does not parse yet is left to settle, never rejected early).
+    closed: Arc<Mutex<HashSet<PathBuf>>>,
 }
 
 impl Watch {
     /// A watch of `dir` feeding `inbound`.
     pub fn new(dir: PathBuf, inbound: Arc<Inbound>, poll: Duration) -> Watch {
-        Watch { dir, inbound, poll }
+        Watch {
+            dir,
+            inbound,
+            poll,
+            closed: Arc::default(),
+        }
     }
 
     /// Runs until `cancel`.
@@ -99,12 +111,20 @@ impl Watch {
         let this = Arc::new(self);
         loop {
             let scan = this.clone();
-            if let Err(e) = tokio::task::spawn_blocking(move || scan.scan()).await {
-                error!("watch folder scan failed: {e}");
-            }
+            let unsettled = tokio::task::spawn_blocking(move || scan.scan())
+                .await
+                .unwrap_or_else(|e| {
+                    error!("watch folder scan failed: {e}");
+                    false
+                });
+            // A file still settling is looked at again when it may have settled.
+            let next = match unsettled {
+                true => SETTLE.min(this.poll),
+                false => this.poll,
+            };
             tokio::select! {
-                _ = woken.recv() => tokio::time::sleep(SETTLE).await,
-                () = tokio::time::sleep(this.poll) => {}
+                _ = woken.recv() => {}
+                () = tokio::time::sleep(next) => {}
                 () = cancel.cancelled() => return,
             }
         }
@@ -113,7 +133,23 @@ impl Watch {
     /// Asks inotify to wake the scan; `None` (polling only) where it is unavailable.
     fn inotify(&self, wake: tokio::sync::mpsc::Sender<()>) -> Option<notify::RecommendedWatcher> {
         use notify::Watcher;
-        let handler = move |_event: notify::Result<notify::Event>| {
+        let closed = self.closed.clone();
+        let handler = move |event: notify::Result<notify::Event>| {
+            let Ok(event) = event else {
+                let _ = wake.try_send(());
+                return;
+            };
+            // The scan's own reads (opening the folder, reading a file) are events too:
+            // waking on them would scan in a loop.
+            if matches!(event.kind, notify::EventKind::Access(_)) && !is_written(&event.kind) {
+                return;
+            }
+            if is_written(&event.kind) {
+                closed
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .extend(event.paths);
+            }
             let _ = wake.try_send(());
         };
         let watcher = notify::recommended_watcher(handler).and_then(|mut w| {
@@ -129,37 +165,51 @@ impl Watch {
         }
     }
 
-    fn scan(&self) {
+    /// Takes every file that is whole; true when a file was left because it may still be
+    /// being written.
+    fn scan(&self) -> bool {
         let entries = match std::fs::read_dir(&self.dir) {
             Ok(entries) => entries,
             Err(e) => {
                 error!(dir = %self.dir.display(), "cannot read the watch folder: {e}");
-                return;
+                return false;
             }
         };
+        let closed =
+            std::mem::take(&mut *self.closed.lock().unwrap_or_else(PoisonError::into_inner));
+        let mut unsettled = false;
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let settled = entry
-                .metadata()
-                .ok()
-                .filter(|m| m.is_file())
-                .is_some_and(|m| {
-                    m.modified()
-                        .ok()
-                        .and_then(|t| SystemTime::now().duration_since(t).ok())
-                        .is_some_and(|age| age >= SETTLE)
-                });
-            if name.starts_with('.') || name.ends_with(".tmp") || !settled {
+            let Some(meta) = entry.metadata().ok().filter(|m| m.is_file()) else {
+                continue;
+            };
+            if name.starts_with('.') || name.ends_with(".tmp") {
                 continue;
             }
-            self.take(&entry.path(), &name);
+            let settled = meta
+                .modified()
+                .ok()
+                .and_then(|t| SystemTime::now().duration_since(t).ok())
+                .is_some_and(|age| age >= SETTLE);
+            let path = entry.path();
+            if settled {
+                self.take(&path, &name, true);
+            } else if !(closed.contains(&path) && self.take(&path, &name, false)) {
+                unsettled = true;
+            }
         }
+        unsettled
     }
 
-    /// Queues one dropped file, or moves it to `rejected/` with the reason.
-    fn take(&self, path: &Path, name: &str) {
+    /// Queues one dropped file, or (when `settled`) moves it to `rejected/` with the
+    /// reason; true when the file was dealt with. An unsettled file that does not parse is
+    /// left as it is: its writer may not be done.
+    fn take(&self, path: &Path, name: &str, settled: bool) -> bool {
         let parsed =
             read_bounded(path).and_then(|text| parse_drop(&text).map_err(Rejection::Token));
+        if !settled && parsed.is_err() {
+            return false;
+        }
         let result = parsed.and_then(|drop| {
             self.inbound
                 .queue(&drop.token, drop.patient_id)
@@ -186,6 +236,7 @@ impl Watch {
             }
             Err(reason) => self.reject(path, name, &reason.to_string()),
         }
+        true
     }
 
     fn reject(&self, path: &Path, name: &str, reason: &str) {
@@ -203,6 +254,16 @@ impl Watch {
             error!(file = name, "cannot move the rejected token file: {e}");
         }
     }
+}
+
+/// A file closed after writing, or renamed into the folder: its writer is done with it.
+fn is_written(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode, ModifyKind, RenameMode};
+    matches!(
+        kind,
+        notify::EventKind::Access(AccessKind::Close(AccessMode::Write))
+            | notify::EventKind::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Both))
+    )
 }
 
 /// Why a dropped file was not queued.

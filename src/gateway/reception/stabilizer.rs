@@ -15,6 +15,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
@@ -23,11 +24,14 @@ use super::spool::Spool;
 use crate::admin::metrics::Metrics;
 use crate::clock::now_ms;
 
-/// Seals quiet batches; checks often enough for the shortest `stable_after`.
+/// Seals quiet batches; checks often enough for the shortest `stable_after`. Rings
+/// `outbound` (the outbound job store's bell) when a batch turned stable, so packing starts
+/// at once.
 pub async fn stabilize(
     spool: Arc<Spool>,
     routes: Arc<Routes>,
     metrics: Arc<Metrics>,
+    outbound: Arc<Notify>,
     cancel: CancellationToken,
 ) {
     let shortest = routes
@@ -63,6 +67,9 @@ pub async fn stabilize(
         .await;
         match sealed {
             Ok(Ok(sealed)) => {
+                if !sealed.is_empty() {
+                    outbound.notify_one();
+                }
                 for batch in sealed {
                     metrics.batches_stable.inc();
                     info!(

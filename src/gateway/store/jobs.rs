@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use serde::de::DeserializeOwned;
 use sled::Transactional;
+use tokio::sync::Notify;
 
 use super::{IndexError, Store, decode, decode_all, encode, tx_error};
 use crate::gateway::jobs::{JobRecord, state_name};
@@ -20,6 +21,7 @@ pub struct JobStore {
     tree: sled::Tree,
     active: sled::Tree,
     states: Arc<Mutex<BTreeMap<String, u64>>>,
+    bell: Arc<Notify>,
 }
 
 impl JobStore {
@@ -33,7 +35,16 @@ impl JobStore {
             tree: store.tree(name)?,
             active: store.tree(&format!("{name}.active"))?,
             states: Arc::default(),
+            bell: Arc::default(),
         })
+    }
+
+    /// Rung whenever a job that needs the pipeline is written (and by whoever makes work
+    /// for it, e.g. a batch turning stable), so the pipeline's scan runs at once instead
+    /// of at its next tick: a token dropped in the watch folder starts downloading within
+    /// milliseconds, not half a second later.
+    pub fn bell(&self) -> Arc<Notify> {
+        self.bell.clone()
     }
 
     /// Jobs by state (the step's name, `done`, `failed`), as counted since
@@ -135,6 +146,9 @@ impl JobStore {
         };
         self.count(id, old.as_deref(), Some(job));
         self.store.flush()?;
+        if active {
+            self.bell.notify_one();
+        }
         Ok(true)
     }
 
