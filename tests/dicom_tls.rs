@@ -255,3 +255,73 @@ fn import_into_orthanc_over_tls_and_a_wrong_ca_or_an_expired_certificate_is_name
         read("expired")
     );
 }
+
+#[test]
+fn an_unusable_certificate_or_key_file_is_named_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    certificates(&certs);
+    let study = dir.path().join("study");
+    gen_ct(&study, 1, &[]);
+    let missing = certs.join("missing.pem").display().to_string();
+    let (ca, client, client_key, server_key) = (
+        pem(&certs, "ca"),
+        pem(&certs, "client"),
+        key(&certs, "client"),
+        key(&certs, "server"),
+    );
+    let cases: [(&[&str], String); 4] = [
+        (
+            &["--tls-ca", &missing],
+            format!("inbound.pacs_tls.ca = {missing}: cannot read the file"),
+        ),
+        (
+            &["--tls-ca", &client_key],
+            format!("inbound.pacs_tls.ca = {client_key}: no certificate in the file"),
+        ),
+        (
+            &["--tls-ca", &ca, "--tls-certificate", &client, "--tls-key", &ca],
+            format!("inbound.pacs_tls.key = {ca}: no private key in the file"),
+        ),
+        (
+            &["--tls-ca", &ca, "--tls-certificate", &client, "--tls-key", &server_key],
+            format!(
+                "inbound.pacs_tls.key = {server_key}: this private key does not match the \
+                 certificate in {client}"
+            ),
+        ),
+    ];
+    for (args, expected) in cases {
+        let out = run(Command::new(env!("CARGO_BIN_EXE_cloudpdi"))
+            .args(["import", "--pacs", "127.0.0.1:9", "--called", "PACS"])
+            .args(args)
+            .arg(&study));
+        assert!(!out.status.success(), "{args:?} passed");
+        assert!(text(&out).contains(&expected), "{args:?}: {}", text(&out));
+    }
+    // The daemon does not start with a key that is not its certificate's.
+    let config = dir.path().join("cloudpdi.toml");
+    let tls = format!(
+        "[dicom.tls]\nlisten = \"127.0.0.1:{}\"\ncertificate = \"{}\"\nkey = \"{client_key}\"\n",
+        free_port(),
+        pem(&certs, "server"),
+    );
+    std::fs::write(
+        &config,
+        config_text(free_port(), free_port(), &dir.path().join("data"), &format!("{CT_ROUTE}{tls}")),
+    )
+    .unwrap();
+    let out = run(Command::new(env!("CARGO_BIN_EXE_cloudpdi"))
+        .args(["serve", "--config"])
+        .arg(&config));
+    assert!(!out.status.success(), "serve started: {}", text(&out));
+    assert!(
+        text(&out).contains(&format!(
+            "dicom.tls.key = {client_key}: this private key does not match the certificate in {}",
+            pem(&certs, "server")
+        )),
+        "{}",
+        text(&out)
+    );
+}
