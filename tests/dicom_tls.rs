@@ -325,3 +325,43 @@ fn an_unusable_certificate_or_key_file_is_named_with_the_reason() {
         text(&out)
     );
 }
+
+#[test]
+fn a_silent_tls_peer_is_dropped_and_a_peer_over_its_limit_is_rejected_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    certificates(&certs);
+    let tls_port = free_port();
+    let mut daemon = Daemon::start_tuned(
+        &dir.path().join("site"),
+        CT_ROUTE,
+        &format!(
+            "association_timeout = 3\nmax_associations_per_peer = 1\n\
+             [dicom.tls]\nlisten = \"127.0.0.1:{tls_port}\"\ncertificate = \"{}\"\nkey = \"{}\"\n",
+            pem(&certs, "server"),
+            key(&certs, "server"),
+        ),
+    );
+    // Says nothing: holds 127.0.0.1's one connection until the association timeout.
+    let silent = std::net::TcpStream::connect(("127.0.0.1", tls_port)).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let ca = pem(&certs, "ca");
+    let over = dcmtk("/usr/bin/echoscu", tls_port, &["+tla", "+cf", &ca], &[]);
+    assert!(!over.status.success(), "a peer over its limit got in");
+    assert!(
+        text(&over).to_lowercase().contains("local limit exceeded"),
+        "the rejection came over TLS: {}",
+        text(&over)
+    );
+    wait_for("the silent peer dropped", std::time::Duration::from_secs(10), || {
+        daemon
+            .log()
+            .contains(
+                "peer did not complete the TLS handshake and association negotiation within 3 s",
+            )
+            .then_some(())
+    });
+    drop(silent);
+    assert!(daemon.stop().success());
+}

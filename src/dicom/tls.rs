@@ -152,8 +152,8 @@ impl ServerTls {
         })
     }
 
-    /// Why the TLS handshake with the client at `peer` failed, for the log; `None` when
-    /// `error` is not a TLS failure.
+    /// Why the TLS handshake with a client failed, for the log line of that connection;
+    /// `None` when `error` is not a TLS failure.
     pub fn handshake_failure(&self, error: &UlError) -> Option<String> {
         let tls = rustls_error(error)?;
         let client_ca = self
