@@ -103,14 +103,29 @@ fn dcmtk_stores_over_tls_beside_the_plain_port_and_each_refusal_names_its_cause(
             pem(&certs, "ca")
         ),
     );
-    let (ca, client, client_key) = (pem(&certs, "ca"), pem(&certs, "client"), key(&certs, "client"));
-    let tls = ["+tls", client_key.as_str(), client.as_str(), "+cf", ca.as_str()];
+    let (ca, client, client_key) = (
+        pem(&certs, "ca"),
+        pem(&certs, "client"),
+        key(&certs, "client"),
+    );
+    let tls = [
+        "+tls",
+        client_key.as_str(),
+        client.as_str(),
+        "+cf",
+        ca.as_str(),
+    ];
 
     let stored = dcmtk("/usr/bin/storescu", tls_port, &tls, &files_in(&study));
     assert!(stored.status.success(), "storescu +tls: {}", text(&stored));
     let echo = dcmtk("/usr/bin/echoscu", tls_port, &tls, &[]);
     assert!(echo.status.success(), "echoscu +tls: {}", text(&echo));
-    let plain = dcmtk("/usr/bin/storescu", daemon.dicom.port(), &[], &files_in(&plain_study));
+    let plain = dcmtk(
+        "/usr/bin/storescu",
+        daemon.dicom.port(),
+        &[],
+        &files_in(&plain_study),
+    );
     assert!(plain.status.success(), "plain storescu: {}", text(&plain));
 
     // A client certificate from another CA, and an expired one from the right CA.
@@ -140,9 +155,15 @@ fn dcmtk_stores_over_tls_beside_the_plain_port_and_each_refusal_names_its_cause(
     assert!(!distrust.status.success(), "an untrusted server passed");
     // Plain on the TLS port, TLS on the plain port.
     let plain_on_tls = dcmtk("/usr/bin/echoscu", tls_port, &[], &[]);
-    assert!(!plain_on_tls.status.success(), "plain echoscu on the TLS port");
+    assert!(
+        !plain_on_tls.status.success(),
+        "plain echoscu on the TLS port"
+    );
     let tls_on_plain = dcmtk("/usr/bin/echoscu", daemon.dicom.port(), &tls, &[]);
-    assert!(!tls_on_plain.status.success(), "TLS echoscu on the plain port");
+    assert!(
+        !tls_on_plain.status.success(),
+        "TLS echoscu on the plain port"
+    );
 
     assert!(daemon.stop().success());
     let log = daemon.log();
@@ -250,7 +271,8 @@ fn import_into_orthanc_over_tls_and_a_wrong_ca_or_an_expired_certificate_is_name
     );
     assert_ne!(rc("expired").trim(), "0", "{}", read("expired"));
     assert!(
-        read("expired").contains("the PACS at 127.0.0.1:4242: TLS: the PACS's certificate expired on "),
+        read("expired")
+            .contains("the PACS at 127.0.0.1:4242: TLS: the PACS's certificate expired on "),
         "{}",
         read("expired")
     );
@@ -281,11 +303,25 @@ fn an_unusable_certificate_or_key_file_is_named_with_the_reason() {
             format!("inbound.pacs_tls.ca = {client_key}: no certificate in the file"),
         ),
         (
-            &["--tls-ca", &ca, "--tls-certificate", &client, "--tls-key", &ca],
+            &[
+                "--tls-ca",
+                &ca,
+                "--tls-certificate",
+                &client,
+                "--tls-key",
+                &ca,
+            ],
             format!("inbound.pacs_tls.key = {ca}: no private key in the file"),
         ),
         (
-            &["--tls-ca", &ca, "--tls-certificate", &client, "--tls-key", &server_key],
+            &[
+                "--tls-ca",
+                &ca,
+                "--tls-certificate",
+                &client,
+                "--tls-key",
+                &server_key,
+            ],
             format!(
                 "inbound.pacs_tls.key = {server_key}: this private key does not match the \
                  certificate in {client}"
@@ -309,7 +345,12 @@ fn an_unusable_certificate_or_key_file_is_named_with_the_reason() {
     );
     std::fs::write(
         &config,
-        config_text(free_port(), free_port(), &dir.path().join("data"), &format!("{CT_ROUTE}{tls}")),
+        config_text(
+            free_port(),
+            free_port(),
+            &dir.path().join("data"),
+            &format!("{CT_ROUTE}{tls}"),
+        ),
     )
     .unwrap();
     let out = run(Command::new(env!("CARGO_BIN_EXE_cloudpdi"))
@@ -354,14 +395,18 @@ fn a_silent_tls_peer_is_dropped_and_a_peer_over_its_limit_is_rejected_over_tls()
         "the rejection came over TLS: {}",
         text(&over)
     );
-    wait_for("the silent peer dropped", std::time::Duration::from_secs(10), || {
-        daemon
+    wait_for(
+        "the silent peer dropped",
+        std::time::Duration::from_secs(10),
+        || {
+            daemon
             .log()
             .contains(
                 "peer did not complete the TLS handshake and association negotiation within 3 s",
             )
             .then_some(())
-    });
+        },
+    );
     drop(silent);
     assert!(daemon.stop().success());
 }

@@ -36,8 +36,8 @@ use dicom_ul::pdu::{
 use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 use tracing::{debug, warn};
 
-use super::tls::Link;
 use super::dimse::{Response, command_pdu, field, status, store_request};
+use super::tls::Link;
 use crate::gateway::inbound::reconcile::{PatientIdPolicy, Reconciler};
 
 /// Explicit VR Big Endian: retired from the standard, still found on old media.
@@ -788,7 +788,10 @@ impl Lane {
 /// Why opening an association failed at the TLS level (or met TLS unasked), if it did.
 fn tls_failure(target: &StoreTarget, e: &dicom_ul::association::Error) -> Option<PacsError> {
     let (reason, permanent) = match &target.tls {
-        Some(tls) => (tls.failure(e)?, !matches!(e, dicom_ul::association::Error::TlsHandshake { .. })),
+        Some(tls) => (
+            tls.failure(e)?,
+            !matches!(e, dicom_ul::association::Error::TlsHandshake { .. }),
+        ),
         None => (super::tls::plain_to_tls(e)?, true),
     };
     Some(PacsError::Tls {

@@ -138,14 +138,9 @@ impl ServerTls {
                 builder.with_client_cert_verifier(verifier)
             }
         };
-        let config = builder.with_single_cert(certs, key).map_err(|e| {
-            key_error(
-                "dicom.tls.key",
-                &settings.key,
-                &settings.certificate,
-                &e,
-            )
-        })?;
+        let config = builder
+            .with_single_cert(certs, key)
+            .map_err(|e| key_error("dicom.tls.key", &settings.key, &settings.certificate, &e))?;
         Ok(ServerTls {
             config: Arc::new(config),
             settings: settings.clone(),
@@ -412,9 +407,9 @@ fn explain(error: &rustls::Error, sides: &Sides<'_>) -> String {
                 "{peer} says the gateway's certificate ({own_key} = {own_file}) expired: \
                  renew it"
             ),
-            AlertDescription::CertificateRequired => format!(
-                "{peer} requires a client certificate: set {own_key} and its key"
-            ),
+            AlertDescription::CertificateRequired => {
+                format!("{peer} requires a client certificate: set {own_key} and its key")
+            }
             AlertDescription::ProtocolVersion
             | AlertDescription::HandshakeFailure
             | AlertDescription::InsufficientSecurity => format!(

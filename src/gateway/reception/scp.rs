@@ -320,7 +320,9 @@ async fn reject_local_limit(socket: TcpStream, tls: Option<&ServerTls>) {
         None => send_reject(socket).await,
         Some(tls) => {
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.config.clone());
-            if let Ok(Ok(socket)) = tokio::time::timeout(REJECT_LINGER, acceptor.accept(socket)).await {
+            if let Ok(Ok(socket)) =
+                tokio::time::timeout(REJECT_LINGER, acceptor.accept(socket)).await
+            {
                 send_reject(socket).await;
             }
         }
@@ -394,7 +396,8 @@ async fn serve_association(
                 "a plain (non-TLS) DICOM client connected to the TLS port {} from {peer}; \
                  closed: configure the client for DICOM TLS, or point it at the plain port \
                  dicom.listen = {}",
-                tls.as_ref().map_or(ctx.config.listen, |tls| tls.settings.listen),
+                tls.as_ref()
+                    .map_or(ctx.config.listen, |tls| tls.settings.listen),
                 ctx.config.listen
             );
             return;
@@ -407,7 +410,9 @@ async fn serve_association(
                 "a TLS client connected to the plain DICOM port {} from {peer}; closed: \
                  point it at the DICOM TLS port ({}), or turn TLS off on the client",
                 ctx.config.listen,
-                tls_port.as_deref().unwrap_or("none configured: see [dicom.tls]")
+                tls_port
+                    .as_deref()
+                    .unwrap_or("none configured: see [dicom.tls]")
             );
             return;
         }
@@ -421,7 +426,11 @@ async fn serve_association(
         Err(_) => {
             info!(
                 "peer did not complete {}association negotiation within {} s",
-                if tls.is_some() { "the TLS handshake and " } else { "" },
+                if tls.is_some() {
+                    "the TLS handshake and "
+                } else {
+                    ""
+                },
                 ctx.config.association_timeout
             );
             return;
@@ -459,7 +468,10 @@ async fn establish(
     tls: Option<&ServerTls>,
 ) -> Result<Option<Association>, UlError> {
     if tls.is_none() {
-        return options.establish_async(socket).await.map(|a| Some(Link::Plain(a)));
+        return options
+            .establish_async(socket)
+            .await
+            .map(|a| Some(Link::Plain(a)));
     }
     let mut first = [0u8; 1];
     if let Ok(1) = socket.peek(&mut first).await
