@@ -338,9 +338,9 @@ fn an_unusable_certificate_or_key_file_is_named_with_the_reason() {
     }
     // The daemon does not start with a key that is not its certificate's.
     let config = dir.path().join("cloudpdi.toml");
+    let tls_port = free_port();
     let tls = format!(
-        "[dicom.tls]\nlisten = \"127.0.0.1:{}\"\ncertificate = \"{}\"\nkey = \"{client_key}\"\n",
-        free_port(),
+        "[dicom.tls]\nlisten = \"127.0.0.1:{tls_port}\"\ncertificate = \"{}\"\nkey = \"{client_key}\"\n",
         pem(&certs, "server"),
     );
     std::fs::write(
@@ -353,17 +353,43 @@ fn an_unusable_certificate_or_key_file_is_named_with_the_reason() {
         ),
     )
     .unwrap();
-    let out = run(Command::new(env!("CARGO_BIN_EXE_cloudpdi"))
-        .args(["serve", "--config"])
-        .arg(&config));
-    assert!(!out.status.success(), "serve started: {}", text(&out));
-    assert!(
-        text(&out).contains(&format!(
+    let serve = |config_text: String, expected: &str| {
+        std::fs::write(&config, config_text).unwrap();
+        let out = run(Command::new(env!("CARGO_BIN_EXE_cloudpdi"))
+            .args(["serve", "--config"])
+            .arg(&config));
+        assert!(!out.status.success(), "serve started: {}", text(&out));
+        assert!(text(&out).contains(expected), "{expected}: {}", text(&out));
+    };
+    serve(
+        std::fs::read_to_string(&config).unwrap(),
+        &format!(
             "dicom.tls.key = {client_key}: this private key does not match the certificate in {}",
             pem(&certs, "server")
-        )),
-        "{}",
-        text(&out)
+        ),
+    );
+    // The TLS listener on the plain one's address; a client certificate without its key.
+    let dicom = free_port();
+    let data = dir.path().join("data");
+    let colliding = tls.replace(
+        &format!("127.0.0.1:{tls_port}"),
+        &format!("127.0.0.1:{dicom}"),
+    );
+    serve(
+        config_text(dicom, free_port(), &data, &format!("{CT_ROUTE}{colliding}")),
+        "the plain listener dicom.listen uses this address",
+    );
+    serve(
+        config_text(
+            free_port(),
+            free_port(),
+            &data,
+            &format!(
+                "{CT_ROUTE}[inbound]\npacs = \"127.0.0.1:104\"\n[inbound.pacs_tls]\nca = \"{ca}\"\n\
+                 certificate = \"{client}\"\n"
+            ),
+        ),
+        "inbound.pacs_tls: certificate and key go together",
     );
 }
 
