@@ -284,6 +284,8 @@ pub struct InboundConfig {
     pub accept_from: Vec<String>,
     /// Seconds between two reads of the mailbox (when `accept_from` is set).
     pub mailbox_poll_interval: u64,
+    /// DICOM TLS towards the PACS (`[inbound.pacs_tls]`); absent: plain DICOM.
+    pub pacs_tls: Option<PacsTlsConfig>,
 }
 
 impl InboundConfig {
@@ -329,6 +331,38 @@ pub struct DicomConfig {
     /// count; an instance in flight is never cut) before the gateway aborts it, so a peer
     /// keeping itself alive with C-ECHO cannot hold a slot forever.
     pub store_idle_timeout: u64,
+    /// A DICOM TLS listener beside the plain one (`[dicom.tls]`); absent: none.
+    pub tls: Option<DicomTlsConfig>,
+}
+
+/// The DICOM TLS listener (PS3.15 B.1, BCP 195: TLS 1.2 and 1.3): it shares routes,
+/// limits, allow-lists and spool with the plain listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DicomTlsConfig {
+    /// Address of the TLS listener, e.g. `0.0.0.0:2762`.
+    pub listen: SocketAddr,
+    /// The gateway's certificate chain (PEM), leaf first.
+    pub certificate: PathBuf,
+    /// The private key of `certificate` (PEM).
+    pub key: PathBuf,
+    /// CA certificates (PEM): when set, only peers with a certificate signed by one of
+    /// them can associate (the calling AE allow-lists still apply).
+    pub client_ca: Option<PathBuf>,
+}
+
+/// TLS towards the local PACS (`[inbound.pacs_tls]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PacsTlsConfig {
+    /// CA certificates (PEM) that sign the PACS's certificate.
+    pub ca: PathBuf,
+    /// The gateway's client certificate chain (PEM), for a PACS that asks for one.
+    pub certificate: Option<PathBuf>,
+    /// The private key of `certificate` (PEM).
+    pub key: Option<PathBuf>,
+    /// Name the PACS's certificate must carry; default: the host of `inbound.pacs`.
+    pub server_name: Option<String>,
 }
 
 /// Spool and state settings.
@@ -451,6 +485,7 @@ impl Default for DicomConfig {
             association_timeout: 30,
             idle_timeout: 120,
             store_idle_timeout: 300,
+            tls: None,
         }
     }
 }
@@ -562,6 +597,7 @@ impl Default for InboundConfig {
             allow_plain_http: false,
             accept_from: Vec::new(),
             mailbox_poll_interval: 30,
+            pacs_tls: None,
         }
     }
 }
@@ -753,6 +789,16 @@ impl Config {
                 "at least 1 second",
             ),
         ];
+        if let Some(tls) = &dicom.tls
+            && tls.listen == dicom.listen
+        {
+            return Err(value_error(
+                "dicom.tls.listen".into(),
+                tls.listen.to_string(),
+                "the plain listener dicom.listen uses this address: give the TLS listener \
+                 its own port (2762 is the registered DICOM TLS port)",
+            ));
+        }
         if let Some((key, value, _, form)) = numbers.into_iter().find(|(_, _, ok, _)| !ok) {
             return Err(value_error(
                 key.into(),
@@ -892,6 +938,15 @@ impl Config {
             }
             check_ae_title("inbound.pacs_ae_title", &self.inbound.pacs_ae_title)?;
             check_ae_title("inbound.calling_ae_title", &self.inbound.calling_ae_title)?;
+        }
+        if let Some(tls) = &self.inbound.pacs_tls
+            && tls.certificate.is_some() != tls.key.is_some()
+        {
+            return Err(ConfigError::Invalid(
+                "inbound.pacs_tls: certificate and key go together (the client certificate \
+                 and its private key): set both, or neither for no client certificate"
+                    .into(),
+            ));
         }
         Ok(())
     }

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use cloudpdi::config::{InboundConfig, RouteConfig};
+use cloudpdi::config::{InboundConfig, PacsTlsConfig, RouteConfig};
 use cloudpdi::gateway::inbound::reconcile::PatientIdPolicy;
 use cloudpdi::pdi::{AiAction, AiPolicy};
 use cloudpdi::telemetry::Escaped;
@@ -359,6 +359,21 @@ struct ImportArgs {
     /// inbound.issuer).
     #[arg(long, default_value_t = InboundConfig::default().issuer)]
     issuer: String,
+    /// DICOM TLS to the PACS: the CA certificates (PEM) that sign its certificate (as
+    /// inbound.pacs_tls.ca); without it, plain DICOM.
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// Our client certificate (PEM), for a PACS that asks for one (as
+    /// inbound.pacs_tls.certificate).
+    #[arg(long, requires = "tls_ca", requires = "tls_key")]
+    tls_certificate: Option<PathBuf>,
+    /// The private key of --tls-certificate (as inbound.pacs_tls.key).
+    #[arg(long, requires = "tls_certificate")]
+    tls_key: Option<PathBuf>,
+    /// Name the PACS's certificate must carry (as inbound.pacs_tls.server_name; default:
+    /// the host of --pacs).
+    #[arg(long, requires = "tls_ca")]
+    tls_server_name: Option<String>,
     /// Files or folders (walked recursively; DICOMDIR and non-DICOM files are skipped).
     #[arg(required = true)]
     paths: Vec<PathBuf>,
@@ -509,6 +524,12 @@ fn import(args: ImportArgs) -> anyhow::Result<()> {
         associations: args.associations,
         attempts: args.attempts,
         issuer: args.issuer,
+        pacs_tls: args.tls_ca.map(|ca| PacsTlsConfig {
+            ca,
+            certificate: args.tls_certificate,
+            key: args.tls_key,
+            server_name: args.tls_server_name,
+        }),
         ..InboundConfig::default()
     };
     let policy = match (args.patient_id, args.patient_id_prefix) {

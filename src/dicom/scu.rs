@@ -28,16 +28,16 @@ use dicom_dictionary_std::uids::{
 };
 use dicom_object::meta::FileMetaTable;
 use dicom_ul::Pdu;
-use dicom_ul::association::client::{AsyncClientAssociation, ClientAssociationOptions};
+use dicom_ul::association::client::ClientAssociationOptions;
 use dicom_ul::pdu::{
     AssociationRJ, AssociationRJResult, AssociationRJServiceUserReason, AssociationRJSource,
     PDataValueType, PresentationContextResultReason,
 };
 use tokio::io::{AsyncSeekExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 use super::dimse::{Response, command_pdu, field, status, store_request};
+use super::tls::Link;
 use crate::gateway::inbound::reconcile::{PatientIdPolicy, Reconciler};
 
 /// Explicit VR Big Endian: retired from the standard, still found on old media.
@@ -67,6 +67,8 @@ pub struct StoreTarget {
     pub backoff: Duration,
     /// Patient ID reconciliation applied to every instance, if any.
     pub reconcile: Option<Reconciler>,
+    /// DICOM TLS towards the PACS (`[inbound.pacs_tls]`); `None`: plain DICOM.
+    pub tls: Option<super::tls::PacsTls>,
 }
 
 /// Why a file cannot be sent at all.
@@ -191,6 +193,17 @@ pub enum PacsError {
         /// The PACS's error comment.
         comment: String,
     },
+    /// The TLS handshake with the PACS failed (certificate not trusted or expired, or a
+    /// plain port), or a plain association met a TLS port.
+    #[error("the PACS at {address}: {reason}")]
+    Tls {
+        /// `host:port` of the PACS.
+        address: String,
+        /// Which side refused which certificate, or which port speaks what.
+        reason: String,
+        /// Whether only a change of configuration or certificate helps.
+        permanent: bool,
+    },
 }
 
 /// ", permanent" or ", transient" as the PACS said it in its rejection.
@@ -210,7 +223,8 @@ impl PacsError {
         match self {
             PacsError::CallingAeRejected { permanent, .. }
             | PacsError::CalledAeRejected { permanent, .. }
-            | PacsError::Rejected { permanent, .. } => *permanent,
+            | PacsError::Rejected { permanent, .. }
+            | PacsError::Tls { permanent, .. } => *permanent,
             PacsError::NoAcceptedContext { .. } => true,
             PacsError::Unreachable { .. }
             | PacsError::Aborted { .. }
@@ -551,7 +565,7 @@ struct Lane {
     target: Arc<StoreTarget>,
     queue: VecDeque<(Instance, u32)>,
     contexts: Vec<(String, Vec<String>)>,
-    association: Option<AsyncClientAssociation<TcpStream>>,
+    association: Option<Association>,
     message_id: u16,
     results: Vec<(Instance, Outcome)>,
     /// For [`store_stream`]: more instances as they arrive, and where outcomes go.
@@ -562,7 +576,7 @@ struct Lane {
     dead: Option<Outcome>,
 }
 
-type Association = AsyncClientAssociation<TcpStream>;
+type Association = super::tls::ClientAssociation;
 
 impl Lane {
     fn new(target: Arc<StoreTarget>, instances: Vec<Instance>) -> Lane {
@@ -734,10 +748,22 @@ impl Lane {
             for (class, syntaxes) in &self.contexts {
                 options = options.with_presentation_context(class.clone(), syntaxes.clone());
             }
-            let mut association = options
-                .establish_async(self.target.address.as_str())
-                .await
-                .map_err(|e| match PacsError::establishing(&self.target, &e) {
+            let address = self.target.address.as_str();
+            let established = match &self.target.tls {
+                None => options.establish_async(address).await.map(Link::Plain),
+                Some(tls) => options
+                    .tls_config(tls.config.clone())
+                    .server_name(&tls.server_name)
+                    .establish_tls_async(address)
+                    .await
+                    .map(Link::Tls),
+            };
+            let mut association = established
+                .map_err(|e| match tls_failure(&self.target, &e) {
+                    Some(cause) => cause,
+                    None => PacsError::establishing(&self.target, &e),
+                })
+                .map_err(|e| match e {
                     PacsError::NoAcceptedContext { address, .. } => PacsError::NoAcceptedContext {
                         address,
                         classes: self
@@ -750,13 +776,29 @@ impl Lane {
                     },
                     cause => cause,
                 })?;
-            if let Err(e) = association.inner_stream().set_nodelay(true) {
+            if let Err(e) = association.set_nodelay() {
                 debug!("cannot set TCP_NODELAY: {e}");
             }
             self.association = Some(association);
         }
         Ok(self.association.as_mut().expect("set above"))
     }
+}
+
+/// Why opening an association failed at the TLS level (or met TLS unasked), if it did.
+fn tls_failure(target: &StoreTarget, e: &dicom_ul::association::Error) -> Option<PacsError> {
+    let (reason, permanent) = match &target.tls {
+        Some(tls) => (
+            tls.failure(e)?,
+            !matches!(e, dicom_ul::association::Error::TlsHandshake { .. }),
+        ),
+        None => (super::tls::plain_to_tls(e)?, true),
+    };
+    Some(PacsError::Tls {
+        address: target.address.clone(),
+        reason,
+        permanent,
+    })
 }
 
 /// Syntaxes whose datasets can be re-encoded without touching compressed pixel data.
@@ -978,6 +1020,7 @@ mod tests {
             max_attempts: 3,
             backoff: Duration::from_millis(500),
             reconcile: None,
+            tls: None,
         }
     }
 

@@ -74,6 +74,9 @@ pub enum ServeError {
     /// A listening socket cannot be bound (the message says why and what to do).
     #[error(transparent)]
     Bind(#[from] crate::listen::BindError),
+    /// A certificate or key of `[dicom.tls]` or `[inbound.pacs_tls]` cannot be used.
+    #[error(transparent)]
+    Tls(#[from] crate::dicom::tls::DicomTlsError),
 }
 
 /// Runs the daemon until `shutdown` completes.
@@ -86,6 +89,18 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     prepare_folders(&config)?;
     let spool = open_spool(&config).await?;
     let dicom = listen::bind(config.dicom.listen, "dicom.listen", "DICOM").await?;
+    let dicom_tls = match &config.dicom.tls {
+        Some(settings) => {
+            let tls = Arc::new(crate::dicom::tls::ServerTls::load(settings)?);
+            let bound = listen::bind(settings.listen, "dicom.tls.listen", "DICOM TLS").await?;
+            Some((bound, tls))
+        }
+        None => None,
+    };
+    if let Some(settings) = &config.inbound.pacs_tls {
+        // Checked now so that a wrong file stops the start, not the first import.
+        crate::dicom::tls::PacsTls::load(settings, &config.inbound.pacs)?;
+    }
     let admin_listener = listen::bind(config.admin.listen, "admin.listen", "admin").await?;
     let routes = Arc::new(Routes::new(&config.routes));
     let metrics = Arc::new(Metrics::default());
@@ -177,6 +192,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         config: config.dicom.clone(),
     });
     let scp = Listener::new(dicom, ctx, cancel.clone(), tracker.clone());
+    let scp_tls = dicom_tls.map(|(bound, tls)| tokio::spawn(scp.tls(bound, tls).run()));
     let scp = tokio::spawn(scp.run());
     let stabilizer = tokio::spawn(crate::gateway::reception::stabilizer::stabilize(
         spool.clone(),
@@ -200,6 +216,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     info!(
         dicom = %config.dicom.listen,
+        dicom_tls = %config.dicom.tls.as_ref().map_or("none".to_owned(), |tls| tls.listen.to_string()),
         admin = %config.admin.listen,
         data = %config.spool.data_dir.display(),
         routes = %routes.iter().map(|r| format!("{}={}", r.ae_title, r.name)).collect::<Vec<_>>().join(","),
@@ -213,6 +230,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     cancel.cancel();
     let _ = scp.await;
+    if let Some(scp_tls) = scp_tls {
+        let _ = scp_tls.await;
+    }
     tracker.close();
     if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
         .await

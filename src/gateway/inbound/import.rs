@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use crate::config::InboundConfig;
 use crate::dicom::scu::{Outcome, PacsError, ScuError, StoreTarget, collect, store_all};
+use crate::dicom::tls::{DicomTlsError, PacsTls};
 use crate::gateway::inbound::reconcile::{PatientIdPolicy, Reconciler};
 use crate::telemetry::{Escaped, escape};
 
@@ -22,8 +23,18 @@ pub const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 
 /// Where and how instances are stored: the PACS and the limits of `[inbound]`, and what
 /// happens to each instance's Patient ID.
-pub fn store_target(inbound: &InboundConfig, policy: PatientIdPolicy) -> StoreTarget {
-    StoreTarget {
+///
+/// # Errors
+/// [`DicomTlsError`] when a file of `[inbound.pacs_tls]` cannot be used.
+pub fn store_target(
+    inbound: &InboundConfig,
+    policy: PatientIdPolicy,
+) -> Result<StoreTarget, DicomTlsError> {
+    let tls = match &inbound.pacs_tls {
+        Some(settings) => Some(PacsTls::load(settings, &inbound.pacs)?),
+        None => None,
+    };
+    Ok(StoreTarget {
         address: inbound.pacs.clone(),
         called_ae: inbound.pacs_ae_title.clone(),
         calling_ae: inbound.calling_ae_title.clone(),
@@ -36,7 +47,8 @@ pub fn store_target(inbound: &InboundConfig, policy: PatientIdPolicy) -> StoreTa
             policy,
             local_issuer: inbound.issuer.clone(),
         }),
-    }
+        tls,
+    })
 }
 
 /// Why `cloudpdi import` did not store everything.
@@ -70,6 +82,9 @@ pub enum ImportError {
         /// Instances found.
         total: usize,
     },
+    /// A file of `[inbound.pacs_tls]` cannot be used: nothing was sent.
+    #[error("nothing was sent: {0}")]
+    Tls(#[from] DicomTlsError),
 }
 
 /// What an import did, line by line for the person who ran it.
@@ -177,7 +192,7 @@ pub async fn import(
             skipped: skipped.len(),
         });
     }
-    let target = Arc::new(store_target(inbound, policy));
+    let target = Arc::new(store_target(inbound, policy)?);
     let results = store_all(target, instances).await;
     report.unsent = unsent(results.iter().map(|(_, outcome)| outcome));
     for (instance, outcome) in &results {

@@ -760,7 +760,7 @@ impl Inbound {
             (None, PatientIdMode::Prefix) => PatientIdPolicy::Prefix(format!("{}-", job.issuer)),
             (None, PatientIdMode::Keep) => PatientIdPolicy::Keep,
         };
-        Ok(import::store_target(inbound, policy))
+        import::store_target(inbound, policy).map_err(|e| StepError::held(Cause::Other, e))
     }
 }
 

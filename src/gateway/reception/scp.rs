@@ -22,9 +22,9 @@ use std::time::{Duration, Instant};
 
 use dicom_ul::Pdu;
 use dicom_ul::association::server::{DefaultNegotiation, ServerAssociationOptions};
-use dicom_ul::association::{Association as _, AsyncServerAssociation, Error as UlError};
+use dicom_ul::association::{Association as _, Error as UlError};
 use dicom_ul::pdu::{PDataValue, PDataValueType, PresentationContextResultReason};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -35,6 +35,7 @@ use crate::admin::metrics::Metrics;
 use crate::config::DicomConfig;
 use crate::dicom::dimse::{Command, MAX_COMMAND_LENGTH, command_pdu, field, status};
 use crate::dicom::syntax::{ABSTRACT_SYNTAXES, TRANSFER_SYNTAXES, VERIFICATION};
+use crate::dicom::tls::{Link, ServerTls};
 use crate::gateway::reception::batch::{Joined, Recorded};
 use crate::gateway::reception::route::{Route, RouteAccess, Routes};
 use crate::gateway::reception::spool::{Incoming, InstanceHeader, Spool, StoreError, Stored};
@@ -74,6 +75,8 @@ pub struct Listener {
     slots: Arc<Slots>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
+    /// The TLS settings of a DICOM TLS listener; `None` on the plain one.
+    tls: Option<Arc<ServerTls>>,
 }
 
 /// The association slots and what each peer address holds.
@@ -122,6 +125,20 @@ impl Listener {
             slots,
             shutdown,
             tracker,
+            tls: None,
+        }
+    }
+
+    /// A DICOM TLS listener on `listener` beside this one: the same routes, spool,
+    /// metrics and association slots (the limits count both listeners' associations).
+    pub fn tls(&self, listener: TcpListener, tls: Arc<ServerTls>) -> Listener {
+        Listener {
+            listener,
+            ctx: self.ctx.clone(),
+            slots: self.slots.clone(),
+            shutdown: self.shutdown.clone(),
+            tracker: self.tracker.clone(),
+            tls: Some(tls),
         }
     }
 
@@ -148,16 +165,17 @@ impl Listener {
             let ctx = self.ctx.clone();
             let slots = self.slots.clone();
             let shutdown = self.shutdown.clone();
+            let tls = self.tls.clone();
             let span = info_span!("association", id = next_id, peer = %peer);
             self.tracker.spawn(
                 async move {
                     let Some((slot, socket)) =
-                        take_slot(&ctx, &slots, socket, peer, &shutdown).await
+                        take_slot(&ctx, &slots, socket, peer, &shutdown, tls.as_deref()).await
                     else {
                         return;
                     };
                     drop(waiting);
-                    serve_association(ctx, socket, peer, shutdown).await;
+                    serve_association(ctx, socket, peer, shutdown, tls).await;
                     drop((slot, peer_slot));
                 }
                 .instrument(span),
@@ -180,8 +198,9 @@ impl Listener {
         let Ok(permit) = self.slots.turning_away.clone().try_acquire_owned() else {
             return;
         };
+        let tls = self.tls.clone();
         self.tracker.spawn(async move {
-            reject_local_limit(socket).await;
+            reject_local_limit(socket, tls.as_deref()).await;
             drop(permit);
         });
     }
@@ -211,18 +230,27 @@ impl Listener {
 /// otherwise the caller's A-ASSOCIATE-RQ is peeked to see whether it may use the reserve,
 /// and it waits up to `association_timeout` for a slot it may use. `None` when it was
 /// rejected (transient, local limit exceeded) or the gateway is stopping.
+///
+/// On a TLS listener the request is encrypted and dicom-ul reads it in the same call as
+/// the handshake, so it cannot be peeked: a TLS connection waits for a general slot only
+/// (the reserve serves allowed callers on the plain listener), and its rejection is sent
+/// over TLS.
 async fn take_slot(
     ctx: &ScpContext,
     slots: &Arc<Slots>,
     socket: TcpStream,
     peer: SocketAddr,
     shutdown: &CancellationToken,
+    tls: Option<&ServerTls>,
 ) -> Option<(OwnedSemaphorePermit, TcpStream)> {
     if let Ok(slot) = slots.general.clone().try_acquire_owned() {
         return Some((slot, socket));
     }
     let wait = ctx.config.association_timeout();
-    let callers = tokio::time::timeout(wait, peek_callers(&socket)).await;
+    let callers = match tls {
+        None => tokio::time::timeout(wait, peek_callers(&socket)).await,
+        Some(_) => Ok(None),
+    };
     let privileged = match &callers {
         Ok(Some((called, calling))) => ctx
             .routes
@@ -257,7 +285,7 @@ async fn take_slot(
                     ctx.config.association_timeout
                 );
             }
-            reject_local_limit(socket).await;
+            reject_local_limit(socket, tls).await;
             None
         }
         () = shutdown.cancelled() => None,
@@ -285,8 +313,23 @@ async fn peek_callers(socket: &TcpStream) -> Option<(String, String)> {
 }
 
 /// Sends a transient A-ASSOCIATE-RJ ("local limit exceeded") and closes the connection
-/// once the peer has had [`REJECT_LINGER`] to read it.
-async fn reject_local_limit(mut socket: TcpStream) {
+/// once the peer has had [`REJECT_LINGER`] to read it; on a TLS listener, after a
+/// handshake that also has [`REJECT_LINGER`] to finish.
+async fn reject_local_limit(socket: TcpStream, tls: Option<&ServerTls>) {
+    match tls {
+        None => send_reject(socket).await,
+        Some(tls) => {
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.config.clone());
+            if let Ok(Ok(socket)) =
+                tokio::time::timeout(REJECT_LINGER, acceptor.accept(socket)).await
+            {
+                send_reject(socket).await;
+            }
+        }
+    }
+}
+
+async fn send_reject<S: AsyncRead + AsyncWrite + Unpin>(mut socket: S) {
     let _ = tokio::time::timeout(REJECT_LINGER, async {
         socket.write_all(&REJECT_LOCAL_LIMIT).await?;
         socket.shutdown().await?;
@@ -299,7 +342,7 @@ async fn reject_local_limit(mut socket: TcpStream) {
 
 type Options = ServerAssociationOptions<'static, RouteAccess, DefaultNegotiation>;
 
-fn negotiation_options(ctx: &ScpContext, peer: SocketAddr) -> Options {
+fn negotiation_options(ctx: &ScpContext, peer: SocketAddr, tls: Option<&ServerTls>) -> Options {
     let metrics = ctx.metrics.clone();
     let access = RouteAccess::new(
         ctx.routes.clone(),
@@ -318,6 +361,9 @@ fn negotiation_options(ctx: &ScpContext, peer: SocketAddr) -> Options {
     for uid in TRANSFER_SYNTAXES.iter() {
         options = options.with_transfer_syntax(*uid);
     }
+    if let Some(tls) = tls {
+        options = options.tls_config(tls.config.clone());
+    }
     options
 }
 
@@ -335,24 +381,56 @@ async fn serve_association(
     socket: TcpStream,
     peer: SocketAddr,
     shutdown: CancellationToken,
+    tls: Option<Arc<ServerTls>>,
 ) {
-    let options = negotiation_options(&ctx, peer);
+    let options = negotiation_options(&ctx, peer, tls.as_deref());
     let negotiation = tokio::time::timeout(
         ctx.config.association_timeout(),
-        options.establish_async(socket),
+        establish(&options, socket, tls.as_deref()),
     )
     .await;
     let mut association = match negotiation {
-        Ok(Ok(association)) => association,
+        Ok(Ok(Some(association))) => association,
+        Ok(Ok(None)) => {
+            warn!(
+                "a plain (non-TLS) DICOM client connected to the TLS port {} from {peer}; \
+                 closed: configure the client for DICOM TLS, or point it at the plain port \
+                 dicom.listen = {}",
+                tls.as_ref()
+                    .map_or(ctx.config.listen, |tls| tls.settings.listen),
+                ctx.config.listen
+            );
+            return;
+        }
         // Refusals were logged by the access check, with the reason.
         Ok(Err(UlError::Rejected { .. })) => return,
+        Ok(Err(UlError::TlsNotSupported)) => {
+            let tls_port = ctx.config.tls.as_ref().map(|tls| tls.listen.to_string());
+            warn!(
+                "a TLS client connected to the plain DICOM port {} from {peer}; closed: \
+                 point it at the DICOM TLS port ({}), or turn TLS off on the client",
+                ctx.config.listen,
+                tls_port
+                    .as_deref()
+                    .unwrap_or("none configured: see [dicom.tls]")
+            );
+            return;
+        }
         Ok(Err(e)) => {
-            info!("association negotiation failed: {e}");
+            match tls.as_ref().and_then(|tls| tls.handshake_failure(&e)) {
+                Some(why) => warn!("TLS handshake with {peer} failed: {why}"),
+                None => info!("association negotiation failed: {e}"),
+            }
             return;
         }
         Err(_) => {
             info!(
-                "peer did not complete association negotiation within {} s",
+                "peer did not complete {}association negotiation within {} s",
+                if tls.is_some() {
+                    "the TLS handshake and "
+                } else {
+                    ""
+                },
                 ctx.config.association_timeout
             );
             return;
@@ -379,6 +457,32 @@ async fn serve_association(
         let _ = association.abort().await;
     }
     state.log_summary(&end);
+}
+
+/// Negotiates the association on `socket`, after the TLS handshake on a TLS listener;
+/// `Ok(None)` when a plain DICOM client came to the TLS listener (its first byte is that
+/// of an A-ASSOCIATE-RQ, 0x01, where a TLS ClientHello starts with 0x16).
+async fn establish(
+    options: &Options,
+    socket: TcpStream,
+    tls: Option<&ServerTls>,
+) -> Result<Option<Association>, UlError> {
+    if tls.is_none() {
+        return options
+            .establish_async(socket)
+            .await
+            .map(|a| Some(Link::Plain(a)));
+    }
+    let mut first = [0u8; 1];
+    if let Ok(1) = socket.peek(&mut first).await
+        && first[0] == 0x01
+    {
+        return Ok(None);
+    }
+    options
+        .establish_tls_async(socket)
+        .await
+        .map(|a| Some(Link::Tls(a)))
 }
 
 /// How an association ended.
@@ -434,7 +538,7 @@ struct AssociationState {
     last_store: Instant,
 }
 
-type Association = AsyncServerAssociation<TcpStream>;
+type Association = crate::dicom::tls::ServerAssociation;
 
 impl AssociationState {
     fn new(ctx: Arc<ScpContext>, route: Arc<Route>, calling: String) -> AssociationState {

@@ -1,0 +1,633 @@
+//! DICOM TLS (PS3.15 B.1, the BCP 195 profile: TLS 1.2 and 1.3 only), with rustls and
+//! the ring provider as the repository uses: the server configuration of the SCP's TLS
+//! listener, the client configuration towards the local PACS, an association over either
+//! plain TCP or TLS, and handshake failures told in words an admin can act on.
+//!
+//! dicom-ul opens and accepts associations on a concrete TCP or TLS stream only, so an
+//! association here is a [`Link`] of the two, with the methods the SCP and the SCU use.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use dicom_ul::Pdu;
+use dicom_ul::association::{
+    Association, AsyncClientAssociation, AsyncPDataWriter, AsyncServerAssociation,
+    Error as UlError, client, server,
+};
+use dicom_ul::pdu::{PresentationContextNegotiated, UserVariableItem};
+use rustls::pki_types::pem::{self, PemObject};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{AlertDescription, CertificateError};
+use tokio::io::AsyncWrite;
+use tokio::net::TcpStream;
+
+use crate::config::{DicomTlsConfig, PacsTlsConfig};
+
+/// Why a DICOM TLS configuration cannot be built; names the key and the file to fix.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DicomTlsError {
+    /// The file cannot be read.
+    #[error("{key} = {}: cannot read the file ({source})", path.display())]
+    Unreadable {
+        /// The configuration key.
+        key: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// A PEM block is malformed.
+    #[error("{key} = {}: not a valid PEM file ({reason}); write it as PEM (-----BEGIN ...-----)", path.display())]
+    NotPem {
+        /// The configuration key.
+        key: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// What the PEM parser said.
+        reason: String,
+    },
+    /// The file has no certificate.
+    #[error(
+        "{key} = {}: no certificate in the file (no -----BEGIN CERTIFICATE----- block); \
+         give the PEM certificate(s), e.g. convert a DER file with `openssl x509 -inform der \
+         -in FILE -out FILE.pem`", path.display()
+    )]
+    NoCertificate {
+        /// The configuration key.
+        key: &'static str,
+        /// The file.
+        path: PathBuf,
+    },
+    /// The file has no private key.
+    #[error(
+        "{key} = {}: no private key in the file (no -----BEGIN PRIVATE KEY----- or \
+         -----BEGIN RSA/EC PRIVATE KEY----- block)", path.display()
+    )]
+    NoKey {
+        /// The configuration key.
+        key: &'static str,
+        /// The file.
+        path: PathBuf,
+    },
+    /// The private key is not the certificate's.
+    #[error(
+        "{key} = {}: this private key does not match the certificate in {}: give the key \
+         the certificate was issued for", key_path.display(), certificate.display()
+    )]
+    KeyMismatch {
+        /// The key's configuration key.
+        key: &'static str,
+        /// The key file.
+        key_path: PathBuf,
+        /// The certificate file.
+        certificate: PathBuf,
+    },
+    /// rustls refused a certificate or key (unsupported algorithm, malformed DER).
+    #[error("{key} = {}: cannot be used for TLS: {reason}", path.display())]
+    Unusable {
+        /// The configuration key.
+        key: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// What rustls said.
+        reason: String,
+    },
+    /// The name to check the PACS's certificate against is not a DNS name or IP address.
+    #[error(
+        "inbound.pacs_tls.server_name = {0:?}: not a DNS name or IP address; set it to a \
+         name in the PACS's certificate"
+    )]
+    ServerName(String),
+}
+
+/// The SCP's TLS settings, loaded: the rustls configuration and the files it came from
+/// (named in handshake failures).
+#[derive(Debug)]
+pub struct ServerTls {
+    /// The rustls server configuration.
+    pub config: Arc<rustls::ServerConfig>,
+    /// The `[dicom.tls]` settings.
+    pub settings: DicomTlsConfig,
+}
+
+impl ServerTls {
+    /// Loads `[dicom.tls]`: TLS 1.2 and 1.3, the gateway's certificate, and when
+    /// `client_ca` is set a client certificate from it required.
+    ///
+    /// # Errors
+    /// [`DicomTlsError`] naming the file that cannot be used and why.
+    pub fn load(settings: &DicomTlsConfig) -> Result<ServerTls, DicomTlsError> {
+        let certs = certificates("dicom.tls.certificate", &settings.certificate)?;
+        let key = private_key("dicom.tls.key", &settings.key)?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| unusable("dicom.tls.certificate", &settings.certificate, &e))?;
+        let builder = match &settings.client_ca {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                let roots = roots("dicom.tls.client_ca", ca)?;
+                let verifier =
+                    rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider)
+                        .build()
+                        .map_err(|e| unusable("dicom.tls.client_ca", ca, &e))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let config = builder
+            .with_single_cert(certs, key)
+            .map_err(|e| key_error("dicom.tls.key", &settings.key, &settings.certificate, &e))?;
+        Ok(ServerTls {
+            config: Arc::new(config),
+            settings: settings.clone(),
+        })
+    }
+
+    /// Why the TLS handshake with a client failed, for the log line of that connection;
+    /// `None` when `error` is not a TLS failure.
+    pub fn handshake_failure(&self, error: &UlError) -> Option<String> {
+        let tls = rustls_error(error)?;
+        let client_ca = self
+            .settings
+            .client_ca
+            .as_deref()
+            .unwrap_or_else(|| Path::new(""));
+        Some(explain(
+            tls,
+            &Sides {
+                peer: "the client",
+                trusted: ("dicom.tls.client_ca", client_ca),
+                own: ("dicom.tls.certificate", &self.settings.certificate),
+            },
+        ))
+    }
+}
+
+/// TLS towards the local PACS, loaded.
+#[derive(Debug, Clone)]
+pub struct PacsTls {
+    /// The rustls client configuration.
+    pub config: Arc<rustls::ClientConfig>,
+    /// Name the PACS's certificate must carry.
+    pub server_name: String,
+    /// The `[inbound.pacs_tls]` settings (files named in failures).
+    pub settings: PacsTlsConfig,
+}
+
+impl PacsTls {
+    /// Loads `[inbound.pacs_tls]` for the PACS at `pacs` (`host:port`): TLS 1.2 and 1.3,
+    /// the PACS's certificate checked against `ca` and `server_name` (default: the host of
+    /// `pacs`), and the client certificate when one is set.
+    ///
+    /// # Errors
+    /// [`DicomTlsError`] naming the file or name that cannot be used and why.
+    pub fn load(settings: &PacsTlsConfig, pacs: &str) -> Result<PacsTls, DicomTlsError> {
+        let server_name = match &settings.server_name {
+            Some(name) => name.clone(),
+            None => host_of(pacs).to_owned(),
+        };
+        if ServerName::try_from(server_name.clone()).is_err() {
+            return Err(DicomTlsError::ServerName(server_name));
+        }
+        let roots = roots("inbound.pacs_tls.ca", &settings.ca)?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| unusable("inbound.pacs_tls.ca", &settings.ca, &e))?
+            .with_root_certificates(roots);
+        let config = match (&settings.certificate, &settings.key) {
+            (Some(certificate), Some(key_path)) => {
+                let certs = certificates("inbound.pacs_tls.certificate", certificate)?;
+                let key = private_key("inbound.pacs_tls.key", key_path)?;
+                builder
+                    .with_client_auth_cert(certs, key)
+                    .map_err(|e| key_error("inbound.pacs_tls.key", key_path, certificate, &e))?
+            }
+            _ => builder.with_no_client_auth(),
+        };
+        Ok(PacsTls {
+            config: Arc::new(config),
+            server_name,
+            settings: settings.clone(),
+        })
+    }
+
+    /// Why opening the association to the PACS failed at the TLS level, in words an admin
+    /// can act on; `None` when `error` is not a TLS failure.
+    pub fn failure(&self, error: &UlError) -> Option<String> {
+        if let UlError::TlsHandshake { .. } = error
+            && rustls_error(error).is_none()
+        {
+            return Some(
+                "TLS: the PACS closed the connection during the TLS handshake: is \
+                 inbound.pacs its DICOM TLS port, and does it accept the gateway (a client \
+                 certificate in inbound.pacs_tls.certificate, if it asks for one)?"
+                    .into(),
+            );
+        }
+        let tls = rustls_error(error)?;
+        if let rustls::Error::InvalidCertificate(
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+        ) = tls
+        {
+            return Some(format!(
+                "TLS: the PACS's certificate is not valid for the name {:?}: set \
+                 inbound.pacs_tls.server_name to a name its certificate carries",
+                self.server_name
+            ));
+        }
+        let none = Path::new("");
+        let own = self.settings.certificate.as_deref().unwrap_or(none);
+        Some(format!(
+            "TLS: {}",
+            explain(
+                tls,
+                &Sides {
+                    peer: "the PACS",
+                    trusted: ("inbound.pacs_tls.ca", &self.settings.ca),
+                    own: ("inbound.pacs_tls.certificate", own),
+                },
+            )
+        ))
+    }
+}
+
+/// Why a plain association to the PACS failed because the PACS speaks TLS.
+pub fn plain_to_tls(error: &UlError) -> Option<String> {
+    matches!(error, UlError::TlsNotSupported).then(|| {
+        "the PACS answered with TLS: its port is a DICOM TLS port; configure \
+         [inbound.pacs_tls] (ca = the CA of its certificate)"
+            .to_owned()
+    })
+}
+
+/// The host part of `host:port` (brackets of an IPv6 address removed).
+fn host_of(address: &str) -> &str {
+    let host = address.rsplit_once(':').map_or(address, |(host, _)| host);
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
+fn read(key: &'static str, path: &Path) -> Result<Vec<u8>, DicomTlsError> {
+    std::fs::read(path).map_err(|source| DicomTlsError::Unreadable {
+        key,
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn not_pem(key: &'static str, path: &Path, e: &pem::Error) -> DicomTlsError {
+    DicomTlsError::NotPem {
+        key,
+        path: path.to_owned(),
+        reason: e.to_string(),
+    }
+}
+
+fn unusable(key: &'static str, path: &Path, e: &dyn std::fmt::Display) -> DicomTlsError {
+    DicomTlsError::Unusable {
+        key,
+        path: path.to_owned(),
+        reason: e.to_string(),
+    }
+}
+
+fn key_error(
+    key: &'static str,
+    key_path: &Path,
+    certificate: &Path,
+    e: &rustls::Error,
+) -> DicomTlsError {
+    match e {
+        rustls::Error::InconsistentKeys(_) => DicomTlsError::KeyMismatch {
+            key,
+            key_path: key_path.to_owned(),
+            certificate: certificate.to_owned(),
+        },
+        other => unusable(key, key_path, other),
+    }
+}
+
+fn certificates(
+    key: &'static str,
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, DicomTlsError> {
+    let bytes = read(key, path)?;
+    let certs = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| not_pem(key, path, &e))?;
+    if certs.is_empty() {
+        return Err(DicomTlsError::NoCertificate {
+            key,
+            path: path.to_owned(),
+        });
+    }
+    Ok(certs)
+}
+
+fn private_key(key: &'static str, path: &Path) -> Result<PrivateKeyDer<'static>, DicomTlsError> {
+    let bytes = read(key, path)?;
+    PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| match e {
+        pem::Error::NoItemsFound => DicomTlsError::NoKey {
+            key,
+            path: path.to_owned(),
+        },
+        other => not_pem(key, path, &other),
+    })
+}
+
+fn roots(key: &'static str, path: &Path) -> Result<Arc<rustls::RootCertStore>, DicomTlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in certificates(key, path)? {
+        roots.add(cert).map_err(|e| unusable(key, path, &e))?;
+    }
+    Ok(Arc::new(roots))
+}
+
+/// The rustls error inside a dicom-ul connection or handshake error.
+fn rustls_error(error: &UlError) -> Option<&rustls::Error> {
+    let source = match error {
+        UlError::TlsHandshake { source, .. } | UlError::Connect { source, .. } => source,
+        _ => return None,
+    };
+    source.get_ref()?.downcast_ref::<rustls::Error>()
+}
+
+/// Who is who in a handshake failure: the other side, the CA file it must match and the
+/// gateway's own certificate, each with its configuration key.
+struct Sides<'a> {
+    peer: &'static str,
+    trusted: (&'static str, &'a Path),
+    own: (&'static str, &'a Path),
+}
+
+fn explain(error: &rustls::Error, sides: &Sides<'_>) -> String {
+    let Sides { peer, trusted, own } = sides;
+    let (trusted_key, trusted_file) = (trusted.0, trusted.1.display());
+    let (own_key, own_file) = (own.0, own.1.display());
+    match error {
+        rustls::Error::InvalidCertificate(cert) => match cert {
+            CertificateError::UnknownIssuer
+            | CertificateError::BadSignature
+            | CertificateError::UnsupportedSignatureAlgorithmContext { .. } => format!(
+                "{peer}'s certificate is not trusted: it is not signed by a CA in the CA file \
+                 {trusted_key} = {trusted_file}; give {peer} a certificate from that CA, or \
+                 add the CA that signed it to the file"
+            ),
+            CertificateError::ExpiredContext { not_after, .. } => format!(
+                "{peer}'s certificate expired on {}: renew it",
+                when(not_after.as_secs())
+            ),
+            CertificateError::Expired => format!("{peer}'s certificate expired: renew it"),
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                format!(
+                    "{peer}'s certificate is not valid yet: check the clocks of both hosts, \
+                     or the certificate's start date"
+                )
+            }
+            other => format!("{peer}'s certificate was refused: {other:?}"),
+        },
+        rustls::Error::NoCertificatesPresented => format!(
+            "{peer} sent no certificate, but {trusted_key} = {trusted_file} requires one \
+             from that CA"
+        ),
+        rustls::Error::AlertReceived(alert) => match alert {
+            AlertDescription::UnknownCA
+            | AlertDescription::BadCertificate
+            | AlertDescription::CertificateUnknown
+            | AlertDescription::UnsupportedCertificate
+            | AlertDescription::AccessDenied => format!(
+                "{peer} does not trust the gateway's certificate ({own_key} = {own_file}; \
+                 TLS alert {alert:?}): give {peer} the CA that issued it"
+            ),
+            AlertDescription::CertificateExpired => format!(
+                "{peer} says the gateway's certificate ({own_key} = {own_file}) expired: \
+                 renew it"
+            ),
+            AlertDescription::CertificateRequired => {
+                format!("{peer} requires a client certificate: set {own_key} and its key")
+            }
+            AlertDescription::ProtocolVersion
+            | AlertDescription::HandshakeFailure
+            | AlertDescription::InsufficientSecurity => format!(
+                "{peer} refused the handshake (TLS alert {alert:?}): it offers no TLS version \
+                 and cipher suite the gateway accepts (TLS 1.2 or 1.3, BCP 195), or wants a \
+                 client certificate"
+            ),
+            other => format!("{peer} ended the handshake with TLS alert {other:?}"),
+        },
+        rustls::Error::PeerIncompatible(why) => format!(
+            "{peer} offers no TLS version or cipher suite the gateway accepts (TLS 1.2 or \
+             1.3, BCP 195): {why:?}"
+        ),
+        rustls::Error::InvalidMessage(_) | rustls::Error::InappropriateMessage { .. } => {
+            format!("{peer} does not speak TLS on this connection ({error})")
+        }
+        other => format!("TLS handshake failed: {other}"),
+    }
+}
+
+/// A Unix time as an RFC 3339 UTC date.
+fn when(seconds: u64) -> String {
+    i64::try_from(seconds)
+        .ok()
+        .and_then(|s| jiff::Timestamp::from_second(s).ok())
+        .map_or_else(|| format!("{seconds} (Unix time)"), |t| t.to_string())
+}
+
+/// An association over plain TCP or over TLS.
+#[derive(Debug)]
+pub enum Link<P, T> {
+    /// Plain DICOM.
+    Plain(P),
+    /// DICOM over TLS.
+    Tls(T),
+}
+
+/// An association the SCP accepted, on its plain or its TLS listener.
+pub type ServerAssociation =
+    Link<AsyncServerAssociation<TcpStream>, AsyncServerAssociation<server::AsyncTlsStream>>;
+
+/// An association the SCU opened to the PACS, plain or TLS.
+pub type ClientAssociation =
+    Link<AsyncClientAssociation<TcpStream>, AsyncClientAssociation<client::AsyncTlsStream>>;
+
+macro_rules! either {
+    ($link:expr, $a:ident => $body:expr) => {
+        match $link {
+            Link::Plain($a) => $body,
+            Link::Tls($a) => $body,
+        }
+    };
+}
+
+impl<P: Association, T: Association> Association for Link<P, T> {
+    fn peer_ae_title(&self) -> &str {
+        either!(self, a => a.peer_ae_title())
+    }
+    fn acceptor_max_pdu_length(&self) -> u32 {
+        either!(self, a => a.acceptor_max_pdu_length())
+    }
+    fn requestor_max_pdu_length(&self) -> u32 {
+        either!(self, a => a.requestor_max_pdu_length())
+    }
+    fn local_max_pdu_length(&self) -> u32 {
+        either!(self, a => a.local_max_pdu_length())
+    }
+    fn peer_max_pdu_length(&self) -> u32 {
+        either!(self, a => a.peer_max_pdu_length())
+    }
+    fn presentation_contexts(&self) -> &[PresentationContextNegotiated] {
+        either!(self, a => Association::presentation_contexts(a))
+    }
+    fn user_variables(&self) -> &[UserVariableItem] {
+        either!(self, a => Association::user_variables(a))
+    }
+}
+
+impl ServerAssociation {
+    /// The negotiated presentation contexts.
+    pub fn presentation_contexts(&self) -> &[PresentationContextNegotiated] {
+        Association::presentation_contexts(self)
+    }
+
+    /// The AE title the peer called.
+    pub fn called_ae_title(&self) -> &str {
+        either!(self, a => a.called_ae_title())
+    }
+
+    /// Sends a PDU.
+    ///
+    /// # Errors
+    /// The connection failed.
+    pub async fn send(&mut self, pdu: &Pdu) -> Result<(), UlError> {
+        either!(self, a => a.send(pdu).await)
+    }
+
+    /// Receives a PDU.
+    ///
+    /// # Errors
+    /// The connection failed or the PDU is malformed.
+    pub async fn receive(&mut self) -> Result<Pdu, UlError> {
+        either!(self, a => a.receive().await)
+    }
+
+    /// Aborts the association (A-ABORT) and closes the connection.
+    ///
+    /// # Errors
+    /// The connection failed.
+    pub async fn abort(self) -> Result<(), UlError> {
+        either!(self, a => a.abort().await)
+    }
+}
+
+impl ClientAssociation {
+    /// The presentation contexts the PACS accepted.
+    pub fn presentation_contexts(&self) -> &[PresentationContextNegotiated] {
+        Association::presentation_contexts(self)
+    }
+
+    /// Sends a PDU.
+    ///
+    /// # Errors
+    /// The connection failed.
+    pub async fn send(&mut self, pdu: &Pdu) -> Result<(), UlError> {
+        either!(self, a => a.send(pdu).await)
+    }
+
+    /// Receives a PDU.
+    ///
+    /// # Errors
+    /// The connection failed or the PDU is malformed.
+    pub async fn receive(&mut self) -> Result<Pdu, UlError> {
+        either!(self, a => a.receive().await)
+    }
+
+    /// Releases the association (A-RELEASE) and closes the connection.
+    ///
+    /// # Errors
+    /// The connection failed.
+    pub async fn release(self) -> Result<(), UlError> {
+        either!(self, a => a.release().await)
+    }
+
+    /// Aborts the association (A-ABORT) and closes the connection.
+    ///
+    /// # Errors
+    /// The connection failed.
+    pub async fn abort(self) -> Result<(), UlError> {
+        either!(self, a => a.abort().await)
+    }
+
+    /// A writer of one dataset as P-DATA fragments on `context_id`.
+    pub fn send_pdata(&mut self, context_id: u8) -> PDataWriter<'_> {
+        match self {
+            Link::Plain(a) => PDataWriter(Link::Plain(a.send_pdata(context_id))),
+            Link::Tls(a) => PDataWriter(Link::Tls(a.send_pdata(context_id))),
+        }
+    }
+
+    /// Turns off Nagle's algorithm: with delayed ACKs it stalls every small PDU.
+    ///
+    /// # Errors
+    /// The socket option cannot be set.
+    pub fn set_nodelay(&mut self) -> io::Result<()> {
+        match self {
+            Link::Plain(a) => a.inner_stream().set_nodelay(true),
+            Link::Tls(a) => a.inner_stream().get_ref().0.set_nodelay(true),
+        }
+    }
+}
+
+/// Writes a dataset as P-DATA fragments, over plain TCP or TLS.
+pub struct PDataWriter<'a>(
+    Link<AsyncPDataWriter<&'a mut TcpStream>, AsyncPDataWriter<&'a mut client::AsyncTlsStream>>,
+);
+
+impl PDataWriter<'_> {
+    /// Sends what is buffered as the last fragment.
+    ///
+    /// # Errors
+    /// The connection failed.
+    pub async fn finish(self) -> io::Result<()> {
+        either!(self.0, w => w.finish().await)
+    }
+}
+
+impl AsyncWrite for PDataWriter<'_> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        either!(&mut self.get_mut().0, w => Pin::new(w).poll_write(cx, buf))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        either!(&mut self.get_mut().0, w => Pin::new(w).poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        either!(&mut self.get_mut().0, w => Pin::new(w).poll_shutdown(cx))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_server_name_defaults_to_the_host_of_the_pacs_address() {
+        assert_eq!(host_of("pacs.hospital.local:11112"), "pacs.hospital.local");
+        assert_eq!(host_of("10.1.2.20:104"), "10.1.2.20");
+        assert_eq!(host_of("[fd00::5]:104"), "fd00::5");
+    }
+
+    #[test]
+    fn an_expiry_date_is_told_in_utc() {
+        assert_eq!(when(1_700_000_000), "2023-11-14T22:13:20Z");
+    }
+}
