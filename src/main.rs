@@ -359,6 +359,10 @@ struct ImportArgs {
     /// inbound.issuer).
     #[arg(long, default_value_t = InboundConfig::default().issuer)]
     issuer: String,
+    /// "when-refused": decode compressed pixel data the PACS accepts only uncompressed
+    /// (JPEG, JPEG 2000, RLE); "never": refuse such instances (as inbound.transcode).
+    #[arg(long, default_value = "when-refused", value_parser = transcode_mode)]
+    transcode: cloudpdi::config::Transcode,
     /// Files or folders (walked recursively; DICOMDIR and non-DICOM files are skipped).
     #[arg(required = true)]
     paths: Vec<PathBuf>,
@@ -509,6 +513,7 @@ fn import(args: ImportArgs) -> anyhow::Result<()> {
         associations: args.associations,
         attempts: args.attempts,
         issuer: args.issuer,
+        transcode: args.transcode,
         ..InboundConfig::default()
     };
     let policy = match (args.patient_id, args.patient_id_prefix) {
@@ -522,6 +527,14 @@ fn import(args: ImportArgs) -> anyhow::Result<()> {
     }
     say!("{}", report.summary());
     Ok(report.check()?)
+}
+
+/// `--transcode`, by the names `inbound.transcode` takes in the configuration file.
+fn transcode_mode(name: &str) -> Result<cloudpdi::config::Transcode, String> {
+    use serde::Deserialize;
+    use serde::de::value::{Error, StrDeserializer};
+    cloudpdi::config::Transcode::deserialize(StrDeserializer::<Error>::new(name))
+        .map_err(|_| format!("{name:?}: use \"never\" or \"when-refused\""))
 }
 
 fn token(command: TokenCommand) -> anyhow::Result<()> {

@@ -5,3 +5,4 @@ pub mod depth;
 pub mod dimse;
 pub mod scu;
 pub mod syntax;
+pub mod transcode;

@@ -36,6 +36,7 @@ pub fn store_target(inbound: &InboundConfig, policy: PatientIdPolicy) -> StoreTa
             policy,
             local_issuer: inbound.issuer.clone(),
         }),
+        transcode: inbound.transcode,
     }
 }
 
