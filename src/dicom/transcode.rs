@@ -583,6 +583,223 @@ pub async fn reserve(bytes: u64) -> tokio::sync::SemaphorePermit<'static> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use dicom_core::value::PixelFragmentSequence;
+    use dicom_object::FileMetaTableBuilder;
+
+    /// An image of `rows` x `columns` 8-bit samples in `syntax`, with `pixel_data`.
+    fn image(
+        syntax: &str,
+        rows: u16,
+        columns: u16,
+        samples: u16,
+        pixel_data: Value<InMemDicomObject>,
+    ) -> DicomFile {
+        let meta = FileMetaTableBuilder::new()
+            .transfer_syntax(syntax)
+            .media_storage_sop_class_uid("1.2.840.10008.5.1.4.1.1.7")
+            .media_storage_sop_instance_uid("1.2.3.4")
+            .build()
+            .unwrap();
+        let mut object = DicomFile::new_empty_with_meta(meta);
+        let photometric = if samples == 3 { "RGB" } else { "MONOCHROME2" };
+        for (tag, vr, value) in [
+            (
+                tags::SOP_INSTANCE_UID,
+                VR::UI,
+                PrimitiveValue::from("1.2.3.4"),
+            ),
+            (tags::ROWS, VR::US, PrimitiveValue::from(rows)),
+            (tags::COLUMNS, VR::US, PrimitiveValue::from(columns)),
+            (
+                tags::SAMPLES_PER_PIXEL,
+                VR::US,
+                PrimitiveValue::from(samples),
+            ),
+            (tags::BITS_ALLOCATED, VR::US, PrimitiveValue::from(8u16)),
+            (tags::BITS_STORED, VR::US, PrimitiveValue::from(8u16)),
+            (tags::HIGH_BIT, VR::US, PrimitiveValue::from(7u16)),
+            (
+                tags::PIXEL_REPRESENTATION,
+                VR::US,
+                PrimitiveValue::from(0u16),
+            ),
+            (
+                tags::PHOTOMETRIC_INTERPRETATION,
+                VR::CS,
+                PrimitiveValue::from(photometric),
+            ),
+        ] {
+            object.put(DataElement::new(tag, vr, value));
+        }
+        object.put(DataElement::new(tags::PIXEL_DATA, VR::OB, pixel_data));
+        object
+    }
+
+    /// A JPEG baseline image of a `size` x `size` monochrome gradient, encoded by the
+    /// registry's JPEG writer, and the gradient itself.
+    fn jpeg(size: u16) -> (DicomFile, Vec<u8>) {
+        let pixels: Vec<u8> = (0..usize::from(size) * usize::from(size))
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let native = image(
+            dicom_dictionary_std::uids::EXPLICIT_VR_LITTLE_ENDIAN,
+            size,
+            size,
+            1,
+            Value::from(PrimitiveValue::from(pixels.clone())),
+        );
+        let Some(Codec::EncapsulatedPixelData(_, Some(writer))) = TransferSyntaxRegistry
+            .get(JPEG_BASELINE8_BIT)
+            .map(|ts| ts.codec())
+        else {
+            panic!("the JPEG writer is built");
+        };
+        let (mut fragments, mut offsets) = (Vec::new(), Vec::new());
+        let mut options = dicom_encoding::adapters::EncodeOptions::new();
+        options.quality = Some(100);
+        writer
+            .encode(&native, options, &mut fragments, &mut offsets)
+            .unwrap();
+        let sequence = PixelFragmentSequence::new(offsets, fragments);
+        (
+            image(
+                JPEG_BASELINE8_BIT,
+                size,
+                size,
+                1,
+                Value::PixelSequence(sequence),
+            ),
+            pixels,
+        )
+    }
+
+    #[test]
+    fn a_jpeg_is_decoded_to_explicit_le_and_stays_marked_lossy() {
+        let (mut object, pixels) = jpeg(16);
+        decode(&mut object, MAX_DECODED_BYTES).unwrap();
+        assert_eq!(
+            object.meta().transfer_syntax(),
+            dicom_dictionary_std::uids::EXPLICIT_VR_LITTLE_ENDIAN
+        );
+        let decoded = object.get(tags::PIXEL_DATA).unwrap().to_bytes().unwrap();
+        assert_eq!(decoded.len(), pixels.len());
+        let worst = decoded
+            .iter()
+            .zip(&pixels)
+            .map(|(a, b)| a.abs_diff(*b))
+            .max();
+        assert!(worst.is_some_and(|d| d <= 4), "quality 100: {worst:?}");
+        let text = |tag| object.get(tag).unwrap().to_str().unwrap().trim().to_owned();
+        assert_eq!(text(tags::LOSSY_IMAGE_COMPRESSION), "01");
+        assert_eq!(text(tags::LOSSY_IMAGE_COMPRESSION_METHOD), "ISO_10918_1");
+        assert_eq!(text(tags::SOP_INSTANCE_UID), "1.2.3.4");
+        assert_eq!(text(tags::PHOTOMETRIC_INTERPRETATION), "MONOCHROME2");
+    }
+
+    #[test]
+    fn a_claimed_size_over_the_limit_is_refused_before_anything_is_allocated() {
+        let (mut object, _) = jpeg(16);
+        for (tag, value) in [(tags::ROWS, 65535u16), (tags::COLUMNS, 65535)] {
+            object.put(DataElement::new(tag, VR::US, PrimitiveValue::from(value)));
+        }
+        object.put(DataElement::new(
+            tags::NUMBER_OF_FRAMES,
+            VR::IS,
+            PrimitiveValue::from("2147483647"),
+        ));
+        let refused = decode(&mut object, MAX_DECODED_BYTES).unwrap_err();
+        assert!(
+            matches!(refused, TranscodeError::TooLarge { bytes, .. } if bytes > MAX_DECODED_BYTES)
+        );
+        assert!(
+            refused.to_string().contains(
+                "65535 rows x 65535 columns x 2147483647 frame(s) x 1 sample(s) x 1 byte(s)), \
+                 over the limit of 1073741824 bytes"
+            ),
+            "{refused}"
+        );
+        assert_eq!(
+            object.meta().transfer_syntax(),
+            JPEG_BASELINE8_BIT,
+            "left as it was"
+        );
+        let (object, _) = jpeg(16);
+        assert!(matches!(
+            decoded_size(&object, 255),
+            Err(TranscodeError::TooLarge { bytes: 256, .. })
+        ));
+    }
+
+    #[test]
+    fn a_frame_larger_than_the_header_says_is_refused_before_it_is_decoded() {
+        let (mut object, _) = jpeg(64);
+        for tag in [tags::ROWS, tags::COLUMNS] {
+            object.put(DataElement::new(tag, VR::US, PrimitiveValue::from(8u16)));
+        }
+        let refused = decode(&mut object, MAX_DECODED_BYTES)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            refused.contains(
+                "frame 1 is 64 x 64 pixels of 1 sample(s) where the header declares 8 x 8 of 1"
+            ),
+            "{refused}"
+        );
+    }
+
+    #[test]
+    fn a_codestream_whose_size_disagrees_with_the_header_is_refused() {
+        // SOC, SIZ: 4096 x 4096, one component, where the header says 8 x 8.
+        let mut siz = vec![0xFF, 0x4F, 0xFF, 0x51, 0, 41, 0, 0];
+        for v in [4096u32, 4096, 0, 0, 4096, 4096, 0, 0] {
+            siz.extend_from_slice(&v.to_be_bytes());
+        }
+        siz.extend_from_slice(&[0, 1, 7, 1, 1]);
+        let sequence = PixelFragmentSequence::new(Vec::<u32>::new(), vec![siz]);
+        let mut object = image(JPEG2000_LOSSLESS, 8, 8, 1, Value::PixelSequence(sequence));
+        let refused = decode(&mut object, MAX_DECODED_BYTES)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            refused.contains("frame 1 is 4096 x 4096 pixels of 1 component(s) where the header declares 8 x 8 of 1"),
+            "{refused}"
+        );
+    }
+
+    #[test]
+    fn attributes_the_decoders_cannot_take_are_named() {
+        let (mut object, _) = jpeg(16);
+        object.put(DataElement::new(
+            tags::BITS_ALLOCATED,
+            VR::US,
+            PrimitiveValue::from(12u16),
+        ));
+        let refused = decode(&mut object, MAX_DECODED_BYTES)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            refused.contains("Bits Allocated (0028,0100) is 12, which cannot be decoded (8 or 16)"),
+            "{refused}"
+        );
+        let (mut object, _) = jpeg(16);
+        object.remove_element(tags::ROWS);
+        let refused = decode(&mut object, MAX_DECODED_BYTES)
+            .unwrap_err()
+            .to_string();
+        assert!(refused.contains("Rows (0028,0010) is missing"), "{refused}");
+        let sequence = PixelFragmentSequence::new(Vec::<u32>::new(), vec![vec![0xFF, 0xD8]]);
+        let mut jpeg_ls = image(
+            "1.2.840.10008.1.2.4.80",
+            16,
+            16,
+            1,
+            Value::PixelSequence(sequence),
+        );
+        assert!(matches!(
+            decode(&mut jpeg_ls, MAX_DECODED_BYTES),
+            Err(TranscodeError::NoDecoder(_))
+        ));
+    }
 
     #[test]
     fn colour_is_named_as_each_decoder_leaves_it() {
