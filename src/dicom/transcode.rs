@@ -599,7 +599,7 @@ mod tests {
             .media_storage_sop_class_uid("1.2.840.10008.5.1.4.1.1.7")
             .media_storage_sop_instance_uid("1.2.3.4")
             .build()
-            .unwrap();
+            .expect("a complete meta group");
         let mut object = DicomFile::new_empty_with_meta(meta);
         let photometric = if samples == 3 { "RGB" } else { "MONOCHROME2" };
         for (tag, vr, value) in [
@@ -659,7 +659,7 @@ mod tests {
         options.quality = Some(100);
         writer
             .encode(&native, options, &mut fragments, &mut offsets)
-            .unwrap();
+            .expect("the gradient encodes");
         let sequence = PixelFragmentSequence::new(offsets, fragments);
         (
             image(
@@ -676,12 +676,15 @@ mod tests {
     #[test]
     fn a_jpeg_is_decoded_to_explicit_le_and_stays_marked_lossy() {
         let (mut object, pixels) = jpeg(16);
-        decode(&mut object, MAX_DECODED_BYTES).unwrap();
+        decode(&mut object, MAX_DECODED_BYTES).expect("a 16 x 16 JPEG decodes");
         assert_eq!(
             object.meta().transfer_syntax(),
             dicom_dictionary_std::uids::EXPLICIT_VR_LITTLE_ENDIAN
         );
-        let decoded = object.get(tags::PIXEL_DATA).unwrap().to_bytes().unwrap();
+        let decoded = object
+            .get(tags::PIXEL_DATA)
+            .and_then(|e| e.to_bytes().ok())
+            .expect("native pixel data");
         assert_eq!(decoded.len(), pixels.len());
         let worst = decoded
             .iter()
@@ -689,7 +692,13 @@ mod tests {
             .map(|(a, b)| a.abs_diff(*b))
             .max();
         assert!(worst.is_some_and(|d| d <= 4), "quality 100: {worst:?}");
-        let text = |tag| object.get(tag).unwrap().to_str().unwrap().trim().to_owned();
+        let text = |tag| {
+            object
+                .get(tag)
+                .and_then(|e| e.to_str().ok())
+                .map(|s| s.trim().to_owned())
+                .expect("attribute present")
+        };
         assert_eq!(text(tags::LOSSY_IMAGE_COMPRESSION), "01");
         assert_eq!(text(tags::LOSSY_IMAGE_COMPRESSION_METHOD), "ISO_10918_1");
         assert_eq!(text(tags::SOP_INSTANCE_UID), "1.2.3.4");
@@ -707,7 +716,7 @@ mod tests {
             VR::IS,
             PrimitiveValue::from("2147483647"),
         ));
-        let refused = decode(&mut object, MAX_DECODED_BYTES).unwrap_err();
+        let refused = decode(&mut object, MAX_DECODED_BYTES).expect_err("refused");
         assert!(
             matches!(refused, TranscodeError::TooLarge { bytes, .. } if bytes > MAX_DECODED_BYTES)
         );
@@ -737,7 +746,7 @@ mod tests {
             object.put(DataElement::new(tag, VR::US, PrimitiveValue::from(8u16)));
         }
         let refused = decode(&mut object, MAX_DECODED_BYTES)
-            .unwrap_err()
+            .expect_err("refused")
             .to_string();
         assert!(
             refused.contains(
@@ -758,7 +767,7 @@ mod tests {
         let sequence = PixelFragmentSequence::new(Vec::<u32>::new(), vec![siz]);
         let mut object = image(JPEG2000_LOSSLESS, 8, 8, 1, Value::PixelSequence(sequence));
         let refused = decode(&mut object, MAX_DECODED_BYTES)
-            .unwrap_err()
+            .expect_err("refused")
             .to_string();
         assert!(
             refused.contains("frame 1 is 4096 x 4096 pixels of 1 component(s) where the header declares 8 x 8 of 1"),
@@ -775,7 +784,7 @@ mod tests {
             PrimitiveValue::from(12u16),
         ));
         let refused = decode(&mut object, MAX_DECODED_BYTES)
-            .unwrap_err()
+            .expect_err("refused")
             .to_string();
         assert!(
             refused.contains("Bits Allocated (0028,0100) is 12, which cannot be decoded (8 or 16)"),
@@ -784,7 +793,7 @@ mod tests {
         let (mut object, _) = jpeg(16);
         object.remove_element(tags::ROWS);
         let refused = decode(&mut object, MAX_DECODED_BYTES)
-            .unwrap_err()
+            .expect_err("refused")
             .to_string();
         assert!(refused.contains("Rows (0028,0010) is missing"), "{refused}");
         let sequence = PixelFragmentSequence::new(Vec::<u32>::new(), vec![vec![0xFF, 0xD8]]);
