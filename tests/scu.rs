@@ -198,10 +198,13 @@ fn implicit_only_pacs_gets_converted_data_and_compressed_data_is_refused_clearly
          {} || echo import-exit=$?",
         require("/usr/bin/storescp"),
         received.display(),
-        import_command(
-            "127.0.0.1:11113",
-            "ANY-SCP",
-            &[study.clone(), jpeg.clone()]
+        format!(
+            "{} --transcode never",
+            import_command(
+                "127.0.0.1:11113",
+                "ANY-SCP",
+                &[study.clone(), jpeg.clone()]
+            )
         )
     ));
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -216,7 +219,8 @@ fn implicit_only_pacs_gets_converted_data_and_compressed_data_is_refused_clearly
     );
     assert!(
         stderr.contains(&format!("refused: {}", jpeg.display()))
-            && stderr.contains("does not accept transfer syntax 1.2.840.10008.1.2.4.50"),
+            && stderr.contains("does not accept transfer syntax 1.2.840.10008.1.2.4.50")
+            && stderr.contains(r#"set inbound.transcode = "when-refused""#),
         "{stderr}"
     );
     let stored = files_in(&received);

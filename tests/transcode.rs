@@ -310,3 +310,46 @@ fn a_claimed_decoded_size_over_the_bound_is_refused_before_decoding() {
     assert!(rss < 200 * 1024, "nothing large was allocated: {rss} KiB");
     assert_eq!(orthanc.get("/instances"), serde_json::json!([]));
 }
+
+#[test]
+fn a_pacs_taking_only_implicit_vr_gets_the_decoded_pixels_in_implicit_vr() {
+    let dir = tempfile::tempdir().unwrap();
+    let copies = prepare(
+        &dir.path().join("study"),
+        &["SC_rgb_rle.dcm", "emri_small_jpeg_2k_lossless.dcm"],
+    );
+    let received = dir.path().join("received");
+    std::fs::create_dir_all(&received).unwrap();
+    let paths: Vec<String> = paths_of(&copies)
+        .iter()
+        .map(|p| format!("'{}'", p.display()))
+        .collect();
+    // DCMTK storescp cannot bind loopback only: it runs in a private network namespace.
+    let out = in_netns(&format!(
+        "{} +xi -od '{}' 11113 & peer=$!
+         for i in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/11113) 2>/dev/null && break; sleep 0.05; done
+         {} import --pacs 127.0.0.1:11113 --called ANY-SCP {} && echo import-ok",
+        require("/usr/bin/storescp"),
+        received.display(),
+        env!("CARGO_BIN_EXE_cloudpdi"),
+        paths.join(" ")
+    ));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("import-ok"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stored = files_in(&received);
+    assert_eq!(stored.len(), 2);
+    let index = dir.path().join("copies.json");
+    std::fs::write(&index, serde_json::Value::Object(copies).to_string()).unwrap();
+    let mut args = vec![index.to_str().unwrap().to_owned()];
+    args.extend(stored.iter().map(|p| p.to_str().unwrap().to_owned()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    for line in python(COMPARE, &args).lines() {
+        let r: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(r["syntax"], "1.2.840.10008.1.2", "implicit VR LE: {r}");
+        assert_eq!(r["max_difference"], 0, "{r}");
+    }
+}
