@@ -21,9 +21,12 @@
 //! computed before anything is allocated and refused above [`MAX_DECODED_BYTES`]; the
 //! decoded and the re-encoded copy of instances being sent at once share a budget of
 //! twice that ([`reserve`]), so parallel associations cannot multiply it. A panic inside
-//! a codec crate (found by fuzzing such crates in the past) is caught and reported as a
-//! damaged file, not a crash of the import: the decoders only read the object and write
-//! into a buffer that is dropped on failure, so nothing they leave half-done is used.
+//! a codec crate (the registry's adapters index their output by values read from the
+//! data; jpeg-decoder panics on some sample precisions) is caught with `catch_unwind`
+//! and reported as a damaged file, not a crash of the import: the decoders only read
+//! the object and write into a buffer that is dropped on failure, so nothing they leave
+//! half-done is used. The panic's message still reaches the process's panic hook (the
+//! log's standard error) once.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
@@ -299,9 +302,11 @@ pub fn decode(object: &mut DicomFile, limit: u64) -> Result<(), TranscodeError> 
                 .decode(source, &mut pixels)
                 .map_err(|e| e.to_string())
         }),
-        _ => reader
-            .decode(source, &mut pixels)
-            .map_err(|e| e.to_string()),
+        _ => check_rle_headers(source, geometry).and_then(|()| {
+            reader
+                .decode(source, &mut pixels)
+                .map_err(|e| e.to_string())
+        }),
     }));
     match decoded {
         Ok(Ok(())) => {}
@@ -479,6 +484,40 @@ fn check_j2k_sizes(object: &DicomFile, geometry: Geometry) -> Result<(), String>
                 declared.1,
                 declared.2
             ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks the 64-byte RLE header of every frame (PS3.5 G.3.1) before the registry's
+/// decoder reads it: that decoder allocates as many offsets as the header's segment
+/// count says (a 30-byte input asked for 7.6 GB, found by fuzzing). The count must be
+/// one segment per byte of each sample (at most 15), each offset inside the frame.
+fn check_rle_headers(object: &DicomFile, geometry: Geometry) -> Result<(), String> {
+    let segments = u32::from(geometry.samples) * u32::from(geometry.sample_bytes);
+    for frame in 0..geometry.frames {
+        let data = object
+            .frame_pixel_data(frame)
+            .ok_or_else(|| format!("frame {} of {} is missing", frame + 1, geometry.frames))?;
+        let word = |i: usize| -> Option<u32> {
+            let bytes = data.get(i * 4..i * 4 + 4)?;
+            Some(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
+        };
+        let bad = || format!("frame {} has a malformed RLE header", frame + 1);
+        if word(0) != Some(segments) {
+            return Err(format!(
+                "frame {} declares {:?} RLE segments where {} sample(s) of {} byte(s) need {segments}",
+                frame + 1,
+                word(0),
+                geometry.samples,
+                geometry.sample_bytes
+            ));
+        }
+        for segment in 1..=segments as usize {
+            let offset = word(segment).ok_or_else(bad)?;
+            if offset < 64 || offset as usize >= data.len() {
+                return Err(bad());
+            }
         }
     }
     Ok(())
@@ -771,6 +810,24 @@ mod tests {
             .to_string();
         assert!(
             refused.contains("frame 1 is 4096 x 4096 pixels of 1 component(s) where the header declares 8 x 8 of 1"),
+            "{refused}"
+        );
+    }
+
+    #[test]
+    fn an_rle_header_claiming_more_segments_than_the_samples_have_is_refused() {
+        // As the fuzzer found: a segment count of 67,109,746 for an RGB image (3 segments).
+        let mut header = vec![0u8; 64];
+        header[0..4].copy_from_slice(&0x0400_0372u32.to_le_bytes());
+        let sequence = PixelFragmentSequence::new(Vec::<u32>::new(), vec![header]);
+        let mut object = image(RLE_LOSSLESS, 100, 100, 3, Value::PixelSequence(sequence));
+        let refused = decode(&mut object, MAX_DECODED_BYTES)
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            refused.contains(
+                "frame 1 declares Some(67109746) RLE segments where 3 sample(s) of 1 byte(s) need 3"
+            ),
             "{refused}"
         );
     }
