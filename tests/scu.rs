@@ -195,16 +195,13 @@ fn implicit_only_pacs_gets_converted_data_and_compressed_data_is_refused_clearly
     let out = in_netns(&format!(
         "{} +xi -od '{}' 11113 & peer=$!
          for i in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/11113) 2>/dev/null && break; sleep 0.05; done
-         {} || echo import-exit=$?",
+         {} --transcode never || echo import-exit=$?",
         require("/usr/bin/storescp"),
         received.display(),
-        format!(
-            "{} --transcode never",
-            import_command(
-                "127.0.0.1:11113",
-                "ANY-SCP",
-                &[study.clone(), jpeg.clone()]
-            )
+        import_command(
+            "127.0.0.1:11113",
+            "ANY-SCP",
+            &[study.clone(), jpeg.clone()]
         )
     ));
     let stdout = String::from_utf8_lossy(&out.stdout);
