@@ -261,6 +261,28 @@ for value in [b"bytes 0-99/100", b"bytes */100", b"bytes 5-/7", b"bytes 1-2/*",
               b"bytes 18446744073709551615-18446744073709551615/18446744073709551615"]:
     put("http_content_range", value)
 
+# --- Compressed pixel data (layout: see fuzz_targets/transcode.rs) ---------------------
+DECODABLE = ["1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57",
+             "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91",
+             "1.2.840.10008.1.2.5"]
+PHOTOMETRIC = ["MONOCHROME2", "MONOCHROME1", "RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT",
+               "YBR_RCT", "PALETTE COLOR"]
+from pydicom.encaps import generate_fragments
+for path in sorted(pydicom_data.glob("*.dcm")):
+    try:
+        ds = pydicom.dcmread(path)
+        ts = str(ds.file_meta.TransferSyntaxUID)
+        if ts not in DECODABLE or len(ds.PixelData) > 65536:
+            continue
+        head = bytes([DECODABLE.index(ts)]) + struct.pack("<HH", ds.Rows, ds.Columns) + bytes([
+            int(ds.get("NumberOfFrames", 1) or 1), ds.SamplesPerPixel, ds.BitsAllocated,
+            ds.BitsStored, PHOTOMETRIC.index(ds.PhotometricInterpretation)
+            if ds.PhotometricInterpretation in PHOTOMETRIC else 0])
+        body = b"".join(struct.pack("<I", len(f)) + f for f in generate_fragments(ds.PixelData))
+        put("transcode", head + body)
+    except Exception:
+        pass
+
 for folder in sorted(corpus.iterdir()):
     print(f"{folder.name}: {len(list(folder.iterdir()))} seeds")
 PY

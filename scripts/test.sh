@@ -7,7 +7,9 @@
 # poppler-utils, poppler-data, qpdf, librsvg2-bin (checking the token slip's PDF and SVG),
 # tzdata (/usr/share/zoneinfo: slips print the expiry in facility.time_zone).
 # Python packages (PyPI, with python3-pip from Debian when pip is missing): pydicom,
-# pydicom-data, pynetdicom, numpy, moto[server].
+# pydicom-data, pynetdicom, numpy, moto[server], and pydicom's pixel data decoders
+# pylibjpeg, pylibjpeg-libjpeg, pylibjpeg-openjpeg, pylibjpeg-rle (tests/transcode.rs
+# compares our decoding with theirs).
 # cargo-deny (crates.io) for scripts/deny.sh.
 # Needs root for apt-get and for the namespace tests (CI runs as root).
 set -euo pipefail
@@ -37,12 +39,13 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
-if ! python3 -c 'import pydicom, pynetdicom, numpy, moto.server, data_store' 2>/dev/null; then
+if ! python3 -c 'import pydicom, pynetdicom, numpy, moto.server, data_store, pylibjpeg, libjpeg, openjpeg, rle' 2>/dev/null; then
   echo "installing Python test packages"
   # Debian marks its Python "externally managed" (PEP 668); the test machine's Python is
   # ours to install into.
   PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q --disable-pip-version-check \
-    pydicom pydicom-data pynetdicom numpy 'moto[server]'
+    pydicom pydicom-data pynetdicom numpy 'moto[server]' \
+    pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg pylibjpeg-rle
 fi
 
 cargo fmt --check

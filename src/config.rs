@@ -286,6 +286,9 @@ pub struct InboundConfig {
     pub mailbox_poll_interval: u64,
     /// DICOM TLS towards the PACS (`[inbound.pacs_tls]`); absent: plain DICOM.
     pub pacs_tls: Option<PacsTlsConfig>,
+    /// What happens to an instance whose compressed transfer syntax the PACS refuses
+    /// (see [`Transcode`]).
+    pub transcode: Transcode,
 }
 
 impl InboundConfig {
@@ -293,6 +296,19 @@ impl InboundConfig {
     pub fn max_document_bytes(&self) -> u64 {
         self.max_document_mb.saturating_mul(1 << 20)
     }
+}
+
+/// Whether compressed pixel data the local PACS does not accept is decoded before it is
+/// sent (`inbound.transcode`): many PACS accept only uncompressed data for some SOP
+/// classes, and a study they cannot take is worth less than a decoded one.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Transcode {
+    /// Never decode: an instance in a syntax the PACS refuses is refused, with the reason.
+    Never,
+    /// Decode it to Explicit VR Little Endian when the PACS accepts only uncompressed
+    /// data for its SOP class (see `dicom::transcode` for the syntaxes covered).
+    WhenRefused,
 }
 
 /// What the inbound pipeline does with the sender's Patient ID.
@@ -598,6 +614,7 @@ impl Default for InboundConfig {
             accept_from: Vec::new(),
             mailbox_poll_interval: 30,
             pacs_tls: None,
+            transcode: Transcode::WhenRefused,
         }
     }
 }
@@ -651,6 +668,7 @@ impl Config {
                 load::variants_of::<PatientIdMode>(),
                 load::variants_of::<LogFormat>(),
                 load::variants_of::<crate::pdi::AiAction>(),
+                load::variants_of::<Transcode>(),
             ],
         })?;
         config

@@ -374,6 +374,10 @@ struct ImportArgs {
     /// the host of --pacs).
     #[arg(long, requires = "tls_ca")]
     tls_server_name: Option<String>,
+    /// "when-refused": decode compressed pixel data the PACS accepts only uncompressed
+    /// (JPEG, JPEG 2000, RLE); "never": refuse such instances (as inbound.transcode).
+    #[arg(long, default_value = "when-refused", value_parser = transcode_mode)]
+    transcode: cloudpdi::config::Transcode,
     /// Files or folders (walked recursively; DICOMDIR and non-DICOM files are skipped).
     #[arg(required = true)]
     paths: Vec<PathBuf>,
@@ -530,6 +534,7 @@ fn import(args: ImportArgs) -> anyhow::Result<()> {
             key: args.tls_key,
             server_name: args.tls_server_name,
         }),
+        transcode: args.transcode,
         ..InboundConfig::default()
     };
     let policy = match (args.patient_id, args.patient_id_prefix) {
@@ -543,6 +548,14 @@ fn import(args: ImportArgs) -> anyhow::Result<()> {
     }
     say!("{}", report.summary());
     Ok(report.check()?)
+}
+
+/// `--transcode`, by the names `inbound.transcode` takes in the configuration file.
+fn transcode_mode(name: &str) -> Result<cloudpdi::config::Transcode, String> {
+    use serde::Deserialize;
+    use serde::de::value::{Error, StrDeserializer};
+    cloudpdi::config::Transcode::deserialize(StrDeserializer::<Error>::new(name))
+        .map_err(|_| format!("{name:?}: use \"never\" or \"when-refused\""))
 }
 
 fn token(command: TokenCommand) -> anyhow::Result<()> {

@@ -685,7 +685,7 @@ fn instances_the_pacs_refuses_are_set_aside_with_the_reason() {
     }
     let dir = tempfile::tempdir().unwrap();
     // The PACS: DCMTK storescp taking Implicit VR Little Endian only, so it refuses
-    // JPEG data (which is never decompressed on the way).
+    // JPEG data (which site B, with inbound.transcode = "never", does not decode).
     let received = dir.path().join("pacs");
     std::fs::create_dir_all(&received).unwrap();
     let mut pacs = std::process::Command::new(require("/usr/bin/storescp"))
@@ -703,7 +703,10 @@ fn instances_the_pacs_refuses_are_set_aside_with_the_reason() {
     let a = Daemon::start(&dir.path().join("a"), &site_a(dir.path()));
     let b = Daemon::start(
         &dir.path().join("b"),
-        &site_b().replace("127.0.0.1:4242", "127.0.0.1:11113"),
+        &format!(
+            "{}transcode = \"never\"\n",
+            site_b().replace("127.0.0.1:4242", "127.0.0.1:11113")
+        ),
     );
     let mut files = files_in(&study);
     files.push(jpeg.clone());

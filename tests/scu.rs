@@ -195,7 +195,7 @@ fn implicit_only_pacs_gets_converted_data_and_compressed_data_is_refused_clearly
     let out = in_netns(&format!(
         "{} +xi -od '{}' 11113 & peer=$!
          for i in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/11113) 2>/dev/null && break; sleep 0.05; done
-         {} || echo import-exit=$?",
+         {} --transcode never || echo import-exit=$?",
         require("/usr/bin/storescp"),
         received.display(),
         import_command(
@@ -216,7 +216,8 @@ fn implicit_only_pacs_gets_converted_data_and_compressed_data_is_refused_clearly
     );
     assert!(
         stderr.contains(&format!("refused: {}", jpeg.display()))
-            && stderr.contains("does not accept transfer syntax 1.2.840.10008.1.2.4.50"),
+            && stderr.contains("does not accept transfer syntax 1.2.840.10008.1.2.4.50")
+            && stderr.contains(r#"set inbound.transcode = "when-refused""#),
         "{stderr}"
     );
     let stored = files_in(&received);

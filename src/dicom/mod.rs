@@ -6,3 +6,4 @@ pub mod dimse;
 pub mod scu;
 pub mod syntax;
 pub mod tls;
+pub mod transcode;

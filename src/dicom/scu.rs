@@ -4,8 +4,10 @@
 //! per image is slow). Presentation contexts are proposed from what the files hold: each
 //! (SOP class, transfer syntax) pair as it is, plus the uncompressed syntaxes per SOP
 //! class so that an uncompressed file can be converted when the PACS wants another byte
-//! order or VR encoding. Compressed data is never decompressed here: a PACS that refuses
-//! the file's syntax gets a clear refusal naming it.
+//! order or VR encoding, and a compressed one decoded when the PACS accepts only
+//! uncompressed data for its class and `inbound.transcode = "when-refused"` (see
+//! [`super::transcode`]); otherwise a PACS that refuses the file's syntax gets a clear
+//! refusal naming it.
 //!
 //! Failures are sorted: what stops a whole association is a [`PacsError`] (unreachable,
 //! rejected with its A-ASSOCIATE-RJ reason, aborted, no accepted presentation context,
@@ -20,6 +22,7 @@ use std::collections::{BTreeSet, VecDeque};
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use dicom_dictionary_std::uids::{
@@ -34,10 +37,12 @@ use dicom_ul::pdu::{
     PDataValueType, PresentationContextResultReason,
 };
 use tokio::io::{AsyncSeekExt, AsyncWriteExt};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::dimse::{Response, command_pdu, field, status, store_request};
 use super::tls::Link;
+use super::transcode;
+use crate::config::Transcode;
 use crate::gateway::inbound::reconcile::{PatientIdPolicy, Reconciler};
 
 /// Explicit VR Big Endian: retired from the standard, still found on old media.
@@ -69,6 +74,8 @@ pub struct StoreTarget {
     pub reconcile: Option<Reconciler>,
     /// DICOM TLS towards the PACS (`[inbound.pacs_tls]`); `None`: plain DICOM.
     pub tls: Option<super::tls::PacsTls>,
+    /// Whether compressed pixel data the PACS refuses is decoded (inbound.transcode).
+    pub transcode: Transcode,
 }
 
 /// Why a file cannot be sent at all.
@@ -413,6 +420,9 @@ struct Plan {
     /// Whether the dataset must be re-encoded (other syntax, or reconciled identity)
     /// rather than streamed from the file as it is.
     rewrite: bool,
+    /// Whether its compressed pixel data is decoded first (the PACS accepted only
+    /// uncompressed data for its class).
+    decode: bool,
 }
 
 /// Sends every instance and reports each outcome, in no particular order.
@@ -421,6 +431,7 @@ pub async fn store_all(
     instances: Vec<Instance>,
 ) -> Vec<(Instance, Outcome)> {
     let mut results = Vec::with_capacity(instances.len());
+    let decoded = Arc::new(AtomicUsize::new(0));
     for group in by_context_budget(instances) {
         let lanes = target.associations.max(1).min(group.len().max(1));
         let mut buckets: Vec<Vec<Instance>> = vec![Vec::new(); lanes];
@@ -430,7 +441,11 @@ pub async fn store_all(
         let tasks: Vec<_> = buckets
             .into_iter()
             .filter(|b| !b.is_empty())
-            .map(|bucket| tokio::spawn(Lane::new(target.clone(), bucket).run()))
+            .map(|bucket| {
+                let mut lane = Lane::new(target.clone(), bucket);
+                lane.decoded = decoded.clone();
+                tokio::spawn(lane.run())
+            })
             .collect();
         for task in tasks {
             match task.await {
@@ -439,7 +454,21 @@ pub async fn store_all(
             }
         }
     }
+    log_decoded(&target, &decoded);
     results
+}
+
+/// The one line per import attempt that says how many instances were sent decoded.
+fn log_decoded(target: &StoreTarget, decoded: &AtomicUsize) {
+    let decoded = decoded.load(Ordering::Relaxed);
+    if decoded > 0 {
+        info!(
+            decoded,
+            pacs = %target.address,
+            "{decoded} instance(s) stored decoded to native pixel data: the PACS accepts \
+             only uncompressed data for their SOP class (inbound.transcode)"
+        );
+    }
 }
 
 /// Sends instances as they arrive on `feed` (e.g. while the rest of their study is still
@@ -470,6 +499,7 @@ pub async fn store_stream(
         }
     }
     let lanes = (target.associations.max(1) / groups.len()).max(1);
+    let decoded = Arc::new(AtomicUsize::new(0));
     let mut feeds = Vec::with_capacity(groups.len());
     let mut tasks = Vec::new();
     for group in &groups {
@@ -477,6 +507,7 @@ pub async fn store_stream(
         let shared = Arc::new(tokio::sync::Mutex::new(rx));
         for _ in 0..lanes {
             let mut lane = Lane::from_pairs(target.clone(), group.clone());
+            lane.decoded = decoded.clone();
             lane.feed = Some(Feed {
                 instances: shared.clone(),
                 outcomes: outcomes.clone(),
@@ -509,6 +540,7 @@ pub async fn store_stream(
             warn!("a PACS sending task failed: {e}");
         }
     }
+    log_decoded(&target, &decoded);
 }
 
 /// The outcome of an instance [`store_stream`] has no lane left for: not stored, a
@@ -574,6 +606,8 @@ struct Lane {
     /// of the feed fail at once with this outcome instead of waiting through the same
     /// back-off.
     dead: Option<Outcome>,
+    /// Instances stored decoded, counted across the lanes of one import attempt.
+    decoded: Arc<AtomicUsize>,
 }
 
 type Association = super::tls::ClientAssociation;
@@ -613,6 +647,7 @@ impl Lane {
             results: Vec::new(),
             feed: None,
             dead: None,
+            decoded: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -684,6 +719,7 @@ impl Lane {
             .reconcile
             .clone()
             .filter(|r| r.policy != PatientIdPolicy::Keep);
+        let transcode = self.target.transcode;
         let association = self.association().await?;
         let refused = |reason| {
             Ok(Outcome::Refused {
@@ -691,14 +727,15 @@ impl Lane {
                 reason,
             })
         };
-        let plan = match plan_for(association, instance, reconcile.is_some()) {
+        let plan = match plan_for(association, instance, reconcile.is_some(), transcode) {
             Ok(plan) => plan,
             Err(reason) => return refused(reason),
         };
-        let payload = match plan.rewrite {
-            false => None,
-            true => match rewrite(instance, &plan.syntax, reconcile).await {
-                Ok(bytes) => Some(bytes),
+        // The memory budget of a decoded instance is held until the PACS answered.
+        let (payload, _budget) = match plan.rewrite {
+            false => (None, None),
+            true => match rewrite(instance, &plan.syntax, reconcile, plan.decode).await {
+                Ok((bytes, budget)) => (Some(bytes), budget),
                 Err(reason) => return refused(reason),
             },
         };
@@ -714,9 +751,14 @@ impl Lane {
             }
         };
         match response.status {
-            status::SUCCESS | 0x0001 | 0xB000..=0xBFFF => Ok(Outcome::Stored {
-                status: response.status,
-            }),
+            status::SUCCESS | 0x0001 | 0xB000..=0xBFFF => {
+                if plan.decode {
+                    self.decoded.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(Outcome::Stored {
+                    status: response.status,
+                })
+            }
             0xA700..=0xA7FF => Err(PacsError::OutOfResources {
                 address: self.target.address.clone(),
                 status: response.status,
@@ -806,8 +848,17 @@ fn is_uncompressed(ts: &str) -> bool {
     matches!(ts, IMPLICIT_LE | EXPLICIT_LE | EXPLICIT_BE | DEFLATED)
 }
 
-/// Picks the accepted presentation context for an instance, or says why there is none.
-fn plan_for(association: &Association, instance: &Instance, rewrite: bool) -> Result<Plan, String> {
+/// Picks the accepted presentation context for an instance, or says why there is none:
+/// its own syntax as it is; else, for uncompressed data, any accepted uncompressed
+/// syntax; else, for compressed data this build decodes and `transcode` allows it,
+/// Explicit VR Little Endian (or Implicit, if that is all the PACS accepted) after
+/// decoding.
+fn plan_for(
+    association: &Association,
+    instance: &Instance,
+    rewrite: bool,
+    transcode: Transcode,
+) -> Result<Plan, String> {
     let accepted: Vec<_> = association
         .presentation_contexts()
         .iter()
@@ -824,6 +875,7 @@ fn plan_for(association: &Association, instance: &Instance, rewrite: bool) -> Re
             context_id: pc.id,
             syntax: pc.transfer_syntax.clone(),
             rewrite,
+            decode: false,
         });
     }
     if is_uncompressed(&instance.transfer_syntax) {
@@ -835,13 +887,34 @@ fn plan_for(association: &Association, instance: &Instance, rewrite: bool) -> Re
                 context_id: pc.id,
                 syntax: pc.transfer_syntax.clone(),
                 rewrite: true,
+                decode: false,
             });
         }
+    }
+    let decodable = transcode::can_decode(&instance.transfer_syntax);
+    let native = [EXPLICIT_LE, IMPLICIT_LE]
+        .iter()
+        .find_map(|ts| accepted.iter().find(|pc| pc.transfer_syntax == *ts));
+    if let (true, Transcode::WhenRefused, Some(pc)) = (decodable, transcode, native) {
+        return Ok(Plan {
+            context_id: pc.id,
+            syntax: pc.transfer_syntax.clone(),
+            rewrite: true,
+            decode: true,
+        });
     }
     Err(if accepted.is_empty() {
         format!(
             "the PACS does not accept SOP class {} at all",
             instance.sop_class_uid
+        )
+    } else if decodable && transcode == Transcode::Never && native.is_some() {
+        format!(
+            "the PACS does not accept transfer syntax {} for SOP class {}, only \
+             uncompressed data, and inbound.transcode = \"never\" forbids decoding it; set \
+             inbound.transcode = \"when-refused\" (`cloudpdi import --transcode \
+             when-refused`) to send it decoded, or configure the PACS to accept it",
+            instance.transfer_syntax, instance.sop_class_uid
         )
     } else {
         format!(
@@ -968,22 +1041,23 @@ async fn receive_response(
 }
 
 /// Re-encodes a dataset into `ts` (its own syntax or another uncompressed one), after
-/// reconciling its patient identity. Blocking work with the whole instance in memory:
-/// only for reconciliation and for the rare PACS that needs another byte order.
-/// Compressed pixel data is carried over as it is, never decoded.
+/// reconciling its patient identity and, with `decode`, decoding its compressed pixel
+/// data ([`transcode::decode`]). Blocking work with the whole instance in memory, off
+/// the async runtime: only for reconciliation, for the rare PACS that needs another byte
+/// order, and for decoding, whose size is checked against [`transcode::MAX_DECODED_BYTES`]
+/// before anything is allocated and whose memory is reserved from the budget shared by
+/// all associations ([`transcode::reserve`]); the reservation is returned with the bytes
+/// and must be held until they are sent. Without `decode`, compressed pixel data is
+/// carried over as it is.
 async fn rewrite(
     instance: &Instance,
     ts: &str,
     reconcile: Option<Reconciler>,
-) -> Result<Vec<u8>, String> {
+    decode: bool,
+) -> Result<(Vec<u8>, Option<tokio::sync::SemaphorePermit<'static>>), String> {
     let path = instance.path.clone();
-    let ts = ts.to_owned();
     let (offset, own_ts) = (instance.dataset_offset, instance.transfer_syntax.clone());
-    tokio::task::spawn_blocking(move || {
-        use dicom_encoding::TransferSyntaxIndex;
-        let target = dicom_transfer_syntax_registry::TransferSyntaxRegistry
-            .get(&ts)
-            .ok_or_else(|| format!("unknown transfer syntax {ts}"))?;
+    let (mut object, decoded) = tokio::task::spawn_blocking(move || {
         // dicom-object's parser recurses per sequence level: bounded bytes only.
         super::depth::check_file(&path, offset, &own_ts, offset.saturating_sub(132))
             .map_err(|e| format!("{}: {e}", path.display()))?;
@@ -994,14 +1068,41 @@ async fn rewrite(
                 .apply(&mut object)
                 .map_err(|e| format!("{}: {e}", path.display()))?;
         }
+        let decoded = match decode {
+            false => None,
+            true => Some(
+                transcode::decoded_size(&object, transcode::MAX_DECODED_BYTES)
+                    .map_err(|e| e.to_string())?,
+            ),
+        };
+        Ok::<_, String>((object, decoded))
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    let budget = match decoded {
+        Some(bytes) => Some(transcode::reserve(bytes).await),
+        None => None,
+    };
+    let path = instance.path.clone();
+    let ts = ts.to_owned();
+    let bytes = tokio::task::spawn_blocking(move || {
+        use dicom_encoding::TransferSyntaxIndex;
+        let target = dicom_transfer_syntax_registry::TransferSyntaxRegistry
+            .get(&ts)
+            .ok_or_else(|| format!("unknown transfer syntax {ts}"))?;
+        if decode {
+            transcode::decode(&mut object, transcode::MAX_DECODED_BYTES)
+                .map_err(|e| e.to_string())?;
+        }
         let mut bytes = Vec::new();
         object
             .write_dataset_with_ts(&mut bytes, target)
             .map_err(|e| format!("cannot convert {} to {ts}: {e}", path.display()))?;
-        Ok(bytes)
+        Ok::<_, String>(bytes)
     })
     .await
-    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())??;
+    Ok((bytes, budget))
 }
 
 #[cfg(test)]
@@ -1021,6 +1122,7 @@ mod tests {
             backoff: Duration::from_millis(500),
             reconcile: None,
             tls: None,
+            transcode: Transcode::WhenRefused,
         }
     }
 

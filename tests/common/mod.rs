@@ -861,3 +861,23 @@ pub fn site_b() -> String {
      patient_id = \"prefix\"\nissuer = \"HOSPB\"\npoll_interval = 1\nattempts = 2\n"
         .into()
 }
+
+impl Orthanc {
+    /// Starts Orthanc as [`Orthanc::start`] does, with `settings` (a JSON object, e.g.
+    /// `{"AcceptedTransferSyntaxes": [...]}`) added to its configuration.
+    pub fn start_with(dir: &Path, settings: serde_json::Value) -> Orthanc {
+        let config = orthanc_config(dir);
+        let mut json: serde_json::Value =
+            serde_json::from_slice(&fs::read(&config).unwrap()).unwrap();
+        for (key, value) in settings.as_object().expect("a JSON object") {
+            json[key] = value.clone();
+        }
+        fs::write(&config, json.to_string()).unwrap();
+        let mut orthanc = Orthanc {
+            child: None,
+            config,
+        };
+        orthanc.spawn();
+        orthanc
+    }
+}

@@ -48,6 +48,7 @@ pub fn store_target(
             local_issuer: inbound.issuer.clone(),
         }),
         tls,
+        transcode: inbound.transcode,
     })
 }
 
