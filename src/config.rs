@@ -284,6 +284,12 @@ pub struct InboundConfig {
     pub accept_from: Vec<String>,
     /// Seconds between two reads of the mailbox (when `accept_from` is set).
     pub mailbox_poll_interval: u64,
+    /// Whether an import asks the PACS for storage commitment after its C-STOREs and is
+    /// done only once the PACS reports every instance committed.
+    pub storage_commitment: bool,
+    /// Seconds to wait for the PACS's N-EVENT-REPORT after its N-ACTION-RSP (at most
+    /// [`MAX_COMMITMENT_TIMEOUT`]); then the step is retried with a new request.
+    pub commitment_timeout: u64,
 }
 
 impl InboundConfig {
@@ -329,7 +335,46 @@ pub struct DicomConfig {
     /// count; an instance in flight is never cut) before the gateway aborts it, so a peer
     /// keeping itself alive with C-ECHO cannot hold a slot forever.
     pub store_idle_timeout: u64,
+    /// Storage commitment per calling AE title (`[dicom.commitment.<CALLING_AE>]`): how
+    /// the N-EVENT-REPORT goes back to a requester. A caller not listed gets it on the
+    /// association of its N-ACTION.
+    pub commitment: BTreeMap<String, CommitmentPeer>,
 }
+
+/// How the Storage Commitment result goes back to one requester.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CommitmentPeer {
+    /// On the association of the N-ACTION, or on a new one to `address`.
+    pub report: CommitmentReport,
+    /// The requester's `host:port`, for `report = "new-association"`.
+    pub address: String,
+    /// The AE title to call there; empty: the calling AE title of the request.
+    pub ae_title: String,
+}
+
+impl Default for CommitmentPeer {
+    fn default() -> Self {
+        CommitmentPeer {
+            report: CommitmentReport::SameAssociation,
+            address: String::new(),
+            ae_title: String::new(),
+        }
+    }
+}
+
+/// Which association carries the N-EVENT-REPORT.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum CommitmentReport {
+    /// The association of the N-ACTION (the requester must keep it open).
+    SameAssociation,
+    /// A new association the gateway opens to the requester (SCP role proposed).
+    NewAssociation,
+}
+
+/// Longest `inbound.commitment_timeout` (seconds): one day.
+pub const MAX_COMMITMENT_TIMEOUT: u64 = 86_400;
 
 /// Spool and state settings.
 #[derive(Debug, Clone, Deserialize)]
@@ -451,6 +496,7 @@ impl Default for DicomConfig {
             association_timeout: 30,
             idle_timeout: 120,
             store_idle_timeout: 300,
+            commitment: BTreeMap::new(),
         }
     }
 }
@@ -562,6 +608,8 @@ impl Default for InboundConfig {
             allow_plain_http: false,
             accept_from: Vec::new(),
             mailbox_poll_interval: 30,
+            storage_commitment: false,
+            commitment_timeout: 600,
         }
     }
 }
@@ -760,6 +808,25 @@ impl Config {
                 &format!("must be {form}"),
             ));
         }
+        for (calling, peer) in &dicom.commitment {
+            check_ae_title(&format!("dicom.commitment.{calling}"), calling)?;
+            if peer.report == CommitmentReport::NewAssociation {
+                if !is_host_port(&peer.address) {
+                    return Err(value_error(
+                        format!("dicom.commitment.{calling}.address"),
+                        format!("{:?}", peer.address),
+                        "report = \"new-association\" needs the requester's address, \
+                         host:port, where its storage commitment SCU listens",
+                    ));
+                }
+                if !peer.ae_title.is_empty() {
+                    check_ae_title(
+                        &format!("dicom.commitment.{calling}.ae_title"),
+                        &peer.ae_title,
+                    )?;
+                }
+            }
+        }
         self.validate_pipelines()
     }
 
@@ -892,6 +959,14 @@ impl Config {
             }
             check_ae_title("inbound.pacs_ae_title", &self.inbound.pacs_ae_title)?;
             check_ae_title("inbound.calling_ae_title", &self.inbound.calling_ae_title)?;
+            if !(1..=MAX_COMMITMENT_TIMEOUT).contains(&self.inbound.commitment_timeout) {
+                return Err(value_error(
+                    "inbound.commitment_timeout".into(),
+                    self.inbound.commitment_timeout.to_string(),
+                    "must be 1 to 86400 seconds (one day): how long an import waits for the \
+                     PACS's storage commitment report",
+                ));
+            }
         }
         Ok(())
     }
