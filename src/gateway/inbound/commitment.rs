@@ -307,7 +307,7 @@ async fn exchange(
         let report = message
             .dataset
             .as_deref()
-            .ok_or_else(|| commitment::CommitmentError::Missing("the report's dataset"))
+            .ok_or(commitment::CommitmentError::Missing("the report's dataset"))
             .and_then(|bytes| decode_report(bytes, encoding));
         let (code, outcome) = match report {
             Ok(report) if report.transaction_uid == request.transaction_uid => {
