@@ -104,4 +104,17 @@ fn pynetdicom_requester_gets_reports_on_both_associations() {
         log.contains("batch closed by a storage commitment request"),
         "{log}"
     );
+    assert!(
+        log.contains("storage commitment report answered by the requester"),
+        "the same-association report was not answered:\n{log}"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !daemon.log().contains("report sent on a new association") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon did not log the report sent on a new association:\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

@@ -34,7 +34,9 @@ def on_report(event):
         for i in ds.get("FailedSOPSequence", [])
     ]
     done.set()
-    return 0x0000
+    # pynetdicom wants (status, reply dataset) from an N-EVENT-REPORT handler; a bare
+    # status makes it abort the association instead of answering.
+    return 0x0000, None
 
 
 request = Dataset()
