@@ -2,14 +2,17 @@
 //! the real `cloudpdi serve` to commit what it sent, with the report on the same
 //! association and on a new one; instances the gateway does not hold, or holds under
 //! another SOP class, are failed with the standard's reasons, and a request covering a
-//! whole batch closes it at once.
+//! whole batch closes it at once. On import, Orthanc is the local PACS's storage
+//! commitment SCP: an import is done only once Orthanc reported every instance
+//! committed, and an instance Orthanc answered Success for but did not keep is listed,
+//! sent again and committed.
 #![allow(clippy::unwrap_used)]
 
 mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -108,13 +111,182 @@ fn pynetdicom_requester_gets_reports_on_both_associations() {
         log.contains("storage commitment report answered by the requester"),
         "the same-association report was not answered:\n{log}"
     );
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(5);
     while !daemon.log().contains("report sent on a new association") {
         assert!(
-            std::time::Instant::now() < deadline,
+            Instant::now() < deadline,
             "the daemon did not log the report sent on a new association:\n{}",
             daemon.log()
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// Our import AE title as Orthanc knows it.
+const CALLING: &str = "CLOUDPDI_B";
+
+/// Orthanc's REST API: `method` on `path` with a JSON body, the answer as JSON.
+fn orthanc_rest(method: &str, path: &str, body: &serde_json::Value) -> serde_json::Value {
+    let out = run(Command::new(require("/usr/bin/curl"))
+        .args(["-sf", "-X", method, "--data-binary"])
+        .arg(body.to_string())
+        .arg(format!("http://127.0.0.1:8042{path}")));
+    assert!(
+        out.status.success(),
+        "Orthanc {method} {path} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+}
+
+/// Restarts `orthanc` with `lua` among its scripts.
+fn orthanc_with_lua(orthanc: &mut Orthanc, dir: &Path, lua: &str) {
+    orthanc.stop();
+    let script = dir.join("orthanc/commitment.lua");
+    std::fs::write(&script, lua).unwrap();
+    let config = dir.join("orthanc/orthanc.json");
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&config).unwrap()).unwrap();
+    json["LuaScripts"] = serde_json::json!([script]);
+    std::fs::write(&config, json.to_string()).unwrap();
+    orthanc.spawn();
+}
+
+/// Import into Orthanc with `inbound.storage_commitment = true`. Orthanc answers Success
+/// for the first instance it receives but drops it (a Lua filter, once: a PACS that lost
+/// an instance), so its storage commitment report, sent on a new association to the
+/// gateway's SCP, fails that instance: the job lists it with the PACS's reason and is not
+/// done; its retry sends it again and asks again, and the job is done only after the
+/// report that commits every instance.
+#[test]
+fn import_waits_for_orthancs_commitment_and_sends_again_what_it_did_not_commit() {
+    if !isolated("import_waits_for_orthancs_commitment_and_sends_again_what_it_did_not_commit") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut orthanc = Orthanc::start(dir.path());
+    orthanc_with_lua(
+        &mut orthanc,
+        dir.path(),
+        "dropped = false\n\
+         function ReceivedInstanceFilter(dicom, origin, info)\n\
+           if not dropped then\n\
+             dropped = true\n\
+             print('commitment test drops ' .. dicom.SOPInstanceUID)\n\
+             return false\n\
+           end\n\
+           return true\n\
+         end\n",
+    );
+    let site = Daemon::start(
+        &dir.path().join("site"),
+        &format!(
+            "[route.ct]\nae_title = \"CLOUDPDI\"\nstable_after = 1\nretention_hours = 0\n\
+             [outbound]\nenabled = true\n\
+             [facility]\ncode = \"HOSPA\"\nname = \"Hospital A\"\n\
+             [inbound]\npacs = \"127.0.0.1:4242\"\npacs_ae_title = \"ORTHANC\"\n\
+             calling_ae_title = \"{CALLING}\"\npoll_interval = 1\nmax_backoff = 2\n\
+             storage_commitment = true\ncommitment_timeout = 20\n"
+        ),
+    );
+    // Orthanc sends its reports to the modality that asked, found by AE title.
+    orthanc_rest(
+        "PUT",
+        "/modalities/gateway",
+        &serde_json::json!({
+            "AET": CALLING, "Host": "127.0.0.1", "Port": site.dicom.port()
+        }),
+    );
+
+    let study = dir.path().join("study");
+    gen_ct(&study, 3, &["--patient-id", "P1"]);
+    let files = files_in(&study);
+    let out = storescu(&site, "MODALITY", &[], &files);
+    assert!(out.status.success(), "{out:?}");
+    let token = wait_for("a token", Duration::from_secs(60), || {
+        tokens(&site).into_iter().next()
+    });
+    let inbox = site.dir.join("data/inbox");
+    std::fs::create_dir_all(&inbox).unwrap();
+    std::fs::copy(&token, inbox.join(token.file_name().unwrap())).unwrap();
+
+    // The first attempt: one instance not committed, listed with Orthanc's reason.
+    let failed = wait_for(
+        "the uncommitted instance in status",
+        Duration::from_secs(30),
+        || {
+            site.inbound_jobs().into_iter().find(|j| {
+                j["notes"].as_array().is_some_and(|n| {
+                    n.iter()
+                        .any(|n| n.as_str().unwrap().contains("not committed"))
+                })
+            })
+        },
+    );
+    let orthanc_log = std::fs::read_to_string(dir.path().join("orthanc/orthanc.log")).unwrap();
+    let dropped = orthanc_log
+        .split("commitment test drops ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("Orthanc did not drop an instance:\n{orthanc_log}"))
+        .to_owned();
+    let notes: Vec<&str> = failed["notes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        notes,
+        [format!(
+            "not committed {dropped} (sent again): the PACS did not commit it: 0x0112 no such \
+             object instance"
+        )],
+        "{failed:#}"
+    );
+    assert_ne!(failed["state"], "done", "{failed:#}");
+    assert!(
+        failed["progress"]
+            .as_str()
+            .unwrap()
+            .contains("2 committed, 1 not committed"),
+        "{failed:#}"
+    );
+    assert!(
+        failed["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("the PACS did not commit 1 of 3 instances"),
+        "{failed:#}"
+    );
+
+    // The retry sends it again; the job is done once Orthanc committed all three.
+    let done = wait_for("the committed import", Duration::from_secs(30), || {
+        site.inbound_jobs()
+            .into_iter()
+            .find(|j| j["state"] == "done")
+    });
+    assert!(
+        done["notes"].as_array().is_none_or(Vec::is_empty),
+        "{done:#}"
+    );
+    assert!(
+        done["progress"]
+            .as_str()
+            .unwrap()
+            .contains("3 of 3 stored, 0 set aside, 3 committed, 0 not committed"),
+        "{done:#}"
+    );
+    assert_eq!(orthanc.get("/instances").as_array().unwrap().len(), 3);
+    let log = site.log();
+    let position = |needle: &str| {
+        log.rfind(needle)
+            .unwrap_or_else(|| panic!("{needle:?} not logged:\n{log}"))
+    };
+    assert!(
+        position("storage commitment report from the PACS")
+            < position("the PACS committed every instance")
+            && position("the PACS committed every instance") < position("from=Import"),
+        "the import step ended before the report:\n{log}"
+    );
 }
