@@ -104,8 +104,16 @@ fn pynetdicom_requester_gets_reports_on_both_associations() {
     daemon.wait_stable_batch(3, Duration::from_secs(5));
     let log = daemon.log();
     assert!(
-        log.contains("batch closed by a storage commitment request"),
+        log.lines().any(
+            |l| l.contains("batch stable, ready for packing batch=B000001")
+                && l.contains("reason=\"closed by storage commitment\"")
+        ),
         "{log}"
+    );
+    let (_, metrics) = daemon.admin_get("/metrics");
+    assert!(
+        metrics.contains("cloudpdi_batches_stable_total 1\n"),
+        "{metrics}"
     );
     assert!(
         log.contains("storage commitment report answered by the requester"),
@@ -288,5 +296,71 @@ fn import_waits_for_orthancs_commitment_and_sends_again_what_it_did_not_commit()
             < position("the PACS committed every instance")
             && position("the PACS committed every instance") < position("from=Import"),
         "the import step ended before the report:\n{log}"
+    );
+}
+
+/// Orthanc as the sender: its REST store with `StorageCommitment: true` sends the study,
+/// asks the gateway to commit it, and gets the report on a new association
+/// (`[dicom.commitment.ORTHANC]`); Orthanc records it as a success, and the batch closed
+/// at once although its route waits 600 s for stability.
+#[test]
+fn orthanc_store_with_storage_commitment_gets_success_and_closes_the_batch() {
+    if !isolated("orthanc_store_with_storage_commitment_gets_success_and_closes_the_batch") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let orthanc = Orthanc::start(dir.path());
+    let daemon = Daemon::start(
+        &dir.path().join("gw"),
+        "[route.ct]\nae_title = \"CLOUDPDI\"\nstable_after = 600\n\
+         [dicom.commitment.ORTHANC]\nreport = \"new-association\"\n\
+         address = \"127.0.0.1:4242\"\n",
+    );
+    let study = dir.path().join("study");
+    gen_ct(&study, 3, &[]);
+    for file in files_in(&study) {
+        let out = run(Command::new(require("/usr/bin/curl"))
+            .args(["-sf", "--data-binary"])
+            .arg(format!("@{}", file.display()))
+            .arg("http://127.0.0.1:8042/instances"));
+        assert!(out.status.success(), "{out:?}");
+    }
+    orthanc_rest(
+        "PUT",
+        "/modalities/gateway",
+        &serde_json::json!({"AET": "CLOUDPDI", "Host": "127.0.0.1", "Port": daemon.dicom.port()}),
+    );
+    let studies = orthanc.get("/studies");
+    let answer = orthanc_rest(
+        "POST",
+        "/modalities/gateway/store",
+        &serde_json::json!({"Resources": studies, "StorageCommitment": true}),
+    );
+    assert_eq!(answer["FailedInstancesCount"], 0, "{answer:#}");
+    let transaction = answer["StorageCommitmentTransactionUID"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no storage commitment transaction: {answer:#}"))
+        .to_owned();
+    let report = wait_for(
+        "Orthanc's storage commitment report",
+        Duration::from_secs(10),
+        || {
+            let report = orthanc.get(&format!("/storage-commitment/{transaction}"));
+            (report["Status"] != "Pending").then_some(report)
+        },
+    );
+    assert_eq!(report["Status"], "Success", "{report:#}");
+    assert_eq!(report["Success"].as_array().unwrap().len(), 3, "{report:#}");
+    assert!(
+        report["Failures"].as_array().unwrap().is_empty(),
+        "{report:#}"
+    );
+    daemon.wait_stable_batch(3, Duration::from_secs(5));
+    assert!(
+        daemon.log().contains(
+            "storage commitment report sent on a new association (3 committed, 0 failed)"
+        ),
+        "{}",
+        daemon.log()
     );
 }

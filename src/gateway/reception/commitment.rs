@@ -26,6 +26,7 @@ use dicom_ul::association::server::Negotiation;
 use dicom_ul::pdu::{PresentationContextResultReason, RequestorRoles};
 use tracing::{info, warn};
 
+use crate::admin::metrics::Metrics;
 use crate::clock::now_ms;
 use crate::config::{CommitmentPeer, CommitmentReport};
 use crate::dicom::commitment::{
@@ -74,9 +75,10 @@ pub struct ImportReports {
 /// How each calling AE title gets its reports (`dicom.commitment`).
 pub type Peers = BTreeMap<String, CommitmentPeer>;
 
-/// Checks a request against the spool of `route` and closes the batches it completes.
+/// Checks a request against the spool of `route` and closes the batches it completes
+/// (counted in `batches_stable` and logged as the stabilizer does, with the reason).
 /// Blocking (index reads): run off the async runtime.
-pub fn answer(spool: &Spool, route: &Route, request: &Request) -> Report {
+pub fn answer(spool: &Spool, route: &Route, request: &Request, metrics: &Metrics) -> Report {
     let mut committed = Vec::new();
     let mut failed = Vec::new();
     let mut batches = HashSet::new();
@@ -109,12 +111,17 @@ pub fn answer(spool: &Spool, route: &Route, request: &Request) -> Report {
     let now = now_ms();
     for id in batches {
         match spool.index().close_committed(id, &uids, now) {
-            Ok(Some(batch)) => info!(
-                batch = %batch.id,
-                route = %route.name,
-                instances = batch.instances,
-                "batch closed by a storage commitment request covering all its instances"
-            ),
+            Ok(Some(batch)) => {
+                metrics.batches_stable.inc();
+                info!(
+                    batch = %batch.id,
+                    route = %batch.route,
+                    instances = batch.instances,
+                    bytes = batch.bytes,
+                    reason = "closed by storage commitment",
+                    "batch stable, ready for packing"
+                );
+            }
             Ok(None) => {}
             Err(e) => warn!(batch = %id, "cannot close the committed batch: {e}"),
         }

@@ -799,8 +799,9 @@ impl AssociationState {
     async fn check(&self, request: Request) -> Result<commitment::Report, String> {
         let spool = self.ctx.spool.clone();
         let route = self.route.clone();
+        let metrics = self.ctx.metrics.clone();
         tokio::task::spawn_blocking(move || {
-            crate::gateway::reception::commitment::answer(&spool, &route, &request)
+            crate::gateway::reception::commitment::answer(&spool, &route, &request, &metrics)
         })
         .await
         .map_err(|e| format!("the storage commitment check stopped: {e}"))
