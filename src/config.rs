@@ -963,8 +963,11 @@ impl Config {
                 return Err(value_error(
                     "inbound.commitment_timeout".into(),
                     self.inbound.commitment_timeout.to_string(),
-                    "must be 1 to 86400 seconds (one day): how long an import waits for the \
-                     PACS's storage commitment report",
+                    &format!(
+                        "must be 1 to {MAX_COMMITMENT_TIMEOUT} seconds (one day): how long an \
+                         import waits for the PACS's storage commitment report; set a value \
+                         in that range"
+                    ),
                 ));
             }
         }

@@ -336,3 +336,41 @@ where
         .map_err(|e| e.to_string())?;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The configuration keeps the case of `[dicom.commitment.<AE>]` as the file writes it,
+    /// while an environment variable can only name it in lower case: the calling AE title
+    /// finds its entry either way.
+    #[test]
+    fn a_requester_finds_its_entry_whatever_the_case_of_the_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "[dicom.commitment.Modality_1]\nreport = \"new-association\"\n\
+             address = \"127.0.0.1:11112\"\n\
+             [dicom.commitment.CT2]\nreport = \"same-association\"\n",
+        )
+        .expect("write");
+        let config = crate::config::Config::load(&path).expect("loads");
+        let peers = &config.dicom.commitment;
+        assert!(peers.contains_key("Modality_1"), "{peers:?}");
+        for calling in ["Modality_1", "MODALITY_1", "modality_1"] {
+            assert_eq!(
+                mode(peers, calling).map(|p| p.address.as_str()),
+                Some("127.0.0.1:11112"),
+                "{calling}"
+            );
+        }
+        assert!(mode(peers, "CT2").is_none(), "same association");
+        assert!(
+            mode(peers, "OTHER").is_none(),
+            "not listed: same association"
+        );
+        let lower: Peers = BTreeMap::from([("modality_1".to_owned(), peers["Modality_1"].clone())]);
+        assert!(mode(&lower, "MODALITY_1").is_some());
+    }
+}
