@@ -289,6 +289,12 @@ pub struct InboundConfig {
     /// What happens to an instance whose compressed transfer syntax the PACS refuses
     /// (see [`Transcode`]).
     pub transcode: Transcode,
+    /// Whether an import asks the PACS for storage commitment after its C-STOREs and is
+    /// done only once the PACS reports every instance committed.
+    pub storage_commitment: bool,
+    /// Seconds to wait for the PACS's N-EVENT-REPORT after its N-ACTION-RSP (at most
+    /// [`MAX_COMMITMENT_TIMEOUT`]); then the step is retried with a new request.
+    pub commitment_timeout: u64,
 }
 
 impl InboundConfig {
@@ -347,6 +353,10 @@ pub struct DicomConfig {
     /// count; an instance in flight is never cut) before the gateway aborts it, so a peer
     /// keeping itself alive with C-ECHO cannot hold a slot forever.
     pub store_idle_timeout: u64,
+    /// Storage commitment per calling AE title (`[dicom.commitment.<CALLING_AE>]`): how
+    /// the N-EVENT-REPORT goes back to a requester. A caller not listed gets it on the
+    /// association of its N-ACTION.
+    pub commitment: BTreeMap<String, CommitmentPeer>,
     /// A DICOM TLS listener beside the plain one (`[dicom.tls]`); absent: none.
     pub tls: Option<DicomTlsConfig>,
 }
@@ -380,6 +390,41 @@ pub struct PacsTlsConfig {
     /// Name the PACS's certificate must carry; default: the host of `inbound.pacs`.
     pub server_name: Option<String>,
 }
+
+/// How the Storage Commitment result goes back to one requester.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CommitmentPeer {
+    /// On the association of the N-ACTION, or on a new one to `address`.
+    pub report: CommitmentReport,
+    /// The requester's `host:port`, for `report = "new-association"`.
+    pub address: String,
+    /// The AE title to call there; empty: the calling AE title of the request.
+    pub ae_title: String,
+}
+
+impl Default for CommitmentPeer {
+    fn default() -> Self {
+        CommitmentPeer {
+            report: CommitmentReport::SameAssociation,
+            address: String::new(),
+            ae_title: String::new(),
+        }
+    }
+}
+
+/// Which association carries the N-EVENT-REPORT.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum CommitmentReport {
+    /// The association of the N-ACTION (the requester must keep it open).
+    SameAssociation,
+    /// A new association the gateway opens to the requester (SCP role proposed).
+    NewAssociation,
+}
+
+/// Longest `inbound.commitment_timeout` (seconds): one day.
+pub const MAX_COMMITMENT_TIMEOUT: u64 = 86_400;
 
 /// Spool and state settings.
 #[derive(Debug, Clone, Deserialize)]
@@ -502,6 +547,7 @@ impl Default for DicomConfig {
             idle_timeout: 120,
             store_idle_timeout: 300,
             tls: None,
+            commitment: BTreeMap::new(),
         }
     }
 }
@@ -615,6 +661,8 @@ impl Default for InboundConfig {
             mailbox_poll_interval: 30,
             pacs_tls: None,
             transcode: Transcode::WhenRefused,
+            storage_commitment: false,
+            commitment_timeout: 600,
         }
     }
 }
@@ -824,6 +872,25 @@ impl Config {
                 &format!("must be {form}"),
             ));
         }
+        for (calling, peer) in &dicom.commitment {
+            check_ae_title(&format!("dicom.commitment.{calling}"), calling)?;
+            if peer.report == CommitmentReport::NewAssociation {
+                if !is_host_port(&peer.address) {
+                    return Err(value_error(
+                        format!("dicom.commitment.{calling}.address"),
+                        format!("{:?}", peer.address),
+                        "report = \"new-association\" needs the requester's address, \
+                         host:port, where its storage commitment SCU listens",
+                    ));
+                }
+                if !peer.ae_title.is_empty() {
+                    check_ae_title(
+                        &format!("dicom.commitment.{calling}.ae_title"),
+                        &peer.ae_title,
+                    )?;
+                }
+            }
+        }
         self.validate_pipelines()
     }
 
@@ -956,6 +1023,17 @@ impl Config {
             }
             check_ae_title("inbound.pacs_ae_title", &self.inbound.pacs_ae_title)?;
             check_ae_title("inbound.calling_ae_title", &self.inbound.calling_ae_title)?;
+            if !(1..=MAX_COMMITMENT_TIMEOUT).contains(&self.inbound.commitment_timeout) {
+                return Err(value_error(
+                    "inbound.commitment_timeout".into(),
+                    self.inbound.commitment_timeout.to_string(),
+                    &format!(
+                        "must be 1 to {MAX_COMMITMENT_TIMEOUT} seconds (one day): how long an \
+                         import waits for the PACS's storage commitment report; set a value \
+                         in that range"
+                    ),
+                ));
+            }
         }
         if let Some(tls) = &self.inbound.pacs_tls
             && tls.certificate.is_some() != tls.key.is_some()

@@ -527,3 +527,38 @@ fn an_unusable_value_names_its_variable() {
         ],
     );
 }
+
+/// The storage commitment keys (issue 14): a wait outside 1 s .. one day, and a report on
+/// a new association with nowhere to send it, are refused at start naming the key.
+#[test]
+fn storage_commitment_keys_are_checked_at_start() {
+    for timeout in [0, 86_401] {
+        let (path, err) = serve_refuses(
+            &format!(
+                "[inbound]\npacs = \"127.0.0.1:4242\"\nstorage_commitment = true\n\
+                 commitment_timeout = {timeout}\n"
+            ),
+            &[],
+        );
+        assert_says(
+            &err,
+            &[
+                &format!("inbound.commitment_timeout = {timeout}"),
+                &format!("in {}", path.display()),
+                "must be 1 to 86400 seconds",
+            ],
+        );
+    }
+    let (path, err) = serve_refuses(
+        &format!("{CT_ROUTE}[dicom.commitment.MODALITY]\nreport = \"new-association\"\n"),
+        &[],
+    );
+    assert_says(
+        &err,
+        &[
+            "dicom.commitment.MODALITY.address = \"\"",
+            &format!("in {}", path.display()),
+            "report = \"new-association\" needs the requester's address, host:port",
+        ],
+    );
+}

@@ -19,11 +19,7 @@ fuzz_target!(|data: &[u8]| {
     let response = Response::decode(&answer).expect("the SCP's own answer decodes");
     assert_eq!(response.responding_to, command.message_id);
     assert_eq!(response.status, status::CANNOT_UNDERSTAND);
-    let expected_field = match command.field {
-        field::C_ECHO_RQ => field::C_ECHO_RSP,
-        _ => field::C_STORE_RSP,
-    };
-    assert_eq!(response.field, expected_field);
+    assert_eq!(response.field, field::response_to(command.field));
     assert!(response.error_comment.len() <= 64, "Error Comment is LO");
 
     let request = store_request(

@@ -19,6 +19,25 @@ pub mod field {
     pub const C_ECHO_RQ: u16 = 0x0030;
     /// C-ECHO-RSP.
     pub const C_ECHO_RSP: u16 = 0x8030;
+    /// N-EVENT-REPORT-RQ (the Storage Commitment result).
+    pub const N_EVENT_REPORT_RQ: u16 = 0x0100;
+    /// N-EVENT-REPORT-RSP.
+    pub const N_EVENT_REPORT_RSP: u16 = 0x8100;
+    /// N-ACTION-RQ (the Storage Commitment request).
+    pub const N_ACTION_RQ: u16 = 0x0130;
+    /// N-ACTION-RSP.
+    pub const N_ACTION_RSP: u16 = 0x8130;
+
+    /// The response field answering request field `request`: C-ECHO, N-ACTION and
+    /// N-EVENT-REPORT by their own, anything else as a C-STORE.
+    pub fn response_to(request: u16) -> u16 {
+        match request {
+            C_ECHO_RQ => C_ECHO_RSP,
+            N_ACTION_RQ => N_ACTION_RSP,
+            N_EVENT_REPORT_RQ => N_EVENT_REPORT_RSP,
+            _ => C_STORE_RSP,
+        }
+    }
 }
 
 /// Status codes we answer with (PS3.7 Annex C, PS3.4 §B.2.3).
@@ -33,6 +52,15 @@ pub mod status {
     pub const CANNOT_UNDERSTAND: u16 = 0xC000;
     /// Failure: processing failure (an unexpected local error).
     pub const PROCESSING_FAILURE: u16 = 0x0110;
+    /// Failure: invalid argument value (a malformed N-ACTION or N-EVENT-REPORT dataset).
+    pub const INVALID_ARGUMENT_VALUE: u16 = 0x0115;
+    /// Failure: no such SOP instance (an N-ACTION or N-EVENT-REPORT not on the
+    /// well-known Storage Commitment instance, or a report no request waits for).
+    pub const NO_SUCH_SOP_INSTANCE: u16 = 0x0112;
+    /// Failure: no such action type (an N-ACTION other than a commitment request).
+    pub const NO_SUCH_ACTION: u16 = 0x0123;
+    /// Failure: resource limitation (a request beyond the gateway's bounds).
+    pub const RESOURCE_LIMITATION: u16 = 0x0213;
 }
 
 const NO_DATA_SET: u16 = 0x0101;
@@ -65,6 +93,9 @@ pub struct Command {
     pub sop_instance_uid: String,
     /// Whether a dataset follows (Command Data Set Type != 0x0101).
     pub has_data_set: bool,
+    /// Action Type ID (0000,1008) of an N-ACTION or Event Type ID (0000,1002) of an
+    /// N-EVENT-REPORT; `None` for other commands.
+    pub type_id: Option<u16>,
 }
 
 /// Every element of a command set that either side acts on, as found.
@@ -78,6 +109,7 @@ struct Fields {
     sop_class_uid: String,
     sop_instance_uid: String,
     error_comment: String,
+    type_id: Option<u16>,
 }
 
 impl Fields {
@@ -95,7 +127,11 @@ impl Fields {
                 .get(at + 8..at + 8 + len)
                 .ok_or(CommandError::Truncated(at))?;
             match tag {
-                (0x0000, 0x0002) => fields.sop_class_uid = uid_text(value),
+                // Affected (C-STORE, N-EVENT-REPORT) or Requested (N-ACTION) SOP class
+                // and instance: a command carries one or the other.
+                (0x0000, 0x0002 | 0x0003) => fields.sop_class_uid = uid_text(value),
+                (0x0000, 0x1001) => fields.sop_instance_uid = uid_text(value),
+                (0x0000, 0x1002 | 0x1008) => fields.type_id = us(value),
                 (0x0000, 0x0100) => fields.field = us(value),
                 (0x0000, 0x0110) => fields.message_id = us(value),
                 (0x0000, 0x0120) => fields.responding_to = us(value),
@@ -146,6 +182,18 @@ impl Response {
     }
 }
 
+/// Whether a dataset follows a command set, request or response (Command Data Set
+/// Type (0000,0800) other than 0x0101).
+///
+/// # Errors
+/// [`CommandError`] when the bytes are truncated, too large or lack the element.
+pub fn has_data_set(bytes: &[u8]) -> Result<bool, CommandError> {
+    Ok(Fields::decode(bytes)?
+        .data_set_type
+        .ok_or(CommandError::Missing("Command Data Set Type (0000,0800)"))?
+        != NO_DATA_SET)
+}
+
 /// Wraps an encoded command set in the single P-DATA PDU that carries it (command sets
 /// are small: one PDV, last fragment).
 pub fn command_pdu(context_id: u8, command: Vec<u8>) -> dicom_ul::Pdu {
@@ -191,15 +239,13 @@ impl Command {
                 .data_set_type
                 .ok_or(CommandError::Missing("Command Data Set Type (0000,0800)"))?
                 != NO_DATA_SET,
+            type_id: fields.type_id,
         })
     }
 
     /// Encodes the response to this request with `status` and an optional error comment.
     pub fn response(&self, status: u16, comment: Option<&str>) -> Vec<u8> {
-        let response_field = match self.field {
-            field::C_ECHO_RQ => field::C_ECHO_RSP,
-            _ => field::C_STORE_RSP,
-        };
+        let response_field = field::response_to(self.field);
         let mut body = Vec::with_capacity(256);
         put(&mut body, 0x0002, &uid_bytes(&self.sop_class_uid));
         put(&mut body, 0x0100, &response_field.to_le_bytes());
@@ -212,8 +258,49 @@ impl Command {
         if !self.sop_instance_uid.is_empty() {
             put(&mut body, 0x1000, &uid_bytes(&self.sop_instance_uid));
         }
+        match (self.field, self.type_id) {
+            (field::N_EVENT_REPORT_RQ, Some(event)) => put(&mut body, 0x1002, &event.to_le_bytes()),
+            (field::N_ACTION_RQ, Some(action)) => put(&mut body, 0x1008, &action.to_le_bytes()),
+            _ => {}
+        }
         with_group_length(body)
     }
+}
+
+/// Encodes an N-ACTION-RQ on `sop_class_uid` / `sop_instance_uid` (the Requested SOP
+/// Class and Instance) with Action Type ID `action`; a dataset follows.
+pub fn action_request(
+    message_id: u16,
+    sop_class_uid: &str,
+    sop_instance_uid: &str,
+    action: u16,
+) -> Vec<u8> {
+    let mut body = Vec::with_capacity(256);
+    put(&mut body, 0x0003, &uid_bytes(sop_class_uid));
+    put(&mut body, 0x0100, &field::N_ACTION_RQ.to_le_bytes());
+    put(&mut body, 0x0110, &message_id.to_le_bytes());
+    put(&mut body, 0x0800, &0u16.to_le_bytes());
+    put(&mut body, 0x1001, &uid_bytes(sop_instance_uid));
+    put(&mut body, 0x1008, &action.to_le_bytes());
+    with_group_length(body)
+}
+
+/// Encodes an N-EVENT-REPORT-RQ on `sop_class_uid` / `sop_instance_uid` (the Affected
+/// SOP Class and Instance) with Event Type ID `event`; a dataset follows.
+pub fn event_report_request(
+    message_id: u16,
+    sop_class_uid: &str,
+    sop_instance_uid: &str,
+    event: u16,
+) -> Vec<u8> {
+    let mut body = Vec::with_capacity(256);
+    put(&mut body, 0x0002, &uid_bytes(sop_class_uid));
+    put(&mut body, 0x0100, &field::N_EVENT_REPORT_RQ.to_le_bytes());
+    put(&mut body, 0x0110, &message_id.to_le_bytes());
+    put(&mut body, 0x0800, &0u16.to_le_bytes());
+    put(&mut body, 0x1000, &uid_bytes(sop_instance_uid));
+    put(&mut body, 0x1002, &event.to_le_bytes());
+    with_group_length(body)
 }
 
 /// Prefixes a command body with its Command Group Length (0000,0000).
@@ -235,6 +322,8 @@ impl fmt::Display for Command {
         let name = match self.field {
             field::C_STORE_RQ => "C-STORE-RQ",
             field::C_ECHO_RQ => "C-ECHO-RQ",
+            field::N_ACTION_RQ => "N-ACTION-RQ",
+            field::N_EVENT_REPORT_RQ => "N-EVENT-REPORT-RQ",
             _ => return write!(f, "command 0x{:04X}", self.field),
         };
         write!(f, "{name} (message {})", self.message_id)
@@ -338,6 +427,48 @@ mod tests {
         assert!(rsp_values.contains(&(0x0120, 7u16.to_le_bytes().to_vec())));
         assert!(rsp_values.contains(&(0x0900, 0xC000u16.to_le_bytes().to_vec())));
         assert!(rsp_values.contains(&(0x0902, b"bad ".to_vec())));
+    }
+
+    #[test]
+    fn n_action_and_n_event_report_decode_and_are_answered_in_kind() {
+        let action = Command::decode(&action_request(
+            3,
+            "1.2.840.10008.1.20.1",
+            "1.2.840.10008.1.20.1.1",
+            1,
+        ))
+        .expect("valid");
+        assert_eq!(
+            (
+                action.field,
+                action.sop_class_uid.as_str(),
+                action.sop_instance_uid.as_str()
+            ),
+            (
+                field::N_ACTION_RQ,
+                "1.2.840.10008.1.20.1",
+                "1.2.840.10008.1.20.1.1"
+            )
+        );
+        assert_eq!((action.type_id, action.has_data_set), (Some(1), true));
+        let rsp = Response::decode(&action.response(status::SUCCESS, None)).expect("valid");
+        assert_eq!((rsp.field, rsp.responding_to), (field::N_ACTION_RSP, 3));
+        let event = Command::decode(&event_report_request(
+            4,
+            "1.2.840.10008.1.20.1",
+            "1.2.840.10008.1.20.1.1",
+            2,
+        ))
+        .expect("valid");
+        assert_eq!(
+            (event.field, event.type_id),
+            (field::N_EVENT_REPORT_RQ, Some(2))
+        );
+        let rsp = Response::decode(&event.response(status::SUCCESS, None)).expect("valid");
+        assert_eq!(
+            (rsp.field, rsp.responding_to),
+            (field::N_EVENT_REPORT_RSP, 4)
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! DICOM networking: the upper layer is dicom-ul's; DIMSE command sets and the service
 //! logic are here.
 
+pub mod commitment;
 pub mod depth;
 pub mod dimse;
 pub mod scu;

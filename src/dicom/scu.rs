@@ -241,7 +241,10 @@ impl PacsError {
     }
 
     /// Sorts why an association could not be opened to `target`.
-    fn establishing(target: &StoreTarget, e: &dicom_ul::association::Error) -> PacsError {
+    pub(crate) fn establishing(
+        target: &StoreTarget,
+        e: &dicom_ul::association::Error,
+    ) -> PacsError {
         use dicom_ul::association::Error;
         let address = target.address.clone();
         match e {

@@ -14,14 +14,14 @@ use std::task::{Context, Poll};
 
 use dicom_ul::Pdu;
 use dicom_ul::association::{
-    Association, AsyncClientAssociation, AsyncPDataWriter, AsyncServerAssociation,
-    Error as UlError, client, server,
+    Association, AsyncAssociation, AsyncClientAssociation, AsyncPDataWriter,
+    AsyncServerAssociation, Error as UlError, client, server,
 };
 use dicom_ul::pdu::{PresentationContextNegotiated, UserVariableItem};
 use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{AlertDescription, CertificateError};
-use tokio::io::AsyncWrite;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use crate::config::{DicomTlsConfig, PacsTlsConfig};
@@ -485,6 +485,43 @@ impl<P: Association, T: Association> Association for Link<P, T> {
     }
     fn user_variables(&self) -> &[UserVariableItem] {
         either!(self, a => Association::user_variables(a))
+    }
+}
+
+/// What a DIMSE exchange needs of an association: whole PDUs sent and received, over plain
+/// TCP or TLS, whichever side opened it; so one implementation of a service (storage
+/// commitment) serves the SCP's associations, the SCU's and those it opens itself.
+pub trait Messages: Association + Send {
+    /// Sends a PDU.
+    fn send_pdu(&mut self, pdu: &Pdu) -> impl Future<Output = Result<(), UlError>> + Send;
+    /// Receives a PDU.
+    fn receive_pdu(&mut self) -> impl Future<Output = Result<Pdu, UlError>> + Send;
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Messages for AsyncServerAssociation<S> {
+    fn send_pdu(&mut self, pdu: &Pdu) -> impl Future<Output = Result<(), UlError>> + Send {
+        AsyncAssociation::send(self, pdu)
+    }
+    fn receive_pdu(&mut self) -> impl Future<Output = Result<Pdu, UlError>> + Send {
+        AsyncAssociation::receive(self)
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Messages for AsyncClientAssociation<S> {
+    fn send_pdu(&mut self, pdu: &Pdu) -> impl Future<Output = Result<(), UlError>> + Send {
+        AsyncAssociation::send(self, pdu)
+    }
+    fn receive_pdu(&mut self) -> impl Future<Output = Result<Pdu, UlError>> + Send {
+        AsyncAssociation::receive(self)
+    }
+}
+
+impl<P: Messages, T: Messages> Messages for Link<P, T> {
+    async fn send_pdu(&mut self, pdu: &Pdu) -> Result<(), UlError> {
+        either!(self, a => a.send_pdu(pdu).await)
+    }
+    async fn receive_pdu(&mut self) -> Result<Pdu, UlError> {
+        either!(self, a => a.receive_pdu().await)
     }
 }
 

@@ -180,6 +180,8 @@ mod tests {
                 .collect(),
             study: None,
             sealed_from: None,
+            committed: 0,
+            uncommitted: Vec::new(),
         }
     }
 

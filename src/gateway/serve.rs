@@ -190,6 +190,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         spool: spool.clone(),
         metrics: metrics.clone(),
         config: config.dicom.clone(),
+        import_reports: inbound
+            .as_ref()
+            .filter(|_| config.inbound.storage_commitment)
+            .map(|inbound| {
+                Arc::new(crate::gateway::reception::commitment::ImportReports {
+                    ours: config.inbound.calling_ae_title.trim().to_owned(),
+                    pacs_ae: config.inbound.pacs_ae_title.trim().to_owned(),
+                    pacs_address: config.inbound.pacs.clone(),
+                    reports: inbound.reports(),
+                })
+            }),
     });
     let scp = Listener::new(dicom, ctx, cancel.clone(), tracker.clone());
     let scp_tls = dicom_tls.map(|(bound, tls)| tokio::spawn(scp.tls(bound, tls).run()));

@@ -43,6 +43,15 @@ pub struct SetAside {
     pub reason: String,
 }
 
+/// An instance the PACS did not commit (storage commitment): it is sent again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Uncommitted {
+    /// SOP Instance UID.
+    pub sop_instance_uid: String,
+    /// The PACS's Failure Reason, as text.
+    pub reason: String,
+}
+
 /// The durable record of one inbound job. No secret: the token is in the job folder.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct InboundJob {
@@ -76,6 +85,12 @@ pub struct InboundJob {
     /// repository authenticated); `None` for a token from the watch folder.
     #[serde(default)]
     pub sealed_from: Option<String>,
+    /// Instances the PACS committed (`inbound.storage_commitment`).
+    #[serde(default)]
+    pub committed: u64,
+    /// Instances the PACS's latest storage commitment report failed (sent again).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub uncommitted: Vec<Uncommitted>,
 }
 
 impl InboundJob {
@@ -86,7 +101,7 @@ impl InboundJob {
             direction: "inbound".into(),
             state: state_name(self.step),
             progress: format!(
-                "from {}: {} of {} stored, {} set aside",
+                "from {}: {} of {} stored, {} set aside{}",
                 match &self.sealed_from {
                     Some(sender) => format!("{sender} (sealed delivery)"),
                     None if self.issuer.is_empty() => "(not known before the download)".into(),
@@ -94,7 +109,16 @@ impl InboundJob {
                 },
                 self.stored,
                 self.instances,
-                self.set_aside.len()
+                self.set_aside.len(),
+                if self.committed > 0 || !self.uncommitted.is_empty() {
+                    format!(
+                        ", {} committed, {} not committed",
+                        self.committed,
+                        self.uncommitted.len()
+                    )
+                } else {
+                    String::new()
+                }
             ),
             notes: self
                 .set_aside
@@ -107,6 +131,12 @@ impl InboundJob {
                         s.reason
                     )
                 })
+                .chain(self.uncommitted.iter().map(|u| {
+                    format!(
+                        "not committed {} (sent again): {}",
+                        u.sop_instance_uid, u.reason
+                    )
+                }))
                 .collect(),
             bookkeeping: self.progress.clone(),
             study: self.study.clone(),

@@ -27,6 +27,7 @@
 //!
 //! The token itself stays only in the job folder (mode 0600) while the job runs.
 
+pub mod commitment;
 pub mod import;
 pub mod mailbox;
 pub mod reconcile;
@@ -35,7 +36,7 @@ pub mod watch;
 mod job;
 mod stream;
 
-pub use job::{InStep, InboundJob, SetAside, job_id};
+pub use job::{InStep, InboundJob, SetAside, Uncommitted, job_id};
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -47,6 +48,7 @@ use tracing::{info, warn};
 use crate::admin::metrics::Metrics;
 use crate::clock::now_ms;
 use crate::config::{Config, InboundConfig, PatientIdMode, UnknownCommunity};
+use crate::dicom::commitment::Reference;
 use crate::dicom::scu::{Instance, Outcome, StoreTarget, store_all, store_stream};
 use crate::durable;
 use crate::gateway::inbound::reconcile::PatientIdPolicy;
@@ -135,6 +137,8 @@ pub struct Inbound {
     /// Senders whose sealed tokens the mailbox refused.
     refusals: RefusalStore,
     dir: PathBuf,
+    /// Storage commitment reports awaited by imports, handed over by the SCP.
+    reports: Arc<commitment::Reports>,
 }
 
 impl Inbound {
@@ -152,9 +156,16 @@ impl Inbound {
             config,
             refusals,
             dir,
+            reports: Arc::default(),
         };
         inbound.sweep()?;
         Ok(inbound)
+    }
+
+    /// The storage commitment reports imports wait for: the SCP delivers those the PACS
+    /// sends on a new association.
+    pub fn reports(&self) -> Arc<commitment::Reports> {
+        self.reports.clone()
     }
 
     /// Removes the folders of jobs that ended just before a crash (the end is recorded
@@ -274,6 +285,8 @@ impl Inbound {
             set_aside: Vec::new(),
             study: None,
             sealed_from: sealed_from.map(str::to_owned),
+            committed: 0,
+            uncommitted: Vec::new(),
         };
         if retry {
             self.jobs.put(&job)?;
@@ -599,6 +612,20 @@ impl Inbound {
                 // The container stays until the next step is recorded (removed when it
                 // starts): a restart here reads it again instead of downloading again,
                 // which would take one more of the document's downloads.
+                if !unsent && self.config.inbound.storage_commitment {
+                    // Every instance is stored: the Import step (which sends none again)
+                    // asks the PACS to commit them, reading the set recorded here.
+                    self.settle(dir, job, total.max(instances), held.clone(), &results)?;
+                    let pdi = dir.pdi();
+                    blocking(move || {
+                        std::fs::File::open(&pdi)
+                            .and_then(|f| rustix::fs::syncfs(f).map_err(std::io::Error::from))
+                            .map_err(|e| StepError::file("flush", &pdi, &e))
+                    })
+                    .await?;
+                    record_stored(dir, &held)?;
+                    return Ok(InStep::Import);
+                }
                 if unsent {
                     // The set is whole and verified: the Import step sends what the PACS
                     // did not take, waiting and retrying as it always has.
@@ -657,10 +684,85 @@ impl Inbound {
         let total = instances.len() as u64;
         // What an earlier attempt already stored is not sent again.
         let stored = read_stored(dir)?;
+        let everything: Vec<Reference> = instances
+            .iter()
+            .map(|i| Reference {
+                sop_class_uid: i.sop_class_uid.clone(),
+                sop_instance_uid: i.sop_instance_uid.clone(),
+            })
+            .collect();
         let mut instances = instances;
         instances.retain(|i| !stored.contains(&i.sop_instance_uid));
-        let results = store_all(Arc::new(self.target(job)?), instances).await;
-        self.settle(dir, job, total, stored, &results)
+        let target = self.target(job)?;
+        let results = store_all(Arc::new(target.clone()), instances).await;
+        self.settle(dir, job, total, stored, &results)?;
+        if self.config.inbound.storage_commitment {
+            self.commit(dir, job, &target, everything).await?;
+        }
+        Ok(())
+    }
+
+    /// Asks the PACS to commit every instance the import stored (all but those set
+    /// aside). Those it does not commit are taken off the `stored` list, listed in the
+    /// job with the PACS's reason, and the step fails (transient): its retry sends them
+    /// again and asks again, as for instances not sent. The list is written before the
+    /// request, so a restart while waiting asks again rather than sending again.
+    async fn commit(
+        &self,
+        dir: &Workdir,
+        job: &mut InboundJob,
+        target: &StoreTarget,
+        everything: Vec<Reference>,
+    ) -> Result<(), StepError> {
+        let set_aside: HashSet<&str> = job
+            .set_aside
+            .iter()
+            .map(|s| s.sop_instance_uid.as_str())
+            .collect();
+        let held: Vec<Reference> = everything
+            .into_iter()
+            .filter(|r| !set_aside.contains(r.sop_instance_uid.as_str()))
+            .collect();
+        let mut stored: HashSet<String> = held.iter().map(|r| r.sop_instance_uid.clone()).collect();
+        record_stored(dir, &stored)?;
+        let timeout = Duration::from_secs(self.config.inbound.commitment_timeout);
+        info!(job = %job.id, instances = held.len(), "asking the PACS for storage commitment");
+        let verdict = commitment::commit(target, &held, &self.reports, timeout)
+            .await
+            .map_err(|e| {
+                let cause = match &e {
+                    commitment::CommitError::Pacs(cause) => Cause::of_pacs(cause),
+                    commitment::CommitError::NotSupported(_)
+                    | commitment::CommitError::Refused { .. } => Cause::PacsRejected,
+                    _ => Cause::PacsUnreachable,
+                };
+                StepError::transient(e).with_cause(cause)
+            })?;
+        job.committed = verdict.committed.len() as u64;
+        job.uncommitted = verdict
+            .failed
+            .iter()
+            .map(|(uid, reason)| Uncommitted {
+                sop_instance_uid: uid.clone(),
+                reason: reason.clone(),
+            })
+            .collect();
+        let Some((first, reason)) = verdict.failed.first() else {
+            info!(job = %job.id, committed = job.committed, "the PACS committed every instance");
+            return Ok(());
+        };
+        for (uid, _) in &verdict.failed {
+            stored.remove(uid);
+        }
+        record_stored(dir, &stored)?;
+        job.stored = stored.len() as u64;
+        Err(StepError::transient(format!(
+            "the PACS did not commit {} of {} instances (the first, {first}: {reason}); \
+             they are sent again and committed again",
+            verdict.failed.len(),
+            held.len()
+        ))
+        .with_cause(Cause::PacsRejected))
     }
 
     /// What an import attempt's `results` leave: the instances stored so far recorded

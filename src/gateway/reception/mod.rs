@@ -5,9 +5,11 @@
 //! 2. [`spool`] writes each instance durably before the Success response;
 //! 3. [`batch`] groups instances per route and study (or patient) in the index;
 //! 4. [`stabilizer`] marks a batch stable after its quiet period, ready for
-//!    [`crate::gateway::outbound`].
+//!    [`crate::gateway::outbound`]; a storage commitment request covering a batch
+//!    ([`commitment`]) closes it at once.
 
 pub mod batch;
+pub mod commitment;
 pub mod route;
 pub mod scp;
 pub mod spool;

@@ -113,6 +113,9 @@ pub struct RouteAccess {
     routes: Arc<Routes>,
     peer: SocketAddr,
     on_refusal: Box<dyn Fn(Refusal) + Send + Sync>,
+    /// (called, calling) AE titles also admitted: the gateway's import AE title called
+    /// by the local PACS with its storage commitment report.
+    reports_from: Option<(String, String)>,
 }
 
 impl RouteAccess {
@@ -126,7 +129,16 @@ impl RouteAccess {
             routes,
             peer,
             on_refusal,
+            reports_from: None,
         }
+    }
+
+    /// Also admits `pacs` calling `ours` (`inbound.calling_ae_title`): the local PACS
+    /// sending its storage commitment report on a new association.
+    #[must_use]
+    pub fn admitting_reports(mut self, ours: &str, pacs: &str) -> Self {
+        self.reports_from = Some((ours.trim().to_owned(), pacs.trim().to_owned()));
+        self
     }
 }
 
@@ -138,6 +150,11 @@ impl AccessControl for RouteAccess {
         called_ae_title: &str,
         _user_identity: Option<&UserIdentity>,
     ) -> Result<(), AssociationRJServiceUserReason> {
+        if self.reports_from.as_ref().is_some_and(|(ours, pacs)| {
+            ours == called_ae_title.trim() && pacs == calling_ae_title.trim()
+        }) {
+            return Ok(());
+        }
         match self.routes.admit(calling_ae_title, called_ae_title) {
             Ok(_) => Ok(()),
             Err(refusal) => {

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dicom_ul::Pdu;
-use dicom_ul::association::server::{DefaultNegotiation, ServerAssociationOptions};
+use dicom_ul::association::server::ServerAssociationOptions;
 use dicom_ul::association::{Association as _, Error as UlError};
 use dicom_ul::pdu::{PDataValue, PDataValueType, PresentationContextResultReason};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -33,10 +33,13 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::admin::metrics::Metrics;
 use crate::config::DicomConfig;
-use crate::dicom::dimse::{Command, MAX_COMMAND_LENGTH, command_pdu, field, status};
+use crate::dicom::commitment::{self, Encoding, Request, encode_report};
+use crate::dicom::dimse::event_report_request;
+use crate::dicom::dimse::{Command, MAX_COMMAND_LENGTH, Response, command_pdu, field, status};
 use crate::dicom::syntax::{ABSTRACT_SYNTAXES, TRANSFER_SYNTAXES, VERIFICATION};
 use crate::dicom::tls::{Link, ServerTls};
 use crate::gateway::reception::batch::{Joined, Recorded};
+use crate::gateway::reception::commitment::{CommitmentRoles, ImportReports};
 use crate::gateway::reception::route::{Route, RouteAccess, Routes};
 use crate::gateway::reception::spool::{Incoming, InstanceHeader, Spool, StoreError, Stored};
 use crate::repository::listener::PerAddress;
@@ -51,6 +54,9 @@ pub struct ScpContext {
     pub metrics: Arc<Metrics>,
     /// Network settings (PDU size, timeouts).
     pub config: DicomConfig,
+    /// Where the local PACS's storage commitment reports for imports go, when
+    /// `inbound.storage_commitment` is on.
+    pub import_reports: Option<Arc<ImportReports>>,
 }
 
 /// Bytes of an A-ASSOCIATE-RQ up to the end of the calling AE title (type, reserved,
@@ -340,21 +346,26 @@ async fn send_reject<S: AsyncRead + AsyncWrite + Unpin>(mut socket: S) {
     .await;
 }
 
-type Options = ServerAssociationOptions<'static, RouteAccess, DefaultNegotiation>;
+type Options = ServerAssociationOptions<'static, RouteAccess, CommitmentRoles>;
 
 fn negotiation_options(ctx: &ScpContext, peer: SocketAddr, tls: Option<&ServerTls>) -> Options {
     let metrics = ctx.metrics.clone();
-    let access = RouteAccess::new(
+    let mut access = RouteAccess::new(
         ctx.routes.clone(),
         peer,
         Box::new(move |refusal| metrics.refused(refusal)),
     );
+    if let Some(imports) = &ctx.import_reports {
+        access = access.admitting_reports(&imports.ours, &imports.pacs_ae);
+    }
     let mut options = ServerAssociationOptions::new()
         .ae_access_control(access)
         .ae_title("CLOUDPDI")
         .max_pdu_length(ctx.config.max_pdu_length)
         .read_timeout(ctx.config.idle_timeout())
-        .write_timeout(ctx.config.idle_timeout());
+        .write_timeout(ctx.config.idle_timeout())
+        .with_negotiation(CommitmentRoles)
+        .with_abstract_syntax(commitment::SOP_CLASS);
     for uid in ABSTRACT_SYNTAXES.iter() {
         options = options.with_abstract_syntax(*uid);
     }
@@ -436,6 +447,37 @@ async fn serve_association(
             return;
         }
     };
+    if let Some(imports) = &ctx.import_reports {
+        let calling = association.peer_ae_title().to_owned();
+        let called = association.called_ae_title().to_owned();
+        match crate::gateway::reception::commitment::is_report_association(
+            imports, &called, &calling, peer,
+        )
+        .await
+        {
+            Some(true) => {
+                info!(calling = %calling.trim(), "storage commitment report association from the PACS");
+                if let Err(why) =
+                    crate::gateway::reception::commitment::serve_reports(&mut association, imports)
+                        .await
+                {
+                    warn!("storage commitment report association aborted: {why}");
+                    let _ = association.abort().await;
+                }
+                return;
+            }
+            Some(false) => {
+                warn!(
+                    calling = %calling.trim(),
+                    "association refused: the PACS's AE title calling the import AE title, \
+                     but not from inbound.pacs's address"
+                );
+                let _ = association.abort().await;
+                return;
+            }
+            None => {}
+        }
+    }
     let Some(route) = ctx.routes.by_called(association.called_ae_title()).cloned() else {
         // The access check admits only known AE titles; abort defensively.
         let _ = association.abort().await;
@@ -522,6 +564,13 @@ struct PendingStore {
     incoming: Result<Incoming, StoreError>,
 }
 
+/// An N-ACTION whose dataset is arriving.
+struct PendingAction {
+    command: Command,
+    context_id: u8,
+    data: Vec<u8>,
+}
+
 /// Per-association state: what has been received so far and what to report at the end.
 struct AssociationState {
     ctx: Arc<ScpContext>,
@@ -529,6 +578,9 @@ struct AssociationState {
     calling: String,
     command: Vec<u8>,
     pending: Option<PendingStore>,
+    pending_action: Option<PendingAction>,
+    /// Message ID of the next N-EVENT-REPORT sent on this association.
+    next_message_id: u16,
     contexts: Vec<(u8, String, String)>,
     instances: u64,
     bytes: u64,
@@ -548,6 +600,8 @@ impl AssociationState {
             calling,
             command: Vec::new(),
             pending: None,
+            pending_action: None,
+            next_message_id: 1,
             contexts: Vec::new(),
             instances: 0,
             bytes: 0,
@@ -572,7 +626,8 @@ impl AssociationState {
             .collect();
         loop {
             // Shutdown is honoured only between messages: an instance in flight finishes.
-            let between_messages = self.pending.is_none() && self.command.is_empty();
+            let between_messages =
+                self.pending.is_none() && self.pending_action.is_none() && self.command.is_empty();
             let store_idle = self.ctx.config.store_idle_timeout();
             let no_store_until = tokio::time::Instant::from_std(self.last_store + store_idle);
             let received = if between_messages {
@@ -615,7 +670,7 @@ impl AssociationState {
     ) -> Result<(), String> {
         match value.value_type {
             PDataValueType::Command => {
-                if self.pending.is_some() {
+                if self.pending.is_some() || self.pending_action.is_some() {
                     return Err("a command arrived while a dataset was expected".into());
                 }
                 if self.command.len() + value.data.len() > MAX_COMMAND_LENGTH {
@@ -626,9 +681,39 @@ impl AssociationState {
                     return Ok(());
                 }
                 let bytes = std::mem::take(&mut self.command);
+                if let Ok(response) = Response::decode(&bytes)
+                    && response.field == field::N_EVENT_REPORT_RSP
+                {
+                    info!(
+                        calling = %self.calling,
+                        status = format_args!("0x{:04X}", response.status),
+                        "storage commitment report answered by the requester"
+                    );
+                    return Ok(());
+                }
                 let command = Command::decode(&bytes).map_err(|e| e.to_string())?;
                 self.on_command(association, command, value.presentation_context_id)
                     .await
+            }
+            PDataValueType::Data if self.pending_action.is_some() => {
+                let action = self.pending_action.as_mut().expect("checked by the guard");
+                if action.context_id != value.presentation_context_id {
+                    return Err("dataset fragment on another presentation context".into());
+                }
+                if action.data.len() + value.data.len() > commitment::MAX_DATASET_LENGTH {
+                    return Err(format!(
+                        "storage commitment request larger than {} bytes (at most {} \
+                         instances per request)",
+                        commitment::MAX_DATASET_LENGTH,
+                        commitment::MAX_REFERENCES
+                    ));
+                }
+                action.data.extend_from_slice(&value.data);
+                if value.is_last {
+                    let action = self.pending_action.take().expect("checked by the guard");
+                    self.on_action(association, action).await?;
+                }
+                Ok(())
             }
             PDataValueType::Data => {
                 let Some(pending) = self.pending.as_mut() else {
@@ -696,8 +781,134 @@ impl AssociationState {
                 });
                 Ok(())
             }
+            field::N_ACTION_RQ
+                if command.has_data_set && abstract_syntax == commitment::SOP_CLASS =>
+            {
+                self.pending_action = Some(PendingAction {
+                    command,
+                    context_id,
+                    data: Vec::new(),
+                });
+                Ok(())
+            }
             _ => Err(format!("{command} is not supported by this SCP")),
         }
+    }
+
+    /// A whole Storage Commitment request: answered at once, checked against the spool,
+    /// reported on this association or on a new one as `dicom.commitment` says.
+    async fn on_action(
+        &mut self,
+        association: &mut Association,
+        action: PendingAction,
+    ) -> Result<(), String> {
+        let PendingAction {
+            command,
+            context_id,
+            data,
+        } = action;
+        let syntax = self
+            .contexts
+            .iter()
+            .find(|(id, _, _)| *id == context_id)
+            .map(|(_, _, ts)| ts.clone())
+            .unwrap_or_default();
+        let decoded = if command.sop_instance_uid != commitment::SOP_INSTANCE {
+            Err((
+                status::NO_SUCH_SOP_INSTANCE,
+                "N-ACTION not on the Storage Commitment Push Model SOP instance".to_owned(),
+            ))
+        } else if command.type_id != Some(commitment::ACTION_REQUEST) {
+            Err((
+                status::NO_SUCH_ACTION,
+                "only Action Type ID 1 (request storage commitment) is supported".to_owned(),
+            ))
+        } else {
+            Encoding::of(&syntax)
+                .and_then(|encoding| {
+                    commitment::decode_request(&data, encoding).map(|r| (r, encoding))
+                })
+                .map_err(|e| {
+                    let code = match e {
+                        commitment::CommitmentError::TooManyReferences
+                        | commitment::CommitmentError::TooLarge(_) => status::RESOURCE_LIMITATION,
+                        _ => status::INVALID_ARGUMENT_VALUE,
+                    };
+                    (code, e.to_string())
+                })
+        };
+        let (request, encoding) = match decoded {
+            Ok(decoded) => decoded,
+            Err((code, why)) => {
+                warn!(
+                    calling = %self.calling,
+                    status = format_args!("0x{code:04X}"),
+                    "storage commitment request refused: {why}"
+                );
+                return respond(association, context_id, command.response(code, Some(&why))).await;
+            }
+        };
+        respond(
+            association,
+            context_id,
+            command.response(status::SUCCESS, None),
+        )
+        .await?;
+        info!(
+            calling = %self.calling,
+            route = %self.route.name,
+            transaction = %request.transaction_uid,
+            instances = request.references.len(),
+            "storage commitment request received"
+        );
+        let report = self.check(request).await?;
+        info!(
+            calling = %self.calling,
+            transaction = %report.transaction_uid,
+            committed = report.committed.len(),
+            failed = report.failed.len(),
+            "storage commitment result"
+        );
+        if let Some(peer) =
+            crate::gateway::reception::commitment::mode(&self.ctx.config.commitment, &self.calling)
+        {
+            tokio::spawn(
+                crate::gateway::reception::commitment::report_on_new_association(
+                    peer.clone(),
+                    self.route.ae_title.clone(),
+                    self.calling.clone(),
+                    report,
+                ),
+            );
+            return Ok(());
+        }
+        let message_id = self.next_message_id;
+        self.next_message_id = self.next_message_id.wrapping_add(1);
+        commitment::send_message(
+            association,
+            context_id,
+            event_report_request(
+                message_id,
+                commitment::SOP_CLASS,
+                commitment::SOP_INSTANCE,
+                report.event_type(),
+            ),
+            Some(&encode_report(&report, encoding)),
+        )
+        .await
+        .map_err(|e| format!("cannot send the storage commitment report: {e}"))
+    }
+
+    /// The request checked against the spool (off the runtime).
+    async fn check(&self, request: Request) -> Result<commitment::Report, String> {
+        let spool = self.ctx.spool.clone();
+        let route = self.route.clone();
+        let metrics = self.ctx.metrics.clone();
+        tokio::task::spawn_blocking(move || {
+            crate::gateway::reception::commitment::answer(&spool, &route, &request, &metrics)
+        })
+        .await
+        .map_err(|e| format!("the storage commitment check stopped: {e}"))
     }
 
     async fn finish_store(

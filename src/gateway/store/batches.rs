@@ -501,6 +501,39 @@ impl BatchIndex {
         Ok(batch)
     }
 
+    /// Closes an open batch at once, without the quiet period, when a storage commitment
+    /// request of its sender covered every instance it holds (`committed`, the SOP
+    /// Instance UIDs the gateway just committed to): the sender says the study is
+    /// complete. A held batch, or one that received an instance the request did not
+    /// cover (even while this runs), stays open and waits as usual. Returns the batch
+    /// when it became stable.
+    ///
+    /// # Errors
+    /// [`IndexError`] when the index cannot be read or written.
+    pub fn close_committed(
+        &self,
+        id: BatchId,
+        committed: &std::collections::HashSet<&str>,
+        now: u64,
+    ) -> Result<Option<BatchRecord>, IndexError> {
+        let Some(batch) = self.batch(id)? else {
+            return Ok(None);
+        };
+        if batch.state != BatchState::Open || batch.held() {
+            return Ok(None);
+        }
+        let members = self.members(id)?;
+        if members.is_empty() || !members.iter().all(|m| committed.contains(m.as_str())) {
+            return Ok(None);
+        }
+        let open_key = instance_key(&batch.route, &batch.key);
+        let closed = self.seal_counted(&open_key, id, now, None, Some(members.len() as u64))?;
+        if closed.is_some() {
+            self.flush()?;
+        }
+        Ok(closed)
+    }
+
     /// Moves an open batch to the ready queue; `released` is the time of an admin's
     /// release, which must find the batch still held (a resend may have arrived).
     fn seal(
@@ -509,6 +542,18 @@ impl BatchIndex {
         id: BatchId,
         now: u64,
         released: Option<u64>,
+    ) -> Result<Option<BatchRecord>, IndexError> {
+        self.seal_counted(open_key, id, now, released, None)
+    }
+
+    /// [`BatchIndex::seal`], only if the batch still holds `instances` when given.
+    fn seal_counted(
+        &self,
+        open_key: &[u8],
+        id: BatchId,
+        now: u64,
+        released: Option<u64>,
+        instances: Option<u64>,
     ) -> Result<Option<BatchRecord>, IndexError> {
         (&self.batches, &self.open, &self.ready)
             .transaction(|(batches, open, ready)| {
@@ -519,6 +564,9 @@ impl BatchIndex {
                 let mut batch = load_batch(batches, id)?;
                 // Re-checked here: a refusal may have arrived since the batch was read.
                 if batch.state != BatchState::Open || batch.held() != released.is_some() {
+                    return Ok(None);
+                }
+                if instances.is_some_and(|n| n != batch.instances) {
                     return Ok(None);
                 }
                 if released.is_some() {
