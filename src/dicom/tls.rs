@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use dicom_ul::Pdu;
 use dicom_ul::association::{
@@ -21,7 +22,7 @@ use dicom_ul::pdu::{PresentationContextNegotiated, UserVariableItem};
 use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{AlertDescription, CertificateError};
-use tokio::io::AsyncWrite;
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::config::{DicomTlsConfig, PacsTlsConfig};
@@ -229,20 +230,24 @@ impl PacsTls {
                     .into(),
             );
         }
-        let tls = rustls_error(error)?;
+        Some(self.explain(rustls_error(error)?))
+    }
+
+    /// A rustls error met with the PACS, told with the files and names to fix.
+    fn explain(&self, tls: &rustls::Error) -> String {
         if let rustls::Error::InvalidCertificate(
             CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
         ) = tls
         {
-            return Some(format!(
+            return format!(
                 "TLS: the PACS's certificate is not valid for the name {:?}: set \
                  inbound.pacs_tls.server_name to a name its certificate carries",
                 self.server_name
-            ));
+            );
         }
         let none = Path::new("");
         let own = self.settings.certificate.as_deref().unwrap_or(none);
-        Some(format!(
+        format!(
             "TLS: {}",
             explain(
                 tls,
@@ -252,17 +257,134 @@ impl PacsTls {
                     own: ("inbound.pacs_tls.certificate", own),
                 },
             )
-        ))
+        )
     }
 }
 
-/// Why a plain association to the PACS failed because the PACS speaks TLS.
-pub fn plain_to_tls(error: &UlError) -> Option<String> {
-    matches!(error, UlError::TlsNotSupported).then(|| {
-        "the PACS answered with TLS: its port is a DICOM TLS port; configure \
-         [inbound.pacs_tls] (ca = the CA of its certificate)"
-            .to_owned()
-    })
+/// How long the probe that follows an unanswered A-ASSOCIATE-RQ waits for the PACS's
+/// first bytes (at most the association timeout): a TLS port answers a ClientHello at
+/// once, and a PACS refuses a TLS 1.3 client certificate right after the handshake.
+pub const PROBE_WAIT: Duration = Duration::from_secs(3);
+
+/// Why the PACS at `address` sent no A-ASSOCIATE answer (the connection closed, was reset
+/// or stayed silent), and whether only a change of configuration helps.
+///
+/// dicom-ul reports every failure to read the answer as "TLS not supported" and drops
+/// the cause, so a second connection finds it out: on a plain target, a TLS ClientHello
+/// tells whether the port speaks TLS (its answer is a TLS record); on a TLS target, a
+/// handshake followed by a short read receives the alert of a PACS that refuses the
+/// gateway's client certificate. `wait` is the association timeout, named in the message.
+pub async fn unanswered(address: &str, tls: Option<&PacsTls>, wait: Duration) -> (String, bool) {
+    let probe_wait = PROBE_WAIT.min(wait);
+    let silent = format!(
+        "no A-ASSOCIATE answer: the PACS closed the connection before answering, or did not \
+         answer within {} s",
+        wait.as_secs()
+    );
+    let tcp = match tokio::time::timeout(wait, TcpStream::connect(address)).await {
+        Ok(Ok(tcp)) => tcp,
+        _ => {
+            return (format!("{silent}; it is tried again later"), false);
+        }
+    };
+    match tls {
+        None => {
+            if speaks_tls(tcp, probe_wait).await {
+                (
+                    "the PACS answered with TLS: its port is a DICOM TLS port; configure \
+                     [inbound.pacs_tls] (ca = the CA of its certificate)"
+                        .to_owned(),
+                    true,
+                )
+            } else {
+                (
+                    format!(
+                        "{silent} (if the PACS's port speaks DICOM TLS, configure \
+                         [inbound.pacs_tls]); it is tried again later"
+                    ),
+                    false,
+                )
+            }
+        }
+        Some(tls) => tls_probe(tls, tcp, probe_wait, &silent).await,
+    }
+}
+
+/// Whether the server on `tcp` answers a TLS ClientHello with a TLS record (handshake
+/// 0x16 or alert 0x15, version 0x03 ..) within `wait`.
+async fn speaks_tls(mut tcp: TcpStream, wait: Duration) -> bool {
+    let Some(hello) = client_hello() else {
+        return false;
+    };
+    let exchange = async {
+        tcp.write_all(&hello).await?;
+        let mut head = [0u8; 2];
+        tcp.read_exact(&mut head).await?;
+        Ok::<_, io::Error>(head)
+    };
+    matches!(
+        tokio::time::timeout(wait, exchange).await,
+        Ok(Ok([0x15 | 0x16, 0x03]))
+    )
+}
+
+/// A TLS ClientHello as rustls sends it (nothing is verified: the probe stops at the
+/// server's first record).
+fn client_hello() -> Option<Vec<u8>> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .ok()?
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let name = ServerName::try_from("probe.invalid").ok()?;
+    let mut connection = rustls::ClientConnection::new(Arc::new(config), name).ok()?;
+    let mut hello = Vec::new();
+    connection.write_tls(&mut hello).ok()?;
+    Some(hello)
+}
+
+/// The TLS handshake with the PACS again, then a read of at most `wait`: a refusal of the
+/// gateway's certificate arrives as an alert; silence means the handshake is accepted.
+async fn tls_probe(tls: &PacsTls, tcp: TcpStream, wait: Duration, silent: &str) -> (String, bool) {
+    let closed = (
+        format!(
+            "TLS: {silent}; the PACS closes the connection right after the TLS handshake \
+             without saying why: it may refuse the gateway's client certificate ({}); check \
+             the PACS's log. It is tried again later",
+            tls.settings.certificate.as_deref().map_or_else(
+                || "none is set: inbound.pacs_tls.certificate".to_owned(),
+                |c| format!("inbound.pacs_tls.certificate = {}", c.display())
+            )
+        ),
+        false,
+    );
+    let Ok(name) = ServerName::try_from(tls.server_name.clone()) else {
+        return closed;
+    };
+    let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+    let mut stream = match tokio::time::timeout(wait, connector.connect(name, tcp)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => return refusal(tls, &e).unwrap_or(closed),
+        Err(_) => return closed,
+    };
+    let mut byte = [0u8; 1];
+    match tokio::time::timeout(wait, stream.read(&mut byte)).await {
+        Ok(Err(e)) => refusal(tls, &e).unwrap_or(closed),
+        Ok(Ok(0)) => closed,
+        Ok(Ok(_)) | Err(_) => (
+            format!(
+                "{silent} (the TLS handshake succeeds): the PACS is busy or restarting; it is tried again later"
+            ),
+            false,
+        ),
+    }
+}
+
+/// A rustls error inside `e`, explained; permanent (a certificate or a setting to change).
+fn refusal(tls: &PacsTls, e: &io::Error) -> Option<(String, bool)> {
+    let error = e.get_ref()?.downcast_ref::<rustls::Error>()?;
+    Some((tls.explain(error), true))
 }
 
 /// The host part of `host:port` (brackets of an IPv6 address removed).
