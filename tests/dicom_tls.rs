@@ -43,6 +43,7 @@ old expired "IP:127.0.0.1,DNS:localhost"
 leaf client ca 2 "DNS:client"
 old late "DNS:late"
 leaf stranger other 2 "DNS:stranger"
+openssl pkey -in client.key -aes256 -passout pass:test -out encrypted.key
 chmod 644 *.key
 "#;
     require("/usr/bin/openssl");
@@ -321,7 +322,8 @@ fn an_unusable_certificate_or_key_file_is_named_with_the_reason() {
         key(&certs, "client"),
         key(&certs, "server"),
     );
-    let cases: [(&[&str], String); 4] = [
+    let encrypted = certs.join("encrypted.key").display().to_string();
+    let cases: [(&[&str], String); 5] = [
         (
             &["--tls-ca", &missing],
             format!("inbound.pacs_tls.ca = {missing}: cannot read the file"),
@@ -353,6 +355,22 @@ fn an_unusable_certificate_or_key_file_is_named_with_the_reason() {
             format!(
                 "inbound.pacs_tls.key = {server_key}: this private key does not match the \
                  certificate in {client}"
+            ),
+        ),
+        (
+            &[
+                "--tls-ca",
+                &ca,
+                "--tls-certificate",
+                &client,
+                "--tls-key",
+                &encrypted,
+            ],
+            format!(
+                "inbound.pacs_tls.key = {encrypted}: the private key is encrypted \
+                 (-----BEGIN ENCRYPTED PRIVATE KEY-----); the gateway starts without anyone \
+                 to type its passphrase: decrypt it, `openssl pkey -in {encrypted} -out \
+                 {encrypted}.plain`"
             ),
         ),
     ];
