@@ -485,8 +485,10 @@ fn a_silent_tls_peer_is_dropped_and_a_peer_over_its_limit_is_rejected_over_tls()
             matches!(std::io::Read::read(&mut &*connection, &mut head), Ok(1) if head[0] == 0x16)
         })
         .count();
+    // 4 at once; a handshake the daemon gives up (1 s) frees its place, so on a loaded
+    // machine, where accepting the 12 can take that long, one or two more may get one.
     assert!(
-        (1..=4).contains(&answered),
+        (1..=6).contains(&answered),
         "{answered} of 12 connections over the limit got a TLS handshake"
     );
     wait_for(
