@@ -1136,7 +1136,7 @@ mod tests {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
-            .unwrap()
+            .expect("TLS 1.2 and 1.3")
             .with_root_certificates(rustls::RootCertStore::empty())
             .with_no_client_auth();
         StoreTarget {
@@ -1186,8 +1186,10 @@ mod tests {
     /// A TCP server on 127.0.0.1 that accepts every connection and closes it at once
     /// (`hold` false) or keeps it open, silent (`hold` true).
     async fn listener(hold: bool) -> (String, tokio::task::JoinHandle<()>) {
-        let socket = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = socket.local_addr().unwrap().to_string();
+        let socket = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a local port");
+        let address = socket.local_addr().expect("its address").to_string();
         let task = tokio::spawn(async move {
             let mut held = Vec::new();
             while let Ok((connection, _)) = socket.accept().await {
