@@ -33,6 +33,7 @@ need iproute2 /usr/sbin/ip
 need util-linux /usr/bin/unshare
 need time /usr/bin/time
 need mount /usr/bin/mount
+need openssl /usr/bin/openssl
 python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing test peers: ${missing[*]}"

@@ -471,6 +471,10 @@ fn expected_form(key: &str) -> Option<&'static str> {
             "dicom.listen",
             "host:port, e.g. 0.0.0.0:11112 (every address) or 10.1.2.3:104",
         ),
+        (
+            "dicom.tls.listen",
+            "host:port, e.g. 0.0.0.0:2762 (every address) or 10.1.2.3:2762",
+        ),
         ("admin.listen", "a loopback host:port, e.g. 127.0.0.1:11180"),
         (
             "repository.embedded_listen",

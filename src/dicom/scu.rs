@@ -794,33 +794,53 @@ impl Lane {
                 options = options.with_presentation_context(class.clone(), syntaxes.clone());
             }
             let address = self.target.address.as_str();
-            let established = match &self.target.tls {
-                None => options.establish_async(address).await.map(Link::Plain),
-                Some(tls) => options
-                    .tls_config(tls.config.clone())
-                    .server_name(&tls.server_name)
-                    .establish_tls_async(address)
-                    .await
-                    .map(Link::Tls),
+            // dicom-ul bounds the TCP connect and each read and write, not the TLS handshake.
+            let establishing = async {
+                match &self.target.tls {
+                    None => options.establish_async(address).await.map(Link::Plain),
+                    Some(tls) => options
+                        .tls_config(tls.config.clone())
+                        .server_name(&tls.server_name)
+                        .establish_tls_async(address)
+                        .await
+                        .map(Link::Tls),
+                }
             };
-            let mut association = established
-                .map_err(|e| match tls_failure(&self.target, &e) {
-                    Some(cause) => cause,
-                    None => PacsError::establishing(&self.target, &e),
-                })
-                .map_err(|e| match e {
-                    PacsError::NoAcceptedContext { address, .. } => PacsError::NoAcceptedContext {
-                        address,
-                        classes: self
-                            .contexts
-                            .iter()
-                            .map(|(c, _)| c.clone())
-                            .collect::<BTreeSet<_>>()
-                            .into_iter()
-                            .collect(),
-                    },
-                    cause => cause,
-                })?;
+            let Ok(established) = tokio::time::timeout(self.target.timeout, establishing).await
+            else {
+                return Err(PacsError::Unreachable {
+                    address: self.target.address.clone(),
+                    reason: format!(
+                        "no answer within {} s (TCP connection{}, A-ASSOCIATE)",
+                        self.target.timeout.as_secs(),
+                        if self.target.tls.is_some() {
+                            ", TLS handshake"
+                        } else {
+                            ""
+                        }
+                    ),
+                });
+            };
+            let established = match established {
+                Err(dicom_ul::association::Error::TlsNotSupported) => {
+                    Err(unanswered(&self.target).await)
+                }
+                Err(e) => Err(classify(&self.target, &e)),
+                Ok(association) => Ok(association),
+            };
+            let mut association = established.map_err(|e| match e {
+                PacsError::NoAcceptedContext { address, .. } => PacsError::NoAcceptedContext {
+                    address,
+                    classes: self
+                        .contexts
+                        .iter()
+                        .map(|(c, _)| c.clone())
+                        .collect::<BTreeSet<_>>()
+                        .into_iter()
+                        .collect(),
+                },
+                cause => cause,
+            })?;
             if let Err(e) = association.set_nodelay() {
                 debug!("cannot set TCP_NODELAY: {e}");
             }
@@ -830,20 +850,38 @@ impl Lane {
     }
 }
 
-/// Why opening an association failed at the TLS level (or met TLS unasked), if it did.
+/// Why opening an association failed (but for an unanswered A-ASSOCIATE-RQ:
+/// [`unanswered`]).
+fn classify(target: &StoreTarget, e: &dicom_ul::association::Error) -> PacsError {
+    tls_failure(target, e).unwrap_or_else(|| PacsError::establishing(target, e))
+}
+
+/// Why opening an association failed at the TLS level, if it did.
 fn tls_failure(target: &StoreTarget, e: &dicom_ul::association::Error) -> Option<PacsError> {
-    let (reason, permanent) = match &target.tls {
-        Some(tls) => (
-            tls.failure(e)?,
-            !matches!(e, dicom_ul::association::Error::TlsHandshake { .. }),
-        ),
-        None => (super::tls::plain_to_tls(e)?, true),
-    };
+    let tls = target.tls.as_ref()?;
     Some(PacsError::Tls {
         address: target.address.clone(),
-        reason,
-        permanent,
+        reason: tls.failure(e)?,
+        permanent: !matches!(e, dicom_ul::association::Error::TlsHandshake { .. }),
     })
+}
+
+/// Why the PACS sent no A-ASSOCIATE answer. dicom-ul calls every such failure "TLS not
+/// supported", whatever happened (a PACS restarting or hung, a connection reset, a TLS
+/// alert): [`super::tls::unanswered`] finds out with a second connection.
+async fn unanswered(target: &StoreTarget) -> PacsError {
+    let (reason, permanent) =
+        super::tls::unanswered(&target.address, target.tls.as_ref(), target.timeout).await;
+    let address = target.address.clone();
+    if permanent || target.tls.is_some() {
+        PacsError::Tls {
+            address,
+            reason,
+            permanent,
+        }
+    } else {
+        PacsError::Lost { address, reason }
+    }
 }
 
 /// Syntaxes whose datasets can be re-encoded without touching compressed pixel data.
@@ -1197,5 +1235,139 @@ mod tests {
         let cause = PacsError::establishing(&target(), &e);
         assert!(matches!(cause, PacsError::Unreachable { .. }), "{cause:?}");
         assert!(!cause.is_permanent());
+    }
+
+    fn tls_target(timeout: Duration) -> StoreTarget {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("TLS 1.2 and 1.3")
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        StoreTarget {
+            timeout,
+            tls: Some(super::super::tls::PacsTls {
+                config: Arc::new(config),
+                server_name: "127.0.0.1".into(),
+                settings: crate::config::PacsTlsConfig {
+                    ca: "/etc/pacs-ca.pem".into(),
+                    certificate: None,
+                    key: None,
+                    server_name: None,
+                },
+            }),
+            ..target()
+        }
+    }
+
+    #[test]
+    fn a_certificate_error_in_the_handshake_is_permanent_and_an_os_error_transient() {
+        let target = tls_target(Duration::from_secs(30));
+        let untrusted = dicom_ul::association::Error::Connect {
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
+            ),
+            backtrace: std::backtrace::Backtrace::capture(),
+        };
+        let cause = classify(&target, &untrusted);
+        assert!(cause.is_permanent(), "{cause:?}");
+        assert!(
+            cause.to_string().contains(
+                "TLS: the PACS's certificate is not trusted: it is not signed by a CA in the \
+                 CA file inbound.pacs_tls.ca = /etc/pacs-ca.pem"
+            ),
+            "{cause}"
+        );
+        let refused = dicom_ul::association::Error::Connect {
+            source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+            backtrace: std::backtrace::Backtrace::capture(),
+        };
+        let cause = classify(&target, &refused);
+        assert!(matches!(cause, PacsError::Unreachable { .. }), "{cause:?}");
+        assert!(!cause.is_permanent());
+    }
+
+    /// A TCP server on 127.0.0.1 that accepts every connection and closes it at once
+    /// (`hold` false) or keeps it open, silent (`hold` true).
+    async fn listener(hold: bool) -> (String, tokio::task::JoinHandle<()>) {
+        let socket = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a local port");
+        let address = socket.local_addr().expect("its address").to_string();
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((connection, _)) = socket.accept().await {
+                if hold {
+                    held.push(connection);
+                }
+            }
+        });
+        (address, task)
+    }
+
+    async fn open(target: StoreTarget) -> PacsError {
+        let pairs = BTreeSet::from([(
+            "1.2.840.10008.5.1.4.1.1.2".to_owned(),
+            EXPLICIT_LE.to_owned(),
+        )]);
+        let mut lane = Lane::from_pairs(Arc::new(target), pairs);
+        let opened = tokio::time::timeout(Duration::from_secs(20), lane.association())
+            .await
+            .expect("opening the association is bounded");
+        match opened {
+            Ok(_) => panic!("an association was opened"),
+            Err(cause) => cause,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_pacs_that_closes_before_answering_is_transient_and_not_called_tls() {
+        let (address, server) = listener(false).await;
+        let cause = open(StoreTarget {
+            address,
+            ..target()
+        })
+        .await;
+        server.abort();
+        assert!(!cause.is_permanent(), "{cause:?}");
+        let text = cause.to_string();
+        assert!(
+            text.contains(
+                "no A-ASSOCIATE answer: the PACS closed the connection before \
+                 answering, or did not answer within 30 s (if the PACS's port speaks DICOM \
+                 TLS, configure [inbound.pacs_tls]); it is tried again later"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("answered with TLS"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_silent_pacs_is_given_up_after_the_timeout_plain_or_tls() {
+        for tls in [false, true] {
+            let (address, server) = listener(true).await;
+            let target = if tls {
+                tls_target(Duration::from_secs(1))
+            } else {
+                StoreTarget {
+                    timeout: Duration::from_secs(1),
+                    ..target()
+                }
+            };
+            let started = std::time::Instant::now();
+            let cause = open(StoreTarget { address, ..target }).await;
+            server.abort();
+            assert!(started.elapsed() < Duration::from_secs(5), "tls {tls}");
+            assert!(!cause.is_permanent(), "{cause:?}");
+            // Plain, dicom-ul's read timeout may fire first: then it is told as unanswered.
+            let expected = if tls {
+                "cannot be reached (no answer within 1 s (TCP connection, TLS handshake, \
+                 A-ASSOCIATE))"
+            } else {
+                "answer within 1 s"
+            };
+            assert!(cause.to_string().contains(expected), "{cause}");
+        }
     }
 }

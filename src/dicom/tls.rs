@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use dicom_ul::Pdu;
 use dicom_ul::association::{
@@ -21,8 +22,9 @@ use dicom_ul::pdu::{PresentationContextNegotiated, UserVariableItem};
 use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{AlertDescription, CertificateError};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use zeroize::Zeroizing;
 
 use crate::config::{DicomTlsConfig, PacsTlsConfig};
 
@@ -73,6 +75,19 @@ pub enum DicomTlsError {
         /// The file.
         path: PathBuf,
     },
+    /// The private key is encrypted: the daemon starts unattended, with no one to type
+    /// a passphrase.
+    #[error(
+        "{key} = {}: the private key is encrypted (-----BEGIN ENCRYPTED PRIVATE KEY-----); \
+         the gateway starts without anyone to type its passphrase: decrypt it, `openssl pkey \
+         -in {0} -out {0}.plain` (then chmod 600 and point {key} at it)", path.display()
+    )]
+    EncryptedKey {
+        /// The configuration key.
+        key: &'static str,
+        /// The file.
+        path: PathBuf,
+    },
     /// The private key is not the certificate's.
     #[error(
         "{key} = {}: this private key does not match the certificate in {}: give the key \
@@ -98,10 +113,15 @@ pub enum DicomTlsError {
     },
     /// The name to check the PACS's certificate against is not a DNS name or IP address.
     #[error(
-        "inbound.pacs_tls.server_name = {0:?}: not a DNS name or IP address; set it to a \
-         name in the PACS's certificate"
+        "{from}: {name:?} is not a DNS name or IP address; set inbound.pacs_tls.server_name \
+         to a name in the PACS's certificate"
     )]
-    ServerName(String),
+    ServerName {
+        /// The name.
+        name: String,
+        /// Where it came from: `inbound.pacs_tls.server_name`, or the host of `inbound.pacs`.
+        from: String,
+    },
 }
 
 /// The SCP's TLS settings, loaded: the rustls configuration and the files it came from
@@ -160,6 +180,7 @@ impl ServerTls {
             tls,
             &Sides {
                 peer: "the client",
+                purpose: ("client", "clientAuth"),
                 trusted: ("dicom.tls.client_ca", client_ca),
                 own: ("dicom.tls.certificate", &self.settings.certificate),
             },
@@ -186,12 +207,21 @@ impl PacsTls {
     /// # Errors
     /// [`DicomTlsError`] naming the file or name that cannot be used and why.
     pub fn load(settings: &PacsTlsConfig, pacs: &str) -> Result<PacsTls, DicomTlsError> {
-        let server_name = match &settings.server_name {
-            Some(name) => name.clone(),
-            None => host_of(pacs).to_owned(),
+        let (server_name, from) = match &settings.server_name {
+            Some(name) => (name.clone(), "inbound.pacs_tls.server_name".to_owned()),
+            None => (
+                host_of(pacs).to_owned(),
+                format!(
+                    "the host of inbound.pacs = {pacs:?} (the default of \
+                     inbound.pacs_tls.server_name)"
+                ),
+            ),
         };
         if ServerName::try_from(server_name.clone()).is_err() {
-            return Err(DicomTlsError::ServerName(server_name));
+            return Err(DicomTlsError::ServerName {
+                name: server_name,
+                from,
+            });
         }
         let roots = roots("inbound.pacs_tls.ca", &settings.ca)?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -229,40 +259,162 @@ impl PacsTls {
                     .into(),
             );
         }
-        let tls = rustls_error(error)?;
+        Some(self.explain(rustls_error(error)?))
+    }
+
+    /// A rustls error met with the PACS, told with the files and names to fix.
+    fn explain(&self, tls: &rustls::Error) -> String {
         if let rustls::Error::InvalidCertificate(
             CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
         ) = tls
         {
-            return Some(format!(
+            return format!(
                 "TLS: the PACS's certificate is not valid for the name {:?}: set \
                  inbound.pacs_tls.server_name to a name its certificate carries",
                 self.server_name
-            ));
+            );
         }
         let none = Path::new("");
         let own = self.settings.certificate.as_deref().unwrap_or(none);
-        Some(format!(
+        format!(
             "TLS: {}",
             explain(
                 tls,
                 &Sides {
                     peer: "the PACS",
+                    purpose: ("server", "serverAuth"),
                     trusted: ("inbound.pacs_tls.ca", &self.settings.ca),
                     own: ("inbound.pacs_tls.certificate", own),
                 },
             )
-        ))
+        )
     }
 }
 
-/// Why a plain association to the PACS failed because the PACS speaks TLS.
-pub fn plain_to_tls(error: &UlError) -> Option<String> {
-    matches!(error, UlError::TlsNotSupported).then(|| {
-        "the PACS answered with TLS: its port is a DICOM TLS port; configure \
-         [inbound.pacs_tls] (ca = the CA of its certificate)"
-            .to_owned()
-    })
+/// How long the probe that follows an unanswered A-ASSOCIATE-RQ waits for the PACS's
+/// first bytes (at most the association timeout): a TLS port answers a ClientHello at
+/// once, and a PACS refuses a TLS 1.3 client certificate right after the handshake.
+pub const PROBE_WAIT: Duration = Duration::from_secs(3);
+
+/// Why the PACS at `address` sent no A-ASSOCIATE answer (the connection closed, was reset
+/// or stayed silent), and whether only a change of configuration helps.
+///
+/// dicom-ul reports every failure to read the answer as "TLS not supported" and drops
+/// the cause, so a second connection finds it out: on a plain target, a TLS ClientHello
+/// tells whether the port speaks TLS (its answer is a TLS record); on a TLS target, a
+/// handshake followed by a short read receives the alert of a PACS that refuses the
+/// gateway's client certificate. `wait` is the association timeout, named in the message.
+pub async fn unanswered(address: &str, tls: Option<&PacsTls>, wait: Duration) -> (String, bool) {
+    let probe_wait = PROBE_WAIT.min(wait);
+    let silent = format!(
+        "no A-ASSOCIATE answer: the PACS closed the connection before answering, or did not \
+         answer within {} s",
+        wait.as_secs()
+    );
+    let tcp = match tokio::time::timeout(wait, TcpStream::connect(address)).await {
+        Ok(Ok(tcp)) => tcp,
+        _ => {
+            return (format!("{silent}; it is tried again later"), false);
+        }
+    };
+    match tls {
+        None => {
+            if speaks_tls(tcp, probe_wait).await {
+                (
+                    "the PACS answered with TLS: its port is a DICOM TLS port; configure \
+                     [inbound.pacs_tls] (ca = the CA of its certificate)"
+                        .to_owned(),
+                    true,
+                )
+            } else {
+                (
+                    format!(
+                        "{silent} (if the PACS's port speaks DICOM TLS, configure \
+                         [inbound.pacs_tls]); it is tried again later"
+                    ),
+                    false,
+                )
+            }
+        }
+        Some(tls) => tls_probe(tls, tcp, probe_wait, &silent).await,
+    }
+}
+
+/// Whether the server on `tcp` answers a TLS ClientHello with a TLS record (handshake
+/// 0x16 or alert 0x15, version 0x03 ..) within `wait`.
+async fn speaks_tls(mut tcp: TcpStream, wait: Duration) -> bool {
+    let Some(hello) = client_hello() else {
+        return false;
+    };
+    let exchange = async {
+        tcp.write_all(&hello).await?;
+        let mut head = [0u8; 2];
+        tcp.read_exact(&mut head).await?;
+        Ok::<_, io::Error>(head)
+    };
+    matches!(
+        tokio::time::timeout(wait, exchange).await,
+        Ok(Ok([0x15 | 0x16, 0x03]))
+    )
+}
+
+/// A TLS ClientHello as rustls sends it (nothing is verified: the probe stops at the
+/// server's first record).
+fn client_hello() -> Option<Vec<u8>> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .ok()?
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let name = ServerName::try_from("probe.invalid").ok()?;
+    let mut connection = rustls::ClientConnection::new(Arc::new(config), name).ok()?;
+    let mut hello = Vec::new();
+    connection.write_tls(&mut hello).ok()?;
+    Some(hello)
+}
+
+/// The TLS handshake with the PACS again, then a read of at most `wait`: a refusal of the
+/// gateway's certificate arrives as an alert; silence means the handshake is accepted.
+async fn tls_probe(tls: &PacsTls, tcp: TcpStream, wait: Duration, silent: &str) -> (String, bool) {
+    let closed = (
+        format!(
+            "TLS: {silent}; the PACS closes the connection right after the TLS handshake \
+             without saying why: it may refuse the gateway's client certificate ({}); check \
+             the PACS's log. It is tried again later",
+            tls.settings.certificate.as_deref().map_or_else(
+                || "none is set: inbound.pacs_tls.certificate".to_owned(),
+                |c| format!("inbound.pacs_tls.certificate = {}", c.display())
+            )
+        ),
+        false,
+    );
+    let Ok(name) = ServerName::try_from(tls.server_name.clone()) else {
+        return closed;
+    };
+    let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+    let mut stream = match tokio::time::timeout(wait, connector.connect(name, tcp)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => return refusal(tls, &e).unwrap_or(closed),
+        Err(_) => return closed,
+    };
+    let mut byte = [0u8; 1];
+    match tokio::time::timeout(wait, stream.read(&mut byte)).await {
+        Ok(Err(e)) => refusal(tls, &e).unwrap_or(closed),
+        Ok(Ok(0)) => closed,
+        Ok(Ok(_)) | Err(_) => (
+            format!(
+                "{silent} (the TLS handshake succeeds): the PACS is busy or restarting; it is tried again later"
+            ),
+            false,
+        ),
+    }
+}
+
+/// A rustls error inside `e`, explained; permanent (a certificate or a setting to change).
+fn refusal(tls: &PacsTls, e: &io::Error) -> Option<(String, bool)> {
+    let error = e.get_ref()?.downcast_ref::<rustls::Error>()?;
+    Some((tls.explain(error), true))
 }
 
 /// The host part of `host:port` (brackets of an IPv6 address removed).
@@ -295,7 +447,9 @@ fn unusable(key: &'static str, path: &Path, e: &dyn std::fmt::Display) -> DicomT
     }
 }
 
-fn key_error(
+/// Why rustls refused the key `key_path` for the certificate `certificate` (`key` names
+/// the configuration key): a mismatch told as such.
+pub(crate) fn key_error(
     key: &'static str,
     key_path: &Path,
     certificate: &Path,
@@ -311,7 +465,8 @@ fn key_error(
     }
 }
 
-fn certificates(
+/// The PEM certificates in `path`, at least one (`key` names the configuration key).
+pub(crate) fn certificates(
     key: &'static str,
     path: &Path,
 ) -> Result<Vec<CertificateDer<'static>>, DicomTlsError> {
@@ -328,9 +483,19 @@ fn certificates(
     Ok(certs)
 }
 
-fn private_key(key: &'static str, path: &Path) -> Result<PrivateKeyDer<'static>, DicomTlsError> {
-    let bytes = read(key, path)?;
+/// The PEM private key in `path`; the file's bytes are zeroized once parsed.
+pub(crate) fn private_key(
+    key: &'static str,
+    path: &Path,
+) -> Result<PrivateKeyDer<'static>, DicomTlsError> {
+    let bytes = Zeroizing::new(read(key, path)?);
     PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| match e {
+        pem::Error::NoItemsFound if contains(&bytes, b"-----BEGIN ENCRYPTED PRIVATE KEY-----") => {
+            DicomTlsError::EncryptedKey {
+                key,
+                path: path.to_owned(),
+            }
+        }
         pem::Error::NoItemsFound => DicomTlsError::NoKey {
             key,
             path: path.to_owned(),
@@ -339,7 +504,15 @@ fn private_key(key: &'static str, path: &Path) -> Result<PrivateKeyDer<'static>,
     })
 }
 
-fn roots(key: &'static str, path: &Path) -> Result<Arc<rustls::RootCertStore>, DicomTlsError> {
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// The CA certificates in `path` as a root store.
+pub(crate) fn roots(
+    key: &'static str,
+    path: &Path,
+) -> Result<Arc<rustls::RootCertStore>, DicomTlsError> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in certificates(key, path)? {
         roots.add(cert).map_err(|e| unusable(key, path, &e))?;
@@ -360,19 +533,24 @@ fn rustls_error(error: &UlError) -> Option<&rustls::Error> {
 /// gateway's own certificate, each with its configuration key.
 struct Sides<'a> {
     peer: &'static str,
+    /// What the peer's certificate must be issued for, and its extendedKeyUsage name.
+    purpose: (&'static str, &'static str),
     trusted: (&'static str, &'a Path),
     own: (&'static str, &'a Path),
 }
 
 fn explain(error: &rustls::Error, sides: &Sides<'_>) -> String {
-    let Sides { peer, trusted, own } = sides;
+    let Sides {
+        peer,
+        purpose,
+        trusted,
+        own,
+    } = sides;
     let (trusted_key, trusted_file) = (trusted.0, trusted.1.display());
     let (own_key, own_file) = (own.0, own.1.display());
     match error {
         rustls::Error::InvalidCertificate(cert) => match cert {
-            CertificateError::UnknownIssuer
-            | CertificateError::BadSignature
-            | CertificateError::UnsupportedSignatureAlgorithmContext { .. } => format!(
+            CertificateError::UnknownIssuer | CertificateError::BadSignature => format!(
                 "{peer}'s certificate is not trusted: it is not signed by a CA in the CA file \
                  {trusted_key} = {trusted_file}; give {peer} a certificate from that CA, or \
                  add the CA that signed it to the file"
@@ -386,6 +564,21 @@ fn explain(error: &rustls::Error, sides: &Sides<'_>) -> String {
                 format!(
                     "{peer}'s certificate is not valid yet: check the clocks of both hosts, \
                      or the certificate's start date"
+                )
+            }
+            CertificateError::UnsupportedSignatureAlgorithmContext { .. }
+            | CertificateError::UnsupportedSignatureAlgorithmForPublicKeyContext { .. } => {
+                format!(
+                    "{peer}'s certificate (or its chain) is signed with an algorithm the \
+                     gateway does not accept (BCP 195: RSA with SHA-256 or stronger, ECDSA, \
+                     Ed25519): have it reissued"
+                )
+            }
+            CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
+                let (usage, oid) = purpose;
+                format!(
+                    "{peer}'s certificate is not issued for TLS {usage} use (its \
+                     extendedKeyUsage lacks {oid}): have it reissued with that purpose"
                 )
             }
             other => format!("{peer}'s certificate was refused: {other:?}"),
@@ -591,14 +784,6 @@ impl ClientAssociation {
         either!(self, a => a.release().await)
     }
 
-    /// Aborts the association (A-ABORT) and closes the connection.
-    ///
-    /// # Errors
-    /// The connection failed.
-    pub async fn abort(self) -> Result<(), UlError> {
-        either!(self, a => a.abort().await)
-    }
-
     /// A writer of one dataset as P-DATA fragments on `context_id`.
     pub fn send_pdata(&mut self, context_id: u8) -> PDataWriter<'_> {
         match self {
@@ -661,6 +846,67 @@ mod tests {
         assert_eq!(host_of("pacs.hospital.local:11112"), "pacs.hospital.local");
         assert_eq!(host_of("10.1.2.20:104"), "10.1.2.20");
         assert_eq!(host_of("[fd00::5]:104"), "fd00::5");
+    }
+
+    #[test]
+    fn a_wrong_purpose_or_signature_algorithm_is_told_as_such() {
+        let sides = Sides {
+            peer: "the client",
+            purpose: ("client", "clientAuth"),
+            trusted: ("dicom.tls.client_ca", Path::new("/etc/ca.pem")),
+            own: ("dicom.tls.certificate", Path::new("/etc/gw.pem")),
+        };
+        let purpose = explain(
+            &rustls::Error::InvalidCertificate(CertificateError::InvalidPurpose),
+            &sides,
+        );
+        assert_eq!(
+            purpose,
+            "the client's certificate is not issued for TLS client use (its extendedKeyUsage \
+             lacks clientAuth): have it reissued with that purpose"
+        );
+        let algorithm = explain(
+            &rustls::Error::InvalidCertificate(
+                CertificateError::UnsupportedSignatureAlgorithmContext {
+                    signature_algorithm_id: vec![1, 2, 3],
+                    supported_algorithms: Vec::new(),
+                },
+            ),
+            &sides,
+        );
+        assert!(
+            algorithm.contains("signed with an algorithm the gateway does not accept")
+                && !algorithm.contains("not signed by a CA"),
+            "{algorithm}"
+        );
+    }
+
+    #[test]
+    fn a_bad_server_name_says_where_it_came_from() {
+        let settings = PacsTlsConfig {
+            ca: "/nonexistent/ca.pem".into(),
+            certificate: None,
+            key: None,
+            server_name: None,
+        };
+        let defaulted = PacsTls::load(&settings, "pacs_1!:104").expect_err("not a name");
+        assert_eq!(
+            defaulted.to_string(),
+            "the host of inbound.pacs = \"pacs_1!:104\" (the default of \
+             inbound.pacs_tls.server_name): \"pacs_1!\" is not a DNS name or IP address; set \
+             inbound.pacs_tls.server_name to a name in the PACS's certificate"
+        );
+        let set = PacsTlsConfig {
+            server_name: Some("a b".into()),
+            ..settings
+        };
+        let named = PacsTls::load(&set, "10.0.0.5:104").expect_err("not a name");
+        assert!(
+            named
+                .to_string()
+                .starts_with("inbound.pacs_tls.server_name: \"a b\" is not a DNS name"),
+            "{named}"
+        );
     }
 
     #[test]

@@ -3,19 +3,17 @@
 //! when a facility presented one.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::serve::Listener;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use sha2::{Digest, Sha256};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
+use crate::dicom::tls as pem;
 use crate::repository::config::TlsConfig;
 use crate::repository::listener::{PerAddress, turned_away, when_free};
 
@@ -54,17 +52,17 @@ pub fn install_crypto_provider() {
     });
 }
 
-/// Builds the rustls server configuration from PEM files.
+/// Builds the rustls server configuration from PEM files, read as DICOM TLS reads its
+/// own ([`crate::dicom::tls`]: the same checks and messages, the key zeroized).
 ///
 /// # Errors
-/// A sentence naming the file that cannot be used.
+/// A sentence naming the key and the file that cannot be used.
 pub fn server_config(config: &TlsConfig) -> Result<rustls::ServerConfig, String> {
     let (Some(cert), Some(key)) = (&config.cert, &config.key) else {
         return Err("tls.cert and tls.key are both needed".into());
     };
-    let certs = read_certs(cert)?;
-    let key =
-        PrivateKeyDer::from_pem_file(key).map_err(|e| format!("tls.key {}: {e}", key.display()))?;
+    let certs = pem::certificates("tls.cert", cert).map_err(|e| e.to_string())?;
+    let private_key = pem::private_key("tls.key", key).map_err(|e| e.to_string())?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -72,14 +70,9 @@ pub fn server_config(config: &TlsConfig) -> Result<rustls::ServerConfig, String>
     let builder = match &config.client_ca {
         None => builder.with_no_client_auth(),
         Some(ca) => {
-            let mut roots = rustls::RootCertStore::empty();
-            for cert in read_certs(ca)? {
-                roots
-                    .add(cert)
-                    .map_err(|e| format!("tls.client_ca {}: {e}", ca.display()))?;
-            }
+            let roots = pem::roots("tls.client_ca", ca).map_err(|e| e.to_string())?;
             let verifier =
-                rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider)
+                rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider)
                     .allow_unauthenticated()
                     .build()
                     .map_err(|e| format!("tls.client_ca {}: {e}", ca.display()))?;
@@ -87,18 +80,8 @@ pub fn server_config(config: &TlsConfig) -> Result<rustls::ServerConfig, String>
         }
     };
     builder
-        .with_single_cert(certs, key)
-        .map_err(|e| format!("tls.cert/tls.key do not fit together: {e}"))
-}
-
-fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    if certs.is_empty() {
-        return Err(format!("{}: no certificate in the file", path.display()));
-    }
-    Ok(certs)
+        .with_single_cert(certs, private_key)
+        .map_err(|e| pem::key_error("tls.key", key, cert, &e).to_string())
 }
 
 /// A listener whose connections have finished their TLS handshake.

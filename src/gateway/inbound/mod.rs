@@ -862,7 +862,14 @@ impl Inbound {
             (None, PatientIdMode::Prefix) => PatientIdPolicy::Prefix(format!("{}-", job.issuer)),
             (None, PatientIdMode::Keep) => PatientIdPolicy::Keep,
         };
-        import::store_target(inbound, policy).map_err(|e| StepError::held(Cause::Other, e))
+        // The files were usable at start: one that cannot be used now is most likely being
+        // replaced (a certificate rotation), so the job is tried again.
+        import::store_target(inbound, policy).map_err(|e| {
+            StepError::transient(format!(
+                "{e} (it was usable when the gateway started: a certificate being replaced? \
+                 the import is tried again later)"
+            ))
+        })
     }
 }
 
@@ -1237,6 +1244,49 @@ mod tests {
         assert_eq!(
             inbound.queue(&by_url, None).expect("queued"),
             Queued::Known(id)
+        );
+    }
+
+    /// The `[inbound.pacs_tls]` files were usable at start; one that cannot be read at job
+    /// time (a certificate being replaced) is named, and the job is tried again.
+    #[test]
+    fn a_tls_file_unreadable_at_job_time_is_transient_and_named() {
+        use crate::token::RepositoryRef;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let missing = dir.path().join("rotating-ca.pem");
+        let mut config = Config::default();
+        config.spool.data_dir = dir.path().to_owned();
+        config.inbound.pacs = "127.0.0.1:104".into();
+        config.inbound.pacs_tls = Some(crate::config::PacsTlsConfig {
+            ca: missing.clone(),
+            certificate: None,
+            key: None,
+            server_name: None,
+        });
+        let store = Store::open(&config.index_dir()).expect("store");
+        let inbound = Inbound::new(Arc::new(config), &store).expect("inbound");
+        let expires = u32::try_from(now_ms() / 1000 + 3600).expect("expiry");
+        let token = Token::issue(
+            RepositoryRef::Url("https://r.example.jp".into()),
+            "0123456789abcdef0123",
+            expires,
+        )
+        .expect("token");
+        let Queued::New(id) = inbound
+            .queue(&token, Some("LOCAL1".into()))
+            .expect("queued")
+        else {
+            panic!("a new job");
+        };
+        let job: InboundJob = inbound.jobs.get(&id).expect("read").expect("the job");
+        let error = inbound.target(&job).expect_err("the CA file is missing");
+        assert!(matches!(error, StepError::Transient { .. }), "{error:?}");
+        assert!(
+            error.to_string().contains(&format!(
+                "inbound.pacs_tls.ca = {}: cannot read the file",
+                missing.display()
+            )),
+            "{error}"
         );
     }
 

@@ -71,6 +71,11 @@ const REJECT_LOCAL_LIMIT: [u8; 10] = [0x03, 0x00, 0, 0, 0, 4, 0x00, 0x02, 0x03, 
 /// closed without an answer (a flood must not cost more than this).
 const MAX_TURNING_AWAY: usize = 64;
 
+/// Rejections sent over TLS at once beyond each peer's first (each costs a server
+/// handshake); beyond, a connection over its peer's limit on the TLS listener is closed
+/// without a handshake.
+const MAX_TLS_TURNING_AWAY: usize = 4;
+
 /// Time a turned-away peer has to read the rejection before the socket is closed.
 const REJECT_LINGER: Duration = Duration::from_secs(1);
 
@@ -96,6 +101,8 @@ struct Slots {
     waiting: Arc<Semaphore>,
     /// Connections being answered "local limit exceeded" ([`MAX_TURNING_AWAY`]).
     turning_away: Arc<Semaphore>,
+    /// Of those, the ones answered over TLS after a handshake ([`MAX_TLS_TURNING_AWAY`]).
+    tls_turning_away: Arc<Semaphore>,
     /// Connections per peer address (`max_associations_per_peer`).
     peers: Arc<PerAddress>,
 }
@@ -110,6 +117,7 @@ impl Slots {
             reserve: Arc::new(Semaphore::new(config.reserved_associations)),
             waiting: Arc::new(Semaphore::new(total)),
             turning_away: Arc::new(Semaphore::new(MAX_TURNING_AWAY)),
+            tls_turning_away: Arc::new(Semaphore::new(MAX_TLS_TURNING_AWAY)),
             peers: PerAddress::new(config.max_associations_per_peer),
         }
     }
@@ -152,21 +160,22 @@ impl Listener {
     pub async fn run(self) {
         let mut next_id: u64 = 0;
         loop {
-            let waiting = tokio::select! {
-                permit = self.slots.waiting.clone().acquire_owned() => {
-                    permit.expect("the connection semaphore is never closed")
-                }
-                () = self.shutdown.cancelled() => return,
-            };
+            // Accept first: a listener waiting for a connection holds no `waiting` permit,
+            // so an idle listener cannot starve the other one.
             let (socket, peer) = tokio::select! {
                 accepted = self.accept() => accepted,
                 () = self.shutdown.cancelled() => return,
             };
             next_id += 1;
             let Some(peer_slot) = self.slots.peers.admit(peer.ip()) else {
-                drop(waiting);
                 self.turn_away(socket, peer);
                 continue;
+            };
+            let waiting = tokio::select! {
+                permit = self.slots.waiting.clone().acquire_owned() => {
+                    permit.expect("the connection semaphore is never closed")
+                }
+                () = self.shutdown.cancelled() => return,
             };
             let ctx = self.ctx.clone();
             let slots = self.slots.clone();
@@ -190,9 +199,12 @@ impl Listener {
     }
 
     /// Answers a peer over its connection limit "local limit exceeded" (logged once while
-    /// it stays at its limit), or just closes the connection during a flood.
+    /// it stays at its limit), or just closes the connection during a flood. On the TLS
+    /// listener the answer costs a server handshake: only the first refusal while the peer
+    /// is at its limit, and others while fewer than [`MAX_TLS_TURNING_AWAY`] run, get one.
     fn turn_away(&self, socket: TcpStream, peer: SocketAddr) {
-        if self.slots.peers.first_refusal(peer.ip()) {
+        let first = self.slots.peers.first_refusal(peer.ip());
+        if first {
             warn!(
                 %peer,
                 "association refused: this address already holds {} connections \
@@ -204,10 +216,18 @@ impl Listener {
         let Ok(permit) = self.slots.turning_away.clone().try_acquire_owned() else {
             return;
         };
+        let handshake = match &self.tls {
+            None => None,
+            Some(_) => match self.slots.tls_turning_away.clone().try_acquire_owned() {
+                Ok(handshake) => Some(handshake),
+                Err(_) if first => None,
+                Err(_) => return,
+            },
+        };
         let tls = self.tls.clone();
         self.tracker.spawn(async move {
             reject_local_limit(socket, tls.as_deref()).await;
-            drop(permit);
+            drop((permit, handshake));
         });
     }
 
