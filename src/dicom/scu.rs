@@ -793,41 +793,7 @@ impl Lane {
             for (class, syntaxes) in &self.contexts {
                 options = options.with_presentation_context(class.clone(), syntaxes.clone());
             }
-            let address = self.target.address.as_str();
-            // dicom-ul bounds the TCP connect and each read and write, not the TLS handshake.
-            let establishing = async {
-                match &self.target.tls {
-                    None => options.establish_async(address).await.map(Link::Plain),
-                    Some(tls) => options
-                        .tls_config(tls.config.clone())
-                        .server_name(&tls.server_name)
-                        .establish_tls_async(address)
-                        .await
-                        .map(Link::Tls),
-                }
-            };
-            let Ok(established) = tokio::time::timeout(self.target.timeout, establishing).await
-            else {
-                return Err(PacsError::Unreachable {
-                    address: self.target.address.clone(),
-                    reason: format!(
-                        "no answer within {} s (TCP connection{}, A-ASSOCIATE)",
-                        self.target.timeout.as_secs(),
-                        if self.target.tls.is_some() {
-                            ", TLS handshake"
-                        } else {
-                            ""
-                        }
-                    ),
-                });
-            };
-            let established = match established {
-                Err(dicom_ul::association::Error::TlsNotSupported) => {
-                    Err(unanswered(&self.target).await)
-                }
-                Err(e) => Err(classify(&self.target, &e)),
-                Ok(association) => Ok(association),
-            };
+            let established = open(&self.target, options).await;
             let mut association = established.map_err(|e| match e {
                 PacsError::NoAcceptedContext { address, .. } => PacsError::NoAcceptedContext {
                     address,
@@ -847,6 +813,50 @@ impl Lane {
             self.association = Some(association);
         }
         Ok(self.association.as_mut().expect("set above"))
+    }
+}
+
+/// Opens an association to the PACS with `options` (whose timeouts bound each read and
+/// write), over TLS when `target.tls` says so, within `target.timeout` in all (dicom-ul
+/// bounds the TCP connect, not the TLS handshake); a failure says why in words. Every
+/// association to the PACS is opened here, so `[inbound.pacs_tls]` applies to all.
+///
+/// # Errors
+/// [`PacsError`]: unreachable, rejected, no answer, or a TLS failure.
+pub(crate) async fn open(
+    target: &StoreTarget,
+    options: ClientAssociationOptions<'_>,
+) -> Result<Association, PacsError> {
+    let address = target.address.as_str();
+    let establishing = async {
+        match &target.tls {
+            None => options.establish_async(address).await.map(Link::Plain),
+            Some(tls) => options
+                .tls_config(tls.config.clone())
+                .server_name(&tls.server_name)
+                .establish_tls_async(address)
+                .await
+                .map(Link::Tls),
+        }
+    };
+    let Ok(established) = tokio::time::timeout(target.timeout, establishing).await else {
+        return Err(PacsError::Unreachable {
+            address: target.address.clone(),
+            reason: format!(
+                "no answer within {} s (TCP connection{}, A-ASSOCIATE)",
+                target.timeout.as_secs(),
+                if target.tls.is_some() {
+                    ", TLS handshake"
+                } else {
+                    ""
+                }
+            ),
+        });
+    };
+    match established {
+        Err(dicom_ul::association::Error::TlsNotSupported) => Err(unanswered(target).await),
+        Err(e) => Err(classify(target, &e)),
+        Ok(association) => Ok(association),
     }
 }
 

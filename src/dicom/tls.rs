@@ -784,6 +784,14 @@ impl ClientAssociation {
         either!(self, a => a.release().await)
     }
 
+    /// Aborts the association (A-ABORT) and closes the connection.
+    ///
+    /// # Errors
+    /// The connection failed.
+    pub async fn abort(self) -> Result<(), UlError> {
+        either!(self, a => a.abort().await)
+    }
+
     /// A writer of one dataset as P-DATA fragments on `context_id`.
     pub fn send_pdata(&mut self, context_id: u8) -> PDataWriter<'_> {
         match self {

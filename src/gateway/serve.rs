@@ -190,6 +190,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         spool: spool.clone(),
         metrics: metrics.clone(),
         config: config.dicom.clone(),
+        outbound: outbound.store().bell(),
         import_reports: inbound
             .as_ref()
             .filter(|_| config.inbound.storage_commitment)

@@ -205,7 +205,7 @@ async fn exchange(
         address: target.address.clone(),
         reason,
     };
-    let mut association = ClientAssociationOptions::new()
+    let options = ClientAssociationOptions::new()
         .calling_ae_title(target.calling_ae.clone())
         .called_ae_title(target.called_ae.clone())
         .max_pdu_length(target.max_pdu_length)
@@ -215,10 +215,8 @@ async fn exchange(
         .with_presentation_context(
             commitment::SOP_CLASS,
             vec![EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN],
-        )
-        .establish_async(target.address.as_str())
-        .await
-        .map_err(|e| PacsError::establishing(target, &e))?;
+        );
+    let mut association = crate::dicom::scu::open(target, options).await?;
     let Some((context_id, encoding)) = association
         .presentation_contexts()
         .iter()

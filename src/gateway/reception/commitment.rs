@@ -24,6 +24,7 @@ use dicom_dictionary_std::uids::{EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_E
 use dicom_ul::association::client::ClientAssociationOptions;
 use dicom_ul::association::server::Negotiation;
 use dicom_ul::pdu::{PresentationContextResultReason, RequestorRoles};
+use tokio::sync::Notify;
 use tracing::{info, warn};
 
 use crate::admin::metrics::Metrics;
@@ -76,9 +77,16 @@ pub struct ImportReports {
 pub type Peers = BTreeMap<String, CommitmentPeer>;
 
 /// Checks a request against the spool of `route` and closes the batches it completes
-/// (counted in `batches_stable` and logged as the stabilizer does, with the reason).
-/// Blocking (index reads): run off the async runtime.
-pub fn answer(spool: &Spool, route: &Route, request: &Request, metrics: &Metrics) -> Report {
+/// (counted in `batches_stable` and logged as the stabilizer does, with the reason; `ready`,
+/// the outbound pipeline's bell, rung so packing starts at once). Blocking (index reads):
+/// run off the async runtime.
+pub fn answer(
+    spool: &Spool,
+    route: &Route,
+    request: &Request,
+    metrics: &Metrics,
+    ready: &Notify,
+) -> Report {
     let mut committed = Vec::new();
     let mut failed = Vec::new();
     let mut batches = HashSet::new();
@@ -113,6 +121,7 @@ pub fn answer(spool: &Spool, route: &Route, request: &Request, metrics: &Metrics
         match spool.index().close_committed(id, &uids, now) {
             Ok(Some(batch)) => {
                 metrics.batches_stable.inc();
+                ready.notify_one();
                 info!(
                     batch = %batch.id,
                     route = %batch.route,

@@ -57,6 +57,9 @@ pub struct ScpContext {
     /// Where the local PACS's storage commitment reports for imports go, when
     /// `inbound.storage_commitment` is on.
     pub import_reports: Option<Arc<ImportReports>>,
+    /// The outbound pipeline's bell: rung when a storage commitment request closes a
+    /// batch, so that packing starts at once.
+    pub outbound: Arc<tokio::sync::Notify>,
 }
 
 /// Bytes of an A-ASSOCIATE-RQ up to the end of the calling AE title (type, reserved,
@@ -923,9 +926,11 @@ impl AssociationState {
     async fn check(&self, request: Request) -> Result<commitment::Report, String> {
         let spool = self.ctx.spool.clone();
         let route = self.route.clone();
-        let metrics = self.ctx.metrics.clone();
+        let (metrics, ready) = (self.ctx.metrics.clone(), self.ctx.outbound.clone());
         tokio::task::spawn_blocking(move || {
-            crate::gateway::reception::commitment::answer(&spool, &route, &request, &metrics)
+            crate::gateway::reception::commitment::answer(
+                &spool, &route, &request, &metrics, &ready,
+            )
         })
         .await
         .map_err(|e| format!("the storage commitment check stopped: {e}"))
