@@ -12,6 +12,32 @@ use std::process::{Command, Output};
 
 use common::*;
 
+/// A folder `certs` in `dir` with the test's CA and certificates.
+fn certificates_in(dir: &Path) -> PathBuf {
+    let certs = dir.join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    certificates(&certs);
+    certs
+}
+
+/// The daemon in `dir/site` with `dicom` settings and a TLS listener on a free port with
+/// the server certificate (and `tls` settings added to `[dicom.tls]`); the daemon and
+/// the TLS port.
+fn tls_daemon(dir: &Path, certs: &Path, dicom: &str, tls: &str) -> (Daemon, u16) {
+    let tls_port = free_port();
+    let daemon = Daemon::start_tuned(
+        &dir.join("site"),
+        CT_ROUTE,
+        &format!(
+            "{dicom}[dicom.tls]\nlisten = \"127.0.0.1:{tls_port}\"\ncertificate = \"{}\"\n\
+             key = \"{}\"\n{tls}",
+            pem(certs, "server"),
+            key(certs, "server"),
+        ),
+    );
+    (daemon, tls_port)
+}
+
 /// Makes the certificates under `dir`: `ca`, `other` (another CA), `server` and `expired`
 /// (127.0.0.1 / localhost, from `ca`; `expired` valid only on 1 January 2020), `client`
 /// (from `ca`), `stranger` (from `other`) and `late` (a client certificate from `ca`,
@@ -86,24 +112,16 @@ fn text(out: &Output) -> String {
 #[test]
 fn dcmtk_stores_over_tls_beside_the_plain_port_and_each_refusal_names_its_cause() {
     let dir = tempfile::tempdir().unwrap();
-    let certs = dir.path().join("certs");
-    std::fs::create_dir_all(&certs).unwrap();
-    certificates(&certs);
+    let certs = certificates_in(dir.path());
     let study = dir.path().join("study");
     gen_ct(&study, 3, &[]);
     let plain_study = dir.path().join("plain");
     gen_ct(&plain_study, 2, &[]);
-    let tls_port = free_port();
-    let mut daemon = Daemon::start_tuned(
-        &dir.path().join("site"),
-        CT_ROUTE,
-        &format!(
-            "[dicom.tls]\nlisten = \"127.0.0.1:{tls_port}\"\ncertificate = \"{}\"\n\
-             key = \"{}\"\nclient_ca = \"{}\"\n",
-            pem(&certs, "server"),
-            key(&certs, "server"),
-            pem(&certs, "ca")
-        ),
+    let (mut daemon, tls_port) = tls_daemon(
+        dir.path(),
+        &certs,
+        "",
+        &format!("client_ca = \"{}\"\n", pem(&certs, "ca")),
     );
     let (ca, client, client_key) = (
         pem(&certs, "ca"),
@@ -212,9 +230,7 @@ fn orthanc_tls_config(dir: &Path, certs: &Path, cert: &str) -> PathBuf {
 fn import_into_orthanc_over_tls_and_a_wrong_ca_or_an_expired_certificate_is_named() {
     require("/usr/sbin/Orthanc");
     let dir = tempfile::tempdir().unwrap();
-    let certs = dir.path().join("certs");
-    std::fs::create_dir_all(&certs).unwrap();
-    certificates(&certs);
+    let certs = certificates_in(dir.path());
     let study = dir.path().join("study");
     gen_ct(&study, 3, &[]);
     let good = orthanc_tls_config(dir.path(), &certs, "server");
@@ -310,9 +326,7 @@ fn import_into_orthanc_over_tls_and_a_wrong_ca_or_an_expired_certificate_is_name
 #[test]
 fn an_unusable_certificate_or_key_file_is_named_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
-    let certs = dir.path().join("certs");
-    std::fs::create_dir_all(&certs).unwrap();
-    certificates(&certs);
+    let certs = certificates_in(dir.path());
     let study = dir.path().join("study");
     gen_ct(&study, 1, &[]);
     let missing = certs.join("missing.pem").display().to_string();
@@ -442,19 +456,12 @@ fn an_unusable_certificate_or_key_file_is_named_with_the_reason() {
 #[test]
 fn a_silent_tls_peer_is_dropped_and_a_peer_over_its_limit_is_rejected_over_tls() {
     let dir = tempfile::tempdir().unwrap();
-    let certs = dir.path().join("certs");
-    std::fs::create_dir_all(&certs).unwrap();
-    certificates(&certs);
-    let tls_port = free_port();
-    let mut daemon = Daemon::start_tuned(
-        &dir.path().join("site"),
-        CT_ROUTE,
-        &format!(
-            "association_timeout = 5\nmax_associations_per_peer = 1\n\
-             [dicom.tls]\nlisten = \"127.0.0.1:{tls_port}\"\ncertificate = \"{}\"\nkey = \"{}\"\n",
-            pem(&certs, "server"),
-            key(&certs, "server"),
-        ),
+    let certs = certificates_in(dir.path());
+    let (mut daemon, tls_port) = tls_daemon(
+        dir.path(),
+        &certs,
+        "association_timeout = 5\nmax_associations_per_peer = 1\n",
+        "",
     );
     // Says nothing: holds 127.0.0.1's one connection until the association timeout.
     let silent = std::net::TcpStream::connect(("127.0.0.1", tls_port)).unwrap();
@@ -525,19 +532,12 @@ fn client_hello() -> Vec<u8> {
 #[test]
 fn with_one_association_slot_in_all_both_listeners_still_accept() {
     let dir = tempfile::tempdir().unwrap();
-    let certs = dir.path().join("certs");
-    std::fs::create_dir_all(&certs).unwrap();
-    certificates(&certs);
-    let tls_port = free_port();
-    let mut daemon = Daemon::start_tuned(
-        &dir.path().join("site"),
-        CT_ROUTE,
-        &format!(
-            "max_associations = 1\nreserved_associations = 0\n\
-             [dicom.tls]\nlisten = \"127.0.0.1:{tls_port}\"\ncertificate = \"{}\"\nkey = \"{}\"\n",
-            pem(&certs, "server"),
-            key(&certs, "server"),
-        ),
+    let certs = certificates_in(dir.path());
+    let (mut daemon, tls_port) = tls_daemon(
+        dir.path(),
+        &certs,
+        "max_associations = 1\nreserved_associations = 0\n",
+        "",
     );
     let ca = pem(&certs, "ca");
     let plain_port = daemon.dicom.port();
