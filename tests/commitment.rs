@@ -22,14 +22,34 @@ const SECONDARY_CAPTURE: &str = "1.2.840.10008.5.1.4.1.1.7";
 #[derive(Debug, serde::Deserialize)]
 struct Outcome {
     action_status: i64,
+    #[serde(default)]
     event: u16,
+    #[serde(default)]
     transaction_matches: bool,
+    #[serde(default)]
     committed: Vec<String>,
+    #[serde(default)]
     failed: Vec<(String, u16)>,
+    /// The SCU / SCP roles the gateway proposed on a new association for its report.
+    #[serde(default)]
+    proposed_roles: Option<(bool, bool)>,
 }
 
 fn request(daemon: &Daemon, calling: &str, mode: &str, listen: u16, refs: &[String]) -> Outcome {
+    request_padded(daemon, calling, mode, listen, refs, 0)
+}
+
+/// As [`request`], the request carrying `pad` more bytes (a private element).
+fn request_padded(
+    daemon: &Daemon,
+    calling: &str,
+    mode: &str,
+    listen: u16,
+    refs: &[String],
+    pad: usize,
+) -> Outcome {
     let out = run(Command::new("python3")
+        .env("COMMIT_PAD_BYTES", pad.to_string())
         .arg(root().join("tests/peers/commit.py"))
         .args([
             "127.0.0.1",
@@ -100,6 +120,11 @@ fn pynetdicom_requester_gets_reports_on_both_associations() {
     let new = request(&daemon, "NEWASSOC", "new", listen, &refs);
     assert_eq!((new.action_status, new.event), (0, 1), "{new:?}");
     assert!(new.transaction_matches && new.failed.is_empty(), "{new:?}");
+    assert_eq!(
+        new.proposed_roles,
+        Some((false, true)),
+        "PS3.4 J.3.3: the report's association proposes SCU=0 / SCP=1: {new:?}"
+    );
     assert_eq!(new.committed.len(), 3);
     daemon.wait_stable_batch(3, Duration::from_secs(5));
     let log = daemon.log();
@@ -395,6 +420,31 @@ fn a_route_on_the_import_ae_title_still_takes_the_pacs_c_stores() {
     let same = request(&daemon, "MODALITY", "same", free_port(), &refs);
     assert_eq!((same.action_status, same.event), (0, 1), "{same:?}");
     assert_eq!(same.committed.len(), 3, "{same:?}");
+}
+
+/// A request over 24 MiB is read to its end, discarded and answered 0x0213 (resource
+/// limitation), as the conformance statement says, rather than aborted.
+#[test]
+fn a_request_over_the_size_limit_is_answered_resource_limitation() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(&dir.path().join("gw"), CT_ROUTE);
+    let refs = [format!("{CT}:1.2.826.0.1.3680043.99.1")];
+    let over = request_padded(
+        &daemon,
+        "MODALITY",
+        "same",
+        free_port(),
+        &refs,
+        25 * 1024 * 1024,
+    );
+    assert_eq!(over.action_status, 0x0213, "{over:?}\n{}", daemon.log());
+    assert!(
+        daemon
+            .log()
+            .contains("storage commitment dataset larger than 25165824 bytes"),
+        "{}",
+        daemon.log()
+    );
 }
 
 /// The pynetdicom storage commitment PACS (`tests/peers/commit_pacs.py`) on a free port,

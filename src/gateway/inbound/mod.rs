@@ -22,7 +22,8 @@
 //!    fails (`pdi.zip`, committed only when every chunk authenticated);
 //! 3. **unpack**: extract the PDI safely and check it against its DICOMDIR and manifest;
 //! 4. **import**: Patient ID reconciliation, C-STORE into the local PACS; instances the
-//!    PACS refuses for good are set aside (`set-aside/<id>/`) with their reason;
+//!    PACS refuses for good (or, with storage commitment, never commits) are set aside
+//!    (`set-aside/<id>/`) with their reason and not sent again;
 //! 5. **receipt**: tell the repository what arrived; the job folder is removed.
 //!
 //! The token itself stays only in the job folder (mode 0600) while the job runs.
@@ -613,8 +614,9 @@ impl Inbound {
                 // starts): a restart here reads it again instead of downloading again,
                 // which would take one more of the document's downloads.
                 if !unsent && self.config.inbound.storage_commitment {
-                    // Every instance is stored: the Import step (which sends none again)
-                    // asks the PACS to commit them, reading the set recorded here.
+                    // Every instance is stored or set aside: the Import step (which sends
+                    // neither again) asks the PACS to commit those stored, reading the set
+                    // recorded here.
                     self.settle(dir, job, total.max(instances), held.clone(), &results)?;
                     let pdi = dir.pdi();
                     blocking(move || {
@@ -670,7 +672,8 @@ impl Inbound {
         durable::sync_dir(&dir.0).map_err(|e| StepError::file("flush", &dir.0, &e))
     }
 
-    /// C-STOREs every instance the PDI lists; refused ones are set aside.
+    /// C-STOREs every instance the PDI lists but those an earlier attempt stored or set
+    /// aside; refused ones are set aside.
     async fn import(&self, dir: &Workdir, job: &mut InboundJob) -> Result<(), StepError> {
         let pdi = dir.pdi();
         let instances = blocking(move || {

@@ -468,6 +468,21 @@ pub fn take_report(
 mod tests {
     use super::*;
 
+    /// The budget is shared by every holder, refuses what would go beyond it without
+    /// taking anything, and gets back what a holder drops.
+    #[test]
+    fn the_dataset_budget_is_shared_and_given_back() {
+        static SMALL: Budget = Budget::new(100);
+        let (mut a, mut b) = (None, None);
+        assert!(SMALL.take(&mut a, 60));
+        assert!(!SMALL.take(&mut b, 50), "over the budget");
+        assert!(SMALL.take(&mut b, 40));
+        assert!(!SMALL.take(&mut a, 1), "spent");
+        drop(a);
+        assert!(SMALL.take(&mut b, 60), "given back");
+        assert!(!SMALL.take(&mut b, usize::MAX), "beyond any budget");
+    }
+
     /// The configuration keeps the case of `[dicom.commitment.<AE>]` as the file writes it,
     /// while an environment variable can only name it in lower case: the calling AE title
     /// finds its entry either way.
