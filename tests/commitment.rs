@@ -22,14 +22,34 @@ const SECONDARY_CAPTURE: &str = "1.2.840.10008.5.1.4.1.1.7";
 #[derive(Debug, serde::Deserialize)]
 struct Outcome {
     action_status: i64,
+    #[serde(default)]
     event: u16,
+    #[serde(default)]
     transaction_matches: bool,
+    #[serde(default)]
     committed: Vec<String>,
+    #[serde(default)]
     failed: Vec<(String, u16)>,
+    /// The SCU / SCP roles the gateway proposed on a new association for its report.
+    #[serde(default)]
+    proposed_roles: Option<(bool, bool)>,
 }
 
 fn request(daemon: &Daemon, calling: &str, mode: &str, listen: u16, refs: &[String]) -> Outcome {
+    request_padded(daemon, calling, mode, listen, refs, 0)
+}
+
+/// As [`request`], the request carrying `pad` more bytes (a private element).
+fn request_padded(
+    daemon: &Daemon,
+    calling: &str,
+    mode: &str,
+    listen: u16,
+    refs: &[String],
+    pad: usize,
+) -> Outcome {
     let out = run(Command::new("python3")
+        .env("COMMIT_PAD_BYTES", pad.to_string())
         .arg(root().join("tests/peers/commit.py"))
         .args([
             "127.0.0.1",
@@ -100,6 +120,11 @@ fn pynetdicom_requester_gets_reports_on_both_associations() {
     let new = request(&daemon, "NEWASSOC", "new", listen, &refs);
     assert_eq!((new.action_status, new.event), (0, 1), "{new:?}");
     assert!(new.transaction_matches && new.failed.is_empty(), "{new:?}");
+    assert_eq!(
+        new.proposed_roles,
+        Some((false, true)),
+        "PS3.4 J.3.3: the report's association proposes SCU=0 / SCP=1: {new:?}"
+    );
     assert_eq!(new.committed.len(), 3);
     daemon.wait_stable_batch(3, Duration::from_secs(5));
     let log = daemon.log();
@@ -363,4 +388,235 @@ fn orthanc_store_with_storage_commitment_gets_success_and_closes_the_batch() {
         "{}",
         daemon.log()
     );
+}
+
+/// A route whose AE title is also `inbound.calling_ae_title` (the shipped configuration:
+/// both CLOUDPDI) still takes the PACS's C-STOREs and storage commitment requests with
+/// `inbound.storage_commitment = true`: the association from the PACS to the import AE
+/// title is sorted per message, not taken for a report-only association and aborted.
+#[test]
+fn a_route_on_the_import_ae_title_still_takes_the_pacs_c_stores() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(
+        &dir.path().join("gw"),
+        &format!(
+            "[route.ct]\nae_title = \"CLOUDPDI\"\nstable_after = 600\n\
+             [inbound]\npacs = \"127.0.0.1:{}\"\npacs_ae_title = \"MODALITY\"\n\
+             calling_ae_title = \"CLOUDPDI\"\nstorage_commitment = true\n",
+            free_port()
+        ),
+    );
+    let files = study(&dir.path().join("study"));
+    let stored = pynetdicom_store(&daemon, "MODALITY", &files);
+    assert!(
+        stored.len() == 3 && stored.iter().all(|s| s.status == 0),
+        "{stored:?}\n{}",
+        daemon.log()
+    );
+    let refs: Vec<String> = files
+        .iter()
+        .map(|f| format!("{CT}:{}", sop_instance_uid(f)))
+        .collect();
+    let same = request(&daemon, "MODALITY", "same", free_port(), &refs);
+    assert_eq!((same.action_status, same.event), (0, 1), "{same:?}");
+    assert_eq!(same.committed.len(), 3, "{same:?}");
+}
+
+/// A request over 24 MiB is read to its end, discarded and answered 0x0213 (resource
+/// limitation), as the conformance statement says, rather than aborted.
+#[test]
+fn a_request_over_the_size_limit_is_answered_resource_limitation() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(&dir.path().join("gw"), CT_ROUTE);
+    let refs = [format!("{CT}:1.2.826.0.1.3680043.99.1")];
+    let over = request_padded(
+        &daemon,
+        "MODALITY",
+        "same",
+        free_port(),
+        &refs,
+        25 * 1024 * 1024,
+    );
+    assert_eq!(over.action_status, 0x0213, "{over:?}\n{}", daemon.log());
+    assert!(
+        daemon
+            .log()
+            .contains("storage commitment dataset larger than 25165824 bytes"),
+        "{}",
+        daemon.log()
+    );
+}
+
+/// The pynetdicom storage commitment PACS (`tests/peers/commit_pacs.py`) on a free port,
+/// logging its C-STOREs to `dir/pacs.log`.
+struct CommitPacs {
+    child: std::process::Child,
+    port: u16,
+    log: PathBuf,
+}
+
+impl CommitPacs {
+    fn start(dir: &Path, args: &[&str]) -> CommitPacs {
+        let port = free_port();
+        let child = Command::new("python3")
+            .arg(root().join("tests/peers/commit_pacs.py"))
+            .arg(port.to_string())
+            .arg(dir.join("pacs"))
+            .args(args)
+            .stdout(std::fs::File::create(dir.join("pacs.out")).unwrap())
+            .stderr(std::fs::File::create(dir.join("pacs.err")).unwrap())
+            .spawn()
+            .unwrap();
+        wait_for("the PACS to listen", Duration::from_secs(20), || {
+            std::net::TcpStream::connect(("127.0.0.1", port))
+                .is_ok()
+                .then_some(())
+        });
+        CommitPacs {
+            child,
+            port,
+            log: dir.join("pacs.log"),
+        }
+    }
+
+    /// The C-STOREs the PACS took, by SOP Instance UID, in order.
+    fn received(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+impl Drop for CommitPacs {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A study of 3 CT instances in `dir/study`.
+fn ct_study(dir: &Path) -> Vec<PathBuf> {
+    let study = dir.join("study");
+    gen_ct(&study, 3, &["--patient-id", "P1"]);
+    files_in(&study)
+}
+
+/// One site sending `files` to itself and importing the token into `pacs` with storage
+/// commitment on.
+fn import_into(dir: &Path, pacs: &CommitPacs, files: &[PathBuf]) -> Daemon {
+    let site = Daemon::start(
+        &dir.join("site"),
+        &format!(
+            "[route.ct]\nae_title = \"CLOUDPDI\"\nstable_after = 1\nretention_hours = 0\n\
+             [outbound]\nenabled = true\n\
+             [facility]\ncode = \"HOSPA\"\nname = \"Hospital A\"\n\
+             [inbound]\npacs = \"127.0.0.1:{}\"\npacs_ae_title = \"COMMITPACS\"\n\
+             calling_ae_title = \"{CALLING}\"\npoll_interval = 1\nmax_backoff = 1\n\
+             storage_commitment = true\ncommitment_timeout = 20\n",
+            pacs.port
+        ),
+    );
+    let out = storescu(&site, "MODALITY", &[], files);
+    assert!(out.status.success(), "{out:?}");
+    let token = wait_for("a token", Duration::from_secs(60), || {
+        tokens(&site).into_iter().next()
+    });
+    let inbox = site.dir.join("data/inbox");
+    std::fs::create_dir_all(&inbox).unwrap();
+    std::fs::copy(&token, inbox.join(token.file_name().unwrap())).unwrap();
+    site
+}
+
+/// A PACS that reports on the association of the request, 2 s after its N-ACTION-RSP,
+/// and keeps failing one instance (0x0112): the report is heard on that association;
+/// the instance is sent again and asked again, then, failed in 3 reports in a row, set
+/// aside with the reason and not sent again; the job is done with the others committed.
+#[test]
+fn a_report_on_the_same_association_is_heard_and_an_instance_never_committed_is_set_aside() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = ct_study(dir.path());
+    let lost = sop_instance_uid(&files[0]);
+    let pacs = CommitPacs::start(dir.path(), &["same", "2", &lost]);
+    let site = import_into(dir.path(), &pacs, &files);
+    let done = wait_for("the import done", Duration::from_secs(60), || {
+        site.inbound_jobs()
+            .into_iter()
+            .find(|j| j["state"] == "done")
+    });
+    assert!(
+        done["progress"]
+            .as_str()
+            .unwrap()
+            .contains("2 of 3 stored, 1 set aside, 2 committed, 0 not committed"),
+        "{done:#}"
+    );
+    let notes: Vec<&str> = done["notes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap())
+        .collect();
+    assert_eq!(notes.len(), 1, "{done:#}");
+    assert!(
+        notes[0].starts_with(&format!("set aside {lost} in "))
+            && notes[0].contains(
+                "not committed by the PACS in 3 storage commitment reports in a row (the \
+                 last: the PACS did not commit it: 0x0112 no such object instance)"
+            ),
+        "{done:#}"
+    );
+    let sent = pacs.received();
+    assert_eq!(
+        sent.iter().filter(|u| **u == lost).count(),
+        3,
+        "sent once per round, not after it was set aside: {sent:?}"
+    );
+    assert_eq!(sent.len(), 5, "{sent:?}");
+    let out = std::fs::read_to_string(dir.path().join("pacs.out")).unwrap();
+    assert_eq!(
+        out.matches("report sent on the same association, answered")
+            .count(),
+        3,
+        "{out}\n{}",
+        site.log()
+    );
+    assert!(
+        site.log().contains("storage commitment report received"),
+        "{}",
+        site.log()
+    );
+}
+
+/// A PACS that does not accept the Storage Commitment SOP class, and one that refuses
+/// the N-ACTION: the import is held (not retried for ever) with what to fix and the
+/// retry command.
+#[test]
+fn a_pacs_without_storage_commitment_holds_the_import_with_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = ct_study(dir.path());
+    let pacs = CommitPacs::start(dir.path(), &["no-commitment"]);
+    let site = import_into(dir.path(), &pacs, &files);
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let held = loop {
+        let jobs = site.inbound_jobs();
+        if let Some(job) = jobs.iter().find(|j| j["held"] == true) {
+            break job.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the import was not held: {jobs:#?}\n{}",
+            site.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let error = held["last_error"].as_str().unwrap();
+    assert!(
+        error.contains("does not accept the Storage Commitment Push Model SOP class")
+            && error.contains("inbound.storage_commitment = false")
+            && error.contains("then run `cloudpdi retry R"),
+        "{held:#}"
+    );
+    assert_eq!(held["attempts"], 1, "{held:#}");
 }

@@ -59,6 +59,8 @@ pub mod status {
     pub const NO_SUCH_SOP_INSTANCE: u16 = 0x0112;
     /// Failure: no such action type (an N-ACTION other than a commitment request).
     pub const NO_SUCH_ACTION: u16 = 0x0123;
+    /// Failure: no such event type (an N-EVENT-REPORT other than a commitment result).
+    pub const NO_SUCH_EVENT_TYPE: u16 = 0x0113;
     /// Failure: resource limitation (a request beyond the gateway's bounds).
     pub const RESOURCE_LIMITATION: u16 = 0x0213;
 }

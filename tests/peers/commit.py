@@ -7,9 +7,13 @@ Sends one N-ACTION (a new Transaction UID) listing the instances, then waits up 
 for the N-EVENT-REPORT: on the same association (MODE "same") or on a new association
 the SCP opens to 127.0.0.1:LISTEN_PORT (MODE "new"; the SCP proposes the SCP role).
 Prints one JSON line: {"action_status": .., "event": .., "transaction_matches": ..,
-"committed": [uid...], "failed": [[uid, reason]...]}.
+"committed": [uid...], "failed": [[uid, reason]...]} (only "action_status" when the
+N-ACTION was refused), with "proposed_roles": [scu, scp] when the report came on a new
+association (the SCP/SCU Role Selection the SCP proposed, null for none). COMMIT_PAD_BYTES in the environment adds a private element of
+that many bytes to the request.
 """
 import json
+import os
 import sys
 import threading
 import time
@@ -33,6 +37,10 @@ def on_report(event):
         [str(i.ReferencedSOPInstanceUID), int(i.FailureReason)]
         for i in ds.get("FailedSOPSequence", [])
     ]
+    if not event.assoc.is_requestor:
+        # The association the SCP opened for its report: the roles it proposed.
+        role = event.assoc.requestor.role_selection.get(StorageCommitmentPushModel)
+        result["proposed_roles"] = None if role is None else [bool(role.scu_role), bool(role.scp_role)]
     done.set()
     # pynetdicom wants (status, reply dataset) from an N-EVENT-REPORT handler; a bare
     # status makes it abort the association instead of answering.
@@ -48,6 +56,12 @@ for ref in refs:
     item.ReferencedSOPClassUID = sop_class
     item.ReferencedSOPInstanceUID = sop_instance
     request.ReferencedSOPSequence.append(item)
+
+# COMMIT_PAD_BYTES: a private element of that many bytes added to the request (a request
+# over the SCP's size limit).
+pad = int(os.environ.get("COMMIT_PAD_BYTES", "0"))
+if pad:
+    request.private_block(0x0009, "CLOUDPDI TEST", create=True).add_new(0x10, "OB", bytes(pad))
 
 ae = AE(ae_title=calling)
 ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
@@ -66,7 +80,10 @@ if not assoc.is_established:
     sys.exit(2)
 status, _ = assoc.send_n_action(request, 1, StorageCommitmentPushModel, "1.2.840.10008.1.20.1.1")
 result["action_status"] = int(status.Status) if status is not None and "Status" in status else -1
-if mode == "same":
+if result["action_status"] != 0:
+    # Refused: no report follows.
+    assoc.release()
+elif mode == "same":
     done.wait(30)
     assoc.release()
 else:

@@ -161,21 +161,22 @@ pub async fn commit(
 
 /// Sorts the requested instances by the report: committed, failed with the PACS's
 /// reason, or failed as not mentioned by the report (the standard says every requested
-/// instance is in one of its sequences).
+/// instance is in one of its sequences). An instance is matched by SOP class and SOP
+/// instance: committed under another class is not committed.
 fn judge(requested: &[Reference], report: &Report, verdict: &mut Verdict) {
-    let committed: std::collections::HashSet<&str> = report
-        .committed
-        .iter()
-        .map(|r| r.sop_instance_uid.as_str())
-        .collect();
-    let failed: HashMap<&str, u16> = report
+    fn key(r: &Reference) -> (&str, &str) {
+        (r.sop_class_uid.as_str(), r.sop_instance_uid.as_str())
+    }
+    let committed: std::collections::HashSet<(&str, &str)> =
+        report.committed.iter().map(key).collect();
+    let failed: HashMap<(&str, &str), u16> = report
         .failed
         .iter()
-        .map(|f| (f.reference.sop_instance_uid.as_str(), f.reason))
+        .map(|f| (key(&f.reference), f.reason))
         .collect();
     for reference in requested {
         let uid = reference.sop_instance_uid.as_str();
-        if let Some(code) = failed.get(uid) {
+        if let Some(code) = failed.get(&key(reference)) {
             verdict.failed.push((
                 uid.to_owned(),
                 format!(
@@ -183,7 +184,7 @@ fn judge(requested: &[Reference], report: &Report, verdict: &mut Verdict) {
                     commitment::reason::name(*code)
                 ),
             ));
-        } else if committed.contains(uid) {
+        } else if committed.contains(&key(reference)) {
             verdict.committed.push(uid.to_owned());
         } else {
             verdict.failed.push((
@@ -205,18 +206,28 @@ async fn exchange(
         address: target.address.clone(),
         reason,
     };
+    // Reads wait as long as the report may take (a PACS may report on this association
+    // minutes after its N-ACTION-RSP); the N-ACTION-RSP itself is awaited `target.timeout`.
     let options = ClientAssociationOptions::new()
         .calling_ae_title(target.calling_ae.clone())
         .called_ae_title(target.called_ae.clone())
         .max_pdu_length(target.max_pdu_length)
         .connection_timeout(target.timeout)
-        .read_timeout(target.timeout)
+        .read_timeout(timeout.max(target.timeout))
         .write_timeout(target.timeout)
         .with_presentation_context(
             commitment::SOP_CLASS,
             vec![EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN],
         );
-    let mut association = crate::dicom::scu::open(target, options).await?;
+    let mut association = crate::dicom::scu::open(target, options)
+        .await
+        .map_err(|e| match e {
+            // The association offers this SOP class only.
+            PacsError::NoAcceptedContext { .. } => {
+                CommitError::NotSupported(target.address.clone())
+            }
+            e => CommitError::Pacs(e),
+        })?;
     let Some((context_id, encoding)) = association
         .presentation_contexts()
         .iter()
@@ -242,6 +253,7 @@ async fn exchange(
     .await
     .map_err(|e| broken(e.to_string()))?;
     let deadline = tokio::time::Instant::now() + timeout;
+    let answer_deadline = tokio::time::Instant::now() + target.timeout;
     // The N-ACTION-RSP first, then the report, on this association or through the SCP.
     let mut answered = false;
     let mut open = true;
@@ -255,6 +267,13 @@ async fn exchange(
                 () = tokio::time::sleep_until(deadline) => {
                     let _ = association.abort().await;
                     return Err(CommitError::Timeout(timeout.as_secs()));
+                }
+                () = tokio::time::sleep_until(answer_deadline), if !answered => {
+                    let _ = association.abort().await;
+                    return Err(broken(format!(
+                        "no N-ACTION-RSP within {} s",
+                        target.timeout.as_secs()
+                    )));
                 }
                 received = receive_message(&mut association) => received,
             }
@@ -275,7 +294,8 @@ async fn exchange(
                     "the PACS closed the association before answering the request".into(),
                 ));
             }
-            // Idle: the PACS reports on a new association and keeps this one silent.
+            // The connection broke after the answer: the report may still come on a new
+            // association.
             Err(_) if answered => {
                 open = false;
                 continue;
@@ -381,6 +401,24 @@ mod tests {
                 .contains("0x0112 no such object instance")
         );
         assert!(verdict.failed[1].1.contains("does not mention"));
+    }
+
+    #[test]
+    fn an_instance_committed_under_another_sop_class_is_not_committed() {
+        let mut other_class = reference(1);
+        other_class.sop_class_uid = "1.3".into();
+        let report = Report {
+            transaction_uid: "1.2".into(),
+            committed: vec![other_class],
+            failed: Vec::new(),
+        };
+        let mut verdict = Verdict::default();
+        judge(&[reference(1)], &report, &mut verdict);
+        assert!(verdict.committed.is_empty(), "{verdict:?}");
+        assert!(
+            verdict.failed[0].1.contains("does not mention"),
+            "{verdict:?}"
+        );
     }
 
     #[test]

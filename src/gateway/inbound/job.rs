@@ -43,13 +43,18 @@ pub struct SetAside {
     pub reason: String,
 }
 
-/// An instance the PACS did not commit (storage commitment): it is sent again.
+/// An instance the PACS did not commit (storage commitment): it is sent again, until it
+/// failed in too many reports in a row.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Uncommitted {
     /// SOP Instance UID.
     pub sop_instance_uid: String,
     /// The PACS's Failure Reason, as text.
     pub reason: String,
+    /// Reports in a row that did not commit it: at `MAX_UNCOMMITTED_ROUNDS` it is set
+    /// aside instead of sent again.
+    #[serde(default)]
+    pub rounds: u32,
 }
 
 /// The durable record of one inbound job. No secret: the token is in the job folder.

@@ -22,7 +22,8 @@
 //!    fails (`pdi.zip`, committed only when every chunk authenticated);
 //! 3. **unpack**: extract the PDI safely and check it against its DICOMDIR and manifest;
 //! 4. **import**: Patient ID reconciliation, C-STORE into the local PACS; instances the
-//!    PACS refuses for good are set aside (`set-aside/<id>/`) with their reason;
+//!    PACS refuses for good (or, with storage commitment, never commits) are set aside
+//!    (`set-aside/<id>/`) with their reason and not sent again;
 //! 5. **receipt**: tell the repository what arrived; the job folder is removed.
 //!
 //! The token itself stays only in the job folder (mode 0600) while the job runs.
@@ -38,7 +39,7 @@ mod stream;
 
 pub use job::{InStep, InboundJob, SetAside, Uncommitted, job_id};
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -613,8 +614,9 @@ impl Inbound {
                 // starts): a restart here reads it again instead of downloading again,
                 // which would take one more of the document's downloads.
                 if !unsent && self.config.inbound.storage_commitment {
-                    // Every instance is stored: the Import step (which sends none again)
-                    // asks the PACS to commit them, reading the set recorded here.
+                    // Every instance is stored or set aside: the Import step (which sends
+                    // neither again) asks the PACS to commit those stored, reading the set
+                    // recorded here.
                     self.settle(dir, job, total.max(instances), held.clone(), &results)?;
                     let pdi = dir.pdi();
                     blocking(move || {
@@ -670,7 +672,8 @@ impl Inbound {
         durable::sync_dir(&dir.0).map_err(|e| StepError::file("flush", &dir.0, &e))
     }
 
-    /// C-STOREs every instance the PDI lists; refused ones are set aside.
+    /// C-STOREs every instance the PDI lists but those an earlier attempt stored or set
+    /// aside; refused ones are set aside.
     async fn import(&self, dir: &Workdir, job: &mut InboundJob) -> Result<(), StepError> {
         let pdi = dir.pdi();
         let instances = blocking(move || {
@@ -691,13 +694,25 @@ impl Inbound {
                 sop_instance_uid: i.sop_instance_uid.clone(),
             })
             .collect();
+        let files: HashMap<String, PathBuf> = instances
+            .iter()
+            .map(|i| (i.sop_instance_uid.clone(), i.path.clone()))
+            .collect();
+        // Nor what it set aside: the PACS refused it for good.
+        let set_aside: HashSet<String> = job
+            .set_aside
+            .iter()
+            .map(|s| s.sop_instance_uid.clone())
+            .collect();
         let mut instances = instances;
-        instances.retain(|i| !stored.contains(&i.sop_instance_uid));
+        instances.retain(|i| {
+            !stored.contains(&i.sop_instance_uid) && !set_aside.contains(&i.sop_instance_uid)
+        });
         let target = self.target(job)?;
         let results = store_all(Arc::new(target.clone()), instances).await;
         self.settle(dir, job, total, stored, &results)?;
         if self.config.inbound.storage_commitment {
-            self.commit(dir, job, &target, everything).await?;
+            self.commit(dir, job, &target, everything, &files).await?;
         }
         Ok(())
     }
@@ -705,14 +720,18 @@ impl Inbound {
     /// Asks the PACS to commit every instance the import stored (all but those set
     /// aside). Those it does not commit are taken off the `stored` list, listed in the
     /// job with the PACS's reason, and the step fails (transient): its retry sends them
-    /// again and asks again, as for instances not sent. The list is written before the
-    /// request, so a restart while waiting asks again rather than sending again.
+    /// again and asks again, as for instances not sent; one not committed by
+    /// [`MAX_UNCOMMITTED_ROUNDS`] reports in a row is set aside instead (its file from
+    /// `files`). A PACS that does not take storage commitment requests holds the job. The
+    /// list is written before the request, so a restart while waiting asks again rather
+    /// than sending again.
     async fn commit(
         &self,
         dir: &Workdir,
         job: &mut InboundJob,
         target: &StoreTarget,
         everything: Vec<Reference>,
+        files: &HashMap<String, PathBuf>,
     ) -> Result<(), StepError> {
         let set_aside: HashSet<&str> = job
             .set_aside
@@ -729,38 +748,89 @@ impl Inbound {
         info!(job = %job.id, instances = held.len(), "asking the PACS for storage commitment");
         let verdict = commitment::commit(target, &held, &self.reports, timeout)
             .await
-            .map_err(|e| {
-                let cause = match &e {
-                    commitment::CommitError::Pacs(cause) => Cause::of_pacs(cause),
-                    commitment::CommitError::NotSupported(_)
-                    | commitment::CommitError::Refused { .. } => Cause::PacsRejected,
-                    _ => Cause::PacsUnreachable,
-                };
-                StepError::transient(e).with_cause(cause)
+            .map_err(|e| match &e {
+                commitment::CommitError::Pacs(cause) if cause.is_permanent() => StepError::held(
+                    Cause::of_pacs(cause),
+                    format!("{e}, then run `cloudpdi retry {}`", job.id),
+                ),
+                commitment::CommitError::Pacs(cause) => {
+                    StepError::transient(&e).with_cause(Cause::of_pacs(cause))
+                }
+                commitment::CommitError::NotSupported(_) => StepError::held(
+                    Cause::PacsRejected,
+                    format!("{e}, then run `cloudpdi retry {}`", job.id),
+                ),
+                commitment::CommitError::Refused { status, .. }
+                    if *status != crate::dicom::dimse::status::RESOURCE_LIMITATION =>
+                {
+                    StepError::held(
+                        Cause::PacsRejected,
+                        format!(
+                            "{e}: configure the PACS to accept storage commitment requests from \
+                             inbound.calling_ae_title (or set inbound.storage_commitment = \
+                             false), then run `cloudpdi retry {}`",
+                            job.id
+                        ),
+                    )
+                }
+                commitment::CommitError::Refused { .. } => {
+                    StepError::transient(&e).with_cause(Cause::PacsBusy)
+                }
+                _ => StepError::transient(&e).with_cause(Cause::PacsUnreachable),
             })?;
         job.committed = verdict.committed.len() as u64;
-        job.uncommitted = verdict
-            .failed
-            .iter()
-            .map(|(uid, reason)| Uncommitted {
-                sop_instance_uid: uid.clone(),
-                reason: reason.clone(),
-            })
+        let rounds_before: HashMap<String, u32> = job
+            .uncommitted
+            .drain(..)
+            .map(|u| (u.sop_instance_uid, u.rounds))
             .collect();
-        let Some((first, reason)) = verdict.failed.first() else {
-            info!(job = %job.id, committed = job.committed, "the PACS committed every instance");
-            return Ok(());
-        };
-        for (uid, _) in &verdict.failed {
+        let mut set_aside_now = 0usize;
+        for (uid, reason) in &verdict.failed {
+            let rounds = rounds_before
+                .get(uid)
+                .copied()
+                .unwrap_or(0)
+                .saturating_add(1);
             stored.remove(uid);
+            match files.get(uid) {
+                Some(file) if rounds >= MAX_UNCOMMITTED_ROUNDS => {
+                    let reason = format!(
+                        "not committed by the PACS in {rounds} storage commitment reports in a \
+                         row (the last: {reason}); not sent again"
+                    );
+                    self.put_aside(job, file, uid, &reason)?;
+                    set_aside_now += 1;
+                }
+                _ => job.uncommitted.push(Uncommitted {
+                    sop_instance_uid: uid.clone(),
+                    reason: reason.clone(),
+                    rounds,
+                }),
+            }
+        }
+        if set_aside_now > 0 {
+            self.flush_set_aside(job)?;
         }
         record_stored(dir, &stored)?;
         job.stored = stored.len() as u64;
+        let Some(first) = job.uncommitted.first() else {
+            info!(
+                job = %job.id,
+                committed = job.committed,
+                set_aside = set_aside_now,
+                "the PACS committed every instance{}",
+                if set_aside_now > 0 { " not set aside" } else { "" }
+            );
+            return Ok(());
+        };
         Err(StepError::transient(format!(
-            "the PACS did not commit {} of {} instances (the first, {first}: {reason}); \
-             they are sent again and committed again",
-            verdict.failed.len(),
-            held.len()
+            "the PACS did not commit {} of {} instances (the first, {}: {}); they are sent \
+             again and committed again (set aside after {MAX_UNCOMMITTED_ROUNDS} reports in a \
+             row)",
+            job.uncommitted.len(),
+            held.len(),
+            first.sop_instance_uid,
+            first.reason
         ))
         .with_cause(Cause::PacsRejected))
     }
@@ -802,23 +872,57 @@ impl Inbound {
                 StepError::transient(format!("{} ({counts})", unsent.cause)).with_cause(cause)
             });
         }
-        let set_aside_dir = self.config.spool.data_dir.join("set-aside").join(&job.id);
-        job.set_aside.clear();
+        // Instances set aside by an earlier attempt stay set aside (they are not sent again).
+        let before = job.set_aside.len();
         for (instance, outcome) in results {
             if let Outcome::Refused { reason, .. } = outcome {
-                let file = set_aside_dir.join(format!("{}.dcm", job.set_aside.len() + 1));
-                std::fs::create_dir_all(&set_aside_dir)
-                    .map_err(|e| StepError::file("create", &set_aside_dir, &e))?;
-                keep_aside(&instance.path, &file)
-                    .map_err(|e| StepError::file("set aside", &instance.path, &e))?;
-                tracing::debug!(job = %job.id, sop_instance = %instance.sop_instance_uid, "instance set aside: {reason}");
-                job.set_aside.push(SetAside {
-                    sop_instance_uid: instance.sop_instance_uid.clone(),
-                    file,
-                    reason: reason.clone(),
-                });
+                self.put_aside(job, &instance.path, &instance.sop_instance_uid, reason)?;
             }
         }
+        if job.set_aside.len() > before {
+            self.flush_set_aside(job)?;
+        }
+        job.stored = total - job.set_aside.len() as u64;
+        Ok(())
+    }
+
+    /// Keeps the file of an instance the PACS refused for good in the job's set-aside
+    /// folder and lists it in the job with `reason` (once: a listed one is left as is).
+    fn put_aside(
+        &self,
+        job: &mut InboundJob,
+        path: &Path,
+        sop_instance_uid: &str,
+        reason: &str,
+    ) -> Result<(), StepError> {
+        if job
+            .set_aside
+            .iter()
+            .any(|s| s.sop_instance_uid == sop_instance_uid)
+        {
+            return Ok(());
+        }
+        let set_aside_dir = self.set_aside_dir(job);
+        let file = set_aside_dir.join(format!("{}.dcm", job.set_aside.len() + 1));
+        std::fs::create_dir_all(&set_aside_dir)
+            .map_err(|e| StepError::file("create", &set_aside_dir, &e))?;
+        keep_aside(path, &file).map_err(|e| StepError::file("set aside", path, &e))?;
+        tracing::debug!(job = %job.id, sop_instance = %sop_instance_uid, "instance set aside: {reason}");
+        job.set_aside.push(SetAside {
+            sop_instance_uid: sop_instance_uid.to_owned(),
+            file,
+            reason: reason.to_owned(),
+        });
+        Ok(())
+    }
+
+    fn set_aside_dir(&self, job: &InboundJob) -> PathBuf {
+        self.config.spool.data_dir.join("set-aside").join(&job.id)
+    }
+
+    /// Makes the set-aside files durable and logs them in one line.
+    fn flush_set_aside(&self, job: &InboundJob) -> Result<(), StepError> {
+        let set_aside_dir = self.set_aside_dir(job);
         if let Some(first) = job.set_aside.first() {
             // One line for the import, not one per file; status lists each with its reason.
             warn!(job = %job.id, set_aside = job.set_aside.len(), "instances refused by the PACS set aside in {}, the first because: {}", set_aside_dir.display(), first.reason);
@@ -828,7 +932,6 @@ impl Inbound {
                 durable::sync_dir(parent).map_err(|e| StepError::file("flush", parent, &e))?;
             }
         }
-        job.stored = total - job.set_aside.len() as u64;
         Ok(())
     }
 
@@ -929,6 +1032,10 @@ impl Pipeline for Inbound {
         )
     }
 }
+
+/// Storage commitment reports in a row that may fail an instance before it is set aside
+/// (a PACS that keeps losing it would otherwise have it sent for ever).
+const MAX_UNCOMMITTED_ROUNDS: u32 = 3;
 
 /// How often a streamed import writes its count of stored instances into the job (for
 /// `cloudpdi status`).

@@ -24,7 +24,8 @@ use dicom_dictionary_std::uids::{EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_E
 use dicom_ul::association::client::ClientAssociationOptions;
 use dicom_ul::association::server::Negotiation;
 use dicom_ul::pdu::{PresentationContextResultReason, RequestorRoles};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore, SemaphorePermit};
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::admin::metrics::Metrics;
@@ -45,6 +46,52 @@ const REPORT_ATTEMPTS: u32 = 3;
 
 /// Network timeout of the association that carries a report to its requester.
 const REPORT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Message ID of the report sent on a new association (its only message).
+const REPORT_MESSAGE_ID: u16 = 1;
+
+/// Bytes of storage commitment request datasets held at once by all associations
+/// together (each request at most [`commitment::MAX_DATASET_LENGTH`], decoded to a few
+/// times its size while checked): a request that would go beyond is read to its end,
+/// discarded and answered 0x0213 (resource limitation), the requester asks again later.
+pub const DATASET_BUDGET: usize = 64 * 1024 * 1024;
+
+/// Reports sent on new associations at once (`report = "new-association"`): beyond, a
+/// report goes back on the association of its request.
+pub const MAX_REPORT_SENDERS: usize = 16;
+
+/// A byte budget shared by every association of the process.
+#[derive(Debug)]
+pub struct Budget(Semaphore);
+
+impl Budget {
+    /// A budget of `bytes`.
+    pub const fn new(bytes: usize) -> Budget {
+        Budget(Semaphore::const_new(bytes))
+    }
+
+    /// Adds `bytes` to what `held` holds, or returns `false` (taking nothing) when the
+    /// budget has not that many free. What is held returns to the budget when dropped.
+    pub fn take(&'static self, held: &mut Option<SemaphorePermit<'static>>, bytes: usize) -> bool {
+        let Ok(count) = u32::try_from(bytes) else {
+            return false;
+        };
+        let Ok(more) = self.0.try_acquire_many(count) else {
+            return false;
+        };
+        match held {
+            Some(permit) => permit.merge(more),
+            None => *held = Some(more),
+        }
+        true
+    }
+}
+
+/// The budget of storage commitment request datasets ([`DATASET_BUDGET`]).
+pub static DATASETS: Budget = Budget::new(DATASET_BUDGET);
+
+/// The senders of reports on new associations ([`MAX_REPORT_SENDERS`]).
+pub static REPORT_SENDERS: Semaphore = Semaphore::const_new(MAX_REPORT_SENDERS);
 
 /// The role negotiation of the SCP: for the Storage Commitment Push Model SOP class the
 /// roles the requester proposes are accepted as proposed (the PACS opening a new
@@ -156,12 +203,15 @@ pub fn mode<'a>(peers: &'a Peers, calling: &str) -> Option<&'a CommitmentPeer> {
 }
 
 /// Sends `report` on a new association to the requester `peer` (AE title: its
-/// `ae_title`, else `calling`), from `ours`, proposing the SCP role; a few attempts.
+/// `ae_title`, else `calling`), from `ours`, proposing the SCP role; a few attempts,
+/// given up when the gateway stops. `_sender` is its place among [`REPORT_SENDERS`].
 pub async fn report_on_new_association(
     peer: CommitmentPeer,
     ours: String,
     calling: String,
     report: Report,
+    shutdown: CancellationToken,
+    _sender: SemaphorePermit<'static>,
 ) {
     let called = if peer.ae_title.is_empty() {
         calling
@@ -169,7 +219,19 @@ pub async fn report_on_new_association(
         peer.ae_title.clone()
     };
     for attempt in 1..=REPORT_ATTEMPTS {
-        match deliver(&peer.address, &ours, &called, &report).await {
+        let delivered = tokio::select! {
+            delivered = deliver(&peer.address, &ours, &called, &report) => delivered,
+            () = shutdown.cancelled() => {
+                warn!(
+                    transaction = %report.transaction_uid,
+                    requester = %called,
+                    "storage commitment report not sent: the gateway is shutting down; the \
+                     requester must ask again"
+                );
+                return;
+            }
+        };
+        match delivered {
             Ok(status) if status == status::SUCCESS => {
                 info!(
                     transaction = %report.transaction_uid,
@@ -194,7 +256,12 @@ pub async fn report_on_new_association(
                     attempt,
                     "cannot send the storage commitment report: {e}"
                 );
-                tokio::time::sleep(Duration::from_secs(u64::from(attempt))).await;
+                if attempt < REPORT_ATTEMPTS {
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_secs(u64::from(attempt))) => {}
+                        () = shutdown.cancelled() => return,
+                    }
+                }
             }
         }
     }
@@ -235,7 +302,7 @@ async fn deliver(address: &str, ours: &str, called: &str, report: &Report) -> Re
         &mut association,
         context_id,
         event_report_request(
-            1,
+            REPORT_MESSAGE_ID,
             commitment::SOP_CLASS,
             commitment::SOP_INSTANCE,
             report.event_type(),
@@ -249,6 +316,7 @@ async fn deliver(address: &str, ours: &str, called: &str, report: &Report) -> Re
             Ok(Received::Message(message)) => {
                 if let Ok(response) = Response::decode(&message.command)
                     && response.field == field::N_EVENT_REPORT_RSP
+                    && response.responding_to == REPORT_MESSAGE_ID
                 {
                     let _ = association.release().await;
                     return Ok(response.status);
@@ -261,29 +329,54 @@ async fn deliver(address: &str, ours: &str, called: &str, report: &Report) -> Re
 }
 
 /// Whether `called` / `calling` from `peer` is the local PACS with a report for an
-/// import; `None` when it is not such an association at all.
+/// import; `None` when the AE titles are not those of such an association at all. The
+/// address `inbound.pacs` names is resolved within `wait`; an IPv4 peer seen as an
+/// IPv4-mapped IPv6 address (a dual-stack listener) matches its IPv4 address.
 pub async fn is_report_association(
     imports: &ImportReports,
     called: &str,
     calling: &str,
     peer: SocketAddr,
+    wait: Duration,
 ) -> Option<bool> {
     if called.trim() != imports.ours || calling.trim() != imports.pacs_ae {
         return None;
     }
-    let from_pacs = match tokio::net::lookup_host(imports.pacs_address.as_str()).await {
-        Ok(mut addresses) => addresses.any(|a| a.ip() == peer.ip()),
-        Err(_) => false,
-    };
+    let peer = peer.ip().to_canonical();
+    let from_pacs =
+        match tokio::time::timeout(wait, tokio::net::lookup_host(imports.pacs_address.as_str()))
+            .await
+        {
+            Ok(Ok(mut addresses)) => addresses.any(|a| a.ip().to_canonical() == peer),
+            Ok(Err(e)) => {
+                warn!(
+                    address = %imports.pacs_address,
+                    "inbound.pacs cannot be resolved to check a storage commitment report \
+                     association: {e}"
+                );
+                false
+            }
+            Err(_) => {
+                warn!(
+                    address = %imports.pacs_address,
+                    "inbound.pacs was not resolved within {} s to check a storage commitment \
+                     report association (dicom.association_timeout)",
+                    wait.as_secs()
+                );
+                false
+            }
+        };
     Some(from_pacs)
 }
 
 /// Serves an association the local PACS opened to deliver storage commitment reports:
 /// N-EVENT-REPORTs only, each handed to the import waiting for its transaction and
-/// answered; anything else aborts the association.
+/// answered; anything else, or the gateway stopping between messages, aborts the
+/// association.
 pub async fn serve_reports<A: crate::dicom::tls::Messages>(
     association: &mut A,
     imports: &ImportReports,
+    shutdown: &CancellationToken,
 ) -> Result<(), String> {
     let contexts: Vec<(u8, String)> = association
         .presentation_contexts()
@@ -293,10 +386,12 @@ pub async fn serve_reports<A: crate::dicom::tls::Messages>(
         .map(|pc| (pc.id, pc.transfer_syntax.clone()))
         .collect();
     loop {
-        let message = match receive_message(association)
-            .await
-            .map_err(|e| e.to_string())?
-        {
+        let received = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => return Err("the gateway is shutting down".into()),
+            received = receive_message(association) => received,
+        };
+        let message = match received.map_err(|e| e.to_string())? {
             Received::Message(message) => message,
             Received::Released | Received::Aborted => return Ok(()),
         };
@@ -311,29 +406,7 @@ pub async fn serve_reports<A: crate::dicom::tls::Messages>(
                 "{command} on the storage commitment report association"
             ));
         }
-        let decoded = Encoding::of(syntax).and_then(|encoding| {
-            decode_report(message.dataset.as_deref().unwrap_or_default(), encoding)
-        });
-        let (code, comment) = match decoded {
-            Ok(report) => {
-                let transaction = report.transaction_uid.clone();
-                let summary = report.to_string();
-                if imports.reports.deliver(report) {
-                    info!(%transaction, "storage commitment report from the PACS ({summary})");
-                } else {
-                    info!(
-                        %transaction,
-                        "storage commitment report from the PACS for a transaction no import \
-                         waits for (an earlier attempt's); acknowledged and ignored"
-                    );
-                }
-                (status::SUCCESS, None)
-            }
-            Err(e) => {
-                warn!("the PACS's storage commitment report cannot be read: {e}");
-                (status::INVALID_ARGUMENT_VALUE, Some(e.to_string()))
-            }
-        };
+        let (code, comment) = take_report(imports, &command, message.dataset.as_deref(), syntax);
         send_message(
             association,
             message.context_id,
@@ -345,9 +418,70 @@ pub async fn serve_reports<A: crate::dicom::tls::Messages>(
     }
 }
 
+/// Reads a report of the local PACS (`command` and its dataset, in `syntax`) and hands it
+/// to the import waiting for its transaction: the N-EVENT-REPORT-RSP status and comment.
+pub fn take_report(
+    imports: &ImportReports,
+    command: &Command,
+    dataset: Option<&[u8]>,
+    syntax: &str,
+) -> (u16, Option<String>) {
+    if command.sop_instance_uid != commitment::SOP_INSTANCE {
+        let why = "N-EVENT-REPORT not on the Storage Commitment Push Model SOP instance";
+        warn!("the PACS's storage commitment report refused: {why}");
+        return (status::NO_SUCH_SOP_INSTANCE, Some(why.to_owned()));
+    }
+    if !matches!(
+        command.type_id,
+        Some(commitment::EVENT_SUCCESS | commitment::EVENT_FAILURES)
+    ) {
+        let why = "only Event Type ID 1 or 2 (storage commitment result) is known";
+        warn!("the PACS's storage commitment report refused: {why}");
+        return (status::NO_SUCH_EVENT_TYPE, Some(why.to_owned()));
+    }
+    let decoded = dataset
+        .ok_or(commitment::CommitmentError::Missing("the report's dataset"))
+        .and_then(|bytes| Encoding::of(syntax).and_then(|e| decode_report(bytes, e)));
+    match decoded {
+        Ok(report) => {
+            let transaction = report.transaction_uid.clone();
+            let summary = report.to_string();
+            if imports.reports.deliver(report) {
+                info!(%transaction, "storage commitment report from the PACS ({summary})");
+            } else {
+                info!(
+                    %transaction,
+                    "storage commitment report from the PACS for a transaction no import \
+                     waits for (an earlier attempt's); acknowledged and ignored"
+                );
+            }
+            (status::SUCCESS, None)
+        }
+        Err(e) => {
+            warn!("the PACS's storage commitment report cannot be read: {e}");
+            (status::INVALID_ARGUMENT_VALUE, Some(e.to_string()))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The budget is shared by every holder, refuses what would go beyond it without
+    /// taking anything, and gets back what a holder drops.
+    #[test]
+    fn the_dataset_budget_is_shared_and_given_back() {
+        static SMALL: Budget = Budget::new(100);
+        let (mut a, mut b) = (None, None);
+        assert!(SMALL.take(&mut a, 60));
+        assert!(!SMALL.take(&mut b, 50), "over the budget");
+        assert!(SMALL.take(&mut b, 40));
+        assert!(!SMALL.take(&mut a, 1), "spent");
+        drop(a);
+        assert!(SMALL.take(&mut b, 60), "given back");
+        assert!(!SMALL.take(&mut b, usize::MAX), "beyond any budget");
+    }
 
     /// The configuration keeps the case of `[dicom.commitment.<AE>]` as the file writes it,
     /// while an environment variable can only name it in lower case: the calling AE title

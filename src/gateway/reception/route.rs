@@ -150,13 +150,17 @@ impl AccessControl for RouteAccess {
         called_ae_title: &str,
         _user_identity: Option<&UserIdentity>,
     ) -> Result<(), AssociationRJServiceUserReason> {
-        if self.reports_from.as_ref().is_some_and(|(ours, pacs)| {
-            ours == called_ae_title.trim() && pacs == calling_ae_title.trim()
-        }) {
-            return Ok(());
-        }
         match self.routes.admit(calling_ae_title, called_ae_title) {
             Ok(_) => Ok(()),
+            // Not a route this caller may use, but the local PACS with a storage
+            // commitment report: admitted for that only (the association decides).
+            Err(_)
+                if self.reports_from.as_ref().is_some_and(|(ours, pacs)| {
+                    ours == called_ae_title.trim() && pacs == calling_ae_title.trim()
+                }) =>
+            {
+                Ok(())
+            }
             Err(refusal) => {
                 tracing::warn!(
                     peer = %self.peer,

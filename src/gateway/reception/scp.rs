@@ -39,7 +39,9 @@ use crate::dicom::dimse::{Command, MAX_COMMAND_LENGTH, Response, command_pdu, fi
 use crate::dicom::syntax::{ABSTRACT_SYNTAXES, TRANSFER_SYNTAXES, VERIFICATION};
 use crate::dicom::tls::{Link, ServerTls};
 use crate::gateway::reception::batch::{Joined, Recorded};
-use crate::gateway::reception::commitment::{CommitmentRoles, ImportReports};
+use crate::gateway::reception::commitment::{
+    self as commitment_scp, CommitmentRoles, ImportReports,
+};
 use crate::gateway::reception::route::{Route, RouteAccess, Routes};
 use crate::gateway::reception::spool::{Incoming, InstanceHeader, Spool, StoreError, Stored};
 use crate::repository::listener::PerAddress;
@@ -184,6 +186,7 @@ impl Listener {
             let slots = self.slots.clone();
             let shutdown = self.shutdown.clone();
             let tls = self.tls.clone();
+            let tracker = self.tracker.clone();
             let span = info_span!("association", id = next_id, peer = %peer);
             self.tracker.spawn(
                 async move {
@@ -193,7 +196,7 @@ impl Listener {
                         return;
                     };
                     drop(waiting);
-                    serve_association(ctx, socket, peer, shutdown, tls).await;
+                    serve_association(ctx, socket, peer, shutdown, tracker, tls).await;
                     drop((slot, peer_slot));
                 }
                 .instrument(span),
@@ -415,6 +418,7 @@ async fn serve_association(
     socket: TcpStream,
     peer: SocketAddr,
     shutdown: CancellationToken,
+    tracker: TaskTracker,
     tls: Option<Arc<ServerTls>>,
 ) {
     let options = negotiation_options(&ctx, peer, tls.as_deref());
@@ -470,38 +474,55 @@ async fn serve_association(
             return;
         }
     };
-    if let Some(imports) = &ctx.import_reports {
-        let calling = association.peer_ae_title().to_owned();
-        let called = association.called_ae_title().to_owned();
-        match crate::gateway::reception::commitment::is_report_association(
-            imports, &called, &calling, peer,
-        )
-        .await
-        {
-            Some(true) => {
-                info!(calling = %calling.trim(), "storage commitment report association from the PACS");
-                if let Err(why) =
-                    crate::gateway::reception::commitment::serve_reports(&mut association, imports)
-                        .await
-                {
-                    warn!("storage commitment report association aborted: {why}");
+    // Sorted per message, not per association: the PACS calling a route AE title that is
+    // also `inbound.calling_ae_title` sends C-STOREs and N-ACTIONs as any sender, and its
+    // N-EVENT-REPORTs there are the reports of imports.
+    let called = association.called_ae_title().to_owned();
+    let calling = association.peer_ae_title().trim().to_owned();
+    let route = ctx.routes.admit(&calling, &called).ok().cloned();
+    let reports = match &ctx.import_reports {
+        Some(imports) => {
+            match crate::gateway::reception::commitment::is_report_association(
+                imports,
+                &called,
+                &calling,
+                peer,
+                ctx.config.association_timeout(),
+            )
+            .await
+            {
+                Some(true) => Some(imports.clone()),
+                Some(false) if route.is_none() => {
+                    warn!(
+                        calling = %calling,
+                        "association refused: the PACS's AE title calling the import AE title, \
+                         but not from inbound.pacs's address"
+                    );
                     let _ = association.abort().await;
+                    return;
                 }
-                return;
+                _ => None,
             }
-            Some(false) => {
-                warn!(
-                    calling = %calling.trim(),
-                    "association refused: the PACS's AE title calling the import AE title, \
-                     but not from inbound.pacs's address"
-                );
-                let _ = association.abort().await;
-                return;
-            }
-            None => {}
         }
-    }
-    let Some(route) = ctx.routes.by_called(association.called_ae_title()).cloned() else {
+        None => None,
+    };
+    let Some(route) = route else {
+        if let Some(imports) = reports {
+            ctx.metrics.associations_active.inc();
+            let _active = ActiveGuard(ctx.metrics.clone());
+            info!(calling = %calling, "storage commitment report association from the PACS");
+            if let Err(why) = crate::gateway::reception::commitment::serve_reports(
+                &mut association,
+                &imports,
+                &shutdown,
+            )
+            .await
+            {
+                warn!("storage commitment report association aborted: {why}");
+                let _ = association.abort().await;
+            }
+            return;
+        }
         // The access check admits only known AE titles; abort defensively.
         let _ = association.abort().await;
         return;
@@ -509,7 +530,6 @@ async fn serve_association(
     ctx.metrics.associations_active.inc();
     let _active = ActiveGuard(ctx.metrics.clone());
     ctx.metrics.associations_accepted.inc();
-    let calling = association.peer_ae_title().trim().to_owned();
     info!(
         calling = %calling,
         called = %route.ae_title,
@@ -517,6 +537,8 @@ async fn serve_association(
         "association accepted"
     );
     let mut state = AssociationState::new(ctx, route, calling);
+    state.import_reports = reports;
+    state.tasks = Some((tracker, shutdown.clone()));
     let end = state.run(&mut association, &shutdown).await;
     if end.needs_abort() {
         let _ = association.abort().await;
@@ -587,11 +609,15 @@ struct PendingStore {
     incoming: Result<Incoming, StoreError>,
 }
 
-/// An N-ACTION whose dataset is arriving.
+/// An N-ACTION (or, from the local PACS, an N-EVENT-REPORT) whose dataset is arriving.
 struct PendingAction {
     command: Command,
     context_id: u8,
     data: Vec<u8>,
+    /// Its share of [`commitment_scp::DATASETS`].
+    held: Option<tokio::sync::SemaphorePermit<'static>>,
+    /// Why it is being read to its end and discarded: the failure status and comment.
+    discarded: Option<(u16, String)>,
 }
 
 /// Per-association state: what has been received so far and what to report at the end.
@@ -602,6 +628,11 @@ struct AssociationState {
     command: Vec<u8>,
     pending: Option<PendingStore>,
     pending_action: Option<PendingAction>,
+    /// Where the local PACS's reports of imports go, when this association is the PACS
+    /// calling `inbound.calling_ae_title` (also a route's AE title) from its address.
+    import_reports: Option<Arc<ImportReports>>,
+    /// Where reports on new associations are spawned and the gateway's stop signal.
+    tasks: Option<(TaskTracker, CancellationToken)>,
     /// Message ID of the next N-EVENT-REPORT sent on this association.
     next_message_id: u16,
     contexts: Vec<(u8, String, String)>,
@@ -624,6 +655,8 @@ impl AssociationState {
             command: Vec::new(),
             pending: None,
             pending_action: None,
+            import_reports: None,
+            tasks: None,
             next_message_id: 1,
             contexts: Vec::new(),
             instances: 0,
@@ -723,15 +756,15 @@ impl AssociationState {
                 if action.context_id != value.presentation_context_id {
                     return Err("dataset fragment on another presentation context".into());
                 }
-                if action.data.len() + value.data.len() > commitment::MAX_DATASET_LENGTH {
-                    return Err(format!(
-                        "storage commitment request larger than {} bytes (at most {} \
-                         instances per request)",
-                        commitment::MAX_DATASET_LENGTH,
-                        commitment::MAX_REFERENCES
-                    ));
+                if action.discarded.is_none() {
+                    action.discarded = hold(action, value.data.len());
+                    if action.discarded.is_some() {
+                        action.data = Vec::new();
+                        action.held = None;
+                    } else {
+                        action.data.extend_from_slice(&value.data);
+                    }
                 }
-                action.data.extend_from_slice(&value.data);
                 if value.is_last {
                     let action = self.pending_action.take().expect("checked by the guard");
                     self.on_action(association, action).await?;
@@ -804,22 +837,48 @@ impl AssociationState {
                 });
                 Ok(())
             }
-            field::N_ACTION_RQ
-                if command.has_data_set && abstract_syntax == commitment::SOP_CLASS =>
+            field::N_ACTION_RQ if abstract_syntax == commitment::SOP_CLASS => {
+                self.expect_dataset(association, command, context_id).await
+            }
+            field::N_EVENT_REPORT_RQ
+                if abstract_syntax == commitment::SOP_CLASS && self.import_reports.is_some() =>
             {
-                self.pending_action = Some(PendingAction {
-                    command,
-                    context_id,
-                    data: Vec::new(),
-                });
-                Ok(())
+                self.expect_dataset(association, command, context_id).await
             }
             _ => Err(format!("{command} is not supported by this SCP")),
         }
     }
 
-    /// A whole Storage Commitment request: answered at once, checked against the spool,
-    /// reported on this association or on a new one as `dicom.commitment` says.
+    /// Waits for the dataset of a Storage Commitment message; one announced without a
+    /// dataset is answered 0x0115 at once.
+    async fn expect_dataset(
+        &mut self,
+        association: &mut Association,
+        command: Command,
+        context_id: u8,
+    ) -> Result<(), String> {
+        let action = PendingAction {
+            discarded: (!command.has_data_set).then(|| {
+                (
+                    status::INVALID_ARGUMENT_VALUE,
+                    format!("{command} without a dataset"),
+                )
+            }),
+            command,
+            context_id,
+            data: Vec::new(),
+            held: None,
+        };
+        if action.discarded.is_some() {
+            return self.on_action(association, action).await;
+        }
+        self.pending_action = Some(action);
+        Ok(())
+    }
+
+    /// A whole Storage Commitment message. A request is answered at once, checked against
+    /// the spool, reported on this association or on a new one as `dicom.commitment`
+    /// says; a report from the local PACS goes to the import waiting for it.
     async fn on_action(
         &mut self,
         association: &mut Association,
@@ -829,13 +888,35 @@ impl AssociationState {
             command,
             context_id,
             data,
+            held,
+            discarded,
         } = action;
+        if let Some((code, why)) = discarded {
+            warn!(
+                calling = %self.calling,
+                status = format_args!("0x{code:04X}"),
+                "storage commitment message refused: {why}"
+            );
+            return respond(association, context_id, command.response(code, Some(&why))).await;
+        }
         let syntax = self
             .contexts
             .iter()
             .find(|(id, _, _)| *id == context_id)
             .map(|(_, _, ts)| ts.clone())
             .unwrap_or_default();
+        if command.field == field::N_EVENT_REPORT_RQ
+            && let Some(imports) = &self.import_reports
+        {
+            let (code, comment) =
+                commitment_scp::take_report(imports, &command, Some(&data), &syntax);
+            return respond(
+                association,
+                context_id,
+                command.response(code, comment.as_deref()),
+            )
+            .await;
+        }
         let decoded = if command.sop_instance_uid != commitment::SOP_INSTANCE {
             Err((
                 status::NO_SUCH_SOP_INSTANCE,
@@ -884,7 +965,9 @@ impl AssociationState {
             instances = request.references.len(),
             "storage commitment request received"
         );
+        drop(data);
         let report = self.check(request).await?;
+        drop(held);
         info!(
             calling = %self.calling,
             transaction = %report.transaction_uid,
@@ -892,18 +975,29 @@ impl AssociationState {
             failed = report.failed.len(),
             "storage commitment result"
         );
-        if let Some(peer) =
-            crate::gateway::reception::commitment::mode(&self.ctx.config.commitment, &self.calling)
+        if let Some(peer) = commitment_scp::mode(&self.ctx.config.commitment, &self.calling)
+            && let Some((tracker, shutdown)) = &self.tasks
         {
-            tokio::spawn(
-                crate::gateway::reception::commitment::report_on_new_association(
-                    peer.clone(),
-                    self.route.ae_title.clone(),
-                    self.calling.clone(),
-                    report,
+            match commitment_scp::REPORT_SENDERS.try_acquire() {
+                Ok(sender) => {
+                    tracker.spawn(commitment_scp::report_on_new_association(
+                        peer.clone(),
+                        self.route.ae_title.clone(),
+                        self.calling.clone(),
+                        report,
+                        shutdown.clone(),
+                        sender,
+                    ));
+                    return Ok(());
+                }
+                Err(_) => warn!(
+                    calling = %self.calling,
+                    transaction = %report.transaction_uid,
+                    "{} storage commitment reports are being sent on new associations already; \
+                     this one goes back on the association of its request",
+                    commitment_scp::MAX_REPORT_SENDERS
                 ),
-            );
-            return Ok(());
+            }
         }
         let message_id = self.next_message_id;
         self.next_message_id = self.next_message_id.wrapping_add(1);
@@ -1062,6 +1156,33 @@ impl AssociationState {
             end.describe()
         );
     }
+}
+
+/// Takes `more` bytes of the storage commitment budget for the dataset of `action`:
+/// `None` when taken, else the failure status and comment it gets once read to its end.
+fn hold(action: &mut PendingAction, more: usize) -> Option<(u16, String)> {
+    if action.data.len().saturating_add(more) > commitment::MAX_DATASET_LENGTH {
+        return Some((
+            status::RESOURCE_LIMITATION,
+            format!(
+                "storage commitment dataset larger than {} bytes: send at most {} instances \
+                 per request",
+                commitment::MAX_DATASET_LENGTH,
+                commitment::MAX_REFERENCES
+            ),
+        ));
+    }
+    if !commitment_scp::DATASETS.take(&mut action.held, more) {
+        return Some((
+            status::RESOURCE_LIMITATION,
+            format!(
+                "the gateway already holds {} MiB of storage commitment requests from all \
+                 associations; ask again later",
+                commitment_scp::DATASET_BUDGET >> 20
+            ),
+        ));
+    }
+    None
 }
 
 /// Writes buffered bytes to the temp file on the blocking pool; a failure is kept and
