@@ -317,6 +317,17 @@ pub enum Transcode {
     WhenRefused,
 }
 
+impl std::fmt::Display for Transcode {
+    /// The name the value takes in the configuration file (and `--transcode`), so that
+    /// the command line shows the configuration's default.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Transcode::Never => "never",
+            Transcode::WhenRefused => "when-refused",
+        })
+    }
+}
+
 /// What the inbound pipeline does with the sender's Patient ID.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -1581,6 +1592,21 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn transcode_is_shown_by_the_name_the_configuration_takes() {
+        for mode in [Transcode::Never, Transcode::WhenRefused] {
+            let shown = mode.to_string();
+            let read = Transcode::deserialize(serde::de::value::StrDeserializer::<
+                serde::de::value::Error,
+            >::new(&shown));
+            assert_eq!(read.ok(), Some(mode), "{shown}");
+        }
+        assert_eq!(
+            InboundConfig::default().transcode.to_string(),
+            "when-refused"
+        );
+    }
 
     fn parse(toml: &str) -> Result<Config, ConfigError> {
         let dir = tempfile::tempdir().expect("tempdir");

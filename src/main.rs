@@ -376,7 +376,7 @@ struct ImportArgs {
     tls_server_name: Option<String>,
     /// "when-refused": decode compressed pixel data the PACS accepts only uncompressed
     /// (JPEG, JPEG 2000, RLE); "never": refuse such instances (as inbound.transcode).
-    #[arg(long, default_value = "when-refused", value_parser = transcode_mode)]
+    #[arg(long, default_value_t = InboundConfig::default().transcode, value_parser = transcode_mode)]
     transcode: cloudpdi::config::Transcode,
     /// Files or folders (walked recursively; DICOMDIR and non-DICOM files are skipped).
     #[arg(required = true)]

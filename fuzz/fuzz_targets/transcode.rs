@@ -1,7 +1,7 @@
 //! Decoding compressed pixel data for a PACS that refuses its transfer syntax
 //! (`dicom::transcode::decode`): the image attributes and the fragments come from the
 //! input, so the size bound, the checks of each frame's own size (JPEG SOF, JPEG 2000
-//! SIZ) against the header, and the codecs themselves (jpeg-decoder, openjp2, the
+//! SIZ) against the header, and the codecs themselves (jpeg-decoder, OpenJPEG, the
 //! registry's RLE decoder) all see hostile data. A panic inside a codec is caught by
 //! `decode` and reported as an error (see its module documentation); libFuzzer's panic
 //! hook, which aborts at once, is therefore replaced by a silent one, so that only a

@@ -723,6 +723,7 @@ impl Lane {
             .clone()
             .filter(|r| r.policy != PatientIdPolicy::Keep);
         let transcode = self.target.transcode;
+        let reconciling = reconcile.is_some();
         let association = self.association().await?;
         let refused = |reason| {
             Ok(Outcome::Refused {
@@ -730,17 +731,44 @@ impl Lane {
                 reason,
             })
         };
-        let plan = match plan_for(association, instance, reconcile.is_some(), transcode) {
+        let mut plan = match plan_for(association, instance, reconciling, transcode) {
             Ok(plan) => plan,
             Err(reason) => return refused(reason),
         };
         // The memory budget of a decoded instance is held until the PACS answered.
         let (payload, _budget) = match plan.rewrite {
             false => (None, None),
-            true => match rewrite(instance, &plan.syntax, reconcile, plan.decode).await {
-                Ok((bytes, budget)) => (Some(bytes), budget),
-                Err(reason) => return refused(reason),
-            },
+            true => {
+                let (object, needed) = match read(instance, reconcile, plan.decode).await {
+                    Ok(read) => read,
+                    Err(reason) => return refused(reason),
+                };
+                let budget = match needed {
+                    None => None,
+                    Some(bytes) => Some(match transcode::try_reserve(bytes) {
+                        Some(budget) => budget,
+                        None => {
+                            // Other instances are being decoded: the wait may be long, and
+                            // a PACS may drop an association left idle, so it is released
+                            // and opened again (with its plan) once the memory is free.
+                            if let Some(association) = self.association.take() {
+                                let _ = association.release().await;
+                            }
+                            let budget = transcode::reserve(bytes).await;
+                            let association = self.association().await?;
+                            plan = match plan_for(association, instance, reconciling, transcode) {
+                                Ok(plan) => plan,
+                                Err(reason) => return refused(reason),
+                            };
+                            budget
+                        }
+                    }),
+                };
+                match encode(instance, object, &plan.syntax, plan.decode, budget).await {
+                    Ok((bytes, budget)) => (Some(bytes), budget),
+                    Err(reason) => return refused(reason),
+                }
+            }
         };
         self.message_id = self.message_id.wrapping_add(1).max(1);
         let message_id = self.message_id;
@@ -1091,24 +1119,21 @@ async fn receive_response(
     }
 }
 
-/// Re-encodes a dataset into `ts` (its own syntax or another uncompressed one), after
-/// reconciling its patient identity and, with `decode`, decoding its compressed pixel
-/// data ([`transcode::decode`]). Blocking work with the whole instance in memory, off
-/// the async runtime: only for reconciliation, for the rare PACS that needs another byte
-/// order, and for decoding, whose size is checked against [`transcode::MAX_DECODED_BYTES`]
-/// before anything is allocated and whose memory is reserved from the budget shared by
-/// all associations ([`transcode::reserve`]); the reservation is returned with the bytes
-/// and must be held until they are sent. Without `decode`, compressed pixel data is
-/// carried over as it is.
-async fn rewrite(
+/// Reads an instance to re-encode it ([`encode`]) and reconciles its patient identity;
+/// with `decode`, also says how much memory decoding its compressed pixel data will take
+/// ([`transcode::memory_needed`], refused over [`transcode::MAX_DECODED_BYTES`] decoded
+/// before anything is allocated), to be reserved from the budget shared by all
+/// associations ([`transcode::reserve`]) before [`encode`] runs. Blocking work with the
+/// whole instance in memory, off the async runtime: only for reconciliation, for the
+/// rare PACS that needs another byte order, and for decoding.
+async fn read(
     instance: &Instance,
-    ts: &str,
     reconcile: Option<Reconciler>,
     decode: bool,
-) -> Result<(Vec<u8>, Option<tokio::sync::SemaphorePermit<'static>>), String> {
+) -> Result<(transcode::DicomFile, Option<u64>), String> {
     let path = instance.path.clone();
     let (offset, own_ts) = (instance.dataset_offset, instance.transfer_syntax.clone());
-    let (mut object, decoded) = tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || {
         // dicom-object's parser recurses per sequence level: bounded bytes only.
         super::depth::check_file(&path, offset, &own_ts, offset.saturating_sub(132))
             .map_err(|e| format!("{}: {e}", path.display()))?;
@@ -1119,24 +1144,35 @@ async fn rewrite(
                 .apply(&mut object)
                 .map_err(|e| format!("{}: {e}", path.display()))?;
         }
-        let decoded = match decode {
+        let needed = match decode {
             false => None,
             true => Some(
-                transcode::decoded_size(&object, transcode::MAX_DECODED_BYTES)
+                transcode::memory_needed(&object, transcode::MAX_DECODED_BYTES)
                     .map_err(|e| e.to_string())?,
             ),
         };
-        Ok::<_, String>((object, decoded))
+        Ok::<_, String>((object, needed))
     })
     .await
-    .map_err(|e| e.to_string())??;
-    let budget = match decoded {
-        Some(bytes) => Some(transcode::reserve(bytes).await),
-        None => None,
-    };
+    .map_err(|e| e.to_string())?
+}
+
+/// Re-encodes a dataset read by [`read`] into `ts` (its own syntax or another
+/// uncompressed one), with `decode` after decoding its compressed pixel data
+/// ([`transcode::decode`]); without it, compressed pixel data is carried over as it is.
+/// The memory reservation (`budget`) goes into the blocking task and comes back with the
+/// bytes, to be held until they are sent: a send cancelled meanwhile does not free
+/// memory the decoder still uses.
+async fn encode(
+    instance: &Instance,
+    mut object: transcode::DicomFile,
+    ts: &str,
+    decode: bool,
+    budget: Option<tokio::sync::SemaphorePermit<'static>>,
+) -> Result<(Vec<u8>, Option<tokio::sync::SemaphorePermit<'static>>), String> {
     let path = instance.path.clone();
     let ts = ts.to_owned();
-    let bytes = tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || {
         use dicom_encoding::TransferSyntaxIndex;
         let target = dicom_transfer_syntax_registry::TransferSyntaxRegistry
             .get(&ts)
@@ -1149,11 +1185,10 @@ async fn rewrite(
         object
             .write_dataset_with_ts(&mut bytes, target)
             .map_err(|e| format!("cannot convert {} to {ts}: {e}", path.display()))?;
-        Ok::<_, String>(bytes)
+        Ok::<_, String>((bytes, budget))
     })
     .await
-    .map_err(|e| e.to_string())??;
-    Ok((bytes, budget))
+    .map_err(|e| e.to_string())?
 }
 
 #[cfg(test)]
