@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use common::{Repository, free_port, gen_ct, run};
+use common::{Repository, free_port, gen_ct, run, text};
 
 fn cloudpdi_in(dir: &Path, args: &[&str]) -> Output {
     run(Command::new(env!("CARGO_BIN_EXE_cloudpdi"))
@@ -18,14 +18,6 @@ fn cloudpdi_in(dir: &Path, args: &[&str]) -> Output {
 
 fn cloudpdi(args: &[&str]) -> Output {
     cloudpdi_in(Path::new(env!("CARGO_MANIFEST_DIR")), args)
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 #[test]

@@ -234,14 +234,7 @@ fn import_waits_for_orthancs_commitment_and_sends_again_what_it_did_not_commit()
     let study = dir.path().join("study");
     gen_ct(&study, 3, &["--patient-id", "P1"]);
     let files = files_in(&study);
-    let out = storescu(&site, "MODALITY", &[], &files);
-    assert!(out.status.success(), "{out:?}");
-    let token = wait_for("a token", Duration::from_secs(60), || {
-        tokens(&site).into_iter().next()
-    });
-    let inbox = site.dir.join("data/inbox");
-    std::fs::create_dir_all(&inbox).unwrap();
-    std::fs::copy(&token, inbox.join(token.file_name().unwrap())).unwrap();
+    send_to_self(&site, &files);
 
     // The first attempt: one instance not committed, listed with Orthanc's reason.
     let failed = wait_for(
@@ -518,14 +511,7 @@ fn import_into(dir: &Path, pacs: &CommitPacs, files: &[PathBuf]) -> Daemon {
             pacs.port
         ),
     );
-    let out = storescu(&site, "MODALITY", &[], files);
-    assert!(out.status.success(), "{out:?}");
-    let token = wait_for("a token", Duration::from_secs(60), || {
-        tokens(&site).into_iter().next()
-    });
-    let inbox = site.dir.join("data/inbox");
-    std::fs::create_dir_all(&inbox).unwrap();
-    std::fs::copy(&token, inbox.join(token.file_name().unwrap())).unwrap();
+    send_to_self(&site, files);
     site
 }
 

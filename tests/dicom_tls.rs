@@ -101,14 +101,6 @@ fn dcmtk(program: &str, port: u16, args: &[&str], files: &[PathBuf]) -> Output {
         .args(files))
 }
 
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 #[test]
 fn dcmtk_stores_over_tls_beside_the_plain_port_and_each_refusal_names_its_cause() {
     let dir = tempfile::tempdir().unwrap();

@@ -62,14 +62,6 @@ fn wait_imports_done(
     })
 }
 
-/// Drops a copy of a token file into site B's watch folder.
-fn hand_over(token: &Path, site: &Daemon) {
-    let inbox = site.dir.join("data/inbox");
-    std::fs::create_dir_all(&inbox).unwrap();
-    let name = token.file_name().unwrap();
-    std::fs::copy(token, inbox.join(name)).unwrap();
-}
-
 /// Checks that Orthanc holds exactly the originals (by SOP Instance UID), with identical
 /// pixel data and the Patient ID prefixed with the sender's code, the original kept.
 fn assert_imported(orthanc: &Orthanc, originals: &[PathBuf], work: &Path) {

@@ -2,9 +2,13 @@
 //! files), and tokens sealed between keys made that way.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Output};
+
+use common::text;
 
 use cloudpdi::facility::{FacilityKey, Fingerprint, PublicKey, SealError, open, seal};
 
@@ -14,14 +18,6 @@ fn cloudpdi(args: &[&str], file: &Path) -> Output {
         .arg(file)
         .output()
         .unwrap()
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 /// The value printed after `label` on its own line.

@@ -5,11 +5,15 @@
 //! `ulimit -v` around the real binary where an unbounded read would exhaust it.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
+
+use common::text;
 
 use cloudpdi::container::{Compression, ContainerError, Options};
 use cloudpdi::repository::client::{Client, ClientError, ClientOptions};
@@ -136,14 +140,6 @@ fn cloudpdi_capped(memory_kib: u64, seconds: u64, args: &[&str]) -> (Output, Dur
         .output()
         .unwrap();
     (output, started.elapsed())
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 /// A configuration with these [inbound] keys (and the one route a configuration needs).

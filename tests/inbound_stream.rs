@@ -215,13 +215,6 @@ fn receiver_keeping_ids(dir: &Path, pacs: &Pacs) -> Daemon {
     )
 }
 
-/// Drops a copy of a token file into `site`'s watch folder.
-fn hand_over(token: &Path, site: &Daemon) {
-    let inbox = site.dir.join("data/inbox");
-    std::fs::create_dir_all(&inbox).unwrap();
-    std::fs::copy(token, inbox.join(token.file_name().unwrap())).unwrap();
-}
-
 /// The one inbound job of `site` once it is in `state`.
 fn job_in(site: &Daemon, state: &str, within: Duration) -> serde_json::Value {
     wait_for(&format!("the job to be {state}"), within, || {

@@ -35,14 +35,7 @@ fn send_and_hand_over(site: &Daemon, dir: &Path, slices: usize) -> Vec<PathBuf> 
     let study = dir.join("study");
     gen_ct(&study, slices, &["--patient-id", "P1"]);
     let files = files_in(&study);
-    let out = storescu(site, "MODALITY", &[], &files);
-    assert!(out.status.success(), "{out:?}");
-    let token = wait_for("a token", Duration::from_secs(60), || {
-        tokens(site).into_iter().next()
-    });
-    let inbox = site.dir.join("data/inbox");
-    std::fs::create_dir_all(&inbox).unwrap();
-    std::fs::copy(&token, inbox.join(token.file_name().unwrap())).unwrap();
+    send_to_self(site, &files);
     files
 }
 

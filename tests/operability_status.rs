@@ -266,9 +266,7 @@ fn status_names_the_patient_the_token_and_the_receipt() {
     assert_eq!(batch["study"]["accession"], "ACCSTAT01");
 
     // Site B imports; its receipt shows on site A's status.
-    let inbox = b.dir.join("data/inbox");
-    std::fs::create_dir_all(&inbox).unwrap();
-    std::fs::copy(&token, inbox.join(token.file_name().unwrap())).unwrap();
+    hand_over(&token, &b);
     let document = wait_for(
         "site B's receipt on site A's status",
         Duration::from_secs(90),

@@ -17,14 +17,6 @@ fn cloudpdi(args: &[&str]) -> Output {
     run(Command::new(env!("CARGO_BIN_EXE_cloudpdi")).args(args))
 }
 
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 fn build(inputs: &[&Path], out: &Path, extra: &[&str]) -> Output {
     let mut args: Vec<String> = vec!["pdi".into(), "build".into()];
     args.extend(inputs.iter().map(|p| p.display().to_string()));

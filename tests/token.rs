@@ -1,22 +1,18 @@
 //! `cloudpdi token new|inspect` and `cloudpdi encrypt|decrypt` as an operator uses them.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Output};
+
+use common::text;
 
 fn cloudpdi(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_cloudpdi"))
         .args(args)
         .output()
         .unwrap()
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 const DOCUMENT: &str = "0123456789abcdef0123";

@@ -7,8 +7,7 @@ files=("$work"/study/*.dcm)
 n=${#files[@]}
 bin=${BENCH_BIN:-target/release/cloudpdi}
 
-now() { date +%s.%N; }
-wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return; sleep 0.05; done; echo "port $1 not up" >&2; exit 1; }
+source "$(dirname "$0")/../lib.sh"
 
 # DCMTK on Debian leaves Nagle's algorithm on unless TCP_NODELAY=1 is in the environment;
 # $1 is "nagle" (Debian default) or "nodelay" for both DCMTK tools.
@@ -28,33 +27,19 @@ storescp_round() {
 
 cloudpdi_round() {
   rm -rf "$work/gw" && mkdir -p "$work/gw"
-  cat > "$work/gw/c.toml" <<TOML
-[dicom]
-listen = "127.0.0.1:11112"
-[spool]
-data_dir = "$work/gw/data"
-min_free_mb = 0
-[admin]
-listen = "127.0.0.1:11180"
-[log]
-level = "warn"
-[route.bench]
-ae_title = "CLOUDPDI"
-stable_after = 3600
-TOML
+  gateway_config "$work/gw" ""
   $bin serve --config "$work/gw/c.toml" & local pid=$!
   wait_port 11180
   local t0; t0=$(now)
   env "$(dcmtk_env "$1")" /usr/bin/storescu -aec CLOUDPDI 127.0.0.1 11112 "${files[@]}"
   local t1; t1=$(now)
-  local stored; stored=$($bin status --admin 127.0.0.1:11180 --json | python3 -c 'import json,sys; print(sum(b["instances"] for b in json.load(sys.stdin)["batches"]))')
+  local stored; stored=$(stored_instances "$bin")
   kill $pid; wait $pid || true
   [ "$stored" -eq "$n" ] || { echo "cloudpdi stored $stored/$n" >&2; exit 1; }
   echo "$t1 - $t0" | bc -l
 }
 
 echo "study: $n instances, $(du -sh "$work/study" | cut -f1); rounds: $rounds (median reported)"
-median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 for mode in nagle nodelay; do
   scp_times=() gw_times=()
   for _ in $(seq "$rounds"); do

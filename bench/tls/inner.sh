@@ -10,8 +10,7 @@ bin=${BENCH_BIN:-target/release/cloudpdi}
 export TCP_NODELAY=1
 client_tls=(+tls "$work/client.key" "$work/client.pem" +cf "$work/ca.pem")
 
-now() { date +%s.%N; }
-wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return; sleep 0.05; done; echo "port $1 not up" >&2; exit 1; }
+source "$(dirname "$0")/../lib.sh"
 
 # $1: plain or tls
 storescp_round() {
@@ -33,25 +32,11 @@ storescp_round() {
 
 cloudpdi_round() {
   rm -rf "$work/gw" && mkdir -p "$work/gw"
-  cat > "$work/gw/c.toml" <<TOML
-[dicom]
-listen = "127.0.0.1:11112"
-[dicom.tls]
-listen = "127.0.0.1:2762"
-certificate = "$work/server.pem"
-key = "$work/server.key"
-client_ca = "$work/ca.pem"
-[spool]
-data_dir = "$work/gw/data"
-min_free_mb = 0
-[admin]
-listen = "127.0.0.1:11180"
-[log]
-level = "warn"
-[route.bench]
-ae_title = "CLOUDPDI"
-stable_after = 3600
-TOML
+  gateway_config "$work/gw" "[dicom.tls]
+listen = \"127.0.0.1:2762\"
+certificate = \"$work/server.pem\"
+key = \"$work/server.key\"
+client_ca = \"$work/ca.pem\""
   $bin serve --config "$work/gw/c.toml" & local pid=$!
   wait_port 11180
   local client=() port=11112
@@ -59,14 +44,13 @@ TOML
   local t0; t0=$(now)
   /usr/bin/storescu "${client[@]}" -aec CLOUDPDI 127.0.0.1 $port "${files[@]}"
   local t1; t1=$(now)
-  local stored; stored=$($bin status --admin 127.0.0.1:11180 --json | python3 -c 'import json,sys; print(sum(b["instances"] for b in json.load(sys.stdin)["batches"]))')
+  local stored; stored=$(stored_instances "$bin")
   kill $pid; wait $pid || true
   [ "$stored" -eq "$n" ] || { echo "cloudpdi ($1) stored $stored/$n" >&2; exit 1; }
   echo "$t1 - $t0" | bc -l
 }
 
 echo "study: $n instances, $(du -sh "$work/study" | cut -f1); rounds: $rounds (median reported); DCMTK with TCP_NODELAY=1"
-median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 gw_plain=() gw_tls=() scp_plain=() scp_tls=()
 for _ in $(seq "$rounds"); do
   gw_plain+=("$(cloudpdi_round plain)")

@@ -822,6 +822,37 @@ pub fn wait_for<T>(what: &str, within: Duration, mut probe: impl FnMut() -> Opti
     }
 }
 
+/// What a command printed, stdout then stderr: what a person at the terminal reads,
+/// for assertions on messages.
+pub fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Drops a copy of a token file into `site`'s watch folder, as staff do with a token
+/// they were handed.
+pub fn hand_over(token: &Path, site: &Daemon) {
+    let inbox = site.dir.join("data/inbox");
+    fs::create_dir_all(&inbox).unwrap();
+    fs::copy(token, inbox.join(token.file_name().unwrap())).unwrap();
+}
+
+/// Sends `files` from calling AE `MODALITY` to the site's route `ct`, waits for the token
+/// the site issues and hands it over to the site's own watch folder: one site that sends
+/// and imports, the shortest way to exercise the import path.
+pub fn send_to_self(site: &Daemon, files: &[PathBuf]) -> PathBuf {
+    let out = storescu(site, "MODALITY", &[], files);
+    assert!(out.status.success(), "{out:?}");
+    let token = wait_for("a token", Duration::from_secs(60), || {
+        tokens(site).into_iter().next()
+    });
+    hand_over(&token, site);
+    token
+}
+
 /// The token files a site issued so far on route `ct`, in name order.
 pub fn tokens(site: &Daemon) -> Vec<PathBuf> {
     tokens_of(site, "ct")
