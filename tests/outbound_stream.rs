@@ -28,11 +28,16 @@ fn cloudpdi(args: &[&str]) -> (bool, String) {
 /// Site A with route `ct` to `repository`, uncompressed (the sizes are then known), and
 /// `outbound` settings appended.
 fn site_a(dir: &Path, repository: &Repository, outbound: &str) -> Daemon {
+    site_a_at(dir, &repository.url, repository, outbound)
+}
+
+/// As [`site_a`], the route's repository reached at `url` (a peer in front of it) with
+/// `repository`'s API key.
+fn site_a_at(dir: &Path, url: &str, repository: &Repository, outbound: &str) -> Daemon {
     let route = format!(
         "[route.ct]\nae_title = \"CLOUDPDI\"\nstable_after = 1\ncompress = false\n\
-         repository_url = \"{}\"\nrepository_api_key_file = \"{}\"\n\
+         repository_url = \"{url}\"\nrepository_api_key_file = \"{}\"\n\
          [outbound]\nenabled = true\n{outbound}\n[facility]\ncode = \"HOSPA\"\n",
-        repository.url,
         repository.key_file.display()
     );
     Daemon::start(&dir.join("a"), &route)
@@ -399,4 +404,69 @@ fn a_route_moved_to_another_repository_gets_a_new_document_there() {
     );
     assert_token_opens(&token, &originals, dir.path());
     signal(repository.pid(), "CONT");
+}
+
+/// A repository older than streamed documents refuses a create without a size (as
+/// releases before streaming did; tests/peers/old_repository.py answers so in front of
+/// the real server): the gateway seals the container whole, creates a sized document,
+/// uploads it, says so once in its log, and the token opens the study.
+#[test]
+fn a_repository_older_than_streamed_documents_still_gets_the_study() {
+    let dir = tempfile::tempdir().unwrap();
+    let repository = Repository::start_tuned(&dir.path().join("repository"), "part_size_mb = 1");
+    let port = free_port();
+    let old = Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/peers/old_repository.py"
+        ))
+        .args([&port.to_string(), &repository.url])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let old = KillOnDrop(old);
+    wait_for("the old repository's port", Duration::from_secs(20), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+    });
+    let a = site_a_at(
+        dir.path(),
+        &format!("http://127.0.0.1:{port}"),
+        &repository,
+        "",
+    );
+    let study = dir.path().join("study");
+    gen_ct(&study, 20, &[]);
+    let originals = files_in(&study);
+    let out = storescu(&a, "MODALITY", &[], &originals);
+    assert!(out.status.success(), "{out:?}");
+    let token = wait_for("a token", Duration::from_secs(90), || {
+        tokens(&a).into_iter().next()
+    });
+    let log = a.log();
+    assert_eq!(
+        log.matches("does not accept streamed documents").count(),
+        1,
+        "{log}"
+    );
+    // One document, created with its size: the streamed create never reached the server.
+    let audit = std::fs::read_to_string(repository.dir.join("audit.jsonl")).unwrap();
+    let creates: Vec<&str> = audit
+        .lines()
+        .filter(|l| l.contains("\"action\":\"create\"") && l.contains("\"outcome\":\"ok\""))
+        .collect();
+    assert_eq!(creates.len(), 1, "{audit}");
+    assert!(!creates[0].contains("size streamed"), "{}", creates[0]);
+    assert!(parts_stored(&repository) > 5, "{audit}");
+    assert_token_opens(&token, &originals, dir.path());
+    drop(old);
+}
+
+/// A child process killed when the test ends, passed or failed.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
