@@ -7,6 +7,10 @@
 //! there and only writes the files. The old slip keeps working until the date printed on
 //! it (the token holds its expiry); the new slip must be printed and handed over.
 //!
+//! A job still delivering its token (delivery command, sealed deliveries) is not extended
+//! (its worker writes the record); it may be revoked: a `revoked_at` its worker writes
+//! over is set again by revoking again, the repository's refusal holds either way.
+//!
 //! Nothing here logs or returns the token's text; the logs name the job only (the files'
 //! names hold the Patient ID).
 
@@ -22,7 +26,7 @@ use crate::repository::client::ClientError;
 use crate::token::Token;
 
 use super::sender::read_token_file;
-use super::{Outbound, OutboundJob, PrintedStudy};
+use super::{OutStep, Outbound, OutboundJob, PrintedStudy};
 
 /// Why a token could not be revoked or extended; each message says what to do.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +41,18 @@ pub enum SlipActionError {
          extend; wait until `cloudpdi status` shows its token file"
     )]
     NotIssued {
+        /// The job.
+        id: String,
+        /// The step it is at.
+        step: String,
+    },
+    /// The job still delivers its token (delivery command, sealed deliveries), with the
+    /// expiry it has: the record would be written over.
+    #[error(
+        "job {id} is still at step {step}: its expiry can change once it is done; run the \
+         same command again when `cloudpdi status` shows it done"
+    )]
+    Busy {
         /// The job.
         id: String,
         /// The step it is at.
@@ -159,9 +175,9 @@ impl Outbound {
     /// crash interrupted, or changes nothing.
     ///
     /// # Errors
-    /// [`SlipActionError`]: unknown job, no token yet, revoked, an earlier expiry, the
-    /// repository's refusal (beyond its `server.max_expiry_days`, document expired) or
-    /// silence, the files, the index.
+    /// [`SlipActionError`]: unknown job, no token yet, still delivering it, revoked, an
+    /// earlier expiry, the repository's refusal (beyond its `server.max_expiry_days`,
+    /// document expired) or silence, the files, the index.
     pub async fn extend(
         &self,
         job_id: &str,
@@ -170,6 +186,12 @@ impl Outbound {
         let job = self.issued_job(job_id).await?;
         if job.revoked_at.is_some() {
             return Err(SlipActionError::Revoked(job.id));
+        }
+        if !matches!(job.step, OutStep::Done | OutStep::Failed) {
+            return Err(SlipActionError::Busy {
+                step: state_name(job.step),
+                id: job.id,
+            });
         }
         if expires_at < job.expires_at {
             return Err(SlipActionError::NotLater {
