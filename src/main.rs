@@ -59,6 +59,12 @@ enum Command {
     /// Release a batch held as possibly incomplete (instances refused, not resent) for
     /// sending as it is, when the PACS will not resend.
     Release(ReleaseArgs),
+    /// Revoke the token of an outbound job (a slip lost, or issued for the wrong patient):
+    /// the repository refuses every later download.
+    Revoke(RevokeArgs),
+    /// Extend the expiry of an outbound job's token: the token file and the slip are
+    /// written again (same secret) with the new date; print the new slip.
+    Extend(ExtendArgs),
     /// Send DICOM files or folders (e.g. a PDI read from disc) into a PACS with C-STORE.
     Import(ImportArgs),
     /// Create, inspect or print HI-TOKENs.
@@ -434,6 +440,35 @@ struct ReleaseArgs {
     batch: String,
 }
 
+#[derive(Args)]
+struct RevokeArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// Admin endpoint address (default: admin.listen from the configuration).
+    #[arg(long)]
+    admin: Option<SocketAddr>,
+    /// The job, as `cloudpdi status` lists it (e.g. B000042).
+    job: String,
+}
+
+#[derive(Args)]
+#[command(group(clap::ArgGroup::new("expiry").required(true).args(["days", "until"])))]
+struct ExtendArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// Admin endpoint address (default: admin.listen from the configuration).
+    #[arg(long)]
+    admin: Option<SocketAddr>,
+    /// The job, as `cloudpdi status` lists it (e.g. B000042).
+    job: String,
+    /// The new expiry: this many days from now.
+    #[arg(long)]
+    days: Option<u32>,
+    /// The new expiry: the end of this day (YYYY-MM-DD, in facility.time_zone).
+    #[arg(long)]
+    until: Option<String>,
+}
+
 /// Errors are printed here rather than by the runtime so that text from outside in them
 /// (a file name, a UID, a PACS's comment) is escaped. Library messages are whole: each
 /// names its subject and ends with its cause, so a cause is printed only when its text
@@ -462,6 +497,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status(args) => status(&args),
         Command::Retry(args) => retry(&args),
         Command::Release(args) => release(&args),
+        Command::Revoke(args) => revoke(&args),
+        Command::Extend(args) => extend(&args),
         Command::Import(args) => import(args),
         Command::Token(command) => token(command),
         Command::Encrypt(args) => encrypt(&args),
@@ -516,6 +553,26 @@ fn release(args: &ReleaseArgs) -> anyhow::Result<()> {
     let config = args.config.path();
     let release = cloudpdi::admin::status::release(args.admin, &config, &args.batch);
     say!("{}", runtime()?.block_on(release)?);
+    Ok(())
+}
+
+fn revoke(args: &RevokeArgs) -> anyhow::Result<()> {
+    let config = args.config.path();
+    let revoke = cloudpdi::admin::status::revoke(args.admin, &config, &args.job);
+    say!("{}", runtime()?.block_on(revoke)?);
+    Ok(())
+}
+
+fn extend(args: &ExtendArgs) -> anyhow::Result<()> {
+    use cloudpdi::admin::status::NewExpiry;
+    let expiry = match (&args.days, &args.until) {
+        (Some(days), _) => NewExpiry::Days(*days),
+        (None, Some(date)) => NewExpiry::Until(date.clone()),
+        (None, None) => anyhow::bail!("give the new expiry: --days N or --until YYYY-MM-DD"),
+    };
+    let config = args.config.path();
+    let extend = cloudpdi::admin::status::extend(args.admin, &config, &args.job, &expiry);
+    say!("{}", runtime()?.block_on(extend)?);
     Ok(())
 }
 

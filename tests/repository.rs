@@ -751,6 +751,144 @@ async fn expiry_on_s3() {
     expiry(Backend::S3).await;
 }
 
+/// The code and message of a refused call, or a panic naming what came instead.
+fn refused(
+    result: Result<cloudpdi::repository::api::DocumentStatus, ClientError>,
+) -> (u16, String, String) {
+    match result {
+        Err(ClientError::Refused {
+            status,
+            code,
+            message,
+        }) => (status, code, message),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+/// Extending the expiry: a later one within `max_expiry_days` is kept (status, downloads
+/// and the sweep go by it); one not later, one beyond the limit (named), a revoked or an
+/// expired document are refused; another facility's document is not found.
+async fn extend(backend: Backend) {
+    let repo = Repo::start(backend).await;
+    let work = tempfile::tempdir().unwrap();
+    let source = work.path().join("container");
+    let sha = random_file(&source, 1000);
+    let token = token(3);
+    let sender = repo.client(Some(&repo.key_a));
+    let id = sender
+        .create(&new_document(1000, &token, 5))
+        .await
+        .unwrap()
+        .document_id;
+    sender.upload_file(&id, &source, |_| {}).await.unwrap();
+    // A second document left to expire, to be refused once it has.
+    let lapsing = sender
+        .create(&new_document(1000, &token, 5))
+        .await
+        .unwrap()
+        .document_id;
+    sender.upload_file(&lapsing, &source, |_| {}).await.unwrap();
+
+    let old = u64::from(token.expires_at);
+    let later = old + 3600;
+    let extended = sender.extend(&id, later).await.unwrap();
+    assert_eq!(extended.expires_at, later);
+    assert_eq!(extended.state, State::Complete);
+    assert_eq!(sender.status(&id).await.unwrap().expires_at, later);
+
+    // Past the old expiry, with sweeps every second: still there, still downloadable.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let status = sender.status(&lapsing).await.unwrap();
+        if status.state == State::Expired && status.parts_held.is_empty() && unix_now() > old + 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not swept: {status:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let status = sender.status(&id).await.unwrap();
+    assert_eq!(status.state, State::Complete, "{status:?}");
+    assert!(
+        !status.parts_held.is_empty(),
+        "content swept at the old expiry"
+    );
+    let out = work.path().join("after-old-expiry");
+    repo.client(None)
+        .download_to(&id, &token.download_proof(), &out, |_| {})
+        .await
+        .unwrap();
+    assert_eq!(sha256_file(&out), sha);
+
+    for not_later in [later, later - 10, old] {
+        let (status, code, message) = refused(sender.extend(&id, not_later).await);
+        assert_eq!(
+            (status, code.as_str()),
+            (400, "invalid_expiry"),
+            "{message}"
+        );
+        assert!(message.contains("can only be extended"), "{message}");
+    }
+    let beyond = unix_now() + 181 * 86_400;
+    let (status, code, message) = refused(sender.extend(&id, beyond).await);
+    assert_eq!(
+        (status, code.as_str()),
+        (400, "invalid_expiry"),
+        "{message}"
+    );
+    assert!(
+        message.contains("180 days") && message.contains("server.max_expiry_days"),
+        "{message}"
+    );
+    let other = repo.client(Some(&repo.key_b));
+    let (status, code, _) = refused(other.extend(&id, later + 60).await);
+    assert_eq!((status, code.as_str()), (404, "not_found"));
+    let (status, code, message) = refused(sender.extend(&lapsing, later).await);
+    assert_eq!((status, code.as_str()), (410, "gone"), "{message}");
+    assert!(message.contains("expired"), "{message}");
+    sender.revoke(&id).await.unwrap();
+    let (status, code, message) = refused(sender.extend(&id, later + 60).await);
+    assert_eq!((status, code.as_str()), (410, "gone"), "{message}");
+    assert!(message.contains("revoked"), "{message}");
+    assert_eq!(sender.status(&id).await.unwrap().expires_at, later);
+
+    let audit = repo.audit();
+    let extends: Vec<&str> = audit
+        .lines()
+        .filter(|l| l.contains("\"action\":\"extend\""))
+        .collect();
+    assert!(
+        extends
+            .iter()
+            .any(|l| l.contains("\"outcome\":\"ok\"") && l.contains(&format!("was {old}"))),
+        "{audit}"
+    );
+    assert!(
+        extends.iter().any(|l| l.contains("\"outcome\":\"gone\"")),
+        "{audit}"
+    );
+    let metrics = Command::new(common::require("/usr/bin/curl"))
+        .args(["-s", &format!("{}/metrics", repo.url)])
+        .output()
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    assert!(
+        metrics.contains("\ncloudpdi_repository_extended_total 1\n"),
+        "{metrics}"
+    );
+    assert_no_secret(&repo, &token);
+    repo.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extend_on_local_files() {
+    extend(Backend::Local).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extend_on_s3() {
+    extend(Backend::S3).await;
+}
+
 /// curl's answer: (status, JSON body).
 fn curl(args: &[&str]) -> (u16, serde_json::Value) {
     let out = Command::new(common::require("/usr/bin/curl"))

@@ -19,6 +19,9 @@
 //!   of a `cloudpdi send` ([`handoff`])
 //! - `POST /batches/{id}/release` (with the same header): sends a batch held as possibly
 //!   incomplete as it is (`cloudpdi release`)
+//! - `POST /jobs/{id}/revoke`, `POST /jobs/{id}/extend` with JSON [`ExtendRequest`] (with
+//!   the header): revokes an issued token, or re-issues it with a later expiry
+//!   (`cloudpdi revoke`, `cloudpdi extend`)
 
 pub mod handoff;
 pub mod metrics;
@@ -43,7 +46,7 @@ use crate::admin::metrics::{Metrics, Snapshot};
 use crate::clock::now_ms;
 use crate::gateway::inbound::Inbound;
 use crate::gateway::jobs::{Cause, JobRecord, JobSummary, Pipeline, RetryError};
-use crate::gateway::outbound::{Outbound, OutboundJob};
+use crate::gateway::outbound::{Outbound, OutboundJob, SlipActionError};
 use crate::gateway::reception::batch::{BatchId, BatchRecord, ReleaseError};
 use crate::gateway::reception::route::Routes;
 use crate::gateway::reception::spool::Spool;
@@ -112,7 +115,21 @@ pub struct OutboundDetails {
     /// each imported is told by the document's receipts (their `facility`).
     #[serde(default)]
     pub deliveries: Vec<crate::gateway::outbound::Delivery>,
+    /// When the token was revoked (Unix seconds), if it was.
+    #[serde(default)]
+    pub revoked_at: Option<u64>,
 }
+
+/// The body of `POST /jobs/{id}/extend`: the token's new expiry.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtendRequest {
+    /// Unix seconds (UTC).
+    pub expires_at: u32,
+}
+
+/// Largest body of `POST /jobs/{id}/extend` (a JSON object with one number).
+pub const MAX_EXTEND_BYTES: usize = 256;
 
 /// How long the repository's answer about a document is reused before `cloudpdi status`
 /// asks again, so that status (or a script calling it in a loop) does not hammer the
@@ -210,6 +227,11 @@ pub async fn serve(
             post(handoff::sent).layer(DefaultBodyLimit::max(handoff::MAX_SENT_RECORD_BYTES)),
         )
         .route("/batches/{id}/release", post(release))
+        .route("/jobs/{id}/revoke", post(revoke))
+        .route(
+            "/jobs/{id}/extend",
+            post(extend).layer(DefaultBodyLimit::max(MAX_EXTEND_BYTES)),
+        )
         .layer(axum::middleware::from_fn(loopback_host))
         .with_state(state);
     let limits = Limits {
@@ -486,9 +508,87 @@ async fn outbound_details(state: &Arc<AdminState>) -> Result<Vec<OutboundDetails
                 document_error: cached.and_then(|(_, answer)| answer.as_ref().err().cloned()),
                 checked_at: cached.map_or(0, |(at, _)| *at),
                 deliveries: job.deliveries.clone(),
+                revoked_at: job.revoked_at,
             }
         })
         .collect())
+}
+
+/// The answer to a revoke or an extend that failed: what to do, with a status that says
+/// whose the fault is.
+fn slip_action_refused(e: &SlipActionError) -> Response {
+    let status = match e {
+        SlipActionError::Unknown(_) => StatusCode::NOT_FOUND,
+        SlipActionError::Unreachable { .. } => StatusCode::BAD_GATEWAY,
+        SlipActionError::Index(_) | SlipActionError::Worker(_) => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::CONFLICT,
+    };
+    (status, format!("{e}\n")).into_response()
+}
+
+/// The repository's fresh answer about `document`, kept for `cloudpdi status`.
+async fn remember(state: &AdminState, document: &DocumentStatus) {
+    state.documents.lock().await.insert(
+        document.document_id.clone(),
+        (now_ms(), Ok(document.clone())),
+    );
+}
+
+/// The daemon's `facility.time_zone`, for the times in answers.
+fn zone(state: &AdminState) -> jiff::tz::TimeZone {
+    crate::clock::time_zone(&state.time_zone).unwrap_or(jiff::tz::TimeZone::UTC)
+}
+
+async fn revoke(
+    State(state): State<Arc<AdminState>>,
+    Path(id): Path<String>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    if let Some(refusal) = without_admin_header(&headers, "cloudpdi revoke") {
+        return refusal;
+    }
+    match state.outbound.revoke(&id).await {
+        Ok(document) => {
+            remember(&state, &document).await;
+            let answer = format!(
+                "job {id}: the token is revoked; the repository refuses every later download \
+                 ({} of {} downloads were used)\n",
+                document.downloads, document.max_downloads
+            );
+            (StatusCode::OK, answer).into_response()
+        }
+        Err(e) => slip_action_refused(&e),
+    }
+}
+
+async fn extend(
+    State(state): State<Arc<AdminState>>,
+    Path(id): Path<String>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Some(refusal) = without_admin_header(&headers, "cloudpdi extend") {
+        return refusal;
+    }
+    let Ok(request) = serde_json::from_slice::<ExtendRequest>(&body) else {
+        let refusal = "the body must be {\"expires_at\": <Unix seconds>}: use `cloudpdi extend`\n";
+        return (StatusCode::BAD_REQUEST, refusal).into_response();
+    };
+    match state.outbound.extend(&id, request.expires_at).await {
+        Ok(slip) => {
+            remember(&state, &slip.document).await;
+            let zone = zone(&state);
+            let answer = format!(
+                "job {id}: the token now expires {}; print the new slip and hand it over: {} \
+                 (the old slip works until {})\n",
+                crate::clock::local_text(u64::from(slip.expires_at), &zone),
+                slip.slip_file.display(),
+                crate::clock::local_text(u64::from(slip.previous_expires_at), &zone)
+            );
+            (StatusCode::OK, answer).into_response()
+        }
+        Err(e) => slip_action_refused(&e),
+    }
 }
 
 /// Failed attempts in a row on an unreachable repository or PACS after which `/healthz`

@@ -1,5 +1,6 @@
-//! `cloudpdi status` and `cloudpdi retry`: ask the running daemon's admin endpoint what
-//! it holds, or to run a failed job again.
+//! `cloudpdi status`, `cloudpdi retry`, `cloudpdi revoke` and `cloudpdi extend`: ask the
+//! running daemon's admin endpoint what it holds, to run a failed job again, or to revoke
+//! or extend an issued token.
 
 use std::fmt::Write;
 use std::net::SocketAddr;
@@ -35,6 +36,111 @@ pub enum StatusError {
     /// The daemon declined the retry; its sentence says why.
     #[error("{0}")]
     Declined(String),
+    /// The expiry asked for cannot be a token's.
+    #[error("{0}")]
+    Expiry(String),
+}
+
+/// The expiry `cloudpdi extend` asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NewExpiry {
+    /// This many days from now.
+    Days(u32),
+    /// The end of this local date (`YYYY-MM-DD`) in `facility.time_zone`.
+    Until(String),
+}
+
+/// Asks the daemon to revoke the token of job `id` (`cloudpdi revoke`); returns its
+/// answer.
+///
+/// # Errors
+/// [`StatusError::NotAJob`] for text that cannot be a job ID (checked before anything is
+/// sent), [`StatusError::Config`], [`StatusError::Unreachable`],
+/// [`StatusError::Declined`] with the daemon's reason (unknown job, no token yet, the
+/// repository's refusal).
+pub async fn revoke(
+    admin: Option<SocketAddr>,
+    config: &Path,
+    id: &str,
+) -> Result<String, StatusError> {
+    check_job_id(id)?;
+    let addr = admin_address(admin, config)?;
+    post(addr, &format!("/jobs/{id}/revoke"), None).await
+}
+
+/// Asks the daemon to re-issue the token of job `id` with a later expiry (`cloudpdi
+/// extend`); returns its answer (the new expiry, the slip to print). A date is read in
+/// `facility.time_zone` of the configuration at `config`.
+///
+/// # Errors
+/// [`StatusError::NotAJob`], [`StatusError::Expiry`] for an expiry that cannot be one
+/// (checked before anything is sent), [`StatusError::Config`],
+/// [`StatusError::Unreachable`], [`StatusError::Declined`] with the daemon's reason.
+pub async fn extend(
+    admin: Option<SocketAddr>,
+    config: &Path,
+    id: &str,
+    expiry: &NewExpiry,
+) -> Result<String, StatusError> {
+    check_job_id(id)?;
+    let expires_at = match expiry {
+        NewExpiry::Days(days) => days_from_now(crate::clock::now_seconds(), *days)?,
+        NewExpiry::Until(date) => {
+            let zone_name = crate::config::Config::load(config)?.facility.time_zone;
+            let zone = crate::clock::time_zone(&zone_name)
+                .map_err(|e| StatusError::Expiry(format!("facility.time_zone: {e}")))?;
+            end_of_day(date, &zone)?
+        }
+    };
+    let addr = admin_address(admin, config)?;
+    let body = serde_json::to_vec(&crate::admin::ExtendRequest { expires_at })
+        .map_err(|e| StatusError::Expiry(e.to_string()))?;
+    post(
+        addr,
+        &format!("/jobs/{id}/extend"),
+        Some(("application/json", body)),
+    )
+    .await
+}
+
+/// Refuses text that cannot be a job ID before anything is read or sent.
+fn check_job_id(id: &str) -> Result<(), StatusError> {
+    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        return Err(StatusError::NotAJob(id.to_owned()));
+    }
+    Ok(())
+}
+
+/// `now` plus `days` days, as a token's expiry (Unix seconds that fit 32 bits).
+fn days_from_now(now: u64, days: u32) -> Result<u32, StatusError> {
+    if days == 0 {
+        return Err(StatusError::Expiry(
+            "--days must be at least 1: the expiry can only be extended".into(),
+        ));
+    }
+    now.checked_add(u64::from(days).saturating_mul(86_400))
+        .and_then(|t| u32::try_from(t).ok())
+        .ok_or_else(|| StatusError::Expiry(format!("--days {days} is beyond any token's expiry")))
+}
+
+/// The last second of local date `date` (`YYYY-MM-DD`) in `zone`, as a token's expiry.
+fn end_of_day(date: &str, zone: &jiff::tz::TimeZone) -> Result<u32, StatusError> {
+    let wrong = || {
+        StatusError::Expiry(format!(
+            "--until {:?} is not a date: write it as YYYY-MM-DD, e.g. 2026-12-31",
+            Escaped(date)
+        ))
+    };
+    let day: jiff::civil::Date = date.parse().map_err(|_| wrong())?;
+    if date.len() != 10 {
+        return Err(wrong());
+    }
+    let end = zone
+        .to_timestamp(day.at(23, 59, 59, 0))
+        .map_err(|_| wrong())?
+        .as_second();
+    u32::try_from(end)
+        .map_err(|_| StatusError::Expiry(format!("--until {date} is beyond any token's expiry")))
 }
 
 impl From<crate::config::ConfigError> for StatusError {
@@ -93,9 +199,7 @@ pub async fn retry(
     config: &Path,
     id: &str,
 ) -> Result<String, StatusError> {
-    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
-        return Err(StatusError::NotAJob(id.to_owned()));
-    }
+    check_job_id(id)?;
     let addr = admin_address(admin, config)?;
     post(addr, &format!("/jobs/{id}/retry"), None).await
 }
@@ -382,6 +486,13 @@ fn render_outbound(out: &mut String, details: &OutboundDetails, times: &Times) {
             times.relative(expires)
         );
     }
+    if let Some(revoked_at) = details.revoked_at {
+        let _ = writeln!(
+            out,
+            "{pad:<18} revoked {}: the repository refuses every download",
+            times.at(revoked_at.saturating_mul(1000))
+        );
+    }
     if let Some(document) = &details.document {
         let _ = writeln!(
             out,
@@ -465,5 +576,34 @@ fn render_refused(out: &mut String, status: &Status, times: &Times) {
             times.at(refusal.last_at),
             Escaped(&refusal.reason)
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_expiry_in_days_is_checked() {
+        assert_eq!(days_from_now(1_000, 2).ok(), Some(1_000 + 2 * 86_400));
+        assert!(matches!(
+            days_from_now(1_000, 0),
+            Err(StatusError::Expiry(_))
+        ));
+        assert!(matches!(
+            days_from_now(u64::from(u32::MAX) - 10, 1),
+            Err(StatusError::Expiry(_))
+        ));
+    }
+
+    #[test]
+    fn a_date_is_the_end_of_that_local_day() {
+        let tokyo = crate::clock::time_zone("Asia/Tokyo").expect("zone");
+        // 2026-12-31 23:59:59 JST is 14:59:59 UTC.
+        assert_eq!(end_of_day("2026-12-31", &tokyo).ok(), Some(1_798_729_199));
+        for wrong in ["2026-13-01", "31.12.2026", "2026-1-5", "", "2026-12-31x"] {
+            let refused = end_of_day(wrong, &tokyo).expect_err(wrong);
+            assert!(refused.to_string().contains("YYYY-MM-DD"), "{refused}");
+        }
     }
 }

@@ -157,6 +157,8 @@ mod tests {
             repository: None,
             study: None,
             deliveries: Vec::new(),
+            revoked_at: None,
+            printed: None,
         }
     }
 

@@ -8,6 +8,7 @@
 //! | `PUT /v1/documents/{id}/parts/{n}`     | facility  | part bytes                    |
 //! | `POST /v1/documents/{id}/complete`     | facility  | [`Complete`] -> status        |
 //! | `DELETE /v1/documents/{id}`            | facility  | revoke -> status              |
+//! | `PATCH /v1/documents/{id}`             | facility  | [`Extend`] -> status          |
 //! | `GET /v1/documents/{id}/content`       | receiver  | bytes (Range), [`PROOF_HEADER`]; answers [`FACILITY_HEADER`] |
 //! | `POST /v1/documents/{id}/receipts`     | receiver  | [`Receipt`], [`PROOF_HEADER`] |
 //! | `GET /v1/facilities/{code}`            | facility  | [`FacilityEntry`]             |
@@ -104,6 +105,24 @@ pub enum State {
     /// Past its expiry; content deleted (or about to be, by the sweep).
     Expired,
 }
+
+/// What a sending facility asks for when it extends a document's expiry (a token
+/// re-issued with a later date for a patient who could not hand the slip over in time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Extend {
+    /// The new expiry, Unix seconds (UTC): later than the current one, at most
+    /// `server.max_expiry_days` from now.
+    pub expires_at: u64,
+}
+
+/// Error code of an extend whose expiry is not later than the current one, or beyond the
+/// repository's limit (the same code a create with a wrong expiry gets).
+pub const INVALID_EXPIRY: &str = "invalid_expiry";
+
+/// Error code (410) of an extend of a document that was revoked, or expired (its content
+/// deleted): nothing can bring it back.
+pub const GONE: &str = "gone";
 
 /// A receipt the receiver sends after importing.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

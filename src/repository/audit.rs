@@ -1,7 +1,7 @@
 //! The append-only audit trail: who did what to which document, when, from where.
 //!
 //! One JSON object per line in a file opened with `O_APPEND` (mode 0600). Every real
-//! access (created, uploaded, completed, status, downloaded, revoked, receipt, and a
+//! access (created, uploaded, completed, status, downloaded, revoked, extended, receipt, and a
 //! facility's refused request) is a line synced before the request is answered.
 //! Refusals of requests without credentials (no API key, wrong or missing download
 //! proof, rate limited) are aggregated instead, so that a flood of them cannot fill the
@@ -68,7 +68,7 @@ pub struct AuditEvent {
     /// Who acted.
     pub actor: Actor,
     /// What was done: `create`, `upload_part`, `complete`, `status`, `revoke`,
-    /// `download`, `receipt`, `expire`, `purge`.
+    /// `extend`, `download`, `receipt`, `expire`, `purge`.
     pub action: &'static str,
     /// The document, when known and well-formed.
     pub document: Option<String>,

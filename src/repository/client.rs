@@ -1,5 +1,5 @@
 //! The repository client the gateway uses: create, resumable part upload, ranged resumable
-//! download, receipt, status, revoke; the directory of facilities and the mailbox of
+//! download, receipt, status, revoke, extend; the directory of facilities and the mailbox of
 //! sealed tokens.
 //!
 //! Memory does not grow with the document: parts are streamed from the file and
@@ -530,6 +530,26 @@ impl Client {
     pub async fn revoke(&self, document_id: &str) -> Result<DocumentStatus, ClientError> {
         let path = format!("/{}", checked_id(document_id)?);
         self.json(|| self.facility_request(Method::DELETE, &path))
+            .await
+    }
+
+    /// Extends a document's expiry to `expires_at` (Unix seconds): later than its current
+    /// one, within the repository's `server.max_expiry_days`. Not idempotent: a repeat
+    /// (or a retry after a lost answer) is refused `invalid_expiry` ("not later"), so a
+    /// caller that repeats reads [`Client::status`] to tell it was done.
+    ///
+    /// # Errors
+    /// [`ClientError`]; `Refused` with code [`api::INVALID_EXPIRY`] for an expiry not later
+    /// or beyond the limit (the message names it), [`api::GONE`] for a revoked or expired
+    /// document.
+    pub async fn extend(
+        &self,
+        document_id: &str,
+        expires_at: u64,
+    ) -> Result<DocumentStatus, ClientError> {
+        let path = format!("/{}", checked_id(document_id)?);
+        let body = api::Extend { expires_at };
+        self.json(|| self.facility_request(Method::PATCH, &path).json(&body))
             .await
     }
 

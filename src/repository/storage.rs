@@ -10,6 +10,7 @@
 //!                                   part object's identity as stored, written after the part
 //! documents/{id}/complete.json      the checked hash (whole SHA-256, or size + parts digest)
 //! documents/{id}/revoked.json       the sender revoked it
+//! documents/{id}/extended/{t:011}   the sender extended the expiry to t (the latest counts)
 //! documents/{id}/expired.json       the sweep deleted its content
 //! documents/{id}/downloads/{n:08}   download slot n, created only if absent
 //! documents/{id}/resumes/{n:08}-{k:03}  resume k of download n, created only if absent
@@ -20,6 +21,11 @@
 //! mailboxes/{recipient}/{id}/meta.json  its sender, recipient, size, time; written last,
 //!                                       deleted first: a message is there when this is
 //! ```
+//!
+//! An extension is an object of its own (its time in its name, so the listing that reads
+//! a snapshot finds it without another read), written after the index entries of the new
+//! expiry: [`Snapshot::meta`] carries the latest expiry, and the sweep leaves a document
+//! alone when an index entry of an expiry it no longer has comes due.
 //!
 //! The download limit is enforced with create-if-absent slots (`If-None-Match: *` on S3,
 //! a hard link on local files), so two servers cannot both hand out the last download.
@@ -191,7 +197,7 @@ struct TimeRecord {
 /// Everything known about a document, read with one listing.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
-    /// Creation record.
+    /// Creation record, with the latest expiry the sender extended it to (if it did).
     pub meta: DocumentMeta,
     /// Parts held: number -> size.
     pub parts: BTreeMap<u32, u64>,
@@ -443,6 +449,11 @@ impl Storage {
                 [_, _, "receipts", _] => snapshot.receipts.push(object.location.clone()),
                 [_, _, "complete.json"] => snapshot.complete = true,
                 [_, _, "revoked.json"] => snapshot.revoked = true,
+                [_, _, "extended", at] => {
+                    if let Ok(at) = at.parse::<u64>() {
+                        snapshot.meta.expires_at = snapshot.meta.expires_at.max(at);
+                    }
+                }
                 [_, _, "expired.json"] => snapshot.expired = true,
                 _ => {}
             }
@@ -675,6 +686,42 @@ impl Storage {
     ) -> Result<(), StorageError> {
         self.put_json(&doc_path(id, "complete.json"), record, PutMode::Overwrite)
             .await
+    }
+
+    /// Extends document `id` to `expires_at`: the index entries of the new expiry and
+    /// purge first, then the record a snapshot reads (create-if-absent: extending twice to
+    /// the same time is one record). A call cut short leaves index entries the sweep
+    /// passes over, never an extension without its entries.
+    ///
+    /// # Errors
+    /// [`StorageError`] when the store fails.
+    pub async fn extend(
+        &self,
+        id: &str,
+        expires_at: u64,
+        purge_at: u64,
+        at: u64,
+    ) -> Result<(), StorageError> {
+        let empty = || Bytes::from_static(b"");
+        self.put(
+            &index_path(Index::Expiry, expires_at, id),
+            empty(),
+            PutMode::Overwrite,
+        )
+        .await?;
+        self.put(
+            &index_path(Index::Purge, purge_at, id),
+            empty(),
+            PutMode::Overwrite,
+        )
+        .await?;
+        let record = serde_json::to_vec(&TimeRecord { at }).expect("time records serialize");
+        self.create_once(
+            &doc_path(id, &format!("extended/{expires_at:011}")),
+            &record,
+        )
+        .await
+        .map(drop)
     }
 
     /// Marks the document revoked and deletes its content.

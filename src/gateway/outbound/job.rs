@@ -71,6 +71,51 @@ pub struct OutboundJob {
     /// The sealed deliveries of the token, one per facility of the route's `deliver_to`.
     #[serde(default)]
     pub deliveries: Vec<Delivery>,
+    /// When the token was revoked (`cloudpdi revoke`, Unix seconds): the repository
+    /// refuses every later download; status shows it without asking the repository.
+    #[serde(default)]
+    pub revoked_at: Option<u64>,
+    /// What the slip prints about the study, kept at issue so that a slip re-issued with a
+    /// later expiry (`cloudpdi extend`) says the same; `None` in records issued before.
+    #[serde(default)]
+    pub printed: Option<PrintedStudy>,
+}
+
+/// What a slip prints about the study besides the facility and the token (the patient's
+/// name only when the route prints it): the spooled instances it was read from may be
+/// gone by the time the slip is re-issued.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrintedStudy {
+    /// The patient's name, when `route.slip_patient_name` is on.
+    pub patient_name: Option<String>,
+    /// Study date(s) as printed.
+    pub study_date: Option<String>,
+    /// Modalities as printed.
+    pub modality: Option<String>,
+    /// Study description(s) as printed.
+    pub study_description: Option<String>,
+    /// What the token gives access to, e.g. `42 DICOM instances`.
+    pub content: String,
+}
+
+impl PrintedStudy {
+    /// What a record issued before [`OutboundJob::printed`] existed can still print: the
+    /// study date and modality it kept, and the instance count.
+    pub fn of_record(job: &OutboundJob) -> PrintedStudy {
+        let study = job.study.clone().unwrap_or_default();
+        let date = &study.study_date;
+        let study_date = match (date.get(..4), date.get(4..6), date.get(6..8)) {
+            (Some(y), Some(m), Some(d)) if date.len() == 8 => Some(format!("{y}-{m}-{d}")),
+            _ => None,
+        };
+        PrintedStudy {
+            patient_name: None,
+            study_date,
+            modality: (!study.modality.is_empty()).then(|| study.modality.replace('/', ", ")),
+            study_description: None,
+            content: format!("{} DICOM instances", job.instances),
+        }
+    }
 }
 
 /// The sealed delivery of a job's token to one facility: posted (with the repository's
@@ -108,6 +153,8 @@ impl OutboundJob {
             repository: None,
             study: None,
             deliveries: Vec::new(),
+            revoked_at: None,
+            printed: None,
         }
     }
 

@@ -20,17 +20,23 @@
 //!    and posted to its mailbox; each facility's outcome is recorded in the job; then the
 //!    job folder is removed.
 //!
+//! An issued token can be revoked, or extended to a later expiry (the token file and the
+//! slip re-issued with the same secret): `slip_action.rs`, for `cloudpdi revoke` and
+//! `cloudpdi extend`.
+//!
 //! The spooled instances are removed once the route's retention has passed.
 //! Exactly one token per batch: the secret and the document ID are fixed the first time
 //! their step completes, so a repeated issue step writes the same token again.
 
 mod job;
 mod sender;
+mod slip_action;
 mod stream;
 
-pub use job::{Delivery, OutStep, OutboundJob};
+pub use job::{Delivery, OutStep, OutboundJob, PrintedStudy};
 pub use sender::Sender;
 use sender::Workdir;
+pub use slip_action::{ExtendedSlip, SlipActionError};
 pub use stream::{StreamInput, is_compressed_syntax, worth_compressing};
 
 use std::path::PathBuf;
@@ -55,7 +61,7 @@ pub const JOB_STORE: &str = "outbound_jobs";
 
 /// The outbound worker of the daemon.
 pub struct Outbound {
-    sender: Sender,
+    sender: Arc<Sender>,
     spool: Arc<Spool>,
     jobs: JobStore,
     dir: PathBuf,
@@ -71,7 +77,7 @@ impl Outbound {
         jobs.reindex::<OutboundJob>()?;
         let dir = sender.config.jobs_dir().join("out");
         let outbound = Outbound {
-            sender,
+            sender: Arc::new(sender),
             spool,
             jobs,
             dir,
@@ -174,7 +180,7 @@ impl Outbound {
 
     /// Puts a failed job back to the step that failed, a held one (a recipient's key to
     /// check) back to work, or a done one with sealed deliveries (and a token not expired)
-    /// back to the post step, with its attempts reset, once the admin fixed the cause (a key
+    /// back to the post step (unless revoked), with its attempts reset, once the admin fixed the cause (a key
     /// file, a pin or the configuration: the daemon reads those at start, so after a
     /// restart); the workers take it up on their next scan. Returns the step it will run.
     ///
@@ -192,6 +198,7 @@ impl Outbound {
         }
         if job.step == OutStep::Done
             && !job.deliveries.is_empty()
+            && job.revoked_at.is_none()
             && u64::from(job.expires_at) > now_ms() / 1000
         {
             // A recipient refused or lost the sealed token (a key rotated meanwhile): seal

@@ -3,7 +3,7 @@
 //! pipeline and `cloudpdi send`; the pipeline in `mod.rs` decides when each runs.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tracing::{error, info};
@@ -18,7 +18,7 @@ use crate::repository::client::{Client, FacilityClientError};
 use crate::token::slip::{self, SlipDetails, SlipFormat};
 use crate::token::{SECRET_LEN, Secret, Token};
 
-use super::{Delivery, OutboundJob};
+use super::{Delivery, OutboundJob, PrintedStudy};
 use crate::gateway::study::StudyDetails;
 
 /// Mode of the token files and slips the pipeline writes: the daemon's group (the clerks
@@ -398,7 +398,8 @@ impl Sender {
 
     /// Writes the token file and the slip (blocking); the same files on a repeat. The slip
     /// and the file names carry the study details read from `instances` (the batch's
-    /// spooled files, or what `cloudpdi send` was given).
+    /// spooled files, or what `cloudpdi send` was given); what the slip prints is kept in
+    /// the job ([`OutboundJob::printed`]) for a slip re-issued later.
     pub(super) fn issue(
         &self,
         dir: &Workdir,
@@ -406,22 +407,10 @@ impl Sender {
         instances: &[PathBuf],
     ) -> Result<Token, StepError> {
         let route = self.route_options(&job.route)?;
-        let summary = format!("{} DICOM instances", job.instances);
         let token = self.token(dir, job)?;
         let study = StudyDetails::gather(instances);
         job.study.get_or_insert_with(|| study.summary());
-        let time_zone = crate::clock::time_zone(&self.config.facility.time_zone)
-            .map_err(|e| StepError::permanent(format!("facility.time_zone: {e}")))?;
-        let folder = self.config.token_dir(&job.route);
-        let stem = study.file_stem(&job.id);
-        let token_file = folder.join(format!("{stem}.token"));
-        durable::write(&token_file, token.to_line().as_bytes(), TOKEN_FILE_MODE)
-            .map_err(|e| StepError::file("write the token file into", &folder, &e))?;
-        let slip_file = folder.join(format!("{stem}.{}", route.slip));
-        let contact = &self.config.facility.contact;
-        let details = SlipDetails {
-            facility_name: self.config.facility.name.clone(),
-            facility_contact: (!contact.is_empty()).then(|| contact.clone()),
+        let printed = PrintedStudy {
             patient_name: study
                 .patient_name
                 .clone()
@@ -429,25 +418,59 @@ impl Sender {
             study_date: study.study_date(),
             modality: study.modality(),
             study_description: study.description(),
-            content: summary,
-            time_zone: Some(time_zone),
+            content: format!("{} DICOM instances", job.instances),
         };
-        let format = SlipFormat::from_path(&slip_file).ok_or_else(|| {
-            StepError::permanent(format!("route.{}.slip: unknown format", job.route))
-        })?;
-        let bytes = slip::render_bytes(&token, &details, format).map_err(StepError::transient)?;
-        durable::write(&slip_file, &bytes, TOKEN_FILE_MODE)
-            .map_err(|e| StepError::file("write the slip into", &folder, &e))?;
+        let folder = self.config.token_dir(&job.route);
+        let stem = study.file_stem(&job.id);
+        let token_file = folder.join(format!("{stem}.token"));
+        let slip_file = folder.join(format!("{stem}.{}", route.slip));
+        self.write_token_and_slip(job, &token, &printed, &token_file, &slip_file)?;
         job.token_file = Some(token_file);
         job.slip_file = Some(slip_file);
+        job.printed = Some(printed);
         Ok(token)
+    }
+
+    /// Writes `token` into `token_file` and its slip, printing `printed`, into `slip_file`
+    /// (blocking; each durably, mode [`TOKEN_FILE_MODE`], replacing what was there): at
+    /// issue, and again with a later expiry (`cloudpdi extend`).
+    pub(super) fn write_token_and_slip(
+        &self,
+        job: &OutboundJob,
+        token: &Token,
+        printed: &PrintedStudy,
+        token_file: &Path,
+        slip_file: &Path,
+    ) -> Result<(), StepError> {
+        let time_zone = crate::clock::time_zone(&self.config.facility.time_zone)
+            .map_err(|e| StepError::permanent(format!("facility.time_zone: {e}")))?;
+        let folder = self.config.token_dir(&job.route);
+        durable::write(token_file, token.to_line().as_bytes(), TOKEN_FILE_MODE)
+            .map_err(|e| StepError::file("write the token file into", &folder, &e))?;
+        let contact = &self.config.facility.contact;
+        let details = SlipDetails {
+            facility_name: self.config.facility.name.clone(),
+            facility_contact: (!contact.is_empty()).then(|| contact.clone()),
+            patient_name: printed.patient_name.clone(),
+            study_date: printed.study_date.clone(),
+            modality: printed.modality.clone(),
+            study_description: printed.study_description.clone(),
+            content: printed.content.clone(),
+            time_zone: Some(time_zone),
+        };
+        let format = SlipFormat::from_path(slip_file).ok_or_else(|| {
+            StepError::permanent(format!("route.{}.slip: unknown format", job.route))
+        })?;
+        let bytes = slip::render_bytes(token, &details, format).map_err(StepError::transient)?;
+        durable::write(slip_file, &bytes, TOKEN_FILE_MODE)
+            .map_err(|e| StepError::file("write the slip into", &folder, &e))
     }
 }
 
 /// The text of a token file (blocking): a regular file of at most
 /// [`MAX_TEXT`](crate::token::text::MAX_TEXT) bytes, opened without waiting on a FIFO,
 /// read into a buffer wiped when dropped.
-fn read_token_file(path: &std::path::Path) -> Result<zeroize::Zeroizing<String>, String> {
+pub(super) fn read_token_file(path: &Path) -> Result<zeroize::Zeroizing<String>, String> {
     use std::io::Read;
     use std::os::unix::fs::OpenOptionsExt;
     let limit = crate::token::text::MAX_TEXT;

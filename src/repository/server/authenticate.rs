@@ -56,6 +56,8 @@ actions! {
     Complete = "complete";
     /// `DELETE /v1/documents/{id}`.
     Revoke = "revoke";
+    /// `PATCH /v1/documents/{id}`.
+    ExtendExpiry = "extend";
     /// `GET /v1/documents/{id}/content`.
     Download = "download";
     /// `POST /v1/documents/{id}/receipts`.

@@ -1,5 +1,5 @@
-//! A facility's documents: create one, ask for its status, revoke it; and the state a
-//! sender sees, which the part and download handlers check too.
+//! A facility's documents: create one, ask for its status, revoke it, extend its expiry;
+//! and the state a sender sees, which the part and download handlers check too.
 
 use axum::Json;
 use axum::body::Body;
@@ -7,12 +7,14 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
 
-use crate::repository::api::{Created, DocumentStatus, NewDocument, State as DocState};
+use crate::repository::api::{
+    Created, DocumentStatus, Extend, GONE, INVALID_EXPIRY, NewDocument, State as DocState,
+};
 use crate::repository::config::ServerConfig;
 use crate::repository::storage::{DocumentMeta, Snapshot};
 use crate::repository::unix_now;
 
-use super::authenticate::{Create, Facility, Owned, Revoke, Status};
+use super::authenticate::{Create, ExtendExpiry, Facility, Owned, Revoke, Status};
 use super::body::read_json;
 use super::caller::Answer;
 use super::refusal::Refusal;
@@ -136,6 +138,96 @@ pub(super) async fn revoke(State(app): Shared, owned: Owned<Revoke>) -> Response
     }
     .await;
     caller.answer(&app, result).await
+}
+
+/// `PATCH /v1/documents/{id}`: a later expiry, within `server.max_expiry_days` from now,
+/// for a document neither revoked nor expired. The sweep then keeps it until the new
+/// expiry, and the tombstone period runs from there.
+pub(super) async fn extend(State(app): Shared, owned: Owned<ExtendExpiry>, body: Body) -> Response {
+    let Owned {
+        caller,
+        mut snapshot,
+        ..
+    } = owned;
+    let result = async {
+        let request: Extend = read_json(body, app.server.body_idle_timeout()).await?;
+        let now = unix_now();
+        let before = snapshot.meta.expires_at;
+        check_extend(&app.server, &snapshot, request.expires_at, now)?;
+        let purge_at = request
+            .expires_at
+            .saturating_add(app.server.tombstone_days.saturating_mul(86_400));
+        app.storage
+            .extend(&snapshot.meta.id, request.expires_at, purge_at, now)
+            .await
+            .map_err(Refusal::unavailable)?;
+        app.metrics.extended.inc();
+        snapshot.meta.expires_at = request.expires_at;
+        let detail = format!("expires_at {} (was {before})", request.expires_at);
+        status_of(&app, &snapshot)
+            .await
+            .map(|status| Answer::ok(status).with_detail(detail))
+    }
+    .await;
+    caller.answer(&app, result).await
+}
+
+/// Refuses an extend to `expires_at` of a document gone (revoked, expired), not later than
+/// its expiry, or beyond the repository's limit from `now`.
+fn check_extend(
+    server: &ServerConfig,
+    snapshot: &Snapshot,
+    expires_at: u64,
+    now: u64,
+) -> Result<(), Refusal> {
+    let current = snapshot.meta.expires_at;
+    match state_of(snapshot, now) {
+        DocState::Revoked => {
+            return Err(Refusal::new(
+                StatusCode::GONE,
+                GONE,
+                "the document was revoked: its expiry cannot change; send the study again \
+                 for a new token",
+            ));
+        }
+        DocState::Expired => {
+            return Err(Refusal::new(
+                StatusCode::GONE,
+                GONE,
+                format!(
+                    "the document expired at {} and its content is deleted: its expiry \
+                     cannot change; send the study again for a new token",
+                    crate::clock::rfc3339(current)
+                ),
+            ));
+        }
+        DocState::Uploading | DocState::Complete => {}
+    }
+    if expires_at <= current {
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            INVALID_EXPIRY,
+            format!(
+                "an expiry can only be extended: the document expires at {} ({current}); \
+                 ask for a later time",
+                crate::clock::rfc3339(current)
+            ),
+        ));
+    }
+    let latest = now.saturating_add(server.max_expiry_days.saturating_mul(86_400));
+    if expires_at > latest {
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            INVALID_EXPIRY,
+            format!(
+                "expires_at is beyond this repository's limit of {} days ahead \
+                 (server.max_expiry_days): the latest expiry allowed now is {} ({latest})",
+                server.max_expiry_days,
+                crate::clock::rfc3339(latest)
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// What a sender sees of its document: state, parts held, hash, downloads, receipts.

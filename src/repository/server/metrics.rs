@@ -27,6 +27,7 @@ pub(super) struct Metrics {
     pub(super) bytes_downloaded: Counter,
     pub(super) receipts: Counter,
     pub(super) revoked: Counter,
+    pub(super) extended: Counter,
     pub(super) expired: Counter,
     pub(super) purged: Counter,
     proof_failures: Counter,
@@ -54,6 +55,7 @@ impl Metrics {
             bytes_downloaded: counter("downloaded_bytes", "Bytes sent to receivers"),
             receipts: counter("receipts", "Receipts stored"),
             revoked: counter("revoked", "Documents revoked"),
+            extended: counter("extended", "Document expiries extended"),
             expired: counter("expired", "Documents whose content the sweep deleted"),
             purged: counter("purged", "Documents deleted after the tombstone period"),
             proof_failures: counter(

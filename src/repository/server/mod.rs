@@ -9,7 +9,7 @@
 //! for a document is answered 429 for that document for a while. A receipt is accepted
 //! once per download. A background `sweep.rs` deletes expired content.
 //!
-//! The routes: `documents.rs` (create, status, revoke), `parts.rs` (upload, complete),
+//! The routes: `documents.rs` (create, status, revoke, extend), `parts.rs` (upload, complete),
 //! `download.rs` (with `range.rs`), `receipts.rs`; the directory of facilities
 //! (`facilities.rs`) and their mailboxes of sealed tokens (`mailboxes.rs`); `/healthz` and
 //! `/metrics` (`metrics.rs`).
@@ -138,7 +138,9 @@ fn router(app: Arc<App>) -> Router {
         .route("/v1/documents", post(documents::create))
         .route(
             "/v1/documents/{id}",
-            get(documents::status).delete(documents::revoke),
+            get(documents::status)
+                .delete(documents::revoke)
+                .patch(documents::extend),
         )
         .route("/v1/documents/{id}/parts/{n}", put(parts::put_part))
         .route("/v1/documents/{id}/complete", post(parts::complete))

@@ -1,0 +1,409 @@
+//! What can be done to an issued token afterwards: revoke it (a slip issued for the wrong
+//! patient, or lost), or extend its expiry (a patient who could not hand the slip over in
+//! time). Extending asks the repository first, then writes the token file and the slip
+//! again, under the same names, with the same secret and document ID and the new expiry,
+//! then records the new expiry in the job. A crash in between leaves the repository
+//! extended and the old files: the same call again finds the repository's expiry already
+//! there and only writes the files. The old slip keeps working until the date printed on
+//! it (the token holds its expiry); the new slip must be printed and handed over.
+//!
+//! A job still delivering its token (delivery command, sealed deliveries) is not extended
+//! (its worker writes the record); it may be revoked: a `revoked_at` its worker writes
+//! over is set again by revoking again, the repository's refusal holds either way.
+//!
+//! Nothing here logs or returns the token's text; the logs name the job only (the files'
+//! names hold the Patient ID).
+
+use std::path::PathBuf;
+
+use tracing::info;
+
+use crate::clock::now_seconds;
+use crate::gateway::jobs::state_name;
+use crate::gateway::store::IndexError;
+use crate::repository::api::{DocumentStatus, State};
+use crate::repository::client::ClientError;
+use crate::token::Token;
+
+use super::sender::read_token_file;
+use super::{OutStep, Outbound, OutboundJob, PrintedStudy};
+
+/// Why a token could not be revoked or extended; each message says what to do.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SlipActionError {
+    /// No outbound job has this ID.
+    #[error("no outbound job {0}: `cloudpdi status` lists the jobs (e.g. B000042)")]
+    Unknown(String),
+    /// The job has no token yet.
+    #[error(
+        "job {id} has no token yet (it is at step {step}): there is nothing to revoke or \
+         extend; wait until `cloudpdi status` shows its token file"
+    )]
+    NotIssued {
+        /// The job.
+        id: String,
+        /// The step it is at.
+        step: String,
+    },
+    /// The job still delivers its token (delivery command, sealed deliveries), with the
+    /// expiry it has: the record would be written over.
+    #[error(
+        "job {id} is still at step {step}: its expiry can change once it is done; run the \
+         same command again when `cloudpdi status` shows it done"
+    )]
+    Busy {
+        /// The job.
+        id: String,
+        /// The step it is at.
+        step: String,
+    },
+    /// The job's token was revoked: its expiry cannot change.
+    #[error(
+        "the token of job {0} was revoked: its expiry cannot change; send the study again \
+         for a new token"
+    )]
+    Revoked(String),
+    /// The expiry asked for is earlier than the token's.
+    #[error(
+        "an expiry can only be extended: the token of job {id} expires {current}, and \
+         {asked} is earlier; ask for a later date"
+    )]
+    NotLater {
+        /// The job.
+        id: String,
+        /// The token's expiry, in the facility's local time.
+        current: String,
+        /// The expiry asked for, in the facility's local time.
+        asked: String,
+    },
+    /// The repository refused (expiry beyond its limit, document gone, wrong key).
+    #[error("the repository refused to {action} the document of job {id}: {message}")]
+    Refused {
+        /// The job.
+        id: String,
+        /// `revoke` or `extend`.
+        action: &'static str,
+        /// What the repository said (its limit, what is wrong).
+        message: String,
+    },
+    /// The repository did not answer.
+    #[error(
+        "the repository could not be reached to {action} the document of job {id} \
+         ({message}); run the same command again once it answers"
+    )]
+    Unreachable {
+        /// The job.
+        id: String,
+        /// `revoke` or `extend`.
+        action: &'static str,
+        /// The last failure.
+        message: String,
+    },
+    /// The job's route has no usable repository (route removed, API key unreadable).
+    #[error("job {id}: {reason}")]
+    Route {
+        /// The job.
+        id: String,
+        /// Why, and what to do.
+        reason: String,
+    },
+    /// The token file or the slip cannot be read or written.
+    #[error(
+        "the token and slip of job {id} cannot be re-issued: {why}; the repository keeps \
+         the new expiry: fix the cause and run the same command again"
+    )]
+    Files {
+        /// The job.
+        id: String,
+        /// What failed (the folder, never the token).
+        why: String,
+    },
+    /// The job index cannot be read or written.
+    #[error(transparent)]
+    Index(#[from] IndexError),
+    /// A worker thread of the daemon failed on the way.
+    #[error("the daemon could not finish the request ({0}); run the same command again")]
+    Worker(String),
+}
+
+/// A token re-issued with a later expiry: what to print and hand over.
+#[derive(Debug, Clone)]
+pub struct ExtendedSlip {
+    /// The job.
+    pub job_id: String,
+    /// The new expiry (Unix seconds).
+    pub expires_at: u32,
+    /// The expiry of the old slip, which works until then.
+    pub previous_expires_at: u32,
+    /// The token file, rewritten.
+    pub token_file: PathBuf,
+    /// The slip to print, rewritten.
+    pub slip_file: PathBuf,
+    /// The repository's view of the document after the extension.
+    pub document: DocumentStatus,
+}
+
+impl Outbound {
+    /// Revokes the token of job `job_id`: the repository deletes the content and refuses
+    /// every later download; the job keeps when (`revoked_at`). Revoking again answers
+    /// the document's status.
+    ///
+    /// # Errors
+    /// [`SlipActionError`]: unknown job, no token yet, the repository's refusal or
+    /// silence, the index.
+    pub async fn revoke(&self, job_id: &str) -> Result<DocumentStatus, SlipActionError> {
+        let job = self.issued_job(job_id).await?;
+        let (client, document) = self.document_of(&job)?;
+        let status = client
+            .revoke(&document)
+            .await
+            .map_err(|e| repository_error(&job.id, "revoke", e))?;
+        if job.revoked_at.is_none() {
+            self.update(&job.id, |job| {
+                job.revoked_at.get_or_insert(now_seconds());
+            })
+            .await?;
+        }
+        info!(job = %job.id, "token revoked: the repository refuses every later download");
+        Ok(status)
+    }
+
+    /// Extends the token of job `job_id` to `expires_at` (Unix seconds): the repository's
+    /// document, then the token file and the slip (same names, same secret and document
+    /// ID), then the job's `expires_at`. Asking again for the same expiry finishes what a
+    /// crash interrupted, or changes nothing.
+    ///
+    /// # Errors
+    /// [`SlipActionError`]: unknown job, no token yet, still delivering it, revoked, an
+    /// earlier expiry, the repository's refusal (beyond its `server.max_expiry_days`,
+    /// document expired) or silence, the files, the index.
+    pub async fn extend(
+        &self,
+        job_id: &str,
+        expires_at: u32,
+    ) -> Result<ExtendedSlip, SlipActionError> {
+        let job = self.issued_job(job_id).await?;
+        if job.revoked_at.is_some() {
+            return Err(SlipActionError::Revoked(job.id));
+        }
+        if !matches!(job.step, OutStep::Done | OutStep::Failed) {
+            return Err(SlipActionError::Busy {
+                step: state_name(job.step),
+                id: job.id,
+            });
+        }
+        if expires_at < job.expires_at {
+            return Err(SlipActionError::NotLater {
+                current: self.local_time(job.expires_at),
+                asked: self.local_time(expires_at),
+                id: job.id,
+            });
+        }
+        let document = self.extend_document(&job, expires_at).await?;
+        let (token_file, slip_file) = (job.token_file.clone(), job.slip_file.clone());
+        let (Some(token_file), Some(slip_file)) = (token_file, slip_file) else {
+            return Err(not_issued(&job));
+        };
+        let mut token = self.issued_token(&job, expires_at).await?;
+        token.expires_at = expires_at;
+        let printed = job
+            .printed
+            .clone()
+            .unwrap_or_else(|| PrintedStudy::of_record(&job));
+        let sender = self.sender.clone();
+        let (record, files) = (job.clone(), (token_file.clone(), slip_file.clone()));
+        tokio::task::spawn_blocking(move || {
+            sender.write_token_and_slip(&record, &token, &printed, &files.0, &files.1)
+        })
+        .await
+        .map_err(worker)?
+        .map_err(|e| files_error(&job, e))?;
+        self.update(&job.id, move |job| job.expires_at = expires_at)
+            .await?;
+        info!(job = %job.id, expires_at, "token and slip re-issued with a later expiry");
+        Ok(ExtendedSlip {
+            job_id: job.id,
+            expires_at,
+            previous_expires_at: job.expires_at,
+            token_file,
+            slip_file,
+            document,
+        })
+    }
+
+    /// Job `id`, once its token is issued.
+    async fn issued_job(&self, id: &str) -> Result<OutboundJob, SlipActionError> {
+        let jobs = self.jobs.clone();
+        let asked = id.to_owned();
+        let job = tokio::task::spawn_blocking(move || jobs.get::<OutboundJob>(&asked))
+            .await
+            .map_err(worker)??
+            .ok_or_else(|| SlipActionError::Unknown(id.to_owned()))?;
+        if job.token_file.is_none() || job.slip_file.is_none() || job.document_id.is_none() {
+            return Err(not_issued(&job));
+        }
+        Ok(job)
+    }
+
+    /// The repository client of the job's route and the job's document ID.
+    fn document_of(
+        &self,
+        job: &OutboundJob,
+    ) -> Result<(crate::repository::client::Client, String), SlipActionError> {
+        let link = self
+            .sender
+            .link(&job.route)
+            .map_err(|e| SlipActionError::Route {
+                id: job.id.clone(),
+                reason: e.to_string(),
+            })?;
+        let document = job.document_id.clone().ok_or_else(|| not_issued(job))?;
+        Ok((link.client.clone(), document))
+    }
+
+    /// Extends the job's document in the repository to `expires_at`, unless it holds that
+    /// expiry (or a later one) already: a repeat after a crash, or after an answer lost
+    /// on the way (the repository refuses an expiry that is not later).
+    async fn extend_document(
+        &self,
+        job: &OutboundJob,
+        expires_at: u32,
+    ) -> Result<DocumentStatus, SlipActionError> {
+        let (client, document) = self.document_of(job)?;
+        let failed = |e| repository_error(&job.id, "extend", e);
+        let asked = u64::from(expires_at);
+        let status = client.status(&document).await.map_err(failed)?;
+        if status.state == State::Revoked {
+            self.update(&job.id, |job| {
+                job.revoked_at.get_or_insert(now_seconds());
+            })
+            .await?;
+            return Err(SlipActionError::Revoked(job.id.clone()));
+        }
+        if status.expires_at >= asked {
+            return Ok(status);
+        }
+        match client.extend(&document, asked).await {
+            Ok(status) => Ok(status),
+            Err(refused @ ClientError::Refused { .. }) => match client.status(&document).await {
+                Ok(status) if status.expires_at >= asked && status.state != State::Revoked => {
+                    Ok(status)
+                }
+                _ => Err(failed(refused)),
+            },
+            Err(e) => Err(failed(e)),
+        }
+    }
+
+    /// The job's token read back from its token file (blocking, off the runtime), if it
+    /// is this job's: same document and repository, and the job's expiry or the one being
+    /// written (a repeat after a crash between the two files). The folder is one the
+    /// clerks may write: a file replaced there must not be re-issued as this job's token.
+    async fn issued_token(
+        &self,
+        job: &OutboundJob,
+        expires_at: u32,
+    ) -> Result<Token, SlipActionError> {
+        let path = job.token_file.clone().ok_or_else(|| not_issued(job))?;
+        let text = tokio::task::spawn_blocking(move || read_token_file(&path))
+            .await
+            .map_err(worker)?
+            .map_err(|why| files_error(job, why))?;
+        let token = Token::from_text(text.trim())
+            .map_err(|_| files_error(job, "its token file does not hold a valid token"))?;
+        let repository = match &job.repository {
+            Some(url) => url.trim_end_matches('/').to_owned(),
+            None => self
+                .sender
+                .link(&job.route)
+                .map_err(|e| SlipActionError::Route {
+                    id: job.id.clone(),
+                    reason: e.to_string(),
+                })?
+                .url
+                .clone(),
+        };
+        let same = job.document_id.as_deref() == Some(token.document_id.as_str())
+            && (token.expires_at == job.expires_at || token.expires_at == expires_at)
+            && self.sender.config.repository_url(&token.repository).ok() == Some(repository);
+        if !same {
+            return Err(files_error(
+                job,
+                "its token file holds another token, not the token of this job's document; \
+                 put the job's own token file back (`cloudpdi status` names it)",
+            ));
+        }
+        Ok(token)
+    }
+
+    /// Changes job `id` as `change` says, on its record as stored now (the workers may
+    /// have written it since it was read).
+    async fn update(
+        &self,
+        id: &str,
+        change: impl FnOnce(&mut OutboundJob) + Send + 'static,
+    ) -> Result<(), SlipActionError> {
+        let jobs = self.jobs.clone();
+        let id = id.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let Some(mut job) = jobs.get::<OutboundJob>(&id)? else {
+                return Err(SlipActionError::Unknown(id));
+            };
+            change(&mut job);
+            jobs.put(&job)?;
+            Ok(())
+        })
+        .await
+        .map_err(worker)?
+    }
+
+    /// A time for the admin, in `facility.time_zone`.
+    fn local_time(&self, unix_seconds: u32) -> String {
+        let zone = crate::clock::time_zone(&self.sender.config.facility.time_zone)
+            .unwrap_or(jiff::tz::TimeZone::UTC);
+        crate::clock::local_text(u64::from(unix_seconds), &zone)
+    }
+}
+
+/// The job has no token yet.
+fn not_issued(job: &OutboundJob) -> SlipActionError {
+    SlipActionError::NotIssued {
+        id: job.id.clone(),
+        step: state_name(job.step),
+    }
+}
+
+/// A blocking task of the daemon that did not finish.
+fn worker(e: tokio::task::JoinError) -> SlipActionError {
+    SlipActionError::Worker(e.to_string())
+}
+
+/// The token file or the slip could not be handled.
+fn files_error(job: &OutboundJob, why: impl std::fmt::Display) -> SlipActionError {
+    SlipActionError::Files {
+        id: job.id.clone(),
+        why: why.to_string(),
+    }
+}
+
+/// The repository's refusal or silence.
+fn repository_error(id: &str, action: &'static str, e: ClientError) -> SlipActionError {
+    match e {
+        ClientError::Unavailable { .. } => SlipActionError::Unreachable {
+            id: id.to_owned(),
+            action,
+            message: e.to_string(),
+        },
+        ClientError::Refused { message, .. } => SlipActionError::Refused {
+            id: id.to_owned(),
+            action,
+            message,
+        },
+        other => SlipActionError::Refused {
+            id: id.to_owned(),
+            action,
+            message: other.to_string(),
+        },
+    }
+}

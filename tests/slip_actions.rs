@@ -1,0 +1,379 @@
+//! Revoking and extending an issued token from the sending side, as an admin does it:
+//! the real `cloudpdi serve`, a real `cloudpdi repository serve`, tokens issued by
+//! `cloudpdi send`, and the `cloudpdi revoke` / `cloudpdi extend` commands.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use cloudpdi::repository::api::State;
+use cloudpdi::repository::client::{Client, ClientError, ClientOptions};
+use cloudpdi::token::Token;
+use common::{Daemon, Repository, free_port, gen_ct, run, wait_for};
+
+const ZONE: &str = "Asia/Tokyo";
+
+fn cloudpdi(args: &[&str]) -> Output {
+    run(Command::new(env!("CARGO_BIN_EXE_cloudpdi"))
+        .env_remove("CLOUDPDI_CONFIG")
+        .args(args))
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn block<T>(future: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Runtime::new().unwrap().block_on(future)
+}
+
+fn read_token(path: &Path) -> Token {
+    Token::from_text(std::fs::read_to_string(path).unwrap().trim()).unwrap()
+}
+
+/// A site with route `ct` (AE SENDS) on a real repository and route `dead` (AE CLOUDPDI)
+/// on a repository that is not there, slips in HTML, times in Tokyo.
+struct Site {
+    _dir: tempfile::TempDir,
+    repository: Repository,
+    daemon: Daemon,
+    study: PathBuf,
+    config: String,
+}
+
+impl Site {
+    fn start() -> Site {
+        let dir = tempfile::tempdir().unwrap();
+        let study = dir.path().join("study");
+        std::fs::create_dir_all(&study).unwrap();
+        gen_ct(&study, 2, &[]);
+        let repository = Repository::start(&dir.path().join("repository"));
+        let routes = format!(
+            "[route.ct]\nae_title = \"SENDS\"\nrepository_url = \"{url}\"\n\
+             repository_api_key_file = \"{key}\"\n\
+             [route.dead]\nae_title = \"CLOUDPDI\"\nstable_after = 1\n\
+             repository_url = \"http://127.0.0.1:{dead}\"\n\
+             repository_api_key_file = \"{key}\"\n\
+             [outbound]\nenabled = true\n\
+             [facility]\ncode = \"HOSPA\"\nname = \"Hospital A\"\ntime_zone = \"{ZONE}\"\n",
+            url = repository.url,
+            key = repository.key_file.display(),
+            dead = free_port()
+        );
+        let daemon = Daemon::start(&dir.path().join("site"), &routes);
+        let config = daemon.config.to_str().unwrap().to_owned();
+        Site {
+            _dir: dir,
+            repository,
+            daemon,
+            study,
+            config,
+        }
+    }
+
+    /// `cloudpdi send` of the study on route `ct`: (job ID, token file, slip).
+    fn send(&self) -> (String, PathBuf, PathBuf) {
+        let out = cloudpdi(&[
+            "send",
+            "--config",
+            &self.config,
+            "--route",
+            "ct",
+            self.study.to_str().unwrap(),
+        ]);
+        let said = text(&out);
+        assert!(out.status.success(), "{said}");
+        let line = |prefix: &str| {
+            said.lines()
+                .find_map(|l| l.strip_prefix(prefix))
+                .unwrap_or_else(|| panic!("no {prefix:?} in {said}"))
+                .trim()
+                .to_owned()
+        };
+        let job = line("recorded as job ");
+        let job = job.split(':').next().unwrap().to_owned();
+        (
+            job,
+            PathBuf::from(line("token: ")),
+            PathBuf::from(line("slip:  ")),
+        )
+    }
+
+    /// A command against this site: (whether it exited 0, what it said); any other exit
+    /// code than 0 or 1 fails the test.
+    fn command(&self, args: &[&str]) -> (bool, String) {
+        let mut all = vec![args[0], "--config", &self.config];
+        all.extend(&args[1..]);
+        let out = cloudpdi(&all);
+        let code = out.status.code();
+        assert!(
+            matches!(code, Some(0 | 1)),
+            "{args:?} exited {code:?}: {}",
+            text(&out)
+        );
+        (code == Some(0), text(&out))
+    }
+
+    fn client(&self) -> Client {
+        let key = std::fs::read_to_string(&self.repository.key_file).unwrap();
+        Client::new(
+            &self.repository.url,
+            Some(key.trim().to_owned()),
+            ClientOptions::default(),
+        )
+        .unwrap()
+    }
+
+    /// The details `cloudpdi status --json` gives of outbound job `id`.
+    fn details(&self, id: &str) -> serde_json::Value {
+        let status = self.daemon.status();
+        status["outbound"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["id"] == id)
+            .cloned()
+            .unwrap_or_else(|| panic!("job {id} not in {status}"))
+    }
+
+    /// Downloads and opens the document with the token in `token_file`, as a receiver.
+    fn receive(&self, token_file: &Path, out: &Path) -> (bool, String) {
+        let token = format!("@{}", token_file.display());
+        let out = cloudpdi(
+            &["receive", "--config", &self.config, "--out"]
+                .into_iter()
+                .chain([out.to_str().unwrap(), token.as_str()])
+                .collect::<Vec<_>>(),
+        );
+        (out.status.success(), text(&out))
+    }
+}
+
+/// A revoked token downloads nothing; status shows it revoked; it cannot be extended;
+/// revoking again changes nothing.
+#[test]
+fn a_revoked_token_is_refused() {
+    let site = Site::start();
+    let (job, token_file, _) = site.send();
+    let token = read_token(&token_file);
+    let (ok, said) = site.command(&["revoke", &job]);
+    assert!(ok, "{said}");
+    assert!(
+        said.contains(&format!("job {job}: the token is revoked")),
+        "{said}"
+    );
+
+    let work = tempfile::tempdir().unwrap();
+    let refused = block(site.client().download_to(
+        &token.document_id,
+        &token.download_proof(),
+        &work.path().join("partial"),
+        |_| {},
+    ))
+    .unwrap_err();
+    assert!(matches!(refused, ClientError::NotAvailable), "{refused}");
+    let (ok, said_receive) = site.receive(&token_file, &work.path().join("pdi"));
+    assert!(!ok, "{said_receive}");
+    let document = block(site.client().status(&token.document_id)).unwrap();
+    assert_eq!(document.state, State::Revoked);
+
+    assert!(site.details(&job)["revoked_at"].as_u64().is_some());
+    let (ok, table) = site.command(&["status"]);
+    assert!(ok, "{table}");
+    assert!(
+        table.contains("revoked ") && table.contains("the repository refuses every download"),
+        "{table}"
+    );
+    let (ok, said_extend) = site.command(&["extend", &job, "--days", "5"]);
+    assert!(!ok, "{said_extend}");
+    assert!(said_extend.contains("was revoked"), "{said_extend}");
+    let (ok, again) = site.command(&["revoke", &job]);
+    assert!(ok, "revoking again changes nothing: {again}");
+
+    // The admin endpoint: the header required, the extend body bounded.
+    let admin = |extra: &[&str], body: &str| {
+        let out = run(Command::new(common::require("/usr/bin/curl"))
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST"])
+            .args(extra)
+            .args(["--data-binary", body])
+            .arg(format!("http://{}/jobs/{job}/extend", site.daemon.admin)));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let header = [
+        "-H",
+        "x-cloudpdi-admin: 1",
+        "-H",
+        "content-type: application/json",
+    ];
+    assert_eq!(admin(&[], "{\"expires_at\": 1}"), "403");
+    let padded = format!("{{\"expires_at\": 1{}}}", " ".repeat(300));
+    assert_eq!(admin(&header, &padded), "413");
+    assert_eq!(admin(&header, "{\"expires_at\": \"soon\"}"), "400");
+
+    let text_of_token = token.to_text();
+    for shown in [&said, &table, &said_extend, &again, &site.daemon.log()] {
+        assert!(!shown.contains(text_of_token.as_str()), "token text shown");
+    }
+}
+
+/// Extending re-issues the token file and the slip with the same secret and document and
+/// the new expiry; the repository keeps the document until then; a shorter expiry, one
+/// beyond the repository's limit, an unknown job and one without a token yet are
+/// refused with exit code 1; a repeat after the repository was extended but the files
+/// were not (a crash in between) finishes the job.
+#[test]
+fn an_extended_token_is_reissued() {
+    let site = Site::start();
+    let (job, token_file, slip_file) = site.send();
+    let before = read_token(&token_file);
+    let zone = cloudpdi::clock::time_zone(ZONE).unwrap();
+    let old_date = cloudpdi::clock::until_ja(u64::from(before.expires_at), &zone);
+    let slip_before = std::fs::read_to_string(&slip_file).unwrap();
+    assert!(slip_before.contains(&old_date), "{slip_before}");
+    let inode = std::fs::metadata(&token_file).unwrap().ino();
+
+    let (ok, said) = site.command(&["extend", &job, "--days", "30"]);
+    assert!(ok, "{said}");
+    let after = read_token(&token_file);
+    let now = cloudpdi::clock::now_seconds();
+    let asked = u64::from(after.expires_at);
+    assert!(asked.abs_diff(now + 30 * 86_400) < 120, "{asked} vs {now}");
+    assert!(after.expires_at > before.expires_at);
+    assert_eq!(after.document_id, before.document_id);
+    assert_eq!(after.repository, before.repository);
+    assert_eq!(
+        after.download_proof().bytes(),
+        before.download_proof().bytes(),
+        "the same secret"
+    );
+    let new_date = cloudpdi::clock::until_ja(asked, &zone);
+    assert!(
+        said.contains(&cloudpdi::clock::local_text(asked, &zone))
+            && said.contains(slip_file.to_str().unwrap()),
+        "{said}"
+    );
+    // Replaced by a new file renamed over the old one, with the same mode; no temp left.
+    let meta = std::fs::metadata(&token_file).unwrap();
+    assert_ne!(
+        meta.ino(),
+        inode,
+        "the token file is replaced, not rewritten in place"
+    );
+    assert_eq!(meta.permissions().mode() & 0o777, 0o640);
+    assert_eq!(
+        std::fs::metadata(&slip_file).unwrap().permissions().mode() & 0o777,
+        0o640
+    );
+    let folder: Vec<_> = std::fs::read_dir(token_file.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(folder.len(), 2, "token and slip only: {folder:?}");
+    let slip = std::fs::read_to_string(&slip_file).unwrap();
+    assert!(slip.contains(&new_date), "the new expiry printed: {slip}");
+    assert!(!slip.contains(&old_date), "the old expiry gone: {slip}");
+    assert!(slip.contains("Hospital A"), "{slip}");
+
+    let document = block(site.client().status(&after.document_id)).unwrap();
+    assert_eq!(document.expires_at, asked);
+    assert_eq!(site.details(&job)["expires_at"].as_u64(), Some(asked));
+    let work = tempfile::tempdir().unwrap();
+    let (ok, received) = site.receive(&token_file, &work.path().join("pdi"));
+    assert!(ok, "the new token downloads and opens: {received}");
+    assert!(work.path().join("pdi/DICOMDIR").exists(), "{received}");
+
+    // Not later, beyond the repository's limit (180 days): refused, nothing changed.
+    let (ok, shorter) = site.command(&["extend", &job, "--days", "2"]);
+    assert!(!ok, "{shorter}");
+    assert!(shorter.contains("can only be extended"), "{shorter}");
+    let (ok, beyond) = site.command(&["extend", &job, "--days", "400"]);
+    assert!(!ok, "{beyond}");
+    assert!(
+        beyond.contains("180 days") && beyond.contains("server.max_expiry_days"),
+        "{beyond}"
+    );
+    assert_eq!(read_token(&token_file).expires_at, after.expires_at);
+
+    // The repository extended, the files not yet (a crash in between): the same command
+    // again writes the files.
+    let until = cloudpdi::clock::date(now + 60 * 86_400);
+    let end_of_day = zone
+        .to_timestamp(
+            jiff::civil::Date::strptime("%Y-%m-%d", &until)
+                .unwrap()
+                .at(23, 59, 59, 0),
+        )
+        .unwrap()
+        .as_second();
+    let end_of_day = u64::try_from(end_of_day).unwrap();
+    block(site.client().extend(&after.document_id, end_of_day)).unwrap();
+    let (ok, finished) = site.command(&["extend", &job, "--until", &until]);
+    assert!(ok, "{finished}");
+    assert_eq!(u64::from(read_token(&token_file).expires_at), end_of_day);
+    let slip = std::fs::read_to_string(&slip_file).unwrap();
+    assert!(slip.contains(&cloudpdi::clock::until_ja(end_of_day, &zone)));
+    let (ok, repeated) = site.command(&["extend", &job, "--until", &until]);
+    assert!(ok, "the same call again changes nothing: {repeated}");
+
+    let text_of_token = after.to_text();
+    for shown in [
+        &said,
+        &finished,
+        &repeated,
+        &shorter,
+        &beyond,
+        &site.daemon.log(),
+    ] {
+        assert!(!shown.contains(text_of_token.as_str()), "token text shown");
+    }
+
+    // An unknown job, and a job without a token yet (its repository is not there).
+    for action in [
+        &["revoke", "S20000101-000000-1"][..],
+        &["extend", "S20000101-000000-1", "--days", "3"],
+    ] {
+        let (ok, said) = site.command(action);
+        assert!(!ok, "{said}");
+        assert!(
+            said.contains("no outbound job S20000101-000000-1"),
+            "{said}"
+        );
+    }
+    let out = common::storescu(
+        &site.daemon,
+        "MODALITY",
+        &[],
+        &common::files_in(&site.study),
+    );
+    assert!(out.status.success(), "{out:?}");
+    let waiting = wait_for("a job on the dead route", Duration::from_secs(30), || {
+        site.daemon.status()["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|j| j["id"].as_str().is_some_and(|id| id.starts_with('B')))
+            .map(|j| j["id"].as_str().unwrap().to_owned())
+    });
+    for action in [
+        &["revoke", waiting.as_str()][..],
+        &["extend", waiting.as_str(), "--days", "3"],
+    ] {
+        let (ok, said) = site.command(action);
+        assert!(!ok, "{said}");
+        assert!(
+            said.contains(&format!("job {waiting} has no token yet")),
+            "{said}"
+        );
+    }
+    let (ok, said) = site.command(&["extend", &job, "--until", "31.12.2026"]);
+    assert!(!ok, "{said}");
+    assert!(said.contains("YYYY-MM-DD"), "{said}");
+}
