@@ -1,5 +1,5 @@
 //! The repository API's JSON bodies (`repository::api`), as the server reads them from
-//! any client (`NewDocument`, `Receipt`, `Complete`) and the client reads them from a
+//! any client (`NewDocument`, `Receipt`, `Complete`, `Extend`) and the client reads them from a
 //! possibly hostile repository (`Created`, `DocumentStatus`, `ErrorBody`, and for sealed
 //! delivery the mailbox list `Vec<MessageInfo>`, `FacilityEntry`, `Posted`), and the hex
 //! of proofs and checksums (`api::hex32::parse`). What parses serializes to JSON that
@@ -9,8 +9,8 @@
 #![no_main]
 
 use cloudpdi::repository::api::{
-    Complete, Created, DocumentStatus, ErrorBody, FacilityEntry, MessageInfo, NewDocument,
-    Posted, Receipt, hex32,
+    Complete, Created, DocumentStatus, ErrorBody, Extend, FacilityEntry, MessageInfo,
+    NewDocument, Posted, Receipt, hex32,
 };
 use libfuzzer_sys::fuzz_target;
 use serde::Serialize;
@@ -29,13 +29,14 @@ fuzz_target!(|data: &[u8]| {
     let Some((&selector, json)) = data.split_first() else {
         return;
     };
-    match selector % 10 {
+    match selector % 11 {
         0 => round_trip::<NewDocument>(json),
         1 => round_trip::<Receipt>(json),
         2 => round_trip::<Complete>(json),
         3 => round_trip::<Created>(json),
         4 => round_trip::<DocumentStatus>(json),
         5 => round_trip::<ErrorBody>(json),
+        6 => round_trip::<Extend>(json),
         7 => round_trip::<Vec<MessageInfo>>(json),
         8 => round_trip::<FacilityEntry>(json),
         9 => round_trip::<Posted>(json),
