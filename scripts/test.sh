@@ -10,7 +10,8 @@
 # pydicom-data, pynetdicom, numpy, moto[server], and pydicom's pixel data decoders
 # pylibjpeg, pylibjpeg-libjpeg, pylibjpeg-openjpeg, pylibjpeg-rle (tests/transcode.rs
 # compares our decoding with theirs), and playwright (tests/peers/web_browser.py drives
-# Debian's chromium, the Debian package `chromium`, through it; no browser is downloaded).
+# Debian's chromium, the Debian package `chromium`, through it; no browser is downloaded;
+# fonts-ipafont-gothic gives its screenshots Japanese glyphs).
 # cargo-deny (crates.io) for scripts/deny.sh.
 # Needs root for apt-get and for the namespace tests (CI runs as root).
 set -euo pipefail
@@ -36,6 +37,8 @@ need time /usr/bin/time
 need mount /usr/bin/mount
 need openssl /usr/bin/openssl
 need chromium /usr/bin/chromium
+# Japanese glyphs for the reception page's screenshots (tests/peers/web_browser.py).
+[ -e /usr/share/fonts/opentype/ipafont-gothic/ipag.ttf ] || missing+=(fonts-ipafont-gothic)
 python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing test peers: ${missing[*]}"

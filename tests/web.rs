@@ -566,7 +566,7 @@ async fn a_lan_address_needs_https_and_over_https_the_cookie_is_secure() {
 /// named before anything is queued, then the right token typed as a USB scanner types it
 /// (and Enter): the job page follows the import into Orthanc live; then a wrong password
 /// three times locks the login out. Screenshots of the pages go to the test's artifact
-/// folder, target/web-artifacts.
+/// folder, `web-artifacts` in the target folder's `tmp`.
 #[test]
 fn a_clerk_scans_a_token_and_watches_the_import_in_a_browser() {
     if !isolated("a_clerk_scans_a_token_and_watches_the_import_in_a_browser") {
@@ -623,9 +623,9 @@ fn a_clerk_scans_a_token_and_watches_the_import_in_a_browser() {
             .find(|j| j["state"] == "failed" || j["held"] == true)
     });
 
-    let artifacts = root().join("target/web-artifacts");
+    let artifacts = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("web-artifacts");
     std::fs::create_dir_all(&artifacts).unwrap();
-    let out = Command::new(require("/usr/bin/python3"))
+    let out = Command::new("python3")
         .arg(root().join("tests/peers/web_browser.py"))
         .args([&base, "clerk", PASSWORD, &token, &mistyped, "3"])
         .arg(&artifacts)

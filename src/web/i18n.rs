@@ -152,7 +152,7 @@ pub enum T {
     Expiry,
     Downloads,
     Receipts,
-    Slip,
+    ReceiptLine,
     Reprint,
     NotKnown,
     None,
@@ -211,12 +211,12 @@ impl T {
                 "Wrong user name or password.",
             ),
             T::LockedName => (
-                "ログインの失敗が続いたため、このユーザー名は {until} までログインできません（正しいパスワードでも同じです）。時間をおいてからもう一度ログインするか、管理者に連絡してください。",
-                "Too many failed logins: this user name cannot log in until {until}, even with the right password. Try again after that time, or ask an administrator.",
+                "ログインの失敗が続いたため、このユーザー名は {until} ログインできません（正しいパスワードでも同じです）。時間をおいてからもう一度ログインするか、管理者に連絡してください。",
+                "Too many failed logins: this user name cannot log in {until}, even with the right password. Try again after that time, or ask an administrator.",
             ),
             T::LockedAddress => (
-                "この端末からのログインの失敗が続いたため、{until} までこの端末からはログインできません（正しいパスワードでも同じです）。時間をおいてからもう一度ログインするか、管理者に連絡してください。",
-                "Too many failed logins from this computer: no login from it is accepted until {until}, even with the right password. Try again after that time, or ask an administrator.",
+                "この端末からのログインの失敗が続いたため、この端末からは {until} ログインできません（正しいパスワードでも同じです）。時間をおいてからもう一度ログインするか、管理者に連絡してください。",
+                "Too many failed logins from this computer: no login from it is accepted {until}, even with the right password. Try again after that time, or ask an administrator.",
             ),
             T::SessionEnded => (
                 "セッションが終了しました。もう一度ログインしてください。",
@@ -336,7 +336,7 @@ impl T {
             T::Expiry => ("有効期限", "Expiry"),
             T::Downloads => ("取得回数", "Downloads"),
             T::Receipts => ("受領", "Receipts"),
-            T::Slip => ("控え", "Slip"),
+            T::ReceiptLine => ("{time} {count} 件を取り込み", "{time}: {count} imported"),
             T::Reprint => ("控えを再印刷", "Re-print the slip"),
             T::NotKnown => ("不明", "not known"),
             T::None => ("なし", "none"),
@@ -417,6 +417,15 @@ impl T {
             Some(Cause::RecipientKey) => T::CauseRecipientKey,
             Some(Cause::Other) | None => T::CauseOther,
         }
+    }
+}
+
+/// A deadline in `lang`, in `zone`'s wall-clock time: `2026年12月13日 17:37まで`,
+/// `until 13 Dec 2026 17:37 (JST)` (the slip's words).
+pub fn until(lang: Lang, unix_seconds: u64, zone: &jiff::tz::TimeZone) -> String {
+    match lang {
+        Lang::Ja => crate::clock::until_ja(unix_seconds, zone),
+        Lang::En => crate::clock::until_en(unix_seconds, zone),
     }
 }
 

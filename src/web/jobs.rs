@@ -80,7 +80,11 @@ async fn render(
     let jobs = match tokio::task::spawn_blocking(move || stuck(&read)).await {
         Ok(Ok(jobs)) => jobs,
         _ => {
-            return super::message_page(ctx, StatusCode::SERVICE_UNAVAILABLE, ctx.t(T::Unavailable));
+            return super::message_page(
+                ctx,
+                StatusCode::SERVICE_UNAVAILABLE,
+                ctx.t(T::Unavailable),
+            );
         }
     };
     let body = html! {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use axum::Extension;
 use axum::extract::{Query, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use maud::html;
 use zeroize::Zeroizing;
@@ -34,14 +34,19 @@ pub(super) struct Login {
     password: String,
 }
 
-/// The login form with `notice`, under a fresh pre-session CSRF token.
+/// The login form with `notice`, under the pre-session CSRF token of the request's cookie
+/// (kept, so that another tab or the browser's own requests do not void a form already
+/// shown), or a fresh one.
 fn form(
     state: &WebState,
     ctx: &Ctx,
+    headers: &HeaderMap,
     status: StatusCode,
     notice: Option<(String, bool)>,
 ) -> Response {
-    let Ok(token) = random_id() else {
+    let kept = super::cookie(headers, LOGIN_COOKIE)
+        .filter(|t| t.len() == 64 && t.bytes().all(|b| b.is_ascii_hexdigit()));
+    let Some(token) = kept.or_else(|| random_id().ok()) else {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "no randomness from the system\n",
@@ -87,6 +92,7 @@ fn form(
 pub(super) async fn page(
     State(state): State<Arc<WebState>>,
     Extension(ctx): Extension<Ctx>,
+    headers: HeaderMap,
     Query(shown): Query<Shown>,
 ) -> Response {
     if ctx.session.is_some() {
@@ -99,7 +105,7 @@ pub(super) async fn page(
     } else {
         None
     };
-    form(&state, &ctx, StatusCode::OK, notice)
+    form(&state, &ctx, &headers, StatusCode::OK, notice)
 }
 
 /// `POST /login` (its CSRF token checked by the guard): refused while the name or the
@@ -107,6 +113,7 @@ pub(super) async fn page(
 pub(super) async fn submit(
     State(state): State<Arc<WebState>>,
     Extension(ctx): Extension<Ctx>,
+    headers: HeaderMap,
     axum::Form(login): axum::Form<Login>,
 ) -> Response {
     let password = Zeroizing::new(login.password);
@@ -116,7 +123,7 @@ pub(super) async fn submit(
         "-".to_owned()
     };
     let locked_text = |locked: super::session::Locked| {
-        let until = crate::clock::local_text(locked.until.div_ceil(1000), &state.zone);
+        let until = super::i18n::until(ctx.lang, locked.until.div_ceil(1000), &state.zone);
         let text = if locked.by_address {
             T::LockedAddress
         } else {
@@ -132,6 +139,7 @@ pub(super) async fn submit(
         return form(
             &state,
             &ctx,
+            &headers,
             StatusCode::TOO_MANY_REQUESTS,
             Some(locked_text(locked)),
         );
@@ -151,12 +159,14 @@ pub(super) async fn submit(
             Some(locked) => form(
                 &state,
                 &ctx,
+                &headers,
                 StatusCode::TOO_MANY_REQUESTS,
                 Some(locked_text(locked)),
             ),
             None => form(
                 &state,
                 &ctx,
+                &headers,
                 StatusCode::UNAUTHORIZED,
                 Some((ctx.t(T::LoginFailed).to_owned(), true)),
             ),

@@ -270,9 +270,10 @@ struct CsrfField {
     csrf: String,
 }
 
-/// Pages that answer without a session.
+/// Pages that answer without a session (the browser asks for `/favicon.ico` by itself:
+/// it gets a 404, not the login).
 fn public(path: &str) -> bool {
-    path == "/login" || path.starts_with("/static/")
+    path == "/login" || path == "/favicon.ico" || path.starts_with("/static/")
 }
 
 /// Finds the request's session and language, sends a request without a session to the
@@ -499,7 +500,7 @@ pub fn study(ctx: &Ctx, study: Option<&crate::gateway::reception::batch::StudySu
 }
 
 /// `YYYYMMDD` as `YYYY-MM-DD` (anything else as it is).
-fn format_date(date: &str) -> String {
+pub(crate) fn format_date(date: &str) -> String {
     match (date.get(..4), date.get(4..6), date.get(6..8)) {
         (Some(y), Some(m), Some(d)) if date.len() == 8 => format!("{y}-{m}-{d}"),
         _ => date.to_owned(),

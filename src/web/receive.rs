@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use super::i18n::{Lang, T, fill};
-use super::{Ctx, WebState, html_response, layout, message_page, study};
+use super::{Ctx, WebState, html_response, layout, message_page};
 use crate::admin::handoff::{Handoff, hand_over};
 use crate::gateway::inbound::{InStep, InboundJob};
 use crate::gateway::jobs::Pipeline;
@@ -120,7 +120,7 @@ fn form(ctx: &Ctx, state: &WebState, notice: Option<(&str, Option<&str>)>) -> Ma
                 input id="patient_id" name="patient_id" type="text" autocomplete="off" maxlength="64"
                     spellcheck="false" disabled[off] aria-describedby="patient-help";
             }
-            p.actions {
+            p.buttons {
                 button type="submit" disabled[off] { (ctx.t(T::ImportButton)) }
                 button id="camera" type="button" hidden data-stop=(ctx.t(T::CameraStop)) data-start=(ctx.t(T::CameraButton)) { (ctx.t(T::CameraButton)) }
             }
@@ -263,6 +263,8 @@ struct View {
     message: String,
     /// The last error, for an administrator.
     detail: String,
+    /// The study, once the verified PDI told it: (label, value) pairs.
+    study: Vec<(&'static str, String)>,
 }
 
 fn view(lang: Lang, job: &InboundJob) -> View {
@@ -317,6 +319,18 @@ fn view(lang: Lang, job: &InboundJob) -> View {
         ),
         message,
         detail: job.progress.last_error.clone().unwrap_or_default(),
+        study: job.study.as_ref().map_or_else(Vec::new, |study| {
+            [
+                (T::PatientId, study.patient_id.clone()),
+                (T::Accession, study.accession.clone()),
+                (T::StudyDate, super::format_date(&study.study_date)),
+                (T::Modality, study.modality.clone()),
+            ]
+            .into_iter()
+            .filter(|(_, value)| !value.is_empty())
+            .map(|(label, value)| (label.get(lang), value))
+            .collect()
+        }),
     }
 }
 
@@ -347,7 +361,9 @@ pub(super) async fn job(
             }
         }
         section id="job" data-events={ "/jobs/" (job.id) "/events" } data-state=(v.state) {
-            (study(&ctx, job.study.as_ref()))
+            dl.study id="job-study" hidden[v.study.is_empty()] {
+                @for (label, value) in &v.study { dt { (label) } dd { (value) } }
+            }
             dl.progress {
                 dt { (ctx.t(T::State)) }
                 dd id="job-step" { (v.step) }
@@ -360,7 +376,7 @@ pub(super) async fn job(
             }
             p.notice id="job-message" role="status" aria-live="polite" hidden[v.message.is_empty()] { (v.message) }
             p.detail id="job-detail" hidden[v.detail.is_empty()] { (v.detail) }
-            p.muted { (ctx.t(T::Live)) }
+            @if !matches!(v.state, "done" | "failed") { p.muted id="job-live" { (ctx.t(T::Live)) } }
         }
         p { a.button href="/receive" { (ctx.t(T::ReceiveAnother)) } }
     };

@@ -14,7 +14,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use maud::html;
 
-use super::i18n::T;
+use super::i18n::{T, fill};
 use super::{Ctx, WebState, html_response, layout, message_page, study};
 use crate::gateway::jobs::Pipeline;
 use crate::gateway::outbound::OutboundJob;
@@ -65,7 +65,7 @@ pub(super) async fn page(
                             td { (job.route) }
                             td { (study(&ctx, job.study.as_ref())) }
                             td {
-                                (crate::clock::local_text(u64::from(job.expires_at), &state.zone))
+                                (super::i18n::until(ctx.lang, u64::from(job.expires_at), &state.zone))
                                 @if u64::from(job.expires_at) <= now { " " strong { (ctx.t(T::Expired)) } }
                             }
                             td {
@@ -81,8 +81,10 @@ pub(super) async fn page(
                                         ul.receipts {
                                             @for r in &d.receipts {
                                                 li {
-                                                    (crate::clock::local_text(r.received_at, &state.zone)) ": "
-                                                    (r.receipt.instances_imported)
+                                                    (fill(ctx.t(T::ReceiptLine), &[
+                                                        ("time", &crate::clock::local_short(r.received_at.saturating_mul(1000), &state.zone)),
+                                                        ("count", &r.receipt.instances_imported.to_string()),
+                                                    ]))
                                                     @if let Some(facility) = &r.receipt.facility { " (" (facility) ")" }
                                                 }
                                             }

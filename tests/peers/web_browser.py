@@ -87,6 +87,7 @@ def main():
         job = page.locator("#job")
         expect(job).to_have_attribute("data-state", "done", timeout=120_000)
         expect(page.locator("#job-count")).to_contain_text("/")
+        expect(page.locator("#job-study")).to_contain_text("P1")
         shot(page, "job")
         print("import finished: " + page.locator("#job-count").inner_text())
 
@@ -95,11 +96,19 @@ def main():
         shot(page, "jobs")
         print("jobs page: " + str(page.locator("tbody tr").count()) + " job(s)")
 
+        # The repository's answer is reused for 10 s: the download and the receipt of the
+        # import above show within that.
         page.goto(base + "/sent")
         expect(page.locator("h1")).to_have_text("Issued tokens")
         expect(page.locator("table.sent tbody tr")).to_have_count(1)
+        for _ in range(30):
+            if page.locator("ul.receipts").count() > 0:
+                break
+            page.wait_for_timeout(500)
+            page.goto(base + "/sent")
+        expect(page.locator("ul.receipts")).to_contain_text("imported")
         shot(page, "sent")
-        print("sent page")
+        print("sent page: " + page.locator("ul.receipts").inner_text())
 
         page.goto(base + "/receive?lang=ja")
         page.get_by_role("button", name="ログアウト").click()

@@ -121,10 +121,24 @@ function setupJob() {
     var message = document.getElementById("job-message");
     message.textContent = v.message;
     message.hidden = v.message === "";
+    var study = document.getElementById("job-study");
+    study.replaceChildren();
+    v.study.forEach(function (pair) {
+      var dt = document.createElement("dt");
+      dt.textContent = pair[0];
+      var dd = document.createElement("dd");
+      dd.textContent = pair[1];
+      study.append(dt, dd);
+    });
+    study.hidden = v.study.length === 0;
     var detail = document.getElementById("job-detail");
     detail.textContent = v.detail;
     detail.hidden = v.detail === "";
-    if (v.state === "done" || v.state === "failed") { source.close(); }
+    if (v.state === "done" || v.state === "failed") {
+      source.close();
+      var live = document.getElementById("job-live");
+      if (live) { live.hidden = true; }
+    }
   });
 }
 
