@@ -325,6 +325,14 @@ async fn no_page_without_a_login_and_no_post_without_its_csrf_token() {
     };
     let refused = browser.send(check(None)).await;
     assert_eq!(refused.status, 403);
+    // A body over 16 KiB is not read.
+    let big = browser
+        .post(
+            "/receive",
+            &[("csrf", &token), ("token", &"0".repeat(17 * 1024))],
+        )
+        .await;
+    assert_eq!(big.status, 413);
     let checked = browser.send(check(Some(&token))).await;
     assert_eq!(checked.status, 200, "{}", checked.body);
     let checked: serde_json::Value = serde_json::from_str(&checked.body).unwrap();
@@ -645,6 +653,10 @@ fn a_clerk_scans_a_token_and_watches_the_import_in_a_browser() {
     assert!(said.contains("import finished"), "{said}");
     assert!(said.contains("locked out"), "{said}");
     assert!(said.contains("jobs page: 1 job(s)"), "{said}");
+    assert!(
+        said.contains("slip re-printed: /sent/B000001/slip"),
+        "{said}"
+    );
     // Into Orthanc: every instance.
     let stored = _orthanc.get("/instances");
     assert_eq!(stored.as_array().unwrap().len(), files.len(), "{stored}");
@@ -660,6 +672,7 @@ fn a_clerk_scans_a_token_and_watches_the_import_in_a_browser() {
         log.contains("web: token handed over: import queued") && log.contains("user=clerk"),
         "{log}"
     );
+    assert!(log.contains("web: slip re-printed"), "{log}");
     assert!(!log.contains(&token), "no token text in the log");
     // The screenshots (docs/web/ keeps a copy of them for docs/web.md).
     for page in [

@@ -178,7 +178,8 @@ pub(super) async fn submit(
     if let Some((_, problem)) = token_problem(ctx.lang, &token) {
         return refuse(StatusCode::UNPROCESSABLE_ENTITY, &problem, None);
     }
-    if patient_id.chars().any(char::is_control) {
+    let bad_id = crate::gateway::inbound::reconcile::check_id(&patient_id).is_err();
+    if !patient_id.is_empty() && bad_id {
         return refuse(
             StatusCode::UNPROCESSABLE_ENTITY,
             ctx.t(T::PatientIdBad),
@@ -206,12 +207,11 @@ pub(super) async fn submit(
         Handoff::NoInbound => refuse(StatusCode::CONFLICT, ctx.t(T::NoInbound), None),
         Handoff::Refused(why) => {
             tracing::info!(user = %user, "web: token refused: {why}");
-            let text = if why.contains("Patient ID") {
-                T::PatientIdBad
-            } else {
-                T::Refused
-            };
-            refuse(StatusCode::UNPROCESSABLE_ENTITY, ctx.t(text), Some(&why))
+            refuse(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                ctx.t(T::Refused),
+                Some(&why),
+            )
         }
         Handoff::Unavailable(why) => {
             tracing::warn!(user = %user, "web: token not handed over: {why}");
@@ -402,9 +402,7 @@ pub(super) async fn events(
                 return None;
             }
             loop {
-                let Some(inbound) = state.admin.inbound.clone() else {
-                    return None;
-                };
+                let inbound = state.admin.inbound.clone()?;
                 let asked = id.clone();
                 let read =
                     tokio::task::spawn_blocking(move || inbound.store().get::<InboundJob>(&asked))

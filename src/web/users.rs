@@ -326,6 +326,9 @@ mod tests {
         ));
         let long = "p".repeat(MAX_PASSWORD + 1);
         assert!(matches!(add(&path, "a", &long), Err(UsersError::Password)));
+        let big = vec![b'#'; usize::try_from(MAX_USERS_FILE).expect("small") + 1];
+        std::fs::write(&path, big).expect("write");
+        assert!(matches!(read(&path), Err(UsersError::TooLarge(_))));
         std::fs::write(&path, "clerk:plain-text-password\n").expect("write");
         let err = read(&path).expect_err("not a hash");
         assert!(err.to_string().contains("line 1"), "{err}");

@@ -109,6 +109,13 @@ def main():
         expect(page.locator("ul.receipts")).to_contain_text("imported")
         shot(page, "sent")
         print("sent page: " + page.locator("ul.receipts").inner_text())
+        slip = page.locator("td.actions a").get_attribute("href")
+        answer = page.goto(base + slip)
+        assert answer.status == 200, answer.status
+        policy = answer.headers["content-security-policy"]
+        assert policy.startswith("default-src 'none'"), policy
+        assert "HT2-" in page.content()
+        print("slip re-printed: " + slip)
 
         page.goto(base + "/receive?lang=ja")
         page.get_by_role("button", name="ログアウト").click()
