@@ -78,10 +78,10 @@ impl Lang {
     }
 }
 
-/// Every text of the page.
+/// Every text of the page, by what it says (the variant names the text; [`T::get`] has
+/// both languages in one `match`, so a text cannot lack one).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[allow(missing_docs)]
-pub enum T {
+pub(crate) enum T {
     App,
     NavReceive,
     NavJobs,
@@ -184,7 +184,7 @@ pub enum T {
 
 impl T {
     /// The text in `lang`. `{name}` marks a value filled in with [`fill`].
-    pub fn get(self, lang: Lang) -> &'static str {
+    pub(crate) fn get(self, lang: Lang) -> &'static str {
         let (ja, en) = self.both();
         match lang {
             Lang::Ja => ja,
@@ -401,7 +401,7 @@ impl T {
     }
 
     /// The plain words for a job's failure cause.
-    pub fn of_cause(cause: Option<Cause>) -> T {
+    pub(crate) fn of_cause(cause: Option<Cause>) -> T {
         match cause {
             Some(Cause::PacsRejected) => T::CausePacsRejected,
             Some(Cause::PacsUnreachable) => T::CausePacsUnreachable,

@@ -133,7 +133,7 @@ pub struct Ctx {
 
 impl Ctx {
     /// The text `t` in the request's language.
-    pub fn t(&self, t: T) -> &'static str {
+    pub(crate) fn t(&self, t: T) -> &'static str {
         t.get(self.lang)
     }
 

@@ -334,7 +334,7 @@ fn view(lang: Lang, job: &InboundJob) -> View {
     }
 }
 
-/// Whether the import is again flag is set.
+/// `?again=1`: the token was handed over again (its job already existed).
 #[derive(Deserialize)]
 pub(super) struct Again {
     #[serde(default)]
