@@ -673,6 +673,7 @@ fn a_clerk_scans_a_token_and_watches_the_import_in_a_browser() {
         "{log}"
     );
     assert!(log.contains("web: slip re-printed"), "{log}");
+    assert!(log.contains("web: retry refused"), "{log}");
     assert!(!log.contains(&token), "no token text in the log");
     // The screenshots (docs/web/ keeps a copy of them for docs/web.md).
     for page in [

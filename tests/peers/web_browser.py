@@ -95,6 +95,12 @@ def main():
         expect(page.locator("h1")).to_have_text("Failed and held jobs")
         shot(page, "jobs")
         print("jobs page: " + str(page.locator("tbody tr").count()) + " job(s)")
+        # An inbound job that failed for good cannot run again: the page says what to do.
+        page.get_by_role("button", name=re.compile("^Retry")).first.click()
+        page.wait_for_load_state()
+        refusal = page.locator("p.notice.error")
+        expect(refusal).to_contain_text("failed for good")
+        print("retry answered: " + refusal.inner_text())
 
         # The repository's answer is reused for 10 s: the download and the receipt of the
         # import above show within that.
