@@ -9,7 +9,9 @@
 # Python packages (PyPI, with python3-pip from Debian when pip is missing): pydicom,
 # pydicom-data, pynetdicom, numpy, moto[server], and pydicom's pixel data decoders
 # pylibjpeg, pylibjpeg-libjpeg, pylibjpeg-openjpeg, pylibjpeg-rle (tests/transcode.rs
-# compares our decoding with theirs).
+# compares our decoding with theirs), and playwright (tests/peers/web_browser.py drives
+# Debian's chromium, the Debian package `chromium`, through it; no browser is downloaded;
+# fonts-ipafont-gothic gives its screenshots Japanese glyphs).
 # cargo-deny (crates.io) for scripts/deny.sh.
 # Needs root for apt-get and for the namespace tests (CI runs as root).
 set -euo pipefail
@@ -34,6 +36,9 @@ need util-linux /usr/bin/unshare
 need time /usr/bin/time
 need mount /usr/bin/mount
 need openssl /usr/bin/openssl
+need chromium /usr/bin/chromium
+# Japanese glyphs for the reception page's screenshots (tests/peers/web_browser.py).
+[ -e /usr/share/fonts/opentype/ipafont-gothic/ipag.ttf ] || missing+=(fonts-ipafont-gothic)
 python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing test peers: ${missing[*]}"
@@ -47,6 +52,10 @@ if ! python3 -c 'import pydicom, pynetdicom, numpy, moto.server, data_store, pyl
   PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q --disable-pip-version-check \
     pydicom pydicom-data pynetdicom numpy 'moto[server]' \
     pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg pylibjpeg-rle
+fi
+if ! python3 -c 'import playwright.sync_api' 2>/dev/null; then
+  echo "installing playwright (Python)"
+  PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q --disable-pip-version-check playwright
 fi
 
 cargo fmt --check

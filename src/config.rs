@@ -151,6 +151,75 @@ pub struct Config {
     pub outbound: OutboundConfig,
     /// The inbound pipeline (token -> local PACS).
     pub inbound: InboundConfig,
+    /// The reception web page for clerks (off unless `web.listen` is set).
+    pub web: WebConfig,
+}
+
+/// The web page for reception and radiology clerks (docs/web.md): scan a token, watch the
+/// import, see failed jobs and issued slips.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebConfig {
+    /// `host:port` the page listens on; empty: no page. A non-loopback address needs
+    /// `certificate` and `key` (the page carries passwords and tokens).
+    pub listen: String,
+    /// Server certificate chain (PEM); with `key`, the page is served over HTTPS.
+    pub certificate: PathBuf,
+    /// The certificate's private key (PEM).
+    pub key: PathBuf,
+    /// The users file (`name:$argon2id$...` per line, written by `cloudpdi web
+    /// add-user`); empty: `<spool.data_dir>/web-users`.
+    pub users_file: PathBuf,
+    /// Minutes without a request after which a session ends.
+    pub session_idle_minutes: u64,
+    /// Hours after the login at which a session ends, used or not.
+    pub session_max_hours: u64,
+    /// Failed logins (per user name, and per client address) after which logins are
+    /// refused for `lockout_minutes`.
+    pub lockout_after: u32,
+    /// Minutes a lock-out lasts, counted from the last failed login.
+    pub lockout_minutes: u64,
+}
+
+impl Default for WebConfig {
+    fn default() -> Self {
+        WebConfig {
+            listen: String::new(),
+            certificate: PathBuf::new(),
+            key: PathBuf::new(),
+            users_file: PathBuf::new(),
+            session_idle_minutes: 30,
+            session_max_hours: 12,
+            lockout_after: 5,
+            lockout_minutes: 15,
+        }
+    }
+}
+
+impl WebConfig {
+    /// The address to listen on, `None` when the page is off.
+    ///
+    /// # Errors
+    /// [`ConfigError::Value`] for text that is not `host:port`.
+    pub fn address(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        let listen = self.listen.trim();
+        if listen.is_empty() {
+            return Ok(None);
+        }
+        listen.parse().map(Some).map_err(|_| {
+            value_error(
+                "web.listen".into(),
+                format!("{listen:?}"),
+                "must be an IP address and port such as \"127.0.0.1:8443\" (or empty: no \
+                 web page)",
+            )
+        })
+    }
+
+    /// Whether the page is served over HTTPS (certificate and key given).
+    pub fn https(&self) -> bool {
+        !self.certificate.as_os_str().is_empty()
+    }
 }
 
 /// The issuing facility.
@@ -902,7 +971,52 @@ impl Config {
                 }
             }
         }
+        self.validate_web()?;
         self.validate_pipelines()
+    }
+
+    /// `[web]`: a well-formed address; outside loopback only with a certificate and key;
+    /// certificate and key together; sessions and lock-outs of at least one unit.
+    fn validate_web(&self) -> Result<(), ConfigError> {
+        let web = &self.web;
+        let Some(address) = web.address()? else {
+            return Ok(());
+        };
+        let (certificate, key) = (
+            web.certificate.as_os_str().is_empty(),
+            web.key.as_os_str().is_empty(),
+        );
+        if certificate != key {
+            return Err(value_error(
+                "web.certificate".into(),
+                format!("{:?}", web.certificate),
+                "web.certificate and web.key go together: give both (HTTPS) or neither \
+                 (plain HTTP, loopback only)",
+            ));
+        }
+        if !address.ip().is_loopback() && certificate {
+            return Err(value_error(
+                "web.listen".into(),
+                address.to_string(),
+                "not a loopback address, and web.certificate and web.key are empty: on the \
+                 network the page must be HTTPS (passwords and tokens cross it); set \
+                 web.certificate and web.key, or listen on 127.0.0.1",
+            ));
+        }
+        let numbers = [
+            ("web.session_idle_minutes", web.session_idle_minutes),
+            ("web.session_max_hours", web.session_max_hours),
+            ("web.lockout_after", u64::from(web.lockout_after)),
+            ("web.lockout_minutes", web.lockout_minutes),
+        ];
+        if let Some((key, value)) = numbers.into_iter().find(|(_, value)| *value == 0) {
+            return Err(value_error(
+                key.into(),
+                value.to_string(),
+                "must be at least 1",
+            ));
+        }
+        Ok(())
     }
 
     fn validate_pipelines(&self) -> Result<(), ConfigError> {
@@ -1399,6 +1513,13 @@ impl Config {
         })
     }
 
+    /// The web page's users file (`web.users_file`, default `<data_dir>/web-users`).
+    pub fn web_users_file(&self) -> PathBuf {
+        non_empty_or(&self.web.users_file, || {
+            self.spool.data_dir.join("web-users")
+        })
+    }
+
     /// Where a route's tokens and slips are written.
     pub fn token_dir(&self, route: &str) -> PathBuf {
         let configured = self.routes.get(route).map(|r| r.token_dir.as_path());
@@ -1613,6 +1734,35 @@ mod tests {
         let path = dir.path().join("c.toml");
         std::fs::write(&path, toml).expect("write config");
         Config::load(&path)
+    }
+
+    /// The page is off by default; a LAN address needs HTTPS, certificate and key go
+    /// together, and the session and lock-out numbers are at least 1.
+    #[test]
+    fn the_web_page_needs_https_off_loopback() {
+        let off = parse("").expect("no [web]");
+        assert_eq!(off.web.address().expect("empty"), None);
+        let local = parse("[web]\nlisten = \"127.0.0.1:8443\"\n").expect("loopback");
+        assert!(local.web.address().expect("address").is_some() && !local.web.https());
+        let err = parse("[web]\nlisten = \"0.0.0.0:8443\"\n").expect_err("LAN without TLS");
+        let text = err.to_string();
+        assert!(
+            text.contains("web.listen") && text.contains("web.certificate and web.key"),
+            "{text}"
+        );
+        let lan =
+            parse("[web]\nlisten = \"10.1.2.3:8443\"\ncertificate = \"c.pem\"\nkey = \"k.pem\"\n")
+                .expect("LAN with TLS");
+        assert!(lan.web.https());
+        let err = parse("[web]\nlisten = \"127.0.0.1:1\"\ncertificate = \"c.pem\"\n")
+            .expect_err("certificate without key");
+        assert!(err.to_string().contains("go together"), "{err}");
+        let err = parse("[web]\nlisten = \"localhost\"\n").expect_err("no port");
+        assert!(err.to_string().contains("web.listen"), "{err}");
+        let err = parse("[web]\nlisten = \"127.0.0.1:1\"\nlockout_after = 0\n").expect_err("zero");
+        assert!(err.to_string().contains("web.lockout_after"), "{err}");
+        let users = parse("[spool]\ndata_dir = \"/d\"\n").expect("default users file");
+        assert_eq!(users.web_users_file(), Path::new("/d/web-users"));
     }
 
     /// The shipped file lists every key with its default: it must load, and every section

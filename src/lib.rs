@@ -17,7 +17,9 @@
 //!
 //! Both pipelines are durable [`gateway::jobs`] recorded in [`gateway::store`];
 //! [`gateway::serve`] is the daemon that runs them. [`admin`] answers `cloudpdi status`,
-//! health checks and Prometheus scrapes on loopback. Shared by all: [`config`] (every
+//! health checks and Prometheus scrapes on loopback; [`web`] is the clerks' reception
+//! page (log in, scan a token and watch the import, retry failed jobs, re-print slips).
+//! Shared by all: [`config`] (every
 //! setting and its default), [`durable`] (every file that must survive a crash),
 //! [`clock`] (time as records and people read it), [`markup`] (HTML escaping),
 //! [`listen`] (listening sockets, with errors that say what to do) and [`telemetry`]
@@ -37,3 +39,4 @@ pub mod pdi;
 pub mod repository;
 pub mod telemetry;
 pub mod token;
+pub mod web;

@@ -91,6 +91,32 @@ enum Command {
     /// fingerprint again.
     #[command(subcommand)]
     Facility(FacilityCommand),
+    /// The reception web page's users (`[web]`): add one (or change their password), or
+    /// remove one; the running daemon sees the change without a restart.
+    #[command(subcommand)]
+    Web(WebCommand),
+}
+
+#[derive(Subcommand)]
+enum WebCommand {
+    /// Add a user of the web page, or give an existing one a new password (asked twice
+    /// without echo). Run it as the daemon's user, so that the daemon can read the file.
+    AddUser {
+        /// The user name (1-32 of a-z A-Z 0-9 . _ -).
+        name: String,
+        /// Read the password from the first line of standard input instead of asking.
+        #[arg(long)]
+        password_stdin: bool,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Remove a user of the web page; their open sessions end at their next request.
+    RemoveUser {
+        /// The user name.
+        name: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
 }
 
 #[derive(Subcommand)]
@@ -508,7 +534,32 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Send(args) => send(args),
         Command::Receive(args) => receive(&args),
         Command::Facility(command) => facility(command),
+        Command::Web(command) => web(command),
     }
+}
+
+fn web(command: WebCommand) -> anyhow::Result<()> {
+    use cloudpdi::web::cli::{self, PasswordFrom};
+    let text = match command {
+        WebCommand::AddUser {
+            name,
+            password_stdin,
+            config,
+        } => {
+            let config = cloudpdi::config::Config::load(&config.path())?;
+            let from = match password_stdin {
+                true => PasswordFrom::Stdin,
+                false => PasswordFrom::Prompt,
+            };
+            cli::add_user(&config, &name, from)?
+        }
+        WebCommand::RemoveUser { name, config } => {
+            let config = cloudpdi::config::Config::load(&config.path())?;
+            cli::remove_user(&config, &name)?
+        }
+    };
+    say!("{text}");
+    Ok(())
 }
 
 fn facility(command: FacilityCommand) -> anyhow::Result<()> {

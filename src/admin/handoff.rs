@@ -47,19 +47,77 @@ pub(super) async fn token(
     if let Some(refusal) = without_admin_header(&headers, "cloudpdi receive") {
         return refusal;
     }
-    let Some(inbound) = state.inbound.clone() else {
-        return answer(
-            StatusCode::CONFLICT,
-            "this daemon does not import tokens: inbound.pacs is empty in its configuration; \
-             set it to the local PACS (host:port), restart the daemon and receive again, or \
-             write the study into a folder with `cloudpdi receive --out DIR`\n"
-                .into(),
-        );
-    };
     let text = Zeroizing::new(String::from_utf8_lossy(&body).into_owned());
-    let drop = match parse_drop(&text) {
+    let handed = hand_over(&state, &text).await;
+    answer(handed.status(), handed.message())
+}
+
+/// What handing a token over did: the one answer of `POST /tokens` and of the web page's
+/// receive form, which both call [`hand_over`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Handoff {
+    /// Queued as a new job.
+    Queued(String),
+    /// The token already has a job (running or done): not imported twice.
+    Known {
+        /// The job.
+        id: String,
+        /// Its state (`done`, `download`, ...).
+        state: String,
+    },
+    /// This daemon does not import (no `inbound.pacs`).
+    NoInbound,
+    /// The token (or the Patient ID with it) cannot be used; the message says why.
+    Refused(String),
+    /// The daemon cannot record the job now (disk, index); the message says why.
+    Unavailable(String),
+}
+
+impl Handoff {
+    /// The HTTP status `POST /tokens` answers.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Handoff::Queued(_) => StatusCode::ACCEPTED,
+            Handoff::Known { .. } | Handoff::NoInbound => StatusCode::CONFLICT,
+            Handoff::Refused(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Handoff::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// The sentence `POST /tokens` answers (`cloudpdi receive` prints it).
+    pub fn message(&self) -> String {
+        match self {
+            Handoff::Queued(id) => {
+                format!("queued for import as job {id}: `cloudpdi status` shows its progress\n")
+            }
+            Handoff::Known { id, state } if state == "done" => format!(
+                "this token was already imported (job {id}): the study is in the PACS; \
+                 it is not imported twice\n"
+            ),
+            Handoff::Known { id, state } => format!(
+                "this token is already being imported (job {id}, now at {state}): \
+                 `cloudpdi status` shows its progress\n"
+            ),
+            Handoff::NoInbound => "this daemon does not import tokens: inbound.pacs is empty in \
+                 its configuration; set it to the local PACS (host:port), restart the daemon \
+                 and receive again, or write the study into a folder with `cloudpdi receive \
+                 --out DIR`\n"
+                .into(),
+            Handoff::Refused(why) | Handoff::Unavailable(why) => format!("{why}\n"),
+        }
+    }
+}
+
+/// Queues the token of `text` (the watch folder's file format: the token line, then an
+/// optional `patient-id:` line) for import, or says why it is not imported. The token is
+/// never logged nor repeated in the answer.
+pub async fn hand_over(state: &Arc<AdminState>, text: &str) -> Handoff {
+    let Some(inbound) = state.inbound.clone() else {
+        return Handoff::NoInbound;
+    };
+    let drop = match parse_drop(text) {
         Ok(drop) => drop,
-        Err(e) => return answer(StatusCode::UNPROCESSABLE_ENTITY, format!("{e}\n")),
+        Err(e) => return Handoff::Refused(e.to_string()),
     };
     let queued = tokio::task::spawn_blocking(move || {
         let queued = inbound.queue(&drop.token, drop.patient_id)?;
@@ -71,37 +129,21 @@ pub(super) async fn token(
     })
     .await;
     match queued {
-        Ok(Ok((Queued::New(id), _))) => answer(
-            StatusCode::ACCEPTED,
-            format!("queued for import as job {id}: `cloudpdi status` shows its progress\n"),
-        ),
+        Ok(Ok((Queued::New(id), _))) => Handoff::Queued(id),
         Ok(Ok((Queued::Known(id), known))) => {
             let state = known.map_or_else(|| "queued".to_owned(), |job| job.state);
             info!(job = %id, state = %state, "token handed over again: not imported twice");
-            let text = if state == "done" {
-                format!(
-                    "this token was already imported (job {id}): the study is in the PACS; \
-                     it is not imported twice\n"
-                )
-            } else {
-                format!(
-                    "this token is already being imported (job {id}, now at {state}): \
-                     `cloudpdi status` shows its progress\n"
-                )
-            };
-            answer(StatusCode::CONFLICT, text)
+            Handoff::Known { id, state }
         }
         Ok(Err(
             e @ (QueueError::Repository(_)
             | QueueError::Community(_)
             | QueueError::Token(_)
             | QueueError::PatientId),
-        )) => answer(StatusCode::UNPROCESSABLE_ENTITY, format!("{e}\n")),
-        Ok(Err(e @ QueueError::Io { .. })) => {
-            answer(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n"))
-        }
-        Ok(Err(e)) => unavailable(e),
-        Err(e) => unavailable(e),
+        )) => Handoff::Refused(e.to_string()),
+        Ok(Err(e @ QueueError::Io { .. })) => Handoff::Unavailable(e.to_string()),
+        Ok(Err(e)) => Handoff::Unavailable(format!("index unavailable: {e}")),
+        Err(e) => Handoff::Unavailable(format!("index unavailable: {e}")),
     }
 }
 

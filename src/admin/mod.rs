@@ -309,6 +309,25 @@ fn without_admin_header(headers: &axum::http::HeaderMap, command: &str) -> Optio
     })
 }
 
+/// Puts job `id` of either pipeline back to work (the outbound one is asked first);
+/// answers the step it runs again from. The one way to retry, for `POST /jobs/{id}/retry`
+/// and the web page's Retry button.
+pub async fn retry_job(
+    state: &Arc<AdminState>,
+    id: &str,
+) -> Result<Result<String, RetryError>, tokio::task::JoinError> {
+    let (outbound, inbound) = (state.outbound.clone(), state.inbound.clone());
+    let asked = id.to_owned();
+    tokio::task::spawn_blocking(move || match outbound.retry(&asked) {
+        Err(RetryError::Unknown(_)) => match &inbound {
+            Some(inbound) => inbound.retry(&asked).map(crate::gateway::jobs::state_name),
+            None => Err(RetryError::Unknown(asked)),
+        },
+        other => other.map(crate::gateway::jobs::state_name),
+    })
+    .await
+}
+
 async fn retry(
     State(state): State<Arc<AdminState>>,
     Path(id): Path<String>,
@@ -317,17 +336,7 @@ async fn retry(
     if let Some(refusal) = without_admin_header(&headers, "cloudpdi retry") {
         return refusal;
     }
-    let (outbound, inbound) = (state.outbound.clone(), state.inbound.clone());
-    let asked = id.clone();
-    let retried = tokio::task::spawn_blocking(move || match outbound.retry(&asked) {
-        Err(RetryError::Unknown(_)) => match &inbound {
-            Some(inbound) => inbound.retry(&asked).map(crate::gateway::jobs::state_name),
-            None => Err(RetryError::Unknown(asked)),
-        },
-        other => other.map(crate::gateway::jobs::state_name),
-    })
-    .await;
-    match retried {
+    match retry_job(&state, &id).await {
         Ok(Ok(step)) => (
             StatusCode::OK,
             format!("job {id} runs again from step {step}\n"),
@@ -451,7 +460,9 @@ async fn status(State(state): State<Arc<AdminState>>) -> Response {
 /// The outbound jobs' details, the repository asked about issued documents whose
 /// cached answer is older than [`DOCUMENT_CACHE`] (at most [`MAX_DOCUMENT_QUERIES`], within
 /// [`DOCUMENT_QUERY_TIMEOUT`]).
-async fn outbound_details(state: &Arc<AdminState>) -> Result<Vec<OutboundDetails>, Response> {
+pub(crate) async fn outbound_details(
+    state: &Arc<AdminState>,
+) -> Result<Vec<OutboundDetails>, Response> {
     let outbound = state.outbound.clone();
     let records = match tokio::task::spawn_blocking(move || outbound.records()).await {
         Ok(Ok(records)) => records,

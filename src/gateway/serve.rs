@@ -102,6 +102,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         crate::dicom::tls::PacsTls::load(settings, &config.inbound.pacs)?;
     }
     let admin_listener = listen::bind(config.admin.listen, "admin.listen", "admin").await?;
+    let web_listener = match config.web.address().ok().flatten() {
+        Some(addr) => {
+            let tls = match config.web.https() {
+                true => Some(crate::web::tls_config(&config.web)?),
+                false => None,
+            };
+            Some((listen::bind(addr, "web.listen", "the web page").await?, tls))
+        }
+        None => None,
+    };
     let routes = Arc::new(Routes::new(&config.routes));
     let metrics = Arc::new(Metrics::default());
     let cancel = CancellationToken::new();
@@ -223,6 +233,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         documents: admin::DocumentCache::default(),
         time_zone: config.facility.time_zone.clone(),
     });
+    let web_task = web_listener.map(|(listener, tls)| {
+        let users = config.web_users_file();
+        let web = Arc::new(crate::web::WebState::new(
+            admin_state.clone(),
+            &config.web,
+            users,
+            cancel.clone(),
+        ));
+        tokio::spawn(crate::web::serve(listener, web, tls, cancel.clone()))
+    });
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state, cancel.clone()));
 
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
@@ -230,6 +250,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         dicom = %config.dicom.listen,
         dicom_tls = %config.dicom.tls.as_ref().map_or("none".to_owned(), |tls| tls.listen.to_string()),
         admin = %config.admin.listen,
+        web = %config.web.listen,
         data = %config.spool.data_dir.display(),
         routes = %routes.iter().map(|r| format!("{}={}", r.ae_title, r.name)).collect::<Vec<_>>().join(","),
         repository = %config.repository.url,
@@ -275,6 +296,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         Ok(Err(e)) => warn!("admin endpoint ended with an error: {e}"),
         Err(e) => warn!("admin endpoint task failed: {e}"),
         Ok(Ok(())) => {}
+    }
+    if let Some(web) = web_task {
+        match web.await {
+            Ok(Err(e)) => warn!("web page ended with an error: {e}"),
+            Err(e) => warn!("web page task failed: {e}"),
+            Ok(Ok(())) => {}
+        }
     }
     let flushed = tokio::task::spawn_blocking(move || spool.index().flush()).await;
     match flushed {

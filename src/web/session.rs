@@ -1,0 +1,389 @@
+//! Sessions, CSRF tokens and lock-outs, all in memory (a restart logs everyone out).
+//!
+//! A session is a 256-bit random ID in the cookie [`SESSION_COOKIE`] (`HttpOnly;
+//! SameSite=Strict; Path=/`, plus `Secure` over HTTPS); it ends after
+//! `web.session_idle_minutes` without a request, `web.session_max_hours` after the login,
+//! at the logout, or when its user leaves the users file. Each session has its own CSRF
+//! token, which every POST must carry (a form field or the [`CSRF_HEADER`]); the login
+//! form, before any session, carries the one of the pre-session cookie [`LOGIN_COOKIE`].
+//!
+//! Lock-out: `web.lockout_after` failed logins for one user name, or from one client
+//! address, refuse every login of that name or from that address (the right password
+//! too) until `web.lockout_minutes` after the last failure, so that neither guessing one
+//! password nor spraying one password over many names gets far.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+
+use subtle::ConstantTimeEq;
+
+/// The session cookie's name.
+pub const SESSION_COOKIE: &str = "cloudpdi_session";
+
+/// The pre-session cookie of the login form (its CSRF token).
+pub const LOGIN_COOKIE: &str = "cloudpdi_login";
+
+/// The header a script's POST carries the CSRF token in (the forms use a field).
+pub const CSRF_HEADER: &str = "x-csrf-token";
+
+/// Sessions held at once; a new login beyond it ends the session idle the longest, so
+/// logins cannot grow the memory without bound.
+pub const MAX_SESSIONS: usize = 1024;
+
+/// User names and client addresses whose failed logins are counted at once; beyond it
+/// the entries whose lock-out ended are forgotten, then the oldest.
+pub const MAX_TRACKED: usize = 4096;
+
+/// A random identifier: 256 bits, hex.
+///
+/// # Errors
+/// The system gave no randomness.
+pub fn random_id() -> Result<String, getrandom::Error> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes)?;
+    Ok(hex::encode(bytes))
+}
+
+/// Whether two secrets are equal, in time independent of where they differ.
+pub fn same_secret(a: &str, b: &str) -> bool {
+    a.len() == b.len() && bool::from(a.as_bytes().ct_eq(b.as_bytes()))
+}
+
+/// What a request learns about its session.
+#[derive(Debug, Clone)]
+pub struct Session {
+    /// The user's name.
+    pub user: String,
+    /// The session's CSRF token.
+    pub csrf: String,
+}
+
+#[derive(Debug)]
+struct Entry {
+    session: Session,
+    created: u64,
+    seen: u64,
+}
+
+/// Limits of sessions and lock-outs (from `[web]`), in milliseconds and counts.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    /// Idle time that ends a session.
+    pub idle_ms: u64,
+    /// Age that ends a session.
+    pub max_ms: u64,
+    /// Failures that lock a name or an address out.
+    pub lockout_after: u32,
+    /// How long a lock-out lasts after the last failure.
+    pub lockout_ms: u64,
+}
+
+impl Policy {
+    /// The policy of `[web]`.
+    pub fn of(web: &crate::config::WebConfig) -> Policy {
+        Policy {
+            idle_ms: web.session_idle_minutes.saturating_mul(60_000),
+            max_ms: web.session_max_hours.saturating_mul(3_600_000),
+            lockout_after: web.lockout_after,
+            lockout_ms: web.lockout_minutes.saturating_mul(60_000),
+        }
+    }
+}
+
+/// Failed logins of one name or address.
+#[derive(Debug, Clone, Copy)]
+struct Failures {
+    count: u32,
+    last: u64,
+}
+
+/// Why a login is refused before its password is checked: locked out until `until` (Unix
+/// milliseconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Locked {
+    /// When logins are accepted again.
+    pub until: u64,
+    /// Whether the address (not only the name) is locked.
+    pub by_address: bool,
+}
+
+/// Every session and failure count of the page.
+pub struct Sessions {
+    policy: Policy,
+    sessions: Mutex<HashMap<String, Entry>>,
+    names: Mutex<HashMap<String, Failures>>,
+    addresses: Mutex<HashMap<IpAddr, Failures>>,
+}
+
+impl Sessions {
+    /// No session yet.
+    pub fn new(policy: Policy) -> Arc<Sessions> {
+        Arc::new(Sessions {
+            policy,
+            sessions: Mutex::new(HashMap::new()),
+            names: Mutex::new(HashMap::new()),
+            addresses: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Starts a session for `user`; returns its ID (the cookie's value).
+    ///
+    /// # Errors
+    /// The system gave no randomness.
+    pub fn start(&self, user: &str, now: u64) -> Result<String, getrandom::Error> {
+        let id = random_id()?;
+        let csrf = random_id()?;
+        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        self.expire(&mut sessions, now);
+        if sessions.len() >= MAX_SESSIONS
+            && let Some(oldest) = sessions
+                .iter()
+                .min_by_key(|(_, e)| e.seen)
+                .map(|(id, _)| id.clone())
+        {
+            sessions.remove(&oldest);
+        }
+        sessions.insert(
+            id.clone(),
+            Entry {
+                session: Session {
+                    user: user.to_owned(),
+                    csrf,
+                },
+                created: now,
+                seen: now,
+            },
+        );
+        Ok(id)
+    }
+
+    fn expire(&self, sessions: &mut HashMap<String, Entry>, now: u64) {
+        let policy = self.policy;
+        sessions.retain(|_, e| {
+            now.saturating_sub(e.seen) < policy.idle_ms
+                && now.saturating_sub(e.created) < policy.max_ms
+        });
+    }
+
+    /// The live session of `id`, its idle time restarted; `None` when it ended.
+    pub fn touch(&self, id: &str, now: u64) -> Option<Session> {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let policy = self.policy;
+        let entry = sessions.get_mut(id)?;
+        if now.saturating_sub(entry.seen) >= policy.idle_ms
+            || now.saturating_sub(entry.created) >= policy.max_ms
+        {
+            sessions.remove(id);
+            return None;
+        }
+        entry.seen = now;
+        Some(entry.session.clone())
+    }
+
+    /// Ends session `id` (logout, or its user was removed).
+    pub fn end(&self, id: &str) {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        sessions.remove(id);
+    }
+
+    /// Whether logins of `name` from `address` are refused now, and until when.
+    pub fn locked(&self, name: &str, address: IpAddr, now: u64) -> Option<Locked> {
+        let policy = self.policy;
+        let until = |f: &Failures| {
+            (f.count >= policy.lockout_after)
+                .then(|| f.last.saturating_add(policy.lockout_ms))
+                .filter(|until| *until > now)
+        };
+        let by_address = self
+            .addresses
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&address)
+            .and_then(until);
+        let by_name = self
+            .names
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .and_then(until);
+        match (by_address, by_name) {
+            (Some(a), Some(n)) => Some(Locked {
+                until: a.max(n),
+                by_address: true,
+            }),
+            (Some(a), None) => Some(Locked {
+                until: a,
+                by_address: true,
+            }),
+            (None, Some(n)) => Some(Locked {
+                until: n,
+                by_address: false,
+            }),
+            (None, None) => None,
+        }
+    }
+
+    /// Counts a failed login of `name` from `address`; returns the failures of the name.
+    pub fn failed(&self, name: &str, address: IpAddr, now: u64) -> u32 {
+        let policy = self.policy;
+        let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());
+        let count = count_failure(&mut names, name.to_owned(), now, policy);
+        drop(names);
+        let mut addresses = self.addresses.lock().unwrap_or_else(|e| e.into_inner());
+        count_failure(&mut addresses, address, now, policy);
+        count
+    }
+
+    /// Forgets the failures of `name` after a successful login (those of the address
+    /// stay: a spray that guessed one password is still counted).
+    pub fn succeeded(&self, name: &str) {
+        let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());
+        names.remove(name);
+    }
+}
+
+/// Adds a failure for `key`; a count whose lock-out (or window) passed starts again.
+/// The table stays within [`MAX_TRACKED`] entries.
+fn count_failure<K: std::hash::Hash + Eq>(
+    table: &mut HashMap<K, Failures>,
+    key: K,
+    now: u64,
+    policy: Policy,
+) -> u32 {
+    if table.len() >= MAX_TRACKED && !table.contains_key(&key) {
+        table.retain(|_, f| now.saturating_sub(f.last) < policy.lockout_ms);
+        if table.len() >= MAX_TRACKED {
+            let oldest = table.values().map(|f| f.last).min().unwrap_or(now);
+            table.retain(|_, f| f.last > oldest);
+        }
+    }
+    let entry = table.entry(key).or_insert(Failures {
+        count: 0,
+        last: now,
+    });
+    if now.saturating_sub(entry.last) >= policy.lockout_ms {
+        entry.count = 0;
+    }
+    entry.count = entry.count.saturating_add(1);
+    entry.last = now;
+    entry.count
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINUTE: u64 = 60_000;
+
+    fn policy() -> Policy {
+        Policy {
+            idle_ms: 30 * MINUTE,
+            max_ms: 12 * 60 * MINUTE,
+            lockout_after: 3,
+            lockout_ms: 15 * MINUTE,
+        }
+    }
+
+    #[test]
+    fn sessions_end_when_idle_or_old_or_logged_out() {
+        let sessions = Sessions::new(policy());
+        let id = sessions.start("clerk", 0).expect("random");
+        assert_eq!(id.len(), 64);
+        let session = sessions.touch(&id, 29 * MINUTE).expect("alive");
+        assert_eq!(session.user, "clerk");
+        assert_eq!(session.csrf.len(), 64);
+        assert!(
+            sessions.touch(&id, 59 * MINUTE - 1).is_some(),
+            "idle restarts"
+        );
+        assert!(sessions.touch(&id, 89 * MINUTE).is_none(), "idle too long");
+        let id = sessions.start("clerk", 0).expect("random");
+        let mut now = 0;
+        while now + 20 * MINUTE < 12 * 60 * MINUTE {
+            now += 20 * MINUTE;
+            assert!(sessions.touch(&id, now).is_some());
+        }
+        assert!(sessions.touch(&id, 12 * 60 * MINUTE).is_none(), "too old");
+        let id = sessions.start("clerk", 0).expect("random");
+        sessions.end(&id);
+        assert!(sessions.touch(&id, 1).is_none(), "logged out");
+        assert!(sessions.touch("not a session", 1).is_none());
+    }
+
+    #[test]
+    fn sessions_are_bounded() {
+        let sessions = Sessions::new(policy());
+        let first = sessions.start("a", 0).expect("random");
+        for n in 1..MAX_SESSIONS as u64 {
+            sessions.start("b", n).expect("random");
+        }
+        assert!(sessions.touch(&first, MAX_SESSIONS as u64).is_some());
+        sessions
+            .start("c", MAX_SESSIONS as u64 + 1)
+            .expect("random");
+        assert_eq!(sessions.sessions.lock().expect("lock").len(), MAX_SESSIONS);
+        assert!(
+            sessions.touch(&first, MAX_SESSIONS as u64 + 2).is_some(),
+            "the session idle the longest went, not the one just used"
+        );
+    }
+
+    #[test]
+    fn failures_lock_the_name_and_the_address_until_the_lock_ends() {
+        let sessions = Sessions::new(policy());
+        let here = IpAddr::from([192, 0, 2, 1]);
+        let there = IpAddr::from([192, 0, 2, 2]);
+        for n in 1..=3 {
+            assert_eq!(sessions.locked("clerk", here, n), None);
+            assert_eq!(sessions.failed("clerk", here, n), n as u32);
+        }
+        let locked = sessions.locked("clerk", there, 4).expect("name locked");
+        assert_eq!(locked.until, 3 + 15 * MINUTE);
+        assert!(!locked.by_address);
+        let locked = sessions.locked("other", here, 4).expect("address locked");
+        assert!(locked.by_address);
+        assert_eq!(sessions.locked("other", there, 4), None);
+        assert_eq!(
+            sessions.locked("clerk", here, 3 + 15 * MINUTE),
+            None,
+            "ended"
+        );
+        assert_eq!(
+            sessions.failed("clerk", there, 3 + 15 * MINUTE),
+            1,
+            "a new count after the lock"
+        );
+        // A spray: one password over many names from one address.
+        let sessions = Sessions::new(policy());
+        for (n, name) in ["a", "b", "c"].iter().enumerate() {
+            assert_eq!(sessions.failed(name, here, n as u64), 1);
+        }
+        assert!(sessions.locked("d", here, 3).is_some_and(|l| l.by_address));
+        sessions.succeeded("a");
+        assert!(sessions.locked("a", there, 3).is_none());
+    }
+
+    #[test]
+    fn failure_tables_are_bounded() {
+        let sessions = Sessions::new(policy());
+        for n in 0..MAX_TRACKED as u64 + 10 {
+            let address = IpAddr::from(u32::try_from(n).expect("small").to_be_bytes());
+            sessions.failed(&format!("user{n}"), address, n);
+        }
+        assert!(sessions.names.lock().expect("lock").len() <= MAX_TRACKED);
+        assert!(sessions.addresses.lock().expect("lock").len() <= MAX_TRACKED);
+        assert_eq!(
+            sessions.failed("user0", IpAddr::from([10, 0, 0, 1]), 99_999),
+            1
+        );
+    }
+
+    #[test]
+    fn secrets_compare_whole() {
+        assert!(same_secret("abc", "abc"));
+        assert!(!same_secret("abc", "abd"));
+        assert!(!same_secret("abc", "ab"));
+        assert!(!same_secret("", "a"));
+    }
+}

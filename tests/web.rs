@@ -1,0 +1,685 @@
+//! The reception web page (issue 17) against the real daemon: no page without a login, no
+//! POST without its CSRF token, the lock-out after wrong passwords (the right password
+//! refused too until it ends), the security headers, the users commands, HTTPS, and a
+//! real browser (Debian's chromium driven by Playwright, tests/peers/web_browser.py) that
+//! logs in, types a token as a USB scanner does and watches the import into Orthanc.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+/// The password the tests give their users.
+const PASSWORD: &str = "correct horse battery";
+
+/// `[web]` on a free loopback port, plus `extra` keys; returns (TOML, base URL).
+fn web_section(extra: &str) -> (String, String) {
+    let port = free_port();
+    (
+        format!("[web]\nlisten = \"127.0.0.1:{port}\"\n{extra}\n"),
+        format!("http://127.0.0.1:{port}"),
+    )
+}
+
+/// A site that sends on route `ct` and imports into `pacs`, with `web` appended.
+fn site(pacs: &str, web: &str) -> String {
+    format!(
+        "[route.ct]\nae_title = \"CLOUDPDI\"\nstable_after = 1\n\
+         [outbound]\nenabled = true\n\
+         [facility]\ncode = \"HOSPA\"\nname = \"Hospital A\"\n\
+         [inbound]\npacs = \"{pacs}\"\npacs_ae_title = \"ORTHANC\"\n\
+         calling_ae_title = \"CLOUDPDI_B\"\npoll_interval = 1\n{web}"
+    )
+}
+
+/// `cloudpdi web <args> --config <config>` with `stdin` as standard input.
+fn web_command(config: &Path, args: &[&str], stdin: &str) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cloudpdi"))
+        .arg("web")
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// Adds `name` with [`PASSWORD`] through the real command.
+fn add_user(site: &Daemon, name: &str) {
+    let out = web_command(
+        &site.config,
+        &["add-user", name, "--password-stdin"],
+        &format!("{PASSWORD}\n"),
+    );
+    assert!(out.status.success(), "{out:?}");
+}
+
+/// A form body, percent-encoded.
+fn form(fields: &[(&str, &str)]) -> String {
+    fields
+        .iter()
+        .map(|(k, v)| {
+            let enc: String = v
+                .bytes()
+                .map(|b| match b {
+                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => {
+                        (b as char).to_string()
+                    }
+                    _ => format!("%{b:02X}"),
+                })
+                .collect();
+            format!("{k}={enc}")
+        })
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+/// One answer: status, headers, body.
+struct Answer {
+    status: u16,
+    headers: reqwest::header::HeaderMap,
+    body: String,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> String {
+        self.headers
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default()
+    }
+
+    /// The `Set-Cookie` header of `name`.
+    fn set_cookie(&self, name: &str) -> Option<String> {
+        self.headers
+            .get_all("set-cookie")
+            .iter()
+            .map(|v| v.to_str().unwrap().to_owned())
+            .find(|c| c.starts_with(&format!("{name}=")))
+    }
+}
+
+/// A client that keeps cookies, as a browser does (no redirects followed).
+struct Client {
+    http: reqwest::Client,
+    base: String,
+    cookies: BTreeMap<String, String>,
+}
+
+impl Client {
+    fn new(base: &str) -> Client {
+        Client::with(base, reqwest::Client::builder())
+    }
+
+    fn with(base: &str, builder: reqwest::ClientBuilder) -> Client {
+        cloudpdi::repository::tls::install_crypto_provider();
+        Client {
+            http: builder
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap(),
+            base: base.to_owned(),
+            cookies: BTreeMap::new(),
+        }
+    }
+
+    async fn send(&mut self, request: reqwest::RequestBuilder) -> Answer {
+        let cookie: Vec<String> = self
+            .cookies
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        let request = if cookie.is_empty() {
+            request
+        } else {
+            request.header("cookie", cookie.join("; "))
+        };
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        for set in headers.get_all("set-cookie") {
+            let set = set.to_str().unwrap();
+            let (pair, attributes) = set.split_once(';').unwrap_or((set, ""));
+            let (name, value) = pair.split_once('=').unwrap();
+            if attributes.contains("Max-Age=0") {
+                self.cookies.remove(name);
+            } else {
+                self.cookies.insert(name.to_owned(), value.to_owned());
+            }
+        }
+        let body = response.text().await.unwrap();
+        Answer {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    async fn get(&mut self, path: &str) -> Answer {
+        let request = self.http.get(format!("{}{path}", self.base));
+        self.send(request).await
+    }
+
+    async fn post(&mut self, path: &str, fields: &[(&str, &str)]) -> Answer {
+        let request = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(form(fields));
+        self.send(request).await
+    }
+
+    /// Opens the login page and posts `user` and `password` with its CSRF token.
+    async fn login(&mut self, user: &str, password: &str) -> Answer {
+        let page = self.get("/login").await;
+        assert_eq!(page.status, 200, "{}", page.body);
+        let csrf = csrf(&page.body);
+        self.post(
+            "/login",
+            &[("csrf", &csrf), ("user", user), ("password", password)],
+        )
+        .await
+    }
+}
+
+/// The CSRF token of the first form of a page.
+fn csrf(body: &str) -> String {
+    let at = body
+        .find("name=\"csrf\" value=\"")
+        .expect("a form with a CSRF field")
+        + 19;
+    body[at..].split('"').next().unwrap().to_owned()
+}
+
+/// A daemon with the page on, `extra` `[web]` keys, and user `clerk`.
+fn start(dir: &Path, extra: &str) -> (Daemon, String) {
+    let (web, base) = web_section(extra);
+    let site = Daemon::start(dir, &site("127.0.0.1:9", &web));
+    add_user(&site, "clerk");
+    (site, base)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_page_without_a_login_and_no_post_without_its_csrf_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let (site, base) = start(dir.path(), "");
+    let mut anonymous = Client::new(&base);
+    for path in [
+        "/",
+        "/receive",
+        "/jobs",
+        "/sent",
+        "/receive/R0123456789ab",
+        "/sent/B1/slip",
+    ] {
+        let answer = anonymous.get(path).await;
+        assert!(
+            [303, 308].contains(&answer.status),
+            "{path}: {}",
+            answer.status
+        );
+        let to = answer.header("location");
+        assert!(to == "/login" || to == "/receive", "{path}: {to}");
+        assert!(!answer.body.contains("Patient"), "{path}: {}", answer.body);
+    }
+    for path in [
+        "/receive",
+        "/receive/check",
+        "/logout",
+        "/jobs/B000001/retry",
+    ] {
+        let answer = anonymous
+            .post(path, &[("csrf", "0".repeat(64).as_str())])
+            .await;
+        assert_eq!(answer.status, 403, "{path}");
+    }
+    // The login form without its pre-session token, or with another one.
+    let mut browser = Client::new(&base);
+    let refused = browser
+        .post("/login", &[("user", "clerk"), ("password", PASSWORD)])
+        .await;
+    assert_eq!(refused.status, 403);
+    assert!(refused.body.contains("reload the page") || refused.body.contains("読み込み直して"));
+    browser.get("/login").await;
+    let refused = browser
+        .post(
+            "/login",
+            &[
+                ("csrf", &"a".repeat(64)),
+                ("user", "clerk"),
+                ("password", PASSWORD),
+            ],
+        )
+        .await;
+    assert_eq!(refused.status, 403);
+    assert!(!browser.cookies.contains_key("cloudpdi_session"));
+
+    let login = browser.login("clerk", PASSWORD).await;
+    assert_eq!(login.status, 303, "{}", login.body);
+    assert_eq!(login.header("location"), "/receive");
+    let cookie = login
+        .set_cookie("cloudpdi_session")
+        .expect("a session cookie");
+    for attribute in ["HttpOnly", "SameSite=Strict", "Path=/"] {
+        assert!(cookie.contains(attribute), "{cookie}");
+    }
+    assert!(
+        !cookie.contains("Secure"),
+        "plain HTTP on loopback: {cookie}"
+    );
+    let page = browser.get("/receive").await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    assert!(page.body.contains("name=\"token\""), "{}", page.body);
+    assert!(page.body.contains("autofocus"));
+    assert!(page.body.contains("<label for=\"token\">"));
+    // The security headers, on pages and assets.
+    for answer in [&page, &browser.get("/static/app.js").await] {
+        assert_eq!(
+            answer.header("content-security-policy"),
+            "default-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'; \
+             object-src 'none'"
+        );
+        assert_eq!(answer.header("x-content-type-options"), "nosniff");
+        assert_eq!(answer.header("cache-control"), "no-store");
+        assert_eq!(answer.header("referrer-policy"), "no-referrer");
+        assert_eq!(answer.header("x-frame-options"), "DENY");
+    }
+    assert!(
+        !page.body.contains("http://") && !page.body.contains("https://"),
+        "no external asset"
+    );
+
+    // Logged in, a POST still needs the session's token: in the form or the header.
+    let token = csrf(&page.body);
+    for path in ["/receive", "/logout", "/jobs/B000001/retry"] {
+        let answer = browser.post(path, &[("token", "HT2-00000")]).await;
+        assert_eq!(answer.status, 403, "{path}");
+        let answer = browser.post(path, &[("csrf", &"0".repeat(64))]).await;
+        assert_eq!(answer.status, 403, "{path}");
+    }
+    let http = browser.http.clone();
+    let check = |header: Option<&str>| {
+        let mut request = http
+            .post(format!("{base}/receive/check"))
+            .header("content-type", "application/json")
+            .body(r#"{"token":"HT2-00000-00001"}"#);
+        if let Some(value) = header {
+            request = request.header("x-csrf-token", value);
+        }
+        request
+    };
+    let refused = browser.send(check(None)).await;
+    assert_eq!(refused.status, 403);
+    // A body over 16 KiB is not read.
+    let big = browser
+        .post(
+            "/receive",
+            &[("csrf", &token), ("token", &"0".repeat(17 * 1024))],
+        )
+        .await;
+    assert_eq!(big.status, 413);
+    let checked = browser.send(check(Some(&token))).await;
+    assert_eq!(checked.status, 200, "{}", checked.body);
+    let checked: serde_json::Value = serde_json::from_str(&checked.body).unwrap();
+    assert_eq!(checked["ok"], false);
+    assert_eq!(checked["group"], 2);
+    // The form refuses a mistyped token, naming the group, and queues nothing.
+    let mistyped = browser
+        .post(
+            "/receive",
+            &[
+                ("csrf", &token),
+                ("token", "HT2-00000-00001"),
+                ("patient_id", ""),
+            ],
+        )
+        .await;
+    assert_eq!(mistyped.status, 422);
+    assert!(
+        mistyped.body.contains("group 2") || mistyped.body.contains("2 番目のグループ"),
+        "{}",
+        mistyped.body
+    );
+    assert!(site.inbound_jobs().is_empty());
+    // The language switch.
+    let english = browser.get("/receive?lang=en").await;
+    assert!(english.body.contains("Receive a token"), "{}", english.body);
+    assert!(
+        browser
+            .get("/jobs")
+            .await
+            .body
+            .contains("Failed and held jobs")
+    );
+    let japanese = browser.get("/sent?lang=ja").await;
+    assert!(
+        japanese.body.contains("発行したトークン"),
+        "{}",
+        japanese.body
+    );
+
+    let logout = browser.post("/logout", &[("csrf", &token)]).await;
+    assert_eq!(logout.status, 303);
+    assert_eq!(browser.get("/receive").await.status, 303);
+    let log = site.log();
+    assert!(
+        log.contains("web: login") && log.contains("user=clerk"),
+        "{log}"
+    );
+    assert!(
+        log.contains("web: POST refused: no valid CSRF token"),
+        "{log}"
+    );
+    assert!(log.contains("web: logout"), "{log}");
+    assert!(!log.contains(PASSWORD), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_passwords_lock_the_name_and_the_address_out_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let (site, base) = start(dir.path(), "lockout_after = 3\nlockout_minutes = 2\n");
+    let mut browser = Client::new(&base);
+    for attempt in 1..=2 {
+        let answer = browser.login("clerk", "not the password").await;
+        assert_eq!(answer.status, 401, "attempt {attempt}");
+        assert!(
+            answer.body.contains("Wrong user name or password")
+                || answer.body.contains("ユーザー名またはパスワードが違います"),
+            "{}",
+            answer.body
+        );
+    }
+    let third = browser.login("clerk", "not the password").await;
+    assert_eq!(third.status, 429, "{}", third.body);
+    // The right password is refused too, until the lock ends, and the page says so.
+    let mut english = Client::new(&base);
+    english.get("/login?lang=en").await;
+    let right = english.login("clerk", PASSWORD).await;
+    assert_eq!(right.status, 429, "{}", right.body);
+    assert!(
+        right
+            .body
+            .contains("Too many failed logins from this computer")
+            && right.body.contains("even with the right password"),
+        "{}",
+        right.body
+    );
+    assert!(right.set_cookie("cloudpdi_session").is_none());
+    assert_eq!(english.get("/receive").await.status, 303);
+    // Another name from the same address is refused too (a password spray).
+    add_user(&site, "nurse");
+    let sprayed = english.login("nurse", PASSWORD).await;
+    assert_eq!(sprayed.status, 429, "{}", sprayed.body);
+    let log = site.log();
+    assert!(log.contains("web: failed login"), "{log}");
+    assert!(log.contains("web: login refused: locked out"), "{log}");
+    assert!(!log.contains("not the password"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_are_added_and_removed_while_the_daemon_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (site, base) = start(dir.path(), "");
+    let file = site.dir.join("data/web-users");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(text.starts_with("clerk:$argon2id$"), "{text}");
+    assert!(!text.contains(PASSWORD));
+    // Refusals that say what to do.
+    let short = web_command(
+        &site.config,
+        &["add-user", "nurse", "--password-stdin"],
+        "short\n",
+    );
+    assert!(!short.status.success());
+    assert!(
+        String::from_utf8_lossy(&short.stderr).contains("the password must have 10 to 256"),
+        "{short:?}"
+    );
+    let bad = web_command(
+        &site.config,
+        &["add-user", "a:b", "--password-stdin"],
+        "x\n",
+    );
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("not a usable user name"),
+        "{bad:?}"
+    );
+    let prompt = web_command(&site.config, &["add-user", "nurse"], "");
+    assert!(
+        String::from_utf8_lossy(&prompt.stderr).contains("--password-stdin"),
+        "{prompt:?}"
+    );
+    let unknown = web_command(&site.config, &["remove-user", "nobody"], "");
+    assert!(!unknown.status.success());
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no user \"nobody\""));
+
+    // Added while the daemon runs: the next login works.
+    add_user(&site, "nurse");
+    let mut nurse = Client::new(&base);
+    assert_eq!(nurse.login("nurse", PASSWORD).await.status, 303);
+    assert_eq!(nurse.get("/jobs").await.status, 200);
+    // Removed: the open session ends at its next request.
+    let removed = web_command(&site.config, &["remove-user", "nurse"], "");
+    assert!(removed.status.success(), "{removed:?}");
+    assert!(String::from_utf8_lossy(&removed.stdout).contains("web user nurse removed"));
+    let after = nurse.get("/jobs").await;
+    assert_eq!(after.status, 303);
+    assert_eq!(after.header("location"), "/login?ended=1");
+    assert_eq!(nurse.login("nurse", PASSWORD).await.status, 401);
+}
+
+/// A certificate for 127.0.0.1 made with openssl: (certificate, key).
+fn certificate(dir: &Path) -> (PathBuf, PathBuf) {
+    let (cert, key) = (dir.join("web.pem"), dir.join("web.key"));
+    let out = run(Command::new(require("/usr/bin/openssl"))
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-addext",
+            "basicConstraints=critical,CA:FALSE",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert));
+    assert!(out.status.success(), "{out:?}");
+    (cert, key)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lan_address_needs_https_and_over_https_the_cookie_is_secure() {
+    let dir = tempfile::tempdir().unwrap();
+    // A LAN address without certificate and key: the configuration is refused.
+    let config = dir.path().join("lan.toml");
+    let data = dir.path().join("lan");
+    std::fs::write(
+        &config,
+        config_text(
+            free_port(),
+            free_port(),
+            &data,
+            &format!("[web]\nlisten = \"0.0.0.0:{}\"\n", free_port()),
+        ),
+    )
+    .unwrap();
+    let out = run(Command::new(env!("CARGO_BIN_EXE_cloudpdi"))
+        .args(["serve", "--config"])
+        .arg(&config));
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("web.listen") && stderr.contains("web.certificate and web.key"),
+        "{stderr}"
+    );
+    // With them the page is HTTPS and its cookies are Secure.
+    let (cert, key) = certificate(dir.path());
+    let (web, base) = web_section(&format!(
+        "certificate = \"{}\"\nkey = \"{}\"\n",
+        cert.display(),
+        key.display()
+    ));
+    let site = Daemon::start(&dir.path().join("site"), &site("127.0.0.1:9", &web));
+    add_user(&site, "clerk");
+    let root = reqwest::Certificate::from_pem(&std::fs::read(&cert).unwrap()).unwrap();
+    let https = base.replace("http://", "https://");
+    let mut browser = Client::with(
+        &https,
+        reqwest::Client::builder()
+            .tls_certs_only([root])
+            .https_only(true),
+    );
+    let login = browser.login("clerk", PASSWORD).await;
+    assert_eq!(login.status, 303, "{}", login.body);
+    let cookie = login.set_cookie("cloudpdi_session").unwrap();
+    assert!(cookie.contains("; Secure"), "{cookie}");
+    assert_eq!(browser.get("/receive").await.status, 200);
+    // Plain HTTP on the HTTPS port gets no page.
+    let plain = Client::new(&base);
+    let refused = plain.http.get(format!("{base}/login")).send().await;
+    assert!(refused.is_err() || refused.unwrap().status().as_u16() != 200);
+}
+
+/// A clerk in a real browser: the login, a token typed key by key with a mistyped group
+/// named before anything is queued, then the right token typed as a USB scanner types it
+/// (and Enter): the job page follows the import into Orthanc live; then a wrong password
+/// three times locks the login out. Screenshots of the pages go to the test's artifact
+/// folder, `web-artifacts` in the target folder's `tmp`.
+#[test]
+fn a_clerk_scans_a_token_and_watches_the_import_in_a_browser() {
+    if !isolated("a_clerk_scans_a_token_and_watches_the_import_in_a_browser") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let _orthanc = Orthanc::start(dir.path());
+    let (web, base) = web_section("lockout_after = 3\n");
+    let site = Daemon::start(&dir.path().join("site"), &site("127.0.0.1:4242", &web));
+    add_user(&site, "clerk");
+    let study = dir.path().join("study");
+    gen_ct(&study, 6, &["--patient-id", "P1"]);
+    let files = files_in(&study);
+    let out = storescu(&site, "MODALITY", &[], &files);
+    assert!(out.status.success(), "{out:?}");
+    let token_file = wait_for("a token", Duration::from_secs(60), || {
+        tokens(&site).into_iter().next()
+    });
+    let token = std::fs::read_to_string(&token_file)
+        .unwrap()
+        .trim()
+        .to_owned();
+    // The same token with one symbol of group 3 changed: its check code names it.
+    let mut symbols: Vec<char> = token.chars().collect();
+    let at = "HT2-".len() + 2 * 6 + 1;
+    symbols[at] = if symbols[at] == '7' { '8' } else { '7' };
+    let mistyped: String = symbols.into_iter().collect();
+
+    // A token of a document the repository does not hold, dropped into the watch folder:
+    // its import fails, so the jobs page has a job to show with its reason.
+    let config = std::fs::read_to_string(&site.config).unwrap();
+    let embedded = config
+        .split("embedded_listen = \"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap();
+    let inbox = site.dir.join("data/inbox");
+    std::fs::create_dir_all(&inbox).unwrap();
+    let decoy = dir.path().join("missing.token");
+    let out = run(Command::new(env!("CARGO_BIN_EXE_cloudpdi"))
+        .args([
+            "token",
+            "new",
+            "--repository",
+            &format!("http://{embedded}"),
+        ])
+        .args(["--document-id", "0123456789abcdef0123", "--out"])
+        .arg(&decoy));
+    assert!(out.status.success(), "{out:?}");
+    std::fs::copy(&decoy, inbox.join("missing.token")).unwrap();
+    wait_for("the failed import", Duration::from_secs(60), || {
+        site.inbound_jobs()
+            .into_iter()
+            .find(|j| j["state"] == "failed" || j["held"] == true)
+    });
+
+    let artifacts = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("web-artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let out = Command::new("python3")
+        .arg(root().join("tests/peers/web_browser.py"))
+        .args([&base, "clerk", PASSWORD, &token, &mistyped, "3"])
+        .arg(&artifacts)
+        .env("CHROMIUM", require("/usr/bin/chromium"))
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{said}\nlog:\n{}", site.log());
+    assert!(
+        said.contains("mistyped group named before queueing"),
+        "{said}"
+    );
+    assert!(said.contains("import finished"), "{said}");
+    assert!(said.contains("locked out"), "{said}");
+    assert!(said.contains("jobs page: 1 job(s)"), "{said}");
+    assert!(
+        said.contains("slip re-printed: /sent/B000001/slip"),
+        "{said}"
+    );
+    // Into Orthanc: every instance.
+    let stored = _orthanc.get("/instances");
+    assert_eq!(stored.as_array().unwrap().len(), files.len(), "{stored}");
+    let jobs = site.inbound_jobs();
+    assert_eq!(
+        jobs.len(),
+        2,
+        "the decoy and the right token only: {jobs:?}"
+    );
+    assert!(jobs.iter().any(|j| j["state"] == "done"), "{jobs:?}");
+    let log = site.log();
+    assert!(
+        log.contains("web: token handed over: import queued") && log.contains("user=clerk"),
+        "{log}"
+    );
+    assert!(log.contains("web: slip re-printed"), "{log}");
+    assert!(log.contains("web: retry refused"), "{log}");
+    assert!(!log.contains(&token), "no token text in the log");
+    // The screenshots (docs/web/ keeps a copy of them for docs/web.md).
+    for page in [
+        "login", "receive", "mistyped", "job", "jobs", "sent", "locked",
+    ] {
+        let shot = artifacts.join(format!("{page}.png"));
+        assert!(std::fs::metadata(&shot).unwrap().len() > 1000, "{page}");
+    }
+}
