@@ -683,3 +683,71 @@ fn a_clerk_scans_a_token_and_watches_the_import_in_a_browser() {
         assert!(std::fs::metadata(&shot).unwrap().len() > 1000, "{page}");
     }
 }
+
+/// Sends `head` (a request without its body) on a new connection and returns the status
+/// line of the answer, or `None` when none came within `wait`.
+async fn raw_status(base: &str, head: &str, wait: Duration) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let address = base.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let mut buffer = [0u8; 1024];
+    let read = async {
+        while !answer.windows(2).any(|w| w == b"\r\n") {
+            match stream.read(&mut buffer).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buffer[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(wait, read).await.ok()?;
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    text.lines().next().map(str::to_owned)
+}
+
+/// Review finding 1: a POST whose body never comes cannot hold the page's connections:
+/// without a session it is refused before its body is read, with one its body must come
+/// within 10 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_whose_body_never_comes_holds_no_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_site, base) = start(dir.path(), "");
+    let head = |cookie: &str| {
+        format!(
+            "POST /receive HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+             Content-Type: application/x-www-form-urlencoded\r\n{cookie}\
+             Content-Length: 16000\r\n\r\n"
+        )
+    };
+    let started = std::time::Instant::now();
+    let status = raw_status(&base, &head(""), Duration::from_secs(3)).await;
+    assert!(
+        status.as_deref().is_some_and(|s| s.contains(" 403 ")),
+        "refused at once without a session: {status:?}"
+    );
+    let status = raw_status(
+        &base,
+        &head("Cookie: cloudpdi_session=0000\r\n"),
+        Duration::from_secs(3),
+    )
+    .await;
+    assert!(status.is_some_and(|s| s.contains(" 403 ")));
+    assert!(started.elapsed() < Duration::from_secs(3));
+    // Logged in: the body has 10 s.
+    let mut browser = Client::new(&base);
+    assert_eq!(browser.login("clerk", PASSWORD).await.status, 303);
+    let session = browser.cookies["cloudpdi_session"].clone();
+    let started = std::time::Instant::now();
+    let status = raw_status(
+        &base,
+        &head(&format!("Cookie: cloudpdi_session={session}\r\n")),
+        Duration::from_secs(15),
+    )
+    .await;
+    assert!(
+        status.as_deref().is_some_and(|s| s.contains(" 408 ")),
+        "{status:?}"
+    );
+    assert!(started.elapsed() >= Duration::from_secs(9));
+}

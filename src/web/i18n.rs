@@ -163,6 +163,8 @@ pub(crate) enum T {
     Expired,
     NotFound,
     Forbidden,
+    TooLarge,
+    TooSlow,
     Unavailable,
     State,
     Progress,
@@ -349,6 +351,14 @@ impl T {
             T::Forbidden => (
                 "このフォームは期限切れか、このページから送られたものではありません。ページを読み込み直してから、もう一度操作してください。",
                 "This form expired or did not come from this page: reload the page and try again.",
+            ),
+            T::TooLarge => (
+                "送られた内容が大きすぎます（16 KiB まで）。トークンだけを入力して、もう一度送ってください。",
+                "What was sent is too large (at most 16 KiB): enter the token alone and send it again.",
+            ),
+            T::TooSlow => (
+                "送信が途中で止まりました（10 秒以内に届きませんでした）。ページを読み込み直して、もう一度送ってください。",
+                "The form did not arrive in time (within 10 seconds): reload the page and send it again.",
             ),
             T::Unavailable => (
                 "ゲートウェイの記録を読めません。管理者に連絡してください。",

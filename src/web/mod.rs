@@ -67,6 +67,10 @@ pub const MAX_CONNECTIONS_PER_ADDRESS: usize = 16;
 /// Time a client has to send a request's headers (also between keep-alive requests).
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Time a POST body has to arrive once its headers are accepted (a form is a few hundred
+/// bytes: a browser sends it at once); a slower body is refused with 408.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Largest POST body read (a form, or the JSON of the live token check): a token is about
 /// 100 characters.
 pub const MAX_FORM_BYTES: usize = 16 * 1024;
@@ -316,10 +320,9 @@ async fn guard(State(state): State<Arc<WebState>>, request: Request, next: Next)
     };
     let forbidden = || message_page(&ctx, StatusCode::FORBIDDEN, ctx.t(T::Forbidden));
     let request = if parts.method == Method::POST {
-        let bytes = match axum::body::to_bytes(body, MAX_FORM_BYTES).await {
-            Ok(bytes) => bytes,
-            Err(_) => return StatusCode::PAYLOAD_TOO_LARGE.into_response(),
-        };
+        // Who may send a body is decided before it is read: without a session (or, for
+        // the login, a pre-session cookie) nothing is read, and a body must arrive
+        // within BODY_TIMEOUT, so slow bodies cannot hold the connection slots.
         let expected = match (&ctx.session, path.as_str()) {
             (_, "/login") => cookie(&parts.headers, LOGIN_COOKIE),
             (Some((_, s)), _) => Some(s.csrf.clone()),
@@ -327,6 +330,21 @@ async fn guard(State(state): State<Arc<WebState>>, request: Request, next: Next)
         };
         let Some(expected) = expected.filter(|e| !e.is_empty()) else {
             return forbidden();
+        };
+        let bytes = match tokio::time::timeout(
+            BODY_TIMEOUT,
+            axum::body::to_bytes(body, MAX_FORM_BYTES),
+        )
+        .await
+        {
+            Ok(Ok(bytes)) => bytes,
+            Ok(Err(_)) => {
+                return message_page(&ctx, StatusCode::PAYLOAD_TOO_LARGE, ctx.t(T::TooLarge));
+            }
+            Err(_) => {
+                tracing::warn!(path = %path, address = %peer, "web: POST refused: its body did not arrive within {} s", BODY_TIMEOUT.as_secs());
+                return message_page(&ctx, StatusCode::REQUEST_TIMEOUT, ctx.t(T::TooSlow));
+            }
         };
         let given = match parts.headers.get(CSRF_HEADER).and_then(|v| v.to_str().ok()) {
             Some(header) => header.to_owned(),
