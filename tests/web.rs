@@ -486,6 +486,38 @@ async fn users_are_added_and_removed_while_the_daemon_runs() {
     assert_eq!(after.status, 303);
     assert_eq!(after.header("location"), "/login?ended=1");
     assert_eq!(nurse.login("nurse", PASSWORD).await.status, 401);
+
+    // Review finding 2: a changed password ends the sessions opened with the old one.
+    let mut clerk = Client::new(&base);
+    assert_eq!(clerk.login("clerk", PASSWORD).await.status, 303);
+    assert_eq!(clerk.get("/jobs").await.status, 200);
+    let changed = web_command(
+        &site.config,
+        &["add-user", "clerk", "--password-stdin"],
+        "another long password\n",
+    );
+    assert!(changed.status.success(), "{changed:?}");
+    let after = clerk.get("/jobs").await;
+    assert_eq!(after.header("location"), "/login?ended=1");
+    assert_eq!(clerk.login("clerk", "another long password").await.status, 303);
+    assert_eq!(clerk.get("/jobs").await.status, 200);
+    // Review finding 3: a users file the daemon cannot read holds no user (a line edited
+    // by hand here): open sessions end, no login, and the log says why.
+    let good = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, format!("{good}a line edited by hand\n")).unwrap();
+    assert_eq!(clerk.get("/jobs").await.header("location"), "/login?ended=1");
+    assert_eq!(clerk.login("clerk", "another long password").await.status, 401);
+    assert!(site.log().contains("no one can log in"), "{}", site.log());
+    std::fs::write(&file, good).unwrap();
+    assert_eq!(clerk.login("clerk", "another long password").await.status, 303);
+    // The command refuses to write as another user than the file's owner.
+    std::os::unix::fs::chown(&file, Some(54_321), None).unwrap();
+    let refused = web_command(&site.config, &["remove-user", "clerk"], "");
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("sudo -u '#54321'"),
+        "{refused:?}"
+    );
 }
 
 /// A certificate for 127.0.0.1 made with openssl: (certificate, key).

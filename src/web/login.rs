@@ -148,11 +148,18 @@ pub(super) async fn submit(
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
     };
     let (check, user) = (state.clone(), name.clone());
-    let good = tokio::task::spawn_blocking(move || check.users.verify(&user, &password))
-        .await
-        .unwrap_or(false);
+    let good = tokio::task::spawn_blocking(move || {
+        check
+            .users
+            .verify(&user, &password)
+            .then(|| check.users.key(&user))
+            .flatten()
+    })
+    .await
+    .ok()
+    .flatten();
     let now = crate::clock::now_ms();
-    if !good {
+    let Some(key) = good else {
         let failures = state.sessions.failed(&name, ctx.peer, now);
         tracing::warn!(user = %name, address = %ctx.peer, failures, "web: failed login");
         return match state.sessions.locked(&name, ctx.peer, now) {
@@ -171,9 +178,9 @@ pub(super) async fn submit(
                 Some((ctx.t(T::LoginFailed).to_owned(), true)),
             ),
         };
-    }
+    };
     state.sessions.succeeded(&name);
-    let Ok(id) = state.sessions.start(&name, now) else {
+    let Ok(id) = state.sessions.start(&name, &key, now) else {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "no randomness from the system\n",

@@ -303,11 +303,12 @@ async fn guard(State(state): State<Arc<WebState>>, request: Request, next: Next)
         .and_then(|id| state.sessions.touch(id, now).map(|s| (id.to_owned(), s)));
     if let Some((id, s)) = &session {
         let (check, name) = (state.clone(), s.user.clone());
-        let exists = tokio::task::spawn_blocking(move || check.users.exists(&name))
+        let key = tokio::task::spawn_blocking(move || check.users.key(&name))
             .await
-            .unwrap_or(false);
-        if !exists {
-            tracing::info!(user = %s.user, "web: session ended: the user is no longer in the users file");
+            .ok()
+            .flatten();
+        if key.is_none_or(|key| !session::same_secret(&key, &s.key)) {
+            tracing::info!(user = %s.user, "web: session ended: the user is no longer in the users file, or their password changed");
             state.sessions.end(id);
             session = None;
         }

@@ -3,7 +3,7 @@
 //! A session is a 256-bit random ID in the cookie [`SESSION_COOKIE`] (`HttpOnly;
 //! SameSite=Strict; Path=/`, plus `Secure` over HTTPS); it ends after
 //! `web.session_idle_minutes` without a request, `web.session_max_hours` after the login,
-//! at the logout, or when its user leaves the users file. Each session has its own CSRF
+//! at the logout, or when its user leaves the users file or gets another password. Each session has its own CSRF
 //! token, which every POST must carry (a form field or the [`CSRF_HEADER`]); the login
 //! form, before any session, carries the one of the pre-session cookie [`LOGIN_COOKIE`].
 //!
@@ -57,6 +57,10 @@ pub struct Session {
     pub user: String,
     /// The session's CSRF token.
     pub csrf: String,
+    /// A digest of the user's password hash at the login ([`super::users::Users::key`]):
+    /// when the password changes (or the user is removed and added again) it differs,
+    /// and the session ends.
+    pub key: String,
 }
 
 #[derive(Debug)]
@@ -127,11 +131,12 @@ impl Sessions {
         })
     }
 
-    /// Starts a session for `user`; returns its ID (the cookie's value).
+    /// Starts a session for `user`, whose password hash has the digest `key`; returns its
+    /// ID (the cookie's value).
     ///
     /// # Errors
     /// The system gave no randomness.
-    pub fn start(&self, user: &str, now: u64) -> Result<String, getrandom::Error> {
+    pub fn start(&self, user: &str, key: &str, now: u64) -> Result<String, getrandom::Error> {
         let id = random_id()?;
         let csrf = random_id()?;
         let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
@@ -150,6 +155,7 @@ impl Sessions {
                 session: Session {
                     user: user.to_owned(),
                     csrf,
+                    key: key.to_owned(),
                 },
                 created: now,
                 seen: now,
@@ -288,7 +294,7 @@ mod tests {
     #[test]
     fn sessions_end_when_idle_or_old_or_logged_out() {
         let sessions = Sessions::new(policy());
-        let id = sessions.start("clerk", 0).expect("random");
+        let id = sessions.start("clerk", "k", 0).expect("random");
         assert_eq!(id.len(), 64);
         let session = sessions.touch(&id, 29 * MINUTE).expect("alive");
         assert_eq!(session.user, "clerk");
@@ -298,14 +304,14 @@ mod tests {
             "idle restarts"
         );
         assert!(sessions.touch(&id, 89 * MINUTE).is_none(), "idle too long");
-        let id = sessions.start("clerk", 0).expect("random");
+        let id = sessions.start("clerk", "k", 0).expect("random");
         let mut now = 0;
         while now + 20 * MINUTE < 12 * 60 * MINUTE {
             now += 20 * MINUTE;
             assert!(sessions.touch(&id, now).is_some());
         }
         assert!(sessions.touch(&id, 12 * 60 * MINUTE).is_none(), "too old");
-        let id = sessions.start("clerk", 0).expect("random");
+        let id = sessions.start("clerk", "k", 0).expect("random");
         sessions.end(&id);
         assert!(sessions.touch(&id, 1).is_none(), "logged out");
         assert!(sessions.touch("not a session", 1).is_none());
@@ -314,13 +320,12 @@ mod tests {
     #[test]
     fn sessions_are_bounded() {
         let sessions = Sessions::new(policy());
-        let first = sessions.start("a", 0).expect("random");
+        let first = sessions.start("a", "k", 0).expect("random");
         for n in 1..MAX_SESSIONS as u64 {
-            sessions.start("b", n).expect("random");
+            sessions.start("b", "k", n).expect("random");
         }
         assert!(sessions.touch(&first, MAX_SESSIONS as u64).is_some());
-        sessions
-            .start("c", MAX_SESSIONS as u64 + 1)
+        sessions.start("c", "k", MAX_SESSIONS as u64 + 1)
             .expect("random");
         assert_eq!(sessions.sessions.lock().expect("lock").len(), MAX_SESSIONS);
         assert!(
