@@ -425,6 +425,20 @@ async fn wrong_passwords_lock_the_name_and_the_address_out_with_a_clear_message(
     add_user(&site, "nurse");
     let sprayed = english.login("nurse", PASSWORD).await;
     assert_eq!(sprayed.status, 429, "{}", sprayed.body);
+    // Review finding 5: a clerk at another computer (no failure from there) still logs in
+    // with the right password; a wrong one from there is refused for the name at once.
+    let mut guesser = Client::with(
+        &base,
+        reqwest::Client::builder().local_address(std::net::IpAddr::from([127, 0, 0, 3])),
+    );
+    assert_eq!(guesser.login("clerk", "not the password").await.status, 429);
+    assert_eq!(guesser.login("clerk", PASSWORD).await.status, 429);
+    let mut other = Client::with(
+        &base,
+        reqwest::Client::builder().local_address(std::net::IpAddr::from([127, 0, 0, 2])),
+    );
+    let right = other.login("clerk", PASSWORD).await;
+    assert_eq!(right.status, 303, "{}", right.body);
     let log = site.log();
     assert!(log.contains("web: failed login"), "{log}");
     assert!(log.contains("web: login refused: locked out"), "{log}");
@@ -782,4 +796,42 @@ async fn a_post_whose_body_never_comes_holds_no_connection() {
         "{status:?}"
     );
     assert!(started.elapsed() >= Duration::from_secs(9));
+}
+
+/// Review finding 4: wrong passwords sent at once are counted as if sent one by one: no
+/// more guesses get their answer than the lock-out allows (plus the logins being checked
+/// at that moment).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_passwords_sent_at_once_are_locked_out_as_well() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_site, base) = start(dir.path(), "lockout_after = 3\n");
+    let mut browser = Client::new(&base);
+    let page = browser.get("/login").await;
+    let token = csrf(&page.body);
+    let cookie = format!("cloudpdi_login={}", browser.cookies["cloudpdi_login"]);
+    let guesses: Vec<_> = (0..12)
+        .map(|n| {
+            let request = browser
+                .http
+                .post(format!("{base}/login"))
+                .header("content-type", "application/x-www-form-urlencoded")
+                .header("cookie", cookie.clone())
+                .body(form(&[
+                    ("csrf", &token),
+                    ("user", "clerk"),
+                    ("password", &format!("guess number {n}")),
+                ]));
+            tokio::spawn(async move { request.send().await.unwrap().status().as_u16() })
+        })
+        .collect();
+    let mut checked = 0;
+    for guess in guesses {
+        let status = guess.await.unwrap();
+        assert!([401, 429].contains(&status), "{status}");
+        checked += usize::from(status == 401);
+    }
+    assert!(
+        checked <= 3 + cloudpdi::web::MAX_CONCURRENT_LOGINS - 1,
+        "{checked} passwords checked"
+    );
 }

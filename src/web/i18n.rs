@@ -213,8 +213,8 @@ impl T {
                 "Wrong user name or password.",
             ),
             T::LockedName => (
-                "ログインの失敗が続いたため、このユーザー名は {until} ログインできません（正しいパスワードでも同じです）。時間をおいてからもう一度ログインするか、管理者に連絡してください。",
-                "Too many failed logins: this user name cannot log in {until}, even with the right password. Try again after that time, or ask an administrator.",
+                "ログインの失敗が続いたため、この端末からはこのユーザー名で {until} ログインできません（正しいパスワードでも同じです）。時間をおいてからもう一度ログインするか、別の端末から、または管理者に連絡してください。",
+                "Too many failed logins: this user name cannot log in from this computer {until}, even with the right password. Try again after that time, from another computer, or ask an administrator.",
             ),
             T::LockedAddress => (
                 "この端末からのログインの失敗が続いたため、この端末からは {until} ログインできません（正しいパスワードでも同じです）。時間をおいてからもう一度ログインするか、管理者に連絡してください。",

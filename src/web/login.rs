@@ -131,22 +131,30 @@ pub(super) async fn submit(
         };
         (fill(ctx.t(text), &[("until", &until)]), true)
     };
-    if let Some(locked) = state
-        .sessions
-        .locked(&name, ctx.peer, crate::clock::now_ms())
-    {
+    let refuse_locked = || {
+        let locked = state
+            .sessions
+            .locked(&name, ctx.peer, crate::clock::now_ms())?;
         tracing::warn!(user = %name, address = %ctx.peer, "web: login refused: locked out after repeated failures");
-        return form(
+        Some(form(
             &state,
             &ctx,
             &headers,
             StatusCode::TOO_MANY_REQUESTS,
             Some(locked_text(locked)),
-        );
+        ))
+    };
+    if let Some(refused) = refuse_locked() {
+        return refused;
     }
     let Ok(_permit) = state.logins.acquire().await else {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
     };
+    // Again with the slot held: logins sent at once all passed the check above while
+    // the first ones were being verified; now each sees the failures counted before it.
+    if let Some(refused) = refuse_locked() {
+        return refused;
+    }
     let (check, user) = (state.clone(), name.clone());
     let good = tokio::task::spawn_blocking(move || {
         check

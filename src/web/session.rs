@@ -7,10 +7,15 @@
 //! token, which every POST must carry (a form field or the [`CSRF_HEADER`]); the login
 //! form, before any session, carries the one of the pre-session cookie [`LOGIN_COOKIE`].
 //!
-//! Lock-out: `web.lockout_after` failed logins for one user name, or from one client
-//! address, refuse every login of that name or from that address (the right password
-//! too) until `web.lockout_minutes` after the last failure, so that neither guessing one
-//! password nor spraying one password over many names gets far.
+//! Lock-out: `web.lockout_after` failed logins from one client address refuse every
+//! login from that address (the right password too) until `web.lockout_minutes` after the
+//! last failure, so that spraying one password over many names does not get far; as many
+//! failures for one user name refuse that name from every address that has a recent
+//! failure of its own, so that guessing one password does not get far either (each new
+//! address gets one guess), while a clerk at another computer, with no failure, still
+//! logs in with the right password: someone who types wrong passwords for every clerk's
+//! name does not lock them all out. Clerks behind one address (a proxy, NAT, or the
+//! loopback) share its count.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -193,7 +198,8 @@ impl Sessions {
         sessions.remove(id);
     }
 
-    /// Whether logins of `name` from `address` are refused now, and until when.
+    /// Whether logins of `name` from `address` are refused now, and until when: the
+    /// address is locked, or the name is and the address has a recent failure.
     pub fn locked(&self, name: &str, address: IpAddr, now: u64) -> Option<Locked> {
         let policy = self.policy;
         let until = |f: &Failures| {
@@ -201,18 +207,21 @@ impl Sessions {
                 .then(|| f.last.saturating_add(policy.lockout_ms))
                 .filter(|until| *until > now)
         };
-        let by_address = self
+        let here = self
             .addresses
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&address)
-            .and_then(until);
+            .copied();
+        let by_address = here.as_ref().and_then(until);
+        let failed_here = here.is_some_and(|f| now.saturating_sub(f.last) < policy.lockout_ms);
         let by_name = self
             .names
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(name)
-            .and_then(until);
+            .and_then(until)
+            .filter(|_| failed_here);
         match (by_address, by_name) {
             (Some(a), Some(n)) => Some(Locked {
                 until: a.max(n),
@@ -343,19 +352,25 @@ mod tests {
             assert_eq!(sessions.locked("clerk", here, n), None);
             assert_eq!(sessions.failed("clerk", here, n), n as u32);
         }
-        let locked = sessions.locked("clerk", there, 4).expect("name locked");
-        assert_eq!(locked.until, 3 + 15 * MINUTE);
+        assert_eq!(
+            sessions.locked("clerk", there, 4),
+            None,
+            "the right password from an address without failures is still checked"
+        );
+        assert_eq!(sessions.failed("clerk", there, 4), 4);
+        let locked = sessions.locked("clerk", there, 5).expect("name locked");
+        assert_eq!(locked.until, 4 + 15 * MINUTE);
         assert!(!locked.by_address);
         let locked = sessions.locked("other", here, 4).expect("address locked");
         assert!(locked.by_address);
         assert_eq!(sessions.locked("other", there, 4), None);
         assert_eq!(
-            sessions.locked("clerk", here, 3 + 15 * MINUTE),
+            sessions.locked("clerk", here, 4 + 15 * MINUTE),
             None,
             "ended"
         );
         assert_eq!(
-            sessions.failed("clerk", there, 3 + 15 * MINUTE),
+            sessions.failed("clerk", there, 4 + 15 * MINUTE),
             1,
             "a new count after the lock"
         );
