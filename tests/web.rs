@@ -835,3 +835,48 @@ async fn wrong_passwords_sent_at_once_are_locked_out_as_well() {
         "{checked} passwords checked"
     );
 }
+
+/// Review finding 6: the Patient ID field comes before the token field (the scanner's
+/// Enter submits at once), and a token handed over again with a Patient ID says clearly
+/// that the ID was not applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_patient_id_given_for_a_known_token_is_said_not_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let (site, base) = start(dir.path(), "");
+    let file = dir.path().join("unreachable.token");
+    let out = run(Command::new(env!("CARGO_BIN_EXE_cloudpdi"))
+        .args(["token", "new", "--repository", "http://127.0.0.1:9"])
+        .args(["--document-id", "0123456789abcdef0123", "--out"])
+        .arg(&file));
+    assert!(out.status.success(), "{out:?}");
+    let token = std::fs::read_to_string(&file).unwrap().trim().to_owned();
+    let mut browser = Client::new(&base);
+    assert_eq!(browser.login("clerk", PASSWORD).await.status, 303);
+    let page = browser.get("/receive").await;
+    let (id_at, token_at) = (
+        page.body.find("id=\"patient_id\"").unwrap(),
+        page.body.find("id=\"token\"").unwrap(),
+    );
+    assert!(id_at < token_at, "the Patient ID field first");
+    let csrf = csrf(&page.body);
+    let first = browser
+        .post("/receive", &[("csrf", &csrf), ("token", &token), ("patient_id", "")])
+        .await;
+    assert_eq!(first.status, 303, "{}", first.body);
+    let again = browser
+        .post(
+            "/receive",
+            &[("csrf", &csrf), ("token", &token), ("patient_id", "LOCAL-1")],
+        )
+        .await;
+    assert_eq!(again.status, 303, "{}", again.body);
+    let to = again.header("location");
+    assert!(to.contains("id_not_applied=1"), "{to}");
+    let shown = browser.get(&format!("{to}&lang=en")).await;
+    assert!(
+        shown.body.contains("The Patient ID you entered was NOT applied"),
+        "{}",
+        shown.body
+    );
+    assert_eq!(site.inbound_jobs().len(), 1);
+}

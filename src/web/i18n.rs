@@ -163,6 +163,7 @@ pub(crate) enum T {
     Expired,
     NotFound,
     Forbidden,
+    PatientIdNotApplied,
     TooLarge,
     TooSlow,
     Unavailable,
@@ -233,8 +234,8 @@ impl T {
             ),
             T::PatientIdLabel => ("院内の患者ID（任意）", "Local Patient ID (optional)"),
             T::PatientIdHelp => (
-                "入力すると、この患者IDで取り込みます。空欄なら設定どおりです。",
-                "When given, the study is filed under this Patient ID; empty: as configured.",
+                "入力すると、この患者IDで取り込みます（トークンを読み取る前に入力してください。読み取りの Enter ですぐに取り込みが始まります）。空欄なら設定どおりです。",
+                "When given, the study is filed under this Patient ID: type it before scanning the token (the scanner's Enter starts the import at once). Empty: as configured.",
             ),
             T::ImportButton => ("取り込む", "Import"),
             T::CameraButton => ("カメラで読み取る", "Scan with the camera"),
@@ -351,6 +352,10 @@ impl T {
             T::Forbidden => (
                 "このフォームは期限切れか、このページから送られたものではありません。ページを読み込み直してから、もう一度操作してください。",
                 "This form expired or did not come from this page: reload the page and try again.",
+            ),
+            T::PatientIdNotApplied => (
+                "入力した患者IDは使われていません。このトークンの取り込みは前に始まっていて、送り元の患者IDで登録されます（または登録済みです）。ローカルの患者IDで登録するには、PACS で患者IDを変更してください。",
+                "The Patient ID you entered was NOT applied: this token's import had already started, and the study is (or will be) filed under the sender's Patient ID. To file it under the local ID, change it in the PACS.",
             ),
             T::TooLarge => (
                 "送られた内容が大きすぎます（16 KiB まで）。トークンだけを入力して、もう一度送ってください。",

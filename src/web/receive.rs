@@ -106,6 +106,12 @@ fn form(ctx: &Ctx, state: &WebState, notice: Option<(&str, Option<&str>)>) -> Ma
         form id="receive" method="post" action="/receive" data-check="/receive/check" data-csrf=(ctx.csrf()) {
             input type="hidden" name="csrf" value=(ctx.csrf());
             p {
+                label for="patient_id" { (ctx.t(T::PatientIdLabel)) }
+                span.help id="patient-help" { (ctx.t(T::PatientIdHelp)) }
+                input id="patient_id" name="patient_id" type="text" autocomplete="off" maxlength="64"
+                    spellcheck="false" disabled[off] aria-describedby="patient-help";
+            }
+            p {
                 label for="token" { (ctx.t(T::TokenLabel)) }
                 span.help id="token-help" { (ctx.t(T::TokenHelp)) }
                 input id="token" name="token" type="text" autocomplete="off" autocapitalize="characters"
@@ -113,12 +119,6 @@ fn form(ctx: &Ctx, state: &WebState, notice: Option<(&str, Option<&str>)>) -> Ma
                     maxlength=(crate::token::text::MAX_TEXT)
                     aria-describedby="token-help token-check";
                 span.check id="token-check" role="status" aria-live="polite" {}
-            }
-            p {
-                label for="patient_id" { (ctx.t(T::PatientIdLabel)) }
-                span.help id="patient-help" { (ctx.t(T::PatientIdHelp)) }
-                input id="patient_id" name="patient_id" type="text" autocomplete="off" maxlength="64"
-                    spellcheck="false" disabled[off] aria-describedby="patient-help";
             }
             p.buttons {
                 button type="submit" disabled[off] { (ctx.t(T::ImportButton)) }
@@ -202,7 +202,12 @@ pub(super) async fn submit(
         }
         Handoff::Known { id, .. } => {
             tracing::info!(user = %user, job = %id, "web: token handed over again: not imported twice");
-            Redirect::to(&format!("/receive/{id}?again=1")).into_response()
+            let unapplied = if patient_id.is_empty() {
+                ""
+            } else {
+                "&id_not_applied=1"
+            };
+            Redirect::to(&format!("/receive/{id}?again=1{unapplied}")).into_response()
         }
         Handoff::NoInbound => refuse(StatusCode::CONFLICT, ctx.t(T::NoInbound), None),
         Handoff::Refused(why) => {
@@ -334,11 +339,14 @@ fn view(lang: Lang, job: &InboundJob) -> View {
     }
 }
 
-/// `?again=1`: the token was handed over again (its job already existed).
+/// `?again=1`: the token was handed over again (its job already existed);
+/// `&id_not_applied=1`: with a local Patient ID, which its job does not take.
 #[derive(Deserialize)]
 pub(super) struct Again {
     #[serde(default)]
     again: Option<String>,
+    #[serde(default)]
+    id_not_applied: Option<String>,
 }
 
 /// `GET /receive/{id}`: the job's progress, live while the page is open.
@@ -359,6 +367,9 @@ pub(super) async fn job(
             p.notice role="status" {
                 @if job.step == InStep::Done { (ctx.t(T::AlreadyImported)) } @else { (ctx.t(T::AlreadyRunning)) }
             }
+        }
+        @if again.id_not_applied.is_some() {
+            p.notice.error role="alert" id="id-not-applied" { (ctx.t(T::PatientIdNotApplied)) }
         }
         section id="job" data-events={ "/jobs/" (job.id) "/events" } data-state=(v.state) {
             dl.study id="job-study" hidden[v.study.is_empty()] {
