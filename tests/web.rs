@@ -880,3 +880,24 @@ async fn a_patient_id_given_for_a_known_token_is_said_not_applied() {
     );
     assert_eq!(site.inbound_jobs().len(), 1);
 }
+
+/// Review finding 7: on a loopback listener a request naming another host (a page using
+/// DNS rebinding) is answered 421, before the login page or its CSRF token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loopback_page_answers_only_loopback_host_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_site, base) = start(dir.path(), "");
+    for (host, expected) in [
+        ("evil.example", " 421 "),
+        ("evil.example:80", " 421 "),
+        ("127.0.0.1", " 200 "),
+        ("localhost:8443", " 200 "),
+    ] {
+        let head = format!("GET /login HTTP/1.1\r\nHost: {host}\r\n\r\n");
+        let status = raw_status(&base, &head, Duration::from_secs(3)).await;
+        assert!(
+            status.as_deref().is_some_and(|s| s.contains(expected)),
+            "{host}: {status:?}"
+        );
+    }
+}

@@ -92,6 +92,9 @@ pub struct WebState {
     pub sessions: Arc<Sessions>,
     /// Whether the page is HTTPS (the cookies are then `Secure`).
     pub https: bool,
+    /// Whether `web.listen` is a loopback address: requests must then name a loopback
+    /// host (a page of another site using DNS rebinding names its own).
+    pub loopback: bool,
     /// `facility.time_zone`, for times shown.
     pub zone: jiff::tz::TimeZone,
     /// Password checks running at once ([`MAX_CONCURRENT_LOGINS`]).
@@ -115,6 +118,10 @@ impl WebState {
             users: Users::new(users_file),
             sessions: Sessions::new(session::Policy::of(web)),
             https: web.https(),
+            loopback: web
+                .listen
+                .parse::<std::net::SocketAddr>()
+                .is_ok_and(|a| a.ip().is_loopback()),
             zone,
             logins: tokio::sync::Semaphore::new(MAX_CONCURRENT_LOGINS),
             stop,
@@ -280,11 +287,27 @@ fn public(path: &str) -> bool {
     path == "/login" || path == "/favicon.ico" || path.starts_with("/static/")
 }
 
-/// Finds the request's session and language, sends a request without a session to the
+/// Refuses, on a loopback listener, a request whose `Host` is not a loopback name (421),
+/// then finds the request's session and language, sends a request without a session to the
 /// login, and refuses a POST whose CSRF token is not its session's (or, for the login,
 /// the pre-session cookie's) with 403, before any handler runs.
 async fn guard(State(state): State<Arc<WebState>>, request: Request, next: Next) -> Response {
     let (parts, body) = request.into_parts();
+    let host = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok());
+    if state.loopback && !host.is_some_and(crate::admin::is_loopback_host) {
+        return (
+            StatusCode::MISDIRECTED_REQUEST,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            "このページは localhost、127.0.0.1、[::1] 宛ての要求にだけ答えます。\n\
+             The page answers only requests addressed to localhost, 127.0.0.1 or [::1] \
+             (the Host header named something else, as a web page using DNS rebinding \
+             would): open http://127.0.0.1:<port>/ on this computer.\n",
+        )
+            .into_response();
+    }
     let peer = parts
         .extensions
         .get::<ConnectInfo<Peer>>()
