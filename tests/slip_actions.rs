@@ -197,6 +197,12 @@ fn a_revoked_token_is_refused() {
     assert!(said_extend.contains("was revoked"), "{said_extend}");
     let (ok, again) = site.command(&["revoke", &job]);
     assert!(ok, "revoking again changes nothing: {again}");
+    let (ok, retried) = site.command(&["retry", &job]);
+    assert!(!ok, "{retried}");
+    assert!(
+        retried.contains(&format!("the token of outbound job {job} was revoked")),
+        "{retried}"
+    );
 
     // The admin endpoint: the header required, the extend body bounded.
     let admin = |extra: &[&str], body: &str| {
@@ -323,6 +329,55 @@ fn an_extended_token_is_reissued() {
     let (ok, repeated) = site.command(&["extend", &job, "--until", &until]);
     assert!(ok, "the same call again changes nothing: {repeated}");
 
+    // A run with --days that extended the repository and wrote the token file, then
+    // stopped before the slip and the record: a later --days (another second, another
+    // expiry) accepts the file and finishes the job.
+    let document_at = |site: &Site| block(site.client().status(&after.document_id)).unwrap();
+    let halfway = end_of_day + 3600;
+    block(site.client().extend(&after.document_id, halfway)).unwrap();
+    let mut written = read_token(&token_file);
+    written.expires_at = u32::try_from(halfway).unwrap();
+    std::fs::write(&token_file, written.to_line().as_bytes()).unwrap();
+    let (ok, resumed) = site.command(&["extend", &job, "--days", "62"]);
+    assert!(ok, "a token file between the job's and the repository's expiry: {resumed}");
+    let resumed_at = document_at(&site).expires_at;
+    assert!(resumed_at > halfway);
+    assert_eq!(u64::from(read_token(&token_file).expires_at), resumed_at);
+    assert_eq!(site.details(&job)["expires_at"].as_u64(), Some(resumed_at));
+    assert!(
+        std::fs::read_to_string(&slip_file)
+            .unwrap()
+            .contains(&cloudpdi::clock::until_ja(resumed_at, &zone))
+    );
+
+    // A token file that is not this job's is refused before the repository is asked.
+    let good = std::fs::read(&token_file).unwrap();
+    let mut other = read_token(&token_file);
+    other.document_id = other.document_id.chars().rev().collect();
+    std::fs::write(&token_file, other.to_line().as_bytes()).unwrap();
+    let (ok, foreign) = site.command(&["extend", &job, "--days", "64"]);
+    assert!(!ok, "{foreign}");
+    assert!(foreign.contains("holds another token"), "{foreign}");
+    assert_eq!(
+        document_at(&site).expires_at,
+        resumed_at,
+        "the repository was extended for a token file that is not the job's"
+    );
+    std::fs::write(&token_file, &good).unwrap();
+
+    // The repository already later than asked (an earlier run asked more): token and
+    // slip get the repository's expiry, not the earlier one asked.
+    let furthest = now + 70 * 86_400;
+    block(site.client().extend(&after.document_id, furthest)).unwrap();
+    let (ok, shorter_than_held) = site.command(&["extend", &job, "--days", "66"]);
+    assert!(ok, "{shorter_than_held}");
+    assert_eq!(u64::from(read_token(&token_file).expires_at), furthest);
+    assert_eq!(site.details(&job)["expires_at"].as_u64(), Some(furthest));
+    assert!(
+        shorter_than_held.contains(&cloudpdi::clock::local_text(furthest, &zone)),
+        "{shorter_than_held}"
+    );
+
     let text_of_token = after.to_text();
     for shown in [
         &said,
@@ -330,6 +385,9 @@ fn an_extended_token_is_reissued() {
         &repeated,
         &shorter,
         &beyond,
+        &resumed,
+        &foreign,
+        &shorter_than_held,
         &site.daemon.log(),
     ] {
         assert!(!shown.contains(text_of_token.as_str()), "token text shown");
@@ -376,4 +434,38 @@ fn an_extended_token_is_reissued() {
     let (ok, said) = site.command(&["extend", &job, "--until", "31.12.2026"]);
     assert!(!ok, "{said}");
     assert!(said.contains("YYYY-MM-DD"), "{said}");
+}
+
+/// A revoke while the repository does not answer (stopped): the command says so within
+/// its own timeout, not that the daemon is down, and that the action may still finish;
+/// it does once the repository answers again.
+#[test]
+fn a_revoke_the_repository_does_not_answer_says_so() {
+    let site = Site::start();
+    let (job, token_file, _) = site.send();
+    let token = read_token(&token_file);
+    let pid = site.repository.pid().to_string();
+    let signal = |name: &str| {
+        let out = run(Command::new("kill").args([name, pid.as_str()]));
+        assert!(out.status.success(), "kill {name}: {}", text(&out));
+    };
+    signal("-STOP");
+    let started = std::time::Instant::now();
+    let (ok, said) = site.command(&["revoke", &job]);
+    let waited = started.elapsed();
+    signal("-CONT");
+    assert!(!ok, "{said}");
+    assert!(
+        said.contains("the repository did not answer")
+            && said.contains("may still finish")
+            && said.contains("cloudpdi status"),
+        "{said}"
+    );
+    assert!(!said.contains("is `cloudpdi serve` running"), "{said}");
+    assert!(waited < Duration::from_secs(10), "answered after {waited:?}");
+    wait_for("the revoke to finish", Duration::from_secs(60), || {
+        site.details(&job)["revoked_at"].as_u64()
+    });
+    let document = block(site.client().status(&token.document_id)).unwrap();
+    assert_eq!(document.state, State::Revoked);
 }
