@@ -828,7 +828,10 @@ async fn extend(backend: Backend) {
             assert!(unix_now() >= soon, "swept before its new expiry");
             break;
         }
-        assert!(Instant::now() < deadline, "not swept at the new expiry: {status:?}");
+        assert!(
+            Instant::now() < deadline,
+            "not swept at the new expiry: {status:?}"
+        );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     let status = sender.status(&id).await.unwrap();
@@ -857,18 +860,16 @@ async fn extend(backend: Backend) {
     for step in 1..u64::from(MAX_EXTENSIONS) {
         sender.extend(&id, later + step).await.unwrap();
     }
-    let (status, code, message) = refused(
-        sender
-            .extend(&id, later + u64::from(MAX_EXTENSIONS))
-            .await,
-    );
+    let (status, code, message) =
+        refused(sender.extend(&id, later + u64::from(MAX_EXTENSIONS)).await);
     assert_eq!(
         (status, code.as_str()),
         (409, "too_many_extensions"),
         "{message}"
     );
     assert!(
-        message.contains(&format!("({MAX_EXTENSIONS})")) && message.contains("send the study again"),
+        message.contains(&format!("({MAX_EXTENSIONS})"))
+            && message.contains("send the study again"),
         "{message}"
     );
     let later = later + u64::from(MAX_EXTENSIONS) - 1;

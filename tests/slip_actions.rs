@@ -339,7 +339,10 @@ fn an_extended_token_is_reissued() {
     written.expires_at = u32::try_from(halfway).unwrap();
     std::fs::write(&token_file, written.to_line().as_bytes()).unwrap();
     let (ok, resumed) = site.command(&["extend", &job, "--days", "62"]);
-    assert!(ok, "a token file between the job's and the repository's expiry: {resumed}");
+    assert!(
+        ok,
+        "a token file between the job's and the repository's expiry: {resumed}"
+    );
     let resumed_at = document_at(&site).expires_at;
     assert!(resumed_at > halfway);
     assert_eq!(u64::from(read_token(&token_file).expires_at), resumed_at);
@@ -462,7 +465,10 @@ fn a_revoke_the_repository_does_not_answer_says_so() {
         "{said}"
     );
     assert!(!said.contains("is `cloudpdi serve` running"), "{said}");
-    assert!(waited < Duration::from_secs(10), "answered after {waited:?}");
+    assert!(
+        waited < Duration::from_secs(10),
+        "answered after {waited:?}"
+    );
     wait_for("the revoke to finish", Duration::from_secs(60), || {
         site.details(&job)["revoked_at"].as_u64()
     });

@@ -344,9 +344,9 @@ async fn retry(
         Ok(Err(e @ RetryError::Unknown(_))) => {
             (StatusCode::NOT_FOUND, format!("{e}\n")).into_response()
         }
-        Ok(Err(e @ (RetryError::NotFailed(..) | RetryError::Ended(_) | RetryError::Revoked(_)))) => {
-            (StatusCode::CONFLICT, format!("{e}\n")).into_response()
-        }
+        Ok(Err(
+            e @ (RetryError::NotFailed(..) | RetryError::Ended(_) | RetryError::Revoked(_)),
+        )) => (StatusCode::CONFLICT, format!("{e}\n")).into_response(),
         Ok(Err(RetryError::Index(e))) => unavailable(e),
         Err(e) => unavailable(e),
     }

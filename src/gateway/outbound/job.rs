@@ -276,7 +276,10 @@ mod tests {
         let mut sweep = stale.clone();
         sweep.spool_removed = true;
         jobs.put(&sweep).expect("put the stale copy");
-        let stored = jobs.get::<OutboundJob>("B000001").expect("get").expect("job");
+        let stored = jobs
+            .get::<OutboundJob>("B000001")
+            .expect("get")
+            .expect("job");
         assert!(stored.spool_removed);
         assert_eq!(stored.revoked_at, Some(1_999_999_999));
         assert_eq!(stored.expires_at, 2_000_086_400);
@@ -285,7 +288,10 @@ mod tests {
         uploaded_again.document_id = Some("e".repeat(32));
         uploaded_again.expires_at = 2_000_000_100;
         jobs.put(&uploaded_again).expect("put");
-        let stored = jobs.get::<OutboundJob>("B000001").expect("get").expect("job");
+        let stored = jobs
+            .get::<OutboundJob>("B000001")
+            .expect("get")
+            .expect("job");
         assert_eq!(stored.expires_at, 2_000_000_100);
     }
 }

@@ -120,8 +120,8 @@ pub enum SlipActionError {
     },
     /// The token file or the slip cannot be read or written.
     #[error(
-        "the token and slip of job {id} cannot be re-issued: {why}; the repository keeps \
-         the new expiry: fix the cause and run the same command again"
+        "the token and slip of job {id} cannot be re-issued: {why}; fix the cause and run \
+         the same command again (a repository already extended keeps its new expiry)"
     )]
     Files {
         /// The job.
@@ -230,16 +230,15 @@ impl Outbound {
         let document = self.extend_document(&job, status, expires_at).await?;
         // The repository's expiry, which a run before this one may have set later than
         // asked: token and slip say when the repository really deletes the document.
-        let new_expiry = u32::try_from(document.expires_at).map_err(|_| {
-            SlipActionError::Refused {
+        let new_expiry =
+            u32::try_from(document.expires_at).map_err(|_| SlipActionError::Refused {
                 id: job.id.clone(),
                 action: "extend",
                 message: format!(
                     "its expiry {} is beyond what a token can hold",
                     document.expires_at
                 ),
-            }
-        })?;
+            })?;
         token.expires_at = new_expiry;
         let mut printed = job
             .printed
@@ -391,11 +390,7 @@ impl Outbound {
     /// repository's `latest` (a run that extended the repository and wrote the file, then
     /// stopped before the record). The folder is one the clerks may write: a file
     /// replaced there must not be re-issued as this job's token.
-    async fn issued_token(
-        &self,
-        job: &OutboundJob,
-        latest: u64,
-    ) -> Result<Token, SlipActionError> {
+    async fn issued_token(&self, job: &OutboundJob, latest: u64) -> Result<Token, SlipActionError> {
         let path = job.token_file.clone().ok_or_else(|| not_issued(job))?;
         let text = tokio::task::spawn_blocking(move || read_token_file(&path))
             .await

@@ -149,9 +149,7 @@ pub(super) async fn revoke(State(app): Shared, owned: Owned<Revoke>) -> Response
 /// no longer behind.
 pub(super) async fn extend(State(app): Shared, owned: Owned<ExtendExpiry>, body: Body) -> Response {
     let Owned {
-        caller,
-        snapshot,
-        ..
+        caller, snapshot, ..
     } = owned;
     let result = async {
         let request: Extend = read_json(body, app.server.body_idle_timeout()).await?;
@@ -171,7 +169,10 @@ pub(super) async fn extend(State(app): Shared, owned: Owned<ExtendExpiry>, body:
             .await
             .map_err(Refusal::unavailable)?
             .ok_or_else(|| swept(before))?;
-        if matches!(state_of(&snapshot, now), DocState::Revoked | DocState::Expired) {
+        if matches!(
+            state_of(&snapshot, now),
+            DocState::Revoked | DocState::Expired
+        ) {
             return Err(swept(before));
         }
         app.metrics.extended.inc();
