@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use cloudpdi::repository::api::State;
+use cloudpdi::gateway::jobs::Progress;
+use cloudpdi::gateway::outbound::{OutStep, OutboundJob};
+use cloudpdi::repository::api::{NewDocument, State};
 use cloudpdi::repository::client::{Client, ClientError, ClientOptions};
 use cloudpdi::token::Token;
 use common::{Daemon, Repository, free_port, gen_ct, run, wait_for};
@@ -234,7 +236,10 @@ fn a_revoked_token_is_refused() {
 /// the new expiry; the repository keeps the document until then; a shorter expiry, one
 /// beyond the repository's limit, an unknown job and one without a token yet are
 /// refused with exit code 1; a repeat after the repository was extended but the files
-/// were not (a crash in between) finishes the job.
+/// were not (a crash in between) finishes the job, and so does a later `--days` after a
+/// run that wrote the token file but not the record; a token file that is not the job's
+/// is refused before the repository is asked; a repository already later than asked
+/// gives its expiry to token and slip.
 #[test]
 fn an_extended_token_is_reissued() {
     let site = Site::start();
@@ -474,4 +479,111 @@ fn a_revoke_the_repository_does_not_answer_says_so() {
     });
     let document = block(site.client().status(&token.document_id)).unwrap();
     assert_eq!(document.state, State::Revoked);
+}
+
+/// An extended token downloads after the expiry it had before. A job whose token lapses
+/// in seconds (the sent study's container in a new document, its record handed to the
+/// daemon as `cloudpdi send` does) is extended; after its old expiry the re-issued token
+/// file still downloads and opens, while the old token is refused as expired.
+#[test]
+fn an_extended_token_downloads_after_its_old_expiry() {
+    let site = Site::start();
+    let (_, token_file, slip_file) = site.send();
+    let sent = read_token(&token_file);
+    let work = tempfile::tempdir().unwrap();
+    let container = work.path().join("container");
+    let client = site.client();
+    block(client.download_to(
+        &sent.document_id,
+        &sent.download_proof(),
+        &container,
+        |_| {},
+    ))
+    .unwrap();
+    let size = std::fs::metadata(&container).unwrap().len();
+    let lapses = u32::try_from(cloudpdi::clock::now_seconds() + 6).unwrap();
+    let document_id = block(async {
+        let created = client
+            .create(&NewDocument {
+                size: Some(size),
+                expires_at: u64::from(lapses),
+                max_downloads: 5,
+                proof_hash: sent.download_proof().hash(),
+            })
+            .await?;
+        client
+            .upload_file(&created.document_id, &container, |_| {})
+            .await?;
+        Ok::<_, ClientError>(created.document_id)
+    })
+    .unwrap();
+    // The same secret, in the new document, lapsing in seconds.
+    let mut old = read_token(&token_file);
+    old.document_id.clone_from(&document_id);
+    old.expires_at = lapses;
+    let folder = token_file.parent().unwrap();
+    let lapsing_token = folder.join("lapsing.token");
+    let lapsing_slip = folder.join(format!(
+        "lapsing.{}",
+        slip_file.extension().unwrap().to_str().unwrap()
+    ));
+    std::fs::write(&lapsing_token, old.to_line().as_bytes()).unwrap();
+    std::fs::copy(&slip_file, &lapsing_slip).unwrap();
+    let old_token_file = work.path().join("old.token");
+    std::fs::write(&old_token_file, old.to_line().as_bytes()).unwrap();
+
+    let id = "S20261130-000000-1";
+    let job = OutboundJob {
+        id: id.into(),
+        batch: None,
+        route: "ct".into(),
+        step: OutStep::Done,
+        progress: Progress::new(),
+        instances: 2,
+        excluded: 0,
+        container_bytes: size,
+        expires_at: lapses,
+        document_id: Some(document_id),
+        token_file: Some(lapsing_token.clone()),
+        slip_file: Some(lapsing_slip),
+        spool_removed: false,
+        failed_at: None,
+        repository: Some(site.repository.url.trim_end_matches('/').to_owned()),
+        study: None,
+        deliveries: Vec::new(),
+        revoked_at: None,
+        printed: None,
+    };
+    let record = work.path().join("record.json");
+    std::fs::write(&record, serde_json::to_vec(&job).unwrap()).unwrap();
+    let out = run(Command::new(common::require("/usr/bin/curl"))
+        .args(["-s", "-w", "\n%{http_code}", "-X", "POST"])
+        .args([
+            "-H",
+            "x-cloudpdi-admin: 1",
+            "-H",
+            "content-type: application/json",
+        ])
+        .arg("--data-binary")
+        .arg(format!("@{}", record.display()))
+        .arg(format!("http://{}/jobs/sent", site.daemon.admin)));
+    let answer = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(answer.trim_end().ends_with("201"), "{answer}");
+
+    let (ok, said) = site.command(&["extend", id, "--days", "1"]);
+    assert!(ok, "{said}");
+    let extended = read_token(&lapsing_token);
+    assert!(extended.expires_at > lapses + 86_000, "{said}");
+    while cloudpdi::clock::now_seconds() <= u64::from(lapses) + 1 {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (ok, received) = site.receive(&lapsing_token, &work.path().join("pdi"));
+    assert!(
+        ok,
+        "the re-issued token downloads after the old expiry: {received}"
+    );
+    assert!(work.path().join("pdi/DICOMDIR").exists(), "{received}");
+    let (ok, refused) = site.receive(&old_token_file, &work.path().join("old-pdi"));
+    assert!(!ok, "the old token lapsed: {refused}");
+    assert!(refused.contains("expired"), "{refused}");
 }
