@@ -21,7 +21,8 @@
 //!   incomplete as it is (`cloudpdi release`)
 //! - `POST /jobs/{id}/revoke`, `POST /jobs/{id}/extend` with JSON [`ExtendRequest`] (with
 //!   the header): revokes an issued token, or re-issues it with a later expiry
-//!   (`cloudpdi revoke`, `cloudpdi extend`)
+//!   (`cloudpdi revoke`, `cloudpdi extend`); `504` when the repository has not answered
+//!   within [`SLIP_ACTION_TIMEOUT`] (the action goes on)
 
 pub mod handoff;
 pub mod metrics;
