@@ -11,7 +11,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use cloudpdi::gateway::jobs::Progress;
-use cloudpdi::gateway::outbound::{OutStep, OutboundJob};
+use cloudpdi::gateway::outbound::{OutStep, OutboundJob, PrintedStudy};
 use cloudpdi::repository::api::{NewDocument, State};
 use cloudpdi::repository::client::{Client, ClientError, ClientOptions};
 use cloudpdi::token::Token;
@@ -41,8 +41,9 @@ fn read_token(path: &Path) -> Token {
     Token::from_text(std::fs::read_to_string(path).unwrap().trim()).unwrap()
 }
 
-/// A site with route `ct` (AE SENDS) on a real repository and route `dead` (AE CLOUDPDI)
-/// on a repository that is not there, slips in HTML, times in Tokyo.
+/// A site with route `ct` (AE SENDS) on a real repository, its slips without the
+/// patient's name, and route `dead` (AE CLOUDPDI) on a repository that is not there, slips
+/// in HTML, times in Tokyo.
 struct Site {
     _dir: tempfile::TempDir,
     repository: Repository,
@@ -60,7 +61,7 @@ impl Site {
         let repository = Repository::start(&dir.path().join("repository"));
         let routes = format!(
             "[route.ct]\nae_title = \"SENDS\"\nrepository_url = \"{url}\"\n\
-             repository_api_key_file = \"{key}\"\n\
+             repository_api_key_file = \"{key}\"\nslip_patient_name = false\n\
              [route.dead]\nae_title = \"CLOUDPDI\"\nstable_after = 1\n\
              repository_url = \"http://127.0.0.1:{dead}\"\n\
              repository_api_key_file = \"{key}\"\n\
@@ -122,6 +123,26 @@ impl Site {
             text(&out)
         );
         (code == Some(0), text(&out))
+    }
+
+    /// Hands `job` to the daemon as `cloudpdi send` does (`POST /jobs/sent`).
+    fn record(&self, job: &OutboundJob) {
+        let work = tempfile::tempdir().unwrap();
+        let record = work.path().join("record.json");
+        std::fs::write(&record, serde_json::to_vec(job).unwrap()).unwrap();
+        let out = run(Command::new(common::require("/usr/bin/curl"))
+            .args(["-s", "-w", "\n%{http_code}", "-X", "POST"])
+            .args([
+                "-H",
+                "x-cloudpdi-admin: 1",
+                "-H",
+                "content-type: application/json",
+            ])
+            .arg("--data-binary")
+            .arg(format!("@{}", record.display()))
+            .arg(format!("http://{}/jobs/sent", self.daemon.admin)));
+        let answer = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(answer.trim_end().ends_with("201"), "{answer}");
     }
 
     fn client(&self) -> Client {
@@ -554,21 +575,7 @@ fn an_extended_token_downloads_after_its_old_expiry() {
         revoked_at: None,
         printed: None,
     };
-    let record = work.path().join("record.json");
-    std::fs::write(&record, serde_json::to_vec(&job).unwrap()).unwrap();
-    let out = run(Command::new(common::require("/usr/bin/curl"))
-        .args(["-s", "-w", "\n%{http_code}", "-X", "POST"])
-        .args([
-            "-H",
-            "x-cloudpdi-admin: 1",
-            "-H",
-            "content-type: application/json",
-        ])
-        .arg("--data-binary")
-        .arg(format!("@{}", record.display()))
-        .arg(format!("http://{}/jobs/sent", site.daemon.admin)));
-    let answer = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(answer.trim_end().ends_with("201"), "{answer}");
+    site.record(&job);
 
     let (ok, said) = site.command(&["extend", id, "--days", "1"]);
     assert!(ok, "{said}");
@@ -586,4 +593,107 @@ fn an_extended_token_downloads_after_its_old_expiry() {
     let (ok, refused) = site.receive(&old_token_file, &work.path().join("old-pdi"));
     assert!(!ok, "the old token lapsed: {refused}");
     assert!(refused.contains("expired"), "{refused}");
+}
+
+/// The record of a job done, sent on route `ct`, for document `document_id` of
+/// `repository`, with its token and slip files (in the route's token folder).
+fn done_job(
+    id: &str,
+    document_id: &str,
+    repository: &str,
+    expires_at: u32,
+    (token_file, slip_file): (PathBuf, PathBuf),
+) -> OutboundJob {
+    OutboundJob {
+        id: id.into(),
+        batch: None,
+        route: "ct".into(),
+        step: OutStep::Done,
+        progress: Progress::new(),
+        instances: 2,
+        excluded: 0,
+        container_bytes: 0,
+        expires_at,
+        document_id: Some(document_id.into()),
+        token_file: Some(token_file),
+        slip_file: Some(slip_file),
+        spool_removed: false,
+        failed_at: None,
+        repository: Some(repository.trim_end_matches('/').to_owned()),
+        study: None,
+        deliveries: Vec::new(),
+        revoked_at: None,
+        printed: None,
+    }
+}
+
+/// Revoke and extend act on the job's own repository: when the route now sends to
+/// another, both are refused, naming the two, and nothing changes. A re-issued slip
+/// follows the route's `slip_patient_name` now, not the one at issue.
+#[test]
+fn actions_follow_the_job_s_repository_and_the_route_now() {
+    let site = Site::start();
+    let (_, token_file, slip_file) = site.send();
+    let sent = read_token(&token_file);
+    let folder = token_file.parent().unwrap();
+    let copies = |stem: &str| {
+        let copy = (
+            folder.join(format!("{stem}.token")),
+            folder.join(format!("{stem}.html")),
+        );
+        std::fs::copy(&token_file, &copy.0).unwrap();
+        std::fs::copy(&slip_file, &copy.1).unwrap();
+        copy
+    };
+
+    let elsewhere = format!("http://127.0.0.1:{}", free_port());
+    let moved = "S20261130-000000-2";
+    site.record(&done_job(
+        moved,
+        &sent.document_id,
+        &elsewhere,
+        sent.expires_at,
+        copies("moved"),
+    ));
+    for action in [&["revoke", moved][..], &["extend", moved, "--days", "20"]] {
+        let (ok, said) = site.command(action);
+        assert!(!ok, "{said}");
+        assert!(
+            said.contains(&elsewhere)
+                && said.contains(site.repository.url.trim_end_matches('/'))
+                && said.contains("nothing was changed"),
+            "{said}"
+        );
+    }
+    let document = block(site.client().status(&sent.document_id)).unwrap();
+    assert_eq!(
+        document.state,
+        State::Complete,
+        "revoked at the route's repository"
+    );
+    assert_eq!(document.expires_at, u64::from(sent.expires_at));
+
+    let named = "S20261130-000000-3";
+    let files = copies("named");
+    let mut job = done_job(
+        named,
+        &sent.document_id,
+        &site.repository.url,
+        sent.expires_at,
+        files.clone(),
+    );
+    job.printed = Some(PrintedStudy {
+        patient_name: Some("YAMADA^TARO".into()),
+        content: "2 DICOM instances".into(),
+        ..PrintedStudy::default()
+    });
+    site.record(&job);
+    let (ok, said) = site.command(&["extend", named, "--days", "20"]);
+    assert!(ok, "{said}");
+    let slip = std::fs::read_to_string(&files.1).unwrap();
+    assert!(slip.contains("2 DICOM instances"), "{slip}");
+    assert!(
+        !slip.contains("YAMADA"),
+        "the name printed although slip_patient_name is off now: {slip}"
+    );
 }
