@@ -142,7 +142,7 @@ pub enum SlipActionError {
 pub struct ExtendedSlip {
     /// The job.
     pub job_id: String,
-    /// The new expiry (Unix seconds).
+    /// The new expiry (Unix seconds): the repository's, at least the one asked.
     pub expires_at: u32,
     /// The expiry of the old slip, which works until then.
     pub previous_expires_at: u32,
@@ -157,11 +157,11 @@ pub struct ExtendedSlip {
 impl Outbound {
     /// Revokes the token of job `job_id`: the repository deletes the content and refuses
     /// every later download; the job keeps when (`revoked_at`). Revoking again answers
-    /// the document's status.
+    /// the document's status. One action at a time per job.
     ///
     /// # Errors
-    /// [`SlipActionError`]: unknown job, no token yet, the repository's refusal or
-    /// silence, the index.
+    /// [`SlipActionError`]: unknown job, no token yet, the job's repository no longer the
+    /// route's, the repository's refusal or silence, the index.
     pub async fn revoke(&self, job_id: &str) -> Result<DocumentStatus, SlipActionError> {
         let lock = self.slip_locks.of(job_id);
         let _one_action_at_a_time = lock.lock().await;
@@ -181,15 +181,18 @@ impl Outbound {
         Ok(status)
     }
 
-    /// Extends the token of job `job_id` to `expires_at` (Unix seconds): the repository's
-    /// document, then the token file and the slip (same names, same secret and document
-    /// ID), then the job's `expires_at`. Asking again for the same expiry finishes what a
-    /// crash interrupted, or changes nothing.
+    /// Extends the token of job `job_id` to `expires_at` (Unix seconds): the token file
+    /// checked to be this job's, the repository's document extended, then the token file
+    /// and the slip written again (same names, same secret and document ID) with the
+    /// repository's expiry (later than asked when an earlier run asked more), then the
+    /// job's `expires_at`. Any later call finishes what a crash interrupted; the same one
+    /// again changes nothing. One action at a time per job.
     ///
     /// # Errors
     /// [`SlipActionError`]: unknown job, no token yet, still delivering it, revoked, an
-    /// earlier expiry, the repository's refusal (beyond its `server.max_expiry_days`,
-    /// document expired) or silence, the files, the index.
+    /// earlier expiry, a token file that is not this job's, the job's repository no longer
+    /// the route's, the repository's refusal (beyond its `server.max_expiry_days`, too
+    /// many extensions, document expired) or silence, the files, the index.
     pub async fn extend(
         &self,
         job_id: &str,
@@ -218,6 +221,13 @@ impl Outbound {
         else {
             return Err(not_issued(&job));
         };
+        let mut printed = job
+            .printed
+            .clone()
+            .unwrap_or_else(|| PrintedStudy::of_record(&job));
+        if !self.prints_patient_name(&job)? {
+            printed.patient_name = None;
+        }
         let (client, document) = self.document_of(&job)?;
         let status = client
             .status(&document)
@@ -235,18 +245,12 @@ impl Outbound {
                 id: job.id.clone(),
                 action: "extend",
                 message: format!(
-                    "its expiry {} is beyond what a token can hold",
+                    "it answered an expiry ({}) beyond what a token can hold (the year \
+                     2106): ask for an earlier date",
                     document.expires_at
                 ),
             })?;
         token.expires_at = new_expiry;
-        let mut printed = job
-            .printed
-            .clone()
-            .unwrap_or_else(|| PrintedStudy::of_record(&job));
-        if !self.prints_patient_name(&job)? {
-            printed.patient_name = None;
-        }
         let sender = self.sender.clone();
         let (record, files) = (job.clone(), (token_file.clone(), slip_file.clone()));
         tokio::task::spawn_blocking(move || {
