@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use cloudpdi::repository::api::{NewDocument, Receipt, State, parts_digest};
+use cloudpdi::repository::api::{MAX_EXTENSIONS, NewDocument, Receipt, State, parts_digest};
 use cloudpdi::repository::client::{Client, ClientError, ClientOptions};
 use cloudpdi::repository::config::{
     AuditConfig, Backend, FacilityConfig, RepositoryConfig, ServerConfig, StorageConfig,
@@ -766,8 +766,9 @@ fn refused(
 }
 
 /// Extending the expiry: a later one within `max_expiry_days` is kept (status, downloads
-/// and the sweep go by it); one not later, one beyond the limit (named), a revoked or an
-/// expired document are refused; another facility's document is not found.
+/// and the sweep go by it, and the sweep deletes the content at the new expiry); one not
+/// later, one beyond the limit (named), one beyond `MAX_EXTENSIONS` extensions, a revoked
+/// or an expired document are refused; another facility's document is not found.
 async fn extend(backend: Backend) {
     let repo = Repo::start(backend).await;
     let work = tempfile::tempdir().unwrap();
@@ -788,6 +789,13 @@ async fn extend(backend: Backend) {
         .unwrap()
         .document_id;
     sender.upload_file(&lapsing, &source, |_| {}).await.unwrap();
+    // A third one extended by a few seconds only: swept at its new expiry.
+    let brief = sender
+        .create(&new_document(1000, &token, 5))
+        .await
+        .unwrap()
+        .document_id;
+    sender.upload_file(&brief, &source, |_| {}).await.unwrap();
 
     let old = u64::from(token.expires_at);
     let later = old + 3600;
@@ -795,15 +803,35 @@ async fn extend(backend: Backend) {
     assert_eq!(extended.expires_at, later);
     assert_eq!(extended.state, State::Complete);
     assert_eq!(sender.status(&id).await.unwrap().expires_at, later);
+    let soon = old + 6;
+    assert_eq!(sender.extend(&brief, soon).await.unwrap().expires_at, soon);
 
     // Past the old expiry, with sweeps every second: still there, still downloadable.
-    let deadline = Instant::now() + Duration::from_secs(15);
+    let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let status = sender.status(&lapsing).await.unwrap();
         if status.state == State::Expired && status.parts_held.is_empty() && unix_now() > old + 1 {
             break;
         }
         assert!(Instant::now() < deadline, "not swept: {status:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let status = sender.status(&brief).await.unwrap();
+    if unix_now() < soon - 1 {
+        assert_eq!(status.state, State::Complete, "swept early: {status:?}");
+        assert!(!status.parts_held.is_empty(), "swept early: {status:?}");
+    }
+    // ... and the one extended by seconds is swept at its new expiry, not kept for ever.
+    loop {
+        let status = sender.status(&brief).await.unwrap();
+        if status.state == State::Expired && status.parts_held.is_empty() {
+            assert!(unix_now() >= soon, "swept before its new expiry");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not swept at the new expiry: {status:?}"
+        );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     let status = sender.status(&id).await.unwrap();
@@ -828,6 +856,24 @@ async fn extend(backend: Backend) {
         );
         assert!(message.contains("can only be extended"), "{message}");
     }
+    // At most MAX_EXTENSIONS extensions per document (one done above).
+    for step in 1..u64::from(MAX_EXTENSIONS) {
+        sender.extend(&id, later + step).await.unwrap();
+    }
+    let (status, code, message) =
+        refused(sender.extend(&id, later + u64::from(MAX_EXTENSIONS)).await);
+    assert_eq!(
+        (status, code.as_str()),
+        (409, "too_many_extensions"),
+        "{message}"
+    );
+    assert!(
+        message.contains(&format!("({MAX_EXTENSIONS})"))
+            && message.contains("send the study again"),
+        "{message}"
+    );
+    let later = later + u64::from(MAX_EXTENSIONS) - 1;
+    assert_eq!(sender.status(&id).await.unwrap().expires_at, later);
     let beyond = unix_now() + 181 * 86_400;
     let (status, code, message) = refused(sender.extend(&id, beyond).await);
     assert_eq!(
@@ -872,7 +918,10 @@ async fn extend(backend: Backend) {
         .unwrap();
     let metrics = String::from_utf8_lossy(&metrics.stdout);
     assert!(
-        metrics.contains("\ncloudpdi_repository_extended_total 1\n"),
+        metrics.contains(&format!(
+            "\ncloudpdi_repository_extended_total {}\n",
+            MAX_EXTENSIONS + 1
+        )),
         "{metrics}"
     );
     assert_no_secret(&repo, &token);
