@@ -695,6 +695,31 @@ fn assert_no_secret(repo: &Repo, token: &Token) {
     }
 }
 
+/// Creates a document of `source`'s size for `token` and uploads `source` into it.
+async fn upload_for(sender: &Client, token: &Token, source: &Path, max_downloads: u32) -> String {
+    let size = std::fs::metadata(source).unwrap().len();
+    let id = sender
+        .create(&new_document(size, token, max_downloads))
+        .await
+        .unwrap()
+        .document_id;
+    sender.upload_file(&id, source, |_| {}).await.unwrap();
+    id
+}
+
+/// Waits until the sweep has expired document `id` and deleted its parts (and `also`
+/// holds), failing after `deadline`.
+async fn until_swept(sender: &Client, id: &str, deadline: Instant, also: impl Fn() -> bool) {
+    loop {
+        let status = sender.status(id).await.unwrap();
+        if status.state == State::Expired && status.parts_held.is_empty() && also() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "not swept: {status:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
 /// A short expiry: downloadable before, 410 after, content deleted by the sweep.
 async fn expiry(backend: Backend) {
     let repo = Repo::start(backend).await;
@@ -703,12 +728,7 @@ async fn expiry(backend: Backend) {
     let sha = random_file(&source, 1000);
     let token = token(3);
     let sender = repo.client(Some(&repo.key_a));
-    let id = sender
-        .create(&new_document(1000, &token, 5))
-        .await
-        .unwrap()
-        .document_id;
-    sender.upload_file(&id, &source, |_| {}).await.unwrap();
+    let id = upload_for(&sender, &token, &source, 5).await;
     let receiver = repo.client(None);
     let proof = token.download_proof();
     let out = work.path().join("before");
@@ -717,15 +737,13 @@ async fn expiry(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(sha256_file(&out), sha);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let status = sender.status(&id).await.unwrap();
-        if status.state == State::Expired && status.parts_held.is_empty() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "not swept: {status:?}");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    until_swept(
+        &sender,
+        &id,
+        Instant::now() + Duration::from_secs(15),
+        || true,
+    )
+    .await;
     let gone = receiver
         .download_to(&id, &proof, &work.path().join("after"), |_| {})
         .await
@@ -776,26 +794,11 @@ async fn extend(backend: Backend) {
     let sha = random_file(&source, 1000);
     let token = token(3);
     let sender = repo.client(Some(&repo.key_a));
-    let id = sender
-        .create(&new_document(1000, &token, 5))
-        .await
-        .unwrap()
-        .document_id;
-    sender.upload_file(&id, &source, |_| {}).await.unwrap();
+    let id = upload_for(&sender, &token, &source, 5).await;
     // A second document left to expire, to be refused once it has.
-    let lapsing = sender
-        .create(&new_document(1000, &token, 5))
-        .await
-        .unwrap()
-        .document_id;
-    sender.upload_file(&lapsing, &source, |_| {}).await.unwrap();
+    let lapsing = upload_for(&sender, &token, &source, 5).await;
     // A third one extended by a few seconds only: swept at its new expiry.
-    let brief = sender
-        .create(&new_document(1000, &token, 5))
-        .await
-        .unwrap()
-        .document_id;
-    sender.upload_file(&brief, &source, |_| {}).await.unwrap();
+    let brief = upload_for(&sender, &token, &source, 5).await;
 
     let old = u64::from(token.expires_at);
     let later = old + 3600;
@@ -808,14 +811,7 @@ async fn extend(backend: Backend) {
 
     // Past the old expiry, with sweeps every second: still there, still downloadable.
     let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let status = sender.status(&lapsing).await.unwrap();
-        if status.state == State::Expired && status.parts_held.is_empty() && unix_now() > old + 1 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "not swept: {status:?}");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    until_swept(&sender, &lapsing, deadline, || unix_now() > old + 1).await;
     let status = sender.status(&brief).await.unwrap();
     if unix_now() < soon - 1 {
         assert_eq!(status.state, State::Complete, "swept early: {status:?}");
