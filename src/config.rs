@@ -517,7 +517,9 @@ pub struct SpoolConfig {
     pub min_free_mb: u64,
     /// Days the records of jobs that finished cleanly (and their batches) are kept for
     /// `cloudpdi status` before they are removed, so the database does not grow for ever;
-    /// failed and set-aside jobs are never removed automatically. 0 keeps every record.
+    /// failed and set-aside jobs are never removed automatically, and a job whose token can
+    /// still download (not revoked, not expired) stays until it cannot. 0 keeps every
+    /// record.
     pub records_days: u64,
 }
 

@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use cloudpdi::repository::api::{NewDocument, Receipt, State, parts_digest};
+use cloudpdi::repository::api::{MAX_EXTENSIONS, NewDocument, Receipt, State, parts_digest};
 use cloudpdi::repository::client::{Client, ClientError, ClientOptions};
 use cloudpdi::repository::config::{
     AuditConfig, Backend, FacilityConfig, RepositoryConfig, ServerConfig, StorageConfig,
@@ -695,6 +695,31 @@ fn assert_no_secret(repo: &Repo, token: &Token) {
     }
 }
 
+/// Creates a document of `source`'s size for `token` and uploads `source` into it.
+async fn upload_for(sender: &Client, token: &Token, source: &Path, max_downloads: u32) -> String {
+    let size = std::fs::metadata(source).unwrap().len();
+    let id = sender
+        .create(&new_document(size, token, max_downloads))
+        .await
+        .unwrap()
+        .document_id;
+    sender.upload_file(&id, source, |_| {}).await.unwrap();
+    id
+}
+
+/// Waits until the sweep has expired document `id` and deleted its parts (and `also`
+/// holds), failing after `deadline`.
+async fn until_swept(sender: &Client, id: &str, deadline: Instant, also: impl Fn() -> bool) {
+    loop {
+        let status = sender.status(id).await.unwrap();
+        if status.state == State::Expired && status.parts_held.is_empty() && also() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "not swept: {status:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
 /// A short expiry: downloadable before, 410 after, content deleted by the sweep.
 async fn expiry(backend: Backend) {
     let repo = Repo::start(backend).await;
@@ -703,12 +728,7 @@ async fn expiry(backend: Backend) {
     let sha = random_file(&source, 1000);
     let token = token(3);
     let sender = repo.client(Some(&repo.key_a));
-    let id = sender
-        .create(&new_document(1000, &token, 5))
-        .await
-        .unwrap()
-        .document_id;
-    sender.upload_file(&id, &source, |_| {}).await.unwrap();
+    let id = upload_for(&sender, &token, &source, 5).await;
     let receiver = repo.client(None);
     let proof = token.download_proof();
     let out = work.path().join("before");
@@ -717,15 +737,13 @@ async fn expiry(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(sha256_file(&out), sha);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let status = sender.status(&id).await.unwrap();
-        if status.state == State::Expired && status.parts_held.is_empty() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "not swept: {status:?}");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    until_swept(
+        &sender,
+        &id,
+        Instant::now() + Duration::from_secs(15),
+        || true,
+    )
+    .await;
     let gone = receiver
         .download_to(&id, &proof, &work.path().join("after"), |_| {})
         .await
@@ -766,8 +784,9 @@ fn refused(
 }
 
 /// Extending the expiry: a later one within `max_expiry_days` is kept (status, downloads
-/// and the sweep go by it); one not later, one beyond the limit (named), a revoked or an
-/// expired document are refused; another facility's document is not found.
+/// and the sweep go by it, and the sweep deletes the content at the new expiry); one not
+/// later, one beyond the limit (named), one beyond `MAX_EXTENSIONS` extensions, a revoked
+/// or an expired document are refused; another facility's document is not found.
 async fn extend(backend: Backend) {
     let repo = Repo::start(backend).await;
     let work = tempfile::tempdir().unwrap();
@@ -775,19 +794,11 @@ async fn extend(backend: Backend) {
     let sha = random_file(&source, 1000);
     let token = token(3);
     let sender = repo.client(Some(&repo.key_a));
-    let id = sender
-        .create(&new_document(1000, &token, 5))
-        .await
-        .unwrap()
-        .document_id;
-    sender.upload_file(&id, &source, |_| {}).await.unwrap();
+    let id = upload_for(&sender, &token, &source, 5).await;
     // A second document left to expire, to be refused once it has.
-    let lapsing = sender
-        .create(&new_document(1000, &token, 5))
-        .await
-        .unwrap()
-        .document_id;
-    sender.upload_file(&lapsing, &source, |_| {}).await.unwrap();
+    let lapsing = upload_for(&sender, &token, &source, 5).await;
+    // A third one extended by a few seconds only: swept at its new expiry.
+    let brief = upload_for(&sender, &token, &source, 5).await;
 
     let old = u64::from(token.expires_at);
     let later = old + 3600;
@@ -795,15 +806,28 @@ async fn extend(backend: Backend) {
     assert_eq!(extended.expires_at, later);
     assert_eq!(extended.state, State::Complete);
     assert_eq!(sender.status(&id).await.unwrap().expires_at, later);
+    let soon = old + 6;
+    assert_eq!(sender.extend(&brief, soon).await.unwrap().expires_at, soon);
 
     // Past the old expiry, with sweeps every second: still there, still downloadable.
-    let deadline = Instant::now() + Duration::from_secs(15);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    until_swept(&sender, &lapsing, deadline, || unix_now() > old + 1).await;
+    let status = sender.status(&brief).await.unwrap();
+    if unix_now() < soon - 1 {
+        assert_eq!(status.state, State::Complete, "swept early: {status:?}");
+        assert!(!status.parts_held.is_empty(), "swept early: {status:?}");
+    }
+    // ... and the one extended by seconds is swept at its new expiry, not kept for ever.
     loop {
-        let status = sender.status(&lapsing).await.unwrap();
-        if status.state == State::Expired && status.parts_held.is_empty() && unix_now() > old + 1 {
+        let status = sender.status(&brief).await.unwrap();
+        if status.state == State::Expired && status.parts_held.is_empty() {
+            assert!(unix_now() >= soon, "swept before its new expiry");
             break;
         }
-        assert!(Instant::now() < deadline, "not swept: {status:?}");
+        assert!(
+            Instant::now() < deadline,
+            "not swept at the new expiry: {status:?}"
+        );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     let status = sender.status(&id).await.unwrap();
@@ -828,6 +852,24 @@ async fn extend(backend: Backend) {
         );
         assert!(message.contains("can only be extended"), "{message}");
     }
+    // At most MAX_EXTENSIONS extensions per document (one done above).
+    for step in 1..u64::from(MAX_EXTENSIONS) {
+        sender.extend(&id, later + step).await.unwrap();
+    }
+    let (status, code, message) =
+        refused(sender.extend(&id, later + u64::from(MAX_EXTENSIONS)).await);
+    assert_eq!(
+        (status, code.as_str()),
+        (409, "too_many_extensions"),
+        "{message}"
+    );
+    assert!(
+        message.contains(&format!("({MAX_EXTENSIONS})"))
+            && message.contains("send the study again"),
+        "{message}"
+    );
+    let later = later + u64::from(MAX_EXTENSIONS) - 1;
+    assert_eq!(sender.status(&id).await.unwrap().expires_at, later);
     let beyond = unix_now() + 181 * 86_400;
     let (status, code, message) = refused(sender.extend(&id, beyond).await);
     assert_eq!(
@@ -872,7 +914,10 @@ async fn extend(backend: Backend) {
         .unwrap();
     let metrics = String::from_utf8_lossy(&metrics.stdout);
     assert!(
-        metrics.contains("\ncloudpdi_repository_extended_total 1\n"),
+        metrics.contains(&format!(
+            "\ncloudpdi_repository_extended_total {}\n",
+            MAX_EXTENSIONS + 1
+        )),
         "{metrics}"
     );
     assert_no_secret(&repo, &token);

@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use cloudpdi::repository::api::State;
+use cloudpdi::gateway::jobs::Progress;
+use cloudpdi::gateway::outbound::{OutStep, OutboundJob, PrintedStudy};
+use cloudpdi::repository::api::{NewDocument, State};
 use cloudpdi::repository::client::{Client, ClientError, ClientOptions};
 use cloudpdi::token::Token;
 use common::{Daemon, Repository, free_port, gen_ct, run, wait_for};
@@ -39,8 +41,9 @@ fn read_token(path: &Path) -> Token {
     Token::from_text(std::fs::read_to_string(path).unwrap().trim()).unwrap()
 }
 
-/// A site with route `ct` (AE SENDS) on a real repository and route `dead` (AE CLOUDPDI)
-/// on a repository that is not there, slips in HTML, times in Tokyo.
+/// A site with route `ct` (AE SENDS) on a real repository, its slips without the
+/// patient's name, and route `dead` (AE CLOUDPDI) on a repository that is not there, slips
+/// in HTML, times in Tokyo.
 struct Site {
     _dir: tempfile::TempDir,
     repository: Repository,
@@ -58,7 +61,7 @@ impl Site {
         let repository = Repository::start(&dir.path().join("repository"));
         let routes = format!(
             "[route.ct]\nae_title = \"SENDS\"\nrepository_url = \"{url}\"\n\
-             repository_api_key_file = \"{key}\"\n\
+             repository_api_key_file = \"{key}\"\nslip_patient_name = false\n\
              [route.dead]\nae_title = \"CLOUDPDI\"\nstable_after = 1\n\
              repository_url = \"http://127.0.0.1:{dead}\"\n\
              repository_api_key_file = \"{key}\"\n\
@@ -120,6 +123,26 @@ impl Site {
             text(&out)
         );
         (code == Some(0), text(&out))
+    }
+
+    /// Hands `job` to the daemon as `cloudpdi send` does (`POST /jobs/sent`).
+    fn record(&self, job: &OutboundJob) {
+        let work = tempfile::tempdir().unwrap();
+        let record = work.path().join("record.json");
+        std::fs::write(&record, serde_json::to_vec(job).unwrap()).unwrap();
+        let out = run(Command::new(common::require("/usr/bin/curl"))
+            .args(["-s", "-w", "\n%{http_code}", "-X", "POST"])
+            .args([
+                "-H",
+                "x-cloudpdi-admin: 1",
+                "-H",
+                "content-type: application/json",
+            ])
+            .arg("--data-binary")
+            .arg(format!("@{}", record.display()))
+            .arg(format!("http://{}/jobs/sent", self.daemon.admin)));
+        let answer = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(answer.trim_end().ends_with("201"), "{answer}");
     }
 
     fn client(&self) -> Client {
@@ -197,6 +220,12 @@ fn a_revoked_token_is_refused() {
     assert!(said_extend.contains("was revoked"), "{said_extend}");
     let (ok, again) = site.command(&["revoke", &job]);
     assert!(ok, "revoking again changes nothing: {again}");
+    let (ok, retried) = site.command(&["retry", &job]);
+    assert!(!ok, "{retried}");
+    assert!(
+        retried.contains(&format!("the token of outbound job {job} was revoked")),
+        "{retried}"
+    );
 
     // The admin endpoint: the header required, the extend body bounded.
     let admin = |extra: &[&str], body: &str| {
@@ -228,7 +257,10 @@ fn a_revoked_token_is_refused() {
 /// the new expiry; the repository keeps the document until then; a shorter expiry, one
 /// beyond the repository's limit, an unknown job and one without a token yet are
 /// refused with exit code 1; a repeat after the repository was extended but the files
-/// were not (a crash in between) finishes the job.
+/// were not (a crash in between) finishes the job, and so does a later `--days` after a
+/// run that wrote the token file but not the record; a token file that is not the job's
+/// is refused before the repository is asked; a repository already later than asked
+/// gives its expiry to token and slip.
 #[test]
 fn an_extended_token_is_reissued() {
     let site = Site::start();
@@ -323,6 +355,58 @@ fn an_extended_token_is_reissued() {
     let (ok, repeated) = site.command(&["extend", &job, "--until", &until]);
     assert!(ok, "the same call again changes nothing: {repeated}");
 
+    // A run with --days that extended the repository and wrote the token file, then
+    // stopped before the slip and the record: a later --days (another second, another
+    // expiry) accepts the file and finishes the job.
+    let document_at = |site: &Site| block(site.client().status(&after.document_id)).unwrap();
+    let halfway = end_of_day + 3600;
+    block(site.client().extend(&after.document_id, halfway)).unwrap();
+    let mut written = read_token(&token_file);
+    written.expires_at = u32::try_from(halfway).unwrap();
+    std::fs::write(&token_file, written.to_line().as_bytes()).unwrap();
+    let (ok, resumed) = site.command(&["extend", &job, "--days", "62"]);
+    assert!(
+        ok,
+        "a token file between the job's and the repository's expiry: {resumed}"
+    );
+    let resumed_at = document_at(&site).expires_at;
+    assert!(resumed_at > halfway);
+    assert_eq!(u64::from(read_token(&token_file).expires_at), resumed_at);
+    assert_eq!(site.details(&job)["expires_at"].as_u64(), Some(resumed_at));
+    assert!(
+        std::fs::read_to_string(&slip_file)
+            .unwrap()
+            .contains(&cloudpdi::clock::until_ja(resumed_at, &zone))
+    );
+
+    // A token file that is not this job's is refused before the repository is asked.
+    let good = std::fs::read(&token_file).unwrap();
+    let mut other = read_token(&token_file);
+    other.document_id = other.document_id.chars().rev().collect();
+    std::fs::write(&token_file, other.to_line().as_bytes()).unwrap();
+    let (ok, foreign) = site.command(&["extend", &job, "--days", "64"]);
+    assert!(!ok, "{foreign}");
+    assert!(foreign.contains("holds another token"), "{foreign}");
+    assert_eq!(
+        document_at(&site).expires_at,
+        resumed_at,
+        "the repository was extended for a token file that is not the job's"
+    );
+    std::fs::write(&token_file, &good).unwrap();
+
+    // The repository already later than asked (an earlier run asked more): token and
+    // slip get the repository's expiry, not the earlier one asked.
+    let furthest = now + 70 * 86_400;
+    block(site.client().extend(&after.document_id, furthest)).unwrap();
+    let (ok, shorter_than_held) = site.command(&["extend", &job, "--days", "66"]);
+    assert!(ok, "{shorter_than_held}");
+    assert_eq!(u64::from(read_token(&token_file).expires_at), furthest);
+    assert_eq!(site.details(&job)["expires_at"].as_u64(), Some(furthest));
+    assert!(
+        shorter_than_held.contains(&cloudpdi::clock::local_text(furthest, &zone)),
+        "{shorter_than_held}"
+    );
+
     let text_of_token = after.to_text();
     for shown in [
         &said,
@@ -330,6 +414,9 @@ fn an_extended_token_is_reissued() {
         &repeated,
         &shorter,
         &beyond,
+        &resumed,
+        &foreign,
+        &shorter_than_held,
         &site.daemon.log(),
     ] {
         assert!(!shown.contains(text_of_token.as_str()), "token text shown");
@@ -376,4 +463,237 @@ fn an_extended_token_is_reissued() {
     let (ok, said) = site.command(&["extend", &job, "--until", "31.12.2026"]);
     assert!(!ok, "{said}");
     assert!(said.contains("YYYY-MM-DD"), "{said}");
+}
+
+/// A revoke while the repository does not answer (stopped): the command says so within
+/// its own timeout, not that the daemon is down, and that the action may still finish;
+/// it does once the repository answers again.
+#[test]
+fn a_revoke_the_repository_does_not_answer_says_so() {
+    let site = Site::start();
+    let (job, token_file, _) = site.send();
+    let token = read_token(&token_file);
+    let pid = site.repository.pid().to_string();
+    let signal = |name: &str| {
+        let out = run(Command::new("kill").args([name, pid.as_str()]));
+        assert!(out.status.success(), "kill {name}: {}", text(&out));
+    };
+    signal("-STOP");
+    let started = std::time::Instant::now();
+    let (ok, said) = site.command(&["revoke", &job]);
+    let waited = started.elapsed();
+    signal("-CONT");
+    assert!(!ok, "{said}");
+    assert!(
+        said.contains("the repository did not answer")
+            && said.contains("may still finish")
+            && said.contains("cloudpdi status"),
+        "{said}"
+    );
+    assert!(!said.contains("is `cloudpdi serve` running"), "{said}");
+    assert!(
+        waited < Duration::from_secs(10),
+        "answered after {waited:?}"
+    );
+    wait_for("the revoke to finish", Duration::from_secs(60), || {
+        site.details(&job)["revoked_at"].as_u64()
+    });
+    let document = block(site.client().status(&token.document_id)).unwrap();
+    assert_eq!(document.state, State::Revoked);
+}
+
+/// An extended token downloads after the expiry it had before. A job whose token lapses
+/// in seconds (the sent study's container in a new document, its record handed to the
+/// daemon as `cloudpdi send` does) is extended; after its old expiry the re-issued token
+/// file still downloads and opens, while the old token is refused as expired.
+#[test]
+fn an_extended_token_downloads_after_its_old_expiry() {
+    let site = Site::start();
+    let (_, token_file, slip_file) = site.send();
+    let sent = read_token(&token_file);
+    let work = tempfile::tempdir().unwrap();
+    let container = work.path().join("container");
+    let client = site.client();
+    block(client.download_to(
+        &sent.document_id,
+        &sent.download_proof(),
+        &container,
+        |_| {},
+    ))
+    .unwrap();
+    let size = std::fs::metadata(&container).unwrap().len();
+    let lapses = u32::try_from(cloudpdi::clock::now_seconds() + 6).unwrap();
+    let document_id = block(async {
+        let created = client
+            .create(&NewDocument {
+                size: Some(size),
+                expires_at: u64::from(lapses),
+                max_downloads: 5,
+                proof_hash: sent.download_proof().hash(),
+            })
+            .await?;
+        client
+            .upload_file(&created.document_id, &container, |_| {})
+            .await?;
+        Ok::<_, ClientError>(created.document_id)
+    })
+    .unwrap();
+    // The same secret, in the new document, lapsing in seconds.
+    let mut old = read_token(&token_file);
+    old.document_id.clone_from(&document_id);
+    old.expires_at = lapses;
+    let folder = token_file.parent().unwrap();
+    let lapsing_token = folder.join("lapsing.token");
+    let lapsing_slip = folder.join(format!(
+        "lapsing.{}",
+        slip_file.extension().unwrap().to_str().unwrap()
+    ));
+    std::fs::write(&lapsing_token, old.to_line().as_bytes()).unwrap();
+    std::fs::copy(&slip_file, &lapsing_slip).unwrap();
+    let old_token_file = work.path().join("old.token");
+    std::fs::write(&old_token_file, old.to_line().as_bytes()).unwrap();
+
+    let id = "S20261130-000000-1";
+    let job = OutboundJob {
+        id: id.into(),
+        batch: None,
+        route: "ct".into(),
+        step: OutStep::Done,
+        progress: Progress::new(),
+        instances: 2,
+        excluded: 0,
+        container_bytes: size,
+        expires_at: lapses,
+        document_id: Some(document_id),
+        token_file: Some(lapsing_token.clone()),
+        slip_file: Some(lapsing_slip),
+        spool_removed: false,
+        failed_at: None,
+        repository: Some(site.repository.url.trim_end_matches('/').to_owned()),
+        study: None,
+        deliveries: Vec::new(),
+        revoked_at: None,
+        printed: None,
+    };
+    site.record(&job);
+
+    let (ok, said) = site.command(&["extend", id, "--days", "1"]);
+    assert!(ok, "{said}");
+    let extended = read_token(&lapsing_token);
+    assert!(extended.expires_at > lapses + 86_000, "{said}");
+    while cloudpdi::clock::now_seconds() <= u64::from(lapses) + 1 {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (ok, received) = site.receive(&lapsing_token, &work.path().join("pdi"));
+    assert!(
+        ok,
+        "the re-issued token downloads after the old expiry: {received}"
+    );
+    assert!(work.path().join("pdi/DICOMDIR").exists(), "{received}");
+    let (ok, refused) = site.receive(&old_token_file, &work.path().join("old-pdi"));
+    assert!(!ok, "the old token lapsed: {refused}");
+    assert!(refused.contains("expired"), "{refused}");
+}
+
+/// The record of a job done, sent on route `ct`, for document `document_id` of
+/// `repository`, with its token and slip files (in the route's token folder).
+fn done_job(
+    id: &str,
+    document_id: &str,
+    repository: &str,
+    expires_at: u32,
+    (token_file, slip_file): (PathBuf, PathBuf),
+) -> OutboundJob {
+    OutboundJob {
+        id: id.into(),
+        batch: None,
+        route: "ct".into(),
+        step: OutStep::Done,
+        progress: Progress::new(),
+        instances: 2,
+        excluded: 0,
+        container_bytes: 0,
+        expires_at,
+        document_id: Some(document_id.into()),
+        token_file: Some(token_file),
+        slip_file: Some(slip_file),
+        spool_removed: false,
+        failed_at: None,
+        repository: Some(repository.trim_end_matches('/').to_owned()),
+        study: None,
+        deliveries: Vec::new(),
+        revoked_at: None,
+        printed: None,
+    }
+}
+
+/// Revoke and extend act on the job's own repository: when the route now sends to
+/// another, both are refused, naming the two, and nothing changes. A re-issued slip
+/// follows the route's `slip_patient_name` now, not the one at issue.
+#[test]
+fn actions_follow_the_job_s_repository_and_the_route_now() {
+    let site = Site::start();
+    let (_, token_file, slip_file) = site.send();
+    let sent = read_token(&token_file);
+    let folder = token_file.parent().unwrap();
+    let copies = |stem: &str| {
+        let copy = (
+            folder.join(format!("{stem}.token")),
+            folder.join(format!("{stem}.html")),
+        );
+        std::fs::copy(&token_file, &copy.0).unwrap();
+        std::fs::copy(&slip_file, &copy.1).unwrap();
+        copy
+    };
+
+    let elsewhere = format!("http://127.0.0.1:{}", free_port());
+    let moved = "S20261130-000000-2";
+    site.record(&done_job(
+        moved,
+        &sent.document_id,
+        &elsewhere,
+        sent.expires_at,
+        copies("moved"),
+    ));
+    for action in [&["revoke", moved][..], &["extend", moved, "--days", "20"]] {
+        let (ok, said) = site.command(action);
+        assert!(!ok, "{said}");
+        assert!(
+            said.contains(&elsewhere)
+                && said.contains(site.repository.url.trim_end_matches('/'))
+                && said.contains("nothing was changed"),
+            "{said}"
+        );
+    }
+    let document = block(site.client().status(&sent.document_id)).unwrap();
+    assert_eq!(
+        document.state,
+        State::Complete,
+        "revoked at the route's repository"
+    );
+    assert_eq!(document.expires_at, u64::from(sent.expires_at));
+
+    let named = "S20261130-000000-3";
+    let files = copies("named");
+    let mut job = done_job(
+        named,
+        &sent.document_id,
+        &site.repository.url,
+        sent.expires_at,
+        files.clone(),
+    );
+    job.printed = Some(PrintedStudy {
+        patient_name: Some("YAMADA^TARO".into()),
+        content: "2 DICOM instances".into(),
+        ..PrintedStudy::default()
+    });
+    site.record(&job);
+    let (ok, said) = site.command(&["extend", named, "--days", "20"]);
+    assert!(ok, "{said}");
+    let slip = std::fs::read_to_string(&files.1).unwrap();
+    assert!(slip.contains("2 DICOM instances"), "{slip}");
+    assert!(
+        !slip.contains("YAMADA"),
+        "the name printed although slip_patient_name is off now: {slip}"
+    );
 }

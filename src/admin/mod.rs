@@ -21,7 +21,8 @@
 //!   incomplete as it is (`cloudpdi release`)
 //! - `POST /jobs/{id}/revoke`, `POST /jobs/{id}/extend` with JSON [`ExtendRequest`] (with
 //!   the header): revokes an issued token, or re-issues it with a later expiry
-//!   (`cloudpdi revoke`, `cloudpdi extend`)
+//!   (`cloudpdi revoke`, `cloudpdi extend`); `504` when the repository has not answered
+//!   within [`SLIP_ACTION_TIMEOUT`] (the action goes on)
 
 pub mod handoff;
 pub mod metrics;
@@ -143,6 +144,14 @@ pub const MAX_DOCUMENT_QUERIES: usize = 8;
 /// Time the repository has to answer those queries, together, so that `cloudpdi status`
 /// answers within its own timeout even when the repository is slow or down.
 pub const DOCUMENT_QUERY_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// Time a revoke or an extend has to finish before the admin endpoint answers 504 (the
+/// action goes on, and may still finish): below the [`status::ADMIN_TIMEOUT`] the commands
+/// wait, so that `cloudpdi revoke` / `extend` say the repository is slow instead of
+/// blaming the daemon, while the repository client retries.
+pub const SLIP_ACTION_TIMEOUT: Duration = Duration::from_secs(8);
+
+const _: () = assert!(SLIP_ACTION_TIMEOUT.as_secs() < status::ADMIN_TIMEOUT.as_secs());
 
 /// The repository's last answer per document ID, with when it was asked.
 pub type DocumentCache = tokio::sync::Mutex<HashMap<String, (u64, Result<DocumentStatus, String>)>>;
@@ -345,9 +354,9 @@ async fn retry(
         Ok(Err(e @ RetryError::Unknown(_))) => {
             (StatusCode::NOT_FOUND, format!("{e}\n")).into_response()
         }
-        Ok(Err(e @ (RetryError::NotFailed(..) | RetryError::Ended(_)))) => {
-            (StatusCode::CONFLICT, format!("{e}\n")).into_response()
-        }
+        Ok(Err(
+            e @ (RetryError::NotFailed(..) | RetryError::Ended(_) | RetryError::Revoked(_)),
+        )) => (StatusCode::CONFLICT, format!("{e}\n")).into_response(),
         Ok(Err(RetryError::Index(e))) => unavailable(e),
         Err(e) => unavailable(e),
     }
@@ -558,8 +567,12 @@ async fn revoke(
     if let Some(refusal) = without_admin_header(&headers, "cloudpdi revoke") {
         return refusal;
     }
-    match state.outbound.revoke(&id).await {
-        Ok(document) => {
+    let outbound = state.outbound.clone();
+    let job = id.clone();
+    let action = tokio::spawn(async move { outbound.revoke(&job).await });
+    match within_slip_action_timeout(&id, "revoke", action).await {
+        Err(answer) => answer,
+        Ok(Ok(document)) => {
             remember(&state, &document).await;
             let answer = format!(
                 "job {id}: the token is revoked; the repository refuses every later download \
@@ -568,7 +581,31 @@ async fn revoke(
             );
             (StatusCode::OK, answer).into_response()
         }
-        Err(e) => slip_action_refused(&e),
+        Ok(Err(e)) => slip_action_refused(&e),
+    }
+}
+
+/// The outcome of a revoke or extend of job `id` run as `task`, or the answer to give
+/// when it did not finish within [`SLIP_ACTION_TIMEOUT`] (504: it goes on, and may still
+/// finish) or its task failed.
+async fn within_slip_action_timeout<T>(
+    id: &str,
+    action: &str,
+    task: tokio::task::JoinHandle<Result<T, SlipActionError>>,
+) -> Result<Result<T, SlipActionError>, Response> {
+    match tokio::time::timeout(SLIP_ACTION_TIMEOUT, task).await {
+        Ok(Ok(outcome)) => Ok(outcome),
+        Ok(Err(e)) => Err(slip_action_refused(&SlipActionError::Worker(e.to_string()))),
+        Err(_) => Err((
+            StatusCode::GATEWAY_TIMEOUT,
+            format!(
+                "job {id}: the repository did not answer within {} s; the {action} goes on \
+                 and may still finish: check `cloudpdi status` in a minute before running \
+                 the command again\n",
+                SLIP_ACTION_TIMEOUT.as_secs()
+            ),
+        )
+            .into_response()),
     }
 }
 
@@ -585,8 +622,13 @@ async fn extend(
         let refusal = "the body must be {\"expires_at\": <Unix seconds>}: use `cloudpdi extend`\n";
         return (StatusCode::BAD_REQUEST, refusal).into_response();
     };
-    match state.outbound.extend(&id, request.expires_at).await {
-        Ok(slip) => {
+    let outbound = state.outbound.clone();
+    let job = id.clone();
+    let asked = request.expires_at;
+    let action = tokio::spawn(async move { outbound.extend(&job, asked).await });
+    match within_slip_action_timeout(&id, "extend", action).await {
+        Err(answer) => answer,
+        Ok(Ok(slip)) => {
             remember(&state, &slip.document).await;
             let zone = zone(&state);
             let answer = format!(
@@ -598,7 +640,7 @@ async fn extend(
             );
             (StatusCode::OK, answer).into_response()
         }
-        Err(e) => slip_action_refused(&e),
+        Ok(Err(e)) => slip_action_refused(&e),
     }
 }
 

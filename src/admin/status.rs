@@ -179,12 +179,15 @@ pub async fn fetch(addr: SocketAddr) -> Result<Status, StatusError> {
         .map_err(unreachable)
 }
 
+/// How long the commands wait for the loopback admin endpoint: it answers within this
+/// (actions that wait on the repository are bounded below it, see
+/// [`SLIP_ACTION_TIMEOUT`](super::SLIP_ACTION_TIMEOUT)), or the daemon is not running.
+pub const ADMIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A client for the loopback admin endpoint, which answers at once or not at all.
 fn admin_client() -> reqwest::Result<reqwest::Client> {
     crate::repository::tls::install_crypto_provider();
-    reqwest::Client::builder()
-        .timeout(std::time::Duration::from_secs(10))
-        .build()
+    reqwest::Client::builder().timeout(ADMIN_TIMEOUT).build()
 }
 
 /// Asks the daemon to run failed job `id` again; returns its answer (a sentence for the

@@ -253,6 +253,13 @@ pub enum RetryError {
          token file into the watch folder again to import it anew"
     )]
     Ended(String),
+    /// An outbound job whose token was revoked: the repository deleted its document, and
+    /// its sealed deliveries must not be posted again.
+    #[error(
+        "the token of outbound job {0} was revoked (`cloudpdi revoke`): it is not sent or \
+         delivered again; send the study again for a new token"
+    )]
+    Revoked(String),
     /// The job store failed.
     #[error(transparent)]
     Index(#[from] IndexError),
@@ -407,6 +414,11 @@ pub trait JobRecord: Clone + Serialize + DeserializeOwned + Send + Sync + 'stati
     fn prunable(&self, _now: u64) -> bool {
         false
     }
+    /// Takes into `self`, about to be written, what the record `stored` (the one in the
+    /// store now) holds that no writer may undo: a writer that read the record before an
+    /// admin changed it (outbound: a revoke, an extension) must not write the old value
+    /// back. Nothing by default.
+    fn keep_from(&mut self, _stored: &Self) {}
 }
 
 /// A pipeline whose jobs [`work`] drives.

@@ -5,9 +5,10 @@
 //! records of jobs that succeeded and last changed more than `spool.records_days` ago are
 //! removed, with the batch each outbound job sent. What a person may still need is never
 //! removed automatically: failed jobs, jobs set aside after crashes, inbound jobs with
-//! instances the PACS refused, outbound jobs whose spooled instances are still kept, and
-//! inbound jobs whose token has not expired (a pruned record must not let the same token
-//! be imported twice).
+//! instances the PACS refused, outbound jobs whose spooled instances are still kept,
+//! outbound jobs whose token can still download (not revoked, not expired: an extended
+//! token must stay revocable), and inbound jobs whose token has not expired (a pruned
+//! record must not let the same token be imported twice).
 
 use std::sync::Arc;
 use std::time::Duration;

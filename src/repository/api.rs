@@ -120,6 +120,15 @@ pub struct Extend {
 /// repository's limit (the same code a create with a wrong expiry gets).
 pub const INVALID_EXPIRY: &str = "invalid_expiry";
 
+/// Extensions of one document's expiry at most: each is a record the status, part and
+/// download handlers list, so a facility key cannot grow a document's records without
+/// bound; beyond, the extend is refused with [`TOO_MANY_EXTENSIONS`] (send the study
+/// again for a new token).
+pub const MAX_EXTENSIONS: u32 = 16;
+
+/// Error code (409) of an extend of a document extended [`MAX_EXTENSIONS`] times already.
+pub const TOO_MANY_EXTENSIONS: &str = "too_many_extensions";
+
 /// Error code (410) of an extend of a document that was revoked, or expired (its content
 /// deleted): nothing can bring it back.
 pub const GONE: &str = "gone";

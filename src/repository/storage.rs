@@ -213,6 +213,9 @@ pub struct Snapshot {
     pub revoked: bool,
     /// Whether the sweep deleted its content.
     pub expired: bool,
+    /// Expiry extensions recorded (`extended/*`), bounded by
+    /// [`MAX_EXTENSIONS`](crate::repository::api::MAX_EXTENSIONS).
+    pub extensions: u32,
     receipts: Vec<Path>,
 }
 
@@ -421,6 +424,7 @@ impl Storage {
             complete: false,
             revoked: false,
             expired: false,
+            extensions: 0,
             receipts: Vec::new(),
         };
         let prefix = Path::from(format!("documents/{id}"));
@@ -452,6 +456,7 @@ impl Storage {
                 [_, _, "extended", at] => {
                     if let Ok(at) = at.parse::<u64>() {
                         snapshot.meta.expires_at = snapshot.meta.expires_at.max(at);
+                        snapshot.extensions = snapshot.extensions.saturating_add(1);
                     }
                 }
                 [_, _, "expired.json"] => snapshot.expired = true,

@@ -213,8 +213,85 @@ impl JobRecord for OutboundJob {
         !self.ended() || (self.step == OutStep::Done && self.batch.is_some() && !self.spool_removed)
     }
 
-    /// Done, and its spooled instances removed.
-    fn prunable(&self, _now: u64) -> bool {
-        self.step == OutStep::Done && !self.needs_pipeline()
+    /// Done, its spooled instances removed, and its token unable to download: revoked, or
+    /// expired (`now` in Unix milliseconds). A token extended beyond `spool.records_days`
+    /// keeps its record, so that `cloudpdi revoke` still finds it.
+    fn prunable(&self, now: u64) -> bool {
+        self.step == OutStep::Done
+            && !self.needs_pipeline()
+            && (self.revoked_at.is_some() || u64::from(self.expires_at) < now / 1000)
+    }
+
+    /// A revoke and the later expiry of the same document (an extension) are kept: a
+    /// worker or the retention sweep that read the record before writes them back.
+    fn keep_from(&mut self, stored: &OutboundJob) {
+        if self.revoked_at.is_none() {
+            self.revoked_at = stored.revoked_at;
+        }
+        if self.document_id.is_some() && self.document_id == stored.document_id {
+            self.expires_at = self.expires_at.max(stored.expires_at);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gateway::store::{JobStore, Store};
+
+    fn done(expires_at: u32) -> OutboundJob {
+        let mut job = OutboundJob::new("B000001".into(), None, "ct");
+        job.step = OutStep::Done;
+        job.document_id = Some("d".repeat(32));
+        job.expires_at = expires_at;
+        job
+    }
+
+    /// A done job's record stays while its token can download: pruning it would leave an
+    /// extended token that `cloudpdi revoke` cannot find.
+    #[test]
+    fn a_record_is_kept_while_its_token_can_download() {
+        let now_ms = 1_000_000_000_000;
+        let now = 1_000_000_000;
+        assert!(!done(now + 86_400).prunable(now_ms), "token still valid");
+        assert!(done(now - 1).prunable(now_ms), "token expired");
+        let mut revoked = done(now + 86_400);
+        revoked.revoked_at = Some(u64::from(now) - 10);
+        assert!(revoked.prunable(now_ms), "token revoked");
+    }
+
+    /// A writer holding a copy read before a revoke and an extension (the retention sweep,
+    /// a worker) does not undo them; a new document's expiry is not taken from the old.
+    #[test]
+    fn a_stale_copy_keeps_the_revoke_and_the_later_expiry() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = Store::open(dir.path()).expect("db");
+        let jobs = JobStore::open(&db, "outbound_jobs").expect("store");
+        let stale = done(2_000_000_000);
+        jobs.put(&stale).expect("put");
+        let mut changed = stale.clone();
+        changed.expires_at = 2_000_086_400;
+        changed.revoked_at = Some(1_999_999_999);
+        jobs.put(&changed).expect("put");
+        let mut sweep = stale.clone();
+        sweep.spool_removed = true;
+        jobs.put(&sweep).expect("put the stale copy");
+        let stored = jobs
+            .get::<OutboundJob>("B000001")
+            .expect("get")
+            .expect("job");
+        assert!(stored.spool_removed);
+        assert_eq!(stored.revoked_at, Some(1_999_999_999));
+        assert_eq!(stored.expires_at, 2_000_086_400);
+
+        let mut uploaded_again = stale;
+        uploaded_again.document_id = Some("e".repeat(32));
+        uploaded_again.expires_at = 2_000_000_100;
+        jobs.put(&uploaded_again).expect("put");
+        let stored = jobs
+            .get::<OutboundJob>("B000001")
+            .expect("get")
+            .expect("job");
+        assert_eq!(stored.expires_at, 2_000_000_100);
     }
 }

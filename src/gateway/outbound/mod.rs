@@ -65,6 +65,7 @@ pub struct Outbound {
     spool: Arc<Spool>,
     jobs: JobStore,
     dir: PathBuf,
+    slip_locks: slip_action::SlipLocks,
 }
 
 impl Outbound {
@@ -81,6 +82,7 @@ impl Outbound {
             spool,
             jobs,
             dir,
+            slip_locks: slip_action::SlipLocks::default(),
         };
         outbound.recover()?;
         Ok(outbound)
@@ -180,7 +182,8 @@ impl Outbound {
 
     /// Puts a failed job back to the step that failed, a held one (a recipient's key to
     /// check) back to work, or a done one with sealed deliveries (and a token not expired)
-    /// back to the post step (unless revoked), with its attempts reset, once the admin fixed the cause (a key
+    /// back to the post step, with its attempts reset (never a revoked one, whatever its
+    /// step), once the admin fixed the cause (a key
     /// file, a pin or the configuration: the daemon reads those at start, so after a
     /// restart); the workers take it up on their next scan. Returns the step it will run.
     ///
@@ -190,6 +193,9 @@ impl Outbound {
         let Some(mut job) = self.jobs.get::<OutboundJob>(id)? else {
             return Err(RetryError::Unknown(id.to_owned()));
         };
+        if job.revoked_at.is_some() {
+            return Err(RetryError::Revoked(id.to_owned()));
+        }
         if job.progress.held && !job.ended() {
             job.progress.advanced();
             self.jobs.put(&job)?;
@@ -198,7 +204,6 @@ impl Outbound {
         }
         if job.step == OutStep::Done
             && !job.deliveries.is_empty()
-            && job.revoked_at.is_none()
             && u64::from(job.expires_at) > now_ms() / 1000
         {
             // A recipient refused or lost the sealed token (a key rotated meanwhile): seal

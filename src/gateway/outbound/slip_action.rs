@@ -1,20 +1,30 @@
 //! What can be done to an issued token afterwards: revoke it (a slip issued for the wrong
 //! patient, or lost), or extend its expiry (a patient who could not hand the slip over in
-//! time). Extending asks the repository first, then writes the token file and the slip
-//! again, under the same names, with the same secret and document ID and the new expiry,
-//! then records the new expiry in the job. A crash in between leaves the repository
-//! extended and the old files: the same call again finds the repository's expiry already
-//! there and only writes the files. The old slip keeps working until the date printed on
-//! it (the token holds its expiry); the new slip must be printed and handed over.
+//! time). Extending checks the token file first (it must be this job's), asks the
+//! repository, then writes the token file and the slip again, under the same names, with
+//! the same secret and document ID and the repository's new expiry, then records it in
+//! the job. A crash in between leaves the repository extended and the old (or new) files:
+//! any later extend accepts a token file whose expiry lies between the job's and the
+//! repository's, and re-issues with the repository's expiry. The old slip keeps working
+//! until the date printed on it (the token holds its expiry); the new slip must be printed
+//! and handed over.
+//!
+//! One action at a time per job (an async lock): two admins, or a command repeated after
+//! its answer timed out, never interleave the token, slip and record writes.
 //!
 //! A job still delivering its token (delivery command, sealed deliveries) is not extended
-//! (its worker writes the record); it may be revoked: a `revoked_at` its worker writes
-//! over is set again by revoking again, the repository's refusal holds either way.
+//! (its worker writes the record); it may be revoked: the job store keeps `revoked_at`
+//! (and the later expiry) when a worker writes its older copy of the record.
+//!
+//! The job's own repository is the one acted on: if the route now sends elsewhere, the
+//! action is refused, naming both.
 //!
 //! Nothing here logs or returns the token's text; the logs name the job only (the files'
 //! names hold the Patient ID).
 
+use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use tracing::info;
 
@@ -110,8 +120,8 @@ pub enum SlipActionError {
     },
     /// The token file or the slip cannot be read or written.
     #[error(
-        "the token and slip of job {id} cannot be re-issued: {why}; the repository keeps \
-         the new expiry: fix the cause and run the same command again"
+        "the token and slip of job {id} cannot be re-issued: {why}; fix the cause and run \
+         the same command again (a repository already extended keeps its new expiry)"
     )]
     Files {
         /// The job.
@@ -132,7 +142,7 @@ pub enum SlipActionError {
 pub struct ExtendedSlip {
     /// The job.
     pub job_id: String,
-    /// The new expiry (Unix seconds).
+    /// The new expiry (Unix seconds): the repository's, at least the one asked.
     pub expires_at: u32,
     /// The expiry of the old slip, which works until then.
     pub previous_expires_at: u32,
@@ -147,12 +157,14 @@ pub struct ExtendedSlip {
 impl Outbound {
     /// Revokes the token of job `job_id`: the repository deletes the content and refuses
     /// every later download; the job keeps when (`revoked_at`). Revoking again answers
-    /// the document's status.
+    /// the document's status. One action at a time per job.
     ///
     /// # Errors
-    /// [`SlipActionError`]: unknown job, no token yet, the repository's refusal or
-    /// silence, the index.
+    /// [`SlipActionError`]: unknown job, no token yet, the job's repository no longer the
+    /// route's, the repository's refusal or silence, the index.
     pub async fn revoke(&self, job_id: &str) -> Result<DocumentStatus, SlipActionError> {
+        let lock = self.slip_locks.of(job_id);
+        let _one_action_at_a_time = lock.lock().await;
         let job = self.issued_job(job_id).await?;
         let (client, document) = self.document_of(&job)?;
         let status = client
@@ -169,20 +181,25 @@ impl Outbound {
         Ok(status)
     }
 
-    /// Extends the token of job `job_id` to `expires_at` (Unix seconds): the repository's
-    /// document, then the token file and the slip (same names, same secret and document
-    /// ID), then the job's `expires_at`. Asking again for the same expiry finishes what a
-    /// crash interrupted, or changes nothing.
+    /// Extends the token of job `job_id` to `expires_at` (Unix seconds): the token file
+    /// checked to be this job's, the repository's document extended, then the token file
+    /// and the slip written again (same names, same secret and document ID) with the
+    /// repository's expiry (later than asked when an earlier run asked more), then the
+    /// job's `expires_at`. Any later call finishes what a crash interrupted; the same one
+    /// again changes nothing. One action at a time per job.
     ///
     /// # Errors
     /// [`SlipActionError`]: unknown job, no token yet, still delivering it, revoked, an
-    /// earlier expiry, the repository's refusal (beyond its `server.max_expiry_days`,
-    /// document expired) or silence, the files, the index.
+    /// earlier expiry, a token file that is not this job's, the job's repository no longer
+    /// the route's, the repository's refusal (beyond its `server.max_expiry_days`, too
+    /// many extensions, document expired) or silence, the files, the index.
     pub async fn extend(
         &self,
         job_id: &str,
         expires_at: u32,
     ) -> Result<ExtendedSlip, SlipActionError> {
+        let lock = self.slip_locks.of(job_id);
+        let _one_action_at_a_time = lock.lock().await;
         let job = self.issued_job(job_id).await?;
         if job.revoked_at.is_some() {
             return Err(SlipActionError::Revoked(job.id));
@@ -200,17 +217,40 @@ impl Outbound {
                 id: job.id,
             });
         }
-        let document = self.extend_document(&job, expires_at).await?;
-        let (token_file, slip_file) = (job.token_file.clone(), job.slip_file.clone());
-        let (Some(token_file), Some(slip_file)) = (token_file, slip_file) else {
+        let (Some(token_file), Some(slip_file)) = (job.token_file.clone(), job.slip_file.clone())
+        else {
             return Err(not_issued(&job));
         };
-        let mut token = self.issued_token(&job, expires_at).await?;
-        token.expires_at = expires_at;
-        let printed = job
+        let mut printed = job
             .printed
             .clone()
             .unwrap_or_else(|| PrintedStudy::of_record(&job));
+        if !self.prints_patient_name(&job)? {
+            printed.patient_name = None;
+        }
+        let (client, document) = self.document_of(&job)?;
+        let status = client
+            .status(&document)
+            .await
+            .map_err(|e| repository_error(&job.id, "extend", e))?;
+        self.check_live(&job, &status).await?;
+        // Before the repository is asked: a token file that is not this job's must not
+        // leave the repository extended and the slip unwritten.
+        let mut token = self.issued_token(&job, status.expires_at).await?;
+        let document = self.extend_document(&job, status, expires_at).await?;
+        // The repository's expiry, which a run before this one may have set later than
+        // asked: token and slip say when the repository really deletes the document.
+        let new_expiry =
+            u32::try_from(document.expires_at).map_err(|_| SlipActionError::Refused {
+                id: job.id.clone(),
+                action: "extend",
+                message: format!(
+                    "it answered an expiry ({}) beyond what a token can hold (the year \
+                     2106): ask for an earlier date",
+                    document.expires_at
+                ),
+            })?;
+        token.expires_at = new_expiry;
         let sender = self.sender.clone();
         let (record, files) = (job.clone(), (token_file.clone(), slip_file.clone()));
         tokio::task::spawn_blocking(move || {
@@ -219,17 +259,57 @@ impl Outbound {
         .await
         .map_err(worker)?
         .map_err(|e| files_error(&job, e))?;
-        self.update(&job.id, move |job| job.expires_at = expires_at)
+        self.update(&job.id, move |job| job.expires_at = new_expiry)
             .await?;
-        info!(job = %job.id, expires_at, "token and slip re-issued with a later expiry");
+        info!(job = %job.id, expires_at = new_expiry, "token and slip re-issued with a later expiry");
         Ok(ExtendedSlip {
             job_id: job.id,
-            expires_at,
+            expires_at: new_expiry,
             previous_expires_at: job.expires_at,
             token_file,
             slip_file,
             document,
         })
+    }
+
+    /// Refuses an extend of a document the repository no longer serves: revoked (the job
+    /// then records it), or expired.
+    async fn check_live(
+        &self,
+        job: &OutboundJob,
+        status: &DocumentStatus,
+    ) -> Result<(), SlipActionError> {
+        match status.state {
+            State::Revoked => {
+                self.update(&job.id, |job| {
+                    job.revoked_at.get_or_insert(now_seconds());
+                })
+                .await?;
+                Err(SlipActionError::Revoked(job.id.clone()))
+            }
+            State::Expired => Err(SlipActionError::Refused {
+                id: job.id.clone(),
+                action: "extend",
+                message: format!(
+                    "the document expired {} and its content is deleted: its expiry cannot \
+                     change; send the study again for a new token",
+                    self.local_time(u32::try_from(status.expires_at).unwrap_or(u32::MAX))
+                ),
+            }),
+            State::Uploading | State::Complete => Ok(()),
+        }
+    }
+
+    /// Whether a slip of the job's route prints the patient's name now
+    /// (`route.slip_patient_name`, which may have been turned off since the issue).
+    fn prints_patient_name(&self, job: &OutboundJob) -> Result<bool, SlipActionError> {
+        self.sender
+            .route_options(&job.route)
+            .map(|route| route.slip_patient_name)
+            .map_err(|e| SlipActionError::Route {
+                id: job.id.clone(),
+                reason: e.to_string(),
+            })
     }
 
     /// Job `id`, once its token is issued.
@@ -259,35 +339,48 @@ impl Outbound {
                 reason: e.to_string(),
             })?;
         let document = job.document_id.clone().ok_or_else(|| not_issued(job))?;
+        if let Some(held_by) = &job.repository {
+            let held_by = held_by.trim_end_matches('/');
+            if held_by != link.url.trim_end_matches('/') {
+                return Err(SlipActionError::Route {
+                    id: job.id.clone(),
+                    reason: format!(
+                        "its document {document} is held by the repository {held_by}, but \
+                         route {route} now sends to {now}: nothing was changed; revoke it \
+                         there with `cloudpdi repository revoke --url {held_by} \
+                         --api-key-file FILE {document}`",
+                        route = job.route,
+                        now = link.url
+                    ),
+                });
+            }
+        }
         Ok((link.client.clone(), document))
     }
 
     /// Extends the job's document in the repository to `expires_at`, unless it holds that
-    /// expiry (or a later one) already: a repeat after a crash, or after an answer lost
-    /// on the way (the repository refuses an expiry that is not later).
+    /// expiry (or a later one) already (`status`, read just before): a repeat after a
+    /// crash, or after an answer lost on the way (the repository refuses an expiry that is
+    /// not later).
     async fn extend_document(
         &self,
         job: &OutboundJob,
+        status: DocumentStatus,
         expires_at: u32,
     ) -> Result<DocumentStatus, SlipActionError> {
         let (client, document) = self.document_of(job)?;
         let failed = |e| repository_error(&job.id, "extend", e);
         let asked = u64::from(expires_at);
-        let status = client.status(&document).await.map_err(failed)?;
-        if status.state == State::Revoked {
-            self.update(&job.id, |job| {
-                job.revoked_at.get_or_insert(now_seconds());
-            })
-            .await?;
-            return Err(SlipActionError::Revoked(job.id.clone()));
-        }
         if status.expires_at >= asked {
             return Ok(status);
         }
         match client.extend(&document, asked).await {
             Ok(status) => Ok(status),
             Err(refused @ ClientError::Refused { .. }) => match client.status(&document).await {
-                Ok(status) if status.expires_at >= asked && status.state != State::Revoked => {
+                Ok(status)
+                    if status.expires_at >= asked
+                        && !matches!(status.state, State::Revoked | State::Expired) =>
+                {
                     Ok(status)
                 }
                 _ => Err(failed(refused)),
@@ -297,14 +390,11 @@ impl Outbound {
     }
 
     /// The job's token read back from its token file (blocking, off the runtime), if it
-    /// is this job's: same document and repository, and the job's expiry or the one being
-    /// written (a repeat after a crash between the two files). The folder is one the
-    /// clerks may write: a file replaced there must not be re-issued as this job's token.
-    async fn issued_token(
-        &self,
-        job: &OutboundJob,
-        expires_at: u32,
-    ) -> Result<Token, SlipActionError> {
+    /// is this job's: same document and repository, and an expiry from the job's to the
+    /// repository's `latest` (a run that extended the repository and wrote the file, then
+    /// stopped before the record). The folder is one the clerks may write: a file
+    /// replaced there must not be re-issued as this job's token.
+    async fn issued_token(&self, job: &OutboundJob, latest: u64) -> Result<Token, SlipActionError> {
         let path = job.token_file.clone().ok_or_else(|| not_issued(job))?;
         let text = tokio::task::spawn_blocking(move || read_token_file(&path))
             .await
@@ -325,7 +415,8 @@ impl Outbound {
                 .clone(),
         };
         let same = job.document_id.as_deref() == Some(token.document_id.as_str())
-            && (token.expires_at == job.expires_at || token.expires_at == expires_at)
+            && token.expires_at >= job.expires_at
+            && u64::from(token.expires_at) <= latest
             && self.sender.config.repository_url(&token.repository).ok() == Some(repository);
         if !same {
             return Err(files_error(
@@ -405,5 +496,20 @@ fn repository_error(id: &str, action: &'static str, e: ClientError) -> SlipActio
             action,
             message: other.to_string(),
         },
+    }
+}
+
+/// One async lock per job that an admin acts on, so that two revokes or extends of the
+/// same job never interleave their writes; an entry no action holds or waits for is
+/// dropped at the next call, so the map holds only the jobs being acted on.
+#[derive(Default)]
+pub(super) struct SlipLocks(Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
+
+impl SlipLocks {
+    /// The lock of job `id`.
+    fn of(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        locks.retain(|_, lock| Arc::strong_count(lock) > 1);
+        locks.entry(id.to_owned()).or_default().clone()
     }
 }

@@ -106,7 +106,10 @@ impl JobStore {
             .transpose()
     }
 
-    /// Writes `job` durably (flushed before returning), with its place in the index.
+    /// Writes `job` durably (flushed before returning), with its place in the index. What
+    /// the stored record holds that no writer may undo ([`JobRecord::keep_from`]) is kept,
+    /// in the same transaction: a worker or a sweep that read the record before an admin
+    /// changed it does not write the old value back.
     ///
     /// # Errors
     /// [`IndexError`] when the record cannot be written or flushed.
@@ -125,28 +128,31 @@ impl JobStore {
 
     fn write<T: JobRecord>(&self, job: &T, only_new: bool) -> Result<bool, IndexError> {
         let id = job.id().as_bytes();
-        let bytes = encode(job);
-        let active = job.needs_pipeline();
         let written = (&self.tree, &self.active)
             .transaction(|(tree, index)| {
-                if only_new && tree.get(id)?.is_some() {
+                let stored = tree.get(id)?;
+                if only_new && stored.is_some() {
                     return Ok(None);
                 }
-                let old = tree.insert(id, bytes.as_slice())?;
-                if active {
+                let mut job = job.clone();
+                if let Some(stored) = stored.as_deref().and_then(|b| decode::<T>(id, b).ok()) {
+                    job.keep_from(&stored);
+                }
+                let old = tree.insert(id, encode(&job))?;
+                if job.needs_pipeline() {
                     index.insert(id, &[])?;
                 } else {
                     index.remove(id)?;
                 }
-                Ok(Some(old))
+                Ok(Some((old, job)))
             })
             .map_err(tx_error)?;
-        let Some(old) = written else {
+        let Some((old, job)) = written else {
             return Ok(false);
         };
-        self.count(id, old.as_deref(), Some(job));
+        self.count(id, old.as_deref(), Some(&job));
         self.store.flush()?;
-        if active {
+        if job.needs_pipeline() {
             self.bell.notify_one();
         }
         Ok(true)

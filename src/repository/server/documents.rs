@@ -8,7 +8,8 @@ use axum::http::StatusCode;
 use axum::response::Response;
 
 use crate::repository::api::{
-    Created, DocumentStatus, Extend, GONE, INVALID_EXPIRY, NewDocument, State as DocState,
+    Created, DocumentStatus, Extend, GONE, INVALID_EXPIRY, MAX_EXTENSIONS, NewDocument,
+    State as DocState, TOO_MANY_EXTENSIONS,
 };
 use crate::repository::config::ServerConfig;
 use crate::repository::storage::{DocumentMeta, Snapshot};
@@ -141,13 +142,14 @@ pub(super) async fn revoke(State(app): Shared, owned: Owned<Revoke>) -> Response
 }
 
 /// `PATCH /v1/documents/{id}`: a later expiry, within `server.max_expiry_days` from now,
-/// for a document neither revoked nor expired. The sweep then keeps it until the new
-/// expiry, and the tombstone period runs from there.
+/// for a document neither revoked nor expired, extended fewer than [`MAX_EXTENSIONS`] times.
+/// The sweep then keeps it until the new expiry, and the tombstone period runs from there.
+/// A sweep that expired the document just before the extension was written wins: the
+/// document is read again and the extend answered 410 gone, not a status the content is
+/// no longer behind.
 pub(super) async fn extend(State(app): Shared, owned: Owned<ExtendExpiry>, body: Body) -> Response {
     let Owned {
-        caller,
-        mut snapshot,
-        ..
+        caller, snapshot, ..
     } = owned;
     let result = async {
         let request: Extend = read_json(body, app.server.body_idle_timeout()).await?;
@@ -161,8 +163,19 @@ pub(super) async fn extend(State(app): Shared, owned: Owned<ExtendExpiry>, body:
             .extend(&snapshot.meta.id, request.expires_at, purge_at, now)
             .await
             .map_err(Refusal::unavailable)?;
+        let snapshot = app
+            .storage
+            .snapshot(&snapshot.meta.id)
+            .await
+            .map_err(Refusal::unavailable)?
+            .ok_or_else(|| swept(before))?;
+        if matches!(
+            state_of(&snapshot, now),
+            DocState::Revoked | DocState::Expired
+        ) {
+            return Err(swept(before));
+        }
         app.metrics.extended.inc();
-        snapshot.meta.expires_at = request.expires_at;
         let detail = format!("expires_at {} (was {before})", request.expires_at);
         status_of(&app, &snapshot)
             .await
@@ -227,7 +240,34 @@ fn check_extend(
             ),
         ));
     }
+    if snapshot.extensions >= MAX_EXTENSIONS {
+        return Err(Refusal::new(
+            StatusCode::CONFLICT,
+            TOO_MANY_EXTENSIONS,
+            format!(
+                "the document's expiry was extended {} times already, the most this \
+                 repository allows ({MAX_EXTENSIONS}): it stays until {}; send the study \
+                 again for a new token",
+                snapshot.extensions,
+                crate::clock::rfc3339(current)
+            ),
+        ));
+    }
     Ok(())
+}
+
+/// The refusal of an extend the sweep overtook: the document expired (its content
+/// deleted) at `expires_at`, or was revoked, while the extension was written.
+fn swept(expires_at: u64) -> Refusal {
+    Refusal::new(
+        StatusCode::GONE,
+        GONE,
+        format!(
+            "the document expired at {} (or was revoked) while it was being extended, and \
+             its content is deleted: send the study again for a new token",
+            crate::clock::rfc3339(expires_at)
+        ),
+    )
 }
 
 /// What a sender sees of its document: state, parts held, hash, downloads, receipts.
