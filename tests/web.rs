@@ -901,3 +901,55 @@ async fn a_loopback_page_answers_only_loopback_host_names() {
         );
     }
 }
+
+/// Review finding 8: progress streams are bounded per session (4), and end with an `end`
+/// event (the page does not reconnect) once the session ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_streams_are_bounded_and_end_with_the_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_site, base) = start(dir.path(), "");
+    let file = dir.path().join("unreachable.token");
+    let out = run(Command::new(env!("CARGO_BIN_EXE_cloudpdi"))
+        .args(["token", "new", "--repository", "http://127.0.0.1:9"])
+        .args(["--document-id", "0123456789abcdef0123", "--out"])
+        .arg(&file));
+    assert!(out.status.success(), "{out:?}");
+    let token = std::fs::read_to_string(&file).unwrap().trim().to_owned();
+    let mut browser = Client::new(&base);
+    assert_eq!(browser.login("clerk", PASSWORD).await.status, 303);
+    let page = browser.get("/receive").await;
+    let csrf = csrf(&page.body);
+    let queued = browser
+        .post("/receive", &[("csrf", &csrf), ("token", &token)])
+        .await;
+    let job = queued.header("location").replace("/receive/", "");
+    let cookie = format!("cloudpdi_session={}", browser.cookies["cloudpdi_session"]);
+    let open = || {
+        browser
+            .http
+            .get(format!("{base}/jobs/{job}/events"))
+            .header("cookie", cookie.clone())
+            .send()
+    };
+    let mut streams = Vec::new();
+    for _ in 0..4 {
+        let stream = open().await.unwrap();
+        assert_eq!(stream.status().as_u16(), 200);
+        streams.push(stream);
+    }
+    assert_eq!(open().await.unwrap().status().as_u16(), 429, "a fifth stream");
+    let logout = browser.post("/logout", &[("csrf", &csrf)]).await;
+    assert_eq!(logout.status, 303);
+    for mut stream in streams {
+        let mut seen = String::new();
+        let read = async {
+            while let Some(chunk) = stream.chunk().await.unwrap() {
+                seen.push_str(&String::from_utf8_lossy(&chunk));
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), read)
+            .await
+            .expect("the stream ends with the session");
+        assert!(seen.contains("event: end"), "{seen}");
+    }
+}

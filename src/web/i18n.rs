@@ -163,6 +163,7 @@ pub(crate) enum T {
     Expired,
     NotFound,
     Forbidden,
+    TooManyStreams,
     PatientIdNotApplied,
     TooLarge,
     TooSlow,
@@ -352,6 +353,10 @@ impl T {
             T::Forbidden => (
                 "このフォームは期限切れか、このページから送られたものではありません。ページを読み込み直してから、もう一度操作してください。",
                 "This form expired or did not come from this page: reload the page and try again.",
+            ),
+            T::TooManyStreams => (
+                "進み具合を表示しているページが多すぎます（1 つのログインで 4 つ、全体で 32 まで）。使っていないジョブのページを閉じてから、このページを読み込み直してください。",
+                "Too many pages are following a job (at most 4 per login, 32 in all): close the job pages you do not need, then reload this one.",
             ),
             T::PatientIdNotApplied => (
                 "入力した患者IDは使われていません。このトークンの取り込みは前に始まっていて、送り元の患者IDで登録されます（または登録済みです）。ローカルの患者IDで登録するには、PACS で患者IDを変更してください。",

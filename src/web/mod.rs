@@ -101,6 +101,9 @@ pub struct WebState {
     pub logins: tokio::sync::Semaphore,
     /// Cancelled when the daemon stops: progress streams end at once.
     pub stop: CancellationToken,
+    /// Progress streams open, per session ID ([`receive::MAX_STREAMS`],
+    /// [`receive::MAX_STREAMS_PER_SESSION`]).
+    pub streams: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
 }
 
 impl WebState {
@@ -125,6 +128,7 @@ impl WebState {
             zone,
             logins: tokio::sync::Semaphore::new(MAX_CONCURRENT_LOGINS),
             stop,
+            streams: Arc::default(),
         }
     }
 }
@@ -321,9 +325,15 @@ async fn guard(State(state): State<Arc<WebState>>, request: Request, next: Next)
     let path = parts.uri.path().to_owned();
     let now = crate::clock::now_ms();
     let had_cookie = cookie(&parts.headers, SESSION_COOKIE);
-    let mut session = had_cookie
-        .as_deref()
-        .and_then(|id| state.sessions.touch(id, now).map(|s| (id.to_owned(), s)));
+    let stream = path.ends_with("/events");
+    let mut session = had_cookie.as_deref().and_then(|id| {
+        let found = if stream {
+            state.sessions.peek(id, now)
+        } else {
+            state.sessions.touch(id, now)
+        };
+        found.map(|s| (id.to_owned(), s))
+    });
     if let Some((id, s)) = &session {
         let (check, name) = (state.clone(), s.user.clone());
         let key = tokio::task::spawn_blocking(move || check.users.key(&name))

@@ -27,9 +27,62 @@ use crate::token::{Token, TokenError};
 /// How often the progress stream looks at the job record.
 pub const EVENT_INTERVAL: Duration = Duration::from_millis(500);
 
-/// How long one progress stream lasts; the browser opens a new one after it (so a
-/// forgotten tab does not hold a connection for ever).
+/// How long one progress stream lasts; it then sends `end` and the page stops following
+/// (a forgotten tab does not hold a connection for ever: reloading the page follows again).
 pub const EVENT_STREAM_LIMIT: Duration = Duration::from_secs(30 * 60);
+
+/// Progress streams open at once, all sessions together (they hold connections, which
+/// [`super::MAX_CONNECTIONS`] bounds for every page); a further one is refused with 429.
+pub const MAX_STREAMS: usize = 32;
+
+/// Progress streams one session holds at once (a browser opens about six connections per
+/// host: more streams would stall its pages); a further one is refused with 429.
+pub const MAX_STREAMS_PER_SESSION: usize = 4;
+
+/// One open progress stream, counted until dropped.
+struct StreamSlot {
+    streams: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+    session: String,
+}
+
+impl StreamSlot {
+    /// A slot for a stream of `session`, or `None` beyond the limits.
+    fn take(state: &WebState, session: &str) -> Option<StreamSlot> {
+        let mut streams = state.streams.lock().unwrap_or_else(|e| e.into_inner());
+        let total: usize = streams.values().sum();
+        let mine = streams.get(session).copied().unwrap_or(0);
+        if total >= MAX_STREAMS || mine >= MAX_STREAMS_PER_SESSION {
+            return None;
+        }
+        streams.insert(session.to_owned(), mine + 1);
+        Some(StreamSlot {
+            streams: state.streams.clone(),
+            session: session.to_owned(),
+        })
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = streams.get_mut(&self.session) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                streams.remove(&self.session);
+            }
+        }
+    }
+}
+
+/// Where a progress stream is.
+enum Phase {
+    /// Following the job; the last view sent.
+    Following(Option<View>),
+    /// The job ended, the session ended, the daemon stops or the time is up: `end` next.
+    Ending,
+    /// `end` was sent.
+    Over,
+}
 
 /// The receive form's fields. The token is wiped when dropped.
 #[derive(Deserialize)]
@@ -394,8 +447,10 @@ pub(super) async fn job(
     html_response(layout(&ctx, &title, body))
 }
 
-/// `GET /jobs/{id}/events`: the job's [`View`] as an event whenever it changes, until
-/// the job ends (or [`EVENT_STREAM_LIMIT`]).
+/// `GET /jobs/{id}/events`: the job's [`View`] as a `progress` event whenever it changes,
+/// then `end` (the page stops following: no reconnection) once the job ended, the session
+/// ended (logout, removed user, changed password, idle) or [`EVENT_STREAM_LIMIT`] passed.
+/// At most [`MAX_STREAMS_PER_SESSION`] per session and [`MAX_STREAMS`] in all: 429 beyond.
 pub(super) async fn events(
     State(state): State<Arc<WebState>>,
     Extension(ctx): Extension<Ctx>,
@@ -404,38 +459,65 @@ pub(super) async fn events(
     if let Err(page) = inbound_job(&state, &ctx, &id).await {
         return page;
     }
+    let Some((session_id, session)) = ctx.session.clone() else {
+        return message_page(&ctx, StatusCode::FORBIDDEN, ctx.t(T::Forbidden));
+    };
+    let Some(slot) = StreamSlot::take(&state, &session_id) else {
+        tracing::warn!(user = %ctx.user(), job = %id, "web: progress stream refused: {MAX_STREAMS_PER_SESSION} per session or {MAX_STREAMS} in all are open");
+        return message_page(&ctx, StatusCode::TOO_MANY_REQUESTS, ctx.t(T::TooManyStreams));
+    };
     let started = tokio::time::Instant::now();
     let lang = ctx.lang;
     let stream = futures_util::stream::unfold(
-        (state, id, None::<View>, false),
-        move |(state, id, last, ended)| async move {
-            if ended || started.elapsed() > EVENT_STREAM_LIMIT {
-                return None;
-            }
-            loop {
-                let inbound = state.admin.inbound.clone()?;
-                let asked = id.clone();
-                let read =
-                    tokio::task::spawn_blocking(move || inbound.store().get::<InboundJob>(&asked))
-                        .await;
-                let Ok(Ok(Some(job))) = read else {
-                    return None;
+        (state, id, Phase::Following(None), slot),
+        move |(state, id, phase, slot)| {
+            let (session_id, session) = (session_id.clone(), session.clone());
+            async move {
+                let last = match phase {
+                    Phase::Over => return None,
+                    Phase::Ending => return Some(ending(state, id, slot)),
+                    Phase::Following(last) => last,
                 };
-                let v = view(lang, &job);
-                if last.as_ref() != Some(&v) {
-                    let ended = matches!(v.state, "done" | "failed");
-                    let event = Event::default()
-                        .event("progress")
-                        .json_data(&v)
-                        .unwrap_or_else(|_| Event::default().event("progress"));
-                    return Some((Ok::<_, Infallible>(event), (state, id, Some(v), ended)));
-                }
-                if started.elapsed() > EVENT_STREAM_LIMIT {
-                    return None;
-                }
-                tokio::select! {
-                    () = tokio::time::sleep(EVENT_INTERVAL) => {}
-                    () = state.stop.cancelled() => return None,
+                loop {
+                    let inbound = state.admin.inbound.clone()?;
+                    let (asked, check) = (id.clone(), state.clone());
+                    let user = session.user.clone();
+                    let read = tokio::task::spawn_blocking(move || {
+                        let key = check.users.key(&user);
+                        (key, inbound.store().get::<InboundJob>(&asked))
+                    })
+                    .await;
+                    let alive = state
+                        .sessions
+                        .peek(&session_id, crate::clock::now_ms())
+                        .is_some();
+                    let (Ok((Some(key), Ok(Some(job)))), true) = (read, alive) else {
+                        return Some(ending(state, id, slot));
+                    };
+                    if !super::session::same_secret(&key, &session.key) {
+                        return Some(ending(state, id, slot));
+                    }
+                    let v = view(lang, &job);
+                    if last.as_ref() != Some(&v) {
+                        let ended = matches!(v.state, "done" | "failed");
+                        let event = Event::default()
+                            .event("progress")
+                            .json_data(&v)
+                            .unwrap_or_else(|_| Event::default().event("progress"));
+                        let next = if ended {
+                            Phase::Ending
+                        } else {
+                            Phase::Following(Some(v))
+                        };
+                        return Some((Ok(event), (state, id, next, slot)));
+                    }
+                    if started.elapsed() > EVENT_STREAM_LIMIT {
+                        return Some(ending(state, id, slot));
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(EVENT_INTERVAL) => {}
+                        () = state.stop.cancelled() => return Some(ending(state, id, slot)),
+                    }
                 }
             }
         },
@@ -443,6 +525,19 @@ pub(super) async fn events(
     Sse::new(stream)
         .keep_alive(KeepAlive::default())
         .into_response()
+}
+
+/// The `end` event, after which the stream closes.
+fn ending(
+    state: Arc<WebState>,
+    id: String,
+    slot: StreamSlot,
+) -> (
+    Result<Event, Infallible>,
+    (Arc<WebState>, String, Phase, StreamSlot),
+) {
+    let end = Event::default().event("end").data("");
+    (Ok(end), (state, id, Phase::Over, slot))
 }
 
 #[cfg(test)]

@@ -179,6 +179,16 @@ impl Sessions {
 
     /// The live session of `id`, its idle time restarted; `None` when it ended.
     pub fn touch(&self, id: &str, now: u64) -> Option<Session> {
+        self.find(id, now, true)
+    }
+
+    /// The live session of `id` without restarting its idle time (a progress stream and
+    /// its reconnections do not keep an unattended session alive); `None` when it ended.
+    pub fn peek(&self, id: &str, now: u64) -> Option<Session> {
+        self.find(id, now, false)
+    }
+
+    fn find(&self, id: &str, now: u64, touch: bool) -> Option<Session> {
         let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
         let policy = self.policy;
         let entry = sessions.get_mut(id)?;
@@ -188,7 +198,9 @@ impl Sessions {
             sessions.remove(id);
             return None;
         }
-        entry.seen = now;
+        if touch {
+            entry.seen = now;
+        }
         Some(entry.session.clone())
     }
 
