@@ -852,6 +852,11 @@ async fn a_patient_id_given_for_a_known_token_is_said_not_applied() {
     let token = std::fs::read_to_string(&file).unwrap().trim().to_owned();
     let mut browser = Client::new(&base);
     assert_eq!(browser.login("clerk", PASSWORD).await.status, 303);
+    // Review finding 12: the language link of a page at `//host/` stays on the site.
+    let off_site = browser.get("//evil.example/").await;
+    assert_eq!(off_site.status, 404);
+    assert!(off_site.body.contains("href=\"/evil.example/?lang="), "{}", off_site.body);
+    assert!(!off_site.body.contains("\"//evil"), "{}", off_site.body);
     let page = browser.get("/receive").await;
     let (id_at, token_at) = (
         page.body.find("id=\"patient_id\"").unwrap(),

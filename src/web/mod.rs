@@ -322,7 +322,8 @@ async fn guard(State(state): State<Arc<WebState>>, request: Request, next: Next)
             .and_then(Lang::parse)
     });
     let lang = Lang::of(&parts.headers, chosen);
-    let path = parts.uri.path().to_owned();
+    // One leading slash: `//host/...` would make the language link point off-site.
+    let path = format!("/{}", parts.uri.path().trim_start_matches('/'));
     let now = crate::clock::now_ms();
     let had_cookie = cookie(&parts.headers, SESSION_COOKIE);
     let stream = path.ends_with("/events");

@@ -36,6 +36,10 @@ pub const CSRF_HEADER: &str = "x-csrf-token";
 /// logins cannot grow the memory without bound.
 pub const MAX_SESSIONS: usize = 1024;
 
+/// Sessions one user holds at once; a new login of that user beyond it ends the user's
+/// session idle the longest, so that one user's logins cannot push everyone else out.
+pub const MAX_SESSIONS_PER_USER: usize = 16;
+
 /// User names and client addresses whose failed logins are counted at once; beyond it
 /// the entries whose lock-out ended are forgotten, then the oldest.
 pub const MAX_TRACKED: usize = 4096;
@@ -146,6 +150,19 @@ impl Sessions {
         let csrf = random_id()?;
         let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
         self.expire(&mut sessions, now);
+        let mine = sessions
+            .values()
+            .filter(|e| e.session.user == user)
+            .count();
+        if mine >= MAX_SESSIONS_PER_USER
+            && let Some(oldest) = sessions
+                .iter()
+                .filter(|(_, e)| e.session.user == user)
+                .min_by_key(|(_, e)| e.seen)
+                .map(|(id, _)| id.clone())
+        {
+            sessions.remove(&oldest);
+        }
         if sessions.len() >= MAX_SESSIONS
             && let Some(oldest) = sessions
                 .iter()
@@ -339,11 +356,25 @@ mod tests {
     }
 
     #[test]
+    fn one_users_logins_do_not_push_the_others_out() {
+        let sessions = Sessions::new(policy());
+        let other = sessions.start("nurse", "k", 0).expect("random");
+        let first = sessions.start("clerk", "k", 1).expect("random");
+        for n in 2..2 + 2 * MAX_SESSIONS as u64 {
+            sessions.start("clerk", "k", n).expect("random");
+        }
+        assert!(sessions.touch(&other, 5_000).is_some(), "the nurse stays");
+        assert!(sessions.touch(&first, 5_000).is_none(), "the oldest went");
+        let held = sessions.sessions.lock().expect("lock").len();
+        assert_eq!(held, MAX_SESSIONS_PER_USER + 1);
+    }
+
+    #[test]
     fn sessions_are_bounded() {
         let sessions = Sessions::new(policy());
         let first = sessions.start("a", "k", 0).expect("random");
         for n in 1..MAX_SESSIONS as u64 {
-            sessions.start("b", "k", n).expect("random");
+            sessions.start(&format!("b{}", n % 100), "k", n).expect("random");
         }
         assert!(sessions.touch(&first, MAX_SESSIONS as u64).is_some());
         sessions.start("c", "k", MAX_SESSIONS as u64 + 1)
