@@ -464,7 +464,11 @@ pub(super) async fn events(
     };
     let Some(slot) = StreamSlot::take(&state, &session_id) else {
         tracing::warn!(user = %ctx.user(), job = %id, "web: progress stream refused: {MAX_STREAMS_PER_SESSION} per session or {MAX_STREAMS} in all are open");
-        return message_page(&ctx, StatusCode::TOO_MANY_REQUESTS, ctx.t(T::TooManyStreams));
+        return message_page(
+            &ctx,
+            StatusCode::TOO_MANY_REQUESTS,
+            ctx.t(T::TooManyStreams),
+        );
     };
     let started = tokio::time::Instant::now();
     let lang = ctx.lang;
@@ -527,15 +531,15 @@ pub(super) async fn events(
         .into_response()
 }
 
+/// What a progress stream carries from one event to the next.
+type StreamState = (Arc<WebState>, String, Phase, StreamSlot);
+
 /// The `end` event, after which the stream closes.
 fn ending(
     state: Arc<WebState>,
     id: String,
     slot: StreamSlot,
-) -> (
-    Result<Event, Infallible>,
-    (Arc<WebState>, String, Phase, StreamSlot),
-) {
+) -> (Result<Event, Infallible>, StreamState) {
     let end = Event::default().event("end").data("");
     (Ok(end), (state, id, Phase::Over, slot))
 }

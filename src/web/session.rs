@@ -150,10 +150,7 @@ impl Sessions {
         let csrf = random_id()?;
         let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
         self.expire(&mut sessions, now);
-        let mine = sessions
-            .values()
-            .filter(|e| e.session.user == user)
-            .count();
+        let mine = sessions.values().filter(|e| e.session.user == user).count();
         if mine >= MAX_SESSIONS_PER_USER
             && let Some(oldest) = sessions
                 .iter()
@@ -374,10 +371,13 @@ mod tests {
         let sessions = Sessions::new(policy());
         let first = sessions.start("a", "k", 0).expect("random");
         for n in 1..MAX_SESSIONS as u64 {
-            sessions.start(&format!("b{}", n % 100), "k", n).expect("random");
+            sessions
+                .start(&format!("b{}", n % 100), "k", n)
+                .expect("random");
         }
         assert!(sessions.touch(&first, MAX_SESSIONS as u64).is_some());
-        sessions.start("c", "k", MAX_SESSIONS as u64 + 1)
+        sessions
+            .start("c", "k", MAX_SESSIONS as u64 + 1)
             .expect("random");
         assert_eq!(sessions.sessions.lock().expect("lock").len(), MAX_SESSIONS);
         assert!(

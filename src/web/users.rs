@@ -204,7 +204,9 @@ pub fn add(path: &Path, name: &str, password: &str) -> Result<bool, UsersError> 
         return Err(UsersError::Name(name.to_owned()));
     }
     let phc = hash(password)?;
-    update(path, |users| Ok(users.insert(name.to_owned(), phc).is_none()))
+    update(path, |users| {
+        Ok(users.insert(name.to_owned(), phc).is_none())
+    })
 }
 
 /// Removes user `name`.
@@ -401,7 +403,10 @@ mod tests {
             err.to_string().contains("user ID 54321") && err.to_string().contains("sudo -u"),
             "{err}"
         );
-        assert!(matches!(remove(&path, "clerk"), Err(UsersError::Owner { .. })));
+        assert!(matches!(
+            remove(&path, "clerk"),
+            Err(UsersError::Owner { .. })
+        ));
         std::os::unix::fs::chown(&path, Some(0), None).expect("root");
         let threads: Vec<_> = (0..4)
             .map(|n| {
