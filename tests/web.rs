@@ -953,6 +953,20 @@ async fn progress_streams_are_bounded_and_end_with_the_session() {
         .post("/receive", &[("csrf", &csrf), ("token", &token)])
         .await;
     let job = queued.header("location").replace("/receive/", "");
+    // Review finding 16: with a job recorded, a client without a login still sees none
+    // of it (sent to the login, no study data).
+    let mut anonymous = Client::new(&base);
+    for path in [
+        format!("/receive/{job}"),
+        format!("/jobs/{job}/events"),
+        "/jobs".to_owned(),
+        "/sent".to_owned(),
+    ] {
+        let answer = anonymous.get(&path).await;
+        assert_eq!(answer.status, 303, "{path}");
+        assert!(!answer.body.contains(&job[1..]), "{path}: {}", answer.body);
+        assert!(!answer.body.contains("Patient"), "{path}: {}", answer.body);
+    }
     let cookie = format!("cloudpdi_session={}", browser.cookies["cloudpdi_session"]);
     let open = || {
         browser

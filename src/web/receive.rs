@@ -135,6 +135,11 @@ fn token_problem(lang: Lang, text: &str) -> Option<(Option<usize>, String)> {
                 _ => (None, T::CheckLength.get(lang).to_owned()),
             });
         }
+        Err(TokenError::Envelope(_) | TokenError::Field(_)) => {
+            return Some((None, T::TokenUnreadable.get(lang).to_owned()));
+        }
+        Err(TokenError::Version(_)) => return Some((None, T::TokenVersion.get(lang).to_owned())),
+        Err(TokenError::Expired(_)) => return Some((None, T::TokenExpired.get(lang).to_owned())),
         Err(e) => return Some((None, e.to_string())),
     };
     match token.check_not_expired(crate::clock::now_seconds()) {
