@@ -256,6 +256,28 @@ async fn no_page_without_a_login_and_no_post_without_its_csrf_token() {
     assert_eq!(refused.status, 403);
     assert!(refused.body.contains("reload the page") || refused.body.contains("読み込み直して"));
     browser.get("/login").await;
+    // Review finding 11: a pre-session cookie the page did not issue (planted by another
+    // service on the host) is not reused by the form, nor accepted.
+    let mut planted = Client::new(&base);
+    planted
+        .cookies
+        .insert("cloudpdi_login".to_owned(), "b".repeat(64));
+    let form = planted.get("/login").await;
+    assert!(!form.body.contains(&"b".repeat(64)), "{}", form.body);
+    planted
+        .cookies
+        .insert("cloudpdi_login".to_owned(), "b".repeat(64));
+    let refused = planted
+        .post(
+            "/login",
+            &[
+                ("csrf", &"b".repeat(64)),
+                ("user", "clerk"),
+                ("password", PASSWORD),
+            ],
+        )
+        .await;
+    assert_eq!(refused.status, 403);
     let refused = browser
         .post(
             "/login",
@@ -619,8 +641,12 @@ async fn a_lan_address_needs_https_and_over_https_the_cookie_is_secure() {
     );
     let login = browser.login("clerk", PASSWORD).await;
     assert_eq!(login.status, 303, "{}", login.body);
-    let cookie = login.set_cookie("cloudpdi_session").unwrap();
-    assert!(cookie.contains("; Secure"), "{cookie}");
+    // Review finding 11: over HTTPS the cookies carry the `__Host-` prefix.
+    let cookie = login.set_cookie("__Host-cloudpdi_session").unwrap();
+    assert!(
+        cookie.contains("; Secure") && cookie.contains("Path=/"),
+        "{cookie}"
+    );
     assert_eq!(browser.get("/receive").await.status, 200);
     // Plain HTTP on the HTTPS port gets no page.
     let plain = Client::new(&base);

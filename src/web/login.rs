@@ -11,7 +11,7 @@ use maud::html;
 use zeroize::Zeroizing;
 
 use super::i18n::{T, fill};
-use super::session::{LOGIN_COOKIE, SESSION_COOKIE, random_id};
+
 use super::{Ctx, WebState, html_response, layout, set_cookie};
 
 /// Why the login page is shown.
@@ -44,9 +44,9 @@ fn form(
     status: StatusCode,
     notice: Option<(String, bool)>,
 ) -> Response {
-    let kept = super::cookie(headers, LOGIN_COOKIE)
-        .filter(|t| t.len() == 64 && t.bytes().all(|b| b.is_ascii_hexdigit()));
-    let Some(token) = kept.or_else(|| random_id().ok()) else {
+    let kept = super::cookie(headers, state.login_cookie())
+        .filter(|t| state.sessions.issued_login_form(t));
+    let Some(token) = kept.or_else(|| state.sessions.issue_login_form().ok()) else {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "no randomness from the system\n",
@@ -83,7 +83,7 @@ fn form(
         .into_response();
     response.headers_mut().append(
         header::SET_COOKIE,
-        set_cookie(LOGIN_COOKIE, &token, state.https, None),
+        set_cookie(state.login_cookie(), &token, state.https, None),
     );
     response
 }
@@ -200,11 +200,11 @@ pub(super) async fn submit(
     let headers = response.headers_mut();
     headers.append(
         header::SET_COOKIE,
-        set_cookie(SESSION_COOKIE, &id, state.https, None),
+        set_cookie(state.session_cookie(), &id, state.https, None),
     );
     headers.append(
         header::SET_COOKIE,
-        set_cookie(LOGIN_COOKIE, "", state.https, Some(0)),
+        set_cookie(state.login_cookie(), "", state.https, Some(0)),
     );
     response
 }
@@ -221,7 +221,7 @@ pub(super) async fn logout(
     let mut response = Redirect::to("/login?out=1").into_response();
     response.headers_mut().append(
         header::SET_COOKIE,
-        set_cookie(SESSION_COOKIE, "", state.https, Some(0)),
+        set_cookie(state.session_cookie(), "", state.https, Some(0)),
     );
     response
 }

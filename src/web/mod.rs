@@ -133,6 +133,28 @@ impl WebState {
     }
 }
 
+impl WebState {
+    /// The session cookie's name: over HTTPS with the `__Host-` prefix, so that the
+    /// browser accepts it only from this origin (another service on the host cannot
+    /// plant one).
+    pub fn session_cookie(&self) -> &'static str {
+        if self.https {
+            "__Host-cloudpdi_session"
+        } else {
+            SESSION_COOKIE
+        }
+    }
+
+    /// The pre-session cookie's name (`__Host-` over HTTPS, as the session's).
+    pub fn login_cookie(&self) -> &'static str {
+        if self.https {
+            "__Host-cloudpdi_login"
+        } else {
+            LOGIN_COOKIE
+        }
+    }
+}
+
 /// What [`guard`] learnt about a request, for its handler.
 #[derive(Debug, Clone)]
 pub struct Ctx {
@@ -325,7 +347,7 @@ async fn guard(State(state): State<Arc<WebState>>, request: Request, next: Next)
     // One leading slash: `//host/...` would make the language link point off-site.
     let path = format!("/{}", parts.uri.path().trim_start_matches('/'));
     let now = crate::clock::now_ms();
-    let had_cookie = cookie(&parts.headers, SESSION_COOKIE);
+    let had_cookie = cookie(&parts.headers, state.session_cookie());
     let stream = path.ends_with("/events");
     let mut session = had_cookie.as_deref().and_then(|id| {
         let found = if stream {
@@ -359,7 +381,8 @@ async fn guard(State(state): State<Arc<WebState>>, request: Request, next: Next)
         // the login, a pre-session cookie) nothing is read, and a body must arrive
         // within BODY_TIMEOUT, so slow bodies cannot hold the connection slots.
         let expected = match (&ctx.session, path.as_str()) {
-            (_, "/login") => cookie(&parts.headers, LOGIN_COOKIE),
+            (_, "/login") => cookie(&parts.headers, state.login_cookie())
+                .filter(|t| state.sessions.issued_login_form(t)),
             (Some((_, s)), _) => Some(s.csrf.clone()),
             (None, _) => None,
         };

@@ -40,6 +40,10 @@ pub const MAX_SESSIONS: usize = 1024;
 /// session idle the longest, so that one user's logins cannot push everyone else out.
 pub const MAX_SESSIONS_PER_USER: usize = 16;
 
+/// Pre-session tokens (of login forms shown) remembered at once; beyond it the oldest
+/// is forgotten (its form then asks to reload the page).
+pub const MAX_LOGIN_FORMS: usize = 4096;
+
 /// User names and client addresses whose failed logins are counted at once; beyond it
 /// the entries whose lock-out ended are forgotten, then the oldest.
 pub const MAX_TRACKED: usize = 4096;
@@ -127,6 +131,7 @@ pub struct Sessions {
     sessions: Mutex<HashMap<String, Entry>>,
     names: Mutex<HashMap<String, Failures>>,
     addresses: Mutex<HashMap<IpAddr, Failures>>,
+    forms: Mutex<std::collections::VecDeque<String>>,
 }
 
 impl Sessions {
@@ -137,6 +142,7 @@ impl Sessions {
             sessions: Mutex::new(HashMap::new()),
             names: Mutex::new(HashMap::new()),
             addresses: Mutex::new(HashMap::new()),
+            forms: Mutex::new(std::collections::VecDeque::new()),
         })
     }
 
@@ -216,6 +222,28 @@ impl Sessions {
             entry.seen = now;
         }
         Some(entry.session.clone())
+    }
+
+    /// A new pre-session token for a login form, remembered (at most
+    /// [`MAX_LOGIN_FORMS`]), so that only tokens this page issued are accepted: a cookie
+    /// planted by another service on the same host is not.
+    ///
+    /// # Errors
+    /// The system gave no randomness.
+    pub fn issue_login_form(&self) -> Result<String, getrandom::Error> {
+        let token = random_id()?;
+        let mut forms = self.forms.lock().unwrap_or_else(|e| e.into_inner());
+        if forms.len() >= MAX_LOGIN_FORMS {
+            forms.pop_front();
+        }
+        forms.push_back(token.clone());
+        Ok(token)
+    }
+
+    /// Whether `token` is a pre-session token this page issued (and still remembers).
+    pub fn issued_login_form(&self, token: &str) -> bool {
+        let forms = self.forms.lock().unwrap_or_else(|e| e.into_inner());
+        forms.iter().any(|issued| same_secret(issued, token))
     }
 
     /// Ends session `id` (logout, or its user was removed).
@@ -440,6 +468,19 @@ mod tests {
             sessions.failed("user0", IpAddr::from([10, 0, 0, 1]), 99_999),
             1
         );
+    }
+
+    #[test]
+    fn only_issued_login_forms_are_accepted() {
+        let sessions = Sessions::new(policy());
+        let first = sessions.issue_login_form().expect("random");
+        assert!(sessions.issued_login_form(&first));
+        assert!(!sessions.issued_login_form(&"a".repeat(64)), "planted");
+        for _ in 0..MAX_LOGIN_FORMS {
+            sessions.issue_login_form().expect("random");
+        }
+        assert!(!sessions.issued_login_form(&first), "forgotten, bounded");
+        assert_eq!(sessions.forms.lock().expect("lock").len(), MAX_LOGIN_FORMS);
     }
 
     #[test]
