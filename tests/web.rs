@@ -256,6 +256,28 @@ async fn no_page_without_a_login_and_no_post_without_its_csrf_token() {
     assert_eq!(refused.status, 403);
     assert!(refused.body.contains("reload the page") || refused.body.contains("読み込み直して"));
     browser.get("/login").await;
+    // Review finding 11: a pre-session cookie the page did not issue (planted by another
+    // service on the host) is not reused by the form, nor accepted.
+    let mut planted = Client::new(&base);
+    planted
+        .cookies
+        .insert("cloudpdi_login".to_owned(), "b".repeat(64));
+    let form = planted.get("/login").await;
+    assert!(!form.body.contains(&"b".repeat(64)), "{}", form.body);
+    planted
+        .cookies
+        .insert("cloudpdi_login".to_owned(), "b".repeat(64));
+    let refused = planted
+        .post(
+            "/login",
+            &[
+                ("csrf", &"b".repeat(64)),
+                ("user", "clerk"),
+                ("password", PASSWORD),
+            ],
+        )
+        .await;
+    assert_eq!(refused.status, 403);
     let refused = browser
         .post(
             "/login",
@@ -425,6 +447,20 @@ async fn wrong_passwords_lock_the_name_and_the_address_out_with_a_clear_message(
     add_user(&site, "nurse");
     let sprayed = english.login("nurse", PASSWORD).await;
     assert_eq!(sprayed.status, 429, "{}", sprayed.body);
+    // Review finding 5: a clerk at another computer (no failure from there) still logs in
+    // with the right password; a wrong one from there is refused for the name at once.
+    let mut guesser = Client::with(
+        &base,
+        reqwest::Client::builder().local_address(std::net::IpAddr::from([127, 0, 0, 3])),
+    );
+    assert_eq!(guesser.login("clerk", "not the password").await.status, 429);
+    assert_eq!(guesser.login("clerk", PASSWORD).await.status, 429);
+    let mut other = Client::with(
+        &base,
+        reqwest::Client::builder().local_address(std::net::IpAddr::from([127, 0, 0, 2])),
+    );
+    let right = other.login("clerk", PASSWORD).await;
+    assert_eq!(right.status, 303, "{}", right.body);
     let log = site.log();
     assert!(log.contains("web: failed login"), "{log}");
     assert!(log.contains("web: login refused: locked out"), "{log}");
@@ -486,6 +522,50 @@ async fn users_are_added_and_removed_while_the_daemon_runs() {
     assert_eq!(after.status, 303);
     assert_eq!(after.header("location"), "/login?ended=1");
     assert_eq!(nurse.login("nurse", PASSWORD).await.status, 401);
+
+    // Review finding 2: a changed password ends the sessions opened with the old one.
+    let mut clerk = Client::new(&base);
+    assert_eq!(clerk.login("clerk", PASSWORD).await.status, 303);
+    assert_eq!(clerk.get("/jobs").await.status, 200);
+    let changed = web_command(
+        &site.config,
+        &["add-user", "clerk", "--password-stdin"],
+        "another long password\n",
+    );
+    assert!(changed.status.success(), "{changed:?}");
+    let after = clerk.get("/jobs").await;
+    assert_eq!(after.header("location"), "/login?ended=1");
+    assert_eq!(
+        clerk.login("clerk", "another long password").await.status,
+        303
+    );
+    assert_eq!(clerk.get("/jobs").await.status, 200);
+    // Review finding 3: a users file the daemon cannot read holds no user (a line edited
+    // by hand here): open sessions end, no login, and the log says why.
+    let good = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, format!("{good}a line edited by hand\n")).unwrap();
+    assert_eq!(
+        clerk.get("/jobs").await.header("location"),
+        "/login?ended=1"
+    );
+    assert_eq!(
+        clerk.login("clerk", "another long password").await.status,
+        401
+    );
+    assert!(site.log().contains("no one can log in"), "{}", site.log());
+    std::fs::write(&file, good).unwrap();
+    assert_eq!(
+        clerk.login("clerk", "another long password").await.status,
+        303
+    );
+    // The command refuses to write as another user than the file's owner.
+    std::os::unix::fs::chown(&file, Some(54_321), None).unwrap();
+    let refused = web_command(&site.config, &["remove-user", "clerk"], "");
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("sudo -u '#54321'"),
+        "{refused:?}"
+    );
 }
 
 /// A certificate for 127.0.0.1 made with openssl: (certificate, key).
@@ -561,8 +641,12 @@ async fn a_lan_address_needs_https_and_over_https_the_cookie_is_secure() {
     );
     let login = browser.login("clerk", PASSWORD).await;
     assert_eq!(login.status, 303, "{}", login.body);
-    let cookie = login.set_cookie("cloudpdi_session").unwrap();
-    assert!(cookie.contains("; Secure"), "{cookie}");
+    // Review finding 11: over HTTPS the cookies carry the `__Host-` prefix.
+    let cookie = login.set_cookie("__Host-cloudpdi_session").unwrap();
+    assert!(
+        cookie.contains("; Secure") && cookie.contains("Path=/"),
+        "{cookie}"
+    );
     assert_eq!(browser.get("/receive").await.status, 200);
     // Plain HTTP on the HTTPS port gets no page.
     let plain = Client::new(&base);
@@ -681,5 +765,265 @@ fn a_clerk_scans_a_token_and_watches_the_import_in_a_browser() {
     ] {
         let shot = artifacts.join(format!("{page}.png"));
         assert!(std::fs::metadata(&shot).unwrap().len() > 1000, "{page}");
+    }
+}
+
+/// Sends `head` (a request without its body) on a new connection and returns the status
+/// line of the answer, or `None` when none came within `wait`.
+async fn raw_status(base: &str, head: &str, wait: Duration) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let address = base.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let mut buffer = [0u8; 1024];
+    let read = async {
+        while !answer.windows(2).any(|w| w == b"\r\n") {
+            match stream.read(&mut buffer).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buffer[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(wait, read).await.ok()?;
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    text.lines().next().map(str::to_owned)
+}
+
+/// Review finding 1: a POST whose body never comes cannot hold the page's connections:
+/// without a session it is refused before its body is read, with one its body must come
+/// within 10 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_whose_body_never_comes_holds_no_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_site, base) = start(dir.path(), "");
+    let head = |cookie: &str| {
+        format!(
+            "POST /receive HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+             Content-Type: application/x-www-form-urlencoded\r\n{cookie}\
+             Content-Length: 16000\r\n\r\n"
+        )
+    };
+    let started = std::time::Instant::now();
+    let status = raw_status(&base, &head(""), Duration::from_secs(3)).await;
+    assert!(
+        status.as_deref().is_some_and(|s| s.contains(" 403 ")),
+        "refused at once without a session: {status:?}"
+    );
+    let status = raw_status(
+        &base,
+        &head("Cookie: cloudpdi_session=0000\r\n"),
+        Duration::from_secs(3),
+    )
+    .await;
+    assert!(status.is_some_and(|s| s.contains(" 403 ")));
+    assert!(started.elapsed() < Duration::from_secs(3));
+    // Logged in: the body has 10 s.
+    let mut browser = Client::new(&base);
+    assert_eq!(browser.login("clerk", PASSWORD).await.status, 303);
+    let session = browser.cookies["cloudpdi_session"].clone();
+    let started = std::time::Instant::now();
+    let status = raw_status(
+        &base,
+        &head(&format!("Cookie: cloudpdi_session={session}\r\n")),
+        Duration::from_secs(15),
+    )
+    .await;
+    assert!(
+        status.as_deref().is_some_and(|s| s.contains(" 408 ")),
+        "{status:?}"
+    );
+    assert!(started.elapsed() >= Duration::from_secs(9));
+}
+
+/// Review finding 4: wrong passwords sent at once are counted as if sent one by one: no
+/// more guesses get their answer than the lock-out allows (plus the logins being checked
+/// at that moment).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_passwords_sent_at_once_are_locked_out_as_well() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_site, base) = start(dir.path(), "lockout_after = 3\n");
+    let mut browser = Client::new(&base);
+    let page = browser.get("/login").await;
+    let token = csrf(&page.body);
+    let cookie = format!("cloudpdi_login={}", browser.cookies["cloudpdi_login"]);
+    let guesses: Vec<_> = (0..12)
+        .map(|n| {
+            let request = browser
+                .http
+                .post(format!("{base}/login"))
+                .header("content-type", "application/x-www-form-urlencoded")
+                .header("cookie", cookie.clone())
+                .body(form(&[
+                    ("csrf", &token),
+                    ("user", "clerk"),
+                    ("password", &format!("guess number {n}")),
+                ]));
+            tokio::spawn(async move { request.send().await.unwrap().status().as_u16() })
+        })
+        .collect();
+    let mut checked = 0;
+    for guess in guesses {
+        let status = guess.await.unwrap();
+        assert!([401, 429].contains(&status), "{status}");
+        checked += usize::from(status == 401);
+    }
+    assert!(
+        checked < 3 + cloudpdi::web::MAX_CONCURRENT_LOGINS,
+        "{checked} passwords checked"
+    );
+}
+
+/// Review finding 6: the Patient ID field comes before the token field (the scanner's
+/// Enter submits at once), and a token handed over again with a Patient ID says clearly
+/// that the ID was not applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_patient_id_given_for_a_known_token_is_said_not_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let (site, base) = start(dir.path(), "");
+    let file = dir.path().join("unreachable.token");
+    let out = run(Command::new(env!("CARGO_BIN_EXE_cloudpdi"))
+        .args(["token", "new", "--repository", "http://127.0.0.1:9"])
+        .args(["--document-id", "0123456789abcdef0123", "--out"])
+        .arg(&file));
+    assert!(out.status.success(), "{out:?}");
+    let token = std::fs::read_to_string(&file).unwrap().trim().to_owned();
+    let mut browser = Client::new(&base);
+    assert_eq!(browser.login("clerk", PASSWORD).await.status, 303);
+    // Review finding 12: the language link of a page at `//host/` stays on the site.
+    let off_site = browser.get("//evil.example/").await;
+    assert_eq!(off_site.status, 404);
+    assert!(
+        off_site.body.contains("href=\"/evil.example/?lang="),
+        "{}",
+        off_site.body
+    );
+    assert!(!off_site.body.contains("\"//evil"), "{}", off_site.body);
+    let page = browser.get("/receive").await;
+    let (id_at, token_at) = (
+        page.body.find("id=\"patient_id\"").unwrap(),
+        page.body.find("id=\"token\"").unwrap(),
+    );
+    assert!(id_at < token_at, "the Patient ID field first");
+    let csrf = csrf(&page.body);
+    let first = browser
+        .post(
+            "/receive",
+            &[("csrf", &csrf), ("token", &token), ("patient_id", "")],
+        )
+        .await;
+    assert_eq!(first.status, 303, "{}", first.body);
+    let again = browser
+        .post(
+            "/receive",
+            &[
+                ("csrf", &csrf),
+                ("token", &token),
+                ("patient_id", "LOCAL-1"),
+            ],
+        )
+        .await;
+    assert_eq!(again.status, 303, "{}", again.body);
+    let to = again.header("location");
+    assert!(to.contains("id_not_applied=1"), "{to}");
+    let shown = browser.get(&format!("{to}&lang=en")).await;
+    assert!(
+        shown
+            .body
+            .contains("The Patient ID you entered was NOT applied"),
+        "{}",
+        shown.body
+    );
+    assert_eq!(site.inbound_jobs().len(), 1);
+}
+
+/// Review finding 7: on a loopback listener a request naming another host (a page using
+/// DNS rebinding) is answered 421, before the login page or its CSRF token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loopback_page_answers_only_loopback_host_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_site, base) = start(dir.path(), "");
+    for (host, expected) in [
+        ("evil.example", " 421 "),
+        ("evil.example:80", " 421 "),
+        ("127.0.0.1", " 200 "),
+        ("localhost:8443", " 200 "),
+    ] {
+        let head = format!("GET /login HTTP/1.1\r\nHost: {host}\r\n\r\n");
+        let status = raw_status(&base, &head, Duration::from_secs(3)).await;
+        assert!(
+            status.as_deref().is_some_and(|s| s.contains(expected)),
+            "{host}: {status:?}"
+        );
+    }
+}
+
+/// Review finding 8: progress streams are bounded per session (4), and end with an `end`
+/// event (the page does not reconnect) once the session ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_streams_are_bounded_and_end_with_the_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_site, base) = start(dir.path(), "");
+    let file = dir.path().join("unreachable.token");
+    let out = run(Command::new(env!("CARGO_BIN_EXE_cloudpdi"))
+        .args(["token", "new", "--repository", "http://127.0.0.1:9"])
+        .args(["--document-id", "0123456789abcdef0123", "--out"])
+        .arg(&file));
+    assert!(out.status.success(), "{out:?}");
+    let token = std::fs::read_to_string(&file).unwrap().trim().to_owned();
+    let mut browser = Client::new(&base);
+    assert_eq!(browser.login("clerk", PASSWORD).await.status, 303);
+    let page = browser.get("/receive").await;
+    let csrf = csrf(&page.body);
+    let queued = browser
+        .post("/receive", &[("csrf", &csrf), ("token", &token)])
+        .await;
+    let job = queued.header("location").replace("/receive/", "");
+    // Review finding 16: with a job recorded, a client without a login still sees none
+    // of it (sent to the login, no study data).
+    let mut anonymous = Client::new(&base);
+    for path in [
+        format!("/receive/{job}"),
+        format!("/jobs/{job}/events"),
+        "/jobs".to_owned(),
+        "/sent".to_owned(),
+    ] {
+        let answer = anonymous.get(&path).await;
+        assert_eq!(answer.status, 303, "{path}");
+        assert!(!answer.body.contains(&job[1..]), "{path}: {}", answer.body);
+        assert!(!answer.body.contains("Patient"), "{path}: {}", answer.body);
+    }
+    let cookie = format!("cloudpdi_session={}", browser.cookies["cloudpdi_session"]);
+    let open = || {
+        browser
+            .http
+            .get(format!("{base}/jobs/{job}/events"))
+            .header("cookie", cookie.clone())
+            .send()
+    };
+    let mut streams = Vec::new();
+    for _ in 0..4 {
+        let stream = open().await.unwrap();
+        assert_eq!(stream.status().as_u16(), 200);
+        streams.push(stream);
+    }
+    assert_eq!(
+        open().await.unwrap().status().as_u16(),
+        429,
+        "a fifth stream"
+    );
+    let logout = browser.post("/logout", &[("csrf", &csrf)]).await;
+    assert_eq!(logout.status, 303);
+    for mut stream in streams {
+        let mut seen = String::new();
+        let read = async {
+            while let Some(chunk) = stream.chunk().await.unwrap() {
+                seen.push_str(&String::from_utf8_lossy(&chunk));
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), read)
+            .await
+            .expect("the stream ends with the session");
+        assert!(seen.contains("event: end"), "{seen}");
     }
 }

@@ -277,7 +277,7 @@ async fn loopback_host(request: Request, next: Next) -> Response {
 }
 
 /// Whether `host` (a `Host` header: name, optional `:port`) names this machine's loopback.
-fn is_loopback_host(host: &str) -> bool {
+pub(crate) fn is_loopback_host(host: &str) -> bool {
     let (name, port) = match host.rsplit_once(':') {
         Some((name, port)) if !name.contains(':') || name.ends_with(']') => (name, Some(port)),
         _ => (host, None),

@@ -102,11 +102,25 @@ pub fn encode_symbols(values: &[u8]) -> String {
     format!("{PREFIX}{}", groups.join("-"))
 }
 
-/// Parses grouped text back to symbol values, ignoring case, spaces and hyphens.
+/// `c` as ASCII when it is a full-width form of it (U+FF01-FF5E, the ideographic space)
+/// or a dash a Japanese input method types for '-' (U+30FC, U+2212, U+2010-2015): a
+/// scanner or a clerk typing with the input method on gives such text.
+fn half_width(c: char) -> char {
+    match c {
+        '\u{FF01}'..='\u{FF5E}' => char::from_u32(u32::from(c) - 0xFEE0).unwrap_or(c),
+        '\u{30FC}' | '\u{2212}' | '\u{2010}'..='\u{2015}' => '-',
+        '\u{3000}' => ' ',
+        other => other,
+    }
+}
+
+/// Parses grouped text back to symbol values, ignoring case, spaces and hyphens (also
+/// their full-width forms: see [`half_width`]).
 pub fn decode_symbols(text: &str) -> Result<Vec<u8>, TextError> {
     if text.len() > MAX_TEXT {
         return Err(TextError::TooLong);
     }
+    let text: String = text.chars().map(half_width).collect();
     let trimmed = text.trim_start();
     let code = PREFIX.trim_end_matches('-');
     let head = trimmed.get(..code.len()).ok_or(TextError::Prefix)?;
@@ -206,6 +220,23 @@ mod tests {
         };
         let bad = format!("{PREFIX}{}", String::from_utf8_lossy(&body));
         assert_eq!(decode_symbols(&bad), Err(TextError::Check { group: 4 }));
+    }
+
+    #[test]
+    fn full_width_text_from_an_input_method_reads() {
+        let text = encode_symbols(&sample());
+        let wide: String = text
+            .chars()
+            .map(|c| match c {
+                '-' => '\u{30FC}',
+                c => char::from_u32(u32::from(c) + 0xFEE0).expect("full width"),
+            })
+            .collect();
+        assert_eq!(decode_symbols(&wide), Ok(sample()));
+        let spaced = format!("\u{3000}{}", text.replace('-', "\u{2212}"));
+        assert_eq!(decode_symbols(&spaced), Ok(sample()));
+        let minus = text.replace('-', "\u{FF0D}");
+        assert_eq!(decode_symbols(&minus), Ok(sample()));
     }
 
     #[test]

@@ -163,6 +163,16 @@ pub(crate) enum T {
     Expired,
     NotFound,
     Forbidden,
+    RetryUnknown,
+    RetryNotFailed,
+    RetryEnded,
+    RetryRevoked,
+    TokenUnreadable,
+    TokenVersion,
+    TooManyStreams,
+    PatientIdNotApplied,
+    TooLarge,
+    TooSlow,
     Unavailable,
     State,
     Progress,
@@ -211,8 +221,8 @@ impl T {
                 "Wrong user name or password.",
             ),
             T::LockedName => (
-                "ログインの失敗が続いたため、このユーザー名は {until} ログインできません（正しいパスワードでも同じです）。時間をおいてからもう一度ログインするか、管理者に連絡してください。",
-                "Too many failed logins: this user name cannot log in {until}, even with the right password. Try again after that time, or ask an administrator.",
+                "ログインの失敗が続いたため、この端末からはこのユーザー名で {until} ログインできません（正しいパスワードでも同じです）。時間をおいてからもう一度ログインするか、別の端末から、または管理者に連絡してください。",
+                "Too many failed logins: this user name cannot log in from this computer {until}, even with the right password. Try again after that time, from another computer, or ask an administrator.",
             ),
             T::LockedAddress => (
                 "この端末からのログインの失敗が続いたため、この端末からは {until} ログインできません（正しいパスワードでも同じです）。時間をおいてからもう一度ログインするか、管理者に連絡してください。",
@@ -231,8 +241,8 @@ impl T {
             ),
             T::PatientIdLabel => ("院内の患者ID（任意）", "Local Patient ID (optional)"),
             T::PatientIdHelp => (
-                "入力すると、この患者IDで取り込みます。空欄なら設定どおりです。",
-                "When given, the study is filed under this Patient ID; empty: as configured.",
+                "入力すると、この患者IDで取り込みます（トークンを読み取る前に入力してください。読み取りの Enter ですぐに取り込みが始まります）。空欄なら設定どおりです。",
+                "When given, the study is filed under this Patient ID: type it before scanning the token (the scanner's Enter starts the import at once). Empty: as configured.",
             ),
             T::ImportButton => ("取り込む", "Import"),
             T::CameraButton => ("カメラで読み取る", "Scan with the camera"),
@@ -349,6 +359,46 @@ impl T {
             T::Forbidden => (
                 "このフォームは期限切れか、このページから送られたものではありません。ページを読み込み直してから、もう一度操作してください。",
                 "This form expired or did not come from this page: reload the page and try again.",
+            ),
+            T::RetryUnknown => (
+                "ジョブ {id} は見つかりません。ジョブの一覧を読み込み直してください。",
+                "There is no job {id}: reload the list of jobs.",
+            ),
+            T::RetryNotFailed => (
+                "ジョブ {id} は失敗していません（状態: {state}）。再実行できるのは失敗したジョブだけです。",
+                "Job {id} has not failed (it is {state}): only failed jobs can be retried.",
+            ),
+            T::RetryEnded => (
+                "受信ジョブ {id} は最終的に失敗し、そのトークンとファイルは削除されました。もう一度取り込むには、トークンを受信ページで読み取り直してください。",
+                "Inbound job {id} failed for good and its token and files were removed: scan the token again on the receive page to import it anew.",
+            ),
+            T::RetryRevoked => (
+                "送信ジョブ {id} のトークンは無効化されているため、再送しません。新しいトークンが必要なら、検査をもう一度送ってください。",
+                "The token of outbound job {id} was revoked: it is not sent again; send the study again for a new token.",
+            ),
+            T::TokenUnreadable => (
+                "このトークンは読み取れません。発行した病院に新しいトークンを依頼してください。",
+                "This token cannot be read: ask the issuing hospital for a new one.",
+            ),
+            T::TokenVersion => (
+                "このトークンは新しい形式で、この cloudpdi では読めません。管理者に cloudpdi の更新を依頼してください。",
+                "This token has a newer format than this cloudpdi reads: ask an administrator to update cloudpdi.",
+            ),
+            T::TooManyStreams => (
+                "進み具合を表示しているページが多すぎます（1 つのログインで 4 つ、全体で 32 まで）。使っていないジョブのページを閉じてから、このページを読み込み直してください。",
+                "Too many pages are following a job (at most 4 per login, 32 in all): close the job pages you do not need, then reload this one.",
+            ),
+            T::PatientIdNotApplied => (
+                "入力した患者IDは使われていません。このトークンの取り込みは前に始まっていて、送り元の患者IDで登録されます（または登録済みです）。ローカルの患者IDで登録するには、PACS で患者IDを変更してください。",
+                "The Patient ID you entered was NOT applied: this token's import had already started, and the study is (or will be) filed under the sender's Patient ID. To file it under the local ID, change it in the PACS.",
+            ),
+            T::TooLarge => (
+                "送られた内容が大きすぎます（16 KiB まで）。トークンだけを入力して、もう一度送ってください。",
+                "What was sent is too large (at most 16 KiB): enter the token alone and send it again.",
+            ),
+            T::TooSlow => (
+                "送信が途中で止まりました（10 秒以内に届きませんでした）。ページを読み込み直して、もう一度送ってください。",
+                "The form did not arrive in time (within 10 seconds): reload the page and send it again.",
             ),
             T::Unavailable => (
                 "ゲートウェイの記録を読めません。管理者に連絡してください。",
@@ -467,16 +517,132 @@ mod tests {
         assert_eq!(Lang::of(&chosen, Some(Lang::En)), Lang::En);
     }
 
+    /// Every text (the test below checks against the enum's source that none is missing).
+    const ALL: [T; 108] = [
+        T::App,
+        T::NavReceive,
+        T::NavJobs,
+        T::NavSent,
+        T::Logout,
+        T::SignedInAs,
+        T::Switch,
+        T::Skip,
+        T::LoginTitle,
+        T::UserName,
+        T::Password,
+        T::LoginButton,
+        T::LoginFailed,
+        T::LockedName,
+        T::LockedAddress,
+        T::SessionEnded,
+        T::LoggedOut,
+        T::ReceiveTitle,
+        T::TokenLabel,
+        T::TokenHelp,
+        T::PatientIdLabel,
+        T::PatientIdHelp,
+        T::ImportButton,
+        T::CameraButton,
+        T::CameraStop,
+        T::CheckOk,
+        T::CheckGroup,
+        T::CheckPrefix,
+        T::CheckVersion1,
+        T::CheckChar,
+        T::CheckLength,
+        T::CheckTooLong,
+        T::TokenExpired,
+        T::PatientIdBad,
+        T::NoInbound,
+        T::JobTitle,
+        T::StepDownload,
+        T::StepOpen,
+        T::StepUnpack,
+        T::StepImport,
+        T::StepReceipt,
+        T::StepDone,
+        T::StepFailed,
+        T::Stored,
+        T::Done,
+        T::Failed,
+        T::Held,
+        T::Retrying,
+        T::AlreadyImported,
+        T::AlreadyRunning,
+        T::Refused,
+        T::ReceiveAnother,
+        T::JobsTitle,
+        T::NoJobs,
+        T::Job,
+        T::Direction,
+        T::Study,
+        T::Reason,
+        T::Detail,
+        T::Action,
+        T::Retry,
+        T::Retried,
+        T::Outbound,
+        T::Inbound,
+        T::SentTitle,
+        T::NoSent,
+        T::Route,
+        T::Expiry,
+        T::Downloads,
+        T::Receipts,
+        T::ReceiptLine,
+        T::Reprint,
+        T::NotKnown,
+        T::None,
+        T::PatientId,
+        T::Accession,
+        T::StudyDate,
+        T::Modality,
+        T::Expired,
+        T::NotFound,
+        T::Forbidden,
+        T::RetryUnknown,
+        T::RetryNotFailed,
+        T::RetryEnded,
+        T::RetryRevoked,
+        T::TokenUnreadable,
+        T::TokenVersion,
+        T::TooManyStreams,
+        T::PatientIdNotApplied,
+        T::TooLarge,
+        T::TooSlow,
+        T::Unavailable,
+        T::State,
+        T::Progress,
+        T::Live,
+        T::CausePacsRejected,
+        T::CausePacsUnreachable,
+        T::CausePacsBusy,
+        T::CauseRepositoryUnreachable,
+        T::CauseRepositoryRefused,
+        T::CauseDiskFull,
+        T::CauseLocalIo,
+        T::CauseInvalidToken,
+        T::CauseInvalidContainer,
+        T::CauseInvalidPdi,
+        T::CauseCrashed,
+        T::CauseRecipientKey,
+        T::CauseOther,
+    ];
+
     #[test]
     fn every_text_has_both_languages_and_the_same_values() {
-        let all = [
-            T::LockedName,
-            T::LockedAddress,
-            T::CheckGroup,
-            T::Stored,
-            T::JobTitle,
-        ];
-        for t in all {
+        let source = include_str!("i18n.rs");
+        let start = source.find("pub(crate) enum T {").expect("the enum") + 19;
+        let end = start + source[start..].find("\n}").expect("its end");
+        let declared: Vec<&str> = source[start..end]
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with("///"))
+            .map(|l| l.trim_end_matches(','))
+            .collect();
+        let listed: Vec<String> = ALL.iter().map(|t| format!("{t:?}")).collect();
+        assert_eq!(declared, listed, "ALL lists every text");
+        for t in ALL {
             let (ja, en) = t.both();
             let names = |s: &str| {
                 let mut v: Vec<String> = s

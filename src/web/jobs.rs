@@ -168,7 +168,16 @@ pub(super) async fn retry(
                 _ => StatusCode::CONFLICT,
             };
             tracing::info!(user = %user, job = %id, "web: retry refused: {e}");
-            render(state, &ctx, status, Some((e.to_string(), true))).await
+            let text = match &e {
+                RetryError::Unknown(id) => fill(ctx.t(T::RetryUnknown), &[("id", id)]),
+                RetryError::NotFailed(id, step) => {
+                    fill(ctx.t(T::RetryNotFailed), &[("id", id), ("state", step)])
+                }
+                RetryError::Ended(id) => fill(ctx.t(T::RetryEnded), &[("id", id)]),
+                RetryError::Revoked(id) => fill(ctx.t(T::RetryRevoked), &[("id", id)]),
+                _ => format!("{} {e}", ctx.t(T::Unavailable)),
+            };
+            render(state, &ctx, status, Some((text, true))).await
         }
         Err(e) => {
             render(

@@ -11,7 +11,7 @@ use maud::html;
 use zeroize::Zeroizing;
 
 use super::i18n::{T, fill};
-use super::session::{LOGIN_COOKIE, SESSION_COOKIE, random_id};
+
 use super::{Ctx, WebState, html_response, layout, set_cookie};
 
 /// Why the login page is shown.
@@ -44,9 +44,9 @@ fn form(
     status: StatusCode,
     notice: Option<(String, bool)>,
 ) -> Response {
-    let kept = super::cookie(headers, LOGIN_COOKIE)
-        .filter(|t| t.len() == 64 && t.bytes().all(|b| b.is_ascii_hexdigit()));
-    let Some(token) = kept.or_else(|| random_id().ok()) else {
+    let kept = super::cookie(headers, state.login_cookie())
+        .filter(|t| state.sessions.issued_login_form(t));
+    let Some(token) = kept.or_else(|| state.sessions.issue_login_form().ok()) else {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "no randomness from the system\n",
@@ -83,7 +83,7 @@ fn form(
         .into_response();
     response.headers_mut().append(
         header::SET_COOKIE,
-        set_cookie(LOGIN_COOKIE, &token, state.https, None),
+        set_cookie(state.login_cookie(), &token, state.https, None),
     );
     response
 }
@@ -131,28 +131,43 @@ pub(super) async fn submit(
         };
         (fill(ctx.t(text), &[("until", &until)]), true)
     };
-    if let Some(locked) = state
-        .sessions
-        .locked(&name, ctx.peer, crate::clock::now_ms())
-    {
+    let refuse_locked = || {
+        let locked = state
+            .sessions
+            .locked(&name, ctx.peer, crate::clock::now_ms())?;
         tracing::warn!(user = %name, address = %ctx.peer, "web: login refused: locked out after repeated failures");
-        return form(
+        Some(form(
             &state,
             &ctx,
             &headers,
             StatusCode::TOO_MANY_REQUESTS,
             Some(locked_text(locked)),
-        );
+        ))
+    };
+    if let Some(refused) = refuse_locked() {
+        return refused;
     }
     let Ok(_permit) = state.logins.acquire().await else {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
     };
+    // Again with the slot held: logins sent at once all passed the check above while
+    // the first ones were being verified; now each sees the failures counted before it.
+    if let Some(refused) = refuse_locked() {
+        return refused;
+    }
     let (check, user) = (state.clone(), name.clone());
-    let good = tokio::task::spawn_blocking(move || check.users.verify(&user, &password))
-        .await
-        .unwrap_or(false);
+    let good = tokio::task::spawn_blocking(move || {
+        check
+            .users
+            .verify(&user, &password)
+            .then(|| check.users.key(&user))
+            .flatten()
+    })
+    .await
+    .ok()
+    .flatten();
     let now = crate::clock::now_ms();
-    if !good {
+    let Some(key) = good else {
         let failures = state.sessions.failed(&name, ctx.peer, now);
         tracing::warn!(user = %name, address = %ctx.peer, failures, "web: failed login");
         return match state.sessions.locked(&name, ctx.peer, now) {
@@ -171,9 +186,9 @@ pub(super) async fn submit(
                 Some((ctx.t(T::LoginFailed).to_owned(), true)),
             ),
         };
-    }
+    };
     state.sessions.succeeded(&name);
-    let Ok(id) = state.sessions.start(&name, now) else {
+    let Ok(id) = state.sessions.start(&name, &key, now) else {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "no randomness from the system\n",
@@ -185,11 +200,11 @@ pub(super) async fn submit(
     let headers = response.headers_mut();
     headers.append(
         header::SET_COOKIE,
-        set_cookie(SESSION_COOKIE, &id, state.https, None),
+        set_cookie(state.session_cookie(), &id, state.https, None),
     );
     headers.append(
         header::SET_COOKIE,
-        set_cookie(LOGIN_COOKIE, "", state.https, Some(0)),
+        set_cookie(state.login_cookie(), "", state.https, Some(0)),
     );
     response
 }
@@ -206,7 +221,7 @@ pub(super) async fn logout(
     let mut response = Redirect::to("/login?out=1").into_response();
     response.headers_mut().append(
         header::SET_COOKIE,
-        set_cookie(SESSION_COOKIE, "", state.https, Some(0)),
+        set_cookie(state.session_cookie(), "", state.https, Some(0)),
     );
     response
 }

@@ -67,6 +67,10 @@ pub const MAX_CONNECTIONS_PER_ADDRESS: usize = 16;
 /// Time a client has to send a request's headers (also between keep-alive requests).
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Time a POST body has to arrive once its headers are accepted (a form is a few hundred
+/// bytes: a browser sends it at once); a slower body is refused with 408.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Largest POST body read (a form, or the JSON of the live token check): a token is about
 /// 100 characters.
 pub const MAX_FORM_BYTES: usize = 16 * 1024;
@@ -88,12 +92,18 @@ pub struct WebState {
     pub sessions: Arc<Sessions>,
     /// Whether the page is HTTPS (the cookies are then `Secure`).
     pub https: bool,
+    /// Whether `web.listen` is a loopback address: requests must then name a loopback
+    /// host (a page of another site using DNS rebinding names its own).
+    pub loopback: bool,
     /// `facility.time_zone`, for times shown.
     pub zone: jiff::tz::TimeZone,
     /// Password checks running at once ([`MAX_CONCURRENT_LOGINS`]).
     pub logins: tokio::sync::Semaphore,
     /// Cancelled when the daemon stops: progress streams end at once.
     pub stop: CancellationToken,
+    /// Progress streams open, per session ID ([`receive::MAX_STREAMS`],
+    /// [`receive::MAX_STREAMS_PER_SESSION`]).
+    pub streams: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
 }
 
 impl WebState {
@@ -111,9 +121,36 @@ impl WebState {
             users: Users::new(users_file),
             sessions: Sessions::new(session::Policy::of(web)),
             https: web.https(),
+            loopback: web
+                .listen
+                .parse::<std::net::SocketAddr>()
+                .is_ok_and(|a| a.ip().is_loopback()),
             zone,
             logins: tokio::sync::Semaphore::new(MAX_CONCURRENT_LOGINS),
             stop,
+            streams: Arc::default(),
+        }
+    }
+}
+
+impl WebState {
+    /// The session cookie's name: over HTTPS with the `__Host-` prefix, so that the
+    /// browser accepts it only from this origin (another service on the host cannot
+    /// plant one).
+    pub fn session_cookie(&self) -> &'static str {
+        if self.https {
+            "__Host-cloudpdi_session"
+        } else {
+            SESSION_COOKIE
+        }
+    }
+
+    /// The pre-session cookie's name (`__Host-` over HTTPS, as the session's).
+    pub fn login_cookie(&self) -> &'static str {
+        if self.https {
+            "__Host-cloudpdi_login"
+        } else {
+            LOGIN_COOKIE
         }
     }
 }
@@ -276,11 +313,27 @@ fn public(path: &str) -> bool {
     path == "/login" || path == "/favicon.ico" || path.starts_with("/static/")
 }
 
-/// Finds the request's session and language, sends a request without a session to the
+/// Refuses, on a loopback listener, a request whose `Host` is not a loopback name (421),
+/// then finds the request's session and language, sends a request without a session to the
 /// login, and refuses a POST whose CSRF token is not its session's (or, for the login,
 /// the pre-session cookie's) with 403, before any handler runs.
 async fn guard(State(state): State<Arc<WebState>>, request: Request, next: Next) -> Response {
     let (parts, body) = request.into_parts();
+    let host = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok());
+    if state.loopback && !host.is_some_and(crate::admin::is_loopback_host) {
+        return (
+            StatusCode::MISDIRECTED_REQUEST,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            "このページは localhost、127.0.0.1、[::1] 宛ての要求にだけ答えます。\n\
+             The page answers only requests addressed to localhost, 127.0.0.1 or [::1] \
+             (the Host header named something else, as a web page using DNS rebinding \
+             would): open http://127.0.0.1:<port>/ on this computer.\n",
+        )
+            .into_response();
+    }
     let peer = parts
         .extensions
         .get::<ConnectInfo<Peer>>()
@@ -291,19 +344,27 @@ async fn guard(State(state): State<Arc<WebState>>, request: Request, next: Next)
             .and_then(Lang::parse)
     });
     let lang = Lang::of(&parts.headers, chosen);
-    let path = parts.uri.path().to_owned();
+    // One leading slash: `//host/...` would make the language link point off-site.
+    let path = format!("/{}", parts.uri.path().trim_start_matches('/'));
     let now = crate::clock::now_ms();
-    let had_cookie = cookie(&parts.headers, SESSION_COOKIE);
-    let mut session = had_cookie
-        .as_deref()
-        .and_then(|id| state.sessions.touch(id, now).map(|s| (id.to_owned(), s)));
+    let had_cookie = cookie(&parts.headers, state.session_cookie());
+    let stream = path.ends_with("/events");
+    let mut session = had_cookie.as_deref().and_then(|id| {
+        let found = if stream {
+            state.sessions.peek(id, now)
+        } else {
+            state.sessions.touch(id, now)
+        };
+        found.map(|s| (id.to_owned(), s))
+    });
     if let Some((id, s)) = &session {
         let (check, name) = (state.clone(), s.user.clone());
-        let exists = tokio::task::spawn_blocking(move || check.users.exists(&name))
+        let key = tokio::task::spawn_blocking(move || check.users.key(&name))
             .await
-            .unwrap_or(false);
-        if !exists {
-            tracing::info!(user = %s.user, "web: session ended: the user is no longer in the users file");
+            .ok()
+            .flatten();
+        if key.is_none_or(|key| !session::same_secret(&key, &s.key)) {
+            tracing::info!(user = %s.user, "web: session ended: the user is no longer in the users file, or their password changed");
             state.sessions.end(id);
             session = None;
         }
@@ -316,17 +377,32 @@ async fn guard(State(state): State<Arc<WebState>>, request: Request, next: Next)
     };
     let forbidden = || message_page(&ctx, StatusCode::FORBIDDEN, ctx.t(T::Forbidden));
     let request = if parts.method == Method::POST {
-        let bytes = match axum::body::to_bytes(body, MAX_FORM_BYTES).await {
-            Ok(bytes) => bytes,
-            Err(_) => return StatusCode::PAYLOAD_TOO_LARGE.into_response(),
-        };
+        // Who may send a body is decided before it is read: without a session (or, for
+        // the login, a pre-session cookie) nothing is read, and a body must arrive
+        // within BODY_TIMEOUT, so slow bodies cannot hold the connection slots.
         let expected = match (&ctx.session, path.as_str()) {
-            (_, "/login") => cookie(&parts.headers, LOGIN_COOKIE),
+            (_, "/login") => cookie(&parts.headers, state.login_cookie())
+                .filter(|t| state.sessions.issued_login_form(t)),
             (Some((_, s)), _) => Some(s.csrf.clone()),
             (None, _) => None,
         };
         let Some(expected) = expected.filter(|e| !e.is_empty()) else {
             return forbidden();
+        };
+        let bytes = match tokio::time::timeout(
+            BODY_TIMEOUT,
+            axum::body::to_bytes(body, MAX_FORM_BYTES),
+        )
+        .await
+        {
+            Ok(Ok(bytes)) => bytes,
+            Ok(Err(_)) => {
+                return message_page(&ctx, StatusCode::PAYLOAD_TOO_LARGE, ctx.t(T::TooLarge));
+            }
+            Err(_) => {
+                tracing::warn!(path = %path, address = %peer, "web: POST refused: its body did not arrive within {} s", BODY_TIMEOUT.as_secs());
+                return message_page(&ctx, StatusCode::REQUEST_TIMEOUT, ctx.t(T::TooSlow));
+            }
         };
         let given = match parts.headers.get(CSRF_HEADER).and_then(|v| v.to_str().ok()) {
             Some(header) => header.to_owned(),

@@ -27,9 +27,62 @@ use crate::token::{Token, TokenError};
 /// How often the progress stream looks at the job record.
 pub const EVENT_INTERVAL: Duration = Duration::from_millis(500);
 
-/// How long one progress stream lasts; the browser opens a new one after it (so a
-/// forgotten tab does not hold a connection for ever).
+/// How long one progress stream lasts; it then sends `end` and the page stops following
+/// (a forgotten tab does not hold a connection for ever: reloading the page follows again).
 pub const EVENT_STREAM_LIMIT: Duration = Duration::from_secs(30 * 60);
+
+/// Progress streams open at once, all sessions together (they hold connections, which
+/// [`super::MAX_CONNECTIONS`] bounds for every page); a further one is refused with 429.
+pub const MAX_STREAMS: usize = 32;
+
+/// Progress streams one session holds at once (a browser opens about six connections per
+/// host: more streams would stall its pages); a further one is refused with 429.
+pub const MAX_STREAMS_PER_SESSION: usize = 4;
+
+/// One open progress stream, counted until dropped.
+struct StreamSlot {
+    streams: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+    session: String,
+}
+
+impl StreamSlot {
+    /// A slot for a stream of `session`, or `None` beyond the limits.
+    fn take(state: &WebState, session: &str) -> Option<StreamSlot> {
+        let mut streams = state.streams.lock().unwrap_or_else(|e| e.into_inner());
+        let total: usize = streams.values().sum();
+        let mine = streams.get(session).copied().unwrap_or(0);
+        if total >= MAX_STREAMS || mine >= MAX_STREAMS_PER_SESSION {
+            return None;
+        }
+        streams.insert(session.to_owned(), mine + 1);
+        Some(StreamSlot {
+            streams: state.streams.clone(),
+            session: session.to_owned(),
+        })
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = streams.get_mut(&self.session) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                streams.remove(&self.session);
+            }
+        }
+    }
+}
+
+/// Where a progress stream is.
+enum Phase {
+    /// Following the job; the last view sent.
+    Following(Option<View>),
+    /// The job ended, the session ended, the daemon stops or the time is up: `end` next.
+    Ending,
+    /// `end` was sent.
+    Over,
+}
 
 /// The receive form's fields. The token is wiped when dropped.
 #[derive(Deserialize)]
@@ -82,6 +135,11 @@ fn token_problem(lang: Lang, text: &str) -> Option<(Option<usize>, String)> {
                 _ => (None, T::CheckLength.get(lang).to_owned()),
             });
         }
+        Err(TokenError::Envelope(_) | TokenError::Field(_)) => {
+            return Some((None, T::TokenUnreadable.get(lang).to_owned()));
+        }
+        Err(TokenError::Version(_)) => return Some((None, T::TokenVersion.get(lang).to_owned())),
+        Err(TokenError::Expired(_)) => return Some((None, T::TokenExpired.get(lang).to_owned())),
         Err(e) => return Some((None, e.to_string())),
     };
     match token.check_not_expired(crate::clock::now_seconds()) {
@@ -106,6 +164,12 @@ fn form(ctx: &Ctx, state: &WebState, notice: Option<(&str, Option<&str>)>) -> Ma
         form id="receive" method="post" action="/receive" data-check="/receive/check" data-csrf=(ctx.csrf()) {
             input type="hidden" name="csrf" value=(ctx.csrf());
             p {
+                label for="patient_id" { (ctx.t(T::PatientIdLabel)) }
+                span.help id="patient-help" { (ctx.t(T::PatientIdHelp)) }
+                input id="patient_id" name="patient_id" type="text" autocomplete="off" maxlength="64"
+                    spellcheck="false" disabled[off] aria-describedby="patient-help";
+            }
+            p {
                 label for="token" { (ctx.t(T::TokenLabel)) }
                 span.help id="token-help" { (ctx.t(T::TokenHelp)) }
                 input id="token" name="token" type="text" autocomplete="off" autocapitalize="characters"
@@ -113,12 +177,6 @@ fn form(ctx: &Ctx, state: &WebState, notice: Option<(&str, Option<&str>)>) -> Ma
                     maxlength=(crate::token::text::MAX_TEXT)
                     aria-describedby="token-help token-check";
                 span.check id="token-check" role="status" aria-live="polite" {}
-            }
-            p {
-                label for="patient_id" { (ctx.t(T::PatientIdLabel)) }
-                span.help id="patient-help" { (ctx.t(T::PatientIdHelp)) }
-                input id="patient_id" name="patient_id" type="text" autocomplete="off" maxlength="64"
-                    spellcheck="false" disabled[off] aria-describedby="patient-help";
             }
             p.buttons {
                 button type="submit" disabled[off] { (ctx.t(T::ImportButton)) }
@@ -202,7 +260,12 @@ pub(super) async fn submit(
         }
         Handoff::Known { id, .. } => {
             tracing::info!(user = %user, job = %id, "web: token handed over again: not imported twice");
-            Redirect::to(&format!("/receive/{id}?again=1")).into_response()
+            let unapplied = if patient_id.is_empty() {
+                ""
+            } else {
+                "&id_not_applied=1"
+            };
+            Redirect::to(&format!("/receive/{id}?again=1{unapplied}")).into_response()
         }
         Handoff::NoInbound => refuse(StatusCode::CONFLICT, ctx.t(T::NoInbound), None),
         Handoff::Refused(why) => {
@@ -334,11 +397,14 @@ fn view(lang: Lang, job: &InboundJob) -> View {
     }
 }
 
-/// `?again=1`: the token was handed over again (its job already existed).
+/// `?again=1`: the token was handed over again (its job already existed);
+/// `&id_not_applied=1`: with a local Patient ID, which its job does not take.
 #[derive(Deserialize)]
 pub(super) struct Again {
     #[serde(default)]
     again: Option<String>,
+    #[serde(default)]
+    id_not_applied: Option<String>,
 }
 
 /// `GET /receive/{id}`: the job's progress, live while the page is open.
@@ -359,6 +425,9 @@ pub(super) async fn job(
             p.notice role="status" {
                 @if job.step == InStep::Done { (ctx.t(T::AlreadyImported)) } @else { (ctx.t(T::AlreadyRunning)) }
             }
+        }
+        @if again.id_not_applied.is_some() {
+            p.notice.error role="alert" id="id-not-applied" { (ctx.t(T::PatientIdNotApplied)) }
         }
         section id="job" data-events={ "/jobs/" (job.id) "/events" } data-state=(v.state) {
             dl.study id="job-study" hidden[v.study.is_empty()] {
@@ -383,8 +452,10 @@ pub(super) async fn job(
     html_response(layout(&ctx, &title, body))
 }
 
-/// `GET /jobs/{id}/events`: the job's [`View`] as an event whenever it changes, until
-/// the job ends (or [`EVENT_STREAM_LIMIT`]).
+/// `GET /jobs/{id}/events`: the job's [`View`] as a `progress` event whenever it changes,
+/// then `end` (the page stops following: no reconnection) once the job ended, the session
+/// ended (logout, removed user, changed password, idle) or [`EVENT_STREAM_LIMIT`] passed.
+/// At most [`MAX_STREAMS_PER_SESSION`] per session and [`MAX_STREAMS`] in all: 429 beyond.
 pub(super) async fn events(
     State(state): State<Arc<WebState>>,
     Extension(ctx): Extension<Ctx>,
@@ -393,38 +464,69 @@ pub(super) async fn events(
     if let Err(page) = inbound_job(&state, &ctx, &id).await {
         return page;
     }
+    let Some((session_id, session)) = ctx.session.clone() else {
+        return message_page(&ctx, StatusCode::FORBIDDEN, ctx.t(T::Forbidden));
+    };
+    let Some(slot) = StreamSlot::take(&state, &session_id) else {
+        tracing::warn!(user = %ctx.user(), job = %id, "web: progress stream refused: {MAX_STREAMS_PER_SESSION} per session or {MAX_STREAMS} in all are open");
+        return message_page(
+            &ctx,
+            StatusCode::TOO_MANY_REQUESTS,
+            ctx.t(T::TooManyStreams),
+        );
+    };
     let started = tokio::time::Instant::now();
     let lang = ctx.lang;
     let stream = futures_util::stream::unfold(
-        (state, id, None::<View>, false),
-        move |(state, id, last, ended)| async move {
-            if ended || started.elapsed() > EVENT_STREAM_LIMIT {
-                return None;
-            }
-            loop {
-                let inbound = state.admin.inbound.clone()?;
-                let asked = id.clone();
-                let read =
-                    tokio::task::spawn_blocking(move || inbound.store().get::<InboundJob>(&asked))
-                        .await;
-                let Ok(Ok(Some(job))) = read else {
-                    return None;
+        (state, id, Phase::Following(None), slot),
+        move |(state, id, phase, slot)| {
+            let (session_id, session) = (session_id.clone(), session.clone());
+            async move {
+                let last = match phase {
+                    Phase::Over => return None,
+                    Phase::Ending => return Some(ending(state, id, slot)),
+                    Phase::Following(last) => last,
                 };
-                let v = view(lang, &job);
-                if last.as_ref() != Some(&v) {
-                    let ended = matches!(v.state, "done" | "failed");
-                    let event = Event::default()
-                        .event("progress")
-                        .json_data(&v)
-                        .unwrap_or_else(|_| Event::default().event("progress"));
-                    return Some((Ok::<_, Infallible>(event), (state, id, Some(v), ended)));
-                }
-                if started.elapsed() > EVENT_STREAM_LIMIT {
-                    return None;
-                }
-                tokio::select! {
-                    () = tokio::time::sleep(EVENT_INTERVAL) => {}
-                    () = state.stop.cancelled() => return None,
+                loop {
+                    let inbound = state.admin.inbound.clone()?;
+                    let (asked, check) = (id.clone(), state.clone());
+                    let user = session.user.clone();
+                    let read = tokio::task::spawn_blocking(move || {
+                        let key = check.users.key(&user);
+                        (key, inbound.store().get::<InboundJob>(&asked))
+                    })
+                    .await;
+                    let alive = state
+                        .sessions
+                        .peek(&session_id, crate::clock::now_ms())
+                        .is_some();
+                    let (Ok((Some(key), Ok(Some(job)))), true) = (read, alive) else {
+                        return Some(ending(state, id, slot));
+                    };
+                    if !super::session::same_secret(&key, &session.key) {
+                        return Some(ending(state, id, slot));
+                    }
+                    let v = view(lang, &job);
+                    if last.as_ref() != Some(&v) {
+                        let ended = matches!(v.state, "done" | "failed");
+                        let event = Event::default()
+                            .event("progress")
+                            .json_data(&v)
+                            .unwrap_or_else(|_| Event::default().event("progress"));
+                        let next = if ended {
+                            Phase::Ending
+                        } else {
+                            Phase::Following(Some(v))
+                        };
+                        return Some((Ok(event), (state, id, next, slot)));
+                    }
+                    if started.elapsed() > EVENT_STREAM_LIMIT {
+                        return Some(ending(state, id, slot));
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(EVENT_INTERVAL) => {}
+                        () = state.stop.cancelled() => return Some(ending(state, id, slot)),
+                    }
                 }
             }
         },
@@ -432,6 +534,19 @@ pub(super) async fn events(
     Sse::new(stream)
         .keep_alive(KeepAlive::default())
         .into_response()
+}
+
+/// What a progress stream carries from one event to the next.
+type StreamState = (Arc<WebState>, String, Phase, StreamSlot);
+
+/// The `end` event, after which the stream closes.
+fn ending(
+    state: Arc<WebState>,
+    id: String,
+    slot: StreamSlot,
+) -> (Result<Event, Infallible>, StreamState) {
+    let end = Event::default().event("end").data("");
+    (Ok(end), (state, id, Phase::Over, slot))
 }
 
 #[cfg(test)]

@@ -3,9 +3,11 @@
 //! them), and the slip to print again (`GET /sent/{id}/slip`: the file the job wrote in
 //! its token folder, never a path from the request).
 //!
-//! Each row's last cell holds its actions (Re-print today); revoke and extend are two
-//! more POST forms in that cell, checked by the guard's CSRF like every POST.
+//! Each row's last cell holds its actions: Re-print (revoke and extend are not on this
+//! page yet: `cloudpdi revoke` and `cloudpdi extend` do them).
 
+use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Arc;
 
 use axum::Extension;
@@ -107,7 +109,9 @@ pub(super) async fn page(
     html_response(layout(&ctx, ctx.t(T::SentTitle), body))
 }
 
-/// `GET /sent/{id}/slip`: the job's slip file as it was written, for printing again.
+/// `GET /sent/{id}/slip`: the job's slip file as it was written, for printing again: only
+/// from the route's token folder, never through a symbolic link, at most
+/// [`MAX_SLIP_BYTES`]; shown sandboxed (no script, no form, no own origin).
 pub(super) async fn slip(
     State(state): State<Arc<WebState>>,
     Extension(ctx): Extension<Ctx>,
@@ -119,18 +123,41 @@ pub(super) async fn slip(
         let Some(job) = outbound.store().get::<OutboundJob>(&asked).ok().flatten() else {
             return Ok(None);
         };
-        let Some(path) = job.slip_file else {
+        let Some(path) = job.slip_file.clone() else {
             return Ok(None);
         };
+        // Only a file in the route's token folder, not through a symbolic link, at most
+        // MAX_SLIP_BYTES read whatever its size says.
+        outbound
+            .check_sent(&job)
+            .map_err(|why| std::io::Error::other(format!("job {}: {why}", job.id)))?;
         let format = SlipFormat::from_path(&path);
-        let size = std::fs::metadata(&path)?.len();
-        if size > MAX_SLIP_BYTES {
-            return Err(std::io::Error::other(format!(
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+            .open(&path)?;
+        let meta = file.metadata()?;
+        let too_large = || {
+            std::io::Error::other(format!(
                 "{} is larger than {MAX_SLIP_BYTES} bytes",
+                path.display()
+            ))
+        };
+        if !meta.is_file() {
+            return Err(std::io::Error::other(format!(
+                "{} is not a regular file",
                 path.display()
             )));
         }
-        Ok(Some((format, std::fs::read(&path)?)))
+        if meta.len() > MAX_SLIP_BYTES {
+            return Err(too_large());
+        }
+        let mut bytes = Vec::new();
+        file.take(MAX_SLIP_BYTES + 1).read_to_end(&mut bytes)?;
+        if bytes.len() as u64 > MAX_SLIP_BYTES {
+            return Err(too_large());
+        }
+        Ok(Some((format, bytes)))
     })
     .await;
     let (format, bytes) = match read {
@@ -159,7 +186,8 @@ pub(super) async fn slip(
         header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static(
             "default-src 'none'; style-src 'unsafe-inline'; img-src data:; \
-             frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+             frame-ancestors 'none'; base-uri 'none'; form-action 'none'; \
+             sandbox",
         ),
     );
     response

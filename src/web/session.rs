@@ -3,14 +3,19 @@
 //! A session is a 256-bit random ID in the cookie [`SESSION_COOKIE`] (`HttpOnly;
 //! SameSite=Strict; Path=/`, plus `Secure` over HTTPS); it ends after
 //! `web.session_idle_minutes` without a request, `web.session_max_hours` after the login,
-//! at the logout, or when its user leaves the users file. Each session has its own CSRF
+//! at the logout, or when its user leaves the users file or gets another password. Each session has its own CSRF
 //! token, which every POST must carry (a form field or the [`CSRF_HEADER`]); the login
 //! form, before any session, carries the one of the pre-session cookie [`LOGIN_COOKIE`].
 //!
-//! Lock-out: `web.lockout_after` failed logins for one user name, or from one client
-//! address, refuse every login of that name or from that address (the right password
-//! too) until `web.lockout_minutes` after the last failure, so that neither guessing one
-//! password nor spraying one password over many names gets far.
+//! Lock-out: `web.lockout_after` failed logins from one client address refuse every
+//! login from that address (the right password too) until `web.lockout_minutes` after the
+//! last failure, so that spraying one password over many names does not get far; as many
+//! failures for one user name refuse that name from every address that has a recent
+//! failure of its own, so that guessing one password does not get far either (each new
+//! address gets one guess), while a clerk at another computer, with no failure, still
+//! logs in with the right password: someone who types wrong passwords for every clerk's
+//! name does not lock them all out. Clerks behind one address (a proxy, NAT, or the
+//! loopback) share its count.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -30,6 +35,14 @@ pub const CSRF_HEADER: &str = "x-csrf-token";
 /// Sessions held at once; a new login beyond it ends the session idle the longest, so
 /// logins cannot grow the memory without bound.
 pub const MAX_SESSIONS: usize = 1024;
+
+/// Sessions one user holds at once; a new login of that user beyond it ends the user's
+/// session idle the longest, so that one user's logins cannot push everyone else out.
+pub const MAX_SESSIONS_PER_USER: usize = 16;
+
+/// Pre-session tokens (of login forms shown) remembered at once; beyond it the oldest
+/// is forgotten (its form then asks to reload the page).
+pub const MAX_LOGIN_FORMS: usize = 4096;
 
 /// User names and client addresses whose failed logins are counted at once; beyond it
 /// the entries whose lock-out ended are forgotten, then the oldest.
@@ -57,6 +70,10 @@ pub struct Session {
     pub user: String,
     /// The session's CSRF token.
     pub csrf: String,
+    /// A digest of the user's password hash at the login ([`super::users::Users::key`]):
+    /// when the password changes (or the user is removed and added again) it differs,
+    /// and the session ends.
+    pub key: String,
 }
 
 #[derive(Debug)]
@@ -114,6 +131,7 @@ pub struct Sessions {
     sessions: Mutex<HashMap<String, Entry>>,
     names: Mutex<HashMap<String, Failures>>,
     addresses: Mutex<HashMap<IpAddr, Failures>>,
+    forms: Mutex<std::collections::VecDeque<String>>,
 }
 
 impl Sessions {
@@ -124,18 +142,30 @@ impl Sessions {
             sessions: Mutex::new(HashMap::new()),
             names: Mutex::new(HashMap::new()),
             addresses: Mutex::new(HashMap::new()),
+            forms: Mutex::new(std::collections::VecDeque::new()),
         })
     }
 
-    /// Starts a session for `user`; returns its ID (the cookie's value).
+    /// Starts a session for `user`, whose password hash has the digest `key`; returns its
+    /// ID (the cookie's value).
     ///
     /// # Errors
     /// The system gave no randomness.
-    pub fn start(&self, user: &str, now: u64) -> Result<String, getrandom::Error> {
+    pub fn start(&self, user: &str, key: &str, now: u64) -> Result<String, getrandom::Error> {
         let id = random_id()?;
         let csrf = random_id()?;
         let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
         self.expire(&mut sessions, now);
+        let mine = sessions.values().filter(|e| e.session.user == user).count();
+        if mine >= MAX_SESSIONS_PER_USER
+            && let Some(oldest) = sessions
+                .iter()
+                .filter(|(_, e)| e.session.user == user)
+                .min_by_key(|(_, e)| e.seen)
+                .map(|(id, _)| id.clone())
+        {
+            sessions.remove(&oldest);
+        }
         if sessions.len() >= MAX_SESSIONS
             && let Some(oldest) = sessions
                 .iter()
@@ -150,6 +180,7 @@ impl Sessions {
                 session: Session {
                     user: user.to_owned(),
                     csrf,
+                    key: key.to_owned(),
                 },
                 created: now,
                 seen: now,
@@ -168,6 +199,16 @@ impl Sessions {
 
     /// The live session of `id`, its idle time restarted; `None` when it ended.
     pub fn touch(&self, id: &str, now: u64) -> Option<Session> {
+        self.find(id, now, true)
+    }
+
+    /// The live session of `id` without restarting its idle time (a progress stream and
+    /// its reconnections do not keep an unattended session alive); `None` when it ended.
+    pub fn peek(&self, id: &str, now: u64) -> Option<Session> {
+        self.find(id, now, false)
+    }
+
+    fn find(&self, id: &str, now: u64, touch: bool) -> Option<Session> {
         let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
         let policy = self.policy;
         let entry = sessions.get_mut(id)?;
@@ -177,8 +218,32 @@ impl Sessions {
             sessions.remove(id);
             return None;
         }
-        entry.seen = now;
+        if touch {
+            entry.seen = now;
+        }
         Some(entry.session.clone())
+    }
+
+    /// A new pre-session token for a login form, remembered (at most
+    /// [`MAX_LOGIN_FORMS`]), so that only tokens this page issued are accepted: a cookie
+    /// planted by another service on the same host is not.
+    ///
+    /// # Errors
+    /// The system gave no randomness.
+    pub fn issue_login_form(&self) -> Result<String, getrandom::Error> {
+        let token = random_id()?;
+        let mut forms = self.forms.lock().unwrap_or_else(|e| e.into_inner());
+        if forms.len() >= MAX_LOGIN_FORMS {
+            forms.pop_front();
+        }
+        forms.push_back(token.clone());
+        Ok(token)
+    }
+
+    /// Whether `token` is a pre-session token this page issued (and still remembers).
+    pub fn issued_login_form(&self, token: &str) -> bool {
+        let forms = self.forms.lock().unwrap_or_else(|e| e.into_inner());
+        forms.iter().any(|issued| same_secret(issued, token))
     }
 
     /// Ends session `id` (logout, or its user was removed).
@@ -187,7 +252,8 @@ impl Sessions {
         sessions.remove(id);
     }
 
-    /// Whether logins of `name` from `address` are refused now, and until when.
+    /// Whether logins of `name` from `address` are refused now, and until when: the
+    /// address is locked, or the name is and the address has a recent failure.
     pub fn locked(&self, name: &str, address: IpAddr, now: u64) -> Option<Locked> {
         let policy = self.policy;
         let until = |f: &Failures| {
@@ -195,18 +261,21 @@ impl Sessions {
                 .then(|| f.last.saturating_add(policy.lockout_ms))
                 .filter(|until| *until > now)
         };
-        let by_address = self
+        let here = self
             .addresses
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&address)
-            .and_then(until);
+            .copied();
+        let by_address = here.as_ref().and_then(until);
+        let failed_here = here.is_some_and(|f| now.saturating_sub(f.last) < policy.lockout_ms);
         let by_name = self
             .names
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(name)
-            .and_then(until);
+            .and_then(until)
+            .filter(|_| failed_here);
         match (by_address, by_name) {
             (Some(a), Some(n)) => Some(Locked {
                 until: a.max(n),
@@ -288,7 +357,7 @@ mod tests {
     #[test]
     fn sessions_end_when_idle_or_old_or_logged_out() {
         let sessions = Sessions::new(policy());
-        let id = sessions.start("clerk", 0).expect("random");
+        let id = sessions.start("clerk", "k", 0).expect("random");
         assert_eq!(id.len(), 64);
         let session = sessions.touch(&id, 29 * MINUTE).expect("alive");
         assert_eq!(session.user, "clerk");
@@ -298,29 +367,45 @@ mod tests {
             "idle restarts"
         );
         assert!(sessions.touch(&id, 89 * MINUTE).is_none(), "idle too long");
-        let id = sessions.start("clerk", 0).expect("random");
+        let id = sessions.start("clerk", "k", 0).expect("random");
         let mut now = 0;
         while now + 20 * MINUTE < 12 * 60 * MINUTE {
             now += 20 * MINUTE;
             assert!(sessions.touch(&id, now).is_some());
         }
         assert!(sessions.touch(&id, 12 * 60 * MINUTE).is_none(), "too old");
-        let id = sessions.start("clerk", 0).expect("random");
+        let id = sessions.start("clerk", "k", 0).expect("random");
         sessions.end(&id);
         assert!(sessions.touch(&id, 1).is_none(), "logged out");
         assert!(sessions.touch("not a session", 1).is_none());
     }
 
     #[test]
+    fn one_users_logins_do_not_push_the_others_out() {
+        let sessions = Sessions::new(policy());
+        let other = sessions.start("nurse", "k", 0).expect("random");
+        let first = sessions.start("clerk", "k", 1).expect("random");
+        for n in 2..2 + 2 * MAX_SESSIONS as u64 {
+            sessions.start("clerk", "k", n).expect("random");
+        }
+        assert!(sessions.touch(&other, 5_000).is_some(), "the nurse stays");
+        assert!(sessions.touch(&first, 5_000).is_none(), "the oldest went");
+        let held = sessions.sessions.lock().expect("lock").len();
+        assert_eq!(held, MAX_SESSIONS_PER_USER + 1);
+    }
+
+    #[test]
     fn sessions_are_bounded() {
         let sessions = Sessions::new(policy());
-        let first = sessions.start("a", 0).expect("random");
+        let first = sessions.start("a", "k", 0).expect("random");
         for n in 1..MAX_SESSIONS as u64 {
-            sessions.start("b", n).expect("random");
+            sessions
+                .start(&format!("b{}", n % 100), "k", n)
+                .expect("random");
         }
         assert!(sessions.touch(&first, MAX_SESSIONS as u64).is_some());
         sessions
-            .start("c", MAX_SESSIONS as u64 + 1)
+            .start("c", "k", MAX_SESSIONS as u64 + 1)
             .expect("random");
         assert_eq!(sessions.sessions.lock().expect("lock").len(), MAX_SESSIONS);
         assert!(
@@ -338,19 +423,25 @@ mod tests {
             assert_eq!(sessions.locked("clerk", here, n), None);
             assert_eq!(sessions.failed("clerk", here, n), n as u32);
         }
-        let locked = sessions.locked("clerk", there, 4).expect("name locked");
-        assert_eq!(locked.until, 3 + 15 * MINUTE);
+        assert_eq!(
+            sessions.locked("clerk", there, 4),
+            None,
+            "the right password from an address without failures is still checked"
+        );
+        assert_eq!(sessions.failed("clerk", there, 4), 4);
+        let locked = sessions.locked("clerk", there, 5).expect("name locked");
+        assert_eq!(locked.until, 4 + 15 * MINUTE);
         assert!(!locked.by_address);
         let locked = sessions.locked("other", here, 4).expect("address locked");
         assert!(locked.by_address);
         assert_eq!(sessions.locked("other", there, 4), None);
         assert_eq!(
-            sessions.locked("clerk", here, 3 + 15 * MINUTE),
+            sessions.locked("clerk", here, 4 + 15 * MINUTE),
             None,
             "ended"
         );
         assert_eq!(
-            sessions.failed("clerk", there, 3 + 15 * MINUTE),
+            sessions.failed("clerk", there, 4 + 15 * MINUTE),
             1,
             "a new count after the lock"
         );
@@ -377,6 +468,19 @@ mod tests {
             sessions.failed("user0", IpAddr::from([10, 0, 0, 1]), 99_999),
             1
         );
+    }
+
+    #[test]
+    fn only_issued_login_forms_are_accepted() {
+        let sessions = Sessions::new(policy());
+        let first = sessions.issue_login_form().expect("random");
+        assert!(sessions.issued_login_form(&first));
+        assert!(!sessions.issued_login_form(&"a".repeat(64)), "planted");
+        for _ in 0..MAX_LOGIN_FORMS {
+            sessions.issue_login_form().expect("random");
+        }
+        assert!(!sessions.issued_login_form(&first), "forgotten, bounded");
+        assert_eq!(sessions.forms.lock().expect("lock").len(), MAX_LOGIN_FORMS);
     }
 
     #[test]

@@ -79,6 +79,22 @@ pub enum UsersError {
         /// What the system reported.
         source: std::io::Error,
     },
+    /// The command runs as another user than the one owning the users file (or its
+    /// folder): the file it wrote would be unreadable to the daemon.
+    #[error(
+        "{} belongs to user ID {owner}, but this command runs as user ID {me}: the file it \
+         writes would be unreadable to the daemon, so nothing was changed; run the command as \
+         the file's owner (e.g. sudo -u '#{owner}' cloudpdi web ...)",
+        .path.display()
+    )]
+    Owner {
+        /// The users file (or its folder, before the first user).
+        path: PathBuf,
+        /// Its owner's user ID.
+        owner: u32,
+        /// The user ID this command runs as.
+        me: u32,
+    },
     /// Hashing failed (no randomness for the salt).
     #[error("cannot hash the password: {0}")]
     Hash(String),
@@ -188,10 +204,9 @@ pub fn add(path: &Path, name: &str, password: &str) -> Result<bool, UsersError> 
         return Err(UsersError::Name(name.to_owned()));
     }
     let phc = hash(password)?;
-    let mut users = read(path)?;
-    let new = users.insert(name.to_owned(), phc).is_none();
-    write(path, &users)?;
-    Ok(new)
+    update(path, |users| {
+        Ok(users.insert(name.to_owned(), phc).is_none())
+    })
 }
 
 /// Removes user `name`.
@@ -199,11 +214,54 @@ pub fn add(path: &Path, name: &str, password: &str) -> Result<bool, UsersError> 
 /// # Errors
 /// [`UsersError::Unknown`] when the file has no such user, or the file's errors.
 pub fn remove(path: &Path, name: &str) -> Result<(), UsersError> {
-    let mut users = read(path)?;
-    if users.remove(name).is_none() {
-        return Err(UsersError::Unknown(name.to_owned(), path.to_owned()));
+    update(path, |users| match users.remove(name) {
+        Some(_) => Ok(()),
+        None => Err(UsersError::Unknown(name.to_owned(), path.to_owned())),
+    })
+}
+
+/// Reads the users file, applies `change` and writes it back, under an exclusive lock of
+/// the file's folder (two commands at once do not lose one's change), and only as the
+/// owner of the file (or of its folder before the first user), so that the daemon can
+/// still read what is written.
+fn update<R>(
+    path: &Path,
+    change: impl FnOnce(&mut BTreeMap<String, String>) -> Result<R, UsersError>,
+) -> Result<R, UsersError> {
+    use std::os::unix::fs::MetadataExt;
+    let io = |source| UsersError::Io {
+        action: "write",
+        path: path.to_owned(),
+        source,
+    };
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let folder = std::fs::File::open(dir).map_err(io)?;
+    rustix::fs::flock(&folder, rustix::fs::FlockOperation::LockExclusive)
+        .map_err(|e| io(e.into()))?;
+    let (owned, owner) = match std::fs::metadata(path) {
+        Ok(meta) => (path.to_owned(), meta.uid()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            (dir.to_owned(), folder.metadata().map_err(io)?.uid())
+        }
+        Err(e) => return Err(io(e)),
+    };
+    // The effective user ID, as the owner of this process's /proc entry (proc(5)).
+    let me = std::fs::metadata("/proc/self").map_err(io)?.uid();
+    if owner != me {
+        return Err(UsersError::Owner {
+            path: owned,
+            owner,
+            me,
+        });
     }
-    write(path, &users)
+    let mut users = read(path)?;
+    let answer = change(&mut users)?;
+    write(path, &users)?;
+    Ok(answer)
 }
 
 /// The users the daemon knows, read again when the file changes.
@@ -228,8 +286,9 @@ impl Users {
         }
     }
 
-    /// The current users (blocking: may read the file). A file that cannot be read keeps
-    /// the users of its last good version, and the reason is logged once per change.
+    /// The current users (blocking: may read the file). A file that cannot be read (not
+    /// readable by the daemon, a bad line, too large) holds no user, so that a removal
+    /// that went wrong never leaves a user in: the reason is logged once per change.
     pub fn current(&self) -> Arc<BTreeMap<String, String>> {
         let version = std::fs::metadata(&self.path)
             .ok()
@@ -248,17 +307,25 @@ impl Users {
                 );
                 loaded.users = Arc::new(users);
             }
-            Err(e) => tracing::warn!(
-                "web: {}; the users read before stay",
-                crate::telemetry::escape(&e.to_string())
-            ),
+            Err(e) => {
+                tracing::error!(
+                    "web: {}; until it is fixed no one can log in and every open session ends",
+                    crate::telemetry::escape(&e.to_string())
+                );
+                loaded.users = Arc::new(BTreeMap::new());
+            }
         }
         loaded.users.clone()
     }
 
-    /// Whether `name` is a user now.
-    pub fn exists(&self, name: &str) -> bool {
-        self.current().contains_key(name)
+    /// A digest of `name`'s password hash now (`None`: no such user): a session keeps the
+    /// one of its login and ends when it differs, so a changed password ends the sessions
+    /// opened with the old one.
+    pub fn key(&self, name: &str) -> Option<String> {
+        use sha2::Digest;
+        self.current()
+            .get(name)
+            .map(|phc| hex::encode(sha2::Sha256::digest(phc.as_bytes())))
     }
 
     /// Whether `password` is `name`'s (blocking: argon2 takes tens of milliseconds on
@@ -302,11 +369,57 @@ mod tests {
         assert!(!add(&path, "clerk", "another long password").expect("changed"));
         assert!(users.verify("clerk", &password("another long password")));
         remove(&path, "clerk").expect("removed");
-        assert!(!users.exists("clerk"));
+        assert!(users.key("clerk").is_none());
         assert!(matches!(
             remove(&path, "clerk"),
             Err(UsersError::Unknown(..))
         ));
+    }
+
+    #[test]
+    fn a_file_that_cannot_be_read_holds_no_user() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("web-users");
+        add(&path, "clerk", "correct horse battery").expect("added");
+        let users = Users::new(path.clone());
+        assert!(users.key("clerk").is_some());
+        let mut text = std::fs::read_to_string(&path).expect("file");
+        text.push_str("a line edited by hand\n");
+        std::fs::write(&path, &text).expect("write");
+        assert!(users.key("clerk").is_none(), "fail closed");
+        remove(&path, "clerk").expect_err("the bad line is named");
+        std::fs::write(&path, text.lines().next().expect("line")).expect("write");
+        assert!(users.key("clerk").is_some(), "read again once fixed");
+    }
+
+    #[test]
+    fn only_the_files_owner_changes_it_and_no_change_is_lost() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("web-users");
+        add(&path, "clerk", "correct horse battery").expect("added");
+        std::os::unix::fs::chown(&path, Some(54_321), None).expect("tests run as root");
+        let err = add(&path, "nurse", "correct horse battery").expect_err("another owner");
+        assert!(
+            err.to_string().contains("user ID 54321") && err.to_string().contains("sudo -u"),
+            "{err}"
+        );
+        assert!(matches!(
+            remove(&path, "clerk"),
+            Err(UsersError::Owner { .. })
+        ));
+        std::os::unix::fs::chown(&path, Some(0), None).expect("root");
+        let threads: Vec<_> = (0..4)
+            .map(|n| {
+                let path = path.clone();
+                std::thread::spawn(move || {
+                    add(&path, &format!("user{n}"), "correct horse battery").expect("added")
+                })
+            })
+            .collect();
+        for thread in threads {
+            assert!(thread.join().expect("thread"));
+        }
+        assert_eq!(read(&path).expect("read").len(), 5, "no change lost");
     }
 
     #[test]

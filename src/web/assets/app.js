@@ -110,6 +110,11 @@ function setupJob() {
   var state = job.dataset.state;
   if (state === "done" || state === "failed") { return; }
   var source = new EventSource(job.dataset.events);
+  source.addEventListener("end", function () {
+    source.close();
+    var live = document.getElementById("job-live");
+    if (live) { live.hidden = true; }
+  });
   source.addEventListener("progress", function (event) {
     var v = JSON.parse(event.data);
     job.dataset.state = v.state;
