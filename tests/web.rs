@@ -874,6 +874,18 @@ async fn wrong_passwords_sent_at_once_are_locked_out_as_well() {
     );
 }
 
+/// The text of a valid token (made by `cloudpdi token new` in `dir`) whose repository
+/// never answers: its job stays in download, so a page can be looked at meanwhile.
+fn unreachable_token(dir: &Path) -> String {
+    let file = dir.join("unreachable.token");
+    let out = run(Command::new(env!("CARGO_BIN_EXE_cloudpdi"))
+        .args(["token", "new", "--repository", "http://127.0.0.1:9"])
+        .args(["--document-id", "0123456789abcdef0123", "--out"])
+        .arg(&file));
+    assert!(out.status.success(), "{out:?}");
+    std::fs::read_to_string(&file).unwrap().trim().to_owned()
+}
+
 /// Review finding 6: the Patient ID field comes before the token field (the scanner's
 /// Enter submits at once), and a token handed over again with a Patient ID says clearly
 /// that the ID was not applied.
@@ -881,13 +893,7 @@ async fn wrong_passwords_sent_at_once_are_locked_out_as_well() {
 async fn a_patient_id_given_for_a_known_token_is_said_not_applied() {
     let dir = tempfile::tempdir().unwrap();
     let (site, base) = start(dir.path(), "");
-    let file = dir.path().join("unreachable.token");
-    let out = run(Command::new(env!("CARGO_BIN_EXE_cloudpdi"))
-        .args(["token", "new", "--repository", "http://127.0.0.1:9"])
-        .args(["--document-id", "0123456789abcdef0123", "--out"])
-        .arg(&file));
-    assert!(out.status.success(), "{out:?}");
-    let token = std::fs::read_to_string(&file).unwrap().trim().to_owned();
+    let token = unreachable_token(dir.path());
     let mut browser = Client::new(&base);
     assert_eq!(browser.login("clerk", PASSWORD).await.status, 303);
     // Review finding 12: the language link of a page at `//host/` stays on the site.
@@ -964,13 +970,7 @@ async fn a_loopback_page_answers_only_loopback_host_names() {
 async fn progress_streams_are_bounded_and_end_with_the_session() {
     let dir = tempfile::tempdir().unwrap();
     let (_site, base) = start(dir.path(), "");
-    let file = dir.path().join("unreachable.token");
-    let out = run(Command::new(env!("CARGO_BIN_EXE_cloudpdi"))
-        .args(["token", "new", "--repository", "http://127.0.0.1:9"])
-        .args(["--document-id", "0123456789abcdef0123", "--out"])
-        .arg(&file));
-    assert!(out.status.success(), "{out:?}");
-    let token = std::fs::read_to_string(&file).unwrap().trim().to_owned();
+    let token = unreachable_token(dir.path());
     let mut browser = Client::new(&base);
     assert_eq!(browser.login("clerk", PASSWORD).await.status, 303);
     let page = browser.get("/receive").await;

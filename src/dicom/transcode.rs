@@ -1057,6 +1057,15 @@ mod tests {
     use dicom_core::value::PixelFragmentSequence;
     use dicom_object::FileMetaTableBuilder;
 
+    /// Sets the Number of Frames of `object` (text, as an IS value).
+    fn frames(object: &mut InMemDicomObject, count: &str) {
+        object.put(DataElement::new(
+            tags::NUMBER_OF_FRAMES,
+            VR::IS,
+            PrimitiveValue::from(count),
+        ));
+    }
+
     /// An image of `rows` x `columns` 8-bit samples in `syntax`, with `pixel_data`.
     fn image(
         syntax: &str,
@@ -1182,11 +1191,7 @@ mod tests {
         for (tag, value) in [(tags::ROWS, 65535u16), (tags::COLUMNS, 65535)] {
             object.put(DataElement::new(tag, VR::US, PrimitiveValue::from(value)));
         }
-        object.put(DataElement::new(
-            tags::NUMBER_OF_FRAMES,
-            VR::IS,
-            PrimitiveValue::from("2147483647"),
-        ));
+        frames(&mut object, "2147483647");
         let refused = decode(&mut object, MAX_DECODED_BYTES).expect_err("refused");
         assert!(
             matches!(refused, TranscodeError::TooLarge { bytes, .. } if bytes > MAX_DECODED_BYTES)
@@ -1468,11 +1473,7 @@ mod tests {
             ],
         );
         let mut object = image(JPEG2000, 8, 8, 3, Value::PixelSequence(sequence));
-        object.put(DataElement::new(
-            tags::NUMBER_OF_FRAMES,
-            VR::IS,
-            PrimitiveValue::from("2"),
-        ));
+        frames(&mut object, "2");
         let refused = decode(&mut object, MAX_DECODED_BYTES)
             .expect_err("refused")
             .to_string();
@@ -1579,11 +1580,7 @@ mod tests {
         let sequence =
             PixelFragmentSequence::new(Vec::<u32>::new(), vec![rle_frame(8, 8, 1), hostile]);
         let mut object = image(RLE_LOSSLESS, 8, 8, 1, Value::PixelSequence(sequence));
-        object.put(DataElement::new(
-            tags::NUMBER_OF_FRAMES,
-            VR::IS,
-            PrimitiveValue::from("2"),
-        ));
+        frames(&mut object, "2");
         let refused = decode(&mut object, MAX_DECODED_BYTES)
             .expect_err("refused")
             .to_string();
@@ -1597,11 +1594,7 @@ mod tests {
             vec![rle_frame(8, 8, 1), rle_frame(8, 8, 2)],
         );
         let mut object = image(RLE_LOSSLESS, 8, 8, 1, Value::PixelSequence(sequence));
-        object.put(DataElement::new(
-            tags::NUMBER_OF_FRAMES,
-            VR::IS,
-            PrimitiveValue::from("2"),
-        ));
+        frames(&mut object, "2");
         decode(&mut object, MAX_DECODED_BYTES).expect("two frames");
         let pixels = object
             .get(tags::PIXEL_DATA)
