@@ -657,7 +657,9 @@ pub async fn work<P: Pipeline>(
             let (pipeline, running, cancel) = (pipeline.clone(), running.clone(), cancel.clone());
             let (metrics, bell) = (metrics.clone(), bell.clone());
             tracker.spawn(async move {
-                drive(pipeline, job, cancel, &metrics).await;
+                if let Some(job) = still_due(&pipeline, job).await {
+                    drive(pipeline, job, cancel, &metrics).await;
+                }
                 lock(&running).remove(&id);
                 drop(permit);
                 // A worker is free: a job waiting for one starts now.
@@ -667,6 +669,30 @@ pub async fn work<P: Pipeline>(
     }
     tracker.close();
     tracker.wait().await;
+}
+
+/// The job's record as stored now, when the scan's copy `seen` is still current. A scan
+/// can read a job while an earlier run of it is still writing (the store's bell rings on
+/// each write), and that run may end (failed for good, or backing off) before the scan
+/// claims the job: driving the scan's old copy would write it back over the job's end, or
+/// start it before its back-off. Such a job is left to the next scan, which reads it anew.
+async fn still_due<P: Pipeline>(pipeline: &Arc<P>, mut seen: P::Job) -> Option<P::Job> {
+    let (store, id) = (pipeline.store().clone(), seen.id().to_owned());
+    let mut stored = match tokio::task::spawn_blocking(move || store.get::<P::Job>(&id)).await {
+        Ok(Ok(Some(stored))) => stored,
+        Ok(Ok(None)) => return None,
+        Ok(Err(e)) => {
+            tracing::error!(job = seen.id(), "{}: cannot read the job: {e}", P::NAME);
+            return None;
+        }
+        Err(e) => {
+            tracing::error!(job = seen.id(), "{}: reading the job failed: {e}", P::NAME);
+            return None;
+        }
+    };
+    let unchanged = state_name(stored.step()) == state_name(seen.step())
+        && stored.progress() == seen.progress();
+    (unchanged && !stored.ended() && stored.progress().due(now_ms())).then_some(stored)
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -717,6 +743,138 @@ pub async fn blocking<T: Send + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    #[derive(Clone, Serialize, Deserialize)]
+    struct TestJob {
+        id: String,
+        step: TestStep,
+        progress: Progress,
+    }
+
+    #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+    enum TestStep {
+        Work,
+        Failed,
+    }
+
+    impl JobRecord for TestJob {
+        type Step = TestStep;
+        fn id(&self) -> &str {
+            &self.id
+        }
+        fn step(&self) -> TestStep {
+            self.step
+        }
+        fn set_step(&mut self, next: TestStep) {
+            self.step = next;
+        }
+        fn ended(&self) -> bool {
+            self.step == TestStep::Failed
+        }
+        fn fail(&mut self, _at: TestStep) {
+            self.step = TestStep::Failed;
+        }
+        fn progress(&mut self) -> &mut Progress {
+            &mut self.progress
+        }
+    }
+
+    /// A pipeline whose one step fails for good, and whose scan, once the job has ended,
+    /// hands out a copy of the job read while its step was running: the window between a
+    /// scan's read and its claim, made certain.
+    struct StaleScan {
+        jobs: JobStore,
+        steps: AtomicUsize,
+        ended: AtomicBool,
+        stale: Mutex<Option<TestJob>>,
+        stale_given: AtomicBool,
+    }
+
+    impl Pipeline for StaleScan {
+        type Job = TestJob;
+        const NAME: &'static str = "test";
+        fn due(&self) -> Result<Vec<TestJob>, IndexError> {
+            if self.stale_given.load(Ordering::SeqCst) {
+                return Ok(Vec::new());
+            }
+            let Some(stale) = lock(&self.stale).clone() else {
+                let due = self.jobs.active::<TestJob>()?;
+                return Ok(due.into_iter().filter(|job| !job.ended()).collect());
+            };
+            while !self.ended.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            // The run that ended is out of the engine's set of running jobs by now.
+            std::thread::sleep(Duration::from_millis(300));
+            self.stale_given.store(true, Ordering::SeqCst);
+            Ok(vec![stale])
+        }
+        fn store(&self) -> &JobStore {
+            &self.jobs
+        }
+        fn max_backoff(&self) -> Duration {
+            Duration::from_secs(60)
+        }
+        async fn step(self: &Arc<Self>, job: &mut TestJob) -> Result<TestStep, StepError> {
+            self.steps.fetch_add(1, Ordering::SeqCst);
+            let copy = self.jobs.get::<TestJob>(&job.id)?;
+            *lock(&self.stale) = copy;
+            Err(StepError::permanent("the input is broken"))
+        }
+        fn job_ended(&self, _job: &TestJob) {
+            self.ended.store(true, Ordering::SeqCst);
+        }
+        fn crashed(&self, job: &TestJob) -> String {
+            job.id.clone()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_job_read_by_a_scan_before_it_failed_is_not_run_again_over_its_end() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = crate::gateway::store::Store::open(dir.path()).expect("store");
+        let jobs = JobStore::open(&store, "test").expect("job store");
+        let job = TestJob {
+            id: "T1".into(),
+            step: TestStep::Work,
+            progress: Progress::new(),
+        };
+        jobs.put(&job).expect("job written");
+        let pipeline = Arc::new(StaleScan {
+            jobs: jobs.clone(),
+            steps: AtomicUsize::new(0),
+            ended: AtomicBool::new(false),
+            stale: Mutex::new(None),
+            stale_given: AtomicBool::new(false),
+        });
+        let cancel = CancellationToken::new();
+        let engine = tokio::spawn(work(
+            pipeline.clone(),
+            2,
+            cancel.clone(),
+            Arc::new(Metrics::default()),
+        ));
+        for _ in 0..500 {
+            if pipeline.stale_given.load(Ordering::SeqCst) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(pipeline.stale_given.load(Ordering::SeqCst), "the scan ran");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        cancel.cancel();
+        engine.await.expect("engine");
+        let mut stored = jobs.get::<TestJob>("T1").expect("read").expect("record");
+        assert_eq!(
+            pipeline.steps.load(Ordering::SeqCst),
+            1,
+            "the job was run again from the scan's old copy"
+        );
+        assert_eq!(stored.step, TestStep::Failed);
+        assert_eq!(stored.progress().unfinished_starts, 0);
+    }
 
     #[test]
     fn backoff_doubles_and_is_capped() {
