@@ -76,12 +76,14 @@ fn publish(
     zstd: bool,
     rewrite: impl FnOnce(Vec<(String, Vec<u8>)>) -> Vec<(String, Vec<u8>)>,
 ) -> PathBuf {
-    publish_limited(repository, work, study, zstd, rewrite, 50)
+    publish_limited(repository, &repository.url, work, study, zstd, rewrite, 50)
 }
 
-/// As [`publish`], for a document that may be downloaded `max_downloads` times.
+/// As [`publish`], for a document that may be downloaded `max_downloads` times, with a
+/// token naming the repository at `token_url` (the repository itself, or a link to it).
 fn publish_limited(
     repository: &Repository,
+    token_url: &str,
     work: &Path,
     study: &Path,
     zstd: bool,
@@ -107,7 +109,7 @@ fn publish_limited(
         "token",
         "new",
         "--repository",
-        &repository.url,
+        token_url,
         "--document-id",
         "00000000000000000000",
         "--out",
@@ -522,6 +524,7 @@ fn a_failure_after_the_stream_does_not_download_again() {
     let repository = Repository::start(&dir.path().join("repo"));
     let token = publish_limited(
         &repository,
+        &repository.url,
         &dir.path().join("send"),
         &study,
         false,
@@ -566,5 +569,89 @@ fn a_failure_after_the_stream_does_not_download_again() {
     assert!(
         received.values().all(|&n| n == 1),
         "an instance sent twice: {received:?}"
+    );
+}
+
+/// A link to `target` passing at most `rate` bytes per second towards the client
+/// (tests/peers/slow_link.py): a download that takes its time.
+struct SlowLink {
+    child: Child,
+    url: String,
+}
+
+impl SlowLink {
+    fn start(target: &Repository, rate: u64) -> SlowLink {
+        let port = free_port();
+        let target_port = target.url.rsplit(':').next().unwrap().trim_end_matches('/');
+        let child = Command::new("python3")
+            .arg(root().join("tests/peers/slow_link.py"))
+            .args([port.to_string(), target_port.to_owned(), rate.to_string()])
+            .spawn()
+            .unwrap();
+        wait_for("the link to listen", Duration::from_secs(20), || {
+            std::net::TcpStream::connect(("127.0.0.1", port))
+                .is_ok()
+                .then_some(())
+        });
+        SlowLink {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        }
+    }
+}
+
+impl Drop for SlowLink {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The extraction runs alongside the download, so the room it needs is the PDI's and the
+/// rest of the container's together: a disk that holds either but not both refuses the
+/// study before any file of it reaches the PACS, saying so, and takes it once there is
+/// room.
+#[test]
+fn a_disk_too_small_for_the_pdi_and_the_rest_of_the_container_refuses_before_extracting() {
+    if !isolated(
+        "a_disk_too_small_for_the_pdi_and_the_rest_of_the_container_refuses_before_extracting",
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let study = dir.path().join("study");
+    gen_ct(&study, 16, &[]);
+    let repository = Repository::start(&dir.path().join("repo"));
+    let link = SlowLink::start(&repository, 2 << 20);
+    let send = dir.path().join("send");
+    let token = publish_limited(&repository, &link.url, &send, &study, false, |e| e, 50);
+    let container = std::fs::metadata(send.join("container")).unwrap().len();
+    let pacs = Pacs::start(dir.path(), 0);
+    // Uncompressed, the PDI is about as large as the container: room for one, not both.
+    let jobs = dir.path().join("b/data/jobs");
+    mount_tmpfs(&jobs, &format!("size={}k", container * 3 / 2 / 1024));
+    let b = receiver_keeping_ids(dir.path(), &pacs);
+    hand_over(&token, &b);
+    let refused = wait_for("the study to be refused", Duration::from_secs(60), || {
+        b.inbound_jobs()
+            .into_iter()
+            .find(|j| j["last_error"].as_str().is_some())
+    });
+    let error = refused["last_error"].as_str().unwrap();
+    assert!(
+        error.contains("No space left to extract the PDI")
+            && error.contains("for the rest of the container, still downloading"),
+        "{error}"
+    );
+    assert!(
+        pacs.received().is_empty(),
+        "instances were sent before the disk filled: {:?}",
+        pacs.received()
+    );
+    mount_tmpfs(&jobs, "remount,size=256m");
+    job_in(&b, "done", Duration::from_secs(120));
+    assert_eq!(
+        pacs.received().keys().cloned().collect::<BTreeSet<_>>(),
+        uids(&files_in(&study))
     );
 }

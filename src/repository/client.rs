@@ -942,15 +942,16 @@ impl Client {
         partial: &Path,
         progress: impl Fn(u64),
     ) -> Result<Downloaded, ClientError> {
-        self.download_to_named(document_id, proof, partial, |_| {}, progress)
+        self.download_to_named(document_id, proof, partial, |_, _| {}, progress)
             .await
     }
 
     /// As [`Client::download_to`], and `named` gets the facility that created the
-    /// document ([`Downloaded::facility`]) as soon as an answer of the repository names it,
-    /// before its bytes: a receiver that imports while it downloads needs the issuer (its
-    /// Patient ID prefix) at the start, not at the end. Called once per answer accepted
-    /// (again after a resume).
+    /// document ([`Downloaded::facility`]) and the document's size in bytes as soon as an
+    /// answer of the repository names them, before its bytes: a receiver that imports while
+    /// it downloads needs the issuer (its Patient ID prefix) at the start, not at the end,
+    /// and the size to know the room the rest of the download will take. Called once per
+    /// answer accepted (again after a resume).
     ///
     /// # Errors
     /// As [`Client::download_to`].
@@ -959,7 +960,7 @@ impl Client {
         document_id: &str,
         proof: &DownloadProof,
         partial: &Path,
-        named: impl Fn(Option<&str>),
+        named: impl Fn(Option<&str>, u64),
         progress: impl Fn(u64),
     ) -> Result<Downloaded, ClientError> {
         let path = format!("/{}/content", checked_id(document_id)?);
@@ -990,7 +991,7 @@ impl Client {
         proof: &DownloadProof,
         partial: &Path,
         hashed: &mut Hashed,
-        (named, progress): (&impl Fn(Option<&str>), &impl Fn(u64)),
+        (named, progress): (&impl Fn(Option<&str>, u64), &impl Fn(u64)),
     ) -> Result<Downloaded, Failure> {
         let have = file_len(partial).await.map_err(Failure::Permanent)?;
         let mut request = self.receiver(Method::GET, path, proof);
@@ -1009,7 +1010,7 @@ impl Client {
                 // An earlier attempt got every byte but stopped before the checks.
                 let expected = expected_check(response.headers()).map_err(Failure::Permanent)?;
                 hashed.expect(expected);
-                named(facility.as_deref());
+                named(facility.as_deref(), have);
                 return finish(partial, hashed, have, have, expected)
                     .await
                     .map(done);
@@ -1022,7 +1023,6 @@ impl Client {
         let response = check(response).await?;
         let expected = expected_check(response.headers()).map_err(Failure::Permanent)?;
         hashed.expect(expected);
-        named(facility.as_deref());
         let (start, total) = if response.status() == StatusCode::PARTIAL_CONTENT {
             content_range(&response)
                 .ok_or_else(|| Failure::Transient("206 without a Content-Range".into()))?
@@ -1032,6 +1032,7 @@ impl Client {
                 .ok_or_else(|| Failure::Transient("answer without a length".into()))?;
             (0, total)
         };
+        named(facility.as_deref(), total);
         if start != have {
             if start != 0 {
                 return Err(Failure::Transient("the server sent another range".into()));

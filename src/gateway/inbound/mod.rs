@@ -488,7 +488,8 @@ impl Inbound {
             }
             // The lanes start with the repository's first answer, which names the issuer
             // (recorded durably with the rename below).
-            let named = |creator: Option<&str>| {
+            let named = |creator: Option<&str>, size: u64| {
+                growing.sized(size);
                 if let (Some(creator), Ok(mut record)) = (creator, shared.lock()) {
                     record.issuer = creator.to_owned();
                 }
@@ -1221,15 +1222,16 @@ fn unpack(zip: &Path, dest: &Path, max_bytes: u64) -> Result<(), StepError> {
         ..zip::Limits::default()
     };
     let declared = zip::declared(zip, limits).map_err(PdiError::from)?;
-    room_for(dest, declared.bytes)?;
+    room_for(dest, declared.bytes, 0)?;
     zip::extract(zip, dest, limits).map_err(PdiError::from)?;
     Ok(())
 }
 
 /// Refuses, before anything is written, to extract `bytes` into `dest` when the free
-/// disk space (less the reserve for the rest of the system) cannot hold them: a
-/// transient failure, tried again later.
-fn room_for(dest: &Path, bytes: u64) -> Result<(), StepError> {
+/// disk space (less the reserve for the rest of the system) cannot hold them and the
+/// `to_come` bytes of the container that its download, running alongside, has still to
+/// write: a transient failure, tried again later.
+fn room_for(dest: &Path, bytes: u64, to_come: u64) -> Result<(), StepError> {
     let parent = match dest.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => parent,
         _ => Path::new("."),
@@ -1239,11 +1241,19 @@ fn room_for(dest: &Path, bytes: u64) -> Result<(), StepError> {
         crate::repository::client::DEFAULT_DISK_RESERVE_BYTES,
     )
     .map_err(|e| StepError::file("measure the free space of", parent, &e))?;
-    if bytes.saturating_add(reserve) > free {
+    let need = bytes.saturating_add(to_come);
+    if need.saturating_add(reserve) > free {
+        let parts = if to_come > 0 {
+            format!(
+                " ({bytes} for the PDI, {to_come} for the rest of the container, still downloading)"
+            )
+        } else {
+            String::new()
+        };
         return Err(StepError::transient(format!(
-            "No space left to extract the PDI: {bytes} bytes needed in {}, {free} free \
-             (of which {reserve} stay free for the rest of the system); nothing was \
-             extracted; free disk space, the step is tried again later",
+            "No space left to extract the PDI: {need} bytes needed in {}{parts}, {free} free \
+             (of which {reserve} stay free for the rest of the system); no file of the study \
+             was extracted; free disk space, the step is tried again later",
             parent.display()
         ))
         .with_cause(Cause::DiskFull));

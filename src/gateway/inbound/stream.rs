@@ -45,6 +45,8 @@ pub(super) const INSTANCE_QUEUE: usize = 64;
 #[derive(Debug, Default)]
 pub(super) struct Growing {
     state: Mutex<Option<bool>>,
+    /// The container's whole size once the repository's answer named it (0 before).
+    size: AtomicU64,
     changed: Condvar,
 }
 
@@ -53,7 +55,32 @@ impl Growing {
     pub(super) fn new(complete: bool) -> Growing {
         Growing {
             state: Mutex::new(complete.then_some(true)),
+            size: AtomicU64::new(0),
             changed: Condvar::new(),
+        }
+    }
+
+    /// The repository named the container's whole size.
+    pub(super) fn sized(&self, size: u64) {
+        self.size.store(size, Ordering::Relaxed);
+        self.changed.notify_all();
+    }
+
+    /// Bytes of the container not in `file` yet: what the download, running alongside the
+    /// extraction, will still write. Waits for the repository's answer when it has not
+    /// named the size yet (a resumed download); none once the download ended (whole, or
+    /// stopped: the reader fails then anyway).
+    fn to_come(&self, file: &Path) -> u64 {
+        loop {
+            if self.ended().is_some() {
+                return 0;
+            }
+            let size = self.size.load(Ordering::Relaxed);
+            if size > 0 {
+                let have = std::fs::metadata(file).map_or(0, |m| m.len());
+                return size.saturating_sub(have);
+            }
+            self.wait();
         }
     }
 
@@ -326,6 +353,7 @@ pub(super) fn read(
     private_dir(&source.pdi, false).map_err(|e| StepError::file("create", &source.pdi, &e))?;
     let mut writer = Writer {
         root: &source.pdi,
+        download: (&source.growing, &source.container),
         manifest: None,
         seen: 0,
         negotiation: Some(negotiation),
@@ -375,6 +403,8 @@ struct Listed {
 /// Writes the entries of the stream and hands verified instances on.
 struct Writer<'a> {
     root: &'a Path,
+    /// The download writing the container alongside, and the container's file.
+    download: (&'a Growing, &'a Path),
     manifest: Option<Listed>,
     /// Files written and matched against the manifest.
     seen: usize,
@@ -406,7 +436,8 @@ impl Writer<'_> {
                 .files
                 .iter()
                 .fold(0u64, |sum, f| sum.saturating_add(f.size));
-            super::room_for(self.root, declared)?;
+            let (growing, container) = self.download;
+            super::room_for(self.root, declared, growing.to_come(container))?;
             self.begin(manifest);
             return Ok(());
         };
