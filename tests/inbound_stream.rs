@@ -655,3 +655,98 @@ fn a_disk_too_small_for_the_pdi_and_the_rest_of_the_container_refuses_before_ext
         uids(&files_in(&study))
     );
 }
+
+/// The SOP Instance UIDs of the instances of an extracted set (the files of its DICOM
+/// folder).
+fn extracted_uids(set: &Path) -> BTreeSet<String> {
+    let instances = files_under(&set.join("DICOM"));
+    assert!(!instances.is_empty(), "no instance in {}", set.display());
+    instances.iter().map(|f| sop_instance_uid(f)).collect()
+}
+
+/// `cloudpdi receive --out` reads the container as it downloads, as the daemon does: the
+/// set appears in the folder whole and verified, and a container from an older sender
+/// (manifest last) still opens. A folder that exists is refused before anything is
+/// downloaded.
+#[test]
+fn receive_out_gives_whole_sets_opens_old_containers_and_refuses_an_existing_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let study = dir.path().join("study");
+    gen_ct(&study, 16, &[]);
+    let originals = uids(&files_in(&study));
+    let repository = Repository::start(&dir.path().join("repo"));
+    let token = publish(&repository, &dir.path().join("send"), &study, true, |e| e);
+    let token = format!("@{}", token.display());
+    let out = dir.path().join("out");
+    let said = cloudpdi(&["receive", "--out", out.to_str().unwrap(), &token]);
+    assert!(said.contains("16 instances"), "{said}");
+    assert_eq!(extracted_uids(&out), originals);
+    assert!(!dir.path().join("out.cloudpdi-download").exists());
+
+    let refused = run(Command::new(env!("CARGO_BIN_EXE_cloudpdi")).args([
+        "receive",
+        "--out",
+        out.to_str().unwrap(),
+        &token,
+    ]));
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && said.contains("exists: name a folder that does not exist yet"),
+        "{said}"
+    );
+    assert_eq!(
+        extracted_uids(&out),
+        originals,
+        "the folder is left as it was"
+    );
+
+    let old = publish(
+        &repository,
+        &dir.path().join("send-old"),
+        &study,
+        false,
+        manifest_last,
+    );
+    let from_old = dir.path().join("from-old");
+    let said = cloudpdi(&[
+        "receive",
+        "--out",
+        from_old.to_str().unwrap(),
+        &format!("@{}", old.display()),
+    ]);
+    assert!(said.contains("16 instances"), "{said}");
+    assert_eq!(extracted_uids(&from_old), originals);
+}
+
+/// The reader writes files as their bytes authenticate: a container damaged near its end
+/// must still leave no folder (the set is renamed into place only once whole), only the
+/// download to resume; once the document is whole again, the set arrives.
+#[test]
+fn receive_out_of_a_container_damaged_late_leaves_no_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let study = dir.path().join("study");
+    gen_ct(&study, 16, &[]);
+    let repository = Repository::start(&dir.path().join("repo"));
+    let token = publish(&repository, &dir.path().join("send"), &study, false, |e| e);
+    let token = format!("@{}", token.display());
+    flip_near_the_end(&repository, 200_000);
+    let out = dir.path().join("out");
+    let failed = run(Command::new(env!("CARGO_BIN_EXE_cloudpdi")).args([
+        "receive",
+        "--out",
+        out.to_str().unwrap(),
+        &token,
+    ]));
+    let said = String::from_utf8_lossy(&failed.stderr);
+    assert!(!failed.status.success(), "{said}");
+    assert!(!out.exists(), "a set from a damaged container: {said}");
+    let beside = files_under(&dir.path().join("out.cloudpdi-download"));
+    assert!(
+        beside.iter().all(|f| f.ends_with("container.part")),
+        "only a download to resume is kept: {beside:?}"
+    );
+    flip_near_the_end(&repository, 200_000);
+    let said = cloudpdi(&["receive", "--out", out.to_str().unwrap(), &token]);
+    assert!(said.contains("16 instances"), "{said}");
+    assert_eq!(extracted_uids(&out), uids(&files_in(&study)));
+}

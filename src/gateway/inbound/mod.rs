@@ -592,7 +592,8 @@ impl Inbound {
         downloaded.map_err(genuine)?;
         match read.map_err(genuine)? {
             stream::Streamed::ManifestLast => Ok(InStep::Open),
-            stream::Streamed::Whole { instances } => {
+            stream::Streamed::Whole { summary } => {
+                let instances = summary.instances as u64;
                 job.instances = instances;
                 let pdi = dir.pdi();
                 let unsent = import::unsent(results.iter().map(|(_, outcome)| outcome)).is_some();
@@ -1263,57 +1264,120 @@ fn room_for(dest: &Path, bytes: u64, to_come: u64) -> Result<(), StepError> {
 
 /// Downloads, decrypts and extracts a token's PDI into `out` without a daemon, as if
 /// reading the disc (`cloudpdi receive --out`), within `config`'s `[inbound]` bounds and
-/// from the repository its `[repositories]` resolves.
+/// from the repository its `[repositories]` resolves. The container is read as it
+/// downloads, as the daemon does: the set is extracted beside `out` and renamed to it
+/// once whole and verified.
 ///
 /// # Errors
-/// [`StepError`] saying what failed; nothing is left in `out` from a container that
-/// fails authentication.
+/// [`StepError`] saying what failed; `out` must not exist, and nothing appears there from
+/// a container that fails authentication or verification.
 pub async fn receive_to_folder(
     token: &Token,
     out: &Path,
     config: &Config,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<crate::pdi::Summary, StepError> {
-    let inbound = &config.inbound;
     token
         .check_not_expired(now_ms() / 1000)
         .map_err(StepError::permanent)?;
+    if std::fs::symlink_metadata(out).is_ok() {
+        return Err(StepError::permanent(format!(
+            "{} exists: name a folder that does not exist yet (the study is extracted there \
+             whole, or not at all)",
+            out.display()
+        )));
+    }
     let work = Workdir(out.with_extension("cloudpdi-download"));
     private_dir(&work.0).map_err(|e| StepError::file("create", &work.0, &e))?;
-    let download = client(token, config)?
-        .download_to(
-            &token.document_id,
-            &token.download_proof(),
-            &work.partial(),
-            progress,
+    let result = match stream_to_folder(token, &work, config, progress).await {
+        Ok(summary) => rustix::fs::renameat_with(
+            rustix::fs::CWD,
+            work.pdi(),
+            rustix::fs::CWD,
+            out,
+            rustix::fs::RenameFlags::NOREPLACE,
         )
-        .await
-        .map_err(StepError::from);
-    let result = match download {
-        Ok(_) => {
-            let (key, out) = (token.container_key(), out.to_owned());
-            let (limits, max_bytes) = (decrypt_limits(inbound), inbound.max_document_bytes());
-            let work = Workdir(work.0.clone());
-            blocking(move || {
-                crate::container::decrypt_file_limited(
-                    &key,
-                    &work.partial(),
-                    &work.pdi_zip(),
-                    limits,
-                )?;
-                unpack(&work.pdi_zip(), &out, max_bytes)?;
-                Ok(crate::pdi::verify(&out)?)
-            })
-            .await
-        }
+        .map(|()| summary)
+        .map_err(|e| StepError::file("move the study to", out, &std::io::Error::from(e))),
         Err(e) => Err(e),
     };
     // A partial download is kept to be resumed by the next run; after a refusal or once
     // done, nothing is.
     if !matches!(result, Err(StepError::Transient { .. })) || !work.partial().exists() {
         durable::remove_dir_all(&work.0).map_err(|e| StepError::file("remove", &work.0, &e))?;
+    } else {
+        durable::remove_dir_all(&work.pdi())
+            .map_err(|e| StepError::file("remove", &work.pdi(), &e))?;
     }
     result
+}
+
+/// Downloads the token's container into `work` and, alongside, reads it into the set
+/// `work.pdi()` ([`stream::read`]); a container from an older sender, whose archive has
+/// the manifest last, is opened and extracted once downloaded.
+async fn stream_to_folder(
+    token: &Token,
+    work: &Workdir,
+    config: &Config,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<crate::pdi::Summary, StepError> {
+    let client = client(token, config)?;
+    open_partial(&work.partial()).map_err(|e| StepError::file("create", &work.partial(), &e))?;
+    durable::remove_dir_all(&work.pdi()).map_err(|e| StepError::file("remove", &work.pdi(), &e))?;
+    let growing = Arc::new(stream::Growing::new(false));
+    let _reader_released = stream::EndOnDrop(growing.clone());
+    let (negotiated, _no_lanes) = tokio::sync::oneshot::channel();
+    let (instances, mut feed) = tokio::sync::mpsc::channel(stream::INSTANCE_QUEUE);
+    let source = stream::Source {
+        container: work.partial(),
+        growing: growing.clone(),
+        key: token.container_key(),
+        limits: decrypt_limits(&config.inbound),
+        pdi: work.pdi(),
+        stored: HashSet::new(),
+    };
+    let reader = tokio::task::spawn_blocking(move || stream::read(source, negotiated, &instances));
+    // No PACS here: the verified instances the reader hands on are only counted off.
+    let drain = async { while feed.recv().await.is_some() {} };
+    let download = async {
+        let result = client
+            .download_to_named(
+                &token.document_id,
+                &token.download_proof(),
+                &work.partial(),
+                |_, size| growing.sized(size),
+                |bytes| {
+                    growing.grew();
+                    progress(bytes);
+                },
+            )
+            .await;
+        growing.end(result.is_ok());
+        result.map_err(StepError::from)
+    };
+    let (downloaded, (), read) = tokio::join!(download, drain, reader);
+    downloaded?;
+    match read.map_err(|e| StepError::transient(format!("the PDI reader stopped: {e}")))?? {
+        stream::Streamed::Whole { summary } => Ok(summary),
+        stream::Streamed::ManifestLast => {
+            let (key, work) = (token.container_key(), Workdir(work.0.clone()));
+            let limits = decrypt_limits(&config.inbound);
+            let max_bytes = config.inbound.max_document_bytes();
+            blocking(move || {
+                durable::remove_dir_all(&work.pdi())
+                    .map_err(|e| StepError::file("remove", &work.pdi(), &e))?;
+                crate::container::decrypt_file_limited(
+                    &key,
+                    &work.partial(),
+                    &work.pdi_zip(),
+                    limits,
+                )?;
+                unpack(&work.pdi_zip(), &work.pdi(), max_bytes)?;
+                Ok(crate::pdi::verify(&work.pdi())?)
+            })
+            .await
+        }
+    }
 }
 
 #[cfg(test)]

@@ -243,8 +243,8 @@ pub(super) struct Negotiation {
 pub(super) enum Streamed {
     /// Every file written and checked; the set passed [`crate::pdi::verify`].
     Whole {
-        /// Instances in the set.
-        instances: u64,
+        /// What the set holds.
+        summary: crate::pdi::Summary,
     },
     /// The archive does not start with the manifest (a container from an older sender):
     /// nothing was sent; the job goes the way of extract-then-verify-then-import.
@@ -390,9 +390,7 @@ pub(super) fn read(
         .into());
     }
     let summary = crate::pdi::verify(&source.pdi)?;
-    Ok(Streamed::Whole {
-        instances: summary.instances as u64,
-    })
+    Ok(Streamed::Whole { summary })
 }
 
 /// The manifest as the stream keeps it: each file by path.
