@@ -656,8 +656,10 @@ async fn a_lan_address_needs_https_and_over_https_the_cookie_is_secure() {
 
 /// A clerk in a real browser: the login, a token typed key by key with a mistyped group
 /// named before anything is queued, then the right token typed as a USB scanner types it
-/// (and Enter): the job page follows the import into Orthanc live; then a wrong password
-/// three times locks the login out. Screenshots of the pages go to the test's artifact
+/// (and Enter): the job page follows the import into Orthanc live; on the Sent page the
+/// token is extended by 30 days (the new expiry shown) and revoked after its confirmation
+/// page, and a later download with it is refused (410 gone); then a wrong password three
+/// times locks the login out. Screenshots of the pages go to the test's artifact
 /// folder, `web-artifacts` in the target folder's `tmp`.
 #[test]
 fn a_clerk_scans_a_token_and_watches_the_import_in_a_browser() {
@@ -741,6 +743,36 @@ fn a_clerk_scans_a_token_and_watches_the_import_in_a_browser() {
         said.contains("slip re-printed: /sent/B000001/slip"),
         "{said}"
     );
+    assert!(said.contains("extended: until "), "{said}");
+    assert!(said.contains("revoked: revoked "), "{said}");
+    // The revoked token (re-issued by the extension: the same secret) downloads nothing
+    // any more: the repository answers 410 gone.
+    let revoked =
+        cloudpdi::token::Token::from_text(std::fs::read_to_string(&token_file).unwrap().trim())
+            .unwrap();
+    let client = cloudpdi::repository::client::Client::new(
+        &format!("http://{embedded}"),
+        None,
+        cloudpdi::repository::client::ClientOptions::default(),
+    )
+    .unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let refused = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(client.download_to(
+            &revoked.document_id,
+            &revoked.download_proof(),
+            &work.path().join("partial"),
+            |_| {},
+        ))
+        .unwrap_err();
+    assert!(
+        matches!(
+            refused,
+            cloudpdi::repository::client::ClientError::NotAvailable
+        ),
+        "{refused}"
+    );
     // Into Orthanc: every instance.
     let stored = _orthanc.get("/instances");
     assert_eq!(stored.as_array().unwrap().len(), files.len(), "{stored}");
@@ -758,10 +790,21 @@ fn a_clerk_scans_a_token_and_watches_the_import_in_a_browser() {
     );
     assert!(log.contains("web: slip re-printed"), "{log}");
     assert!(log.contains("web: retry refused"), "{log}");
+    assert!(log.contains("web: token extended"), "{log}");
+    assert!(log.contains("web: token revoked"), "{log}");
     assert!(!log.contains(&token), "no token text in the log");
     // The screenshots (docs/web/ keeps a copy of them for docs/web.md).
     for page in [
-        "login", "receive", "mistyped", "job", "jobs", "sent", "locked",
+        "login",
+        "receive",
+        "mistyped",
+        "job",
+        "jobs",
+        "sent",
+        "sent-extend",
+        "sent-revoke",
+        "sent-revoked",
+        "locked",
     ] {
         let shot = artifacts.join(format!("{page}.png"));
         assert!(std::fs::metadata(&shot).unwrap().len() > 1000, "{page}");
@@ -1114,7 +1157,7 @@ async fn revoke_and_extend_on_the_sent_page_act_on_the_repository() {
     assert!(
         shown
             .body
-            .contains(&format!("The token of job {job} now expires {new_date}"))
+            .contains(&format!("The token of job {job} is now valid {new_date}."))
             && shown.body.contains("Print the new slip"),
         "{}",
         shown.body

@@ -522,8 +522,8 @@ impl T {
             ),
             T::ExtendUntilButton => ("日付で延長する", "Extend to this date"),
             T::ExtendedNotice => (
-                "ジョブ {id} のトークンの有効期限を {until} に延長しました。古い控えに印刷された期限は誤りです。新しい控えを印刷して渡してください。",
-                "The token of job {id} now expires {until}. The date printed on the old slip is wrong: print the new slip and hand it over.",
+                "ジョブ {id} のトークンの有効期限を延長しました（{until}有効）。古い控えに印刷された期限は誤りです。新しい控えを印刷して渡してください。",
+                "The token of job {id} is now valid {until}. The date printed on the old slip is wrong: print the new slip and hand it over.",
             ),
             T::PrintNewSlip => ("新しい控えを印刷", "Print the new slip"),
             T::ExtendDaysBad => (

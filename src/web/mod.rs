@@ -576,14 +576,17 @@ pub fn study(ctx: &Ctx, study: Option<&crate::gateway::reception::batch::StudySu
     let Some(study) = study else {
         return html! { span.muted { (ctx.t(T::NotKnown)) } };
     };
+    html! { dl.study { (study_rows(ctx, study)) } }
+}
+
+/// The terms and values of [`study`]'s list, for a list that adds its own.
+pub fn study_rows(ctx: &Ctx, study: &crate::gateway::reception::batch::StudySummary) -> Markup {
     let date = format_date(&study.study_date);
     html! {
-        dl.study {
-            @if !study.patient_id.is_empty() { dt { (ctx.t(T::PatientId)) } dd { (study.patient_id) } }
-            @if !study.accession.is_empty() { dt { (ctx.t(T::Accession)) } dd { (study.accession) } }
-            @if !date.is_empty() { dt { (ctx.t(T::StudyDate)) } dd { (date) } }
-            @if !study.modality.is_empty() { dt { (ctx.t(T::Modality)) } dd { (study.modality) } }
-        }
+        @if !study.patient_id.is_empty() { dt { (ctx.t(T::PatientId)) } dd { (study.patient_id) } }
+        @if !study.accession.is_empty() { dt { (ctx.t(T::Accession)) } dd { (study.accession) } }
+        @if !date.is_empty() { dt { (ctx.t(T::StudyDate)) } dd { (date) } }
+        @if !study.modality.is_empty() { dt { (ctx.t(T::Modality)) } dd { (study.modality) } }
     }
 }
 

@@ -21,7 +21,7 @@ use maud::{Markup, html};
 use serde::Deserialize;
 
 use super::i18n::{T, fill};
-use super::{Ctx, WebState, html_response, layout, message_page, study};
+use super::{Ctx, WebState, html_response, layout, message_page, study, study_rows};
 use crate::admin::OutboundDetails;
 use crate::gateway::jobs::Pipeline;
 use crate::gateway::outbound::{OutboundJob, SlipActionError};
@@ -65,13 +65,14 @@ fn printed_study(ctx: &Ctx, job: &OutboundJob) -> Markup {
     let description = printed
         .and_then(|p| p.study_description.as_deref())
         .filter(|d| !d.is_empty());
+    if job.study.is_none() && name.is_none() && description.is_none() {
+        return study(ctx, None);
+    }
     html! {
-        (study(ctx, job.study.as_ref()))
-        @if name.is_some() || description.is_some() {
-            dl.study {
-                @if let Some(name) = name { dt { (ctx.t(T::PatientName)) } dd { (name) } }
-                @if let Some(description) = description { dt { (ctx.t(T::StudyDescription)) } dd { (description) } }
-            }
+        dl.study {
+            @if let Some(summary) = &job.study { (study_rows(ctx, summary)) }
+            @if let Some(name) = name { dt { (ctx.t(T::PatientName)) } dd { (name) } }
+            @if let Some(description) = description { dt { (ctx.t(T::StudyDescription)) } dd { (description) } }
         }
     }
 }
