@@ -25,6 +25,7 @@ use super::{Ctx, WebState, html_response, layout, message_page, study, study_row
 use crate::admin::OutboundDetails;
 use crate::gateway::jobs::Pipeline;
 use crate::gateway::outbound::{OutboundJob, SlipActionError};
+use crate::repository::api::DocumentStatus;
 use crate::token::slip::SlipFormat;
 
 /// Largest slip file served: a slip is a few tens of kilobytes (HTML, SVG, PNG or PDF).
@@ -205,12 +206,17 @@ fn row(
 }
 
 /// The issued job `id` and the repository's view of its document (downloads used), or the
-/// page to answer instead: not found, or not readable.
+/// page to answer instead: not found, or not readable. With `ask`, the repository is asked
+/// when its last answer is older than [`crate::admin::DOCUMENT_CACHE`] (as the Sent page
+/// does, within [`crate::admin::DOCUMENT_QUERY_TIMEOUT`]); without, only its last answer
+/// is shown, so that the page after a revoke or an extension the repository did not
+/// answer in time comes at once.
 async fn issued(
     state: &Arc<WebState>,
     ctx: &Ctx,
     id: &str,
-) -> Result<(OutboundJob, Option<OutboundDetails>), Response> {
+    ask: bool,
+) -> Result<(OutboundJob, Option<DocumentStatus>), Response> {
     let outbound = state.admin.outbound.clone();
     let asked = id.to_owned();
     let job = match tokio::task::spawn_blocking(move || outbound.store().get::<OutboundJob>(&asked))
@@ -229,11 +235,20 @@ async fn issued(
             ));
         }
     };
-    let detail = crate::admin::outbound_details(&state.admin)
-        .await
-        .ok()
-        .and_then(|details| details.into_iter().find(|d| d.id == job.id));
-    Ok((job, detail))
+    let document = if ask {
+        crate::admin::outbound_details(&state.admin)
+            .await
+            .ok()
+            .and_then(|details| details.into_iter().find(|d| d.id == job.id))
+            .and_then(|d| d.document)
+    } else {
+        // Not waiting for the cache either: a status request may hold it while it asks.
+        state.admin.documents.try_lock().ok().and_then(|cache| {
+            let document = job.document_id.as_ref()?;
+            cache.get(document)?.1.as_ref().ok().cloned()
+        })
+    };
+    Ok((job, document))
 }
 
 /// What the revoke and extend pages show of the token: job, route, study, expiry,
@@ -242,9 +257,8 @@ fn summary(
     ctx: &Ctx,
     state: &WebState,
     job: &OutboundJob,
-    detail: Option<&OutboundDetails>,
+    document: Option<&DocumentStatus>,
 ) -> Markup {
-    let document = detail.and_then(|d| d.document.as_ref());
     html! {
         dl.progress {
             dt { (ctx.t(T::Job)) } dd { (job.id) }
@@ -322,7 +336,7 @@ fn refused(ctx: &Ctx, id: &str, e: &SlipActionError) -> (StatusCode, String) {
     }
 }
 
-/// The revoke confirmation page of job `id`, with `notice` above it.
+/// The revoke confirmation page of job `id`, with `notice` (a refusal) above it.
 async fn revoke_page(
     state: &Arc<WebState>,
     ctx: &Ctx,
@@ -330,14 +344,15 @@ async fn revoke_page(
     status: StatusCode,
     notice: Option<Markup>,
 ) -> Response {
-    let (job, detail) = match issued(state, ctx, id).await {
+    // The page after a refusal does not ask the repository again (it may be why).
+    let (job, document) = match issued(state, ctx, id, notice.is_none()).await {
         Ok(found) => found,
         Err(page) => return page,
     };
     let title = fill(ctx.t(T::RevokeTitle), &[("id", &job.id)]);
     let body = html! {
         @if let Some(notice) = notice { (notice) }
-        (summary(ctx, state, &job, detail.as_ref()))
+        (summary(ctx, state, &job, document.as_ref()))
         @if job.revoked_at.is_some() {
             p.notice role="status" { (fill(ctx.t(T::AlreadyRevoked), &[("id", &job.id)])) }
             p { a href="/sent" { (ctx.t(T::NavSent)) } }
@@ -346,8 +361,10 @@ async fn revoke_page(
             form method="post" action={ "/sent/" (job.id) "/revoke" } {
                 input type="hidden" name="csrf" value=(ctx.csrf());
                 div.buttons {
-                    button.danger type="submit" autofocus { (ctx.t(T::RevokeButton)) }
-                    a.button.secondary href="/sent" { (ctx.t(T::Cancel)) }
+                    button.danger type="submit" { (ctx.t(T::RevokeButton)) }
+                    // The focus on Cancel: a scanner's Enter (or a stray one) goes back to
+                    // the list and revokes nothing.
+                    a.button.secondary href="/sent" autofocus { (ctx.t(T::Cancel)) }
                 }
             }
         }
@@ -386,7 +403,7 @@ pub(super) async fn revoke(
     }
 }
 
-/// The Extend form of job `id`, with `notice` above it.
+/// The Extend form of job `id`, with `notice` (a refusal) above it.
 async fn extend_page(
     state: &Arc<WebState>,
     ctx: &Ctx,
@@ -394,7 +411,8 @@ async fn extend_page(
     status: StatusCode,
     notice: Option<Markup>,
 ) -> Response {
-    let (job, detail) = match issued(state, ctx, id).await {
+    // The page after a refusal does not ask the repository again (it may be why).
+    let (job, document) = match issued(state, ctx, id, notice.is_none()).await {
         Ok(found) => found,
         Err(page) => return page,
     };
@@ -402,7 +420,7 @@ async fn extend_page(
     let action = format!("/sent/{}/extend", job.id);
     let body = html! {
         @if let Some(notice) = notice { (notice) }
-        (summary(ctx, state, &job, detail.as_ref()))
+        (summary(ctx, state, &job, document.as_ref()))
         @if job.revoked_at.is_some() {
             p.notice.error role="alert" { (fill(ctx.t(T::SlipRevoked), &[("id", &job.id)])) }
             p { a href="/sent" { (ctx.t(T::NavSent)) } }
