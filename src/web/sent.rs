@@ -623,3 +623,42 @@ pub(super) async fn slip(
     );
     response
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn form(days: &str, until: &str) -> ExtendForm {
+        ExtendForm {
+            days: days.to_owned(),
+            until: until.to_owned(),
+        }
+    }
+
+    #[test]
+    fn the_extend_form_takes_days_up_to_its_bound_or_a_date() {
+        let tokyo = crate::clock::time_zone("Asia/Tokyo").expect("zone");
+        let now = 1_000;
+        let days = |d: &str| asked_expiry(&form(d, ""), &tokyo, now);
+        assert_eq!(days("1"), Ok(1_000 + 86_400));
+        assert_eq!(days(" 3650 "), Ok(1_000 + 3650 * 86_400));
+        for wrong in ["0", "3651", "-1", "1.5", "x", "99999999999"] {
+            assert_eq!(days(wrong), Err(T::ExtendDaysBad), "{wrong}");
+        }
+        // The end of that day in facility.time_zone, as `cloudpdi extend --until`.
+        assert_eq!(
+            asked_expiry(&form("", "2026-12-31"), &tokyo, now),
+            Ok(1_798_729_199)
+        );
+        assert_eq!(
+            asked_expiry(&form("", "31.12.2026"), &tokyo, now),
+            Err(T::ExtendDateBad)
+        );
+        for neither_or_both in [form("", ""), form("3", "2026-12-31")] {
+            assert_eq!(
+                asked_expiry(&neither_or_both, &tokyo, now),
+                Err(T::ExtendNothing)
+            );
+        }
+    }
+}
