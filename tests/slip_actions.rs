@@ -84,30 +84,7 @@ impl Site {
 
     /// `cloudpdi send` of the study on route `ct`: (job ID, token file, slip).
     fn send(&self) -> (String, PathBuf, PathBuf) {
-        let out = cloudpdi(&[
-            "send",
-            "--config",
-            &self.config,
-            "--route",
-            "ct",
-            self.study.to_str().unwrap(),
-        ]);
-        let said = text(&out);
-        assert!(out.status.success(), "{said}");
-        let line = |prefix: &str| {
-            said.lines()
-                .find_map(|l| l.strip_prefix(prefix))
-                .unwrap_or_else(|| panic!("no {prefix:?} in {said}"))
-                .trim()
-                .to_owned()
-        };
-        let job = line("recorded as job ");
-        let job = job.split(':').next().unwrap().to_owned();
-        (
-            job,
-            PathBuf::from(line("token: ")),
-            PathBuf::from(line("slip:  ")),
-        )
+        common::send_study(Path::new(&self.config), "ct", &self.study)
     }
 
     /// A command against this site: (whether it exited 0, what it said); any other exit

@@ -656,8 +656,10 @@ async fn a_lan_address_needs_https_and_over_https_the_cookie_is_secure() {
 
 /// A clerk in a real browser: the login, a token typed key by key with a mistyped group
 /// named before anything is queued, then the right token typed as a USB scanner types it
-/// (and Enter): the job page follows the import into Orthanc live; then a wrong password
-/// three times locks the login out. Screenshots of the pages go to the test's artifact
+/// (and Enter): the job page follows the import into Orthanc live; on the Sent page the
+/// token is extended by 30 days (the new expiry shown) and revoked after its confirmation
+/// page, and a later download with it is refused (410 gone); then a wrong password three
+/// times locks the login out. Screenshots of the pages go to the test's artifact
 /// folder, `web-artifacts` in the target folder's `tmp`.
 #[test]
 fn a_clerk_scans_a_token_and_watches_the_import_in_a_browser() {
@@ -741,6 +743,36 @@ fn a_clerk_scans_a_token_and_watches_the_import_in_a_browser() {
         said.contains("slip re-printed: /sent/B000001/slip"),
         "{said}"
     );
+    assert!(said.contains("extended: until "), "{said}");
+    assert!(said.contains("revoked: revoked "), "{said}");
+    // The revoked token (re-issued by the extension: the same secret) downloads nothing
+    // any more: the repository answers 410 gone.
+    let revoked =
+        cloudpdi::token::Token::from_text(std::fs::read_to_string(&token_file).unwrap().trim())
+            .unwrap();
+    let client = cloudpdi::repository::client::Client::new(
+        &format!("http://{embedded}"),
+        None,
+        cloudpdi::repository::client::ClientOptions::default(),
+    )
+    .unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let refused = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(client.download_to(
+            &revoked.document_id,
+            &revoked.download_proof(),
+            &work.path().join("partial"),
+            |_| {},
+        ))
+        .unwrap_err();
+    assert!(
+        matches!(
+            refused,
+            cloudpdi::repository::client::ClientError::NotAvailable
+        ),
+        "{refused}"
+    );
     // Into Orthanc: every instance.
     let stored = _orthanc.get("/instances");
     assert_eq!(stored.as_array().unwrap().len(), files.len(), "{stored}");
@@ -758,10 +790,21 @@ fn a_clerk_scans_a_token_and_watches_the_import_in_a_browser() {
     );
     assert!(log.contains("web: slip re-printed"), "{log}");
     assert!(log.contains("web: retry refused"), "{log}");
+    assert!(log.contains("web: token extended"), "{log}");
+    assert!(log.contains("web: token revoked"), "{log}");
     assert!(!log.contains(&token), "no token text in the log");
     // The screenshots (docs/web/ keeps a copy of them for docs/web.md).
     for page in [
-        "login", "receive", "mistyped", "job", "jobs", "sent", "locked",
+        "login",
+        "receive",
+        "mistyped",
+        "job",
+        "jobs",
+        "sent",
+        "sent-extend",
+        "sent-revoke",
+        "sent-revoked",
+        "locked",
     ] {
         let shot = artifacts.join(format!("{page}.png"));
         assert!(std::fs::metadata(&shot).unwrap().len() > 1000, "{page}");
@@ -1025,5 +1068,298 @@ async fn progress_streams_are_bounded_and_end_with_the_session() {
             .await
             .expect("the stream ends with the session");
         assert!(seen.contains("event: end"), "{seen}");
+    }
+}
+
+/// Issue 17, the Sent page's Revoke and Extend, against the real daemon and a real
+/// repository (its limit 180 days): no POST without its CSRF token; Extend by days
+/// re-issues the token file with the new expiry, which the page then shows with the
+/// link to print the new slip; by a date, the end of that day in facility.time_zone (as
+/// `cloudpdi extend --until`); days beyond the form's 3650, not a date, and an expiry
+/// beyond the repository's limit refused with what to do (the last with the repository's
+/// words); Revoke, after its confirmation page, makes the repository refuse the token's
+/// download (410 gone), the row says revoked with no action left, its slip is not
+/// printed and it cannot be extended; a revoke the repository does not answer (stopped)
+/// is answered within the admin endpoint's 8 s, saying that it may still finish, and it
+/// does. Every action is logged with the user's name, never the token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoke_and_extend_on_the_sent_page_act_on_the_repository() {
+    use cloudpdi::repository::client::{Client as Repo, ClientError, ClientOptions};
+    use cloudpdi::token::Token;
+    let dir = tempfile::tempdir().unwrap();
+    let repository = Repository::start(&dir.path().join("repository"));
+    let (web, base) = web_section("");
+    let config = format!(
+        "[route.ct]\nae_title = \"SENDS\"\nrepository_url = \"{url}\"\n\
+         repository_api_key_file = \"{key}\"\n\
+         [outbound]\nenabled = true\n\
+         [facility]\ncode = \"HOSPA\"\nname = \"Hospital A\"\ntime_zone = \"Asia/Tokyo\"\n{web}",
+        url = repository.url,
+        key = repository.key_file.display(),
+    );
+    let site = Daemon::start(&dir.path().join("site"), &config);
+    add_user(&site, "clerk");
+    let study = dir.path().join("study");
+    gen_ct(&study, 2, &[]);
+    let (job, token_file, _) = send_study(&site.config, "ct", &study);
+    let (slow_job, slow_token_file, _) = send_study(&site.config, "ct", &study);
+    let read_token =
+        |path: &Path| Token::from_text(std::fs::read_to_string(path).unwrap().trim()).unwrap();
+    let issued = read_token(&token_file);
+    let zone = cloudpdi::clock::time_zone("Asia/Tokyo").unwrap();
+
+    let mut browser = Client::new(&base);
+    browser.get("/login?lang=en").await;
+    assert_eq!(browser.login("clerk", PASSWORD).await.status, 303);
+    let sent = browser.get("/sent").await;
+    assert_eq!(sent.status, 200, "{}", sent.body);
+    for link in [
+        format!("href=\"/sent/{job}/revoke\""),
+        format!("href=\"/sent/{job}/extend\""),
+        format!("href=\"/sent/{job}/slip\""),
+    ] {
+        assert!(sent.body.contains(&link), "{link}: {}", sent.body);
+    }
+    // The slip's study, with its description (the page is only shown after a login).
+    assert!(
+        sent.body.contains("Study description") && sent.body.contains("CT CHEST"),
+        "{}",
+        sent.body
+    );
+
+    // Extend: the form, labelled; no POST without the CSRF token.
+    let form = browser.get(&format!("/sent/{job}/extend")).await;
+    assert_eq!(form.status, 200, "{}", form.body);
+    assert!(form.body.contains("<label for=\"days\">"), "{}", form.body);
+    assert!(form.body.contains("type=\"date\""), "{}", form.body);
+    let token = csrf(&form.body);
+    let path = format!("/sent/{job}/extend");
+    let refused = browser.post(&path, &[("days", "30")]).await;
+    assert_eq!(refused.status, 403);
+    assert_eq!(read_token(&token_file).expires_at, issued.expires_at);
+
+    let extended = browser
+        .post(&path, &[("csrf", &token), ("days", "30")])
+        .await;
+    assert_eq!(extended.status, 303, "{}", extended.body);
+    let to = extended.header("location");
+    assert_eq!(to, format!("/sent?extended={job}"));
+    let after = read_token(&token_file);
+    let now = cloudpdi::clock::now_seconds();
+    assert!(
+        u64::from(after.expires_at).abs_diff(now + 30 * 86_400) < 120,
+        "{} vs {now}",
+        after.expires_at
+    );
+    assert_eq!(after.document_id, issued.document_id);
+    let shown = browser.get(&to).await;
+    let new_date = cloudpdi::clock::until_en(u64::from(after.expires_at), &zone);
+    assert!(
+        shown
+            .body
+            .contains(&format!("The token of job {job} is now valid {new_date}."))
+            && shown.body.contains("Print the new slip"),
+        "{}",
+        shown.body
+    );
+
+    // Refusals, in plain words, nothing changed: the form's bound, not a date, nothing
+    // given, the repository's limit (its own message).
+    for (fields, status, said) in [
+        (vec![("days", "3651")], 422, "from 1 to 3650"),
+        (vec![("days", "0")], 422, "from 1 to 3650"),
+        (vec![("until", "31.12.2026")], 422, "YYYY-MM-DD"),
+        (vec![], 422, "either the number of days or a date"),
+        (
+            vec![("days", "400")],
+            409,
+            "The repository refused: expires_at is beyond this repository's limit of 180 days",
+        ),
+    ] {
+        let mut all = vec![("csrf", token.as_str())];
+        all.extend(fields.iter().copied());
+        let answer = browser.post(&path, &all).await;
+        assert_eq!(answer.status, status, "{fields:?}: {}", answer.body);
+        assert!(answer.body.contains(said), "{fields:?}: {}", answer.body);
+        assert_eq!(read_token(&token_file).expires_at, after.expires_at);
+    }
+    let japanese = browser
+        .post(
+            &format!("{path}?lang=ja"),
+            &[("csrf", &token), ("days", "400")],
+        )
+        .await;
+    assert!(
+        japanese.body.contains("リポジトリが拒否しました")
+            && japanese.body.contains("server.max_expiry_days"),
+        "{}",
+        japanese.body
+    );
+    browser.get("/sent?lang=en").await;
+
+    // Until a date: the end of that day in Tokyo, as `cloudpdi extend --until`.
+    let until = cloudpdi::clock::date(now + 60 * 86_400);
+    let answer = browser
+        .post(&path, &[("csrf", &token), ("until", &until)])
+        .await;
+    assert_eq!(answer.status, 303, "{}", answer.body);
+    let end_of_day = zone
+        .to_timestamp(
+            jiff::civil::Date::strptime("%Y-%m-%d", &until)
+                .unwrap()
+                .at(23, 59, 59, 0),
+        )
+        .unwrap()
+        .as_second();
+    assert_eq!(
+        i64::from(read_token(&token_file).expires_at),
+        end_of_day,
+        "{until}"
+    );
+
+    // Revoke: the confirmation page, then the POST (not without its CSRF token).
+    let confirm = browser.get(&format!("/sent/{job}/revoke")).await;
+    assert_eq!(confirm.status, 200, "{}", confirm.body);
+    assert!(
+        confirm.body.contains("Revoke this token") && confirm.body.contains("href=\"/sent\""),
+        "{}",
+        confirm.body
+    );
+    let path = format!("/sent/{job}/revoke");
+    assert_eq!(browser.post(&path, &[]).await.status, 403);
+    assert_eq!(
+        browser
+            .post(&path, &[("csrf", &"0".repeat(64))])
+            .await
+            .status,
+        403
+    );
+    assert!(
+        site.status()["outbound"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["id"] == job && d["revoked_at"].is_null())
+    );
+    let revoked = browser.post(&path, &[("csrf", &csrf(&confirm.body))]).await;
+    assert_eq!(revoked.status, 303, "{}", revoked.body);
+    let to = revoked.header("location");
+    assert_eq!(to, format!("/sent?revoked={job}"));
+    let sent = browser.get(&to).await;
+    assert!(
+        sent.body.contains(&format!(
+            "The token of job {job} is revoked: the repository refuses every later download."
+        )),
+        "{}",
+        sent.body
+    );
+    let row = sent
+        .body
+        .split(&format!("id=\"sent-{job}\""))
+        .nth(1)
+        .unwrap()
+        .split("</tr>")
+        .next()
+        .unwrap();
+    assert!(row.contains("revoked "), "{row}");
+    assert!(!row.contains("<a "), "no action on a revoked token: {row}");
+    let slip = browser.get(&format!("/sent/{job}/slip")).await;
+    assert_eq!(slip.status, 409, "{}", slip.body);
+    assert!(
+        slip.body.contains("its slip is not printed"),
+        "{}",
+        slip.body
+    );
+    let again = browser
+        .post(
+            &format!("/sent/{job}/extend"),
+            &[("csrf", &token), ("days", "5")],
+        )
+        .await;
+    assert_eq!(again.status, 409, "{}", again.body);
+    assert!(
+        again.body.contains("its expiry cannot change"),
+        "{}",
+        again.body
+    );
+
+    // The repository refuses the token's download: 410 gone.
+    let key = std::fs::read_to_string(&repository.key_file).unwrap();
+    let client = Repo::new(
+        &repository.url,
+        Some(key.trim().to_owned()),
+        ClientOptions::default(),
+    )
+    .unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let token_now = read_token(&token_file);
+    let refused = client
+        .download_to(
+            &token_now.document_id,
+            &token_now.download_proof(),
+            &work.path().join("partial"),
+            |_| {},
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(refused, ClientError::NotAvailable), "{refused}");
+
+    // A revoke the repository does not answer: the page says so within the admin
+    // endpoint's bound, and that it may still finish; it does.
+    let pid = repository.pid().to_string();
+    let signal = |name: &str| {
+        let out = run(Command::new("kill").args([name, pid.as_str()]));
+        assert!(out.status.success(), "kill {name}");
+    };
+    let confirm = browser.get(&format!("/sent/{slow_job}/revoke")).await;
+    signal("-STOP");
+    let started = std::time::Instant::now();
+    let slow = browser
+        .post(
+            &format!("/sent/{slow_job}/revoke"),
+            &[("csrf", &csrf(&confirm.body))],
+        )
+        .await;
+    let waited = started.elapsed();
+    signal("-CONT");
+    assert_eq!(slow.status, 504, "{}", slow.body);
+    assert!(
+        slow.body.contains("did not answer within 8 s") && slow.body.contains("may still finish"),
+        "{}",
+        slow.body
+    );
+    // The admin endpoint's 8 s, and nothing more asked of the stopped repository.
+    assert!(
+        waited < Duration::from_millis(9_500),
+        "answered after {waited:?}"
+    );
+    wait_for("the slow revoke to finish", Duration::from_secs(60), || {
+        site.status()["outbound"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["id"] == slow_job)
+            .and_then(|d| d["revoked_at"].as_u64())
+    });
+
+    let log = site.log();
+    for (said, id) in [
+        ("web: token revoked", &job),
+        ("web: token extended", &job),
+        ("web: revoke refused", &slow_job),
+        ("web: slip not re-printed: the token was revoked", &job),
+    ] {
+        assert!(
+            log.lines().any(|l| l.contains(said)
+                && l.contains("user=clerk")
+                && l.contains(&format!("job={id}"))),
+            "{said}: {log}"
+        );
+    }
+    for token in [&issued, &read_token(&slow_token_file)] {
+        assert!(
+            !log.contains(token.to_text().as_str()),
+            "no token text in the log"
+        );
     }
 }

@@ -47,7 +47,7 @@ use crate::admin::metrics::{Metrics, Snapshot};
 use crate::clock::now_ms;
 use crate::gateway::inbound::Inbound;
 use crate::gateway::jobs::{Cause, JobRecord, JobSummary, Pipeline, RetryError};
-use crate::gateway::outbound::{Outbound, OutboundJob, SlipActionError};
+use crate::gateway::outbound::{ExtendedSlip, Outbound, OutboundJob, SlipActionError};
 use crate::gateway::reception::batch::{BatchId, BatchRecord, ReleaseError};
 use crate::gateway::reception::route::Routes;
 use crate::gateway::reception::spool::Spool;
@@ -541,6 +541,7 @@ fn slip_action_refused(e: &SlipActionError) -> Response {
         SlipActionError::Unknown(_) => StatusCode::NOT_FOUND,
         SlipActionError::Unreachable { .. } => StatusCode::BAD_GATEWAY,
         SlipActionError::Index(_) | SlipActionError::Worker(_) => StatusCode::SERVICE_UNAVAILABLE,
+        SlipActionError::TimedOut { .. } => StatusCode::GATEWAY_TIMEOUT,
         _ => StatusCode::CONFLICT,
     };
     (status, format!("{e}\n")).into_response()
@@ -567,13 +568,8 @@ async fn revoke(
     if let Some(refusal) = without_admin_header(&headers, "cloudpdi revoke") {
         return refusal;
     }
-    let outbound = state.outbound.clone();
-    let job = id.clone();
-    let action = tokio::spawn(async move { outbound.revoke(&job).await });
-    match within_slip_action_timeout(&id, "revoke", action).await {
-        Err(answer) => answer,
-        Ok(Ok(document)) => {
-            remember(&state, &document).await;
+    match revoke_token(&state, &id).await {
+        Ok(document) => {
             let answer = format!(
                 "job {id}: the token is revoked; the repository refuses every later download \
                  ({} of {} downloads were used)\n",
@@ -581,31 +577,66 @@ async fn revoke(
             );
             (StatusCode::OK, answer).into_response()
         }
-        Ok(Err(e)) => slip_action_refused(&e),
+        Err(e) => slip_action_refused(&e),
     }
 }
 
-/// The outcome of a revoke or extend of job `id` run as `task`, or the answer to give
-/// when it did not finish within [`SLIP_ACTION_TIMEOUT`] (504: it goes on, and may still
-/// finish) or its task failed.
+/// Revokes the token of job `id` ([`Outbound::revoke`]), waiting at most
+/// [`SLIP_ACTION_TIMEOUT`]; the repository's answer is kept for `cloudpdi status`. The one
+/// way to revoke, for `POST /jobs/{id}/revoke` and the web page's Revoke button.
+///
+/// # Errors
+/// [`SlipActionError`]; [`SlipActionError::TimedOut`] when the repository has not answered
+/// in time (the revoke goes on, and may still finish).
+pub(crate) async fn revoke_token(
+    state: &Arc<AdminState>,
+    id: &str,
+) -> Result<DocumentStatus, SlipActionError> {
+    let outbound = state.outbound.clone();
+    let job = id.to_owned();
+    let action = tokio::spawn(async move { outbound.revoke(&job).await });
+    let document = within_slip_action_timeout(id, "revoke", action).await?;
+    remember(state, &document).await;
+    Ok(document)
+}
+
+/// Extends the token of job `id` to `expires_at` (Unix seconds, [`Outbound::extend`]),
+/// waiting at most [`SLIP_ACTION_TIMEOUT`]; the repository's answer is kept for `cloudpdi
+/// status`. The one way to extend, for `POST /jobs/{id}/extend` and the web page's Extend
+/// form.
+///
+/// # Errors
+/// [`SlipActionError`]; [`SlipActionError::TimedOut`] when the repository has not answered
+/// in time (the extension goes on, and may still finish).
+pub(crate) async fn extend_token(
+    state: &Arc<AdminState>,
+    id: &str,
+    expires_at: u32,
+) -> Result<ExtendedSlip, SlipActionError> {
+    let outbound = state.outbound.clone();
+    let job = id.to_owned();
+    let action = tokio::spawn(async move { outbound.extend(&job, expires_at).await });
+    let slip = within_slip_action_timeout(id, "extend", action).await?;
+    remember(state, &slip.document).await;
+    Ok(slip)
+}
+
+/// The outcome of a revoke or extend of job `id` run as `task`, or
+/// [`SlipActionError::TimedOut`] when it did not finish within [`SLIP_ACTION_TIMEOUT`] (it
+/// goes on, and may still finish), or [`SlipActionError::Worker`] when its task failed.
 async fn within_slip_action_timeout<T>(
     id: &str,
-    action: &str,
+    action: &'static str,
     task: tokio::task::JoinHandle<Result<T, SlipActionError>>,
-) -> Result<Result<T, SlipActionError>, Response> {
+) -> Result<T, SlipActionError> {
     match tokio::time::timeout(SLIP_ACTION_TIMEOUT, task).await {
-        Ok(Ok(outcome)) => Ok(outcome),
-        Ok(Err(e)) => Err(slip_action_refused(&SlipActionError::Worker(e.to_string()))),
-        Err(_) => Err((
-            StatusCode::GATEWAY_TIMEOUT,
-            format!(
-                "job {id}: the repository did not answer within {} s; the {action} goes on \
-                 and may still finish: check `cloudpdi status` in a minute before running \
-                 the command again\n",
-                SLIP_ACTION_TIMEOUT.as_secs()
-            ),
-        )
-            .into_response()),
+        Ok(Ok(outcome)) => outcome,
+        Ok(Err(e)) => Err(SlipActionError::Worker(e.to_string())),
+        Err(_) => Err(SlipActionError::TimedOut {
+            id: id.to_owned(),
+            action,
+            seconds: SLIP_ACTION_TIMEOUT.as_secs(),
+        }),
     }
 }
 
@@ -622,14 +653,8 @@ async fn extend(
         let refusal = "the body must be {\"expires_at\": <Unix seconds>}: use `cloudpdi extend`\n";
         return (StatusCode::BAD_REQUEST, refusal).into_response();
     };
-    let outbound = state.outbound.clone();
-    let job = id.clone();
-    let asked = request.expires_at;
-    let action = tokio::spawn(async move { outbound.extend(&job, asked).await });
-    match within_slip_action_timeout(&id, "extend", action).await {
-        Err(answer) => answer,
-        Ok(Ok(slip)) => {
-            remember(&state, &slip.document).await;
+    match extend_token(&state, &id, request.expires_at).await {
+        Ok(slip) => {
             let zone = zone(&state);
             let answer = format!(
                 "job {id}: the token now expires {}; print the new slip and hand it over: {} \
@@ -640,7 +665,7 @@ async fn extend(
             );
             (StatusCode::OK, answer).into_response()
         }
-        Ok(Err(e)) => slip_action_refused(&e),
+        Err(e) => slip_action_refused(&e),
     }
 }
 

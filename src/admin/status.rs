@@ -111,8 +111,9 @@ fn check_job_id(id: &str) -> Result<(), StatusError> {
     Ok(())
 }
 
-/// `now` plus `days` days, as a token's expiry (Unix seconds that fit 32 bits).
-fn days_from_now(now: u64, days: u32) -> Result<u32, StatusError> {
+/// `now` plus `days` days, as a token's expiry (Unix seconds that fit 32 bits): the one
+/// rule for `cloudpdi extend --days` and the web page's Extend form.
+pub(crate) fn days_from_now(now: u64, days: u32) -> Result<u32, StatusError> {
     if days == 0 {
         return Err(StatusError::Expiry(
             "--days must be at least 1: the expiry can only be extended".into(),
@@ -123,8 +124,9 @@ fn days_from_now(now: u64, days: u32) -> Result<u32, StatusError> {
         .ok_or_else(|| StatusError::Expiry(format!("--days {days} is beyond any token's expiry")))
 }
 
-/// The last second of local date `date` (`YYYY-MM-DD`) in `zone`, as a token's expiry.
-fn end_of_day(date: &str, zone: &jiff::tz::TimeZone) -> Result<u32, StatusError> {
+/// The last second of local date `date` (`YYYY-MM-DD`) in `zone`, as a token's expiry: the
+/// one rule for `cloudpdi extend --until` and the web page's Extend form.
+pub(crate) fn end_of_day(date: &str, zone: &jiff::tz::TimeZone) -> Result<u32, StatusError> {
     let wrong = || {
         StatusError::Expiry(format!(
             "--until {:?} is not a date: write it as YYYY-MM-DD, e.g. 2026-12-31",

@@ -190,6 +190,39 @@ pub(crate) enum T {
     CauseCrashed,
     CauseRecipientKey,
     CauseOther,
+    PatientName,
+    StudyDescription,
+    Revoke,
+    Extend,
+    RevokedAt,
+    RevokeTitle,
+    RevokeWarning,
+    RevokeButton,
+    Cancel,
+    RevokedNotice,
+    AlreadyRevoked,
+    ExtendTitle,
+    ExtendHelp,
+    ExtendDaysLabel,
+    ExtendDaysButton,
+    ExtendUntilLabel,
+    ExtendUntilButton,
+    ExtendedNotice,
+    PrintNewSlip,
+    ExtendDaysBad,
+    ExtendDateBad,
+    ExtendNothing,
+    SlipUnknown,
+    SlipNotIssued,
+    SlipBusy,
+    SlipRevoked,
+    SlipNotLater,
+    SlipRefused,
+    SlipUnreachable,
+    SlipRoute,
+    SlipFiles,
+    SlipTimedOut,
+    ReprintRevoked,
 }
 
 impl T {
@@ -447,6 +480,108 @@ impl T {
                 "A receiving facility's key cannot be confirmed",
             ),
             T::CauseOther => ("その他の理由", "Another reason"),
+            T::PatientName => ("患者氏名", "Patient name"),
+            T::StudyDescription => ("検査内容", "Study description"),
+            T::Revoke => ("無効化", "Revoke"),
+            T::Extend => ("期限を延長", "Extend"),
+            T::RevokedAt => ("{time} に無効化済み", "revoked {time}"),
+            T::RevokeTitle => (
+                "ジョブ {id} のトークンを無効化",
+                "Revoke the token of job {id}",
+            ),
+            T::RevokeWarning => (
+                "無効化すると、リポジトリはこのトークンでのダウンロードをすべて拒否し、検査データを削除します。元に戻せません。患者さんの手元の控えも使えなくなります。",
+                "Once revoked, the repository refuses every later download with this token and deletes the study's data. This cannot be undone: the slip the patient holds stops working.",
+            ),
+            T::RevokeButton => ("このトークンを無効化する", "Revoke this token"),
+            T::Cancel => ("やめる（一覧へ戻る）", "Cancel (back to the list)"),
+            T::RevokedNotice => (
+                "ジョブ {id} のトークンを無効化しました。リポジトリは以後のダウンロードをすべて拒否します。",
+                "The token of job {id} is revoked: the repository refuses every later download.",
+            ),
+            T::AlreadyRevoked => (
+                "ジョブ {id} のトークンはすでに無効化されています。",
+                "The token of job {id} is already revoked.",
+            ),
+            T::ExtendTitle => (
+                "ジョブ {id} のトークンの有効期限を延長",
+                "Extend the expiry of the token of job {id}",
+            ),
+            T::ExtendHelp => (
+                "新しい期限は今の期限より後で、リポジトリの上限（server.max_expiry_days、今日から数えます）以内にしてください。延長したら新しい控えを印刷して患者さんに渡してください。古い控えに印刷された期限は誤りになります。",
+                "The new expiry must be later than the current one and within the repository's limit (server.max_expiry_days, counted from today). After extending, print the new slip and hand it to the patient: the date printed on the old slip is then wrong.",
+            ),
+            T::ExtendDaysLabel => (
+                "今日から何日後まで（1〜3650日）",
+                "Days from now (1 to 3650)",
+            ),
+            T::ExtendDaysButton => ("日数で延長する", "Extend by days"),
+            T::ExtendUntilLabel => (
+                "この日の終わり（23:59:59）まで",
+                "Until the end of this day (23:59:59)",
+            ),
+            T::ExtendUntilButton => ("日付で延長する", "Extend to this date"),
+            T::ExtendedNotice => (
+                "ジョブ {id} のトークンの有効期限を延長しました（{until}有効）。古い控えに印刷された期限は誤りです。新しい控えを印刷して渡してください。",
+                "The token of job {id} is now valid {until}. The date printed on the old slip is wrong: print the new slip and hand it over.",
+            ),
+            T::PrintNewSlip => ("新しい控えを印刷", "Print the new slip"),
+            T::ExtendDaysBad => (
+                "日数は 1 から 3650 までの整数で入力してください。",
+                "Give the days as a whole number from 1 to 3650.",
+            ),
+            T::ExtendDateBad => (
+                "日付を YYYY-MM-DD の形で入力してください（例: 2026-12-31）。",
+                "Give the date as YYYY-MM-DD (e.g. 2026-12-31).",
+            ),
+            T::ExtendNothing => (
+                "延長する日数か日付のどちらか一方を入力してください。",
+                "Give either the number of days or a date.",
+            ),
+            T::SlipUnknown => (
+                "ジョブ {id} は見つかりません。発行したトークンの一覧を読み込み直してください。",
+                "There is no job {id}: reload the list of issued tokens.",
+            ),
+            T::SlipNotIssued => (
+                "ジョブ {id} にはまだトークンがありません（状態: {state}）。無効化・延長するものがありません。",
+                "Job {id} has no token yet (it is {state}): there is nothing to revoke or extend.",
+            ),
+            T::SlipBusy => (
+                "ジョブ {id} はまだトークンを届けている途中です（状態: {state}）。完了してからもう一度延長してください。",
+                "Job {id} is still delivering its token (it is {state}): extend it once it is done.",
+            ),
+            T::SlipRevoked => (
+                "ジョブ {id} のトークンは無効化されているため、期限を変えられません。新しいトークンが必要なら、検査をもう一度送ってください。",
+                "The token of job {id} was revoked: its expiry cannot change. Send the study again for a new token.",
+            ),
+            T::SlipNotLater => (
+                "期限は延ばすことしかできません。今の期限は {current}、指定した期限 {asked} はそれより前です。もっと後を指定してください。",
+                "An expiry can only be extended: the token expires {current}, and {asked} is earlier. Ask for a later date.",
+            ),
+            T::SlipRefused => (
+                "リポジトリが拒否しました: {message}",
+                "The repository refused: {message}",
+            ),
+            T::SlipUnreachable => (
+                "リポジトリ（クラウド）に接続できません。応答するようになってから、もう一度操作してください。",
+                "The repository (cloud) cannot be reached: try again once it answers.",
+            ),
+            T::SlipRoute => (
+                "このジョブの送信経路ではリポジトリを使えません（経路の削除や変更、APIキー）。管理者に連絡してください。",
+                "This job's route has no usable repository (the route was removed or changed, or its API key): ask an administrator.",
+            ),
+            T::SlipFiles => (
+                "トークンと控えのファイルを書き直せませんでした。管理者に連絡してください（リポジトリの延長はそのまま有効です。原因を直してからもう一度延長すれば仕上がります）。",
+                "The token and slip files could not be written again: ask an administrator (the repository keeps the extension; extending again once the cause is fixed finishes it).",
+            ),
+            T::SlipTimedOut => (
+                "リポジトリが {seconds} 秒以内に応答しませんでした。処理は続いていて、このあと完了する可能性があります。1 分ほどしてからこの一覧で結果を確かめ、それからもう一度操作するか決めてください。",
+                "The repository did not answer within {seconds} s: the action goes on and may still finish. Check this list again in a minute before trying again.",
+            ),
+            T::ReprintRevoked => (
+                "ジョブ {id} のトークンは無効化されているため、控えは印刷しません（ダウンロードできません）。",
+                "The token of job {id} was revoked: its slip is not printed (it would not download).",
+            ),
         }
     }
 
@@ -518,7 +653,7 @@ mod tests {
     }
 
     /// Every text (the test below checks against the enum's source that none is missing).
-    const ALL: [T; 108] = [
+    const ALL: [T; 141] = [
         T::App,
         T::NavReceive,
         T::NavJobs,
@@ -627,6 +762,39 @@ mod tests {
         T::CauseCrashed,
         T::CauseRecipientKey,
         T::CauseOther,
+        T::PatientName,
+        T::StudyDescription,
+        T::Revoke,
+        T::Extend,
+        T::RevokedAt,
+        T::RevokeTitle,
+        T::RevokeWarning,
+        T::RevokeButton,
+        T::Cancel,
+        T::RevokedNotice,
+        T::AlreadyRevoked,
+        T::ExtendTitle,
+        T::ExtendHelp,
+        T::ExtendDaysLabel,
+        T::ExtendDaysButton,
+        T::ExtendUntilLabel,
+        T::ExtendUntilButton,
+        T::ExtendedNotice,
+        T::PrintNewSlip,
+        T::ExtendDaysBad,
+        T::ExtendDateBad,
+        T::ExtendNothing,
+        T::SlipUnknown,
+        T::SlipNotIssued,
+        T::SlipBusy,
+        T::SlipRevoked,
+        T::SlipNotLater,
+        T::SlipRefused,
+        T::SlipUnreachable,
+        T::SlipRoute,
+        T::SlipFiles,
+        T::SlipTimedOut,
+        T::ReprintRevoked,
     ];
 
     #[test]

@@ -1,11 +1,14 @@
 //! The reception page for clerks (docs/web.md): log in, scan a token and watch its import
 //! live, see failed and held jobs with the reason in plain words and retry them, list the
-//! tokens this facility issued and re-print their slips. Japanese and English.
+//! tokens this facility issued, re-print their slips, revoke them and extend their expiry.
+//! Japanese and English.
 //!
 //! Served beside the admin endpoint by `cloudpdi serve` when `web.listen` is set, with
 //! the admin endpoint's state: a token goes through the one hand-off of `POST /tokens`
 //! ([`crate::admin::handoff::hand_over`]), a retry through the one of
-//! `POST /jobs/{id}/retry` ([`crate::admin::retry_job`]).
+//! `POST /jobs/{id}/retry` ([`crate::admin::retry_job`]), a revoke or an extension through
+//! the ones of `POST /jobs/{id}/revoke` and `/extend` ([`crate::admin::revoke_token`],
+//! [`crate::admin::extend_token`], bounded by [`crate::admin::SLIP_ACTION_TIMEOUT`]).
 //!
 //! Every request passes [`guard`]: without a live session only the login page answers
 //! (a GET goes to it, a POST is refused with 403); every POST must carry its session's
@@ -20,7 +23,8 @@
 //! - `GET /receive`, `POST /receive/check` (JSON), `POST /receive`, `GET /receive/{id}`,
 //!   `GET /jobs/{id}/events` (server-sent events)
 //! - `GET /jobs`, `POST /jobs/{id}/retry`
-//! - `GET /sent`, `GET /sent/{id}/slip`
+//! - `GET /sent`, `GET /sent/{id}/slip`, `GET`/`POST /sent/{id}/revoke`,
+//!   `GET`/`POST /sent/{id}/extend`
 //! - `GET /static/app.css`, `GET /static/app.js`
 
 pub mod cli;
@@ -254,6 +258,14 @@ fn router(state: Arc<WebState>) -> Router {
         .route("/jobs/{id}/retry", post(jobs::retry))
         .route("/sent", get(sent::page))
         .route("/sent/{id}/slip", get(sent::slip))
+        .route(
+            "/sent/{id}/revoke",
+            get(sent::confirm_revoke).post(sent::revoke),
+        )
+        .route(
+            "/sent/{id}/extend",
+            get(sent::extend_form).post(sent::extend),
+        )
         .route(
             "/static/app.css",
             get(|| asset("text/css; charset=utf-8", APP_CSS)),
@@ -564,14 +576,17 @@ pub fn study(ctx: &Ctx, study: Option<&crate::gateway::reception::batch::StudySu
     let Some(study) = study else {
         return html! { span.muted { (ctx.t(T::NotKnown)) } };
     };
+    html! { dl.study { (study_rows(ctx, study)) } }
+}
+
+/// The terms and values of [`study`]'s list, for a list that adds its own.
+pub fn study_rows(ctx: &Ctx, study: &crate::gateway::reception::batch::StudySummary) -> Markup {
     let date = format_date(&study.study_date);
     html! {
-        dl.study {
-            @if !study.patient_id.is_empty() { dt { (ctx.t(T::PatientId)) } dd { (study.patient_id) } }
-            @if !study.accession.is_empty() { dt { (ctx.t(T::Accession)) } dd { (study.accession) } }
-            @if !date.is_empty() { dt { (ctx.t(T::StudyDate)) } dd { (date) } }
-            @if !study.modality.is_empty() { dt { (ctx.t(T::Modality)) } dd { (study.modality) } }
-        }
+        @if !study.patient_id.is_empty() { dt { (ctx.t(T::PatientId)) } dd { (study.patient_id) } }
+        @if !study.accession.is_empty() { dt { (ctx.t(T::Accession)) } dd { (study.accession) } }
+        @if !date.is_empty() { dt { (ctx.t(T::StudyDate)) } dd { (date) } }
+        @if !study.modality.is_empty() { dt { (ctx.t(T::Modality)) } dd { (study.modality) } }
     }
 }
 

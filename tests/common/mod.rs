@@ -853,6 +853,33 @@ pub fn send_to_self(site: &Daemon, files: &[PathBuf]) -> PathBuf {
     token
 }
 
+/// `cloudpdi send` of the study in `study` on `route` of the daemon configured at `config`
+/// (the job recorded in the running daemon): (job ID, token file, slip).
+pub fn send_study(config: &Path, route: &str, study: &Path) -> (String, PathBuf, PathBuf) {
+    let out = run(Command::new(env!("CARGO_BIN_EXE_cloudpdi"))
+        .env_remove("CLOUDPDI_CONFIG")
+        .args(["send", "--config"])
+        .arg(config)
+        .args(["--route", route])
+        .arg(study));
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    let line = |prefix: &str| {
+        said.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .unwrap_or_else(|| panic!("no {prefix:?} in {said}"))
+            .trim()
+            .to_owned()
+    };
+    let job = line("recorded as job ");
+    let job = job.split(':').next().unwrap().to_owned();
+    (
+        job,
+        PathBuf::from(line("token: ")),
+        PathBuf::from(line("slip:  ")),
+    )
+}
+
 /// The token files a site issued so far on route `ct`, in name order.
 pub fn tokens(site: &Daemon) -> Vec<PathBuf> {
     tokens_of(site, "ct")

@@ -6,8 +6,10 @@ Usage: web_browser.py BASE_URL USER PASSWORD TOKEN MISTYPED_TOKEN MISTYPED_GROUP
 Logs in, types MISTYPED_TOKEN key by key and Enter as a USB QR scanner does and checks
 that the page names group MISTYPED_GROUP and stays on the form (nothing queued), then
 types TOKEN the same way and follows the job page until the import is done (its progress
-arrives as server-sent events); looks at the jobs and sent pages; logs out, and fails
-the login three times so that the right password is refused too. Saves a screenshot of
+arrives as server-sent events); looks at the jobs and sent pages, re-prints the slip,
+extends the token by 30 days (the new expiry shown) and revokes it after its
+confirmation page (the row then says revoked, with no action); logs out, and fails the
+login three times so that the right password is refused too. Saves a screenshot of
 each page into ARTIFACTS and prints one line per step it saw succeed.
 """
 
@@ -113,15 +115,48 @@ def main():
             page.wait_for_timeout(500)
             page.goto(base + "/sent")
         expect(page.locator("ul.receipts")).to_contain_text("imported")
-        shot(page, "sent")
         print("sent page: " + page.locator("ul.receipts").inner_text())
-        slip = page.locator("td.actions a").get_attribute("href")
+        slip = page.locator("td.actions a.reprint").get_attribute("href")
         answer = page.goto(base + slip)
         assert answer.status == 200, answer.status
         policy = answer.headers["content-security-policy"]
         assert policy.startswith("default-src 'none'"), policy
         assert "HT2-" in page.content()
         print("slip re-printed: " + slip)
+
+        # Extend by days, with the keyboard: the field has the focus, Enter sends.
+        page.goto(base + "/sent")
+        page.get_by_role("link", name=re.compile("^Extend ")).click()
+        expect(page.locator("#days")).to_be_focused()
+        before = page.locator("#expiry").inner_text()
+        shot(page, "sent-extend")
+        page.keyboard.type("30")
+        page.keyboard.press("Enter")
+        page.wait_for_url(re.compile(re.escape(base) + r"/sent\?extended="))
+        notice = page.locator("div.notice[role=status]")
+        expect(notice).to_contain_text("is now valid until")
+        expect(notice.get_by_role("link", name="Print the new slip")).to_be_visible()
+        expiry = page.locator("table.sent td.expiry").first.inner_text()
+        assert expiry != before, (expiry, before)
+        shot(page, "sent")
+        print("extended: " + expiry + " (was " + before + ")")
+
+        # Revoke: the confirmation page, then the red button.
+        page.get_by_role("link", name=re.compile("^Revoke ")).click()
+        expect(page.locator("h1")).to_contain_text("Revoke the token of job")
+        # Cancel has the focus: a stray Enter (a scanner's) revokes nothing.
+        expect(page.get_by_role("link", name="Cancel (back to the list)")).to_be_focused()
+        button = page.get_by_role("button", name="Revoke this token")
+        shot(page, "sent-revoke")
+        button.click()
+        page.wait_for_url(re.compile(re.escape(base) + r"/sent\?revoked="))
+        expect(page.locator("p.notice[role=status]")).to_contain_text(
+            "the repository refuses every later download"
+        )
+        expect(page.locator("table.sent strong.revoked")).to_contain_text("revoked")
+        expect(page.locator("td.actions a")).to_have_count(0)
+        shot(page, "sent-revoked")
+        print("revoked: " + page.locator("table.sent strong.revoked").inner_text())
 
         page.goto(base + "/receive?lang=ja")
         page.get_by_role("button", name="ログアウト").click()

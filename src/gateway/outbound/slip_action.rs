@@ -135,6 +135,22 @@ pub enum SlipActionError {
     /// A worker thread of the daemon failed on the way.
     #[error("the daemon could not finish the request ({0}); run the same command again")]
     Worker(String),
+    /// The action did not finish within the time the admin endpoint and the web page wait
+    /// (`admin::SLIP_ACTION_TIMEOUT`): the repository is slow or does not answer. The
+    /// action goes on and may still finish.
+    #[error(
+        "job {id}: the repository did not answer within {seconds} s; the {action} goes on \
+         and may still finish: check `cloudpdi status` in a minute before running the \
+         command again"
+    )]
+    TimedOut {
+        /// The job.
+        id: String,
+        /// `revoke` or `extend`.
+        action: &'static str,
+        /// The time waited.
+        seconds: u64,
+    },
 }
 
 /// A token re-issued with a later expiry: what to print and hand over.
