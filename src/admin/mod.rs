@@ -547,12 +547,19 @@ fn slip_action_refused(e: &SlipActionError) -> Response {
     (status, format!("{e}\n")).into_response()
 }
 
-/// The repository's fresh answer about `document`, kept for `cloudpdi status`.
-async fn remember(state: &AdminState, document: &DocumentStatus) {
-    state.documents.lock().await.insert(
-        document.document_id.clone(),
-        (now_ms(), Ok(document.clone())),
-    );
+/// Keeps the repository's fresh answer about `document` for `cloudpdi status` and the
+/// Sent page, without waiting: a status query may hold the cache while it asks the
+/// repository (up to its own timeout), and the action's answer must not wait for that
+/// beyond [`SLIP_ACTION_TIMEOUT`]. The answer is stored once the cache is free.
+fn remember(state: &Arc<AdminState>, document: &DocumentStatus) {
+    let (state, document) = (state.clone(), document.clone());
+    tokio::spawn(async move {
+        state
+            .documents
+            .lock()
+            .await
+            .insert(document.document_id.clone(), (now_ms(), Ok(document)));
+    });
 }
 
 /// The daemon's `facility.time_zone`, for the times in answers.
@@ -596,7 +603,7 @@ pub(crate) async fn revoke_token(
     let job = id.to_owned();
     let action = tokio::spawn(async move { outbound.revoke(&job).await });
     let document = within_slip_action_timeout(id, "revoke", action).await?;
-    remember(state, &document).await;
+    remember(state, &document);
     Ok(document)
 }
 
@@ -617,7 +624,7 @@ pub(crate) async fn extend_token(
     let job = id.to_owned();
     let action = tokio::spawn(async move { outbound.extend(&job, expires_at).await });
     let slip = within_slip_action_timeout(id, "extend", action).await?;
-    remember(state, &slip.document).await;
+    remember(state, &slip.document);
     Ok(slip)
 }
 

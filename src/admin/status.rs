@@ -105,10 +105,17 @@ pub async fn extend(
 
 /// Refuses text that cannot be a job ID before anything is read or sent.
 fn check_job_id(id: &str) -> Result<(), StatusError> {
-    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+    if !is_job_id(id) {
         return Err(StatusError::NotAJob(id.to_owned()));
     }
     Ok(())
+}
+
+/// Whether `id` can be a job ID (`B000042`, `R1a2b3c4d5e6f`): letters, digits and `-`, at
+/// most 64. Text from a URL or a command line is checked before it reaches the job store,
+/// a log line or a page.
+pub(crate) fn is_job_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
 }
 
 /// `now` plus `days` days, as a token's expiry (Unix seconds that fit 32 bits): the one

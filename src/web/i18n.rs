@@ -575,8 +575,8 @@ impl T {
                 "The token and slip files could not be written again: ask an administrator (the repository keeps the extension; extending again once the cause is fixed finishes it).",
             ),
             T::SlipTimedOut => (
-                "リポジトリが {seconds} 秒以内に応答しませんでした。処理は続いていて、このあと完了する可能性があります。1 分ほどしてからこの一覧で結果を確かめ、それからもう一度操作するか決めてください。",
-                "The repository did not answer within {seconds} s: the action goes on and may still finish. Check this list again in a minute before trying again.",
+                "リポジトリが {seconds} 秒以内に応答しませんでした。処理は続いていて、このあと完了する可能性があります。1 分ほどしてから「発行したトークン」の一覧で結果を確かめ、それからもう一度操作するか決めてください。",
+                "The repository did not answer within {seconds} s: the action goes on and may still finish. Look at the Sent list again in a minute before trying again.",
             ),
             T::ReprintRevoked => (
                 "ジョブ {id} のトークンは無効化されているため、控えは印刷しません（ダウンロードできません）。",

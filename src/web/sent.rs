@@ -23,6 +23,7 @@ use serde::Deserialize;
 use super::i18n::{T, fill};
 use super::{Ctx, WebState, html_response, layout, message_page, study, study_rows};
 use crate::admin::OutboundDetails;
+use crate::admin::status::is_job_id;
 use crate::gateway::jobs::Pipeline;
 use crate::gateway::outbound::{OutboundJob, SlipActionError};
 use crate::repository::api::DocumentStatus;
@@ -45,9 +46,11 @@ pub(super) struct Shown {
     extended: Option<String>,
 }
 
-/// Text that can be a job ID (the notices repeat it).
-fn job_id(id: &str) -> bool {
-    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+/// The answer to a URL naming text that cannot be a job ID: refused before the job store,
+/// a log line or the repository sees it.
+fn not_a_job(ctx: &Ctx, id: &str) -> Response {
+    let text = fill(ctx.t(T::SlipUnknown), &[("id", id)]);
+    message_page(ctx, StatusCode::NOT_FOUND, &text)
 }
 
 /// Whether the token of `job` may still be revoked or extended: issued, not revoked, not
@@ -98,11 +101,17 @@ pub(super) async fn page(
     let mut issued: Vec<&OutboundJob> = records.iter().filter(|j| j.token_file.is_some()).collect();
     issued.sort_by_key(|j| std::cmp::Reverse(j.progress.created_at));
     let now = crate::clock::now_seconds();
-    let revoked = shown.revoked.filter(|id| job_id(id));
+    // A notice only for what the record says: a crafted or old link cannot tell a clerk
+    // that a live token was revoked, or that a revoked one was extended.
+    let revoked = shown
+        .revoked
+        .and_then(|id| issued.iter().find(|j| j.id == id).copied())
+        .filter(|job| job.revoked_at.is_some())
+        .map(|job| job.id.clone());
     let extended = shown
         .extended
-        .filter(|id| job_id(id))
-        .and_then(|id| issued.iter().find(|j| j.id == id).copied());
+        .and_then(|id| issued.iter().find(|j| j.id == id).copied())
+        .filter(|job| job.revoked_at.is_none());
     let body = html! {
         @if let Some(id) = &revoked {
             p.notice role="status" { (fill(ctx.t(T::RevokedNotice), &[("id", id)])) }
@@ -329,7 +338,7 @@ fn refused(ctx: &Ctx, id: &str, e: &SlipActionError) -> (StatusCode, String) {
             StatusCode::GATEWAY_TIMEOUT,
             fill(ctx.t(T::SlipTimedOut), &[("seconds", &seconds.to_string())]),
         ),
-        _ => (
+        SlipActionError::Index(_) | SlipActionError::Worker(_) => (
             StatusCode::SERVICE_UNAVAILABLE,
             ctx.t(T::Unavailable).to_owned(),
         ),
@@ -378,6 +387,9 @@ pub(super) async fn confirm_revoke(
     Extension(ctx): Extension<Ctx>,
     Path(id): Path<String>,
 ) -> Response {
+    if !is_job_id(&id) {
+        return not_a_job(&ctx, &id);
+    }
     revoke_page(&state, &ctx, &id, StatusCode::OK, None).await
 }
 
@@ -389,6 +401,9 @@ pub(super) async fn revoke(
     Extension(ctx): Extension<Ctx>,
     Path(id): Path<String>,
 ) -> Response {
+    if !is_job_id(&id) {
+        return not_a_job(&ctx, &id);
+    }
     match crate::admin::revoke_token(&state.admin, &id).await {
         Ok(document) => {
             tracing::info!(user = %ctx.user(), job = %id, downloads = document.downloads, "web: token revoked: the repository refuses every later download");
@@ -450,6 +465,9 @@ pub(super) async fn extend_form(
     Extension(ctx): Extension<Ctx>,
     Path(id): Path<String>,
 ) -> Response {
+    if !is_job_id(&id) {
+        return not_a_job(&ctx, &id);
+    }
     extend_page(&state, &ctx, &id, StatusCode::OK, None).await
 }
 
@@ -491,6 +509,9 @@ pub(super) async fn extend(
     Path(id): Path<String>,
     Form(form): Form<ExtendForm>,
 ) -> Response {
+    if !is_job_id(&id) {
+        return not_a_job(&ctx, &id);
+    }
     let expires_at = match asked_expiry(&form, &state.zone, crate::clock::now_seconds()) {
         Ok(at) => at,
         Err(t) => {
@@ -538,6 +559,9 @@ pub(super) async fn slip(
     Extension(ctx): Extension<Ctx>,
     Path(id): Path<String>,
 ) -> Response {
+    if !is_job_id(&id) {
+        return not_a_job(&ctx, &id);
+    }
     let outbound = state.admin.outbound.clone();
     let asked = id.clone();
     let read = tokio::task::spawn_blocking(move || {
