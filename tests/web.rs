@@ -622,8 +622,10 @@ async fn a_lan_address_needs_https_and_over_https_the_cookie_is_secure() {
         stderr.contains("web.listen") && stderr.contains("web.certificate and web.key"),
         "{stderr}"
     );
-    // With them the page is HTTPS and its cookies are Secure.
+    // With them the page is HTTPS and its cookies are Secure. A key every user can read
+    // is used, with a warning that says how to fix it.
     let (cert, key) = certificate(dir.path());
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
     let (web, base) = web_section(&format!(
         "certificate = \"{}\"\nkey = \"{}\"\n",
         cert.display(),
@@ -648,6 +650,15 @@ async fn a_lan_address_needs_https_and_over_https_the_cookie_is_secure() {
         "{cookie}"
     );
     assert_eq!(browser.get("/receive").await.status, 200);
+    assert!(
+        site.log().contains(&format!(
+            "web.key = {}: the private key can be read by every user of this machine (mode \
+             0644); run `chmod o-rwx` on it",
+            key.display()
+        )),
+        "{}",
+        site.log()
+    );
     // Plain HTTP on the HTTPS port gets no page.
     let plain = Client::new(&base);
     let refused = plain.http.get(format!("{base}/login")).send().await;

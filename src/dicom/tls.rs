@@ -483,12 +483,15 @@ pub(crate) fn certificates(
     Ok(certs)
 }
 
-/// The PEM private key in `path`; the file's bytes are zeroized once parsed.
+/// The PEM private key in `path`; the file's bytes are zeroized once parsed. A key every
+/// user of the machine can read is warned about (once per file): it is used all the same,
+/// since a group such as Debian's `ssl-cert` reading it is normal.
 pub(crate) fn private_key(
     key: &'static str,
     path: &Path,
 ) -> Result<PrivateKeyDer<'static>, DicomTlsError> {
     let bytes = Zeroizing::new(read(key, path)?);
+    warn_if_world_readable(key, path);
     PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| match e {
         pem::Error::NoItemsFound if contains(&bytes, b"-----BEGIN ENCRYPTED PRIVATE KEY-----") => {
             DicomTlsError::EncryptedKey {
@@ -502,6 +505,31 @@ pub(crate) fn private_key(
         },
         other => not_pem(key, path, &other),
     })
+}
+
+/// Warns, once per file, that the private key `path` can be read by every user.
+fn warn_if_world_readable(key: &'static str, path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    static WARNED: std::sync::Mutex<Vec<std::path::PathBuf>> = std::sync::Mutex::new(Vec::new());
+    let Ok(meta) = std::fs::metadata(path) else {
+        return;
+    };
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o007 == 0 {
+        return;
+    }
+    let mut warned = WARNED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if warned.iter().any(|p| p == path) {
+        return;
+    }
+    warned.push(path.to_owned());
+    tracing::warn!(
+        "{key} = {}: the private key can be read by every user of this machine (mode \
+         {mode:04o}); run `chmod o-rwx` on it (the daemon's user or group must still read it)",
+        path.display()
+    );
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
