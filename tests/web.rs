@@ -1186,6 +1186,14 @@ async fn revoke_and_extend_on_the_sent_page_act_on_the_repository() {
             409,
             "The repository refused: expires_at is beyond this repository's limit of 180 days",
         ),
+        (
+            vec![("days", "2")],
+            409,
+            &format!(
+                "An expiry can only be extended: the token is valid {new_date}, and the \
+                 expiry asked for ("
+            ),
+        ),
     ] {
         let mut all = vec![("csrf", token.as_str())];
         all.extend(fields.iter().copied());

@@ -118,6 +118,10 @@ pub(crate) enum T {
     PatientIdBad,
     NoInbound,
     JobTitle,
+    StepUpload,
+    StepIssue,
+    StepDeliver,
+    StepPost,
     StepDownload,
     StepOpen,
     StepUnpack,
@@ -321,6 +325,13 @@ impl T {
                 "This gateway does not import (inbound.pacs is not set): ask an administrator.",
             ),
             T::JobTitle => ("取り込み {id}", "Import {id}"),
+            T::StepUpload => ("暗号化してリポジトリへ送信中", "Sealing and uploading"),
+            T::StepIssue => ("トークンと控えの発行", "Issuing the token and slip"),
+            T::StepDeliver => ("トークンの受け渡し", "Handing the token over"),
+            T::StepPost => (
+                "相手の施設へトークンを送付",
+                "Sending the token to the facilities",
+            ),
             T::StepDownload => (
                 "ダウンロード・検証・PACSへの保存",
                 "Downloading, verifying and storing into the PACS",
@@ -555,8 +566,8 @@ impl T {
                 "The token of job {id} was revoked: its expiry cannot change. Send the study again for a new token.",
             ),
             T::SlipNotLater => (
-                "期限は延ばすことしかできません。今の期限は {current}、指定した期限 {asked} はそれより前です。もっと後を指定してください。",
-                "An expiry can only be extended: the token expires {current}, and {asked} is earlier. Ask for a later date.",
+                "期限は延ばすことしかできません。今の期限は{current}です。指定した期限（{asked}）はそれより前です。もっと後を指定してください。",
+                "An expiry can only be extended: the token is valid {current}, and the expiry asked for ({asked}) is earlier. Ask for a later date.",
             ),
             T::SlipRefused => (
                 "リポジトリが拒否しました: {message}",
@@ -653,7 +664,7 @@ mod tests {
     }
 
     /// Every text (the test below checks against the enum's source that none is missing).
-    const ALL: [T; 141] = [
+    const ALL: [T; 145] = [
         T::App,
         T::NavReceive,
         T::NavJobs,
@@ -690,6 +701,10 @@ mod tests {
         T::PatientIdBad,
         T::NoInbound,
         T::JobTitle,
+        T::StepUpload,
+        T::StepIssue,
+        T::StepDeliver,
+        T::StepPost,
         T::StepDownload,
         T::StepOpen,
         T::StepUnpack,

@@ -20,7 +20,7 @@ use axum::{Extension, Form};
 use maud::{Markup, html};
 use serde::Deserialize;
 
-use super::i18n::{T, fill};
+use super::i18n::{T, fill, until};
 use super::{Ctx, WebState, html_response, layout, message_page, study, study_rows};
 use crate::admin::OutboundDetails;
 use crate::admin::status::is_job_id;
@@ -120,7 +120,7 @@ pub(super) async fn page(
             div.notice role="status" {
                 p { (fill(ctx.t(T::ExtendedNotice), &[
                     ("id", &job.id),
-                    ("until", &super::i18n::until(ctx.lang, u64::from(job.expires_at), &state.zone)),
+                    ("until", &until(ctx.lang, u64::from(job.expires_at), &state.zone)),
                 ])) }
                 @if job.slip_file.is_some() {
                     p { a.print href={ "/sent/" (job.id) "/slip" } target="_blank" rel="noopener" { (ctx.t(T::PrintNewSlip)) } }
@@ -170,7 +170,7 @@ fn row(
                 @if let Some(at) = job.revoked_at {
                     strong.revoked { (fill(ctx.t(T::RevokedAt), &[("time", &crate::clock::local_short(at.saturating_mul(1000), &state.zone))])) }
                 } @else {
-                    (super::i18n::until(ctx.lang, u64::from(job.expires_at), &state.zone))
+                    (until(ctx.lang, u64::from(job.expires_at), &state.zone))
                     @if u64::from(job.expires_at) <= now { " " strong { (ctx.t(T::Expired)) } }
                 }
             }
@@ -273,7 +273,7 @@ fn summary(
             dt { (ctx.t(T::Job)) } dd { (job.id) }
             dt { (ctx.t(T::Route)) } dd { (job.route) }
             dt { (ctx.t(T::Study)) } dd { (printed_study(ctx, job)) }
-            dt { (ctx.t(T::Expiry)) } dd #expiry { (super::i18n::until(ctx.lang, u64::from(job.expires_at), &state.zone)) }
+            dt { (ctx.t(T::Expiry)) } dd #expiry { (until(ctx.lang, u64::from(job.expires_at), &state.zone)) }
             dt { (ctx.t(T::Downloads)) }
             dd {
                 @match document {
@@ -300,25 +300,58 @@ fn refusal(ctx: &Ctx, text: &str, detail: Option<&str>) -> Markup {
     }
 }
 
-/// A refusal of the revoke or extend of job `id` in plain words, with its HTTP status.
-fn refused(ctx: &Ctx, id: &str, e: &SlipActionError) -> (StatusCode, String) {
+/// An outbound step's name (`upload`) in the page's language.
+fn step_text(ctx: &Ctx, step: &str) -> String {
+    let t = match step {
+        "upload" => T::StepUpload,
+        "issue" => T::StepIssue,
+        "deliver" => T::StepDeliver,
+        "post" => T::StepPost,
+        "done" => T::StepDone,
+        "failed" => T::StepFailed,
+        other => return other.to_owned(),
+    };
+    ctx.t(t).to_owned()
+}
+
+/// A refusal of the revoke or extend of job `id` in plain words, with its HTTP status;
+/// times in `zone`.
+fn refused(
+    ctx: &Ctx,
+    zone: &jiff::tz::TimeZone,
+    id: &str,
+    e: &SlipActionError,
+) -> (StatusCode, String) {
     let with_id = |t: T| fill(ctx.t(t), &[("id", id)]);
     match e {
         SlipActionError::Unknown(_) => (StatusCode::NOT_FOUND, with_id(T::SlipUnknown)),
         SlipActionError::NotIssued { step, .. } => (
             StatusCode::CONFLICT,
-            fill(ctx.t(T::SlipNotIssued), &[("id", id), ("state", step)]),
+            fill(
+                ctx.t(T::SlipNotIssued),
+                &[("id", id), ("state", &step_text(ctx, step))],
+            ),
         ),
         SlipActionError::Busy { step, .. } => (
             StatusCode::CONFLICT,
-            fill(ctx.t(T::SlipBusy), &[("id", id), ("state", step)]),
+            fill(
+                ctx.t(T::SlipBusy),
+                &[("id", id), ("state", &step_text(ctx, step))],
+            ),
         ),
         SlipActionError::Revoked(_) => (StatusCode::CONFLICT, with_id(T::SlipRevoked)),
-        SlipActionError::NotLater { current, asked, .. } => (
+        SlipActionError::NotLater {
+            current_at,
+            asked_at,
+            ..
+        } => (
             StatusCode::CONFLICT,
             fill(
                 ctx.t(T::SlipNotLater),
-                &[("current", current), ("asked", asked)],
+                &[
+                    ("current", &until(ctx.lang, u64::from(*current_at), zone)),
+                    ("asked", &until(ctx.lang, u64::from(*asked_at), zone)),
+                ],
             ),
         ),
         SlipActionError::Refused { message, .. } => (
@@ -411,7 +444,7 @@ pub(super) async fn revoke(
         }
         Err(e) => {
             tracing::info!(user = %ctx.user(), job = %id, "web: revoke refused: {e}");
-            let (status, text) = refused(&ctx, &id, &e);
+            let (status, text) = refused(&ctx, &state.zone, &id, &e);
             let notice = refusal(&ctx, &text, Some(&e.to_string()));
             revoke_page(&state, &ctx, &id, status, Some(notice)).await
         }
@@ -533,7 +566,7 @@ pub(super) async fn extend(
         }
         Err(e) => {
             tracing::info!(user = %ctx.user(), job = %id, "web: extend refused: {e}");
-            let (status, text) = refused(&ctx, &id, &e);
+            let (status, text) = refused(&ctx, &state.zone, &id, &e);
             let notice = refusal(&ctx, &text, Some(&e.to_string()));
             extend_page(&state, &ctx, &id, status, Some(notice)).await
         }

@@ -86,6 +86,10 @@ pub enum SlipActionError {
         current: String,
         /// The expiry asked for, in the facility's local time.
         asked: String,
+        /// The token's expiry (Unix seconds), for a page in another language.
+        current_at: u32,
+        /// The expiry asked for (Unix seconds).
+        asked_at: u32,
     },
     /// The repository refused (expiry beyond its limit, document gone, wrong key).
     #[error("the repository refused to {action} the document of job {id}: {message}")]
@@ -230,6 +234,8 @@ impl Outbound {
             return Err(SlipActionError::NotLater {
                 current: self.local_time(job.expires_at),
                 asked: self.local_time(expires_at),
+                current_at: job.expires_at,
+                asked_at: expires_at,
                 id: job.id,
             });
         }
