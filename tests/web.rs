@@ -966,6 +966,35 @@ async fn a_patient_id_given_for_a_known_token_is_said_not_applied() {
     );
     assert!(id_at < token_at, "the Patient ID field first");
     let csrf = csrf(&page.body);
+    // A token this gateway cannot use (its community code is not in [repositories]): the
+    // clerk is told, in the page's language, to show the reason to an administrator.
+    let file = dir.path().join("elsewhere.token");
+    let out = run(Command::new(env!("CARGO_BIN_EXE_cloudpdi"))
+        .args(["token", "new", "--community", "ZZ9"])
+        .args(["--document-id", "0123456789abcdef0123", "--out"])
+        .arg(&file));
+    assert!(out.status.success(), "{out:?}");
+    let elsewhere = std::fs::read_to_string(&file).unwrap().trim().to_owned();
+    for (lang, said) in [
+        (
+            "en",
+            "Not imported: show the reason below to an administrator",
+        ),
+        ("ja", "取り込めません。下の理由を管理者に伝えてください"),
+    ] {
+        let refused = browser
+            .post(
+                &format!("/receive?lang={lang}"),
+                &[("csrf", &csrf), ("token", &elsewhere), ("patient_id", "")],
+            )
+            .await;
+        assert_eq!(refused.status, 422, "{}", refused.body);
+        assert!(
+            refused.body.contains(said) && refused.body.contains("ZZ9"),
+            "{}",
+            refused.body
+        );
+    }
     let first = browser
         .post(
             "/receive",

@@ -364,7 +364,10 @@ impl T {
                 "このトークンはすでに取り込み中です。",
                 "This token is already being imported.",
             ),
-            T::Refused => ("取り込めません。", "Not imported."),
+            T::Refused => (
+                "取り込めません。下の理由を管理者に伝えてください（設定で直せることがあります）。",
+                "Not imported: show the reason below to an administrator (the configuration may need a change).",
+            ),
             T::ReceiveAnother => ("次のトークンを受け取る", "Receive another token"),
             T::JobsTitle => ("失敗・停止中のジョブ", "Failed and held jobs"),
             T::NoJobs => (
