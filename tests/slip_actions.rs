@@ -15,7 +15,7 @@ use cloudpdi::gateway::outbound::{OutStep, OutboundJob, PrintedStudy};
 use cloudpdi::repository::api::{NewDocument, State};
 use cloudpdi::repository::client::{Client, ClientError, ClientOptions};
 use cloudpdi::token::Token;
-use common::{Daemon, Repository, free_port, gen_ct, run, wait_for};
+use common::{Daemon, Repository, end_of_day, free_port, gen_ct, run, wait_for};
 
 const ZONE: &str = "Asia/Tokyo";
 
@@ -314,14 +314,7 @@ fn an_extended_token_is_reissued() {
     // The repository extended, the files not yet (a crash in between): the same command
     // again writes the files.
     let until = cloudpdi::clock::date(now + 60 * 86_400);
-    let end_of_day = zone
-        .to_timestamp(
-            jiff::civil::Date::strptime("%Y-%m-%d", &until)
-                .unwrap()
-                .at(23, 59, 59, 0),
-        )
-        .unwrap()
-        .as_second();
+    let end_of_day = end_of_day(&zone, &until);
     let end_of_day = u64::try_from(end_of_day).unwrap();
     block(site.client().extend(&after.document_id, end_of_day)).unwrap();
     let (ok, finished) = site.command(&["extend", &job, "--until", &until]);

@@ -1251,14 +1251,7 @@ async fn revoke_and_extend_on_the_sent_page_act_on_the_repository() {
         .post(&path, &[("csrf", &token), ("until", &until)])
         .await;
     assert_eq!(answer.status, 303, "{}", answer.body);
-    let end_of_day = zone
-        .to_timestamp(
-            jiff::civil::Date::strptime("%Y-%m-%d", &until)
-                .unwrap()
-                .at(23, 59, 59, 0),
-        )
-        .unwrap()
-        .as_second();
+    let end_of_day = end_of_day(&zone, &until);
     assert_eq!(
         i64::from(read_token(&token_file).expires_at),
         end_of_day,

@@ -939,3 +939,15 @@ impl Orthanc {
         orthanc
     }
 }
+
+/// The last second of `date` (`YYYY-MM-DD`) in `zone`: the expiry `cloudpdi extend --until`
+/// and the reception page's date field ask for.
+pub fn end_of_day(zone: &jiff::tz::TimeZone, date: &str) -> i64 {
+    zone.to_timestamp(
+        jiff::civil::Date::strptime("%Y-%m-%d", date)
+            .unwrap()
+            .at(23, 59, 59, 0),
+    )
+    .unwrap()
+    .as_second()
+}
