@@ -22,7 +22,7 @@ cd "$(dirname "$self")/../fuzz"
 
 TARGETS=(dimse_command dicom_pdu spool_identify pdi_element pdi_dicomdir pdi_zip pdi_manifest
     container_header container_decrypt token_text token_bytes watch_drop study_details repository_json http_range
-    http_content_range sealed zip_stream transcode)
+    http_content_range sealed zip_stream transcode commitment)
 # Debug assertions on: integer overflow in a parser is a crash, as it should be.
 FUZZ=(cargo +nightly fuzz)
 BUILD_FLAGS=(--debug-assertions)
