@@ -158,6 +158,21 @@ def main():
         shot(page, "sent-revoked")
         print("revoked: " + page.locator("table.sent strong.revoked").inner_text())
 
+        # A form posted from the logged-in page without its CSRF token (as a forged
+        # form would be, cookies and all): refused before anything is read.
+        status = page.evaluate(
+            """async () => {
+                const answer = await fetch('/receive', {
+                    method: 'POST',
+                    headers: {'Content-Type': 'application/x-www-form-urlencoded'},
+                    body: 'patient_id=&token=' + encodeURIComponent(document.title),
+                });
+                return answer.status;
+            }"""
+        )
+        assert status == 403, status
+        print("post without csrf: %d" % status)
+
         page.goto(base + "/receive?lang=ja")
         page.get_by_role("button", name="ログアウト").click()
         page.wait_for_url(re.compile(re.escape(base) + r"/login"))
