@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use cloudpdi::repository::api::{MAX_EXTENSIONS, NewDocument, Receipt, State, parts_digest};
-use cloudpdi::repository::client::{Client, ClientError, ClientOptions};
+use cloudpdi::repository::client::{Client, ClientError, ClientOptions, DownloadCheck};
 use cloudpdi::repository::config::{
     AuditConfig, Backend, FacilityConfig, RepositoryConfig, ServerConfig, StorageConfig,
 };
@@ -325,6 +325,54 @@ async fn life_cycle_on_local_files() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn life_cycle_on_s3() {
     life_cycle(Backend::S3).await;
+}
+
+/// A stored part altered after completion: `download_to` checks the repository's SHA-256
+/// and refuses the bytes; with `DownloadCheck::ByCaller` (the daemon, whose container AEAD
+/// authenticates every chunk as it streams) the check is the caller's, and the bytes are
+/// handed over as they came, unhashed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_repository_hash_is_checked_unless_the_caller_authenticates() {
+    let repo = Repo::start(Backend::Local).await;
+    let work = tempfile::tempdir().unwrap();
+    let source = work.path().join("container");
+    let size = 2 * MIB + 12_345;
+    random_file(&source, size);
+    let token = token(3600);
+    let sender = repo.client(Some(&repo.key_a));
+    let id = sender
+        .create(&new_document(size, &token, 4))
+        .await
+        .unwrap()
+        .document_id;
+    sender.upload_file(&id, &source, |_| {}).await.unwrap();
+    let part = usize::try_from(MIB).unwrap();
+    let mut altered = std::fs::read(&source).unwrap()[part..2 * part].to_vec();
+    altered[10] ^= 0xff;
+    overwrite_part(&repo, &id, 1, &altered);
+
+    let receiver = repo.client(None);
+    let proof = token.download_proof();
+    let refused = receiver
+        .download_to(&id, &proof, &work.path().join("checked"), |_| {})
+        .await
+        .unwrap_err();
+    assert!(matches!(refused, ClientError::Integrity(_)), "{refused}");
+    let out = work.path().join("by-caller");
+    let got = receiver
+        .download_to_named(
+            &id,
+            &proof,
+            &out,
+            DownloadCheck::ByCaller,
+            |_, _| {},
+            |_| {},
+        )
+        .await
+        .unwrap();
+    assert_eq!(got.size, size);
+    assert_eq!(std::fs::read(&out).unwrap()[part..2 * part], altered[..]);
+    repo.stop().await;
 }
 
 /// Replaces the stored bytes of part `n` of `id` behind the repository's back.

@@ -107,6 +107,12 @@ ingest_mib=$(hwm "$pid_a")
 hwm_reset "$pid_a"
 hwm_reset "$pid_b"
 cpu_a0=$(cpu "$pid_a"); cpu_b0=$(cpu "$pid_b"); cpu_o0=$(cpu "$peer")
+# BENCH_PERF=FILE records where the three processes spend their CPU during the transfer
+# (perf record -g; read it with `perf report -i FILE --sort pid,comm,dso,sym`).
+if [ -n "${BENCH_PERF:-}" ]; then
+  perf record -q -F 1999 -g -p "$pid_a,$pid_b,$peer" -o "$BENCH_PERF" 2>/dev/null &
+  perf_pid=$!
+fi
 until "$bin" status --admin 127.0.0.1:11180 --json | grep '"direction": "outbound"' >/dev/null; do sleep 0.02; done
 tstable=$(now)
 until ls "$work"/a/data/tokens/ct/*.token >/dev/null 2>&1; do sleep 0.02; done
@@ -116,6 +122,7 @@ until "$bin" status --admin 127.0.0.1:11181 --json | grep '"direction": "inbound
 ttaken=$(now)
 until [ "$(count)" = "$n" ]; do sleep 0.05; done
 tdone=$(now)
+if [ -n "${BENCH_PERF:-}" ]; then kill -INT "$perf_pid"; wait "$perf_pid" || true; fi
 mem_a=$(hwm "$pid_a")
 mem_b=$(hwm "$pid_b")
 cpu_a=$(echo "$(cpu "$pid_a") - $cpu_a0" | bc); cpu_b=$(echo "$(cpu "$pid_b") - $cpu_b0" | bc)

@@ -11,6 +11,7 @@
 #        SLICES=200 bench/e2e/run.sh
 #        STABLE_AFTER=2 bench/e2e/run.sh
 #        BENCH_LOGS=/tmp/e2e-logs bench/e2e/run.sh   # keep both daemons' logs
+#        BENCH_PERF=/tmp/e2e.perf bench/e2e/run.sh   # perf record of both sites and Orthanc during the transfer
 #        BENCH_BIN=/path/to/other/cloudpdi bench/e2e/run.sh   # another build, e.g. before a change
 #        COMPRESS=true bench/e2e/run.sh   # the route compresses (the shipped default)
 set -euo pipefail

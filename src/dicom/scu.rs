@@ -320,6 +320,23 @@ pub struct Instance {
     /// Transfer syntax of the dataset.
     pub transfer_syntax: String,
     dataset_offset: u64,
+    /// The file's bytes when they are still in memory (the inbound stream verified them a
+    /// moment ago): sent from there instead of read back from the file, and dropped once
+    /// the instance's outcome is known.
+    in_memory: Option<Arc<InMemory>>,
+}
+
+/// A file's bytes held for sending, and the memory reservation they count against
+/// (released when the last holder drops them).
+pub struct InMemory {
+    bytes: Vec<u8>,
+    _reservation: Box<dyn Send + Sync>,
+}
+
+impl std::fmt::Debug for InMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "InMemory({} bytes)", self.bytes.len())
+    }
 }
 
 impl Instance {
@@ -335,26 +352,84 @@ impl Instance {
         let mut file = std::fs::File::open(path).map_err(|e| not_dicom(e.to_string()))?;
         let mut head = [0u8; 132];
         let read = file.read(&mut head).map_err(|e| not_dicom(e.to_string()))?;
-        let start = if read == 132 && &head[128..132] == b"DICM" {
-            128
-        } else if read >= 4 && &head[0..4] == b"DICM" {
-            0
-        } else {
-            return Err(not_dicom("no DICM magic code".into()));
-        };
+        let start = meta_start(&head[..read]).map_err(not_dicom)?;
         file.seek(SeekFrom::Start(start))
             .map_err(|e| not_dicom(e.to_string()))?;
         let meta = FileMetaTable::from_reader(std::io::BufReader::new(file))
             .map_err(|e| not_dicom(e.to_string()))?;
+        Ok(Instance::from_meta(path, &meta, start, None))
+    }
+
+    /// As [`Instance::probe`], from the file's `bytes` already in memory (the file at
+    /// `path` holds the same bytes), which are then sent from memory; `reservation` is
+    /// held as long as they are.
+    ///
+    /// # Errors
+    /// [`ScuError::NotDicom`] with the reason.
+    pub fn in_memory(
+        path: &Path,
+        bytes: Vec<u8>,
+        reservation: Box<dyn Send + Sync>,
+    ) -> Result<Instance, ScuError> {
+        let not_dicom = |reason: String| ScuError::NotDicom {
+            path: path.to_owned(),
+            reason,
+        };
+        let start = meta_start(&bytes[..bytes.len().min(132)]).map_err(not_dicom)?;
+        let header = usize::try_from(start).map_or(&[][..], |start| &bytes[start..]);
+        let meta = FileMetaTable::from_reader(header).map_err(|e| not_dicom(e.to_string()))?;
+        let held = Arc::new(InMemory {
+            bytes,
+            _reservation: reservation,
+        });
+        let instance = Instance::from_meta(path, &meta, start, Some(held));
+        if instance.dataset().is_none() {
+            return Err(not_dicom("the meta header is longer than the file".into()));
+        }
+        Ok(instance)
+    }
+
+    fn from_meta(
+        path: &Path,
+        meta: &FileMetaTable,
+        start: u64,
+        in_memory: Option<Arc<InMemory>>,
+    ) -> Instance {
         let trim = |s: &str| s.trim_end_matches(['\0', ' ']).to_owned();
-        Ok(Instance {
+        Instance {
             path: path.to_owned(),
             sop_class_uid: trim(meta.media_storage_sop_class_uid()),
             sop_instance_uid: trim(meta.media_storage_sop_instance_uid()),
             transfer_syntax: trim(meta.transfer_syntax()),
             // "DICM" + the group length element (12 bytes) + the group it measures.
             dataset_offset: start + 4 + 12 + u64::from(meta.information_group_length),
-        })
+            in_memory,
+        }
+    }
+
+    /// The dataset's bytes, when the file is held in memory.
+    fn dataset(&self) -> Option<&[u8]> {
+        let held = self.in_memory.as_ref()?;
+        held.bytes.get(usize::try_from(self.dataset_offset).ok()?..)
+    }
+
+    /// The instance without its bytes in memory (their reservation released): what is
+    /// kept of it once its outcome is known.
+    fn settled(mut self) -> Instance {
+        self.in_memory = None;
+        self
+    }
+}
+
+/// Where the meta header starts in a file that begins with `head` (its first 132 bytes,
+/// or fewer): after the 128-byte preamble, or at 0 for a file without one.
+fn meta_start(head: &[u8]) -> Result<u64, String> {
+    if head.len() == 132 && &head[128..132] == b"DICM" {
+        Ok(128)
+    } else if head.len() >= 4 && &head[0..4] == b"DICM" {
+        Ok(0)
+    } else {
+        Err("no DICM magic code".into())
     }
 }
 
@@ -528,7 +603,7 @@ pub async fn store_stream(
         if let Err(lost) = feeds[at].send(instance).await {
             // Every lane of the group ended (a panic): the instance is reported unsent,
             // so the job's import step sends it again.
-            let instance = lost.0;
+            let instance = lost.0.settled();
             warn!(
                 "no PACS sending task left for {}",
                 instance.sop_instance_uid
@@ -666,6 +741,7 @@ impl Lane {
 
     /// Keeps an outcome, or reports it at once to a [`store_stream`] caller.
     fn record(&mut self, instance: Instance, outcome: Outcome) {
+        let instance = instance.settled();
         match &self.feed {
             Some(feed) => {
                 // The caller stopped listening only when it is going away.
@@ -1054,9 +1130,10 @@ async fn transmit(
         .map_err(|e| format!("sending the command failed: {e}"))?;
     {
         let mut writer = association.send_pdata(context_id);
-        match payload {
-            Some(bytes) => writer.write_all(&bytes).await,
-            None => {
+        match (payload, instance.dataset()) {
+            (Some(bytes), _) => writer.write_all(&bytes).await,
+            (None, Some(held)) => writer.write_all(held).await,
+            (None, None) => {
                 let mut file = tokio::fs::File::open(&instance.path)
                     .await
                     .map_err(|e| format!("cannot read {}: {e}", instance.path.display()))?;
@@ -1195,6 +1272,82 @@ async fn encode(
 mod tests {
     use super::*;
     use dicom_ul::pdu::AssociationRJServiceProviderPresentationReason;
+
+    /// A Part 10 file (preamble, meta group, a small dataset) written to `path`.
+    fn part10(path: &Path) -> Vec<u8> {
+        use dicom_core::{DataElement, PrimitiveValue, VR};
+        let meta = dicom_object::FileMetaTableBuilder::new()
+            .transfer_syntax(dicom_dictionary_std::uids::EXPLICIT_VR_LITTLE_ENDIAN)
+            .media_storage_sop_class_uid("1.2.840.10008.5.1.4.1.1.2")
+            .media_storage_sop_instance_uid("1.2.3.4.5")
+            .build()
+            .expect("a complete meta group");
+        let mut object = dicom_object::FileDicomObject::new_empty_with_meta(meta);
+        object.put(DataElement::new(
+            dicom_dictionary_std::tags::PATIENT_NAME,
+            VR::PN,
+            PrimitiveValue::from("Doe^Jane"),
+        ));
+        object.write_to_file(path).expect("written");
+        std::fs::read(path).expect("read back")
+    }
+
+    /// An instance handed over in memory says what its file says, sends the file's
+    /// dataset bytes, and lets its reservation go once settled.
+    #[test]
+    fn an_instance_in_memory_reads_as_its_file_does() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("a.dcm");
+        let bytes = part10(&path);
+        let from_file = Instance::probe(&path).expect("probed");
+        let released = Arc::new(AtomicUsize::new(0));
+        struct Count(Arc<AtomicUsize>);
+        impl Drop for Count {
+            fn drop(&mut self) {
+                self.0.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let held = Instance::in_memory(&path, bytes.clone(), Box::new(Count(released.clone())))
+            .expect("parsed");
+        assert_eq!(
+            (
+                &held.sop_class_uid,
+                &held.sop_instance_uid,
+                &held.transfer_syntax,
+                held.dataset_offset
+            ),
+            (
+                &from_file.sop_class_uid,
+                &from_file.sop_instance_uid,
+                &from_file.transfer_syntax,
+                from_file.dataset_offset
+            )
+        );
+        assert_eq!(held.sop_instance_uid, "1.2.3.4.5");
+        let offset = usize::try_from(from_file.dataset_offset).expect("small");
+        assert_eq!(held.dataset(), Some(&bytes[offset..]));
+        assert_eq!(
+            from_file.dataset(),
+            None,
+            "a probed instance is read from its file"
+        );
+        let copy = held.clone();
+        drop(held.settled());
+        assert_eq!(
+            released.load(Ordering::Relaxed),
+            0,
+            "a clone still holds them"
+        );
+        assert_eq!(copy.settled().dataset(), None);
+        assert_eq!(released.load(Ordering::Relaxed), 1);
+
+        let cut = bytes[..140].to_vec();
+        let error = Instance::in_memory(&path, cut, Box::new(())).expect_err("cut short");
+        assert!(error.to_string().contains("a.dcm"), "{error}");
+        let error =
+            Instance::in_memory(&path, b"not DICOM".to_vec(), Box::new(())).expect_err("no magic");
+        assert!(error.to_string().contains("DICM"), "{error}");
+    }
 
     fn target() -> StoreTarget {
         StoreTarget {

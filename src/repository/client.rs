@@ -184,6 +184,19 @@ fn file_error(path: &Path) -> impl Fn(std::io::Error) -> ClientError + '_ {
     }
 }
 
+/// Who checks that a download holds the document's bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DownloadCheck {
+    /// The client, against the repository's SHA-256 (size and hash after the last byte):
+    /// for bytes nobody else checks (`cloudpdi repository download`).
+    Sha256,
+    /// The caller: it opens the container while it downloads, and the container's AEAD
+    /// authenticates every chunk and its end, so a byte the repository changed (or a
+    /// truncated file) fails there already. Hashing the same bytes again would cost a
+    /// CPU pass of the whole document on the receiver's busiest path for nothing.
+    ByCaller,
+}
+
 /// What a finished download got.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Downloaded {
@@ -193,6 +206,32 @@ pub struct Downloaded {
     /// ([`api::FACILITY_HEADER`]); `None` when the repository does not say. The token no
     /// longer carries its issuer: this is where the receiver learns it.
     pub facility: Option<String>,
+    /// The repository's hash of the document as its answer named it, for a caller that
+    /// authenticates the bytes itself ([`DownloadCheck::ByCaller`]).
+    pub hash: Option<RepositoryHash>,
+}
+
+/// The repository's own hash of a document. A caller that authenticates the bytes itself
+/// ([`DownloadCheck::ByCaller`]) compares against it only when that fails, to tell a
+/// repository serving other bytes than it was given (worth downloading again) from a
+/// container that was damaged before it was uploaded, or a wrong token (final).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RepositoryHash(Expected);
+
+impl RepositoryHash {
+    /// Whether `file` holds other bytes than the repository's hash says (reads it whole).
+    ///
+    /// # Errors
+    /// [`ClientError::File`] when the file cannot be read.
+    pub async fn differs(&self, file: &Path) -> Result<bool, ClientError> {
+        let len = file_len(file).await?;
+        let (part_size, wanted) = match self.0 {
+            Expected::Whole(sha256) => (None, sha256),
+            Expected::Parts { digest, part_size } => (Some(part_size), digest),
+        };
+        let hashed = hash_range(file, 0, len, ContentHasher::new(part_size)).await?;
+        Ok(hashed.finalize() != wanted)
+    }
 }
 
 /// Timeouts, retries and TLS material of a [`Client`].
@@ -942,8 +981,15 @@ impl Client {
         partial: &Path,
         progress: impl Fn(u64),
     ) -> Result<Downloaded, ClientError> {
-        self.download_to_named(document_id, proof, partial, |_, _| {}, progress)
-            .await
+        self.download_to_named(
+            document_id,
+            proof,
+            partial,
+            DownloadCheck::Sha256,
+            |_, _| {},
+            progress,
+        )
+        .await
     }
 
     /// As [`Client::download_to`], and `named` gets the facility that created the
@@ -951,20 +997,25 @@ impl Client {
     /// answer of the repository names them, before its bytes: a receiver that imports while
     /// it downloads needs the issuer (its Patient ID prefix) at the start, not at the end,
     /// and the size to know the room the rest of the download will take. Called once per
-    /// answer accepted (again after a resume).
+    /// answer accepted (again after a resume). `check` says whether the repository's
+    /// SHA-256 is checked here or the caller authenticates every byte itself.
     ///
     /// # Errors
-    /// As [`Client::download_to`].
+    /// As [`Client::download_to`] (no `Integrity` with [`DownloadCheck::ByCaller`]).
     pub async fn download_to_named(
         &self,
         document_id: &str,
         proof: &DownloadProof,
         partial: &Path,
+        check: DownloadCheck,
         named: impl Fn(Option<&str>, u64),
         progress: impl Fn(u64),
     ) -> Result<Downloaded, ClientError> {
         let path = format!("/{}/content", checked_id(document_id)?);
-        let mut hashed = Hashed::default();
+        let mut hashed = Hashed {
+            enabled: check == DownloadCheck::Sha256,
+            ..Hashed::default()
+        };
         let mut tries = 0;
         loop {
             let before = file_len(partial).await?;
@@ -1000,9 +1051,10 @@ impl Client {
         }
         let response = request.send().await?;
         let facility = document_facility(&response);
-        let done = |size| Downloaded {
+        let done = |size, expected: Option<Expected>| Downloaded {
             size,
             facility: facility.clone(),
+            hash: expected.map(RepositoryHash),
         };
         if response.status() == StatusCode::RANGE_NOT_SATISFIABLE {
             let total = content_range(&response).map(|(_, total)| total);
@@ -1013,7 +1065,7 @@ impl Client {
                 named(facility.as_deref(), have);
                 return finish(partial, hashed, have, have, expected)
                     .await
-                    .map(done);
+                    .map(|size| done(size, expected));
             }
             truncate(partial).await.map_err(Failure::Permanent)?;
             return Err(Failure::Transient(
@@ -1044,7 +1096,7 @@ impl Client {
             .catch_up(partial, start)
             .await
             .map_err(Failure::Permanent)?;
-        let sink = FileSink::open(partial, hashed.hasher.clone())
+        let sink = FileSink::open(partial, hashed.enabled.then(|| hashed.hasher.clone()))
             .map_err(|e| Failure::Permanent(file_error(partial)(e)))?;
         let mut body = response.bytes_stream();
         let mut held = start;
@@ -1073,12 +1125,14 @@ impl Client {
         }
         match sink.finish().await {
             Ok((hasher, written)) => {
-                hashed.hasher = hasher;
+                if let Some(hasher) = hasher {
+                    hashed.hasher = hasher;
+                }
                 hashed.len = start + written;
                 held = hashed.len;
             }
             Err(e) => {
-                *hashed = Hashed::default();
+                hashed.restart();
                 return Err(Failure::Permanent(file_error(partial)(e)));
             }
         }
@@ -1087,7 +1141,7 @@ impl Client {
         }
         finish(partial, hashed, held, total, expected)
             .await
-            .map(done)
+            .map(|size| done(size, expected))
     }
 }
 
@@ -1264,6 +1318,8 @@ impl Feed for ContentHasher {
 struct Hashed {
     hasher: ContentHasher,
     len: u64,
+    /// `false` for [`DownloadCheck::ByCaller`]: nothing is hashed.
+    enabled: bool,
 }
 
 impl Hashed {
@@ -1274,15 +1330,19 @@ impl Hashed {
             _ => None,
         };
         if self.hasher.part_size != part_size {
-            *self = Hashed {
-                hasher: ContentHasher::new(part_size),
-                len: 0,
-            };
+            self.hasher = ContentHasher::new(part_size);
+            self.len = 0;
         }
     }
 
+    /// Forgets what was hashed (the partial file is gone or no longer trusted).
+    fn restart(&mut self) {
+        self.hasher = ContentHasher::default();
+        self.len = 0;
+    }
+
     async fn catch_up(&mut self, partial: &Path, upto: u64) -> Result<(), ClientError> {
-        if self.len == upto {
+        if self.len == upto || !self.enabled {
             return Ok(());
         }
         let fresh = ContentHasher::new(self.hasher.part_size);
@@ -1297,12 +1357,13 @@ impl Hashed {
 /// memory to a few chunks.
 struct FileSink {
     chunks: tokio::sync::mpsc::Sender<bytes::Bytes>,
-    writer: tokio::task::JoinHandle<std::io::Result<(ContentHasher, u64)>>,
+    writer: tokio::task::JoinHandle<std::io::Result<(Option<ContentHasher>, u64)>>,
 }
 
 impl FileSink {
-    /// Opens `partial` for appending (mode 0600); `hasher` holds the bytes already there.
-    fn open(partial: &Path, mut hasher: ContentHasher) -> std::io::Result<FileSink> {
+    /// Opens `partial` for appending (mode 0600); `hasher`, when the download is hashed,
+    /// holds the bytes already there.
+    fn open(partial: &Path, mut hasher: Option<ContentHasher>) -> std::io::Result<FileSink> {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
         let file = std::fs::OpenOptions::new()
@@ -1316,7 +1377,9 @@ impl FileSink {
             let mut written = 0;
             while let Some(chunk) = queue.blocking_recv() {
                 out.write_all(&chunk)?;
-                hasher.feed(&chunk);
+                if let Some(hasher) = hasher.as_mut() {
+                    hasher.feed(&chunk);
+                }
                 written += chunk.len() as u64;
             }
             out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
@@ -1331,8 +1394,8 @@ impl FileSink {
     }
 
     /// Waits until every queued chunk is written and synced: the hash of the whole file
-    /// and the bytes this sink appended.
-    async fn finish(self) -> std::io::Result<(ContentHasher, u64)> {
+    /// (when hashed) and the bytes this sink appended.
+    async fn finish(self) -> std::io::Result<(Option<ContentHasher>, u64)> {
         drop(self.chunks);
         self.writer
             .await
@@ -1353,6 +1416,9 @@ async fn finish(
             "the answer ended after {held} of {total} bytes"
         )));
     }
+    if !hashed.enabled {
+        return Ok(total);
+    }
     hashed
         .catch_up(partial, held)
         .await
@@ -1365,7 +1431,7 @@ async fn finish(
     };
     if wanted.is_some_and(|e| e != actual) {
         truncate(partial).await.map_err(Failure::Permanent)?;
-        *hashed = Hashed::default();
+        hashed.restart();
         return Err(Failure::Permanent(ClientError::Integrity(
             "the downloaded bytes do not have the repository's SHA-256".into(),
         )));

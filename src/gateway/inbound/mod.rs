@@ -60,7 +60,7 @@ use crate::gateway::jobs::{blocking, state_name};
 use crate::gateway::store::{IndexError, JobStore, RefusalStore, Store};
 use crate::gateway::study::StudyDetails;
 use crate::repository::api::Receipt;
-use crate::repository::client::{Client, ClientOptions};
+use crate::repository::client::{Client, ClientOptions, DownloadCheck};
 use crate::token::Token;
 
 /// Files of one inbound job's working folder.
@@ -484,7 +484,7 @@ impl Inbound {
         let shared = std::sync::Mutex::new(job.clone());
         let download = async {
             if complete {
-                return Ok(());
+                return Ok(None);
             }
             // The lanes start with the repository's first answer, which names the issuer
             // (recorded durably with the rename below).
@@ -501,6 +501,9 @@ impl Inbound {
                     &token.document_id,
                     &token.download_proof(),
                     &dir.partial(),
+                    // The stream reader opens every chunk as it arrives (and the Open
+                    // step of an older container, the whole): the AEAD is the check.
+                    DownloadCheck::ByCaller,
                     named,
                     |_| growing.grew(),
                 )
@@ -519,7 +522,7 @@ impl Inbound {
             let finished = self.downloaded(dir, &shared, downloaded.facility);
             growing.end(finished.is_ok());
             issuer_settled(finished.is_ok());
-            finished
+            finished.map(|()| downloaded.hash)
         };
         let import = async {
             let mut results = Vec::new();
@@ -589,7 +592,11 @@ impl Inbound {
                 )
             }
         };
-        downloaded.map_err(genuine)?;
+        let hash = downloaded.map_err(genuine)?;
+        let read = match read {
+            Err(e) if e.cause() == Cause::InvalidContainer => Err(whose_fault(dir, hash, e).await),
+            read => read,
+        };
         match read.map_err(genuine)? {
             stream::Streamed::ManifestLast => Ok(InStep::Open),
             stream::Streamed::Whole { summary } => {
@@ -645,7 +652,7 @@ impl Inbound {
     }
 
     /// Records what the finished download says (the issuer) and keeps the container
-    /// under its final name.
+    /// under its final name (unchecked: the stream reader authenticates it).
     fn downloaded(
         &self,
         dir: &Workdir,
@@ -1083,6 +1090,36 @@ fn record_stored(dir: &Workdir, stored: &HashSet<String>) -> Result<(), StepErro
         .map_err(|e| StepError::file("write", &dir.stored(), &e))
 }
 
+/// A container that failed to authenticate (`error`), checked against the repository's
+/// hash of the document (`hash`, from this attempt's download): when they differ, the
+/// repository served other bytes than it was given, so the container is removed and the
+/// error is the repository's, retried with a new download; when they match (or the
+/// download was an earlier attempt's), the container was damaged before it was uploaded,
+/// or the token is not its own: `error`, final. Hashing only here keeps a pass over the
+/// whole container off every import that authenticates.
+async fn whose_fault(
+    dir: &Workdir,
+    hash: Option<crate::repository::client::RepositoryHash>,
+    error: StepError,
+) -> StepError {
+    let Some(hash) = hash else {
+        return error;
+    };
+    match hash.differs(&dir.container()).await {
+        Ok(true) => {
+            remove_container(dir);
+            StepError::from(crate::repository::client::ClientError::Integrity(
+                "the downloaded bytes do not have the repository's SHA-256".into(),
+            ))
+        }
+        Ok(false) => error,
+        Err(e) => noting(
+            error,
+            &format!("; comparing it with the repository's SHA-256 failed: {e}"),
+        ),
+    }
+}
+
 /// Removes the job's downloaded container once a step after the stream is recorded
 /// (the extracted set has everything the job still needs): a missing one is fine.
 fn remove_container(dir: &Workdir) {
@@ -1345,6 +1382,7 @@ async fn stream_to_folder(
                 &token.document_id,
                 &token.download_proof(),
                 &work.partial(),
+                DownloadCheck::ByCaller,
                 |_, size| growing.sized(size),
                 |bytes| {
                     growing.grew();

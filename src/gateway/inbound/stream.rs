@@ -41,6 +41,61 @@ pub const MAX_ZSTD_WINDOW_LOG: u32 = 23;
 /// the PACS is this far behind, so neither memory nor the folder races ahead unbounded.
 pub(super) const INSTANCE_QUEUE: usize = 64;
 
+/// Bytes of verified instances kept in memory for the C-STORE lanes, which then send
+/// them from there instead of reading their files back (a CPU pass over the study less
+/// on a receiver that shares its cores with the PACS). The files are written all the
+/// same: a retry, a transcoding or a storage commitment reads them.
+const HELD_BYTES: u64 = 8 << 20;
+
+/// Largest instance kept in memory: a larger one (a multi-frame, a video) is sent from
+/// its file, so a few of them cannot take the whole of [`HELD_BYTES`].
+const HELD_INSTANCE_MAX: u64 = 4 << 20;
+
+/// Longest wait of the reader for room in [`HELD_BYTES`] before it hands an instance
+/// over by its file alone: lanes stuck on a slow PACS never stop the extraction.
+const HELD_WAIT: Duration = Duration::from_millis(200);
+
+/// Room for instance bytes in memory ([`HELD_BYTES`]), shared by the reader that fills
+/// it and the lanes that empty it.
+#[derive(Debug, Default)]
+struct Held {
+    used: Mutex<u64>,
+    freed: Condvar,
+}
+
+/// Bytes of [`Held`] taken for one instance, given back when dropped (when the lanes are
+/// done with the instance, or it is dropped unsent).
+struct Reservation {
+    held: Arc<Held>,
+    bytes: u64,
+}
+
+impl Held {
+    /// Takes `bytes` of room, waiting at most [`HELD_WAIT`] for lanes to free it.
+    fn reserve(self: &Arc<Self>, bytes: u64) -> Option<Reservation> {
+        let deadline = std::time::Instant::now() + HELD_WAIT;
+        let mut used = self.used.lock().ok()?;
+        while used.saturating_add(bytes) > HELD_BYTES {
+            let left = deadline.checked_duration_since(std::time::Instant::now())?;
+            used = self.freed.wait_timeout(used, left).ok()?.0;
+        }
+        *used += bytes;
+        Some(Reservation {
+            held: self.clone(),
+            bytes,
+        })
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if let Ok(mut used) = self.held.used.lock() {
+            *used = used.saturating_sub(self.bytes);
+        }
+        self.held.freed.notify_one();
+    }
+}
+
 /// What the download tells the reader following its file.
 #[derive(Debug, Default)]
 pub(super) struct Growing {
@@ -359,6 +414,7 @@ pub(super) fn read(
         negotiation: Some(negotiation),
         instances,
         stored: &source.stored,
+        held: Arc::default(),
     };
     let limits = zip::Limits {
         max_total_bytes: source.limits.max_output,
@@ -409,6 +465,8 @@ struct Writer<'a> {
     negotiation: Option<tokio::sync::oneshot::Sender<Negotiation>>,
     instances: &'a tokio::sync::mpsc::Sender<Instance>,
     stored: &'a HashSet<String>,
+    /// Room for instances handed over in memory.
+    held: Arc<Held>,
 }
 
 impl Writer<'_> {
@@ -428,7 +486,7 @@ impl Writer<'_> {
             if entry.name != manifest::PATH {
                 return Err(Stop::ManifestLast);
             }
-            let (bytes, _) = write_file(&target, data, manifest::MAX_BYTES)?;
+            let (bytes, _) = write_file(&target, data, manifest::MAX_BYTES, true)?;
             let manifest = FileSet::parse_manifest(&bytes)?;
             let declared = manifest
                 .files
@@ -451,7 +509,12 @@ impl Writer<'_> {
                 ),
             ));
         }
-        let (_, digest) = write_file(&target, data, entry.size)?;
+        let dicom = expected.dicom.as_ref();
+        let reservation = dicom
+            .filter(|d| !self.stored.contains(&d.sop_instance_uid))
+            .filter(|_| entry.size <= HELD_INSTANCE_MAX)
+            .and_then(|_| self.held.reserve(entry.size));
+        let (bytes, digest) = write_file(&target, data, entry.size, reservation.is_some())?;
         if hex::encode(digest) != expected.sha256.to_ascii_lowercase() {
             return Err(mismatch(
                 expected,
@@ -459,8 +522,12 @@ impl Writer<'_> {
             ));
         }
         self.seen += 1;
-        if expected.dicom.is_some() {
-            let instance = Instance::probe(&target).map_err(StepError::permanent)?;
+        if dicom.is_some() {
+            let instance = match reservation {
+                Some(reservation) => Instance::in_memory(&target, bytes, Box::new(reservation)),
+                None => Instance::probe(&target),
+            }
+            .map_err(StepError::permanent)?;
             if !self.stored.contains(&instance.sop_instance_uid)
                 && self.instances.blocking_send(instance).is_err()
             {
@@ -501,8 +568,14 @@ fn mismatch(file: &ManifestFile, why: String) -> Stop {
 }
 
 /// Writes `data` (at most `max` bytes) into the new file `path` (mode 0600), hashing it;
-/// returns the bytes when they are the manifest's (small), else nothing, and the SHA-256.
-fn write_file(path: &Path, data: &mut dyn Read, max: u64) -> Result<(Vec<u8>, [u8; 32]), Stop> {
+/// returns the bytes when asked to `keep` them (the manifest, an instance handed over in
+/// memory), else nothing, and the SHA-256.
+fn write_file(
+    path: &Path,
+    data: &mut dyn Read,
+    max: u64,
+    keep: bool,
+) -> Result<(Vec<u8>, [u8; 32]), Stop> {
     use std::os::unix::fs::OpenOptionsExt;
     if let Some(parent) = path.parent() {
         private_dir(parent, true).map_err(|e| StepError::file("create", parent, &e))?;
@@ -513,10 +586,12 @@ fn write_file(path: &Path, data: &mut dyn Read, max: u64) -> Result<(Vec<u8>, [u
         .mode(0o600)
         .open(path)
         .map_err(|e| StepError::file("create", path, &e))?;
-    let keep = path.ends_with(manifest::PATH);
     let mut out = io::BufWriter::with_capacity(1 << 18, file);
     let mut hasher = Sha256::new();
-    let mut kept = Vec::new();
+    let mut kept = match keep {
+        true => Vec::with_capacity(usize::try_from(max.min(HELD_INSTANCE_MAX)).unwrap_or(0)),
+        false => Vec::new(),
+    };
     let mut buffer = vec![0u8; 1 << 18];
     let mut total = 0u64;
     loop {
@@ -611,6 +686,41 @@ mod tests {
         read(source, negotiated, &instances)
             .map(drop)
             .map_err(|e| e.to_string())
+    }
+
+    /// The room for instances in memory is bounded: a reservation beyond it waits for
+    /// one to be given back (woken at once), and gives up after [`HELD_WAIT`] so the
+    /// instance goes by its file.
+    #[test]
+    fn instance_bytes_in_memory_are_bounded_and_given_back() {
+        let held = Arc::new(Held::default());
+        let quarter = HELD_BYTES / 4;
+        let mut taken: Vec<Reservation> = (0..4)
+            .map(|_| held.reserve(quarter).expect("room"))
+            .collect();
+        let started = std::time::Instant::now();
+        assert!(held.reserve(1).is_none(), "full");
+        assert!(started.elapsed() >= HELD_WAIT, "{:?}", started.elapsed());
+
+        let waiter = {
+            let held = held.clone();
+            std::thread::spawn(move || {
+                let started = std::time::Instant::now();
+                (held.reserve(quarter).is_some(), started.elapsed())
+            })
+        };
+        std::thread::sleep(Duration::from_millis(20));
+        drop(taken.pop());
+        let (got, waited) = waiter.join().expect("waiter");
+        assert!(got, "room given back is taken");
+        assert!(waited < HELD_WAIT, "woken by the release: {waited:?}");
+        assert_eq!(
+            *held.used.lock().expect("lock"),
+            3 * quarter,
+            "the waiter's let go"
+        );
+        drop(taken);
+        assert_eq!(*held.used.lock().expect("lock"), 0, "all given back");
     }
 
     /// A zstd frame asking for a 16 MiB window is refused, for good, with the reason.
