@@ -11,6 +11,8 @@
 //! documents/{id}/complete.json      the checked hash (whole SHA-256, or size + parts digest)
 //! documents/{id}/revoked.json       the sender revoked it
 //! documents/{id}/extended/{t:011}   the sender extended the expiry to t (the latest counts)
+//! documents/{id}/settled/{t:011}    what became of expiry t, decided once (create-if-absent):
+//!                                   expired by the sweep, or extended to a later time
 //! documents/{id}/expired.json       the sweep deleted its content
 //! documents/{id}/downloads/{n:08}   download slot n, created only if absent
 //! documents/{id}/resumes/{n:08}-{k:03}  resume k of download n, created only if absent
@@ -26,6 +28,16 @@
 //! a snapshot finds it without another read), written after the index entries of the new
 //! expiry: [`Snapshot::meta`] carries the latest expiry, and the sweep leaves a document
 //! alone when an index entry of an expiry it no longer has comes due.
+//!
+//! The sweep deleting a document's content at its expiry and a sender extending that same
+//! expiry may run at once, on two servers. Each first settles the expiry
+//! ([`Storage::settle`]): `settled/{t}` is created if absent (the conditional write the
+//! download slots use), and whoever created it decides, the other reads it and complies.
+//! The sweep deletes the content only under a settlement `expired`; an extension is
+//! written only under its own settlement `extended` (or, for an extension of the same
+//! expiry settled first, after writing that one out). So a sender is never told of a new
+//! expiry whose content the sweep then deletes, and nothing is left for a crash to hold:
+//! a settlement whose work was cut short is carried out by the next sweep that reads it.
 //!
 //! The download limit is enforced with create-if-absent slots (`If-None-Match: *` on S3,
 //! a hard link on local files), so two servers cannot both hand out the last download.
@@ -95,6 +107,12 @@ pub enum StorageError {
         /// The operating system's error.
         source: std::io::Error,
     },
+    /// An object was deleted between two reads of it.
+    #[error(
+        "stored object {0} was deleted while it was being read (the document was purged \
+         meanwhile); try again"
+    )]
+    Vanished(String),
     /// A local file could not be synced.
     #[error("cannot sync {path} to disk: {source}")]
     Sync {
@@ -192,6 +210,26 @@ pub struct MessageMeta {
 #[derive(Debug, Serialize, Deserialize)]
 struct TimeRecord {
     at: u64,
+}
+
+/// What became of one expiry of a document ([`Storage::settle`]): decided once, by the
+/// sweep or by an extension, whichever settled it first, so that the two cannot both act
+/// on it (module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum Settlement {
+    /// The sweep deletes the content: the document ended at this expiry.
+    Expired {
+        /// When the sweep settled it, Unix seconds.
+        at: u64,
+    },
+    /// A sender extended it.
+    Extended {
+        /// The new expiry, Unix seconds.
+        to: u64,
+        /// When the extension settled it, Unix seconds (its record's time).
+        at: u64,
+    },
 }
 
 /// Everything known about a document, read with one listing.
@@ -693,10 +731,35 @@ impl Storage {
             .await
     }
 
-    /// Extends document `id` to `expires_at`: the index entries of the new expiry and
-    /// purge first, then the record a snapshot reads (create-if-absent: extending twice to
-    /// the same time is one record). A call cut short leaves index entries the sweep
-    /// passes over, never an extension without its entries.
+    /// Settles expiry `expires_at` of document `id` as `settlement` unless it is settled
+    /// already (create-if-absent, so across servers one settlement holds); returns the
+    /// settlement that holds: this one, or the one found.
+    ///
+    /// # Errors
+    /// [`StorageError`] when the store fails, the settlement found cannot be read, or it
+    /// was deleted before it could be (a purge).
+    pub async fn settle(
+        &self,
+        id: &str,
+        expires_at: u64,
+        settlement: Settlement,
+    ) -> Result<Settlement, StorageError> {
+        let path = doc_path(id, &format!("settled/{expires_at:011}"));
+        let record = serde_json::to_vec(&settlement).expect("settlements serialize");
+        if self.create_once(&path, &record).await? {
+            return Ok(settlement);
+        }
+        self.get_json(&path)
+            .await?
+            .ok_or_else(|| StorageError::Vanished(path.to_string()))
+    }
+
+    /// Extends document `id` to `expires_at` under a settlement of its expiry
+    /// ([`Storage::settle`]): the index entries of the new expiry and purge first, then the
+    /// record a snapshot reads (create-if-absent: extending twice to the same time is one
+    /// record). A call cut short leaves index entries the sweep passes over, never an
+    /// extension without its entries; the settlement lets the sweep write it out. `true`
+    /// when this call wrote the record, `false` when it was there.
     ///
     /// # Errors
     /// [`StorageError`] when the store fails.
@@ -706,7 +769,7 @@ impl Storage {
         expires_at: u64,
         purge_at: u64,
         at: u64,
-    ) -> Result<(), StorageError> {
+    ) -> Result<bool, StorageError> {
         let empty = || Bytes::from_static(b"");
         self.put(
             &index_path(Index::Expiry, expires_at, id),
@@ -726,7 +789,6 @@ impl Storage {
             &record,
         )
         .await
-        .map(drop)
     }
 
     /// Marks the document revoked and deletes its content.

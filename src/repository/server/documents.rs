@@ -12,7 +12,7 @@ use crate::repository::api::{
     State as DocState, TOO_MANY_EXTENSIONS,
 };
 use crate::repository::config::ServerConfig;
-use crate::repository::storage::{DocumentMeta, Snapshot};
+use crate::repository::storage::{DocumentMeta, Settlement, Snapshot};
 use crate::repository::unix_now;
 
 use super::authenticate::{Create, ExtendExpiry, Facility, Owned, Revoke, Status};
@@ -43,9 +43,7 @@ async fn create_document(app: &App, facility: String, body: Body) -> Result<Answ
         max_downloads: request.max_downloads,
         proof_sha256: request.proof_hash,
     };
-    let purge_at = request
-        .expires_at
-        .saturating_add(app.server.tombstone_days.saturating_mul(86_400));
+    let purge_at = app.purge_at(request.expires_at);
     app.storage
         .create(&meta, purge_at)
         .await
@@ -144,9 +142,9 @@ pub(super) async fn revoke(State(app): Shared, owned: Owned<Revoke>) -> Response
 /// `PATCH /v1/documents/{id}`: a later expiry, within `server.max_expiry_days` from now,
 /// for a document neither revoked nor expired, extended fewer than [`MAX_EXTENSIONS`] times.
 /// The sweep then keeps it until the new expiry, and the tombstone period runs from there.
-/// A sweep that expired the document just before the extension was written wins: the
-/// document is read again and the extend answered 410 gone, not a status the content is
-/// no longer behind.
+/// The current expiry is settled as extended before the extension is written
+/// ([`settle_extension`]): a sweep that settled it as expired first wins, and the extend
+/// is answered 410 gone, not with a status the content will no longer be behind.
 pub(super) async fn extend(State(app): Shared, owned: Owned<ExtendExpiry>, body: Body) -> Response {
     let Owned {
         caller, snapshot, ..
@@ -155,20 +153,7 @@ pub(super) async fn extend(State(app): Shared, owned: Owned<ExtendExpiry>, body:
         let request: Extend = read_json(body, app.server.body_idle_timeout()).await?;
         let now = unix_now();
         let before = snapshot.meta.expires_at;
-        check_extend(&app.server, &snapshot, request.expires_at, now)?;
-        let purge_at = request
-            .expires_at
-            .saturating_add(app.server.tombstone_days.saturating_mul(86_400));
-        app.storage
-            .extend(&snapshot.meta.id, request.expires_at, purge_at, now)
-            .await
-            .map_err(Refusal::unavailable)?;
-        let snapshot = app
-            .storage
-            .snapshot(&snapshot.meta.id)
-            .await
-            .map_err(Refusal::unavailable)?
-            .ok_or_else(|| swept(before))?;
+        let snapshot = settle_extension(&app, snapshot, request.expires_at, now).await?;
         if matches!(
             state_of(&snapshot, now),
             DocState::Revoked | DocState::Expired
@@ -183,6 +168,51 @@ pub(super) async fn extend(State(app): Shared, owned: Owned<ExtendExpiry>, body:
     }
     .await;
     caller.answer(&app, result).await
+}
+
+/// Extends the document of `snapshot` to `expires_at`: checks the request, settles the
+/// current expiry as extended (create-if-absent, shared with the sweep: see
+/// [`crate::repository::storage`]), writes the extension, and returns the document read
+/// again. An expiry the sweep settled first answers 410 gone. Another extension
+/// settled first is written out (its server may not have yet), and the request checked
+/// again against the expiry that gives; each such round finds one more extension, so
+/// there are at most [`MAX_EXTENSIONS`] before [`check_extend`] refuses.
+async fn settle_extension(
+    app: &App,
+    mut snapshot: Snapshot,
+    expires_at: u64,
+    now: u64,
+) -> Result<Snapshot, Refusal> {
+    let id = snapshot.meta.id.clone();
+    loop {
+        check_extend(&app.server, &snapshot, expires_at, now)?;
+        let current = snapshot.meta.expires_at;
+        let ours = Settlement::Extended {
+            to: expires_at,
+            at: now,
+        };
+        let settled = app
+            .storage
+            .settle(&id, current, ours)
+            .await
+            .map_err(Refusal::unavailable)?;
+        let Settlement::Extended { to, at } = settled else {
+            return Err(swept(current));
+        };
+        app.storage
+            .extend(&id, to, app.purge_at(to), at)
+            .await
+            .map_err(Refusal::unavailable)?;
+        snapshot = app
+            .storage
+            .snapshot(&id)
+            .await
+            .map_err(Refusal::unavailable)?
+            .ok_or_else(|| swept(current))?;
+        if settled == ours {
+            return Ok(snapshot);
+        }
+    }
 }
 
 /// Refuses an extend to `expires_at` of a document gone (revoked, expired), not later than
@@ -257,7 +287,7 @@ fn check_extend(
 }
 
 /// The refusal of an extend the sweep overtook: the document expired (its content
-/// deleted) at `expires_at`, or was revoked, while the extension was written.
+/// deleted) at `expires_at`, or was revoked, while the extension was being settled.
 fn swept(expires_at: u64) -> Refusal {
     Refusal::new(
         StatusCode::GONE,

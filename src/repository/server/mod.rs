@@ -104,6 +104,44 @@ struct App {
 pub const FORMER_EMBEDDED_FACILITY: &str = "embedded";
 
 impl App {
+    /// The shared state of a server run with `config`: storage and audit trail opened,
+    /// facilities and trusted proxies read.
+    ///
+    /// # Errors
+    /// [`ServerError`] when storage or the audit trail cannot be opened, or a setting
+    /// cannot be used.
+    fn new(config: &RepositoryConfig, embedded_owner: Option<String>) -> Result<App, ServerError> {
+        let storage = Storage::open(&config.storage)?;
+        let audit = Audit::open(&config.audit.path)?;
+        let server = config.server.clone();
+        let proxies = TrustedProxies::parse(&server.trusted_proxies).map_err(|entry| {
+            ServerError::Config(format!(
+                "server.trusted_proxies: {entry:?} is not an address or address/prefix"
+            ))
+        })?;
+        Ok(App {
+            facilities: Facilities::new(&config.facility),
+            directory: directory(&config.facility)?,
+            proxies,
+            limiter: ProofLimiter::new(
+                server.failed_proofs_per_window,
+                Duration::from_secs(server.failed_proof_window),
+            ),
+            uploads: Semaphore::new(server.max_concurrent_uploads),
+            metrics: Metrics::new(),
+            storage,
+            audit,
+            server,
+            embedded_owner,
+        })
+    }
+
+    /// When a document expiring at `expires_at` is deleted altogether: the tombstone
+    /// period (`server.tombstone_days`) after it.
+    fn purge_at(&self, expires_at: u64) -> u64 {
+        expires_at.saturating_add(self.server.tombstone_days.saturating_mul(86_400))
+    }
+
     /// The facility that owns a document whose metadata records `recorded` as its
     /// creator: `recorded`, except in the embedded repository, whose documents from before
     /// it named its facility by `facility.code` are its facility's.
@@ -179,30 +217,7 @@ async fn run_with(
     shutdown: impl Future<Output = ()> + Send + 'static,
     embedded_owner: Option<String>,
 ) -> Result<(), ServerError> {
-    let storage = Storage::open(&config.storage)?;
-    let audit = Audit::open(&config.audit.path)?;
-    let server = config.server.clone();
-    let proxies = TrustedProxies::parse(&server.trusted_proxies).map_err(|entry| {
-        ServerError::Config(format!(
-            "server.trusted_proxies: {entry:?} is not an address or address/prefix"
-        ))
-    })?;
-    let directory = directory(&config.facility)?;
-    let app = Arc::new(App {
-        facilities: Facilities::new(&config.facility),
-        directory,
-        proxies,
-        limiter: ProofLimiter::new(
-            server.failed_proofs_per_window,
-            Duration::from_secs(server.failed_proof_window),
-        ),
-        uploads: Semaphore::new(server.max_concurrent_uploads),
-        metrics: Metrics::new(),
-        storage,
-        audit,
-        server,
-        embedded_owner,
-    });
+    let app = Arc::new(App::new(&config, embedded_owner)?);
     let stop = CancellationToken::new();
     let sweeper = tokio::spawn(sweep::sweep_loop(
         app.clone(),
