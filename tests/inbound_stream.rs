@@ -572,6 +572,71 @@ fn a_failure_after_the_stream_does_not_download_again() {
     );
 }
 
+/// A container kept in the job folder from an earlier attempt is not synced (the stream
+/// reads it at once): when it no longer authenticates (a power cut took writes the disk had
+/// not made), it is removed and downloaded again, and the study is imported without
+/// sending twice what was stored.
+#[test]
+fn a_kept_container_that_no_longer_authenticates_is_downloaded_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let study = dir.path().join("study");
+    gen_ct(&study, 6, &[]);
+    let refused = sop_instance_uid(&files_in(&study)[0]);
+    let repository = Repository::start(&dir.path().join("repo"));
+    let token = publish_limited(
+        &repository,
+        &repository.url,
+        &dir.path().join("send"),
+        &study,
+        false,
+        |e| e,
+        2,
+    );
+    let pacs = Pacs::start_refusing(dir.path(), 0, Some(&refused));
+    let b = Daemon::start(
+        &dir.path().join("b"),
+        &site_b()
+            .replace("127.0.0.1:4242", &format!("127.0.0.1:{}", pacs.port))
+            .replace("attempts = 2\n", "attempts = 2\nmax_backoff = 1\n"),
+    );
+    // The step after the stream fails (a file where the set-aside folder goes), so the
+    // container stays in the job folder for the next attempt.
+    let blocker = b.dir.join("data/set-aside");
+    std::fs::remove_dir(&blocker).unwrap();
+    std::fs::write(&blocker, b"").unwrap();
+    hand_over(&token, &b);
+    let jobs = b.dir.join("data/jobs/in");
+    let container = wait_for("the kept container", Duration::from_secs(60), || {
+        std::fs::read_dir(&jobs)
+            .ok()?
+            .flatten()
+            .map(|job| job.path().join("container"))
+            .find(|c| c.exists())
+    });
+    let mut bytes = std::fs::read(&container).unwrap();
+    let at = bytes.len() - 100;
+    bytes[at] ^= 0xff;
+    std::fs::write(&container, &bytes).unwrap();
+    wait_for(
+        "the damaged container to be noticed",
+        Duration::from_secs(60),
+        || {
+            b.log()
+                .contains("the container kept from an earlier attempt does not authenticate")
+                .then_some(())
+        },
+    );
+    std::fs::remove_file(&blocker).unwrap();
+    let job = job_in(&b, "done", Duration::from_secs(60));
+    assert_eq!(job["progress"], "from HOSPA: 5 of 6 stored, 1 set aside");
+    let received = pacs.received();
+    assert_eq!(received.len(), 5, "{received:?}");
+    assert!(
+        received.values().all(|&n| n == 1),
+        "an instance sent twice: {received:?}"
+    );
+}
+
 /// A link to `target` passing at most `rate` bytes per second towards the client
 /// (tests/peers/slow_link.py): a download that takes its time.
 struct SlowLink {

@@ -193,7 +193,10 @@ pub enum DownloadCheck {
     /// The caller: it opens the container while it downloads, and the container's AEAD
     /// authenticates every chunk and its end, so a byte the repository changed (or a
     /// truncated file) fails there already. Hashing the same bytes again would cost a
-    /// CPU pass of the whole document on the receiver's busiest path for nothing.
+    /// CPU pass of the whole document on the receiver's busiest path for nothing. Nor is
+    /// the file synced at the end (a flush of the whole document, which stalls every
+    /// other writer of the disk, the PACS among them): the caller reads it at once, and a
+    /// copy a power cut damaged fails the same authentication.
     ByCaller,
 }
 
@@ -1096,8 +1099,12 @@ impl Client {
             .catch_up(partial, start)
             .await
             .map_err(Failure::Permanent)?;
-        let sink = FileSink::open(partial, hashed.enabled.then(|| hashed.hasher.clone()))
-            .map_err(|e| Failure::Permanent(file_error(partial)(e)))?;
+        let sink = FileSink::open(
+            partial,
+            hashed.enabled.then(|| hashed.hasher.clone()),
+            hashed.enabled,
+        )
+        .map_err(|e| Failure::Permanent(file_error(partial)(e)))?;
         let mut body = response.bytes_stream();
         let mut held = start;
         let mut failure = None;
@@ -1362,8 +1369,12 @@ struct FileSink {
 
 impl FileSink {
     /// Opens `partial` for appending (mode 0600); `hasher`, when the download is hashed,
-    /// holds the bytes already there.
-    fn open(partial: &Path, mut hasher: Option<ContentHasher>) -> std::io::Result<FileSink> {
+    /// holds the bytes already there; `sync`: the file is synced at the end.
+    fn open(
+        partial: &Path,
+        mut hasher: Option<ContentHasher>,
+        sync: bool,
+    ) -> std::io::Result<FileSink> {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
         let file = std::fs::OpenOptions::new()
@@ -1382,7 +1393,10 @@ impl FileSink {
                 }
                 written += chunk.len() as u64;
             }
-            out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+            let file = out.into_inner().map_err(|e| e.into_error())?;
+            if sync {
+                file.sync_all()?;
+            }
             Ok((hasher, written))
         });
         Ok(FileSink { chunks, writer })
@@ -1393,8 +1407,8 @@ impl FileSink {
         self.chunks.send(chunk).await.is_ok()
     }
 
-    /// Waits until every queued chunk is written and synced: the hash of the whole file
-    /// (when hashed) and the bytes this sink appended.
+    /// Waits until every queued chunk is written (and synced, when asked): the hash of the
+    /// whole file (when hashed) and the bytes this sink appended.
     async fn finish(self) -> std::io::Result<(Option<ContentHasher>, u64)> {
         drop(self.chunks);
         self.writer

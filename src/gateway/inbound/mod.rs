@@ -484,7 +484,7 @@ impl Inbound {
         let shared = std::sync::Mutex::new(job.clone());
         let download = async {
             if complete {
-                return Ok(None);
+                return Ok(Downloaded::Earlier);
             }
             // The lanes start with the repository's first answer, which names the issuer
             // (recorded durably with the rename below).
@@ -522,7 +522,7 @@ impl Inbound {
             let finished = self.downloaded(dir, &shared, downloaded.facility);
             growing.end(finished.is_ok());
             issuer_settled(finished.is_ok());
-            finished.map(|()| downloaded.hash)
+            finished.map(|()| Downloaded::Now(downloaded.hash))
         };
         let import = async {
             let mut results = Vec::new();
@@ -592,9 +592,11 @@ impl Inbound {
                 )
             }
         };
-        let hash = downloaded.map_err(genuine)?;
+        let downloaded = downloaded.map_err(genuine)?;
         let read = match read {
-            Err(e) if e.cause() == Cause::InvalidContainer => Err(whose_fault(dir, hash, e).await),
+            Err(e) if e.cause() == Cause::InvalidContainer => {
+                Err(whose_fault(dir, downloaded, e).await)
+            }
             read => read,
         };
         match read.map_err(genuine)? {
@@ -1090,20 +1092,35 @@ fn record_stored(dir: &Workdir, stored: &HashSet<String>) -> Result<(), StepErro
         .map_err(|e| StepError::file("write", &dir.stored(), &e))
 }
 
-/// A container that failed to authenticate (`error`), checked against the repository's
-/// hash of the document (`hash`, from this attempt's download): when they differ, the
-/// repository served other bytes than it was given, so the container is removed and the
-/// error is the repository's, retried with a new download; when they match (or the
-/// download was an earlier attempt's), the container was damaged before it was uploaded,
-/// or the token is not its own: `error`, final. Hashing only here keeps a pass over the
-/// whole container off every import that authenticates.
-async fn whose_fault(
-    dir: &Workdir,
-    hash: Option<crate::repository::client::RepositoryHash>,
-    error: StepError,
-) -> StepError {
-    let Some(hash) = hash else {
-        return error;
+/// Where the container a stream read came from.
+enum Downloaded {
+    /// An earlier attempt downloaded it (and was stopped before the next step): not
+    /// synced, so a power cut may have damaged it since.
+    Earlier,
+    /// This attempt, and the repository's hash of the document when it named one.
+    Now(Option<crate::repository::client::RepositoryHash>),
+}
+
+/// A container that failed to authenticate (`error`), and whose fault that is. One an
+/// earlier attempt downloaded may have lost bytes to a power cut (it is not synced): it
+/// is removed and downloaded again. One this attempt downloaded is compared with the
+/// repository's hash of the document: when they differ, the repository served other bytes
+/// than it was given, so the container is removed and the error is the repository's,
+/// retried with a new download; when they match (or the repository named no hash), the
+/// container was damaged before it was uploaded, or the token is not its own: `error`,
+/// final. Hashing only here keeps a pass over the whole container off every import that
+/// authenticates.
+async fn whose_fault(dir: &Workdir, downloaded: Downloaded, error: StepError) -> StepError {
+    let hash = match downloaded {
+        Downloaded::Earlier => {
+            remove_container(dir);
+            return StepError::transient(format!(
+                "the container kept from an earlier attempt does not authenticate ({error});                  it may have been damaged by a restart of the machine and is downloaded again"
+            ))
+            .with_cause(Cause::LocalIo);
+        }
+        Downloaded::Now(None) => return error,
+        Downloaded::Now(Some(hash)) => hash,
     };
     match hash.differs(&dir.container()).await {
         Ok(true) => {
