@@ -328,7 +328,7 @@ pub struct Instance {
 
 /// A file's bytes held for sending, and the memory reservation they count against
 /// (released when the last holder drops them).
-pub struct InMemory {
+pub(crate) struct InMemory {
     bytes: Vec<u8>,
     _reservation: Box<dyn Send + Sync>,
 }
@@ -366,7 +366,7 @@ impl Instance {
     ///
     /// # Errors
     /// [`ScuError::NotDicom`] with the reason.
-    pub fn in_memory(
+    pub(crate) fn in_memory(
         path: &Path,
         bytes: Vec<u8>,
         reservation: Box<dyn Send + Sync>,

@@ -1004,7 +1004,8 @@ impl Client {
     /// SHA-256 is checked here or the caller authenticates every byte itself.
     ///
     /// # Errors
-    /// As [`Client::download_to`] (no `Integrity` with [`DownloadCheck::ByCaller`]).
+    /// As [`Client::download_to`]; with [`DownloadCheck::ByCaller`], no `Integrity` for
+    /// bytes that differ from the repository's hash (the caller's check finds them).
     pub async fn download_to_named(
         &self,
         document_id: &str,

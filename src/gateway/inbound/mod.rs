@@ -1130,10 +1130,11 @@ async fn whose_fault(dir: &Workdir, downloaded: Downloaded, error: StepError) ->
             ))
         }
         Ok(false) => error,
-        Err(e) => noting(
-            error,
-            &format!("; comparing it with the repository's SHA-256 failed: {e}"),
-        ),
+        // Not judged: tried again rather than failed for good on a local read error.
+        Err(e) => StepError::transient(format!(
+            "{error}; whether the repository served other bytes than it was given could              not be checked: {e}"
+        ))
+        .with_cause(Cause::LocalIo),
     }
 }
 

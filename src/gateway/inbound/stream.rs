@@ -486,7 +486,7 @@ impl Writer<'_> {
             if entry.name != manifest::PATH {
                 return Err(Stop::ManifestLast);
             }
-            let (bytes, _) = write_file(&target, data, manifest::MAX_BYTES, true)?;
+            let (bytes, _) = write_file(&target, data, manifest::MAX_BYTES, Some(0))?;
             let manifest = FileSet::parse_manifest(&bytes)?;
             let declared = manifest
                 .files
@@ -514,7 +514,8 @@ impl Writer<'_> {
             .filter(|d| !self.stored.contains(&d.sop_instance_uid))
             .filter(|_| entry.size <= HELD_INSTANCE_MAX)
             .and_then(|_| self.held.reserve(entry.size));
-        let (bytes, digest) = write_file(&target, data, entry.size, reservation.is_some())?;
+        let keep = reservation.as_ref().map(|r| r.bytes);
+        let (bytes, digest) = write_file(&target, data, entry.size, keep)?;
         if hex::encode(digest) != expected.sha256.to_ascii_lowercase() {
             return Err(mismatch(
                 expected,
@@ -523,11 +524,18 @@ impl Writer<'_> {
         }
         self.seen += 1;
         if dicom.is_some() {
+            // What the memory copy cannot tell (a meta header it cannot parse) the file
+            // decides, as it does for an instance handed over without its bytes.
             let instance = match reservation {
-                Some(reservation) => Instance::in_memory(&target, bytes, Box::new(reservation)),
-                None => Instance::probe(&target),
-            }
-            .map_err(StepError::permanent)?;
+                Some(reservation) => {
+                    Instance::in_memory(&target, bytes, Box::new(reservation)).ok()
+                }
+                None => None,
+            };
+            let instance = match instance {
+                Some(instance) => instance,
+                None => Instance::probe(&target).map_err(StepError::permanent)?,
+            };
             if !self.stored.contains(&instance.sop_instance_uid)
                 && self.instances.blocking_send(instance).is_err()
             {
@@ -569,12 +577,12 @@ fn mismatch(file: &ManifestFile, why: String) -> Stop {
 
 /// Writes `data` (at most `max` bytes) into the new file `path` (mode 0600), hashing it;
 /// returns the bytes when asked to `keep` them (the manifest, an instance handed over in
-/// memory), else nothing, and the SHA-256.
+/// memory; with the capacity to reserve for them), else nothing, and the SHA-256.
 fn write_file(
     path: &Path,
     data: &mut dyn Read,
     max: u64,
-    keep: bool,
+    keep: Option<u64>,
 ) -> Result<(Vec<u8>, [u8; 32]), Stop> {
     use std::os::unix::fs::OpenOptionsExt;
     if let Some(parent) = path.parent() {
@@ -588,10 +596,7 @@ fn write_file(
         .map_err(|e| StepError::file("create", path, &e))?;
     let mut out = io::BufWriter::with_capacity(1 << 18, file);
     let mut hasher = Sha256::new();
-    let mut kept = match keep {
-        true => Vec::with_capacity(usize::try_from(max.min(HELD_INSTANCE_MAX)).unwrap_or(0)),
-        false => Vec::new(),
-    };
+    let mut kept = Vec::with_capacity(keep.map_or(0, |n| usize::try_from(n).unwrap_or(0)));
     let mut buffer = vec![0u8; 1 << 18];
     let mut total = 0u64;
     loop {
@@ -610,7 +615,7 @@ fn write_file(
             .into());
         }
         hasher.update(&buffer[..n]);
-        if keep {
+        if keep.is_some() {
             kept.extend_from_slice(&buffer[..n]);
         }
         out.write_all(&buffer[..n])

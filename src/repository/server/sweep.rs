@@ -39,25 +39,52 @@ async fn sweep(app: &App) -> Result<(), StorageError> {
 }
 
 /// One sweep, with the clock at `now`. An index entry is deleted only when its work is
-/// done, so a sweep cut short is taken up again by the next.
+/// done, so a sweep cut short is taken up again by the next. A document whose entry
+/// fails is logged and left for the next sweep; the others are swept all the same.
 async fn sweep_at(app: &App, now: u64) -> Result<(), StorageError> {
     for (entry, id) in app.storage.due(Index::Expiry, now).await? {
-        if let Some(expiry) = due_expiry(app, &id, now).await? {
-            settle_expiry(app, &id, expiry, now).await?;
+        let swept = async {
+            if let Some(expiry) = due_expiry(app, &id, now).await? {
+                settle_expiry(app, &id, expiry, now).await?;
+            }
+            app.storage.delete_index(&entry).await
+        };
+        if let Err(e) = swept.await {
+            left_for_next(&id, "expire", &e);
         }
-        app.storage.delete_index(&entry).await?;
     }
     for (entry, id) in app.storage.due(Index::Purge, now).await? {
-        if purge_postponed(app, &id, now).await? {
-            app.storage.delete_index(&entry).await?;
-            continue;
+        if let Err(e) = purge_entry(app, &entry, &id, now).await {
+            left_for_next(&id, "purge", &e);
         }
-        app.storage.purge(&id).await?;
-        app.storage.delete_index(&entry).await?;
-        app.metrics.purged.inc();
-        audit(app, AuditEvent::by_server("purge", id)).await;
     }
     Ok(())
+}
+
+/// Purges document `id` when its purge entry `entry` came due, unless an extension
+/// postponed it.
+async fn purge_entry(
+    app: &App,
+    entry: &object_store::path::Path,
+    id: &str,
+    now: u64,
+) -> Result<(), StorageError> {
+    if !purge_postponed(app, id, now).await? {
+        app.storage.purge(id).await?;
+        app.metrics.purged.inc();
+        audit(app, AuditEvent::by_server("purge", id.to_owned())).await;
+    }
+    app.storage.delete_index(entry).await
+}
+
+/// Logs a document the sweep could not `action` this time: one bad document (an object
+/// the store refuses, an unreadable record) must not keep every other from expiring.
+fn left_for_next(id: &str, action: &str, e: &StorageError) {
+    tracing::warn!(
+        "repository sweep: cannot {action} document {id} ({e}); the other documents were \
+         swept, this one is tried again at the next sweep; if this repeats, look at its \
+         objects under documents/{id}/ in the storage (docs/repository.md, \"Storage\")"
+    );
 }
 
 /// The expiry of document `id` that is due at `now`: its current one, unless that is
