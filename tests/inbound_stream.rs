@@ -511,6 +511,51 @@ fn sigterm_while_the_repository_stalls_stops_the_daemon() {
     );
 }
 
+/// Site B receiving a 6-instance study (downloadable `downloads` times) whose first
+/// instance the PACS refuses, with the step after the stream failing until `blocker` (a
+/// file where the set-aside folder goes) is removed: the container stays in the job
+/// folder for the next attempt.
+struct Blocked {
+    _repository: Repository,
+    pacs: Pacs,
+    b: Daemon,
+    blocker: PathBuf,
+}
+
+fn blocked_after_the_stream(dir: &Path, downloads: u32) -> Blocked {
+    let study = dir.join("study");
+    gen_ct(&study, 6, &[]);
+    let refused = sop_instance_uid(&files_in(&study)[0]);
+    let repository = Repository::start(&dir.join("repo"));
+    let token = publish_limited(
+        &repository,
+        &repository.url,
+        &dir.join("send"),
+        &study,
+        false,
+        |e| e,
+        downloads,
+    );
+    let pacs = Pacs::start_refusing(dir, 0, Some(&refused));
+    let b = Daemon::start(
+        &dir.join("b"),
+        &site_b()
+            .replace("127.0.0.1:4242", &format!("127.0.0.1:{}", pacs.port))
+            .replace("attempts = 2\n", "attempts = 2\nmax_backoff = 1\n"),
+    );
+    // The daemon made the folder, empty.
+    let blocker = b.dir.join("data/set-aside");
+    std::fs::remove_dir(&blocker).unwrap();
+    std::fs::write(&blocker, b"").unwrap();
+    hand_over(&token, &b);
+    Blocked {
+        _repository: repository,
+        pacs,
+        b,
+        blocker,
+    }
+}
+
 /// A failure after the stream stored every instance but before the next step was
 /// recorded (here: the set-aside folder cannot be created for the instance the PACS
 /// refused) restarts the stream from the downloaded container: a document that may be
@@ -518,31 +563,12 @@ fn sigterm_while_the_repository_stalls_stops_the_daemon() {
 #[test]
 fn a_failure_after_the_stream_does_not_download_again() {
     let dir = tempfile::tempdir().unwrap();
-    let study = dir.path().join("study");
-    gen_ct(&study, 6, &[]);
-    let refused = sop_instance_uid(&files_in(&study)[0]);
-    let repository = Repository::start(&dir.path().join("repo"));
-    let token = publish_limited(
-        &repository,
-        &repository.url,
-        &dir.path().join("send"),
-        &study,
-        false,
-        |e| e,
-        1,
-    );
-    let pacs = Pacs::start_refusing(dir.path(), 0, Some(&refused));
-    let b = Daemon::start(
-        &dir.path().join("b"),
-        &site_b()
-            .replace("127.0.0.1:4242", &format!("127.0.0.1:{}", pacs.port))
-            .replace("attempts = 2\n", "attempts = 2\nmax_backoff = 1\n"),
-    );
-    // The fault: a file where the set-aside folder goes (the daemon made it empty).
-    let blocker = b.dir.join("data/set-aside");
-    std::fs::remove_dir(&blocker).unwrap();
-    std::fs::write(&blocker, b"").unwrap();
-    hand_over(&token, &b);
+    let Blocked {
+        _repository,
+        pacs,
+        b,
+        blocker,
+    } = blocked_after_the_stream(dir.path(), 1);
     let failing = wait_for(
         "the second attempt after the stream",
         Duration::from_secs(60),
@@ -579,32 +605,12 @@ fn a_failure_after_the_stream_does_not_download_again() {
 #[test]
 fn a_kept_container_that_no_longer_authenticates_is_downloaded_again() {
     let dir = tempfile::tempdir().unwrap();
-    let study = dir.path().join("study");
-    gen_ct(&study, 6, &[]);
-    let refused = sop_instance_uid(&files_in(&study)[0]);
-    let repository = Repository::start(&dir.path().join("repo"));
-    let token = publish_limited(
-        &repository,
-        &repository.url,
-        &dir.path().join("send"),
-        &study,
-        false,
-        |e| e,
-        2,
-    );
-    let pacs = Pacs::start_refusing(dir.path(), 0, Some(&refused));
-    let b = Daemon::start(
-        &dir.path().join("b"),
-        &site_b()
-            .replace("127.0.0.1:4242", &format!("127.0.0.1:{}", pacs.port))
-            .replace("attempts = 2\n", "attempts = 2\nmax_backoff = 1\n"),
-    );
-    // The step after the stream fails (a file where the set-aside folder goes), so the
-    // container stays in the job folder for the next attempt.
-    let blocker = b.dir.join("data/set-aside");
-    std::fs::remove_dir(&blocker).unwrap();
-    std::fs::write(&blocker, b"").unwrap();
-    hand_over(&token, &b);
+    let Blocked {
+        _repository,
+        pacs,
+        b,
+        blocker,
+    } = blocked_after_the_stream(dir.path(), 2);
     let jobs = b.dir.join("data/jobs/in");
     let container = wait_for("the kept container", Duration::from_secs(60), || {
         std::fs::read_dir(&jobs)
