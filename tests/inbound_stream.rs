@@ -268,9 +268,23 @@ fn an_old_container_with_the_manifest_last_still_imports() {
         false,
         manifest_last,
     );
+    // The repository first serves bytes it changed after the upload: the old container
+    // (opened whole by the next step) is checked against the repository's hash, and
+    // downloaded again rather than failed for good.
+    flip_near_the_end(&repository, 1000);
     let pacs = Pacs::start(dir.path(), 0);
     let b = receiver(dir.path(), &pacs);
     hand_over(&token, &b);
+    let failed = wait_for("a failed attempt", Duration::from_secs(60), || {
+        b.inbound_jobs()
+            .into_iter()
+            .find_map(|j| j["last_error"].as_str().map(str::to_owned))
+    });
+    assert!(
+        failed.contains("do not have the repository's SHA-256") && failed.contains("will retry"),
+        "{failed}"
+    );
+    flip_near_the_end(&repository, 1000);
     let job = job_in(&b, "done", Duration::from_secs(60));
     assert_eq!(job["progress"], "from HOSPA: 5 of 5 stored, 0 set aside");
     let received = pacs.received();
@@ -811,6 +825,12 @@ fn receive_out_of_a_container_damaged_late_leaves_no_folder() {
     let said = String::from_utf8_lossy(&failed.stderr);
     assert!(!failed.status.success(), "{said}");
     assert!(!out.exists(), "a set from a damaged container: {said}");
+    // The repository changed the bytes after the upload: its hash says so, and the
+    // damaged download is not kept (the next run downloads again).
+    assert!(
+        said.contains("do not have the repository's SHA-256"),
+        "{said}"
+    );
     let beside = files_under(&dir.path().join("out.cloudpdi-download"));
     assert!(
         beside.iter().all(|f| f.ends_with("container.part")),

@@ -595,12 +595,15 @@ impl Inbound {
         let downloaded = downloaded.map_err(genuine)?;
         let read = match read {
             Err(e) if e.cause() == Cause::InvalidContainer => {
-                Err(whose_fault(dir, downloaded, e).await)
+                Err(whose_fault(&dir.container(), downloaded, e).await)
             }
             read => read,
         };
         match read.map_err(genuine)? {
-            stream::Streamed::ManifestLast => Ok(InStep::Open),
+            stream::Streamed::ManifestLast => {
+                legacy_checked(&dir.container(), downloaded).await?;
+                Ok(InStep::Open)
+            }
             stream::Streamed::Whole { summary } => {
                 let instances = summary.instances as u64;
                 job.instances = instances;
@@ -1093,6 +1096,7 @@ fn record_stored(dir: &Workdir, stored: &HashSet<String>) -> Result<(), StepErro
 }
 
 /// Where the container a stream read came from.
+#[derive(Clone, Copy)]
 enum Downloaded {
     /// An earlier attempt downloaded it (and was stopped before the next step): not
     /// synced, so a power cut may have damaged it since.
@@ -1110,21 +1114,22 @@ enum Downloaded {
 /// container was damaged before it was uploaded, or the token is not its own: `error`,
 /// final. Hashing only here keeps a pass over the whole container off every import that
 /// authenticates.
-async fn whose_fault(dir: &Workdir, downloaded: Downloaded, error: StepError) -> StepError {
+async fn whose_fault(container: &Path, downloaded: Downloaded, error: StepError) -> StepError {
     let hash = match downloaded {
         Downloaded::Earlier => {
-            remove_container(dir);
+            remove_file(container);
             return StepError::transient(format!(
-                "the container kept from an earlier attempt does not authenticate ({error});                  it may have been damaged by a restart of the machine and is downloaded again"
+                "the container kept from an earlier attempt does not authenticate ({error}); \
+                 it may have been damaged by a restart of the machine and is downloaded again"
             ))
             .with_cause(Cause::LocalIo);
         }
         Downloaded::Now(None) => return error,
         Downloaded::Now(Some(hash)) => hash,
     };
-    match hash.differs(&dir.container()).await {
+    match hash.differs(container).await {
         Ok(true) => {
-            remove_container(dir);
+            remove_file(container);
             StepError::from(crate::repository::client::ClientError::Integrity(
                 "the downloaded bytes do not have the repository's SHA-256".into(),
             ))
@@ -1132,18 +1137,49 @@ async fn whose_fault(dir: &Workdir, downloaded: Downloaded, error: StepError) ->
         Ok(false) => error,
         // Not judged: tried again rather than failed for good on a local read error.
         Err(e) => StepError::transient(format!(
-            "{error}; whether the repository served other bytes than it was given could              not be checked: {e}"
+            "{error}; whether the repository served other bytes than it was given could \
+             not be checked: {e}"
         ))
         .with_cause(Cause::LocalIo),
     }
 }
 
+/// A container from an older sender (its manifest last), which the stream did not
+/// authenticate and which is opened whole after this step: checked against the
+/// repository's hash first (as every download was before the stream), so that bytes the
+/// repository changed are downloaded again rather than failing the job for good, then
+/// synced, since the next step reads it after a restart.
+async fn legacy_checked(container: &Path, downloaded: Downloaded) -> Result<(), StepError> {
+    if let Downloaded::Now(Some(hash)) = downloaded {
+        if hash.differs(container).await.map_err(StepError::from)? {
+            remove_file(container);
+            return Err(StepError::from(
+                crate::repository::client::ClientError::Integrity(
+                    "the downloaded bytes do not have the repository's SHA-256".into(),
+                ),
+            ));
+        }
+    }
+    let path = container.to_owned();
+    blocking(move || {
+        std::fs::File::open(&path)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| StepError::file("flush", &path, &e))
+    })
+    .await
+}
+
 /// Removes the job's downloaded container once a step after the stream is recorded
 /// (the extracted set has everything the job still needs): a missing one is fine.
 fn remove_container(dir: &Workdir) {
-    if let Err(e) = std::fs::remove_file(dir.container()) {
+    remove_file(&dir.container());
+}
+
+/// Removes a file the job no longer wants; a missing one is fine, a failure is logged.
+fn remove_file(path: &Path) {
+    if let Err(e) = std::fs::remove_file(path) {
         if e.kind() != std::io::ErrorKind::NotFound {
-            warn!("cannot remove {}: {e}", dir.container().display());
+            warn!("cannot remove {}: {e}", path.display());
         }
     }
 }
@@ -1412,10 +1448,18 @@ async fn stream_to_folder(
         result.map_err(StepError::from)
     };
     let (downloaded, (), read) = tokio::join!(download, drain, reader);
-    downloaded?;
-    match read.map_err(|e| StepError::transient(format!("the PDI reader stopped: {e}")))?? {
+    let downloaded = Downloaded::Now(downloaded?.hash);
+    let read = read.map_err(|e| StepError::transient(format!("the PDI reader stopped: {e}")))?;
+    let read = match read {
+        Err(e) if e.cause() == Cause::InvalidContainer => {
+            Err(whose_fault(&work.partial(), downloaded, e).await)
+        }
+        read => read,
+    };
+    match read? {
         stream::Streamed::Whole { summary } => Ok(summary),
         stream::Streamed::ManifestLast => {
+            legacy_checked(&work.partial(), downloaded).await?;
             let (key, work) = (token.container_key(), Workdir(work.0.clone()));
             let limits = decrypt_limits(&config.inbound);
             let max_bytes = config.inbound.max_document_bytes();
