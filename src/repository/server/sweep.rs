@@ -423,6 +423,37 @@ mod tests {
         servers.stop().await;
     }
 
+    /// A document the sweep cannot settle (its settlement record unreadable) is left for
+    /// the next sweep and logged; the other documents due are expired all the same.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_document_the_sweep_cannot_settle_does_not_keep_others_from_expiring() {
+        let servers = Servers::start().await;
+        let (stuck, stuck_token, _) = servers.uploaded().await;
+        let (other, other_token, _) = servers.uploaded().await;
+        let expiry = u64::from(stuck_token.expires_at).max(u64::from(other_token.expires_at));
+        let record = servers
+            .work
+            .path()
+            .join(format!("store/documents/{stuck}/settled"));
+        std::fs::create_dir_all(&record).expect("settled folder");
+        std::fs::write(
+            record.join(format!("{:011}", stuck_token.expires_at)),
+            b"not a settlement",
+        )
+        .expect("corrupt settlement");
+
+        sweep_at(&servers.sweeper, expiry).await.expect("sweep");
+        let status = servers.status(&other).await;
+        assert_eq!(status.state, State::Expired, "{status:?}");
+        assert!(servers.status(&stuck).await.state != State::Expired);
+        assert!(
+            servers.entry_due(&stuck, expiry).await,
+            "left for the next sweep"
+        );
+        assert!(!servers.entry_due(&other, expiry).await);
+        servers.stop().await;
+    }
+
     /// An extension whose server stopped after settling the expiry, before writing the
     /// extension: the sweep writes it out (its record and index entries, audited) and
     /// keeps the content; the document lives until the new expiry.
