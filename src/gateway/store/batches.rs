@@ -905,7 +905,7 @@ mod tests {
         );
         // The counter of recorded batches survives a reopen.
         drop(index);
-        let index = BatchIndex::open(dir.path()).expect("reopen");
+        let index = crate::gateway::store::reopen(|| BatchIndex::open(dir.path()));
         assert_eq!(
             index.counts().expect("counts"),
             BatchCounts {

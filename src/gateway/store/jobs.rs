@@ -286,7 +286,7 @@ mod tests {
             assert!(!store.create(&job("a", 2, false)).expect("again"));
             store.put(&job("b", 3, false)).expect("put");
         }
-        let db = Store::open(dir.path()).expect("reopen");
+        let db = crate::gateway::store::reopen(|| Store::open(dir.path()));
         let store = JobStore::open(&db, "jobs").expect("store");
         assert_eq!(
             store.get::<TestJob>("a").expect("get").map(|j| j.value),

@@ -192,3 +192,20 @@ fn tx_error(err: TransactionError<IndexError>) -> IndexError {
         TransactionError::Storage(err) => IndexError::Sled(err),
     }
 }
+
+/// Opens a database again in a test after dropping it: sled's own threads let go of its
+/// lock a moment after the last handle is dropped, so the open is retried for a while on
+/// [`IndexError::InUse`] (a daemon opens its database once; only tests reopen it).
+#[cfg(test)]
+pub(crate) fn reopen<T>(open: impl Fn() -> Result<T, IndexError>) -> T {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match open() {
+            Ok(opened) => return opened,
+            Err(IndexError::InUse { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => panic!("reopen: {e}"),
+        }
+    }
+}
