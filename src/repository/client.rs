@@ -144,6 +144,13 @@ pub enum ClientError {
 }
 
 impl ClientError {
+    /// A download that does not hold the bytes the repository was given (its hash says
+    /// so): the client's own check, or its caller's when that authenticates itself
+    /// ([`DownloadCheck::ByCaller`]).
+    pub fn not_the_repositorys_bytes() -> ClientError {
+        ClientError::Integrity("the downloaded bytes do not have the repository's SHA-256".into())
+    }
+
     /// Whether retrying later cannot help (the job should stop and report).
     pub fn is_permanent(&self) -> bool {
         matches!(
@@ -1447,9 +1454,7 @@ async fn finish(
     if wanted.is_some_and(|e| e != actual) {
         truncate(partial).await.map_err(Failure::Permanent)?;
         hashed.restart();
-        return Err(Failure::Permanent(ClientError::Integrity(
-            "the downloaded bytes do not have the repository's SHA-256".into(),
-        )));
+        return Err(Failure::Permanent(ClientError::not_the_repositorys_bytes()));
     }
     Ok(total)
 }

@@ -60,7 +60,7 @@ use crate::gateway::jobs::{blocking, state_name};
 use crate::gateway::store::{IndexError, JobStore, RefusalStore, Store};
 use crate::gateway::study::StudyDetails;
 use crate::repository::api::Receipt;
-use crate::repository::client::{Client, ClientOptions, DownloadCheck};
+use crate::repository::client::{Client, ClientError, ClientOptions, DownloadCheck};
 use crate::token::Token;
 
 /// Files of one inbound job's working folder.
@@ -1130,9 +1130,7 @@ async fn whose_fault(container: &Path, downloaded: Downloaded, error: StepError)
     match hash.differs(container).await {
         Ok(true) => {
             remove_file(container);
-            StepError::from(crate::repository::client::ClientError::Integrity(
-                "the downloaded bytes do not have the repository's SHA-256".into(),
-            ))
+            StepError::from(ClientError::not_the_repositorys_bytes())
         }
         Ok(false) => error,
         // Not judged: tried again rather than failed for good on a local read error.
@@ -1153,11 +1151,7 @@ async fn legacy_checked(container: &Path, downloaded: Downloaded) -> Result<(), 
     if let Downloaded::Now(Some(hash)) = downloaded {
         if hash.differs(container).await.map_err(StepError::from)? {
             remove_file(container);
-            return Err(StepError::from(
-                crate::repository::client::ClientError::Integrity(
-                    "the downloaded bytes do not have the repository's SHA-256".into(),
-                ),
-            ));
+            return Err(StepError::from(ClientError::not_the_repositorys_bytes()));
         }
     }
     let path = container.to_owned();
