@@ -800,3 +800,48 @@ fn index_htm_can_be_left_out() {
     let out = verify(&without);
     assert!(out.status.success(), "{}", text(&out));
 }
+
+#[test]
+fn hashes_known_from_the_spool_are_used_while_the_file_keeps_its_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let ct = dir.path().join("ct");
+    gen_ct(&ct, 3, &[]);
+    let files = files_in(&ct);
+    let real: Vec<pdi::FileHash> = files.iter().map(|f| pdi::hash_file(f).unwrap()).collect();
+    // The first as the spool would know it had it changed since: same size, other SHA-256.
+    let mut changed = real[0];
+    changed.sha256[0] ^= 0xff;
+    // The second with a size it no longer has: ignored, the file is hashed.
+    let mut stale = real[1];
+    stale.size += 1;
+    stale.sha256 = [0; 32];
+    let options = BuildOptions {
+        known: [(files[0].clone(), changed), (files[1].clone(), stale)].into(),
+        ..BuildOptions::default()
+    };
+    let mut bytes = Vec::new();
+    pdi::build_zip(&files, &options, &mut bytes).unwrap();
+    let zip = dir.path().join("set.zip");
+    fs::write(&zip, &bytes).unwrap();
+    let out = dir.path().join("out");
+    pdi::extract_zip(&zip, &out).unwrap();
+    let manifest = FileSet::open(&out).unwrap().manifest().unwrap().unwrap();
+    let listed: Vec<String> = manifest.files.iter().map(|f| f.sha256.clone()).collect();
+    for (i, sha) in [changed.sha256, real[1].sha256, real[2].sha256]
+        .iter()
+        .enumerate()
+    {
+        assert!(
+            listed.contains(&hex(sha)),
+            "file {i}: its SHA-256 {} in the manifest {listed:?}",
+            hex(sha)
+        );
+    }
+    // What the receiver does with it: the instance does not match the manifest.
+    let err = pdi::verify(&zip).expect_err("the changed instance is refused");
+    assert!(err.to_string().contains("SHA-256"), "{err}");
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

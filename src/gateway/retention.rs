@@ -205,6 +205,7 @@ mod tests {
             accession: String::new(),
             study_date: String::new(),
             modality: String::new(),
+            hash: None,
         };
         let uid = format!("{study}.1");
         index.record(route, study, &uid, record).expect("record");

@@ -9,7 +9,7 @@
 //! never file contents, and not the instances' headers or records, which are read back
 //! from the catalog when each is written.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -48,6 +48,12 @@ pub struct BuildOptions {
     /// and manifest before they are added, marked copies); `None` for the system's
     /// temporary folder. The daemon uses the job's folder, on the data disk.
     pub scratch: Option<PathBuf>,
+    /// Hashes of inputs computed when they were written (the reception hashes each
+    /// instance while it spools it): an input listed here, of the size listed, is read
+    /// once (into the ZIP) instead of twice. The receiver checks every instance against
+    /// the manifest, so a spooled file changed since would be refused there, not sent
+    /// unnoticed.
+    pub known: HashMap<PathBuf, FileHash>,
 }
 
 impl Default for BuildOptions {
@@ -60,6 +66,7 @@ impl Default for BuildOptions {
             index_htm: true,
             created: None,
             scratch: None,
+            known: HashMap::new(),
         }
     }
 }
@@ -395,7 +402,7 @@ fn collect(
     let mut seen: HashSet<[u8; 16]> = HashSet::new();
     let mut excluded = Vec::new();
     let mut labelled = Vec::new();
-    scan::scan(files, &options.policy, &mut |path, result| {
+    scan::scan(files, &options.policy, &options.known, &mut |path, result| {
         let Some(item) = result? else {
             report.skipped.push(path.to_owned());
             return Ok(());

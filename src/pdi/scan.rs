@@ -22,14 +22,56 @@ const HASH_BUFFER: usize = 256 * 1024;
 const WINDOW: usize = 32;
 
 /// Size, SHA-256 and CRC-32 of a file, from one read.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FileHash {
     /// Bytes.
     pub size: u64,
-    /// SHA-256.
+    /// SHA-256 (hex in a record: a JSON array of 32 numbers would triple its size).
+    #[serde(with = "hex_sha256")]
     pub sha256: [u8; 32],
     /// CRC-32 (what a ZIP entry declares).
     pub crc: u32,
+}
+
+/// A [`FileHash`] computed over bytes as they go by, so that a file hashed while it is
+/// written (the reception's spool) is not read again to be packed.
+#[derive(Clone, Default)]
+pub struct RunningHash {
+    sha: Sha256,
+    crc: crc32fast::Hasher,
+    size: u64,
+}
+
+impl RunningHash {
+    /// Takes the next bytes.
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.sha.update(bytes);
+        self.crc.update(bytes);
+        self.size += bytes.len() as u64;
+    }
+
+    /// The hash of every byte taken.
+    pub fn finish(self) -> FileHash {
+        FileHash {
+            size: self.size,
+            sha256: self.sha.finalize().into(),
+            crc: self.crc.finalize(),
+        }
+    }
+}
+
+/// A SHA-256 as 64 hex digits in a serialized record.
+mod hex_sha256 {
+    pub fn serialize<S: serde::Serializer>(sha: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(sha))
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
+        let text: String = serde::Deserialize::deserialize(d)?;
+        let mut sha = [0u8; 32];
+        hex::decode_to_slice(&text, &mut sha).map_err(serde::de::Error::custom)?;
+        Ok(sha)
+    }
 }
 
 /// One DICOM input after scanning.
@@ -86,37 +128,32 @@ pub fn expand(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, PdiError> {
 /// When the file cannot be read.
 pub fn hash_file(path: &Path) -> io::Result<FileHash> {
     let mut file = File::open(path)?;
-    let mut sha = Sha256::new();
-    let mut crc = crc32fast::Hasher::new();
+    let mut hash = RunningHash::default();
     let mut buffer = vec![0u8; HASH_BUFFER];
-    let mut size = 0u64;
     loop {
         let n = file.read(&mut buffer)?;
         if n == 0 {
             break;
         }
-        sha.update(&buffer[..n]);
-        crc.update(&buffer[..n]);
-        size += n as u64;
+        hash.update(&buffer[..n]);
     }
-    Ok(FileHash {
-        size,
-        sha256: sha.finalize().into(),
-        crc: crc.finalize(),
-    })
+    Ok(hash.finish())
 }
 
 /// The scan of one input: `Ok(None)` when it is not DICOM.
 pub type ScanResult = Result<Option<Scanned>, PdiError>;
 
 /// Scans `files` on all cores and calls `each` with every file and its result, in the
-/// order of `files`. The first error `each` returns stops the scan and is returned.
+/// order of `files`. A file in `known` whose size is still the one recorded there is not
+/// read past its header: its hash is taken from `known`. The first error `each` returns
+/// stops the scan and is returned.
 ///
 /// # Errors
 /// What `each` returns.
 pub fn scan(
     files: &[PathBuf],
     policy: &AiPolicy,
+    known: &HashMap<PathBuf, FileHash>,
     each: &mut dyn FnMut(&Path, ScanResult) -> Result<(), PdiError>,
 ) -> Result<(), PdiError> {
     let workers = std::thread::available_parallelism()
@@ -136,7 +173,7 @@ pub fn scan(
                         Err(_) => return,
                     };
                     let Ok(i) = job else { return };
-                    if done_tx.send((i, scan_guarded(&files[i], policy))).is_err() {
+                    if done_tx.send((i, scan_guarded(&files[i], policy, known.get(&files[i])))).is_err() {
                         return;
                     }
                 }
@@ -175,8 +212,10 @@ fn stopped() -> PdiError {
 
 /// [`scan_one`], with a panic turned into an error for that file: the hand-over waits for
 /// every file in order and would otherwise wait forever.
-fn scan_guarded(path: &Path, policy: &AiPolicy) -> ScanResult {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| scan_one(path, policy)))
+fn scan_guarded(path: &Path, policy: &AiPolicy, known: Option<&FileHash>) -> ScanResult {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        scan_one(path, policy, known)
+    }))
         .unwrap_or_else(|_| {
             Err(PdiError::Invalid(format!(
                 "{}: reading this file failed unexpectedly; report it with the file",
@@ -185,15 +224,20 @@ fn scan_guarded(path: &Path, policy: &AiPolicy) -> ScanResult {
         })
 }
 
-/// Reads and hashes one input, decides what the AI-image policy does with it, then keeps
-/// only the header elements the file set needs.
-fn scan_one(path: &Path, policy: &AiPolicy) -> ScanResult {
+/// Reads and hashes one input (unless its hash is `known` and its size unchanged), decides
+/// what the AI-image policy does with it, then keeps only the header elements the file
+/// set needs.
+fn scan_one(path: &Path, policy: &AiPolicy, known: Option<&FileHash>) -> ScanResult {
     let mut header = match instance::read(path) {
         Ok(header) => header,
         Err(InstanceError::NotDicom(_)) => return Ok(None),
         Err(e) => return Err(e.into()),
     };
-    let hash = hash_file(path).map_err(|e| PdiError::io(path, e))?;
+    let size = || std::fs::metadata(path).map(|m| m.len()).ok();
+    let hash = match known {
+        Some(known) if size() == Some(known.size) => *known,
+        _ => hash_file(path).map_err(|e| PdiError::io(path, e))?,
+    };
     let ai = policy.decide(&header);
     header.retain(needed_after_scan);
     Ok(Some(Scanned { header, hash, ai }))
@@ -290,7 +334,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let files = files(dir.path(), 3 * WINDOW + 5);
         let mut seen = Vec::new();
-        scan(&files, &AiPolicy::default(), &mut |path, result| {
+        scan(&files, &AiPolicy::default(), &HashMap::new(), &mut |path, result| {
             assert!(matches!(result, Ok(None)), "not DICOM: skipped");
             seen.push(path.to_owned());
             Ok(())
@@ -299,7 +343,7 @@ mod tests {
         assert_eq!(seen, files);
 
         let mut calls = 0;
-        let error = scan(&files, &AiPolicy::default(), &mut |_, _| {
+        let error = scan(&files, &AiPolicy::default(), &HashMap::new(), &mut |_, _| {
             calls += 1;
             if calls == 10 {
                 return Err(PdiError::Invalid("stop here".into()));

@@ -39,6 +39,7 @@ use sender::Workdir;
 pub use slip_action::{ExtendedSlip, SlipActionError};
 pub use stream::{StreamInput, is_compressed_syntax, worth_compressing};
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -280,10 +281,15 @@ impl Outbound {
                         .iter()
                         .map(|(_, record)| this.spool.path_of(record))
                         .collect();
+                    let known = records
+                        .iter()
+                        .filter_map(|(_, r)| Some((this.spool.path_of(r), r.hash?)))
+                        .collect();
                     Ok(StreamInput {
                         files,
                         attachments: Vec::new(),
                         compress,
+                        known,
                     })
                 })
                 .await?;
@@ -453,6 +459,7 @@ pub async fn send_files(
         files: files.clone(),
         attachments,
         compress: sender.route_options(route)?.compress,
+        known: HashMap::new(),
     };
     let dir = Workdir(workdir);
     sender.stream(&dir, &mut job, input, None, progress).await?;

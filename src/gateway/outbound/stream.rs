@@ -24,7 +24,7 @@
 //! repository older than streamed documents (it refuses a create without a size) gets the
 //! container sealed whole first, then a sized document and the finished container's upload.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -37,7 +37,7 @@ use crate::container::{self, Compression, ParallelEncryptor};
 use crate::durable;
 use crate::gateway::jobs::{StepError, blocking};
 use crate::gateway::store::JobStore;
-use crate::pdi::{self, BuildOptions, BuildReport};
+use crate::pdi::{self, BuildOptions, BuildReport, FileHash};
 use crate::repository::api::{NewDocument, State};
 use crate::repository::client::{Client, ClientError};
 
@@ -53,6 +53,8 @@ pub struct StreamInput {
     /// Whether the container is zstd-compressed (the route's `compress`, unless the
     /// instances are mostly compressed already: [`worth_compressing`]).
     pub compress: bool,
+    /// The instances' hashes computed at reception ([`BuildOptions::known`]).
+    pub known: HashMap<PathBuf, FileHash>,
 }
 
 /// Transfer syntaxes whose pixel data is already compressed: JPEG, JPEG-LS, JPEG 2000,
@@ -328,6 +330,7 @@ impl Sender {
             // On the data disk with the job, not in a tmpfs /tmp; removed by the build,
             // or with the job's folder after a crash.
             scratch: Some(dir.0.clone()),
+            known: input.known,
             ..BuildOptions::default()
         };
         let key = Self::secret(dir)?.container_key();

@@ -215,6 +215,11 @@ pub struct InstanceRecord {
     /// Modality (0008,0060).
     #[serde(default)]
     pub modality: String,
+    /// Size, SHA-256 and CRC-32 of the file, computed while it was spooled, so that
+    /// packing reads it once; `None` in a record of an older version (packing then hashes
+    /// the file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<crate::pdi::FileHash>,
 }
 
 /// What recording an instance did.
@@ -280,6 +285,7 @@ mod tests {
             accession: accession.into(),
             study_date: "20261124".into(),
             modality: modality.into(),
+            hash: None,
         }
     }
 

@@ -28,6 +28,7 @@ use crate::durable::{self, Pending};
 use crate::gateway::reception::batch::{BatchId, BatchState, InstanceRecord, Recorded, clip};
 use crate::gateway::reception::route::Route;
 use crate::gateway::store::{BatchIndex, IndexError};
+use crate::pdi::{FileHash, RunningHash};
 
 /// Received bytes kept in memory before they spill to the temp file; a typical CT or MR
 /// slice never touches the disk before it is complete and checked.
@@ -119,6 +120,8 @@ pub struct Incoming {
     dataset_offset: u64,
     tmp_dir: PathBuf,
     min_free_bytes: u64,
+    /// The hash of the bytes written to the temp file so far.
+    written: RunningHash,
 }
 
 impl Incoming {
@@ -146,6 +149,7 @@ impl Incoming {
                 .spilled
                 .insert(Pending::in_dir(&self.tmp_dir, SPOOL_FILE_MODE)?),
         };
+        self.written.update(&self.buffer);
         pending.file().write_all(&self.buffer)?;
         self.buffer.clear();
         Ok(())
@@ -314,6 +318,7 @@ impl Spool {
             spilled: None,
             tmp_dir: self.tmp_dir.clone(),
             min_free_bytes: self.min_free_bytes,
+            written: RunningHash::default(),
         })
     }
 
@@ -424,7 +429,7 @@ impl Spool {
             }
         }
         let relative = relative_path(&route.name, &identity.sop_instance_uid);
-        self.persist(&mut incoming, &relative)?;
+        let hash = self.persist(&mut incoming, &relative)?;
         let record = InstanceRecord {
             batch: BatchId(0),
             file: relative,
@@ -439,6 +444,7 @@ impl Spool {
             accession: identity.accession,
             study_date: identity.study_date,
             modality: identity.modality,
+            hash,
         };
         let recorded = self
             .index
@@ -455,15 +461,34 @@ impl Spool {
         })
     }
 
-    /// Makes the file durable in its place (fsync, rename, folder fsync); on error the
-    /// temp file is removed.
-    fn persist(&self, incoming: &mut Incoming, relative: &str) -> Result<(), StoreError> {
-        incoming.spill()?;
-        let pending = incoming.spilled.take().expect("spill creates the file");
+    /// Makes the file durable in its place (fsync, rename, folder fsync) and returns its
+    /// hash, computed on another thread while the disk syncs (the packing of the batch
+    /// then reads the file once, not twice); on error the temp file is removed.
+    fn persist(
+        &self,
+        incoming: &mut Incoming,
+        relative: &str,
+    ) -> Result<Option<FileHash>, StoreError> {
+        ensure_free(&incoming.tmp_dir, incoming.min_free_bytes)?;
+        let mut pending = match incoming.spilled.take() {
+            Some(pending) => pending,
+            None => Pending::in_dir(&incoming.tmp_dir, SPOOL_FILE_MODE)?,
+        };
         let target = self.dir.join(relative);
-        durable::create_dir_all(target.parent().expect("spool paths have a folder"))?;
-        pending.commit(&target)?;
-        Ok(())
+        let (rest, mut hash) = (&incoming.buffer, std::mem::take(&mut incoming.written));
+        let (hash, written) = std::thread::scope(|s| {
+            let hashing = s.spawn(move || {
+                hash.update(rest);
+                hash.finish()
+            });
+            let written = pending.file().write_all(rest).and_then(|()| {
+                durable::create_dir_all(target.parent().expect("spool paths have a folder"))?;
+                pending.commit(&target)
+            });
+            (hashing.join().ok(), written)
+        });
+        written?;
+        Ok(hash)
     }
 }
 
@@ -593,6 +618,70 @@ mod tests {
             .expect("tmp")
             .count();
         assert_eq!(tmp_files, 0);
+    }
+
+    /// An instance's dataset in explicit VR little endian, with `pixels` bytes of pixel
+    /// data.
+    fn dataset(uid: &str, pixels: usize) -> Vec<u8> {
+        use dicom_core::{DataElement, PrimitiveValue, VR};
+        use dicom_encoding::TransferSyntaxIndex;
+        let mut object = dicom_object::InMemDicomObject::new_empty();
+        for (tag, value) in [
+            (tags::SOP_CLASS_UID, "1.2.840.10008.5.1.4.1.1.7"),
+            (tags::SOP_INSTANCE_UID, uid),
+            (tags::STUDY_INSTANCE_UID, "1.2.3.4"),
+            (tags::SERIES_INSTANCE_UID, "1.2.3.4.5"),
+            (tags::PATIENT_ID, "P1"),
+        ] {
+            object.put(DataElement::new(tag, VR::UI, PrimitiveValue::from(value)));
+        }
+        object.put(DataElement::new(
+            tags::PIXEL_DATA,
+            VR::OB,
+            PrimitiveValue::from(vec![7u8; pixels]),
+        ));
+        let syntax = dicom_transfer_syntax_registry::TransferSyntaxRegistry
+            .get("1.2.840.10008.1.2.1")
+            .expect("explicit VR little endian");
+        let mut bytes = Vec::new();
+        object
+            .write_dataset_with_ts(&mut bytes, syntax)
+            .expect("dataset");
+        bytes
+    }
+
+    #[test]
+    fn the_spooled_file_is_hashed_as_it_is_written() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spool =
+            Spool::open(&dir.path().join("spool"), &dir.path().join("index"), 0).expect("open");
+        let mut config = std::collections::BTreeMap::new();
+        config.insert("ct".to_owned(), crate::config::RouteConfig::default());
+        let routes = crate::gateway::reception::route::Routes::new(&config);
+        let route = routes.by_name("ct").expect("route");
+        spool.prepare_route("ct").expect("route folder");
+        // In memory until the end, and spilled to the temp file on the way (SPILL_AT).
+        for (uid, pixels) in [("1.2.3.4.5.1", 64 * 1024), ("1.2.3.4.5.2", SPILL_AT + 99)] {
+            let mut incoming = spool
+                .incoming(InstanceHeader {
+                    sop_class_uid: "1.2.840.10008.5.1.4.1.1.7".into(),
+                    sop_instance_uid: uid.into(),
+                    transfer_syntax: "1.2.840.10008.1.2.1".into(),
+                    calling_ae: "PACS".into(),
+                })
+                .expect("meta header");
+            for chunk in dataset(uid, pixels).chunks(16 * 1024 - 6) {
+                incoming.push(chunk);
+                if incoming.should_spill() {
+                    incoming.spill().expect("spill");
+                }
+            }
+            spool.commit(incoming, route).expect("commit");
+            let record = spool.index().instance("ct", uid).expect("read").expect("recorded");
+            let file = crate::pdi::hash_file(&spool.path_of(&record)).expect("read back");
+            assert_eq!(record.hash, Some(file), "{uid}: the recorded hash is the file's");
+            assert_eq!(file.size, record.size);
+        }
     }
 
     #[test]

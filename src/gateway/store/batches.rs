@@ -781,6 +781,7 @@ mod tests {
             accession: "A1".into(),
             study_date: "20261129".into(),
             modality: "CT".into(),
+            hash: None,
         }
     }
 
