@@ -402,46 +402,51 @@ fn collect(
     let mut seen: HashSet<[u8; 16]> = HashSet::new();
     let mut excluded = Vec::new();
     let mut labelled = Vec::new();
-    scan::scan(files, &options.policy, &options.known, &mut |path, result| {
-        let Some(item) = result? else {
-            report.skipped.push(path.to_owned());
-            return Ok(());
-        };
-        let uid = Sha256::digest(item.header.sop_instance_uid.as_bytes());
-        if !seen.insert(uid[..16].try_into().expect("16 of 32 bytes")) {
-            report.duplicates += 1;
-            return Ok(());
-        }
-        let mut entry = Entry {
-            header: item.header,
-            size: item.hash.size,
-            sha256: item.hash.sha256,
-            crc: item.hash.crc,
-            labelled: false,
-        };
-        match item.ai {
-            Some(AiAction::Exclude) => {
-                excluded.push(Excluded {
-                    sop_instance_uid: entry.header.sop_instance_uid,
-                    reason: "AI support image, left out by the sender's policy".into(),
-                });
+    scan::scan(
+        files,
+        &options.policy,
+        &options.known,
+        &mut |path, result| {
+            let Some(item) = result? else {
+                report.skipped.push(path.to_owned());
+                return Ok(());
+            };
+            let uid = Sha256::digest(item.header.sop_instance_uid.as_bytes());
+            if !seen.insert(uid[..16].try_into().expect("16 of 32 bytes")) {
+                report.duplicates += 1;
                 return Ok(());
             }
-            Some(AiAction::Label) => {
-                entry.labelled = true;
-                if options.policy.mark_series_description {
-                    mark_copy(&mut entry, scratch, report)?;
+            let mut entry = Entry {
+                header: item.header,
+                size: item.hash.size,
+                sha256: item.hash.sha256,
+                crc: item.hash.crc,
+                labelled: false,
+            };
+            match item.ai {
+                Some(AiAction::Exclude) => {
+                    excluded.push(Excluded {
+                        sop_instance_uid: entry.header.sop_instance_uid,
+                        reason: "AI support image, left out by the sender's policy".into(),
+                    });
+                    return Ok(());
                 }
+                Some(AiAction::Label) => {
+                    entry.labelled = true;
+                    if options.policy.mark_series_description {
+                        mark_copy(&mut entry, scratch, report)?;
+                    }
+                }
+                Some(AiAction::Include) | None => {}
             }
-            Some(AiAction::Include) | None => {}
-        }
-        let number = catalog.push(&entry).map_err(io)?;
-        if entry.labelled {
-            labelled.push((number, entry.header.text(tags::SERIES_DESCRIPTION)));
-        }
-        layout.add(&placement(&entry.header));
-        Ok(())
-    })?;
+            let number = catalog.push(&entry).map_err(io)?;
+            if entry.labelled {
+                labelled.push((number, entry.header.text(tags::SERIES_DESCRIPTION)));
+            }
+            layout.add(&placement(&entry.header));
+            Ok(())
+        },
+    )?;
     Ok(Collected {
         catalog: catalog.finish().map_err(io)?,
         layout,

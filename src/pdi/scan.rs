@@ -173,7 +173,10 @@ pub fn scan(
                         Err(_) => return,
                     };
                     let Ok(i) = job else { return };
-                    if done_tx.send((i, scan_guarded(&files[i], policy, known.get(&files[i])))).is_err() {
+                    if done_tx
+                        .send((i, scan_guarded(&files[i], policy, known.get(&files[i]))))
+                        .is_err()
+                    {
                         return;
                     }
                 }
@@ -216,12 +219,12 @@ fn scan_guarded(path: &Path, policy: &AiPolicy, known: Option<&FileHash>) -> Sca
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         scan_one(path, policy, known)
     }))
-        .unwrap_or_else(|_| {
-            Err(PdiError::Invalid(format!(
-                "{}: reading this file failed unexpectedly; report it with the file",
-                path.display()
-            )))
-        })
+    .unwrap_or_else(|_| {
+        Err(PdiError::Invalid(format!(
+            "{}: reading this file failed unexpectedly; report it with the file",
+            path.display()
+        )))
+    })
 }
 
 /// Reads and hashes one input (unless its hash is `known` and its size unchanged), decides
@@ -334,22 +337,32 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let files = files(dir.path(), 3 * WINDOW + 5);
         let mut seen = Vec::new();
-        scan(&files, &AiPolicy::default(), &HashMap::new(), &mut |path, result| {
-            assert!(matches!(result, Ok(None)), "not DICOM: skipped");
-            seen.push(path.to_owned());
-            Ok(())
-        })
+        scan(
+            &files,
+            &AiPolicy::default(),
+            &HashMap::new(),
+            &mut |path, result| {
+                assert!(matches!(result, Ok(None)), "not DICOM: skipped");
+                seen.push(path.to_owned());
+                Ok(())
+            },
+        )
         .expect("scans");
         assert_eq!(seen, files);
 
         let mut calls = 0;
-        let error = scan(&files, &AiPolicy::default(), &HashMap::new(), &mut |_, _| {
-            calls += 1;
-            if calls == 10 {
-                return Err(PdiError::Invalid("stop here".into()));
-            }
-            Ok(())
-        })
+        let error = scan(
+            &files,
+            &AiPolicy::default(),
+            &HashMap::new(),
+            &mut |_, _| {
+                calls += 1;
+                if calls == 10 {
+                    return Err(PdiError::Invalid("stop here".into()));
+                }
+                Ok(())
+            },
+        )
         .expect_err("stops");
         assert_eq!((calls, error.to_string()), (10, "stop here".to_owned()));
     }
