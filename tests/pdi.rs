@@ -802,46 +802,51 @@ fn index_htm_can_be_left_out() {
 }
 
 #[test]
-fn hashes_known_from_the_spool_are_used_while_the_file_keeps_its_size() {
+fn hashes_known_from_the_spool_are_used_while_the_file_is_the_one_hashed() {
     let dir = tempfile::tempdir().unwrap();
     let ct = dir.path().join("ct");
     gen_ct(&ct, 3, &[]);
     let files = files_in(&ct);
-    let real: Vec<pdi::FileHash> = files.iter().map(|f| pdi::hash_file(f).unwrap()).collect();
-    // The first as the spool would know it had it changed since: same size, other SHA-256.
-    let mut changed = real[0];
-    changed.sha256[0] ^= 0xff;
-    // The second with a size it no longer has: ignored, the file is hashed.
-    let mut stale = real[1];
-    stale.size += 1;
-    stale.sha256 = [0; 32];
+    let known = |path: &Path| {
+        pdi::KnownHash::new(pdi::hash_file(path).unwrap(), &fs::metadata(path).unwrap())
+    };
+    // The first with a SHA-256 that is not its own but its identity: taken as recorded,
+    // which shows the file was not read to be hashed.
+    let mut first = known(&files[0]);
+    first.hash.sha256[0] ^= 0xff;
+    // The second replaced since, as a resend replaces a spooled file (a new file renamed
+    // over it): the same size, other bytes. Hashed again.
+    let second = known(&files[1]);
+    let mut bytes = fs::read(&files[1]).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    let replacement = dir.path().join("replacement");
+    fs::write(&replacement, &bytes).unwrap();
+    fs::rename(&replacement, &files[1]).unwrap();
     let options = BuildOptions {
-        known: [(files[0].clone(), changed), (files[1].clone(), stale)].into(),
+        known: [(files[0].clone(), first), (files[1].clone(), second)].into(),
         ..BuildOptions::default()
     };
-    let mut bytes = Vec::new();
-    pdi::build_zip(&files, &options, &mut bytes).unwrap();
+    let mut zip_bytes = Vec::new();
+    pdi::build_zip(&files, &options, &mut zip_bytes).unwrap();
     let zip = dir.path().join("set.zip");
-    fs::write(&zip, &bytes).unwrap();
+    fs::write(&zip, &zip_bytes).unwrap();
     let out = dir.path().join("out");
     pdi::extract_zip(&zip, &out).unwrap();
     let manifest = FileSet::open(&out).unwrap().manifest().unwrap().unwrap();
     let listed: Vec<String> = manifest.files.iter().map(|f| f.sha256.clone()).collect();
-    for (i, sha) in [changed.sha256, real[1].sha256, real[2].sha256]
-        .iter()
-        .enumerate()
-    {
-        assert!(
-            listed.contains(&hex(sha)),
-            "file {i}: its SHA-256 {} in the manifest {listed:?}",
-            hex(sha)
-        );
+    let replaced = pdi::hash_file(&files[1]).unwrap();
+    assert_ne!(replaced.sha256, second.hash.sha256);
+    let third = pdi::hash_file(&files[2]).unwrap();
+    for (what, sha) in [
+        ("the first's recorded", first.hash.sha256),
+        ("the second's new", replaced.sha256),
+        ("the third's", third.sha256),
+    ] {
+        let sha = hex::encode(sha);
+        assert!(listed.contains(&sha), "{what} SHA-256 {sha} in {listed:?}");
     }
-    // What the receiver does with it: the instance does not match the manifest.
-    let err = pdi::verify(&zip).expect_err("the changed instance is refused");
+    // A receiver checks the instance against the manifest: the first is refused.
+    let err = pdi::verify(&zip).expect_err("the first instance is refused");
     assert!(err.to_string().contains("SHA-256"), "{err}");
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

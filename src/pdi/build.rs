@@ -24,7 +24,7 @@ use super::manifest::{self, DicomIds, Excluded, ManifestFile};
 use super::mark::{self, Marked};
 use super::policy::{AiAction, AiPolicy, LABEL};
 use super::readme::{self, Contents, LabelledLine};
-use super::scan::{self, FileHash, hash_file};
+use super::scan::{self, FileHash, KnownHash, hash_file};
 use super::zip::ZipWriter;
 use super::{PdiError, records, tags};
 
@@ -49,11 +49,10 @@ pub struct BuildOptions {
     /// temporary folder. The daemon uses the job's folder, on the data disk.
     pub scratch: Option<PathBuf>,
     /// Hashes of inputs computed when they were written (the reception hashes each
-    /// instance while it spools it): an input listed here, of the size listed, is read
-    /// once (into the ZIP) instead of twice. The receiver checks every instance against
-    /// the manifest, so a spooled file changed since would be refused there, not sent
-    /// unnoticed.
-    pub known: HashMap<PathBuf, FileHash>,
+    /// instance while it spools it): an input that is still the file hashed (same inode,
+    /// modification time and size) is read once, into the ZIP, instead of twice; any
+    /// other is hashed again.
+    pub known: HashMap<PathBuf, KnownHash>,
 }
 
 impl Default for BuildOptions {

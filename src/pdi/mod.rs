@@ -36,7 +36,7 @@ use std::path::{Path, PathBuf};
 pub use build::{BuildOptions, BuildReport, build_dir, build_zip};
 pub use fileset::{FileSet, InstanceEntry, Summary, verify, verify_dir};
 pub use policy::{AiAction, AiPolicy, AiRule};
-pub use scan::{FileHash, RunningHash, expand, hash_file};
+pub use scan::{FileHash, KnownHash, RunningHash, expand, hash_file};
 
 /// Why a file set cannot be built, read or trusted. Messages name the file and the fault.
 #[derive(Debug, thiserror::Error)]

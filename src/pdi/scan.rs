@@ -33,9 +33,39 @@ pub struct FileHash {
     pub crc: u32,
 }
 
+/// A [`FileHash`] recorded when its file was written, with what tells that very file apart
+/// (inode and modification time): a file replaced since, even by one of the same size, is
+/// hashed again rather than described by a hash that is no longer its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KnownHash {
+    /// The hash of the file as written.
+    pub hash: FileHash,
+    /// Its inode number.
+    pub inode: u64,
+    /// Its modification time (seconds and nanoseconds since the epoch).
+    pub modified: (i64, i64),
+}
+
+impl KnownHash {
+    /// The hash of the file `meta` describes (read after the last write).
+    pub fn new(hash: FileHash, meta: &std::fs::Metadata) -> KnownHash {
+        use std::os::unix::fs::MetadataExt;
+        KnownHash {
+            hash,
+            inode: meta.ino(),
+            modified: (meta.mtime(), meta.mtime_nsec()),
+        }
+    }
+
+    /// Whether the file `meta` describes is still the one hashed.
+    pub fn holds_for(&self, meta: &std::fs::Metadata) -> bool {
+        meta.len() == self.hash.size && KnownHash::new(self.hash, meta) == *self
+    }
+}
+
 /// A [`FileHash`] computed over bytes as they go by, so that a file hashed while it is
 /// written (the reception's spool) is not read again to be packed.
-#[derive(Clone, Default)]
+#[derive(Default)]
 pub struct RunningHash {
     sha: Sha256,
     crc: crc32fast::Hasher,
@@ -144,16 +174,16 @@ pub fn hash_file(path: &Path) -> io::Result<FileHash> {
 pub type ScanResult = Result<Option<Scanned>, PdiError>;
 
 /// Scans `files` on all cores and calls `each` with every file and its result, in the
-/// order of `files`. A file in `known` whose size is still the one recorded there is not
-/// read past its header: its hash is taken from `known`. The first error `each` returns
-/// stops the scan and is returned.
+/// order of `files`. A file in `known` that is still the file hashed there
+/// ([`KnownHash::holds_for`]) is not read past its header: its hash is taken from `known`.
+/// The first error `each` returns stops the scan and is returned.
 ///
 /// # Errors
 /// What `each` returns.
 pub fn scan(
     files: &[PathBuf],
     policy: &AiPolicy,
-    known: &HashMap<PathBuf, FileHash>,
+    known: &HashMap<PathBuf, KnownHash>,
     each: &mut dyn FnMut(&Path, ScanResult) -> Result<(), PdiError>,
 ) -> Result<(), PdiError> {
     let workers = std::thread::available_parallelism()
@@ -215,7 +245,7 @@ fn stopped() -> PdiError {
 
 /// [`scan_one`], with a panic turned into an error for that file: the hand-over waits for
 /// every file in order and would otherwise wait forever.
-fn scan_guarded(path: &Path, policy: &AiPolicy, known: Option<&FileHash>) -> ScanResult {
+fn scan_guarded(path: &Path, policy: &AiPolicy, known: Option<&KnownHash>) -> ScanResult {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         scan_one(path, policy, known)
     }))
@@ -227,18 +257,18 @@ fn scan_guarded(path: &Path, policy: &AiPolicy, known: Option<&FileHash>) -> Sca
     })
 }
 
-/// Reads and hashes one input (unless its hash is `known` and its size unchanged), decides
-/// what the AI-image policy does with it, then keeps only the header elements the file
-/// set needs.
-fn scan_one(path: &Path, policy: &AiPolicy, known: Option<&FileHash>) -> ScanResult {
+/// Reads and hashes one input (unless its hash is `known` and it is still that file),
+/// decides what the AI-image policy does with it, then keeps only the header elements the
+/// file set needs.
+fn scan_one(path: &Path, policy: &AiPolicy, known: Option<&KnownHash>) -> ScanResult {
     let mut header = match instance::read(path) {
         Ok(header) => header,
         Err(InstanceError::NotDicom(_)) => return Ok(None),
         Err(e) => return Err(e.into()),
     };
-    let size = || std::fs::metadata(path).map(|m| m.len()).ok();
+    let unchanged = |known: &KnownHash| std::fs::metadata(path).is_ok_and(|m| known.holds_for(&m));
     let hash = match known {
-        Some(known) if size() == Some(known.size) => *known,
+        Some(known) if unchanged(known) => known.hash,
         _ => hash_file(path).map_err(|e| PdiError::io(path, e))?,
     };
     let ai = policy.decide(&header);

@@ -37,7 +37,7 @@ use crate::container::{self, Compression, ParallelEncryptor};
 use crate::durable;
 use crate::gateway::jobs::{StepError, blocking};
 use crate::gateway::store::JobStore;
-use crate::pdi::{self, BuildOptions, BuildReport, FileHash};
+use crate::pdi::{self, BuildOptions, BuildReport, KnownHash};
 use crate::repository::api::{NewDocument, State};
 use crate::repository::client::{Client, ClientError};
 
@@ -54,7 +54,7 @@ pub struct StreamInput {
     /// instances are mostly compressed already: [`worth_compressing`]).
     pub compress: bool,
     /// The instances' hashes computed at reception ([`BuildOptions::known`]).
-    pub known: HashMap<PathBuf, FileHash>,
+    pub known: HashMap<PathBuf, KnownHash>,
 }
 
 /// Transfer syntaxes whose pixel data is already compressed: JPEG, JPEG-LS, JPEG 2000,

@@ -217,9 +217,9 @@ pub struct InstanceRecord {
     pub modality: String,
     /// Size, SHA-256 and CRC-32 of the file, computed while it was spooled, so that
     /// packing reads it once; `None` in a record of an older version (packing then hashes
-    /// the file).
+    /// the file, as it does one replaced since: [`crate::pdi::KnownHash`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub hash: Option<crate::pdi::FileHash>,
+    pub hash: Option<crate::pdi::KnownHash>,
 }
 
 /// What recording an instance did.
@@ -287,6 +287,33 @@ mod tests {
             modality: modality.into(),
             hash: None,
         }
+    }
+
+    #[test]
+    fn a_record_of_an_older_version_has_no_hash_and_a_hash_is_kept_as_hex() {
+        let old = serde_json::to_value(instance("CT", "A1")).expect("encodes");
+        assert!(old.get("hash").is_none(), "{old}");
+        let read: InstanceRecord = serde_json::from_value(old).expect("decodes");
+        assert_eq!(read.hash, None);
+
+        let hashed = InstanceRecord {
+            hash: Some(crate::pdi::KnownHash {
+                hash: crate::pdi::FileHash {
+                    size: 1,
+                    sha256: [0xab; 32],
+                    crc: 7,
+                },
+                inode: 9,
+                modified: (1_764_460_800, 5),
+            }),
+            ..instance("CT", "A1")
+        };
+        let text = serde_json::to_string(&hashed).expect("encodes");
+        assert!(text.contains(&format!("\"{}\"", "ab".repeat(32))), "{text}");
+        let read: InstanceRecord = serde_json::from_str(&text).expect("decodes");
+        assert_eq!(read, hashed);
+        let broken = text.replace(&"ab".repeat(32), "not hex");
+        assert!(serde_json::from_str::<InstanceRecord>(&broken).is_err());
     }
 
     #[test]

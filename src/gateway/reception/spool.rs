@@ -28,7 +28,7 @@ use crate::durable::{self, Pending};
 use crate::gateway::reception::batch::{BatchId, BatchState, InstanceRecord, Recorded, clip};
 use crate::gateway::reception::route::Route;
 use crate::gateway::store::{BatchIndex, IndexError};
-use crate::pdi::{FileHash, RunningHash};
+use crate::pdi::{KnownHash, RunningHash};
 
 /// Received bytes kept in memory before they spill to the temp file; a typical CT or MR
 /// slice never touches the disk before it is complete and checked.
@@ -149,8 +149,8 @@ impl Incoming {
                 .spilled
                 .insert(Pending::in_dir(&self.tmp_dir, SPOOL_FILE_MODE)?),
         };
-        self.written.update(&self.buffer);
         pending.file().write_all(&self.buffer)?;
+        self.written.update(&self.buffer);
         self.buffer.clear();
         Ok(())
     }
@@ -462,13 +462,15 @@ impl Spool {
     }
 
     /// Makes the file durable in its place (fsync, rename, folder fsync) and returns its
-    /// hash, computed on another thread while the disk syncs (the packing of the batch
-    /// then reads the file once, not twice); on error the temp file is removed.
+    /// hash, so that packing the batch reads the file once, not twice. What is still in
+    /// memory (all of a typical instance) is hashed on a second thread while the disk
+    /// syncs; the chunks of a large instance were hashed as they spilled. On error the
+    /// temp file is removed.
     fn persist(
         &self,
         incoming: &mut Incoming,
         relative: &str,
-    ) -> Result<Option<FileHash>, StoreError> {
+    ) -> Result<Option<KnownHash>, StoreError> {
         ensure_free(&incoming.tmp_dir, incoming.min_free_bytes)?;
         let mut pending = match incoming.spilled.take() {
             Some(pending) => pending,
@@ -483,14 +485,21 @@ impl Spool {
                 hash.update(rest);
                 hash.finish()
             });
-            let written = pending.file().write_all(rest).and_then(|()| {
-                durable::create_dir_all(target.parent().expect("spool paths have a folder"))?;
-                pending.commit(&target)
-            });
+            // The file's identity after its last write: neither the fsync nor the rename
+            // changes its inode or modification time.
+            let written = pending
+                .file()
+                .write_all(rest)
+                .and_then(|()| pending.file().metadata())
+                .and_then(|meta| {
+                    durable::create_dir_all(target.parent().expect("spool paths have a folder"))?;
+                    pending.commit(&target)?;
+                    Ok(meta)
+                });
             (hashing.ok().and_then(|h| h.join().ok()), written)
         });
-        written?;
-        Ok(hash)
+        let meta = written?;
+        Ok(hash.map(|hash| KnownHash::new(hash, &meta)))
     }
 }
 
@@ -662,14 +671,20 @@ mod tests {
         let routes = crate::gateway::reception::route::Routes::new(&config);
         let route = routes.by_name("ct").expect("route");
         spool.prepare_route("ct").expect("route folder");
-        // In memory until the end, and spilled to the temp file on the way (SPILL_AT).
-        for (uid, pixels) in [("1.2.3.4.5.1", 64 * 1024), ("1.2.3.4.5.2", SPILL_AT + 99)] {
+        // In memory until the end, spilled to the temp file on the way (SPILL_AT), and the
+        // first again from another sender of the same name length (a resend into the open
+        // batch: the same size, other bytes, a new file).
+        for (uid, pixels, sender) in [
+            ("1.2.3.4.5.1", 64 * 1024, "PACS"),
+            ("1.2.3.4.5.2", SPILL_AT + 99, "PACS"),
+            ("1.2.3.4.5.1", 64 * 1024, "MODA"),
+        ] {
             let mut incoming = spool
                 .incoming(InstanceHeader {
                     sop_class_uid: "1.2.840.10008.5.1.4.1.1.7".into(),
                     sop_instance_uid: uid.into(),
                     transfer_syntax: "1.2.840.10008.1.2.1".into(),
-                    calling_ae: "PACS".into(),
+                    calling_ae: sender.into(),
                 })
                 .expect("meta header");
             for chunk in dataset(uid, pixels).chunks(16 * 1024 - 6) {
@@ -684,13 +699,18 @@ mod tests {
                 .instance("ct", uid)
                 .expect("read")
                 .expect("recorded");
-            let file = crate::pdi::hash_file(&spool.path_of(&record)).expect("read back");
+            let path = spool.path_of(&record);
+            let known = record.hash.expect("hashed while spooled");
+            let file = crate::pdi::hash_file(&path).expect("read back");
             assert_eq!(
-                record.hash,
-                Some(file),
-                "{uid}: the recorded hash is the file's"
+                known.hash, file,
+                "{uid} from {sender}: the hash is the file's"
             );
             assert_eq!(file.size, record.size);
+            assert!(
+                known.holds_for(&fs::metadata(&path).expect("metadata")),
+                "{uid} from {sender}: the record names the file in place"
+            );
         }
     }
 
