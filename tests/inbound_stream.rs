@@ -536,6 +536,20 @@ struct Blocked {
     blocker: PathBuf,
 }
 
+/// Removes the blocker and checks the end both tests expect: the job done, the five
+/// instances the PACS accepted stored once each, the refused one set aside.
+fn unblocked_imports_each_once(b: &Daemon, pacs: &Pacs, blocker: &Path) {
+    std::fs::remove_file(blocker).unwrap();
+    let job = job_in(b, "done", Duration::from_secs(60));
+    assert_eq!(job["progress"], "from HOSPA: 5 of 6 stored, 1 set aside");
+    let received = pacs.received();
+    assert_eq!(received.len(), 5, "{received:?}");
+    assert!(
+        received.values().all(|&n| n == 1),
+        "an instance sent twice: {received:?}"
+    );
+}
+
 fn blocked_after_the_stream(dir: &Path, downloads: u32) -> Blocked {
     let study = dir.join("study");
     gen_ct(&study, 6, &[]);
@@ -601,15 +615,7 @@ fn a_failure_after_the_stream_does_not_download_again() {
         "the stream ran again from the container (no second download): {error}"
     );
     assert_ne!(failing["state"], "failed", "{failing}");
-    std::fs::remove_file(&blocker).unwrap();
-    let job = job_in(&b, "done", Duration::from_secs(60));
-    assert_eq!(job["progress"], "from HOSPA: 5 of 6 stored, 1 set aside");
-    let received = pacs.received();
-    assert_eq!(received.len(), 5, "{received:?}");
-    assert!(
-        received.values().all(|&n| n == 1),
-        "an instance sent twice: {received:?}"
-    );
+    unblocked_imports_each_once(&b, &pacs, &blocker);
 }
 
 /// A container kept in the job folder from an earlier attempt is not synced (the stream
@@ -646,15 +652,7 @@ fn a_kept_container_that_no_longer_authenticates_is_downloaded_again() {
                 .then_some(())
         },
     );
-    std::fs::remove_file(&blocker).unwrap();
-    let job = job_in(&b, "done", Duration::from_secs(60));
-    assert_eq!(job["progress"], "from HOSPA: 5 of 6 stored, 1 set aside");
-    let received = pacs.received();
-    assert_eq!(received.len(), 5, "{received:?}");
-    assert!(
-        received.values().all(|&n| n == 1),
-        "an instance sent twice: {received:?}"
-    );
+    unblocked_imports_each_once(&b, &pacs, &blocker);
 }
 
 /// A link to `target` passing at most `rate` bytes per second towards the client

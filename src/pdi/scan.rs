@@ -27,7 +27,7 @@ pub struct FileHash {
     /// Bytes.
     pub size: u64,
     /// SHA-256 (hex in a record: a JSON array of 32 numbers would triple its size).
-    #[serde(with = "hex_sha256")]
+    #[serde(with = "crate::repository::api::hex32")]
     pub sha256: [u8; 32],
     /// CRC-32 (what a ZIP entry declares).
     pub crc: u32,
@@ -87,20 +87,6 @@ impl RunningHash {
             sha256: self.sha.finalize().into(),
             crc: self.crc.finalize(),
         }
-    }
-}
-
-/// A SHA-256 as 64 hex digits in a serialized record.
-mod hex_sha256 {
-    pub fn serialize<S: serde::Serializer>(sha: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&hex::encode(sha))
-    }
-
-    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
-        let text: String = serde::Deserialize::deserialize(d)?;
-        let mut sha = [0u8; 32];
-        hex::decode_to_slice(&text, &mut sha).map_err(serde::de::Error::custom)?;
-        Ok(sha)
     }
 }
 
