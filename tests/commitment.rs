@@ -144,15 +144,7 @@ fn pynetdicom_requester_gets_reports_on_both_associations() {
         log.contains("storage commitment report answered by the requester"),
         "the same-association report was not answered:\n{log}"
     );
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !daemon.log().contains("report sent on a new association") {
-        assert!(
-            Instant::now() < deadline,
-            "the daemon did not log the report sent on a new association:\n{}",
-            daemon.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    daemon.wait_logged("report sent on a new association", Duration::from_secs(5));
 }
 
 /// Our import AE title as Orthanc knows it.
@@ -374,12 +366,10 @@ fn orthanc_store_with_storage_commitment_gets_success_and_closes_the_batch() {
         "{report:#}"
     );
     daemon.wait_stable_batch(3, Duration::from_secs(5));
-    assert!(
-        daemon.log().contains(
-            "storage commitment report sent on a new association (3 committed, 0 failed)"
-        ),
-        "{}",
-        daemon.log()
+    // Orthanc records the report when it answers; the daemon logs it after the release.
+    daemon.wait_logged(
+        "storage commitment report sent on a new association (3 committed, 0 failed)",
+        Duration::from_secs(5),
     );
 }
 

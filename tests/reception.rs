@@ -646,7 +646,15 @@ fn idle_association_is_aborted_after_the_idle_timeout() {
     let held = holder.wait_with_output().unwrap();
     let report = String::from_utf8_lossy(&held.stdout);
     assert!(report.contains("\"aborted\": true"), "{report}");
-    assert!(daemon.log().contains("connection lost") || daemon.log().contains("aborted"));
+    // The daemon logs how the association ended after it closed the connection.
+    wait_for(
+        "the idle association's end logged",
+        Duration::from_secs(5),
+        || {
+            let log = daemon.log();
+            (log.contains("connection lost") || log.contains("aborted")).then_some(())
+        },
+    );
 }
 
 #[test]

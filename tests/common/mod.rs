@@ -280,6 +280,20 @@ impl Daemon {
         text
     }
 
+    /// Waits until the daemon's log holds `needle`, for a line logged after the peer
+    /// already saw the outcome (e.g. after the association's release); returns the log.
+    pub fn wait_logged(&self, needle: &str, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let log = self.log();
+            if log.contains(needle) {
+                return log;
+            }
+            assert!(Instant::now() < deadline, "{needle:?} not logged:\n{log}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// `cloudpdi status --json` against this daemon.
     pub fn status(&self) -> serde_json::Value {
         let out = run(Command::new(env!("CARGO_BIN_EXE_cloudpdi")).args([
@@ -575,7 +589,8 @@ pub fn isolated(test: &str) -> bool {
     print!("{stdout}");
     assert!(
         out.status.success(),
-        "{test} failed inside its network namespace"
+        "{test} failed inside its network namespace:\n{}",
+        String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(
         tests_run(&stdout),
