@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -849,4 +849,42 @@ fn hashes_known_from_the_spool_are_used_while_the_file_is_the_one_hashed() {
     // A receiver checks the instance against the manifest: the first is refused.
     let err = pdi::verify(&zip).expect_err("the first instance is refused");
     assert!(err.to_string().contains("SHA-256"), "{err}");
+}
+
+/// The inbound stream hashes every file against the manifest as it writes it; its final
+/// check of the set takes those as matched and does not read them again, but still
+/// hashes any file it did not match, and still checks sizes and the DICOMDIR.
+#[test]
+fn files_matched_while_extracted_are_not_hashed_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let ct = dir.path().join("ct");
+    gen_ct(&ct, 3, &[]);
+    let zip = dir.path().join("set.zip");
+    let mut zip_bytes = Vec::new();
+    pdi::build_zip(&files_in(&ct), &BuildOptions::default(), &mut zip_bytes).unwrap();
+    fs::write(&zip, &zip_bytes).unwrap();
+    let out = dir.path().join("out");
+    pdi::extract_zip(&zip, &out).unwrap();
+    let set = FileSet::open(&out).unwrap();
+    let instances: Vec<PathBuf> = set.instances().iter().map(|e| e.path.clone()).collect();
+    assert_eq!(instances.len(), 3);
+    // The first instance damaged after it was matched (the same size, one byte of its
+    // pixel data other): only a check that hashes it again sees it.
+    let mut bytes = fs::read(&instances[0]).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    fs::write(&instances[0], &bytes).unwrap();
+    let matched: HashSet<PathBuf> = instances.iter().cloned().collect();
+    let summary = pdi::verify_extracted(&out, &matched).expect("matched files are taken");
+    assert_eq!(summary.instances, 3);
+    let err = pdi::verify_dir(&out).expect_err("a full check hashes the damaged file");
+    assert!(err.to_string().contains("SHA-256"), "{err}");
+    let others: HashSet<PathBuf> = instances[1..].iter().cloned().collect();
+    let err = pdi::verify_extracted(&out, &others).expect_err("an unmatched file is hashed");
+    assert!(err.to_string().contains("SHA-256"), "{err}");
+    // A matched file cut short is still refused by its size.
+    let second = fs::read(&instances[1]).unwrap();
+    fs::write(&instances[1], &second[..second.len() / 2]).unwrap();
+    let err = pdi::verify_extracted(&out, &matched).expect_err("the size is checked");
+    assert!(err.to_string().contains("on disk"), "{err}");
 }

@@ -330,6 +330,18 @@ pub fn verify(path: &Path) -> Result<Summary, PdiError> {
 /// # Errors
 /// As [`verify`].
 pub fn verify_dir(root: &Path) -> Result<Summary, PdiError> {
+    verify_extracted(root, &HashSet::new())
+}
+
+/// Verifies a file set that this process has just extracted, hashing each file against
+/// the manifest as it wrote it (the inbound stream): the same checks as [`verify_dir`],
+/// but the files in `matched` are not read a second time for their SHA-256 (their size on
+/// disk is still compared). At the receiver that second pass was the whole study hashed
+/// again at the end of the import.
+///
+/// # Errors
+/// As [`verify`].
+pub fn verify_extracted(root: &Path, matched: &HashSet<PathBuf>) -> Result<Summary, PdiError> {
     let set = FileSet::open(root)?;
     if let Some((file_id, why)) = set.missing.first() {
         return Err(PdiError::Broken(format!(
@@ -375,7 +387,7 @@ pub fn verify_dir(root: &Path) -> Result<Summary, PdiError> {
         summary.bytes += fs::metadata(file).map_err(|e| PdiError::io(file, e))?.len();
     }
     if let Some(manifest) = set.manifest()? {
-        check_manifest(&set, &manifest, &files)?;
+        check_manifest(&set, &manifest, &files, matched)?;
         summary.manifest = true;
         summary.ai_labelled = manifest
             .files
@@ -470,7 +482,12 @@ fn all_files(root: &Path) -> Result<Vec<PathBuf>, PdiError> {
     Ok(out)
 }
 
-fn check_manifest(set: &FileSet, manifest: &Manifest, files: &[PathBuf]) -> Result<(), PdiError> {
+fn check_manifest(
+    set: &FileSet,
+    manifest: &Manifest,
+    files: &[PathBuf],
+    matched: &HashSet<PathBuf>,
+) -> Result<(), PdiError> {
     let root = set.root();
     let by_uid: HashMap<&str, &InstanceEntry> = set
         .instances
@@ -493,11 +510,14 @@ fn check_manifest(set: &FileSet, manifest: &Manifest, files: &[PathBuf]) -> Resu
                 meta.len()
             )));
         }
-        let hash = hash_file(&path).map_err(|e| PdiError::io(&path, e))?;
-        if !hex::encode(hash.sha256).eq_ignore_ascii_case(&file.sha256) {
-            return Err(broken(
-                "its SHA-256 does not match the manifest: the file was altered or damaged".into(),
-            ));
+        if !matched.contains(&path) {
+            let hash = hash_file(&path).map_err(|e| PdiError::io(&path, e))?;
+            if !hex::encode(hash.sha256).eq_ignore_ascii_case(&file.sha256) {
+                return Err(broken(
+                    "its SHA-256 does not match the manifest: the file was altered or damaged"
+                        .into(),
+                ));
+            }
         }
         if let Some(ids) = &file.dicom {
             let entry = by_uid.get(ids.sop_instance_uid.as_str()).ok_or_else(|| {

@@ -34,7 +34,7 @@ pub mod zip;
 use std::path::{Path, PathBuf};
 
 pub use build::{BuildOptions, BuildReport, build_dir, build_zip};
-pub use fileset::{FileSet, InstanceEntry, Summary, verify, verify_dir};
+pub use fileset::{FileSet, InstanceEntry, Summary, verify, verify_dir, verify_extracted};
 pub use policy::{AiAction, AiPolicy, AiRule};
 pub use scan::{FileHash, KnownHash, RunningHash, expand, hash_file};
 

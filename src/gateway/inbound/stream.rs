@@ -410,7 +410,7 @@ pub(super) fn read(
         root: &source.pdi,
         download: (&source.growing, &source.container),
         manifest: None,
-        seen: 0,
+        matched: HashSet::new(),
         negotiation: Some(negotiation),
         instances,
         stored: &source.stored,
@@ -433,7 +433,7 @@ pub(super) fn read(
     let Some(listed) = writer.manifest else {
         return Err(PdiError::Broken(format!("the archive holds no {}", manifest::PATH)).into());
     };
-    if writer.seen != listed.files.len() {
+    if writer.matched.len() != listed.files.len() {
         let missing = listed
             .files
             .keys()
@@ -445,7 +445,7 @@ pub(super) fn read(
         ))
         .into());
     }
-    let summary = crate::pdi::verify(&source.pdi)?;
+    let summary = crate::pdi::verify_extracted(&source.pdi, &writer.matched)?;
     Ok(Streamed::Whole { summary })
 }
 
@@ -460,8 +460,9 @@ struct Writer<'a> {
     /// The download writing the container alongside, and the container's file.
     download: (&'a Growing, &'a Path),
     manifest: Option<Listed>,
-    /// Files written and matched against the manifest.
-    seen: usize,
+    /// Files written and matched against the manifest: the final check of the set does
+    /// not hash them again.
+    matched: HashSet<PathBuf>,
     negotiation: Option<tokio::sync::oneshot::Sender<Negotiation>>,
     instances: &'a tokio::sync::mpsc::Sender<Instance>,
     stored: &'a HashSet<String>,
@@ -522,7 +523,7 @@ impl Writer<'_> {
                 "its SHA-256 does not match the manifest: the file was altered or damaged".into(),
             ));
         }
-        self.seen += 1;
+        self.matched.insert(target.clone());
         if dicom.is_some() {
             // What the memory copy cannot tell (a meta header it cannot parse) the file
             // decides, as it does for an instance handed over without its bytes.
