@@ -58,11 +58,20 @@ TOML
   echo "cloudpdi did not start: $(cat "$1/log")" >&2; exit 1
 }
 
+# Peak resident memory of a process (VmHWM), in MiB, and its reset (clear_refs 5), so
+# that the peak of one phase can be read at its end.
+hwm() { awk '/^VmHWM/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
+hwm_reset() { echo 5 >"/proc/$1/clear_refs"; }
+# CPU seconds (user + system) a process used so far.
+cpu() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' "/proc/$1/stat"; }
+
 # (a) storescu straight into Orthanc.
 orthanc "$work/orthanc-a"
 t0=$(now)
+cpu_d0=$(cpu "$peer")
 TCP_NODELAY=1 /usr/bin/storescu -aec ORTHANC 127.0.0.1 4242 "$work"/study/* 
 t1=$(now)
+cpu_d=$(echo "$(cpu "$peer") - $cpu_d0" | bc)
 [ "$(count)" = "$n" ] || { echo "Orthanc holds $(count) of $n" >&2; exit 1; }
 kill $peer; wait $peer 2>/dev/null || true
 direct=$(echo "$t1 - $t0" | bc)
@@ -73,22 +82,17 @@ orthanc "$work/orthanc-a4"
 files=("$work"/study/*)
 lanes=()
 t0=$(now)
+cpu_d40=$(cpu "$peer")
 for k in 0 1 2 3; do
   TCP_NODELAY=1 /usr/bin/storescu -aec ORTHANC 127.0.0.1 4242 $(printf '%s\n' "${files[@]}" | awk -v k=$k 'NR % 4 == k') &
   lanes+=("$!")
 done
 wait "${lanes[@]}"
 t1=$(now)
+cpu_d4=$(echo "$(cpu "$peer") - $cpu_d40" | bc)
 [ "$(count)" = "$n" ] || { echo "Orthanc (4 associations) holds $(count) of $n" >&2; exit 1; }
 kill $peer; wait $peer 2>/dev/null || true
 direct4=$(echo "$t1 - $t0" | bc)
-
-# Peak resident memory of a process (VmHWM), in MiB, and its reset (clear_refs 5), so
-# that the peak of one phase can be read at its end.
-hwm() { awk '/^VmHWM/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
-hwm_reset() { echo 5 >"/proc/$1/clear_refs"; }
-# CPU seconds (user + system) a process used so far.
-cpu() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' "/proc/$1/stat"; }
 
 # (b) through cloudpdi.
 orthanc "$work/orthanc-b"
@@ -148,6 +152,7 @@ printf 'ratio (b)/(a): %.2f (goal <= 2.0, stretch 1.5); without the inbox poll: 
 printf 'peak memory (VmHWM) during the transfer: site A %s MiB, site B %s MiB (site A during ingest %s MiB; goal <= 64)\n' \
   "$mem_a" "$mem_b" "$ingest_mib"
 printf 'CPU seconds during the transfer (2 cores): site A %s, site B %s, Orthanc %s\n' "$cpu_a" "$cpu_b" "$cpu_o"
+printf 'Orthanc CPU seconds, the same instances sent directly: %s (1 association), %s (4)\n' "$cpu_d" "$cpu_d4"
 printf 'one disc at the hospital: 20 min = 1200 s (%.0fx faster including the stable wait)\n' \
   "$(calc "1200 / ($total + $stable)")"
 # BENCH_LOGS=DIR keeps both daemons' logs (their step lines carry times) for a breakdown.
