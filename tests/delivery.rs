@@ -148,10 +148,13 @@ fn a_ct_study_reaches_the_pacs_of_the_facility_it_is_sealed_to() {
     assert_eq!(receipts[0]["facility"], "HOSPB");
     assert_eq!(receipts[0]["instances_imported"], first.len() as u64);
     let mailbox_b = fb.client(&hub.url);
-    assert!(
-        block(mailbox_b.messages()).unwrap().is_empty(),
-        "B's mailbox emptied"
-    );
+    // The message is deleted once its job is queued, alongside the import.
+    wait_for("B's mailbox emptied", Duration::from_secs(10), || {
+        block(mailbox_b.messages())
+            .unwrap()
+            .is_empty()
+            .then_some(())
+    });
 
     // 2. A sender not in accept_from (HOSPC, a registered facility with a good key) is
     // refused, listed by B's status, and its message deleted. HOSPC is neither accepted
@@ -483,10 +486,12 @@ fn a_ct_study_reaches_the_pacs_of_the_facility_it_is_sealed_to() {
     b.spawn();
     let jobs = wait_imports(&b, 6, "the token sealed to B's old key imported");
     assert_eq!(jobs.len(), 6, "{jobs:#?}");
-    assert!(
-        block(mailbox_b.messages()).unwrap().is_empty(),
-        "B's mailbox emptied"
-    );
+    wait_for("B's mailbox emptied", Duration::from_secs(10), || {
+        block(mailbox_b.messages())
+            .unwrap()
+            .is_empty()
+            .then_some(())
+    });
 
     // 8. A message from HOSPA sealed for another facility code than B's does not open: it
     // waits in the mailbox, and the refusal names what an admin can check.

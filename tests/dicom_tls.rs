@@ -248,7 +248,7 @@ fn import_into_orthanc_over_tls_and_a_wrong_ca_or_an_expired_certificate_is_name
     let orthanc = |config: &Path| {
         format!(
             "/usr/sbin/Orthanc '{0}' >'{0}.log' 2>&1 & peer=$!
-             for i in $(seq 100); do curl -sf http://127.0.0.1:8042/system >/dev/null && break; sleep 0.1; done",
+             for i in $(seq 300); do curl -sf http://127.0.0.1:8042/system >/dev/null && break; sleep 0.1; done",
             config.display()
         )
     };

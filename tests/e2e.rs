@@ -162,10 +162,10 @@ fn a_ct_study_travels_from_storescu_at_site_a_to_orthanc_at_site_b() {
         )
     );
     assert_imported(&orthanc, &originals, dir.path());
-    assert!(
-        !b.dir.join("data/jobs/in").read_dir().unwrap().any(|_| true),
-        "the local copy is removed"
-    );
+    // Removed when the job ends, just after its record says done.
+    wait_for("the local copy removed", Duration::from_secs(10), || {
+        (!b.dir.join("data/jobs/in").read_dir().unwrap().any(|_| true)).then_some(())
+    });
 
     // The same token again: `cloudpdi receive` fails with the reason, and through the
     // watch folder it is recognised, not imported twice.

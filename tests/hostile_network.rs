@@ -63,12 +63,12 @@ async fn one_host_cannot_take_every_dicom_slot() {
         dir.path(),
         routes,
         "max_associations = 3\nreserved_associations = 1\nmax_associations_per_peer = 3\n\
-         association_timeout = 2\nstore_idle_timeout = 6",
+         association_timeout = 4\nstore_idle_timeout = 15",
     );
     let mut flood = Command::new("python3")
         .arg(root().join("tests/peers/flood.py"))
         .args(["127.0.0.2", "127.0.0.1", &daemon.dicom.port().to_string()])
-        .args(["OPEN", "EVIL", "3", "20"])
+        .args(["OPEN", "EVIL", "3", "40"])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -90,7 +90,7 @@ async fn one_host_cannot_take_every_dicom_slot() {
     let (pacs, pacs_took) = echoscu(&daemon, "PACS", "CLOUDPDI");
     assert!(pacs.status.success(), "{pacs:?}\n{}", daemon.log());
     assert!(
-        pacs_took < Duration::from_millis(1500),
+        pacs_took < Duration::from_secs(3),
         "the PACS waited {pacs_took:?} for the reserved slot"
     );
 
@@ -100,11 +100,11 @@ async fn one_host_cannot_take_every_dicom_slot() {
     assert!(!other.status.success(), "{said}");
     assert!(said.contains("local limit exceeded"), "{said}");
     assert!(
-        other_took >= Duration::from_millis(1500),
+        other_took >= Duration::from_secs(3),
         "rejected after {other_took:?}, before association_timeout"
     );
     assert!(
-        established.elapsed() < Duration::from_secs(6),
+        established.elapsed() < Duration::from_secs(14),
         "the checks above must run while the flood holds its slots"
     );
 
@@ -116,7 +116,7 @@ async fn one_host_cannot_take_every_dicom_slot() {
         let after = after
             .as_f64()
             .unwrap_or_else(|| panic!("an echo-only association was never aborted: {second}"));
-        assert!((4.0..15.0).contains(&after), "aborted after {after} s");
+        assert!((13.0..35.0).contains(&after), "aborted after {after} s");
     }
     assert!(flood.wait().unwrap().success());
     let log = daemon.log();
@@ -275,7 +275,7 @@ async fn half_open_requests_from_one_host_do_not_delay_others() {
     let took = started.elapsed();
     assert_eq!(answer, (200, "ok\n".to_owned()));
     assert!(
-        took < Duration::from_secs(5),
+        took < Duration::from_secs(15),
         "a healthy request waited {took:?} behind one host's half-open requests"
     );
     drop(held);

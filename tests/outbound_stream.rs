@@ -12,6 +12,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
+use rustix::process::{Pid, Signal, kill_process};
 
 const MIB: u64 = 1 << 20;
 
@@ -98,7 +99,7 @@ fn stop_when_streaming(jobs: &Path, repository: &Repository, a: &Daemon) -> Path
             .into_iter()
             .find(|f| f.ends_with("container.partial"));
         if let Some(partial) = partial {
-            signal(repository.pid(), "STOP");
+            signal(repository.pid(), Signal::STOP);
             return partial.parent().unwrap().to_owned();
         }
         assert!(Instant::now() < deadline, "no stream started:\n{}", a.log());
@@ -106,9 +107,11 @@ fn stop_when_streaming(jobs: &Path, repository: &Repository, a: &Daemon) -> Path
     }
 }
 
-fn signal(pid: u32, name: &str) {
-    let out = run(Command::new("kill").args([&format!("-{name}"), &pid.to_string()]));
-    assert!(out.status.success(), "kill -{name} {pid}");
+/// Sends `signal` to `pid` at once: spawning `kill` takes milliseconds, in which a small
+/// upload on a loaded machine may finish before the repository stops.
+fn signal(pid: u32, signal: Signal) {
+    let pid = Pid::from_raw(i32::try_from(pid).unwrap()).unwrap();
+    kill_process(pid, signal).unwrap_or_else(|e| panic!("{signal:?} to {pid:?}: {e}"));
 }
 
 #[test]
@@ -162,7 +165,7 @@ fn kill_9_in_the_middle_of_the_stream_then_a_restart_completes_the_job() {
         "the stream stalls before its end"
     );
     a.kill9();
-    signal(repository.pid(), "CONT");
+    signal(repository.pid(), Signal::CONT);
     a.spawn();
     let token = wait_for(
         "the token after the restart",
@@ -198,7 +201,7 @@ fn a_finished_container_resumes_with_only_the_parts_not_acknowledged() {
     a.kill9();
     let size = std::fs::metadata(&container).unwrap().len();
     let total = usize::try_from(size.div_ceil(MIB)).unwrap();
-    signal(repository.pid(), "CONT");
+    signal(repository.pid(), Signal::CONT);
     // Requests the repository held while stopped finish now (their answers are lost).
     std::thread::sleep(Duration::from_secs(1));
     // The acknowledgement list as a crash leaves it: here every part the repository holds
@@ -322,7 +325,7 @@ fn stop_after_first_ack(a: &Daemon, repository: &Repository) -> PathBuf {
             .into_iter()
             .find(|f| f.ends_with("acked") && std::fs::read(f).is_ok_and(|t| t.contains(&b'\n')));
         if let Some(acked) = first {
-            signal(repository.pid(), "STOP");
+            signal(repository.pid(), Signal::STOP);
             return acked.parent().unwrap().to_owned();
         }
         assert!(
@@ -349,7 +352,7 @@ fn a_vanished_document_is_replaced_by_a_new_one() {
     assert!(out.status.success(), "{out:?}");
     stop_after_first_ack(&a, &repository);
     a.kill9();
-    signal(repository.pid(), "CONT");
+    signal(repository.pid(), Signal::CONT);
     // Requests cut by the kill end first.
     std::thread::sleep(Duration::from_secs(1));
     std::fs::remove_dir_all(repository.dir.join("store/documents")).unwrap();
@@ -403,7 +406,7 @@ fn a_route_moved_to_another_repository_gets_a_new_document_there() {
         "a new document at the new repository"
     );
     assert_token_opens(&token, &originals, dir.path());
-    signal(repository.pid(), "CONT");
+    signal(repository.pid(), Signal::CONT);
 }
 
 /// A repository older than streamed documents refuses a create without a size (as

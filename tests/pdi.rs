@@ -603,7 +603,7 @@ fn orthanc_imports_our_zip_with_exactly_its_instances() {
     let config = orthanc_config(dir.path());
     let out = in_netns(&format!(
         "/usr/sbin/Orthanc '{}' >'{}.log' 2>&1 & peer=$!
-         for i in $(seq 100); do curl -sf http://127.0.0.1:8042/system >/dev/null && break; sleep 0.1; done
+         for i in $(seq 300); do curl -sf http://127.0.0.1:8042/system >/dev/null && break; sleep 0.1; done
          curl -sf -X POST --data-binary @'{}' http://127.0.0.1:8042/instances >/dev/null
          for i in $(curl -sf http://127.0.0.1:8042/instances | python3 -c 'import json,sys; print(\" \".join(json.load(sys.stdin)))'); do
            curl -sf http://127.0.0.1:8042/instances/$i/simplified-tags | python3 -c 'import json,sys; print(\"UID\", json.load(sys.stdin)[\"SOPInstanceUID\"])'

@@ -774,7 +774,7 @@ async fn expiry(backend: Backend) {
     let work = tempfile::tempdir().unwrap();
     let source = work.path().join("container");
     let sha = random_file(&source, 1000);
-    let token = token(3);
+    let token = token(6);
     let sender = repo.client(Some(&repo.key_a));
     let id = upload_for(&sender, &token, &source, 5).await;
     let receiver = repo.client(None);
@@ -840,7 +840,7 @@ async fn extend(backend: Backend) {
     let work = tempfile::tempdir().unwrap();
     let source = work.path().join("container");
     let sha = random_file(&source, 1000);
-    let token = token(3);
+    let token = token(6);
     let sender = repo.client(Some(&repo.key_a));
     let id = upload_for(&sender, &token, &source, 5).await;
     // A second document left to expire, to be refused once it has.

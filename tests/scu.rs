@@ -80,7 +80,7 @@ fn with_orthanc(dir: &Path, import: &str, query: &str) -> Output {
     let config = orthanc_config(dir);
     in_netns(&format!(
         "/usr/sbin/Orthanc '{}' >'{}.log' 2>&1 & peer=$!
-         for i in $(seq 100); do curl -sf http://127.0.0.1:8042/system >/dev/null && break; sleep 0.1; done
+         for i in $(seq 300); do curl -sf http://127.0.0.1:8042/system >/dev/null && break; sleep 0.1; done
          {import}
          {query}",
         config.display(),
@@ -194,7 +194,7 @@ fn implicit_only_pacs_gets_converted_data_and_compressed_data_is_refused_clearly
     std::fs::create_dir_all(&received).unwrap();
     let out = in_netns(&format!(
         "{} +xi -od '{}' 11113 & peer=$!
-         for i in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/11113) 2>/dev/null && break; sleep 0.05; done
+         for i in $(seq 300); do (exec 3<>/dev/tcp/127.0.0.1/11113) 2>/dev/null && break; sleep 0.05; done
          {} --transcode never || echo import-exit=$?",
         require("/usr/bin/storescp"),
         received.display(),
@@ -277,7 +277,7 @@ fn unreachable_pacs_fails_every_instance_quickly_with_the_reason() {
     // Refused connections are immediate; one 0.5 s back-off per lane takes ~0.5 s, while
     // a back-off per instance (10 per lane) would take 5 s or more.
     assert!(
-        elapsed < std::time::Duration::from_secs(3),
+        elapsed < std::time::Duration::from_millis(4500),
         "one back-off per lane, not per instance: {elapsed:?}"
     );
 }

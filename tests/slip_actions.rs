@@ -492,7 +492,7 @@ fn an_extended_token_downloads_after_its_old_expiry() {
     ))
     .unwrap();
     let size = std::fs::metadata(&container).unwrap().len();
-    let lapses = u32::try_from(cloudpdi::clock::now_seconds() + 6).unwrap();
+    let lapses = u32::try_from(cloudpdi::clock::now_seconds() + 12).unwrap();
     let document_id = block(async {
         let created = client
             .create(&NewDocument {

@@ -361,7 +361,7 @@ fn a_pacs_taking_only_implicit_vr_gets_the_decoded_pixels_in_implicit_vr() {
     // DCMTK storescp cannot bind loopback only: it runs in a private network namespace.
     let out = in_netns(&format!(
         "{} +xi -od '{}' 11113 & peer=$!
-         for i in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/11113) 2>/dev/null && break; sleep 0.05; done
+         for i in $(seq 300); do (exec 3<>/dev/tcp/127.0.0.1/11113) 2>/dev/null && break; sleep 0.05; done
          {} import --pacs 127.0.0.1:11113 --called ANY-SCP {} && echo import-ok",
         require("/usr/bin/storescp"),
         received.display(),

@@ -25,7 +25,15 @@ from pynetdicom.sop_class import StorageCommitmentPushModel
 
 host, port, called, calling, mode, listen_port, *refs = sys.argv[1:]
 done = threading.Event()
+# The N-EVENT-REPORT-RSP has left: pynetdicom sends it after on_report returns, and a
+# release sent before it would let the SCP see the release instead of the answer.
+answered = threading.Event()
 result = {}
+
+
+def on_sent(event):
+    if type(event.message).__name__ == "N_EVENT_REPORT_RSP":
+        answered.set()
 
 
 def on_report(event):
@@ -74,7 +82,12 @@ if mode == "new":
         block=False,
         evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)],
     )
-assoc = ae.associate(host, int(port), ae_title=called, evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
+assoc = ae.associate(
+    host,
+    int(port),
+    ae_title=called,
+    evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report), (evt.EVT_DIMSE_SENT, on_sent)],
+)
 if not assoc.is_established:
     print(json.dumps({"association": "not established"}), flush=True)
     sys.exit(2)
@@ -85,6 +98,7 @@ if result["action_status"] != 0:
     assoc.release()
 elif mode == "same":
     done.wait(30)
+    answered.wait(10)
     assoc.release()
 else:
     assoc.release()
