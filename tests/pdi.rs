@@ -853,7 +853,8 @@ fn hashes_known_from_the_spool_are_used_while_the_file_is_the_one_hashed() {
 
 /// The inbound stream hashes every file against the manifest as it writes it; its final
 /// check of the set takes those as matched and does not read them again, but still
-/// hashes any file it did not match, and still checks sizes and the DICOMDIR.
+/// hashes any file it did not match, refuses a file listed twice, and still checks sizes
+/// and the DICOMDIR.
 #[test]
 fn files_matched_while_extracted_are_not_hashed_again() {
     let dir = tempfile::tempdir().unwrap();
@@ -882,6 +883,23 @@ fn files_matched_while_extracted_are_not_hashed_again() {
     let others: HashSet<PathBuf> = instances[1..].iter().cloned().collect();
     let err = pdi::verify_extracted(&out, &others).expect_err("an unmatched file is hashed");
     assert!(err.to_string().contains("SHA-256"), "{err}");
+    // A manifest that lists a matched file twice, the second time with another SHA-256:
+    // neither claim is taken for the file.
+    let manifest_path = out.join(pdi::manifest::PATH);
+    let original = fs::read(&manifest_path).unwrap();
+    let mut manifest: serde_json::Value = serde_json::from_slice(&original).unwrap();
+    let files = manifest["files"].as_array_mut().unwrap();
+    let second = files
+        .iter()
+        .find(|f| out.join(f["path"].as_str().unwrap()) == instances[1])
+        .unwrap();
+    let mut twin = second.clone();
+    twin["sha256"] = serde_json::json!("00".repeat(32));
+    files.push(twin);
+    fs::write(&manifest_path, serde_json::to_vec(&manifest).unwrap()).unwrap();
+    let err = pdi::verify_extracted(&out, &matched).expect_err("a file listed twice is refused");
+    assert!(err.to_string().contains("listed twice"), "{err}");
+    fs::write(&manifest_path, &original).unwrap();
     // A matched file cut short is still refused by its size.
     let second = fs::read(&instances[1]).unwrap();
     fs::write(&instances[1], &second[..second.len() / 2]).unwrap();

@@ -337,7 +337,8 @@ pub fn verify_dir(root: &Path) -> Result<Summary, PdiError> {
 /// the manifest as it wrote it (the inbound stream): the same checks as [`verify_dir`],
 /// but the files in `matched` are not read a second time for their SHA-256 (their size on
 /// disk is still compared). At the receiver that second pass was the whole study hashed
-/// again at the end of the import.
+/// again at the end of the import. A matched file altered on disk since (in the
+/// receiver's private folder, mode 0600) is then caught by its size only.
 ///
 /// # Errors
 /// As [`verify`].
@@ -499,6 +500,10 @@ fn check_manifest(
         let broken = |why: String| PdiError::Broken(format!("manifest entry {}: {why}", file.path));
         let relative = zip::check_name(&file.path).map_err(|why| broken(why.to_owned()))?;
         let path = root.join(&relative);
+        if listed.contains(&path) {
+            // Two claims for one file: a reader keeping either could take the false one.
+            return Err(broken("listed twice".into()));
+        }
         let meta = fs::symlink_metadata(&path).map_err(|_| broken("the file is missing".into()))?;
         if !meta.is_file() {
             return Err(broken("not a plain file".into()));

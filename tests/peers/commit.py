@@ -26,13 +26,21 @@ from pynetdicom.sop_class import StorageCommitmentPushModel
 host, port, called, calling, mode, listen_port, *refs = sys.argv[1:]
 done = threading.Event()
 # The N-EVENT-REPORT-RSP has left: pynetdicom sends it after on_report returns, and a
-# release sent before it would let the SCP see the release instead of the answer.
+# release sent before it would let the SCP see the release instead of the answer. Its
+# message is announced (EVT_DIMSE_SENT) before its P-DATA is queued, so the answer counts
+# as sent when the next P-DATA has gone out on the socket (EVT_PDU_SENT).
+rsp_queued = threading.Event()
 answered = threading.Event()
 result = {}
 
 
-def on_sent(event):
+def on_dimse_sent(event):
     if type(event.message).__name__ == "N_EVENT_REPORT_RSP":
+        rsp_queued.set()
+
+
+def on_pdu_sent(event):
+    if rsp_queued.is_set() and type(event.pdu).__name__ == "P_DATA_TF":
         answered.set()
 
 
@@ -86,7 +94,11 @@ assoc = ae.associate(
     host,
     int(port),
     ae_title=called,
-    evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report), (evt.EVT_DIMSE_SENT, on_sent)],
+    evt_handlers=[
+        (evt.EVT_N_EVENT_REPORT, on_report),
+        (evt.EVT_DIMSE_SENT, on_dimse_sent),
+        (evt.EVT_PDU_SENT, on_pdu_sent),
+    ],
 )
 if not assoc.is_established:
     print(json.dumps({"association": "not established"}), flush=True)
@@ -97,8 +109,8 @@ if result["action_status"] != 0:
     # Refused: no report follows.
     assoc.release()
 elif mode == "same":
-    done.wait(30)
-    answered.wait(10)
+    if done.wait(30):
+        answered.wait(10)
     assoc.release()
 else:
     assoc.release()

@@ -296,7 +296,7 @@ pub(super) struct Negotiation {
 /// How the stream ended when it did not fail.
 #[derive(Debug)]
 pub(super) enum Streamed {
-    /// Every file written and checked; the set passed [`crate::pdi::verify`].
+    /// Every file written and checked; the set passed [`crate::pdi::verify_extracted`].
     Whole {
         /// What the set holds.
         summary: crate::pdi::Summary,
