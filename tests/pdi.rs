@@ -858,14 +858,7 @@ fn hashes_known_from_the_spool_are_used_while_the_file_is_the_one_hashed() {
 #[test]
 fn files_matched_while_extracted_are_not_hashed_again() {
     let dir = tempfile::tempdir().unwrap();
-    let ct = dir.path().join("ct");
-    gen_ct(&ct, 3, &[]);
-    let zip = dir.path().join("set.zip");
-    let mut zip_bytes = Vec::new();
-    pdi::build_zip(&files_in(&ct), &BuildOptions::default(), &mut zip_bytes).unwrap();
-    fs::write(&zip, &zip_bytes).unwrap();
-    let out = dir.path().join("out");
-    pdi::extract_zip(&zip, &out).unwrap();
+    let out = small_set(dir.path(), 3);
     let set = FileSet::open(&out).unwrap();
     let instances: Vec<PathBuf> = set.instances().iter().map(|e| e.path.clone()).collect();
     assert_eq!(instances.len(), 3);
@@ -887,7 +880,7 @@ fn files_matched_while_extracted_are_not_hashed_again() {
     // neither claim is taken for the file.
     let manifest_path = out.join(pdi::manifest::PATH);
     let original = fs::read(&manifest_path).unwrap();
-    let mut manifest: serde_json::Value = serde_json::from_slice(&original).unwrap();
+    let mut manifest = manifest_of(&out);
     let files = manifest["files"].as_array_mut().unwrap();
     let second = files
         .iter()

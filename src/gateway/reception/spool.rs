@@ -141,18 +141,23 @@ impl Incoming {
     /// # Errors
     /// [`StoreError::OutOfSpace`] or [`StoreError::Io`].
     pub fn spill(&mut self) -> Result<(), StoreError> {
-        // A single huge instance must not eat the reserve either.
-        ensure_free(&self.tmp_dir, self.min_free_bytes)?;
-        let pending = match &mut self.spilled {
-            Some(pending) => pending,
-            None => self
-                .spilled
-                .insert(Pending::in_dir(&self.tmp_dir, SPOOL_FILE_MODE)?),
-        };
-        pending.file().write_all(&self.buffer)?;
+        let mut pending = self.take_temp_file()?;
+        let written = pending.file().write_all(&self.buffer);
+        self.spilled = Some(pending);
+        written?;
         self.written.update(&self.buffer);
         self.buffer.clear();
         Ok(())
+    }
+
+    /// Takes the temp file (created at the first write) for the next write, once the disk
+    /// has room: a single huge instance must not eat the reserve either.
+    fn take_temp_file(&mut self) -> Result<Pending, StoreError> {
+        ensure_free(&self.tmp_dir, self.min_free_bytes)?;
+        match self.spilled.take() {
+            Some(pending) => Ok(pending),
+            None => Ok(Pending::in_dir(&self.tmp_dir, SPOOL_FILE_MODE)?),
+        }
     }
 
     /// Size of the Part 10 file so far (meta header included).
@@ -471,11 +476,7 @@ impl Spool {
         incoming: &mut Incoming,
         relative: &str,
     ) -> Result<Option<KnownHash>, StoreError> {
-        ensure_free(&incoming.tmp_dir, incoming.min_free_bytes)?;
-        let mut pending = match incoming.spilled.take() {
-            Some(pending) => pending,
-            None => Pending::in_dir(&incoming.tmp_dir, SPOOL_FILE_MODE)?,
-        };
+        let mut pending = incoming.take_temp_file()?;
         let target = self.dir.join(relative);
         let (rest, mut hash) = (&incoming.buffer, std::mem::take(&mut incoming.written));
         let (hash, written) = std::thread::scope(|s| {
