@@ -14,6 +14,7 @@
 use std::fs::{self, File};
 use std::io::{self, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use dicom_core::Tag;
 use dicom_dictionary_std::tags;
@@ -28,11 +29,17 @@ use crate::durable::{self, Pending};
 use crate::gateway::reception::batch::{BatchId, BatchState, InstanceRecord, Recorded, clip};
 use crate::gateway::reception::route::Route;
 use crate::gateway::store::{BatchIndex, IndexError};
-use crate::pdi::{KnownHash, RunningHash};
+use crate::pdi::{FileHash, KnownHash, RunningHash};
 
 /// Received bytes kept in memory before they spill to the temp file; a typical CT or MR
 /// slice never touches the disk before it is complete and checked.
 pub const SPILL_AT: usize = 4 * 1024 * 1024;
+
+/// Receive buffers kept for the next instances once theirs is stored, and the largest
+/// kept: an association's next slice reuses the memory (already paged in) instead of
+/// growing a new buffer from 64 KiB, with a page fault per page, while the sender waits.
+const BUFFERS_KEPT: usize = 4;
+const BUFFER_KEPT_MAX: usize = 2 * 1024 * 1024;
 
 /// Implementation Class UID written in the meta header of spooled files.
 pub const IMPLEMENTATION_CLASS_UID: &str = "1.2.826.0.1.3680043.10.1436.1";
@@ -190,6 +197,8 @@ pub struct Spool {
     tmp_dir: PathBuf,
     index: BatchIndex,
     min_free_bytes: u64,
+    /// Receive buffers for the next instances ([`BUFFERS_KEPT`]).
+    buffers: Mutex<Vec<Vec<u8>>>,
 }
 
 /// Attributes read from the dataset that decide where it goes.
@@ -222,6 +231,7 @@ impl Spool {
             tmp_dir,
             index,
             min_free_bytes: min_free_mb.saturating_mul(1024 * 1024),
+            buffers: Mutex::new(Vec::new()),
         })
     }
 
@@ -310,7 +320,12 @@ impl Spool {
             .source_application_entity_title(header.calling_ae.as_str())
             .build()
             .map_err(|e| StoreError::Mismatch(e.to_string()))?;
-        let mut buffer = Vec::with_capacity(64 * 1024);
+        let mut buffer = self
+            .buffers
+            .lock()
+            .ok()
+            .and_then(|mut kept| kept.pop())
+            .unwrap_or_else(|| Vec::with_capacity(64 * 1024));
         buffer.extend_from_slice(&[0; 128]);
         buffer.extend_from_slice(b"DICM");
         meta.write(&mut buffer)
@@ -435,6 +450,7 @@ impl Spool {
         }
         let relative = relative_path(&route.name, &identity.sop_instance_uid);
         let hash = self.persist(&mut incoming, &relative)?;
+        self.keep_buffer(std::mem::take(&mut incoming.buffer));
         let record = InstanceRecord {
             batch: BatchId(0),
             file: relative,
@@ -468,8 +484,9 @@ impl Spool {
 
     /// Makes the file durable in its place (fsync, rename, folder fsync) and returns its
     /// hash, so that packing the batch reads the file once, not twice. What is still in
-    /// memory (all of a typical instance) is hashed on a second thread while the disk
-    /// syncs; the chunks of a large instance were hashed as they spilled. On error the
+    /// memory (all of a typical instance) is hashed on another thread while the disk
+    /// syncs ([`hash_beside`]); the chunks of a large instance were hashed as they
+    /// spilled. The buffer is left in `incoming` for [`Spool::keep_buffer`]. On error the
     /// temp file is removed.
     fn persist(
         &self,
@@ -478,30 +495,59 @@ impl Spool {
     ) -> Result<Option<KnownHash>, StoreError> {
         let mut pending = incoming.take_temp_file()?;
         let target = self.dir.join(relative);
-        let (rest, mut hash) = (&incoming.buffer, std::mem::take(&mut incoming.written));
-        let (hash, written) = std::thread::scope(|s| {
-            // Without a thread to spare (a system limit), the file is hashed when its
-            // batch is packed, as one recorded by an older version.
-            let hashing = std::thread::Builder::new().spawn_scoped(s, move || {
-                hash.update(rest);
-                hash.finish()
+        let rest = Arc::new(std::mem::take(&mut incoming.buffer));
+        let hashed = hash_beside(rest.clone(), std::mem::take(&mut incoming.written));
+        // The file's identity after its last write: neither the fsync nor the rename
+        // changes its inode or modification time.
+        let written = pending
+            .file()
+            .write_all(&rest)
+            .and_then(|()| pending.file().metadata())
+            .and_then(|meta| {
+                durable::create_dir_all(target.parent().expect("spool paths have a folder"))?;
+                pending.commit(&target)?;
+                Ok(meta)
             });
-            // The file's identity after its last write: neither the fsync nor the rename
-            // changes its inode or modification time.
-            let written = pending
-                .file()
-                .write_all(rest)
-                .and_then(|()| pending.file().metadata())
-                .and_then(|meta| {
-                    durable::create_dir_all(target.parent().expect("spool paths have a folder"))?;
-                    pending.commit(&target)?;
-                    Ok(meta)
-                });
-            (hashing.ok().and_then(|h| h.join().ok()), written)
-        });
+        // Without a thread to spare (a system limit), the file is hashed when its batch
+        // is packed, as one recorded by an older version.
+        let hash = hashed.recv().ok();
+        incoming.buffer = Arc::try_unwrap(rest).unwrap_or_default();
         let meta = written?;
         Ok(hash.map(|hash| KnownHash::new(hash, &meta)))
     }
+
+    /// Keeps a stored instance's receive buffer for the next one ([`BUFFERS_KEPT`] at
+    /// most, none larger than [`BUFFER_KEPT_MAX`]).
+    fn keep_buffer(&self, mut buffer: Vec<u8>) {
+        if buffer.capacity() > BUFFER_KEPT_MAX {
+            return;
+        }
+        buffer.clear();
+        if let Ok(mut kept) = self.buffers.lock()
+            && kept.len() < BUFFERS_KEPT
+        {
+            kept.push(buffer);
+        }
+    }
+}
+
+/// Hashes `bytes` after what `hash` took, on the runtime's pool of blocking threads (no
+/// thread started per instance) or, outside a runtime, on a thread of its own; the
+/// result arrives on the receiver, which reports an error when no thread could run it.
+/// The clone of `bytes` is dropped before the result is sent, so the caller gets its
+/// buffer back.
+fn hash_beside(bytes: Arc<Vec<u8>>, mut hash: RunningHash) -> std::sync::mpsc::Receiver<FileHash> {
+    let (done, result) = std::sync::mpsc::sync_channel(1);
+    let work = move || {
+        hash.update(&bytes);
+        drop(bytes);
+        let _ = done.send(hash.finish());
+    };
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => drop(runtime.spawn_blocking(work)),
+        Err(_) => drop(std::thread::Builder::new().spawn(work)),
+    }
+    result
 }
 
 /// Bytes free for unprivileged writers on the file system of `dir`.
@@ -662,57 +708,92 @@ mod tests {
         bytes
     }
 
+    /// Receives and commits one instance of `pixels` bytes of pixel data, then checks
+    /// that the spooled file holds exactly its bytes and that the recorded hash is the
+    /// file's.
+    fn store_checked(spool: &Spool, route: &Route, (uid, pixels, sender): (&str, usize, &str)) {
+        let mut incoming = spool
+            .incoming(InstanceHeader {
+                sop_class_uid: "1.2.840.10008.5.1.4.1.1.7".into(),
+                sop_instance_uid: uid.into(),
+                transfer_syntax: "1.2.840.10008.1.2.1".into(),
+                calling_ae: sender.into(),
+            })
+            .expect("meta header");
+        let offset = usize::try_from(incoming.dataset_offset).expect("small");
+        let data = dataset(uid, pixels);
+        for chunk in data.chunks(16 * 1024 - 6) {
+            incoming.push(chunk);
+            if incoming.should_spill() {
+                incoming.spill().expect("spill");
+            }
+        }
+        spool.commit(incoming, route).expect("commit");
+        let record = spool
+            .index()
+            .instance("ct", uid)
+            .expect("read")
+            .expect("recorded");
+        let path = spool.path_of(&record);
+        let bytes = fs::read(&path).expect("spooled file");
+        assert_eq!(
+            &bytes[128..132],
+            b"DICM",
+            "{uid}: a reused buffer starts empty"
+        );
+        assert_eq!(bytes.len(), offset + data.len(), "{uid}");
+        assert!(bytes.ends_with(&data), "{uid}: the dataset as received");
+        let known = record.hash.expect("hashed while spooled");
+        let file = crate::pdi::hash_file(&path).expect("read back");
+        assert_eq!(
+            known.hash, file,
+            "{uid} from {sender}: the hash is the file's"
+        );
+        assert_eq!(file.size, record.size);
+        assert!(
+            known.holds_for(&fs::metadata(&path).expect("metadata")),
+            "{uid} from {sender}: the record names the file in place"
+        );
+    }
+
     #[test]
     fn the_spooled_file_is_hashed_as_it_is_written() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let spool =
-            Spool::open(&dir.path().join("spool"), &dir.path().join("index"), 0).expect("open");
+        let spool = Arc::new(
+            Spool::open(&dir.path().join("spool"), &dir.path().join("index"), 0).expect("open"),
+        );
         let mut config = std::collections::BTreeMap::new();
         config.insert("ct".to_owned(), crate::config::RouteConfig::default());
-        let routes = crate::gateway::reception::route::Routes::new(&config);
-        let route = routes.by_name("ct").expect("route");
+        let routes = Arc::new(crate::gateway::reception::route::Routes::new(&config));
         spool.prepare_route("ct").expect("route folder");
         // In memory until the end, spilled to the temp file on the way (SPILL_AT), and the
         // first again from another sender of the same name length (a resend into the open
-        // batch: the same size, other bytes, a new file).
-        for (uid, pixels, sender) in [
+        // batch: the same size, other bytes, a new file); then a smaller one, into the
+        // buffer the larger one left.
+        let instances = [
             ("1.2.3.4.5.1", 64 * 1024, "PACS"),
             ("1.2.3.4.5.2", SPILL_AT + 99, "PACS"),
             ("1.2.3.4.5.1", 64 * 1024, "MODA"),
-        ] {
-            let mut incoming = spool
-                .incoming(InstanceHeader {
-                    sop_class_uid: "1.2.840.10008.5.1.4.1.1.7".into(),
-                    sop_instance_uid: uid.into(),
-                    transfer_syntax: "1.2.840.10008.1.2.1".into(),
-                    calling_ae: sender.into(),
-                })
-                .expect("meta header");
-            for chunk in dataset(uid, pixels).chunks(16 * 1024 - 6) {
-                incoming.push(chunk);
-                if incoming.should_spill() {
-                    incoming.spill().expect("spill");
-                }
-            }
-            spool.commit(incoming, route).expect("commit");
-            let record = spool
-                .index()
-                .instance("ct", uid)
-                .expect("read")
-                .expect("recorded");
-            let path = spool.path_of(&record);
-            let known = record.hash.expect("hashed while spooled");
-            let file = crate::pdi::hash_file(&path).expect("read back");
-            assert_eq!(
-                known.hash, file,
-                "{uid} from {sender}: the hash is the file's"
-            );
-            assert_eq!(file.size, record.size);
-            assert!(
-                known.holds_for(&fs::metadata(&path).expect("metadata")),
-                "{uid} from {sender}: the record names the file in place"
-            );
+            ("1.2.3.4.5.3", 1000, "MODA"),
+        ];
+        // Outside a runtime (the hash on a thread of its own), as the CLI's tools store...
+        let route = routes.by_name("ct").expect("route");
+        for instance in instances {
+            store_checked(&spool, route, instance);
         }
+        assert!(
+            spool.buffers.lock().expect("lock").len() == 1,
+            "a stored instance's buffer is kept for the next"
+        );
+        // ...and on the daemon's blocking threads (the hash on the runtime's pool).
+        let runtime = tokio::runtime::Runtime::new().expect("runtime");
+        let stored = runtime.spawn_blocking(move || {
+            let route = routes.by_name("ct").expect("route");
+            for instance in instances {
+                store_checked(&spool, route, instance);
+            }
+        });
+        runtime.block_on(stored).expect("stored on the pool");
     }
 
     #[test]
