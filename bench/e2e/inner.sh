@@ -66,7 +66,11 @@ hwm_reset() { echo 5 >"/proc/$1/clear_refs"; }
 cpu() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' "/proc/$1/stat"; }
 
 # (a) storescu straight into Orthanc.
+# Each timed phase starts with nothing left to write back from the one before: Orthanc
+# does not fsync, and the kernel would write back its ~260 MB of the earlier phase 30 s
+# later, in the middle of (b).
 orthanc "$work/orthanc-a"
+sync
 t0=$(now)
 cpu_d0=$(cpu "$peer")
 TCP_NODELAY=1 /usr/bin/storescu -aec ORTHANC 127.0.0.1 4242 "$work"/study/* 
@@ -81,6 +85,7 @@ direct=$(echo "$t1 - $t0" | bc)
 orthanc "$work/orthanc-a4"
 files=("$work"/study/*)
 lanes=()
+sync
 t0=$(now)
 cpu_d40=$(cpu "$peer")
 for k in 0 1 2 3; do
@@ -104,6 +109,7 @@ pacs = \"127.0.0.1:4242\"
 pacs_ae_title = \"ORTHANC\"
 poll_interval = 1"
 pid_b=$site_pid
+sync
 tin=$(now)
 TCP_NODELAY=1 /usr/bin/storescu -aec CLOUDPDI 127.0.0.1 11112 "$work"/study/*
 t0=$(now)

@@ -589,15 +589,38 @@ fn write_file(
     if let Some(parent) = path.parent() {
         private_dir(parent, true).map_err(|e| StepError::file("create", parent, &e))?;
     }
-    let file = std::fs::OpenOptions::new()
+    let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(path)
         .map_err(|e| StepError::file("create", path, &e))?;
-    let mut out = io::BufWriter::with_capacity(1 << 18, file);
+    let too_large = || -> Stop {
+        PdiError::Broken(format!(
+            "{} holds more than {max} bytes, more than it may",
+            path.display()
+        ))
+        .into()
+    };
     let mut hasher = Sha256::new();
-    let mut kept = Vec::with_capacity(keep.map_or(0, |n| usize::try_from(n).unwrap_or(0)));
+    if let Some(capacity) = keep {
+        // Read straight into the bytes kept, then hashed and written from there: no copy
+        // through a read buffer (a pass over the study less on a receiver that shares its
+        // cores with the PACS).
+        let mut kept = Vec::with_capacity(usize::try_from(capacity).unwrap_or(0));
+        (&mut *data)
+            .take(max.saturating_add(1))
+            .read_to_end(&mut kept)
+            .map_err(|e| Stop::from(ZipError::from_io(e)))?;
+        if kept.len() as u64 > max {
+            return Err(too_large());
+        }
+        hasher.update(&kept);
+        file.write_all(&kept)
+            .map_err(|e| StepError::file("write", path, &e))?;
+        return Ok((kept, hasher.finalize().into()));
+    }
+    let mut out = io::BufWriter::with_capacity(1 << 18, file);
     let mut buffer = vec![0u8; 1 << 18];
     let mut total = 0u64;
     loop {
@@ -609,22 +632,15 @@ fn write_file(
         }
         total = total.saturating_add(n as u64);
         if total > max {
-            return Err(PdiError::Broken(format!(
-                "{} holds more than {max} bytes, more than it may",
-                path.display()
-            ))
-            .into());
+            return Err(too_large());
         }
         hasher.update(&buffer[..n]);
-        if keep.is_some() {
-            kept.extend_from_slice(&buffer[..n]);
-        }
         out.write_all(&buffer[..n])
             .map_err(|e| StepError::file("write", path, &e))?;
     }
     out.flush()
         .map_err(|e| StepError::file("write", path, &e))?;
-    Ok((kept, hasher.finalize().into()))
+    Ok((Vec::new(), hasher.finalize().into()))
 }
 
 /// Creates a folder readable by its owner only (an extracted set holds patient data).
@@ -643,6 +659,37 @@ mod tests {
     use crate::pdi::zip::ZipWriter;
 
     const KEY: [u8; 32] = [7; 32];
+
+    #[test]
+    fn a_file_is_written_hashed_and_bounded_whether_kept_or_not() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let digest: [u8; 32] = Sha256::digest(&data).into();
+        for (name, keep) in [("kept", Some(data.len() as u64)), ("streamed", None)] {
+            let path = dir.path().join(name);
+            let Ok((bytes, hash)) =
+                write_file(&path, &mut data.as_slice(), data.len() as u64, keep)
+            else {
+                panic!("{name}: not written");
+            };
+            assert_eq!(hash, digest, "{name}");
+            assert_eq!(std::fs::read(&path).expect("written"), data, "{name}");
+            assert_eq!(
+                bytes.is_empty(),
+                keep.is_none(),
+                "{name}: kept only when asked"
+            );
+            if keep.is_some() {
+                assert_eq!(bytes, data, "{name}");
+            }
+            let over = dir.path().join(format!("{name}.over"));
+            let refused = write_file(&over, &mut data.as_slice(), data.len() as u64 - 1, keep);
+            match refused {
+                Err(Stop::Failed(e)) => assert!(e.to_string().contains("more than"), "{name}: {e}"),
+                _ => panic!("{name}: a file longer than its bound is refused"),
+            }
+        }
+    }
 
     /// A PDI whose manifest lists one file `DICOM/A` holding `data`.
     fn pdi(data: &[u8]) -> Vec<u8> {
