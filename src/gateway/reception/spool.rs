@@ -14,7 +14,7 @@
 use std::fs::{self, File};
 use std::io::{self, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, mpsc};
 
 use dicom_core::Tag;
 use dicom_dictionary_std::tags;
@@ -199,6 +199,7 @@ pub struct Spool {
     min_free_bytes: u64,
     /// Receive buffers for the next instances ([`BUFFERS_KEPT`]).
     buffers: Mutex<Vec<Vec<u8>>>,
+    hashers: Hashers,
 }
 
 /// Attributes read from the dataset that decide where it goes.
@@ -232,6 +233,7 @@ impl Spool {
             index,
             min_free_bytes: min_free_mb.saturating_mul(1024 * 1024),
             buffers: Mutex::new(Vec::new()),
+            hashers: Hashers::start(),
         })
     }
 
@@ -485,7 +487,7 @@ impl Spool {
     /// Makes the file durable in its place (fsync, rename, folder fsync) and returns its
     /// hash, so that packing the batch reads the file once, not twice. What is still in
     /// memory (all of a typical instance) is hashed on another thread while the disk
-    /// syncs ([`hash_beside`]); the chunks of a large instance were hashed as they
+    /// syncs ([`Hashers`]); the chunks of a large instance were hashed as they
     /// spilled. The buffer is left in `incoming` for [`Spool::keep_buffer`]. On error the
     /// temp file is removed.
     fn persist(
@@ -496,7 +498,9 @@ impl Spool {
         let mut pending = incoming.take_temp_file()?;
         let target = self.dir.join(relative);
         let rest = Arc::new(std::mem::take(&mut incoming.buffer));
-        let hashed = hash_beside(rest.clone(), std::mem::take(&mut incoming.written));
+        let hashed = self
+            .hashers
+            .hash(rest.clone(), std::mem::take(&mut incoming.written));
         // The file's identity after its last write: neither the fsync nor the rename
         // changes its inode or modification time.
         let written = pending
@@ -531,23 +535,55 @@ impl Spool {
     }
 }
 
-/// Hashes `bytes` after what `hash` took, on the runtime's pool of blocking threads (no
-/// thread started per instance) or, outside a runtime, on a thread of its own; the
-/// result arrives on the receiver, which reports an error when no thread could run it.
-/// The clone of `bytes` is dropped before the result is sent, so the caller gets its
-/// buffer back.
-fn hash_beside(bytes: Arc<Vec<u8>>, mut hash: RunningHash) -> std::sync::mpsc::Receiver<FileHash> {
-    let (done, result) = std::sync::mpsc::sync_channel(1);
-    let work = move || {
-        hash.update(&bytes);
-        drop(bytes);
-        let _ = done.send(hash.finish());
-    };
-    match tokio::runtime::Handle::try_current() {
-        Ok(runtime) => drop(runtime.spawn_blocking(work)),
-        Err(_) => drop(std::thread::Builder::new().spawn(work)),
+/// A buffer to hash after what the running hash took, and where the result goes.
+type HashJob = (Arc<Vec<u8>>, RunningHash, mpsc::SyncSender<FileHash>);
+
+/// Threads that hash the in-memory rest of instances while their files sync, started
+/// once with the spool: a thread started per instance cost more than hashing a slice.
+/// They never wait for a commit, so a commit waiting for its hash always gets it.
+struct Hashers {
+    jobs: mpsc::Sender<HashJob>,
+}
+
+impl Hashers {
+    /// One thread per core, at most 8.
+    fn start() -> Hashers {
+        let (jobs, queue) = mpsc::channel::<HashJob>();
+        let queue = Arc::new(Mutex::new(queue));
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get().min(8));
+        for n in 0..threads {
+            let queue = queue.clone();
+            // Threads that cannot start leave the others; with none, the queue is dropped
+            // and every hash is left to packing ([`Hashers::hash`]).
+            let _ = std::thread::Builder::new()
+                .name(format!("spool-hash-{n}"))
+                .spawn(move || {
+                    loop {
+                        let next = match queue.lock() {
+                            Ok(queue) => queue.recv(),
+                            Err(_) => return,
+                        };
+                        let Ok((bytes, mut hash, done)) = next else {
+                            return;
+                        };
+                        hash.update(&bytes);
+                        // Dropped before the result is sent: the caller gets its buffer back.
+                        drop(bytes);
+                        let _ = done.send(hash.finish());
+                    }
+                });
+        }
+        Hashers { jobs }
     }
-    result
+
+    /// Hashes `bytes` after what `hash` took; the result arrives on the receiver, which
+    /// reports an error instead when no hashing thread is left.
+    fn hash(&self, bytes: Arc<Vec<u8>>, hash: RunningHash) -> mpsc::Receiver<FileHash> {
+        let (done, result) = mpsc::sync_channel(1);
+        // Refused only when no thread is left: `done` is dropped with the job then.
+        let _ = self.jobs.send((bytes, hash, done));
+        result
+    }
 }
 
 /// Bytes free for unprivileged writers on the file system of `dir`.
@@ -759,41 +795,29 @@ mod tests {
     #[test]
     fn the_spooled_file_is_hashed_as_it_is_written() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let spool = Arc::new(
-            Spool::open(&dir.path().join("spool"), &dir.path().join("index"), 0).expect("open"),
-        );
+        let spool =
+            Spool::open(&dir.path().join("spool"), &dir.path().join("index"), 0).expect("open");
         let mut config = std::collections::BTreeMap::new();
         config.insert("ct".to_owned(), crate::config::RouteConfig::default());
-        let routes = Arc::new(crate::gateway::reception::route::Routes::new(&config));
+        let routes = crate::gateway::reception::route::Routes::new(&config);
+        let route = routes.by_name("ct").expect("route");
         spool.prepare_route("ct").expect("route folder");
         // In memory until the end, spilled to the temp file on the way (SPILL_AT), and the
         // first again from another sender of the same name length (a resend into the open
         // batch: the same size, other bytes, a new file); then a smaller one, into the
         // buffer the larger one left.
-        let instances = [
+        for instance in [
             ("1.2.3.4.5.1", 64 * 1024, "PACS"),
             ("1.2.3.4.5.2", SPILL_AT + 99, "PACS"),
             ("1.2.3.4.5.1", 64 * 1024, "MODA"),
             ("1.2.3.4.5.3", 1000, "MODA"),
-        ];
-        // Outside a runtime (the hash on a thread of its own), as the CLI's tools store...
-        let route = routes.by_name("ct").expect("route");
-        for instance in instances {
+        ] {
             store_checked(&spool, route, instance);
         }
         assert!(
             spool.buffers.lock().expect("lock").len() == 1,
             "a stored instance's buffer is kept for the next"
         );
-        // ...and on the daemon's blocking threads (the hash on the runtime's pool).
-        let runtime = tokio::runtime::Runtime::new().expect("runtime");
-        let stored = runtime.spawn_blocking(move || {
-            let route = routes.by_name("ct").expect("route");
-            for instance in instances {
-                store_checked(&spool, route, instance);
-            }
-        });
-        runtime.block_on(stored).expect("stored on the pool");
     }
 
     #[test]
