@@ -134,7 +134,12 @@ ttaken=$(now)
 # the repository took the receipt), as storescu's exit ends (a); Orthanc's count is
 # checked after. Not by asking Orthanc meanwhile: a curl + python3 every 50 ms took CPU
 # and Orthanc's index from the import it timed (B's window 2.1-2.25 s against 1.6 s).
-until grep -q "import done" "$work/b/log"; do sleep 0.02; done
+deadline=$(( $(date +%s) + 300 ))
+until grep -q "import done" "$work/b/log"; do
+  kill -0 "$pid_b" 2>/dev/null || { echo "site B exited before its import was done" >&2; exit 1; }
+  [ "$(date +%s)" -lt "$deadline" ] || { echo "site B did not finish its import within 300 s" >&2; exit 1; }
+  sleep 0.02
+done
 tdone=$(now)
 [ "$(count)" = "$n" ] || { echo "Orthanc holds $(count) of $n after site B's import" >&2; exit 1; }
 if [ -n "${BENCH_PERF:-}" ]; then kill -INT "$perf_pid"; wait "$perf_pid" || true; fi

@@ -35,10 +35,11 @@ use crate::pdi::{FileHash, KnownHash, RunningHash};
 /// slice never touches the disk before it is complete and checked.
 pub const SPILL_AT: usize = 4 * 1024 * 1024;
 
-/// Receive buffers kept for the next instances once theirs is stored, and the largest
-/// kept: an association's next slice reuses the memory (already paged in) instead of
-/// growing a new buffer from 64 KiB, with a page fault per page, while the sender waits.
+/// Receive buffers kept for the next instances once theirs is stored: an association's
+/// next slice reuses the memory (already paged in) instead of growing a new buffer from
+/// 64 KiB, with a page fault per page, while the sender waits.
 const BUFFERS_KEPT: usize = 4;
+/// Largest receive buffer kept: what a typical slice needs, not what a spilled one grew.
 const BUFFER_KEPT_MAX: usize = 2 * 1024 * 1024;
 
 /// Implementation Class UID written in the meta header of spooled files.
