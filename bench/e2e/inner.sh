@@ -133,7 +133,8 @@ ttaken=$(now)
 # The end of (b): site B logs "import done" once the PACS answered every C-STORE (and
 # the repository took the receipt), as storescu's exit ends (a); Orthanc's count is
 # checked after. Not by asking Orthanc meanwhile: a curl + python3 every 50 ms took CPU
-# and Orthanc's index from the import it timed (B's window 2.1-2.25 s against 1.6 s).
+# and Orthanc's index from the import it timed (B's window, same build: median 2.27 s
+# against 1.94 s; bench/README.md).
 deadline=$(( $(date +%s) + 300 ))
 until grep -q "import done" "$work/b/log"; do
   kill -0 "$pid_b" 2>/dev/null || { echo "site B exited before its import was done" >&2; exit 1; }
