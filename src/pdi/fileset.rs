@@ -517,11 +517,8 @@ fn check_manifest(
         }
         if !matched.contains(&path) {
             let hash = hash_file(&path).map_err(|e| PdiError::io(&path, e))?;
-            if !hex::encode(hash.sha256).eq_ignore_ascii_case(&file.sha256) {
-                return Err(broken(
-                    "its SHA-256 does not match the manifest: the file was altered or damaged"
-                        .into(),
-                ));
+            if !file.names_digest(&hash.sha256) {
+                return Err(broken(manifest::SHA256_MISMATCH.into()));
             }
         }
         if let Some(ids) = &file.dicom {

@@ -52,6 +52,18 @@ pub struct ManifestFile {
     pub ai_support: Option<String>,
 }
 
+/// Why a file is refused when its content is not what its manifest entry says.
+pub const SHA256_MISMATCH: &str =
+    "its SHA-256 does not match the manifest: the file was altered or damaged";
+
+impl ManifestFile {
+    /// Whether `sha256` is the digest this entry names (its hex in either case): the
+    /// one comparison of both the set's check and the receiver's stream.
+    pub fn names_digest(&self, sha256: &[u8; 32]) -> bool {
+        hex::encode(sha256).eq_ignore_ascii_case(&self.sha256)
+    }
+}
+
 /// The UIDs of an instance.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct DicomIds {

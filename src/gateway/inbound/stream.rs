@@ -517,11 +517,8 @@ impl Writer<'_> {
             .and_then(|_| self.held.reserve(entry.size));
         let keep = reservation.as_ref().map(|r| r.bytes);
         let (bytes, digest) = write_file(&target, data, entry.size, keep)?;
-        if hex::encode(digest) != expected.sha256.to_ascii_lowercase() {
-            return Err(mismatch(
-                expected,
-                "its SHA-256 does not match the manifest: the file was altered or damaged".into(),
-            ));
+        if !expected.names_digest(&digest) {
+            return Err(mismatch(expected, manifest::SHA256_MISMATCH.into()));
         }
         self.matched.insert(target.clone());
         if dicom.is_some() {

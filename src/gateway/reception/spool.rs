@@ -815,8 +815,9 @@ mod tests {
         ] {
             store_checked(&spool, route, instance);
         }
-        assert!(
-            spool.buffers.lock().expect("lock").len() == 1,
+        assert_eq!(
+            spool.buffers.lock().expect("lock").len(),
+            1,
             "a stored instance's buffer is kept for the next"
         );
     }
